@@ -1,0 +1,422 @@
+"""The ``spruce`` command line.
+
+Each subcommand is one entry in ``SUBCOMMANDS``: a function that adds its
+arguments and a function that runs it. ``main`` returns the exit status:
+
+- 0: success;
+- 1: spruce failed to build or verify an artifact (e.g. ONNX Runtime's
+  output differs from torch's);
+- 2: a user error (bad model spec, bad option, model that cannot be traced,
+  unwritable output). User errors print ``spruce: error: <message>`` and no
+  traceback, and leave no files behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+
+import spruce
+import torch
+from spruce.compiler.models import DEFAULT_INPUT_SHAPE, ModelSpecError, Shape, resolve_model
+from spruce.compiler.stats import count_macs, count_params
+from spruce.passes.importance import IMPORTANCE
+from spruce.targets.onnxruntime import OnnxExportError, check_onnx, export_onnx
+
+ONNX_TOLERANCE = 1e-3
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class CliError(Exception):
+    """A user error found by the command line itself (output folder, options)."""
+
+
+class ArtifactCheckError(Exception):
+    """A built artifact does not reproduce the torch model."""
+
+
+# --- entry point -------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``spruce`` command with ``argv`` (default ``sys.argv[1:]``); return the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_request:  # argparse exits on --help and on usage errors
+        return _exit_code(exit_request.code)
+    try:
+        return args.run(args)
+    except BrokenPipeError:
+        # The reader of stdout went away (e.g. `spruce analyze ... | head`): not an error to
+        # report, but stdout must not be flushed again at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILED
+    except (ModelSpecError, ValueError, spruce.TraceError, CliError, OSError) as exc:
+        return _report_error(exc, EXIT_USAGE)
+    except (ArtifactCheckError, OnnxExportError) as exc:
+        return _report_error(exc, EXIT_FAILED)
+
+
+def _report_error(exc: BaseException, code: int) -> int:
+    print(f"spruce: error: {exc}", file=sys.stderr)
+    return code
+
+
+def _exit_code(code: object) -> int:
+    if code is None:
+        return EXIT_OK
+    return code if isinstance(code, int) else EXIT_USAGE
+
+
+# --- parser ------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors read ``spruce: error: ...`` in subcommands too."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"spruce: error: {message}\n")
+
+
+@dataclass(frozen=True)
+class Subcommand:
+    """One ``spruce`` subcommand: its help line, its arguments, its handler."""
+
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``spruce`` parser with one sub-parser per entry of ``SUBCOMMANDS``."""
+    parser = _Parser(prog="spruce", description="A model-compression compiler for PyTorch.")
+    parser.add_argument("--version", action="version", version=f"spruce {spruce.__version__}")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, subcommand in SUBCOMMANDS.items():
+        subparser = subparsers.add_parser(name, help=subcommand.help, description=subcommand.help)
+        subcommand.add_arguments(subparser)
+        subparser.set_defaults(run=subcommand.run)
+    return parser
+
+
+def parse_input_shapes(text: str) -> tuple[Shape, ...]:
+    """Parse ``1,3,224,224`` (one input) or ``1,3,64,64;1,10`` (several) into shapes."""
+    shapes = []
+    for part in text.split(";"):
+        try:
+            shape = tuple(int(size) for size in part.split(","))
+        except ValueError:
+            shape = ()
+        if not shape or any(size <= 0 for size in shape):
+            raise argparse.ArgumentTypeError(
+                f"bad input shape {text!r}: expected positive integers like 1,3,224,224 "
+                "(separate several inputs with ';')"
+            )
+        shapes.append(shape)
+    return tuple(shapes)
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments every model-taking subcommand shares."""
+    parser.add_argument(
+        "model",
+        help="torchvision:NAME, timm:NAME, FILE.py:FACTORY or FILE.pt",
+    )
+    default_shape = ",".join(map(str, DEFAULT_INPUT_SHAPE))
+    parser.add_argument(
+        "--input-shape",
+        type=parse_input_shapes,
+        default=None,
+        metavar="SHAPE",
+        help="example input shape, e.g. 1,3,224,224; ';' between several inputs "
+        f"(default: the model source's own, else {default_shape})",
+    )
+
+
+# --- analyze -----------------------------------------------------------------------
+
+
+def _add_analyze_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_model_arguments(parser)
+    parser.add_argument("--json", action="store_true", help="print one JSON document")
+
+
+def run_analyze(args: argparse.Namespace) -> int:
+    """Print the model's channel groups and a summary of what can be pruned."""
+    model, example_inputs = resolve_model(args.model, args.input_shape)
+    groups = spruce.channel_groups(model, example_inputs)
+    if args.json:
+        document = {
+            "model": args.model,
+            "input_shapes": [list(t.shape) for t in example_inputs],
+            "groups": [_group_record(group) for group in groups],
+            "summary": summarize_groups(groups),
+        }
+        print(json.dumps(document, indent=2))
+    else:
+        print(format_groups_table(groups))
+        print()
+        print(format_summary(summarize_groups(groups)))
+    return EXIT_OK
+
+
+def summarize_groups(groups: Sequence[spruce.ChannelGroup]) -> dict[str, Any]:
+    """Counts of groups, prunable groups and channels, and why the rest are not prunable."""
+    prunable = [group for group in groups if group.prunable]
+    reasons = Counter(group.reason or "unspecified" for group in groups if not group.prunable)
+    return {
+        "groups": len(groups),
+        "prunable_groups": len(prunable),
+        "prunable_channels": sum(group.size for group in prunable),
+        "unprunable_reasons": dict(reasons.most_common()),
+    }
+
+
+def format_groups_table(groups: Sequence[spruce.ChannelGroup]) -> str:
+    """A fixed-width table: one row per group."""
+    header = ("id", "size", "prunable", "members", "first member", "reason")
+    rows = [
+        (
+            str(group.id),
+            str(group.size),
+            "yes" if group.prunable else "no",
+            str(len(group.members)),
+            _member_label(group.members[0]) if group.members else "-",
+            group.reason or "",
+        )
+        for group in groups
+    ]
+    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
+             for row in (header, *rows)]
+    return "\n".join(lines)
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The summary of :func:`summarize_groups` as text lines."""
+    lines = [
+        f"groups:            {summary['groups']}",
+        f"prunable groups:   {summary['prunable_groups']}",
+        f"prunable channels: {summary['prunable_channels']}",
+    ]
+    if summary["unprunable_reasons"]:
+        lines.append("unprunable groups by reason:")
+        lines += [f"  {count:5d}  {reason}" for reason, count in summary["unprunable_reasons"].items()]
+    return "\n".join(lines)
+
+
+def _group_record(group: spruce.ChannelGroup) -> dict[str, Any]:
+    return {
+        "id": group.id,
+        "size": group.size,
+        "prunable": group.prunable,
+        "reason": group.reason,
+        "members": [
+            {"name": member.name, "dim": member.dim, "per_channel": int(member.index.shape[1])}
+            for member in group.members
+        ],
+    }
+
+
+def _member_label(member: spruce.Member) -> str:
+    return f"{member.name}:{member.dim}"
+
+
+# --- prune -------------------------------------------------------------------------
+
+
+def _add_prune_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_model_arguments(parser)
+    parser.add_argument("--ratio", type=float, required=True,
+                        help="fraction of each prunable group's channels to remove")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="output folder for model.pt, model.onnx and report.json")
+    parser.add_argument("--importance", default="l1", choices=sorted(IMPORTANCE),
+                        help="channel importance criterion (default: l1)")
+    parser.add_argument("--round-to", type=int, default=None, metavar="N",
+                        help="keep a multiple of N channels in every group")
+    parser.add_argument("--ignore", action="append", default=[], metavar="NAME",
+                        help="passed to spruce.prune(ignore=...); repeatable")
+    parser.add_argument("--force", action="store_true",
+                        help="replace --out if it exists and is not empty")
+
+
+def run_prune(args: argparse.Namespace) -> int:
+    """Prune the model, write model.pt, model.onnx and report.json to ``--out``.
+
+    The folder appears only when every file is written and ONNX Runtime
+    reproduces the compact model within ``ONNX_TOLERANCE``.
+    """
+    out_dir = _checked_out_dir(args.out, args.force)
+    model, example_inputs = resolve_model(args.model, args.input_shape)
+    params_before = count_params(model)
+    macs_before = count_macs(model, example_inputs)
+    result = spruce.prune(
+        model, example_inputs,
+        ratio=args.ratio, importance=args.importance,
+        round_to=args.round_to, ignore=tuple(args.ignore),
+    )
+    compact = result.model
+    params_after = count_params(compact)
+    macs_after = count_macs(compact, example_inputs)
+    with _staged_dir(out_dir) as stage:
+        torch.save(compact, stage / "model.pt")
+        export_onnx(compact, example_inputs, stage / "model.onnx")
+        onnx_diff = check_onnx(stage / "model.onnx", compact, example_inputs)
+        if not onnx_diff <= ONNX_TOLERANCE:
+            raise ArtifactCheckError(
+                f"ONNX Runtime output differs from torch by {onnx_diff:.3g} "
+                f"(relative; tolerance {ONNX_TOLERANCE:g})"
+            )
+        report = {
+            "spruce_version": spruce.__version__,
+            "torch_version": torch.__version__,
+            "model": args.model,
+            "input_shapes": [list(t.shape) for t in example_inputs],
+            "ratio": args.ratio,
+            "importance": args.importance,
+            "round_to": args.round_to,
+            "ignore": list(args.ignore),
+            "params": _before_after(params_before, params_after),
+            "macs": _before_after(macs_before, macs_after),
+            "groups": _kept_records(result),
+            "onnx": {"file": "model.onnx", "max_rel_diff": onnx_diff,
+                     "tolerance": ONNX_TOLERANCE},
+            "files": ["model.pt", "model.onnx", "report.json"],
+        }
+        _write_json(stage / "report.json", report)
+    print(f"params  {params_before:>15,} -> {params_after:>15,}  "
+          f"({report['params']['ratio']:.3f}x)")
+    print(f"MACs    {macs_before:>15,} -> {macs_after:>15,}  ({report['macs']['ratio']:.3f}x)")
+    print(f"ONNX Runtime max relative diff {onnx_diff:.2e} (tolerance {ONNX_TOLERANCE:g})")
+    print(f"wrote {out_dir}")
+    return EXIT_OK
+
+
+def _before_after(before: int, after: int) -> dict[str, float]:
+    return {"before": before, "after": after, "ratio": after / before if before else 1.0}
+
+
+def _kept_records(result: spruce.PruneResult) -> list[dict[str, Any]]:
+    """For each group: its size and how many channels survived."""
+    return [
+        {
+            "id": group.id,
+            "size": group.size,
+            "prunable": group.prunable,
+            "kept": len(result.kept[group.id]) if group.id in result.kept else group.size,
+        }
+        for group in result.groups
+    ]
+
+
+def _write_json(path: Path, document: dict[str, Any]) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(document, handle, indent=2)
+        handle.write("\n")
+
+
+# --- output folder: appears complete or not at all ---------------------------------
+
+
+def _checked_out_dir(out_dir: Path, force: bool) -> Path:
+    """Reject an output folder that cannot be (re)placed, before any work is done."""
+    out_dir = out_dir.absolute()
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CliError(f"--out {out_dir} exists and is not a directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
+        raise CliError(f"--out {out_dir} exists and is not empty (use --force to replace it)")
+    existing = next((p for p in (out_dir.parent, *out_dir.parent.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise CliError(f"--out {out_dir}: {existing} is not a directory")
+    return out_dir
+
+
+@contextlib.contextmanager
+def _staged_dir(out_dir: Path) -> Iterator[Path]:
+    """Yield a temporary folder next to ``out_dir``; on success it replaces ``out_dir``.
+
+    On any exception the temporary folder, and any parent folders made for
+    it, are removed, so nothing half-written is left.
+    """
+    made_parents = _make_parents(out_dir.parent)
+    try:
+        stage = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
+    except OSError as exc:
+        _remove_empty(made_parents)
+        raise CliError(f"cannot write --out {out_dir}: {exc.strerror or exc}") from exc
+    try:
+        yield stage
+        _replace_dir(stage, out_dir)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        _remove_empty(made_parents)
+        raise
+
+
+def _make_parents(folder: Path) -> list[Path]:
+    """Create ``folder`` and missing ancestors; return those created, deepest first."""
+    missing = []
+    for candidate in (folder, *folder.parents):
+        if candidate.exists():
+            break
+        missing.append(candidate)
+    for candidate in reversed(missing):
+        try:
+            candidate.mkdir()
+        except OSError as exc:
+            _remove_empty(missing)
+            raise CliError(f"cannot create {candidate}: {exc.strerror or exc}") from exc
+    return missing
+
+
+def _remove_empty(folders: Sequence[Path]) -> None:
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+
+
+def _replace_dir(stage: Path, out_dir: Path) -> None:
+    """Rename ``stage`` to ``out_dir``, moving an existing ``out_dir`` aside first."""
+    if not out_dir.exists():
+        os.rename(stage, out_dir)
+        return
+    backup = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old-"))
+    os.rename(out_dir, backup / "old")
+    try:
+        os.rename(stage, out_dir)
+    except OSError:
+        os.rename(backup / "old", out_dir)
+        backup.rmdir()
+        raise
+    shutil.rmtree(backup, ignore_errors=True)
+
+
+SUBCOMMANDS: dict[str, Subcommand] = {
+    "analyze": Subcommand(
+        help="show the model's coupled channel groups and what can be pruned",
+        add_arguments=_add_analyze_arguments,
+        run=run_analyze,
+    ),
+    "prune": Subcommand(
+        help="prune channels one-shot and write model.pt, model.onnx and report.json",
+        add_arguments=_add_prune_arguments,
+        run=run_prune,
+    ),
+}
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

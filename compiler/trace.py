@@ -1,0 +1,228 @@
+"""The front door of the compiler: symbolic tracing plus shape propagation.
+
+``trace`` returns a ``torch.fx.GraphModule`` whose tensor nodes carry
+``meta["tensor_meta"]`` (shape, dtype). ``trace_modes`` additionally traces the
+training-mode graph when the model's Python code branches on ``self.training``
+(GoogLeNet/Inception auxiliary heads), so that passes can keep both graphs valid.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import traceback
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+from torch.fx.passes.shape_prop import ShapeProp
+
+__all__ = ["TraceError", "TracedModes", "as_input_tuple", "trace", "trace_modes"]
+
+
+class TraceError(RuntimeError):
+    """The model could not be turned into an fx graph (or its shapes could not be
+    propagated). The message names the module path and the operation at fault."""
+
+    def __init__(self, message: str, module_path: str | None = None, operation: str | None = None):
+        super().__init__(message)
+        self.module_path = module_path
+        self.operation = operation
+
+
+LeafSpec = "type[torch.nn.Module] | str"
+
+
+class _SpruceTracer(fx.Tracer):
+    """fx tracer with a user leaf-module policy that remembers where tracing failed."""
+
+    def __init__(self, leaf_modules: Iterable[object] = ()):
+        super().__init__()
+        self._leaf_types = tuple(m for m in leaf_modules if isinstance(m, type))
+        self._leaf_names = frozenset(m for m in leaf_modules if isinstance(m, str))
+        self.fault_path: str | None = None
+
+    def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
+        if self._leaf_types and isinstance(m, self._leaf_types):
+            return True
+        if module_qualified_name in self._leaf_names:
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m, forward, args, kwargs):
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.fault_path is None:
+                self.fault_path = self.path_of_module(m) or "<root>"
+            raise
+
+
+def as_input_tuple(example_inputs: object) -> tuple:
+    """Normalise example inputs to a tuple of positional arguments."""
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs)
+    raise TypeError(
+        f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}"
+    )
+
+
+def _user_frame(tb) -> str | None:
+    """The innermost traceback frame outside torch: the user's line that failed."""
+    torch_dir = os.path.dirname(torch.__file__)
+    found = None
+    for frame in traceback.extract_tb(tb):
+        if not frame.filename.startswith(torch_dir):
+            found = frame
+    if found is None:
+        return None
+    return f"{found.filename}:{found.lineno} `{(found.line or '').strip()}`"
+
+
+def _symbolic_trace(model: torch.nn.Module, leaf_modules: Iterable[object]) -> fx.GraphModule:
+    tracer = _SpruceTracer(leaf_modules)
+    try:
+        graph = tracer.trace(model)
+    except Exception as exc:  # any failure inside user code while tracing
+        path = tracer.fault_path or "<root>"
+        where = _user_frame(exc.__traceback__)
+        operation = f"{type(exc).__name__}: {exc}".strip()
+        hint = (
+            f"mark module '{path}' (or its type) as a leaf with leaf_modules=[...] so it is kept "
+            "as one opaque call, or make its forward free of data-dependent control flow"
+        )
+        msg = f"cannot trace module '{path}' ({type(model).__name__} root): {operation}"
+        if where:
+            msg += f"\n  at {where}"
+        msg += f"\n  hint: {hint}"
+        raise TraceError(msg, module_path=path, operation=operation) from exc
+    name = type(model).__name__
+    return fx.GraphModule(tracer.root, graph, name)
+
+
+@contextlib.contextmanager
+def _preserved_state(model: torch.nn.Module):
+    """Run code that may update buffers (BatchNorm statistics) or consume RNG
+    without changing the model or the global random state."""
+    saved = {k: b.detach().clone() for k, b in model.named_buffers()}
+    with torch.random.fork_rng(devices=[]):
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for k, b in model.named_buffers():
+                    if k in saved:
+                        b.copy_(saved[k])
+
+
+def _propagate(gm: fx.GraphModule, inputs: Sequence[object]) -> None:
+    """Shape/dtype meta on every node: with fake tensors (no compute, no memory for
+    activations), falling back to a real run for ops fake tensors cannot handle."""
+    try:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        with torch.no_grad():
+            ShapeProp(gm, fake_mode=FakeTensorMode(allow_non_fake_inputs=True)).propagate(*inputs)
+        return
+    except Exception:  # noqa: BLE001, S110 - any fake-tensor limitation: fall back to a real run
+        pass
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*inputs)
+    except Exception as exc:
+        node = _failing_node(exc)
+        where = f" at node '{node}'" if node else ""
+        raise TraceError(
+            f"example inputs do not fit the model{where}: {type(exc).__name__}: {exc}",
+            module_path=node,
+            operation=str(exc),
+        ) from exc
+
+
+def _failing_node(exc: BaseException) -> str | None:
+    # fx's Interpreter annotates failures with "While executing %name : ..."
+    for note in getattr(exc, "__notes__", []) or []:
+        if "While executing" in note:
+            return note.split("%", 1)[-1].split(" ", 1)[0].strip(":")
+    text = str(exc)
+    if "While executing %" in text:
+        return text.split("While executing %", 1)[1].split(" ", 1)[0].strip(":")
+    return None
+
+
+def trace(
+    model: torch.nn.Module,
+    example_inputs: object,
+    leaf_modules: Iterable[object] = (),
+) -> fx.GraphModule:
+    """Trace ``model`` into a GraphModule whose every tensor node has shape/dtype meta.
+
+    ``leaf_modules`` lists module types or qualified names kept as opaque calls.
+    Raises :class:`TraceError` naming the module and operation when tracing fails,
+    or the node where the example inputs stop fitting the model.
+    """
+    inputs = as_input_tuple(example_inputs)
+    gm = _symbolic_trace(model, leaf_modules)
+    was_training = model.training
+    try:
+        with _preserved_state(model):
+            gm.train(was_training)
+            _propagate(gm, inputs)
+    finally:
+        model.train(was_training)
+    return gm
+
+
+@dataclass
+class TracedModes:
+    """The eval-mode graph and, when the model's code differs in training mode,
+    the training-mode graph (sharing the same submodules and parameters)."""
+
+    eval: fx.GraphModule
+    train: fx.GraphModule | None
+
+    @property
+    def graphs(self) -> list[fx.GraphModule]:
+        return [self.eval] if self.train is None else [self.eval, self.train]
+
+
+def _batch_doubled(inputs: tuple) -> tuple:
+    return tuple(torch.cat([x, x]) if isinstance(x, torch.Tensor) and x.dim() > 0 else x for x in inputs)
+
+
+def trace_modes(
+    model: torch.nn.Module, example_inputs: object, leaf_modules: Iterable[object] = ()
+) -> TracedModes:
+    """Trace the model in eval mode and, if its code branches on ``self.training``,
+    in training mode too. Neither the model's mode, buffers nor RNG state change."""
+    inputs = as_input_tuple(example_inputs)
+    was_training = model.training
+    try:
+        model.eval()
+        eval_gm = _symbolic_trace(model, leaf_modules)
+        with _preserved_state(model):
+            eval_gm.eval()
+            _propagate(eval_gm, inputs)
+        model.train()
+        train_gm = _symbolic_trace(model, leaf_modules)
+        if train_gm.code == eval_gm.code:
+            return TracedModes(eval_gm, None)
+        train_gm.train()
+        with _preserved_state(model):
+            try:
+                # BatchNorm in training mode needs more than one value per channel.
+                _propagate(train_gm, _batch_doubled(inputs))
+            except TraceError:
+                _propagate(train_gm, inputs)
+        return TracedModes(eval_gm, train_gm)
+    finally:
+        model.train(was_training)
+
+
+def clone_module(model: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy of a model (parameters included)."""
+    return copy.deepcopy(model)

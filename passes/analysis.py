@@ -1,0 +1,478 @@
+"""Channel dependency analysis: which channels of which parameters must be removed together.
+
+Every dimension of every tensor in the traced graph (and of every parameter) is a
+*space* of ``size`` elements. Operator rules (``spruce.passes.oprules``) state how
+spaces relate: identical (residual add, activations), a sub-range of one another
+(cat/split), a row-major product of smaller spaces (flatten, head reshapes, group
+convolutions, channel shuffle), or *pinned* (must keep every element: graph
+inputs/outputs, spatial dims, normalised dims, unknown operators...).
+
+Relations are solved at element level with a union-find: each unpinned connected
+component of elements is one prunable channel (an *atom*); it carries a slice of
+every parameter dimension it touches. Atoms that touch the same parameter
+dimensions form a :class:`ChannelGroup`. A product ``M = F1 x F2 x ...`` becomes
+exact element aliasing once all but one factor are pinned (an element of ``M``
+lives iff its element of the free factor lives); when several factors stay free,
+all but the largest are pinned, which is always safe.
+
+The space graph itself is a ``networkx`` graph (``ChannelAnalysis.space_graph``).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import networkx as nx
+import numpy as np
+import torch
+from spruce.compiler.trace import TracedModes, trace_modes
+from torch import fx
+from torch.fx.passes.shape_prop import TensorMetadata
+
+__all__ = [
+    "Analyzer",
+    "ChannelAnalysis",
+    "ChannelGroup",
+    "Member",
+    "ShapeOf",
+    "SizeRead",
+    "Space",
+    "TensorDims",
+    "analyze",
+    "channel_groups",
+]
+
+
+class Space:
+    """One dimension (of a tensor in the graph, of a parameter, or a factor of either)."""
+
+    __slots__ = ("id", "label", "size", "start")
+
+    def __init__(self, id: int, size: int, start: int, label: str):
+        self.id = id
+        self.size = size
+        self.start = start
+        self.label = label
+
+    @property
+    def elements(self) -> np.ndarray:
+        return np.arange(self.start, self.start + self.size, dtype=np.int64)
+
+    def __repr__(self) -> str:
+        return f"Space({self.label}, size={self.size})"
+
+
+class TensorDims(tuple):
+    """The spaces of a tensor value, one per dimension."""
+
+
+@dataclass(frozen=True)
+class SizeRead:
+    """A Python number computed from tensor sizes (``x.size(1) // 4``)."""
+
+    spaces: frozenset
+
+
+@dataclass(frozen=True)
+class ShapeOf:
+    """A ``torch.Size`` value read from a tensor."""
+
+    dims: TensorDims
+
+
+@dataclass(frozen=True)
+class Member:
+    """One parameter/buffer dimension carrying a group's channels.
+
+    ``index[c]`` lists the entries of dimension ``dim`` of ``name`` that belong to
+    channel ``c`` of the group (more than one entry per channel after a flatten
+    into a linear layer, for example)."""
+
+    name: str
+    dim: int
+    index: np.ndarray
+
+    def __repr__(self) -> str:
+        return f"Member({self.name}, dim={self.dim}, per_channel={self.index.shape[1]})"
+
+
+@dataclass
+class ChannelGroup:
+    """Channels that must be kept or removed together across ``members``.
+
+    ``size`` channels; ``prunable`` is False with a ``reason`` when any of them is
+    pinned (reaches a graph output, an unknown operator, a normalisation...)."""
+
+    id: int
+    size: int
+    members: tuple[Member, ...]
+    prunable: bool
+    reason: str | None = None
+    atoms: np.ndarray = field(default=None, repr=False)  # component label of each channel
+
+    def member(self, name: str, dim: int | None = None) -> Member:
+        for m in self.members:
+            if m.name == name and (dim is None or m.dim == dim):
+                return m
+        raise KeyError(f"group {self.id} has no member {name}" + ("" if dim is None else f" dim {dim}"))
+
+
+def _union_find(n: int, us: np.ndarray, vs: np.ndarray) -> np.ndarray:
+    """Component label (the smallest element id) of each of ``n`` elements."""
+    parent = np.arange(n, dtype=np.int64)
+    if len(us) == 0:
+        return parent
+    while True:
+        pu, pv = parent[us], parent[vs]
+        if np.array_equal(pu, pv):
+            return parent
+        low = np.minimum(pu, pv)
+        np.minimum.at(parent, pu, low)
+        np.minimum.at(parent, pv, low)
+        while True:  # pointer jumping until every element points at a root
+            grand = parent[parent]
+            if np.array_equal(grand, parent):
+                break
+            parent = grand
+
+
+def _fully_pinned(space: Space, labels: np.ndarray, pinned: np.ndarray) -> bool:
+    return bool((pinned[labels[space.start : space.start + space.size]] >= 0).all())
+
+
+@dataclass
+class _Product:
+    whole: Space
+    factors: tuple[Space, ...]
+    where: str
+    resolved: bool = False
+
+
+class Analyzer:
+    """Builds the space graph of one or more traced graphs sharing one model.
+
+    Operator rules call the relation methods (:meth:`same`, :meth:`slice_same`,
+    :meth:`product`, :meth:`pin`); :meth:`solve` turns them into groups."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.spaces: list[Space] = []
+        self.n_elements = 0
+        self._edges_u: list[np.ndarray] = []
+        self._edges_v: list[np.ndarray] = []
+        self._products: list[_Product] = []
+        self._pins: list[tuple[np.ndarray, int]] = []
+        self.reasons: list[str] = []
+        self._reason_ids: dict[str, int] = {}
+        self.graph = nx.Graph()
+        self.values: dict[tuple[int, fx.Node], object] = {}
+        self.extras: dict[tuple[int, fx.Node], dict] = {}
+        self.param_spaces: dict[tuple[int, int], Space] = {}
+        self.tensor_names: dict[int, str] = {}
+        self.tensors: dict[int, torch.Tensor] = {}
+        for name, t in list(model.named_parameters(remove_duplicate=False)) + list(
+            model.named_buffers(remove_duplicate=False)
+        ):
+            self.tensor_names.setdefault(id(t), name)
+            self.tensors[id(t)] = t
+        self.param_space_ids: set[int] = set()
+        self.pinned_space_ids: set[int] = set()
+        self.graph_index = 0
+        self.current: fx.Node | None = None
+
+    # ---- spaces -------------------------------------------------------------
+    def new_space(self, size: int, label: str) -> Space:
+        space = Space(len(self.spaces), int(size), self.n_elements, label)
+        self.spaces.append(space)
+        self.n_elements += space.size
+        self.graph.add_node(space.id, label=label, size=space.size)
+        return space
+
+    def new_dims(self, shape: Sequence[int], label: str) -> TensorDims:
+        return TensorDims(self.new_space(s, f"{label}[{d}]") for d, s in enumerate(shape))
+
+    def fresh(self, meta: object, label: str) -> object:
+        """New spaces mirroring a node's ``tensor_meta`` structure."""
+        if isinstance(meta, TensorMetadata):
+            return self.new_dims(tuple(meta.shape), label)
+        if isinstance(meta, (tuple, list)):
+            return tuple(self.fresh(m, f"{label}.{i}") for i, m in enumerate(meta))
+        if isinstance(meta, dict):
+            return {k: self.fresh(m, f"{label}.{k}") for k, m in meta.items()}
+        return None
+
+    def tensor_dims(self, tensor: torch.Tensor, name: str | None = None) -> TensorDims:
+        """Spaces of a parameter/buffer/constant tensor, shared by every use of it."""
+        key = id(tensor)
+        if key not in self.tensor_names:
+            self.tensor_names[key] = name or f"<constant {key}>"
+            self.tensors[key] = tensor
+        dims = []
+        for d, size in enumerate(tensor.shape):
+            space = self.param_spaces.get((key, d))
+            if space is None:
+                space = self.new_space(size, f"{self.tensor_names[key]}[{d}]")
+                self.param_spaces[(key, d)] = space
+                self.param_space_ids.add(space.id)
+            dims.append(space)
+        return TensorDims(dims)
+
+    # ---- relations ----------------------------------------------------------
+    def reason_id(self, reason: str) -> int:
+        rid = self._reason_ids.get(reason)
+        if rid is None:
+            rid = self._reason_ids[reason] = len(self.reasons)
+            self.reasons.append(reason)
+        return rid
+
+    def where(self) -> str:
+        return f"node '{self.current.name}'" if self.current is not None else "model"
+
+    def same(self, a: Space, b: Space) -> None:
+        """Every element of ``a`` is the same channel as the element of ``b``."""
+        if a is b:
+            return
+        if a.size != b.size:
+            raise AssertionError(f"{self.where()}: relating {a} with {b} of another size")
+        self._edges_u.append(a.elements)
+        self._edges_v.append(b.elements)
+        self.graph.add_edge(a.id, b.id, kind="same")
+
+    def slice_same(self, a: Space, a_off: int, b: Space, b_off: int, length: int) -> None:
+        """``a[a_off + i]`` is the same channel as ``b[b_off + i]`` for ``i < length``."""
+        if length <= 0:
+            return
+        self._edges_u.append(np.arange(a.start + a_off, a.start + a_off + length, dtype=np.int64))
+        self._edges_v.append(np.arange(b.start + b_off, b.start + b_off + length, dtype=np.int64))
+        self.graph.add_edge(a.id, b.id, kind="slice")
+
+    def product(self, whole: Space, factors: Sequence[Space]) -> None:
+        """``whole`` enumerates the row-major product of ``factors``."""
+        nontrivial = [f for f in factors if f.size != 1]
+        if len(nontrivial) == 1:
+            self.same(whole, nontrivial[0])
+            return
+        if not nontrivial:
+            self.pin(whole, f"size-1 dimension at {self.where()}")
+            return
+        self._products.append(_Product(whole, tuple(factors), self.where()))
+        for f in factors:
+            self.graph.add_edge(whole.id, f.id, kind="product")
+
+    def pin(self, space: Space, reason: str) -> None:
+        """Every element of ``space`` must be kept."""
+        self._pins.append((space.elements, self.reason_id(reason)))
+        self.pinned_space_ids.add(space.id)
+
+    def pin_value(self, value: object, reason: str) -> None:
+        for space in iter_spaces(value):
+            self.pin(space, reason)
+
+    # ---- solving ------------------------------------------------------------
+    def _components(self) -> np.ndarray:
+        us = np.concatenate(self._edges_u) if self._edges_u else np.zeros(0, dtype=np.int64)
+        vs = np.concatenate(self._edges_v) if self._edges_v else np.zeros(0, dtype=np.int64)
+        return _union_find(self.n_elements, us, vs)
+
+    def _pinned_labels(self, labels: np.ndarray) -> np.ndarray:
+        """Reason id per component label (-1 when the component is free)."""
+        reason = np.full(self.n_elements, np.iinfo(np.int64).max, dtype=np.int64)
+        for elements, rid in self._pins:
+            np.minimum.at(reason, labels[elements], rid)
+        reason[reason == np.iinfo(np.int64).max] = -1
+        return reason
+
+    def _resolve_products(self) -> tuple[np.ndarray, np.ndarray]:
+        while True:
+            labels = self._components()
+            pinned = self._pinned_labels(labels)
+
+            progress = False
+            stuck: list[tuple[_Product, list[Space]]] = []
+            for prod in self._products:
+                if prod.resolved:
+                    continue
+                free = [f for f in prod.factors if f.size != 1 and not _fully_pinned(f, labels, pinned)]
+                if not free:
+                    self.pin(prod.whole, f"every factor of a reshape is fixed at {prod.where}")
+                    prod.resolved = progress = True
+                elif len(free) == 1:
+                    self._alias(prod, free[0])
+                    prod.resolved = progress = True
+                else:
+                    stuck.append((prod, free))
+            if progress:
+                continue
+            if not stuck:
+                return labels, pinned
+            for prod, free in stuck:
+                keep = max(free, key=lambda f: f.size)
+                for f in free:
+                    if f is not keep:
+                        self.pin(f, f"split of a dimension into several prunable factors at {prod.where}")
+
+    def _alias(self, prod: _Product, free: Space) -> None:
+        sizes = [f.size for f in prod.factors]
+        pos = prod.factors.index(free)
+        inner = int(np.prod(sizes[pos + 1 :], dtype=np.int64))
+        idx = (np.arange(prod.whole.size, dtype=np.int64) // inner) % free.size
+        self._edges_u.append(prod.whole.elements)
+        self._edges_v.append(free.start + idx)
+
+    def solve(self) -> ChannelAnalysis:
+        labels, pinned = self._resolve_products()
+        return _build_groups(self, labels, pinned)
+
+
+def iter_spaces(value: object) -> Iterable[Space]:
+    """Every space inside a (possibly nested) analysis value."""
+    if isinstance(value, TensorDims):
+        yield from value
+    elif isinstance(value, ShapeOf):
+        yield from value.dims
+    elif isinstance(value, SizeRead):
+        yield from value.spaces
+    elif isinstance(value, (tuple, list)):
+        for v in value:
+            yield from iter_spaces(v)
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from iter_spaces(v)
+
+
+@dataclass
+class ChannelAnalysis:
+    """Result of the analysis: the groups plus what export needs to shrink the graph."""
+
+    groups: list[ChannelGroup]
+    analyzer: Analyzer
+    labels: np.ndarray
+    pinned: np.ndarray
+    traced: TracedModes | None = None
+
+    @property
+    def space_graph(self) -> nx.Graph:
+        return self.analyzer.graph
+
+    def alive_mask(self, kept: dict[int, np.ndarray]) -> np.ndarray:
+        """Per element: does it survive when each group keeps ``kept[group.id]``?
+
+        Groups absent from ``kept`` keep everything."""
+        dead_labels = np.zeros(self.analyzer.n_elements, dtype=bool)
+        for group in self.groups:
+            if group.id not in kept:
+                continue
+            keep = np.zeros(group.size, dtype=bool)
+            keep[np.asarray(kept[group.id], dtype=np.int64)] = True
+            dead_labels[group.atoms[~keep]] = True
+        return ~dead_labels[self.labels]
+
+
+def _build_groups(an: Analyzer, labels: np.ndarray, pinned: np.ndarray) -> ChannelAnalysis:
+    is_param = np.zeros(an.n_elements, dtype=bool)
+    for space in an.param_spaces.values():
+        is_param[space.start : space.start + space.size] = True
+    # components made only of parameter elements (kernel dims, unused rows) carry no channel
+    has_node = np.zeros(an.n_elements, dtype=bool)
+    has_node[labels[~is_param]] = True
+
+    rows_label, rows_member, rows_index = [], [], []
+    member_keys: list[tuple[int, int]] = []
+    for key, space in an.param_spaces.items():
+        mk = len(member_keys)
+        member_keys.append(key)
+        rows_label.append(labels[space.start : space.start + space.size])
+        rows_member.append(np.full(space.size, mk, dtype=np.int64))
+        rows_index.append(np.arange(space.size, dtype=np.int64))
+    if not rows_label:
+        return ChannelAnalysis([], an, labels, pinned)
+    lab = np.concatenate(rows_label)
+    mem = np.concatenate(rows_member)
+    idx = np.concatenate(rows_index)
+    keep = has_node[lab]
+    lab, mem, idx = lab[keep], mem[keep], idx[keep]
+    order = np.lexsort((idx, mem, lab))
+    lab, mem, idx = lab[order], mem[order], idx[order]
+    if len(lab) == 0:
+        return ChannelAnalysis([], an, labels, pinned)
+    bounds = np.flatnonzero(np.diff(lab)) + 1
+    starts = np.concatenate([[0], bounds]).astype(np.int64)
+    ends = np.concatenate([bounds, [len(lab)]]).astype(np.int64)
+
+    # an atom's signature: the member dims it touches, entries in each, pinned or not
+    by_signature: dict[tuple, list[int]] = defaultdict(list)
+    mem_list = mem.tolist()
+    for s, e in zip(starts.tolist(), ends.tolist()):
+        counts: dict[int, int] = {}
+        for m in mem_list[s:e]:
+            counts[m] = counts.get(m, 0) + 1
+        signature = (tuple(counts.items()), bool(pinned[lab[s]] >= 0))
+        by_signature[signature].append(s)
+
+    groups: list[ChannelGroup] = []
+    for (layout, is_pinned), atom_starts in by_signature.items():
+        first = np.asarray(atom_starts, dtype=np.int64)
+        width = sum(k for _, k in layout)
+        rows = idx[first[:, None] + np.arange(width, dtype=np.int64)[None, :]]
+        atom_labels = lab[first]
+        members, col = [], 0
+        for mk, k in layout:
+            key, dim = member_keys[mk]
+            members.append(Member(an.tensor_names[key], dim, rows[:, col : col + k]))
+            col += k
+        order = np.argsort(members[0].index[:, 0], kind="stable")
+        members = [Member(m.name, m.dim, np.ascontiguousarray(m.index[order])) for m in members]
+        atom_labels = atom_labels[order]
+        reason = None
+        if is_pinned:
+            reasons = sorted({int(r) for r in np.unique(pinned[atom_labels])})
+            reason = "; ".join(an.reasons[r] for r in reasons[:3])
+            if len(reasons) > 3:
+                reason += f"; and {len(reasons) - 3} more"
+        groups.append(
+            ChannelGroup(
+                id=0,
+                size=len(atom_starts),
+                members=tuple(sorted(members, key=lambda m: (m.name, m.dim))),
+                prunable=not is_pinned,
+                reason=reason,
+                atoms=atom_labels,
+            )
+        )
+    groups.sort(key=lambda g: (not g.prunable, g.members[0].name, g.members[0].dim))
+    for i, g in enumerate(groups):
+        g.id = i
+    return ChannelAnalysis(groups, an, labels, pinned)
+
+
+def analyze(traced: TracedModes, model: torch.nn.Module) -> ChannelAnalysis:
+    """Run the operator rules over every traced graph of ``model`` and solve."""
+    from spruce.passes.oprules import apply_rules
+
+    an = Analyzer(model)
+    for gi, gm in enumerate(traced.graphs):
+        an.graph_index = gi
+        apply_rules(an, gm)
+    result = an.solve()
+    result.traced = traced
+    return result
+
+
+def analyze_model(
+    model: torch.nn.Module, example_inputs: object, leaf_modules: Iterable[object] = ()
+) -> ChannelAnalysis:
+    """Trace ``model`` (eval and, where it differs, training mode) and analyse it."""
+    traced = trace_modes(model, example_inputs, leaf_modules)
+    return analyze(traced, model)
+
+
+def channel_groups(
+    model: torch.nn.Module, example_inputs: object, leaf_modules: Iterable[object] = ()
+) -> list[ChannelGroup]:
+    """Every set of coupled channels of ``model``.
+
+    Each :class:`ChannelGroup` lists the parameter/buffer dimensions (with index
+    mapping) that must lose the same channels; unprunable groups say why."""
+    return analyze_model(model, example_inputs, leaf_modules).groups

@@ -1,0 +1,112 @@
+"""Channel importance criteria, one registry.
+
+A criterion maps a :class:`ChannelGroup` and the model's named parameters to one
+score per channel of the group (higher = more important). Scores are summed over
+every parameter member of the group (producer rows, normalisation affine, consumer
+columns), so coupled layers vote together.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import numpy as np
+import torch
+from spruce.passes.analysis import ChannelGroup, Member
+
+__all__ = ["IMPORTANCE", "importance_scores", "register_importance"]
+
+Criterion = Callable[[ChannelGroup, Mapping[str, torch.Tensor], np.random.Generator], np.ndarray]
+IMPORTANCE: dict[str, Criterion] = {}
+
+
+def register_importance(name: str):
+    """Decorator adding a criterion to :data:`IMPORTANCE` under ``name``."""
+
+    def register(fn: Criterion) -> Criterion:
+        IMPORTANCE[name] = fn
+        return fn
+
+    return register
+
+
+def _entry_scores(tensor: torch.Tensor, member: Member, power: int) -> np.ndarray:
+    """Per channel: sum over the member's entries of |w|**power."""
+    flat = tensor.detach().float().movedim(member.dim, 0).reshape(tensor.shape[member.dim], -1)
+    per_entry = flat.abs().pow(power).sum(dim=1).cpu().numpy().astype(np.float64)
+    return per_entry[member.index].sum(axis=1)
+
+
+def _norm_scores(group: ChannelGroup, params: Mapping[str, torch.Tensor], power: int) -> np.ndarray:
+    total = np.zeros(group.size, dtype=np.float64)
+    for member in group.members:
+        tensor = params.get(member.name)
+        if tensor is not None:
+            total += _entry_scores(tensor, member, power)
+    return total
+
+
+@register_importance("l1")
+def l1(group: ChannelGroup, params: Mapping[str, torch.Tensor], rng: np.random.Generator) -> np.ndarray:
+    """Sum of absolute weights of every parameter entry carrying the channel."""
+    return _norm_scores(group, params, 1)
+
+
+@register_importance("l2")
+def l2(group: ChannelGroup, params: Mapping[str, torch.Tensor], rng: np.random.Generator) -> np.ndarray:
+    """Euclidean norm of every parameter entry carrying the channel."""
+    return np.sqrt(_norm_scores(group, params, 2))
+
+
+@register_importance("random")
+def random(group: ChannelGroup, params: Mapping[str, torch.Tensor], rng: np.random.Generator) -> np.ndarray:
+    """Uniform random scores (a baseline; seeded by ``prune(seed=...)``)."""
+    return rng.random(group.size)
+
+
+@register_importance("bn_scale")
+def bn_scale(group: ChannelGroup, params: Mapping[str, torch.Tensor], rng: np.random.Generator) -> np.ndarray:
+    """|gamma| of the group's BatchNorm layers (network slimming); groups without a
+    BatchNorm fall back to ``l1``."""
+    owners = getattr(params, "batchnorm_weights", None) or set()
+    bn_members = [m for m in group.members if m.name in owners]
+    if not bn_members:
+        return l1(group, params, rng)
+    total = np.zeros(group.size, dtype=np.float64)
+    for member in bn_members:
+        total += _entry_scores(params[member.name], member, 1)
+    return total
+
+
+class ParamTable(dict):
+    """Named parameters of a model, plus the names of BatchNorm weights."""
+
+    batchnorm_weights: set[str]
+
+
+def param_table(model: torch.nn.Module) -> ParamTable:
+    table = ParamTable(model.named_parameters(remove_duplicate=False))
+    table.batchnorm_weights = {
+        f"{name}.weight" if name else "weight"
+        for name, module in model.named_modules(remove_duplicate=False)
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.weight is not None
+    }
+    return table
+
+
+def importance_scores(
+    criterion: str, group: ChannelGroup, params: Mapping[str, torch.Tensor], rng: np.random.Generator
+) -> np.ndarray:
+    """Scores of ``group``'s channels under ``criterion``; a NaN/inf score is an error
+    naming the group's first member (never a silently wrong choice)."""
+    if criterion not in IMPORTANCE:
+        raise ValueError(f"unknown importance {criterion!r}; valid: {', '.join(sorted(IMPORTANCE))}")
+    scores = np.asarray(IMPORTANCE[criterion](group, params, rng), dtype=np.float64)
+    if scores.shape != (group.size,):
+        raise ValueError(f"importance {criterion!r} returned shape {scores.shape} for a group of {group.size}")
+    if not np.isfinite(scores).all():
+        raise ValueError(
+            f"importance {criterion!r} is NaN/inf for channels of group {group.id} "
+            f"(member {group.members[0].name} dim {group.members[0].dim}): check the weights"
+        )
+    return scores

@@ -1,0 +1,170 @@
+"""ONNX Runtime (CPU) target: export a torch model to ONNX, run it, check it.
+
+Export tries the TorchScript-based exporter first (fast, handles fx
+GraphModules of plain torch modules well) and falls back to the
+``torch.export``-based exporter. The file appears at its path only once it
+has been written completely and passed ``onnx.checker``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import tempfile
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch import nn
+
+OPSET = 17
+# The torch.export-based exporter's lowest supported opset.
+DYNAMO_OPSET = 18
+
+
+class OnnxExportError(RuntimeError):
+    """Neither exporter could turn the model into a valid ONNX file."""
+
+
+def export_onnx(
+    model: nn.Module, example_inputs: Sequence[torch.Tensor], path: str | os.PathLike
+) -> Path:
+    """Export ``model`` traced on ``example_inputs`` to an ONNX file at ``path``.
+
+    Returns the path. The file is written to a temporary name in the same
+    folder, checked with ``onnx.checker`` and then renamed, so ``path`` never
+    holds a partial or invalid model. Raises :class:`OnnxExportError` if both
+    exporters fail.
+    """
+    target = Path(path)
+    failures: list[str] = []
+    for exporter in (_export_torchscript, _export_dynamo):
+        temp_path = _temp_path_next_to(target)
+        try:
+            exporter(model, tuple(example_inputs), temp_path)
+            onnx.checker.check_model(str(temp_path), full_check=True)
+            os.replace(temp_path, target)
+            return target
+        except Exception as exc:  # noqa: BLE001 -- each exporter fails in its own ways
+            failures.append(f"{exporter.__name__.removeprefix('_export_')}: "
+                            f"{type(exc).__name__}: {exc}")
+        finally:
+            temp_path.unlink(missing_ok=True)
+    raise OnnxExportError("ONNX export failed:\n  " + "\n  ".join(failures))
+
+
+def run_onnx(
+    path: str | os.PathLike, inputs: Sequence[torch.Tensor | np.ndarray]
+) -> list[np.ndarray]:
+    """Run the ONNX model at ``path`` on CPU with ONNX Runtime; outputs in graph order."""
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    graph_inputs = session.get_inputs()
+    if len(graph_inputs) != len(inputs):
+        raise ValueError(
+            f"{path} takes {len(graph_inputs)} inputs, {len(inputs)} were given"
+        )
+    feed = {graph_input.name: _as_numpy(value) for graph_input, value in zip(graph_inputs, inputs)}
+    return session.run(None, feed)
+
+
+def check_onnx(
+    path: str | os.PathLike, model: nn.Module, example_inputs: Sequence[torch.Tensor]
+) -> float:
+    """Largest difference between torch and ONNX Runtime outputs, relative to output scale.
+
+    For each output pair the error is ``max|a - b| / max(1, max|a|)`` with
+    ``a`` the torch output; the largest over all outputs is returned.
+    """
+    with torch.no_grad():
+        expected = [_as_numpy(t) for t in _flatten_tensors(model(*example_inputs))]
+    actual = run_onnx(path, example_inputs)
+    if len(expected) != len(actual):
+        raise ValueError(
+            f"torch model gives {len(expected)} outputs, {path} gives {len(actual)}"
+        )
+    return max((_relative_error(a, b) for a, b in zip(expected, actual)), default=0.0)
+
+
+# --- exporters ---------------------------------------------------------------------
+
+
+def _export_torchscript(model: nn.Module, inputs: tuple[torch.Tensor, ...], path: Path) -> None:
+    """The TorchScript-based exporter; its deprecation and tracer warnings are expected."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        torch.onnx.export(
+            model, inputs, str(path),
+            dynamo=False,
+            opset_version=OPSET,
+            input_names=_input_names(len(inputs)),
+            do_constant_folding=True,
+        )
+
+
+def _export_dynamo(model: nn.Module, inputs: tuple[torch.Tensor, ...], path: Path) -> None:
+    """The torch.export-based exporter, weights kept inside the file."""
+    with _quiet():
+        torch.onnx.export(
+            model, inputs, str(path),
+            dynamo=True,
+            opset_version=DYNAMO_OPSET,
+            input_names=_input_names(len(inputs)),
+            external_data=False,
+            verbose=False,
+        )
+
+
+# --- helpers -----------------------------------------------------------------------
+
+
+def _input_names(count: int) -> list[str]:
+    return [f"input_{i}" for i in range(count)]
+
+
+def _temp_path_next_to(target: Path) -> Path:
+    """A fresh, empty temporary file in ``target``'s folder (so the rename is atomic)."""
+    handle, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(handle)
+    return Path(name)
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Hide the progress lines and warnings the dynamo exporter prints."""
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _as_numpy(value: torch.Tensor | np.ndarray) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+def _flatten_tensors(value: Any) -> list[torch.Tensor]:
+    """Tensors of a (nested) output in the order the exporters flatten them."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, Mapping):
+        return [t for item in value.values() for t in _flatten_tensors(item)]
+    if isinstance(value, (tuple, list)):
+        return [t for item in value for t in _flatten_tensors(item)]
+    return []
+
+
+def _relative_error(expected: np.ndarray, actual: np.ndarray) -> float:
+    if expected.shape != actual.shape:
+        raise ValueError(f"output shape {actual.shape} differs from torch's {expected.shape}")
+    if expected.size == 0:
+        return 0.0
+    expected = expected.astype(np.float64)
+    scale = max(1.0, float(np.abs(expected).max()))
+    return float(np.abs(expected - actual.astype(np.float64)).max()) / scale

@@ -1,0 +1,40 @@
+"""Shared test helpers: non-trivial weights and the equivalence oracle."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every parameter and BatchNorm statistic non-trivial values, so zero-initialised
+    heads, unit BatchNorms or 1e-6 layer scales cannot hide a wrong channel removal."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() <= 1 or float(p.std()) == 0.0:
+                p.copy_(torch.rand(p.shape, generator=gen) + 0.5)
+            else:
+                fan_in = p[0].numel()
+                p.copy_(torch.randn(p.shape, generator=gen) / fan_in**0.5)
+        for name, b in model.named_buffers():
+            if name.endswith("running_var"):
+                b.copy_(torch.rand(b.shape, generator=gen) + 0.5)
+            elif name.endswith("running_mean"):
+                b.copy_(torch.randn(b.shape, generator=gen) * 0.1)
+    return model
+
+
+def first_output(value):
+    """The main tensor of a model output (logits of GoogLeNet/Inception named tuples)."""
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, dict):
+        return next(iter(value.values()))
+    return value[0]
+
+
+def relative_error(reference: torch.Tensor, other: torch.Tensor) -> float:
+    """max |a - b| relative to the output scale (at least 1)."""
+    scale = max(1.0, float(reference.abs().max()))
+    return float((reference - other).abs().max()) / scale

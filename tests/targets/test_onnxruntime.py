@@ -1,0 +1,110 @@
+"""ONNX export and ONNX Runtime checks on real models and real sessions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torchvision
+from spruce.targets import onnxruntime as ort_target
+from spruce.targets.onnxruntime import OnnxExportError, check_onnx, export_onnx, run_onnx
+from torch import nn
+
+
+class TwoHeads(nn.Module):
+    """Two outputs, one of them large, to exercise multi-output and relative checks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
+        self.small = nn.Linear(8, 4)
+        self.large = nn.Linear(8, 2)
+        with torch.no_grad():
+            self.large.weight.mul_(1e4)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pooled = self.body(x).mean(dim=(2, 3))
+        return self.small(pooled), self.large(pooled)
+
+
+class Unexportable(nn.Module):
+    """A forward pass that always fails, so every exporter fails."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("this model cannot run")
+
+
+@pytest.fixture(scope="module")
+def resnet18_64() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    model = torchvision.models.resnet18(weights=None).eval()
+    return model, (torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0)),)
+
+
+def test_resnet18_exports_and_matches_torch(resnet18_64, tmp_path: Path) -> None:
+    model, inputs = resnet18_64
+    path = export_onnx(model, inputs, tmp_path / "resnet18.onnx")
+    assert path == tmp_path / "resnet18.onnx"
+    onnx.checker.check_model(str(path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["resnet18.onnx"]
+    (logits,) = run_onnx(path, inputs)
+    assert logits.shape == (1, 1000)
+    assert check_onnx(path, model, inputs) < 1e-4
+
+
+def test_fx_graph_module_exports(resnet18_64, tmp_path: Path) -> None:
+    model, inputs = resnet18_64
+    graph_module = torch.fx.symbolic_trace(model)
+    path = export_onnx(graph_module, inputs, tmp_path / "gm.onnx")
+    assert check_onnx(path, graph_module, inputs) < 1e-4
+
+
+def test_check_detects_a_model_that_changed(tmp_path: Path) -> None:
+    model = TwoHeads().eval()
+    inputs = (torch.randn(2, 3, 16, 16),)
+    path = export_onnx(model, inputs, tmp_path / "heads.onnx")
+    assert check_onnx(path, model, inputs) < 1e-5
+    with torch.no_grad():
+        model.small.bias.add_(1.0)
+    assert check_onnx(path, model, inputs) >= 0.5
+
+
+def test_relative_error_uses_output_scale() -> None:
+    expected = np.array([1000.0, -2000.0])
+    assert ort_target._relative_error(expected, expected + 1.0) == pytest.approx(1.0 / 2000.0)
+    small = np.array([0.1, 0.2])
+    assert ort_target._relative_error(small, small + 0.01) == pytest.approx(0.01)
+
+
+def test_failed_export_leaves_nothing_and_keeps_old_file(tmp_path: Path) -> None:
+    with pytest.raises(OnnxExportError, match="(?s)torchscript.*dynamo"):
+        export_onnx(Unexportable(), (torch.zeros(1, 3),), tmp_path / "bad.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+    (tmp_path / "kept.onnx").write_bytes(b"previous")
+    with pytest.raises(OnnxExportError):
+        export_onnx(Unexportable(), (torch.zeros(1, 3),), tmp_path / "kept.onnx")
+    assert [p.name for p in tmp_path.iterdir()] == ["kept.onnx"]
+    assert (tmp_path / "kept.onnx").read_bytes() == b"previous"
+
+
+def test_falls_back_to_dynamo_exporter(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def torchscript_unavailable(*args: object) -> None:
+        raise RuntimeError("torchscript exporter refused")
+
+    monkeypatch.setattr(ort_target, "_export_torchscript", torchscript_unavailable)
+    model = TwoHeads().eval()
+    inputs = (torch.randn(1, 3, 16, 16),)
+    path = export_onnx(model, inputs, tmp_path / "dynamo.onnx")
+    assert check_onnx(path, model, inputs) < 1e-5
+    assert [p.name for p in tmp_path.iterdir()] == ["dynamo.onnx"]
+
+
+def test_run_onnx_rejects_wrong_input_count(tmp_path: Path) -> None:
+    model = TwoHeads().eval()
+    inputs = (torch.randn(1, 3, 16, 16),)
+    path = export_onnx(model, inputs, tmp_path / "heads.onnx")
+    with pytest.raises(ValueError, match="takes 1 inputs, 2 were given"):
+        run_onnx(path, [inputs[0], inputs[0]])
