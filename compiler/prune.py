@@ -37,23 +37,35 @@ def _validate(ratio: float, importance: str, round_to: int | None) -> None:
         raise ValueError(f"round_to must be a positive integer or None, got {round_to!r}")
 
 
-def _ignored(model: nn.Module, ignore: Iterable[object]) -> tuple[str, ...]:
-    """Name prefixes of ignored modules/parameters (given as names, modules or types)."""
-    prefixes: list[str] = []
+def _ignored_members(model: nn.Module, ignore: Iterable[object]) -> set[tuple[str, int]]:
+    """(tensor name, dim) pairs whose channels must stay: the *output* channels of each
+    ignored module (given as a name, a module or a module type), or every dim of an
+    ignored parameter name. Inputs of an ignored module may still shrink."""
+    modules = dict(model.named_modules())
+    tensors = dict(model.named_parameters())
+    chosen: list[str] = []
+    pinned: set[tuple[str, int]] = set()
     for item in ignore:
-        if isinstance(item, str):
-            prefixes.append(item)
+        if isinstance(item, str) and item in tensors:
+            pinned.update((item, d) for d in range(tensors[item].dim()))
+        elif isinstance(item, str) and item in modules:
+            chosen.append(item)
+        elif isinstance(item, str):
+            raise ValueError(f"ignore: {item!r} is neither a module nor a parameter of the model")
         elif isinstance(item, nn.Module):
-            prefixes.extend(n for n, m in model.named_modules() if m is item)
+            chosen.extend(n for n, m in modules.items() if m is item)
         elif isinstance(item, type):
-            prefixes.extend(n for n, m in model.named_modules() if isinstance(m, item))
+            chosen.extend(n for n, m in modules.items() if isinstance(m, item))
         else:
             raise TypeError(f"ignore entries must be names, modules or module types, got {item!r}")
-    return tuple(prefixes)
-
-
-def _matches(name: str, prefixes: tuple[str, ...]) -> bool:
-    return any(name == p or name.startswith(p + ".") for p in prefixes)
+    for name in chosen:
+        module = modules[name]
+        out_dim = 1 if isinstance(module, nn.modules.conv._ConvTransposeNd) else 0
+        prefix = f"{name}." if name else ""
+        own = list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
+        for pname, tensor in own:
+            pinned.add((prefix + pname, out_dim if tensor.dim() > 1 else 0))
+    return pinned
 
 
 def select_channels(
@@ -68,12 +80,12 @@ def select_channels(
     """Kept channel indices per prunable group: the top ``1 - ratio`` by importance
     (at least one channel; rounded up to a multiple of ``round_to``)."""
     _validate(ratio, importance, round_to)
-    prefixes = _ignored(model, ignore)
+    ignored = _ignored_members(model, ignore)
     params = param_table(model)
     rng = np.random.default_rng(seed)
     kept: dict[int, np.ndarray] = {}
     for group in groups:
-        if not group.prunable or any(_matches(m.name, prefixes) for m in group.members):
+        if not group.prunable or any((m.name, m.dim) in ignored for m in group.members):
             continue
         n_keep = max(1, math.ceil(round((1.0 - ratio) * group.size, 6)))
         if round_to:

@@ -105,8 +105,13 @@ def importance_scores(
     if scores.shape != (group.size,):
         raise ValueError(f"importance {criterion!r} returned shape {scores.shape} for a group of {group.size}")
     if not np.isfinite(scores).all():
+        culprits = [
+            f"{m.name} (dim {m.dim})"
+            for m in group.members
+            if m.name in params and not torch.isfinite(params[m.name].detach()).all()
+        ] or [f"{group.members[0].name} (dim {group.members[0].dim})"]
         raise ValueError(
-            f"importance {criterion!r} is NaN/inf for channels of group {group.id} "
-            f"(member {group.members[0].name} dim {group.members[0].dim}): check the weights"
+            f"importance {criterion!r} is NaN/inf for channels of group {group.id}: "
+            f"non-finite values in {', '.join(culprits)}"
         )
     return scores

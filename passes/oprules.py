@@ -1147,7 +1147,8 @@ def apply_rules(an: Analyzer, gm: fx.GraphModule) -> None:
 
 def _pin_untouched(an: Analyzer, value: object) -> None:
     for space in iter_spaces(value):
-        if an.graph.degree(space.id) == 0 and space.id not in an.pinned_space_ids:
+        if (an.graph.degree(space.id) == 0 and space.id not in an.pinned_space_ids
+                and space.id not in an.param_space_ids):  # parameters get related by their users
             an.pin(space, f"new dimension from node '{an.current.name}'")
 
 

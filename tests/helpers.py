@@ -36,5 +36,6 @@ def first_output(value):
 
 def relative_error(reference: torch.Tensor, other: torch.Tensor) -> float:
     """max |a - b| relative to the output scale (at least 1)."""
+    reference, other = reference.detach(), other.detach()
     scale = max(1.0, float(reference.abs().max()))
     return float((reference - other).abs().max()) / scale
