@@ -128,7 +128,7 @@ def _propagate(gm: fx.GraphModule, inputs: Sequence[object]) -> None:
         with torch.no_grad():
             ShapeProp(gm, fake_mode=FakeTensorMode(allow_non_fake_inputs=True)).propagate(*inputs)
         return
-    except Exception:  # noqa: BLE001, S110 - any fake-tensor limitation: fall back to a real run
+    except Exception:
         pass
     try:
         with torch.no_grad():

@@ -30,19 +30,33 @@ def register_importance(name: str):
     return register
 
 
-def _entry_scores(tensor: torch.Tensor, member: Member, power: int) -> np.ndarray:
+def _per_entry(params: Mapping[str, torch.Tensor], name: str, dim: int, power: int) -> np.ndarray:
+    """sum of |w|**power over everything but ``dim``, per entry of ``dim`` (cached per call
+    when ``params`` is a :class:`ParamTable`: DenseNet-style concats share consumers)."""
+    cache = getattr(params, "cache", None)
+    key = (name, dim, power)
+    if cache is not None and key in cache:
+        return cache[key]
+    tensor = params[name].detach().float()
+    flat = tensor.movedim(dim, 0).reshape(tensor.shape[dim], -1).abs()
+    if power != 1:
+        flat = flat.pow(power)
+    scores = flat.sum(dim=1).cpu().numpy().astype(np.float64)
+    if cache is not None:
+        cache[key] = scores
+    return scores
+
+
+def _entry_scores(params: Mapping[str, torch.Tensor], member: Member, power: int) -> np.ndarray:
     """Per channel: sum over the member's entries of |w|**power."""
-    flat = tensor.detach().float().movedim(member.dim, 0).reshape(tensor.shape[member.dim], -1)
-    per_entry = flat.abs().pow(power).sum(dim=1).cpu().numpy().astype(np.float64)
-    return per_entry[member.index].sum(axis=1)
+    return _per_entry(params, member.name, member.dim, power)[member.index].sum(axis=1)
 
 
 def _norm_scores(group: ChannelGroup, params: Mapping[str, torch.Tensor], power: int) -> np.ndarray:
     total = np.zeros(group.size, dtype=np.float64)
     for member in group.members:
-        tensor = params.get(member.name)
-        if tensor is not None:
-            total += _entry_scores(tensor, member, power)
+        if member.name in params:
+            total += _entry_scores(params, member, power)
     return total
 
 
@@ -74,18 +88,21 @@ def bn_scale(group: ChannelGroup, params: Mapping[str, torch.Tensor], rng: np.ra
         return l1(group, params, rng)
     total = np.zeros(group.size, dtype=np.float64)
     for member in bn_members:
-        total += _entry_scores(params[member.name], member, 1)
+        total += _entry_scores(params, member, 1)
     return total
 
 
 class ParamTable(dict):
-    """Named parameters of a model, plus the names of BatchNorm weights."""
+    """Named parameters of a model, the names of its BatchNorm weights, and a cache of
+    per-entry norms shared by the groups scored in one call."""
 
     batchnorm_weights: set[str]
+    cache: dict
 
 
 def param_table(model: torch.nn.Module) -> ParamTable:
     table = ParamTable(model.named_parameters(remove_duplicate=False))
+    table.cache = {}
     table.batchnorm_weights = {
         f"{name}.weight" if name else "weight"
         for name, module in model.named_modules(remove_duplicate=False)

@@ -277,8 +277,9 @@ def reshape_to(an: Analyzer, x: TensorDims, shape: tuple[int, ...], label: str) 
     return TensorDims(out)
 
 
-@function_rule(torch.reshape, torch.flatten, torch.squeeze, torch.unsqueeze, torch.unflatten, shape_args=True)
-@method_rule("view", "reshape", "flatten", "squeeze", "unsqueeze", "unflatten", "view_as", "reshape_as", shape_args=True)
+# (unflatten has no rule: its size argument is not rewritten, so it pins what it touches)
+@function_rule(torch.reshape, torch.flatten, torch.squeeze, torch.unsqueeze, shape_args=True)
+@method_rule("view", "reshape", "flatten", "squeeze", "unsqueeze", "view_as", "reshape_as", shape_args=True)
 def reshape(an: Analyzer, call: Call) -> object:
     x = call.args[0]
     if not isinstance(x, TensorDims) or not isinstance(call.meta, TensorMetadata):
@@ -374,9 +375,7 @@ def split(an: Analyzer, call: Call) -> object:
     outs = []
     if name == "unbind":
         an.pin(x[d], f"unbind over this dim at node '{call.node.name}'")
-        for p in parts:
-            outs.append(TensorDims(s for k, s in enumerate(x) if k != d))
-        return tuple(outs)
+        return tuple(TensorDims(s for k, s in enumerate(x) if k != d) for _ in parts)
     if name == "tensor_split":
         an.pin(x[d], f"tensor_split at node '{call.node.name}'")
     offset = 0

@@ -51,7 +51,7 @@ def export_onnx(
             onnx.checker.check_model(str(temp_path), full_check=True)
             os.replace(temp_path, target)
             return target
-        except Exception as exc:  # noqa: BLE001 -- each exporter fails in its own ways
+        except Exception as exc:
             failures.append(f"{exporter.__name__.removeprefix('_export_')}: "
                             f"{type(exc).__name__}: {exc}")
         finally:

@@ -4,12 +4,11 @@ import math
 
 import numpy as np
 import pytest
+import spruce
 import torch
 import torch.nn as nn
 import torchvision
 from helpers import randomize, relative_error
-
-import spruce
 from spruce.passes.importance import IMPORTANCE
 
 

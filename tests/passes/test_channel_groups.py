@@ -226,7 +226,9 @@ def test_channel_shuffle_is_handled_not_silently_wrong():
 
 
 def test_channel_shuffle_module():
-    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ChannelShuffle(2), nn.Conv2d(8, 4, 1), nn.Flatten(), nn.Linear(4 * 64, 2))
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 1), nn.ChannelShuffle(2), nn.Conv2d(8, 4, 1), nn.Flatten(), nn.Linear(4 * 64, 2)
+    )
     check_equivalent(model, torch.randn(2, 3, 8, 8))
 
 

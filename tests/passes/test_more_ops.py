@@ -1,12 +1,11 @@
 """Equivalence of compact and masked models across more operator kinds."""
 
 import pytest
+import spruce
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from helpers import randomize, relative_error
-
-import spruce
 
 
 class Transposed(nn.Module):

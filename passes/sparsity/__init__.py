@@ -1,0 +1,1 @@
+"""Sparse training: mask passes on the fx graph, layer budgets, prune-grow methods."""

@@ -1,0 +1,121 @@
+"""The mask pass: weights of sparse layers go through a mask node in the fx graph.
+
+``insert_masks`` rewrites each selected Conv/Linear call into its functional form
+whose weight is ``MaskedWeight(weight)``: by default ``weight * mask`` with a bool
+mask buffer (the gradient of a pruned weight is then zero), or a registered
+straight-through estimator. Mask helpers build exact top-k and N:M masks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["MaskedWeight", "WEIGHT_FNS", "insert_masks", "topk_mask", "nm_groups", "nm_mask", "SPARSE_LAYER_TYPES"]
+
+SPARSE_LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+_FUNCTIONAL = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
+
+WeightFn = Callable[["MaskedWeight", torch.Tensor], torch.Tensor]
+WEIGHT_FNS: dict[str, WeightFn] = {"mask": lambda mod, w: w * mod.mask}
+
+
+class MaskedWeight(nn.Module):
+    """The weight a sparse layer really uses. ``mask`` is a bool buffer; ``kind`` picks
+    the forward function from :data:`WEIGHT_FNS`. When ``capture_dense_grad`` is set,
+    the gradient with respect to the effective weight (dense, before masking) is kept in
+    ``dense_grad`` after the next backward."""
+
+    def __init__(self, mask: torch.Tensor, kind: str = "mask"):
+        super().__init__()
+        self.register_buffer("mask", mask.bool())
+        self.kind = kind
+        self.capture_dense_grad = False
+        self.dense_grad: torch.Tensor | None = None
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        effective = WEIGHT_FNS[self.kind](self, weight)
+        if self.capture_dense_grad and effective.requires_grad:
+            effective.register_hook(self._keep_grad)
+        return effective
+
+    def _keep_grad(self, grad: torch.Tensor) -> None:
+        self.dense_grad = grad.detach().clone() if self.dense_grad is None else self.dense_grad + grad.detach()
+
+
+def mask_key(module_name: str) -> str:
+    return module_name.replace(".", "__")
+
+
+def insert_masks(gm: fx.GraphModule, masks: dict[str, MaskedWeight]) -> fx.GraphModule:
+    """Route the weight of every call to a module named in ``masks`` through its
+    :class:`MaskedWeight` (installed under ``gm.spruce_masks``). Returns ``gm``."""
+    holder = nn.ModuleDict({mask_key(name): m for name, m in masks.items()})
+    gm.add_module("spruce_masks", holder)
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.op != "call_module" or node.target not in masks:
+            continue
+        module = gm.get_submodule(node.target)
+        with graph.inserting_before(node):
+            weight = graph.get_attr(f"{node.target}.weight")
+            effective = graph.call_module(f"spruce_masks.{mask_key(node.target)}", (weight,))
+            bias = graph.get_attr(f"{node.target}.bias") if module.bias is not None else None
+            if isinstance(module, nn.Linear):
+                call = graph.call_function(F.linear, (node.args[0], effective, bias))
+            else:
+                fn = _FUNCTIONAL[type(module)]
+                args = (node.args[0], effective, bias, module.stride, module.padding, module.dilation, module.groups)
+                call = graph.call_function(fn, args)
+        call.meta = dict(node.meta)
+        node.replace_all_uses_with(call)
+        graph.erase_node(node)
+    graph.lint()
+    gm.recompile()
+    return gm
+
+
+def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool mask with exactly ``k`` True entries at the largest ``scores`` (ties by index)."""
+    flat = scores.reshape(-1)
+    mask = torch.zeros(flat.numel(), dtype=torch.bool, device=scores.device)
+    if k > 0:
+        mask[torch.topk(flat, k, sorted=False).indices] = True
+    return mask.view_as(scores)
+
+
+def nm_groups(weight_shape: tuple[int, ...], m: int) -> tuple[int, ...] | None:
+    """The (groups, M) view of a weight for N:M along input channels, or None when the
+    input-channel count is not divisible by M."""
+    if len(weight_shape) < 2 or weight_shape[1] % m:
+        return None
+    return (-1, m)
+
+
+def _to_groups(t: torch.Tensor, m: int) -> torch.Tensor:
+    # (O, I, *k) -> (O, *k, I) -> (O * prod(k) * I/M, M): M consecutive input channels
+    return t.movedim(1, -1).reshape(-1, m)
+
+
+def _from_groups(g: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    moved = (shape[0], *shape[2:], shape[1])
+    return g.reshape(moved).movedim(-1, 1)
+
+
+def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Bool mask with exactly ``n`` True entries in every group of ``m`` consecutive input
+    channels (for each output channel and kernel position): the 2:4 layout of TensorRT
+    and cuSPARSELt."""
+    groups = _to_groups(scores, m)
+    keep = torch.zeros_like(groups, dtype=torch.bool)
+    keep.scatter_(1, torch.topk(groups, n, dim=1).indices, True)
+    return _from_groups(keep, tuple(scores.shape))
+
+
+def nm_counts(mask: torch.Tensor, m: int) -> torch.Tensor:
+    """Non-zeros per N:M group (for checks)."""
+    return _to_groups(mask.to(torch.int32), m).sum(dim=1)

@@ -1,0 +1,286 @@
+"""``sparsify``: a model with mask nodes in its graph, driven from the user's training loop."""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+from spruce.compiler.trace import trace
+from spruce.passes.sparsity.budget import layer_densities
+from spruce.passes.sparsity.masking import (
+    SPARSE_LAYER_TYPES,
+    MaskedWeight,
+    insert_masks,
+    nm_groups,
+    nm_mask,
+    topk_mask,
+)
+from spruce.passes.sparsity.methods import METHODS
+
+__all__ = ["SparseModel", "SparseLayer", "sparsify", "STRUCTURES"]
+
+STRUCTURES = ("unstructured", "n:m")
+
+
+@dataclass
+class SparseLayer:
+    """One sparse layer: its module, its mask node and its target density."""
+
+    name: str
+    module: nn.Module
+    masked: MaskedWeight
+    density: float
+    grown: torch.Tensor | None = field(default=None, repr=False)  # grown at the last update
+    after_prune: torch.Tensor | None = field(default=None, repr=False)  # active set between prune and grow
+    previous: torch.Tensor | None = field(default=None, repr=False)  # active set after the last update
+    ever_active: torch.Tensor | None = field(default=None, repr=False)
+    last_grown: torch.Tensor | None = field(default=None, repr=False)  # grown at the last recorded update
+
+    _TRACKED = ("previous", "ever_active", "last_grown")
+
+
+def _parse_structure(structure: str) -> tuple[str, int, int]:
+    if structure == "unstructured":
+        return structure, 0, 0
+    if structure in ("n:m", "nm"):
+        return "n:m", 2, 4
+    parts = structure.split(":")
+    if len(parts) == 2 and all(p.isdigit() for p in parts):
+        n, m = int(parts[0]), int(parts[1])
+        if not 0 < n < m:
+            raise ValueError(f"n:m structure needs 0 < N < M, got {structure!r}")
+        return "n:m", n, m
+    raise ValueError(f"unknown structure {structure!r}; valid: unstructured, n:m, N:M (e.g. 2:4)")
+
+
+class SparseModel(nn.Module):
+    """A traced model whose sparse layers take their weights through mask nodes.
+
+    Call :meth:`step` after every ``optimizer.step()``; :meth:`attach` the optimizer so
+    the state of pruned and regrown weights is reset. Invariant: after every step each
+    layer keeps exactly its target number of active weights (N per group of M for
+    N:M), and pruned weights are zero."""
+
+    def __init__(self, source: nn.Module, graph: nn.Module, layers: list[SparseLayer], method,
+                 total_steps: int | None, structure: str, n: int, m: int):
+        super().__init__()
+        self.graph = graph
+        self.layers = layers
+        self.method = method
+        self.total_steps = total_steps
+        self.structure, self.n, self.m = structure, n, m
+        self.step_count = 0
+        self.metrics: list[dict] = []
+        self._source = [source]  # not a submodule: it shares every parameter with ``graph``
+        self._optimizer: torch.optim.Optimizer | None = None
+
+    # ---- training-loop API -----------------------------------------------------
+    def forward(self, *args, **kwargs):
+        capture = self.training and torch.is_grad_enabled() and self.method.wants_dense_grad(self, self.step_count + 1)
+        for layer in self.layers:
+            layer.masked.capture_dense_grad = capture
+        return self.graph(*args, **kwargs)
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> SparseModel:
+        """Reset the optimizer state of weights that are pruned or regrown at each update."""
+        self._optimizer = optimizer
+        return self
+
+    def step(self) -> None:
+        """Advance one optimizer step: run the method's update, keep pruned weights at zero."""
+        self.step_count += 1
+        due = self.method.is_update(self, self.step_count)
+        before = [layer.masked.mask.clone() for layer in self.layers] if due else []
+        changed = due and self.method.update(self, self.step_count)
+        for layer in self.layers:
+            layer.masked.dense_grad = None
+            layer.masked.capture_dense_grad = False
+        self.apply_masks()
+        if changed:
+            self._reset_optimizer_state(before)
+            self._record(self.step_count)
+
+    @torch.no_grad()
+    def apply_masks(self) -> None:
+        """Zero every pruned weight."""
+        for layer in self.layers:
+            layer.module.weight.mul_(layer.masked.mask)
+
+    def _reset_optimizer_state(self, before: list[torch.Tensor]) -> None:
+        if self._optimizer is None:
+            return
+        for layer, old in zip(self.layers, before):
+            changed = old ^ layer.masked.mask
+            state = self._optimizer.state.get(layer.module.weight, {})
+            for value in state.values():
+                if isinstance(value, torch.Tensor) and value.shape == changed.shape:
+                    value.masked_fill_(changed, 0.0)
+
+    # ---- masks ---------------------------------------------------------------------
+    def set_mask(self, layer: SparseLayer, mask: torch.Tensor) -> None:
+        layer.masked.mask.copy_(mask.to(torch.bool))
+
+    def _count(self, layer: SparseLayer, density: float) -> int:
+        return int(round(density * layer.masked.mask.numel()))
+
+    def random_mask(self, layer: SparseLayer, density: float, generator: torch.Generator) -> torch.Tensor:
+        scores = torch.rand(layer.masked.mask.shape, generator=generator)
+        if self.structure == "n:m":
+            return nm_mask(scores, self.n, self.m)
+        return topk_mask(scores, self._count(layer, density))
+
+    def magnitude_mask(self, layer: SparseLayer, density: float, within: torch.Tensor | None = None) -> torch.Tensor:
+        scores = layer.module.weight.detach().abs().float()
+        if self.structure == "n:m":
+            return nm_mask(scores, self.n, self.m)
+        if within is not None:
+            scores = torch.where(within, scores, torch.full_like(scores, -1.0))
+        return topk_mask(scores, self._count(layer, density))
+
+    @torch.no_grad()
+    def prune_grow(self, layer: SparseLayer, k: int, grow_scores: torch.Tensor, init: str = "zero") -> None:
+        """Drop the ``k`` active weights of smallest magnitude, then grow the ``k`` inactive
+        weights with the largest ``grow_scores``; the active count is unchanged."""
+        if self.structure == "n:m":
+            raise NotImplementedError(f"method {self.method.name!r} does not support N:M prune-grow yet")
+        mask = layer.masked.mask
+        if k <= 0:
+            layer.grown = torch.zeros_like(mask)
+            layer.after_prune = mask.clone()
+            return
+        weight = layer.module.weight.detach().abs().float()
+        drop_scores = torch.where(mask, -weight, torch.full_like(weight, -math.inf))
+        dropped = topk_mask(drop_scores, k)
+        after_drop = mask & ~dropped
+        candidates = torch.where(after_drop, torch.full_like(weight, -math.inf), grow_scores.float())
+        grown = topk_mask(candidates, k)
+        new = after_drop | grown
+        if init == "zero":
+            layer.module.weight.masked_fill_(grown & ~mask, 0.0)
+        layer.grown = grown & ~mask
+        layer.after_prune = after_drop
+        self.set_mask(layer, new)
+
+    # ---- reporting -------------------------------------------------------------------
+    def sparsities(self) -> dict[str, float]:
+        """Fraction of pruned weights per layer."""
+        return {layer.name: 1.0 - float(layer.masked.mask.float().mean()) for layer in self.layers}
+
+    def _record(self, step: int) -> None:
+        record: dict = {"step": step, "sparsity": self.sparsities(), "iou_prune": {}, "iou_grow": {},
+                        "survival": {}, "exploration": {}}
+        for layer in self.layers:
+            mask = layer.masked.mask
+            after_prune = layer.after_prune if layer.after_prune is not None else mask
+            if layer.previous is not None:
+                record["iou_prune"][layer.name] = _iou(after_prune, layer.previous)
+                record["iou_grow"][layer.name] = _iou(mask, layer.previous)
+            if layer.last_grown is not None and bool(layer.last_grown.any()):
+                survived = int((layer.last_grown & after_prune).sum())
+                record["survival"][layer.name] = survived / int(layer.last_grown.sum())
+            layer.last_grown = layer.grown.clone() if layer.grown is not None else None
+            layer.ever_active = mask.clone() if layer.ever_active is None else layer.ever_active | mask
+            record["exploration"][layer.name] = float(layer.ever_active.float().mean())
+            layer.previous = mask.clone()
+        self.metrics.append(record)
+
+    def summary(self) -> str:
+        """A table of layers, shapes, target densities and current sparsity."""
+        rows = [f"{'layer':40s} {'shape':>20s} {'density':>8s} {'sparsity':>9s}"]
+        for layer in self.layers:
+            shape = "x".join(str(s) for s in layer.masked.mask.shape)
+            rows.append(f"{layer.name:40s} {shape:>20s} {layer.density:8.3f} {self.sparsities()[layer.name]:9.3f}")
+        rows.append(f"method {self.method.name}, structure {self.structure}, step {self.step_count}")
+        return "\n".join(rows)
+
+    def fold(self) -> nn.Module:
+        """A plain copy of the original model with pruned weights set to zero."""
+        folded = copy.deepcopy(self._source[0])
+        modules = dict(folded.named_modules())
+        with torch.no_grad():
+            for layer in self.layers:
+                modules[layer.name].weight.mul_(layer.masked.mask)
+        return folded
+
+    # ---- state --------------------------------------------------------------------------
+    def get_extra_state(self) -> dict:
+        tracked = [{k: getattr(layer, k) for k in SparseLayer._TRACKED} for layer in self.layers]
+        return {"step_count": self.step_count, "method": self.method.state_dict(), "metrics": self.metrics,
+                "layers": tracked}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.step_count = state["step_count"]
+        self.method.load_state_dict(state["method"])
+        self.metrics = state["metrics"]
+        for layer, tracked in zip(self.layers, state["layers"]):
+            for key, value in tracked.items():
+                setattr(layer, key, value)
+
+
+def _iou(a: torch.Tensor, b: torch.Tensor) -> float:
+    union = int((a | b).sum())
+    return 1.0 if union == 0 else int((a & b).sum()) / union
+
+
+def _select_layers(model: nn.Module, gm, structure: str, m: int, exclude: Iterable[str]) -> list[tuple[str, nn.Module]]:
+    excluded = set(exclude)
+    called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    chosen, skipped = [], []
+    for name, module in model.named_modules():
+        if name not in called or name in excluded or not isinstance(module, SPARSE_LAYER_TYPES):
+            continue
+        if isinstance(module, nn.modules.conv._ConvNd) and module.padding_mode != "zeros":
+            skipped.append(f"{name} (padding_mode {module.padding_mode})")
+            continue
+        if structure == "n:m" and nm_groups(tuple(module.weight.shape), m) is None:
+            skipped.append(f"{name} (input channels {module.weight.shape[1]} not divisible by {m})")
+            continue
+        chosen.append((name, module))
+    if skipped:
+        warnings.warn("sparsify: layers kept dense: " + ", ".join(skipped), stacklevel=3)
+    return chosen
+
+
+def sparsify(
+    model: nn.Module,
+    example_inputs: object,
+    method: str = "static",
+    structure: str = "unstructured",
+    sparsity: float = 0.9,
+    distribution: str = "erk",
+    total_steps: int | None = None,
+    exclude: Iterable[str] = (),
+    **method_options,
+) -> SparseModel:
+    """Insert mask nodes for every Conv/Linear weight of ``model`` and set up ``method``.
+
+    The returned :class:`SparseModel` shares its parameters with ``model``: build the
+    optimizer from either. Raises ``ValueError`` naming the option at fault."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; valid: {', '.join(sorted(METHODS))}")
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
+    kind, n, m = _parse_structure(structure)
+    impl = METHODS[method].from_options(**method_options)
+    if impl.scheduled and (total_steps is None or isinstance(total_steps, bool) or not isinstance(total_steps, int)
+                           or total_steps < 1):
+        raise ValueError(f"method {method!r} is scheduled: pass total_steps (a positive integer), got {total_steps!r}")
+    gm = trace(model, example_inputs)
+    chosen = _select_layers(model, gm, kind, m, exclude)
+    if not chosen:
+        raise ValueError("sparsify: the model has no Conv/Linear layer to sparsify")
+    densities = layer_densities([tuple(mod.weight.shape) for _, mod in chosen], sparsity, distribution)
+    if kind == "n:m":
+        densities = [n / m] * len(chosen)
+    masks = {name: MaskedWeight(torch.ones_like(mod.weight, dtype=torch.bool)) for name, mod in chosen}
+    insert_masks(gm, masks)
+    layers = [SparseLayer(name, mod, masks[name], d) for (name, mod), d in zip(chosen, densities)]
+    sm = SparseModel(model, gm, layers, impl, total_steps, kind, n, m)
+    impl.initialize(sm)
+    sm.apply_masks()
+    return sm.train(model.training)

@@ -1,0 +1,234 @@
+"""Sparse-training foundation: mask pass, budgets, static/GMP/SET/RigL invariants."""
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+from spruce.passes.sparsity.budget import layer_densities
+from spruce.passes.sparsity.masking import nm_counts, nm_mask
+from spruce.passes.sparsity.model import sparsify
+
+
+def cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(4, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 8),
+    )
+
+
+X = torch.randn(2, 4, 8, 8)
+
+
+def train(sm, steps, seed=0, check=None):
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.SGD(sm.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+    sm.attach(opt)
+    for _ in range(steps):
+        x = torch.randn(4, 4, 8, 8, generator=gen)
+        y = torch.randint(0, 8, (4,), generator=gen)
+        loss = nn.functional.cross_entropy(sm(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sm.step()
+        if check:
+            check(sm)
+    return opt
+
+
+def active_counts(sm):
+    return [int(layer.masked.mask.sum()) for layer in sm.layers]
+
+
+def test_erk_densities_match_the_global_budget():
+    shapes = [(16, 4, 3, 3), (32, 16, 3, 3), (8, 32)]
+    dens = layer_densities(shapes, 0.9, "erk")
+    sizes = [math.prod(s) for s in shapes]
+    kept = sum(d * n for d, n in zip(dens, sizes))
+    assert kept == pytest.approx(0.1 * sum(sizes))
+    assert dens[2] > dens[1]  # small layers denser
+    raw = [sum(s) / math.prod(s) for s in shapes]
+    assert dens[0] / dens[1] == pytest.approx(raw[0] / raw[1]) or dens[0] == 1.0
+
+
+def test_mask_pass_puts_a_mask_node_on_every_layer_and_zeroes_pruned_weights():
+    model = cnn()
+    sm = sparsify(model, X, method="static", sparsity=0.8, distribution="uniform")
+    names = [n.target for n in sm.graph.graph.nodes if n.op == "call_module" and n.target.startswith("spruce_masks")]
+    assert len(names) == 3
+    for layer in sm.layers:
+        assert layer.masked.mask.dtype == torch.bool
+        assert int(layer.masked.mask.sum()) == round(0.2 * layer.masked.mask.numel())
+        assert torch.all(layer.module.weight[~layer.masked.mask] == 0)
+    out = sm(X)
+    assert out.shape == (2, 8)
+
+
+def test_static_masks_never_move_and_pruned_weights_stay_zero():
+    sm = sparsify(cnn(), X, method="static", sparsity=0.9)
+    masks = [layer.masked.mask.clone() for layer in sm.layers]
+
+    def check(s):
+        for layer, mask in zip(s.layers, masks):
+            assert torch.equal(layer.masked.mask, mask)
+            assert torch.all(layer.module.weight[~mask] == 0)  # despite momentum and weight decay
+
+    train(sm, 20, check=check)
+
+
+@pytest.mark.parametrize("method", ["rigl", "set"])
+def test_prune_grow_keeps_sparsity_exactly_and_grown_weights_start_at_zero(method):
+    sm = sparsify(cnn(), X, method=method, sparsity=0.9, total_steps=80, delta_t=5)
+    targets = active_counts(sm)
+    changed_updates = []
+
+    def check(s):
+        assert active_counts(s) == targets
+        if s.metrics and s.metrics[-1]["step"] == s.step_count:
+            changed_updates.append(s.step_count)
+            for layer in s.layers:
+                grown = layer.grown
+                assert torch.all(layer.module.weight[grown] == 0)
+
+    opt = train(sm, 80, check=check)
+    assert changed_updates and max(changed_updates) < 60  # updates stop at 3/4 of training
+    for layer in sm.layers:  # momentum of regrown weights was reset with them
+        buf = opt.state[layer.module.weight]["momentum_buffer"]
+        assert buf.shape == layer.masked.mask.shape
+
+
+def test_rigl_cosine_drop_fraction():
+    sm = sparsify(cnn(), X, method="rigl", sparsity=0.9, total_steps=400)
+    rigl = sm.method
+    assert rigl.drop_fraction(sm, 0) == pytest.approx(0.3)
+    assert rigl.drop_fraction(sm, 150) == pytest.approx(0.15)
+    assert rigl.drop_fraction(sm, 300) == pytest.approx(0.0, abs=1e-12)
+    assert rigl.is_update(sm, 100) and not rigl.is_update(sm, 300) and not rigl.is_update(sm, 150)
+
+
+def test_rigl_grows_where_the_dense_gradient_is_largest():
+    sm = sparsify(cnn(), X, method="rigl", sparsity=0.9, total_steps=100, delta_t=1, alpha=0.3)
+    layer = sm.layers[1]
+    sm.train()
+    loss = sm(X).pow(2).sum()
+    loss.backward()
+    grad = layer.masked.dense_grad.abs().clone()
+    assert grad[~layer.masked.mask].abs().sum() > 0  # dense: pruned weights get gradients too
+    before = layer.masked.mask.clone()
+    sm.step()
+    grown = layer.grown
+    k = int(grown.sum())
+    assert k > 0
+    inactive_scores = grad[~before]
+    assert grad[grown].min() >= torch.topk(inactive_scores.flatten(), k).values.min() - 1e-12
+
+
+def test_gmp_follows_the_cubic_schedule():
+    sm = sparsify(cnn(), X, method="gmp", sparsity=0.9, distribution="uniform", total_steps=40, delta_t=10)
+    gmp = sm.method
+    layer = sm.layers[1]
+    assert gmp.target(sm, layer, 0) == pytest.approx(0.0)
+    assert gmp.target(sm, layer, 15) == pytest.approx(0.9 * (1 - 0.5**3))
+    seen = {}
+
+    def check(s):
+        seen[s.step_count] = s.sparsities()[layer.name]
+
+    train(sm, 40, check=check)
+    assert seen[10] == pytest.approx(gmp.target(sm, layer, 10), abs=1e-3)
+    assert seen[30] == pytest.approx(0.9, abs=1e-3)
+    assert seen[40] == pytest.approx(0.9, abs=1e-3)
+
+
+def test_nm_masks_have_exactly_n_per_group():
+    scores = torch.rand(8, 16, 3, 3)
+    mask = nm_mask(scores, 2, 4)
+    assert torch.all(nm_counts(mask, 4) == 2)
+    # groups are 4 consecutive input channels at one output channel and kernel position
+    assert int(mask[3, 4:8, 1, 2].sum()) == 2
+    sm = sparsify(cnn(), X, method="static", structure="2:4")
+    for layer in sm.layers:
+        assert torch.all(nm_counts(layer.masked.mask, 4) == 2)
+
+
+def test_nm_skips_layers_not_divisible_with_a_warning():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 4))
+    with pytest.warns(UserWarning, match="0 .input channels 3 not divisible by 4"):
+        sm = sparsify(model, torch.randn(1, 3, 8, 8), method="static", structure="2:4")
+    assert [layer.name for layer in sm.layers] == ["3"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"sparsity": 1.0}, "sparsity must be"),
+        ({"sparsity": -0.1}, "sparsity must be"),
+        ({"structure": "4:4"}, "0 < N < M"),
+        ({"structure": "blocks"}, "unknown structure"),
+        ({"method": "magic"}, "unknown method"),
+        ({"method": "rigl"}, "total_steps"),
+        ({"method": "rigl", "total_steps": 10, "delta_t": 0}, "delta_t"),
+        ({"method": "rigl", "total_steps": 10, "bogus": 1}, "unknown option"),
+        ({"distribution": "normal"}, "unknown distribution"),
+    ],
+)
+def test_bad_options_are_clear_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        sparsify(cnn(), X, **kwargs)
+
+
+def _sgd(sm):
+    return torch.optim.SGD(sm.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+
+
+def _run(sm, opt, steps, gen):
+    sm.attach(opt)
+    for _ in range(steps):
+        x = torch.randn(4, 4, 8, 8, generator=gen)
+        y = torch.randint(0, 8, (4,), generator=gen)
+        loss = nn.functional.cross_entropy(sm(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sm.step()
+
+
+@pytest.mark.parametrize("method", ["rigl", "set", "gmp"])
+def test_resume_equals_uninterrupted_training(tmp_path, method):
+    def fresh():
+        return sparsify(cnn(), X, method=method, sparsity=0.9, total_steps=40, delta_t=5)
+
+    whole = fresh()
+    gen = torch.Generator().manual_seed(1)
+    _run(whole, _sgd(whole), 40, gen)
+
+    gen = torch.Generator().manual_seed(1)
+    first = fresh()
+    opt = _sgd(first)
+    _run(first, opt, 20, gen)
+    torch.save({"model": first.state_dict(), "opt": opt.state_dict()}, tmp_path / "ckpt.pt")
+    del first, opt
+    second = fresh()
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    second.load_state_dict(ckpt["model"])
+    opt2 = _sgd(second)
+    opt2.load_state_dict(ckpt["opt"])
+    assert second.step_count == 20
+    _run(second, opt2, 20, gen)
+    assert whole.metrics == second.metrics
+    for a, b in zip(whole.layers, second.layers):
+        assert torch.equal(a.masked.mask, b.masked.mask)
+        assert torch.equal(a.module.weight, b.module.weight)
+
+
+def test_fold_gives_a_plain_model_with_zeros():
+    model = cnn()
+    sm = sparsify(model, X, method="static", sparsity=0.9)
+    folded = sm.fold().eval()
+    sm.eval()
+    assert not any("spruce" in n for n, _ in folded.named_modules())
+    assert torch.allclose(folded(X), sm(X), atol=1e-6)
+    assert float((folded[3].weight == 0).float().mean()) > 0.8
