@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
+from spruce.passes.sparsity.masking import topk_mask
 
 if TYPE_CHECKING:
     from spruce.passes.sparsity.model import SparseLayer, SparseModel
@@ -77,6 +78,13 @@ class Method:
     def update(self, sm: SparseModel, step: int) -> bool:
         """Change masks after optimizer step ``step``; True when they changed."""
         return False
+
+    def completes_update(self, sm: SparseModel, step: int) -> bool:
+        """Does the update at ``step`` finish a prune-grow update (recorded in metrics)?"""
+        return True
+
+    def on_step(self, sm: SparseModel, step: int) -> None:
+        """Called after every optimizer step, before any mask update."""
 
     def state_dict(self) -> dict:
         return {"config": asdict(self.config), "generator": self.generator.get_state()}
@@ -229,3 +237,152 @@ class GMP(Method):
                 changed = True
         return changed
 
+
+
+@dataclass(frozen=True)
+class IEEConfig:
+    h: int = 150
+    j: int = 150
+    q: int = 150
+    omega0: float = 0.3
+    end_fraction: float = 0.75
+    decay: str = "cosine"  # or "constant"
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("h", "j", "q"):
+            _check_positive_int(name, getattr(self, name))
+        _check_fraction("omega0", self.omega0)
+        _check_fraction("end_fraction", self.end_fraction, low_open=True)
+        if self.decay not in ("cosine", "constant"):
+            raise ValueError(f"decay must be 'cosine' or 'constant', got {self.decay!r}")
+
+
+@register_method("iee")
+class IEE(Method):
+    """IEE (Algorithm 1 of papers/iee-enhanced-saliency.md), unstructured, magnitude importance.
+
+    Cycles of dT = H + J + Q steps: Importance Estimation (H) -> Prune ArgTopK(-I(K), Omega^t)
+    -> Accuracy Improvement (J) -> Reactivate & Explore (Q steps: every pruned weight P comes
+    back with its most-recently-used value and trains while K is frozen bitwise) -> Grow
+    ArgTopK(I(P), Omega^t). Omega^0 = 0.3 of the active set, decayed by a cosine; cycles
+    start only before ``end_fraction`` of training."""
+
+    Config = IEEConfig
+    scheduled = True
+
+    def __init__(self, config: IEEConfig):
+        super().__init__(config)
+        self.cycle = 0  # t in Algorithm 1
+        self.exploring = False  # flag in Algorithm 1
+        self.budgets: dict[str, int] = {}  # Omega^t of the running cycle, per layer
+        self.active: dict[str, torch.Tensor] = {}  # Theta_K per layer
+        self.mru: dict[str, torch.Tensor] = {}  # most recently used value of every weight
+        self.frozen: dict[str, torch.Tensor] = {}  # values of Theta_K during Reactivate & Explore
+
+    @property
+    def period(self) -> int:
+        return self.config.h + self.config.j + self.config.q
+
+    def n_cycles(self, sm: SparseModel) -> int:
+        return max(1, int(self.config.end_fraction * sm.total_steps) // self.period)
+
+    def omega(self, sm: SparseModel) -> float:
+        """Omega^t as a fraction of the active set."""
+        if self.config.decay == "constant":
+            return self.config.omega0
+        return self.config.omega0 / 2 * (1 + math.cos(math.pi * self.cycle / self.n_cycles(sm)))
+
+    def stage(self, sm: SparseModel, step: int) -> str | None:
+        """What happens before training batch ``step + 1`` (Algorithm 1's index i)."""
+        i = step + 1
+        c = self.config
+        starts = self.cycle < self.n_cycles(sm) and i <= c.end_fraction * sm.total_steps
+        if (i + c.j + c.q) % self.period == 0 and starts:
+            return "prune"
+        if self.budgets and (i + c.q) % self.period == 0:
+            return "explore"
+        if self.budgets and i % self.period == 0:
+            return "grow"
+        return None
+
+    def initialize(self, sm: SparseModel) -> None:
+        if sm.structure != "unstructured":
+            raise ValueError("iee: only structure='unstructured' is implemented so far")
+        super().initialize(sm)
+        for layer in sm.layers:
+            self.mru[layer.name] = layer.module.weight.detach().clone()
+            self.active[layer.name] = layer.masked.mask.clone()
+
+    def is_update(self, sm: SparseModel, step: int) -> bool:
+        return self.stage(sm, step) is not None
+
+    def completes_update(self, sm: SparseModel, step: int) -> bool:
+        return self.stage(sm, step) == "grow"
+
+    @torch.no_grad()
+    def update(self, sm: SparseModel, step: int) -> bool:
+        stage = self.stage(sm, step)
+        if stage == "prune":
+            fraction = self.omega(sm)
+            for layer in sm.layers:
+                active = self.active[layer.name]
+                k = int(fraction * int(active.sum()))
+                self.budgets[layer.name] = k
+                weight = layer.module.weight
+                scores = torch.where(active, -weight.abs().float(), torch.full_like(weight, -math.inf))
+                dropped = topk_mask(scores, k)
+                self.mru[layer.name][dropped] = weight[dropped]
+                self.active[layer.name] = active & ~dropped
+                layer.after_prune = self.active[layer.name].clone()
+                layer.grown = torch.zeros_like(active)
+                sm.set_mask(layer, self.active[layer.name])
+            return True
+        if stage == "explore":
+            self.exploring = True
+            for layer in sm.layers:
+                active = self.active[layer.name]
+                weight = layer.module.weight
+                weight.copy_(torch.where(active, weight, self.mru[layer.name]))  # Theta_P from MRU
+                self.frozen[layer.name] = weight.detach().clone()
+                sm.set_mask(layer, torch.ones_like(active))
+            return True
+        # grow
+        for layer in sm.layers:
+            active = self.active[layer.name]
+            weight = layer.module.weight
+            scores = torch.where(active, torch.full_like(weight, -math.inf), weight.abs().float())
+            grown = topk_mask(scores, self.budgets[layer.name])
+            still_pruned = ~(active | grown)
+            self.mru[layer.name][still_pruned] = weight[still_pruned]
+            self.active[layer.name] = active | grown
+            layer.grown = grown
+            sm.set_mask(layer, self.active[layer.name])
+        self.exploring = False
+        self.frozen.clear()
+        self.budgets.clear()
+        self.cycle += 1
+        return True
+
+    @torch.no_grad()
+    def on_step(self, sm: SparseModel, step: int) -> None:
+        if not self.exploring:
+            return
+        for layer in sm.layers:  # Theta_K stays bitwise frozen whatever the optimizer does
+            active = self.active[layer.name]
+            weight = layer.module.weight
+            weight.copy_(torch.where(active, self.frozen[layer.name], weight))
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state.update(cycle=self.cycle, exploring=self.exploring, budgets=dict(self.budgets),
+                     active=dict(self.active), mru=dict(self.mru), frozen=dict(self.frozen))
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.cycle, self.exploring = state["cycle"], state["exploring"]
+        self.budgets = dict(state["budgets"])
+        self.active = {k: v.clone() for k, v in state["active"].items()}
+        self.mru = {k: v.clone() for k, v in state["mru"].items()}
+        self.frozen = {k: v.clone() for k, v in state["frozen"].items()}

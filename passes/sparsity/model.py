@@ -94,7 +94,9 @@ class SparseModel(nn.Module):
     def step(self) -> None:
         """Advance one optimizer step: run the method's update, keep pruned weights at zero."""
         self.step_count += 1
+        self.method.on_step(self, self.step_count)
         due = self.method.is_update(self, self.step_count)
+        completes = due and self.method.completes_update(self, self.step_count)
         before = [layer.masked.mask.clone() for layer in self.layers] if due else []
         changed = due and self.method.update(self, self.step_count)
         for layer in self.layers:
@@ -103,7 +105,8 @@ class SparseModel(nn.Module):
         self.apply_masks()
         if changed:
             self._reset_optimizer_state(before)
-            self._record(self.step_count)
+            if completes:
+                self._record(self.step_count)
 
     @torch.no_grad()
     def apply_masks(self) -> None:

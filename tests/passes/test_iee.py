@@ -1,0 +1,157 @@
+"""IEE (Algorithm 1) invariants on a real training loop."""
+
+import pytest
+import torch
+import torch.nn as nn
+from spruce.passes.sparsity.model import sparsify
+
+
+def cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(4, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 8),
+    )
+
+
+X = torch.randn(2, 4, 8, 8)
+H, J, Q = 3, 2, 2  # period 7
+
+
+def make(total=70, **kw):
+    return sparsify(cnn(), X, method="iee", sparsity=0.9, total_steps=total, h=H, j=J, q=Q, **kw)
+
+
+class Loop:
+    """A real SGD loop with momentum and weight decay, observing the model around each step."""
+
+    def __init__(self, sm, seed=0):
+        self.sm = sm
+        self.gen = torch.Generator().manual_seed(seed)
+        self.opt = torch.optim.SGD(sm.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+        sm.attach(self.opt)
+
+    def step(self):
+        x = torch.randn(4, 4, 8, 8, generator=self.gen)
+        y = torch.randint(0, 8, (4,), generator=self.gen)
+        loss = nn.functional.cross_entropy(self.sm(x), y)
+        self.opt.zero_grad()
+        loss.backward()
+        self.opt.step()
+        self.sm.step()
+
+
+def test_stage_boundaries_follow_algorithm_1():
+    sm = make(total=70)
+    iee = sm.method
+    stages = {}
+    loop = Loop(sm)
+    for _ in range(70):
+        stage = iee.stage(sm, sm.step_count + 1)  # what step() is about to do after this batch
+        loop.step()
+        if stage:
+            stages[sm.step_count] = stage
+    # Algorithm 1 index i = step + 1: prune when (i+J+Q) % 7 == 0, explore when (i+Q) % 7 == 0, grow when i % 7 == 0
+    assert [s for s, v in stages.items() if v == "prune"] == [2, 9, 16, 23, 30, 37, 44]
+    assert [s for s, v in stages.items() if v == "explore"][:2] == [4, 11]
+    assert [s for s, v in stages.items() if v == "grow"][:2] == [6, 13]
+    # cycles only start before 3/4 of training (52.5 steps here); the last one finishes
+    assert max(s for s, v in stages.items() if v == "grow") == 48
+    assert len(sm.metrics) == 7
+
+
+def test_omega_starts_at_0_3_and_decays():
+    sm = make(total=700)
+    iee = sm.method
+    assert iee.omega(sm) == pytest.approx(0.3)
+    values = []
+    for t in range(iee.n_cycles(sm)):
+        iee.cycle = t
+        values.append(iee.omega(sm))
+    assert all(a >= b for a, b in zip(values, values[1:]))
+    assert values[-1] < 0.01
+
+
+def test_reactivate_explore_freezes_k_and_restores_mru_and_grow_takes_topk():
+    sm = make(total=70)
+    iee = sm.method
+    loop = Loop(sm)
+    targets = [int(layer.masked.mask.sum()) for layer in sm.layers]
+    while sm.step_count < 2:
+        loop.step()
+    # prune happened after step 2: K shrank by Omega^0 of the active set, dropped values kept as MRU
+    for layer, target in zip(sm.layers, targets):
+        k = iee.budgets[layer.name]
+        assert k == int(0.3 * target)
+        assert int(iee.active[layer.name].sum()) == target - k
+        assert torch.all(layer.module.weight[~iee.active[layer.name]] == 0)
+    mru = {name: t.clone() for name, t in iee.mru.items()}
+    while sm.step_count < 4:
+        loop.step()
+    # explore started after step 4: every pruned weight back with its MRU value, all active in the forward
+    snapshot = {}
+    for layer in sm.layers:
+        active = iee.active[layer.name]
+        assert torch.equal(layer.module.weight[~active], mru[layer.name][~active])
+        assert bool(layer.masked.mask.all())
+        snapshot[layer.name] = layer.module.weight.detach().clone()
+    loop.step()  # step 5: inside Reactivate & Explore
+    for layer in sm.layers:
+        active = iee.active[layer.name]
+        assert torch.equal(layer.module.weight[active], snapshot[layer.name][active])  # bitwise frozen
+        assert not torch.equal(layer.module.weight[~active], snapshot[layer.name][~active])  # P trains
+    # step 6 ends the cycle: grow ArgTopK(|Theta_P|, Omega^t)
+    budgets = dict(iee.budgets)
+    active_before = {n: t.clone() for n, t in iee.active.items()}
+    x = torch.randn(4, 4, 8, 8, generator=loop.gen)
+    y = torch.randint(0, 8, (4,), generator=loop.gen)
+    nn.functional.cross_entropy(sm(x), y).backward()
+    loop.opt.step()
+    loop.opt.zero_grad()
+    sm.method.on_step(sm, 6)  # the weights the grow step will score
+    scores = {layer.name: layer.module.weight.detach().abs().clone() for layer in sm.layers}
+    sm.step_count = 5
+    sm.step()
+    for layer, target in zip(sm.layers, targets):
+        grown = layer.grown
+        candidates = scores[layer.name][~active_before[layer.name]]
+        kth = torch.topk(candidates.flatten(), budgets[layer.name]).values.min()
+        assert int(grown.sum()) == budgets[layer.name]
+        assert scores[layer.name][grown].min() >= kth
+        assert int(layer.masked.mask.sum()) == target  # sparsity back on target after the update
+        assert torch.all(layer.module.weight[~layer.masked.mask] == 0)
+
+
+def test_iee_keeps_sparsity_on_target_after_every_update_and_resumes(tmp_path):
+    sm = make(total=70)
+    targets = [int(layer.masked.mask.sum()) for layer in sm.layers]
+    loop = Loop(sm, seed=3)
+    for _ in range(70):
+        loop.step()
+        if sm.metrics and sm.metrics[-1]["step"] == sm.step_count:
+            assert [int(layer.masked.mask.sum()) for layer in sm.layers] == targets
+    record = sm.metrics[-1]
+    assert set(record) >= {"iou_prune", "iou_grow", "survival", "exploration", "sparsity"}
+    assert all(0.0 <= v <= 1.0 for v in record["iou_grow"].values())
+    for layer in sm.layers:  # exploration degree: ever-active fraction grows beyond the density
+        degrees = [r["exploration"][layer.name] for r in sm.metrics]
+        assert all(a <= b for a, b in zip(degrees, degrees[1:]))
+        assert degrees[-1] > layer.density + 1e-6
+
+    # resume mid-cycle (inside Reactivate & Explore) equals the uninterrupted run
+    first = make(total=70)
+    loop1 = Loop(first, seed=3)
+    for _ in range(33):
+        loop1.step()
+    torch.save({"m": first.state_dict(), "o": loop1.opt.state_dict(), "g": loop1.gen.get_state()}, tmp_path / "c.pt")
+    second = make(total=70)
+    ckpt = torch.load(tmp_path / "c.pt", weights_only=False)
+    second.load_state_dict(ckpt["m"])
+    loop2 = Loop(second)
+    loop2.opt.load_state_dict(ckpt["o"])
+    loop2.gen.set_state(ckpt["g"])
+    for _ in range(37):
+        loop2.step()
+    for a, b in zip(sm.layers, second.layers):
+        assert torch.equal(a.masked.mask, b.masked.mask)
+        assert torch.equal(a.module.weight, b.module.weight)
