@@ -194,7 +194,8 @@ def _shape_args(node: fx.Node) -> tuple[list, Callable[[list], None]] | None:
     return None
 
 
-def _rewrite_shape(node: fx.Node, old: fx.Node, analysis: ChannelAnalysis, gi: int, sizes: _Sizes) -> None:
+def _rewrite_shape(node: fx.Node, old: fx.Node, analysis: ChannelAnalysis, gi: int, sizes: _Sizes,
+                   old_of: dict[fx.Node, fx.Node]) -> None:
     found = _shape_args(node)
     if found is None:
         return
@@ -206,7 +207,7 @@ def _rewrite_shape(node: fx.Node, old: fx.Node, analysis: ChannelAnalysis, gi: i
     changed = False
     new_args = []
     for arg, space in zip(args, out):
-        stale = isinstance(arg, fx.Node) and _stale(values.get((gi, _old_of(arg))), sizes)
+        stale = isinstance(arg, fx.Node) and _stale(values.get((gi, old_of.get(arg, arg))), sizes)
         if isinstance(arg, int) and arg == -1:
             new_args.append(arg)
         elif sizes.changed(space) or stale:
@@ -245,13 +246,6 @@ def _rewrite_split(node: fx.Node, old: fx.Node, analysis: ChannelAnalysis, gi: i
         node.target = torch.split
 
 
-_OLD: dict[fx.Node, fx.Node] = {}
-
-
-def _old_of(node: fx.Node) -> fx.Node:
-    return _OLD.get(node, node)
-
-
 def _rebuild_graph(analysis: ChannelAnalysis, gi: int, source: fx.GraphModule, root: nn.Module,
                    sizes: _Sizes) -> fx.GraphModule:
     graph = fx.Graph()
@@ -259,17 +253,12 @@ def _rebuild_graph(analysis: ChannelAnalysis, gi: int, source: fx.GraphModule, r
     out = graph.graph_copy(source.graph, mapping)
     graph.output(out)
     old_of = {new: old for old, new in mapping.items()}
-    _OLD.clear()
-    _OLD.update(old_of)
-    try:
-        for node in graph.nodes:
-            old = old_of.get(node)
-            if old is None:
-                continue
-            _rewrite_shape(node, old, analysis, gi, sizes)
-            _rewrite_split(node, old, analysis, gi, sizes)
-    finally:
-        _OLD.clear()
+    for node in graph.nodes:
+        old = old_of.get(node)
+        if old is None:
+            continue
+        _rewrite_shape(node, old, analysis, gi, sizes, old_of)
+        _rewrite_split(node, old, analysis, gi, sizes)
     for node in graph.nodes:
         if node.op == "call_module":
             module = root.get_submodule(node.target)

@@ -427,10 +427,7 @@ def index_tensor(an: Analyzer, call: Call, x: TensorDims, idx) -> object:
     items = list(idx) if isinstance(idx, tuple) else [idx]
     if any(isinstance(it, (TensorDims, list, SizeRead)) or (isinstance(it, slice) and any(
         isinstance(v, (TensorDims, SizeRead)) for v in (it.start, it.stop, it.step))) for it in items):
-        if not any(isinstance(it, TensorDims) for it in items):
-            # slice bounds computed from sizes: pin the sliced dims, keep the others
-            pass
-        return unknown(an, call)
+        return unknown(an, call)  # advanced indexing or bounds computed from sizes
     n_real = sum(1 for it in items if it is not None and it is not Ellipsis)
     if Ellipsis in items:
         k = items.index(Ellipsis)
@@ -1049,7 +1046,6 @@ def multihead_attention(an: Analyzer, call: Call) -> object:
     an.same(ow[0], q[-1])
     if m.out_proj.bias is not None:
         an.same(an.tensor_dims(m.out_proj.bias)[0], q[-1])
-    seq_q = 0 if not m.batch_first and len(q) == 3 else len(q) - 2
     seq_k = 0 if not m.batch_first and len(k) == 3 else len(k) - 2
     an.pin(k[seq_k], f"attention keys at node '{call.node.name}'")
     an.same(k[seq_k], v[seq_k])
@@ -1057,7 +1053,6 @@ def multihead_attention(an: Analyzer, call: Call) -> object:
     an.extras[(an.graph_index, call.node)] = {"heads": heads}
     weights = an.fresh(call.meta[1], call.node.name + ".weights") if _is_multi(call.meta) else None
     an.pin_value(weights, f"attention weights at node '{call.node.name}'")
-    del seq_q
     return (out, weights)
 
 

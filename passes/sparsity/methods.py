@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
+from spruce.passes.sparsity.criteria import CRITERIA, importance
 from spruce.passes.sparsity.masking import topk_mask
 
 if TYPE_CHECKING:
@@ -50,6 +51,7 @@ class Method:
     name: ClassVar[str]
     Config: ClassVar[type]
     scheduled: ClassVar[bool] = False  # needs total_steps
+    keeps_pruned_weights: ClassVar[bool] = False  # dense weights behind an STE (not zeroed)
 
     def __init__(self, config: Any):
         self.config = config
@@ -113,8 +115,17 @@ class Static(Method):
         if self.config.init == "random":
             super().initialize(sm)
             return
+        if sm.distribution == "global" and sm.structure == "unstructured":
+            for layer, mask in zip(sm.layers, sm.global_magnitude_masks(_mean_density(sm))):
+                sm.set_mask(layer, mask)
+            return
         for layer in sm.layers:
             sm.set_mask(layer, sm.magnitude_mask(layer, layer.density))
+
+
+def _mean_density(sm: SparseModel) -> float:
+    sizes = [layer.masked.mask.numel() for layer in sm.layers]
+    return sum(layer.density * n for layer, n in zip(sm.layers, sizes)) / sum(sizes)
 
 
 @dataclass(frozen=True)
@@ -219,8 +230,22 @@ class GMP(Method):
         return final + (start - final) * (1.0 - progress) ** 3
 
     def initialize(self, sm: SparseModel) -> None:
-        for layer in sm.layers:
-            sm.set_mask(layer, sm.magnitude_mask(layer, 1.0 - self.target(sm, layer, 0)))
+        self._apply(sm, 0, within=False)
+
+    def _apply(self, sm: SparseModel, step: int, within: bool) -> bool:
+        current = [layer.masked.mask.clone() for layer in sm.layers]
+        if sm.distribution == "global" and sm.structure == "unstructured":
+            density = 1.0 - self.target(sm, sm.layers[0], step) if sm.layers else 1.0
+            masks = sm.global_magnitude_masks(density, within=current if within else None)
+        else:
+            masks = [sm.magnitude_mask(layer, 1.0 - self.target(sm, layer, step),
+                                       within=layer.masked.mask if within else None) for layer in sm.layers]
+        changed = False
+        for layer, old, mask in zip(sm.layers, current, masks):
+            if not torch.equal(old, mask):
+                sm.set_mask(layer, mask)
+                changed = True
+        return changed
 
     def is_update(self, sm: SparseModel, step: int) -> bool:
         begin = self.config.start_fraction * sm.total_steps
@@ -228,14 +253,7 @@ class GMP(Method):
         return step % self.config.delta_t == 0 and begin <= step <= end + self.config.delta_t
 
     def update(self, sm: SparseModel, step: int) -> bool:
-        changed = False
-        for layer in sm.layers:
-            density = 1.0 - self.target(sm, layer, step)
-            mask = sm.magnitude_mask(layer, density, within=layer.masked.mask)
-            if not torch.equal(mask, layer.masked.mask):
-                sm.set_mask(layer, mask)
-                changed = True
-        return changed
+        return self._apply(sm, step, within=True)
 
 
 
@@ -247,9 +265,12 @@ class IEEConfig:
     omega0: float = 0.3
     end_fraction: float = 0.75
     decay: str = "cosine"  # or "constant"
+    criterion: str = "magnitude"
     seed: int = 0
 
     def __post_init__(self):
+        if self.criterion not in CRITERIA:
+            raise ValueError(f"iee: unknown criterion {self.criterion!r}; valid: {', '.join(sorted(CRITERIA))}")
         for name in ("h", "j", "q"):
             _check_positive_int(name, getattr(self, name))
         _check_fraction("omega0", self.omega0)
@@ -330,7 +351,8 @@ class IEE(Method):
                 k = int(fraction * int(active.sum()))
                 self.budgets[layer.name] = k
                 weight = layer.module.weight
-                scores = torch.where(active, -weight.abs().float(), torch.full_like(weight, -math.inf))
+                saliency = importance(self.config.criterion, layer)
+                scores = torch.where(active, -saliency, torch.full_like(saliency, -math.inf))
                 dropped = topk_mask(scores, k)
                 self.mru[layer.name][dropped] = weight[dropped]
                 self.active[layer.name] = active & ~dropped
@@ -351,7 +373,8 @@ class IEE(Method):
         for layer in sm.layers:
             active = self.active[layer.name]
             weight = layer.module.weight
-            scores = torch.where(active, torch.full_like(weight, -math.inf), weight.abs().float())
+            saliency = importance(self.config.criterion, layer)
+            scores = torch.where(active, torch.full_like(saliency, -math.inf), saliency)
             grown = topk_mask(scores, self.budgets[layer.name])
             still_pruned = ~(active | grown)
             self.mru[layer.name][still_pruned] = weight[still_pruned]

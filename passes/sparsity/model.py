@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 from spruce.compiler.trace import trace
+from spruce.passes.sparsity import method_modules  # noqa: F401  (registers every method)
 from spruce.passes.sparsity.budget import layer_densities
 from spruce.passes.sparsity.masking import (
     SPARSE_LAYER_TYPES,
@@ -67,13 +68,14 @@ class SparseModel(nn.Module):
     N:M), and pruned weights are zero."""
 
     def __init__(self, source: nn.Module, graph: nn.Module, layers: list[SparseLayer], method,
-                 total_steps: int | None, structure: str, n: int, m: int):
+                 total_steps: int | None, structure: str, n: int, m: int, distribution: str = "erk"):
         super().__init__()
         self.graph = graph
         self.layers = layers
         self.method = method
         self.total_steps = total_steps
         self.structure, self.n, self.m = structure, n, m
+        self.distribution = distribution
         self.step_count = 0
         self.metrics: list[dict] = []
         self._source = [source]  # not a submodule: it shares every parameter with ``graph``
@@ -110,7 +112,10 @@ class SparseModel(nn.Module):
 
     @torch.no_grad()
     def apply_masks(self) -> None:
-        """Zero every pruned weight."""
+        """Zero every pruned weight (methods whose forward keeps dense weights behind a
+        straight-through estimator, like Feather, keep them)."""
+        if self.method.keeps_pruned_weights:
+            return
         for layer in self.layers:
             layer.module.weight.mul_(layer.masked.mask)
 
@@ -144,6 +149,21 @@ class SparseModel(nn.Module):
         if within is not None:
             scores = torch.where(within, scores, torch.full_like(scores, -1.0))
         return topk_mask(scores, self._count(layer, density))
+
+    def global_magnitude_masks(self, density: float, within: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """Masks keeping the ``density`` fraction of all sparse weights with the largest
+        magnitudes, one threshold across layers (the ``global`` distribution)."""
+        scores = [layer.module.weight.detach().abs().float().flatten() for layer in self.layers]
+        if within is not None:
+            scores = [torch.where(w.flatten(), s, torch.full_like(s, -1.0)) for s, w in zip(scores, within)]
+        flat = torch.cat(scores)
+        keep = topk_mask(flat, int(round(density * flat.numel())))
+        masks, offset = [], 0
+        for layer in self.layers:
+            n = layer.masked.mask.numel()
+            masks.append(keep[offset : offset + n].view_as(layer.masked.mask))
+            offset += n
+        return masks
 
     @torch.no_grad()
     def prune_grow(self, layer: SparseLayer, k: int, grow_scores: torch.Tensor, init: str = "zero") -> None:
@@ -202,12 +222,13 @@ class SparseModel(nn.Module):
         return "\n".join(rows)
 
     def fold(self) -> nn.Module:
-        """A plain copy of the original model with pruned weights set to zero."""
+        """A plain copy of the original model whose weights are the effective (masked or
+        thresholded) weights of the sparse layers: pruned weights are exact zeros."""
         folded = copy.deepcopy(self._source[0])
         modules = dict(folded.named_modules())
         with torch.no_grad():
             for layer in self.layers:
-                modules[layer.name].weight.mul_(layer.masked.mask)
+                modules[layer.name].weight.copy_(layer.masked(layer.module.weight) * layer.masked.mask)
         return folded
 
     # ---- state --------------------------------------------------------------------------
@@ -283,7 +304,7 @@ def sparsify(
     masks = {name: MaskedWeight(torch.ones_like(mod.weight, dtype=torch.bool)) for name, mod in chosen}
     insert_masks(gm, masks)
     layers = [SparseLayer(name, mod, masks[name], d) for (name, mod), d in zip(chosen, densities)]
-    sm = SparseModel(model, gm, layers, impl, total_steps, kind, n, m)
+    sm = SparseModel(model, gm, layers, impl, total_steps, kind, n, m, distribution)
     impl.initialize(sm)
     sm.apply_masks()
     return sm.train(model.training)

@@ -18,7 +18,7 @@ import spruce
 import torch
 import torch.nn.functional as F
 from helpers import randomize, relative_error
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -422,8 +422,21 @@ def _expected_shapes(model: nn.Module, result: spruce.PruneResult) -> dict[str, 
 # ---- properties ---------------------------------------------------------------------------
 
 
+# Every block kind at least once, whatever the generator happens to draw.
+COVERAGE = [
+    Arch(8, (ChannelsLast(12, norm=True), GroupConv(8, groups=4), Split(3, 6, swap=True)), "flat", 4, 5, 2),
+    Arch(12, (Split(None, 4), Shuffle(2, module=True), Residual(6, "gelu"), SqueezeExcite(4)), "flat", 2),
+    Arch(6, (Concat(4, 8, "silu"), Shuffle(4), Depthwise("hardswish"), Conv(16, 1, 2, bn=False)), "gap"),
+    Arch(16, (ChannelsLast(8), Residual(8), GroupConv(12, groups=2), Shuffle(2)), "gap", 4, 3, 2),
+]
+
+
 @settings(max_examples=40, **SETTINGS)
 @given(arch=archs(), ratio=ratios, importance=importances, seed=st.integers(0, 2**16))
+@example(arch=COVERAGE[0], ratio=0.5, importance="l1", seed=0)
+@example(arch=COVERAGE[1], ratio=0.75, importance="l2", seed=1)
+@example(arch=COVERAGE[2], ratio=0.25, importance="random", seed=2)
+@example(arch=COVERAGE[3], ratio=0.5, importance="l2", seed=3)
 def test_compact_equals_masked(arch: Arch, ratio: float, importance: str, seed: int) -> None:
     model = build(arch, seed)
     before = {k: v.clone() for k, v in model.state_dict().items()}

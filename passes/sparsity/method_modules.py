@@ -1,0 +1,5 @@
+"""Imports every method module so that each registers itself in ``METHODS``.
+
+Adding a method is adding its module here (one line) and its file."""
+
+from spruce.passes.sparsity import methods  # noqa: F401
