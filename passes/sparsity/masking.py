@@ -8,6 +8,7 @@ straight-through estimator. Mask helpers build exact top-k and N:M masks.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -114,6 +115,17 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     keep = torch.zeros_like(groups, dtype=torch.bool)
     keep.scatter_(1, torch.topk(groups, n, dim=1).indices, True)
     return _from_groups(keep, tuple(scores.shape))
+
+
+def nm_refill(active: torch.Tensor, scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """The inactive entries to grow so every group of ``m`` holds exactly ``n`` active
+    ones again: in each group, the best-scoring inactive entries, as many as missing."""
+    act = _to_groups(active, m)
+    sc = _to_groups(torch.where(active, torch.full_like(scores, -math.inf), scores), m)
+    need = (n - act.sum(dim=1)).clamp(min=0)
+    rank = torch.argsort(torch.argsort(sc, dim=1, descending=True), dim=1)
+    grow = (rank < need[:, None]) & ~act
+    return _from_groups(grow, tuple(active.shape))
 
 
 def nm_counts(mask: torch.Tensor, m: int) -> torch.Tensor:

@@ -14,8 +14,9 @@ from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
+from spruce.passes.sparsity.channels import channel_scores
 from spruce.passes.sparsity.criteria import CRITERIA, importance
-from spruce.passes.sparsity.masking import topk_mask
+from spruce.passes.sparsity.masking import nm_refill, topk_mask
 
 if TYPE_CHECKING:
     from spruce.passes.sparsity.model import SparseLayer, SparseModel
@@ -52,6 +53,7 @@ class Method:
     Config: ClassVar[type]
     scheduled: ClassVar[bool] = False  # needs total_steps
     keeps_pruned_weights: ClassVar[bool] = False  # dense weights behind an STE (not zeroed)
+    supports_channels: ClassVar[bool] = False  # structure="channel"
 
     def __init__(self, config: Any):
         self.config = config
@@ -110,8 +112,17 @@ class Static(Method):
     """A fixed mask (random or by magnitude) for the whole of training."""
 
     Config = StaticConfig
+    supports_channels = True
 
     def initialize(self, sm: SparseModel) -> None:
+        if sm.structure == "channel":
+            for unit in sm.units:
+                if self.config.init == "random":
+                    scores = torch.rand(unit.group.size, generator=self.generator)
+                else:
+                    scores = channel_scores(sm, unit)
+                sm.set_channel_mask(unit, topk_mask(scores, unit.keep_count()))
+            return
         if self.config.init == "random":
             super().initialize(sm)
             return
@@ -219,20 +230,38 @@ class GMP(Method):
 
     Config = GMPConfig
     scheduled = True
+    supports_channels = True
 
     def target(self, sm: SparseModel, layer: SparseLayer, step: int) -> float:
         """The layer's sparsity at ``step``."""
+        return self._schedule(sm, step, 1.0 - layer.density)
+
+    def _schedule(self, sm: SparseModel, step: int, final: float) -> float:
         begin = self.config.start_fraction * sm.total_steps
         end = self.config.end_fraction * sm.total_steps
         progress = min(1.0, max(0.0, (step - begin) / max(end - begin, 1.0)))
-        final = 1.0 - layer.density
         start = min(self.config.initial_sparsity, final)
         return final + (start - final) * (1.0 - progress) ** 3
 
     def initialize(self, sm: SparseModel) -> None:
         self._apply(sm, 0, within=False)
 
+    def _apply_channels(self, sm: SparseModel, step: int) -> bool:
+        changed = False
+        for unit in sm.units:
+            final = 1.0 - unit.density
+            target = self._schedule(sm, step, final)
+            scores = channel_scores(sm, unit).float()
+            scores = torch.where(unit.mask, scores, torch.full_like(scores, -1.0))
+            mask = topk_mask(scores, unit.keep_count(1.0 - target))
+            if not torch.equal(mask, unit.mask):
+                sm.set_channel_mask(unit, mask)
+                changed = True
+        return changed
+
     def _apply(self, sm: SparseModel, step: int, within: bool) -> bool:
+        if sm.structure == "channel":
+            return self._apply_channels(sm, step)
         current = [layer.masked.mask.clone() for layer in sm.layers]
         if sm.distribution == "global" and sm.structure == "unstructured":
             density = 1.0 - self.target(sm, sm.layers[0], step) if sm.layers else 1.0
@@ -328,8 +357,8 @@ class IEE(Method):
         return None
 
     def initialize(self, sm: SparseModel) -> None:
-        if sm.structure != "unstructured":
-            raise ValueError("iee: only structure='unstructured' is implemented so far")
+        if sm.structure == "channel":
+            raise ValueError("iee: structure='channel' comes with the latency-constrained version")
         super().initialize(sm)
         for layer in sm.layers:
             self.mru[layer.name] = layer.module.weight.detach().clone()
@@ -375,7 +404,10 @@ class IEE(Method):
             weight = layer.module.weight
             saliency = importance(self.config.criterion, layer)
             scores = torch.where(active, torch.full_like(saliency, -math.inf), saliency)
-            grown = topk_mask(scores, self.budgets[layer.name])
+            if sm.structure == "n:m":  # refill every group of M to exactly N
+                grown = nm_refill(active, scores, sm.n, sm.m)
+            else:
+                grown = topk_mask(scores, self.budgets[layer.name])
             still_pruned = ~(active | grown)
             self.mru[layer.name][still_pruned] = weight[still_pruned]
             self.active[layer.name] = active | grown

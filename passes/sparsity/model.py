@@ -8,11 +8,15 @@ import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn as nn
 from spruce.compiler.trace import trace
+from spruce.passes.analysis import analyze_model
+from spruce.passes.export import remove_channels
 from spruce.passes.sparsity import method_modules  # noqa: F401  (registers every method)
 from spruce.passes.sparsity.budget import layer_densities
+from spruce.passes.sparsity.channels import channel_units, expand_channel_masks
 from spruce.passes.sparsity.masking import (
     SPARSE_LAYER_TYPES,
     MaskedWeight,
@@ -25,7 +29,7 @@ from spruce.passes.sparsity.methods import METHODS
 
 __all__ = ["SparseModel", "SparseLayer", "sparsify", "STRUCTURES"]
 
-STRUCTURES = ("unstructured", "n:m")
+STRUCTURES = ("unstructured", "channel", "n:m")
 
 
 @dataclass
@@ -46,7 +50,7 @@ class SparseLayer:
 
 
 def _parse_structure(structure: str) -> tuple[str, int, int]:
-    if structure == "unstructured":
+    if structure in ("unstructured", "channel"):
         return structure, 0, 0
     if structure in ("n:m", "nm"):
         return "n:m", 2, 4
@@ -56,7 +60,7 @@ def _parse_structure(structure: str) -> tuple[str, int, int]:
         if not 0 < n < m:
             raise ValueError(f"n:m structure needs 0 < N < M, got {structure!r}")
         return "n:m", n, m
-    raise ValueError(f"unknown structure {structure!r}; valid: unstructured, n:m, N:M (e.g. 2:4)")
+    raise ValueError(f"unknown structure {structure!r}; valid: unstructured, channel, n:m, N:M (e.g. 2:4)")
 
 
 class SparseModel(nn.Module):
@@ -76,6 +80,8 @@ class SparseModel(nn.Module):
         self.total_steps = total_steps
         self.structure, self.n, self.m = structure, n, m
         self.distribution = distribution
+        self.units: list = []  # ChannelUnits for structure="channel"
+        self.analysis = None
         self.step_count = 0
         self.metrics: list[dict] = []
         self._source = [source]  # not a submodule: it shares every parameter with ``graph``
@@ -99,6 +105,9 @@ class SparseModel(nn.Module):
         self.method.on_step(self, self.step_count)
         due = self.method.is_update(self, self.step_count)
         completes = due and self.method.completes_update(self, self.step_count)
+        if due:  # name a corrupt layer before its NaNs reach other layers' scores through gradients
+            for layer in self.layers:
+                _finite(layer.module.weight.detach(), layer, "weight")
         before = [layer.masked.mask.clone() for layer in self.layers] if due else []
         changed = due and self.method.update(self, self.step_count)
         for layer in self.layers:
@@ -143,7 +152,7 @@ class SparseModel(nn.Module):
         return topk_mask(scores, self._count(layer, density))
 
     def magnitude_mask(self, layer: SparseLayer, density: float, within: torch.Tensor | None = None) -> torch.Tensor:
-        scores = layer.module.weight.detach().abs().float()
+        scores = _finite(layer.module.weight.detach().abs().float(), layer, "weight magnitude")
         if self.structure == "n:m":
             return nm_mask(scores, self.n, self.m)
         if within is not None:
@@ -176,7 +185,8 @@ class SparseModel(nn.Module):
             layer.grown = torch.zeros_like(mask)
             layer.after_prune = mask.clone()
             return
-        weight = layer.module.weight.detach().abs().float()
+        weight = _finite(layer.module.weight.detach().abs().float(), layer, "weight magnitude")
+        grow_scores = _finite(grow_scores, layer, "grow score")
         drop_scores = torch.where(mask, -weight, torch.full_like(weight, -math.inf))
         dropped = topk_mask(drop_scores, k)
         after_drop = mask & ~dropped
@@ -188,6 +198,23 @@ class SparseModel(nn.Module):
         layer.grown = grown & ~mask
         layer.after_prune = after_drop
         self.set_mask(layer, new)
+
+    # ---- channels ------------------------------------------------------------------------
+    def set_channel_mask(self, unit, mask: torch.Tensor) -> None:
+        """Set one channel unit's mask and re-derive the weight masks it reaches."""
+        unit.mask.copy_(mask.to(torch.bool))
+        expand_channel_masks(self.units, self.layers)
+
+    def kept_channels(self) -> dict[int, np.ndarray]:
+        """Kept channel indices per channel group (structure="channel")."""
+        return {u.group.id: np.flatnonzero(u.mask.numpy()) for u in self.units if not bool(u.mask.all())}
+
+    def compact(self) -> nn.Module:
+        """For structure="channel": the physically smaller model (masked channels removed)
+        with the current weights; it computes what this model computes in eval mode."""
+        if self.structure != "channel":
+            raise ValueError("compact() needs structure='channel'; use fold() for other structures")
+        return remove_channels(self.analysis, self._source[0], self.kept_channels())
 
     # ---- reporting -------------------------------------------------------------------
     def sparsities(self) -> dict[str, float]:
@@ -235,7 +262,7 @@ class SparseModel(nn.Module):
     def get_extra_state(self) -> dict:
         tracked = [{k: getattr(layer, k) for k in SparseLayer._TRACKED} for layer in self.layers]
         return {"step_count": self.step_count, "method": self.method.state_dict(), "metrics": self.metrics,
-                "layers": tracked}
+                "layers": tracked, "channels": [u.mask.clone() for u in self.units]}
 
     def set_extra_state(self, state: dict) -> None:
         self.step_count = state["step_count"]
@@ -244,6 +271,14 @@ class SparseModel(nn.Module):
         for layer, tracked in zip(self.layers, state["layers"]):
             for key, value in tracked.items():
                 setattr(layer, key, value)
+        for unit, mask in zip(self.units, state.get("channels", [])):
+            unit.mask.copy_(mask)
+
+
+def _finite(scores: torch.Tensor, layer: SparseLayer, what: str) -> torch.Tensor:
+    if not torch.isfinite(scores).all():
+        raise ValueError(f"{what} is NaN/inf in layer {layer.name}: the model diverged or its weights are corrupt")
+    return scores
 
 
 def _iou(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -305,6 +340,17 @@ def sparsify(
     insert_masks(gm, masks)
     layers = [SparseLayer(name, mod, masks[name], d) for (name, mod), d in zip(chosen, densities)]
     sm = SparseModel(model, gm, layers, impl, total_steps, kind, n, m, distribution)
+    if kind == "channel":
+        if distribution != "uniform":
+            raise ValueError("structure='channel' removes the same fraction of every channel group: "
+                             "use distribution='uniform'")
+        sm.analysis = analyze_model(model, example_inputs)
+        sm.units = channel_units(sm.analysis, layers, 1.0 - sparsity)
+        if not sm.units:
+            raise ValueError("structure='channel': the model has no prunable channel group")
+        if not impl.supports_channels:
+            raise ValueError(f"method {method!r} does not support structure='channel' yet; "
+                             f"use one of: {', '.join(sorted(k for k, v in METHODS.items() if v.supports_channels))}")
     impl.initialize(sm)
     sm.apply_masks()
     return sm.train(model.training)

@@ -155,3 +155,21 @@ def test_iee_keeps_sparsity_on_target_after_every_update_and_resumes(tmp_path):
     for a, b in zip(sm.layers, second.layers):
         assert torch.equal(a.masked.mask, b.masked.mask)
         assert torch.equal(a.module.weight, b.module.weight)
+
+
+def test_iee_on_2_4_refills_every_group_to_exactly_two():
+    from spruce.passes.sparsity.masking import nm_counts
+
+    sm = sparsify(cnn(), X, method="iee", structure="2:4", total_steps=70, h=H, j=J, q=Q)
+    loop = Loop(sm, seed=5)
+    grows = 0
+    for _ in range(40):
+        loop.step()
+        if sm.metrics and sm.metrics[-1]["step"] == sm.step_count:
+            grows += 1
+            for layer in sm.layers:
+                assert torch.all(nm_counts(layer.masked.mask, 4) == 2)
+                assert torch.all(layer.module.weight[~layer.masked.mask] == 0)
+    assert grows >= 4
+    changed = [r["iou_grow"] for r in sm.metrics[1:]]
+    assert any(v < 1.0 for rec in changed for v in rec.values())  # the 2:4 pattern really moves

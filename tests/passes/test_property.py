@@ -362,7 +362,9 @@ def archs(draw, max_blocks: int = 4):
 
 ratios = st.sampled_from([0.25, 0.5, 0.75])
 importances = st.sampled_from(["l1", "l2", "random"])
-SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
+SETTINGS = dict(
+    deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True, database=None
+)
 
 # ---- helpers -----------------------------------------------------------------------------
 

@@ -232,3 +232,37 @@ def test_fold_gives_a_plain_model_with_zeros():
     assert not any("spruce" in n for n, _ in folded.named_modules())
     assert torch.allclose(folded(X), sm(X), atol=1e-6)
     assert float((folded[3].weight == 0).float().mean()) > 0.8
+
+
+@pytest.mark.parametrize("method", ["rigl", "gmp", "iee"])
+def test_nan_weights_are_a_clear_error_naming_the_layer(method):
+    options = {"h": 1, "j": 1, "q": 1} if method == "iee" else {"delta_t": 1}
+    sm = sparsify(cnn(), X, method=method, sparsity=0.9, total_steps=10, **options)
+    sm.train()
+    sm(X).sum().backward()
+    with torch.no_grad():
+        sm.layers[1].module.weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"NaN/inf in layer 3"):
+        for _ in range(3):
+            sm(X).sum().backward()
+            sm.step()
+
+
+def test_autocast_training_keeps_masks_exact():
+    sm = sparsify(cnn(), X, method="rigl", sparsity=0.9, total_steps=40, delta_t=5)
+    targets = active_counts(sm)
+    opt = torch.optim.AdamW(sm.parameters(), lr=1e-3)
+    sm.attach(opt)
+    sm.train()
+    for _ in range(12):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = sm(torch.randn(4, 4, 8, 8)).float().square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sm.step()
+        assert active_counts(sm) == targets
+        for layer in sm.layers:
+            assert torch.all(layer.module.weight[~layer.masked.mask] == 0)
+            assert layer.module.weight.dtype == torch.float32
+    assert len(sm.metrics) == 2

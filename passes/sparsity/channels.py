@@ -1,0 +1,74 @@
+"""Channel structure: masks over channel groups, expanded onto every weight they touch.
+
+A :class:`ChannelUnit` holds one bool per channel of a prunable
+:class:`~spruce.passes.analysis.ChannelGroup`; a weight's mask is the AND of the
+expansions of every unit that carries one of its dims (producer rows and consumer
+columns alike), so a masked channel contributes nothing anywhere. The physical
+channel-removal pass turns the result into a compact model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from spruce.passes.analysis import ChannelAnalysis, ChannelGroup, Member
+from spruce.passes.importance import importance_scores, param_table
+
+if TYPE_CHECKING:
+    from spruce.passes.sparsity.model import SparseLayer, SparseModel
+
+__all__ = ["ChannelUnit", "channel_units", "expand_channel_masks", "channel_scores"]
+
+
+@dataclass
+class ChannelUnit:
+    """The channel mask of one prunable group and the sparse weights it reaches."""
+
+    group: ChannelGroup
+    mask: torch.Tensor
+    density: float
+    targets: list[tuple[SparseLayer, Member]] = field(default_factory=list, repr=False)
+
+    @property
+    def name(self) -> str:
+        return f"group{self.group.id}"
+
+    def keep_count(self, density: float | None = None) -> int:
+        return max(1, int(round((self.density if density is None else density) * self.group.size)))
+
+
+def channel_units(analysis: ChannelAnalysis, layers: list[SparseLayer], density: float) -> list[ChannelUnit]:
+    """One unit per prunable group that touches at least one sparse layer's weight."""
+    by_weight = {f"{layer.name}.weight": layer for layer in layers}
+    units = []
+    for group in analysis.groups:
+        if not group.prunable:
+            continue
+        targets = [(by_weight[m.name], m) for m in group.members if m.name in by_weight]
+        if targets:
+            units.append(ChannelUnit(group, torch.ones(group.size, dtype=torch.bool), density, targets))
+    return units
+
+
+@torch.no_grad()
+def expand_channel_masks(units: list[ChannelUnit], layers: list[SparseLayer]) -> None:
+    """Set every sparse layer's weight mask from the channel masks of its units."""
+    masks = {layer.name: torch.ones_like(layer.masked.mask) for layer in layers}
+    for unit in units:
+        dead = np.flatnonzero(~unit.mask.numpy())
+        if len(dead) == 0:
+            continue
+        for layer, member in unit.targets:
+            entries = torch.as_tensor(member.index[dead].reshape(-1))
+            masks[layer.name].index_fill_(member.dim, entries, False)
+    for layer in layers:
+        layer.masked.mask.copy_(masks[layer.name])
+
+
+def channel_scores(sm: SparseModel, unit: ChannelUnit, criterion: str = "l1") -> torch.Tensor:
+    """Importance of each channel of ``unit`` (the one-shot pruning criteria registry)."""
+    params = param_table(sm._source[0])
+    rng = np.random.default_rng(0)
+    return torch.as_tensor(importance_scores(criterion, unit.group, params, rng))
