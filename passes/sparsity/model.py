@@ -45,8 +45,9 @@ class SparseLayer:
     previous: torch.Tensor | None = field(default=None, repr=False)  # active set after the last update
     ever_active: torch.Tensor | None = field(default=None, repr=False)
     last_grown: torch.Tensor | None = field(default=None, repr=False)  # grown at the last recorded update
+    batchnorm: nn.Module | None = field(default=None, repr=False)  # the BatchNorm right after, if any
 
-    _TRACKED = ("previous", "ever_active", "last_grown")
+    _TRACKED = ("previous", "ever_active", "last_grown", "grown", "after_prune")
 
 
 def _parse_structure(structure: str) -> tuple[str, int, int]:
@@ -275,6 +276,19 @@ class SparseModel(nn.Module):
             unit.mask.copy_(mask)
 
 
+def _following_batchnorms(gm, names) -> dict[str, nn.Module]:
+    """The BatchNorm directly consuming each layer's output (for Taylor-BN importance)."""
+    found = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and node.target in names and len(node.users) == 1:
+            user = next(iter(node.users))
+            if user.op == "call_module":
+                module = gm.get_submodule(user.target)
+                if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine:
+                    found[node.target] = module
+    return found
+
+
 def _finite(scores: torch.Tensor, layer: SparseLayer, what: str) -> torch.Tensor:
     if not torch.isfinite(scores).all():
         raise ValueError(f"{what} is NaN/inf in layer {layer.name}: the model diverged or its weights are corrupt")
@@ -337,8 +351,12 @@ def sparsify(
     if kind == "n:m":
         densities = [n / m] * len(chosen)
     masks = {name: MaskedWeight(torch.ones_like(mod.weight, dtype=torch.bool)) for name, mod in chosen}
+    norms = _following_batchnorms(gm, masks)
     insert_masks(gm, masks)
-    layers = [SparseLayer(name, mod, masks[name], d) for (name, mod), d in zip(chosen, densities)]
+    layers = [
+        SparseLayer(name, mod, masks[name], d, batchnorm=norms.get(name))
+        for (name, mod), d in zip(chosen, densities)
+    ]
     sm = SparseModel(model, gm, layers, impl, total_steps, kind, n, m, distribution)
     if kind == "channel":
         if distribution != "uniform":

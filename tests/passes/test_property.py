@@ -11,6 +11,7 @@ The generated ``Arch`` value (printed by hypothesis on failure) rebuilds the mod
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -323,7 +324,8 @@ def block_specs(draw, c_in: int, downsample_left: bool):
     kind = draw(st.sampled_from(kinds))
     if kind == "conv":
         stride = draw(st.sampled_from([1, 2])) if downsample_left else 1
-        return Conv(draw(widths), draw(st.sampled_from([1, 3])), stride, draw(st.booleans()), draw(activations))
+        kernel = draw(st.sampled_from([1, 3]))
+        return Conv(draw(widths), kernel, stride, draw(st.booleans()), draw(activations))
     if kind == "residual":
         return Residual(draw(widths), draw(activations))
     if kind == "concat":
@@ -357,16 +359,30 @@ def archs(draw, max_blocks: int = 4):
         width = out_width(width, spec)
     head = draw(st.sampled_from(["gap", "flat"]))
     flat_side = draw(st.sampled_from([2, 4])) if head == "flat" else 4
-    return Arch(stem, tuple(blocks), head, flat_side, draw(st.sampled_from([3, 5])), draw(st.sampled_from([1, 2])))
+    classes, batch = draw(st.sampled_from([3, 5])), draw(st.sampled_from([1, 2]))
+    return Arch(stem, tuple(blocks), head, flat_side, classes, batch)
 
 
 ratios = st.sampled_from([0.25, 0.5, 0.75])
 importances = st.sampled_from(["l1", "l2", "random"])
+# derandomized: the same examples on every run, so CI never flakes; no example database
 SETTINGS = dict(
     deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True, database=None
 )
 
 # ---- helpers -----------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """Run on one intra-op thread: on tiny tensors, thread hand-offs cost 100x the conv
+    itself when the cores are shared (35 ms instead of 0.1 ms per conv)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _inputs(arch: Arch, seed: int, batch: int | None = None) -> torch.Tensor:
@@ -421,14 +437,15 @@ def _expected_shapes(model: nn.Module, result: spruce.PruneResult) -> dict[str, 
     return shapes
 
 
-# ---- properties ---------------------------------------------------------------------------
+# ---- properties ------------------------------------------------------------------------
 
 
 # Every block kind at least once, whatever the generator happens to draw.
 COVERAGE = [
-    Arch(8, (ChannelsLast(12, norm=True), GroupConv(8, groups=4), Split(3, 6, swap=True)), "flat", 4, 5, 2),
-    Arch(12, (Split(None, 4), Shuffle(2, module=True), Residual(6, "gelu"), SqueezeExcite(4)), "flat", 2),
-    Arch(6, (Concat(4, 8, "silu"), Shuffle(4), Depthwise("hardswish"), Conv(16, 1, 2, bn=False)), "gap"),
+    Arch(8, (ChannelsLast(12, norm=True), GroupConv(8, 4), Split(3, 6, True)), "flat", 4, 5, 2),
+    Arch(12, (Split(None, 4), Shuffle(2, module=True), Residual(6, "gelu"), SqueezeExcite(4)),
+         "flat", 2),
+    Arch(6, (Concat(4, 8, "silu"), Shuffle(4), Depthwise("hardswish"), Conv(16, 1, 2, False))),
     Arch(16, (ChannelsLast(8), Residual(8), GroupConv(12, groups=2), Shuffle(2)), "gap", 4, 3, 2),
 ]
 
@@ -440,6 +457,11 @@ COVERAGE = [
 @example(arch=COVERAGE[2], ratio=0.25, importance="random", seed=2)
 @example(arch=COVERAGE[3], ratio=0.5, importance="l2", seed=3)
 def test_compact_equals_masked(arch: Arch, ratio: float, importance: str, seed: int) -> None:
+    with _one_thread():
+        _check_compact_equals_masked(arch, ratio, importance, seed)
+
+
+def _check_compact_equals_masked(arch: Arch, ratio: float, importance: str, seed: int) -> None:
     model = build(arch, seed)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     example = _inputs(arch, seed)
@@ -463,15 +485,20 @@ def test_compact_equals_masked(arch: Arch, ratio: float, importance: str, seed: 
     compact_shapes = {k: tuple(p.shape) for k, p in compact.named_parameters()}
     for name, shape in _expected_shapes(model, result).items():
         if name in compact_shapes:
-            assert compact_shapes[name] == shape, f"{name}: {compact_shapes[name]} != expected {shape}"
+            assert compact_shapes[name] == shape, (name, compact_shapes[name], "expected", shape)
     # the oracle can fail: zeroing the removed channels changes what the model computes
     original = _run(model, example)
     assert relative_error(original, _run(masked, example)) > 1e-6, "masking changed nothing"
 
 
-@settings(max_examples=15, **SETTINGS)
+@settings(max_examples=20, **SETTINGS)
 @given(arch=archs(max_blocks=3), ratio=ratios, seed=st.integers(0, 2**16))
 def test_compact_trains(arch: Arch, ratio: float, seed: int) -> None:
+    with _one_thread():
+        _check_compact_trains(arch, ratio, seed)
+
+
+def _check_compact_trains(arch: Arch, ratio: float, seed: int) -> None:
     model = build(arch, seed)
     result = spruce.prune(model, (_inputs(arch, seed),), ratio=ratio, seed=seed)
     compact = result.model.train()

@@ -266,3 +266,42 @@ def test_autocast_training_keeps_masks_exact():
             assert torch.all(layer.module.weight[~layer.masked.mask] == 0)
             assert layer.module.weight.dtype == torch.float32
     assert len(sm.metrics) == 2
+
+
+def test_dense_gradients_only_at_update_steps():
+    sm = sparsify(cnn(), X, method="rigl", sparsity=0.9, total_steps=40, delta_t=5)
+    opt = torch.optim.SGD(sm.parameters(), lr=0.01)
+    sm.attach(opt)
+    sm.train()
+    captured = []
+    for _ in range(10):
+        sm(X).square().mean().backward()
+        captured.append(sm.layers[0].masked.dense_grad is not None)
+        opt.step()
+        opt.zero_grad()
+        sm.step()
+    assert captured == [False, False, False, False, True] * 2
+    static = sparsify(cnn(), X, method="static", sparsity=0.9)
+    static.train()
+    static(X).sum().backward()
+    assert static.layers[0].masked.dense_grad is None
+
+
+def test_importance_criteria_registry():
+    from spruce.passes.sparsity.criteria import CRITERIA, importance
+
+    assert {"magnitude", "gradient", "taylor", "taylor_bn"} <= set(CRITERIA)
+    sm = sparsify(cnn(), X, method="static", sparsity=0.5)
+    sm.train()
+    sm(X).square().sum().backward()
+    layer = sm.layers[0]  # conv followed by BatchNorm
+    w, g = layer.module.weight.detach(), layer.module.weight.grad
+    assert torch.equal(importance("magnitude", layer), w.abs())
+    assert torch.equal(importance("taylor", layer), (w * g).abs())
+    bn = sm.graph.get_submodule("1")
+    expected = (bn.weight.grad * bn.weight + bn.bias.grad * bn.bias).abs().detach()
+    assert torch.allclose(importance("taylor_bn", layer)[:, 0, 0, 0], expected)
+    with pytest.raises(ValueError, match="BatchNorm"):
+        importance("taylor_bn", sm.layers[1])
+    with pytest.raises(ValueError, match="unknown importance"):
+        importance("hessian", layer)
