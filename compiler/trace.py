@@ -9,9 +9,9 @@ training-mode graph when the model's Python code branches on ``self.training``
 from __future__ import annotations
 
 import contextlib
-import copy
 import os
 import traceback
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -30,9 +30,6 @@ class TraceError(RuntimeError):
         super().__init__(message)
         self.module_path = module_path
         self.operation = operation
-
-
-LeafSpec = "type[torch.nn.Module] | str"
 
 
 class _SpruceTracer(fx.Tracer):
@@ -208,7 +205,12 @@ def trace_modes(
             eval_gm.eval()
             _propagate(eval_gm, inputs)
         model.train()
-        train_gm = _symbolic_trace(model, leaf_modules)
+        try:
+            train_gm = _symbolic_trace(model, leaf_modules)
+        except TraceError as exc:
+            warnings.warn(f"training-mode graph not traced, the compact model will support eval mode only: {exc}",
+                          stacklevel=2)
+            return TracedModes(eval_gm, None)
         if train_gm.code == eval_gm.code:
             return TracedModes(eval_gm, None)
         train_gm.train()
@@ -221,8 +223,3 @@ def trace_modes(
         return TracedModes(eval_gm, train_gm)
     finally:
         model.train(was_training)
-
-
-def clone_module(model: torch.nn.Module) -> torch.nn.Module:
-    """A deep copy of a model (parameters included)."""
-    return copy.deepcopy(model)
