@@ -307,11 +307,13 @@ class Analyzer:
                 continue
             if not stuck:
                 return labels, pinned
-            for prod, free in stuck:
-                keep = max(free, key=lambda f: f.size)
-                for f in free:
-                    if f is not keep:
-                        self.pin(f, f"split of a dimension into several prunable factors at {prod.where}")
+            # one product at a time, so the choice made here propagates to the products that
+            # share its factors (channel shuffle: view into (g, c/g), then back from (c/g, g))
+            prod, free = stuck[0]
+            keep = max(reversed(free), key=lambda f: f.size)  # ties: the innermost factor
+            for f in free:
+                if f is not keep:
+                    self.pin(f, f"split of a dimension into several prunable factors at {prod.where}")
 
     def _alias(self, prod: _Product, free: Space) -> None:
         sizes = [f.size for f in prod.factors]

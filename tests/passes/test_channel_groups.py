@@ -374,3 +374,23 @@ def test_every_group_keeps_at_least_one_channel(ratio):
             assert 1 <= len(result.kept[g.id]) < g.size
     if ratio == 0.0:
         assert result.kept == {}
+
+
+@pytest.mark.parametrize(("channels", "groups"), [(8, 2), (16, 4), (4, 2), (9, 3)])
+def test_channel_shuffle_with_square_factorisation_still_prunes(channels, groups):
+    class Shuffled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.g = groups
+            self.conv1 = nn.Conv2d(3, channels, 3, padding=1)
+            self.conv2 = nn.Conv2d(channels, 8, 3, padding=1)
+
+        def forward(self, x):
+            x = self.conv1(x)
+            b, c, h, w = x.size()
+            x = x.view(b, self.g, c // self.g, h, w).transpose(1, 2).contiguous().view(b, c, h, w)
+            return self.conv2(x).mean((2, 3))
+
+    g = group_of(spruce.channel_groups(Shuffled(), torch.randn(1, 3, 8, 8)), "conv1.weight", 0)
+    assert g.prunable and g.size == channels // groups
+    check_equivalent(Shuffled(), torch.randn(2, 3, 8, 8))

@@ -19,7 +19,7 @@ import spruce
 import torch
 import torch.nn.functional as F
 from helpers import randomize, relative_error
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -450,7 +450,7 @@ COVERAGE = [
 ]
 
 
-@settings(max_examples=40, **SETTINGS)
+@settings(max_examples=80, **SETTINGS)
 @given(arch=archs(), ratio=ratios, importance=importances, seed=st.integers(0, 2**16))
 @example(arch=COVERAGE[0], ratio=0.5, importance="l1", seed=0)
 @example(arch=COVERAGE[1], ratio=0.75, importance="l2", seed=1)
@@ -486,9 +486,11 @@ def _check_compact_equals_masked(arch: Arch, ratio: float, importance: str, seed
     for name, shape in _expected_shapes(model, result).items():
         if name in compact_shapes:
             assert compact_shapes[name] == shape, (name, compact_shapes[name], "expected", shape)
-    # the oracle can fail: zeroing the removed channels changes what the model computes
+    # The oracle has teeth only if zeroing the removed channels changes the function. It
+    # legitimately may not (a removed squeeze-excite channel whose ReLU input is negative on
+    # this example is dead anyway): such examples are discarded, not failed.
     original = _run(model, example)
-    assert relative_error(original, _run(masked, example)) > 1e-6, "masking changed nothing"
+    assume(relative_error(original, _run(masked, example)) > 1e-6)
 
 
 @settings(max_examples=20, **SETTINGS)
