@@ -157,7 +157,6 @@ class Analyzer:
     :meth:`product`, :meth:`pin`); :meth:`solve` turns them into groups."""
 
     def __init__(self, model: torch.nn.Module):
-        self.model = model
         self.spaces: list[Space] = []
         self.n_elements = 0
         self._edges_u: list[np.ndarray] = []
@@ -168,7 +167,6 @@ class Analyzer:
         self._reason_ids: dict[str, int] = {}
         self.graph = nx.Graph()
         self.values: dict[tuple[int, fx.Node], object] = {}
-        self.extras: dict[tuple[int, fx.Node], dict] = {}
         self.param_spaces: dict[tuple[int, int], Space] = {}
         self.tensor_names: dict[int, str] = {}
         self.tensors: dict[int, torch.Tensor] = {}

@@ -1050,7 +1050,6 @@ def multihead_attention(an: Analyzer, call: Call) -> object:
     an.pin(k[seq_k], f"attention keys at node '{call.node.name}'")
     an.same(k[seq_k], v[seq_k])
     out = TensorDims(list(q))
-    an.extras[(an.graph_index, call.node)] = {"heads": heads}
     weights = an.fresh(call.meta[1], call.node.name + ".weights") if _is_multi(call.meta) else None
     an.pin_value(weights, f"attention weights at node '{call.node.name}'")
     return (out, weights)
