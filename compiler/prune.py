@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from spruce.passes.analysis import ChannelAnalysis, ChannelGroup, analyze_model
@@ -18,14 +18,23 @@ __all__ = ["PruneResult", "prune", "select_channels"]
 @dataclass
 class PruneResult:
     """``model``: compact model; ``masked``: the original architecture with the removed
-    channels zeroed; the two compute the same function. ``kept[group.id]`` lists the
-    kept channel indices of each pruned group (groups absent keep everything)."""
+    channels zeroed (built on first access, from the model as it is then); the two
+    compute the same function.
+    ``kept[group.id]`` lists the kept channel indices of each pruned group (groups absent
+    keep everything)."""
 
     model: nn.Module
-    masked: nn.Module
     groups: list[ChannelGroup]
     kept: dict[int, np.ndarray]
     analysis: ChannelAnalysis
+    source: nn.Module = field(repr=False)
+    _masked: nn.Module | None = field(default=None, repr=False)
+
+    @property
+    def masked(self) -> nn.Module:
+        if self._masked is None:
+            self._masked = mask_channels(self.analysis, self.source, self.kept)
+        return self._masked
 
 
 def _validate(ratio: float, importance: str, round_to: int | None) -> None:
@@ -117,5 +126,4 @@ def prune(
     analysis = analyze_model(model, example_inputs, leaf_modules)
     kept = select_channels(model, analysis.groups, ratio, importance, round_to, ignore, seed)
     compact = remove_channels(analysis, model, kept)
-    masked = mask_channels(analysis, model, kept)
-    return PruneResult(compact, masked, analysis.groups, kept, analysis)
+    return PruneResult(compact, analysis.groups, kept, analysis, source=model)

@@ -116,16 +116,33 @@ def _preserved_state(model: torch.nn.Module):
                         b.copy_(saved[k])
 
 
+def _meta_state(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
+    named = list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False))
+    return {name: torch.empty_like(t, device="meta") for name, t in named}
+
+
+def _to_meta(value: object) -> object:
+    return value.to("meta") if isinstance(value, torch.Tensor) else value
+
+
 def _propagate(gm: fx.GraphModule, inputs: Sequence[object]) -> None:
-    """Shape/dtype meta on every node: with fake tensors (no compute, no memory for
-    activations), falling back to a real run for ops fake tensors cannot handle."""
+    """Shape/dtype meta on every node. Tries, cheapest first: meta tensors (no compute,
+    no copy of the weights), fake tensors, then a real run for ops neither supports."""
+    from torch.nn.utils.stateless import _reparametrize_module
+
+    try:
+        with torch.no_grad(), _reparametrize_module(gm, _meta_state(gm)):
+            ShapeProp(gm).propagate(*[_to_meta(x) for x in inputs])
+        return
+    except Exception:  # noqa: BLE001, S110 - any meta-tensor limitation: try the next way
+        pass
     try:
         from torch._subclasses.fake_tensor import FakeTensorMode
 
         with torch.no_grad():
             ShapeProp(gm, fake_mode=FakeTensorMode(allow_non_fake_inputs=True)).propagate(*inputs)
         return
-    except Exception:
+    except Exception:  # noqa: BLE001, S110 - any fake-tensor limitation: fall back to a real run
         pass
     try:
         with torch.no_grad():

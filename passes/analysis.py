@@ -402,18 +402,10 @@ def _build_groups(an: Analyzer, labels: np.ndarray, pinned: np.ndarray) -> Chann
     ends = np.concatenate([bounds, [len(lab)]]).astype(np.int64)
 
     # an atom's signature: the member dims it touches, entries in each, pinned or not
-    by_signature: dict[tuple, list[int]] = defaultdict(list)
-    mem_list = mem.tolist()
-    for s, e in zip(starts.tolist(), ends.tolist()):
-        counts: dict[int, int] = {}
-        for m in mem_list[s:e]:
-            counts[m] = counts.get(m, 0) + 1
-        signature = (tuple(counts.items()), bool(pinned[lab[s]] >= 0))
-        by_signature[signature].append(s)
-
+    by_signature = _signatures(lab, mem, starts, ends, pinned, len(member_keys))
     groups: list[ChannelGroup] = []
-    for (layout, is_pinned), atom_starts in by_signature.items():
-        first = np.asarray(atom_starts, dtype=np.int64)
+    for (layout, is_pinned), first in by_signature.items():
+        atom_starts = first
         width = sum(k for _, k in layout)
         rows = idx[first[:, None] + np.arange(width, dtype=np.int64)[None, :]]
         atom_labels = lab[first]
@@ -445,6 +437,44 @@ def _build_groups(an: Analyzer, labels: np.ndarray, pinned: np.ndarray) -> Chann
     for i, g in enumerate(groups):
         g.id = i
     return ChannelAnalysis(groups, an, labels, pinned)
+
+
+def _layout(members: np.ndarray) -> tuple[tuple[int, int], ...]:
+    """(member, entries) runs of one atom's sorted member ids."""
+    cut = np.flatnonzero(np.diff(members)) + 1
+    begins = np.concatenate([[0], cut])
+    counts = np.diff(np.concatenate([begins, [len(members)]]))
+    return tuple(zip(members[begins].tolist(), counts.tolist()))
+
+
+def _signatures(lab, mem, starts, ends, pinned, n_members) -> dict[tuple, np.ndarray]:
+    """Atoms (given by their first row) grouped by layout and pinned flag.
+
+    Vectorised: a multiset hash of each atom's member ids proposes the groups, and an
+    exact comparison of every atom's member sequence with its group's first confirms
+    them (a hash collision falls back to splitting that group exactly)."""
+    weights = np.random.default_rng(0x5EED).integers(1, 2**62, size=n_members, dtype=np.int64)
+    atom_hash = np.add.reduceat(weights[mem], starts)
+    widths = ends - starts
+    flags = (pinned[lab[starts]] >= 0).astype(np.int64)
+    keys = np.stack([atom_hash, widths, flags], axis=1)
+    _, inverse = np.unique(keys, axis=0, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    out: dict[tuple, list[np.ndarray]] = defaultdict(list)
+    order = np.argsort(inverse, kind="stable")
+    cuts = np.flatnonzero(np.diff(inverse[order])) + 1
+    for members_of_key in np.split(order, cuts):
+        first = starts[members_of_key]
+        width = int(widths[members_of_key[0]])
+        rows = mem[first[:, None] + np.arange(width, dtype=np.int64)[None, :]]
+        same = (rows == rows[0]).all(axis=1)
+        pending = [(first[same], rows[0])]
+        if not same.all():  # hash collision: split exactly
+            for s in first[~same].tolist():
+                pending.append((np.array([s], dtype=np.int64), mem[s : s + width]))
+        for atoms, row in pending:
+            out[(_layout(row), bool(flags[members_of_key[0]]))].append(atoms)
+    return {key: np.concatenate(parts) for key, parts in out.items()}
 
 
 def analyze(traced: TracedModes, model: torch.nn.Module) -> ChannelAnalysis:
