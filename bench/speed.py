@@ -1,0 +1,336 @@
+"""Speed of spruce against Torch-Pruning 1.6.1 (the anchor), measured in the same run.
+
+Two parts:
+
+- repeated (default): for resnet50 and a handful of other models, each tool runs
+  in its own fresh subprocess, does one warm-up analysis+prune, then ``--repeats``
+  timed analyses and prunes (each on a fresh copy of the model); medians reported.
+- ``--zoo``: every torchvision classifier, one cold analysis+prune per tool, each in
+  its own subprocess with ``--zoo-timeout`` and an address-space cap (Torch-Pruning's
+  swin/maxvit builds run past 120 s and use 14-20 GB).
+
+"analysis" is ``spruce.channel_groups`` vs ``tp.DependencyGraph().build_dependency``;
+"prune" is ``spruce.prune(ratio)`` vs ``tp.pruner.BasePruner(...)`` + ``step()``
+(both include their own analysis). Both use L1 magnitude importance, a uniform
+ratio, and keep the final classifier. Ratios are spruce / Torch-Pruning (< 1: spruce
+faster). Writes ``bench/results/speed.md`` (and ``.json``).
+
+Usage: ``python bench/speed.py [--models resnet50,...] [--zoo] [--out PATH]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import benchlib
+
+DEFAULT_MODELS = "resnet50,resnet18,mobilenet_v2,densenet121,efficientnet_b0,vit_b_16"
+DEFAULT_OUT = benchlib.RESULTS_DIR / "speed.md"
+RATIO = 0.5
+
+
+# ----------------------------------------------------------------------------- tools
+
+
+@dataclass(frozen=True)
+class Tool:
+    """One pruning library as the bench drives it.
+
+    ``analyse(model, x)`` runs the channel analysis; ``prune(model, x)`` returns the
+    pruned model (it may prune ``model`` in place).
+    """
+
+    name: str
+    analyse: Callable[[Any, Any], Any]
+    prune: Callable[[Any, Any], Any]
+
+
+def _spruce_tool() -> Tool:
+    """spruce: ``channel_groups`` and ``prune(...).model``."""
+    import spruce
+
+    return Tool(
+        "spruce",
+        analyse=lambda model, x: spruce.channel_groups(model, (x,)),
+        prune=lambda model, x: spruce.prune(model, (x,), ratio=RATIO).model,
+    )
+
+
+def _tp_tool() -> Tool:
+    """Torch-Pruning: dependency-graph build and BasePruner + step (in place)."""
+    import anchor_tp
+
+    def prune(model: Any, x: Any) -> Any:
+        anchor_tp.prune_in_place(model, x, RATIO)
+        return model
+
+    return Tool("tp", analyse=anchor_tp.build_graph, prune=prune)
+
+
+TOOLS: dict[str, Callable[[], Tool]] = {"spruce": _spruce_tool, "tp": _tp_tool}
+
+
+# ----------------------------------------------------------------------------- child
+
+
+def measure(tool: Tool, model: Any, x: Any, repeats: int, warmup: bool,
+            record: dict[str, Any]) -> None:
+    """Fill ``record`` with timings of ``tool`` on ``model`` (which stays unpruned).
+
+    Every analysis and prune gets a fresh deep copy, made outside the timed region.
+    """
+    expected_shape = tuple(benchlib.output_tensors(_eval_forward(model, x))[0].shape)
+    record["params_before"] = benchlib.count_params(model)
+    if warmup:
+        tool.prune(copy.deepcopy(model), x)
+    record["analysis_s"], record["prune_s"] = [], []
+    pruned = None
+    for _ in range(repeats):
+        analysis = partial(tool.analyse, copy.deepcopy(model), x)
+        record["analysis_s"].append(benchlib.timed(analysis)[1])
+        benchlib.emit(record)  # a child timed out while pruning still reports its analysis
+        pruned, seconds = benchlib.timed(partial(tool.prune, copy.deepcopy(model), x))
+        record["prune_s"].append(seconds)
+        benchlib.emit(record)
+    record["peak_rss_mb"] = round(benchlib.peak_rss_mb(), 1)
+    record["params_after"] = benchlib.count_params(pruned)
+    error = benchlib.model_run_error(pruned, (x,), expected_shape)
+    if error:
+        record["error"] = f"pruned model: {error}"
+
+
+def _eval_forward(model: Any, x: Any) -> Any:
+    """``model(x)`` without gradients."""
+    import torch
+
+    with torch.no_grad():
+        return model(x)
+
+
+def child_main(args: argparse.Namespace) -> None:
+    """Measure one tool on one model in this fresh process and emit the record."""
+    benchlib.cap_address_space(args.mem_gb)
+    record: dict[str, Any] = {"model": args.child, "tool": args.tool}
+    try:
+        benchlib.set_threads(args.threads)
+        tool = TOOLS[args.tool]()
+        model, shape = benchlib.build_model(args.child)
+        x = benchlib.random_input(shape, seed=0)
+        benchlib.reset_peak_rss()
+        record["rss_base_mb"] = round(benchlib.peak_rss_mb(), 1)
+        measure(tool, model, x, args.repeats, args.warmup, record)
+    except Exception as exc:  # noqa: BLE001 - every failure is a result here
+        record["error"] = benchlib.short_error(exc)
+    record["peak_rss_mb"] = round(benchlib.peak_rss_mb(), 1)
+    benchlib.emit(record)
+
+
+# ----------------------------------------------------------------------------- parent
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """How the children of one part run."""
+
+    repeats: int
+    warmup: bool
+    timeout_s: float
+    mem_gb: float
+    threads: int
+
+
+def run_tool(model: str, tool: str, plan: RunPlan) -> dict[str, Any]:
+    """Run ``tool`` on ``model`` in a fresh child; returns its record with medians."""
+    argv = [str(Path(__file__).resolve()), "--child", model, "--tool", tool,
+            "--repeats", str(plan.repeats), "--threads", str(plan.threads),
+            "--mem-gb", str(plan.mem_gb)] + (["--warmup"] if plan.warmup else [])
+    outcome = benchlib.run_child(argv, plan.timeout_s)
+    record = {"model": model, "tool": tool, **outcome.result}
+    crash = benchlib.outcome_error(outcome, plan.timeout_s, plan.mem_gb)
+    if crash:
+        record["error"] = f"{record['error']}; then {crash}" if "error" in record else crash
+    complete = len(record.get("prune_s", [])) == plan.repeats
+    record["analysis_med_s"] = _median(record.get("analysis_s", []))
+    record["prune_med_s"] = _median(record.get("prune_s", [])) if complete else None
+    record["ok"] = "error" not in record and complete
+    return record
+
+
+def _median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def run_part(models: list[str], plan: RunPlan, label: str) -> list[dict[str, Any]]:
+    """Both tools on every model, spruce then Torch-Pruning, one child each."""
+    rows = []
+    for index, model in enumerate(models, 1):
+        pair = {tool: run_tool(model, tool, plan) for tool in TOOLS}
+        rows.append({"model": model, **pair})
+        print(f"[{label} {index}/{len(models)}] {model}: "
+              + ", ".join(f"{t} {_status(pair[t])}" for t in TOOLS), flush=True)
+    return rows
+
+
+def _status(record: dict[str, Any]) -> str:
+    """``ok`` or the error of a tool record."""
+    return "ok" if record["ok"] else f"fail ({record.get('error', 'incomplete')})"
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _ratio(row: dict[str, Any], key: str) -> float | None:
+    """spruce / TP for ``key``, when both have it."""
+    ours, theirs = row["spruce"].get(key), row["tp"].get(key)
+    if ours is None or not theirs:
+        return None
+    return ours / theirs
+
+
+def _kept(record: dict[str, Any]) -> str:
+    before, after = record.get("params_before"), record.get("params_after")
+    return "-" if not before or after is None else f"{100.0 * after / before:.0f} %"
+
+
+def _delta_mb(record: dict[str, Any]) -> float | None:
+    if "peak_rss_mb" in record and "rss_base_mb" in record:
+        return record["peak_rss_mb"] - record["rss_base_mb"]
+    return None
+
+
+HEADERS = [
+    "model", "spruce analysis s", "TP analysis s", "ratio", "spruce prune s", "TP prune s",
+    "ratio", "spruce peak MB (+over base)", "TP peak MB (+over base)", "params kept spruce",
+    "params kept TP", "spruce", "TP",
+]
+
+
+def table_row(row: dict[str, Any]) -> list[str]:
+    """One Markdown row comparing the two tools on a model."""
+    ours, theirs = row["spruce"], row["tp"]
+
+    def peak(record: dict[str, Any]) -> str:
+        total, delta = record.get("peak_rss_mb"), _delta_mb(record)
+        return "-" if total is None else f"{total:.0f} (+{benchlib.fmt(delta, 0)})"
+
+    return [
+        row["model"],
+        benchlib.fmt(ours.get("analysis_med_s"), 3), benchlib.fmt(theirs.get("analysis_med_s"), 3),
+        benchlib.fmt(_ratio(row, "analysis_med_s"), 2),
+        benchlib.fmt(ours.get("prune_med_s"), 3), benchlib.fmt(theirs.get("prune_med_s"), 3),
+        benchlib.fmt(_ratio(row, "prune_med_s"), 2),
+        peak(ours), peak(theirs), _kept(ours), _kept(theirs),
+        "ok" if ours["ok"] else ours.get("error", "incomplete"),
+        "ok" if theirs["ok"] else theirs.get("error", "incomplete"),
+    ]
+
+
+def summary_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """Success counts and median ratios over models where both tools succeeded."""
+    both = [row for row in rows if row["spruce"]["ok"] and row["tp"]["ok"]]
+    lines = [
+        (f"- models: {len(rows)}; spruce ok {sum(r['spruce']['ok'] for r in rows)}, "
+         f"Torch-Pruning ok {sum(r['tp']['ok'] for r in rows)}, both ok {len(both)}"),
+    ]
+    for key, label in (("analysis_med_s", "analysis"), ("prune_med_s", "prune")):
+        ratio = benchlib.median_or_none(_ratio(row, key) for row in both)
+        ours = benchlib.median_or_none(row["spruce"].get(key) for row in rows)
+        theirs = benchlib.median_or_none(row["tp"].get(key) for row in rows)
+        lines.append(f"- {label}: median spruce/TP ratio {benchlib.fmt(ratio, 2)} (over both-ok "
+                     f"models); median time spruce {benchlib.fmt(ours, 3)} s, "
+                     f"TP {benchlib.fmt(theirs, 3)} s (over each tool's own successes)")
+    return lines
+
+
+def render_part(title: str, note: str, rows: list[dict[str, Any]]) -> list[str]:
+    """Markdown section for one part."""
+    lines = [f"## {title}", "", note, ""]
+    lines += summary_lines(rows)
+    lines += [""] + benchlib.markdown_table(HEADERS, (table_row(row) for row in rows)) + [""]
+    return lines
+
+
+def render(info: dict[str, str], parts: list[tuple[str, str, list[dict[str, Any]]]]) -> str:
+    """The whole Markdown report."""
+    lines = ["# spruce vs Torch-Pruning: analysis and pruning speed", ""]
+    lines += benchlib.header_lines(info)
+    lines.append(f"- load average (1/5/15 min) at writing: {benchlib.load_average()}")
+    lines += [
+        (f"- settings: channel ratio {RATIO}, L1 magnitude importance, uniform per group/layer, "
+         "final classifier kept, random weights (seed 0), eval mode, one subprocess per "
+         "model per tool"),
+        "- ratio = spruce / Torch-Pruning (below 1: spruce is faster)",
+        ("- peak MB = ru_maxrss of the child over the warm-up and timed runs (its mark reset "
+         "after imports and model build); +over base = above the resident size then"),
+        "",
+    ]
+    for title, note, rows in parts:
+        lines += render_part(title, note, rows)
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Command-line options (``--child``/``--tool`` are the internal per-run mode)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=DEFAULT_MODELS, help="models for the repeated part")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--timeout", type=float, default=900.0,
+                        help="seconds per child in the repeated part")
+    parser.add_argument("--zoo", action="store_true", help="also sweep every torchvision model")
+    parser.add_argument("--zoo-models", help="comma-separated subset for --zoo")
+    parser.add_argument("--zoo-timeout", type=float, default=120.0,
+                        help="seconds per child in the zoo part (both tools)")
+    parser.add_argument("--mem-gb", type=float, default=None,
+                        help="address-space cap per child (default: 80%% of RAM, at most 16)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--tool", choices=sorted(TOOLS), help=argparse.SUPPRESS)
+    parser.add_argument("--warmup", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                        help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the requested parts and write the report."""
+    args = parse_args(argv)
+    if args.child:
+        child_main(args)
+        return 0
+    mem_gb = args.mem_gb or benchlib.default_memory_cap_gb(1)
+    info = benchlib.machine_info(["spruce", "torch-pruning"])
+    info["run"] = f"{args.threads} torch threads per child, address-space cap {mem_gb} GiB"
+    parts = []
+    repeated = RunPlan(args.repeats, True, args.timeout, mem_gb, args.threads)
+    rows = run_part(args.models.split(","), repeated, "repeated")
+    note = (f"In-process in one child per tool and model: one warm-up analysis+prune, then "
+            f"median of {args.repeats} timed runs of each.")
+    parts.append(("Repeated runs", note, rows))
+    benchlib.write_atomic(args.out, render(info, parts))
+    if args.zoo:
+        names = args.zoo_models.split(",") if args.zoo_models else benchlib.zoo_model_names()
+        cold = RunPlan(1, False, args.zoo_timeout, mem_gb, args.threads)
+        rows = run_part(names, cold, "zoo")
+        note = (f"One analysis and one prune per tool in a fresh child, no warm-up, timeout "
+                f"{args.zoo_timeout:.0f} s per child.")
+        parts.append(("Zoo (cold, single run)", note, rows))
+    benchlib.write_atomic(args.out, render(info, parts))
+    benchlib.write_atomic(args.out.with_suffix(".json"), json.dumps(
+        {"machine": info, "parts": [{"title": t, "rows": r} for t, _, r in parts]},
+        indent=1, default=str))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
