@@ -533,6 +533,9 @@ def render(records: list[dict[str, Any]], plan: Plan, info: dict[str, str], data
               *options_lines(records, plan),
               "- test accuracy: of `sm.fold()` in eval mode; train s: `sparsify` + training loop "
               "(no evaluation); time vs dense: mean train s / dense mean train s on the same dataset",
+              "- why the LR warm-up: without it (lr 0.05 from step 1) MNIST-5k at 90% seed 2 collapsed to "
+              "23-31% test accuracy for static, SET, RigL and IEE (loss 3.1 -> 9.2 in the first 4 steps); a plain "
+              "PyTorch loop with the same masks gives bit-identical losses, so it is the recipe, not spruce",
               "- measured sparsity: fraction of exact zeros in the folded weights of the sparse layers "
               "(ERK keeps small layers denser; the total is the target)",
               f"- methods in the registry at start: {', '.join(sorted(available_methods()))}",

@@ -305,13 +305,19 @@ class Analyzer:
                 continue
             if not stuck:
                 return labels, pinned
-            # one product at a time, so the choice made here propagates to the products that
-            # share its factors (channel shuffle: view into (g, c/g), then back from (c/g, g))
-            prod, free = stuck[0]
-            keep = max(reversed(free), key=lambda f: f.size)  # ties: the innermost factor
-            for f in free:
-                if f is not keep:
-                    self.pin(f, f"split of a dimension into several prunable factors at {prod.where}")
+            # products sharing channels are decided one per round, so the choice made for one
+            # propagates to the next (channel shuffle: view into (g, c/g), then back from (c/g, g));
+            # independent products are decided together
+            touched: set[int] = set()
+            for prod, free in stuck:
+                comps = {int(c) for f in prod.factors for c in np.unique(labels[f.start : f.start + f.size])}
+                if comps & touched:
+                    continue
+                touched |= comps
+                keep = max(reversed(free), key=lambda f: f.size)  # ties: the innermost factor
+                for f in free:
+                    if f is not keep:
+                        self.pin(f, f"split of a dimension into several prunable factors at {prod.where}")
 
     def _alias(self, prod: _Product, free: Space) -> None:
         sizes = [f.size for f in prod.factors]

@@ -277,9 +277,12 @@ class GMP(Method):
         return changed
 
     def is_update(self, sm: SparseModel, step: int) -> bool:
+        """Every ``delta_t`` steps between the start and the end of the schedule, plus the
+        first step at or after its end, so the target is reached whatever ``delta_t``."""
         begin = self.config.start_fraction * sm.total_steps
         end = self.config.end_fraction * sm.total_steps
-        return step % self.config.delta_t == 0 and begin <= step <= end + self.config.delta_t
+        final = max(1, math.ceil(end))
+        return step == final or (step % self.config.delta_t == 0 and begin <= step <= end)
 
     def update(self, sm: SparseModel, step: int) -> bool:
         return self._apply(sm, step, within=True)
@@ -347,7 +350,9 @@ class IEE(Method):
         """What happens before training batch ``step + 1`` (Algorithm 1's index i)."""
         i = step + 1
         c = self.config
-        starts = self.cycle < self.n_cycles(sm) and i <= c.end_fraction * sm.total_steps
+        # a cycle starts only before end_fraction of training and if its grow fits in training
+        starts = (self.cycle < self.n_cycles(sm) and i <= c.end_fraction * sm.total_steps
+                  and i + c.j + c.q - 1 <= sm.total_steps)
         if (i + c.j + c.q) % self.period == 0 and starts:
             return "prune"
         if self.budgets and (i + c.q) % self.period == 0:

@@ -173,3 +173,15 @@ def test_iee_on_2_4_refills_every_group_to_exactly_two():
     assert grows >= 4
     changed = [r["iou_grow"] for r in sm.metrics[1:]]
     assert any(v < 1.0 for rec in changed for v in rec.values())  # the 2:4 pattern really moves
+
+
+def test_iee_never_starts_a_cycle_it_cannot_finish():
+    sm = sparsify(cnn(), X, method="iee", sparsity=0.9, total_steps=13, h=6, j=6, q=6)
+    targets = [int(layer.masked.mask.sum()) for layer in sm.layers]
+    initial = sm.sparsities()
+    loop = Loop(sm)
+    for _ in range(13):
+        loop.step()
+    assert [int(layer.masked.mask.sum()) for layer in sm.layers] == targets
+    assert sm.sparsities() == initial  # not left dense by a half-finished cycle
+    assert not sm.metrics  # no cycle could finish in 13 steps, so none started

@@ -305,3 +305,11 @@ def test_importance_criteria_registry():
         importance("taylor_bn", sm.layers[1])
     with pytest.raises(ValueError, match="unknown importance"):
         importance("hessian", layer)
+
+
+@pytest.mark.parametrize(("total", "delta_t"), [(50, 100), (100, 60), (40, 10)])
+def test_gmp_reaches_its_target_whatever_delta_t(total, delta_t):
+    sm = sparsify(cnn(), X, method="gmp", sparsity=0.9, distribution="uniform", total_steps=total, delta_t=delta_t)
+    train(sm, total)
+    for value in sm.sparsities().values():
+        assert value == pytest.approx(0.9, abs=2e-3)
