@@ -2,4 +2,7 @@
 
 Adding a method is adding its module here (one line) and its file."""
 
-from spruce.passes.sparsity import methods  # noqa: F401
+from spruce.passes.sparsity import (
+    methods,  # noqa: F401
+    optg,  # noqa: F401
+)
