@@ -21,6 +21,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+from spruce.targets.base import Artifact, ArtifactError, Runner, Target, register_target
 from torch import nn
 
 OPSET = 17
@@ -168,3 +169,67 @@ def _relative_error(expected: np.ndarray, actual: np.ndarray) -> float:
     expected = expected.astype(np.float64)
     scale = max(1.0, float(np.abs(expected).max()))
     return float(np.abs(expected - actual.astype(np.float64)).max()) / scale
+
+
+# --- the target ----------------------------------------------------------------------
+
+
+@register_target
+class OnnxRuntimeCPU(Target):
+    """ONNX Runtime on the CPU: artifact = a checked ``.onnx`` file.
+
+    ``threads`` fixes ONNX Runtime's intra-op threads (default: torch's thread
+    count, so that timings are comparable with the torch CPU target).
+    """
+
+    name = "onnxruntime"
+    suffix = ".onnx"
+
+    def __init__(self, threads: int | None = None, optimization: str = "all"):
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise ValueError(f"onnxruntime: threads must be a positive integer, got {threads!r}")
+        if optimization not in _OPT_LEVELS:
+            raise ValueError(f"onnxruntime: optimization must be one of {', '.join(_OPT_LEVELS)}, got {optimization!r}")
+        self.threads = threads or torch.get_num_threads()
+        self.optimization = optimization
+
+    def fingerprint(self) -> dict[str, str]:
+        return {**super().fingerprint(), "onnxruntime": ort.__version__, "threads": str(self.threads),
+                "optimization": self.optimization}
+
+    def build(self, model: nn.Module, example_inputs: Sequence[torch.Tensor], path: str | os.PathLike) -> Artifact:
+        path = Path(path)
+        model = model.eval()
+        export_onnx(model, example_inputs, path)
+        artifact = Artifact(path=path, target=self.name,
+                            input_shapes=tuple(tuple(t.shape) for t in example_inputs),
+                            input_dtype=str(example_inputs[0].dtype).removeprefix("torch."),
+                            info={"opset": OPSET})
+        artifact.write_manifest()
+        return artifact
+
+    def session(self, path: str | os.PathLike) -> ort.InferenceSession:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.threads
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = _OPT_LEVELS[self.optimization]
+        return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+
+    def load(self, artifact: Artifact) -> Runner:
+        if artifact.target != self.name:
+            raise ArtifactError(f"artifact {artifact.path} was built for target {artifact.target!r}, not {self.name!r}")
+        session = self.session(artifact.path)
+        names = [i.name for i in session.get_inputs()]
+
+        def run(inputs: Sequence[Any]) -> list[np.ndarray]:
+            return session.run(None, {n: _as_numpy(v) for n, v in zip(names, inputs)})
+
+        return run
+
+
+_OPT_LEVELS = {
+    "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}

@@ -1,0 +1,236 @@
+"""What every deployment target provides, and the one registry of targets.
+
+A target turns a folded or compact torch model into an *artifact* (a file it
+can run: an ``.onnx`` model, a TensorRT engine, an exported torch program),
+runs it, and times it. Profiling (per-layer latency tables) and ``spruce
+bench`` only talk to targets through this interface, so adding a target is
+adding one class and one ``@register_target`` line.
+
+Every artifact file has a manifest next to it (``<artifact>.spruce.json``)
+naming the target that built it, so an artifact is never run by the wrong
+target.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = [
+    "Artifact",
+    "ArtifactError",
+    "Runner",
+    "TARGETS",
+    "Target",
+    "TargetUnavailable",
+    "get_target",
+    "read_artifact",
+    "register_target",
+]
+
+MANIFEST_SUFFIX = ".spruce.json"
+MANIFEST_FORMAT = "spruce-artifact"
+MANIFEST_VERSION = 1
+
+# A runner takes the model's inputs (numpy arrays or tensors) and returns its outputs.
+Runner = Callable[[Sequence[Any]], Any]
+
+
+class TargetUnavailable(RuntimeError):
+    """The target cannot run here (missing optional package, no CUDA driver, ...)."""
+
+
+class ArtifactError(ValueError):
+    """An artifact file is missing, corrupt, or was built for another target."""
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A built artifact: its file, the target that built it and what it expects."""
+
+    path: Path
+    target: str
+    input_shapes: tuple[tuple[int, ...], ...]
+    input_dtype: str = "float32"
+    info: dict[str, Any] = field(default_factory=dict)  # target-specific (precision, sparse layers, ...)
+
+    @property
+    def manifest_path(self) -> Path:
+        return Path(str(self.path) + MANIFEST_SUFFIX)
+
+    def write_manifest(self) -> None:
+        """Write the manifest next to the artifact file, atomically."""
+        document = {
+            "format": MANIFEST_FORMAT,
+            "version": MANIFEST_VERSION,
+            "target": self.target,
+            "file": self.path.name,
+            "input_shapes": [list(s) for s in self.input_shapes],
+            "input_dtype": self.input_dtype,
+            "info": self.info,
+        }
+        atomic_write_text(self.manifest_path, json.dumps(document, indent=2) + "\n")
+
+
+def read_artifact(path: str | os.PathLike, expected_target: str | None = None) -> Artifact:
+    """The artifact at ``path`` from its manifest; checks it was built for ``expected_target``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"artifact {path} does not exist or is not a file")
+    manifest = Path(str(path) + MANIFEST_SUFFIX)
+    if not manifest.is_file():
+        raise ArtifactError(f"artifact {path} has no manifest {manifest.name}: it was not built by spruce")
+    try:
+        document = json.loads(manifest.read_text(encoding="utf-8"))
+        if document.get("format") != MANIFEST_FORMAT:
+            raise ValueError(f"format is {document.get('format')!r}, not {MANIFEST_FORMAT!r}")
+        if document.get("version") != MANIFEST_VERSION:
+            raise ValueError(f"manifest version {document.get('version')!r} is not {MANIFEST_VERSION}")
+        artifact = Artifact(
+            path=path,
+            target=str(document["target"]),
+            input_shapes=tuple(tuple(int(d) for d in s) for s in document["input_shapes"]),
+            input_dtype=str(document.get("input_dtype", "float32")),
+            info=dict(document.get("info", {})),
+        )
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ArtifactError(f"manifest {manifest} is not a valid spruce manifest: {exc}") from exc
+    if expected_target is not None and artifact.target != expected_target:
+        raise ArtifactError(f"artifact {path} was built for target {artifact.target!r}, not {expected_target!r}")
+    return artifact
+
+
+class Target(ABC):
+    """A place models run: builds artifacts, runs them, times them."""
+
+    name: ClassVar[str]
+    suffix: ClassVar[str]  # the artifact file's suffix, e.g. ".onnx"
+
+    def unavailable_reason(self) -> str | None:
+        """Why this target cannot run here, or None when it can."""
+        return None
+
+    def require(self) -> None:
+        """Raise :class:`TargetUnavailable` with the reason when the target cannot run here."""
+        reason = self.unavailable_reason()
+        if reason is not None:
+            raise TargetUnavailable(f"target {self.name!r} is unavailable: {reason}")
+
+    def fingerprint(self) -> dict[str, str]:
+        """What latency depends on: device, library versions, threads. Cache keys use it."""
+        return {
+            "target": self.name,
+            "machine": platform.machine(),
+            "processor": _cpu_name(),
+            "torch": torch.__version__,
+            "threads": str(torch.get_num_threads()),
+        }
+
+    @abstractmethod
+    def build(self, model: nn.Module, example_inputs: Sequence[torch.Tensor], path: str | os.PathLike) -> Artifact:
+        """Build the artifact for ``model`` at ``path`` (atomically) with its manifest; return it."""
+
+    @abstractmethod
+    def load(self, artifact: Artifact) -> Runner:
+        """A runner for ``artifact`` (which must have been built by this target)."""
+
+    def synchronize(self) -> None:  # noqa: B027 (a hook with a no-op default)
+        """Wait for queued device work (CUDA targets); a no-op on the CPU."""
+
+    def time_runner(self, runner: Runner, inputs: Sequence[Any], warmup: int = 10, repeats: int = 50) -> np.ndarray:
+        """Seconds per call of ``runner(inputs)``: ``warmup`` untimed calls, then ``repeats`` timed ones."""
+        for _ in range(warmup):
+            runner(inputs)
+        self.synchronize()
+        seconds = np.empty(repeats)
+        for i in range(repeats):
+            start = time.perf_counter()
+            runner(inputs)
+            self.synchronize()
+            seconds[i] = time.perf_counter() - start
+        return seconds
+
+    def time_model(self, model: nn.Module, example_inputs: Sequence[torch.Tensor], warmup: int = 10,
+                   repeats: int = 50) -> np.ndarray:
+        """Seconds per forward of ``model`` on this target (built into a temporary artifact)."""
+        self.require()
+        with tempfile.TemporaryDirectory(prefix="spruce-time-") as folder:
+            artifact = self.build(model, example_inputs, Path(folder) / f"model{self.suffix}")
+            runner = self.load(artifact)
+            inputs = self.prepare_inputs(artifact, example_inputs)
+            return self.time_runner(runner, inputs, warmup, repeats)
+
+    def prepare_inputs(self, artifact: Artifact, example_inputs: Sequence[torch.Tensor]) -> list[Any]:
+        """Inputs in the form this target's runner takes (numpy on the CPU by default)."""
+        return [t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t) for t in example_inputs]
+
+
+TARGETS: dict[str, type[Target]] = {}
+
+
+def register_target(cls: type[Target]) -> type[Target]:
+    TARGETS[cls.name] = cls
+    return cls
+
+
+def get_target(name: str, **options: Any) -> Target:
+    """The target registered under ``name``, constructed with ``options``."""
+    _load_target_modules()
+    if name not in TARGETS:
+        raise ValueError(f"unknown target {name!r}; valid: {', '.join(sorted(TARGETS))}")
+    return TARGETS[name](**options)
+
+
+def _load_target_modules() -> None:
+    # Each module registers its targets on import; imported lazily so that `spruce.targets.base`
+    # stays importable without the heavier runtimes.
+    from spruce.targets import target_modules  # noqa: F401
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
+    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            stream.write(text)
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+def temp_path_next_to(path: Path, suffix: str = ".tmp") -> Path:
+    """A fresh temporary file name in ``path``'s folder, so a later rename is atomic."""
+    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    os.close(handle)
+    return Path(name)
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def artifact_dict(artifact: Artifact) -> dict[str, Any]:
+    """The artifact as a JSON-ready dict (for reports)."""
+    record = asdict(artifact)
+    record["path"] = str(artifact.path)
+    return record
