@@ -64,7 +64,7 @@ def expand_channel_masks(units: list[ChannelUnit], layers: list[SparseLayer]) ->
             entries = torch.as_tensor(member.index[dead].reshape(-1))
             masks[layer.name].index_fill_(member.dim, entries, False)
     for layer in layers:
-        layer.masked.mask.copy_(masks[layer.name])
+        layer.masked.set_mask(masks[layer.name])
 
 
 def channel_scores(sm: SparseModel, unit: ChannelUnit, criterion: str = "l1") -> torch.Tensor:

@@ -17,6 +17,7 @@ from spruce.passes.export import remove_channels
 from spruce.passes.sparsity import method_modules  # noqa: F401  (registers every method)
 from spruce.passes.sparsity.budget import layer_densities
 from spruce.passes.sparsity.channels import channel_units, expand_channel_masks
+from spruce.passes.sparsity.distributed import average_captured_grads, sync_from_rank0
 from spruce.passes.sparsity.masking import (
     SPARSE_LAYER_TYPES,
     MaskedWeight,
@@ -81,6 +82,10 @@ class SparseModel(nn.Module):
         self.total_steps = total_steps
         self.structure, self.n, self.m = structure, n, m
         self.distribution = distribution
+        # what sparsify was called with, for checkpoints (spruce.compiler.checkpoint) to rebuild it
+        self.sparsity: float | None = None
+        self.exclude: tuple[str, ...] = ()
+        self.input_spec: list[tuple[tuple[int, ...], str]] | None = None  # example inputs' shapes and dtypes
         self.units: list = []  # ChannelUnits for structure="channel"
         self.analysis = None
         self.step_count = 0
@@ -101,8 +106,12 @@ class SparseModel(nn.Module):
         return self
 
     def step(self) -> None:
-        """Advance one optimizer step: run the method's update, keep pruned weights at zero."""
+        """Advance one optimizer step: run the method's update, keep pruned weights at zero.
+
+        Under torch.distributed (DDP) this is a collective: captured gradients are averaged
+        over ranks first and rank 0's update is broadcast, so masks agree on every rank."""
         self.step_count += 1
+        average_captured_grads(self.layers)
         self.method.on_step(self, self.step_count)
         due = self.method.is_update(self, self.step_count)
         completes = due and self.method.completes_update(self, self.step_count)
@@ -111,6 +120,8 @@ class SparseModel(nn.Module):
                 _finite(layer.module.weight.detach(), layer, "weight")
         before = [layer.masked.mask.clone() for layer in self.layers] if due else []
         changed = due and self.method.update(self, self.step_count)
+        if due:
+            changed = sync_from_rank0(self, changed)
         for layer in self.layers:
             layer.masked.dense_grad = None
             layer.masked.capture_dense_grad = False
@@ -127,7 +138,7 @@ class SparseModel(nn.Module):
         if self.method.keeps_pruned_weights:
             return
         for layer in self.layers:
-            layer.module.weight.mul_(layer.masked.mask)
+            layer.module.weight.mul_(layer.masked.mask)  # NaN * 0 stays NaN: corrupt weights are not hidden
 
     def _reset_optimizer_state(self, before: list[torch.Tensor]) -> None:
         if self._optimizer is None:
@@ -141,13 +152,13 @@ class SparseModel(nn.Module):
 
     # ---- masks ---------------------------------------------------------------------
     def set_mask(self, layer: SparseLayer, mask: torch.Tensor) -> None:
-        layer.masked.mask.copy_(mask.to(torch.bool))
+        layer.masked.set_mask(mask)
 
     def _count(self, layer: SparseLayer, density: float) -> int:
-        return int(round(density * layer.masked.mask.numel()))
+        return int(round(density * layer.masked.mask_shape.numel()))
 
     def random_mask(self, layer: SparseLayer, density: float, generator: torch.Generator) -> torch.Tensor:
-        scores = torch.rand(layer.masked.mask.shape, generator=generator)
+        scores = torch.rand(layer.masked.mask_shape, generator=generator)
         if self.structure == "n:m":
             return nm_mask(scores, self.n, self.m)
         return topk_mask(scores, self._count(layer, density))
@@ -170,8 +181,8 @@ class SparseModel(nn.Module):
         keep = topk_mask(flat, int(round(density * flat.numel())))
         masks, offset = [], 0
         for layer in self.layers:
-            n = layer.masked.mask.numel()
-            masks.append(keep[offset : offset + n].view_as(layer.masked.mask))
+            n = layer.masked.mask_shape.numel()
+            masks.append(keep[offset : offset + n].view(layer.masked.mask_shape))
             offset += n
         return masks
 
@@ -243,9 +254,10 @@ class SparseModel(nn.Module):
     def summary(self) -> str:
         """A table of layers, shapes, target densities and current sparsity."""
         rows = [f"{'layer':40s} {'shape':>20s} {'density':>8s} {'sparsity':>9s}"]
+        sparsities = self.sparsities()
         for layer in self.layers:
-            shape = "x".join(str(s) for s in layer.masked.mask.shape)
-            rows.append(f"{layer.name:40s} {shape:>20s} {layer.density:8.3f} {self.sparsities()[layer.name]:9.3f}")
+            shape = "x".join(str(s) for s in layer.masked.mask_shape)
+            rows.append(f"{layer.name:40s} {shape:>20s} {layer.density:8.3f} {sparsities[layer.name]:9.3f}")
         rows.append(f"method {self.method.name}, structure {self.structure}, step {self.step_count}")
         return "\n".join(rows)
 
@@ -319,6 +331,14 @@ def _select_layers(model: nn.Module, gm, structure: str, m: int, exclude: Iterab
     return chosen
 
 
+def _input_spec(example_inputs: object) -> list[tuple[tuple[int, ...], str]] | None:
+    """Shapes and dtypes of example inputs given as a tensor or a tuple/list of tensors."""
+    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else example_inputs
+    if not isinstance(inputs, (tuple, list)) or not all(isinstance(t, torch.Tensor) for t in inputs):
+        return None
+    return [(tuple(t.shape), str(t.dtype).removeprefix("torch.")) for t in inputs]
+
+
 def sparsify(
     model: nn.Module,
     example_inputs: object,
@@ -334,6 +354,7 @@ def sparsify(
 
     The returned :class:`SparseModel` shares its parameters with ``model``: build the
     optimizer from either. Raises ``ValueError`` naming the option at fault."""
+    exclude = tuple(exclude)
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid: {', '.join(sorted(METHODS))}")
     if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
@@ -358,6 +379,7 @@ def sparsify(
         for (name, mod), d in zip(chosen, densities)
     ]
     sm = SparseModel(model, gm, layers, impl, total_steps, kind, n, m, distribution)
+    sm.sparsity, sm.exclude, sm.input_spec = float(sparsity), exclude, _input_spec(example_inputs)
     if kind == "channel":
         if distribution != "uniform":
             raise ValueError("structure='channel' removes the same fraction of every channel group: "
@@ -370,5 +392,6 @@ def sparsify(
             raise ValueError(f"method {method!r} does not support structure='channel' yet; "
                              f"use one of: {', '.join(sorted(k for k, v in METHODS.items() if v.supports_channels))}")
     impl.initialize(sm)
+    sync_from_rank0(sm)  # one initial mask on every rank (no-op outside torch.distributed)
     sm.apply_masks()
     return sm.train(model.training)

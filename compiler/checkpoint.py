@@ -1,0 +1,269 @@
+"""Checkpoints of sparse training: ``save`` a SparseModel (and its optimizer), ``load`` it back.
+
+A checkpoint is one ``torch.save`` file, written atomically (a temporary file in the same
+folder, then a rename: a crash leaves the previous checkpoint or the new one, never half
+of one). It holds a format marker and version, the ``sparsify`` recipe (method and its
+options, structure, sparsity, distribution, total steps, excluded layers, example input
+shapes), the sparse layers' names and weight shapes, the step count, the SparseModel's
+``state_dict`` (weights, bit-packed masks, method state, metrics) and optionally the
+optimizer's state and user data.
+
+``load`` reads with ``torch.load(weights_only=True)`` (no arbitrary code from a file),
+validates the whole checkpoint against the model and optimizer it is given, and only
+then rebuilds the SparseModel with ``sparsify`` and copies the state in. Any problem is a
+:class:`CheckpointError` naming the file and what is wrong, and the model and optimizer
+are left as they were (if the copy itself fails, their previous state is restored).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from spruce.compiler.trace import trace
+from spruce.passes.sparsity.masking import SPARSE_LAYER_TYPES
+from spruce.passes.sparsity.methods import METHODS
+from spruce.passes.sparsity.model import SparseModel, sparsify
+from spruce.targets.base import temp_path_next_to
+
+__all__ = ["save", "load", "read", "CheckpointError", "FORMAT", "FORMAT_VERSION"]
+
+FORMAT = "spruce.checkpoint"
+FORMAT_VERSION = 1
+_REQUIRED = {"recipe": dict, "layers": list, "step_count": int, "model": dict}
+_RECIPE = {"method": str, "options": dict, "structure": str, "sparsity": float, "distribution": str,
+           "exclude": list}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the model/optimizer it is loaded into."""
+
+
+def _structure_name(sm: SparseModel) -> str:
+    return f"{sm.n}:{sm.m}" if sm.structure == "n:m" else sm.structure
+
+
+def save(sparse_model: SparseModel, path: str | os.PathLike, optimizer: torch.optim.Optimizer | None = None,
+         extra: Any = None) -> Path:
+    """Write ``sparse_model`` (and ``optimizer``'s state, and ``extra``: plain data such as
+    ints, floats, strings, lists, dicts and tensors) to ``path`` atomically; returns the path.
+
+    Under torch.distributed every rank holds the same state (see
+    ``spruce.passes.sparsity.distributed``): save from rank 0 only."""
+    if isinstance(getattr(sparse_model, "module", None), SparseModel):  # DistributedDataParallel(sm)
+        sparse_model = sparse_model.module
+    if not isinstance(sparse_model, SparseModel):
+        raise TypeError(f"save() needs the SparseModel that sparsify returned, got {type(sparse_model).__name__}")
+    if sparse_model.sparsity is None:
+        raise ValueError("save(): this SparseModel was not built by sparsify (its recipe is unknown)")
+    path = Path(path)
+    checkpoint = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "recipe": {"method": sparse_model.method.name, "options": asdict(sparse_model.method.config),
+                   "structure": _structure_name(sparse_model), "sparsity": sparse_model.sparsity,
+                   "distribution": sparse_model.distribution, "total_steps": sparse_model.total_steps,
+                   "exclude": list(sparse_model.exclude)},
+        "inputs": [[list(shape), dtype] for shape, dtype in sparse_model.input_spec or []] or None,
+        "layers": [[layer.name, list(layer.masked.mask_shape)] for layer in sparse_model.layers],
+        "step_count": sparse_model.step_count,
+        "model": sparse_model.state_dict(),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "extra": extra,
+    }
+    temp = temp_path_next_to(path)
+    try:
+        with open(temp, "wb") as stream:
+            torch.save(checkpoint, stream)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read(path: str | os.PathLike) -> dict:
+    """The checkpoint at ``path`` as a dict, after checking it is a complete spruce
+    checkpoint of a format this version reads (``CheckpointError`` otherwise)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path}: no such file")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - truncated zip, pickle garbage, foreign objects: all unreadable
+        raise CheckpointError(f"checkpoint {path} cannot be read (truncated, corrupt or not a torch file): "
+                              f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a spruce checkpoint (no {FORMAT!r} marker); "
+                              f"write checkpoints with spruce.save")
+    version = checkpoint.get("version")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise CheckpointError(f"checkpoint {path}: invalid format version {version!r}")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {path} has format version {version}, newer than this spruce reads "
+                              f"({FORMAT_VERSION}): upgrade spruce")
+    _check_fields(path, checkpoint, _REQUIRED, "")
+    _check_fields(path, checkpoint["recipe"], _RECIPE, "recipe.")
+    return checkpoint
+
+
+def _check_fields(path: Path, mapping: dict, required: dict[str, type], prefix: str) -> None:
+    for key, kind in required.items():
+        value = mapping.get(key)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else (
+            isinstance(value, kind) and not isinstance(value, bool))
+        if not ok:
+            raise CheckpointError(f"checkpoint {path}: field {prefix}{key} is missing or not a {kind.__name__}")
+
+
+def load(path: str | os.PathLike, model: nn.Module, example_inputs: object = None,
+         optimizer: torch.optim.Optimizer | None = None) -> SparseModel:
+    """Rebuild the SparseModel saved at ``path`` around ``model`` (same architecture as the
+    saved one) and load its weights, masks and method state; load ``optimizer``'s state
+    too when given (build it on ``model``'s parameters, as for training) and attach it.
+
+    ``example_inputs`` defaults to zeros of the shapes recorded at save time. The saved
+    user data is on the result as ``checkpoint_extra``. Raises :class:`CheckpointError`
+    (a ValueError) naming the file and the mismatch; nothing is modified then."""
+    path = Path(path)
+    checkpoint = read(path)
+    recipe = checkpoint["recipe"]
+    if recipe["method"] not in METHODS:
+        raise CheckpointError(f"checkpoint {path}: unknown method {recipe['method']!r}; this spruce has "
+                              f"{', '.join(sorted(METHODS))}")
+    try:
+        METHODS[recipe["method"]].from_options(**recipe["options"])
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {path}: invalid options for method {recipe['method']!r}: {exc}") from exc
+    if example_inputs is None:
+        example_inputs = _example_from_spec(path, checkpoint.get("inputs"))
+    _check_layers(path, checkpoint["layers"], model)
+    _check_graph_state(path, checkpoint["model"], model, example_inputs)
+    if optimizer is not None:
+        _check_optimizer(path, checkpoint.get("optimizer"), optimizer)
+
+    backup = {name: value.detach().clone() for name, value in model.state_dict().items()}
+    optimizer_backup = optimizer.state_dict() if optimizer is not None else None
+    if optimizer_backup is not None:
+        optimizer_backup = {"state": {k: {n: v.clone() if isinstance(v, torch.Tensor) else v for n, v in s.items()}
+                                      for k, s in optimizer_backup["state"].items()},
+                            "param_groups": [dict(g) for g in optimizer_backup["param_groups"]]}
+    try:
+        sm = sparsify(model, example_inputs, method=recipe["method"], structure=recipe["structure"],
+                      sparsity=recipe["sparsity"], distribution=recipe["distribution"],
+                      total_steps=recipe.get("total_steps"), exclude=recipe["exclude"], **recipe["options"])
+        sm.load_state_dict(_state_on_device(checkpoint["model"], model))
+        if optimizer is not None:
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            sm.attach(optimizer)
+    except Exception as exc:
+        with torch.no_grad():
+            for name, value in model.state_dict().items():
+                value.copy_(backup[name])
+        if optimizer is not None:
+            optimizer.load_state_dict(optimizer_backup)
+        raise CheckpointError(f"checkpoint {path} could not be loaded into the model (left unchanged): "
+                              f"{type(exc).__name__}: {exc}") from exc
+    sm.checkpoint_extra = checkpoint.get("extra")
+    return sm
+
+
+def _state_on_device(state: dict, model: nn.Module) -> dict:
+    """``state`` (read onto the CPU) with the SparseModel's own state (method state such as
+    IEE's stores, per-layer records) on the model's device, where the method computes with
+    it; generator states stay on the CPU, where torch.Generator needs them."""
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    if device.type == "cpu" or "_extra_state" not in state:
+        return state
+
+    def move(value: Any, key: str = "") -> Any:
+        if isinstance(value, torch.Tensor):
+            return value if key == "generator" else value.to(device)
+        if isinstance(value, dict):
+            return {k: move(v, k) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(move(v, key) for v in value)
+        return value
+
+    return {**state, "_extra_state": move(state["_extra_state"])}
+
+
+def _example_from_spec(path: Path, spec: object) -> tuple[torch.Tensor, ...]:
+    if not isinstance(spec, list) or not spec:
+        raise CheckpointError(f"checkpoint {path} records no example-input shapes: pass example_inputs to load()")
+    try:
+        return tuple(torch.zeros(tuple(shape), dtype=getattr(torch, dtype)) for shape, dtype in spec)
+    except (TypeError, ValueError, AttributeError, RuntimeError) as exc:
+        raise CheckpointError(f"checkpoint {path}: malformed example-input record {spec!r}") from exc
+
+
+def _check_layers(path: Path, layers: list, model: nn.Module) -> None:
+    modules = dict(model.named_modules())
+    for entry in layers:
+        if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str)):
+            raise CheckpointError(f"checkpoint {path}: malformed layer record {entry!r}")
+        name, shape = entry
+        module = modules.get(name)
+        if module is None:
+            raise CheckpointError(f"checkpoint {path} is for a different architecture: the model has no layer "
+                                  f"{name!r}")
+        if not isinstance(module, SPARSE_LAYER_TYPES):
+            raise CheckpointError(f"checkpoint {path} is for a different architecture: layer {name!r} is a "
+                                  f"{type(module).__name__}, not a Conv/Linear layer")
+        if list(module.weight.shape) != list(shape):
+            raise CheckpointError(f"checkpoint {path} is for a different architecture: layer {name!r} has weight "
+                                  f"shape {list(module.weight.shape)}, the checkpoint {list(shape)}")
+
+
+def _check_graph_state(path: Path, saved: dict, model: nn.Module, example_inputs: object) -> None:
+    """Every parameter/buffer of the traced model has a saved tensor of the same shape and
+    dtype, and nothing else is saved besides the masks and spruce's own state."""
+    try:
+        expected = trace(model, example_inputs).state_dict()
+    except Exception as exc:  # noqa: BLE001 - the model does not fit its own example inputs
+        raise CheckpointError(f"checkpoint {path}: cannot trace the model with the example inputs: {exc}") from exc
+    own = {f"graph.{name}": value for name, value in expected.items()}
+    spruce_keys = {key for key in saved if key.startswith("graph.spruce_masks.") or key == "_extra_state"}
+    if "_extra_state" not in saved:
+        raise CheckpointError(f"checkpoint {path}: the SparseModel state (method state, step count) is missing")
+    missing = sorted(set(own) - set(saved))
+    unexpected = sorted(set(saved) - set(own) - spruce_keys)
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint {path} is for a different architecture: "
+                              + "; ".join(part for part in (
+                                  f"missing in the checkpoint: {', '.join(k[6:] for k in missing[:5])}"
+                                  if missing else "",
+                                  f"not in the model: {', '.join(k[6:] for k in unexpected[:5])}"
+                                  if unexpected else "") if part))
+    for key, value in own.items():
+        stored = saved[key]
+        if not isinstance(stored, torch.Tensor) or stored.shape != value.shape or stored.dtype != value.dtype:
+            got = f"{list(stored.shape)} {stored.dtype}" if isinstance(stored, torch.Tensor) else type(stored).__name__
+            raise CheckpointError(f"checkpoint {path} is for a different architecture: {key[6:]} is "
+                                  f"{list(value.shape)} {value.dtype} in the model, {got} in the checkpoint")
+
+
+def _check_optimizer(path: Path, saved: object, optimizer: torch.optim.Optimizer) -> None:
+    if not isinstance(saved, dict) or not isinstance(saved.get("param_groups"), list) or not isinstance(
+            saved.get("state"), dict):
+        raise CheckpointError(f"checkpoint {path} holds no optimizer state (saved without optimizer=)")
+    groups = optimizer.param_groups
+    saved_sizes = [len(group.get("params", [])) for group in saved["param_groups"]]
+    sizes = [len(group["params"]) for group in groups]
+    if saved_sizes != sizes:
+        raise CheckpointError(f"checkpoint {path}: the optimizer has parameter groups of sizes {sizes}, "
+                              f"the checkpoint {saved_sizes}")
+    params = [p for group in groups for p in group["params"]]
+    for index, state in saved["state"].items():
+        if not isinstance(index, int) or not 0 <= index < len(params) or not isinstance(state, dict):
+            raise CheckpointError(f"checkpoint {path}: malformed optimizer state entry {index!r}")
+        for name, value in state.items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != params[index].shape:
+                raise CheckpointError(f"checkpoint {path}: optimizer state {name!r} of parameter {index} has shape "
+                                      f"{list(value.shape)}, the parameter {list(params[index].shape)}")
