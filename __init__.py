@@ -6,8 +6,10 @@ The public API is small on purpose:
 - :func:`channel_groups` finds every set of coupled channels.
 - :func:`prune` removes channels one-shot and returns a compact model equal to its masked model.
 - :func:`sparsify` inserts mask nodes and drives prune-grow sparse training from the user's loop.
+- :func:`save` / :func:`load` checkpoint a sparse model atomically, validated before anything is loaded.
 """
 
+from spruce.compiler.checkpoint import CheckpointError, load, save
 from spruce.compiler.prune import PruneResult, prune
 from spruce.compiler.trace import TraceError, trace
 from spruce.passes.analysis import ChannelGroup, Member, channel_groups
@@ -15,12 +17,15 @@ from spruce.passes.sparsity.model import SparseModel, sparsify
 
 __all__ = [
     "ChannelGroup",
+    "CheckpointError",
     "Member",
     "PruneResult",
     "SparseModel",
     "TraceError",
     "channel_groups",
+    "load",
     "prune",
+    "save",
     "sparsify",
     "trace",
 ]
