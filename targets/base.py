@@ -176,6 +176,31 @@ class Target(ABC):
         """Inputs in the form this target's runner takes (numpy on the CPU by default)."""
         return [t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t) for t in example_inputs]
 
+    def time_layer(self, layer: nn.Module, input_shape: Sequence[int], active_in: int, active_out: int,
+                   batch_size: int | None = None, warmup: int = 10, repeats: int = 50) -> np.ndarray:
+        """Seconds per forward of one layer shaped like ``layer`` with ``active_in``/``active_out`` channels.
+
+        ``layer`` (a Conv1d/2d/3d, grouped or depthwise, or a Linear) gives the kind and the
+        hyper-parameters (kernel, stride, padding, dilation, groups, bias, dtype); ``input_shape`` is
+        its full input shape (channels at dim 1 for a convolution, last for a linear layer), whose
+        batch dim is replaced by ``batch_size`` when given. The layer is built fresh with random
+        weights and timed through :meth:`time_model`, so a target's own timing path applies.
+        Raises ``ValueError`` for channel counts the layer cannot take (see :func:`resized_layer`).
+        """
+        resized = resized_layer(layer, active_in, active_out)
+        shape = list(input_shape)
+        if not shape:
+            raise ValueError("time_layer: input_shape is empty")
+        channel_dim = -1 if isinstance(layer, nn.Linear) else 1
+        shape[channel_dim] = active_in
+        if batch_size is not None:
+            if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+                raise ValueError(f"time_layer: batch_size must be a positive integer, got {batch_size!r}")
+            shape[0] = batch_size
+        dtype = next(resized.parameters()).dtype
+        example = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(dtype)
+        return self.time_model(resized.eval(), (example,), warmup, repeats)
+
 
 TARGETS: dict[str, type[Target]] = {}
 
@@ -216,6 +241,38 @@ def temp_path_next_to(path: Path, suffix: str = ".tmp") -> Path:
     handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
     os.close(handle)
     return Path(name)
+
+
+def resized_layer(layer: nn.Module, active_in: int, active_out: int) -> nn.Module:
+    """A fresh layer like ``layer`` (same kind and hyper-parameters) with the given channel counts.
+
+    A depthwise convolution (one input channel per group) keeps its channel multiplier, so its
+    group count follows ``active_in`` and ``active_out`` must be ``active_in`` times the multiplier;
+    any other grouped convolution keeps its group count, so both counts must be multiples of it.
+    Weights are random (their values do not matter for dense kernels' latency).
+    """
+    for label, count in (("active_in", active_in), ("active_out", active_out)):
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ValueError(f"{label} must be a positive integer, got {count!r}")
+    factory = {"dtype": layer.weight.dtype} if isinstance(getattr(layer, "weight", None), torch.Tensor) else {}
+    if isinstance(layer, nn.Linear):
+        return nn.Linear(active_in, active_out, bias=layer.bias is not None, **factory)
+    if type(layer) not in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
+        raise ValueError(f"cannot time a layer of type {type(layer).__name__}: "
+                         "expected Conv1d, Conv2d, Conv3d or Linear")
+    groups = layer.groups
+    if groups > 1 and layer.in_channels == groups:  # depthwise: groups follow the channels
+        multiplier = layer.out_channels // groups
+        if active_out != active_in * multiplier:
+            raise ValueError(f"depthwise convolution with channel multiplier {multiplier}: active_out must be "
+                             f"{multiplier} x active_in = {active_in * multiplier}, got {active_out}")
+        groups = active_in
+    elif active_in % groups or active_out % groups:
+        raise ValueError(f"grouped convolution with {groups} groups: active_in ({active_in}) and active_out "
+                         f"({active_out}) must be multiples of {groups}")
+    return type(layer)(active_in, active_out, layer.kernel_size, stride=layer.stride, padding=layer.padding,
+                       dilation=layer.dilation, groups=groups, bias=layer.bias is not None,
+                       padding_mode=layer.padding_mode, **factory)
 
 
 def _cpu_name() -> str:
