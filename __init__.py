@@ -6,6 +6,8 @@ The public API is small on purpose:
 - :func:`channel_groups` finds every set of coupled channels.
 - :func:`prune` removes channels one-shot and returns a compact model equal to its masked model.
 - :func:`sparsify` inserts mask nodes and drives prune-grow sparse training from the user's loop.
+- :func:`profile` times every prunable layer on a target into a :class:`LatencyTable` that predicts
+  the latency of any channel configuration.
 - :func:`save` / :func:`load` checkpoint a sparse model atomically, validated before anything is loaded.
 """
 
@@ -14,9 +16,12 @@ from spruce.compiler.prune import PruneResult, prune
 from spruce.compiler.trace import TraceError, trace
 from spruce.passes.analysis import ChannelGroup, Member, channel_groups
 from spruce.passes.sparsity.model import SparseModel, sparsify
+from spruce.runtime.profile import LatencyTable, LayerEntry, profile
 
 __all__ = [
     "ChannelGroup",
+    "LatencyTable",
+    "LayerEntry",
     "CheckpointError",
     "Member",
     "PruneResult",
@@ -24,6 +29,7 @@ __all__ = [
     "TraceError",
     "channel_groups",
     "load",
+    "profile",
     "prune",
     "save",
     "sparsify",

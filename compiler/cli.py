@@ -404,6 +404,9 @@ def _replace_dir(stage: Path, out_dir: Path) -> None:
     shutil.rmtree(backup, ignore_errors=True)
 
 
+# Subcommands in their own modules import this one, so they are imported after it is defined.
+from spruce.compiler.cli_profile import SUBCOMMAND as _PROFILE  # noqa: E402
+
 SUBCOMMANDS: dict[str, Subcommand] = {
     "analyze": Subcommand(
         help="show the model's coupled channel groups and what can be pruned",
@@ -415,6 +418,7 @@ SUBCOMMANDS: dict[str, Subcommand] = {
         add_arguments=_add_prune_arguments,
         run=run_prune,
     ),
+    "profile": _PROFILE,
 }
 
 
