@@ -49,6 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--step", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=20, help="timed runs per whole-model measurement")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--cuda", action="store_true",
+                        help="profile the torch target on CUDA (fp16) instead of ONNX Runtime CPU")
     parser.add_argument("--out", type=Path, default=benchlib.RESULTS_DIR / "latency.md")
     return parser.parse_args(argv)
 
@@ -64,6 +66,10 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     model = torchvision.models.get_model(name, weights=None).eval()
     inputs = (torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0)),)
     target = OnnxRuntimeCPU(threads=args.threads)
+    if args.cuda:
+        from spruce.targets.pytorch import TorchTarget
+
+        target = TorchTarget(device="cuda", dtype="float16")
     with tempfile.TemporaryDirectory(prefix="spruce-latency-cache-") as cache:
         start = time.perf_counter()
         table = profile(model, inputs, target, args.step, cache_dir=cache, progress=False)
@@ -105,7 +111,8 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def report(results: list[dict[str, Any]], info: dict[str, str], args: argparse.Namespace) -> str:
-    lines = ["# Latency tables on ONNX Runtime CPU", "", "Produced by `bench/latency.py` (see its docstring for the "
+    where = "torch CUDA (fp16)" if args.cuda else "ONNX Runtime CPU"
+    lines = [f"# Latency tables on {where}", "", "Produced by `bench/latency.py` (see its docstring for the "
              "method).", "", *benchlib.header_lines(info), ""]
     lines += ["## Summary", ""]
     lines += benchlib.markdown_table(
@@ -142,7 +149,11 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     info = benchlib.machine_info(["onnxruntime", "onnx"])
-    info["ONNX Runtime threads"] = f"intra-op {args.threads}, inter-op 1 (torch threads {args.threads})"
+    if args.cuda:
+        info["gpu"] = torch.cuda.get_device_name()
+        info["target"] = "torch, device cuda, float16, eager; CUDA-synchronised timing"
+    else:
+        info["ONNX Runtime threads"] = f"intra-op {args.threads}, inter-op 1 (torch threads {args.threads})"
     info["command"] = "python bench/latency.py " + " ".join(sys.argv[1:] if argv is None else argv)
     results = []
     for name in [m for m in args.models.split(",") if m]:

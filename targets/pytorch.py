@@ -6,6 +6,7 @@ model's Python source.
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -94,6 +95,6 @@ class TorchTarget(Target):
                    repeats: int = 50) -> np.ndarray:
         """Seconds per forward of ``model`` run directly (no export round trip)."""
         self.require()
-        runner = self.runner(model.eval())
+        runner = self.runner(copy.deepcopy(model).eval())  # moving to the device must not touch the caller's model
         inputs = [t.to(device=self.device, dtype=_DTYPES[self.dtype]) for t in example_inputs]
         return self.time_runner(runner, inputs, warmup, repeats)
