@@ -8,18 +8,19 @@ channel-removal pass turns the result into a compact model."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from spruce.passes.analysis import ChannelAnalysis, ChannelGroup, Member
-from spruce.passes.importance import importance_scores, param_table
+from spruce.passes.importance import importance_scores, param_table, register_importance
 
 if TYPE_CHECKING:
     from spruce.passes.sparsity.model import SparseLayer, SparseModel
 
-__all__ = ["ChannelUnit", "channel_units", "expand_channel_masks", "channel_scores"]
+__all__ = ["ChannelUnit", "channel_units", "expand_channel_masks", "channel_scores", "taylor", "taylor_bn"]
 
 
 @dataclass
@@ -67,8 +68,49 @@ def expand_channel_masks(units: list[ChannelUnit], layers: list[SparseLayer]) ->
         layer.masked.set_mask(masks[layer.name])
 
 
-def channel_scores(sm: SparseModel, unit: ChannelUnit, criterion: str = "l1") -> torch.Tensor:
-    """Importance of each channel of ``unit`` (the one-shot pruning criteria registry)."""
+def channel_scores(sm: SparseModel, unit: ChannelUnit, criterion: str = "l1",
+                   rng: np.random.Generator | None = None) -> torch.Tensor:
+    """Importance of each channel of ``unit`` (the channel criteria registry,
+    :data:`spruce.passes.importance.IMPORTANCE`; ``taylor``/``taylor_bn`` read gradients)."""
     params = param_table(sm._source[0])
-    rng = np.random.default_rng(0)
-    return torch.as_tensor(importance_scores(criterion, unit.group, params, rng))
+    return torch.as_tensor(importance_scores(criterion, unit.group, params, rng or np.random.default_rng(0)))
+
+
+def _grad(params: Mapping[str, torch.Tensor], name: str) -> torch.Tensor:
+    grad = getattr(params[name], "grad", None)
+    if grad is None:
+        raise ValueError(f"Taylor importance needs the gradient of {name}: call backward() before scoring")
+    return grad
+
+
+@register_importance("taylor_bn")
+def taylor_bn(group: ChannelGroup, params: Mapping[str, torch.Tensor], rng: np.random.Generator) -> np.ndarray:
+    """HALP's Taylor importance: per BatchNorm of the group |g_gamma * gamma + g_beta * beta|,
+    summed over the group's BatchNorms; a group without one falls back to ``taylor``."""
+    owners = getattr(params, "batchnorm_weights", None) or set()
+    norms = [m for m in group.members if m.name in owners]
+    if not norms:
+        return taylor(group, params, rng)
+    total = np.zeros(group.size, dtype=np.float64)
+    for member in norms:
+        bias = member.name[: -len("weight")] + "bias"
+        score = params[member.name].detach() * _grad(params, member.name)
+        if bias in params:
+            score = score + params[bias].detach() * _grad(params, bias)
+        total += score.abs().double().numpy()[member.index].sum(axis=1)
+    return total
+
+
+@register_importance("taylor")
+def taylor(group: ChannelGroup, params: Mapping[str, torch.Tensor], rng: np.random.Generator) -> np.ndarray:
+    """First-order Taylor estimate of the loss change when a channel goes: |sum of w * dL/dw|
+    over every parameter entry carrying it."""
+    total = np.zeros(group.size, dtype=np.float64)
+    for member in group.members:
+        if member.name not in params:
+            continue
+        tensor = params[member.name].detach()
+        product = (tensor * _grad(params, member.name)).double()
+        per_entry = product.movedim(member.dim, 0).reshape(tensor.shape[member.dim], -1).sum(dim=1).numpy()
+        total += per_entry[member.index].sum(axis=1)
+    return np.abs(total)

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
+from spruce.passes.importance import IMPORTANCE
 from spruce.passes.sparsity.channels import channel_scores
 from spruce.passes.sparsity.criteria import CRITERIA, importance
 from spruce.passes.sparsity.masking import nm_refill, topk_mask
@@ -299,10 +300,24 @@ class IEEConfig:
     decay: str = "cosine"  # or "constant"
     criterion: str = "magnitude"
     seed: int = 0
+    # structure="channel" (with a budget): channel criterion, kept counts' multiple, initial
+    # selection ("magnitude": L1 of the channels' weights, or "random"), knapsack resolution
+    channel_criterion: str = "taylor_bn"
+    round_to: int = 1
+    init: str = "magnitude"
+    bins: int = 1024
 
     def __post_init__(self):
         if self.criterion not in CRITERIA:
             raise ValueError(f"iee: unknown criterion {self.criterion!r}; valid: {', '.join(sorted(CRITERIA))}")
+        if self.channel_criterion not in IMPORTANCE:
+            raise ValueError(f"iee: unknown channel_criterion {self.channel_criterion!r}; valid: "
+                             f"{', '.join(sorted(IMPORTANCE))}")
+        _check_positive_int("round_to", self.round_to)
+        if self.init not in ("magnitude", "random"):
+            raise ValueError(f"iee: init must be 'magnitude' or 'random', got {self.init!r}")
+        if isinstance(self.bins, bool) or not isinstance(self.bins, int) or self.bins < 16:
+            raise ValueError(f"iee: bins must be an integer >= 16, got {self.bins!r}")
         for name in ("h", "j", "q"):
             _check_positive_int(name, getattr(self, name))
         _check_fraction("omega0", self.omega0)
@@ -313,7 +328,9 @@ class IEEConfig:
 
 @register_method("iee")
 class IEE(Method):
-    """IEE (Algorithm 1 of papers/iee-enhanced-saliency.md), unstructured, magnitude importance.
+    """IEE (Algorithm 1 of papers/iee-enhanced-saliency.md): unstructured or N:M with magnitude
+    importance; with structure="channel" and a budget, the latency-constrained version
+    (:class:`~spruce.passes.sparsity.halp.ChannelIEE`: Taylor-BN importance, knapsack prune/grow).
 
     Cycles of dT = H + J + Q steps: Importance Estimation (H) -> Prune ArgTopK(-I(K), Omega^t)
     -> Accuracy Improvement (J) -> Reactivate & Explore (Q steps: every pruned weight P comes
@@ -323,9 +340,12 @@ class IEE(Method):
 
     Config = IEEConfig
     scheduled = True
+    supports_channels = True
+    budgeted = True  # takes sparsify(budget=...) with structure='channel'
 
     def __init__(self, config: IEEConfig):
         super().__init__(config)
+        self.channels = None  # the ChannelIEE of structure="channel"
         self.cycle = 0  # t in Algorithm 1
         self.exploring = False  # flag in Algorithm 1
         self.budgets: dict[str, int] = {}  # Omega^t of the running cycle, per layer
@@ -363,7 +383,13 @@ class IEE(Method):
 
     def initialize(self, sm: SparseModel) -> None:
         if sm.structure == "channel":
-            raise ValueError("iee: structure='channel' comes with the latency-constrained version")
+            from spruce.passes.sparsity.halp import ChannelIEE  # halp imports this module
+
+            self.channels = ChannelIEE(self, sm)
+            return
+        if getattr(sm, "budget", None) is not None:
+            raise ValueError("iee: a cost budget selects channels: use structure='channel' (unstructured and N:M "
+                             "IEE take sparsity=)")
         super().initialize(sm)
         for layer in sm.layers:
             self.mru[layer.name] = layer.module.weight.detach().clone()
@@ -378,6 +404,8 @@ class IEE(Method):
     @torch.no_grad()
     def update(self, sm: SparseModel, step: int) -> bool:
         stage = self.stage(sm, step)
+        if self.channels is not None:
+            return self.channels.update(sm, step, stage)
         if stage == "prune":
             fraction = self.omega(sm)
             for layer in sm.layers:
@@ -426,6 +454,9 @@ class IEE(Method):
 
     @torch.no_grad()
     def on_step(self, sm: SparseModel, step: int) -> None:
+        if self.channels is not None:
+            self.channels.on_step(sm, step)
+            return
         if not self.exploring:
             return
         for layer in sm.layers:  # Theta_K stays bitwise frozen whatever the optimizer does
@@ -437,6 +468,8 @@ class IEE(Method):
         state = super().state_dict()
         state.update(cycle=self.cycle, exploring=self.exploring, budgets=dict(self.budgets),
                      active=dict(self.active), mru=dict(self.mru), frozen=dict(self.frozen))
+        if self.channels is not None:
+            state["channels"] = self.channels.state_dict()
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -446,3 +479,5 @@ class IEE(Method):
         self.active = {k: v.clone() for k, v in state["active"].items()}
         self.mru = {k: v.clone() for k, v in state["mru"].items()}
         self.frozen = {k: v.clone() for k, v in state["frozen"].items()}
+        if self.channels is not None and "channels" in state:
+            self.channels.load_state_dict(state["channels"])

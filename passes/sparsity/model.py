@@ -348,12 +348,17 @@ def sparsify(
     distribution: str = "erk",
     total_steps: int | None = None,
     exclude: Iterable[str] = (),
+    budget: dict[str, float] | None = None,
+    latency_table: object = None,
     **method_options,
 ) -> SparseModel:
     """Insert mask nodes for every Conv/Linear weight of ``model`` and set up ``method``.
 
     The returned :class:`SparseModel` shares its parameters with ``model``: build the
-    optimizer from either. Raises ``ValueError`` naming the option at fault."""
+    optimizer from either. ``budget`` ({"latency": f} with ``latency_table`` from
+    ``spruce.profile``, {"flops": f} or {"params": f}; f a fraction of dense) drives the
+    channel methods (halp, iee with structure="channel") instead of ``sparsity``.
+    Raises ``ValueError`` naming the option at fault."""
     exclude = tuple(exclude)
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid: {', '.join(sorted(METHODS))}")
@@ -381,7 +386,7 @@ def sparsify(
     sm = SparseModel(model, gm, layers, impl, total_steps, kind, n, m, distribution)
     sm.sparsity, sm.exclude, sm.input_spec = float(sparsity), exclude, _input_spec(example_inputs)
     if kind == "channel":
-        if distribution != "uniform":
+        if distribution != "uniform" and budget is None and not getattr(impl, "budgeted", False):
             raise ValueError("structure='channel' removes the same fraction of every channel group: "
                              "use distribution='uniform'")
         sm.analysis = analyze_model(model, example_inputs)
@@ -391,6 +396,10 @@ def sparsify(
         if not impl.supports_channels:
             raise ValueError(f"method {method!r} does not support structure='channel' yet; "
                              f"use one of: {', '.join(sorted(k for k, v in METHODS.items() if v.supports_channels))}")
+    sm.budget, sm.latency_table = budget, latency_table  # read by the budgeted channel methods
+    if budget is not None and not getattr(impl, "budgeted", False):
+        raise ValueError(f"method {method!r} takes no budget; use one of: "
+                         f"{', '.join(sorted(k for k, v in METHODS.items() if getattr(v, 'budgeted', False)))}")
     impl.initialize(sm)
     sync_from_rank0(sm)  # one initial mask on every rank (no-op outside torch.distributed)
     sm.apply_masks()

