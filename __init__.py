@@ -8,17 +8,27 @@ The public API is small on purpose:
 - :func:`sparsify` inserts mask nodes and drives prune-grow sparse training from the user's loop.
 - :func:`profile` times every prunable layer on a target into a :class:`LatencyTable` that predicts
   the latency of any channel configuration.
+- :func:`bench` times a built artifact (median/p90/p99, images/s), optionally against its dense twin.
+- :func:`compile` runs the whole pipeline (train sparse, export, build for a target, time vs dense).
 - :func:`save` / :func:`load` checkpoint a sparse model atomically, validated before anything is loaded.
 """
 
 from spruce.compiler.checkpoint import CheckpointError, load, save
+from spruce.compiler.pipeline import CompileReport, compile
 from spruce.compiler.prune import PruneResult, prune
+from spruce.compiler.recipes import Recipe
 from spruce.compiler.trace import TraceError, trace
 from spruce.passes.analysis import ChannelGroup, Member, channel_groups
 from spruce.passes.sparsity.model import SparseModel, sparsify
+from spruce.runtime.bench import BenchReport, bench
 from spruce.runtime.profile import LatencyTable, LayerEntry, profile
 
 __all__ = [
+    "BenchReport",
+    "CompileReport",
+    "Recipe",
+    "bench",
+    "compile",
     "ChannelGroup",
     "LatencyTable",
     "LayerEntry",

@@ -405,9 +405,12 @@ def _replace_dir(stage: Path, out_dir: Path) -> None:
 
 
 # Subcommands in their own modules import this one, so they are imported after it is defined.
+from spruce.compiler.cli_bench import SUBCOMMAND as _BENCH  # noqa: E402
+from spruce.compiler.cli_pipeline import SUBCOMMAND as _COMPILE  # noqa: E402
 from spruce.compiler.cli_profile import SUBCOMMAND as _PROFILE  # noqa: E402
 
 SUBCOMMANDS: dict[str, Subcommand] = {
+    "compile": _COMPILE,
     "analyze": Subcommand(
         help="show the model's coupled channel groups and what can be pruned",
         add_arguments=_add_analyze_arguments,
@@ -419,6 +422,7 @@ SUBCOMMANDS: dict[str, Subcommand] = {
         run=run_prune,
     ),
     "profile": _PROFILE,
+    "bench": _BENCH,
 }
 
 

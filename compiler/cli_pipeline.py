@@ -1,0 +1,97 @@
+"""``spruce compile [MODEL] --target T --method M --structure S --budget latency=0.5 --out DIR``.
+
+With no MODEL and no recipe it runs the embedded default: a small CNN trained on
+scikit-learn's real digits, compressed with latency-budgeted structured IEE for
+ONNX Runtime on this CPU, and ends with a table of accuracy, latency and FPS
+(dense vs compiled). A recipe file (``--recipe FILE.yaml|.json``, schema in
+``spruce.compiler.recipes``) can stand for the options; flags override it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from spruce.compiler.cli import EXIT_OK, CliError, Subcommand, _checked_out_dir, _staged_dir, parse_input_shapes
+from spruce.compiler.cli_profile import parse_target_option
+from spruce.compiler.recipes import Recipe, RecipeError, load_recipe, parse_budget
+from spruce.targets.base import TargetUnavailable
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", nargs="?", default=None,
+                        help="torchvision:NAME, FILE.py:FACTORY or FILE.pt (default: the embedded digits CNN)")
+    parser.add_argument("--recipe", type=Path, default=None, help="YAML or JSON recipe (flags override it)")
+    parser.add_argument("--input-shape", type=parse_input_shapes, default=None, metavar="SHAPE",
+                        help="example input shape (default: the data's)")
+    parser.add_argument("--data", default=None, help="digits (default), mnist5k or FILE.py:make_loaders")
+    parser.add_argument("--target", default=None, help="onnxruntime (default), torch, tensorrt")
+    parser.add_argument("--option", type=parse_target_option, action="append", default=None, metavar="KEY=VALUE",
+                        dest="target_options", help="target option, e.g. threads=2 (repeatable)")
+    parser.add_argument("--method", default=None, help="sparse-training method (default iee)")
+    parser.add_argument("--structure", default=None, help="channel (default), unstructured or N:M")
+    parser.add_argument("--sparsity", type=float, default=None, help="fraction removed (instead of a budget)")
+    parser.add_argument("--budget", default=None, help="latency=F, flops=F or params=F (default latency=0.5)")
+    parser.add_argument("--distribution", default=None, help="uniform (default), erk or global")
+    parser.add_argument("--epochs", type=int, default=None, help="training epochs (default 10)")
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--bench-iters", type=int, default=None, help="timed runs per batch size")
+    parser.add_argument("--out", type=Path, required=True, help="output folder (replaced only on success)")
+    parser.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    parser.add_argument("--quiet", action="store_true", help="no progress output")
+    parser.add_argument("--json", action="store_true", help="print report.json instead of the table")
+
+
+def recipe_from_args(args: argparse.Namespace) -> Recipe:
+    """The recipe file (or the defaults) with the command line's options on top."""
+    base = load_recipe(args.recipe) if args.recipe is not None else Recipe()
+    shape = None
+    if args.input_shape is not None:
+        if len(args.input_shape) != 1:
+            raise RecipeError("--input-shape: compile takes one input")
+        shape = args.input_shape[0]
+    try:
+        return base.with_overrides(
+            model=args.model, input_shape=shape, data=args.data, target=args.target,
+            target_options=dict(args.target_options) if args.target_options else None, method=args.method,
+            structure=args.structure, sparsity=args.sparsity,
+            budget=parse_budget(args.budget) if args.budget is not None else None,
+            distribution=args.distribution, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+            seed=args.seed, bench_iters=args.bench_iters)
+    except RecipeError as exc:
+        raise RecipeError(f"{exc} (from the command line{' and ' + str(args.recipe) if args.recipe else ''})") \
+            from None
+
+
+def run(args: argparse.Namespace) -> int:
+    """Compile, write DIR/report.json + report.md + plots + artifacts, print the comparison table."""
+    from spruce.compiler.pipeline import compile_model
+    from spruce.targets.base import get_target
+
+    recipe = recipe_from_args(args)
+    out_dir = _checked_out_dir(args.out, args.force)
+    try:
+        get_target(recipe.target, **recipe.target_options).require()
+    except TypeError as exc:
+        raise CliError(f"target {recipe.target!r} does not take options {recipe.target_options}: {exc}") from exc
+    except TargetUnavailable as exc:
+        raise CliError(str(exc)) from exc
+    with _staged_dir(out_dir) as stage:
+        report = compile_model(recipe, stage, quiet=args.quiet)
+    if args.json:
+        print(json.dumps(report.document, indent=2))
+    else:
+        print(report.format_table())
+        print(f"\nwrote {out_dir}/ (report.md, report.json, {Path(report.document['compiled']['artifact']).name}, "
+              f"{report.document['dense']['artifact']}, model.pt)")
+    return EXIT_OK
+
+
+SUBCOMMAND = Subcommand(
+    help="compress a model end to end (train sparse, export, build for a target, time vs dense)",
+    add_arguments=add_arguments,
+    run=run,
+)

@@ -1,0 +1,172 @@
+"""The reports ``spruce compile`` writes: ``report.json``, ``report.md`` and its plots (PNG).
+
+Plots (matplotlib, Agg backend): per-layer width (dense vs compiled) and sparsity,
+accuracy and FPS vs dense, IoU and survival of grown units over training, and the
+latency-table heatmap of the most expensive layer when a latency table was used.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from spruce.targets.base import atomic_write_text
+from torch import nn
+
+__all__ = ["write_reports"]
+
+
+def write_reports(document: dict[str, Any], sm, table, dense: nn.Module, compiled: nn.Module, out_dir: Path) -> None:
+    """Write report.json, the PNG plots and report.md into ``out_dir`` (each file atomically)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    plots = {
+        "widths.png": _plot_widths(document),
+        "accuracy_fps.png": _plot_accuracy_fps(document),
+        "training.png": _plot_training(document),
+    }
+    if table is not None:
+        plots["latency_table.png"] = _plot_table(table)
+    written = []
+    for name, figure in plots.items():
+        if figure is None:
+            continue
+        temp = out_dir / f".{name}.tmp.png"
+        figure.savefig(temp, dpi=110, bbox_inches="tight")
+        temp.replace(out_dir / name)
+        written.append(name)
+        import matplotlib.pyplot as plt
+
+        plt.close(figure)
+    document["plots"] = written
+    atomic_write_text(out_dir / "report.json", json.dumps(document, indent=2) + "\n")
+    atomic_write_text(out_dir / "report.md", _markdown(document))
+
+
+def _plot_widths(doc: dict[str, Any]):
+    import matplotlib.pyplot as plt
+
+    layers = doc["layers"]
+    if not layers:
+        return None
+    names = [row["layer"] for row in layers]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 0.35 * len(names) + 2))
+    y = np.arange(len(names))
+    left.barh(y, [row["dense_out"] for row in layers], color="#c8c8c8", label="dense")
+    left.barh(y, [row["compiled_out"] for row in layers], color="#2a7ab9", label="compiled")
+    left.set_yticks(y, names)
+    left.invert_yaxis()
+    left.set_xlabel("output channels")
+    left.legend()
+    sparsity = doc["sparsity"]
+    right.barh(np.arange(len(sparsity)), list(sparsity.values()), color="#d9822b")
+    right.set_yticks(np.arange(len(sparsity)), list(sparsity.keys()))
+    right.invert_yaxis()
+    right.set_xlim(0, 1)
+    right.set_xlabel("fraction of weights pruned (masked model)")
+    figure.suptitle("Per-layer width and sparsity")
+    return figure
+
+
+def _plot_accuracy_fps(doc: dict[str, Any]):
+    import matplotlib.pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.5))
+    left.bar(["dense", "compiled"], [doc["dense"]["accuracy"], doc["compiled"]["accuracy"]],
+             color=["#c8c8c8", "#2a7ab9"])
+    left.set_ylim(0, 1)
+    left.set_ylabel("test accuracy")
+    rows = doc["bench"]["by_batch"]
+    x = np.arange(len(rows))
+    right.bar(x - 0.2, [r["dense_fps"] for r in rows], 0.4, color="#c8c8c8", label="dense")
+    right.bar(x + 0.2, [r["compiled_fps"] for r in rows], 0.4, color="#2a7ab9", label="compiled")
+    right.set_xticks(x, [f"batch {r['batch_size']}\n{r['speedup']:.2f}x" for r in rows])
+    right.set_ylabel("images / s (median)")
+    right.legend()
+    figure.suptitle(f"Accuracy and FPS on {doc['recipe']['target']}")
+    return figure
+
+
+def _plot_training(doc: dict[str, Any]):
+    import matplotlib.pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.5))
+    epochs = np.arange(1, len(doc["dense"]["accuracy_per_epoch"]) + 1)
+    left.plot(epochs, doc["dense"]["accuracy_per_epoch"], "o-", color="#888888", label="dense")
+    left.plot(epochs, doc["compiled"]["accuracy_per_epoch"], "o-", color="#2a7ab9", label=doc["recipe"]["method"])
+    left.set_xlabel("epoch")
+    left.set_ylabel("test accuracy")
+    left.legend()
+    metrics = doc["metrics"]
+    steps = [m["step"] for m in metrics]
+    for key, label in (("iou_prune", "IoU after prune"), ("iou_grow", "IoU after grow"),
+                       ("survival", "survival of grown")):
+        values = [float(np.mean(list(m[key].values()))) if m.get(key) else np.nan for m in metrics]
+        if steps and not all(np.isnan(values)):
+            right.plot(steps, values, ".-", label=label)
+    right.set_xlabel("step")
+    right.set_ylim(0, 1.05)
+    right.set_title("active-set IoU and survival (mean over layers)")
+    if right.lines:
+        right.legend()
+    else:
+        right.text(0.5, 0.5, "no prune-grow updates recorded", ha="center", va="center")
+    return figure
+
+
+def _plot_table(table):
+    import matplotlib.pyplot as plt
+
+    name = max(table.layers, key=lambda n: table.isolated_ms(n, table.layers[n].in_channels,
+                                                             table.layers[n].out_channels))
+    entry = table.layers[name]
+    ins = np.unique(np.linspace(1, entry.in_channels, min(entry.in_channels, 24)).round().astype(int))
+    outs = np.unique(np.linspace(1, entry.out_channels, min(entry.out_channels, 24)).round().astype(int))
+    if entry.depthwise:
+        outs = ins
+    grid = np.array([[table.isolated_ms(name, i, i * getattr(entry, "multiplier", 1) if entry.depthwise else o)
+                      for i in ins] for o in outs])
+    figure, axis = plt.subplots(figsize=(6, 4.5))
+    image = axis.imshow(grid, origin="lower", aspect="auto", cmap="viridis",
+                        extent=(ins[0], ins[-1], outs[0], outs[-1]))
+    figure.colorbar(image, label="ms (isolated layer)")
+    axis.set_xlabel("active input channels")
+    axis.set_ylabel("active output channels")
+    axis.set_title(f"latency table: {name}")
+    return figure
+
+
+def _markdown(doc: dict[str, Any]) -> str:
+    recipe = doc["recipe"]
+    lines = ["# spruce compile report", "",
+             f"Model: {recipe['model'] or 'embedded digits CNN'} on {doc['data']}; target `{recipe['target']}`; "
+             f"method `{recipe['method']}`, structure `{recipe['structure']}`, "
+             + (f"budget {recipe['budget']}" if recipe["budget"] else f"sparsity {recipe['sparsity']}")
+             + f"; {recipe['epochs']} epochs.", "",
+             "| | accuracy | params | MACs | artifact |", "|---|---|---|---|---|"]
+    for which in ("dense", "compiled"):
+        part = doc[which]
+        lines.append(f"| {which} | {part['accuracy']:.4f} | {part['params']:,} | {part['macs']:,} | "
+                     f"`{part['artifact']}` |")
+    lines += ["", f"Latency on `{recipe['target']}` (median of {doc['bench']['iters']} runs after "
+              f"{doc['bench']['warmup']} warm-ups):", "",
+              "| batch | dense ms | compiled ms | dense p99 ms | compiled p99 ms | dense FPS | compiled FPS "
+              "| speed-up |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in doc["bench"]["by_batch"]:
+        lines.append(f"| {r['batch_size']} | {r['dense_ms']:.3f} | {r['compiled_ms']:.3f} | {r['dense_p99_ms']:.3f} | "
+                     f"{r['compiled_p99_ms']:.3f} | {r['dense_fps']:.1f} | {r['compiled_fps']:.1f} | "
+                     f"{r['speedup']:.2f}x |")
+    if doc.get("latency_table"):
+        lt = doc["latency_table"]
+        lines += ["", f"Latency table (`{lt['file']}`): dense predicted {lt['dense_predicted_ms']:.3f} ms, compiled "
+                  f"predicted {lt['compiled_predicted_ms']:.3f} ms."]
+    lines += ["", "| layer | in (dense → compiled) | out (dense → compiled) |", "|---|---|---|"]
+    lines += [f"| {r['layer']} | {r['dense_in']} → {r['compiled_in']} | {r['dense_out']} → {r['compiled_out']} |"
+              for r in doc["layers"]]
+    lines += ["", *[f"![{name}]({name})" for name in doc.get("plots", [])], "",
+              "Machine: " + ", ".join(f"{k} {v}" for k, v in doc["bench"]["fingerprint"].items()), ""]
+    return "\n".join(lines)

@@ -1,0 +1,139 @@
+"""``spruce.bench``: latency and throughput of a built artifact, optionally against its dense twin.
+
+Every batch size is timed through the target's own runner and timing loop
+(``Target.time_runner``, CUDA-synchronised on GPU targets), so the numbers are
+what a deployment would see. When a dense artifact is given, compiled and dense
+runs are interleaved per batch size (same load, same thermal state) and the
+report carries the speed-up.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from spruce.targets.base import Artifact, Target, get_target, read_artifact
+
+__all__ = ["BenchConfig", "BenchReport", "BenchRow", "bench"]
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """How to time: batch sizes, untimed warm-up calls and timed calls per batch size."""
+
+    batch_sizes: tuple[int, ...] = (1, 8)
+    warmup: int = 10
+    iters: int = 50
+
+    def __post_init__(self) -> None:
+        sizes = tuple(self.batch_sizes)
+        if not sizes or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in sizes):
+            raise ValueError(f"bench: batch_sizes must be positive integers, got {self.batch_sizes!r}")
+        object.__setattr__(self, "batch_sizes", sizes)
+        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
+            raise ValueError(f"bench: warmup must be a non-negative integer, got {self.warmup!r}")
+        if isinstance(self.iters, bool) or not isinstance(self.iters, int) or self.iters < 1:
+            raise ValueError(f"bench: iters must be a positive integer, got {self.iters!r}")
+
+
+@dataclass(frozen=True)
+class BenchRow:
+    """Latency statistics of one artifact (``which``: 'compiled' or 'dense') at one batch size."""
+
+    which: str
+    batch_size: int
+    median_ms: float
+    p90_ms: float
+    p99_ms: float
+    images_per_s: float
+
+
+@dataclass(frozen=True)
+class BenchReport:
+    """All rows of one bench run, the target's fingerprint and, with a dense artifact, speed-ups."""
+
+    fingerprint: dict[str, str]
+    rows: tuple[BenchRow, ...]
+    speedup: dict[int, float] = field(default_factory=dict)  # batch size -> dense median / compiled median
+
+    def row(self, which: str, batch_size: int) -> BenchRow:
+        """The row for ``which`` at ``batch_size`` (KeyError when it was not measured)."""
+        for row in self.rows:
+            if row.which == which and row.batch_size == batch_size:
+                return row
+        raise KeyError(f"no {which} row at batch size {batch_size}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (speed-up keys as strings)."""
+        return {"fingerprint": dict(self.fingerprint), "rows": [asdict(r) for r in self.rows],
+                "speedup": {str(b): s for b, s in self.speedup.items()}}
+
+    def format_table(self) -> str:
+        """A fixed-width table: one line per artifact and batch size, speed-up on compiled lines."""
+        header = f"{'artifact':<9} {'batch':>5} {'median ms':>10} {'p90 ms':>9} {'p99 ms':>9} {'images/s':>10}"
+        lines = [header + ("  speedup" if self.speedup else ""), "-" * (len(header) + (9 if self.speedup else 0))]
+        for row in self.rows:
+            line = (f"{row.which:<9} {row.batch_size:>5} {row.median_ms:>10.3f} {row.p90_ms:>9.3f} "
+                    f"{row.p99_ms:>9.3f} {row.images_per_s:>10.1f}")
+            if row.which == "compiled" and row.batch_size in self.speedup:
+                line += f"  {self.speedup[row.batch_size]:>6.2f}x"
+            lines.append(line)
+        return "\n".join(lines)
+
+
+def bench(artifact: Artifact | str | os.PathLike, target: str | Target, batch_sizes: Sequence[int] = (1, 8),
+          warmup: int = 10, iters: int = 50, dense: Artifact | str | os.PathLike | None = None) -> BenchReport:
+    """Time ``artifact`` (and ``dense`` when given) on ``target`` at each batch size.
+
+    Raises ``ArtifactError`` when a file is missing, has no valid manifest or was built for
+    another target, ``TargetUnavailable`` when the target cannot run here, ``ValueError`` for
+    an unknown target or bad options. Inputs are random normal tensors of the artifact's input
+    shapes with the batch axis set to each batch size (the artifact must accept it).
+    """
+    config = BenchConfig(tuple(batch_sizes), warmup, iters)
+    target = get_target(target) if isinstance(target, str) else target
+    artifacts = {"compiled": _artifact(artifact, target)}
+    if dense is not None:
+        artifacts["dense"] = _artifact(dense, target)
+    target.require()
+    runners = {which: target.load(a) for which, a in artifacts.items()}
+    rows: list[BenchRow] = []
+    for batch_size in config.batch_sizes:
+        for which, art in artifacts.items():
+            inputs = target.prepare_inputs(art, _random_inputs(art, batch_size))
+            seconds = target.time_runner(runners[which], inputs, config.warmup, config.iters)
+            rows.append(_row(which, batch_size, seconds))
+    speedup = {}
+    if dense is not None:
+        for batch_size in config.batch_sizes:
+            compiled_ms = next(r.median_ms for r in rows if r.which == "compiled" and r.batch_size == batch_size)
+            dense_ms = next(r.median_ms for r in rows if r.which == "dense" and r.batch_size == batch_size)
+            speedup[batch_size] = dense_ms / compiled_ms
+    return BenchReport(fingerprint=target.fingerprint(), rows=tuple(rows), speedup=speedup)
+
+
+def _artifact(value: Artifact | str | os.PathLike, target: Target) -> Artifact:
+    if isinstance(value, Artifact):
+        return read_artifact(value.path, expected_target=target.name)
+    return read_artifact(value, expected_target=target.name)
+
+
+def _random_inputs(artifact: Artifact, batch_size: int) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    dtype = getattr(torch, artifact.input_dtype, torch.float32)
+    inputs = []
+    for shape in artifact.input_shapes:
+        sized = (batch_size, *shape[1:]) if shape else ()
+        inputs.append(torch.randn(sized, generator=generator).to(dtype))
+    return inputs
+
+
+def _row(which: str, batch_size: int, seconds: np.ndarray) -> BenchRow:
+    ms = np.asarray(seconds, dtype=np.float64) * 1e3
+    median = float(np.median(ms))
+    return BenchRow(which=which, batch_size=batch_size, median_ms=median, p90_ms=float(np.percentile(ms, 90)),
+                    p99_ms=float(np.percentile(ms, 99)), images_per_s=batch_size * 1e3 / median)
