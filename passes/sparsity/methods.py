@@ -55,6 +55,7 @@ class Method:
     scheduled: ClassVar[bool] = False  # needs total_steps
     keeps_pruned_weights: ClassVar[bool] = False  # dense weights behind an STE (not zeroed)
     supports_channels: ClassVar[bool] = False  # structure="channel"
+    resets_optimizer_state: ClassVar[bool] = True  # zero optimizer state of weights whose mask flipped
 
     def __init__(self, config: Any):
         self.config = config

@@ -127,7 +127,11 @@ class SparseModel(nn.Module):
             layer.masked.capture_dense_grad = False
         self.apply_masks()
         if changed:
-            self._reset_optimizer_state(before)
+            if self.method.resets_optimizer_state:
+                self._reset_optimizer_state(before)
+            for layer, old in zip(self.layers, before):  # R counts the weights active before the first update
+                if layer.ever_active is None:
+                    layer.ever_active = old
             if completes:
                 self._record(self.step_count)
 

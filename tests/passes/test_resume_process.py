@@ -19,7 +19,7 @@ SCRIPT = textwrap.dedent(
     model = nn.Sequential(nn.Conv2d(4, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
                           nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
                           nn.Flatten(), nn.Linear(32, 8))
-    options = {"h": 3, "j": 2, "q": 2} if method == "iee" else {"delta_t": 4}
+    options = {"iee": {"h": 3, "j": 2, "q": 2}, "feather": {"delta_t": 2, "record_every": 4}}.get(method, {"delta_t": 4})
     sm = spruce.sparsify(model, torch.randn(2, 4, 8, 8), method=method, sparsity=0.9, total_steps=48, **options)
     opt = torch.optim.SGD(sm.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
     gen = torch.Generator().manual_seed(7)
@@ -50,7 +50,7 @@ def run(tmp_path, *args):
     assert done.returncode == 0, done.stderr[-2000:]
 
 
-@pytest.mark.parametrize("method", ["iee"])
+@pytest.mark.parametrize("method", ["iee", "dst_ee", "feather"])
 def test_resume_in_a_fresh_process_equals_uninterrupted(tmp_path, method):
     run(tmp_path, method, 24, "-", tmp_path / "half.pt")
     run(tmp_path, method, 24, tmp_path / "half.pt", tmp_path / "resumed.pt")
