@@ -1,7 +1,8 @@
 """The ``spruce`` command line.
 
-Each subcommand is one entry in ``SUBCOMMANDS``: a function that adds its
-arguments and a function that runs it. ``main`` returns the exit status:
+Each subcommand is one entry in ``SUBCOMMANDS`` (or a module in
+``SUBCOMMAND_MODULES``): a function that adds its arguments and a function that
+runs it. ``main`` returns the exit status:
 
 - 0: success;
 - 1: spruce failed to build or verify an artifact (e.g. ONNX Runtime's
@@ -100,11 +101,11 @@ class Subcommand:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``spruce`` parser with one sub-parser per entry of ``SUBCOMMANDS``."""
+    """The ``spruce`` parser with one sub-parser per subcommand."""
     parser = _Parser(prog="spruce", description="A model-compression compiler for PyTorch.")
     parser.add_argument("--version", action="version", version=f"spruce {spruce.__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, subcommand in SUBCOMMANDS.items():
+    for name, subcommand in all_subcommands().items():
         subparser = subparsers.add_parser(name, help=subcommand.help, description=subcommand.help)
         subcommand.add_arguments(subparser)
         subparser.set_defaults(run=subcommand.run)
@@ -404,13 +405,7 @@ def _replace_dir(stage: Path, out_dir: Path) -> None:
     shutil.rmtree(backup, ignore_errors=True)
 
 
-# Subcommands in their own modules import this one, so they are imported after it is defined.
-from spruce.compiler.cli_bench import SUBCOMMAND as _BENCH  # noqa: E402
-from spruce.compiler.cli_pipeline import SUBCOMMAND as _COMPILE  # noqa: E402
-from spruce.compiler.cli_profile import SUBCOMMAND as _PROFILE  # noqa: E402
-
 SUBCOMMANDS: dict[str, Subcommand] = {
-    "compile": _COMPILE,
     "analyze": Subcommand(
         help="show the model's coupled channel groups and what can be pruned",
         add_arguments=_add_analyze_arguments,
@@ -421,9 +416,23 @@ SUBCOMMANDS: dict[str, Subcommand] = {
         add_arguments=_add_prune_arguments,
         run=run_prune,
     ),
-    "profile": _PROFILE,
-    "bench": _BENCH,
 }
+
+# Subcommands that live in their own modules, as (name, module); each module exposes
+# SUBCOMMAND and imports this one, so they are imported when the parser is built.
+SUBCOMMAND_MODULES: tuple[tuple[str, str], ...] = (
+    ("compile", "spruce.compiler.cli_pipeline"),
+    ("profile", "spruce.compiler.cli_profile"),
+    ("bench", "spruce.compiler.cli_bench"),
+)
+
+
+def all_subcommands() -> dict[str, Subcommand]:
+    """Every subcommand, in the order ``spruce --help`` lists them."""
+    import importlib
+
+    found = {name: importlib.import_module(module).SUBCOMMAND for name, module in SUBCOMMAND_MODULES}
+    return {"compile": found.pop("compile"), **SUBCOMMANDS, **found}
 
 
 if __name__ == "__main__":

@@ -33,13 +33,18 @@ class OnnxExportError(RuntimeError):
     """Neither exporter could turn the model into a valid ONNX file."""
 
 
+class OnnxMismatchError(OnnxExportError):
+    """The exported model's outputs differ from torch's beyond the build tolerance."""
+
+
 def export_onnx(
-    model: nn.Module, example_inputs: Sequence[torch.Tensor], path: str | os.PathLike
+    model: nn.Module, example_inputs: Sequence[torch.Tensor], path: str | os.PathLike, dynamic_batch: bool = False
 ) -> Path:
     """Export ``model`` traced on ``example_inputs`` to an ONNX file at ``path``.
 
-    Returns the path. The file is written to a temporary name in the same
-    folder, checked with ``onnx.checker`` and then renamed, so ``path`` never
+    With ``dynamic_batch`` the first axis of every input (and output) is symbolic
+    (``batch``), so one file runs at any batch size. Returns the path. The file
+    is written to a temporary name in the same folder, checked with ``onnx.checker`` and then renamed, so ``path`` never
     holds a partial or invalid model. Raises :class:`OnnxExportError` if both
     exporters fail.
     """
@@ -48,7 +53,7 @@ def export_onnx(
     for exporter in (_export_torchscript, _export_dynamo):
         temp_path = _temp_path_next_to(target)
         try:
-            exporter(model, tuple(example_inputs), temp_path)
+            exporter(model, tuple(example_inputs), temp_path, dynamic_batch)
             onnx.checker.check_model(str(temp_path), full_check=True)
             os.replace(temp_path, target)
             return target
@@ -95,8 +100,11 @@ def check_onnx(
 # --- exporters ---------------------------------------------------------------------
 
 
-def _export_torchscript(model: nn.Module, inputs: tuple[torch.Tensor, ...], path: Path) -> None:
+def _export_torchscript(model: nn.Module, inputs: tuple[torch.Tensor, ...], path: Path,
+                        dynamic_batch: bool = False) -> None:
     """The TorchScript-based exporter; its deprecation and tracer warnings are expected."""
+    names = _input_names(len(inputs))
+    dynamic_axes = {name: {0: "batch"} for name in names} if dynamic_batch else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
@@ -104,13 +112,21 @@ def _export_torchscript(model: nn.Module, inputs: tuple[torch.Tensor, ...], path
             model, inputs, str(path),
             dynamo=False,
             opset_version=OPSET,
-            input_names=_input_names(len(inputs)),
+            input_names=names,
+            dynamic_axes=dynamic_axes,
             do_constant_folding=True,
         )
 
 
-def _export_dynamo(model: nn.Module, inputs: tuple[torch.Tensor, ...], path: Path) -> None:
+def _export_dynamo(model: nn.Module, inputs: tuple[torch.Tensor, ...], path: Path,
+                   dynamic_batch: bool = False) -> None:
     """The torch.export-based exporter, weights kept inside the file."""
+    dynamic_shapes = None
+    if dynamic_batch:
+        batch = torch.export.Dim("batch", min=1, max=4096)
+        dynamic_shapes = tuple({0: batch} for _ in inputs)
+        # torch.export specialises size-1 axes: trace a batch of one as a batch of two copies.
+        inputs = tuple(t.expand(2, *t.shape[1:]).contiguous() if t.dim() and t.shape[0] == 1 else t for t in inputs)
     with _quiet():
         torch.onnx.export(
             model, inputs, str(path),
@@ -118,6 +134,7 @@ def _export_dynamo(model: nn.Module, inputs: tuple[torch.Tensor, ...], path: Pat
             opset_version=DYNAMO_OPSET,
             input_names=_input_names(len(inputs)),
             external_data=False,
+            dynamic_shapes=dynamic_shapes,
             verbose=False,
         )
 
@@ -185,34 +202,69 @@ class OnnxRuntimeCPU(Target):
     name = "onnxruntime"
     suffix = ".onnx"
 
-    def __init__(self, threads: int | None = None, optimization: str = "all"):
+    def __init__(self, threads: int | None = None, optimization: str = "all", dynamic_batch: bool = True,
+                 tolerance: float = 1e-3, save_optimized: bool = False):
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
             raise ValueError(f"onnxruntime: threads must be a positive integer, got {threads!r}")
         if optimization not in _OPT_LEVELS:
             raise ValueError(f"onnxruntime: optimization must be one of {', '.join(_OPT_LEVELS)}, got {optimization!r}")
+        if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not tolerance > 0:
+            raise ValueError(f"onnxruntime: tolerance must be a positive number, got {tolerance!r}")
         self.threads = threads or torch.get_num_threads()
         self.optimization = optimization
+        self.dynamic_batch = bool(dynamic_batch)
+        self.tolerance = float(tolerance)
+        self.save_optimized = bool(save_optimized)
 
     def fingerprint(self) -> dict[str, str]:
         return {**super().fingerprint(), "onnxruntime": ort.__version__, "threads": str(self.threads),
                 "optimization": self.optimization}
 
     def build(self, model: nn.Module, example_inputs: Sequence[torch.Tensor], path: str | os.PathLike) -> Artifact:
+        """Export, check with ``onnx.checker``, optionally save ORT's optimised graph, compare with torch.
+
+        The artifact appears at ``path`` only once its outputs match torch's within ``tolerance``
+        (relative to the output scale, see :func:`check_onnx`); otherwise :class:`OnnxMismatchError`
+        is raised and nothing is left behind.
+        """
         path = Path(path)
         model = model.eval()
-        export_onnx(model, example_inputs, path)
-        artifact = Artifact(path=path, target=self.name,
-                            input_shapes=tuple(tuple(t.shape) for t in example_inputs),
+        temp = _temp_path_next_to(path)
+        optimized = _temp_path_next_to(path)
+        try:
+            export_onnx(model, example_inputs, temp, dynamic_batch=self.dynamic_batch)
+            if self.save_optimized:
+                options = self._options()
+                options.optimized_model_filepath = str(optimized)
+                ort.InferenceSession(str(temp), sess_options=options, providers=["CPUExecutionProvider"])
+                os.replace(optimized, temp)
+            error = check_onnx(temp, model, example_inputs)
+            if not error <= self.tolerance:
+                raise OnnxMismatchError(f"{path.name}: ONNX Runtime output differs from torch by {error:.3g} "
+                                        f"(relative), above the tolerance {self.tolerance:g}")
+            os.replace(temp, path)
+        finally:
+            temp.unlink(missing_ok=True)
+            optimized.unlink(missing_ok=True)
+        shapes = tuple(tuple(t.shape) for t in example_inputs)
+        artifact = Artifact(path=path, target=self.name, input_shapes=shapes,
                             input_dtype=str(example_inputs[0].dtype).removeprefix("torch."),
-                            info={"opset": OPSET})
+                            info={"opset": OPSET, "dynamic_batch": self.dynamic_batch,
+                                  "optimization": self.optimization, "optimized_graph_saved": self.save_optimized,
+                                  "max_relative_error": error, "tolerance": self.tolerance})
         artifact.write_manifest()
         return artifact
 
-    def session(self, path: str | os.PathLike) -> ort.InferenceSession:
+    def _options(self) -> ort.SessionOptions:
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.threads
         options.inter_op_num_threads = 1
         options.graph_optimization_level = _OPT_LEVELS[self.optimization]
+        return options
+
+    def session(self, path: str | os.PathLike) -> ort.InferenceSession:
+        """An ONNX Runtime CPU session on ``path`` with this target's threads and graph optimisation."""
+        options = self._options()
         return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
 
     def load(self, artifact: Artifact) -> Runner:

@@ -19,7 +19,8 @@ SCRIPT = textwrap.dedent(
     model = nn.Sequential(nn.Conv2d(4, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
                           nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
                           nn.Flatten(), nn.Linear(32, 8))
-    options = {"iee": {"h": 3, "j": 2, "q": 2}, "feather": {"delta_t": 2, "record_every": 4}}.get(method, {"delta_t": 4})
+    options = {"iee": {"h": 3, "j": 2, "q": 2},
+               "feather": {"delta_t": 2, "record_every": 4}}.get(method, {"delta_t": 4})
     sm = spruce.sparsify(model, torch.randn(2, 4, 8, 8), method=method, sparsity=0.9, total_steps=48, **options)
     opt = torch.optim.SGD(sm.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
     gen = torch.Generator().manual_seed(7)

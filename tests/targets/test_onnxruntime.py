@@ -108,3 +108,47 @@ def test_run_onnx_rejects_wrong_input_count(tmp_path: Path) -> None:
     path = export_onnx(model, inputs, tmp_path / "heads.onnx")
     with pytest.raises(ValueError, match="takes 1 inputs, 2 were given"):
         run_onnx(path, [inputs[0], inputs[0]])
+
+
+def test_target_builds_one_artifact_for_every_batch_size(resnet18_64, tmp_path: Path) -> None:
+    model, inputs = resnet18_64
+    target = ort_target.OnnxRuntimeCPU(threads=1, save_optimized=True)
+    artifact = target.build(model, inputs, tmp_path / "r18.onnx")
+    assert artifact.info["dynamic_batch"] and artifact.info["max_relative_error"] <= 1e-3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r18.onnx", "r18.onnx.spruce.json"]
+    runner = target.load(artifact)
+    batch8 = torch.randn(8, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(batch8).numpy()
+    for batch in (inputs[0], batch8):
+        (logits,) = runner([batch.numpy()])
+        assert logits.shape == (batch.shape[0], 1000)
+    np.testing.assert_allclose(runner([batch8.numpy()])[0], expected, rtol=1e-3, atol=1e-3)
+
+
+def test_target_refuses_an_artifact_beyond_tolerance(tmp_path: Path) -> None:
+    model = TwoHeads().eval()
+    inputs = (torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(0)),)
+    with pytest.raises(ValueError, match="tolerance"):
+        ort_target.OnnxRuntimeCPU(tolerance=0)
+    target = ort_target.OnnxRuntimeCPU(tolerance=1e-12)
+    error = check_onnx(export_onnx(model, inputs, tmp_path / "probe.onnx"), model, inputs)
+    if error <= 1e-12:
+        pytest.skip("this build of ONNX Runtime reproduces torch exactly; no mismatch to provoke")
+    with pytest.raises(ort_target.OnnxMismatchError, match="tolerance"):
+        target.build(model, inputs, tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["probe.onnx"]
+
+
+def test_dynamo_exporter_makes_a_batch_of_one_dynamic(tmp_path: Path) -> None:
+    model = TwoHeads().eval()
+    inputs = (torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(0)),)
+    path = tmp_path / "dyn.onnx"
+    ort_target._export_dynamo(model, inputs, path, dynamic_batch=True)
+    batch4 = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    small, large = run_onnx(path, (batch4,))
+    with torch.no_grad():
+        expected_small, expected_large = model(batch4)
+    np.testing.assert_allclose(small, expected_small.numpy(), rtol=1e-4, atol=1e-4)
+    assert large.shape == (4, 2)
