@@ -85,8 +85,11 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(report.document, indent=2))
     else:
         print(report.format_table())
-        print(f"\nwrote {out_dir}/ (report.md, report.json, {Path(report.document['compiled']['artifact']).name}, "
-              f"{report.document['dense']['artifact']}, model.pt)")
+        files = ["report.md", "report.json", report.document["compiled"]["artifact"],
+                 report.document["dense"]["artifact"]]
+        if report.document["compiled"].get("module_file") == "model.pt":
+            files.append("model.pt")
+        print(f"\nwrote {out_dir}/ ({', '.join(files)})")
     return EXIT_OK
 
 

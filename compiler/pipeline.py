@@ -135,16 +135,28 @@ def compile_model(recipe: Recipe, out_dir: Path, quiet: bool = False, progress: 
                    dense=dense_artifact)
     timings["bench_s"] = time.perf_counter() - clock
 
-    torch.save(compiled, out_dir / "model.pt")
+    saved_module = _save_module(compiled, out_dir / "model.pt")
     if table is not None:
         table.save(out_dir / "latency_table.json")
     document = _document(recipe, data, model, compiled, example, dense_log, sparse_log, compiled_accuracy, agreement,
                          sm, table, report, dense_artifact, compiled_artifact, timings)
+    document["compiled"]["module_file"] = saved_module
     document["wall_s"] = time.perf_counter() - started
     from spruce.compiler.reporting import write_reports
 
     write_reports(document, sm, table, model, compiled, out_dir)
     return CompileReport(document, out_dir)
+
+
+def _save_module(module: nn.Module, path: Path) -> str | None:
+    """``torch.save`` the compiled module (a convenience next to the artifact); some torch
+    versions cannot pickle every fx GraphModule, which must not fail the compile."""
+    try:
+        torch.save(module, path)
+    except Exception as exc:  # pickling limits of the installed torch, reported in report.json
+        path.unlink(missing_ok=True)
+        return f"not saved: {type(exc).__name__}: {exc}"
+    return path.name
 
 
 def _model_and_example(recipe: Recipe, data: Loaders) -> tuple[nn.Module, torch.Tensor]:
