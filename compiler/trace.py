@@ -88,10 +88,14 @@ def _symbolic_trace(model: torch.nn.Module, leaf_modules: Iterable[object]) -> f
         path = tracer.fault_path or "<root>"
         where = _user_frame(exc.__traceback__)
         operation = f"{type(exc).__name__}: {exc}".strip()
-        hint = (
-            f"mark module '{path}' (or its type) as a leaf with leaf_modules=[...] so it is kept "
-            "as one opaque call, or make its forward free of data-dependent control flow"
-        )
+        if path == "<root>":  # the model's own forward branches: a leaf would hide the whole model
+            hint = ("the model's own forward depends on tensor values; make it free of data-dependent "
+                    "control flow (e.g. torch.where instead of if), or compress its submodules separately")
+        else:
+            hint = (
+                f"mark module '{path}' (or its type) as a leaf with leaf_modules=[...] so it is kept "
+                "as one opaque call, or make its forward free of data-dependent control flow"
+            )
         msg = f"cannot trace module '{path}' ({type(model).__name__} root): {operation}"
         if where:
             msg += f"\n  at {where}"
