@@ -323,6 +323,12 @@ def _select_layers(model: nn.Module, gm, structure: str, m: int, exclude: Iterab
     for name, module in model.named_modules():
         if name not in called or name in excluded or not isinstance(module, SPARSE_LAYER_TYPES):
             continue
+        if not module.weight.requires_grad:  # a frozen layer's weights must not move: left dense, untouched
+            skipped.append(f"{name} (frozen: requires_grad=False)")
+            continue
+        if not module.weight.is_floating_point():
+            skipped.append(f"{name} (weight dtype {module.weight.dtype} is not floating point)")
+            continue
         if isinstance(module, nn.modules.conv._ConvNd) and module.padding_mode != "zeros":
             skipped.append(f"{name} (padding_mode {module.padding_mode})")
             continue
