@@ -7,9 +7,9 @@ import json
 from pathlib import Path
 
 from spruce.compiler.cli import EXIT_OK, CliError, Subcommand
-from spruce.compiler.cli_profile import parse_target_option
+from spruce.compiler.cli_profile import parse_target_option, usable_target
 from spruce.runtime.bench import BenchConfig, bench
-from spruce.targets.base import TargetUnavailable, get_target
+from spruce.targets.base import TargetUnavailable
 
 
 def parse_batch_sizes(text: str) -> tuple[int, ...]:
@@ -40,13 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Bench the artifact (and the dense one), print a table or JSON."""
     BenchConfig(args.batch_sizes, args.warmup, args.iters)  # bad options fail before any loading
-    try:
-        target = get_target(args.target, **dict(args.target_options))
-        target.require()
-    except TypeError as exc:
-        raise CliError(f"--option: target {args.target!r} does not take these options: {exc}") from exc
-    except TargetUnavailable as exc:
-        raise CliError(str(exc)) from exc
+    target = usable_target(args.target, args.target_options)
     try:
         report = bench(args.artifact, target, args.batch_sizes, args.warmup, args.iters, dense=args.dense)
     except TargetUnavailable as exc:

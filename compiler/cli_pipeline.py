@@ -13,10 +13,9 @@ import argparse
 import json
 from pathlib import Path
 
-from spruce.compiler.cli import EXIT_OK, CliError, Subcommand, _checked_out_dir, _staged_dir, parse_input_shapes
-from spruce.compiler.cli_profile import parse_target_option
+from spruce.compiler.cli import EXIT_OK, Subcommand, _checked_out_dir, _staged_dir, parse_input_shapes
+from spruce.compiler.cli_profile import parse_target_option, usable_target
 from spruce.compiler.recipes import Recipe, RecipeError, load_recipe, parse_budget
-from spruce.targets.base import TargetUnavailable
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -69,16 +68,10 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
 def run(args: argparse.Namespace) -> int:
     """Compile, write DIR/report.json + report.md + plots + artifacts, print the comparison table."""
     from spruce.compiler.pipeline import compile_model
-    from spruce.targets.base import get_target
 
     recipe = recipe_from_args(args)
     out_dir = _checked_out_dir(args.out, args.force)
-    try:
-        get_target(recipe.target, **recipe.target_options).require()
-    except TypeError as exc:
-        raise CliError(f"target {recipe.target!r} does not take options {recipe.target_options}: {exc}") from exc
-    except TargetUnavailable as exc:
-        raise CliError(str(exc)) from exc
+    usable_target(recipe.target, recipe.target_options)  # before any training
     with _staged_dir(out_dir) as stage:
         report = compile_model(recipe, stage, quiet=args.quiet)
     if args.json:

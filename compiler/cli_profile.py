@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from spruce.compiler.cli import EXIT_OK, CliError, Subcommand, _add_model_arguments
 from spruce.compiler.models import resolve_model
 from spruce.runtime.profile import ProfileConfig, profile
-from spruce.targets.base import TargetUnavailable, get_target
+from spruce.targets.base import Target, TargetUnavailable, get_target
 
 _DEFAULTS = ProfileConfig()
 
@@ -31,6 +32,18 @@ def parse_target_option(text: str) -> tuple[str, Any]:
             except ValueError:
                 continue
     return key, value
+
+
+def usable_target(name: str, options: Mapping[str, Any]) -> Target:
+    """The target ``name`` built with ``options``, checked to run here; user errors as :class:`CliError`."""
+    try:
+        target = get_target(name, **dict(options))
+        target.require()
+    except TypeError as exc:
+        raise CliError(f"--option: target {name!r} does not take these options: {exc}") from exc
+    except TargetUnavailable as exc:
+        raise CliError(str(exc)) from exc
+    return target
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -59,13 +72,7 @@ def run(args: argparse.Namespace) -> int:
     if not out.parent.is_dir():
         raise CliError(f"--out {out}: folder {out.parent} does not exist")
     ProfileConfig(step=args.step, coarse=args.coarse, warmup=args.warmup, repeats=args.repeats)  # early check
-    try:
-        target = get_target(args.target, **dict(args.target_options))
-        target.require()
-    except TypeError as exc:
-        raise CliError(f"--option: target {args.target!r} does not take these options: {exc}") from exc
-    except TargetUnavailable as exc:
-        raise CliError(str(exc)) from exc
+    target = usable_target(args.target, args.target_options)
     model, example_inputs = resolve_model(args.model, args.input_shape)
     start = time.perf_counter()
     table = profile(model, example_inputs, target, args.step, cache_dir=args.cache_dir, use_cache=not args.no_cache,

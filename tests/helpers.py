@@ -39,3 +39,18 @@ def relative_error(reference: torch.Tensor, other: torch.Tensor) -> float:
     reference, other = reference.detach(), other.detach()
     scale = max(1.0, float(reference.abs().max()))
     return float((reference - other).abs().max()) / scale
+
+
+def digits_tensors() -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's real 8x8 digits as (N, 1, 8, 8) floats in [0, 1] and int64 labels."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    return torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0, torch.tensor(data.target)
+
+
+def small_digits_cnn(seed: int = 0) -> nn.Module:
+    """Two 3x3 convs and a linear classifier for 8x8 inputs (seeded)."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(16 * 64, 10))

@@ -7,22 +7,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from sklearn.datasets import load_digits
+from helpers import digits_tensors as digits
+from helpers import small_digits_cnn as make_model
 from spruce import sparsify
-from torch import nn
 
 STEPS, DELTA = 60, 5
 
-
-def digits():
-    data = load_digits()
-    return torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0, torch.tensor(data.target)
-
-
-def make_model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
-                         nn.Flatten(), nn.Linear(16 * 64, 10))
 
 
 def test_scores_counters_sparsity_and_growth_follow_the_paper():

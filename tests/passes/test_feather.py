@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from sklearn.datasets import load_digits
+from helpers import digits_tensors as digits
+from helpers import small_digits_cnn as make_model
 from spruce import sparsify
 from spruce.passes.sparsity.feather import feather_threshold, theta_for
 from spruce.passes.sparsity.masking import nm_counts
@@ -13,16 +14,6 @@ from torch import nn
 
 STEPS = 40
 
-
-def digits():
-    data = load_digits()
-    return torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0, torch.tensor(data.target)
-
-
-def make_model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
-                         nn.Flatten(), nn.Linear(16 * 64, 10))
 
 
 def train(sm, steps, x, y, seed=1, check=None):
