@@ -16,7 +16,6 @@ import gzip
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -158,7 +157,3 @@ def default_model(loaders: Loaders, seed: int = 0) -> nn.Module:
     """The embedded default model for ``loaders`` (seeded initialisation)."""
     torch.manual_seed(seed)
     return DigitsCNN(loaders.num_classes, int(loaders.example.shape[1]))
-
-
-def describe(value: Any) -> str:
-    return type(value).__name__

@@ -13,7 +13,6 @@ import copy
 import json
 import sys
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from torch import nn
 
 __all__ = ["CompileReport", "compile", "compile_model"]
 
-SUPPORTED_IEE_STEPS = 12  # IEE's H = J = Q default under `compile`: total steps / this (see _method_options)
+IEE_PHASES_PER_RUN = 12  # IEE's H = J = Q default under `compile`: total steps / this (see _method_options)
 
 
 @dataclass
@@ -121,7 +120,7 @@ def compile_model(recipe: Recipe, out_dir: Path, quiet: bool = False, progress: 
     model.eval()
     compiled_accuracy = evaluate(compiled, data.test)
     with torch.no_grad():
-        check = torch.cat([x for x, _ in [next(iter(data.test))]])[:16]
+        check = next(iter(data.test))[0][:16]
         agreement = float((compiled(check) - sm.eval()(check)).abs().max())
 
     say("building artifacts ...")
@@ -187,7 +186,7 @@ def _method_options(recipe: Recipe, total_steps: int) -> dict[str, Any]:
     counts of the budgeted methods to multiples of 8."""
     options = dict(recipe.method_options)
     if recipe.method == "iee":
-        cycle = max(1, total_steps // SUPPORTED_IEE_STEPS)
+        cycle = max(1, total_steps // IEE_PHASES_PER_RUN)
         for name in ("h", "j", "q"):
             options.setdefault(name, cycle)
     if recipe.method in ("halp",):
@@ -254,7 +253,3 @@ def _layer_widths(dense: nn.Module, compiled: nn.Module) -> list[dict[str, Any]]
 
 def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=lambda v: v.tolist() if hasattr(v, "tolist") else str(v)))
-
-
-def compile_summary(reports: Sequence[CompileReport]) -> str:
-    return "\n\n".join(r.format_table() for r in reports)
