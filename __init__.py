@@ -13,15 +13,16 @@ The public API is small on purpose:
 - :func:`save` / :func:`load` checkpoint a sparse model atomically, validated before anything is loaded.
 """
 
+from spruce.compiler.api import channel_groups, profile, sparsify
 from spruce.compiler.checkpoint import CheckpointError, load, save
 from spruce.compiler.pipeline import CompileReport, compile
 from spruce.compiler.prune import PruneResult, prune
 from spruce.compiler.recipes import Recipe
 from spruce.compiler.trace import TraceError, trace
-from spruce.passes.analysis import ChannelGroup, Member, channel_groups
-from spruce.passes.sparsity.model import SparseModel, sparsify
+from spruce.passes.analysis import ChannelGroup, Member
+from spruce.passes.sparsity.model import SparseModel
 from spruce.runtime.bench import BenchReport, bench
-from spruce.runtime.profile import LatencyTable, LayerEntry, profile
+from spruce.runtime.profile import LatencyTable, LayerEntry
 
 __all__ = [
     "BenchReport",

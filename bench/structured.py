@@ -44,13 +44,11 @@ import benchlib
 import numpy as np
 import torch
 import torchvision
+from spruce.compiler.api import analyze_model, profile, sparsify
 from spruce.compiler.prune import prune
-from spruce.passes.analysis import analyze_model
 from spruce.passes.export import remove_channels
 from spruce.passes.importance import importance_scores, param_table
 from spruce.passes.sparsity.knapsack import build_cost_model, select_channels, select_measured
-from spruce.passes.sparsity.model import sparsify
-from spruce.runtime.profile import profile
 from spruce.targets.onnxruntime import OnnxRuntimeCPU
 from torch import nn
 from torch.nn import functional

@@ -24,10 +24,11 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from spruce.compiler.api import sparsify
 from spruce.compiler.trace import trace
 from spruce.passes.sparsity.masking import SPARSE_LAYER_TYPES
 from spruce.passes.sparsity.methods import METHODS
-from spruce.passes.sparsity.model import SparseModel, sparsify
+from spruce.passes.sparsity.model import SparseModel
 from spruce.targets.base import temp_path_next_to
 
 __all__ = ["save", "load", "read", "CheckpointError", "FORMAT", "FORMAT_VERSION"]

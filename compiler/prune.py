@@ -7,7 +7,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
-from spruce.passes.analysis import ChannelAnalysis, ChannelGroup, analyze_model
+from spruce.compiler.api import analyze_model
+from spruce.passes.analysis import ChannelAnalysis, ChannelGroup
 from spruce.passes.export import mask_channels, remove_channels
 from spruce.passes.importance import IMPORTANCE, importance_scores, param_table
 from torch import nn

@@ -1,9 +1,10 @@
 """The front door of the compiler: symbolic tracing plus shape propagation.
 
 ``trace`` returns a ``torch.fx.GraphModule`` whose tensor nodes carry
-``meta["tensor_meta"]`` (shape, dtype). ``trace_modes`` additionally traces the
-training-mode graph when the model's Python code branches on ``self.training``
-(GoogLeNet/Inception auxiliary heads), so that passes can keep both graphs valid.
+``meta["tensor_meta"]`` (shape, dtype). ``capture`` returns the
+:class:`~spruce.passes.graph.CapturedGraph` that passes take: the eval-mode graph and,
+when the model's Python code branches on ``self.training`` (GoogLeNet/Inception
+auxiliary heads), the training-mode graph too, so that passes can keep both valid.
 """
 
 from __future__ import annotations
@@ -13,13 +14,13 @@ import os
 import traceback
 import warnings
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 
 import torch
+from spruce.passes.graph import CapturedGraph, as_input_tuple
 from torch import fx
 from torch.fx.passes.shape_prop import ShapeProp
 
-__all__ = ["TraceError", "TracedModes", "as_input_tuple", "trace", "trace_modes"]
+__all__ = ["TraceError", "as_input_tuple", "capture", "trace"]
 
 
 class TraceError(RuntimeError):
@@ -55,17 +56,6 @@ class _SpruceTracer(fx.Tracer):
             if self.fault_path is None:
                 self.fault_path = self.path_of_module(m) or "<root>"
             raise
-
-
-def as_input_tuple(example_inputs: object) -> tuple:
-    """Normalise example inputs to a tuple of positional arguments."""
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, (tuple, list)):
-        return tuple(example_inputs)
-    raise TypeError(
-        f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}"
-    )
 
 
 def _user_frame(tb) -> str | None:
@@ -195,28 +185,16 @@ def trace(
     return gm
 
 
-@dataclass
-class TracedModes:
-    """The eval-mode graph and, when the model's code differs in training mode,
-    the training-mode graph (sharing the same submodules and parameters)."""
-
-    eval: fx.GraphModule
-    train: fx.GraphModule | None
-
-    @property
-    def graphs(self) -> list[fx.GraphModule]:
-        return [self.eval] if self.train is None else [self.eval, self.train]
-
-
 def _batch_doubled(inputs: tuple) -> tuple:
     return tuple(torch.cat([x, x]) if isinstance(x, torch.Tensor) and x.dim() > 0 else x for x in inputs)
 
 
-def trace_modes(
+def capture(
     model: torch.nn.Module, example_inputs: object, leaf_modules: Iterable[object] = ()
-) -> TracedModes:
-    """Trace the model in eval mode and, if its code branches on ``self.training``,
-    in training mode too. Neither the model's mode, buffers nor RNG state change."""
+) -> CapturedGraph:
+    """Capture ``model`` at ``example_inputs``: the eval-mode graph and, if its code branches
+    on ``self.training``, the training-mode graph too. Neither the model's mode, buffers nor
+    RNG state change. Raises :class:`TraceError` as :func:`trace` does."""
     inputs = as_input_tuple(example_inputs)
     was_training = model.training
     try:
@@ -231,9 +209,9 @@ def trace_modes(
         except TraceError as exc:
             warnings.warn(f"training-mode graph not traced, the compact model will support eval mode only: {exc}",
                           stacklevel=2)
-            return TracedModes(eval_gm, None)
+            return CapturedGraph(eval_gm, None, model, inputs)
         if train_gm.code == eval_gm.code:
-            return TracedModes(eval_gm, None)
+            return CapturedGraph(eval_gm, None, model, inputs)
         train_gm.train()
         with _preserved_state(model):
             try:
@@ -241,6 +219,6 @@ def trace_modes(
                 _propagate(train_gm, _batch_doubled(inputs))
             except TraceError:
                 _propagate(train_gm, inputs)
-        return TracedModes(eval_gm, train_gm)
+        return CapturedGraph(eval_gm, train_gm, model, inputs)
     finally:
         model.train(was_training)

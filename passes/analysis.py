@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import networkx as nx
 import numpy as np
 import torch
-from spruce.compiler.trace import TracedModes, trace_modes
+from spruce.passes.graph import CapturedGraph
 from torch import fx
 from torch.fx.passes.shape_prop import TensorMetadata
 
@@ -41,7 +41,6 @@ __all__ = [
     "Space",
     "TensorDims",
     "analyze",
-    "channel_groups",
 ]
 
 
@@ -356,7 +355,7 @@ class ChannelAnalysis:
     analyzer: Analyzer
     labels: np.ndarray
     pinned: np.ndarray
-    traced: TracedModes | None = None
+    captured: CapturedGraph | None = None
 
     @property
     def space_graph(self) -> nx.Graph:
@@ -483,32 +482,17 @@ def _signatures(lab, mem, starts, ends, pinned, n_members) -> dict[tuple, np.nda
     return {key: np.concatenate(parts) for key, parts in out.items()}
 
 
-def analyze(traced: TracedModes, model: torch.nn.Module) -> ChannelAnalysis:
-    """Run the operator rules over every traced graph of ``model`` and solve."""
+def analyze(captured: CapturedGraph) -> ChannelAnalysis:
+    """Run the operator rules over every graph of ``captured`` and solve.
+
+    Returns the :class:`ChannelAnalysis`: every set of coupled channels of
+    ``captured.root`` as :class:`ChannelGroup`s (unprunable groups say why)."""
     from spruce.passes.oprules import apply_rules
 
-    an = Analyzer(model)
-    for gi, gm in enumerate(traced.graphs):
+    an = Analyzer(captured.root)
+    for gi, gm in enumerate(captured.graphs):
         an.graph_index = gi
         apply_rules(an, gm)
     result = an.solve()
-    result.traced = traced
+    result.captured = captured
     return result
-
-
-def analyze_model(
-    model: torch.nn.Module, example_inputs: object, leaf_modules: Iterable[object] = ()
-) -> ChannelAnalysis:
-    """Trace ``model`` (eval and, where it differs, training mode) and analyse it."""
-    traced = trace_modes(model, example_inputs, leaf_modules)
-    return analyze(traced, model)
-
-
-def channel_groups(
-    model: torch.nn.Module, example_inputs: object, leaf_modules: Iterable[object] = ()
-) -> list[ChannelGroup]:
-    """Every set of coupled channels of ``model``.
-
-    Each :class:`ChannelGroup` lists the parameter/buffer dimensions (with index
-    mapping) that must lose the same channels; unprunable groups say why."""
-    return analyze_model(model, example_inputs, leaf_modules).groups

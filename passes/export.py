@@ -287,8 +287,7 @@ def remove_channels(analysis: ChannelAnalysis, model: nn.Module, kept: Kept) -> 
     # deepcopy takes the shrunk tensors from the memo instead of copying the originals
     new_model = copy.deepcopy(model, memo=dict(shrunk))
     _fix_modules(model, new_model)
-    traced = analysis.traced
-    graphs = [_rebuild_graph(analysis, gi, gm, new_model, sizes) for gi, gm in enumerate(traced.graphs)]
+    graphs = [_rebuild_graph(analysis, gi, gm, new_model, sizes) for gi, gm in enumerate(analysis.captured.graphs)]
     if len(graphs) == 1:
         result: nn.Module = graphs[0]
     else:

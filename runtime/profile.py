@@ -627,6 +627,7 @@ def profile(
     calibration_random: int = 4,
     retries: int = OUTLIER_RETRIES,
     seed: int = 0,
+    analysis: Any = None,
 ) -> LatencyTable:
     """Profile every prunable layer of ``model`` on ``target`` and return a :class:`LatencyTable`.
 
@@ -638,6 +639,9 @@ def profile(
     timed point slower than a point with more channels is timed again up to ``retries``
     times (load bursts), keeping the lowest median. Besides the dense and three uniform-width
     models, ``calibration_random`` random-width models are timed whole to fit the correction.
+    ``analysis`` (a :class:`~spruce.passes.analysis.ChannelAnalysis` of ``model``, which
+    ``spruce.profile`` computes) says which layer dimensions can shrink; without it every
+    layer dimension is profiled and only the dense model calibrates the table.
     Raises :class:`ProfileError` for bad options and ``ValueError`` for an unknown target.
     """
     config = ProfileConfig(step=step, coarse=coarse, edges=edges, warmup=warmup, repeats=repeats,
@@ -650,13 +654,13 @@ def profile(
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     was_training = model.training
     try:
-        return _profile(model, inputs, target, config, cache_dir, use_cache, progress)
+        return _profile(model, inputs, target, config, cache_dir, use_cache, progress, analysis)
     finally:
         model.train(was_training)  # targets put the model in eval mode to export it
 
 
 def _profile(model: nn.Module, inputs: tuple[torch.Tensor, ...], target: Target, config: ProfileConfig,
-             cache_dir: str | os.PathLike | None, use_cache: bool, progress: bool) -> LatencyTable:
+             cache_dir: str | os.PathLike | None, use_cache: bool, progress: bool, analysis: Any) -> LatencyTable:
     fingerprint = target.fingerprint()
     cache = _Cache(Path(cache_dir) if cache_dir is not None else default_cache_dir(), fingerprint) \
         if use_cache else _Cache(None, fingerprint)
@@ -664,7 +668,6 @@ def _profile(model: nn.Module, inputs: tuple[torch.Tensor, ...], target: Target,
     found = find_layers(model, inputs)
     if not found:
         raise ProfileError(f"profile: {type(model).__name__} has no Conv1d/2d/3d or Linear layer to profile")
-    analysis = _try_analysis(model, inputs)
     varying = _varying_dims(analysis, found) if analysis is not None else {n: (1, 1) for n in found}
     entries = {name: _make_entry(name, f, config.step, config.coarse, config.edges, *varying[name])
                for name, f in found.items()}
@@ -678,17 +681,6 @@ def _profile(model: nn.Module, inputs: tuple[torch.Tensor, ...], target: Target,
     samples = _calibration_samples(target, model, inputs, analysis, table, cache, config, progress)
     calibration = fit_calibration(table, samples)
     return LatencyTable(entries, points, fingerprint, calibration, config.step, table.info)
-
-
-def _try_analysis(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> Any:
-    from spruce.passes.analysis import analyze_model
-
-    try:
-        return analyze_model(model, inputs)
-    except Exception as exc:  # an untraceable model can still be profiled, without calibration configs
-        warnings.warn(f"profile: channel analysis failed ({type(exc).__name__}: {exc}); every layer dimension "
-                      "is profiled and only the dense model calibrates the table", stacklevel=3)
-        return None
 
 
 def _table_info(model: nn.Module, inputs: tuple[torch.Tensor, ...], config: ProfileConfig) -> dict[str, Any]:

@@ -179,7 +179,7 @@ class _Context:
 
     def layer_calls(self) -> list[tuple[str, nn.Module, tuple[int, ...]]]:
         """(module name, module, output shape) of every Conv/Linear call in the eval graph."""
-        gm = self.analysis.traced.eval
+        gm = self.analysis.captured.eval
         calls = []
         for node in gm.graph.nodes:
             if node.op != "call_module":
@@ -265,7 +265,7 @@ def _layer_latency(table: Any, entry: Any) -> Callable[[tuple[int, ...]], float]
 def build_cost_model(kind: str, model: nn.Module, analysis: Any, group_ids: Sequence[int] | None = None,
                      latency_table: Any = None) -> CostModel:
     """The ``kind`` cost model of ``model`` whose variable channel groups are ``group_ids``
-    (default: every prunable group of ``analysis``, from ``analyze_model``)."""
+    (default: every prunable group of ``analysis``, from ``spruce.passes.analysis.analyze``)."""
     if kind not in COST_MODELS:
         raise ValueError(f"unknown cost model {kind!r}; valid: {', '.join(sorted(COST_MODELS))}")
     wanted = None if group_ids is None else set(group_ids)

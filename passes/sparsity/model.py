@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn as nn
-from spruce.compiler.trace import trace
-from spruce.passes.analysis import analyze_model
+from spruce.passes.analysis import analyze
 from spruce.passes.export import remove_channels
+from spruce.passes.graph import CapturedGraph
 from spruce.passes.sparsity import method_modules  # noqa: F401  (registers every method)
 from spruce.passes.sparsity.budget import layer_densities
 from spruce.passes.sparsity.channels import channel_units, expand_channel_masks
@@ -27,8 +27,9 @@ from spruce.passes.sparsity.masking import (
     topk_mask,
 )
 from spruce.passes.sparsity.methods import METHODS
+from torch import fx
 
-__all__ = ["SparseModel", "SparseLayer", "sparsify", "STRUCTURES"]
+__all__ = ["SparseModel", "SparseLayer", "STRUCTURES", "check_options", "sparsify_captured"]
 
 STRUCTURES = ("unstructured", "channel", "n:m")
 
@@ -337,7 +338,7 @@ def _select_layers(model: nn.Module, gm, structure: str, m: int, exclude: Iterab
             continue
         chosen.append((name, module))
     if skipped:
-        warnings.warn("sparsify: layers kept dense: " + ", ".join(skipped), stacklevel=3)
+        warnings.warn("sparsify: layers kept dense: " + ", ".join(skipped), stacklevel=4)
     return chosen
 
 
@@ -349,9 +350,26 @@ def _input_spec(example_inputs: object) -> list[tuple[tuple[int, ...], str]] | N
     return [(tuple(t.shape), str(t.dtype).removeprefix("torch.")) for t in inputs]
 
 
-def sparsify(
-    model: nn.Module,
-    example_inputs: object,
+def check_options(method: str, structure: str, sparsity: float, total_steps: int | None,
+                  method_options: dict) -> tuple[object, str, int, int]:
+    """Validate the options of :func:`sparsify_captured` before any graph work.
+
+    Returns the method instance and the parsed structure ``(kind, n, m)``. Raises
+    ``ValueError`` naming the option at fault."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; valid: {', '.join(sorted(METHODS))}")
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
+    kind, n, m = _parse_structure(structure)
+    impl = METHODS[method].from_options(**method_options)
+    if impl.scheduled and (total_steps is None or isinstance(total_steps, bool) or not isinstance(total_steps, int)
+                           or total_steps < 1):
+        raise ValueError(f"method {method!r} is scheduled: pass total_steps (a positive integer), got {total_steps!r}")
+    return impl, kind, n, m
+
+
+def sparsify_captured(
+    captured: CapturedGraph,
     method: str = "static",
     structure: str = "unstructured",
     sparsity: float = 0.9,
@@ -362,24 +380,19 @@ def sparsify(
     latency_table: object = None,
     **method_options,
 ) -> SparseModel:
-    """Insert mask nodes for every Conv/Linear weight of ``model`` and set up ``method``.
+    """Insert mask nodes for every Conv/Linear weight of ``captured.root`` and set up ``method``
+    (see ``spruce.sparsify``, which captures the model and calls this).
 
-    The returned :class:`SparseModel` shares its parameters with ``model``: build the
+    The returned :class:`SparseModel` shares its parameters with ``captured.root``: build the
     optimizer from either. ``budget`` ({"latency": f} with ``latency_table`` from
     ``spruce.profile``, {"flops": f} or {"params": f}; f a fraction of dense) drives the
     channel methods (halp, iee with structure="channel") instead of ``sparsity``.
     Raises ``ValueError`` naming the option at fault."""
     exclude = tuple(exclude)
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; valid: {', '.join(sorted(METHODS))}")
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
-        raise ValueError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
-    kind, n, m = _parse_structure(structure)
-    impl = METHODS[method].from_options(**method_options)
-    if impl.scheduled and (total_steps is None or isinstance(total_steps, bool) or not isinstance(total_steps, int)
-                           or total_steps < 1):
-        raise ValueError(f"method {method!r} is scheduled: pass total_steps (a positive integer), got {total_steps!r}")
-    gm = trace(model, example_inputs)
+    impl, kind, n, m = check_options(method, structure, sparsity, total_steps, method_options)
+    model, example_inputs = captured.root, captured.example_inputs
+    source = captured.graph_for(model.training)
+    gm = fx.GraphModule(model, copy.deepcopy(source.graph), type(model).__name__)  # masks go into a copy
     chosen = _select_layers(model, gm, kind, m, exclude)
     if not chosen:
         raise ValueError("sparsify: the model has no Conv/Linear layer to sparsify")
@@ -399,7 +412,7 @@ def sparsify(
         if distribution != "uniform" and budget is None and not getattr(impl, "budgeted", False):
             raise ValueError("structure='channel' removes the same fraction of every channel group: "
                              "use distribution='uniform'")
-        sm.analysis = analyze_model(model, example_inputs)
+        sm.analysis = analyze(captured)
         sm.units = channel_units(sm.analysis, layers, 1.0 - sparsity)
         if not sm.units:
             raise ValueError("structure='channel': the model has no prunable channel group")

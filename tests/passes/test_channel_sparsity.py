@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torchvision
-from spruce.passes.sparsity.model import sparsify
+from spruce.compiler.api import sparsify
 
 
 def resnet():

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from spruce.compiler.api import profile, sparsify
 from spruce.passes.sparsity.knapsack import InfeasibleBudget
-from spruce.passes.sparsity.model import sparsify
-from spruce.runtime.profile import profile
 from torch import nn
 
 

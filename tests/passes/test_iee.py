@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn as nn
-from spruce.passes.sparsity.model import sparsify
+from spruce.compiler.api import sparsify
 
 
 def cnn():

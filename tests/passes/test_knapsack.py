@@ -12,8 +12,8 @@ import torch
 import torchvision
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from spruce.compiler.api import analyze_model, profile
 from spruce.compiler.stats import count_macs, count_params
-from spruce.passes.analysis import analyze_model
 from spruce.passes.export import remove_channels
 from spruce.passes.importance import importance_scores, param_table
 from spruce.passes.sparsity.knapsack import (
@@ -27,7 +27,6 @@ from spruce.passes.sparsity.knapsack import (
     select_measured,
     solve_mckp,
 )
-from spruce.runtime.profile import profile
 from torch import nn
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from spruce.passes.sparsity.model import sparsify
+from spruce.compiler.api import sparsify
 
 # short schedules in these tests end below P (Eq. 16); the warning has its own test
 pytestmark = pytest.mark.filterwarnings("ignore:optg. with alpha")

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+from spruce.compiler.api import sparsify
 from spruce.passes.sparsity.budget import layer_densities
 from spruce.passes.sparsity.masking import nm_counts, nm_mask
-from spruce.passes.sparsity.model import sparsify
 
 
 def cnn():

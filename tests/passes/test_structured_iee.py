@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from spruce.passes.sparsity.model import sparsify
+from spruce.compiler.api import sparsify
 from torch import nn
 
 

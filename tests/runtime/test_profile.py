@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from spruce.compiler import cli, cli_profile
-from spruce.passes.analysis import analyze_model
+from spruce.compiler.api import analyze_model, profile
 from spruce.runtime.profile import (
     LatencyTable,
     LayerEntry,
@@ -19,7 +19,6 @@ from spruce.runtime.profile import (
     compact_at_widths,
     find_layers,
     layer_signature,
-    profile,
     random_group_widths,
 )
 from spruce.targets.base import resized_layer

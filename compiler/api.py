@@ -1,0 +1,77 @@
+"""The public entry points that take a model: each captures it, then hands the graph to a pass.
+
+Passes never capture models (they take a :class:`~spruce.passes.graph.CapturedGraph`);
+these functions are where a model becomes a graph.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable
+from typing import Any
+
+from spruce.compiler.trace import capture
+from spruce.passes.analysis import ChannelAnalysis, ChannelGroup, analyze
+from spruce.passes.sparsity.model import SparseModel, check_options, sparsify_captured
+from spruce.runtime.profile import LatencyTable
+from spruce.runtime.profile import profile as profile_captured
+from torch import nn
+
+__all__ = ["analyze_model", "channel_groups", "profile", "sparsify"]
+
+
+def analyze_model(model: nn.Module, example_inputs: object, leaf_modules: Iterable[object] = ()) -> ChannelAnalysis:
+    """Capture ``model`` (eval and, where it differs, training mode) and analyse its channels.
+
+    Raises :class:`spruce.TraceError` when the model cannot be captured."""
+    return analyze(capture(model, example_inputs, leaf_modules))
+
+
+def channel_groups(model: nn.Module, example_inputs: object, leaf_modules: Iterable[object] = ()) -> list[ChannelGroup]:
+    """Every set of coupled channels of ``model``.
+
+    Each :class:`ChannelGroup` lists the parameter/buffer dimensions (with index
+    mapping) that must lose the same channels; unprunable groups say why."""
+    return analyze_model(model, example_inputs, leaf_modules).groups
+
+
+def sparsify(
+    model: nn.Module,
+    example_inputs: object,
+    method: str = "static",
+    structure: str = "unstructured",
+    sparsity: float = 0.9,
+    distribution: str = "erk",
+    total_steps: int | None = None,
+    exclude: Iterable[str] = (),
+    budget: dict[str, float] | None = None,
+    latency_table: object = None,
+    **method_options,
+) -> SparseModel:
+    """Insert mask nodes for every Conv/Linear weight of ``model`` and set up ``method``.
+
+    The returned :class:`SparseModel` shares its parameters with ``model``: build the
+    optimizer from either. ``budget`` ({"latency": f} with ``latency_table`` from
+    ``spruce.profile``, {"flops": f} or {"params": f}; f a fraction of dense) drives the
+    channel methods (halp, iee with structure="channel") instead of ``sparsity``.
+    Raises ``ValueError`` naming the option at fault (before the model is captured) and
+    :class:`spruce.TraceError` when the model cannot be captured."""
+    check_options(method, structure, sparsity, total_steps, method_options)
+    captured = capture(model, example_inputs)
+    return sparsify_captured(captured, method, structure, sparsity, distribution, total_steps, exclude, budget,
+                             latency_table, **method_options)
+
+
+def profile(model: nn.Module, example_inputs: Any, target: Any = "onnxruntime", step: int = 8,
+            **options: Any) -> LatencyTable:
+    """Profile every prunable layer of ``model`` on ``target`` into a latency table
+    (:func:`spruce.runtime.profile.profile`, whose options this takes), with the channel
+    analysis that tells which layer dimensions can shrink. A model that cannot be captured
+    is still profiled, every layer dimension varied, with a warning."""
+    try:
+        analysis = analyze_model(model, example_inputs)
+    except Exception as exc:  # an uncapturable model can still be profiled, without calibration configs
+        warnings.warn(f"profile: channel analysis failed ({type(exc).__name__}: {exc}); every layer dimension "
+                      "is profiled and only the dense model calibrates the table", stacklevel=2)
+        analysis = None
+    return profile_captured(model, example_inputs, target, step, analysis=analysis, **options)
