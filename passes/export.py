@@ -12,8 +12,9 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from spruce.passes.analysis import ChannelAnalysis, SizeRead, Space, TensorDims
 from torch import fx, nn
+
+from .analysis import ChannelAnalysis, SizeRead, Space, TensorDims
 
 __all__ = ["MODULE_FIXERS", "ModeSwitch", "mask_channels", "remove_channels"]
 

@@ -18,9 +18,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from spruce.passes.analysis import Analyzer, ShapeOf, SizeRead, Space, TensorDims, iter_spaces
 from torch import fx, nn
 from torch.fx.passes.shape_prop import TensorMetadata
+
+from .analysis import Analyzer, ShapeOf, SizeRead, Space, TensorDims, iter_spaces
 
 __all__ = ["FUNCTION_RULES", "METHOD_RULES", "MODULE_RULES", "SHAPE_CONSUMERS", "apply_rules"]
 

@@ -10,15 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from spruce.passes.analysis import ChannelAnalysis, ChannelGroup, Member
-from spruce.passes.importance import importance_scores, param_table, register_importance
+from torch import nn
 
-if TYPE_CHECKING:
-    from spruce.passes.sparsity.model import SparseLayer, SparseModel
+from ..analysis import ChannelAnalysis, ChannelGroup, Member
+from ..importance import importance_scores, param_table, register_importance
+from .layers import SparseLayer
 
 __all__ = ["ChannelUnit", "channel_units", "expand_channel_masks", "channel_scores", "taylor", "taylor_bn"]
 
@@ -68,11 +67,11 @@ def expand_channel_masks(units: list[ChannelUnit], layers: list[SparseLayer]) ->
         layer.masked.set_mask(masks[layer.name])
 
 
-def channel_scores(sm: SparseModel, unit: ChannelUnit, criterion: str = "l1",
+def channel_scores(model: nn.Module, unit: ChannelUnit, criterion: str = "l1",
                    rng: np.random.Generator | None = None) -> torch.Tensor:
-    """Importance of each channel of ``unit`` (the channel criteria registry,
+    """Importance of each channel of ``unit`` in ``model`` (the channel criteria registry,
     :data:`spruce.passes.importance.IMPORTANCE`; ``taylor``/``taylor_bn`` read gradients)."""
-    params = param_table(sm._source[0])
+    params = param_table(model)
     return torch.as_tensor(importance_scores(criterion, unit.group, params, rng or np.random.default_rng(0)))
 
 

@@ -7,16 +7,14 @@ method asked for one, else the weight's own gradient."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import torch
 
-if TYPE_CHECKING:
-    from spruce.passes.sparsity.model import SparseLayer
+from .layers import SparseLayer
 
 __all__ = ["CRITERIA", "register_criterion", "importance"]
 
-Criterion = Callable[["SparseLayer"], torch.Tensor]
+Criterion = Callable[[SparseLayer], torch.Tensor]
 CRITERIA: dict[str, Criterion] = {}
 
 

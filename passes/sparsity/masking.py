@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = ["MaskedWeight", "WEIGHT_FNS", "insert_masks", "topk_mask", "nm_groups", "nm_mask", "SPARSE_LAYER_TYPES",
-           "pack_bits", "unpack_bits"]
+           "pack_bits", "unpack_bits", "nm_group_max"]
 
 SPARSE_LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 _FUNCTIONAL = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
@@ -201,3 +201,10 @@ def nm_refill(active: torch.Tensor, scores: torch.Tensor, n: int, m: int) -> tor
 def nm_counts(mask: torch.Tensor, m: int) -> torch.Tensor:
     """Non-zeros per N:M group (for checks)."""
     return _to_groups(mask.to(torch.int32), m).sum(dim=1)
+
+
+def nm_group_max(values: torch.Tensor, m: int) -> torch.Tensor:
+    """``values`` with every entry replaced by the largest value of its N:M group of ``m``."""
+    groups = _to_groups(values, m)
+    per_group = groups.max(dim=1, keepdim=True).values.expand_as(groups)
+    return _from_groups(per_group.contiguous(), tuple(values.shape))

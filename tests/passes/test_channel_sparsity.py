@@ -55,8 +55,8 @@ def test_gmp_on_channels_follows_the_schedule():
         opt.step()
         sm.step()
         for unit in sm.units:
-            expected = unit.keep_count(1.0 - sm.method._schedule(sm, sm.step_count, 0.5))
-            if sm.method.is_update(sm, sm.step_count):
+            expected = unit.keep_count(1.0 - sm.method.schedule(sm.step_count, 0.5))
+            if sm.method.is_update(sm.step_count):
                 assert int(unit.mask.sum()) == expected
     assert all(int(u.mask.sum()) == u.keep_count() for u in sm.units)
 

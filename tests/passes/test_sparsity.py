@@ -103,10 +103,10 @@ def test_prune_grow_keeps_sparsity_exactly_and_grown_weights_start_at_zero(metho
 def test_rigl_cosine_drop_fraction():
     sm = sparsify(cnn(), X, method="rigl", sparsity=0.9, total_steps=400)
     rigl = sm.method
-    assert rigl.drop_fraction(sm, 0) == pytest.approx(0.3)
-    assert rigl.drop_fraction(sm, 150) == pytest.approx(0.15)
-    assert rigl.drop_fraction(sm, 300) == pytest.approx(0.0, abs=1e-12)
-    assert rigl.is_update(sm, 100) and not rigl.is_update(sm, 300) and not rigl.is_update(sm, 150)
+    assert rigl.drop_fraction(0) == pytest.approx(0.3)
+    assert rigl.drop_fraction(150) == pytest.approx(0.15)
+    assert rigl.drop_fraction(300) == pytest.approx(0.0, abs=1e-12)
+    assert rigl.is_update(100) and not rigl.is_update(300) and not rigl.is_update(150)
 
 
 def test_rigl_grows_where_the_dense_gradient_is_largest():
@@ -130,15 +130,15 @@ def test_gmp_follows_the_cubic_schedule():
     sm = sparsify(cnn(), X, method="gmp", sparsity=0.9, distribution="uniform", total_steps=40, delta_t=10)
     gmp = sm.method
     layer = sm.layers[1]
-    assert gmp.target(sm, layer, 0) == pytest.approx(0.0)
-    assert gmp.target(sm, layer, 15) == pytest.approx(0.9 * (1 - 0.5**3))
+    assert gmp.target(layer, 0) == pytest.approx(0.0)
+    assert gmp.target(layer, 15) == pytest.approx(0.9 * (1 - 0.5**3))
     seen = {}
 
     def check(s):
         seen[s.step_count] = s.sparsities()[layer.name]
 
     train(sm, 40, check=check)
-    assert seen[10] == pytest.approx(gmp.target(sm, layer, 10), abs=1e-3)
+    assert seen[10] == pytest.approx(gmp.target(layer, 10), abs=1e-3)
     assert seen[30] == pytest.approx(0.9, abs=1e-3)
     assert seen[40] == pytest.approx(0.9, abs=1e-3)
 
