@@ -5,15 +5,19 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
-from spruce.compiler.api import analyze_model
-from spruce.passes.analysis import ChannelAnalysis, ChannelGroup
-from spruce.passes.export import mask_channels, remove_channels
-from spruce.passes.importance import IMPORTANCE, importance_scores, param_table
+from pydantic import Field, field_validator
 from torch import nn
 
-__all__ = ["PruneResult", "prune", "select_channels"]
+from ..passes.analysis import ChannelAnalysis, ChannelGroup
+from ..passes.config import Config
+from ..passes.export import mask_channels, remove_channels
+from ..passes.importance import IMPORTANCE, importance_scores, param_table
+from .api import analyze_model
+
+__all__ = ["PruneConfig", "PruneResult", "prune", "select_channels"]
 
 
 @dataclass
@@ -38,13 +42,30 @@ class PruneResult:
         return self._masked
 
 
+class PruneConfig(Config):
+    """The options of :func:`prune` and ``spruce prune``: the fraction of each group's channels
+    removed, the channel criterion (:data:`~spruce.passes.importance.IMPORTANCE`), and the
+    multiple kept counts are rounded up to."""
+
+    owner: ClassVar[str] = "prune"
+
+    ratio: float = Field(0.5, ge=0, lt=1)
+    importance: str = "l1"
+    round_to: int | None = Field(None, ge=1)
+
+    @field_validator("importance")
+    @classmethod
+    def _registered(cls, value: str) -> str:
+        if value not in IMPORTANCE:
+            raise ValueError(f"unknown importance {value!r}; valid: {', '.join(sorted(IMPORTANCE))}")
+        return value
+
+
+_DEFAULTS = PruneConfig()
+
+
 def _validate(ratio: float, importance: str, round_to: int | None) -> None:
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio < 1.0:
-        raise ValueError(f"ratio must be a number in [0, 1), got {ratio!r}")
-    if importance not in IMPORTANCE:
-        raise ValueError(f"unknown importance {importance!r}; valid: {', '.join(sorted(IMPORTANCE))}")
-    if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
-        raise ValueError(f"round_to must be a positive integer or None, got {round_to!r}")
+    PruneConfig(ratio=ratio, importance=importance, round_to=round_to)
 
 
 def _ignored_members(model: nn.Module, ignore: Iterable[object]) -> set[tuple[str, int]]:
@@ -82,8 +103,8 @@ def select_channels(
     model: nn.Module,
     groups: list[ChannelGroup],
     ratio: float,
-    importance: str = "l1",
-    round_to: int | None = None,
+    importance: str = _DEFAULTS.importance,
+    round_to: int | None = _DEFAULTS.round_to,
     ignore: Iterable[object] = (),
     seed: int = 0,
 ) -> dict[int, np.ndarray]:
@@ -111,9 +132,9 @@ def select_channels(
 def prune(
     model: nn.Module,
     example_inputs: object,
-    ratio: float = 0.5,
-    importance: str = "l1",
-    round_to: int | None = None,
+    ratio: float = _DEFAULTS.ratio,
+    importance: str = _DEFAULTS.importance,
+    round_to: int | None = _DEFAULTS.round_to,
     ignore: Iterable[object] = (),
     leaf_modules: Iterable[object] = (),
     seed: int = 0,

@@ -24,7 +24,7 @@ from .knapsack import Budget
 from .layers import TRACKED, SparseLayer, check_finite
 from .masking import SPARSE_LAYER_TYPES, MaskedWeight, insert_masks, nm_groups
 from .method import Method, MethodConfig
-from .registry import method_names, resolve_method
+from .registry import SPARSIFY_DEFAULT, method_names, resolve_method
 
 __all__ = ["SparseModel", "SparseLayer", "SparsifySpec", "STRUCTURES", "check_combination", "check_options",
            "sparsify_captured"]
@@ -368,7 +368,7 @@ def _configs() -> dict[str, type[MethodConfig]]:
 
 def sparsify_captured(
     captured: CapturedGraph,
-    method: str | MethodConfig | Mapping[str, Any] = "static",
+    method: str | MethodConfig | Mapping[str, Any] = SPARSIFY_DEFAULT,
     structure: str = "unstructured",
     sparsity: float = 0.9,
     distribution: str = "erk",

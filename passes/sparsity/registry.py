@@ -17,7 +17,12 @@ from ..config import ConfigError
 from . import methods as _builtin  # noqa: F401  (registers every built-in method)
 from .method import METHODS, MethodConfig
 
-__all__ = ["METHODS", "method_config", "method_names", "resolve_method"]
+__all__ = ["COMPILE_DEFAULT", "METHODS", "SPARSIFY_DEFAULT", "method_config", "method_names", "resolve_method"]
+
+# the method ``sparsify`` sets up when none is named, and the one a compile recipe defaults to
+# (the embedded example: latency-budgeted structured IEE); the compiler names no method itself
+SPARSIFY_DEFAULT = "static"
+COMPILE_DEFAULT = "iee"
 
 
 ENTRY_POINT_GROUP = "spruce.methods"

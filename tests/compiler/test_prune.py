@@ -25,7 +25,7 @@ X = torch.randn(2, 3, 8, 8)
 
 @pytest.mark.parametrize("ratio", [-0.1, 1.0, 1.5, float("nan"), "0.5", True])
 def test_bad_ratio_is_a_value_error(ratio):
-    with pytest.raises(ValueError, match=r"ratio must be a number in \[0, 1\)"):
+    with pytest.raises(ValueError, match=r"prune: ratio must be"):
         spruce.prune(small_cnn(), X, ratio=ratio)
 
 
