@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 import spruce
@@ -155,6 +156,36 @@ def test_newer_format_version_is_refused(saved, tmp_path):
     checkpoint["version"] = FORMAT_VERSION
     torch.save(checkpoint, newer)
     refused(newer, cnn(), "recipe.method")
+
+
+V1 = Path(__file__).resolve().parents[1] / "data" / "checkpoint_v1_rigl.pt"  # written by spruce at a5751ab
+
+
+def test_a_format_1_checkpoint_is_migrated_when_read():
+    old = torch.load(V1, weights_only=True)
+    assert old["version"] == 1 and old["recipe"]["method"] == "rigl" and "options" in old["recipe"]
+    checkpoint = read(V1)
+    assert checkpoint["version"] == FORMAT_VERSION == 2
+    assert checkpoint["recipe"]["method"] == {"name": "rigl", **old["recipe"]["options"]}
+    assert checkpoint["recipe"]["budget"] is None
+    sm = load(V1, _golden_cnn())  # the resumed run is checked bitwise in test_golden.py
+    assert sm.method.config == spruce.RigLConfig(**old["recipe"]["options"]) and sm.step_count == 10
+
+
+def test_a_bad_format_1_checkpoint_is_refused_clearly(tmp_path):
+    old = torch.load(V1, weights_only=True)
+    bad = tmp_path / "bad_v1.pt"
+    torch.save({**old, "recipe": {**old["recipe"], "options": {**old["recipe"]["options"], "delta_t": 0}}}, bad)
+    refused(bad, _golden_cnn(), r"invalid options for method 'rigl'.*delta_t must be >= 1")
+    del old["recipe"]["options"]
+    torch.save(old, bad)
+    refused(bad, _golden_cnn(), "recipe.options is missing")
+
+
+def _golden_cnn() -> nn.Module:
+    import golden_methods
+
+    return golden_methods._cnn()
 
 
 def test_other_architecture_is_refused_untouched(saved):

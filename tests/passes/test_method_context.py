@@ -24,38 +24,35 @@ def cnn() -> nn.Module:
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4))
 
 
-class SpyConfig(MethodConfig):
-    name: ClassVar[str] = "spy_context"
-    structures: ClassVar[tuple[str, ...]] = ("unstructured", "channel")
-    budgeted: ClassVar[bool] = True
+@pytest.fixture(scope="module")
+def spy():
+    """A method registered for these tests only: it records what it sees at initialize."""
 
+    class SpyConfig(MethodConfig):
+        name: ClassVar[str] = "spy_context"
+        structures: ClassVar[tuple[str, ...]] = ("unstructured", "channel")
+        budgeted: ClassVar[bool] = True
 
-@register_method(SpyConfig)
-class Spy(Method):
-    """Records what it is given at initialize, and what it sees then."""
+    @register_method(SpyConfig)
+    class Spy(Method):
+        def set_initial_masks(self) -> None:
+            ctx = self.ctx
+            self.seen = {"layers": [layer.name for layer in ctx.layers], "units": len(ctx.units),
+                         "groups": len(ctx.groups)}
+            if ctx.structure.kind == "channel":
+                for unit in ctx.units:
+                    ctx.set_channel_mask(unit, torch.ones(unit.group.size, dtype=torch.bool))
+            else:
+                super().set_initial_masks()
 
-    def set_initial_masks(self) -> None:
-        ctx = self.ctx
-        self.seen = {"layers": [layer.name for layer in ctx.layers], "masks": [layer.masked.mask.shape
-                                                                                for layer in ctx.layers],
-                     "units": len(ctx.units), "groups": len(ctx.groups)}
-        if ctx.structure.kind == "channel":
-            for unit in ctx.units:
-                ctx.set_channel_mask(unit, torch.ones(unit.group.size, dtype=torch.bool))
-        else:
-            super().set_initial_masks()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _unregister_spy():
-    yield
+    yield SpyConfig
     METHODS.pop("spy_context", None)
 
 
-def test_a_method_receives_the_complete_frozen_context_at_initialize():
+def test_a_method_receives_the_complete_frozen_context_at_initialize(spy):
     model = cnn()
     table = object()
-    sm = sparsify(model, X, SpyConfig(), structure="channel", budget={"flops": 0.5}, latency_table=table,
+    sm = sparsify(model, X, spy(), structure="channel", budget={"flops": 0.5}, latency_table=table,
                   total_steps=12)
     ctx = sm.method.ctx
     assert isinstance(ctx, MethodContext) and ctx is sm.context
