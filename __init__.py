@@ -19,6 +19,7 @@ from spruce.compiler.prune import PruneResult, prune
 from spruce.compiler.recipes import Recipe
 from spruce.compiler.trace import TraceError, trace
 from spruce.passes.analysis import ChannelGroup, Member, channel_groups
+from spruce.passes.export import CompactModelError
 from spruce.passes.sparsity.model import SparseModel, sparsify
 from spruce.runtime.bench import BenchReport, bench
 from spruce.runtime.profile import LatencyTable, LayerEntry, profile
@@ -33,6 +34,7 @@ __all__ = [
     "LatencyTable",
     "LayerEntry",
     "CheckpointError",
+    "CompactModelError",
     "Member",
     "PruneResult",
     "SparseModel",
