@@ -11,16 +11,18 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn as nn
-from spruce.compiler.trace import trace
+from spruce.compiler.trace import as_input_tuple, trace
 from spruce.passes.analysis import analyze_model
-from spruce.passes.export import remove_channels
+from spruce.passes.export import check_runs, remove_channels
 from spruce.passes.sparsity import method_modules  # noqa: F401  (registers every method)
-from spruce.passes.sparsity.budget import layer_densities
+from spruce.passes.sparsity.budget import DISTRIBUTIONS, layer_densities
 from spruce.passes.sparsity.channels import channel_units, expand_channel_masks
 from spruce.passes.sparsity.distributed import average_captured_grads, sync_from_rank0
 from spruce.passes.sparsity.masking import (
     SPARSE_LAYER_TYPES,
     MaskedWeight,
+    global_topk_masks,
+    input_channel_dim,
     insert_masks,
     nm_groups,
     nm_mask,
@@ -49,6 +51,11 @@ class SparseLayer:
     batchnorm: nn.Module | None = field(default=None, repr=False)  # the BatchNorm right after, if any
 
     _TRACKED = ("previous", "ever_active", "last_grown", "grown", "after_prune")
+
+    @property
+    def in_dim(self) -> int:
+        """The weight dimension of the input channels (N:M groups run along it)."""
+        return input_channel_dim(self.module)
 
 
 def _parse_structure(structure: str) -> tuple[str, int, int]:
@@ -86,6 +93,7 @@ class SparseModel(nn.Module):
         self.sparsity: float | None = None
         self.exclude: tuple[str, ...] = ()
         self.input_spec: list[tuple[tuple[int, ...], str]] | None = None  # example inputs' shapes and dtypes
+        self._example: tuple | None = None  # the example inputs, to check that compact() runs
         self.units: list = []  # ChannelUnits for structure="channel"
         self.analysis = None
         self.step_count = 0
@@ -164,31 +172,26 @@ class SparseModel(nn.Module):
     def random_mask(self, layer: SparseLayer, density: float, generator: torch.Generator) -> torch.Tensor:
         scores = torch.rand(layer.masked.mask_shape, generator=generator)
         if self.structure == "n:m":
-            return nm_mask(scores, self.n, self.m)
+            return nm_mask(scores, self.n, self.m, layer.in_dim)
         return topk_mask(scores, self._count(layer, density))
 
     def magnitude_mask(self, layer: SparseLayer, density: float, within: torch.Tensor | None = None) -> torch.Tensor:
         scores = _finite(layer.module.weight.detach().abs().float(), layer, "weight magnitude")
         if self.structure == "n:m":
-            return nm_mask(scores, self.n, self.m)
+            return nm_mask(scores, self.n, self.m, layer.in_dim)
         if within is not None:
             scores = torch.where(within, scores, torch.full_like(scores, -1.0))
         return topk_mask(scores, self._count(layer, density))
 
     def global_magnitude_masks(self, density: float, within: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
         """Masks keeping the ``density`` fraction of all sparse weights with the largest
-        magnitudes, one threshold across layers (the ``global`` distribution)."""
-        scores = [layer.module.weight.detach().abs().float().flatten() for layer in self.layers]
+        magnitudes, one threshold across layers (the ``global`` distribution); every layer
+        keeps at least its largest weight."""
+        scores = [layer.module.weight.detach().abs().float() for layer in self.layers]
         if within is not None:
-            scores = [torch.where(w.flatten(), s, torch.full_like(s, -1.0)) for s, w in zip(scores, within)]
-        flat = torch.cat(scores)
-        keep = topk_mask(flat, int(round(density * flat.numel())))
-        masks, offset = [], 0
-        for layer in self.layers:
-            n = layer.masked.mask_shape.numel()
-            masks.append(keep[offset : offset + n].view(layer.masked.mask_shape))
-            offset += n
-        return masks
+            scores = [torch.where(w, s, torch.full_like(s, -1.0)) for s, w in zip(scores, within)]
+        total = sum(s.numel() for s in scores)
+        return global_topk_masks(scores, max(len(scores), int(round(density * total))))
 
     @torch.no_grad()
     def prune_grow(self, layer: SparseLayer, k: int, grow_scores: torch.Tensor, init: str = "zero") -> None:
@@ -227,10 +230,15 @@ class SparseModel(nn.Module):
 
     def compact(self) -> nn.Module:
         """For structure="channel": the physically smaller model (masked channels removed)
-        with the current weights; it computes what this model computes in eval mode."""
+        with the current weights; it computes what this model computes in eval mode. It is
+        run once on the example input before it is returned: raises
+        :class:`~spruce.passes.export.CompactModelError` naming the node that fails."""
         if self.structure != "channel":
             raise ValueError("compact() needs structure='channel'; use fold() for other structures")
-        return remove_channels(self.analysis, self._source[0], self.kept_channels())
+        compact = remove_channels(self.analysis, self._source[0], self.kept_channels())
+        if self._example is not None:
+            check_runs(compact, self._example, self._source[0], "compact model")
+        return compact
 
     # ---- reporting -------------------------------------------------------------------
     def sparsities(self) -> dict[str, float]:
@@ -316,7 +324,43 @@ def _iou(a: torch.Tensor, b: torch.Tensor) -> float:
     return 1.0 if union == 0 else int((a & b).sum()) / union
 
 
+def _standard_forward(module: nn.Module) -> bool:
+    """Does the module compute what its base Conv/Linear class computes (no overridden forward)?
+    The mask pass replaces the call with the base class's functional form."""
+    base = next(t for t in SPARSE_LAYER_TYPES if isinstance(module, t))
+    return type(module).forward is base.forward
+
+
+def _called_with_extra_args(gm, name: str) -> bool:
+    return any(n.op == "call_module" and n.target == name and (len(n.args) > 1 or n.kwargs)
+               for n in gm.graph.nodes)
+
+
+def _dense_by_design(gm, model: nn.Module, called: set[str], chosen: set[str], excluded: set[str]) -> list[str]:
+    """Weight tensors (2+ dims) the model uses outside a maskable layer call: modules of other
+    types (Embedding, MultiheadAttention, ...) and parameters read by the model's own code
+    (``F.conv2d(x, self.filt)``, a Conv subclass with its own forward)."""
+    out = []
+    for name, module in model.named_modules():
+        if name in called and name not in chosen and name not in excluded \
+                and not isinstance(module, SPARSE_LAYER_TYPES) and "Norm" not in type(module).__name__ \
+                and any(p.dim() >= 2 for p in module.parameters(recurse=False)):
+            out.append(f"{name} ({type(module).__name__} layers are not supported)")
+    params = dict(model.named_parameters())
+    for node in gm.graph.nodes:
+        if node.op != "get_attr":
+            continue
+        param = params.get(node.target)
+        owner = node.target.rpartition(".")[0]
+        if param is None or param.dim() < 2 or owner in excluded:
+            continue
+        users = ", ".join(sorted(f"'{u.name}'" for u in node.users))
+        out.append(f"{node.target} (read by the model's code at node {users}, not through a layer call)")
+    return out
+
+
 def _select_layers(model: nn.Module, gm, structure: str, m: int, exclude: Iterable[str]) -> list[tuple[str, nn.Module]]:
+    """The layers to mask; every other layer with a weight is named in one warning, with why."""
     excluded = set(exclude)
     called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
     chosen, skipped = [], []
@@ -332,10 +376,18 @@ def _select_layers(model: nn.Module, gm, structure: str, m: int, exclude: Iterab
         if isinstance(module, nn.modules.conv._ConvNd) and module.padding_mode != "zeros":
             skipped.append(f"{name} (padding_mode {module.padding_mode})")
             continue
-        if structure == "n:m" and nm_groups(tuple(module.weight.shape), m) is None:
-            skipped.append(f"{name} (input channels {module.weight.shape[1]} not divisible by {m})")
+        if not _standard_forward(module):
+            skipped.append(f"{name} ({type(module).__name__} overrides forward)")
+            continue
+        if _called_with_extra_args(gm, name):
+            skipped.append(f"{name} (called with arguments besides its input, e.g. output_size)")
+            continue
+        in_dim = input_channel_dim(module)
+        if structure == "n:m" and nm_groups(tuple(module.weight.shape), m, in_dim) is None:
+            skipped.append(f"{name} (input channels {module.weight.shape[in_dim]} not divisible by {m})")
             continue
         chosen.append((name, module))
+    skipped += _dense_by_design(gm, model, called, {name for name, _ in chosen}, excluded)
     if skipped:
         warnings.warn("sparsify: layers kept dense: " + ", ".join(skipped), stacklevel=3)
     return chosen
@@ -375,6 +427,8 @@ def sparsify(
     if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
     kind, n, m = _parse_structure(structure)
+    if distribution not in DISTRIBUTIONS:
+        raise ValueError(f"unknown distribution {distribution!r}; valid: {', '.join(DISTRIBUTIONS)}")
     impl = METHODS[method].from_options(**method_options)
     if impl.scheduled and (total_steps is None or isinstance(total_steps, bool) or not isinstance(total_steps, int)
                            or total_steps < 1):
@@ -383,9 +437,13 @@ def sparsify(
     chosen = _select_layers(model, gm, kind, m, exclude)
     if not chosen:
         raise ValueError("sparsify: the model has no Conv/Linear layer to sparsify")
-    densities = layer_densities([tuple(mod.weight.shape) for _, mod in chosen], sparsity, distribution)
     if kind == "n:m":
         densities = [n / m] * len(chosen)
+    elif kind == "channel":  # every channel unit keeps at least one channel
+        densities = [1.0 - sparsity] * len(chosen)
+    else:
+        densities = layer_densities([tuple(mod.weight.shape) for _, mod in chosen], sparsity, distribution,
+                                    [name for name, _ in chosen])
     masks = {name: MaskedWeight(torch.ones_like(mod.weight, dtype=torch.bool)) for name, mod in chosen}
     norms = _following_batchnorms(gm, masks)
     insert_masks(gm, masks)
@@ -395,14 +453,19 @@ def sparsify(
     ]
     sm = SparseModel(model, gm, layers, impl, total_steps, kind, n, m, distribution)
     sm.sparsity, sm.exclude, sm.input_spec = float(sparsity), exclude, _input_spec(example_inputs)
+    sm._example = as_input_tuple(example_inputs)
     if kind == "channel":
         if distribution != "uniform" and budget is None and not getattr(impl, "budgeted", False):
             raise ValueError("structure='channel' removes the same fraction of every channel group: "
                              "use distribution='uniform'")
         sm.analysis = analyze_model(model, example_inputs)
-        sm.units = channel_units(sm.analysis, layers, 1.0 - sparsity)
+        sm.units, left_out = channel_units(sm.analysis, layers, 1.0 - sparsity)
+        if left_out:
+            warnings.warn("sparsify: channel groups kept whole: " + ", ".join(left_out), stacklevel=2)
         if not sm.units:
-            raise ValueError("structure='channel': the model has no prunable channel group")
+            raise ValueError("structure='channel': the model has no prunable channel group"
+                             + (f" whose weights are all masked ({len(left_out)} left out, see the warning)"
+                                if left_out else ""))
         if not impl.supports_channels:
             raise ValueError(f"method {method!r} does not support structure='channel' yet; "
                              f"use one of: {', '.join(sorted(k for k, v in METHODS.items() if v.supports_channels))}")
