@@ -104,8 +104,8 @@ def select_channels(
         if round_to and n_keep < group.size:
             n_keep = min(group.size, math.ceil(n_keep / round_to) * round_to)
             if n_keep >= group.size:
-                rounded_whole.append(f"group {group.id} ({group.members[0].name} dim {group.members[0].dim}, "
-                                     f"{group.size} channels)")
+                named = next((m for m in group.members if m.name.endswith("weight")), group.members[0])
+                rounded_whole.append(f"group {group.id} ({named.name} dim {named.dim}, {group.size} channels)")
         if n_keep >= group.size:
             continue
         scores = importance_scores(importance, group, params, rng)
