@@ -414,13 +414,17 @@ def sparsify(
     latency_table: object = None,
     **method_options,
 ) -> SparseModel:
-    """Insert mask nodes for every Conv/Linear weight of ``model`` and set up ``method``.
+    """Insert mask nodes for every Conv1d/2d/3d, ConvTranspose1d/2d/3d and Linear weight of
+    ``model`` and set up ``method``.
 
     The returned :class:`SparseModel` shares its parameters with ``model``: build the
     optimizer from either. ``budget`` ({"latency": f} with ``latency_table`` from
     ``spruce.profile``, {"flops": f} or {"params": f}; f a fraction of dense) drives the
     channel methods (halp, iee with structure="channel") instead of ``sparsity``.
-    Raises ``ValueError`` naming the option at fault."""
+    Every layer left dense, and every channel group kept whole because a dense weight
+    reads it, is named in a warning. Every layer keeps at least one weight. Raises
+    ``ValueError`` naming the option at fault (a ``uniform`` sparsity that would empty a
+    layer names the layer and the highest feasible sparsity)."""
     exclude = tuple(exclude)
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid: {', '.join(sorted(METHODS))}")
