@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn as nn
-from spruce.compiler.trace import as_input_tuple, trace
+from spruce.compiler.trace import as_input_tuple, trace_modes
 from spruce.passes.analysis import analyze_model
 from spruce.passes.export import check_runs, remove_channels
 from spruce.passes.sparsity import method_modules  # noqa: F401  (registers every method)
@@ -84,6 +84,10 @@ class SparseModel(nn.Module):
                  total_steps: int | None, structure: str, n: int, m: int, distribution: str = "erk"):
         super().__init__()
         self.graph = graph
+        # (eval graph, training graph) when the model's code differs between modes (dropout with
+        # training=self.training, auxiliary heads): forward runs the one of the current mode.
+        # Not registered: both share ``graph``'s submodules, parameters and masks.
+        self._mode_graphs: tuple[nn.Module, nn.Module] | None = None
         self.layers = layers
         self.method = method
         self.total_steps = total_steps
@@ -106,7 +110,8 @@ class SparseModel(nn.Module):
         capture = self.training and torch.is_grad_enabled() and self.method.wants_dense_grad(self, self.step_count + 1)
         for layer in self.layers:
             layer.masked.capture_dense_grad = capture
-        return self.graph(*args, **kwargs)
+        graph = self.graph if self._mode_graphs is None else self._mode_graphs[int(self.training)]
+        return graph(*args, **kwargs)
 
     def attach(self, optimizer: torch.optim.Optimizer) -> SparseModel:
         """Reset the optimizer state of weights that are pruned or regrown at each update."""
@@ -359,10 +364,12 @@ def _dense_by_design(gm, model: nn.Module, called: set[str], chosen: set[str], e
     return out
 
 
-def _select_layers(model: nn.Module, gm, structure: str, m: int, exclude: Iterable[str]) -> list[tuple[str, nn.Module]]:
-    """The layers to mask; every other layer with a weight is named in one warning, with why."""
+def _select_layers(model: nn.Module, graphs: list, structure: str, m: int,
+                   exclude: Iterable[str]) -> list[tuple[str, nn.Module]]:
+    """The layers to mask (called in any of ``graphs``); every other layer with a weight is
+    named in one warning, with why."""
     excluded = set(exclude)
-    called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    called = {n.target for gm in graphs for n in gm.graph.nodes if n.op == "call_module"}
     chosen, skipped = [], []
     for name, module in model.named_modules():
         if name not in called or name in excluded or not isinstance(module, SPARSE_LAYER_TYPES):
@@ -379,7 +386,7 @@ def _select_layers(model: nn.Module, gm, structure: str, m: int, exclude: Iterab
         if not _standard_forward(module):
             skipped.append(f"{name} ({type(module).__name__} overrides forward)")
             continue
-        if _called_with_extra_args(gm, name):
+        if any(_called_with_extra_args(gm, name) for gm in graphs):
             skipped.append(f"{name} (called with arguments besides its input, e.g. output_size)")
             continue
         in_dim = input_channel_dim(module)
@@ -387,7 +394,9 @@ def _select_layers(model: nn.Module, gm, structure: str, m: int, exclude: Iterab
             skipped.append(f"{name} (input channels {module.weight.shape[in_dim]} not divisible by {m})")
             continue
         chosen.append((name, module))
-    skipped += _dense_by_design(gm, model, called, {name for name, _ in chosen}, excluded)
+    for gm in graphs:
+        skipped += [s for s in _dense_by_design(gm, model, called, {name for name, _ in chosen}, excluded)
+                    if s not in skipped]
     if skipped:
         warnings.warn("sparsify: layers kept dense: " + ", ".join(skipped), stacklevel=3)
     return chosen
@@ -437,8 +446,8 @@ def sparsify(
     if impl.scheduled and (total_steps is None or isinstance(total_steps, bool) or not isinstance(total_steps, int)
                            or total_steps < 1):
         raise ValueError(f"method {method!r} is scheduled: pass total_steps (a positive integer), got {total_steps!r}")
-    gm = trace(model, example_inputs)
-    chosen = _select_layers(model, gm, kind, m, exclude)
+    traced = trace_modes(model, example_inputs)
+    chosen = _select_layers(model, traced.graphs, kind, m, exclude)
     if not chosen:
         raise ValueError("sparsify: the model has no Conv/Linear layer to sparsify")
     if kind == "n:m":
@@ -449,13 +458,18 @@ def sparsify(
         densities = layer_densities([tuple(mod.weight.shape) for _, mod in chosen], sparsity, distribution,
                                     [name for name, _ in chosen])
     masks = {name: MaskedWeight(torch.ones_like(mod.weight, dtype=torch.bool)) for name, mod in chosen}
-    norms = _following_batchnorms(gm, masks)
-    insert_masks(gm, masks)
+    norms = _following_batchnorms(traced.eval, masks)
+    for gm in traced.graphs:
+        insert_masks(gm, masks)
+    # the registered graph is the one of the model's mode now (its parameters, its state_dict keys)
+    gm = traced.train if model.training and traced.train is not None else traced.eval
     layers = [
         SparseLayer(name, mod, masks[name], d, batchnorm=norms.get(name))
         for (name, mod), d in zip(chosen, densities)
     ]
     sm = SparseModel(model, gm, layers, impl, total_steps, kind, n, m, distribution)
+    if traced.train is not None:
+        sm._mode_graphs = (traced.eval, traced.train)
     sm.sparsity, sm.exclude, sm.input_spec = float(sparsity), exclude, _input_spec(example_inputs)
     sm._example = as_input_tuple(example_inputs)
     if kind == "channel":

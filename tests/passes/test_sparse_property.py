@@ -165,7 +165,7 @@ class Net(nn.Module):
                 x = torch.cat([x, skips.pop()], dim=1)
             else:
                 skips.pop()
-            x = decoder(x)
+            x = decoder(F.dropout(x, 0.1, self.training))  # code that differs between modes
         if self.arch.head == "dense":
             return self.head(x)
         return self.head(x.flatten(2).mean(-1))

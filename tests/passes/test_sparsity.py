@@ -508,3 +508,33 @@ def test_layer_budgets_keep_a_weight_in_every_layer(sizes, sparsity, distributio
             assert sum(d * n for d, n in zip(densities, numels)) == pytest.approx(kept_total, rel=1e-6, abs=1e-6)
         else:
             assert counts == [1] * len(shapes) and "fewer than one per layer" in str(caught[0].message)
+
+
+class Dropping(nn.Module):
+    """Dropout written as most code writes it: a call whose mode is a Python bool."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.b(nn.functional.dropout(torch.relu(self.a(x)), 0.5, self.training))
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_sparse_model_follows_its_mode_where_the_code_does(mode):
+    """Traced in training mode, the SparseModel kept dropping units in eval mode (fold()
+    differed by 0.4): it runs the graph of its current mode."""
+    torch.manual_seed(0)
+    model = Dropping().train(mode == "train")
+    x = torch.randn(2, 3, 8, 8)
+    sm = sparsify(model, x, method="static", sparsity=0.5)
+    sm.eval()
+    with torch.no_grad():
+        assert torch.equal(sm(x), sm.fold().eval()(x))
+        assert torch.equal(sm(x), sm(x))
+    sm.train()
+    with torch.no_grad():
+        assert not torch.equal(sm(x), sm(x))  # dropout is on in training mode
+    assert {name for name, _ in sm.state_dict().items()} >= {"graph.a.weight", "graph.spruce_masks.a.mask"}
