@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn as nn
-from spruce.compiler.trace import as_input_tuple, trace_modes
+from spruce.compiler.trace import TracedModes, as_input_tuple, trace, trace_modes
 from spruce.passes.analysis import analyze_model
 from spruce.passes.export import check_runs, remove_channels
 from spruce.passes.sparsity import method_modules  # noqa: F401  (registers every method)
@@ -402,6 +402,25 @@ def _select_layers(model: nn.Module, graphs: list, structure: str, m: int,
     return chosen
 
 
+def _trace_modes(model: nn.Module, example_inputs: object) -> TracedModes:
+    """The model's eval-mode graph and, where its code differs, its training-mode graph. A
+    model in training mode whose training code cannot be traced is a TraceError (as tracing
+    it always was); for a model in eval mode the eval graph then serves both modes, with a
+    warning."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        traced = trace_modes(model, example_inputs)
+    for warning in caught:
+        message = str(warning.message)
+        if message.startswith("training-mode graph not traced"):
+            if model.training:
+                trace(model, example_inputs)  # raises the TraceError naming the module at fault
+            message = ("sparsify: the model's training-mode code cannot be traced, so the SparseModel runs its "
+                       "eval-mode graph in training mode too: " + message.split(": ", 1)[-1])
+        warnings.warn(message, warning.category, stacklevel=3)
+    return traced
+
+
 def _input_spec(example_inputs: object) -> list[tuple[tuple[int, ...], str]] | None:
     """Shapes and dtypes of example inputs given as a tensor or a tuple/list of tensors."""
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else example_inputs
@@ -446,7 +465,7 @@ def sparsify(
     if impl.scheduled and (total_steps is None or isinstance(total_steps, bool) or not isinstance(total_steps, int)
                            or total_steps < 1):
         raise ValueError(f"method {method!r} is scheduled: pass total_steps (a positive integer), got {total_steps!r}")
-    traced = trace_modes(model, example_inputs)
+    traced = _trace_modes(model, example_inputs)
     chosen = _select_layers(model, traced.graphs, kind, m, exclude)
     if not chosen:
         raise ValueError("sparsify: the model has no Conv/Linear layer to sparsify")
