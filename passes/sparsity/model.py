@@ -333,7 +333,8 @@ def _standard_forward(module: nn.Module) -> bool:
     """Does the module compute what its base Conv/Linear class computes (no overridden forward)?
     The mask pass replaces the call with the base class's functional form."""
     base = next(t for t in SPARSE_LAYER_TYPES if isinstance(module, t))
-    return type(module).forward is base.forward
+    return all(getattr(type(module), name) is getattr(base, name)
+               for name in ("forward", "_conv_forward") if hasattr(base, name))
 
 
 def _called_with_extra_args(gm, name: str) -> bool:
