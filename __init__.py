@@ -20,6 +20,7 @@ from spruce.compiler.prune import PruneResult, prune
 from spruce.compiler.recipes import Recipe
 from spruce.compiler.trace import TraceError, trace
 from spruce.passes.analysis import ChannelGroup, Member
+from spruce.passes.export import CompactModelError
 from spruce.passes.sparsity.model import SparseModel
 from spruce.runtime.bench import BenchReport, bench
 from spruce.runtime.profile import LatencyTable, LayerEntry
@@ -34,6 +35,7 @@ __all__ = [
     "LatencyTable",
     "LayerEntry",
     "CheckpointError",
+    "CompactModelError",
     "Member",
     "PruneResult",
     "SparseModel",

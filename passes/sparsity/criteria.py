@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
+from spruce.passes.sparsity.masking import output_channel_index
 
 if TYPE_CHECKING:
     from spruce.passes.sparsity.model import SparseLayer
@@ -61,9 +62,7 @@ def taylor_bn(layer: SparseLayer) -> torch.Tensor:
     if bn is None or bn.weight is None or bn.weight.grad is None:
         raise ValueError(f"taylor_bn needs a BatchNorm with gradients after layer {layer.name}")
     score = (bn.weight.grad * bn.weight + bn.bias.grad * bn.bias).detach().abs().float()
-    shape = [1] * layer.module.weight.dim()
-    shape[0] = -1
-    return score.view(shape).expand_as(layer.module.weight).clone()
+    return score[output_channel_index(layer.module)].expand_as(layer.module.weight).clone()
 
 
 def importance(criterion: str, layer: SparseLayer) -> torch.Tensor:

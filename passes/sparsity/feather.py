@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
-from spruce.passes.sparsity.masking import WEIGHT_FNS, _from_groups, _to_groups, nm_mask, topk_mask
+from spruce.passes.sparsity.masking import WEIGHT_FNS, _from_groups, _to_groups, global_topk_masks, nm_mask, topk_mask
 from spruce.passes.sparsity.methods import Method, _check_fraction, _check_positive_int, register_method
 
 if TYPE_CHECKING:
@@ -181,20 +181,25 @@ class Feather(Method):
     def _set_global(self, sm: SparseModel, step: int) -> None:
         sizes = [layer.masked.mask.numel() for layer in sm.layers]
         final = 1.0 - sum(layer.density * n for layer, n in zip(sm.layers, sizes)) / sum(sizes)
-        magnitudes = [layer.module.weight.detach().abs().float().reshape(-1) for layer in sm.layers]
-        flat = torch.cat(magnitudes)
-        keep = topk_mask(flat, self._kept_count(flat.numel(), self.sparsity_at(sm, step, final)))
-        threshold = float(flat[~keep].max()) if bool((~keep).any()) else 0.0
-        for layer, chunk in zip(sm.layers, keep.split(sizes)):
-            layer.masked.threshold.fill_(threshold)
-            sm.set_mask(layer, chunk.reshape(layer.masked.mask_shape))
+        magnitudes = [layer.module.weight.detach().abs().float() for layer in sm.layers]
+        kept = max(len(sizes), self._kept_count(sum(sizes), self.sparsity_at(sm, step, final)))
+        masks = global_topk_masks(magnitudes, kept)  # every layer keeps at least its largest weight
+        pruned = [m[~k] for m, k in zip(magnitudes, masks)]
+        threshold = max((float(p.max()) for p in pruned if p.numel()), default=0.0)
+        for layer, mask, magnitude, below in zip(sm.layers, masks, magnitudes, pruned):
+            # a layer kept alive by its largest weight alone gets its own T, so that weight passes |w| > T
+            own = threshold
+            if not bool((magnitude[mask] > threshold).all()):
+                own = float(below.max()) if below.numel() else 0.0
+            layer.masked.threshold.fill_(own)
+            sm.set_mask(layer, mask)
 
     def _set_nm(self, sm: SparseModel, layer: SparseLayer) -> None:
         magnitude = layer.module.weight.detach().abs().float()
-        mask = nm_mask(magnitude, sm.n, sm.m)
-        groups = _to_groups(torch.where(mask, torch.zeros_like(magnitude), magnitude), sm.m)
+        mask = nm_mask(magnitude, sm.n, sm.m, layer.in_dim)
+        groups = _to_groups(torch.where(mask, torch.zeros_like(magnitude), magnitude), sm.m, layer.in_dim)
         per_group = groups.max(dim=1, keepdim=True).values.expand_as(groups)
-        layer.masked.threshold.copy_(_from_groups(per_group.contiguous(), tuple(magnitude.shape)))
+        layer.masked.threshold.copy_(_from_groups(per_group.contiguous(), tuple(magnitude.shape), layer.in_dim))
         sm.set_mask(layer, mask)
 
     # ---- state --------------------------------------------------------------------------

@@ -22,6 +22,7 @@ Export the result with :meth:`SparseModel.compact` (physical channel removal).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -64,6 +65,10 @@ class ChannelBudget:
         self.target = self.budget.fraction * self.dense  # Psi, in the cost model's unit
         self.sample = int(getattr(table, "step", 1)) if self.budget.kind == "latency" else 1
         self.round_to, self.bins = round_to, bins
+        whole = [f"group{u.group.id} ({u.group.size} channels)" for u in sm.units if u.group.size <= round_to]
+        if whole:  # kept counts are multiples of round_to or the whole group: these cannot shrink
+            warnings.warn(f"{method}: round_to={round_to} is not below the size of {len(whole)} channel group(s), "
+                          f"which therefore keep all their channels: {', '.join(whole)}", stacklevel=3)
         floor = minimum_cost(self.cost, round_to, self.sample)
         if floor > self.target:
             raise InfeasibleBudget(

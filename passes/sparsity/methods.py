@@ -166,6 +166,13 @@ class RigL(Method):
     Config = RigLConfig
     scheduled = True
 
+    def initialize(self, sm: SparseModel) -> None:
+        if sm.structure == "n:m":  # refused here, not at the first update deep in training
+            raise ValueError(f"{self.name}: structure='{sm.n}:{sm.m}' is not supported (prune-grow keeps counts "
+                             "per layer, not per group of M); use structure='unstructured', or method static, gmp, "
+                             "iee or feather for N:M")
+        super().initialize(sm)
+
     def is_update(self, sm: SparseModel, step: int) -> bool:
         return step % self.config.delta_t == 0 and step < self.config.end_fraction * sm.total_steps
 
@@ -266,7 +273,7 @@ class GMP(Method):
             return self._apply_channels(sm, step)
         current = [layer.masked.mask.clone() for layer in sm.layers]
         if sm.distribution == "global" and sm.structure == "unstructured":
-            density = 1.0 - self.target(sm, sm.layers[0], step) if sm.layers else 1.0
+            density = 1.0 - self._schedule(sm, step, 1.0 - _mean_density(sm))
             masks = sm.global_magnitude_masks(density, within=current if within else None)
         else:
             masks = [sm.magnitude_mask(layer, 1.0 - self.target(sm, layer, step),
@@ -439,7 +446,7 @@ class IEE(Method):
             saliency = importance(self.config.criterion, layer)
             scores = torch.where(active, torch.full_like(saliency, -math.inf), saliency)
             if sm.structure == "n:m":  # refill every group of M to exactly N
-                grown = nm_refill(active, scores, sm.n, sm.m)
+                grown = nm_refill(active, scores, sm.n, sm.m, layer.in_dim)
             else:
                 grown = topk_mask(scores, self.budgets[layer.name])
             still_pruned = ~(active | grown)

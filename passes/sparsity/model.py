@@ -12,15 +12,17 @@ import numpy as np
 import torch
 import torch.nn as nn
 from spruce.passes.analysis import analyze
-from spruce.passes.export import remove_channels
+from spruce.passes.export import check_runs, remove_channels
 from spruce.passes.graph import CapturedGraph
 from spruce.passes.sparsity import method_modules  # noqa: F401  (registers every method)
-from spruce.passes.sparsity.budget import layer_densities
+from spruce.passes.sparsity.budget import DISTRIBUTIONS, layer_densities
 from spruce.passes.sparsity.channels import channel_units, expand_channel_masks
 from spruce.passes.sparsity.distributed import average_captured_grads, sync_from_rank0
 from spruce.passes.sparsity.masking import (
     SPARSE_LAYER_TYPES,
     MaskedWeight,
+    global_topk_masks,
+    input_channel_dim,
     insert_masks,
     nm_groups,
     nm_mask,
@@ -51,6 +53,11 @@ class SparseLayer:
 
     _TRACKED = ("previous", "ever_active", "last_grown", "grown", "after_prune")
 
+    @property
+    def in_dim(self) -> int:
+        """The weight dimension of the input channels (N:M groups run along it)."""
+        return input_channel_dim(self.module)
+
 
 def _parse_structure(structure: str) -> tuple[str, int, int]:
     if structure in ("unstructured", "channel"):
@@ -78,6 +85,10 @@ class SparseModel(nn.Module):
                  total_steps: int | None, structure: str, n: int, m: int, distribution: str = "erk"):
         super().__init__()
         self.graph = graph
+        # (eval graph, training graph) when the model's code differs between modes (dropout with
+        # training=self.training, auxiliary heads): forward runs the one of the current mode.
+        # Not registered: both share ``graph``'s submodules, parameters and masks.
+        self._mode_graphs: tuple[nn.Module, nn.Module] | None = None
         self.layers = layers
         self.method = method
         self.total_steps = total_steps
@@ -87,6 +98,7 @@ class SparseModel(nn.Module):
         self.sparsity: float | None = None
         self.exclude: tuple[str, ...] = ()
         self.input_spec: list[tuple[tuple[int, ...], str]] | None = None  # example inputs' shapes and dtypes
+        self._example: tuple | None = None  # the example inputs, to check that compact() runs
         self.units: list = []  # ChannelUnits for structure="channel"
         self.analysis = None
         self.step_count = 0
@@ -99,7 +111,8 @@ class SparseModel(nn.Module):
         capture = self.training and torch.is_grad_enabled() and self.method.wants_dense_grad(self, self.step_count + 1)
         for layer in self.layers:
             layer.masked.capture_dense_grad = capture
-        return self.graph(*args, **kwargs)
+        graph = self.graph if self._mode_graphs is None else self._mode_graphs[int(self.training)]
+        return graph(*args, **kwargs)
 
     def attach(self, optimizer: torch.optim.Optimizer) -> SparseModel:
         """Reset the optimizer state of weights that are pruned or regrown at each update."""
@@ -165,31 +178,26 @@ class SparseModel(nn.Module):
     def random_mask(self, layer: SparseLayer, density: float, generator: torch.Generator) -> torch.Tensor:
         scores = torch.rand(layer.masked.mask_shape, generator=generator)
         if self.structure == "n:m":
-            return nm_mask(scores, self.n, self.m)
+            return nm_mask(scores, self.n, self.m, layer.in_dim)
         return topk_mask(scores, self._count(layer, density))
 
     def magnitude_mask(self, layer: SparseLayer, density: float, within: torch.Tensor | None = None) -> torch.Tensor:
         scores = _finite(layer.module.weight.detach().abs().float(), layer, "weight magnitude")
         if self.structure == "n:m":
-            return nm_mask(scores, self.n, self.m)
+            return nm_mask(scores, self.n, self.m, layer.in_dim)
         if within is not None:
             scores = torch.where(within, scores, torch.full_like(scores, -1.0))
         return topk_mask(scores, self._count(layer, density))
 
     def global_magnitude_masks(self, density: float, within: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
         """Masks keeping the ``density`` fraction of all sparse weights with the largest
-        magnitudes, one threshold across layers (the ``global`` distribution)."""
-        scores = [layer.module.weight.detach().abs().float().flatten() for layer in self.layers]
+        magnitudes, one threshold across layers (the ``global`` distribution); every layer
+        keeps at least its largest weight."""
+        scores = [layer.module.weight.detach().abs().float() for layer in self.layers]
         if within is not None:
-            scores = [torch.where(w.flatten(), s, torch.full_like(s, -1.0)) for s, w in zip(scores, within)]
-        flat = torch.cat(scores)
-        keep = topk_mask(flat, int(round(density * flat.numel())))
-        masks, offset = [], 0
-        for layer in self.layers:
-            n = layer.masked.mask_shape.numel()
-            masks.append(keep[offset : offset + n].view(layer.masked.mask_shape))
-            offset += n
-        return masks
+            scores = [torch.where(w, s, torch.full_like(s, -1.0)) for s, w in zip(scores, within)]
+        total = sum(s.numel() for s in scores)
+        return global_topk_masks(scores, max(len(scores), int(round(density * total))))
 
     @torch.no_grad()
     def prune_grow(self, layer: SparseLayer, k: int, grow_scores: torch.Tensor, init: str = "zero") -> None:
@@ -228,10 +236,15 @@ class SparseModel(nn.Module):
 
     def compact(self) -> nn.Module:
         """For structure="channel": the physically smaller model (masked channels removed)
-        with the current weights; it computes what this model computes in eval mode."""
+        with the current weights; it computes what this model computes in eval mode. It is
+        run once on the example input before it is returned: raises
+        :class:`~spruce.passes.export.CompactModelError` naming the node that fails."""
         if self.structure != "channel":
             raise ValueError("compact() needs structure='channel'; use fold() for other structures")
-        return remove_channels(self.analysis, self._source[0], self.kept_channels())
+        compact = remove_channels(self.analysis, self._source[0], self.kept_channels())
+        if self._example is not None:
+            check_runs(compact, self._example, self._source[0], "compact model")
+        return compact
 
     # ---- reporting -------------------------------------------------------------------
     def sparsities(self) -> dict[str, float]:
@@ -317,9 +330,48 @@ def _iou(a: torch.Tensor, b: torch.Tensor) -> float:
     return 1.0 if union == 0 else int((a & b).sum()) / union
 
 
-def _select_layers(model: nn.Module, gm, structure: str, m: int, exclude: Iterable[str]) -> list[tuple[str, nn.Module]]:
+def _standard_forward(module: nn.Module) -> bool:
+    """Does the module compute what its base Conv/Linear class computes (no overridden forward)?
+    The mask pass replaces the call with the base class's functional form."""
+    base = next(t for t in SPARSE_LAYER_TYPES if isinstance(module, t))
+    return all(getattr(type(module), name) is getattr(base, name)
+               for name in ("forward", "_conv_forward") if hasattr(base, name))
+
+
+def _called_with_extra_args(gm, name: str) -> bool:
+    return any(n.op == "call_module" and n.target == name and (len(n.args) > 1 or n.kwargs)
+               for n in gm.graph.nodes)
+
+
+def _dense_by_design(gm, model: nn.Module, called: set[str], chosen: set[str], excluded: set[str]) -> list[str]:
+    """Weight tensors (2+ dims) the model uses outside a maskable layer call: modules of other
+    types (Embedding, MultiheadAttention, ...) and parameters read by the model's own code
+    (``F.conv2d(x, self.filt)``, a Conv subclass with its own forward)."""
+    out = []
+    for name, module in model.named_modules():
+        if name in called and name not in chosen and name not in excluded \
+                and not isinstance(module, SPARSE_LAYER_TYPES) and "Norm" not in type(module).__name__ \
+                and any(p.dim() >= 2 for p in module.parameters(recurse=False)):
+            out.append(f"{name} ({type(module).__name__} layers are not supported)")
+    params = dict(model.named_parameters())
+    for node in gm.graph.nodes:
+        if node.op != "get_attr":
+            continue
+        param = params.get(node.target)
+        owner = node.target.rpartition(".")[0]
+        if param is None or param.dim() < 2 or owner in excluded:
+            continue
+        users = ", ".join(sorted(f"'{u.name}'" for u in node.users))
+        out.append(f"{node.target} (read by the model's code at node {users}, not through a layer call)")
+    return out
+
+
+def _select_layers(model: nn.Module, graphs: list, structure: str, m: int,
+                   exclude: Iterable[str]) -> list[tuple[str, nn.Module]]:
+    """The layers to mask (called in any of ``graphs``); every other layer with a weight is
+    named in one warning, with why."""
     excluded = set(exclude)
-    called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    called = {n.target for gm in graphs for n in gm.graph.nodes if n.op == "call_module"}
     chosen, skipped = [], []
     for name, module in model.named_modules():
         if name not in called or name in excluded or not isinstance(module, SPARSE_LAYER_TYPES):
@@ -333,10 +385,20 @@ def _select_layers(model: nn.Module, gm, structure: str, m: int, exclude: Iterab
         if isinstance(module, nn.modules.conv._ConvNd) and module.padding_mode != "zeros":
             skipped.append(f"{name} (padding_mode {module.padding_mode})")
             continue
-        if structure == "n:m" and nm_groups(tuple(module.weight.shape), m) is None:
-            skipped.append(f"{name} (input channels {module.weight.shape[1]} not divisible by {m})")
+        if not _standard_forward(module):
+            skipped.append(f"{name} ({type(module).__name__} overrides forward)")
+            continue
+        if any(_called_with_extra_args(gm, name) for gm in graphs):
+            skipped.append(f"{name} (called with arguments besides its input, e.g. output_size)")
+            continue
+        in_dim = input_channel_dim(module)
+        if structure == "n:m" and nm_groups(tuple(module.weight.shape), m, in_dim) is None:
+            skipped.append(f"{name} (input channels {module.weight.shape[in_dim]} not divisible by {m})")
             continue
         chosen.append((name, module))
+    for gm in graphs:
+        skipped += [s for s in _dense_by_design(gm, model, called, {name for name, _ in chosen}, excluded)
+                    if s not in skipped]
     if skipped:
         warnings.warn("sparsify: layers kept dense: " + ", ".join(skipped), stacklevel=4)
     return chosen
@@ -351,7 +413,7 @@ def _input_spec(example_inputs: object) -> list[tuple[tuple[int, ...], str]] | N
 
 
 def check_options(method: str, structure: str, sparsity: float, total_steps: int | None,
-                  method_options: dict) -> tuple[object, str, int, int]:
+                  method_options: dict, distribution: str = "erk") -> tuple[object, str, int, int]:
     """Validate the options of :func:`sparsify_captured` before any graph work.
 
     Returns the method instance and the parsed structure ``(kind, n, m)``. Raises
@@ -361,6 +423,8 @@ def check_options(method: str, structure: str, sparsity: float, total_steps: int
     if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
     kind, n, m = _parse_structure(structure)
+    if distribution not in DISTRIBUTIONS:
+        raise ValueError(f"unknown distribution {distribution!r}; valid: {', '.join(DISTRIBUTIONS)}")
     impl = METHODS[method].from_options(**method_options)
     if impl.scheduled and (total_steps is None or isinstance(total_steps, bool) or not isinstance(total_steps, int)
                            or total_steps < 1):
@@ -380,42 +444,61 @@ def sparsify_captured(
     latency_table: object = None,
     **method_options,
 ) -> SparseModel:
-    """Insert mask nodes for every Conv/Linear weight of ``captured.root`` and set up ``method``
-    (see ``spruce.sparsify``, which captures the model and calls this).
+    """Insert mask nodes for every Conv1d/2d/3d, ConvTranspose1d/2d/3d and Linear weight of
+    ``captured.root`` and set up ``method`` (see ``spruce.sparsify``, which captures the model
+    and calls this).
 
     The returned :class:`SparseModel` shares its parameters with ``captured.root``: build the
     optimizer from either. ``budget`` ({"latency": f} with ``latency_table`` from
     ``spruce.profile``, {"flops": f} or {"params": f}; f a fraction of dense) drives the
     channel methods (halp, iee with structure="channel") instead of ``sparsity``.
-    Raises ``ValueError`` naming the option at fault."""
+    Every layer left dense, and every channel group kept whole because a dense weight
+    reads it, is named in a warning. Every layer keeps at least one weight. Raises
+    ``ValueError`` naming the option at fault (a ``uniform`` sparsity that would empty a
+    layer names the layer and the highest feasible sparsity)."""
     exclude = tuple(exclude)
-    impl, kind, n, m = check_options(method, structure, sparsity, total_steps, method_options)
+    impl, kind, n, m = check_options(method, structure, sparsity, total_steps, method_options, distribution)
     model, example_inputs = captured.root, captured.example_inputs
-    source = captured.graph_for(model.training)
-    gm = fx.GraphModule(model, copy.deepcopy(source.graph), type(model).__name__)  # masks go into a copy
-    chosen = _select_layers(model, gm, kind, m, exclude)
+    # masks go into copies: the captured graphs stay what the analysis and channel removal read
+    graphs = [fx.GraphModule(model, copy.deepcopy(g.graph), type(model).__name__) for g in captured.graphs]
+    traced = CapturedGraph(graphs[0], graphs[1] if len(graphs) > 1 else None, model, captured.example_inputs)
+    chosen = _select_layers(model, traced.graphs, kind, m, exclude)
     if not chosen:
         raise ValueError("sparsify: the model has no Conv/Linear layer to sparsify")
-    densities = layer_densities([tuple(mod.weight.shape) for _, mod in chosen], sparsity, distribution)
     if kind == "n:m":
         densities = [n / m] * len(chosen)
+    elif kind == "channel":  # every channel unit keeps at least one channel
+        densities = [1.0 - sparsity] * len(chosen)
+    else:
+        densities = layer_densities([tuple(mod.weight.shape) for _, mod in chosen], sparsity, distribution,
+                                    [name for name, _ in chosen])
     masks = {name: MaskedWeight(torch.ones_like(mod.weight, dtype=torch.bool)) for name, mod in chosen}
-    norms = _following_batchnorms(gm, masks)
-    insert_masks(gm, masks)
+    norms = _following_batchnorms(traced.eval, masks)
+    for gm in traced.graphs:
+        insert_masks(gm, masks)
+    # the registered graph is the one of the model's mode now (its parameters, its state_dict keys)
+    gm = traced.train if model.training and traced.train is not None else traced.eval
     layers = [
         SparseLayer(name, mod, masks[name], d, batchnorm=norms.get(name))
         for (name, mod), d in zip(chosen, densities)
     ]
     sm = SparseModel(model, gm, layers, impl, total_steps, kind, n, m, distribution)
+    if traced.train is not None:
+        sm._mode_graphs = (traced.eval, traced.train)
     sm.sparsity, sm.exclude, sm.input_spec = float(sparsity), exclude, _input_spec(example_inputs)
+    sm._example = tuple(example_inputs)
     if kind == "channel":
         if distribution != "uniform" and budget is None and not getattr(impl, "budgeted", False):
             raise ValueError("structure='channel' removes the same fraction of every channel group: "
                              "use distribution='uniform'")
         sm.analysis = analyze(captured)
-        sm.units = channel_units(sm.analysis, layers, 1.0 - sparsity)
+        sm.units, left_out = channel_units(sm.analysis, layers, 1.0 - sparsity)
+        if left_out:
+            warnings.warn("sparsify: channel groups kept whole: " + ", ".join(left_out), stacklevel=3)
         if not sm.units:
-            raise ValueError("structure='channel': the model has no prunable channel group")
+            raise ValueError("structure='channel': the model has no prunable channel group"
+                             + (f" whose weights are all masked ({len(left_out)} left out, see the warning)"
+                                if left_out else ""))
         if not impl.supports_channels:
             raise ValueError(f"method {method!r} does not support structure='channel' yet; "
                              f"use one of: {', '.join(sorted(k for k, v in METHODS.items() if v.supports_channels))}")

@@ -90,14 +90,14 @@ def test_save_load_resume_equals_uninterrupted(tmp_path, method):
 
 
 def test_checkpoint_records_the_recipe(tmp_path):
-    sm = spruce.sparsify(cnn(), (X[:2],), method="rigl", structure="2:4", sparsity=0.5, distribution="uniform",
-                         total_steps=50, exclude=["0"], delta_t=7, alpha=0.2)
+    sm = spruce.sparsify(cnn(), (X[:2],), method="gmp", structure="2:4", sparsity=0.5, distribution="uniform",
+                         total_steps=50, exclude=["0"], delta_t=7, end_fraction=0.5)
     checkpoint = read(save(sm, tmp_path / "c.pt"))
     assert checkpoint["version"] == FORMAT_VERSION
     recipe = checkpoint["recipe"]
     assert (recipe["method"], recipe["structure"], recipe["sparsity"], recipe["distribution"],
-            recipe["total_steps"], recipe["exclude"]) == ("rigl", "2:4", 0.5, "uniform", 50, ["0"])
-    assert recipe["options"]["delta_t"] == 7 and recipe["options"]["alpha"] == 0.2
+            recipe["total_steps"], recipe["exclude"]) == ("gmp", "2:4", 0.5, "uniform", 50, ["0"])
+    assert recipe["options"]["delta_t"] == 7 and recipe["options"]["end_fraction"] == 0.5
     assert [name for name, _ in checkpoint["layers"]] == [layer.name for layer in sm.layers]
     masks = {k: v for k, v in checkpoint["model"].items() if k.endswith(".mask")}
     assert masks and all(v.dtype == torch.uint8 for v in masks.values())  # bit-packed
