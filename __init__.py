@@ -32,6 +32,7 @@ _EXPORTS = {
     "LayerEntry": ".runtime.profile",
     "ChannelGroup": ".passes.analysis",
     "Member": ".passes.analysis",
+    "CompactModelError": ".passes.export",
     "SparseModel": ".passes.sparsity.model",
     "MethodConfig": ".passes.sparsity.method",
     "StaticConfig": ".passes.sparsity.methods.baselines",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -13,7 +14,8 @@ from torch import nn
 
 from ..passes.analysis import ChannelAnalysis, ChannelGroup
 from ..passes.config import Config
-from ..passes.export import mask_channels, remove_channels
+from ..passes.export import check_runs, mask_channels, remove_channels
+from ..passes.graph import as_input_tuple
 from ..passes.importance import IMPORTANCE, importance_scores, param_table
 from .api import analyze_model
 
@@ -109,23 +111,32 @@ def select_channels(
     seed: int = 0,
 ) -> dict[int, np.ndarray]:
     """Kept channel indices per prunable group: the top ``1 - ratio`` by importance
-    (at least one channel; rounded up to a multiple of ``round_to``)."""
+    (at least one channel; rounded up to a multiple of ``round_to``). Groups that the
+    rounding alone leaves whole (too few channels for ``round_to``) are named in a warning."""
     _validate(ratio, importance, round_to)
     ignored = _ignored_members(model, ignore)
     params = param_table(model)
     rng = np.random.default_rng(seed)
     kept: dict[int, np.ndarray] = {}
+    rounded_whole: list[str] = []
     for group in groups:
         if not group.prunable or any((m.name, m.dim) in ignored for m in group.members):
             continue
         n_keep = max(1, math.ceil(round((1.0 - ratio) * group.size, 6)))
-        if round_to:
+        if round_to and n_keep < group.size:
             n_keep = min(group.size, math.ceil(n_keep / round_to) * round_to)
+            if n_keep >= group.size:
+                named = next((m for m in group.members if m.name.endswith("weight")), group.members[0])
+                rounded_whole.append(f"group {group.id} ({named.name} dim {named.dim}, {group.size} channels)")
         if n_keep >= group.size:
             continue
         scores = importance_scores(importance, group, params, rng)
         order = np.argsort(-scores, kind="stable")
         kept[group.id] = np.sort(order[:n_keep])
+    if rounded_whole:
+        warnings.warn(f"round_to={round_to} leaves {len(rounded_whole)} group(s) unpruned: keeping "
+                      f"{1.0 - ratio:g} of their channels rounds up to all of them: {', '.join(rounded_whole)}",
+                      stacklevel=2)
     return kept
 
 
@@ -141,11 +152,14 @@ def prune(
 ) -> PruneResult:
     """Remove ``ratio`` of the channels of every prunable group, least important first.
 
-    Channels reaching a graph output are never removed. Raises ``ValueError`` for a
-    ratio outside [0, 1) or an unknown importance (listing the valid ones), and
-    :class:`spruce.TraceError` for a model that cannot be traced."""
+    Channels reaching a graph output are never removed. The compact model is run once on
+    ``example_inputs`` before it is returned. Raises ``ValueError`` for a ratio outside
+    [0, 1) or an unknown importance (listing the valid ones), :class:`spruce.TraceError` for
+    a model that cannot be traced, and :class:`~spruce.passes.export.CompactModelError`
+    naming the node when the compact model cannot run on the example input."""
     _validate(ratio, importance, round_to)
     analysis = analyze_model(model, example_inputs, leaf_modules)
     kept = select_channels(model, analysis.groups, ratio, importance, round_to, ignore, seed)
     compact = remove_channels(analysis, model, kept)
+    check_runs(compact, as_input_tuple(example_inputs), model, "pruned model")
     return PruneResult(compact, analysis.groups, kept, analysis, source=model)

@@ -8,6 +8,8 @@ budget that is a fraction of the dense model's cost (``{"latency": 0.5}`` with a
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
@@ -37,6 +39,10 @@ class ChannelBudget:
         self.target = self.budget.fraction * self.dense  # Psi, in the cost model's unit
         self.sample = int(getattr(table, "step", 1)) if self.budget.kind == "latency" else 1
         self.round_to, self.bins = round_to, bins
+        whole = [f"group{u.group.id} ({u.group.size} channels)" for u in ctx.units if u.group.size <= round_to]
+        if whole:  # kept counts are multiples of round_to or the whole group: these cannot shrink
+            warnings.warn(f"{method}: round_to={round_to} is not below the size of {len(whole)} channel group(s), "
+                          f"which therefore keep all their channels: {', '.join(whole)}", stacklevel=3)
         floor = minimum_cost(self.cost, round_to, self.sample)
         if floor > self.target:
             raise InfeasibleBudget(

@@ -39,17 +39,41 @@ class ChannelUnit:
         return max(1, int(round((self.density if density is None else density) * self.group.size)))
 
 
-def channel_units(analysis: ChannelAnalysis, layers: list[SparseLayer], density: float) -> list[ChannelUnit]:
-    """One unit per prunable group that touches at least one sparse layer's weight."""
+def channel_units(analysis: ChannelAnalysis, layers: list[SparseLayer],
+                  density: float) -> tuple[list[ChannelUnit], list[str]]:
+    """One unit per prunable group that touches at least one sparse layer's weight, and the
+    groups left out with why.
+
+    A group is left out when one of its members is weight-like (see :func:`_weight_like`)
+    but not a sparse layer's weight (a layer excluded, frozen or of an unsupported type, a
+    parameter the model's code uses directly): no mask would reach it, so a masked channel
+    would still flow through it while the compact model removes the channel. Invariant:
+    every weight-like member of a unit is masked, so the model with the unit's channels
+    masked computes what the compact model computes."""
     by_weight = {f"{layer.name}.weight": layer for layer in layers}
-    units = []
+    tensors = {name: analysis.analyzer.tensors[key] for key, name in analysis.analyzer.tensor_names.items()}
+    units, left_out = [], []
     for group in analysis.groups:
         if not group.prunable:
             continue
         targets = [(by_weight[m.name], m) for m in group.members if m.name in by_weight]
-        if targets:
-            units.append(ChannelUnit(group, torch.ones(group.size, dtype=torch.bool), density, targets))
-    return units
+        if not targets:
+            continue
+        unmasked = sorted({m.name for m in group.members if m.name not in by_weight and _weight_like(m, tensors)})
+        if unmasked:
+            left_out.append(f"group{group.id} ({group.size} channels; no mask reaches {', '.join(unmasked)})")
+            continue
+        units.append(ChannelUnit(group, torch.ones(group.size, dtype=torch.bool), density, targets))
+    return units, left_out
+
+
+def _weight_like(member: Member, tensors: Mapping[str, torch.Tensor]) -> bool:
+    """Can the member mix a channel into others (a weight)? Tensors of 2+ dims, and 1-D ones
+    giving a channel several entries (a vector viewed as a matrix). Biases, BatchNorm affine
+    and statistics, PReLU slopes are per channel: what they do to a masked channel stays in
+    it, and the next masked weight drops it."""
+    tensor = tensors.get(member.name)
+    return tensor is not None and (tensor.dim() >= 2 or member.index.shape[1] > 1)
 
 
 @torch.no_grad()

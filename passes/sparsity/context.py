@@ -20,7 +20,7 @@ from ..analysis import ChannelAnalysis, ChannelGroup
 from .channels import ChannelUnit, expand_channel_masks
 from .knapsack import Budget
 from .layers import SparseLayer, check_finite
-from .masking import nm_mask, topk_mask
+from .masking import global_topk_masks, nm_mask, topk_mask
 
 __all__ = ["MethodContext", "Structure", "STRUCTURES"]
 
@@ -95,31 +95,26 @@ class MethodContext:
     def random_mask(self, layer: SparseLayer, density: float, generator: torch.Generator) -> torch.Tensor:
         scores = torch.rand(layer.masked.mask_shape, generator=generator)
         if self.structure.kind == "n:m":
-            return nm_mask(scores, self.structure.n, self.structure.m)
+            return nm_mask(scores, self.structure.n, self.structure.m, layer.in_dim)
         return topk_mask(scores, self.keep_count(layer, density))
 
     def magnitude_mask(self, layer: SparseLayer, density: float, within: torch.Tensor | None = None) -> torch.Tensor:
         scores = check_finite(layer.module.weight.detach().abs().float(), layer, "weight magnitude")
         if self.structure.kind == "n:m":
-            return nm_mask(scores, self.structure.n, self.structure.m)
+            return nm_mask(scores, self.structure.n, self.structure.m, layer.in_dim)
         if within is not None:
             scores = torch.where(within, scores, torch.full_like(scores, -1.0))
         return topk_mask(scores, self.keep_count(layer, density))
 
     def global_magnitude_masks(self, density: float, within: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
         """Masks keeping the ``density`` fraction of all sparse weights with the largest
-        magnitudes, one threshold across layers (the ``global`` distribution)."""
-        scores = [layer.module.weight.detach().abs().float().flatten() for layer in self.layers]
+        magnitudes, one threshold across layers (the ``global`` distribution); every layer
+        keeps at least its largest weight."""
+        scores = [layer.module.weight.detach().abs().float() for layer in self.layers]
         if within is not None:
-            scores = [torch.where(w.flatten(), s, torch.full_like(s, -1.0)) for s, w in zip(scores, within)]
-        flat = torch.cat(scores)
-        keep = topk_mask(flat, int(round(density * flat.numel())))
-        masks, offset = [], 0
-        for layer in self.layers:
-            n = layer.masked.mask_shape.numel()
-            masks.append(keep[offset : offset + n].view(layer.masked.mask_shape))
-            offset += n
-        return masks
+            scores = [torch.where(w, s, torch.full_like(s, -1.0)) for s, w in zip(scores, within)]
+        total = sum(s.numel() for s in scores)
+        return global_topk_masks(scores, max(len(scores), int(round(density * total))))
 
     def mean_density(self) -> float:
         """The density of all sparse weights together (their layer targets, size-weighted)."""

@@ -1,4 +1,4 @@
-"""A sparse layer: one Conv/Linear whose weight goes through a mask node."""
+"""A sparse layer: one Conv/ConvTranspose/Linear whose weight goes through a mask node."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .masking import MaskedWeight
+from .masking import MaskedWeight, input_channel_dim
 
 __all__ = ["SparseLayer", "TRACKED", "check_finite"]
 
@@ -29,6 +29,11 @@ class SparseLayer:
     ever_active: torch.Tensor | None = field(default=None, repr=False)
     last_grown: torch.Tensor | None = field(default=None, repr=False)  # grown at the last recorded update
     batchnorm: nn.Module | None = field(default=None, repr=False)  # the BatchNorm right after, if any
+
+    @property
+    def in_dim(self) -> int:
+        """The weight dimension of the input channels (N:M groups run along it)."""
+        return input_channel_dim(self.module)
 
 
 def check_finite(scores: torch.Tensor, layer: SparseLayer, what: str) -> torch.Tensor:

@@ -14,7 +14,7 @@ import torch.nn as nn
 from torch import fx
 
 from ..analysis import ChannelAnalysis, analyze
-from ..export import remove_channels
+from ..export import check_runs, remove_channels
 from ..graph import CapturedGraph
 from .budget import DISTRIBUTIONS, layer_densities
 from .channels import ChannelUnit, channel_units
@@ -22,7 +22,7 @@ from .context import MethodContext, Structure
 from .distributed import average_captured_grads, sync_from_rank0
 from .knapsack import Budget
 from .layers import TRACKED, SparseLayer, check_finite
-from .masking import SPARSE_LAYER_TYPES, MaskedWeight, insert_masks, nm_groups
+from .masking import SPARSE_LAYER_TYPES, MaskedWeight, input_channel_dim, insert_masks, nm_groups
 from .method import Method, MethodConfig
 from .registry import SPARSIFY_DEFAULT, method_names, resolve_method
 
@@ -57,14 +57,23 @@ class SparseModel(nn.Module):
     N:M), and pruned weights are zero.
 
     Built complete by ``sparsify``: the frozen :class:`MethodContext` the method received
-    (``context``), the method's handler (``method``) and the call that made it (``spec``)."""
+    (``context``), the method's handler (``method``) and the call that made it (``spec``);
+    ``mode_graphs`` (the masked eval and training graphs) when the model's code differs
+    between modes, and the ``example_inputs`` that :meth:`compact` checks its result on."""
 
-    def __init__(self, context: MethodContext, method: Method, spec: SparsifySpec):
+    def __init__(self, context: MethodContext, method: Method, spec: SparsifySpec, *,
+                 mode_graphs: tuple[fx.GraphModule, fx.GraphModule] | None = None,
+                 example_inputs: tuple | None = None):
         super().__init__()
         self.graph = context.graph
         self.context = context
         self.method = method
         self.spec = spec
+        # (eval graph, training graph) when the model's code differs between modes (dropout with
+        # training=self.training, auxiliary heads): forward runs the one of the current mode.
+        # Not registered: both share ``graph``'s submodules, parameters and masks.
+        self._mode_graphs = mode_graphs
+        self._example_inputs = example_inputs  # compact() runs the compact model on them once
         self.step_count = 0
         self.metrics: list[dict] = []
         self.checkpoint_extra: Any = None  # the user data of the checkpoint it was loaded from (spruce.load)
@@ -130,7 +139,8 @@ class SparseModel(nn.Module):
         capture = self.training and torch.is_grad_enabled() and self.method.wants_dense_grad(self.step_count + 1)
         for layer in self.layers:
             layer.masked.capture_dense_grad = capture
-        return self.graph(*args, **kwargs)
+        graph = self.graph if self._mode_graphs is None else self._mode_graphs[int(self.training)]
+        return graph(*args, **kwargs)
 
     def attach(self, optimizer: torch.optim.Optimizer) -> SparseModel:
         """Reset the optimizer state of weights that are pruned or regrown at each update."""
@@ -195,10 +205,15 @@ class SparseModel(nn.Module):
 
     def compact(self) -> nn.Module:
         """For structure="channel": the physically smaller model (masked channels removed)
-        with the current weights; it computes what this model computes in eval mode."""
+        with the current weights; it computes what this model computes in eval mode. It is
+        run once on the example input before it is returned: raises
+        :class:`~spruce.passes.export.CompactModelError` naming the node that fails."""
         if self.structure != "channel":
             raise ValueError("compact() needs structure='channel'; use fold() for other structures")
-        return remove_channels(self.analysis, self.context.source, self.kept_channels())
+        compact = remove_channels(self.analysis, self.context.source, self.kept_channels())
+        if self._example_inputs is not None:
+            check_runs(compact, self._example_inputs, self.context.source, "compact model")
+        return compact
 
     # ---- reporting -------------------------------------------------------------------
     def sparsities(self) -> dict[str, float]:
@@ -278,9 +293,48 @@ def _iou(a: torch.Tensor, b: torch.Tensor) -> float:
     return 1.0 if union == 0 else int((a & b).sum()) / union
 
 
-def _select_layers(model: nn.Module, gm, structure: str, m: int, exclude: Iterable[str]) -> list[tuple[str, nn.Module]]:
+def _standard_forward(module: nn.Module) -> bool:
+    """Does the module compute what its base Conv/Linear class computes (no overridden forward)?
+    The mask pass replaces the call with the base class's functional form."""
+    base = next(t for t in SPARSE_LAYER_TYPES if isinstance(module, t))
+    return all(getattr(type(module), name) is getattr(base, name)
+               for name in ("forward", "_conv_forward") if hasattr(base, name))
+
+
+def _called_with_extra_args(gm, name: str) -> bool:
+    return any(n.op == "call_module" and n.target == name and (len(n.args) > 1 or n.kwargs)
+               for n in gm.graph.nodes)
+
+
+def _dense_by_design(gm, model: nn.Module, called: set[str], chosen: set[str], excluded: set[str]) -> list[str]:
+    """Weight tensors (2+ dims) the model uses outside a maskable layer call: modules of other
+    types (Embedding, MultiheadAttention, ...) and parameters read by the model's own code
+    (``F.conv2d(x, self.filt)``, a Conv subclass with its own forward)."""
+    out = []
+    for name, module in model.named_modules():
+        if name in called and name not in chosen and name not in excluded \
+                and not isinstance(module, SPARSE_LAYER_TYPES) and "Norm" not in type(module).__name__ \
+                and any(p.dim() >= 2 for p in module.parameters(recurse=False)):
+            out.append(f"{name} ({type(module).__name__} layers are not supported)")
+    params = dict(model.named_parameters())
+    for node in gm.graph.nodes:
+        if node.op != "get_attr":
+            continue
+        param = params.get(node.target)
+        owner = node.target.rpartition(".")[0]
+        if param is None or param.dim() < 2 or owner in excluded:
+            continue
+        users = ", ".join(sorted(f"'{u.name}'" for u in node.users))
+        out.append(f"{node.target} (read by the model's code at node {users}, not through a layer call)")
+    return out
+
+
+def _select_layers(model: nn.Module, graphs: list, structure: str, m: int,
+                   exclude: Iterable[str]) -> list[tuple[str, nn.Module]]:
+    """The layers to mask (called in any of ``graphs``); every other layer with a weight is
+    named in one warning, with why."""
     excluded = set(exclude)
-    called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    called = {n.target for gm in graphs for n in gm.graph.nodes if n.op == "call_module"}
     chosen, skipped = [], []
     for name, module in model.named_modules():
         if name not in called or name in excluded or not isinstance(module, SPARSE_LAYER_TYPES):
@@ -294,10 +348,20 @@ def _select_layers(model: nn.Module, gm, structure: str, m: int, exclude: Iterab
         if isinstance(module, nn.modules.conv._ConvNd) and module.padding_mode != "zeros":
             skipped.append(f"{name} (padding_mode {module.padding_mode})")
             continue
-        if structure == "n:m" and nm_groups(tuple(module.weight.shape), m) is None:
-            skipped.append(f"{name} (input channels {module.weight.shape[1]} not divisible by {m})")
+        if not _standard_forward(module):
+            skipped.append(f"{name} ({type(module).__name__} overrides forward)")
+            continue
+        if any(_called_with_extra_args(gm, name) for gm in graphs):
+            skipped.append(f"{name} (called with arguments besides its input, e.g. output_size)")
+            continue
+        in_dim = input_channel_dim(module)
+        if structure == "n:m" and nm_groups(tuple(module.weight.shape), m, in_dim) is None:
+            skipped.append(f"{name} (input channels {module.weight.shape[in_dim]} not divisible by {m})")
             continue
         chosen.append((name, module))
+    for gm in graphs:
+        skipped += [s for s in _dense_by_design(gm, model, called, {name for name, _ in chosen}, excluded)
+                    if s not in skipped]
     if skipped:
         warnings.warn("sparsify: layers kept dense: " + ", ".join(skipped), stacklevel=4)
     return chosen
@@ -378,38 +442,55 @@ def sparsify_captured(
     latency_table: object = None,
     **method_options,
 ) -> SparseModel:
-    """Insert mask nodes for every Conv/Linear weight of ``captured.root`` and set up ``method``
-    (see ``spruce.sparsify``, which captures the model and calls this).
+    """Insert mask nodes for every Conv1d/2d/3d, ConvTranspose1d/2d/3d and Linear weight of
+    ``captured.root`` and set up ``method`` (see ``spruce.sparsify``, which captures the model
+    and calls this).
 
     ``method`` is a method config (``IEEConfig(h=150)``), or a method name with its options
     as keyword arguments. The returned :class:`SparseModel` shares its parameters with
     ``captured.root``: build the optimizer from either. ``budget`` ({"latency": f} with
     ``latency_table`` from ``spruce.profile``, {"flops": f} or {"params": f}; f a fraction of
     dense) drives the budgeted channel methods (halp, iee with structure="channel") instead
-    of ``sparsity``. Raises ``ValueError`` naming the option at fault."""
+    of ``sparsity``. Every layer left dense, and every channel group kept whole because a
+    dense weight reads it, is named in a warning. Every layer keeps at least one weight.
+    Raises ``ValueError`` naming the option at fault (a ``uniform`` sparsity that would empty
+    a layer names the layer and the highest feasible sparsity)."""
     exclude = tuple(exclude)
     config, parsed, parsed_budget = check_options(method, structure, sparsity, total_steps, method_options,
                                                   distribution, budget)
     model, example_inputs = captured.root, captured.example_inputs
-    source = captured.graph_for(model.training)
-    gm = fx.GraphModule(model, copy.deepcopy(source.graph), type(model).__name__)  # masks go into a copy
-    chosen = _select_layers(model, gm, parsed.kind, parsed.m, exclude)
+    # masks go into copies: the captured graphs stay what the analysis and channel removal read
+    graphs = [fx.GraphModule(model, copy.deepcopy(g.graph), type(model).__name__) for g in captured.graphs]
+    traced = CapturedGraph(graphs[0], graphs[1] if len(graphs) > 1 else None, model, captured.example_inputs)
+    chosen = _select_layers(model, traced.graphs, parsed.kind, parsed.m, exclude)
     if not chosen:
         raise ValueError("sparsify: the model has no Conv/Linear layer to sparsify")
-    densities = layer_densities([tuple(mod.weight.shape) for _, mod in chosen], sparsity, distribution)
     if parsed.kind == "n:m":
         densities = [parsed.n / parsed.m] * len(chosen)
+    elif parsed.kind == "channel":  # every channel unit keeps at least one channel
+        densities = [1.0 - sparsity] * len(chosen)
+    else:
+        densities = layer_densities([tuple(mod.weight.shape) for _, mod in chosen], sparsity, distribution,
+                                    [name for name, _ in chosen])
     masks = {name: MaskedWeight(torch.ones_like(mod.weight, dtype=torch.bool)) for name, mod in chosen}
-    norms = _following_batchnorms(gm, masks)
-    insert_masks(gm, masks)
+    norms = _following_batchnorms(traced.eval, masks)
+    for graph in traced.graphs:
+        insert_masks(graph, masks)
+    # the registered graph is the one of the model's mode now (its parameters, its state_dict keys)
+    gm = traced.train if model.training and traced.train is not None else traced.eval
     layers = tuple(SparseLayer(name, mod, masks[name], d, batchnorm=norms.get(name))
                    for (name, mod), d in zip(chosen, densities))
     analysis, units = None, ()
     if parsed.kind == "channel":
         analysis = analyze(captured)
-        units = tuple(channel_units(analysis, list(layers), 1.0 - sparsity))
+        found, left_out = channel_units(analysis, list(layers), 1.0 - sparsity)
+        units = tuple(found)
+        if left_out:
+            warnings.warn("sparsify: channel groups kept whole: " + ", ".join(left_out), stacklevel=3)
         if not units:
-            raise ValueError("structure='channel': the model has no prunable channel group")
+            raise ValueError("structure='channel': the model has no prunable channel group"
+                             + (f" whose weights are all masked ({len(left_out)} left out, see the warning)"
+                                if left_out else ""))
     context = MethodContext(source=model, graph=gm, layers=layers, structure=parsed, distribution=distribution,
                             sparsity=float(sparsity), total_steps=total_steps, units=units, analysis=analysis,
                             budget=parsed_budget, latency_table=latency_table)
@@ -417,7 +498,9 @@ def sparsify_captured(
                         total_steps=total_steps, exclude=exclude, budget=None if budget is None else dict(budget),
                         input_spec=_input_spec(example_inputs))
     handler = config.build()
-    sm = SparseModel(context, handler, spec)
+    sm = SparseModel(context, handler, spec,
+                     mode_graphs=None if traced.train is None else (traced.eval, traced.train),
+                     example_inputs=tuple(example_inputs))
     handler.initialize(context)
     sync_from_rank0(sm.layers, sm.units, sm.method)  # one initial mask on every rank (no-op outside torch.distributed)
     sm.apply_masks()

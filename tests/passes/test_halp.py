@@ -126,3 +126,15 @@ def test_bad_budgets_get_clear_errors():
                  budget={"flops": 0.5})
     with pytest.raises(ValueError, match="schedule"):
         sparsify(cnn(), X, budget={"flops": 0.5}, schedule="cubic", **base)
+
+
+def test_round_to_not_below_a_group_size_is_named_in_a_warning():
+    """#13 kind 5: kept counts are multiples of round_to or the whole group, so round_to=24
+    keeps the 24-channel group whole; say so rather than prune less than asked silently."""
+    with pytest.warns(UserWarning, match=r"halp: round_to=24 is not below the size of 1 channel group\(s\), which "
+                                         r"therefore keep all their channels: group\d+ \(24 channels\)"):
+        sm = sparsify(cnn(), X, method="halp", structure="channel", budget={"flops": 0.9}, total_steps=10,
+                      interval=5, round_to=24)
+    small = next(u for u in sm.units if u.group.size == 24)
+    train(sm, 10)
+    assert bool(small.mask.all())

@@ -180,7 +180,7 @@ class GMP(Method):
             return self._apply_channels(step)
         current = [layer.masked.mask.clone() for layer in ctx.layers]
         if ctx.distribution == "global" and ctx.structure.kind == "unstructured":
-            density = 1.0 - self.target(ctx.layers[0], step) if ctx.layers else 1.0
+            density = 1.0 - self.schedule(step, 1.0 - ctx.mean_density())
             masks = ctx.global_magnitude_masks(density, within=current if within else None)
         else:
             masks = [ctx.magnitude_mask(layer, 1.0 - self.target(layer, step),

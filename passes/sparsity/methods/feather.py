@@ -32,7 +32,7 @@ import torch
 from pydantic import Field
 
 from ..layers import SparseLayer
-from ..masking import WEIGHT_FNS, nm_group_max, nm_mask, topk_mask
+from ..masking import WEIGHT_FNS, global_topk_masks, nm_group_max, nm_mask, topk_mask
 from ..method import Method, MethodConfig, register_method
 
 __all__ = ["FeatherConfig", "Feather", "feather_threshold", "theta_for"]
@@ -169,21 +169,26 @@ class Feather(Method):
         layers = self.ctx.layers
         sizes = [layer.masked.mask.numel() for layer in layers]
         final = 1.0 - sum(layer.density * n for layer, n in zip(layers, sizes)) / sum(sizes)
-        magnitudes = [layer.module.weight.detach().abs().float().reshape(-1) for layer in layers]
-        flat = torch.cat(magnitudes)
-        keep = topk_mask(flat, self._kept_count(flat.numel(), self.sparsity_at(step, final)))
-        threshold = float(flat[~keep].max()) if bool((~keep).any()) else 0.0
-        for layer, chunk in zip(layers, keep.split(sizes)):
-            layer.masked.threshold.fill_(threshold)
-            self.ctx.set_mask(layer, chunk.reshape(layer.masked.mask_shape))
+        magnitudes = [layer.module.weight.detach().abs().float() for layer in layers]
+        kept = max(len(sizes), self._kept_count(sum(sizes), self.sparsity_at(step, final)))
+        masks = global_topk_masks(magnitudes, kept)  # every layer keeps at least its largest weight
+        pruned = [m[~k] for m, k in zip(magnitudes, masks)]
+        threshold = max((float(p.max()) for p in pruned if p.numel()), default=0.0)
+        for layer, mask, magnitude, below in zip(layers, masks, magnitudes, pruned):
+            # a layer kept alive by its largest weight alone gets its own T, so that weight passes |w| > T
+            own = threshold
+            if not bool((magnitude[mask] > threshold).all()):
+                own = float(below.max()) if below.numel() else 0.0
+            layer.masked.threshold.fill_(own)
+            self.ctx.set_mask(layer, mask)
 
     def _set_nm(self, layer: SparseLayer) -> None:
         structure = self.ctx.structure
         magnitude = layer.module.weight.detach().abs().float()
-        mask = nm_mask(magnitude, structure.n, structure.m)
+        mask = nm_mask(magnitude, structure.n, structure.m, layer.in_dim)
         # T per group: the largest pruned magnitude of its group of M
         pruned = torch.where(mask, torch.zeros_like(magnitude), magnitude)
-        layer.masked.threshold.copy_(nm_group_max(pruned, structure.m))
+        layer.masked.threshold.copy_(nm_group_max(pruned, structure.m, layer.in_dim))
         self.ctx.set_mask(layer, mask)
 
     # ---- state --------------------------------------------------------------------------

@@ -179,7 +179,7 @@ class IEE(Method):
             saliency = importance(self.config.criterion, layer)
             scores = torch.where(active, torch.full_like(saliency, -math.inf), saliency)
             if ctx.structure.kind == "n:m":  # refill every group of M to exactly N
-                grown = nm_refill(active, scores, ctx.structure.n, ctx.structure.m)
+                grown = nm_refill(active, scores, ctx.structure.n, ctx.structure.m, layer.in_dim)
             else:
                 grown = topk_mask(scores, self.budgets[layer.name])
             still_pruned = ~(active | grown)

@@ -34,7 +34,7 @@ import torch
 from pydantic import Field
 
 from ..layers import SparseLayer
-from ..masking import WEIGHT_FNS, MaskedWeight
+from ..masking import WEIGHT_FNS, MaskedWeight, global_topk_masks
 from ..method import Method, MethodConfig, RunLength, register_method
 
 __all__ = ["OptGConfig", "OptG"]
@@ -224,16 +224,17 @@ class OptG(Method):
 
     def _keep_largest(self, scores: list[torch.Tensor], sparsity: float) -> torch.Tensor:
         """Flat bool mask over the concatenated ``scores`` pruning the round(sparsity · n)
-        smallest; ties (all scores are 0 for the first mask) broken at random by the seeded
-        generator."""
+        smallest, each tensor keeping at least its largest; ties (all scores are 0 for the
+        first mask) broken at random by the seeded generator."""
         flat = torch.cat(scores)
         n_total = flat.numel()
-        n_keep = n_total - int(round(sparsity * n_total))
+        n_keep = max(len(scores), n_total - int(round(sparsity * n_total)))
         order = torch.randperm(n_total, generator=self.generator).to(flat.device)
         ranked = torch.sort(flat[order], descending=True, stable=True).indices
-        keep = torch.zeros(n_total, dtype=torch.bool, device=flat.device)
-        keep[order[ranked[:n_keep]]] = True
-        return keep
+        rank_score = torch.empty(n_total, dtype=torch.float64, device=flat.device)
+        rank_score[order[ranked]] = -torch.arange(n_total, dtype=torch.float64, device=flat.device)
+        chunks = rank_score.split([s.numel() for s in scores])
+        return torch.cat([m.reshape(-1) for m in global_topk_masks(list(chunks), n_keep)])
 
     # ---- state ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
