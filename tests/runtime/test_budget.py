@@ -7,7 +7,7 @@ import pytest
 import torch
 from spruce.compiler.api import analyze_model, profile
 from spruce.passes.importance import importance_scores, param_table
-from spruce.passes.sparsity.knapsack import InfeasibleBudget
+from spruce.passes.sparsity.knapsack import InfeasibleBudget, build_cost_model
 from spruce.runtime import budget as budget_module
 from spruce.runtime.budget import BAND_HIGH, MeasuredSelection, meet_latency_budget
 from spruce.targets.onnxruntime import OnnxRuntimeCPU
@@ -74,6 +74,18 @@ def test_budget_met_as_measured(setup):
     assert summary["ratio"] == pytest.approx(result.ratio) and len(summary["attempts"]) == len(result.attempts)
 
 
+def test_flops_can_steer_when_no_table_was_profiled(setup):
+    """Without a latency table, the FLOPs cost model aims the knapsack and the measurements
+    alone bring the latency into the band."""
+    model, inputs, target, _, analysis, importance = setup
+    flops = build_cost_model("flops", model, analysis)
+    result = meet_latency_budget(analysis, model, None, target, 0.6, importance, inputs, round_to=8,
+                                 timing_rounds=10, cost_model=flops)
+    assert result.ratio <= BAND_HIGH * 0.6 and result.cost_unit == "MACs"
+    assert result.predicted_ms is None and result.predicted_ratio is None
+    assert result.attempts[0].aim == pytest.approx(0.6 * flops.dense())
+
+
 def test_mutation_ignoring_the_budget_is_caught(setup, monkeypatch):
     """If the selection ignored the budget (kept every channel), the loop could not meet it and
     says so, and the recheck tolerance above would reject the dense model too."""
@@ -109,6 +121,8 @@ def test_batch_size_and_bad_options(setup):
         meet_latency_budget(analysis, model, table, target, 0.5, importance, inputs, rounds=0)
     with pytest.raises(ValueError, match="no importance"):
         meet_latency_budget(analysis, model, table, target, 0.5, {}, inputs)
+    with pytest.raises(ValueError, match="table or a cost_model"):
+        meet_latency_budget(analysis, model, None, target, 0.5, importance, inputs)
     # the budget's batch size is what gets timed
     seen = []
 
