@@ -193,12 +193,18 @@ class Target(ABC):
         self.require()
         if not cases:
             raise ValueError("measure_models: no models given")
-        with tempfile.TemporaryDirectory(prefix="spruce-time-") as folder:
-            calls = []
-            for k, (model, example_inputs) in enumerate(cases):
-                runner, inputs = self.model_runner(model.eval(), tuple(example_inputs), Path(folder) / f"model{k}")
-                calls.append(functools.partial(runner, inputs))
-            return time_interleaved(calls, warmup, rounds, self.synchronize)
+        modes = [model.training for model, _ in cases]
+        try:
+            with tempfile.TemporaryDirectory(prefix="spruce-time-") as folder:
+                calls = []
+                for k, (model, example_inputs) in enumerate(cases):
+                    runner, inputs = self.model_runner(model.eval(), tuple(example_inputs),
+                                                       Path(folder) / f"model{k}")
+                    calls.append(functools.partial(runner, inputs))
+                return time_interleaved(calls, warmup, rounds, self.synchronize)
+        finally:
+            for (model, _), training in zip(cases, modes):
+                model.train(training)  # timed in eval mode; the caller's models keep their mode
 
     def prepare_inputs(self, artifact: Artifact, example_inputs: Sequence[torch.Tensor]) -> list[Any]:
         """Inputs in the form this target's runner takes (numpy on the CPU by default)."""

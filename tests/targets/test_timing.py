@@ -110,3 +110,18 @@ def test_bad_options(warmup, rounds, message):
         time_interleaved([lambda: None], warmup=warmup, rounds=rounds)
     with pytest.raises(ValueError, match="nothing to time"):
         time_interleaved([])
+
+
+def test_measure_models_times_real_sessions_and_keeps_the_models_mode():
+    import torch
+    from spruce.targets.onnxruntime import OnnxRuntimeCPU
+    from torch import nn
+
+    small = nn.Linear(16, 16).train()
+    large = nn.Sequential(nn.Linear(16, 512), nn.ReLU(), nn.Linear(512, 16)).eval()
+    x = torch.zeros(4, 16)
+    timings = OnnxRuntimeCPU(threads=1).measure_models([(small, (x,)), (large, (x,))], warmup=1, rounds=3)
+    assert len(timings) == 2 and all(t.wall_s.shape == (3,) and t.robust_ms() >= 0 for t in timings)
+    assert small.training and not large.training  # timed in eval mode, given back in the caller's mode
+    with pytest.raises(ValueError, match="no models"):
+        OnnxRuntimeCPU(threads=1).measure_models([])
