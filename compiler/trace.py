@@ -16,9 +16,10 @@ import warnings
 from collections.abc import Iterable, Sequence
 
 import torch
-from spruce.passes.graph import CapturedGraph, as_input_tuple
 from torch import fx
 from torch.fx.passes.shape_prop import ShapeProp
+
+from ..passes.graph import CapturedGraph, as_input_tuple
 
 __all__ = ["TraceError", "as_input_tuple", "capture", "trace"]
 

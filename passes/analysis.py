@@ -27,9 +27,10 @@ from dataclasses import dataclass, field
 import networkx as nx
 import numpy as np
 import torch
-from spruce.passes.graph import CapturedGraph
 from torch import fx
 from torch.fx.passes.shape_prop import TensorMetadata
+
+from .graph import CapturedGraph
 
 __all__ = [
     "Analyzer",
@@ -487,7 +488,7 @@ def analyze(captured: CapturedGraph) -> ChannelAnalysis:
 
     Returns the :class:`ChannelAnalysis`: every set of coupled channels of
     ``captured.root`` as :class:`ChannelGroup`s (unprunable groups say why)."""
-    from spruce.passes.oprules import apply_rules
+    from .oprules import apply_rules
 
     an = Analyzer(captured.root)
     for gi, gm in enumerate(captured.graphs):

@@ -18,9 +18,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from spruce.passes.analysis import Analyzer, ShapeOf, SizeRead, Space, TensorDims, iter_spaces
 from torch import fx, nn
 from torch.fx.passes.shape_prop import TensorMetadata
+
+from .analysis import Analyzer, ShapeOf, SizeRead, Space, TensorDims, iter_spaces
 
 __all__ = ["FUNCTION_RULES", "METHOD_RULES", "MODULE_RULES", "SHAPE_CONSUMERS", "apply_rules"]
 
@@ -193,7 +194,10 @@ def reduction(an: Analyzer, call: Call, dim_name: str = "dim") -> object:
     if not isinstance(x, TensorDims):
         return unknown(an, call)
     dims = _dims_arg(call.arg(1, dim_name), len(x))
-    keepdim = bool(call.arg(2, "keepdim", False))
+    out_meta = call.meta[0] if _is_multi(call.meta) else call.meta
+    # read from the result: positional arguments differ between overloads (std(x, dim, unbiased, keepdim))
+    keepdim = (len(out_meta.shape) == len(x) if isinstance(out_meta, TensorMetadata)
+               else bool(call.arg(2, "keepdim", False)))
     if dims is None or isinstance(call.arg(1, dim_name), TensorDims):
         if isinstance(call.arg(1, dim_name), TensorDims):  # torch.max(x, y) is elementwise
             return broadcast(an, call)
@@ -654,16 +658,21 @@ def batch_norm_module(an: Analyzer, call: Call) -> object:
     m = call.module
     x = call.args[0]
     unbatched = isinstance(m, nn.modules.instancenorm._InstanceNorm) and len(x) == m._get_no_batch_dim()
-    channel = x[0] if unbatched else x[1]
+    c = 0 if unbatched else 1
+    # statistics are averaged over every other dim (batch and spatial in training mode): pinned
+    pin_dims(an, x, [d for d in range(len(x)) if d != c], f"{type(m).__name__} averages over this dim")
     for t in (m.weight, m.bias, m.running_mean, m.running_var):
         if t is not None:
-            an.same(an.tensor_dims(t)[0], channel)
+            an.same(an.tensor_dims(t)[0], x[c])
     return x
 
 
 @function_rule(F.batch_norm, F.instance_norm)
 def batch_norm_fn(an: Analyzer, call: Call) -> object:
+    """Per-channel (dim 1) normalisation whose statistics average over every other dim
+    (weight standardisation applies it to a reshaped conv weight): those dims are pinned."""
     x = call.args[0]
+    pin_dims(an, x, [d for d in range(len(x)) if d != 1], f"{call.node.target.__name__} averages over this dim")
     stats = [call.arg(1, "running_mean"), call.arg(2, "running_var"), call.arg(3, "weight"), call.arg(4, "bias")]
     for t in stats:
         if isinstance(t, TensorDims):
@@ -697,8 +706,10 @@ def layer_norm_fn(an: Analyzer, call: Call) -> object:
 
 @module_rule(nn.GroupNorm, nn.LocalResponseNorm, nn.CrossMapLRN2d)
 def group_norm_module(an: Analyzer, call: Call) -> object:
+    """GroupNorm averages over channels and spatial dims (pinned); LRN mixes channels only."""
     x = call.args[0]
-    pin_dims(an, x, [1], f"{type(call.module).__name__} mixes channels")
+    mixed = range(1, len(x)) if isinstance(call.module, nn.GroupNorm) else [1]
+    pin_dims(an, x, mixed, f"{type(call.module).__name__} mixes this dim")
     for t in (getattr(call.module, "weight", None), getattr(call.module, "bias", None)):
         if t is not None:
             an.same(an.tensor_dims(t)[0], x[1])
@@ -708,7 +719,8 @@ def group_norm_module(an: Analyzer, call: Call) -> object:
 @function_rule(F.group_norm, F.local_response_norm)
 def group_norm_fn(an: Analyzer, call: Call) -> object:
     x = call.args[0]
-    pin_dims(an, x, [1], "group normalisation mixes channels")
+    mixed = range(1, len(x)) if call.node.target is F.group_norm else [1]
+    pin_dims(an, x, mixed, f"{call.node.target.__name__} mixes this dim")
     for t in (call.arg(2, "weight"), call.arg(3, "bias")):
         if isinstance(t, TensorDims):
             an.same(t[0], x[1])
@@ -727,10 +739,11 @@ def spatial(an: Analyzer, call: Call, n_spatial: int | None = None) -> object:
     n_spatial = len(shape) - 2 if n_spatial is None else n_spatial
     keep = len(shape) - n_spatial
     out = list(x[:keep])
+    for k in range(keep, len(x)):  # pooling/interpolation windows mix along these dims
+        an.pin(x[k], f"spatial dim at node '{call.node.name}'")
     for k in range(keep, len(shape)):
         if k < len(x) and x[k].size == shape[k] and call.node.target not in (F.interpolate,):
             out.append(x[k])
-            an.pin(x[k], f"spatial dim at node '{call.node.name}'")
         else:
             out.append(pin_new(an, an.new_space(shape[k], f"{call.node.name}[{k}]"), "spatial dim"))
     return TensorDims(out)
@@ -887,6 +900,8 @@ def conv(an: Analyzer, call: Call, x: TensorDims, w: TensorDims, b: TensorDims |
             an.pin(g, f"group count of a grouped convolution at node '{call.node.name}'")
     if b is not None:
         an.same(b[0], out_ch)
+    for k in range(c + 1, len(x)):  # the kernel window sums over input positions
+        an.pin(x[k], f"convolution window at node '{call.node.name}'")
     out = [x[0]] if batched else []
     out.append(out_ch)
     for k in range(c + 1, len(shape)):

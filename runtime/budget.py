@@ -27,16 +27,17 @@ from typing import Any
 
 import numpy as np
 import torch
-from spruce.passes.export import remove_channels
-from spruce.passes.sparsity.knapsack import (
+from torch import nn
+
+from ..passes.export import remove_channels
+from ..passes.sparsity.knapsack import (
     CostModel,
     InfeasibleBudget,
     build_cost_model,
     minimum_cost,
     select_channels,
 )
-from spruce.targets.base import Target
-from torch import nn
+from ..targets.base import Target
 
 __all__ = ["BAND_HIGH", "BAND_LOW", "Attempt", "MeasuredSelection", "meet_latency_budget"]
 
