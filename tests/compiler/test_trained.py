@@ -309,6 +309,7 @@ def _edge_loss(outputs, batch):
     return F.mse_loss(outputs[0], batch[1])
 
 
+@torch.no_grad()
 def _edge_error(model, loader):
     errors = [float(F.mse_loss(model(x)[0], target)) for x, target in loader]
     return {"edge_mse": sum(errors) / len(errors)}
