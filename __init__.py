@@ -10,7 +10,7 @@ The public API is small on purpose:
 - :func:`profile` times every prunable layer on a target into a :class:`LatencyTable` that predicts
   the latency of any channel configuration.
 - :func:`bench` times a built artifact (median/p90/p99, images/s), optionally against its dense twin.
-- :func:`compile` runs the whole pipeline (train sparse, export, build for a target, time vs dense).
+- :func:`compile` compiles a trained model (measured budget, recovery, build, time and evaluate vs dense).
 - :func:`save` / :func:`load` checkpoint a sparse model atomically, validated before anything is loaded.
 
 Names are imported on first use (PEP 562), so ``import spruce.passes`` loads the passes

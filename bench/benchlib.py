@@ -477,3 +477,68 @@ def write_atomic(path: Path, text: str) -> None:
     except BaseException:
         Path(temp_name).unlink(missing_ok=True)
         raise
+
+
+# ----------------------------------------------------------------------------- load
+
+
+class BusyLoad:
+    """``processes`` extra processes each running a pure-Python busy loop, and a sampler of
+    the machine's load while they run: a context manager.
+
+    On exit the processes are killed (by their own ids) and ``summary()`` says what ran:
+    how many busy processes, the share of one CPU each actually got (from its CPU time), and
+    the 1-minute load average sampled every ``sample_s`` seconds (min / median / max)."""
+
+    def __init__(self, processes: int = 1, sample_s: float = 5.0):
+        self.processes = processes
+        self.sample_s = sample_s
+        self.children: list[subprocess.Popen] = []
+        self.loads: list[float] = []
+        self.cpu_shares: list[float] = []
+        self.seconds = 0.0
+        self._stop = None
+        self._thread = None
+        self._start = 0.0
+
+    def __enter__(self) -> BusyLoad:
+        import threading
+
+        self._start = time.perf_counter()
+        for _ in range(self.processes):
+            self.children.append(subprocess.Popen([sys.executable, "-c", "while True: pass"]))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.sample_s):
+            try:
+                self.loads.append(os.getloadavg()[0])
+            except OSError:
+                return
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds = time.perf_counter() - self._start
+        ticks = os.sysconf("SC_CLK_TCK")
+        for child in self.children:
+            try:  # utime + stime of the child, from /proc/<pid>/stat (fields 14 and 15)
+                fields = Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()
+                self.cpu_shares.append((int(fields[11]) + int(fields[12])) / ticks / max(self.seconds, 1e-9))
+            except (OSError, IndexError, ValueError):
+                pass
+            child.kill()
+            child.wait()
+        if self._stop is not None:
+            self._stop.set()
+            self._thread.join()
+
+    def summary(self) -> str:
+        """One line describing the extra load and the load average seen."""
+        shares = ", ".join(f"{s:.0%}" for s in self.cpu_shares) or "unknown"
+        loads = (f"{min(self.loads):.2f} / {statistics.median(self.loads):.2f} / {max(self.loads):.2f}"
+                 if self.loads else "not sampled")
+        return (f"{self.processes} busy-loop process(es) (`python -c 'while True: pass'`) for {self.seconds:.0f} s, "
+                f"CPU share each: {shares}; 1-min load average sampled every {self.sample_s:g} s "
+                f"(min / median / max): {loads}")

@@ -1,10 +1,12 @@
 """``spruce compile [MODEL] --target T --method M --structure S --budget latency=0.5 --out DIR``.
 
-With no MODEL and no recipe it runs the embedded default: a small CNN trained on
-scikit-learn's real digits, compressed with latency-budgeted structured IEE for
-ONNX Runtime on this CPU, and ends with a table of accuracy, latency and FPS
-(dense vs compiled). A recipe file (``--recipe FILE.yaml|.json``, schema in
-``spruce.compiler.recipes``) can stand for the options; flags override it.
+MODEL is a trained model (``FILE.py:FACTORY``, ``FILE.pt``, ...): the dense reference,
+never re-trained. With no MODEL and no recipe it runs the embedded default: a small CNN
+trained on scikit-learn's real digits (fixed seed), then compiled for ONNX Runtime on
+this CPU under a latency budget met as measured, ending with a table of accuracy,
+latency and FPS (dense vs compiled), the budget hit and the fidelity to dense. A recipe
+file (``--recipe FILE.yaml|.json``, schema in ``spruce.compiler.recipes``) can stand for
+the options; flags override it.
 """
 
 from __future__ import annotations
@@ -26,8 +28,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recipe", type=Path, default=None, help="YAML or JSON recipe (flags override it)")
     parser.add_argument("--input-shape", type=parse_input_shapes, default=None, metavar="SHAPE",
                         help="example input shape (default: the data's)")
-    parser.add_argument("--data", default=None, help=f"digits, mnist5k or FILE.py:make_loaders "
+    parser.add_argument("--data", default=None, help=f"digits, mnist5k, images:DIR or FILE.py:make_loaders "
                         f"(default {_DEFAULTS.data})")
+    parser.add_argument("--recover", default=None, choices=("none", "distill", "loss"),
+                        help="none: one-shot + BatchNorm re-estimation; distill: learn the dense outputs; "
+                        "loss: --loss (default: loss when one exists, else distill)")
+    parser.add_argument("--loss", default=None, metavar="FILE.py:loss_fn", help="loss_fn(outputs, batch)")
+    parser.add_argument("--evaluate", default=None, metavar="FILE.py:evaluate",
+                        help="evaluate(model, loader) -> {name: value}, reported for dense and compiled")
+    parser.add_argument("--prepare", default=None, metavar="FILE.py:prepare",
+                        help="prepare(image, (H, W)) -> tensor for images:DIR (default: resize to cover, crop)")
+    parser.add_argument("--distill-loss", type=parse_target_option, action="append", default=None,
+                        metavar="OUTPUT=LOSS", dest="distill_losses",
+                        help="distillation loss of an output (kl, mse, l1), e.g. 'output[0]=l1' (repeatable)")
+    parser.add_argument("--recover-lr", type=float, default=None,
+                        help=f"recovery learning rate (default {_DEFAULTS.recover_lr})")
     parser.add_argument("--target", default=None, help=f"onnxruntime, torch, tensorrt (default {_DEFAULTS.target})")
     parser.add_argument("--option", type=parse_target_option, action="append", default=None, metavar="KEY=VALUE",
                         dest="target_options", help="target option, e.g. threads=2 (repeatable)")
@@ -73,7 +88,9 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
             structure=args.structure, sparsity=args.sparsity,
             budget=parse_budget(args.budget) if args.budget is not None else None,
             distribution=args.distribution, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-            seed=args.seed, bench_iters=args.bench_iters)
+            seed=args.seed, bench_iters=args.bench_iters, recover=args.recover, loss=args.loss,
+            evaluate=args.evaluate, prepare=args.prepare, recover_lr=args.recover_lr,
+            distill_losses={str(k): str(v) for k, v in args.distill_losses} if args.distill_losses else None)
     except RecipeError as exc:
         raise RecipeError(f"{exc} (from the command line{' and ' + str(args.recipe) if args.recipe else ''})") \
             from None
@@ -101,7 +118,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 SUBCOMMAND = Subcommand(
-    help="compress a model end to end (train sparse, export, build for a target, time vs dense)",
+    help="compile a trained model to a deployable artifact under a measured budget (select, recover, export, "
+         "build, time and evaluate vs dense)",
     add_arguments=add_arguments,
     run=run,
 )

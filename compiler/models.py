@@ -264,3 +264,23 @@ def _missing_factory_message(source: ModuleType, file_part: str, factory_name: s
     close = difflib.get_close_matches(factory_name, callables, n=3)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
     return f"{file_part} has no callable {factory_name!r}{hint}"
+
+
+def load_function(spec: str, role: str, error: type[ValueError] = ValueError) -> Callable[..., Any]:
+    """The function ``FILE.py:NAME`` names (``role`` and ``spec`` in every message); raises
+    ``error`` for a malformed spec, a missing file, a file that fails to import, or no such
+    function."""
+    file_part, sep, name = spec.rpartition(":")
+    if not sep or not file_part.endswith(".py") or not name:
+        raise error(f"{role} {spec!r}: write FILE.py:FUNCTION")
+    path = Path(file_part)
+    if not path.is_file():
+        raise error(f"{role} {spec!r}: no such file {path}")
+    try:
+        source = import_file(path)
+    except ModelSpecError as exc:
+        raise error(f"{role} {spec!r}: {exc}") from None
+    function = getattr(source, name, None)
+    if not callable(function):
+        raise error(f"{role} {spec!r}: {path} has no function {name!r}")
+    return function

@@ -27,6 +27,18 @@ fails before any training. :func:`recipe_schema` is its JSON schema. All keys op
 ``bench_batch_sizes``     batch sizes timed, e.g. ``[1, 8]``
 ``bench_iters``           timed runs per batch size (after ``bench_warmup``)
 ``profile_step``          channel step of the latency table grid
+``recover``               ``none`` (one-shot: select, re-estimate BatchNorm), ``distill``
+                          (learn the dense model's outputs) or ``loss`` (the user's loss);
+                          default: ``loss`` when a loss exists (``loss``, or labels with
+                          class-score outputs: cross-entropy), else ``distill``
+``loss``                  ``FILE.py:loss_fn``, called ``loss_fn(outputs, batch)``
+``evaluate``              ``FILE.py:evaluate``, called ``evaluate(model, loader) -> {name: value}``
+``prepare``               ``FILE.py:prepare`` for ``images:DIR`` (default: cover-resize, crop)
+``distill_losses``        per-output distillation loss, e.g. ``{"output[0]": l1}`` (globs)
+``recover_lr``            peak learning rate of recovery (AdamW, cosine decay)
+``budget_batch_size``     batch size at which a latency budget is measured
+``round_to``              kept channel counts are multiples of it (default 8: CPU kernels
+                          work in blocks of 8 channels, so other counts time erratically)
 ========================  ==========================================================
 
 A format-1 recipe's ``method: NAME`` with ``method_options: {...}`` still loads (the two
@@ -98,6 +110,14 @@ class Recipe(Config):
     bench_warmup: int = Field(20, ge=0)
     bench_iters: int = Field(200, ge=1)
     profile_step: int = Field(8, ge=1)
+    recover: Literal["none", "distill", "loss"] | None = None
+    loss: Name | None = None
+    evaluate: Name | None = None
+    prepare: Name | None = None
+    distill_losses: dict[str, Literal["kl", "mse", "l1"]] = Field(default_factory=dict)
+    recover_lr: float = Field(1e-3, gt=0)
+    budget_batch_size: int = Field(1, ge=1, le=_MAX_SIZE)
+    round_to: int = Field(8, ge=1)
 
     @model_validator(mode="before")
     @classmethod

@@ -44,15 +44,16 @@ class CompileReport:
         """Accuracy, latency and FPS of dense vs compiled, one row per batch size."""
         doc = self.document
         lines = [f"{'':10s} {'accuracy':>9s} {'params':>10s} {'MACs':>12s}",
-                 f"{'dense':10s} {doc['dense']['accuracy']:9.4f} {doc['dense']['params']:10d} "
+                 f"{'dense':10s} {_number(doc['dense']['accuracy']):>9s} {doc['dense']['params']:10d} "
                  f"{doc['dense']['macs']:12d}",
-                 f"{'compiled':10s} {doc['compiled']['accuracy']:9.4f} {doc['compiled']['params']:10d} "
+                 f"{'compiled':10s} {_number(doc['compiled']['accuracy']):>9s} {doc['compiled']['params']:10d} "
                  f"{doc['compiled']['macs']:12d}", "",
                  f"{'batch':>5s} {'dense ms':>9s} {'compiled ms':>12s} {'dense FPS':>10s} {'compiled FPS':>13s} "
                  f"{'speed-up':>9s}"]
         for row in doc["bench"]["by_batch"]:
             lines.append(f"{row['batch_size']:5d} {row['dense_ms']:9.3f} {row['compiled_ms']:12.3f} "
                          f"{row['dense_fps']:10.1f} {row['compiled_fps']:13.1f} {row['speedup']:8.2f}x")
+        lines += _summary_lines(doc)
         return "\n".join(lines)
 
 
@@ -60,8 +61,17 @@ def build_document(*, recipe: Recipe, data_name: str, example: torch.Tensor, den
                    compiled: nn.Module, compiled_log: TrainLog, compiled_accuracy: float, agreement: float,
                    module_file: str | None, sparsities: Mapping[str, float], metrics: Sequence[dict],
                    table: Any, bench: BenchReport, dense_artifact: Artifact, compiled_artifact: Artifact,
-                   timings: Mapping[str, float], wall_s: float) -> dict[str, Any]:
-    """The report document (what ``report.json`` holds) from the stages' results."""
+                   timings: Mapping[str, float], wall_s: float, dense_accuracy: float | None | str = "log",
+                   evaluation: Mapping[str, Any] | None = None, budget: Mapping[str, Any] | None = None,
+                   recovery: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The report document (what ``report.json`` holds) from the stages' results.
+
+    ``dense_accuracy`` (None without labels; by default the last of ``dense_log``),
+    ``evaluation`` (outputs and their losses, fidelity on held-out inputs, user metrics),
+    ``budget`` (predicted and measured latency of both models, the measured ratio) and
+    ``recovery`` (mode, loss, steps, mask updates) come from compile's stages."""
+    if dense_accuracy == "log":
+        dense_accuracy = dense_log.accuracy[-1] if dense_log.accuracy else None
     by_batch = []
     for batch_size in recipe.bench_batch_sizes:
         d, c = bench.row("dense", batch_size), bench.row("compiled", batch_size)
@@ -74,7 +84,7 @@ def build_document(*, recipe: Recipe, data_name: str, example: torch.Tensor, den
         "version": REPORT_VERSION,
         "recipe": recipe.to_dict(),
         "data": data_name,
-        "dense": {"accuracy": dense_log.accuracy[-1], "accuracy_per_epoch": dense_log.accuracy,
+        "dense": {"accuracy": dense_accuracy, "accuracy_per_epoch": dense_log.accuracy,
                   "loss_per_epoch": dense_log.loss, "params": int(count_params(dense)),
                   "macs": int(count_macs(dense, (example,))), "artifact": dense_artifact.path.name},
         "compiled": {"accuracy": compiled_accuracy, "accuracy_per_epoch": compiled_log.accuracy,
@@ -91,7 +101,52 @@ def build_document(*, recipe: Recipe, data_name: str, example: torch.Tensor, den
                   "by_batch": by_batch},
         "timings": dict(timings),
         "wall_s": wall_s,
+        **({"evaluation": _jsonable(dict(evaluation))} if evaluation is not None else {}),
+        **({"budget": _jsonable(dict(budget))} if budget is not None else {}),
+        **({"recovery": _jsonable(dict(recovery))} if recovery is not None else {}),
     }
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _summary_lines(doc: dict[str, Any]) -> list[str]:
+    """Budget hit, fidelity and recovery, for the console table and report.md."""
+    lines: list[str] = []
+    budget = doc.get("budget")
+    if budget:
+        text = f"budget {budget['kind']} {budget['fraction']:g} of dense"
+        if "batch_size" in budget:
+            text += f" at batch {budget['batch_size']}"
+        if "ratio" in budget:
+            text += f": {budget['ratio']:.3f} of dense"
+        if "measured_ratio" in budget:
+            low, high = budget["band"]
+            text += (f": measured {budget['measured_ratio']:.3f} (band {low:.3f}-{high:.3f}, "
+                     f"{'met' if budget['in_band'] else 'NOT met'}); bench {budget['bench_ratio']:.3f}")
+        if budget.get("dense_predicted_ms") is not None:
+            text += (f"; predicted {budget['compiled_predicted_ms']:.3f} / {budget['dense_predicted_ms']:.3f} ms, "
+                     f"measured {budget.get('compiled_measured_ms', float('nan')):.3f} / "
+                     f"{budget.get('dense_measured_ms', float('nan')):.3f} ms (compiled / dense)")
+        lines += ["", text]
+    evaluation = doc.get("evaluation")
+    if evaluation and evaluation.get("fidelity"):
+        lines += ["", f"fidelity to dense on {evaluation['fidelity']['samples']} held-out inputs:"]
+        losses = {o["output"]: o["distill_loss"] for o in evaluation["outputs"]}
+        for name, row in evaluation["fidelity"]["per_output"].items():
+            extra = f", top-1 agreement {row['top1_agreement']:.4f}" if "top1_agreement" in row else ""
+            lines.append(f"  {name}: relative L2 {row['relative_l2']:.4f}, cosine {row['cosine']:.4f}{extra} "
+                         f"(distill loss {losses.get(name)})")
+        for which in ("dense", "compiled"):
+            if evaluation.get(f"{which}_metrics"):
+                lines.append(f"  {which} metrics: " + ", ".join(f"{k} {v:.4f}"
+                                                                 for k, v in evaluation[f"{which}_metrics"].items()))
+    recovery = doc.get("recovery")
+    if recovery:
+        lines += ["", f"recovery: {recovery['mode']} ({recovery['loss']}), {recovery.get('steps', 0)} steps, "
+                  f"{recovery.get('mask_updates', 0)} mask updates"]
+    return lines
 
 
 def _layer_widths(dense: nn.Module, compiled: nn.Module) -> list[dict[str, Any]]:
@@ -168,7 +223,7 @@ def _plot_accuracy_fps(doc: dict[str, Any]):
     import matplotlib.pyplot as plt
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.5))
-    left.bar(["dense", "compiled"], [doc["dense"]["accuracy"], doc["compiled"]["accuracy"]],
+    left.bar(["dense", "compiled"], [doc["dense"]["accuracy"] or 0.0, doc["compiled"]["accuracy"] or 0.0],
              color=["#c8c8c8", "#2a7ab9"])
     left.set_ylim(0, 1)
     left.set_ylabel("test accuracy")
@@ -187,13 +242,17 @@ def _plot_training(doc: dict[str, Any]):
     import matplotlib.pyplot as plt
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.5))
-    epochs = np.arange(1, len(doc["dense"]["accuracy_per_epoch"]) + 1)
-    left.plot(epochs, doc["dense"]["accuracy_per_epoch"], "o-", color="#888888", label="dense")
-    left.plot(epochs, doc["compiled"]["accuracy_per_epoch"], "o-", color="#2a7ab9",
-              label=doc["recipe"]["method"]["name"])
+    with_accuracy = bool(doc["compiled"]["accuracy_per_epoch"])
+    key, ylabel = ("accuracy_per_epoch", "test accuracy") if with_accuracy else ("loss_per_epoch", "recovery loss")
+    for which, color, label in (("dense", "#888888", "dense (spruce-trained default)"),
+                                ("compiled", "#2a7ab9", "compiled (recovery)")):
+        values = doc[which][key]
+        if values:
+            left.plot(np.arange(1, len(values) + 1), values, "o-", color=color, label=label)
     left.set_xlabel("epoch")
-    left.set_ylabel("test accuracy")
-    left.legend()
+    left.set_ylabel(ylabel)
+    if left.lines:
+        left.legend()
     metrics = doc["metrics"]
     steps = [m["step"] for m in metrics]
     for key, label in (("iou_prune", "IoU after prune"), ("iou_grow", "IoU after grow"),
@@ -248,7 +307,7 @@ def _markdown(doc: dict[str, Any]) -> str:
              "| | accuracy | params | MACs | artifact |", "|---|---|---|---|---|"]
     for which in ("dense", "compiled"):
         part = doc[which]
-        lines.append(f"| {which} | {part['accuracy']:.4f} | {part['params']:,} | {part['macs']:,} | "
+        lines.append(f"| {which} | {_number(part['accuracy'])} | {part['params']:,} | {part['macs']:,} | "
                      f"`{part['artifact']}` |")
     lines += ["", f"Latency on `{recipe['target']}` (median of {doc['bench']['iters']} runs after "
               f"{doc['bench']['warmup']} warm-ups):", "",
@@ -263,6 +322,7 @@ def _markdown(doc: dict[str, Any]) -> str:
         lt = doc["latency_table"]
         lines += ["", f"Latency table (`{lt['file']}`): dense predicted {lt['dense_predicted_ms']:.3f} ms, compiled "
                   f"predicted {lt['compiled_predicted_ms']:.3f} ms."]
+    lines += _summary_lines(doc)
     lines += ["", "| layer | in (dense → compiled) | out (dense → compiled) |", "|---|---|---|"]
     lines += [f"| {r['layer']} | {r['dense_in']} → {r['compiled_in']} | {r['dense_out']} → {r['compiled_out']} |"
               for r in doc["layers"]]

@@ -18,16 +18,28 @@ How the grid stays cheap without losing accuracy:
 - every measured point is cached on disk, keyed by the target's fingerprint and the
   layer signature, so a second run times nothing.
 
-Isolated layers are not the model: each isolated run pays session overhead and
+Isolated layers are not the model: each isolated run pays the runtime's per-run cost and
 layout conversions and the model has operators that are not profiled layers (pooling,
 additions, activations). ``profile`` therefore times a few whole compact models (dense,
-uniform widths, random widths) and fits, in relative least squares,
+uniform widths, random widths) and fits, in relative non-negative least squares,
 
     predict(widths) = overhead_ms + sum over layers of calls * layer_ms(layer, in, out)
-    layer_ms(layer, in, out) = scale * isolated_ms(layer, in, out) + ms_per_element * elements(in, out)
+    layer_ms(layer, in, out) = scale * max(isolated_ms(layer, in, out) - fixed_ms[signature], 0)
+                               + ms_per_element * activation_elements(in, out)
+                               + ms_per_weight * weight_elements(in, out)
 
-where ``elements`` counts the layer's input and output activation elements. The
+``fixed_ms`` is each layer signature's fixed cost per isolated run (its grid extrapolated to
+zero channels: thread hand-off, allocation), which the whole model does not pay per layer;
+``activation_elements`` counts the layer's input and output activation elements and
+``weight_elements`` its weights (which a whole model streams from memory while an isolated
+layer finds them in cache). ``scale``, ``ms_per_element``, ``ms_per_weight`` and
+``overhead_ms`` are never negative, so neither is any prediction nor any layer's share. The
 calibrated ``layer_ms`` is what a knapsack should take differences of.
+
+Timing resists load (:mod:`spruce.targets.timing`): the points of a layer are timed
+interleaved with each other in rounds, the calibration models interleaved with each other;
+each call's run-queue waiting (time the scheduler gave the CPU to other processes) is
+excluded, and a series' value is the mean of its inliers (median +- 3 scaled MADs).
 """
 
 from __future__ import annotations
@@ -40,7 +52,7 @@ import os
 import platform
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -62,16 +74,24 @@ __all__ = [
     "compact_at_widths",
     "default_cache_dir",
     "find_layers",
+    "fit_calibration",
+    "fixed_costs",
+    "nonnegative_least_squares",
     "profile",
     "random_group_widths",
 ]
 
 TABLE_FORMAT = "spruce-latency-table"
-TABLE_VERSION = 1
-CACHE_VERSION = 1
+TABLE_VERSION = 2
+READABLE_TABLE_VERSIONS = (1, 2)  # version 1 lacks kernel, fixed_ms and ms_per_mweight (read as 1, {}, 0)
+# Version 2: points and model timings are load-robust (run-queue waiting excluded, inlier mean);
+# version-1 files (wall-clock medians) are not mixed with them.
+CACHE_VERSION = 2
 PROFILED_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 # Uniform widths (fractions of every prunable group) timed whole to calibrate the table.
 CALIBRATION_FRACTIONS = (1.0, 0.75, 0.5, 0.25)
+# Points of one layer signature timed interleaved at once (bounds the sessions held in memory).
+POINTS_PER_BATCH = 16
 # A measured point slower by this fraction than one with more channels is timed again (load bursts).
 OUTLIER_TOLERANCE = 0.15
 OUTLIER_RETRIES = 2
@@ -112,10 +132,17 @@ class LayerEntry:
     out_coarse: tuple[int, ...] = ()
     in_fine: tuple[int, ...] = ()
     out_fine: tuple[int, ...] = ()
+    kernel: int = 1  # kernel elements (product of the kernel size); 1 for a linear layer
 
     @property
     def depthwise(self) -> bool:
         return self.multiplier > 0
+
+    def weight_elements(self, active_in: int, active_out: int) -> int:
+        """Weights of the layer with the given active channels (biases aside)."""
+        if self.depthwise:
+            return active_out * self.kernel
+        return active_in * active_out * self.kernel // self.groups
 
     def points(self) -> list[tuple[int, int]]:
         """Every (active in, active out) point this layer's interpolation reads."""
@@ -129,21 +156,39 @@ class LayerEntry:
 
 @dataclass(frozen=True)
 class Calibration:
-    """The whole-model correction: ``predict = overhead_ms + sum(calls * layer_ms)``,
-    ``layer_ms = scale * isolated_ms + ms_per_melement * activation_elements / 1e6``.
-    ``samples`` are the whole-model measurements it was fitted on: per sample the widths
-    {layer: [in, out]} and the measured median ms."""
+    """The whole-model correction: ``predict = overhead_ms + sum(calls * layer_ms)`` with
+    ``layer_ms = scale * max(isolated_ms - fixed_ms[signature], 0) + ms_per_melement *
+    activation_elements / 1e6 + ms_per_mweight * weight_elements / 1e6``.
+
+    ``fixed_ms`` maps a layer signature to the fixed cost every isolated timing of it carries
+    (absent: 0). ``samples`` are the whole-model measurements it was fitted on: per sample the
+    widths {layer: [in, out]} and the measured ms. Fitted calibrations have every coefficient
+    >= 0; a hand-made one may have a negative overhead (tables of version 1 did)."""
 
     scale: float = 1.0
     ms_per_melement: float = 0.0
     overhead_ms: float = 0.0
     samples: tuple[dict[str, Any], ...] = ()
+    fixed_ms: Mapping[str, float] = field(default_factory=dict)
+    ms_per_mweight: float = 0.0
 
     def __post_init__(self) -> None:
-        for label in ("scale", "ms_per_melement", "overhead_ms"):
-            value = getattr(self, label)
-            if not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ProfileError(f"calibration {label} must be a finite number, got {value!r}")
+        for label in ("scale", "ms_per_melement", "overhead_ms", "ms_per_mweight"):
+            _check_finite(f"calibration {label}", getattr(self, label))
+        for signature, ms in self.fixed_ms.items():
+            _check_finite(f"calibration fixed_ms[{signature!r}]", ms)
+            if ms < 0:
+                raise ProfileError(f"calibration fixed_ms[{signature!r}] must be >= 0, got {ms!r}")
+        object.__setattr__(self, "fixed_ms", {str(k): float(v) for k, v in self.fixed_ms.items()})
+
+    def net_ms(self, signature: str, isolated_ms: float) -> float:
+        """An isolated timing less its signature's fixed cost (never below 0)."""
+        return max(isolated_ms - self.fixed_ms.get(signature, 0.0), 0.0)
+
+
+def _check_finite(label: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ProfileError(f"{label} must be a finite number, got {value!r}")
 
 
 class LatencyTable:
@@ -182,7 +227,9 @@ class LatencyTable:
         active_in, active_out = self._checked(entry, active_in, active_out)
         cal = self.calibration
         elements = active_in * entry.in_elements + active_out * entry.out_elements
-        return cal.scale * self._grids[name](active_in, active_out) + cal.ms_per_melement * elements / 1e6
+        return (cal.scale * cal.net_ms(entry.signature, self._grids[name](active_in, active_out))
+                + cal.ms_per_melement * elements / 1e6
+                + cal.ms_per_mweight * entry.weight_elements(active_in, active_out) / 1e6)
 
     def predict(self, widths: Mapping[str, tuple[int, int]] | None = None) -> float:
         """Whole-model latency (ms) with ``widths[name] = (active_in, active_out)``;
@@ -255,8 +302,8 @@ class LatencyTable:
     def from_dict(cls, document: Mapping[str, Any]) -> LatencyTable:
         if document.get("format") != TABLE_FORMAT:
             raise ValueError(f"format is {document.get('format')!r}, not {TABLE_FORMAT!r}")
-        if document.get("version") != TABLE_VERSION:
-            raise ValueError(f"version {document.get('version')!r} is not {TABLE_VERSION}")
+        if document.get("version") not in READABLE_TABLE_VERSIONS:
+            raise ValueError(f"version {document.get('version')!r} is not one of {READABLE_TABLE_VERSIONS}")
         layers = {}
         for record in document["layers"]:
             entry = LayerEntry(**{k: tuple(v) if isinstance(v, list) else v for k, v in record.items()})
@@ -462,7 +509,7 @@ def _make_entry(name: str, found: _Found, step: int, coarse: int, edges: bool,
     out_elements = math.prod(found.output_shape) // full_out
     common = dict(name=name, signature=layer_signature(module, found.input_shape, found.dtype),
                   in_channels=full_in, out_channels=full_out, in_elements=in_elements, out_elements=out_elements,
-                  calls=found.calls)
+                  calls=found.calls, kernel=1 if linear else math.prod(module.kernel_size))
     if depthwise:
         varies = in_varies or out_varies
         fine = _fine_axis(full_in, step * max(in_unit, out_unit)) if varies else (full_in,)
@@ -601,13 +648,14 @@ class ProfileConfig(Config):
     step: int = Field(8, ge=1)
     coarse: int = Field(6, ge=2)
     edges: bool = True
-    warmup: int = Field(5, ge=0)
-    repeats: int = Field(20, ge=1)
-    calibration_random: int = Field(4, ge=0)
+    warmup: int = Field(3, ge=0)
+    repeats: int = Field(12, ge=1)
+    calibration_random: int = Field(6, ge=0)
     retries: int = Field(OUTLIER_RETRIES, ge=0)
-    model_warmup: int = Field(3, ge=0)
-    model_repeats: int = Field(10, ge=1)
+    model_warmup: int = Field(2, ge=0)
+    model_repeats: int = Field(12, ge=1)
     seed: int = Field(0, ge=0)
+    batch_points: int = Field(POINTS_PER_BATCH, ge=1)
 
 
 _DEFAULTS = ProfileConfig()
@@ -634,13 +682,17 @@ def profile(
     """Profile every prunable layer of ``model`` on ``target`` and return a :class:`LatencyTable`.
 
     Channel counts are timed at multiples of ``step`` (see the module docstring for which
-    ones); each point is the median of ``repeats`` runs after ``warmup``. Measured points
-    and whole-model calibration runs are cached under ``cache_dir`` (default
-    :func:`default_cache_dir`) keyed by the target's fingerprint, so a second run on the
-    same target times nothing; ``use_cache=False`` neither reads nor writes it. A freshly
-    timed point slower than a point with more channels is timed again up to ``retries``
-    times (load bursts), keeping the lowest median. Besides the dense and three uniform-width
-    models, ``calibration_random`` random-width models are timed whole to fit the correction.
+    ones). The points of one layer signature are timed interleaved, up to
+    ``POINTS_PER_BATCH`` at a time: ``warmup`` untimed calls each, then ``repeats`` rounds
+    of one call each; a point's value is the load-robust mean of its calls
+    (:meth:`~spruce.targets.timing.Timings.robust_ms`: run-queue waiting excluded, outliers
+    rejected). Measured points, the per-run cost and whole-model calibration timings are
+    cached under ``cache_dir`` (default :func:`default_cache_dir`) keyed by the target's
+    fingerprint, so a second run on the same target times nothing; ``use_cache=False``
+    neither reads nor writes it. A freshly timed point slower than a point with more
+    channels is timed again up to ``retries`` times (load bursts), keeping the lower value.
+    Besides the dense and three uniform-width models, ``calibration_random`` random-width
+    models are timed whole (interleaved with each other) to fit the correction.
     ``analysis`` (a :class:`~spruce.passes.analysis.ChannelAnalysis` of ``model``, which
     ``spruce.profile`` computes) says which layer dimensions can shrink; without it every
     layer dimension is profiled and only the dense model calibrates the table.
@@ -688,17 +740,17 @@ def _profile(model: nn.Module, inputs: tuple[torch.Tensor, ...], target: Target,
 def _table_info(model: nn.Module, inputs: tuple[torch.Tensor, ...], config: ProfileConfig) -> dict[str, Any]:
     return {"model": type(model).__name__, "input_shapes": [list(t.shape) for t in inputs],
             "coarse": config.coarse, "edges": config.edges, "warmup": config.warmup, "repeats": config.repeats,
-            "host": platform.node()}
+            "timing": "interleaved rounds, run-queue waiting excluded, inlier mean", "host": platform.node()}
 
 
 def _measure_points(target: Target, entries: Mapping[str, LayerEntry], prototypes: Mapping[str, tuple],
                     cache: _Cache, config: ProfileConfig, progress: bool) -> dict[str, dict[tuple[int, int], float]]:
-    """Median isolated ms of every point the entries need, each (signature, point) timed once."""
+    """Load-robust isolated ms of every point the entries need, each (signature, point) timed once."""
     wanted: dict[str, set[tuple[int, int]]] = {}
     for entry in entries.values():
         wanted.setdefault(entry.signature, set()).update(entry.points())
     points: dict[str, dict[tuple[int, int], float]] = {}
-    todo: list[tuple[str, tuple[int, int]]] = []
+    todo: dict[str, list[tuple[int, int]]] = {}
     for signature, needed in wanted.items():
         cached = cache.read("layer", signature)
         points[signature] = {}
@@ -707,37 +759,39 @@ def _measure_points(target: Target, entries: Mapping[str, LayerEntry], prototype
             if key in cached:
                 points[signature][point] = cached[key]
             else:
-                todo.append((signature, point))
-    fresh: dict[str, set[tuple[int, int]]] = {}
-    with tqdm(total=len(todo), desc="profile layers", unit="point", disable=not progress or not todo) as bar:
-        for signature in wanted:
-            batch = [point for sig, point in todo if sig == signature]
-            if not batch:
-                continue
-            for point in batch:
-                points[signature][point] = _time_point(target, prototypes[signature], point, config)
-                bar.update(1)
-            fresh[signature] = set(batch)
-    # A burst of load from other processes inflates a few short timing windows; such a point costs
-    # more than a point with more channels in both dims. Time those again and keep the lower median
-    # (a real non-monotonic point stays: it is slow every time).
+                todo.setdefault(signature, []).append(point)
+    total = sum(map(len, todo.values()))
+    with tqdm(total=total, desc="profile layers", unit="point", disable=not progress or not total) as bar:
+        for signature, batch in todo.items():
+            for start in range(0, len(batch), config.batch_points):
+                chunk = batch[start:start + config.batch_points]
+                points[signature].update(_time_points(target, prototypes[signature], chunk, config))
+                bar.update(len(chunk))
+    # A burst of load can still inflate a point; such a point costs more than a point with more
+    # channels in both dims. Time those again and keep the lower value (a real non-monotonic
+    # point stays: it is slow every time).
     for _ in range(config.retries):
-        suspects = {(entry.signature, p) for entry in entries.values()
-                    for p in _non_monotonic(entry.points(), points[entry.signature])
-                    if p in fresh.get(entry.signature, ())}
-        for signature, point in sorted(suspects):
-            again = _time_point(target, prototypes[signature], point, config)
-            points[signature][point] = min(points[signature][point], again)
-    for signature, done in fresh.items():
+        suspects: dict[str, set[tuple[int, int]]] = {}
+        for entry in entries.values():
+            fresh = set(todo.get(entry.signature, ()))
+            for point in _non_monotonic(entry.points(), points[entry.signature]):
+                if point in fresh:
+                    suspects.setdefault(entry.signature, set()).add(point)
+        for signature, again in suspects.items():
+            retimed = _time_points(target, prototypes[signature], sorted(again), config)
+            for point, ms in retimed.items():
+                points[signature][point] = min(points[signature][point], ms)
+    for signature, done in todo.items():
         cache.write("layer", signature, {_point_key(*p): points[signature][p] for p in done})
     return points
 
 
-def _time_point(target: Target, prototype: tuple, point: tuple[int, int], config: ProfileConfig) -> float:
+def _time_points(target: Target, prototype: tuple, chunk: Sequence[tuple[int, int]],
+                 config: ProfileConfig) -> dict[tuple[int, int], float]:
+    """Load-robust ms of the ``chunk`` points of one signature, timed interleaved."""
     layer, input_shape = prototype
-    seconds = target.time_layer(layer, input_shape, point[0], point[1], warmup=config.warmup,
-                                repeats=config.repeats)
-    return float(np.median(seconds)) * 1e3
+    timings = target.measure_layers(layer, input_shape, list(chunk), warmup=config.warmup, rounds=config.repeats)
+    return {tuple(point): timing.robust_ms() for point, timing in zip(chunk, timings)}
 
 
 def _non_monotonic(wanted: Sequence[tuple[int, int]], measured: Mapping[tuple[int, int], float],
@@ -764,7 +818,8 @@ def _model_key(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> str:
 def _calibration_samples(target: Target, model: nn.Module, inputs: tuple[torch.Tensor, ...], analysis: Any,
                          table: LatencyTable, cache: _Cache, config: ProfileConfig,
                          progress: bool) -> list[dict[str, Any]]:
-    """Measured whole-model median ms at the calibration configurations, with their widths."""
+    """Load-robust whole-model ms at the calibration configurations (timed interleaved with
+    each other), with their widths."""
     configs: list[dict[int, int]] = [{}]
     if analysis is not None:
         groups = analysis.groups
@@ -773,51 +828,104 @@ def _calibration_samples(target: Target, model: nn.Module, inputs: tuple[torch.T
         configs += [random_group_widths(groups, rng, config.step) for _ in range(config.calibration_random)]
     model_key = _model_key(model, inputs)
     cached = cache.read("model", model_key)
-    samples = []
-    all_cached = all(json.dumps(sorted(widths.items())) in cached for widths in configs)
-    for group_widths in tqdm(configs, desc="profile models", unit="model", disable=not progress or all_cached):
-        key = json.dumps(sorted(group_widths.items()))
-        compact = compact_at_widths(analysis, model, group_widths) if group_widths else model
-        widths = table.widths_of(compact)
-        if key not in cached:
-            # two timings, the lower median kept: a load burst rarely hits both
-            cached[key] = min(float(np.median(target.time_model(compact.eval(), inputs, config.model_warmup,
-                                                                config.model_repeats))) * 1e3
-                              for _ in range(2))
-            cache.write("model", model_key, {key: cached[key]})
-        samples.append({"widths": {n: list(w) for n, w in widths.items()}, "ms": cached[key]})
-    return samples
+    keys = [json.dumps(sorted(widths.items())) for widths in configs]
+    compacts = [compact_at_widths(analysis, model, widths) if widths else model for widths in configs]
+    missing = [k for k, key in enumerate(keys) if key not in cached]
+    if missing:
+        if progress:
+            print(f"profile: timing {len(missing)} whole models for the calibration", flush=True)
+        timings = target.measure_models([(compacts[k], inputs) for k in missing], warmup=config.model_warmup,
+                                        rounds=config.model_repeats)
+        fresh = {keys[k]: timing.robust_ms() for k, timing in zip(missing, timings)}
+        cache.write("model", model_key, fresh)
+        cached.update(fresh)
+    return [{"widths": {n: list(w) for n, w in table.widths_of(compact).items()}, "ms": cached[key]}
+            for compact, key in zip(compacts, keys)]
+
+
+def fixed_costs(table: LatencyTable) -> dict[str, float]:
+    """Per layer signature, the fixed cost (ms) of one isolated run: the measured points fitted
+    by ``a + b in + c out + d in out`` (``a + b c`` for a depthwise layer) in least squares,
+    ``a`` clipped to [0, the signature's fastest point]."""
+    depthwise = {e.signature: e.depthwise for e in table.layers.values()}
+    fixed = {}
+    for signature, points in table.points.items():
+        if not points:
+            continue
+        grid = np.array(list(points), dtype=np.float64)
+        ms = np.array(list(points.values()))
+        if depthwise.get(signature, False) or len(points) < 4:
+            design = np.c_[np.ones(len(grid)), grid[:, 0]]
+        else:
+            design = np.c_[np.ones(len(grid)), grid[:, 0], grid[:, 1], grid[:, 0] * grid[:, 1]]
+        intercept = float(np.linalg.lstsq(design, ms, rcond=None)[0][0]) if len(points) >= design.shape[1] else 0.0
+        fixed[signature] = float(np.clip(intercept, 0.0, ms.min()))
+    return fixed
 
 
 def fit_calibration(table: LatencyTable, samples: Sequence[Mapping[str, Any]]) -> Calibration:
-    """Fit ``scale``, ``ms_per_melement`` and ``overhead_ms`` to whole-model measurements in
-    relative least squares (every sample weighs by its relative error).
+    """Fit ``scale``, ``ms_per_melement``, ``ms_per_mweight`` and ``overhead_ms`` to
+    whole-model measurements by non-negative least squares on relative errors (every sample
+    weighs by its relative error); isolated timings enter less their signature's fixed cost
+    (:func:`fixed_costs`).
 
-    ``overhead_ms`` may be negative: every isolated timing carries the runtime's per-run
-    cost, which the whole model pays once. A fit with a non-positive scale, a negative
-    memory cost or a non-positive prediction falls back to (scale, overhead), then to
-    scale alone (also with fewer than three samples)."""
+    Every coefficient of the result is >= 0 and ``scale`` > 0, so no configuration's
+    prediction and no layer's share can be negative. Without samples the identity calibration
+    (scale 1, no fixed costs) is returned; with fewer than four, scale alone is fitted.
+    Raises :class:`ProfileError` for a sample with a non-positive or non-finite time."""
     if not samples:
         return Calibration()
+    base = Calibration(fixed_ms=fixed_costs(table))
     features, measured = [], []
     for sample in samples:
+        ms = sample["ms"]
+        _check_finite("calibration sample time (ms)", ms)
+        if ms <= 0:
+            raise ProfileError(f"calibration sample time must be a positive number of ms, got {ms!r}")
         widths = {n: tuple(w) for n, w in sample["widths"].items()}
-        isolated = elements = 0.0
+        isolated = elements = weights = 0.0
         for name, entry in table.layers.items():
             active_in, active_out = widths.get(name, (entry.in_channels, entry.out_channels))
-            isolated += entry.calls * table.isolated_ms(name, active_in, active_out)
+            isolated += entry.calls * base.net_ms(entry.signature, table.isolated_ms(name, active_in, active_out))
             elements += entry.calls * (active_in * entry.in_elements + active_out * entry.out_elements) / 1e6
-        features.append((isolated, elements, 1.0))
-        measured.append(float(sample["ms"]))
+            weights += entry.calls * entry.weight_elements(active_in, active_out) / 1e6
+        features.append((isolated, elements, weights, 1.0))
+        measured.append(float(ms))
     x = np.asarray(features)
     a = x / np.asarray(measured)[:, None]
     b = np.ones(len(measured))
-    if len(samples) >= 3:
-        for columns in ([0, 1, 2], [0, 2]):
-            coef, *_ = np.linalg.lstsq(a[:, columns], b, rcond=None)
-            full = np.zeros(3)
-            full[columns] = coef
-            if full[0] > 0 and full[1] >= 0 and (x @ full > 0).all():
-                return Calibration(float(full[0]), float(full[1]), float(full[2]), tuple(samples))
-    scale = float(a[:, 0] @ b / (a[:, 0] @ a[:, 0]))
-    return Calibration(scale, 0.0, 0.0, tuple(samples))
+    columns = [0, 1, 2, 3] if len(samples) >= 4 else [0]
+    coef = np.zeros(4)
+    coef[columns] = nonnegative_least_squares(a[:, columns], b)
+    if not coef[0] > 0:  # a fit that ignores the layers' timings cannot rank configurations: scale alone
+        coef = np.zeros(4)
+        coef[0] = nonnegative_least_squares(a[:, [0]], b)[0]
+    if not coef[0] > 0:
+        coef[0] = 1.0  # every isolated timing is within its fixed cost: nothing to scale
+    return Calibration(scale=float(coef[0]), ms_per_melement=float(coef[1]), overhead_ms=float(coef[3]),
+                       samples=tuple(samples), fixed_ms=base.fixed_ms, ms_per_mweight=float(coef[2]))
+
+
+def nonnegative_least_squares(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``argmin ||a x - b||`` subject to ``x >= 0``, exactly, for a few columns.
+
+    The solution is the unconstrained least-squares solution on its support (the columns
+    with x > 0), so every support is tried and the best feasible one kept (2^columns
+    solves; meant for the calibration's three). Raises ``ValueError`` for more than 12 columns."""
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    rows, cols = a.shape
+    if cols > 12:
+        raise ValueError(f"nonnegative_least_squares enumerates supports: at most 12 columns, got {cols}")
+    best, best_residual = np.zeros(cols), float(b @ b)
+    for mask in range(1, 2 ** cols):
+        support = [c for c in range(cols) if mask >> c & 1]
+        coef, *_ = np.linalg.lstsq(a[:, support], b, rcond=None)
+        if (coef < 0).any():
+            continue
+        x = np.zeros(cols)
+        x[support] = coef
+        residual = float(np.sum((a @ x - b) ** 2))
+        if residual < best_residual - 1e-15:
+            best, best_residual = x, residual
+    return best

@@ -14,6 +14,7 @@ target.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import os
@@ -36,6 +37,7 @@ from torch import nn
 
 from ..passes.config import Config
 from .files import atomic_write_text
+from .timing import Timings, time_interleaved
 
 __all__ = [
     "Artifact",
@@ -44,7 +46,9 @@ __all__ = [
     "TARGETS",
     "Target",
     "TargetUnavailable",
+    "Timings",
     "get_target",
+    "layer_case",
     "read_artifact",
     "register_target",
 ]
@@ -184,10 +188,40 @@ class Target(ABC):
         """Seconds per forward of ``model`` on this target (built into a temporary artifact)."""
         self.require()
         with tempfile.TemporaryDirectory(prefix="spruce-time-") as folder:
-            artifact = self.build(model, example_inputs, Path(folder) / f"model{self.suffix}")
-            runner = self.load(artifact)
-            inputs = self.prepare_inputs(artifact, example_inputs)
+            runner, inputs = self.model_runner(model, example_inputs, Path(folder) / "model")
             return self.time_runner(runner, inputs, warmup, repeats)
+
+    def model_runner(self, model: nn.Module, example_inputs: Sequence[torch.Tensor],
+                     stem: Path) -> tuple[Runner, list[Any]]:
+        """A runner of ``model`` on this target and the example inputs prepared for it; the
+        artifact is built at ``stem`` plus the target's suffix (a folder the caller removes)."""
+        artifact = self.build(model, example_inputs, Path(str(stem) + self.suffix))
+        return self.load(artifact), self.prepare_inputs(artifact, example_inputs)
+
+    def measure_models(self, cases: Sequence[tuple[nn.Module, Sequence[torch.Tensor]]], warmup: int = 3,
+                       rounds: int = 20) -> list[Timings]:
+        """Load-robust timings of several models compared with each other.
+
+        ``cases`` are (model, example inputs) pairs. Every model is built (all at once, so
+        keep the list short for large models), then timed interleaved: ``rounds`` rounds of
+        one call each, after ``warmup`` calls each, with each call's run-queue waiting
+        recorded (see :mod:`spruce.targets.timing`). Returns one :class:`Timings` per case,
+        in order; ``Timings.robust_ms()`` is the figure to compare."""
+        self.require()
+        if not cases:
+            raise ValueError("measure_models: no models given")
+        modes = [model.training for model, _ in cases]
+        try:
+            with tempfile.TemporaryDirectory(prefix="spruce-time-") as folder:
+                calls = []
+                for k, (model, example_inputs) in enumerate(cases):
+                    runner, inputs = self.model_runner(model.eval(), tuple(example_inputs),
+                                                       Path(folder) / f"model{k}")
+                    calls.append(functools.partial(runner, inputs))
+                return time_interleaved(calls, warmup, rounds, self.synchronize)
+        finally:
+            for (model, _), training in zip(cases, modes):
+                model.train(training)  # timed in eval mode; the caller's models keep their mode
 
     def prepare_inputs(self, artifact: Artifact, example_inputs: Sequence[torch.Tensor]) -> list[Any]:
         """Inputs in the form this target's runner takes (numpy on the CPU by default)."""
@@ -204,19 +238,38 @@ class Target(ABC):
         weights and timed through :meth:`time_model`, so a target's own timing path applies.
         Raises ``ValueError`` for channel counts the layer cannot take (see :func:`resized_layer`).
         """
-        resized = resized_layer(layer, active_in, active_out)
-        shape = list(input_shape)
-        if not shape:
-            raise ValueError("time_layer: input_shape is empty")
-        channel_dim = -1 if isinstance(layer, nn.Linear) else 1
-        shape[channel_dim] = active_in
-        if batch_size is not None:
-            if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-                raise ValueError(f"time_layer: batch_size must be a positive integer, got {batch_size!r}")
-            shape[0] = batch_size
-        dtype = next(resized.parameters()).dtype
-        example = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(dtype)
-        return self.time_model(resized.eval(), (example,), warmup, repeats)
+        resized, example = layer_case(layer, input_shape, active_in, active_out, batch_size)
+        return self.time_model(resized, (example,), warmup, repeats)
+
+    def measure_layers(self, layer: nn.Module, input_shape: Sequence[int], points: Sequence[tuple[int, int]],
+                       batch_size: int | None = None, warmup: int = 3, rounds: int = 20) -> list[Timings]:
+        """Load-robust timings of ``layer`` at several (active in, active out) ``points``, timed
+        interleaved with each other (:meth:`measure_models`); arguments as for :meth:`time_layer`."""
+        cases = []
+        for active_in, active_out in points:
+            resized, example = layer_case(layer, input_shape, active_in, active_out, batch_size)
+            cases.append((resized, (example,)))
+        return self.measure_models(cases, warmup, rounds)
+
+
+def layer_case(layer: nn.Module, input_shape: Sequence[int], active_in: int, active_out: int,
+               batch_size: int | None = None) -> tuple[nn.Module, torch.Tensor]:
+    """A fresh eval-mode layer like ``layer`` with the given channel counts (:func:`resized_layer`)
+    and a seeded random input for it (``input_shape`` with its channel dim set to ``active_in``
+    and, when given, its batch dim to ``batch_size``)."""
+    resized = resized_layer(layer, active_in, active_out)
+    shape = list(input_shape)
+    if not shape:
+        raise ValueError("time_layer: input_shape is empty")
+    channel_dim = -1 if isinstance(layer, nn.Linear) else 1
+    shape[channel_dim] = active_in
+    if batch_size is not None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"time_layer: batch_size must be a positive integer, got {batch_size!r}")
+        shape[0] = batch_size
+    dtype = next(resized.parameters()).dtype
+    example = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(dtype)
+    return resized.eval(), example
 
 
 TARGETS: dict[str, type[Target]] = {}

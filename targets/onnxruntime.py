@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import numpy as np
 import onnx
+import onnx.numpy_helper
 import onnxruntime as ort
 import torch
 from pydantic import Field
@@ -136,6 +137,63 @@ def _export_dynamo(model: nn.Module, inputs: tuple[torch.Tensor, ...], path: Pat
             dynamic_shapes=dynamic_shapes,
             verbose=False,
         )
+
+
+# --- single layers, for timing --------------------------------------------------------
+
+
+def layer_onnx(layer: nn.Module, example: torch.Tensor, dynamic_batch: bool = True) -> onnx.ModelProto | None:
+    """The ONNX graph the exporter writes for a lone Conv1d/2d/3d or Linear ``layer`` at input
+    ``example`` (one Conv node; Gemm for a 2-d Linear input, MatMul + Add otherwise), built
+    directly in a few milliseconds instead of a trace. None for anything else (other module
+    types, string or non-zero-mode padding, non-float32 weights): export those.
+
+    Used to time the many layer shapes of a latency table; its outputs equal torch's
+    (tested), so it is the same work the exported layer would do."""
+    if type(layer) not in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear) or example.dtype != torch.float32:
+        return None
+    if layer.weight.dtype != torch.float32:
+        return None
+    weight = layer.weight.detach().cpu().numpy()
+    initializers = [onnx.numpy_helper.from_array(weight, "weight")]
+    has_bias = layer.bias is not None
+    if has_bias:
+        initializers.append(onnx.numpy_helper.from_array(layer.bias.detach().cpu().numpy(), "bias"))
+    name_in, name_out = _input_names(1)[0], "output"
+    if isinstance(layer, nn.Linear):
+        if example.dim() == 2:
+            nodes = [onnx.helper.make_node("Gemm", [name_in, "weight"] + (["bias"] if has_bias else []), [name_out],
+                                           alpha=1.0, beta=1.0, transB=1)]
+        else:
+            initializers[0] = onnx.numpy_helper.from_array(np.ascontiguousarray(weight.T), "weight")
+            product = "product" if has_bias else name_out
+            nodes = [onnx.helper.make_node("MatMul", [name_in, "weight"], [product])]
+            if has_bias:
+                nodes.append(onnx.helper.make_node("Add", [product, "bias"], [name_out]))
+        out_shape = [*example.shape[:-1], layer.out_features]
+    else:
+        if isinstance(layer.padding, str) or layer.padding_mode != "zeros":
+            return None
+        pads = list(layer.padding) * 2
+        nodes = [onnx.helper.make_node("Conv", [name_in, "weight"] + (["bias"] if has_bias else []), [name_out],
+                                       dilations=list(layer.dilation), group=layer.groups,
+                                       kernel_shape=list(layer.kernel_size), pads=pads, strides=list(layer.stride))]
+        with torch.no_grad():
+            out_shape = list(layer(example[:1]).shape)
+        out_shape[0] = example.shape[0]
+    float_type = onnx.TensorProto.FLOAT
+
+    def shape(dims: Sequence[int]) -> list[int | str]:
+        return ["batch" if dynamic_batch and k == 0 else int(d) for k, d in enumerate(dims)]
+
+    graph = onnx.helper.make_graph(nodes, "layer", [onnx.helper.make_tensor_value_info(name_in, float_type,
+                                                                                          shape(example.shape))],
+                                   [onnx.helper.make_tensor_value_info(name_out, float_type, shape(out_shape))],
+                                   initializer=initializers)
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", OPSET)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
 
 
 # --- helpers -----------------------------------------------------------------------
@@ -258,6 +316,27 @@ class OnnxRuntimeCPU(Target):
         """An ONNX Runtime CPU session on ``path`` with this target's threads and graph optimisation."""
         options = self._options()
         return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+
+    def model_runner(self, model: nn.Module, example_inputs: Sequence[torch.Tensor],
+                     stem: Path) -> tuple[Runner, list[Any]]:
+        """A session on ``model`` exported to ``stem.onnx``, for timing only: the file is
+        checked by ``onnx.checker`` but not compared with torch (that is :meth:`build`'s job
+        for artifacts), which halves the cost of timing many small models (profiling). A lone
+        Conv/Linear layer is written directly (:func:`layer_onnx`), without a trace."""
+        path = Path(str(stem) + self.suffix)
+        single = layer_onnx(model, example_inputs[0], self.dynamic_batch) if len(example_inputs) == 1 else None
+        if single is not None:
+            onnx.save(single, str(path))
+        else:
+            export_onnx(model.eval(), tuple(example_inputs), path, dynamic_batch=self.dynamic_batch)
+        session = self.session(path)
+        names = [i.name for i in session.get_inputs()]
+        feed = {n: _as_numpy(v) for n, v in zip(names, example_inputs)}
+
+        def run(inputs: Sequence[Any]) -> list[np.ndarray]:
+            return session.run(None, {n: _as_numpy(v) for n, v in zip(names, inputs)})
+
+        return run, [feed[n] for n in names]
 
     def load(self, artifact: Artifact) -> Runner:
         if artifact.target != self.name:

@@ -127,13 +127,12 @@ class TorchTarget(Target):
         return [torch.as_tensor(np.asarray(t) if not isinstance(t, torch.Tensor) else t)
                 .to(device=self.device, dtype=_DTYPES[self.dtype]) for t in example_inputs]
 
-    def time_model(self, model: nn.Module, example_inputs: Sequence[torch.Tensor], warmup: int = 10,
-                   repeats: int = 50) -> np.ndarray:
-        """Seconds per forward of ``model`` run directly (no export round trip)."""
-        self.require()
+    def model_runner(self, model: nn.Module, example_inputs: Sequence[torch.Tensor],
+                     stem: Path) -> tuple[Runner, list[Any]]:
+        """A runner of ``model`` run directly (no export round trip; ``stem`` is unused)."""
         runner = self.runner(copy.deepcopy(model).eval())  # moving to the device must not touch the caller's model
         inputs = [t.to(device=self.device, dtype=_DTYPES[self.dtype]) for t in example_inputs]
-        return self.time_runner(runner, inputs, warmup, repeats)
+        return runner, inputs
 
 
 # --- 2:4 semi-structured Linear layers ----------------------------------------------------------

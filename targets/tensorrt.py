@@ -282,15 +282,15 @@ class TensorRTTarget(Target):
     def prepare_inputs(self, artifact: Artifact, example_inputs: Sequence[torch.Tensor]) -> list[Any]:
         return [torch.as_tensor(t).float().cuda().contiguous() for t in example_inputs]
 
-    def time_model(self, model: nn.Module, example_inputs: Sequence[torch.Tensor], warmup: int = 10,
-                   repeats: int = 50) -> np.ndarray:
-        """Seconds per forward of ``model`` as a TensorRT engine built with this target's settings."""
-        self.require()
+    def model_runner(self, model: nn.Module, example_inputs: Sequence[torch.Tensor],
+                     stem: Path) -> tuple[Runner, list[Any]]:
+        """A runner of ``model`` as a TensorRT engine built with this target's settings (an engine
+        for the example's batch size when it is not one of ``batch_sizes``)."""
         if example_inputs[0].shape[0] not in self.batch_sizes:
             target = TensorRTTarget(self.precision, self.sparse, (int(example_inputs[0].shape[0]),),
                                     self.timing_cache, self.workspace_mb)
-            return Target.time_model(target, model, example_inputs, warmup, repeats)
-        return super().time_model(model, example_inputs, warmup, repeats)
+            return Target.model_runner(target, model, example_inputs, stem)
+        return super().model_runner(model, example_inputs, stem)
 
     def time_layers(self, artifact: Artifact, batch_size: int = 1, warmup: int = 10,
                     repeats: int = 50) -> dict[str, float]:

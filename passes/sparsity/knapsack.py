@@ -305,7 +305,8 @@ def solve_mckp(values: Sequence[np.ndarray], costs: Sequence[np.ndarray], budget
         weights = [np.round(c).astype(np.int64) for c in shifted]
     else:
         unit, capacity = (span / bins if span > 0 else 1.0), (bins if span > 0 else 0)
-        weights = [np.ceil(c / unit - 1e-9).astype(np.int64) for c in shifted]
+        # clipped before the cast: a span near 0 makes c / unit overflow int64 (such options never fit)
+        weights = [np.minimum(np.ceil(c / unit - 1e-9), capacity + 1).astype(np.int64) for c in shifted]
     layers = [np.zeros(capacity + 1)]  # best value with total cost <= b, after each group
     for value, weight in zip(values, weights):
         value = np.asarray(value, dtype=np.float64)

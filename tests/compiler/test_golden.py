@@ -3,7 +3,7 @@
 The record (``tests/data/golden_a5751ab.json``) was made before the issue-10 redesign by
 ``tests/golden_methods.py`` at that commit; the same code runs here through the public
 API (a method name and keyword options). Masks after every step, final masks, weights and
-``sm.metrics`` must be equal bitwise; compile reports equal apart from timings.
+``sm.metrics`` must be equal bitwise (compile's recorded reports were retired by issue 14, see below).
 """
 
 from __future__ import annotations
@@ -50,12 +50,12 @@ def _same_recipe(old: dict, new: dict) -> dict:
     return {**old, "method": new["method"]}
 
 
-@pytest.mark.parametrize("case", sorted(golden_methods.COMPILES))
-def test_compile_report_is_equal_to_a5751ab_apart_from_timings(case):
-    got = golden_methods.run_compile(case)
-    expected = dict(GOLDEN["compile"][case])
-    expected["recipe"] = _same_recipe(expected["recipe"], got["recipe"])
-    assert got == expected
+# The compile reports recorded at a5751ab (``GOLDEN["compile"]``) pinned compile's behaviour
+# through the issue-10 redesign. Issue 14 changes that behaviour on purpose: the model given is
+# the trained dense reference (no longer re-trained from its initialisation), channels are chosen
+# once from its weights' magnitude under a budget met as measured, and recovery distils or uses
+# the loss from the trained weights. The record no longer describes compile and is not compared;
+# tests/compiler/test_pipeline.py and test_trained.py test the new flow.
 
 
 def test_compile_scales_method_defaults_as_a5751ab_did():

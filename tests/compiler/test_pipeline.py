@@ -36,9 +36,16 @@ def test_compile_default_writes_a_complete_report(compiled):
     for layer in report["layers"]:
         if layer["compiled_out"] != layer["dense_out"]:
             assert layer["compiled_out"] % 8 == 0, layer
-    # the latency table predicts the compiled model within the budget it was compressed to
+    # the budget is met as measured (compiled / dense interleaved in one run), not as predicted
+    budget = report["budget"]
+    assert budget["measured_ratio"] <= 1.05 * 0.5, budget
+    assert budget["bench_ratio"] <= 1.3 * 1.05 * 0.5, budget  # an independent run: a tolerance for load
     table = report["latency_table"]
-    assert table["compiled_predicted_ms"] <= 0.5 * table["dense_predicted_ms"] * 1.001
+    assert budget["dense_predicted_ms"] == table["dense_predicted_ms"] > 0
+    assert budget["compiled_predicted_ms"] == table["compiled_predicted_ms"] > 0
+    # the embedded default's trained CNN is the dense reference; recovered with its labels
+    assert report["dense"]["accuracy_per_epoch"] and report["recovery"]["mode"] == "loss"
+    assert report["evaluation"]["fidelity"]["per_output"]["output"]["top1_agreement"] > 0.3
     for row in report["bench"]["by_batch"]:
         assert row["dense_ms"] > 0 and row["compiled_ms"] > 0
         assert row["compiled_fps"] == pytest.approx(row["batch_size"] * 1e3 / row["compiled_ms"])

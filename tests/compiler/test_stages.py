@@ -20,7 +20,7 @@ from spruce.runtime.bench import BenchReport, BenchRow
 from spruce.targets.base import Artifact
 from torch import nn
 
-PROVIDED = {Recipe, stages.Workspace, stages.Timings}  # what the runner hands every stage
+PROVIDED = {Recipe, stages.Workspace, stages.Timings, stages.Given}  # what the runner hands every stage
 
 
 def test_compile_is_the_list_of_stages_of_the_design():
@@ -127,6 +127,9 @@ def test_the_report_stage_writes_what_it_built(tmp_path):
     written = json.loads((tmp_path / "report.json").read_text())
     assert written == report.document
     expected = build_document(**{**results, "wall_s": written["wall_s"]})
-    assert {k: v for k, v in written.items() if k != "plots"} == expected
+    assert {k: v for k, v in written.items() if k not in ("plots", "evaluation", "budget", "recovery")} == expected
+    assert written["budget"] == {"kind": "flops", "fraction": 0.5,
+                                 "ratio": written["compiled"]["macs"] / written["dense"]["macs"]}
+    assert written["recovery"]["mode"] == "distill" and written["evaluation"]["fidelity"] is None
     assert {"report.md", "widths.png", "accuracy_fps.png", "training.png"} <= {p.name for p in tmp_path.iterdir()}
     assert "halp(interval=3)" in (tmp_path / "report.md").read_text()

@@ -262,3 +262,15 @@ def test_latency_selection_on_a_real_onnxruntime_table(tmp_path):
         select_channels(cost, importance, 0.9 * floor, sample=table.step)
     with pytest.raises(ValueError, match="latency_table"):
         build_cost_model("latency", model, analysis)
+
+
+@pytest.mark.parametrize("above", [0.0, 1e-300, 1e-18, 1e-12])
+def test_a_budget_a_hair_above_the_cheapest_configuration_is_solved(above):
+    """A span of ~0 between the budget and the cheapest configuration made ``cost / unit``
+    overflow int64 (an IndexError, seen in meet_latency_budget on a loaded machine)."""
+    from spruce.passes.sparsity.knapsack import solve_mckp
+
+    costs = [np.array([-0.00788448, 0.0, 0.036, 0.075]), np.array([0.0, 0.074, 0.139, 0.2])]
+    values = [np.array([1.0, 2.0, 3.0, 4.0]), np.array([1.0, 2.0, 3.0, 4.0])]
+    chosen = solve_mckp(values, costs, -0.00788448 + above)
+    assert list(chosen) == [0, 0]

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torchvision
 from spruce.targets import onnxruntime as ort_target
-from spruce.targets.onnxruntime import OnnxExportError, check_onnx, export_onnx, run_onnx
+from spruce.targets.onnxruntime import OnnxExportError, OnnxRuntimeCPU, check_onnx, export_onnx, run_onnx
 from torch import nn
 
 
@@ -152,3 +152,30 @@ def test_dynamo_exporter_makes_a_batch_of_one_dynamic(tmp_path: Path) -> None:
         expected_small, expected_large = model(batch4)
     np.testing.assert_allclose(small, expected_small.numpy(), rtol=1e-4, atol=1e-4)
     assert large.shape == (4, 2)
+
+
+@pytest.mark.parametrize(("layer", "shape"), [
+    (nn.Conv2d(8, 16, 3, stride=2, padding=1, groups=2), (2, 8, 10, 10)),
+    (nn.Conv2d(6, 6, 3, padding=(2, 1), dilation=2, groups=6, bias=False), (1, 6, 9, 7)),
+    (nn.Conv1d(4, 8, 5), (3, 4, 20)),
+    (nn.Conv3d(2, 4, 3, padding=(1, 0, 2)), (1, 2, 5, 6, 7)),
+    (nn.Linear(8, 4), (2, 8)),
+    (nn.Linear(8, 4, bias=False), (2, 5, 8)),
+    (nn.Linear(8, 4), (2, 3, 5, 8)),
+])
+def test_timing_runner_of_a_lone_layer_computes_what_torch_does(layer, shape, tmp_path: Path) -> None:
+    """Timing runs write a lone Conv/Linear layer's ONNX graph directly (no trace): it must do
+    the layer's work, i.e. give torch's output, also at another batch size."""
+    from spruce.targets.onnxruntime import layer_onnx
+
+    torch.manual_seed(0)
+    layer = layer.eval()
+    x = torch.randn(shape)
+    assert layer_onnx(layer, x) is not None
+    runner, inputs = OnnxRuntimeCPU(threads=1).model_runner(layer, (x,), tmp_path / "layer")
+    with torch.no_grad():
+        np.testing.assert_allclose(runner(inputs)[0], layer(x).numpy(), rtol=1e-4, atol=1e-5)
+        bigger = torch.randn((3, *shape[1:]))
+        np.testing.assert_allclose(runner([bigger.numpy()])[0], layer(bigger).numpy(), rtol=1e-4, atol=1e-5)
+    assert layer_onnx(nn.Conv2d(3, 3, 3, padding="same"), torch.randn(1, 3, 8, 8)) is None  # exported instead
+    assert layer_onnx(nn.BatchNorm2d(3), torch.randn(1, 3, 8, 8)) is None

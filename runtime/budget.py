@@ -1,0 +1,247 @@
+"""A latency budget met as *measured* on the target: the closed loop around the knapsack.
+
+A latency table predicts; the target decides. :func:`meet_latency_budget` chooses channels
+with the knapsack (:func:`~spruce.passes.sparsity.knapsack.select_channels`) over the
+table's cost model (or any other cost model, e.g. FLOPs, when no table was profiled: the
+loop then steers by measurements alone), removes them physically, and times the compact model *interleaved with
+the dense model in one run* on the target, at the batch size the budget names (load-robust
+timings, :mod:`spruce.targets.timing`). The budget is a fraction ``B`` of the dense model's
+measured latency; a selection is accepted when
+
+    0.9 * B  <=  measured compact / measured dense  <=  1.05 * B.
+
+When the measured ratio falls outside that band, the knapsack's aim (a budget in predicted
+ms) is re-aimed from the measurements: by the secant between the two nearest attempts on
+either side of the band, else by scaling with B / measured ratio. When no configuration
+reaches ``1.05 * B`` (the smallest configuration the knapsack can choose is measured too),
+:class:`~spruce.passes.sparsity.knapsack.InfeasibleBudget` is raised naming the smallest
+reachable measured latency, before anything else (recovery, export) runs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..passes.export import remove_channels
+from ..passes.sparsity.knapsack import (
+    CostModel,
+    InfeasibleBudget,
+    build_cost_model,
+    minimum_cost,
+    select_channels,
+)
+from ..targets.base import Target
+
+__all__ = ["BAND_HIGH", "BAND_LOW", "Attempt", "MeasuredSelection", "meet_latency_budget"]
+
+# A measured compact/dense ratio within [BAND_LOW * B, BAND_HIGH * B] meets the budget B.
+BAND_LOW = 0.9
+BAND_HIGH = 1.05
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One selection of the loop: the aim given to the knapsack and the selection's cost, in
+    the cost model's unit (ms for a latency table), and its measured ms next to the dense
+    model's (same run)."""
+
+    aim: float
+    predicted: float
+    measured_ms: float
+    measured_dense_ms: float
+
+    @property
+    def ratio(self) -> float:
+        """Measured compact / measured dense."""
+        return self.measured_ms / self.measured_dense_ms
+
+
+@dataclass
+class MeasuredSelection:
+    """What :func:`meet_latency_budget` chose and measured.
+
+    ``kept[group id]`` are the kept channel indices of each variable group (sorted);
+    ``counts`` their numbers; ``compact`` the physically pruned model; latencies in ms at
+    ``batch_size``: ``predicted_ms`` / ``predicted_dense_ms`` from the table (at the table's
+    own batch size; None without a table), ``measured_ms`` / ``measured_dense_ms`` timed
+    interleaved in one run. ``cost_unit`` is the unit the knapsack counted in.
+    ``in_band`` says whether the measured ratio is within [0.9, 1.05] x ``budget``; it is
+    False only when the loop ran out of rounds with a ratio below the band (pruned more
+    than asked). ``attempts`` lists every selection tried, in order."""
+
+    kept: dict[int, np.ndarray]
+    counts: dict[int, int]
+    compact: nn.Module
+    budget: float
+    batch_size: int
+    predicted_ms: float | None
+    predicted_dense_ms: float | None
+    measured_ms: float
+    measured_dense_ms: float
+    in_band: bool
+    cost_unit: str = "ms"
+    attempts: list[Attempt] = field(default_factory=list)
+
+    @property
+    def ratio(self) -> float:
+        """Measured compact / measured dense latency."""
+        return self.measured_ms / self.measured_dense_ms
+
+    @property
+    def predicted_ratio(self) -> float | None:
+        """Predicted compact / predicted dense latency (None without a table)."""
+        if self.predicted_ms is None or not self.predicted_dense_ms:
+            return None
+        return self.predicted_ms / self.predicted_dense_ms
+
+    def summary(self) -> dict[str, Any]:
+        """A JSON-ready record (for reports)."""
+        return {"budget": self.budget, "batch_size": self.batch_size, "predicted_ms": self.predicted_ms,
+                "predicted_dense_ms": self.predicted_dense_ms, "measured_ms": self.measured_ms,
+                "measured_dense_ms": self.measured_dense_ms, "ratio": self.ratio,
+                "predicted_ratio": self.predicted_ratio, "in_band": self.in_band,
+                "cost_unit": self.cost_unit, "counts": {str(g): c for g, c in sorted(self.counts.items())},
+                "attempts": [{"aim": a.aim, "predicted": a.predicted, "measured_ms": a.measured_ms,
+                              "measured_dense_ms": a.measured_dense_ms, "ratio": a.ratio} for a in self.attempts]}
+
+
+def meet_latency_budget(
+    analysis: Any,
+    model: nn.Module,
+    table: Any,
+    target: Target,
+    budget: float,
+    importance: Mapping[int, np.ndarray | torch.Tensor],
+    example_inputs: Sequence[torch.Tensor] | torch.Tensor,
+    *,
+    batch_size: int = 1,
+    round_to: int = 1,
+    rounds: int = 6,
+    warmup: int = 3,
+    timing_rounds: int = 15,
+    candidates: Mapping[int, np.ndarray] | None = None,
+    cost_model: CostModel | None = None,
+) -> MeasuredSelection:
+    """Channels of ``model`` whose compact model measures within the latency ``budget``.
+
+    ``analysis`` is the model's :class:`~spruce.passes.analysis.ChannelAnalysis`, ``table``
+    its :class:`~spruce.runtime.profile.LatencyTable` on ``target`` (or None when
+    ``cost_model``, e.g. ``build_cost_model("flops", ...)``, steers the knapsack instead; a
+    given ``cost_model`` is used even with a table), ``budget`` a fraction of
+    the dense model's measured latency in (0, 1], ``importance[group id]`` one score per
+    channel of every prunable group (higher keeps). Latency is measured at ``batch_size``
+    (the example inputs' batch dim is replaced; the target must accept it): compact and dense
+    interleaved in one run, ``timing_rounds`` rounds after ``warmup`` calls each. At most
+    ``rounds`` selections are made; kept counts are multiples of ``round_to`` (or a whole
+    group); ``candidates`` as for ``select_channels``.
+
+    Returns the first selection measured within [0.9, 1.05] x ``budget`` of dense; when the
+    rounds run out, the slowest selection measured at most 1.05 x ``budget`` (``in_band``
+    False). Raises :class:`InfeasibleBudget` (``minimum`` = the smallest measured ms, its
+    message naming it and its fraction of dense) when even the smallest selectable
+    configuration measures above 1.05 x ``budget``; ``ValueError`` for a bad budget, batch
+    size or option, importance that does not cover the prunable groups, or neither a table nor
+    a cost model."""
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not math.isfinite(budget) \
+            or not 0 < budget <= 1:
+        raise ValueError(f"latency budget must be a fraction of dense in (0, 1], got {budget!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise ValueError(f"rounds must be a positive integer, got {rounds!r}")
+    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    timed_inputs = tuple(_at_batch(t, batch_size) for t in inputs)
+    if cost_model is None and table is None:
+        raise ValueError("meet_latency_budget needs a latency table or a cost_model")
+    cost = cost_model if cost_model is not None else build_cost_model("latency", model, analysis,
+                                                                      latency_table=table)
+    sample = table.step if cost.kind == "latency" and table is not None else 1
+    dense_predicted = cost.dense()
+    floor_predicted = minimum_cost(cost, round_to=round_to, sample=sample)
+    low, high = BAND_LOW * budget, BAND_HIGH * budget
+    options = dict(round_to=round_to, sample=sample, candidates=candidates)
+
+    measured: dict[tuple, tuple[Any, Attempt, nn.Module]] = {}  # kept counts -> (selection, attempt, compact)
+    attempts: list[Attempt] = []
+
+    def try_aim(aim: float) -> tuple[Any, Attempt]:
+        selection = select_channels(cost, importance, max(aim, floor_predicted), **options)
+        key = tuple(sorted(selection.counts.items()))
+        if key not in measured:
+            compact = remove_channels(analysis, model, selection.kept)
+            dense_timing, compact_timing = target.measure_models([(model, timed_inputs), (compact, timed_inputs)],
+                                                                 warmup=warmup, rounds=timing_rounds)
+            attempt = Attempt(aim, selection.cost, compact_timing.robust_ms(), dense_timing.robust_ms())
+            measured[key] = (selection, attempt, compact)
+        selection, attempt, _ = measured[key]
+        attempt = Attempt(aim, attempt.predicted, attempt.measured_ms, attempt.measured_dense_ms)
+        attempts.append(attempt)
+        return selection, attempt
+
+    def result(selection: Any, attempt: Attempt, in_band: bool) -> MeasuredSelection:
+        compact = measured[tuple(sorted(selection.counts.items()))][2]
+        if cost.kind == "latency":
+            predicted_ms, predicted_dense_ms = attempt.predicted, dense_predicted
+        elif table is not None:
+            predicted_ms, predicted_dense_ms = table.predict_model(compact), table.dense_ms()
+        else:
+            predicted_ms = predicted_dense_ms = None
+        return MeasuredSelection(kept=dict(selection.kept), counts=dict(selection.counts), compact=compact,
+                                 budget=budget, batch_size=batch_size, predicted_ms=predicted_ms,
+                                 predicted_dense_ms=predicted_dense_ms, measured_ms=attempt.measured_ms,
+                                 measured_dense_ms=attempt.measured_dense_ms, in_band=in_band,
+                                 cost_unit=cost.unit, attempts=list(attempts))
+
+    aim = budget * dense_predicted
+    for _ in range(rounds):
+        selection, attempt = try_aim(aim)
+        if low <= attempt.ratio <= high:
+            return result(selection, attempt, True)
+        if attempt.ratio > high and aim <= floor_predicted:
+            break  # the smallest configuration is already too slow
+        aim = _reaim(attempts, aim, budget, floor_predicted, dense_predicted)
+    fitting = [(s, a) for s, a, _ in measured.values() if a.ratio <= high]
+    if not fitting:
+        selection, attempt = try_aim(floor_predicted)
+        if attempt.ratio > high:
+            raise InfeasibleBudget(
+                f"no channel configuration meets the latency budget {budget:g} of dense on target "
+                f"{target.name!r} at batch {batch_size}: the smallest reachable latency is "
+                f"{attempt.measured_ms:.4g} ms, {attempt.ratio:.3f} of dense {attempt.measured_dense_ms:.4g} ms "
+                f"(measured; predicted {attempt.predicted:.4g} {cost.unit})", attempt.measured_ms)
+        fitting = [(selection, attempt)]
+    selection, attempt = max(fitting, key=lambda pair: pair[1].ratio)
+    return result(selection, attempt, low <= attempt.ratio <= high)
+
+
+def _reaim(attempts: Sequence[Attempt], aim: float, budget: float, floor: float, dense: float) -> float:
+    """The next aim (cost units): secant through the nearest attempts on either side of the
+    budget, else the last aim scaled by budget / measured ratio; within [floor, dense]."""
+    below = [a for a in attempts if a.ratio < budget]
+    above = [a for a in attempts if a.ratio > budget]
+    if below and above:
+        lo = max(below, key=lambda a: a.ratio)
+        hi = min(above, key=lambda a: a.ratio)
+        if hi.aim != lo.aim and hi.ratio != lo.ratio:
+            nxt = lo.aim + (budget - lo.ratio) * (hi.aim - lo.aim) / (hi.ratio - lo.ratio)
+            if min(lo.aim, hi.aim) < nxt < max(lo.aim, hi.aim):
+                return nxt
+        return (lo.aim + hi.aim) / 2
+    last = attempts[-1]
+    return float(np.clip(aim * budget / last.ratio, floor, dense))
+
+
+def _at_batch(tensor: torch.Tensor, batch_size: int) -> torch.Tensor:
+    if not isinstance(tensor, torch.Tensor) or tensor.dim() == 0:
+        raise ValueError("example inputs must be tensors with a batch dimension")
+    if tensor.shape[0] == batch_size:
+        return tensor
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn((batch_size, *tensor.shape[1:]), generator=generator).to(tensor.dtype)

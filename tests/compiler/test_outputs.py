@@ -1,0 +1,78 @@
+"""Outputs of any structure (named tensors, kinds, distillation losses, fidelity) and
+BatchNorm re-estimation (#14)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import namedtuple
+
+import pytest
+import torch
+from spruce.compiler.outputs import OutputError, distill_loss, fidelity, flatten_outputs, plan_outputs
+from spruce.compiler.recovery import reestimate_batchnorm
+from torch import nn
+
+Heads = namedtuple("Heads", "boxes scores")
+
+
+@dataclasses.dataclass
+class Detection:
+    maps: torch.Tensor
+    label: str = "x"
+
+
+def test_every_tensor_of_any_structure_is_named_by_its_path():
+    value = {"det": Detection(torch.ones(1, 2, 4, 4)), "heads": Heads(torch.ones(1, 4), [torch.ones(1, 3), None, 7])}
+    assert [name for name, _ in flatten_outputs(value)] == [
+        "output['det'].maps", "output['heads'].boxes", "output['heads'].scores[0]"]
+    assert flatten_outputs((None, "text")) == []
+
+
+def test_kinds_default_losses_and_overrides():
+    outputs = (torch.randn(2, 10), torch.randn(2, 8, 8, 2), torch.randn(2))
+    plan = plan_outputs(outputs)
+    assert [(s.kind, s.loss) for s in plan.outputs] == [("scores", "kl"), ("map", "mse"), ("map", "mse")]
+    plan = plan_outputs(outputs, {"output[1]": "l1", "output[[]2]": "l1"})  # exact path, then a glob
+    assert [s.loss for s in plan.outputs] == ["kl", "l1", "l1"]
+    assert plan.record()[1] == {"output": "output[1]", "shape": [2, 8, 8, 2], "kind": "map", "distill_loss": "l1",
+                                "loss_from": "override"}
+    with pytest.raises(OutputError, match="names no output"):
+        plan_outputs(outputs, {"output[7]": "l1"})
+    with pytest.raises(OutputError, match="unknown loss 'huber'"):
+        plan_outputs(outputs, {"output[0]": "huber"})
+    with pytest.raises(OutputError, match="hold no tensor"):
+        plan_outputs({"n": 3})
+
+
+def test_distillation_is_zero_only_at_the_teacher():
+    teacher = (torch.randn(4, 10), torch.randn(4, 2, 8, 8))
+    plan = plan_outputs(teacher)
+    assert float(distill_loss(teacher, teacher, plan)) == pytest.approx(0.0, abs=1e-6)
+    student = (teacher[0] + torch.randn(4, 10), teacher[1])
+    assert float(distill_loss(student, teacher, plan)) > 1e-3
+    student = (teacher[0], teacher[1] * 1.1)
+    assert float(distill_loss(student, teacher, plan)) == pytest.approx(0.01, rel=1e-4)  # MSE / teacher's mean square
+
+
+def test_fidelity_per_output():
+    torch.manual_seed(0)
+    dense = nn.Linear(6, 5)
+    same = fidelity(dense, dense, [torch.randn(8, 6)], plan_outputs(torch.randn(1, 5)))
+    assert same.per_output["output"] == {"relative_l2": 0.0, "cosine": pytest.approx(1.0),
+                                         "top1_agreement": 1.0}
+    other = nn.Linear(6, 5)
+    far = fidelity(other, dense, [torch.randn(8, 6), torch.randn(4, 6)], plan_outputs(torch.randn(1, 5)))
+    assert far.samples == 12 and far.per_output["output"]["relative_l2"] > 0.3
+
+
+def test_batchnorm_re_estimation_gives_the_calibration_statistics():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
+    batches = [torch.randn(8, 3, 10, 10) * 3 + 1 for _ in range(3)]
+    assert reestimate_batchnorm(model, batches) == 1
+    assert not model.training and model[1].momentum == 0.1
+    with torch.no_grad():
+        features = torch.cat([model[0](x) for x in batches])
+    torch.testing.assert_close(model[1].running_mean, features.mean((0, 2, 3)), rtol=1e-4, atol=1e-4)
+    # the cumulative average of per-batch unbiased variances
+    per_batch = torch.stack([model[0](x).detach().var((0, 2, 3), unbiased=True) for x in batches])
+    torch.testing.assert_close(model[1].running_var, per_batch.mean(0), rtol=1e-4, atol=1e-4)

@@ -1,0 +1,136 @@
+"""The measured closed loop: a latency budget met on a real ONNX Runtime target."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from spruce.compiler.api import analyze_model, profile
+from spruce.passes.importance import importance_scores, param_table
+from spruce.passes.sparsity.knapsack import InfeasibleBudget, build_cost_model
+from spruce.runtime import budget as budget_module
+from spruce.runtime.budget import BAND_HIGH, MeasuredSelection, meet_latency_budget
+from spruce.targets.onnxruntime import OnnxRuntimeCPU
+from torch import nn
+
+# A re-measurement in another run may drift from the loop's own by load; this much is allowed.
+# It is well below what ignoring a 0.5 budget gives (a ratio of 1.0, see the mutation test).
+RECHECK_SLACK = 1.25
+
+
+class Convs(nn.Module):
+    """Four 3x3 convolutions at 48x48 (about 60 M multiply-adds): enough work per run that
+    ONNX Runtime's fixed per-run cost does not decide the latency."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 32, 3, padding=1)
+        self.c2 = nn.Conv2d(32, 64, 3, padding=1)
+        self.c3 = nn.Conv2d(64, 64, 3, padding=1)
+        self.c4 = nn.Conv2d(64, 64, 3, padding=1)
+        self.head = nn.Conv2d(64, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for conv in (self.c1, self.c2, self.c3, self.c4):
+            x = torch.relu(conv(x))
+        return self.head(x)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    torch.manual_seed(0)
+    model, inputs = Convs().eval(), (torch.randn(1, 3, 48, 48),)
+    target = OnnxRuntimeCPU(threads=1)
+    table = profile(model, inputs, target, step=8, cache_dir=tmp_path_factory.mktemp("cache"), progress=False,
+                    warmup=2, repeats=6, coarse=3, calibration_random=2, retries=0)
+    analysis = analyze_model(model, inputs)
+    params = param_table(model)
+    rng = np.random.default_rng(0)
+    importance = {g.id: importance_scores("l1", g, params, rng) for g in analysis.groups if g.prunable}
+    return model, inputs, target, table, analysis, importance
+
+
+def _recheck(target, model, compact, inputs) -> float:
+    dense, small = target.measure_models([(model, inputs), (compact, inputs)], warmup=2, rounds=12)
+    return small.robust_ms() / dense.robust_ms()
+
+
+def test_budget_met_as_measured(setup):
+    model, inputs, target, table, analysis, importance = setup
+    result = meet_latency_budget(analysis, model, table, target, 0.5, importance, inputs, round_to=8,
+                                 timing_rounds=10)
+    assert isinstance(result, MeasuredSelection)
+    assert result.ratio <= BAND_HIGH * 0.5 and result.in_band and result.ratio >= 0.9 * 0.5
+    assert result.attempts[-1].measured_ms == result.measured_ms and len(result.attempts) >= 1
+    assert result.predicted_dense_ms == pytest.approx(table.dense_ms())
+    for gid, kept in result.kept.items():
+        assert len(kept) == result.counts[gid] and (np.diff(kept) > 0).all()
+    assert result.compact.head.out_channels == 2  # graph outputs are never pruned
+    with torch.no_grad():
+        assert result.compact(inputs[0]).shape == model(inputs[0]).shape
+    # an independent measurement in another run agrees, within a load-proof slack
+    assert _recheck(target, model, result.compact, inputs) <= RECHECK_SLACK * BAND_HIGH * 0.5
+    summary = result.summary()
+    assert summary["ratio"] == pytest.approx(result.ratio) and len(summary["attempts"]) == len(result.attempts)
+
+
+def test_flops_can_steer_when_no_table_was_profiled(setup):
+    """Without a latency table, the FLOPs cost model aims the knapsack and the measurements
+    alone bring the latency into the band."""
+    model, inputs, target, _, analysis, importance = setup
+    flops = build_cost_model("flops", model, analysis)
+    result = meet_latency_budget(analysis, model, None, target, 0.6, importance, inputs, round_to=8,
+                                 timing_rounds=10, cost_model=flops)
+    assert result.ratio <= BAND_HIGH * 0.6 and result.cost_unit == "MACs"
+    assert result.predicted_ms is None and result.predicted_ratio is None
+    assert result.attempts[0].aim == pytest.approx(0.6 * flops.dense())
+
+
+def test_mutation_ignoring_the_budget_is_caught(setup, monkeypatch):
+    """If the selection ignored the budget (kept every channel), the loop could not meet it and
+    says so, and the recheck tolerance above would reject the dense model too."""
+    model, inputs, target, table, analysis, importance = setup
+    real = budget_module.select_channels
+
+    def ignoring_budget(cost, importance, budget, **options):
+        return real(cost, importance, cost.dense(), **options)
+
+    monkeypatch.setattr(budget_module, "select_channels", ignoring_budget)
+    with pytest.raises(InfeasibleBudget, match="smallest reachable latency"):
+        meet_latency_budget(analysis, model, table, target, 0.5, importance, inputs, round_to=8, rounds=2,
+                            timing_rounds=6)
+    assert _recheck(target, model, model, inputs) > RECHECK_SLACK * BAND_HIGH * 0.5
+
+
+def test_unreachable_budget_names_the_smallest_measured_latency(setup):
+    model, inputs, target, table, analysis, importance = setup
+    with pytest.raises(InfeasibleBudget, match=r"smallest reachable latency is [0-9.]+ ms, 0\.\d+ of dense") as info:
+        meet_latency_budget(analysis, model, table, target, 0.01, importance, inputs, round_to=8, rounds=3,
+                            timing_rounds=6)
+    assert info.value.minimum > 0
+
+
+def test_batch_size_and_bad_options(setup):
+    model, inputs, target, table, analysis, importance = setup
+    for bad in (0, 1.5, True, float("nan")):
+        with pytest.raises(ValueError, match="budget"):
+            meet_latency_budget(analysis, model, table, target, bad, importance, inputs)
+    with pytest.raises(ValueError, match="batch_size"):
+        meet_latency_budget(analysis, model, table, target, 0.5, importance, inputs, batch_size=0)
+    with pytest.raises(ValueError, match="rounds"):
+        meet_latency_budget(analysis, model, table, target, 0.5, importance, inputs, rounds=0)
+    with pytest.raises(ValueError, match="no importance"):
+        meet_latency_budget(analysis, model, table, target, 0.5, {}, inputs)
+    with pytest.raises(ValueError, match="table or a cost_model"):
+        meet_latency_budget(analysis, model, None, target, 0.5, importance, inputs)
+    # the budget's batch size is what gets timed
+    seen = []
+
+    class Recording(OnnxRuntimeCPU):
+        def measure_models(self, cases, warmup=3, rounds=20):
+            seen.extend(tuple(x.shape[0] for x in example) for _, example in cases)
+            return super().measure_models(cases, warmup, rounds)
+
+    result = meet_latency_budget(analysis, model, table, Recording(threads=1), 0.9, importance, inputs,
+                                 batch_size=3, round_to=8, rounds=1, timing_rounds=3)
+    assert result.batch_size == 3 and set(seen) == {(3,)}

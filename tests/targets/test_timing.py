@@ -1,0 +1,127 @@
+"""Load-robust timing: outlier rejection, run-queue waiting, interleaved rounds."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from spruce.targets.timing import RunQueueClock, Timings, inlier_mask, robust_center, time_interleaved
+
+
+def test_robust_center_ignores_load_bursts_and_accounting_artifacts():
+    """Synthetic timings of a 10 ms model: a fifth of the calls hit by a load burst (2-5x
+    slower) and two calls whose waiting was over-booked (near 0): the robust figure stays
+    within 1 % of 10 ms, where the mean is off by more than 30 %."""
+    rng = np.random.default_rng(0)
+    clean = rng.normal(10.0, 0.1, 80)
+    bursts = 10.0 * rng.uniform(2, 5, 20)
+    samples = np.concatenate([clean, bursts, [0.3, 0.0]])
+    rng.shuffle(samples)
+    assert robust_center(samples) == pytest.approx(10.0, rel=0.01)
+    assert abs(samples.mean() / 10.0 - 1) > 0.3
+    mask = inlier_mask(samples)
+    assert not mask[samples > 15].any() and not mask[samples < 5].any()
+    assert mask[(samples > 9.7) & (samples < 10.3)].all()
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(0.001, 1000.0), min_size=1, max_size=60))
+def test_robust_center_lies_within_the_samples_and_keeps_the_median(samples):
+    values = np.asarray(samples)
+    center = robust_center(values)
+    assert values.min() - 1e-9 <= center <= values.max() + 1e-9
+    mask = inlier_mask(values)
+    assert mask.any()
+    # the median itself (or both middle samples) is always an inlier
+    median = np.median(values)
+    assert mask[np.argmin(np.abs(values - median))]
+
+
+def test_zero_spread_and_bad_series():
+    assert robust_center([2.0, 2.0, 2.0, 9.0]) == 2.0  # MAD 0: only the median value counts
+    with pytest.raises(ValueError, match="no timing samples"):
+        robust_center([])
+    with pytest.raises(ValueError, match="finite"):
+        robust_center([1.0, float("nan")])
+    with pytest.raises(ValueError, match="mads"):
+        inlier_mask([1.0], mads=0)
+
+
+def test_timings_exclude_waiting_and_never_go_negative():
+    timing = Timings(wall_s=np.array([0.010, 0.030, 0.011, 0.012]), waiting_s=np.array([0.0, 0.020, 0.0, 0.5]))
+    assert np.allclose(timing.active_s, [0.010, 0.010, 0.011, 0.0])
+    assert timing.robust_ms() == pytest.approx(31 / 3, rel=1e-6)  # the 0 (over-booked waiting) is rejected
+    assert timing.wall_median_ms() == pytest.approx(11.5)
+    assert timing.waiting_share() == pytest.approx(0.52 / 0.063)
+
+
+def test_run_queue_clock_reads_this_thread():
+    with RunQueueClock() as clock:
+        if not clock.available:
+            pytest.skip("/proc/thread-self/schedstat is not available on this kernel")
+        first = clock.waiting_ns()
+        sum(range(200_000))
+        assert clock.waiting_ns() >= first >= 0
+    assert clock.waiting_ns() == 0 and not clock.available  # closed: falls back to 0
+
+
+def test_waiting_is_recorded_when_threads_compete_for_the_cpus():
+    """More CPU-bound threads than CPUs: the timed thread must wait, and the clock sees it
+    (the wall time then exceeds the active time)."""
+    clock = RunQueueClock()
+    if not clock.available:
+        pytest.skip("/proc/thread-self/schedstat is not available on this kernel")
+    clock.close()
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range((os.cpu_count() or 1) + 1)]
+    try:
+        time.sleep(0.5)  # let them start
+        timings = time_interleaved([lambda: sum(range(300_000))], warmup=1, rounds=20)
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
+    assert timings[0].waiting_s.sum() > 0
+    assert (timings[0].active_s <= timings[0].wall_s).all()
+
+
+def test_interleaving_rotates_and_counts_every_call():
+    order: list[int] = []
+    calls = [lambda k=k: order.append(k) for k in range(3)]
+    synced = []
+    timings = time_interleaved(calls, warmup=2, rounds=4, synchronize=lambda: synced.append(1))
+    assert order[:6] == [0, 0, 1, 1, 2, 2]  # warm-up, each call in turn
+    rounds = [order[6 + 3 * r: 9 + 3 * r] for r in range(4)]
+    assert [r[0] for r in rounds] == [0, 1, 2, 0]  # the first call of a round rotates
+    assert all(sorted(r) == [0, 1, 2] for r in rounds)
+    assert len(synced) == 1 + 12
+    assert len(timings) == 3 and all(t.wall_s.shape == (4,) for t in timings)
+    assert all((t.waiting_s <= t.wall_s).all() and (t.waiting_s >= 0).all() for t in timings)
+
+
+@pytest.mark.parametrize(("warmup", "rounds", "message"), [(-1, 3, "warmup"), (0, 0, "rounds"), (True, 2, "warmup")])
+def test_bad_options(warmup, rounds, message):
+    with pytest.raises(ValueError, match=message):
+        time_interleaved([lambda: None], warmup=warmup, rounds=rounds)
+    with pytest.raises(ValueError, match="nothing to time"):
+        time_interleaved([])
+
+
+def test_measure_models_times_real_sessions_and_keeps_the_models_mode():
+    import torch
+    from spruce.targets.onnxruntime import OnnxRuntimeCPU
+    from torch import nn
+
+    small = nn.Linear(16, 16).train()
+    large = nn.Sequential(nn.Linear(16, 512), nn.ReLU(), nn.Linear(512, 16)).eval()
+    x = torch.zeros(4, 16)
+    timings = OnnxRuntimeCPU(threads=1).measure_models([(small, (x,)), (large, (x,))], warmup=1, rounds=3)
+    assert len(timings) == 2 and all(t.wall_s.shape == (3,) and t.robust_ms() >= 0 for t in timings)
+    assert small.training and not large.training  # timed in eval mode, given back in the caller's mode
+    with pytest.raises(ValueError, match="no models"):
+        OnnxRuntimeCPU(threads=1).measure_models([])
