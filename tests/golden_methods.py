@@ -58,7 +58,9 @@ CASES: dict[str, dict] = {
     "halp_flops": dict(method="halp", structure="channel", budget={"flops": 0.5}, interval=3, total_steps=STEPS),
     "halp_params_linear": dict(method="halp", structure="channel", budget={"params": 0.6}, interval=4,
                                schedule="linear", round_to=2, total_steps=STEPS),
-    "dst_ee": dict(method="dst_ee", sparsity=0.8, distribution="erk", delta_t=4, total_steps=STEPS),
+    # c = 1e-3 was the default at a5751ab; since issue 15 it selects the paper's absolute c (the default
+    # c is relative to the gradients), which must reproduce a5751ab bitwise
+    "dst_ee": dict(method="dst_ee", sparsity=0.8, distribution="erk", delta_t=4, c=1e-3, total_steps=STEPS),
     "feather_global": dict(method="feather", sparsity=0.8, distribution="global", total_steps=STEPS,
                            record_every=4),
     "feather_uniform_delta": dict(method="feather", sparsity=0.96, distribution="uniform", delta_t=3,
