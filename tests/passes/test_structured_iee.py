@@ -202,3 +202,32 @@ def test_channel_updates_end_early_as_halp_by_default():
     unstructured = IEEConfig().for_run(RunLength(total_steps=13000, steps_per_epoch=100, structure="unstructured"))
     assert (channel.h, channel.j, channel.q) == (55, 55, 55)  # 3 cycles in 500 steps (5 of 130 epochs)
     assert unstructured.h == 13000 // 12
+
+
+def test_a_run_resumed_inside_reactivate_explore_equals_the_uninterrupted_one(tmp_path):
+    def tensors(sm):
+        model = sm.context.source
+        return dict([*model.named_parameters(), *model.named_buffers()])
+
+    whole = make(total=30, end_fraction=0.75)
+    loop = Loop(whole, seed=9)
+    for _ in range(30):
+        loop.step()
+    first = make(total=30, end_fraction=0.75)
+    loop1 = Loop(first, seed=9)
+    for _ in range(5):  # explore starts after step 4: step 5 is inside Reactivate & Explore
+        loop1.step()
+    assert first.method.exploring and first.method.freezer is not None
+    torch.save({"m": first.state_dict(), "o": loop1.opt.state_dict(), "g": loop1.gen.get_state()}, tmp_path / "c.pt")
+    second = make(total=30, end_fraction=0.75)
+    ckpt = torch.load(tmp_path / "c.pt", weights_only=False)
+    second.load_state_dict(ckpt["m"])
+    loop2 = Loop(second)
+    loop2.opt.load_state_dict(ckpt["o"])
+    loop2.gen.set_state(ckpt["g"])
+    for _ in range(25):
+        loop2.step()
+    expected, got = tensors(whole), tensors(second)
+    assert expected.keys() == got.keys()
+    for name, value in expected.items():
+        assert torch.equal(value, got[name]), name
