@@ -15,10 +15,15 @@
     small CNN (conv32-BN-ReLU-pool, conv64-BN-ReLU-pool, conv64-BN-ReLU, GAP, fc10), its
     latency table on ONNX Runtime CPU at batch 32 (at batch 1 the runtime's fixed overhead is
     about half the latency, so no channel choice reaches 0.5). At a 0.5 latency budget, trained the same
-    number of epochs (SGD, cosine lr): structured IEE (``iee``, structure="channel"), ``halp``,
-    and uniform L1 channel pruning (``spruce.prune`` at initialisation, every group the same
-    ratio, the ratio chosen so the predicted latency meets the same budget, then trained), plus
-    the dense model; several seeds. Kept channel counts are multiples of 8 for every method
+    number of epochs (SGD, cosine lr): the dense model is trained first; structured IEE
+    (``iee``, structure="channel", its defaults for a run: cycles end at 5/130 of training as
+    the paper's HALP-style schedule, three cycles in that horizon), ``halp`` and uniform L1
+    channel pruning (``spruce.prune``, every group the same ratio, the ratio chosen so the
+    predicted latency meets the same budget) all start from copies of that trained dense
+    model (issue 15: the same trained model under the same budget) and are fine-tuned for
+    ``--finetune-epochs``; several seeds. The uniform-L1 model evaluated is checked to be
+    the pruned one (its parameter count is the pruned model's, its tensors are not the dense
+    model's). Kept channel counts are multiples of 8 for every method
     (ONNX Runtime's blocked convolutions are much slower at other counts). Test accuracy of
     the exported compact model and its measured latency.
 
@@ -32,6 +37,7 @@ Usage: ``python bench/structured.py [--quick] [--models resnet18,mobilenet_v2] [
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import statistics
 import sys
@@ -49,6 +55,8 @@ from spruce.compiler.prune import prune
 from spruce.passes.export import remove_channels
 from spruce.passes.importance import importance_scores, param_table
 from spruce.passes.sparsity.knapsack import build_cost_model, select_channels, select_measured
+from spruce.passes.sparsity.method import RunLength
+from spruce.passes.sparsity.methods.iee import IEEConfig
 from spruce.targets.onnxruntime import OnnxRuntimeCPU
 from torch import nn
 from torch.nn import functional
@@ -67,6 +75,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads")
     parser.add_argument("--round-to", type=int, default=8)
+    parser.add_argument("--finetune-epochs", type=int, default=None,
+                        help="epochs of IEE / HALP / uniform L1 from the trained dense model (default: --epochs)")
     parser.add_argument("--repeats", type=int, default=30, help="timed runs per whole-model measurement")
     parser.add_argument("--cache", type=Path, default=None, help="latency cache folder (default: a fresh temp dir)")
     parser.add_argument("--parts", default="hit,speed,accuracy")
@@ -244,36 +254,50 @@ def accuracy_runs(args: argparse.Namespace, target: OnnxRuntimeCPU, cache: Path)
     budget = 0.5
     budget_ms = budget * table.dense_ms()
     uniform = uniform_ratio_for(table, reference, example, budget_ms, args.round_to)
-    steps = args.epochs * math.ceil(len(data[1]) / 64)
-    period = max(3, steps // 24)  # about six IEE cycles before 3/4 of training
+    finetune = args.finetune_epochs or args.epochs
+    per_epoch = math.ceil(len(data[1]) / 64)
+    steps = finetune * per_epoch
+    iee_config = IEEConfig().for_run(RunLength(total_steps=steps, steps_per_epoch=per_epoch, structure="channel"))
+    iee_config = iee_config.model_copy(update={"round_to": args.round_to})
     rows = []
     for seed in range(args.seeds):
+        torch.manual_seed(seed)
+        trained = small_cnn()
+        start = time.perf_counter()
+        train(trained, data, args.epochs, seed)
+        dense_s = time.perf_counter() - start
+        dense_params = sum(p.numel() for p in trained.parameters())
         for method in ("dense", "iee", "halp", "uniform-l1"):
             torch.manual_seed(seed)
-            model = small_cnn()
+            model = copy.deepcopy(trained)  # every method starts from the same trained dense model
             common = dict(structure="channel", total_steps=steps, round_to=args.round_to)
             start = time.perf_counter()
             if method == "dense":
-                train(model, data, args.epochs, seed)
                 exported = model
-            elif method == "uniform-l1":  # prune every group by the same ratio (L1), train the small model
-                exported = prune(model, example, uniform, "l1", args.round_to).model
-                train(exported, data, args.epochs, seed)
+            elif method == "uniform-l1":  # prune every group by the same ratio (L1), fine-tune the small model
+                result = prune(model, example, uniform, "l1", args.round_to)
+                exported = result.model
+                pruned_params = sum(p.numel() for p in exported.parameters())
+                dense_storage = {p.data_ptr() for p in trained.parameters()}
+                if pruned_params >= dense_params or any(p.data_ptr() in dense_storage for p in exported.parameters()):
+                    raise AssertionError(f"uniform-l1: the evaluated model is not the pruned one ({pruned_params} "
+                                         f"params, dense {dense_params})")
+                train(exported, data, finetune, seed)
             else:
                 if method == "iee":
-                    sm = sparsify(model, example, method="iee", budget={"latency": budget}, latency_table=table,
-                                  h=period, j=period, q=period, **common)
+                    sm = sparsify(model, example, iee_config, budget={"latency": budget}, latency_table=table,
+                                  structure="channel", total_steps=steps)
                 else:
                     sm = sparsify(model, example, method="halp", budget={"latency": budget}, latency_table=table,
                                   interval=max(1, steps // 16), end_fraction=0.5, **common)
-                train(sm, data, args.epochs, seed, sparse=sm)
+                train(sm, data, finetune, seed, sparse=sm)
                 sm.eval()
                 exported = sm.compact().eval()
                 with torch.no_grad():
                     gap = float((exported(data[2][:256]) - sm(data[2][:256])).abs().max())
                 if gap > 1e-3:
                     raise AssertionError(f"{method}: compact model differs from the masked model by {gap}")
-            train_s = time.perf_counter() - start
+            train_s = dense_s if method == "dense" else time.perf_counter() - start
             row = {"method": method, "seed": seed, "accuracy": accuracy(exported, data),
                    "pred_ms": table.predict_model(exported), "measured_ms": measure_ms(target, exported, example,
                                                                                        args.repeats),
@@ -321,7 +345,9 @@ def report(info: dict[str, str], args: argparse.Namespace, hit: list, speed: lis
         lines += ["## (c) Accuracy on MNIST-5k at a 0.5 latency budget", "",
                   f"Dense predicted {first['dense_pred']:.4f} ms; budget {first['budget_ms']:.4f} ms; uniform L1 "
                   f"baseline at pruning ratio {first['uniform_sparsity']:.3f} (meets the same predicted budget). "
-                  f"{args.epochs} epochs, {args.seeds} seed(s).", ""]
+                  f"Dense trained {args.epochs} epochs; IEE, HALP and uniform L1 start from that trained model "
+                  f"and are fine-tuned {args.finetune_epochs or args.epochs} epochs; {args.seeds} seed(s). "
+                  "Train (s) of dense is its training; of the others, their fine-tuning.", ""]
         rows = []
         for method in dict.fromkeys(r["method"] for r in acc):
             mine = [r for r in acc if r["method"] == method]

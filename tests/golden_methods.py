@@ -49,24 +49,34 @@ CASES: dict[str, dict] = {
     "rigl_erk": dict(method="rigl", sparsity=0.8, distribution="erk", delta_t=4, total_steps=STEPS),
     "rigl_constant": dict(method="rigl", sparsity=0.7, distribution="uniform", delta_t=3, decay="constant",
                           total_steps=STEPS),
-    "iee_unstructured": dict(method="iee", sparsity=0.8, distribution="erk", h=3, j=2, q=2, total_steps=STEPS),
-    "iee_2_4": dict(method="iee", structure="2:4", h=3, j=2, q=2, total_steps=STEPS),
+    # since issue 15 IEE's Reactivate & Explore freezes the whole active structure and channel IEE's
+    # cycles end at 5/130 of training; freeze="weights" (and end_fraction=0.75 for channels) is the rule
+    # of a5751ab, which must reproduce it bitwise
+    "iee_unstructured": dict(method="iee", sparsity=0.8, distribution="erk", h=3, j=2, q=2, total_steps=STEPS,
+                             freeze="weights"),
+    "iee_2_4": dict(method="iee", structure="2:4", h=3, j=2, q=2, total_steps=STEPS, freeze="weights"),
     "iee_channel_flops": dict(method="iee", structure="channel", budget={"flops": 0.5}, h=3, j=2, q=2,
-                              total_steps=STEPS),
+                              total_steps=STEPS, freeze="weights", end_fraction=0.75),
     "iee_channel_params_random": dict(method="iee", structure="channel", budget={"params": 0.6}, h=3, j=2, q=2,
-                                      init="random", round_to=2, total_steps=STEPS),
+                                      init="random", round_to=2, total_steps=STEPS, freeze="weights",
+                                      end_fraction=0.75),
     "halp_flops": dict(method="halp", structure="channel", budget={"flops": 0.5}, interval=3, total_steps=STEPS),
     "halp_params_linear": dict(method="halp", structure="channel", budget={"params": 0.6}, interval=4,
                                schedule="linear", round_to=2, total_steps=STEPS),
-    "dst_ee": dict(method="dst_ee", sparsity=0.8, distribution="erk", delta_t=4, total_steps=STEPS),
+    # c = 1e-3 was the default at a5751ab; since issue 15 it selects the paper's absolute c (the default
+    # c is relative to the gradients), which must reproduce a5751ab bitwise
+    "dst_ee": dict(method="dst_ee", sparsity=0.8, distribution="erk", delta_t=4, c=1e-3, total_steps=STEPS),
     "feather_global": dict(method="feather", sparsity=0.8, distribution="global", total_steps=STEPS,
                            record_every=4),
     "feather_uniform_delta": dict(method="feather", sparsity=0.96, distribution="uniform", delta_t=3,
                                   total_steps=STEPS, record_every=2),
     "feather_2_4": dict(method="feather", structure="2:4", total_steps=STEPS, record_every=4),
-    "optg_global": dict(method="optg", sparsity=0.8, distribution="global", steps_per_epoch=6, total_steps=STEPS),
+    # since issue 15 OptG's default schedule is scaled to the run and ties go by magnitude;
+    # schedule="paper", ties="random" is the rule of a5751ab, which must reproduce it bitwise
+    "optg_global": dict(method="optg", sparsity=0.8, distribution="global", steps_per_epoch=6, total_steps=STEPS,
+                        schedule="paper", ties="random"),
     "optg_erk": dict(method="optg", sparsity=0.8, distribution="erk", steps_per_epoch=8, alpha=1.0,
-                     total_steps=STEPS),
+                     total_steps=STEPS, schedule="paper", ties="random"),
 }
 
 
@@ -109,7 +119,9 @@ def run_case(name: str) -> dict:
 # unstructured RigL (the fold path).
 _SHORT = dict(bench_iters=2, bench_warmup=1, bench_batch_sizes=(1,))
 COMPILES: dict[str, dict] = {
-    "default_flops": dict(epochs=2, budget={"flops": 0.5}, **_SHORT),
+    # the default method (structured IEE) with the rules of a5751ab (see CASES)
+    "default_flops": dict(epochs=2, budget={"flops": 0.5}, method={"name": "iee", "freeze": "weights",
+                                                                   "end_fraction": 0.75}, **_SHORT),
     "rigl_unstructured": dict(epochs=1, method="rigl", structure="unstructured", sparsity=0.8, distribution="erk",
                               **_SHORT),
 }
@@ -130,10 +142,14 @@ def run_compile(name: str) -> dict:
 
 
 # The method options ``compile`` derived from a run length at a5751ab (its private
-# ``pipeline._method_options``): the redesign moves this into each method's config.
+# ``pipeline._method_options``): the redesign moves this into each method's config. Options that
+# select a method's rule of a5751ab where issue 15 changed the default: see OLD_RULES.
 SCALED = [(method, structure, steps) for method in ("static", "gmp", "set", "rigl", "iee", "dst_ee", "feather",
                                                      "optg", "halp")
           for structure in ("channel", "unstructured") for steps in (1, 11, 12, 100, 239, 5000)]
+
+
+OLD_RULES: dict[tuple[str, str], dict] = {("iee", "channel"): {"end_fraction": 0.75}}
 
 
 def old_scaled_defaults() -> list:

@@ -139,6 +139,15 @@ class Method:
     def attach(self, optimizer: torch.optim.Optimizer | None) -> None:
         """The optimizer the user attached to the SparseModel (for methods that read its state)."""
 
+    def set_steps_per_epoch(self, steps_per_epoch: int) -> None:
+        """The run's epoch length, when the user gives it after ``sparsify`` (``sm.attach``);
+        methods without epochs ignore it."""
+
+    def on_epoch_end(self, step: int) -> bool:
+        """The user's loop finished an epoch after optimizer step ``step`` (``sm.end_epoch()``);
+        True when a mask update is due now. Methods without epochs ignore it."""
+        return False
+
     def is_update(self, step: int) -> bool:
         """Does the method update masks after optimizer step ``step`` (1-based)?"""
         return False

@@ -142,11 +142,28 @@ class SparseModel(nn.Module):
         graph = self.graph if self._mode_graphs is None else self._mode_graphs[int(self.training)]
         return graph(*args, **kwargs)
 
-    def attach(self, optimizer: torch.optim.Optimizer) -> SparseModel:
-        """Reset the optimizer state of weights that are pruned or regrown at each update."""
+    def attach(self, optimizer: torch.optim.Optimizer, steps_per_epoch: int | None = None) -> SparseModel:
+        """Reset the optimizer state of weights that are pruned or regrown at each update.
+
+        ``steps_per_epoch`` (optional): optimizer steps in one epoch (``len(loader)``), for
+        methods whose schedule counts epochs (OptG) when ``sparsify`` was not given it."""
+        if steps_per_epoch is not None:
+            if isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, int) or steps_per_epoch < 1:
+                raise ValueError(f"attach: steps_per_epoch must be a positive integer, got {steps_per_epoch!r}")
+            self.method.set_steps_per_epoch(steps_per_epoch)
         self._optimizer = optimizer
         self.method.attach(optimizer)
         return self
+
+    def end_epoch(self) -> None:
+        """Tell the method an epoch of the training loop ended (after its last ``step()``).
+
+        Optional: methods whose schedule counts epochs (OptG) learn the epoch length from the
+        first call when neither ``sparsify`` nor :meth:`attach` was given ``steps_per_epoch``;
+        other methods ignore it. Collective under torch.distributed, like :meth:`step`."""
+        step = self.step_count
+        if self.method.on_epoch_end(step):
+            self._update(step, due=True)
 
     def step(self) -> None:
         """Advance one optimizer step: run the method's update, keep pruned weights at zero.
@@ -157,7 +174,11 @@ class SparseModel(nn.Module):
         step = self.step_count
         average_captured_grads(self.layers)
         self.method.on_step(step)
-        due = self.method.is_update(step)
+        self._update(step, self.method.is_update(step))
+
+    def _update(self, step: int, due: bool) -> None:
+        """The method's update after step ``step`` when ``due``; then pruned weights to zero,
+        optimizer state reset for flipped weights, metrics."""
         completes = due and self.method.completes_update(step)
         if due:  # name a corrupt layer before its NaNs reach other layers' scores through gradients
             for layer in self.layers:

@@ -13,8 +13,6 @@ from spruce import sparsify
 
 STEPS, DELTA = 60, 5
 
-
-
 def test_scores_counters_sparsity_and_growth_follow_the_paper():
     x, y = digits()
     sm = sparsify(make_model(), x[:1], method="dst_ee", sparsity=0.9, total_steps=STEPS, delta_t=DELTA, c=5e-3)
@@ -86,10 +84,82 @@ def test_exploration_coefficient_raises_coverage():
     assert coverage[1.0] > coverage[0.0]  # the paper's Fig. 3: larger c, higher exploration degree
 
 
+def _rigl_grow_set(sm, fraction: float) -> dict[str, torch.Tensor]:
+    """What RigL would grow from this state: drop the k smallest active magnitudes, grow the
+    k inactive weights with the largest |dense gradient|."""
+    grown = {}
+    for layer in sm.layers:
+        mask = layer.masked.mask
+        k = int(fraction * int(mask.sum()))
+        weight = layer.module.weight.detach().abs()
+        drop = torch.where(mask, -weight, torch.full_like(weight, -math.inf)).reshape(-1)
+        dropped = torch.zeros(mask.numel(), dtype=torch.bool)
+        dropped[torch.topk(drop, k).indices] = True
+        after_drop = mask & ~dropped.reshape(mask.shape)
+        grad = layer.masked.dense_grad.abs()
+        candidates = torch.where(after_drop, torch.full_like(grad, -math.inf), grad).reshape(-1)
+        chosen = torch.zeros(mask.numel(), dtype=torch.bool)
+        chosen[torch.topk(candidates, k).indices] = True
+        grown[layer.name] = chosen.reshape(mask.shape) & ~mask
+    return grown
+
+
+def _explore(method: str, loss_scale: float, lr: float, steps: int = 100, **options) -> tuple[float, float]:
+    """Train the digits CNN at 90 % sparsity; return (R, the fraction of RigL's grow set, from
+    the same state at every update, that ``method`` grew too)."""
+    x, y = digits()
+    sm = sparsify(make_model(), x[:1], method=method, sparsity=0.9, total_steps=steps, delta_t=DELTA, **options)
+    opt = torch.optim.SGD(sm.parameters(), lr=lr, momentum=0.9)
+    sm.attach(opt)
+    gen = torch.Generator().manual_seed(1)
+    shared = rigl_total = 0
+    for step in range(1, steps + 1):
+        idx = torch.randint(0, len(x), (64,), generator=gen)
+        loss = F.cross_entropy(sm(x[idx]), y[idx]) * loss_scale
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        update = sm.method.is_update(step)
+        if update:
+            rigl = _rigl_grow_set(sm, sm.method.drop_fraction(step))
+        sm.step()
+        if update:
+            shared += sum(int((rigl[layer.name] & layer.grown).sum()) for layer in sm.layers)
+            rigl_total += sum(int(rigl[layer.name].sum()) for layer in sm.layers)
+    ever = [layer.ever_active for layer in sm.layers]
+    return sum(int(e.sum()) for e in ever) / sum(e.numel() for e in ever), shared / rigl_total
+
+
+@pytest.mark.parametrize("loss_scale, lr", [(1.0, 0.05), (100.0, 0.05 / 100)])
+def test_exploration_term_changes_the_grow_set_at_the_defaults_whatever_the_loss_scale(loss_scale, lr):
+    """Issue 15: with the absolute c = 1e-3 the bonus vanished next to the gradients (the grow
+    set was RigL's). c relative to the layer's gradients matters at its default, and scaling
+    the loss (with the lr scaled back) changes nothing."""
+    rigl_r, rigl_overlap = _explore("rigl", loss_scale, lr)
+    assert rigl_overlap == 1.0  # the oracle is RigL's rule
+    dst_r, overlap = _explore("dst_ee", loss_scale, lr)
+    assert overlap <= 0.70, f"DST-EE grew {overlap:.0%} of RigL's grow set"
+    assert dst_r >= rigl_r + 0.05, f"exploration degree R: DST-EE {dst_r:.3f}, RigL {rigl_r:.3f}"
+
+
+def test_the_absolute_c_keeps_eq_1_verbatim_and_excludes_c_relative():
+    from spruce.passes.sparsity.methods.dst_ee import DSTEE, DSTEEConfig
+
+    config = DSTEEConfig(c=1e-3)
+    assert config.absolute and DSTEE(config).coefficient(torch.full((3,), 100.0)) == 1e-3
+    relative = DSTEE(DSTEEConfig(c_relative=2.0))
+    assert not relative.config.absolute
+    assert relative.coefficient(torch.tensor([3.0, -4.0])) == pytest.approx(2.0 * math.sqrt(12.5))  # 2 x RMS
+    assert relative.coefficient(torch.zeros(4)) == 2.0  # no gradient: the bonus alone orders the candidates
+    with pytest.raises(ValueError, match="not both"):
+        DSTEEConfig(c=1e-3, c_relative=1.0)
+
+
 @pytest.mark.parametrize("options, message", [
     ({"c": -1.0}, "dst_ee: c must be >= 0"),
     ({"eps": 0.0}, "dst_ee: eps must be > 0"),
     ({"c": float("nan")}, "dst_ee: c must be a finite number"),
+    ({"c_relative": -1.0}, "dst_ee: c_relative must be >= 0"),
     ({"delta_t": 0}, "dst_ee: delta_t must be >= 1"),
 ])
 def test_bad_options(options, message):

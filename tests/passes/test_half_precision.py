@@ -8,8 +8,6 @@ import torch
 from helpers import randomize, relative_error
 from torch import nn
 
-pytestmark = pytest.mark.filterwarnings("ignore:optg. with alpha")  # a short run, on purpose
-
 DTYPES = [torch.float16, torch.bfloat16]
 # (method, structure, options); structure="channel" runs with a uniform distribution
 RUNS = [

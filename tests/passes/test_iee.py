@@ -185,3 +185,100 @@ def test_iee_never_starts_a_cycle_it_cannot_finish():
     assert [int(layer.masked.mask.sum()) for layer in sm.layers] == targets
     assert sm.sparsities() == initial  # not left dense by a half-finished cycle
     assert not sm.metrics  # no cycle could finish in 13 steps, so none started
+
+
+def bn_cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(4, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 8),
+    )
+
+
+def _state(sm, opt):
+    """Every parameter and buffer of the model and the momentum of every parameter, by name."""
+    model = sm.method.ctx.source
+    values = {n: t.detach().clone() for n, t in [*model.named_parameters(), *model.named_buffers()]}
+    momentum = {n: opt.state[p]["momentum_buffer"].clone() for n, p in model.named_parameters()
+                if "momentum_buffer" in opt.state.get(p, {})}
+    return values, momentum
+
+
+@pytest.mark.parametrize("freeze", ["structure", "weights"])
+def test_reactivate_explore_freezes_the_whole_active_structure_and_its_momentum(freeze):
+    """Issue 15: Algorithm 1 freezes Theta_K; BN gamma/beta, biases, running statistics and the
+    momentum of frozen weights moved with the dense network before (freeze="weights", kept as an
+    option: the same checks find them moving)."""
+    sm = sparsify(bn_cnn(), X, method="iee", sparsity=0.9, total_steps=70, h=H, j=J, q=Q, freeze=freeze)
+    iee = sm.method
+    loop = Loop(sm, seed=7)
+    sm.train()
+    while iee.stage(sm.step_count + 1) != "explore":
+        loop.step()
+    loop.step()  # explore starts: Theta_P back at its MRU values
+    assert iee.exploring
+    values, momentum = _state(sm, loop.opt)
+    explorable = {f"{layer.name}.weight": ~iee.active[layer.name] for layer in sm.layers}
+    moved_outside_p, p_trains = set(), False
+    while iee.stage(sm.step_count + 1) != "grow":
+        loop.step()
+        now, now_momentum = _state(sm, loop.opt)
+        for name, value in values.items():
+            keep = ~explorable[name] if name in explorable else torch.ones_like(value, dtype=torch.bool)
+            if not torch.equal(now[name][keep], value[keep]):
+                moved_outside_p.add(name)
+            if name in explorable:
+                p_trains |= not torch.equal(now[name][~keep], value[~keep])
+        for name, value in momentum.items():
+            keep = ~explorable[name] if name in explorable else torch.ones_like(value, dtype=torch.bool)
+            if not torch.equal(now_momentum[name][keep], value[keep]):
+                moved_outside_p.add(f"momentum of {name}")
+    assert p_trains  # Theta_P trains on the dense network
+    if freeze == "structure":
+        assert not moved_outside_p
+    else:  # only the sparse weights were held: BN, biases, running stats and momentum moved
+        assert {"1.weight", "1.bias", "1.running_mean", "0.bias"} <= moved_outside_p
+        assert any(name.startswith("momentum of") for name in moved_outside_p)
+
+
+def test_a_run_resumed_inside_reactivate_explore_equals_the_uninterrupted_one(tmp_path):
+    def run(steps, loop=None, sm=None):
+        for _ in range(steps):
+            loop.step()
+        return sm
+
+    whole = sparsify(bn_cnn(), X, method="iee", sparsity=0.9, total_steps=40, h=H, j=J, q=Q)
+    loop = Loop(whole, seed=8)
+    run(40, loop, whole)
+    first = sparsify(bn_cnn(), X, method="iee", sparsity=0.9, total_steps=40, h=H, j=J, q=Q)
+    loop1 = Loop(first, seed=8)
+    run(12, loop1, first)
+    assert first.method.exploring and first.method.freezer is not None
+    torch.save({"m": first.state_dict(), "o": loop1.opt.state_dict(), "g": loop1.gen.get_state()}, tmp_path / "c.pt")
+    second = sparsify(bn_cnn(), X, method="iee", sparsity=0.9, total_steps=40, h=H, j=J, q=Q)
+    ckpt = torch.load(tmp_path / "c.pt", weights_only=False)
+    second.load_state_dict(ckpt["m"])
+    loop2 = Loop(second)
+    loop2.opt.load_state_dict(ckpt["o"])
+    loop2.gen.set_state(ckpt["g"])
+    run(28, loop2, second)
+    tensors = [dict([*sm.method.ctx.source.named_parameters(), *sm.method.ctx.source.named_buffers()])
+               for sm in (whole, second)]
+    assert tensors[0].keys() == tensors[1].keys()
+    for name, value in tensors[0].items():
+        assert torch.equal(value, tensors[1][name]), name
+    for a, b in zip(whole.layers, second.layers):
+        assert torch.equal(a.masked.mask, b.masked.mask)
+
+
+def test_unstructured_cycles_end_at_three_quarters_and_the_first_always_runs():
+    sm = make(total=70)
+    assert sm.method.horizon() == 0.75 * 70
+    short = sparsify(cnn(), X, method="iee", sparsity=0.9, total_steps=20, h=3, j=2, q=2, end_fraction=0.05)
+    loop, stages = Loop(short), []
+    for _ in range(20):
+        stages.append(short.method.stage(short.step_count + 1))
+        loop.step()
+    assert stages.count("prune") == 1 and stages.count("grow") == 1  # 0.05 x 20 = 1 step < H: one cycle
+    assert len(short.metrics) == 1

@@ -9,9 +9,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from spruce.compiler.api import sparsify
 
-# short schedules in these tests end below P (Eq. 16); the warning has its own test
-pytestmark = pytest.mark.filterwarnings("ignore:optg. with alpha")
-
 
 def cnn():
     torch.manual_seed(0)
@@ -54,8 +51,14 @@ class Loop:
         self.sm.step()
 
 
-def sigmoid_factor(k, tau, alpha=0.5):
-    return 1.0 / (1.0 + math.exp(-alpha * (k - 0.5 * tau)))
+def sigmoid(z):
+    return 1.0 / (1.0 + math.exp(-z))
+
+
+def sigmoid_factor(k, tau, alpha=None):
+    """σ_k of Eq. 16-17 as spruce scales it: α = 50 / τ unless given, normalised to 1 at k = τ."""
+    alpha = 50.0 / tau if alpha is None else alpha
+    return sigmoid(alpha * (k - 0.5 * tau)) / sigmoid(alpha * 0.5 * tau)
 
 
 def n_pruned(sm):
@@ -69,9 +72,9 @@ def n_weights(sm):
 def test_scores_after_one_step_equal_eq_7_and_10_by_hand():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
-    # tau = 10 epochs: P_1 = 0.5 / (1 + e^2) -> round(0.0596 * 45) = 3 weights pruned at epoch 1
+    # tau = 10 epochs, alpha = 0.5: P_1 = 0.5 sigma(-2) / sigma(2.5) -> round(0.0645 * 45) = 3 pruned at epoch 1
     sm = sparsify(model, torch.randn(2, 6), method="optg", sparsity=0.5, distribution="global",
-                  total_steps=40, steps_per_epoch=4)
+                  total_steps=40, steps_per_epoch=4, alpha=0.5)
     assert n_pruned(sm) == 3
     assert all(torch.equal(layer.masked.scores, torch.zeros_like(layer.masked.scores)) for layer in sm.layers)
     w0 = [layer.module.weight.detach().clone() for layer in sm.layers]
@@ -84,7 +87,7 @@ def test_scores_after_one_step_equal_eq_7_and_10_by_hand():
     hidden = torch.tanh(F.linear(x, eff[0], model[0].bias))
     F.cross_entropy(F.linear(hidden, eff[1], model[2].bias), y).backward()
     lr = 0.1
-    eta_mask = lr / (1 + math.exp(-0.5 * (1 - 0.5 * 10)))  # Eq. 17 at k = 1, tau = 10
+    eta_mask = lr * sigmoid_factor(1, 10, alpha=0.5)  # Eq. 17 at k = 1, tau = 10
     expected = [-eta_mask * e.grad * w for e, w in zip(eff, w0)]
 
     opt = sgd(sm.parameters(), lr=lr)
@@ -105,7 +108,7 @@ def test_scores_after_one_step_equal_eq_7_and_10_by_hand():
 
 def test_mask_changes_only_at_epoch_boundaries_by_a_global_sort_of_the_scores():
     total, per_epoch = 30, 3
-    sm = make(total, per_epoch)
+    sm = make(total, per_epoch, alpha=0.5)  # a gradual schedule: every epoch prunes some weights
     loop = Loop(sm, seed=1)
     revived_values = []
     for step in range(1, total + 1):
@@ -122,7 +125,7 @@ def test_mask_changes_only_at_epoch_boundaries_by_a_global_sort_of_the_scores():
         # the mask of epoch k + 1: the round(P_{k+1} N) smallest scores over all layers are pruned
         k_next = step // per_epoch + 1
         assert sm.method.epoch == k_next
-        p_k = 0.9 * sigmoid_factor(k_next, 10)
+        p_k = 0.9 * sigmoid_factor(k_next, 10, alpha=0.5)
         assert n_pruned(sm) == round(p_k * n_weights(sm))
         scores = torch.cat([layer.masked.scores.flatten() for layer in sm.layers])
         kept = torch.cat([m.flatten() for m in masks])
@@ -146,10 +149,11 @@ def test_global_sparsity_follows_the_sigmoid_schedule_and_reaches_p():
     total, per_epoch, tau = 80, 2, 40
     sm = make(total, per_epoch, sparsity=0.8)
     method = sm.method
-    assert method.n_epochs() == tau
+    assert method.n_epochs() == tau and method.alpha() == pytest.approx(50 / 40)  # scaled to the run
     assert method.sparsity_at(20) == pytest.approx(0.4)  # Eq. 16 at k = tau / 2
-    assert method.sparsity_at(1) == pytest.approx(0.8 / (1 + math.exp(9.5)))
-    assert method.sparsity_at(30) == pytest.approx(0.8 / (1 + math.exp(-5)))
+    assert method.sparsity_at(1) == pytest.approx(0.8 * sigmoid(-1.25 * 19) / sigmoid(25))
+    assert method.sparsity_at(30) == pytest.approx(0.8 * sigmoid(12.5) / sigmoid(25))
+    assert method.sparsity_at(tau) == 0.8  # normalised: the last epoch is at P
     n = n_weights(sm)
     loop = Loop(sm, seed=2)
     per_epoch_sparsity = {1: n_pruned(sm)}
@@ -183,15 +187,15 @@ def test_mask_lr_is_the_weight_lr_of_each_group_times_the_sigmoid():
         before = [layer.masked.scores.clone() for layer in sm.layers]
         k = (step - 1) // per_epoch + 1
         weight_lr = [opt.param_groups[0]["lr"]] + [opt.param_groups[1]["lr"]] * (len(sm.layers) - 1)
-        eta = [lr / (1 + math.exp(-0.5 * (k - 0.5 * tau))) for lr in weight_lr]  # Eq. 17
+        eta = [lr * sigmoid_factor(k, tau) for lr in weight_lr]  # Eq. 17
         assert sm.method.mask_lrs(step) == pytest.approx(eta, rel=1e-12)
         sm.step()
         for layer, b, g, e in zip(sm.layers, before, grads, eta):
             torch.testing.assert_close(layer.masked.scores, b - g * e, rtol=1e-6, atol=1e-12)
         sched.step()
-    # at k = tau / 2 the mask lr is half the weight lr; at k = 1 it is e^{-2} / (1 + e^{-2}) of it
+    # at k = tau / 2 the mask lr is half the weight lr; at k = 1 (alpha = 5) it is sigma(-20) of it
     assert sm.method.schedule_factor(5) == pytest.approx(0.5)
-    assert sm.method.schedule_factor(1) == pytest.approx(math.exp(-2) / (1 + math.exp(-2)))
+    assert sm.method.schedule_factor(1) == pytest.approx(sigmoid(-20) / sigmoid(25))
 
 
 def test_resume_equals_uninterrupted_training_bitwise(tmp_path):
@@ -244,7 +248,6 @@ def test_fixed_layer_budgets_sort_each_layer_on_the_same_schedule(distribution):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({}, "steps_per_epoch is required"),
         ({"steps_per_epoch": 0}, "steps_per_epoch"),
         ({"steps_per_epoch": 2.5}, "steps_per_epoch"),
         ({"steps_per_epoch": True}, "steps_per_epoch"),
@@ -288,6 +291,80 @@ def test_training_errors_are_clear(tmp_path):
         make(10, 5).load_state_dict(torch.load(tmp_path / "c.pt", weights_only=False))
 
 
-def test_short_schedules_warn_that_eq_16_ends_below_p():
+def _five_epochs(how: str, sparsity: float = 0.9, per_epoch: int = 6):
+    """A 5-epoch run whose epoch length spruce gets from ``how``: the ``sparsify`` option,
+    ``attach``, or the first ``end_epoch()``; the sparsity of every epoch's mask."""
+    epochs = 5
+    options = {"steps_per_epoch": per_epoch} if how == "sparsify" else {}
+    sm = sparsify(cnn(), X, method="optg", sparsity=sparsity, distribution="global",
+                  total_steps=epochs * per_epoch, **options)
+    opt = sgd(sm.parameters())
+    if how == "attach":
+        sm.attach(opt, steps_per_epoch=per_epoch)
+    loop = Loop(sm, opt=opt, seed=6)
+    if how != "attach":
+        sm.attach(opt)
+    per_epoch_sparsity = []
+    for _ in range(epochs):
+        per_epoch_sparsity.append(n_pruned(sm) / n_weights(sm))
+        for _ in range(per_epoch):
+            loop.step()
+        sm.end_epoch()  # harmless when the length is known
+    return sm, per_epoch_sparsity
+
+
+@pytest.mark.parametrize("how", ["sparsify", "attach", "end_epoch"])
+def test_a_5_epoch_run_reaches_the_target_and_never_ends_below_it(how):
+    """Issue 15: with alpha = 0.5 unscaled a 12-epoch run ended at 85.7 % of a 90 % target; and
+    without steps_per_epoch sparsify failed outright."""
+    sm, per_epoch = _five_epochs(how)
+    last = per_epoch[-1]
+    assert 0.9 <= last <= 0.9 + 0.005, f"last epoch at {last:.4f} for a 0.9 target"
+    assert n_pruned(sm) == round(0.9 * n_weights(sm))
+    assert per_epoch == sorted(per_epoch)  # the schedule only rises
+
+
+@pytest.mark.parametrize("tau", [1, 2, 3, 5, 12, 20, 100, 180])
+def test_the_last_epoch_is_at_the_target_on_any_run_length(tau):
+    sm = make(tau, 1, sparsity=0.95)
+    method = sm.method
+    factors = [method.schedule_factor(k) for k in range(1, tau + 1)]
+    assert factors[-1] == 1.0 and factors == sorted(factors) and all(0.0 <= f <= 1.0 for f in factors)
+    assert method.sparsity_at(tau) == pytest.approx(0.95, abs=1e-12)
+    if tau >= 20:  # the sparsity rises between about 40 % and 60 % of training, as in the paper's run
+        assert method.schedule_factor(round(0.4 * tau)) < 0.01 < 0.99 < method.schedule_factor(round(0.6 * tau))
+
+
+def test_the_first_mask_keeps_the_largest_weights_not_a_random_set():
+    """Issue 15: every score is 0 when the first mask is derived; ties go by magnitude."""
+    sm = make(2, 1, sparsity=0.8)  # tau = 2: epoch 1 at P / 2
+    magnitudes = torch.cat([layer.module.weight.detach().abs().flatten() for layer in sm.layers])
+    kept = torch.cat([layer.masked.mask.flatten() for layer in sm.layers])
+    assert int((~kept).sum()) == round(0.4 * kept.numel())
+    assert magnitudes[kept].min() >= magnitudes[~kept].max()
+
+
+def test_the_epoch_length_comes_from_the_first_end_epoch_or_the_run_stops_clearly():
+    sm, per_epoch = _five_epochs("end_epoch", per_epoch=4)
+    assert sm.method.steps_per_epoch == 4 and sm.method.n_epochs() == 5
+    assert per_epoch[0] == 0.0  # epoch 1 keeps every weight while the length is unknown
+
+    never = sparsify(cnn(), X, method="optg", sparsity=0.9, distribution="global", total_steps=10)
+    loop = Loop(never)
+    for _ in range(5):
+        loop.step()
+    with pytest.raises(RuntimeError, match="epoch length is still unknown.*steps_per_epoch=len.loader.*end_epoch"):
+        loop.step()
+
+    sm = make(10, 2)
+    with pytest.raises(ValueError, match="already 2"):
+        sm.attach(sgd(sm.parameters()), steps_per_epoch=5)
+    with pytest.raises(ValueError, match="positive integer"):
+        sm.attach(sgd(sm.parameters()), steps_per_epoch=0)
+
+
+def test_the_paper_schedule_is_eq_16_as_printed_and_warns_when_it_ends_below_p():
     with pytest.warns(UserWarning, match="below the target"):
-        make(10, 2)  # tau = 5: P_5 = P / (1 + e^{-1.25}) ~ 0.78 P
+        sm = make(10, 2, schedule="paper")  # tau = 5: P_5 = P / (1 + e^{-1.25}) ~ 0.78 P
+    assert sm.method.alpha() == 0.5
+    assert sm.method.schedule_factor(5) == pytest.approx(sigmoid(1.25))

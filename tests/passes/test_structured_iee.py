@@ -24,8 +24,9 @@ H, J, Q = 3, 2, 2  # period 7
 
 
 def make(kind="flops", fraction=0.5, total=70, **kw):
+    phases = {"h": H, "j": J, "q": Q, **kw}
     return sparsify(cnn(), X, method="iee", structure="channel", budget={kind: fraction}, total_steps=total,
-                    h=H, j=J, q=Q, **kw)
+                    **phases)
 
 
 class Loop:
@@ -52,7 +53,7 @@ def masks(sm):
 
 @pytest.mark.parametrize("kind", ["flops", "params"])
 def test_channel_stages_follow_algorithm_1_within_the_budget(kind):
-    sm = make(kind)
+    sm = make(kind, end_fraction=0.75)  # the unstructured horizon, for many cycles
     iee, engine = sm.method, sm.method.channels
     psi = engine.costs.target
     assert engine.active_cost() <= psi and engine.history[0]["stage"] == "init"
@@ -89,7 +90,7 @@ def test_channel_stages_follow_algorithm_1_within_the_budget(kind):
 
 
 def test_theta_k_is_frozen_bitwise_and_theta_p_restarts_from_its_mru_values():
-    sm = make()
+    sm = make(freeze="weights", end_fraction=0.75)  # the rule before issue 15: the active entries of Theta_K
     iee, engine = sm.method, sm.method.channels
     loop = Loop(sm)
     model = sm.context.source
@@ -142,3 +143,91 @@ def test_round_to_and_bad_options():
         make(channel_criterion="psychic")
     with pytest.raises(ValueError, match="smallest reachable params"):
         make("params", 1e-5)
+
+
+def test_theta_k_is_frozen_whole_with_running_stats_and_momentum():
+    """freeze="structure" (the default): during Reactivate & Explore every parameter, buffer and
+    momentum entry outside the reactivated channels stays bitwise; the pruned channels train."""
+    sm = make()
+    iee, engine = sm.method, sm.method.channels
+    loop = Loop(sm)
+    model = sm.context.source
+    while iee.stage(sm.step_count + 1) != "explore":
+        loop.step()
+    loop.step()
+    explorable = engine.explorable()
+    assert {"1.running_mean", "1.weight", "1.bias"} <= set(explorable)  # pruned BN channels reactivated
+
+    def state():
+        values = {n: t.detach().clone() for n, t in [*model.named_parameters(), *model.named_buffers()]}
+        values.update({f"momentum {n}": loop.opt.state[p]["momentum_buffer"].clone()
+                       for n, p in model.named_parameters()})
+        return values
+
+    frozen = state()
+    p_trains = set()
+    while iee.stage(sm.step_count + 1) != "grow":
+        loop.step()
+        now = state()
+        for name, value in frozen.items():
+            p = explorable.get(name.removeprefix("momentum "))
+            keep = torch.ones_like(value, dtype=torch.bool) if p is None else ~p
+            assert torch.equal(now[name][keep], value[keep]), name
+            if p is not None and not torch.equal(now[name][p], value[p]):
+                p_trains.add(name)
+    assert {"1.weight", "1.running_mean", "3.weight"} <= p_trains
+
+
+def test_channel_updates_end_early_as_halp_by_default():
+    """The paper ends structured updates at epoch 5 of 130 (HALP's scheduler), not at 3/4."""
+    total = 700
+    sm = make(total=total, j=3, q=3)  # H = J = Q = 3 (period 9), horizon 700 * 5 / 130 = 26.9 steps: 2 cycles
+    iee = sm.method
+    assert iee.horizon() == pytest.approx(total * 5 / 130)
+    loop = Loop(sm)
+    changes = []
+    for _ in range(60):
+        before = masks(sm)
+        loop.step()
+        if any(not torch.equal(before[g], m) for g, m in masks(sm).items()):
+            changes.append(sm.step_count)
+    assert len(sm.metrics) == 2 and max(changes) <= total * 5 / 130
+    assert [r["stage"] for r in iee.channels.history].count("grow") == 2
+    # configurable; unstructured IEE keeps 3/4
+    assert make(total=total, end_fraction=0.5).method.horizon() == 350
+    from spruce.passes.sparsity.method import RunLength
+    from spruce.passes.sparsity.methods.iee import IEEConfig
+
+    channel = IEEConfig().for_run(RunLength(total_steps=13000, steps_per_epoch=100, structure="channel"))
+    unstructured = IEEConfig().for_run(RunLength(total_steps=13000, steps_per_epoch=100, structure="unstructured"))
+    assert (channel.h, channel.j, channel.q) == (55, 55, 55)  # 3 cycles in 500 steps (5 of 130 epochs)
+    assert unstructured.h == 13000 // 12
+
+
+def test_a_run_resumed_inside_reactivate_explore_equals_the_uninterrupted_one(tmp_path):
+    def tensors(sm):
+        model = sm.context.source
+        return dict([*model.named_parameters(), *model.named_buffers()])
+
+    whole = make(total=30, end_fraction=0.75)
+    loop = Loop(whole, seed=9)
+    for _ in range(30):
+        loop.step()
+    first = make(total=30, end_fraction=0.75)
+    loop1 = Loop(first, seed=9)
+    for _ in range(5):  # explore starts after step 4: step 5 is inside Reactivate & Explore
+        loop1.step()
+    assert first.method.exploring and first.method.freezer is not None
+    torch.save({"m": first.state_dict(), "o": loop1.opt.state_dict(), "g": loop1.gen.get_state()}, tmp_path / "c.pt")
+    second = make(total=30, end_fraction=0.75)
+    ckpt = torch.load(tmp_path / "c.pt", weights_only=False)
+    second.load_state_dict(ckpt["m"])
+    loop2 = Loop(second)
+    loop2.opt.load_state_dict(ckpt["o"])
+    loop2.gen.set_state(ckpt["g"])
+    for _ in range(25):
+        loop2.step()
+    expected, got = tensors(whole), tensors(second)
+    assert expected.keys() == got.keys()
+    for name, value in expected.items():
+        assert torch.equal(value, got[name]), name

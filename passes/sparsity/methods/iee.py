@@ -4,7 +4,7 @@ on channels (the latency-constrained version with the HALP knapsack)."""
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -19,17 +19,27 @@ from ..method import Method, MethodConfig, RunLength, register_method
 
 __all__ = ["ChannelIEE", "IEE", "IEEConfig"]
 
-# IEE's H = J = Q default under `spruce compile`: a twelfth of the run (the paper's 150 each
-# assume far longer runs than a compile recipe's)
-PHASES_PER_RUN = 12
 # budgeted channel counts under `spruce compile`: widths the kernels like (vector width, tensor-core tiles)
 COMPILE_ROUND_TO = 8
+# where prune-grow cycles end (a fraction of training) unless ``end_fraction`` is given: 3/4 of training
+# (§3.1) for unstructured and N:M sparsity; for latency-constrained channels the paper follows HALP's
+# scheduler and ends the updates at the 5th of 130 epochs (appendix §3, the training-cost paragraph)
+UNSTRUCTURED_END_FRACTION = 0.75
+STRUCTURED_END_FRACTION = 5 / 130
+# cycles `spruce compile` fits in the update horizon: H = J = Q = horizon / (3 * 3) (a twelfth of the
+# run for the 3/4 horizon, as before issue 15)
+CYCLES_PER_HORIZON = 3
 
 
 class IEEConfig(MethodConfig):
     """``h``, ``j``, ``q``: steps of Importance Estimation, Accuracy Improvement and Reactivate &
     Explore; ``omega0``: the prune-grow fraction of the active set, decayed by ``decay`` over the
-    cycles, which start before ``end_fraction`` of training; ``criterion``: weight importance.
+    cycles, which start before ``end_fraction`` of training (None: 3/4 for unstructured and N:M,
+    5/130 for channels as the paper's HALP-style schedule; the first cycle always runs);
+    ``freeze``: what Reactivate & Explore holds bitwise, the whole active structure
+    (``structure``: every parameter and buffer but the reactivated entries, and their optimizer
+    state) or only the active sparse weights (``weights``, the rule before issue 15);
+    ``criterion``: weight importance.
     With ``structure="channel"`` and a budget: ``channel_criterion``, kept counts a multiple of
     ``round_to``, the initial selection ``init`` (``magnitude``: L1 of the channels' weights, or
     ``random``) and the knapsack's cost resolution ``bins``."""
@@ -42,8 +52,9 @@ class IEEConfig(MethodConfig):
     j: int = Field(150, ge=1)
     q: int = Field(150, ge=1)
     omega0: float = Field(0.3, ge=0, le=1)
-    end_fraction: float = Field(0.75, gt=0, le=1)
+    end_fraction: Annotated[float, Field(gt=0, le=1)] | None = None
     decay: Literal["cosine", "constant"] = "cosine"
+    freeze: Literal["structure", "weights"] = "structure"
     criterion: str = "magnitude"
     seed: int = Field(0, ge=0)
     channel_criterion: str = "taylor_bn"
@@ -63,8 +74,17 @@ class IEEConfig(MethodConfig):
     def _channel_criterion(cls, value: str) -> str:
         return check_channel_criterion("iee", value)
 
+    def horizon_fraction(self, structure_kind: str) -> float:
+        """The fraction of training before which cycles start: ``end_fraction``, or its default
+        for the structure (3/4; 5/130 for channels)."""
+        if self.end_fraction is not None:
+            return self.end_fraction
+        return STRUCTURED_END_FRACTION if structure_kind == "channel" else UNSTRUCTURED_END_FRACTION
+
     def for_run(self, run: RunLength) -> MethodConfig:
-        phase = max(1, run.total_steps // PHASES_PER_RUN)
+        kind = "channel" if run.structure == "channel" else "unstructured"
+        horizon = int(self.horizon_fraction(kind) * run.total_steps)
+        phase = max(1, horizon // (3 * CYCLES_PER_HORIZON))
         defaults: dict[str, Any] = {"h": phase, "j": phase, "q": phase}
         if run.structure == "channel":
             defaults["round_to"] = COMPILE_ROUND_TO
@@ -81,7 +101,15 @@ class IEE(Method):
     -> Accuracy Improvement (J) -> Reactivate & Explore (Q steps: every pruned weight P comes
     back with its most-recently-used value and trains while K is frozen bitwise) -> Grow
     ArgTopK(I(P), Omega^t). Omega^0 = 0.3 of the active set, decayed by a cosine; cycles
-    start only before ``end_fraction`` of training."""
+    start only before the horizon (``end_fraction``: 3/4 of training, 5/130 for channels),
+    the first one always.
+
+    Frozen during Reactivate & Explore (``freeze="structure"``, Algorithm 1's "Theta_K
+    frozen"): every parameter and buffer of the model (biases, BatchNorm affine parameters
+    and running statistics, excluded layers) except the reactivated entries Theta_P, and
+    the attached optimizer's per-entry state (momentum, Adam moments) of everything frozen,
+    restored bitwise after every step, so the dense network's gradients neither move Theta_K
+    nor reach it later through momentum."""
 
     def __init__(self, config: IEEConfig):
         super().__init__(config)
@@ -93,13 +121,23 @@ class IEE(Method):
         self.active: dict[str, torch.Tensor] = {}  # Theta_K per layer
         self.mru: dict[str, torch.Tensor] = {}  # most recently used value of every weight
         self.frozen: dict[str, torch.Tensor] = {}  # values of Theta_K during Reactivate & Explore
+        self.freezer: StructureFreeze | None = None  # freeze="structure": Theta_K during Reactivate & Explore
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.freeze = config.freeze  # a checkpoint from before the option resumes with its own rule
+
+    def attach(self, optimizer: torch.optim.Optimizer | None) -> None:
+        self.optimizer = optimizer  # freeze="structure" holds the optimizer state of Theta_K too
+
+    def horizon(self) -> float:
+        """The step before which cycles start (the first cycle always runs)."""
+        return self.config.horizon_fraction(self.ctx.structure.kind) * self.ctx.total_steps
 
     @property
     def period(self) -> int:
         return self.config.h + self.config.j + self.config.q
 
     def n_cycles(self) -> int:
-        return max(1, int(self.config.end_fraction * self.ctx.total_steps) // self.period)
+        return max(1, int(self.horizon()) // self.period)
 
     def omega(self) -> float:
         """Omega^t as a fraction of the active set."""
@@ -112,8 +150,8 @@ class IEE(Method):
         i = step + 1
         c = self.config
         total = self.ctx.total_steps
-        # a cycle starts only before end_fraction of training and if its grow fits in training
-        starts = self.cycle < self.n_cycles() and i <= c.end_fraction * total and i + c.j + c.q - 1 <= total
+        # a cycle starts only before the horizon (the first one always) and if its grow fits in training
+        starts = self.cycle < self.n_cycles() and i <= max(self.horizon(), c.h) and i + c.j + c.q - 1 <= total
         if (i + c.j + c.q) % self.period == 0 and starts:
             return "prune"
         if self.budgets and (i + c.q) % self.period == 0:
@@ -169,8 +207,11 @@ class IEE(Method):
                 active = self.active[layer.name]
                 weight = layer.module.weight
                 weight.copy_(torch.where(active, weight, self.mru[layer.name]))  # Theta_P from MRU
-                self.frozen[layer.name] = weight.detach().clone()
+                if self.freeze == "weights":
+                    self.frozen[layer.name] = weight.detach().clone()
                 ctx.set_mask(layer, torch.ones_like(active))
+            if self.freeze == "structure":
+                self.freezer = StructureFreeze(ctx.source, self.explorable(), self.optimizer)
             return True
         # grow
         for layer in ctx.layers:
@@ -189,9 +230,15 @@ class IEE(Method):
             ctx.set_mask(layer, self.active[layer.name])
         self.exploring = False
         self.frozen.clear()
+        self.freezer = None
         self.budgets.clear()
         self.cycle += 1
         return True
+
+    def explorable(self) -> dict[str, torch.Tensor]:
+        """Theta_P during Reactivate & Explore: the pruned entries of each sparse weight (by
+        parameter name); everything else is Theta_K."""
+        return {f"{layer.name}.weight": ~self.active[layer.name] for layer in self.ctx.layers}
 
     @torch.no_grad()
     def on_step(self, step: int) -> None:
@@ -199,6 +246,9 @@ class IEE(Method):
             self.channels.on_step(step)
             return
         if not self.exploring:
+            return
+        if self.freezer is not None:
+            self.freezer.restore(self.optimizer)
             return
         for layer in self.ctx.layers:  # Theta_K stays bitwise frozen whatever the optimizer does
             active = self.active[layer.name]
@@ -208,7 +258,9 @@ class IEE(Method):
     def state_dict(self) -> dict:
         state = super().state_dict()
         state.update(cycle=self.cycle, exploring=self.exploring, budgets=dict(self.budgets),
-                     active=dict(self.active), mru=dict(self.mru), frozen=dict(self.frozen))
+                     active=dict(self.active), mru=dict(self.mru), frozen=dict(self.frozen), freeze=self.freeze)
+        if self.freezer is not None:
+            state["freezer"] = self.freezer.state_dict()
         if self.channels is not None:
             state["channels"] = self.channels.state_dict()
         return state
@@ -220,8 +272,14 @@ class IEE(Method):
         self.active = {k: v.clone() for k, v in state["active"].items()}
         self.mru = {k: v.clone() for k, v in state["mru"].items()}
         self.frozen = {k: v.clone() for k, v in state["frozen"].items()}
+        # checkpoints from before issue 15 froze only the sparse weights; they resume with that rule
+        self.freeze = state.get("freeze", "weights")
         if self.channels is not None and "channels" in state:
             self.channels.load_state_dict(state["channels"])
+        self.freezer = None
+        if "freezer" in state:
+            explorable = self.explorable() if self.channels is None else self.channels.explorable()
+            self.freezer = StructureFreeze.from_state(self.ctx.source, explorable, self.optimizer, state["freezer"])
 
 
 class ChannelIEE:
@@ -266,7 +324,29 @@ class ChannelIEE:
     def on_step(self, step: int) -> None:
         self.meter.add(self.ctx)
         if self.iee.exploring:
-            self._restore_frozen()
+            if self.iee.freezer is not None:
+                self.iee.freezer.restore(self.iee.optimizer)
+            else:
+                self._restore_frozen()
+
+    def explorable(self) -> dict[str, torch.Tensor]:
+        """Theta_P during Reactivate & Explore, by parameter/buffer name: the masked-out
+        entries of each sparse weight and every entry of a pruned channel in any member
+        (BatchNorm parameters and running statistics, biases)."""
+        tensors = {**dict(self.ctx.source.named_parameters()), **dict(self.ctx.source.named_buffers())}
+        entries = {f"{layer.name}.weight": ~self.frozen_masks[layer.name] for layer in self.ctx.layers}
+        for unit in self.ctx.units:
+            pruned = ~self.active[unit.group.id].numpy()
+            if not pruned.any():
+                continue
+            for member in unit.group.members:
+                tensor = tensors.get(member.name)
+                if tensor is None:
+                    continue
+                mask = entries.setdefault(member.name, torch.zeros_like(tensor, dtype=torch.bool))
+                index = torch.as_tensor(member.index[pruned].reshape(-1), device=mask.device)
+                mask.index_fill_(member.dim, index, True)
+        return entries
 
     @torch.no_grad()
     def update(self, step: int, stage: str) -> bool:
@@ -294,7 +374,10 @@ class ChannelIEE:
             for layer in ctx.layers:  # Theta_P comes back with its most recently used values
                 weight = layer.module.weight
                 weight.copy_(torch.where(self.frozen_masks[layer.name], weight, self.mru[layer.name]))
-            self.frozen = self._snapshot()
+            if iee.freeze == "structure":
+                iee.freezer = StructureFreeze(ctx.source, self.explorable(), iee.optimizer)
+            else:
+                self.frozen = self._snapshot()
             ChannelBudget.apply(ctx, {u.group.id: np.arange(u.group.size) for u in ctx.units})
             budget, selection = psi - iee.omega_cost, None
         else:  # grow
@@ -311,6 +394,7 @@ class ChannelIEE:
                 layer.grown = mask & ~self.frozen_masks[layer.name]
             self.active = {u.group.id: u.mask.clone() for u in ctx.units}
             iee.exploring = False
+            iee.freezer = None
             self.frozen, self.frozen_masks = {}, {}
             iee.budgets = {}
             iee.cycle += 1
@@ -361,3 +445,69 @@ class ChannelIEE:
         self.iee.omega_cost = state["omega_cost"]
         if self.frozen:
             self.frozen_entries = self._frozen_entries()
+
+
+class StructureFreeze:
+    """Theta_K held bitwise during Reactivate & Explore: a snapshot, taken when exploring
+    starts, of every parameter and buffer of ``model`` and of the ``optimizer``'s per-entry
+    state of every parameter (tensors of the parameter's shape: momentum, Adam moments),
+    restored by :meth:`restore` after every optimizer step except at the entries
+    ``explorable`` names (Theta_P, by parameter/buffer name). Scalar optimizer state (Adam's
+    step count) is per tensor and not held."""
+
+    def __init__(self, model: torch.nn.Module, explorable: dict[str, torch.Tensor],
+                 optimizer: torch.optim.Optimizer | None, saved: dict | None = None):
+        self.tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+        unknown = set(explorable) - set(self.tensors)
+        if unknown:
+            raise KeyError(f"iee: no parameter or buffer named {sorted(unknown)} in the model")
+        self.keep = {name: ~mask for name, mask in explorable.items()}  # None: all of it frozen
+        if saved is None:
+            self.values = {name: t.detach().clone() for name, t in self.tensors.items()}
+            self.optimizer_state = {name: {key: value.clone() for key, value in state.items()}
+                                    for name, state in self._optimizer_states(optimizer).items()}
+        else:
+            self.values = {name: v.clone() for name, v in saved["values"].items()}
+            self.optimizer_state = {name: {k: v.clone() for k, v in st.items()}
+                                    for name, st in saved["optimizer"].items()}
+
+    @classmethod
+    def from_state(cls, model: torch.nn.Module, explorable: dict[str, torch.Tensor],
+                   optimizer: torch.optim.Optimizer | None, state: dict) -> StructureFreeze:
+        """The freeze :meth:`state_dict` saved, on ``model`` (a resumed run)."""
+        return cls(model, explorable, optimizer, saved=state)
+
+    def _optimizer_states(self, optimizer: torch.optim.Optimizer | None) -> dict[str, dict[str, torch.Tensor]]:
+        """The optimizer's per-entry state tensors of each parameter, by parameter name."""
+        if optimizer is None:
+            return {}
+        states = {}
+        for name, tensor in self.tensors.items():
+            state = optimizer.state.get(tensor) if isinstance(tensor, torch.nn.Parameter) else None
+            if state:
+                held = {key: value for key, value in state.items()
+                        if torch.is_tensor(value) and value.shape == tensor.shape}
+                if held:
+                    states[name] = held
+        return states
+
+    @torch.no_grad()
+    def restore(self, optimizer: torch.optim.Optimizer | None) -> None:
+        """Put Theta_K (and its state in ``optimizer``) back to the snapshot; Theta_P keeps training."""
+        for name, tensor in self.tensors.items():
+            self._put(tensor, self.values[name], self.keep.get(name))
+        current = self._optimizer_states(optimizer)
+        for name, saved in self.optimizer_state.items():
+            for key, value in saved.items():
+                if key in current.get(name, {}):
+                    self._put(current[name][key], value, self.keep.get(name))
+
+    @staticmethod
+    def _put(tensor: torch.Tensor, value: torch.Tensor, keep: torch.Tensor | None) -> None:
+        if keep is None:
+            tensor.copy_(value)
+        else:
+            tensor.copy_(torch.where(keep.to(tensor.device), value, tensor))
+
+    def state_dict(self) -> dict:
+        return {"values": dict(self.values), "optimizer": {k: dict(v) for k, v in self.optimizer_state.items()}}

@@ -22,13 +22,39 @@ n_l weights (s_l its final sparsity, σ_k = P_k / P): the budget ablation of §4
 Pruned weights keep their values (w ⊙ m in the forward, not zeroed in storage): the
 revival score of Eq. 11 is ∂L/∂(m_i ⊙ w_i) · w_i, so a pruned weight is revived with the
 value it had (§4.4: other methods "revive weights to 0s").
+
+The schedule, scaled to the run (deviations from Eq. 16-17 as printed, for runs shorter
+than the paper's). The paper uses α = 0.5 over τ = 100-180 epochs: the sigmoid runs from
+e^-25 to 1 - e^-25, so the last epoch is at P. Over τ = 12 epochs the same α ends at
+0.95 P (85.7 % for a 90 % target). So by default α = 50 / τ (the paper's ResNet-50
+ImageNet run, α τ = 0.5 · 100, in units of the run: the sparsity rises between about
+40 % and 60 % of training whatever τ), and the factor is normalised by its value at
+k = τ, σ_k = σ(α(k − 0.5τ)) / σ(0.5 α τ), so the last epoch is at exactly P on any run
+length and never below it (the normalisation changes the paper's own schedule by
+e^-25). An explicit ``alpha`` is used as given, still normalised. The mask learning
+rate of Eq. 17 uses the same σ_k. ``schedule="paper"`` keeps Eq. 16-17 as printed
+(α = 0.5 unless given, not normalised; a warning when the last epoch ends below the
+target): the behaviour before issue 15, which the golden test pins.
+
+Ties: the first mask is derived from scores that are all 0, and later scores can tie
+too: equal scores are ordered by weight magnitude (the larger kept), then by index, so
+the first mask keeps the largest weights (magnitude pruning at initialisation) instead
+of a random set. ``ties="random"`` orders them at random by the seeded generator (the
+behaviour before issue 15).
+
+The epoch length: ``steps_per_epoch`` (a config option, ``len(loader)``; ``spruce
+compile`` sets it), or ``sm.attach(optimizer, steps_per_epoch=len(loader))``, or learned
+from the first ``sm.end_epoch()`` call. Until it is known the mask of epoch 1 keeps
+every weight and the mask scores do not move (σ_1 < 1e-5 for any τ >= 4 anyway). A run
+that reaches half of ``total_steps`` without knowing it stops with an error naming the
+three ways.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from typing import ClassVar
+from typing import Annotated, ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -37,7 +63,10 @@ from ..layers import SparseLayer
 from ..masking import WEIGHT_FNS, MaskedWeight, global_topk_masks
 from ..method import Method, MethodConfig, RunLength, register_method
 
-__all__ = ["OptGConfig", "OptG"]
+__all__ = ["OptGConfig", "OptG", "ALPHA_TAU"]
+
+# α·τ of the paper's ResNet-50 ImageNet run (α = 0.5 over τ = 100 epochs): the default α is this / τ
+ALPHA_TAU = 50.0
 
 
 class _MaskSTE(torch.autograd.Function):
@@ -71,28 +100,30 @@ def _sigmoid(z: float) -> float:
 
 
 class OptGConfig(MethodConfig):
-    """``steps_per_epoch``: optimizer steps in one epoch (a schedule input the method needs:
-    the mask is re-derived once per epoch and τ = ceil(total_steps / steps_per_epoch); under
-    ``spruce compile`` it is the training loader's length). ``alpha``: the slope α of the
-    sigmoid in Eq. 16-17 (0.5 in all the paper's experiments). ``seed``: breaks ties among
-    equal scores (all scores are 0 when the first mask is derived)."""
+    """``steps_per_epoch``: optimizer steps in one epoch: the mask is re-derived once per epoch
+    and τ = ceil(total_steps / steps_per_epoch). Under ``spruce compile`` it is the training
+    loader's length; without it, ``sm.attach(optimizer, steps_per_epoch=...)`` or the first
+    ``sm.end_epoch()`` gives it. ``alpha``: the slope α of the sigmoid in Eq. 16-17; None (the
+    default) scales it to the run, α = 50 / τ (the paper's α = 0.5 over τ = 100 epochs); the
+    factor is normalised so the last epoch is at the target. ``schedule="paper"``: Eq. 16-17
+    as printed (α = 0.5 unless given, not normalised). ``ties``: how equal scores are ordered
+    when the mask is derived, by weight magnitude (default) or at random (``seed``)."""
 
     name: ClassVar[str] = "optg"
     structures: ClassVar[tuple[str, ...]] = ("unstructured",)
     needs: ClassVar[tuple[str, ...]] = ("total_steps", "steps_per_epoch")
 
     steps_per_epoch: int | None = Field(None, ge=1)
-    alpha: float = Field(0.5, gt=0)
-    seed: int = Field(0, ge=0)
+    alpha: Annotated[float, Field(gt=0)] | None = None
+    schedule: Literal["run", "paper"] = "run"
+    ties: Literal["magnitude", "random"] = "magnitude"
 
     def for_run(self, run: RunLength) -> MethodConfig:
         return self.with_defaults({"steps_per_epoch": run.steps_per_epoch}) if run.steps_per_epoch else self
 
     def check_run(self, total_steps: int | None) -> None:
-        if self.steps_per_epoch is None:
-            raise ValueError("optg: steps_per_epoch is required (optimizer steps in one epoch, e.g. len(loader))")
         super().check_run(total_steps)
-        if self.steps_per_epoch > total_steps:
+        if self.steps_per_epoch is not None and self.steps_per_epoch > total_steps:
             raise ValueError(f"optg: steps_per_epoch ({self.steps_per_epoch}) exceeds total_steps "
                              f"({total_steps}): training must span at least one epoch")
 
@@ -100,14 +131,15 @@ class OptGConfig(MethodConfig):
 @register_method(OptGConfig)
 class OptG(Method):
     """OptG (Zhang et al. 2022): supermask scores trained by STE every step, one global sort
-    per epoch, sigmoid sparsity (Eq. 16) and mask learning rate (Eq. 17) schedules.
+    per epoch, sigmoid sparsity (Eq. 16) and mask learning rate (Eq. 17) schedules scaled to
+    the run (see the module doc).
 
     ``distribution='global'`` is OptG as in §3.4 (one sort decides the layer budgets);
     ``'uniform'``/``'erk'`` fix the layer budgets (Tab. 5). Needs unstructured sparsity,
     ``total_steps`` and an attached optimizer. Invariant: during epoch k exactly
-    round(P_k · N) of the N sparse weights are masked, N counted over all layers (over each
-    layer, with its own final sparsity, for fixed budgets), and the mask changes only at
-    epoch boundaries."""
+    round(P σ_k · N) of the N sparse weights are masked, N counted over all layers (over each
+    layer, with its own final sparsity, for fixed budgets), σ_τ = 1, and the mask changes
+    only at epoch boundaries."""
 
     keeps_pruned_weights = True
 
@@ -115,25 +147,67 @@ class OptG(Method):
         super().__init__(config)
         self.epoch = 1  # k of Algorithm 1: the epoch the current mask belongs to
         self.optimizer: torch.optim.Optimizer | None = None
+        self.learned_steps_per_epoch: int | None = None  # from attach or the first end_epoch
 
     def attach(self, optimizer: torch.optim.Optimizer | None) -> None:
         self.optimizer = optimizer  # Eq. 17: the mask learning rate follows the weights'
 
+    # ---- the epoch length ----------------------------------------------------------------
+    @property
+    def steps_per_epoch(self) -> int | None:
+        """The epoch length: the option, else what attach or the first end_epoch gave (None
+        while unknown)."""
+        return self.config.steps_per_epoch or self.learned_steps_per_epoch
+
+    def set_steps_per_epoch(self, steps_per_epoch: int) -> None:
+        given = self.steps_per_epoch
+        if given is not None and given != steps_per_epoch:
+            raise ValueError(f"optg: steps_per_epoch is already {given}, got {steps_per_epoch}")
+        if steps_per_epoch > self.ctx.total_steps:
+            raise ValueError(f"optg: steps_per_epoch ({steps_per_epoch}) exceeds total_steps "
+                             f"({self.ctx.total_steps}): training must span at least one epoch")
+        self.learned_steps_per_epoch = steps_per_epoch
+
+    def on_epoch_end(self, step: int) -> bool:
+        """The first end_epoch gives the epoch length when nothing else did; True when the
+        mask of the next epoch is due now (it could not be derived at ``step``)."""
+        if self.steps_per_epoch is not None:
+            return False
+        if step < 1:
+            raise ValueError("optg: end_epoch() before any sm.step(): call it after each epoch's last step")
+        self.set_steps_per_epoch(step)
+        return self.is_update(step)
+
     # ---- schedules -----------------------------------------------------------------
     def n_epochs(self) -> int:
         """τ: epochs in training (the last one may be partial)."""
-        return math.ceil(self.ctx.total_steps / self.config.steps_per_epoch)
+        return math.ceil(self.ctx.total_steps / self.steps_per_epoch)
+
+    def alpha(self) -> float:
+        """α of Eq. 16-17: the option, or 50 / τ scaled to the run (0.5 for ``schedule="paper"``)."""
+        if self.config.alpha is not None:
+            return self.config.alpha
+        return 0.5 if self.config.schedule == "paper" else ALPHA_TAU / self.n_epochs()
 
     def epoch_of(self, step: int) -> int:
-        """The epoch k (1-based) that optimizer step ``step`` (1-based) belongs to."""
-        return (step - 1) // self.config.steps_per_epoch + 1
+        """The epoch k (1-based) that optimizer step ``step`` (1-based) belongs to (1 while the
+        epoch length is unknown)."""
+        if self.steps_per_epoch is None:
+            return 1
+        return (step - 1) // self.steps_per_epoch + 1
 
     def schedule_factor(self, epoch: int) -> float:
-        """1 / (1 + e^{−α(k − 0.5τ)}), the factor shared by Eq. 16 and Eq. 17."""
-        return _sigmoid(self.config.alpha * (epoch - 0.5 * self.n_epochs()))
+        """σ_k = σ(α(k − 0.5τ)) / σ(0.5ατ), the factor shared by Eq. 16 and Eq. 17 (1 at k = τ;
+        0 while the epoch length is unknown)."""
+        if self.steps_per_epoch is None:
+            return 0.0
+        tau, alpha = self.n_epochs(), self.alpha()
+        if self.config.schedule == "paper":
+            return _sigmoid(alpha * (epoch - 0.5 * tau))
+        return _sigmoid(alpha * (epoch - 0.5 * tau)) / _sigmoid(alpha * 0.5 * tau)
 
     def sparsity_at(self, epoch: int) -> float:
-        """P_k of Eq. 16: the global sparsity during epoch ``epoch``."""
+        """P_k of Eq. 16 (normalised): the global sparsity during epoch ``epoch``."""
         return target_sparsity(self.ctx.layers) * self.schedule_factor(epoch)
 
     def weight_lrs(self) -> list[float]:
@@ -165,18 +239,23 @@ class OptG(Method):
                                                                device=weight.device))  # m̂ <- 0 (Alg. 1 line 1)
             layer.masked.score_grad = None
             layer.masked.kind = "optg"
-        tau = self.n_epochs()
-        final = self.sparsity_at(tau)
-        target = target_sparsity(ctx.layers)
-        if final < 0.99 * target:
-            warnings.warn(f"optg: with alpha={self.config.alpha} over {tau} epochs the last epoch's sparsity "
-                          f"(Eq. 16) is {final:.4f}, below the target {target:.4f}; "
-                          f"train longer or raise alpha", stacklevel=5)
+        if self.config.schedule == "paper" and self.steps_per_epoch is not None:
+            tau = self.n_epochs()
+            final, target = self.sparsity_at(tau), target_sparsity(ctx.layers)
+            if final < 0.99 * target:
+                warnings.warn(f"optg: with schedule='paper' and alpha={self.alpha()} over {tau} epochs the last "
+                              f"epoch's sparsity (Eq. 16) is {final:.4f}, below the target {target:.4f}; "
+                              f"use schedule='run' (the default), train longer or raise alpha", stacklevel=5)
         self.epoch = 1
         self._derive_masks(1)
 
     def on_step(self, step: int) -> None:
         """Eq. 10 after every optimizer step: m̂ <- m̂ − η_m̂,k · ∂L/∂m̂ (Alg. 1 line 8)."""
+        if self.steps_per_epoch is None and step > self.ctx.total_steps // 2:
+            raise RuntimeError(
+                f"optg: the epoch length is still unknown after {step} of {self.ctx.total_steps} steps, so the "
+                "sparsity schedule cannot reach its target: pass steps_per_epoch=len(loader) to sparsify or to "
+                "sm.attach(optimizer, steps_per_epoch=...), or call sm.end_epoch() after every epoch")
         grads = [layer.masked.score_grad for layer in self.ctx.layers]
         if all(g is None for g in grads):
             raise RuntimeError("optg: no mask gradient reached the scores: call loss.backward() "
@@ -189,10 +268,11 @@ class OptG(Method):
 
     def is_update(self, step: int) -> bool:
         """True after the last step of every epoch but the last: the next epoch starts."""
-        return step % self.config.steps_per_epoch == 0 and step < self.ctx.total_steps
+        per_epoch = self.steps_per_epoch
+        return per_epoch is not None and step % per_epoch == 0 and step < self.ctx.total_steps
 
     def update(self, step: int) -> bool:
-        self.epoch = step // self.config.steps_per_epoch + 1
+        self.epoch = step // self.steps_per_epoch + 1
         return self._derive_masks(self.epoch)
 
     @torch.no_grad()
@@ -210,7 +290,13 @@ class OptG(Method):
             groups = [([layer], (1.0 - layer.density) * factor) for layer in ctx.layers]
         changed = False
         for layers, sparsity in groups:
-            keep = self._keep_largest([layer.masked.scores.flatten() for layer in layers], sparsity)
+            scores = [layer.masked.scores.flatten() for layer in layers]
+            if self.config.ties == "random":  # the rule before issue 15
+                tie_order = torch.randperm(sum(s.numel() for s in scores), generator=self.generator)
+            else:  # the larger weight first, then the lower index
+                magnitudes = torch.cat([layer.module.weight.detach().abs().float().flatten() for layer in layers])
+                tie_order = torch.sort(magnitudes, descending=True, stable=True).indices
+            keep = _keep_largest(scores, sparsity, tie_order)
             offset = 0
             for layer in layers:
                 old = layer.masked.mask
@@ -222,24 +308,11 @@ class OptG(Method):
                     changed = True
         return changed
 
-    def _keep_largest(self, scores: list[torch.Tensor], sparsity: float) -> torch.Tensor:
-        """Flat bool mask over the concatenated ``scores`` pruning the round(sparsity · n)
-        smallest, each tensor keeping at least its largest; ties (all scores are 0 for the
-        first mask) broken at random by the seeded generator."""
-        flat = torch.cat(scores)
-        n_total = flat.numel()
-        n_keep = max(len(scores), n_total - int(round(sparsity * n_total)))
-        order = torch.randperm(n_total, generator=self.generator).to(flat.device)
-        ranked = torch.sort(flat[order], descending=True, stable=True).indices
-        rank_score = torch.empty(n_total, dtype=torch.float64, device=flat.device)
-        rank_score[order[ranked]] = -torch.arange(n_total, dtype=torch.float64, device=flat.device)
-        chunks = rank_score.split([s.numel() for s in scores])
-        return torch.cat([m.reshape(-1) for m in global_topk_masks(list(chunks), n_keep)])
-
     # ---- state ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
         state = super().state_dict()
         state["epoch"] = self.epoch
+        state["learned_steps_per_epoch"] = self.learned_steps_per_epoch
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -248,6 +321,22 @@ class OptG(Method):
             raise ValueError(f"optg: the checkpoint was made with options {saved}, this model has {own}")
         super().load_state_dict(state)
         self.epoch = state["epoch"]
+        self.learned_steps_per_epoch = state.get("learned_steps_per_epoch")
+
+
+def _keep_largest(scores: list[torch.Tensor], sparsity: float, tie_order: torch.Tensor) -> torch.Tensor:
+    """Flat bool mask over the concatenated ``scores`` pruning the round(sparsity · n)
+    smallest, each tensor keeping at least its largest; equal scores are ordered as in
+    ``tie_order`` (a permutation of the flat indices, the first kept first)."""
+    flat = torch.cat(scores)
+    n_total = flat.numel()
+    n_keep = max(len(scores), n_total - int(round(sparsity * n_total)))
+    tie_order = tie_order.to(flat.device)
+    ranked = tie_order[torch.sort(flat[tie_order], descending=True, stable=True).indices]
+    rank_score = torch.empty(n_total, dtype=torch.float64, device=flat.device)
+    rank_score[ranked] = -torch.arange(n_total, dtype=torch.float64, device=flat.device)
+    chunks = rank_score.split([s.numel() for s in scores])
+    return torch.cat([m.reshape(-1) for m in global_topk_masks(list(chunks), n_keep)])
 
 
 def target_sparsity(layers: tuple[SparseLayer, ...]) -> float:
