@@ -23,7 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-__all__ = ["Loaders", "DataError", "load_data", "default_model", "DATASETS"]
+from ..passes.config import short_repr
+
+__all__ = ["Loaders", "DataError", "check_data_spec", "load_data", "default_model", "DATASETS"]
 
 DIGITS_SIDE = 32
 
@@ -92,31 +94,40 @@ def _mnist5k(seed: int, batch_size: int) -> Loaders:
 DATASETS = {"digits": _digits, "mnist5k": _mnist5k}
 
 
+def check_data_spec(spec: str) -> None:
+    """Raise :class:`DataError` unless ``spec`` names a built-in data set or ``FILE.py:FACTORY`` (the
+    form only: nothing is read, so recipes check it when they load)."""
+    if spec in DATASETS:
+        return
+    file_part, sep, factory_name = spec.rpartition(":")
+    if not sep or not file_part.endswith(".py") or not factory_name:
+        raise DataError(f"unknown data {short_repr(spec)}; valid: {', '.join(DATASETS)} or FILE.py:make_loaders")
+
+
 def load_data(spec: str, seed: int = 0, batch_size: int = 64) -> Loaders:
     """The loaders ``spec`` names (a built-in data set or ``FILE.py:make_loaders``)."""
+    check_data_spec(spec)
     if spec in DATASETS:
         return DATASETS[spec](seed, batch_size)
-    file_part, sep, factory_name = spec.rpartition(":")
-    if not sep or not file_part.endswith(".py"):
-        raise DataError(f"unknown data {spec!r}; valid: {', '.join(DATASETS)} or FILE.py:make_loaders")
+    file_part, _, factory_name = spec.rpartition(":")
     from .models import ModelSpecError, import_file
 
     path = Path(file_part)
     if not path.is_file():
-        raise DataError(f"data {spec!r}: no such file {path}")
+        raise DataError(f"data {short_repr(spec)}: no such file {path}")
     try:
         source = import_file(path)
     except ModelSpecError as exc:
-        raise DataError(f"data {spec!r}: {exc}") from None
+        raise DataError(f"data {short_repr(spec)}: {exc}") from None
     factory = getattr(source, factory_name, None)
     if not callable(factory):
-        raise DataError(f"data {spec!r}: {path} has no function {factory_name!r}")
+        raise DataError(f"data {short_repr(spec)}: {path} has no function {short_repr(factory_name)}")
     try:
         made = factory()
     except Exception as exc:
-        raise DataError(f"data {spec!r}: {factory_name}() raised {type(exc).__name__}: {exc}") from None
+        raise DataError(f"data {short_repr(spec)}: {factory_name}() raised {type(exc).__name__}: {exc}") from None
     if not (isinstance(made, tuple) and len(made) == 2):
-        raise DataError(f"data {spec!r}: {factory_name}() must return (train_loader, test_loader)")
+        raise DataError(f"data {short_repr(spec)}: {factory_name}() must return (train_loader, test_loader)")
     train, test = made
     first = _first_batch(train, spec)
     labels = torch.cat([torch.as_tensor(y).reshape(-1) for _, y in test])
@@ -127,9 +138,10 @@ def _first_batch(loader: Iterable, spec: str) -> torch.Tensor:
     try:
         inputs, _ = next(iter(loader))
     except Exception as exc:
-        raise DataError(f"data {spec!r}: the train loader must yield (inputs, labels) batches ({exc})") from None
+        raise DataError(f"data {short_repr(spec)}: the train loader must yield (inputs, labels) batches "
+                        f"({exc})") from None
     if not isinstance(inputs, torch.Tensor) or not inputs.is_floating_point():
-        raise DataError(f"data {spec!r}: the train loader's inputs must be float tensors")
+        raise DataError(f"data {short_repr(spec)}: the train loader's inputs must be float tensors")
     return inputs
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,9 +33,9 @@ import torch
 from torch import nn
 
 from ..passes.analysis import analyze
-from ..passes.graph import CapturedGraph
+from ..passes.graph import CapturedGraph, require_data
 from ..passes.sparsity.method import MethodConfig, RunLength
-from ..passes.sparsity.model import SparseModel, sparsify_captured
+from ..passes.sparsity.model import SparseModel, StaleOptimizerWarning, sparsify_captured
 from ..runtime.bench import BenchReport
 from ..runtime.bench import bench as bench_artifacts
 from ..runtime.profile import LatencyTable
@@ -42,6 +43,7 @@ from ..runtime.profile import profile as profile_layers
 from ..targets.base import Artifact, Target, get_target
 from ..targets.files import atomic_path
 from .datasets import Loaders, default_model, load_data
+from .models import random_inputs, resolve_model
 from .recipes import Recipe
 from .reporting import CompileReport, build_document, write_reports
 from .trace import capture as capture_model
@@ -225,7 +227,9 @@ def recover(setup: Setup, captured: Captured, sparsified: Sparsified, workspace:
 def export(setup: Setup, reference: Reference, sparsified: Sparsified, workspace: Workspace) -> Exported:
     """The compiled model: channels physically removed (``channel``) or masks folded in."""
     sparse = sparsified.sparse
-    compiled = (sparse.compact() if sparse.structure == "channel" else sparse.fold()).eval()
+    with warnings.catch_warnings():  # compile trains the SparseModel only, never the compiled model
+        warnings.simplefilter("ignore", StaleOptimizerWarning)
+        compiled = (sparse.compact() if sparse.structure == "channel" else sparse.fold()).eval()
     reference.model.eval()
     accuracy = evaluate(compiled, setup.data.test)
     with torch.no_grad():
@@ -284,11 +288,11 @@ def _model_and_example(recipe: Recipe, data: Loaders) -> tuple[nn.Module, torch.
     if recipe.model is None:
         model = default_model(data, recipe.seed)
     else:
-        from .models import resolve_model
 
         torch.manual_seed(recipe.seed)
         model, _ = resolve_model(recipe.model)
-    example = data.example if recipe.input_shape is None else torch.randn(recipe.input_shape)
+    example = data.example if recipe.input_shape is None else random_inputs([recipe.input_shape])[0]
+    require_data(model, (example,), f"compile {recipe.model or 'default'}")
     with torch.no_grad():
         try:
             output = model.eval()(example)

@@ -222,7 +222,7 @@ def get_target(name: str, **options: Any) -> Target:
     """The target registered under ``name``, constructed with ``options``."""
     _load_target_modules()
     if name not in TARGETS:
-        raise ValueError(f"unknown target {name!r}; valid: {', '.join(sorted(TARGETS))}")
+        raise ValueError(f"unknown target {str(name)[:80]!r}; valid: {', '.join(sorted(TARGETS))}")
     return TARGETS[name](**options)
 
 
