@@ -247,8 +247,8 @@ def run_prune(args: argparse.Namespace) -> int:
     params_after = count_params(compact)
     macs_after = count_macs(compact, example_inputs)
     with staged_dir(out_dir) as stage:
-        with atomic_path(stage / "model.pt") as temp:
-            torch.save(compact, temp)
+        with atomic_path(stage / "model.pt") as temp, open(temp, "wb") as stream:
+            torch.save(compact, stream)  # to a stream: a full disk is an OSError, not torch's RuntimeError
         export_onnx(compact, example_inputs, stage / "model.onnx")
         onnx_diff = check_onnx(stage / "model.onnx", compact, example_inputs)
         if not onnx_diff <= ONNX_TOLERANCE:

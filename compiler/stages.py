@@ -41,7 +41,7 @@ from ..runtime.bench import bench as bench_artifacts
 from ..runtime.profile import LatencyTable
 from ..runtime.profile import profile as profile_layers
 from ..targets.base import Artifact, Target, get_target
-from ..targets.files import atomic_path
+from ..targets.files import OutputError, atomic_path
 from .datasets import Loaders, default_model, load_data
 from .models import random_inputs, resolve_model
 from .recipes import Recipe
@@ -277,8 +277,10 @@ def _save_module(module: nn.Module, path: Path) -> str | None:
     """``torch.save`` the compiled module (a convenience next to the artifact); some torch
     versions cannot pickle every fx GraphModule, which must not fail the compile."""
     try:
-        with atomic_path(path) as temp:
-            torch.save(module, temp)
+        with atomic_path(path) as temp, open(temp, "wb") as stream:
+            torch.save(module, stream)
+    except (OSError, OutputError):  # a full disk is the output's problem, not a pickling limit
+        raise
     except Exception as exc:  # pickling limits of the installed torch, reported in report.json
         return f"not saved: {type(exc).__name__}: {exc}"
     return path.name

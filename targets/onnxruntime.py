@@ -9,6 +9,7 @@ has been written completely and passed ``onnx.checker``.
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import os
 import warnings
@@ -23,7 +24,7 @@ import torch
 from torch import nn
 
 from .base import Artifact, ArtifactError, Runner, Target, register_target
-from .files import atomic_path, scratch_path
+from .files import OutputError, atomic_path, scratch_path
 
 OPSET = 17
 # The torch.export-based exporter's lowest supported opset.
@@ -57,7 +58,12 @@ def export_onnx(
                 exporter(model, tuple(example_inputs), temp_path, dynamic_batch)
                 onnx.checker.check_model(str(temp_path), full_check=True)
             return target
+        except OutputError:  # the destination cannot take the file: the other exporter would fail too
+            raise
         except Exception as exc:
+            full = _disk_full(exc)
+            if full is not None:  # an exporter that wrapped the OSError of a full disk in its own error
+                raise OutputError(f"cannot write {target}: {full.strerror or full}") from exc
             failures.append(f"{exporter.__name__.removeprefix('_export_')}: "
                             f"{type(exc).__name__}: {exc}")
     raise OnnxExportError("ONNX export failed:\n  " + "\n  ".join(failures))
@@ -138,6 +144,17 @@ def _export_dynamo(model: nn.Module, inputs: tuple[torch.Tensor, ...], path: Pat
 
 
 # --- helpers -----------------------------------------------------------------------
+
+
+def _disk_full(exc: BaseException) -> OSError | None:
+    """The OSError of a full disk (or quota, or file size limit) behind ``exc``, if any."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def _input_names(count: int) -> list[str]:
