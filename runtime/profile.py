@@ -52,7 +52,7 @@ from tqdm.auto import tqdm
 
 from ..passes.config import Config, ConfigError
 from ..targets.base import Target, get_target
-from ..targets.files import atomic_write_text
+from ..targets.files import atomic_write_text, locked
 
 __all__ = [
     "Calibration",
@@ -560,7 +560,23 @@ class _Cache:
     def _path(self, kind: str, key: str) -> Path:
         return self.folder / f"{kind}-{_digest(key)}.json"
 
+    def check(self) -> None:
+        """Raise :class:`ProfileError` naming the cache folder when it cannot be a folder (a file
+        stands at it or above it, or it cannot be created): before anything is measured."""
+        if self.folder is None:
+            return
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            source = " ($SPRUCE_CACHE)" if os.environ.get("SPRUCE_CACHE") else ""
+            raise ProfileError(f"the latency cache folder {self.folder.parent}{source} cannot be used: "
+                               f"{exc.strerror or exc}; point SPRUCE_CACHE at a folder, or pass "
+                               f"use_cache=False") from exc
+
     def read(self, kind: str, key: str) -> dict[str, float]:
+        """The valid cached values of ``(kind, key)``. A file or entry that is not what spruce
+        writes (not JSON, not a mapping, a value that is not a finite non-negative number) is
+        ignored with a warning naming the file, so its points are measured again."""
         if self.folder is None:
             return {}
         path = self._path(kind, key)
@@ -571,18 +587,38 @@ class _Cache:
         except (OSError, ValueError):
             warnings.warn(f"ignoring unreadable latency cache file {path}", stacklevel=3)
             return {}
+        if not isinstance(document, dict):
+            warnings.warn(f"ignoring latency cache file {path}: not a JSON object", stacklevel=3)
+            return {}
         if (document.get("version") != CACHE_VERSION or document.get("fingerprint") != self.fingerprint
                 or document.get("key") != key):
             return {}  # another fingerprint or key (a digest collision): never used
-        return {str(k): float(v) for k, v in document.get("values", {}).items()}
+        values = document.get("values")
+        if not isinstance(values, dict):
+            warnings.warn(f"ignoring latency cache file {path}: its values are not a mapping", stacklevel=3)
+            return {}
+        valid = {str(k): float(v) for k, v in values.items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0}
+        if len(valid) != len(values):
+            bad = sorted(str(k) for k in values if str(k) not in valid)
+            shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+            warnings.warn(f"ignoring {len(bad)} latency cache entr{'y' if len(bad) == 1 else 'ies'} of {path} "
+                          f"that {'is' if len(bad) == 1 else 'are'} not a finite non-negative number ({shown}): "
+                          f"measuring again", stacklevel=3)
+        return valid
 
     def write(self, kind: str, key: str, values: Mapping[str, float]) -> None:
+        """Merge ``values`` into the file of ``(kind, key)`` under a lock, so concurrent profiles of
+        one target keep each other's points; the file is replaced atomically."""
         if self.folder is None:
             return
         self.folder.mkdir(parents=True, exist_ok=True)
-        merged = {**self.read(kind, key), **values}
-        document = {"version": CACHE_VERSION, "fingerprint": self.fingerprint, "key": key, "values": merged}
-        atomic_write_text(self._path(kind, key), json.dumps(document, sort_keys=True) + "\n")
+        path = self._path(kind, key)
+        with locked(path), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # read() already warned about what it drops
+            merged = {**self.read(kind, key), **values}
+            document = {"version": CACHE_VERSION, "fingerprint": self.fingerprint, "key": key, "values": merged}
+            atomic_write_text(path, json.dumps(document, sort_keys=True) + "\n")
 
 
 def _point_key(active_in: int, active_out: int) -> str:
@@ -666,6 +702,7 @@ def _profile(model: nn.Module, inputs: tuple[torch.Tensor, ...], target: Target,
     fingerprint = target.fingerprint()
     cache = _Cache(Path(cache_dir) if cache_dir is not None else default_cache_dir(), fingerprint) \
         if use_cache else _Cache(None, fingerprint)
+    cache.check()
 
     found = find_layers(model, inputs)
     if not found:
@@ -716,6 +753,8 @@ def _measure_points(target: Target, entries: Mapping[str, LayerEntry], prototype
                 continue
             for point in batch:
                 points[signature][point] = _time_point(target, prototypes[signature], point, config)
+                # persisted as measured: a killed run keeps every point it finished
+                cache.write("layer", signature, {_point_key(*point): points[signature][point]})
                 bar.update(1)
             fresh[signature] = set(batch)
     # A burst of load from other processes inflates a few short timing windows; such a point costs
@@ -728,7 +767,7 @@ def _measure_points(target: Target, entries: Mapping[str, LayerEntry], prototype
         for signature, point in sorted(suspects):
             again = _time_point(target, prototypes[signature], point, config)
             points[signature][point] = min(points[signature][point], again)
-    for signature, done in fresh.items():
+    for signature, done in fresh.items():  # the retried points' lower medians
         cache.write("layer", signature, {_point_key(*p): points[signature][p] for p in done})
     return points
 

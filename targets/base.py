@@ -9,11 +9,14 @@ line: :func:`get_target` imports every module of the package.
 
 Every artifact file has a manifest next to it (``<artifact>.spruce.json``)
 naming the target that built it, so an artifact is never run by the wrong
-target.
+target, and pinning the size and sha256 of the artifact and of every file it
+reads (ONNX external data), so a swapped, edited or truncated artifact is
+refused by :func:`read_artifact` instead of being timed or run.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import os
@@ -50,7 +53,7 @@ __all__ = [
 
 MANIFEST_SUFFIX = ".spruce.json"
 MANIFEST_FORMAT = "spruce-artifact"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: "files" pins size and sha256 of every file of the artifact
 
 # A runner takes the model's inputs (numpy arrays or tensors) and returns its outputs.
 Runner = Callable[[Sequence[Any]], Any]
@@ -73,6 +76,7 @@ class Artifact:
     input_shapes: tuple[tuple[int, ...], ...]
     input_dtype: str = "float32"
     info: dict[str, Any] = field(default_factory=dict)  # target-specific (precision, sparse layers, ...)
+    data_files: tuple[str, ...] = ()  # names of files next to ``path`` that it reads (ONNX external data)
 
     @property
     def manifest_path(self) -> Path:
@@ -88,6 +92,7 @@ class Artifact:
             "input_shapes": [list(s) for s in self.input_shapes],
             "input_dtype": self.input_dtype,
             "info": self.info,
+            "files": {name: _file_pin(self.path.parent / name) for name in (self.path.name, *self.data_files)},
         }
         atomic_write_text(self.manifest_path, json.dumps(document, indent=2) + "\n")
 
@@ -106,18 +111,58 @@ def read_artifact(path: str | os.PathLike, expected_target: str | None = None) -
             raise ValueError(f"format is {document.get('format')!r}, not {MANIFEST_FORMAT!r}")
         if document.get("version") != MANIFEST_VERSION:
             raise ValueError(f"manifest version {document.get('version')!r} is not {MANIFEST_VERSION}")
+        pins = document["files"]
+        if not isinstance(pins, dict) or path.name not in pins:
+            raise ValueError(f"'files' does not pin {path.name}")
+        pins = {str(name): (int(pin["size"]), str(pin["sha256"])) for name, pin in pins.items()}
+        for name in pins:
+            if Path(name).name != name or name in (".", ".."):
+                raise ValueError(f"'files' names {_bounded(name)!r}, not a file next to the artifact")
         artifact = Artifact(
             path=path,
             target=str(document["target"]),
             input_shapes=tuple(tuple(int(d) for d in s) for s in document["input_shapes"]),
             input_dtype=str(document.get("input_dtype", "float32")),
             info=dict(document.get("info", {})),
+            data_files=tuple(name for name in pins if name != path.name),
         )
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ArtifactError(f"manifest {manifest} is not a valid spruce manifest: {exc}") from exc
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ArtifactError(f"manifest {manifest} is not a valid spruce manifest: {_bounded(exc)}") from exc
+    for name, (size, sha256) in pins.items():
+        _check_pin(path.parent / name, size, sha256, manifest)
     if expected_target is not None and artifact.target != expected_target:
         raise ArtifactError(f"artifact {path} was built for target {artifact.target!r}, not {expected_target!r}")
     return artifact
+
+
+def _file_pin(path: Path) -> dict[str, Any]:
+    return {"size": path.stat().st_size, "sha256": _sha256(path)}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for chunk in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _check_pin(path: Path, size: int, sha256: str, manifest: Path) -> None:
+    """Raise :class:`ArtifactError` unless ``path`` has the size and sha256 ``manifest`` pins."""
+    if not path.is_file():
+        raise ArtifactError(f"artifact file {path} named in {manifest.name} is missing")
+    actual = path.stat().st_size
+    if actual != size:
+        raise ArtifactError(f"artifact file {path} has {actual} bytes, its manifest {manifest.name} pins {size}: "
+                            f"it was changed or truncated after spruce built it (rebuild it)")
+    if _sha256(path) != sha256:
+        raise ArtifactError(f"artifact file {path} does not match the sha256 its manifest {manifest.name} pins: "
+                            f"it was changed after spruce built it (rebuild it)")
+
+
+def _bounded(value: object, limit: int = 200) -> str:
+    text = str(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 class Target(ABC):
