@@ -20,6 +20,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import fx
 from torch.fx.passes.shape_prop import ShapeProp
+from torch.nn.utils import parametrize
 
 from ..passes.graph import CapturedGraph, as_input_tuple
 
@@ -50,6 +51,10 @@ class _SpruceTracer(fx.Tracer):
             return True
         if module_qualified_name in self._leaf_names:
             return True
+        if parametrize.is_parametrized(m):
+            # its weight is computed in forward (weight_norm, spectral_norm, ...): trace through it, so
+            # the graph computes the weight from the parameters instead of holding a snapshot of it
+            return False
         return super().is_leaf_module(m, module_qualified_name)
 
     def call_module(self, m, forward, args, kwargs):

@@ -1,6 +1,6 @@
 """Per-layer latency profiling on a target and a table that predicts whole-model latency.
 
-``profile(model, example_inputs, target)`` times every prunable layer (Conv1d/2d/3d,
+``profile(model, example_inputs, target)`` times every prunable layer (Conv1d/2d/3d, ConvTranspose1d/2d/3d,
 grouped and depthwise included, and Linear) of ``model`` on the target over a grid of
 (active input, active output) channel counts and returns a :class:`LatencyTable`.
 
@@ -69,7 +69,8 @@ __all__ = [
 TABLE_FORMAT = "spruce-latency-table"
 TABLE_VERSION = 1
 CACHE_VERSION = 1
-PROFILED_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+PROFILED_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+                  nn.Linear)
 # Uniform widths (fractions of every prunable group) timed whole to calibrate the table.
 CALIBRATION_FRACTIONS = (1.0, 0.75, 0.5, 0.25)
 # A measured point slower by this fraction than one with more channels is timed again (load bursts).
@@ -388,7 +389,7 @@ class _Found:
 
 
 def find_layers(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> dict[str, _Found]:
-    """Every Conv1d/2d/3d and Linear module a forward on ``example_inputs`` calls, with its
+    """Every Conv1d/2d/3d, ConvTranspose1d/2d/3d and Linear module a forward on ``example_inputs`` calls, with its
     input/output shapes and call count, in call order. Raises :class:`ProfileError` when a
     shared module is called with different input shapes."""
     names = {module: name for name, module in model.named_modules(remove_duplicate=True)}
@@ -430,8 +431,10 @@ def layer_signature(module: nn.Module, input_shape: Sequence[int], dtype: torch.
         groups = f"depthwise*{module.out_channels // module.groups}"
     else:
         groups = str(module.groups)
+    output_padding = f",op={list(module.output_padding)}" if module.transposed else ""
     return (f"{type(module).__name__}(k={list(module.kernel_size)},s={list(module.stride)},p={module.padding},"
-            f"d={list(module.dilation)},g={groups},bias={module.bias is not None},pad={module.padding_mode})"
+            f"d={list(module.dilation)},g={groups},bias={module.bias is not None},pad={module.padding_mode}"
+            f"{output_padding})"
             f"|in={list(input_shape[2:])}|batch={batch}|{dtype_name}")
 
 
@@ -488,8 +491,9 @@ def _varying_dims(analysis: Any, layers: Mapping[str, _Found]) -> dict[str, tupl
     result = {}
     for name, found in layers.items():
         weight = f"{name}.weight" if name else "weight"
-        out_unit, in_unit = units.get((weight, 0), 0), units.get((weight, 1), 0)
         module = found.module
+        out_dim, in_dim = (1, 0) if getattr(module, "transposed", False) else (0, 1)  # (in, out / g, *k)
+        out_unit, in_unit = units.get((weight, out_dim), 0), units.get((weight, in_dim), 0)
         if not isinstance(module, nn.Linear) and module.groups > 1 and module.in_channels == module.groups:
             in_unit = out_unit  # depthwise: input and output channels go together
         result[name] = (in_unit, out_unit)
@@ -706,7 +710,7 @@ def _profile(model: nn.Module, inputs: tuple[torch.Tensor, ...], target: Target,
 
     found = find_layers(model, inputs)
     if not found:
-        raise ProfileError(f"profile: {type(model).__name__} has no Conv1d/2d/3d or Linear layer to profile")
+        raise ProfileError(f"profile: {type(model).__name__} has no Conv, ConvTranspose or Linear layer to profile")
     varying = _varying_dims(analysis, found) if analysis is not None else {n: (1, 1) for n in found}
     entries = {name: _make_entry(name, f, config.step, config.coarse, config.edges, *varying[name])
                for name, f in found.items()}

@@ -233,7 +233,7 @@ class Target(ABC):
                    batch_size: int | None = None, warmup: int = 10, repeats: int = 50) -> np.ndarray:
         """Seconds per forward of one layer shaped like ``layer`` with ``active_in``/``active_out`` channels.
 
-        ``layer`` (a Conv1d/2d/3d, grouped or depthwise, or a Linear) gives the kind and the
+        ``layer`` (a Conv1d/2d/3d or ConvTranspose1d/2d/3d, grouped or depthwise, or a Linear) gives the kind and the
         hyper-parameters (kernel, stride, padding, dilation, groups, bias, dtype); ``input_shape`` is
         its full input shape (channels at dim 1 for a convolution, last for a linear layer), whose
         batch dim is replaced by ``batch_size`` when given. The layer is built fresh with random
@@ -305,9 +305,10 @@ def resized_layer(layer: nn.Module, active_in: int, active_out: int) -> nn.Modul
     factory = {"dtype": layer.weight.dtype} if isinstance(getattr(layer, "weight", None), torch.Tensor) else {}
     if isinstance(layer, nn.Linear):
         return nn.Linear(active_in, active_out, bias=layer.bias is not None, **factory)
-    if type(layer) not in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
+    if type(layer) not in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+                           nn.ConvTranspose3d):
         raise ValueError(f"cannot time a layer of type {type(layer).__name__}: "
-                         "expected Conv1d, Conv2d, Conv3d or Linear")
+                         "expected Conv1d/2d/3d, ConvTranspose1d/2d/3d or Linear")
     groups = layer.groups
     if groups > 1 and layer.in_channels == groups:  # depthwise: groups follow the channels
         multiplier = layer.out_channels // groups
@@ -318,9 +319,10 @@ def resized_layer(layer: nn.Module, active_in: int, active_out: int) -> nn.Modul
     elif active_in % groups or active_out % groups:
         raise ValueError(f"grouped convolution with {groups} groups: active_in ({active_in}) and active_out "
                          f"({active_out}) must be multiples of {groups}")
+    extra = {"output_padding": layer.output_padding} if layer.transposed else {}
     return type(layer)(active_in, active_out, layer.kernel_size, stride=layer.stride, padding=layer.padding,
                        dilation=layer.dilation, groups=groups, bias=layer.bias is not None,
-                       padding_mode=layer.padding_mode, **factory)
+                       padding_mode=layer.padding_mode, **extra, **factory)
 
 
 def _cpu_name() -> str:

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 from torch import fx
+from torch.nn.utils.parametrize import ParametrizationList
 
 from ..analysis import ChannelAnalysis, analyze
 from ..config import short_repr
@@ -357,6 +358,11 @@ def _dense_by_design(gm, model: nn.Module, called: set[str], chosen: set[str], e
         if name in called and name not in chosen and name not in excluded \
                 and not isinstance(module, SPARSE_LAYER_TYPES) and "Norm" not in type(module).__name__ \
                 and any(p.dim() >= 2 for p in module.parameters(recurse=False)):
+            if isinstance(module, ParametrizationList):  # weight_norm, spectral_norm, orthogonal, ...
+                owner, _, tensor = name.rpartition(".parametrizations.")
+                kinds = ", ".join(type(p).__name__.lstrip("_") for p in module)
+                out.append(f"{owner} (its {tensor} is computed in forward by a parametrization: {kinds})")
+                continue
             out.append(f"{name} ({type(module).__name__} layers are not supported)")
     params = dict(model.named_parameters())
     for node in gm.graph.nodes:
