@@ -472,3 +472,42 @@ def test_concurrent_writers_of_one_cache_file_lose_no_point(tmp_path):
     values = json.loads(path.read_text())["values"]
     assert set(values) == {f"{name}{k}" for name in "abc" for k in range(60)}
     assert [p.name for p in path.parent.iterdir() if p.name.startswith(".")] == []
+
+
+# --- every layer kind that channel pruning shrinks is timed (#13) --------------------------------
+
+
+class Decoder(nn.Module):
+    """An encoder-decoder whose upsampling is a ConvTranspose2d (its weight is (in, out, k, k))."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = nn.Conv2d(3, 32, 3, stride=2, padding=1)
+        self.up = nn.ConvTranspose2d(32, 24, 3, stride=2, padding=1, output_padding=1)
+        self.up1d = nn.ConvTranspose1d(24, 16, 1)
+        self.head = nn.Conv1d(16, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.up(torch.relu(self.down(x))))
+        return self.head(torch.relu(self.up1d(y.flatten(2))))
+
+
+def test_transposed_convolutions_are_profiled_at_their_pruned_widths(tmp_path):
+    torch.manual_seed(0)
+    model, x = Decoder().eval(), (torch.randn(1, 3, 16, 16),)
+    target = CountingORT()
+    table = profile(model, x, target, step=8, cache_dir=tmp_path, **FAST)
+    up, up1d = table.layers["up"], table.layers["up1d"]
+    assert (up.in_channels, up.out_channels, up.in_varies, up.out_varies) == (32, 24, True, True)
+    assert (up1d.in_channels, up1d.out_channels, up1d.in_varies, up1d.out_varies) == (24, 16, True, True)
+    assert "op=[1, 1]" in up.signature  # output_padding changes the output size, so the cost
+    timed = {(sig, i, o) for sig, i, o in target.layer_calls if sig == up.signature}
+    assert {(8, 24), (32, 8), (32, 24)} <= {(i, o) for _, i, o in timed}
+    analysis = analyze_model(model, x)
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        compact = compact_at_widths(analysis, model, random_group_widths(analysis.groups, rng, step=8))
+        widths = table.widths_of(compact)
+        assert widths["up"] == (compact.up.in_channels, compact.up.out_channels)
+        assert table.layer_ms("up", *widths["up"]) > 0
+        assert table.predict_model(compact) == pytest.approx(table.predict(widths))
