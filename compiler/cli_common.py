@@ -173,8 +173,8 @@ def usable_target(name: str, options: Mapping[str, Any]) -> Target:
     try:
         target = get_target(name, **dict(options))
         target.require()
-    except TypeError as exc:
-        raise CliError(f"--option: target {name!r} does not take these options: {exc}") from exc
+    except ValueError as exc:  # an unknown target, or options its Options model refuses
+        raise CliError(f"--option: {exc}") from exc
     except TargetUnavailable as exc:
         raise CliError(str(exc)) from exc
     return target

@@ -48,6 +48,7 @@ from ..passes.sparsity.budget import DISTRIBUTIONS
 from ..passes.sparsity.method import MethodConfig
 from ..passes.sparsity.model import check_combination
 from ..passes.sparsity.registry import COMPILE_DEFAULT, config_class, method_names, resolve_method
+from ..targets.base import check_target_options
 from .datasets import check_data_spec
 from .models import check_input_sizes, check_model_spec
 
@@ -168,6 +169,7 @@ class Recipe(Config):
         if self.sparsity is not None and self.budget is not None:
             raise ValueError("give a sparsity or a budget, not both")
         check_combination(self.method, self.structure, self.sparsity or 0.0, self.distribution, self.budget)
+        check_target_options(self.target, self.target_options)  # the target's own option model
         return self
 
     @classmethod

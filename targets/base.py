@@ -27,7 +27,7 @@ import tempfile
 import time
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..passes.config import Config
 from .files import atomic_write_text
 
 __all__ = [
@@ -165,11 +166,19 @@ def _bounded(value: object, limit: int = 200) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
+class TargetOptions(Config):
+    """A target's constructor options: ``--option KEY=VALUE`` on the CLI, ``target_options`` in a
+    recipe, keyword arguments of :func:`get_target`. Each target declares its own subclass, so these
+    are validated by the same mechanism as recipes and method configs, and a recipe's target
+    options fail when the recipe loads."""
+
+
 class Target(ABC):
     """A place models run: builds artifacts, runs them, times them."""
 
     name: ClassVar[str]
     suffix: ClassVar[str]  # the artifact file's suffix, e.g. ".onnx"
+    Options: ClassVar[type[TargetOptions]] = TargetOptions
 
     def unavailable_reason(self) -> str | None:
         """Why this target cannot run here, or None when it can."""
@@ -263,12 +272,28 @@ def register_target(cls: type[Target]) -> type[Target]:
     return cls
 
 
-def get_target(name: str, **options: Any) -> Target:
-    """The target registered under ``name``, constructed with ``options``."""
+def target_class(name: str) -> type[Target]:
+    """The target class registered under ``name``; ``ValueError`` listing the valid names otherwise."""
     _load_target_modules()
     if name not in TARGETS:
         raise ValueError(f"unknown target {str(name)[:80]!r}; valid: {', '.join(sorted(TARGETS))}")
-    return TARGETS[name](**options)
+    return TARGETS[name]
+
+
+def check_target_options(name: str, options: Mapping[str, Any]) -> TargetOptions:
+    """``options`` validated against target ``name``'s :class:`TargetOptions` (nothing is built).
+
+    Raises ``ValueError`` for an unknown target and :class:`~spruce.passes.config.ConfigError`
+    naming the target, the option and the value, e.g. ``target onnxruntime: unknown option
+    thread (valid: dynamic_batch, optimization, ...)``."""
+    return target_class(name).Options.from_mapping(options, owner=f"target {name}")
+
+
+def get_target(name: str, **options: Any) -> Target:
+    """The target registered under ``name``, constructed with ``options`` (checked first, see
+    :func:`check_target_options`)."""
+    checked = check_target_options(name, options)
+    return target_class(name)(**{key: getattr(checked, key) for key in checked.model_fields_set})
 
 
 def _load_target_modules() -> None:

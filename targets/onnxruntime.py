@@ -15,15 +15,16 @@ import os
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+from pydantic import Field
 from torch import nn
 
-from .base import Artifact, ArtifactError, Runner, Target, register_target
+from .base import Artifact, ArtifactError, Runner, Target, TargetOptions, register_target
 from .files import OutputError, atomic_path, scratch_path
 
 OPSET = 17
@@ -229,14 +230,18 @@ class OnnxRuntimeCPU(Target):
     name = "onnxruntime"
     suffix = ".onnx"
 
+    class Options(TargetOptions):
+        owner = "onnxruntime"
+        threads: int | None = Field(None, ge=1)  # intra-op threads; None: torch's thread count
+        optimization: Literal["none", "basic", "extended", "all"] = "all"  # ORT graph optimisation level
+        dynamic_batch: bool = True
+        tolerance: float = Field(1e-3, gt=0)  # largest relative ORT-vs-torch difference accepted
+        save_optimized: bool = False
+
     def __init__(self, threads: int | None = None, optimization: str = "all", dynamic_batch: bool = True,
                  tolerance: float = 1e-3, save_optimized: bool = False):
-        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-            raise ValueError(f"onnxruntime: threads must be a positive integer, got {threads!r}")
-        if optimization not in _OPT_LEVELS:
-            raise ValueError(f"onnxruntime: optimization must be one of {', '.join(_OPT_LEVELS)}, got {optimization!r}")
-        if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not tolerance > 0:
-            raise ValueError(f"onnxruntime: tolerance must be a positive number, got {tolerance!r}")
+        self.Options(threads=threads, optimization=optimization, dynamic_batch=dynamic_batch, tolerance=tolerance,
+                     save_optimized=save_optimized)
         self.threads = threads or torch.get_num_threads()
         self.optimization = optimization
         self.dynamic_batch = bool(dynamic_batch)

@@ -18,13 +18,14 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
+from pydantic import model_validator
 from torch import nn
 
-from .base import Artifact, ArtifactError, Runner, Target, register_target
+from .base import Artifact, ArtifactError, Runner, Target, TargetOptions, register_target
 from .files import atomic_path
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -37,16 +38,24 @@ class TorchTarget(Target):
     name = "torch"
     suffix = ".pt2"
 
+    class Options(TargetOptions):
+        owner = "torch target"
+        device: Literal["cpu", "cuda"] = "cpu"
+        dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+        compile: bool = False  # torch.compile the loaded program
+        semi_structured: bool | None = None  # None: 2:4 kernels wherever they exist (CUDA, half precision)
+
+        @model_validator(mode="after")
+        def _kernels_exist(self):
+            if self.semi_structured and not (self.device == "cuda" and self.dtype in ("float16", "bfloat16")):
+                raise ValueError("semi_structured=True needs device='cuda' and dtype float16 or bfloat16 "
+                                 f"(got device={self.device!r}, dtype={self.dtype!r})")
+            return self
+
     def __init__(self, device: str = "cpu", dtype: str = "float32", compile: bool = False,
                  semi_structured: bool | None = None):
-        if device not in ("cpu", "cuda"):
-            raise ValueError(f"torch target: device must be 'cpu' or 'cuda', got {device!r}")
-        if dtype not in _DTYPES:
-            raise ValueError(f"torch target: dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
+        self.Options(device=device, dtype=dtype, compile=compile, semi_structured=semi_structured)
         half = dtype in ("float16", "bfloat16")
-        if semi_structured and not (device == "cuda" and half):
-            raise ValueError("torch target: semi_structured=True needs device='cuda' and dtype float16 or bfloat16 "
-                             f"(got device={device!r}, dtype={dtype!r})")
         self.device = device
         self.dtype = dtype
         self.compile = bool(compile)

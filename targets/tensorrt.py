@@ -27,19 +27,19 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import onnx
 import torch
 from onnx import numpy_helper
+from pydantic import Field, field_validator
 from torch import nn
 
-from .base import Artifact, ArtifactError, Runner, Target, TargetUnavailable, register_target
+from .base import Artifact, ArtifactError, Runner, Target, TargetOptions, TargetUnavailable, register_target
 from .files import atomic_path, atomic_write_bytes, atomic_write_text, scratch_path
 from .onnxruntime import export_onnx
 
-_PRECISIONS = ("fp16", "fp32")
 _WEIGHT_OPS = ("Conv", "Gemm", "MatMul")
 
 
@@ -157,15 +157,32 @@ class TensorRTTarget(Target):
     name = "tensorrt"
     suffix = ".engine"
 
+    class Options(TargetOptions):
+        owner = "tensorrt"
+        precision: Literal["fp16", "fp32"] = "fp16"
+        sparse: bool = True  # let TensorRT pick 2:4 sparse tactics
+        batch_sizes: Annotated[tuple[Annotated[int, Field(ge=1)], ...], Field(min_length=1, strict=False)] = (1, 8)
+        timing_cache: Annotated[Path, Field(strict=False)] | None = None
+        workspace_mb: int = Field(4096, ge=1)
+
+        @field_validator("batch_sizes", mode="before")
+        @classmethod
+        def _sizes(cls, value):
+            """One size, a sequence, or ``"1,8"`` from the command line."""
+            if isinstance(value, int) and not isinstance(value, bool):
+                return (value,)
+            if isinstance(value, str):
+                try:
+                    return tuple(int(part) for part in value.split(","))
+                except ValueError:
+                    raise ValueError(f"batch_sizes must be positive integers, e.g. 1,8, got {value!r}") from None
+            return value
+
     def __init__(self, precision: str = "fp16", sparse: bool = True, batch_sizes: Sequence[int] = (1, 8),
                  timing_cache: str | os.PathLike | None = None, workspace_mb: int = 4096):
-        if precision not in _PRECISIONS:
-            raise ValueError(f"tensorrt: precision must be one of {', '.join(_PRECISIONS)}, got {precision!r}")
-        sizes = (batch_sizes,) if isinstance(batch_sizes, int) else tuple(batch_sizes)
-        if not sizes or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in sizes):
-            raise ValueError(f"tensorrt: batch_sizes must be positive integers, got {batch_sizes!r}")
-        if isinstance(workspace_mb, bool) or not isinstance(workspace_mb, int) or workspace_mb < 1:
-            raise ValueError(f"tensorrt: workspace_mb must be a positive integer, got {workspace_mb!r}")
+        checked = self.Options(precision=precision, sparse=sparse, batch_sizes=batch_sizes,
+                               timing_cache=timing_cache, workspace_mb=workspace_mb)
+        sizes = checked.batch_sizes
         self.precision = precision
         self.sparse = bool(sparse)
         self.batch_sizes = sizes

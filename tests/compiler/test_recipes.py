@@ -113,3 +113,20 @@ def test_method_options_on_the_command_line_are_validated_up_front(tmp_path, cap
     code = main(["compile", "--method", "iee", "--method-option", "q=0", "--out", str(tmp_path / "out")])
     assert code == 2 and "q must be >= 1" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("document, message", [
+    ("target_options: {threads: 0}", "target onnxruntime: threads must be >= 1, got 0"),
+    ("target_options: {thread: 2}", "unknown option thread"),
+    ("target: torch\ntarget_options: {dtype: float64}", "target torch: dtype must be one of"),
+    ("target: nowhere", "unknown target 'nowhere'"),
+])
+def test_target_options_are_validated_when_the_recipe_loads(tmp_path, capsys, no_work, document, message):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(document + "\nepochs: 1\n")
+    with pytest.raises(RecipeError, match=re.escape(message)):
+        load_recipe(path)
+    assert main(["compile", "--recipe", str(path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("spruce: error:") and message in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yaml"]

@@ -96,7 +96,7 @@ def test_cli_bad_input_exits_2_with_a_clear_message(case, artifacts, spruce_main
         "unknown target": (["--target", "tpu9"], "unknown target 'tpu9'"),
         "missing tensorrt": (["--target", "tensorrt"], "target 'tensorrt' is unavailable"),
         "bad batch sizes": (["--target", "onnxruntime", "--batch-sizes", "1,x"], "bad batch sizes"),
-        "bad option": (["--target", "onnxruntime", "--option", "colour=red"], "does not take these options"),
+        "bad option": (["--target", "onnxruntime", "--option", "colour=red"], "unknown option colour"),
         "missing file": (["--target", "onnxruntime"], "does not exist"),
         "corrupt manifest": (["--target", "onnxruntime"], "not a valid spruce manifest"),
     }[case]
