@@ -9,7 +9,7 @@
 - :func:`checked_out_dir` refuses an output folder that cannot be (re)placed, before any
   work; :func:`staged_dir` builds a folder under a temporary name and renames it into
   place only when everything in it was written.
-- :func:`locked` holds an exclusive lock on a lock file next to a path (several processes
+- :func:`locked` holds an exclusive lock on the folder of a path (several processes
   updating one file: read, merge, write).
 
 Files and folders are created with the modes the process's umask gives, as every other tool
@@ -184,13 +184,11 @@ def scratch_path(next_to: str | os.PathLike, suffix: str = ".tmp") -> Iterator[P
 
 @contextlib.contextmanager
 def locked(path: str | os.PathLike) -> Iterator[None]:
-    """Hold an exclusive lock on ``<path>.lock`` (created if missing, never removed: removing a
-    lock file others may hold open would let two writers in) for a read-merge-write of ``path``
-    by several processes. Where the folder takes no lock file (read-only), the block runs
-    unlocked: it cannot write there either."""
-    lock_path = Path(str(path) + ".lock")
+    """Hold an exclusive lock on the folder that holds ``path`` (``flock`` on the folder itself:
+    no lock file is left behind) for a read-merge-write of ``path`` by several processes.
+    Where the folder cannot be opened, the block runs unlocked: it cannot write there either."""
     try:
-        handle = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+        handle = os.open(Path(path).parent, os.O_RDONLY | os.O_DIRECTORY)
     except OSError:
         yield
         return
