@@ -279,7 +279,7 @@ def test_bad_widths(profiled):
 
 
 def test_model_without_layers():
-    with pytest.raises(ProfileError, match="no Conv1d/2d/3d or Linear"):
+    with pytest.raises(ProfileError, match="no Conv, ConvTranspose or Linear layer"):
         profile(nn.ReLU(), (torch.randn(2, 3),), "onnxruntime", progress=False)
 
 
