@@ -13,7 +13,7 @@ from typing import Any
 from torch import nn
 
 from ..passes.analysis import ChannelAnalysis, ChannelGroup, analyze
-from ..passes.graph import CapturedGraph
+from ..passes.graph import CapturedGraph, require_data
 from ..passes.sparsity.method import MethodConfig
 from ..passes.sparsity.model import SparseModel, check_options, sparsify_captured
 from ..passes.sparsity.registry import SPARSIFY_DEFAULT
@@ -64,6 +64,7 @@ def sparsify(
     Raises ``ValueError`` naming the option at fault (before the model is captured) and
     :class:`spruce.TraceError` when the model cannot be captured."""
     check_options(method, structure, sparsity, total_steps, method_options, distribution, budget)
+    require_data(model, example_inputs, "sparsify")
     captured = _capture_for_training(model, example_inputs)
     return sparsify_captured(captured, method, structure, sparsity, distribution, total_steps, exclude, budget,
                              latency_table, **method_options)
@@ -93,6 +94,7 @@ def profile(model: nn.Module, example_inputs: Any, target: Any = "onnxruntime", 
     (:func:`spruce.runtime.profile.profile`, whose options this takes), with the channel
     analysis that tells which layer dimensions can shrink. A model that cannot be captured
     is still profiled, every layer dimension varied, with a warning."""
+    require_data(model, example_inputs, "profile")
     try:
         analysis = analyze_model(model, example_inputs)
     except Exception as exc:  # an uncapturable model can still be profiled, without calibration configs

@@ -1,12 +1,15 @@
 """Checkpoints of sparse training: ``save`` a SparseModel (and its optimizer), ``load`` it back.
 
-A checkpoint is one ``torch.save`` file, written atomically (a temporary file in the same
-folder, then a rename: a crash leaves the previous checkpoint or the new one, never half
-of one). It holds a format marker and version, the ``sparsify`` recipe (the method's
-config as ``{"name": ..., option: value, ...}``, structure, sparsity, distribution, total
-steps, excluded layers, budget, example input shapes), the sparse layers' names and weight
-shapes, the step count, the SparseModel's ``state_dict`` (weights, bit-packed masks, method
-state, metrics) and optionally the optimizer's state and user data.
+A checkpoint is one file, written atomically (a temporary file in the same folder, then a
+rename: a crash leaves the previous checkpoint or the new one, never half of one): a
+header line ``SPRUCE-CHECKPOINT sha256=<hex>`` and then the ``torch.save`` bytes it
+hashes, so a file changed at any byte (a flipped bit, truncation) is refused before it is
+unpickled. Files without the header (written before it existed) load unchecked. The
+payload holds a format marker and version, the ``sparsify`` recipe (the method's config as
+``{"name": ..., option: value, ...}``, structure, sparsity, distribution, total steps,
+excluded layers, budget, example input shapes), the sparse layers' names and weight
+shapes, the step count, the SparseModel's ``state_dict`` (weights, bit-packed masks,
+method state, metrics) and optionally the optimizer's state and user data.
 
 Format versions: 2 stores the method as its config record; format-1 files (method name
 and ``options`` apart, no budget) are migrated when read.
@@ -20,7 +23,10 @@ are left as they were (if the copy itself fails, their previous state is restore
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +44,8 @@ __all__ = ["save", "load", "read", "CheckpointError", "FORMAT", "FORMAT_VERSION"
 
 FORMAT = "spruce.checkpoint"
 FORMAT_VERSION = 2
+_HEADER = re.compile(rb"SPRUCE-CHECKPOINT sha256=([0-9a-f]{64})\n")
+_HEADER_START = b"SPRUCE-"
 _REQUIRED = {"recipe": dict, "layers": list, "step_count": int, "model": dict}
 _RECIPE = {"method": dict, "structure": str, "sparsity": float, "distribution": str, "exclude": list}
 
@@ -72,9 +80,33 @@ def save(sparse_model: SparseModel, path: str | os.PathLike, optimizer: torch.op
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "extra": extra,
     }
-    with atomic_path(path) as temp:
-        torch.save(checkpoint, temp)
+    payload = io.BytesIO()
+    torch.save(checkpoint, payload)
+    payload = payload.getvalue()
+    header = b"SPRUCE-CHECKPOINT sha256=" + hashlib.sha256(payload).hexdigest().encode() + b"\n"
+    with atomic_path(path) as temp, open(temp, "wb") as stream:
+        stream.write(header)
+        stream.write(payload)
     return path
+
+
+def _payload(path: Path) -> bytes:
+    """The ``torch.save`` bytes of the checkpoint file at ``path``, checked against its header's
+    sha256 (a file without a header is from before checksums, and returned whole)."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"checkpoint {path} cannot be read: {exc.strerror or exc}") from exc
+    if not data.startswith(_HEADER_START):
+        return data
+    header = _HEADER.match(data)
+    if header is None:
+        raise CheckpointError(f"checkpoint {path} is corrupt: its header line is damaged")
+    payload = data[header.end():]
+    if hashlib.sha256(payload).hexdigest().encode() != header.group(1):
+        raise CheckpointError(f"checkpoint {path} is corrupt: its content does not match its sha256 "
+                              f"(changed on disk or truncated)")
+    return payload
 
 
 def read(path: str | os.PathLike) -> dict:
@@ -83,8 +115,9 @@ def read(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path}: no such file")
+    payload = _payload(path)
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - truncated zip, pickle garbage, foreign objects: all unreadable
         raise CheckpointError(f"checkpoint {path} cannot be read (truncated, corrupt or not a torch file): "
                               f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc

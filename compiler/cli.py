@@ -10,7 +10,11 @@ returns the exit status:
   output differs from torch's);
 - 2: a user error (bad model spec, bad option, model that cannot be traced,
   unwritable output, training that diverges). User errors print ``spruce: error: <message>`` and no
-  traceback, and leave no files behind.
+  traceback, and leave no files behind;
+- 1 also for an internal error (a bug in spruce): one line saying so, with the traceback saved
+  to a file the line names (see :func:`spruce.compiler.cli_common.is_user_error` for where the
+  line between user errors and bugs runs);
+- 130: interrupted (Ctrl-C): one line, outputs left as they were.
 """
 
 from __future__ import annotations
@@ -35,17 +39,18 @@ from ..targets.onnxruntime import OnnxExportError, check_onnx, export_onnx
 from .api import channel_groups
 from .cli_common import (
     EXIT_FAILED,
+    EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_USAGE,
     ArtifactCheckError,
-    CliError,
     Subcommand,
     add_model_arguments,
+    is_user_error,
+    load_model,
+    report_bug,
 )
-from .models import ModelSpecError, resolve_model
 from .prune import PruneConfig, PruneResult, prune
 from .stats import count_macs, count_params
-from .trace import TraceError
 
 ONNX_TOLERANCE = 1e-3
 _PRUNE_DEFAULTS = PruneConfig()
@@ -56,22 +61,28 @@ _PRUNE_DEFAULTS = PruneConfig()
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``spruce`` command with ``argv`` (default ``sys.argv[1:]``); return the exit status."""
-    parser = build_parser()
     try:
-        args = parser.parse_args(argv)
-    except SystemExit as exit_request:  # argparse exits on --help and on usage errors
-        return _exit_code(exit_request.code)
-    try:
+        parser = build_parser()
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as exit_request:  # argparse exits on --help and on usage errors
+            return _exit_code(exit_request.code)
         return args.run(args)
+    except KeyboardInterrupt:
+        print("spruce: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except BrokenPipeError:
         # The reader of stdout went away (e.g. `spruce analyze ... | head`): not an error to
         # report, but stdout must not be flushed again at exit.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_FAILED
-    except (ModelSpecError, ValueError, TraceError, CliError, OSError, FloatingPointError) as exc:
-        return _report_error(exc, EXIT_USAGE)
     except (ArtifactCheckError, OnnxExportError) as exc:
         return _report_error(exc, EXIT_FAILED)
+    except Exception as exc:  # noqa: BLE001 - every error ends in one line: a user error, or a bug
+        if is_user_error(exc):
+            return _report_error(exc, EXIT_USAGE)
+        print(report_bug(exc), file=sys.stderr)
+        return EXIT_FAILED
 
 
 def _report_error(exc: BaseException, code: int) -> int:
@@ -118,7 +129,7 @@ def _add_analyze_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_analyze(args: argparse.Namespace) -> int:
     """Print the model's channel groups and a summary of what can be pruned."""
-    model, example_inputs = resolve_model(args.model, args.input_shape)
+    model, example_inputs = load_model(args.model, args.input_shape)
     groups = channel_groups(model, example_inputs)
     if args.json:
         document = {
@@ -224,7 +235,7 @@ def run_prune(args: argparse.Namespace) -> int:
     """
     PruneConfig(ratio=args.ratio, importance=args.importance, round_to=args.round_to)  # before any work
     out_dir = checked_out_dir(args.out, args.force, name="--out", force_hint="--force")
-    model, example_inputs = resolve_model(args.model, args.input_shape)
+    model, example_inputs = load_model(args.model, args.input_shape)
     params_before = count_params(model)
     macs_before = count_macs(model, example_inputs)
     result = prune(
@@ -236,8 +247,8 @@ def run_prune(args: argparse.Namespace) -> int:
     params_after = count_params(compact)
     macs_after = count_macs(compact, example_inputs)
     with staged_dir(out_dir) as stage:
-        with atomic_path(stage / "model.pt") as temp:
-            torch.save(compact, temp)
+        with atomic_path(stage / "model.pt") as temp, open(temp, "wb") as stream:
+            torch.save(compact, stream)  # to a stream: a full disk is an OSError, not torch's RuntimeError
         export_onnx(compact, example_inputs, stage / "model.onnx")
         onnx_diff = check_onnx(stage / "model.onnx", compact, example_inputs)
         if not onnx_diff <= ONNX_TOLERANCE:

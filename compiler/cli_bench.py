@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from ..passes.config import short_repr
 from ..runtime.bench import BenchConfig, bench
 from ..targets.base import TargetUnavailable
 from .cli_common import EXIT_OK, CliError, Subcommand, parse_target_option, usable_target
@@ -18,7 +19,7 @@ def parse_batch_sizes(text: str) -> tuple[int, ...]:
     except ValueError:
         sizes = ()
     if not sizes or any(size < 1 for size in sizes):
-        raise argparse.ArgumentTypeError(f"bad batch sizes {text!r}: expected positive integers like 1,8")
+        raise argparse.ArgumentTypeError(f"bad batch sizes {short_repr(text)}: expected positive integers like 1,8")
     return sizes
 
 

@@ -7,8 +7,15 @@ import time
 from pathlib import Path
 
 from ..runtime.profile import ProfileConfig, profile
-from .cli_common import EXIT_OK, CliError, Subcommand, add_model_arguments, parse_target_option, usable_target
-from .models import resolve_model
+from .cli_common import (
+    EXIT_OK,
+    CliError,
+    Subcommand,
+    add_model_arguments,
+    load_model,
+    parse_target_option,
+    usable_target,
+)
 
 _DEFAULTS = ProfileConfig()
 
@@ -41,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(f"--out {out}: folder {out.parent} does not exist")
     ProfileConfig(step=args.step, coarse=args.coarse, warmup=args.warmup, repeats=args.repeats)  # early check
     target = usable_target(args.target, args.target_options)
-    model, example_inputs = resolve_model(args.model, args.input_shape)
+    model, example_inputs = load_model(args.model, args.input_shape)
     start = time.perf_counter()
     table = profile(model, example_inputs, target, args.step, cache_dir=args.cache_dir, use_cache=not args.no_cache,
                     progress=not args.no_progress, warmup=args.warmup, repeats=args.repeats, coarse=args.coarse)

@@ -33,8 +33,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-__all__ = ["Loaders", "DataError", "IMAGE_SUFFIXES", "load_data", "default_model", "DATASETS", "check_disjoint",
-           "inputs_of", "load_images"]
+from ..passes.config import short_repr
+
+__all__ = ["Loaders", "DataError", "IMAGE_SUFFIXES", "check_data_spec", "load_data", "default_model", "DATASETS",
+           "check_disjoint", "inputs_of", "load_images"]
 
 DIGITS_SIDE = 32
 
@@ -105,21 +107,36 @@ def _mnist5k(seed: int, batch_size: int) -> Loaders:
 DATASETS = {"digits": _digits, "mnist5k": _mnist5k}
 
 
+def check_data_spec(spec: str) -> None:
+    """Raise :class:`DataError` unless ``spec`` has the form of a data spec: a built-in data set,
+    ``images:DIR`` or ``FILE.py:make_loaders`` (the form only: nothing is read, so recipes check
+    it when they load)."""
+    if spec in DATASETS:
+        return
+    if spec.startswith("images:"):
+        if not spec.partition(":")[2]:
+            raise DataError(f"data {short_repr(spec)}: write images:DIR")
+        return
+    file_part, sep, factory_name = spec.rpartition(":")
+    if not sep or not file_part.endswith(".py") or not factory_name:
+        raise DataError(f"unknown data {short_repr(spec)}; valid: {', '.join(DATASETS)}, images:DIR or "
+                        "FILE.py:make_loaders")
+
+
 def load_data(spec: str, seed: int = 0, batch_size: int = 64, example: torch.Tensor | None = None,
               prepare: Callable[..., object] | None = None) -> Loaders:
     """The loaders ``spec`` names (a built-in data set, ``images:DIR`` resized to ``example``'s
     shape, or ``FILE.py:make_loaders``); held-out inputs checked disjoint from recovery ones."""
+    check_data_spec(spec)
     if spec in DATASETS:
         return DATASETS[spec](seed, batch_size)
     if spec.startswith("images:"):
         if example is None:
-            raise DataError(f"data {spec!r}: images need the model's example input to size them")
+            raise DataError(f"data {short_repr(spec)}: images need the model's example input to size them")
         loaders = load_images(spec, example, seed, batch_size, prepare)
         check_disjoint(loaders, spec)
         return loaders
-    file_part, sep, factory_name = spec.rpartition(":")
-    if not sep or not file_part.endswith(".py"):
-        raise DataError(f"unknown data {spec!r}; valid: {', '.join(DATASETS)}, images:DIR or FILE.py:make_loaders")
+    file_part, _, factory_name = spec.rpartition(":")
     from .models import load_function
 
     factory = load_function(spec, "data", DataError)
@@ -127,9 +144,9 @@ def load_data(spec: str, seed: int = 0, batch_size: int = 64, example: torch.Ten
     try:
         made = factory()
     except Exception as exc:
-        raise DataError(f"data {spec!r}: {factory_name}() raised {type(exc).__name__}: {exc}") from None
+        raise DataError(f"data {short_repr(spec)}: {factory_name}() raised {type(exc).__name__}: {exc}") from None
     if not (isinstance(made, tuple) and len(made) == 2):
-        raise DataError(f"data {spec!r}: {factory_name}() must return (train_loader, test_loader)")
+        raise DataError(f"data {short_repr(spec)}: {factory_name}() must return (train_loader, test_loader)")
     return loaders_from(made[0], made[1], spec, f"{path.name}:{factory_name}")
 
 
@@ -139,8 +156,9 @@ def loaders_from(train: Iterable, test: Iterable, spec: str, name: str) -> Loade
     first, labeled = _first_batch(train, spec, "train")
     _, test_labeled = _first_batch(test, spec, "test")
     if labeled != test_labeled:
-        raise DataError(f"data {spec!r}: the train loader's batches {'carry' if labeled else 'carry no'} targets "
-                        f"but the test loader's {'do' if test_labeled else 'do not'}; give both or neither")
+        raise DataError(f"data {short_repr(spec)}: the train loader's batches "
+                        f"{'carry' if labeled else 'carry no'} targets but "
+                        f"the test loader's {'do' if test_labeled else 'do not'}; give both or neither")
     num_classes = 0
     if labeled:
         targets = [torch.as_tensor(batch[1]) for batch in test]
@@ -160,16 +178,16 @@ def _first_batch(loader: Iterable, spec: str, which: str) -> tuple[torch.Tensor,
     try:
         batch = next(iter(loader))
     except StopIteration:
-        raise DataError(f"data {spec!r}: the {which} loader yields no batch") from None
+        raise DataError(f"data {short_repr(spec)}: the {which} loader yields no batch") from None
     except Exception as exc:
-        raise DataError(f"data {spec!r}: the {which} loader raised {type(exc).__name__}: {exc}") from None
+        raise DataError(f"data {short_repr(spec)}: the {which} loader raised {type(exc).__name__}: {exc}") from None
     labeled = isinstance(batch, (tuple, list)) and len(batch) == 2
     if not (isinstance(batch, torch.Tensor) or labeled):
-        raise DataError(f"data {spec!r}: the {which} loader must yield input tensors or (inputs, targets) "
+        raise DataError(f"data {short_repr(spec)}: the {which} loader must yield input tensors or (inputs, targets) "
                         f"batches, got {type(batch).__name__}")
     inputs = inputs_of(batch)
     if not isinstance(inputs, torch.Tensor) or not inputs.is_floating_point():
-        raise DataError(f"data {spec!r}: the {which} loader's inputs must be float tensors")
+        raise DataError(f"data {short_repr(spec)}: the {which} loader's inputs must be float tensors")
     return inputs, labeled
 
 
@@ -184,8 +202,8 @@ def check_disjoint(loaders: Loaders, spec: str) -> int:
     held_out = [_digest(sample) for batch in loaders.test for sample in inputs_of(batch)]
     shared = sum(digest in seen for digest in held_out)
     if shared:
-        raise DataError(f"data {spec!r}: {shared} of {len(held_out)} held-out inputs are also recovery inputs; "
-                        "the held-out set must be disjoint from the recovery set")
+        raise DataError(f"data {short_repr(spec)}: {shared} of {len(held_out)} held-out inputs are also "
+                        "recovery inputs; the held-out set must be disjoint from the recovery set")
     return len(held_out)
 
 
@@ -194,10 +212,10 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".we
 
 def _image_files(folder: Path, spec: str) -> list[Path]:
     if not folder.is_dir():
-        raise DataError(f"data {spec!r}: no such folder {folder}")
+        raise DataError(f"data {short_repr(spec)}: no such folder {folder}")
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
     if not files:
-        raise DataError(f"data {spec!r}: folder {folder} is empty; it must hold images "
+        raise DataError(f"data {short_repr(spec)}: folder {folder} is empty; it must hold images "
                         f"({', '.join(IMAGE_SUFFIXES)})")
     return files
 
@@ -209,7 +227,8 @@ def _read_image(path: Path, spec: str) -> np.ndarray:
         with Image.open(path) as opened:
             return np.asarray(opened.convert("RGB"))
     except (OSError, UnidentifiedImageError, ValueError) as exc:
-        raise DataError(f"data {spec!r}: cannot read {path} as an image ({type(exc).__name__}: {exc})") from None
+        raise DataError(f"data {short_repr(spec)}: cannot read {path} as an image "
+                        f"({type(exc).__name__}: {exc})") from None
 
 
 def _cover_crop(image: np.ndarray, size: tuple[int, int], channels: int) -> torch.Tensor:
@@ -240,10 +259,10 @@ def _prepared(image: np.ndarray, example: torch.Tensor, prepare: Callable[..., o
     try:
         made = prepare(image, size)
     except Exception as exc:
-        raise DataError(f"data {spec!r}: prepare() raised {type(exc).__name__} on {path}: {exc}") from None
+        raise DataError(f"data {short_repr(spec)}: prepare() raised {type(exc).__name__} on {path}: {exc}") from None
     tensor = made[0] if isinstance(made, tuple) else made
     if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != tuple(example.shape[1:]):
-        raise DataError(f"data {spec!r}: prepare() must return a tensor of shape {tuple(example.shape[1:])} "
+        raise DataError(f"data {short_repr(spec)}: prepare() must return a tensor of shape {tuple(example.shape[1:])} "
                         f"(the example input's), got "
                         f"{tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__}")
     return tensor.to(example.dtype)
@@ -256,14 +275,15 @@ def load_images(spec: str, example: torch.Tensor, seed: int = 0, batch_size: int
     :class:`DataError` for a missing or empty folder, a file that is not an image, or too
     few images to hold one out."""
     if example.ndim != 4:
-        raise DataError(f"data {spec!r}: images need a 4-D example input (N, C, H, W), got {tuple(example.shape)}")
+        raise DataError(f"data {short_repr(spec)}: images need a 4-D example input (N, C, H, W), "
+                        f"got {tuple(example.shape)}")
     folder = Path(spec.partition(":")[2])
     if (folder / "recover").is_dir() and (folder / "heldout").is_dir():
         recover_files, held_files = _image_files(folder / "recover", spec), _image_files(folder / "heldout", spec)
     else:
         files = _image_files(folder, spec)
         if len(files) < 2:
-            raise DataError(f"data {spec!r}: {folder} holds {len(files)} image; at least 2 are needed "
+            raise DataError(f"data {short_repr(spec)}: {folder} holds {len(files)} image; at least 2 are needed "
                             "(recovery and held out)")
         order = np.random.default_rng(seed).permutation(len(files))
         held = max(1, len(files) // 5)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import importlib.util
+import math
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -28,12 +29,18 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..passes.config import short_repr
+
 DEFAULT_INPUT_SHAPE: tuple[int, ...] = (1, 3, 224, 224)
 
 # torchvision classifiers whose builder or stem needs an input other than 224x224.
 TORCHVISION_INPUT_SHAPES: dict[str, tuple[int, ...]] = {
     "inception_v3": (1, 3, 299, 299),
 }
+
+# The largest example input spruce allocates: 2**28 elements (1 GiB as float32). An example
+# input only has to trace and time the model; a larger one is a typo, refused before allocating.
+MAX_INPUT_ELEMENTS = 1 << 28
 
 Shape = tuple[int, ...]
 ExampleInputs = tuple[torch.Tensor, ...]
@@ -61,14 +68,75 @@ def resolve_model(
 
 
 def random_inputs(shapes: Sequence[Shape]) -> ExampleInputs:
-    """Seeded standard-normal float32 tensors, one per shape."""
+    """Seeded standard-normal float32 tensors, one per shape (sizes checked before allocating,
+    see :func:`check_input_sizes`)."""
+    check_input_sizes(shapes)
     generator = torch.Generator().manual_seed(0)
     return tuple(torch.randn(shape, generator=generator) for shape in shapes)
+
+
+def check_input_sizes(shapes: Sequence[Shape]) -> None:
+    """Refuse example-input shapes whose float32 tensors together exceed :data:`MAX_INPUT_ELEMENTS`
+    elements or half the memory available now, before anything is allocated
+    (:class:`ModelSpecError` naming the shape and its size)."""
+    elements = sum(math.prod(int(size) for size in shape) for shape in shapes)
+    label = ";".join(",".join(str(size) for size in shape) for shape in shapes)
+    label = label if len(label) <= 80 else label[:77] + "..."
+    size = f"{elements:,} elements, {_gib(4 * elements)} as float32"
+    if elements > MAX_INPUT_ELEMENTS:
+        raise ModelSpecError(f"input shape {label} is too large ({size}): spruce takes example inputs of up to "
+                             f"{MAX_INPUT_ELEMENTS:,} elements ({_gib(4 * MAX_INPUT_ELEMENTS)}); one sample at the "
+                             "size the model is deployed at is enough")
+    available = _available_memory()
+    if available is not None and 4 * elements > available // 2:
+        raise ModelSpecError(f"input shape {label} is too large for this machine ({size}; "
+                             f"{_gib(available)} of memory available)")
+
+
+def _gib(size: int) -> str:
+    return f"{size / (1 << 30):.3g} GiB"
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory available now (Linux ``MemAvailable``), or None where unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as info:
+            for line in info:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_model_runs(model: nn.Module, example_inputs: Sequence[torch.Tensor], spec: str,
+                     shape_option: str | None = None) -> None:
+    """Run ``model`` once on ``example_inputs`` (no gradients, the global RNG untouched) and raise
+    :class:`ModelSpecError` naming the spec, the input shapes (and ``shape_option``, the option
+    that set them) and the error when it fails. A model whose tensors are on the ``meta`` device
+    (no data) is not run: the analysis works on it, and what needs data refuses it by name."""
+    if any(t.is_meta for t in (*model.parameters(), *model.buffers(), *example_inputs)):
+        return
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            model(*example_inputs)
+    except Exception as exc:  # noqa: BLE001 - any failure of the user's model on these inputs
+        shapes = "; ".join(",".join(map(str, t.shape)) for t in example_inputs)
+        given = f" (from {shape_option})" if shape_option else ""
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ModelSpecError(f"model {spec} does not run on example inputs of shape {shapes}{given}: "
+                             f"{type(exc).__name__}: {reason[:300]}") from None
 
 
 # --- scheme dispatch ---------------------------------------------------------------
 
 Resolver = Callable[[str], tuple[nn.Module, ExampleInputs]]
+
+
+def check_model_spec(spec: str) -> None:
+    """Raise :class:`ModelSpecError` unless ``spec`` has the form of a model spec (a known scheme,
+    ``FILE.py:FACTORY`` or a ``.pt`` file); nothing is loaded, so recipes check it when they load."""
+    _resolver_for(spec)
 
 
 def _resolver_for(spec: str) -> Resolver:
@@ -85,7 +153,7 @@ def _resolver_for(spec: str) -> Resolver:
         return _resolve_saved_module
     known = ", ".join(f"{name}:NAME" for name in RESOLVERS)
     raise ModelSpecError(
-        f"cannot resolve model spec {spec!r}: expected one of {known}, "
+        f"cannot resolve model spec {short_repr(spec)}: expected one of {known}, "
         "FILE.py:FACTORY, or FILE.pt"
     )
 
@@ -96,7 +164,7 @@ def _resolve_torchvision(spec: str) -> tuple[nn.Module, ExampleInputs]:
     try:
         import torchvision
     except ImportError as exc:
-        raise ModelSpecError(f"{spec!r} needs torchvision, which is not installed") from exc
+        raise ModelSpecError(f"{short_repr(spec)} needs torchvision, which is not installed") from exc
     available = torchvision.models.list_models(module=torchvision.models)
     if name not in available:
         raise ModelSpecError(_unknown_name_message("torchvision", name, available))
@@ -115,7 +183,7 @@ def _resolve_timm(spec: str) -> tuple[nn.Module, ExampleInputs]:
         import timm
     except ImportError as exc:
         raise ModelSpecError(
-            f"{spec!r} needs timm, which is not installed (pip install timm)"
+            f"{short_repr(spec)} needs timm, which is not installed (pip install timm)"
         ) from exc
     available = timm.list_models()
     if name not in available:
@@ -138,7 +206,7 @@ def _resolve_python_file(spec: str) -> tuple[nn.Module, ExampleInputs]:
     """Call ``FACTORY()`` from ``FILE.py``; see :func:`_example_inputs_from` for inputs."""
     file_part, sep, factory_name = spec.rpartition(":")
     if not sep or not factory_name:
-        raise ModelSpecError(f"model spec {spec!r} names a Python file but no factory: "
+        raise ModelSpecError(f"model spec {short_repr(spec)} names a Python file but no factory: "
                              "write FILE.py:FACTORY")
     source = import_file(Path(file_part))
     factory = getattr(source, factory_name, None)
@@ -251,7 +319,7 @@ def _unknown_name_message(source: str, name: str, available: Sequence[str]) -> s
     """Say a name is unknown, with the closest known names."""
     close = difflib.get_close_matches(name, available, n=3)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
-    return f"unknown {source} model {name!r}{hint}"
+    return f"unknown {source} model {short_repr(name)}{hint}"
 
 
 def _missing_factory_message(source: ModuleType, file_part: str, factory_name: str) -> str:
@@ -263,7 +331,7 @@ def _missing_factory_message(source: ModuleType, file_part: str, factory_name: s
     ]
     close = difflib.get_close_matches(factory_name, callables, n=3)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
-    return f"{file_part} has no callable {factory_name!r}{hint}"
+    return f"{file_part} has no callable {short_repr(factory_name)}{hint}"
 
 
 def load_function(spec: str, role: str, error: type[ValueError] = ValueError) -> Callable[..., Any]:
@@ -272,15 +340,15 @@ def load_function(spec: str, role: str, error: type[ValueError] = ValueError) ->
     function."""
     file_part, sep, name = spec.rpartition(":")
     if not sep or not file_part.endswith(".py") or not name:
-        raise error(f"{role} {spec!r}: write FILE.py:FUNCTION")
+        raise error(f"{role} {short_repr(spec)}: write FILE.py:FUNCTION")
     path = Path(file_part)
     if not path.is_file():
-        raise error(f"{role} {spec!r}: no such file {path}")
+        raise error(f"{role} {short_repr(spec)}: no such file {path}")
     try:
         source = import_file(path)
     except ModelSpecError as exc:
-        raise error(f"{role} {spec!r}: {exc}") from None
+        raise error(f"{role} {short_repr(spec)}: {exc}") from None
     function = getattr(source, name, None)
     if not callable(function):
-        raise error(f"{role} {spec!r}: {path} has no function {name!r}")
+        raise error(f"{role} {short_repr(spec)}: {path} has no function {short_repr(name)}")
     return function

@@ -15,7 +15,7 @@ from torch import nn
 from ..passes.analysis import ChannelAnalysis, ChannelGroup
 from ..passes.config import Config
 from ..passes.export import check_runs, mask_channels, remove_channels
-from ..passes.graph import as_input_tuple
+from ..passes.graph import as_input_tuple, require_data
 from ..passes.importance import IMPORTANCE, importance_scores, param_table
 from .api import analyze_model
 
@@ -158,6 +158,7 @@ def prune(
     a model that cannot be traced, and :class:`~spruce.passes.export.CompactModelError`
     naming the node when the compact model cannot run on the example input."""
     _validate(ratio, importance, round_to)
+    require_data(model, example_inputs, "prune")
     analysis = analyze_model(model, example_inputs, leaf_modules)
     kept = select_channels(model, analysis.groups, ratio, importance, round_to, ignore, seed)
     compact = remove_channels(analysis, model, kept)

@@ -61,6 +61,8 @@ from ..passes.sparsity.method import MethodConfig
 from ..passes.sparsity.model import check_combination
 from ..passes.sparsity.registry import COMPILE_DEFAULT, config_class, method_names, resolve_method
 from ..targets.base import check_target_options
+from .datasets import check_data_spec
+from .models import check_input_sizes, check_model_spec
 
 __all__ = ["Recipe", "RecipeError", "load_recipe", "parse_budget", "recipe_schema"]
 
@@ -160,6 +162,26 @@ class Recipe(Config):
             raise ValueError(f"budget {kind} must be a fraction of dense in (0, 1], got {fraction!r}")
         return budget
 
+    @field_validator("model", mode="after")
+    @classmethod
+    def _model_spec(cls, spec: str | None) -> str | None:
+        if spec is not None:
+            check_model_spec(spec)  # the form; the model itself is loaded by compile's first stage
+        return spec
+
+    @field_validator("data", mode="after")
+    @classmethod
+    def _data_spec(cls, spec: str) -> str:
+        check_data_spec(spec)
+        return spec
+
+    @field_validator("input_shape", mode="after")
+    @classmethod
+    def _input_size(cls, shape: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        if shape is not None:
+            check_input_sizes([shape])  # before any work: a shape too large to allocate
+        return shape
+
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:
         if self.sparsity is None and self.budget is None:
@@ -195,39 +217,76 @@ class Recipe(Config):
         return self.model_dump(mode="json")
 
 
+# Recipes are small: a file larger than this, or with more YAML nodes, is refused before it is parsed
+# or validated (a YAML alias bomb expands a few lines into billions of nodes).
+MAX_RECIPE_BYTES = 1 << 20
+MAX_RECIPE_NODES = 10_000
+
+
 def load_recipe(path: str | os.PathLike) -> Recipe:
-    """Read a YAML (``.yaml``/``.yml``) or JSON recipe file."""
+    """Read a YAML (``.yaml``/``.yml``) or JSON recipe file.
+
+    YAML anchors and aliases (``&name``, ``*name``) are refused, as are files over
+    :data:`MAX_RECIPE_BYTES` or :data:`MAX_RECIPE_NODES` nodes, so no recipe can expand into
+    more than it spells out (a "billion laughs" alias bomb)."""
     path = Path(path)
     try:
+        if path.is_file() and path.stat().st_size > MAX_RECIPE_BYTES:
+            raise RecipeError(f"recipe {path} is {path.stat().st_size:,} bytes; recipes are at most "
+                              f"{MAX_RECIPE_BYTES:,} bytes")
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise RecipeError(f"cannot read recipe {path}: {exc}") from None
     try:
         if path.suffix.lower() in (".yaml", ".yml"):
-            import yaml
-
-            document = yaml.safe_load(text)
+            document = _parse_yaml(text, path)
         elif path.suffix.lower() == ".json":
             document = json.loads(text)
         else:
-            raise RecipeError(f"recipe {path}: unknown format {path.suffix!r}; use .yaml, .yml or .json")
+            raise RecipeError(f"recipe {path}: unknown format {short_repr(path.suffix)}; use .yaml, .yml or .json")
     except RecipeError:
         raise
     except Exception as exc:  # yaml.YAMLError, json.JSONDecodeError, recursion on hostile input
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise RecipeError(f"recipe {path} is not valid {path.suffix.lstrip('.').upper()}: "
-                          f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+                          f"{short_repr(reason, 200)[1:-1]}") from None
     return Recipe.from_mapping(document, str(path))
+
+
+def _parse_yaml(text: str, path: Path) -> Any:
+    """``yaml.safe_load`` that refuses anchors, aliases and more than :data:`MAX_RECIPE_NODES` nodes."""
+    import yaml
+
+    class RecipeLoader(yaml.SafeLoader):
+        nodes = 0
+
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            event = self.peek_event()
+            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+                raise RecipeError(f"recipe {path}: line {event.start_mark.line + 1}: YAML anchors and aliases "
+                                  "(&name, *name) are not allowed in recipes; write each value out")
+            self.nodes += 1
+            if self.nodes > MAX_RECIPE_NODES:
+                raise RecipeError(f"recipe {path} has more than {MAX_RECIPE_NODES:,} YAML nodes; recipes are small "
+                                  "mappings of options")
+            return super().compose_node(parent, index)
+
+    loader = RecipeLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 def parse_budget(text: str) -> dict[str, float]:
     """``latency=0.5`` -> ``{"latency": 0.5}`` (the command line's --budget)."""
     kind, sep, value = text.partition("=")
     if not sep:
-        raise RecipeError(f"--budget must look like latency=0.5 (or flops=..., params=...), got {text!r}")
+        raise RecipeError(f"--budget must look like latency=0.5 (or flops=..., params=...), got {short_repr(text)}")
     try:
         fraction = float(value)
     except ValueError:
-        raise RecipeError(f"--budget {kind}: {value!r} is not a number") from None
+        raise RecipeError(f"--budget {short_repr(kind)[1:-1]}: {short_repr(value)} is not a number") from None
     return {kind.strip(): fraction}
 
 

@@ -37,6 +37,7 @@ import copy
 import inspect
 import sys
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,18 +49,18 @@ from torch import nn
 
 from ..passes.analysis import analyze
 from ..passes.export import check_runs, remove_channels
-from ..passes.graph import CapturedGraph
+from ..passes.graph import CapturedGraph, require_data
 from ..passes.importance import importance_scores, param_table
 from ..passes.sparsity.knapsack import build_cost_model, select_channels
 from ..passes.sparsity.method import MethodConfig, RunLength
-from ..passes.sparsity.model import SparseModel, sparsify_captured
+from ..passes.sparsity.model import SparseModel, StaleOptimizerWarning, sparsify_captured
 from ..runtime.bench import BenchReport
 from ..runtime.bench import bench as bench_artifacts
 from ..runtime.budget import MeasuredSelection, meet_latency_budget
 from ..runtime.profile import LatencyTable
 from ..runtime.profile import profile as profile_layers
 from ..targets.base import Artifact, Target, get_target
-from ..targets.files import atomic_path
+from ..targets.files import OutputError, atomic_path
 from .datasets import DataError, Loaders, check_disjoint, default_model, inputs_of, load_data, loaders_from
 from .outputs import Fidelity, OutputPlan, fidelity, flatten_outputs, plan_outputs
 from .recipes import Recipe
@@ -355,7 +356,9 @@ def export(setup: Setup, reference: Reference, sparsified: Sparsified, workspace
     if sparse is None:
         compiled = sparsified.compact.eval()
     else:
-        compiled = (sparse.compact() if sparse.structure == "channel" else sparse.fold()).eval()
+        with warnings.catch_warnings():  # compile trains the SparseModel only, never the compiled model
+            warnings.simplefilter("ignore", StaleOptimizerWarning)
+            compiled = (sparse.compact() if sparse.structure == "channel" else sparse.fold()).eval()
         with torch.no_grad():
             check = inputs_of(next(iter(setup.data.test)))[:16]
             pairs = zip(flatten_outputs(compiled(check)), flatten_outputs(sparse.eval()(check)))
@@ -415,8 +418,10 @@ def _save_module(module: nn.Module, path: Path) -> str | None:
     """``torch.save`` the compiled module (a convenience next to the artifact); some torch
     versions cannot pickle every fx GraphModule, which must not fail the compile."""
     try:
-        with atomic_path(path) as temp:
-            torch.save(module, temp)
+        with atomic_path(path) as temp, open(temp, "wb") as stream:
+            torch.save(module, stream)
+    except (OSError, OutputError):  # a full disk is the output's problem, not a pickling limit
+        raise
     except Exception as exc:  # pickling limits of the installed torch, reported in report.json
         return f"not saved: {type(exc).__name__}: {exc}"
     return path.name
@@ -452,6 +457,7 @@ def _model_example_data(recipe: Recipe, given: Given, prepare: UserFunction | No
         example, name = _single_input(inputs, f"model {recipe.model}"), f"model {recipe.model}"
     if not isinstance(model, nn.Module):
         raise ValueError(f"{name} is a {type(model).__name__}, not a torch.nn.Module")
+    require_data(model, (example,), f"compile {name}")  # a meta-device model is refused by name
     example = example[:1]
     data = _data(recipe, given, example, prepare)
     return model, example, data, name, False

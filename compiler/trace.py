@@ -10,7 +10,9 @@ auxiliary heads), the training-mode graph too, so that passes can keep both vali
 from __future__ import annotations
 
 import contextlib
+import io
 import os
+import sys
 import traceback
 import warnings
 from collections.abc import Iterable, Sequence
@@ -18,6 +20,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import fx
 from torch.fx.passes.shape_prop import ShapeProp
+from torch.nn.utils import parametrize
 
 from ..passes.graph import CapturedGraph, as_input_tuple
 
@@ -48,6 +51,10 @@ class _SpruceTracer(fx.Tracer):
             return True
         if module_qualified_name in self._leaf_names:
             return True
+        if parametrize.is_parametrized(m):
+            # its weight is computed in forward (weight_norm, spectral_norm, ...): trace through it, so
+            # the graph computes the weight from the parameters instead of holding a snapshot of it
+            return False
         return super().is_leaf_module(m, module_qualified_name)
 
     def call_module(self, m, forward, args, kwargs):
@@ -120,6 +127,26 @@ def _to_meta(value: object) -> object:
     return value.to("meta") if isinstance(value, torch.Tensor) else value
 
 
+class _QuietShapeProp(ShapeProp):
+    """``ShapeProp`` without the traceback torch prints to stderr for a node that fails: the
+    failure is raised (as a :class:`TraceError` naming the node) instead. What the model itself
+    writes to stderr while a node runs (warnings, prints) still reaches stderr."""
+
+    failed_node: fx.Node | None = None
+
+    def run_node(self, n: fx.Node):
+        written = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(written):
+                result = super().run_node(n)
+        except Exception:
+            self.failed_node = n
+            raise
+        if written.getvalue():
+            sys.stderr.write(written.getvalue())
+        return result
+
+
 def _propagate(gm: fx.GraphModule, inputs: Sequence[object]) -> None:
     """Shape/dtype meta on every node. Tries, cheapest first: meta tensors (no compute,
     no copy of the weights), fake tensors, then a real run for ops neither supports."""
@@ -127,7 +154,7 @@ def _propagate(gm: fx.GraphModule, inputs: Sequence[object]) -> None:
 
     try:
         with torch.no_grad(), _reparametrize_module(gm, _meta_state(gm)):
-            ShapeProp(gm).propagate(*[_to_meta(x) for x in inputs])
+            _QuietShapeProp(gm).propagate(*[_to_meta(x) for x in inputs])
         return
     except Exception:  # noqa: BLE001, S110 - any meta-tensor limitation: try the next way
         pass
@@ -135,32 +162,35 @@ def _propagate(gm: fx.GraphModule, inputs: Sequence[object]) -> None:
         from torch._subclasses.fake_tensor import FakeTensorMode
 
         with torch.no_grad():
-            ShapeProp(gm, fake_mode=FakeTensorMode(allow_non_fake_inputs=True)).propagate(*inputs)
+            _QuietShapeProp(gm, fake_mode=FakeTensorMode(allow_non_fake_inputs=True)).propagate(*inputs)
         return
     except Exception:  # noqa: BLE001, S110 - any fake-tensor limitation: fall back to a real run
         pass
+    propagation = _QuietShapeProp(gm)
     try:
         with torch.no_grad():
-            ShapeProp(gm).propagate(*inputs)
+            propagation.propagate(*inputs)
     except Exception as exc:
-        node = _failing_node(exc)
-        where = f" at node '{node}'" if node else ""
+        node = propagation.failed_node
+        cause = exc.__cause__ if node is not None and exc.__cause__ is not None else exc
+        reason = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+        where = f" at node '{node.name}'{_module_of(gm, node)}" if node is not None else ""
+        shapes = "; ".join(",".join(map(str, x.shape)) for x in inputs if isinstance(x, torch.Tensor))
         raise TraceError(
-            f"example inputs do not fit the model{where}: {type(exc).__name__}: {exc}",
-            module_path=node,
-            operation=str(exc),
-        ) from exc
+            f"example inputs of shape {shapes} do not fit the model{where}: {type(cause).__name__}: {reason}",
+            module_path=node.name if node is not None else None,
+            operation=reason,
+        ) from cause
 
 
-def _failing_node(exc: BaseException) -> str | None:
-    # fx's Interpreter annotates failures with "While executing %name : ..."
-    for note in getattr(exc, "__notes__", []) or []:
-        if "While executing" in note:
-            return note.split("%", 1)[-1].split(" ", 1)[0].strip(":")
-    text = str(exc)
-    if "While executing %" in text:
-        return text.split("While executing %", 1)[1].split(" ", 1)[0].strip(":")
-    return None
+def _module_of(gm: fx.GraphModule, node: fx.Node) -> str:
+    """`` (module NAME, a TYPE)`` for a module call, else empty."""
+    if node.op != "call_module":
+        return ""
+    try:
+        return f" (module {node.target}, a {type(gm.get_submodule(node.target)).__name__})"
+    except AttributeError:
+        return ""
 
 
 def trace(

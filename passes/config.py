@@ -14,11 +14,13 @@ from typing import Any, ClassVar, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-__all__ = ["Config", "ConfigError", "describe_errors", "short_repr"]
+__all__ = ["Config", "ConfigError", "describe_errors", "short_list", "short_repr"]
 
 C = TypeVar("C", bound="Config")
 
 _ECHO_LIMIT = 80  # characters of a user's value echoed back in a message
+_MAX_PROBLEMS = 10  # problems listed in one message (the rest are counted)
+_PROBLEM_LIMIT = 500  # characters of one problem line
 
 
 class ConfigError(ValueError):
@@ -31,7 +33,10 @@ class ConfigError(ValueError):
         self.owner = owner
         self.problems = list(problems) if problems is not None else [message]
         prefix = f"{owner}: " if owner else ""
-        super().__init__("; ".join(prefix + problem for problem in self.problems))
+        shown = [_cut(prefix + problem, _PROBLEM_LIMIT) for problem in self.problems[:_MAX_PROBLEMS]]
+        if len(self.problems) > _MAX_PROBLEMS:
+            shown.append(f"and {len(self.problems) - _MAX_PROBLEMS} more problems")
+        super().__init__("; ".join(shown))
 
     def owned_by(self, owner: str) -> ConfigError:
         """The same problems, named after ``owner`` (e.g. the file the options came from)."""
@@ -39,13 +44,51 @@ class ConfigError(ValueError):
 
 
 def short_repr(value: Any, limit: int = _ECHO_LIMIT) -> str:
-    """``repr(value)`` cut to ``limit`` characters (error messages never echo huge values)."""
-    text = repr(value)
+    """``repr(value)`` cut to ``limit`` characters (error messages never echo huge values).
+    Containers are cut before they are formatted, so even a value that expands to billions of
+    elements is echoed in bounded time and memory."""
+    return _cut(repr(_shallow(value, limit)), limit)
+
+
+def short_list(values: Any, limit: int = _ECHO_LIMIT) -> str:
+    """``a, b, c`` of the (string forms of the) first few ``values``, cut to ``limit`` characters."""
+    shown, length = [], 0
+    for value in values:
+        text = _cut(str(value), limit)
+        shown.append(text)
+        length += len(text) + 2
+        if length > limit:
+            break
+    return _cut(", ".join(shown), limit)
+
+
+def _cut(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _shallow(value: Any, limit: int, depth: int = 3) -> Any:
+    """``value`` with strings, containers and nesting cut to what ``limit`` characters can show."""
+    if isinstance(value, str):
+        return value[: limit + 1]
+    if isinstance(value, (list, tuple, set, frozenset, dict)) and (depth == 0 or len(value) > limit // 2):
+        return _Elided(type(value).__name__, len(value))
+    if isinstance(value, dict):
+        return {_shallow(k, limit, depth - 1): _shallow(v, limit, depth - 1) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_shallow(v, limit, depth - 1) for v in value)
+    return value
+
+
+class _Elided:
+    def __init__(self, kind: str, size: int):
+        self.text = f"<{kind} of {size} entries>" if size else f"<{kind}>"
+
+    def __repr__(self) -> str:
+        return self.text
+
+
 def _field(loc: tuple) -> str:
-    return ".".join(str(part) for part in loc) or "value"
+    return _cut(".".join(str(part) for part in loc), _ECHO_LIMIT) or "value"
 
 
 def _message(error: Mapping[str, Any], valid: list[str] | None = None) -> str:

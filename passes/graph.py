@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
-__all__ = ["CapturedGraph", "as_input_tuple"]
+__all__ = ["CapturedGraph", "as_input_tuple", "require_data"]
 
 
 @dataclass
@@ -37,6 +37,22 @@ class CapturedGraph:
     def graph_for(self, training: bool) -> fx.GraphModule:
         """The graph that runs in the given mode."""
         return self.train if training and self.train is not None else self.eval
+
+
+def require_data(model: nn.Module, example_inputs: object, what: str) -> None:
+    """Raise ``ValueError`` when ``model``'s parameters or buffers, or the example inputs, are on
+    the ``meta`` device: they have shapes but no values, so ``what`` (an operation that reads
+    weights or runs the model) cannot work on them. The message names the first such tensors and
+    how to materialise them. Tracing and channel analysis work on meta models and need no check."""
+    named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    empty = [name for name, tensor in named if tensor.is_meta]
+    inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    empty += [f"example input {i}" for i, x in enumerate(inputs) if isinstance(x, torch.Tensor) and x.is_meta]
+    if empty:
+        shown = ", ".join(empty[:3]) + (f" and {len(empty) - 3} more" if len(empty) > 3 else "")
+        raise ValueError(f"{what}: {shown} {'is' if len(empty) == 1 else 'are'} on the meta device (shapes "
+                         "without values): materialise the model first, e.g. model.to_empty(device='cpu') then "
+                         "model.load_state_dict(weights), and give example inputs with values")
 
 
 def as_input_tuple(example_inputs: object) -> tuple:

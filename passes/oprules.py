@@ -1008,10 +1008,14 @@ def matmul(an: Analyzer, call: Call) -> object:
 @function_rule(F.scaled_dot_product_attention)
 def sdpa(an: Analyzer, call: Call) -> object:
     """Heads (leading dims) are independent units; the q/k feature dim is contracted and
-    sets the default scale, so it is pinned; v's feature dim flows to the output."""
+    sets the default scale, so it is pinned; v's feature dim flows to the output. With
+    ``is_causal`` query row i reads keys 0..i by position, so the query rows are pinned too
+    (removing one would shift every later row's mask)."""
     q, k, v = call.args[0], call.args[1], call.args[2]
     mask = call.arg(3, "attn_mask")
     an.pin_value(mask, f"attention mask at node '{call.node.name}'")
+    if call.arg(5, "is_causal", False) is not False:  # True, or a value only known at run time
+        an.pin(q[-2], f"causal attention query rows (positions) at node '{call.node.name}'")
     reason = f"attention query/key feature dim at node '{call.node.name}'"
     an.pin(q[-1], reason)
     an.pin(k[-1], reason)

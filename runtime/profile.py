@@ -1,6 +1,6 @@
 """Per-layer latency profiling on a target and a table that predicts whole-model latency.
 
-``profile(model, example_inputs, target)`` times every prunable layer (Conv1d/2d/3d,
+``profile(model, example_inputs, target)`` times every prunable layer (Conv1d/2d/3d, ConvTranspose1d/2d/3d,
 grouped and depthwise included, and Linear) of ``model`` on the target over a grid of
 (active input, active output) channel counts and returns a :class:`LatencyTable`.
 
@@ -64,7 +64,7 @@ from tqdm.auto import tqdm
 
 from ..passes.config import Config, ConfigError
 from ..targets.base import Target, get_target
-from ..targets.files import atomic_write_text
+from ..targets.files import atomic_write_text, locked
 
 __all__ = [
     "Calibration",
@@ -87,7 +87,8 @@ READABLE_TABLE_VERSIONS = (1, 2)  # version 1 lacks kernel, fixed_ms and ms_per_
 # Version 2: points and model timings are load-robust (run-queue waiting excluded, inlier mean);
 # version-1 files (wall-clock medians) are not mixed with them.
 CACHE_VERSION = 2
-PROFILED_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+PROFILED_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+                  nn.Linear)
 # Uniform widths (fractions of every prunable group) timed whole to calibrate the table.
 CALIBRATION_FRACTIONS = (1.0, 0.75, 0.5, 0.25)
 # Points of one layer signature timed interleaved at once (bounds the sessions held in memory).
@@ -435,7 +436,7 @@ class _Found:
 
 
 def find_layers(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> dict[str, _Found]:
-    """Every Conv1d/2d/3d and Linear module a forward on ``example_inputs`` calls, with its
+    """Every Conv1d/2d/3d, ConvTranspose1d/2d/3d and Linear module a forward on ``example_inputs`` calls, with its
     input/output shapes and call count, in call order. Raises :class:`ProfileError` when a
     shared module is called with different input shapes."""
     names = {module: name for name, module in model.named_modules(remove_duplicate=True)}
@@ -477,8 +478,10 @@ def layer_signature(module: nn.Module, input_shape: Sequence[int], dtype: torch.
         groups = f"depthwise*{module.out_channels // module.groups}"
     else:
         groups = str(module.groups)
+    output_padding = f",op={list(module.output_padding)}" if module.transposed else ""
     return (f"{type(module).__name__}(k={list(module.kernel_size)},s={list(module.stride)},p={module.padding},"
-            f"d={list(module.dilation)},g={groups},bias={module.bias is not None},pad={module.padding_mode})"
+            f"d={list(module.dilation)},g={groups},bias={module.bias is not None},pad={module.padding_mode}"
+            f"{output_padding})"
             f"|in={list(input_shape[2:])}|batch={batch}|{dtype_name}")
 
 
@@ -535,8 +538,9 @@ def _varying_dims(analysis: Any, layers: Mapping[str, _Found]) -> dict[str, tupl
     result = {}
     for name, found in layers.items():
         weight = f"{name}.weight" if name else "weight"
-        out_unit, in_unit = units.get((weight, 0), 0), units.get((weight, 1), 0)
         module = found.module
+        out_dim, in_dim = (1, 0) if getattr(module, "transposed", False) else (0, 1)  # (in, out / g, *k)
+        out_unit, in_unit = units.get((weight, out_dim), 0), units.get((weight, in_dim), 0)
         if not isinstance(module, nn.Linear) and module.groups > 1 and module.in_channels == module.groups:
             in_unit = out_unit  # depthwise: input and output channels go together
         result[name] = (in_unit, out_unit)
@@ -607,7 +611,23 @@ class _Cache:
     def _path(self, kind: str, key: str) -> Path:
         return self.folder / f"{kind}-{_digest(key)}.json"
 
+    def check(self) -> None:
+        """Raise :class:`ProfileError` naming the cache folder when it cannot be a folder (a file
+        stands at it or above it, or it cannot be created): before anything is measured."""
+        if self.folder is None:
+            return
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            source = " ($SPRUCE_CACHE)" if os.environ.get("SPRUCE_CACHE") else ""
+            raise ProfileError(f"the latency cache folder {self.folder.parent}{source} cannot be used: "
+                               f"{exc.strerror or exc}; point SPRUCE_CACHE at a folder, or pass "
+                               f"use_cache=False") from exc
+
     def read(self, kind: str, key: str) -> dict[str, float]:
+        """The valid cached values of ``(kind, key)``. A file or entry that is not what spruce
+        writes (not JSON, not a mapping, a value that is not a finite non-negative number) is
+        ignored with a warning naming the file, so its points are measured again."""
         if self.folder is None:
             return {}
         path = self._path(kind, key)
@@ -618,18 +638,38 @@ class _Cache:
         except (OSError, ValueError):
             warnings.warn(f"ignoring unreadable latency cache file {path}", stacklevel=3)
             return {}
+        if not isinstance(document, dict):
+            warnings.warn(f"ignoring latency cache file {path}: not a JSON object", stacklevel=3)
+            return {}
         if (document.get("version") != CACHE_VERSION or document.get("fingerprint") != self.fingerprint
                 or document.get("key") != key):
             return {}  # another fingerprint or key (a digest collision): never used
-        return {str(k): float(v) for k, v in document.get("values", {}).items()}
+        values = document.get("values")
+        if not isinstance(values, dict):
+            warnings.warn(f"ignoring latency cache file {path}: its values are not a mapping", stacklevel=3)
+            return {}
+        valid = {str(k): float(v) for k, v in values.items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0}
+        if len(valid) != len(values):
+            bad = sorted(str(k) for k in values if str(k) not in valid)
+            shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+            warnings.warn(f"ignoring {len(bad)} latency cache entr{'y' if len(bad) == 1 else 'ies'} of {path} "
+                          f"that {'is' if len(bad) == 1 else 'are'} not a finite non-negative number ({shown}): "
+                          f"measuring again", stacklevel=3)
+        return valid
 
     def write(self, kind: str, key: str, values: Mapping[str, float]) -> None:
+        """Merge ``values`` into the file of ``(kind, key)`` under a lock, so concurrent profiles of
+        one target keep each other's points; the file is replaced atomically."""
         if self.folder is None:
             return
         self.folder.mkdir(parents=True, exist_ok=True)
-        merged = {**self.read(kind, key), **values}
-        document = {"version": CACHE_VERSION, "fingerprint": self.fingerprint, "key": key, "values": merged}
-        atomic_write_text(self._path(kind, key), json.dumps(document, sort_keys=True) + "\n")
+        path = self._path(kind, key)
+        with locked(path), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # read() already warned about what it drops
+            merged = {**self.read(kind, key), **values}
+            document = {"version": CACHE_VERSION, "fingerprint": self.fingerprint, "key": key, "values": merged}
+            atomic_write_text(path, json.dumps(document, sort_keys=True) + "\n")
 
 
 def _point_key(active_in: int, active_out: int) -> str:
@@ -718,10 +758,11 @@ def _profile(model: nn.Module, inputs: tuple[torch.Tensor, ...], target: Target,
     fingerprint = target.fingerprint()
     cache = _Cache(Path(cache_dir) if cache_dir is not None else default_cache_dir(), fingerprint) \
         if use_cache else _Cache(None, fingerprint)
+    cache.check()
 
     found = find_layers(model, inputs)
     if not found:
-        raise ProfileError(f"profile: {type(model).__name__} has no Conv1d/2d/3d or Linear layer to profile")
+        raise ProfileError(f"profile: {type(model).__name__} has no Conv, ConvTranspose or Linear layer to profile")
     varying = _varying_dims(analysis, found) if analysis is not None else {n: (1, 1) for n in found}
     entries = {name: _make_entry(name, f, config.step, config.coarse, config.edges, *varying[name])
                for name, f in found.items()}
@@ -765,7 +806,10 @@ def _measure_points(target: Target, entries: Mapping[str, LayerEntry], prototype
         for signature, batch in todo.items():
             for start in range(0, len(batch), config.batch_points):
                 chunk = batch[start:start + config.batch_points]
-                points[signature].update(_time_points(target, prototypes[signature], chunk, config))
+                measured = _time_points(target, prototypes[signature], chunk, config)
+                points[signature].update(measured)
+                # persisted as measured: a killed run keeps every chunk it finished
+                cache.write("layer", signature, {_point_key(*point): ms for point, ms in measured.items()})
                 bar.update(len(chunk))
     # A burst of load can still inflate a point; such a point costs more than a point with more
     # channels in both dims. Time those again and keep the lower value (a real non-monotonic

@@ -9,12 +9,15 @@ line: :func:`get_target` imports every module of the package.
 
 Every artifact file has a manifest next to it (``<artifact>.spruce.json``)
 naming the target that built it, so an artifact is never run by the wrong
-target.
+target, and pinning the size and sha256 of the artifact and of every file it
+reads (ONNX external data), so a swapped, edited or truncated artifact is
+refused by :func:`read_artifact` instead of being timed or run.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib
 import json
 import os
@@ -55,7 +58,7 @@ __all__ = [
 
 MANIFEST_SUFFIX = ".spruce.json"
 MANIFEST_FORMAT = "spruce-artifact"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: "files" pins size and sha256 of every file of the artifact
 
 # A runner takes the model's inputs (numpy arrays or tensors) and returns its outputs.
 Runner = Callable[[Sequence[Any]], Any]
@@ -78,6 +81,7 @@ class Artifact:
     input_shapes: tuple[tuple[int, ...], ...]
     input_dtype: str = "float32"
     info: dict[str, Any] = field(default_factory=dict)  # target-specific (precision, sparse layers, ...)
+    data_files: tuple[str, ...] = ()  # names of files next to ``path`` that it reads (ONNX external data)
 
     @property
     def manifest_path(self) -> Path:
@@ -93,6 +97,7 @@ class Artifact:
             "input_shapes": [list(s) for s in self.input_shapes],
             "input_dtype": self.input_dtype,
             "info": self.info,
+            "files": {name: _file_pin(self.path.parent / name) for name in (self.path.name, *self.data_files)},
         }
         atomic_write_text(self.manifest_path, json.dumps(document, indent=2) + "\n")
 
@@ -111,18 +116,58 @@ def read_artifact(path: str | os.PathLike, expected_target: str | None = None) -
             raise ValueError(f"format is {document.get('format')!r}, not {MANIFEST_FORMAT!r}")
         if document.get("version") != MANIFEST_VERSION:
             raise ValueError(f"manifest version {document.get('version')!r} is not {MANIFEST_VERSION}")
+        pins = document["files"]
+        if not isinstance(pins, dict) or path.name not in pins:
+            raise ValueError(f"'files' does not pin {path.name}")
+        pins = {str(name): (int(pin["size"]), str(pin["sha256"])) for name, pin in pins.items()}
+        for name in pins:
+            if Path(name).name != name or name in (".", ".."):
+                raise ValueError(f"'files' names {_bounded(name)!r}, not a file next to the artifact")
         artifact = Artifact(
             path=path,
             target=str(document["target"]),
             input_shapes=tuple(tuple(int(d) for d in s) for s in document["input_shapes"]),
             input_dtype=str(document.get("input_dtype", "float32")),
             info=dict(document.get("info", {})),
+            data_files=tuple(name for name in pins if name != path.name),
         )
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ArtifactError(f"manifest {manifest} is not a valid spruce manifest: {exc}") from exc
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ArtifactError(f"manifest {manifest} is not a valid spruce manifest: {_bounded(exc)}") from exc
+    for name, (size, sha256) in pins.items():
+        _check_pin(path.parent / name, size, sha256, manifest)
     if expected_target is not None and artifact.target != expected_target:
         raise ArtifactError(f"artifact {path} was built for target {artifact.target!r}, not {expected_target!r}")
     return artifact
+
+
+def _file_pin(path: Path) -> dict[str, Any]:
+    return {"size": path.stat().st_size, "sha256": _sha256(path)}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for chunk in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _check_pin(path: Path, size: int, sha256: str, manifest: Path) -> None:
+    """Raise :class:`ArtifactError` unless ``path`` has the size and sha256 ``manifest`` pins."""
+    if not path.is_file():
+        raise ArtifactError(f"artifact file {path} named in {manifest.name} is missing")
+    actual = path.stat().st_size
+    if actual != size:
+        raise ArtifactError(f"artifact file {path} has {actual} bytes, its manifest {manifest.name} pins {size}: "
+                            f"it was changed or truncated after spruce built it (rebuild it)")
+    if _sha256(path) != sha256:
+        raise ArtifactError(f"artifact file {path} does not match the sha256 its manifest {manifest.name} pins: "
+                            f"it was changed after spruce built it (rebuild it)")
+
+
+def _bounded(value: object, limit: int = 200) -> str:
+    text = str(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 class TargetOptions(Config):
@@ -231,7 +276,7 @@ class Target(ABC):
                    batch_size: int | None = None, warmup: int = 10, repeats: int = 50) -> np.ndarray:
         """Seconds per forward of one layer shaped like ``layer`` with ``active_in``/``active_out`` channels.
 
-        ``layer`` (a Conv1d/2d/3d, grouped or depthwise, or a Linear) gives the kind and the
+        ``layer`` (a Conv1d/2d/3d or ConvTranspose1d/2d/3d, grouped or depthwise, or a Linear) gives the kind and the
         hyper-parameters (kernel, stride, padding, dilation, groups, bias, dtype); ``input_shape`` is
         its full input shape (channels at dim 1 for a convolution, last for a linear layer), whose
         batch dim is replaced by ``batch_size`` when given. The layer is built fresh with random
@@ -284,7 +329,7 @@ def target_class(name: str) -> type[Target]:
     """The target class registered under ``name``; ``ValueError`` listing the valid names otherwise."""
     _load_target_modules()
     if name not in TARGETS:
-        raise ValueError(f"unknown target {name!r}; valid: {', '.join(sorted(TARGETS))}")
+        raise ValueError(f"unknown target {str(name)[:80]!r}; valid: {', '.join(sorted(TARGETS))}")
     return TARGETS[name]
 
 
@@ -338,9 +383,10 @@ def resized_layer(layer: nn.Module, active_in: int, active_out: int) -> nn.Modul
     factory = {"dtype": layer.weight.dtype} if isinstance(getattr(layer, "weight", None), torch.Tensor) else {}
     if isinstance(layer, nn.Linear):
         return nn.Linear(active_in, active_out, bias=layer.bias is not None, **factory)
-    if type(layer) not in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
+    if type(layer) not in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+                           nn.ConvTranspose3d):
         raise ValueError(f"cannot time a layer of type {type(layer).__name__}: "
-                         "expected Conv1d, Conv2d, Conv3d or Linear")
+                         "expected Conv1d/2d/3d, ConvTranspose1d/2d/3d or Linear")
     groups = layer.groups
     if groups > 1 and layer.in_channels == groups:  # depthwise: groups follow the channels
         multiplier = layer.out_channels // groups
@@ -351,9 +397,10 @@ def resized_layer(layer: nn.Module, active_in: int, active_out: int) -> nn.Modul
     elif active_in % groups or active_out % groups:
         raise ValueError(f"grouped convolution with {groups} groups: active_in ({active_in}) and active_out "
                          f"({active_out}) must be multiples of {groups}")
+    extra = {"output_padding": layer.output_padding} if layer.transposed else {}
     return type(layer)(active_in, active_out, layer.kernel_size, stride=layer.stride, padding=layer.padding,
                        dilation=layer.dilation, groups=groups, bias=layer.bias is not None,
-                       padding_mode=layer.padding_mode, **factory)
+                       padding_mode=layer.padding_mode, **extra, **factory)
 
 
 def _cpu_name() -> str:

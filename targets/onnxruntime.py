@@ -9,6 +9,7 @@ has been written completely and passed ``onnx.checker``.
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import os
 import warnings
@@ -25,7 +26,7 @@ from pydantic import Field
 from torch import nn
 
 from .base import Artifact, ArtifactError, Runner, Target, TargetOptions, register_target
-from .files import atomic_path, scratch_path
+from .files import OutputError, atomic_path, scratch_path
 
 OPSET = 17
 # The torch.export-based exporter's lowest supported opset.
@@ -59,7 +60,12 @@ def export_onnx(
                 exporter(model, tuple(example_inputs), temp_path, dynamic_batch)
                 onnx.checker.check_model(str(temp_path), full_check=True)
             return target
+        except OutputError:  # the destination cannot take the file: the other exporter would fail too
+            raise
         except Exception as exc:
+            full = _disk_full(exc)
+            if full is not None:  # an exporter that wrapped the OSError of a full disk in its own error
+                raise OutputError(f"cannot write {target}: {full.strerror or full}") from exc
             failures.append(f"{exporter.__name__.removeprefix('_export_')}: "
                             f"{type(exc).__name__}: {exc}")
     raise OnnxExportError("ONNX export failed:\n  " + "\n  ".join(failures))
@@ -199,6 +205,36 @@ def layer_onnx(layer: nn.Module, example: torch.Tensor, dynamic_batch: bool = Tr
 # --- helpers -----------------------------------------------------------------------
 
 
+def external_data_files(path: str | os.PathLike) -> tuple[str, ...]:
+    """Names of the external-data files the ONNX model at ``path`` reads (next to it), sorted."""
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - not a readable ONNX file: it has no external data we can name
+        return ()
+    locations = set()
+    for tensor in onnx.external_data_helper._get_all_tensors(model):
+        if onnx.external_data_helper.uses_external_data(tensor):
+            locations.update(entry.value for entry in tensor.external_data if entry.key == "location")
+    return tuple(sorted(locations))
+
+
+def _first_line(exc: BaseException, limit: int = 300) -> str:
+    lines = str(exc).strip().splitlines()
+    text = f"{type(exc).__name__}: {lines[0] if lines else ''}"
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _disk_full(exc: BaseException) -> OSError | None:
+    """The OSError of a full disk (or quota, or file size limit) behind ``exc``, if any."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def _input_names(count: int) -> list[str]:
     return [f"input_{i}" for i in range(count)]
 
@@ -297,7 +333,7 @@ class OnnxRuntimeCPU(Target):
                 raise OnnxMismatchError(f"{path.name}: ONNX Runtime output differs from torch by {error:.3g} "
                                         f"(relative), above the tolerance {self.tolerance:g}")
         shapes = tuple(tuple(t.shape) for t in example_inputs)
-        artifact = Artifact(path=path, target=self.name, input_shapes=shapes,
+        artifact = Artifact(path=path, target=self.name, input_shapes=shapes, data_files=external_data_files(path),
                             input_dtype=str(example_inputs[0].dtype).removeprefix("torch."),
                             info={"opset": OPSET, "dynamic_batch": self.dynamic_batch,
                                   "optimization": self.optimization, "optimized_graph_saved": self.save_optimized,
@@ -341,8 +377,23 @@ class OnnxRuntimeCPU(Target):
     def load(self, artifact: Artifact) -> Runner:
         if artifact.target != self.name:
             raise ArtifactError(f"artifact {artifact.path} was built for target {artifact.target!r}, not {self.name!r}")
-        session = self.session(artifact.path)
-        names = [i.name for i in session.get_inputs()]
+        unpinned = sorted(set(external_data_files(artifact.path)) - set(artifact.data_files))
+        if unpinned:
+            raise ArtifactError(f"artifact {artifact.path} reads external data {unpinned} that its manifest does "
+                                f"not pin: rebuild it")
+        try:
+            session = self.session(artifact.path)
+        except Exception as exc:  # noqa: BLE001 - ORT's own error types for a file it cannot parse
+            raise ArtifactError(f"artifact {artifact.path} cannot be loaded by ONNX Runtime: "
+                                f"{_first_line(exc)}") from exc
+        declared = session.get_inputs()
+        names = [i.name for i in declared]
+        if len(declared) != len(artifact.input_shapes) or any(
+                len(i.shape) != len(s) or any(isinstance(d, int) and d != e for d, e in zip(i.shape[1:], s[1:]))
+                for i, s in zip(declared, artifact.input_shapes)):
+            raise ArtifactError(f"manifest {artifact.manifest_path} says the inputs are "
+                                f"{[list(s) for s in artifact.input_shapes]}, the ONNX model takes "
+                                f"{[list(i.shape) for i in declared]}: the manifest was edited (rebuild the artifact)")
 
         def run(inputs: Sequence[Any]) -> list[np.ndarray]:
             return session.run(None, {n: _as_numpy(v) for n, v in zip(names, inputs)})

@@ -83,8 +83,8 @@ class TorchTarget(Target):
         path = Path(path)
         model = model.eval()
         program = _export_dynamic_batch(model, tuple(example_inputs))
-        with atomic_path(path, suffix=".tmp.pt2") as temp:
-            torch.export.save(program, temp)
+        with atomic_path(path, suffix=".tmp.pt2") as temp, open(temp, "wb") as stream:
+            torch.export.save(program, stream)  # a full disk then raises OSError
         info: dict[str, Any] = {"device": self.device, "dtype": self.dtype, "compile": self.compile,
                                 "semi_structured": self.semi_structured}
         if self.semi_structured:

@@ -17,6 +17,7 @@ import torch
 from torch import fx, nn
 
 from ..analysis import ChannelAnalysis, ChannelGroup
+from ..config import short_repr
 from .channels import ChannelUnit, expand_channel_masks
 from .knapsack import Budget
 from .layers import SparseLayer, check_finite
@@ -47,9 +48,10 @@ class Structure:
         if len(parts) == 2 and all(p.isdigit() for p in parts):
             n, m = int(parts[0]), int(parts[1])
             if not 0 < n < m:
-                raise ValueError(f"n:m structure needs 0 < N < M, got {structure!r}")
+                raise ValueError(f"n:m structure needs 0 < N < M, got {short_repr(structure)}")
             return cls("n:m", n, m)
-        raise ValueError(f"unknown structure {structure!r}; valid: unstructured, channel, n:m, N:M (e.g. 2:4)")
+        raise ValueError(f"unknown structure {short_repr(structure)}; valid: unstructured, channel, n:m, N:M "
+                         "(e.g. 2:4)")
 
     def __str__(self) -> str:
         return f"{self.n}:{self.m}" if self.kind == "n:m" else self.kind

@@ -32,6 +32,8 @@ import torch
 from numpy.lib.stride_tricks import sliding_window_view
 from torch import fx, nn
 
+from ..config import short_repr
+
 __all__ = [
     "COST_MODELS",
     "Budget",
@@ -64,10 +66,11 @@ class Budget:
 
     def __post_init__(self) -> None:
         if self.kind not in COST_MODELS:
-            raise ValueError(f"unknown budget kind {self.kind!r}; valid: {', '.join(sorted(COST_MODELS))}")
+            raise ValueError(f"unknown budget kind {short_repr(self.kind)}; valid: {', '.join(sorted(COST_MODELS))}")
         f = self.fraction
         if isinstance(f, bool) or not isinstance(f, (int, float)) or not math.isfinite(f) or not 0.0 < f <= 1.0:
-            raise ValueError(f"budget {self.kind!r} must be a fraction of dense in (0, 1], got {f!r}")
+            raise ValueError(f"budget {short_repr(self.kind)} must be a fraction of dense in (0, 1], "
+                             f"got {short_repr(f)}")
 
     @classmethod
     def parse(cls, budget: object) -> Budget:
@@ -76,7 +79,7 @@ class Budget:
             return budget
         if not isinstance(budget, Mapping) or len(budget) != 1:
             raise ValueError(f"budget must be one of {{'latency': f}}, {{'flops': f}}, {{'params': f}} "
-                             f"(f a fraction of dense), got {budget!r}")
+                             f"(f a fraction of dense), got {short_repr(budget)}")
         (kind, fraction), = budget.items()
         return cls(str(kind), fraction)
 

@@ -12,8 +12,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 from torch import fx
+from torch.nn.utils.parametrize import ParametrizationList
 
 from ..analysis import ChannelAnalysis, analyze
+from ..config import short_repr
 from ..export import check_runs, remove_channels
 from ..graph import CapturedGraph
 from .budget import DISTRIBUTIONS, layer_densities
@@ -26,10 +28,25 @@ from .masking import SPARSE_LAYER_TYPES, MaskedWeight, input_channel_dim, insert
 from .method import Method, MethodConfig
 from .registry import SPARSIFY_DEFAULT, method_names, resolve_method
 
-__all__ = ["SparseModel", "SparseLayer", "SparsifySpec", "STRUCTURES", "check_combination", "check_options",
-           "sparsify_captured"]
+__all__ = ["SparseModel", "SparseLayer", "SparsifySpec", "STRUCTURES", "StaleOptimizerWarning", "check_combination",
+           "check_options", "sparsify_captured"]
 
 STRUCTURES = ("unstructured", "channel", "n:m")
+
+
+class StaleOptimizerWarning(UserWarning):
+    """An optimizer that does not hold the parameters it is about to be used for: one built
+    before ``sparsify`` on other tensors, or the SparseModel's optimizer after ``compact()`` /
+    ``fold()``, whose model has parameters of its own. Such an optimizer updates nothing."""
+
+
+_OPTIMIZER_REMEDY = ("build the optimizer after sparsify() on sm.parameters() (the model's own parameters, "
+                     "which the SparseModel shares, do too), and a new one on a compact or folded model's "
+                     "parameters to train that model")
+
+
+def _held_by(optimizer: torch.optim.Optimizer) -> set[int]:
+    return {id(p) for group in optimizer.param_groups for p in group["params"]}
 
 
 @dataclass(frozen=True)
@@ -146,11 +163,23 @@ class SparseModel(nn.Module):
         """Reset the optimizer state of weights that are pruned or regrown at each update.
 
         ``steps_per_epoch`` (optional): optimizer steps in one epoch (``len(loader)``), for
-        methods whose schedule counts epochs (OptG) when ``sparsify`` was not given it."""
+        methods whose schedule counts epochs (OptG) when ``sparsify`` was not given it.
+
+        Warns (:class:`StaleOptimizerWarning`) when ``optimizer`` does not hold the weights of
+        every trainable sparse layer: built on other tensors (a copy of the model, a model
+        from before a compact()), it would update nothing there."""
         if steps_per_epoch is not None:
             if isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, int) or steps_per_epoch < 1:
                 raise ValueError(f"attach: steps_per_epoch must be a positive integer, got {steps_per_epoch!r}")
             self.method.set_steps_per_epoch(steps_per_epoch)
+        held = _held_by(optimizer)
+        missing = [layer.name for layer in self.layers
+                   if layer.module.weight.requires_grad and id(layer.module.weight) not in held]
+        if missing:
+            warnings.warn(StaleOptimizerWarning(
+                f"attach: the optimizer does not hold the weights of {len(missing)} of the {len(self.layers)} "
+                f"sparse layers ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}), so training "
+                f"updates nothing there: {_OPTIMIZER_REMEDY}"), stacklevel=2)
         self._optimizer = optimizer
         self.method.attach(optimizer)
         return self
@@ -164,6 +193,18 @@ class SparseModel(nn.Module):
         step = self.step_count
         if self.method.on_epoch_end(step):
             self._update(step, due=True)
+
+    def _warn_if_optimizer_stale(self, model: nn.Module, made_by: str) -> None:
+        """Warn when an optimizer is attached and does not hold ``model``'s trainable parameters."""
+        if self._optimizer is None:
+            return
+        held = _held_by(self._optimizer)
+        new = [name for name, p in model.named_parameters() if p.requires_grad and id(p) not in held]
+        if new:
+            warnings.warn(StaleOptimizerWarning(
+                f"{made_by}() returns a model with parameters of its own ({len(new)} tensors, e.g. {new[0]}), "
+                f"which the optimizer attached to this SparseModel does not hold: it would train nothing of "
+                f"that model; {_OPTIMIZER_REMEDY}"), stacklevel=3)
 
     def step(self) -> None:
         """Advance one optimizer step: run the method's update, keep pruned weights at zero.
@@ -234,6 +275,7 @@ class SparseModel(nn.Module):
         compact = remove_channels(self.analysis, self.context.source, self.kept_channels())
         if self._example_inputs is not None:
             check_runs(compact, self._example_inputs, self.context.source, "compact model")
+        self._warn_if_optimizer_stale(compact, "compact")
         return compact
 
     # ---- reporting -------------------------------------------------------------------
@@ -277,6 +319,7 @@ class SparseModel(nn.Module):
         with torch.no_grad():
             for layer in self.layers:
                 modules[layer.name].weight.copy_(layer.masked(layer.module.weight) * layer.masked.mask)
+        self._warn_if_optimizer_stale(folded, "fold")
         return folded
 
     # ---- state --------------------------------------------------------------------------
@@ -336,6 +379,11 @@ def _dense_by_design(gm, model: nn.Module, called: set[str], chosen: set[str], e
         if name in called and name not in chosen and name not in excluded \
                 and not isinstance(module, SPARSE_LAYER_TYPES) and "Norm" not in type(module).__name__ \
                 and any(p.dim() >= 2 for p in module.parameters(recurse=False)):
+            if isinstance(module, ParametrizationList):  # weight_norm, spectral_norm, orthogonal, ...
+                owner, _, tensor = name.rpartition(".parametrizations.")
+                kinds = ", ".join(type(p).__name__.lstrip("_") for p in module)
+                out.append(f"{owner} (its {tensor} is computed in forward by a parametrization: {kinds})")
+                continue
             out.append(f"{name} ({type(module).__name__} layers are not supported)")
     params = dict(model.named_parameters())
     for node in gm.graph.nodes:
@@ -417,10 +465,10 @@ def check_combination(config: MethodConfig, structure: str, sparsity: float, dis
     capabilities) and that the numbers are in range; returns the parsed structure and
     budget. Needs no model and no run length, so recipes call it when they load."""
     if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
-        raise ValueError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
+        raise ValueError(f"sparsity must be a number in [0, 1), got {short_repr(sparsity)}")
     parsed = Structure.parse(structure)
     if distribution not in DISTRIBUTIONS:
-        raise ValueError(f"unknown distribution {distribution!r}; valid: {', '.join(DISTRIBUTIONS)}")
+        raise ValueError(f"unknown distribution {short_repr(distribution)}; valid: {', '.join(DISTRIBUTIONS)}")
     if parsed.kind not in config.structures:
         valid = [name for name, cls in _configs().items() if parsed.kind in cls.structures]
         raise ValueError(f"method {config.name!r} does not support structure={str(parsed)!r}; use structure="

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from importlib.metadata import entry_points
 from typing import Any
 
-from ..config import ConfigError
+from ..config import ConfigError, short_list, short_repr
 from . import methods as _builtin  # noqa: F401  (registers every built-in method)
 from .method import METHODS, MethodConfig
 
@@ -54,7 +54,7 @@ def config_class(name: str) -> type[MethodConfig]:
     if isinstance(name, str) and name not in METHODS:
         load_entry_points()
     if not isinstance(name, str) or name not in METHODS:
-        raise ConfigError(f"unknown method {name!r}; valid: {', '.join(method_names())}")
+        raise ConfigError(f"unknown method {short_repr(name)}; valid: {', '.join(method_names())}")
     return METHODS[name].Config
 
 
@@ -70,7 +70,7 @@ def resolve_method(method: str | MethodConfig | Mapping[str, Any], options: Mapp
     options = dict(options or {})
     if isinstance(method, MethodConfig):
         if options:
-            raise ConfigError(f"method options {', '.join(sorted(options))} were given next to a "
+            raise ConfigError(f"method options {short_list(sorted(map(str, options)))} were given next to a "
                               f"{type(method).__name__}: set them on the config object")
         return method
     if isinstance(method, Mapping):
@@ -78,9 +78,9 @@ def resolve_method(method: str | MethodConfig | Mapping[str, Any], options: Mapp
         name = record.pop("name", None)
         if name is None:
             raise ConfigError(f"a method mapping needs a 'name' (one of {', '.join(method_names())}), "
-                              f"got keys {', '.join(map(str, record)) or 'none'}")
+                              f"got keys {short_list(record) or 'none'}")
         clash = sorted(set(record) & set(options))
         if clash:
-            raise ConfigError(f"method option(s) {', '.join(clash)} given twice")
+            raise ConfigError(f"method option(s) {short_list(clash)} given twice")
         return config_class(name).from_mapping({**record, **options}, owner=name)
-    return method_config(method, **options)
+    return config_class(method).from_mapping(options, owner=method)

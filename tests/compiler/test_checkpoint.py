@@ -15,6 +15,8 @@ import pytest
 import spruce
 import torch
 import torch.nn as nn
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from sklearn.datasets import load_digits
 from spruce.compiler.checkpoint import FORMAT_VERSION, CheckpointError, load, read, save
 
@@ -133,7 +135,32 @@ def test_truncated_checkpoint_is_refused(saved, tmp_path):
     for cut in (len(data) // 2, 100, 0):
         broken = tmp_path / f"cut{cut}.pt"
         broken.write_bytes(data[:cut])
-        refused(broken, cnn(), "cannot be read")
+        refused(broken, cnn(), "cannot be read|is corrupt")
+
+
+@pytest.fixture(scope="module")
+def saved_bytes(tmp_path_factory) -> bytes:
+    sm, opt = build("rigl")
+    train(sm, opt, 0, 2)
+    return save(sm, tmp_path_factory.mktemp("ckpt") / "good.pt", opt).read_bytes()
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(position=st.floats(0.0, 1.0, exclude_max=True), bit=st.integers(0, 7))
+def test_a_single_flipped_bit_at_any_offset_is_refused(saved_bytes, tmp_path_factory, position, bit):
+    data = bytearray(saved_bytes)
+    data[int(position * len(data))] ^= 1 << bit
+    flipped = tmp_path_factory.mktemp("flip") / "flipped.pt"
+    flipped.write_bytes(bytes(data))
+    refused(flipped, cnn(), "is corrupt|cannot be read|not a spruce checkpoint")
+
+
+def test_a_flipped_bit_in_the_weights_is_refused(saved, tmp_path):  # the example: the payload's last bytes
+    data = bytearray(saved.read_bytes())
+    data[-2000] ^= 0x10
+    flipped = tmp_path / "flipped.pt"
+    flipped.write_bytes(bytes(data))
+    refused(flipped, cnn(), "content does not match its sha256")
 
 
 def test_foreign_files_are_refused(tmp_path):
@@ -147,7 +174,7 @@ def test_foreign_files_are_refused(tmp_path):
 
 
 def test_newer_format_version_is_refused(saved, tmp_path):
-    checkpoint = torch.load(saved, weights_only=True)
+    checkpoint = read(saved)
     checkpoint["version"] = FORMAT_VERSION + 1
     newer = tmp_path / "newer.pt"
     torch.save(checkpoint, newer)

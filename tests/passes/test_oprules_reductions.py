@@ -53,6 +53,14 @@ OPS = {
                         lambda p, t: F.conv1d(t, p.kernel, padding=1)),
     "roll over L": ({}, lambda p, t: torch.roll(t, 1, 2)),
     "flip over L": ({}, lambda p, t: torch.flip(t, [2])),
+    "sdpa causal over L (query rows)": ({"keys": lambda: nn.Parameter(torch.randn(L, C)),
+                                         "values": lambda: nn.Parameter(torch.randn(L, C))},
+                                        lambda p, t: F.scaled_dot_product_attention(
+                                            t.transpose(1, 2), p.keys, p.values, is_causal=True).transpose(1, 2)),
+    "sdpa causal, positional": ({"keys": lambda: nn.Parameter(torch.randn(L, C)),
+                                 "values": lambda: nn.Parameter(torch.randn(L, C))},
+                                lambda p, t: F.scaled_dot_product_attention(
+                                    t.transpose(1, 2), p.keys, p.values, None, 0.0, True).transpose(1, 2)),
     "identity (control)": ({}, lambda p, t: t),
 }
 

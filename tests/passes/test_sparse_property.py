@@ -33,6 +33,7 @@ from helpers import randomize, relative_error
 from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 from torch import nn
+from torch.nn.utils.parametrizations import weight_norm
 
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 CONV_T = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
@@ -42,7 +43,7 @@ INSTANCE_NORM = {1: nn.InstanceNorm1d, 2: nn.InstanceNorm2d, 3: nn.InstanceNorm3
 MAX_POOL = {1: nn.MaxPool1d, 2: nn.MaxPool2d, 3: nn.MaxPool3d}
 SIDE = {1: 16, 2: 8, 3: 8}  # input side per spatial dim: two halvings leave 2 (InstanceNorm needs > 1)
 WIDTHS = (4, 8, 12)  # multiples of 4: every layer but the stem can take 2:4
-BLOCKS = ("bn", "plain", "ws", "gn", "inorm", "chmean")
+BLOCKS = ("bn", "plain", "ws", "wnorm", "gn", "inorm", "chmean")
 TOLERANCE = 1e-4
 
 # ---- the grammar ------------------------------------------------------------------------
@@ -93,13 +94,16 @@ class WSConv(nn.Module):
 
 class Block(nn.Module):
     """conv(3) -> normalisation of kind ``kind`` -> ReLU; 'chmean' rescales by a sigmoid of the
-    mean over channels (a reduction over the channel dim)."""
+    mean over channels (a reduction over the channel dim); 'wnorm' is a conv under
+    ``torch.nn.utils.parametrizations.weight_norm`` (its weight computed in forward)."""
 
     def __init__(self, kind: str, ndim: int, c_in: int, c_out: int, stride: int = 1):
         super().__init__()
         self.kind = kind
         if kind == "ws":
             self.conv = WSConv(ndim, c_in, c_out) if stride == 1 else CONV[ndim](c_in, c_out, 3, stride, 1)
+        elif kind == "wnorm":  # a weight computed in forward by a parametrization
+            self.conv = weight_norm(CONV[ndim](c_in, c_out, 3, stride, 1))
         else:
             self.conv = CONV[ndim](c_in, c_out, 3, stride, 1, bias=kind != "bn")
         self.norm = {
@@ -224,6 +228,7 @@ SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow], der
 UNET_2D = Arch(2, 3, 8, (Level(8, "bn", "stride", "transpose"), Level(12, "plain", "pool", "interp")), True)
 DECODER_1D = Arch(1, 4, 4, (Level(8, "inorm", "stride", "transpose"),), False, "pool")
 UNET_3D = Arch(3, 4, 8, (Level(4, "gn", "pool", "transpose"), Level(8, "ws", "stride", "transpose")), True)
+WNORM_2D = Arch(2, 3, 8, (Level(8, "wnorm", "stride", "transpose"),), True)  # #13: fold() was off by 0.8
 NORMS_2D = Arch(2, 4, 12, (Level(8, "ws", "stride", "interp"), Level(4, "chmean", "stride", "transpose")), True)
 
 # ---- checks -------------------------------------------------------------------------------
@@ -319,6 +324,7 @@ def _check_exported(sm, arch: Arch, seed: int) -> None:
 @example(arch=UNET_3D, run=RUNS[4], sparsity=0.75, distribution="global", exclude=(), seed=5)
 @example(arch=DECODER_1D, run=RUNS[14], sparsity=0.5, distribution="uniform", exclude=(), seed=6)
 @example(arch=UNET_2D, run=RUNS[12], sparsity=0.5, distribution="uniform", exclude=("head",), seed=7)
+@example(arch=WNORM_2D, run=RUNS[0], sparsity=0.5, distribution="uniform", exclude=(), seed=8)
 def test_trained_sparse_model_equals_its_export(arch: Arch, run, sparsity: float, distribution: str,
                                                 exclude: tuple[str, ...], seed: int) -> None:
     """``exclude`` leaves the head dense: the channels it consumes must then stay whole."""
@@ -350,6 +356,7 @@ def test_trained_sparse_model_equals_its_export(arch: Arch, run, sparsity: float
 @given(arch=archs(), ratio=st.sampled_from([0.25, 0.5, 0.75]), seed=st.integers(0, 2**16))
 @example(arch=NORMS_2D, ratio=0.5, seed=0)
 @example(arch=UNET_3D, ratio=0.5, seed=1)
+@example(arch=WNORM_2D, ratio=0.5, seed=2)
 def test_pruned_encoder_decoder_equals_its_masked_model(arch: Arch, ratio: float, seed: int) -> None:
     model = build(arch, seed).eval()
     example_x = inputs(arch, seed)

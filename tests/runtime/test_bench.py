@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from spruce.compiler import cli
 from spruce.compiler.cli_bench import SUBCOMMAND
 from spruce.runtime.bench import BenchReport, bench
@@ -109,3 +111,85 @@ def test_cli_bad_input_exits_2_with_a_clear_message(case, artifacts, spruce_main
     captured = capsys.readouterr()
     assert expected in captured.err and "Traceback" not in captured.err
     assert captured.err.startswith("spruce: error:") or "usage:" in captured.err
+
+
+# --- manifests pin their artifact (#13 kind 7) ---------------------------------------------------
+
+
+def _copy_artifact(source: Path, folder: Path, name: str = "model.onnx") -> Path:
+    copy = folder / name
+    copy.write_bytes(source.read_bytes())
+    manifest = json.loads(Path(str(source) + ".spruce.json").read_text())
+    manifest["file"] = name
+    if "files" in manifest:  # a copy under a new name, pinned (manifests of a5751ab pin nothing)
+        manifest["files"] = {name: manifest["files"].pop(source.name)}
+    Path(str(copy) + ".spruce.json").write_text(json.dumps(manifest))
+    return copy
+
+
+def test_a_swapped_model_onnx_is_refused_not_timed_as_compiled(artifacts, spruce_main, tmp_path, capsys) -> None:
+    compiled = _copy_artifact(artifacts["pruned"], tmp_path)
+    dense = _copy_artifact(artifacts["dense"], tmp_path, "dense.onnx")
+    compiled.write_bytes(dense.read_bytes())  # the example: the dense model put in the compiled one's place
+    assert spruce_main(["bench", str(compiled), "--dense", str(dense), "--target", "onnxruntime"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("spruce: error:") and "Traceback" not in err
+    assert f"{compiled} has " in err and "its manifest model.onnx.spruce.json pins" in err
+
+
+_EDITS = {
+    "input shape": lambda m: m["input_shapes"][0].__setitem__(1, 4),
+    "input count": lambda m: m["input_shapes"].append([1, 3, 32, 32]),
+    "sha256": lambda m: m["files"]["model.onnx"].__setitem__("sha256", "0" * 64),
+    "size": lambda m: m["files"]["model.onnx"].__setitem__("size", 12),
+    "no pins": lambda m: m.pop("files"),
+    "pin outside": lambda m: m["files"].__setitem__("../x", {"size": 1, "sha256": "0"}),
+    "not a mapping": lambda m: m.__setitem__("files", [1]),
+}
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(damage=st.one_of(st.tuples(st.just("truncate"), st.floats(0, 1, exclude_max=True)),
+                        st.tuples(st.just("flip"), st.floats(0, 1, exclude_max=True)),
+                        st.tuples(st.just("edit"), st.sampled_from(sorted(_EDITS)))))
+def test_any_damaged_artifact_or_edited_manifest_is_one_clear_error(artifacts, tmp_path_factory, damage) -> None:
+    folder = tmp_path_factory.mktemp("damaged")
+    copy = _copy_artifact(artifacts["pruned"], folder)
+    kind, where = damage
+    data = bytearray(copy.read_bytes())
+    if kind == "truncate":
+        copy.write_bytes(bytes(data[:int(where * len(data))]))
+    elif kind == "flip":
+        data[int(where * len(data))] ^= 0x01
+        copy.write_bytes(bytes(data))
+    else:
+        manifest_path = Path(str(copy) + ".spruce.json")
+        manifest = json.loads(manifest_path.read_text())
+        _EDITS[where](manifest)
+        manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="changed|truncated|not a valid spruce manifest|manifest was edited"):
+        bench(copy, target=get_target("onnxruntime", threads=1), batch_sizes=(1,), warmup=0, iters=1)
+
+
+def test_the_manifest_pins_onnx_external_data(artifacts, tmp_path) -> None:
+    import onnx
+    from spruce.targets.base import Artifact, read_artifact
+
+    path = tmp_path / "ext.onnx"
+    onnx.save_model(onnx.load(str(artifacts["pruned"])), str(path), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="ext.onnx.data", size_threshold=0)
+    original = read_artifact(_copy_artifact(artifacts["pruned"], tmp_path, "orig.onnx"))
+    target = get_target("onnxruntime", threads=1)
+    Artifact(path=path, target="onnxruntime", input_shapes=original.input_shapes).write_manifest()
+    with pytest.raises(ArtifactError, match=r"reads external data \['ext.onnx.data'\] that its manifest does not"):
+        bench(path, target=target, batch_sizes=(1,), warmup=0, iters=1)  # a manifest that forgot it
+    from spruce.targets.onnxruntime import external_data_files
+
+    Artifact(path=path, target="onnxruntime", input_shapes=original.input_shapes,
+             data_files=external_data_files(path)).write_manifest()
+    assert bench(path, target=target, batch_sizes=(1,), warmup=0, iters=1).rows
+    data = bytearray((tmp_path / "ext.onnx.data").read_bytes())
+    data[len(data) // 2] ^= 0x04  # one weight changed, the .onnx file untouched
+    (tmp_path / "ext.onnx.data").write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="ext.onnx.data does not match the sha256"):
+        bench(path, target=target, batch_sizes=(1,), warmup=0, iters=1)

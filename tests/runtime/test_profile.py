@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from spruce.compiler import cli, cli_profile
 from spruce.compiler.api import analyze_model, profile
@@ -397,7 +397,7 @@ def test_bad_widths(profiled):
 
 
 def test_model_without_layers():
-    with pytest.raises(ProfileError, match="no Conv1d/2d/3d or Linear"):
+    with pytest.raises(ProfileError, match="no Conv, ConvTranspose or Linear layer"):
         profile(nn.ReLU(), (torch.randn(2, 3),), "onnxruntime", progress=False)
 
 
@@ -477,3 +477,156 @@ def test_profile_on_the_torch_target(twin, tmp_path):
     table = profile(*twin, TorchTarget(), step=8, cache_dir=tmp_path, **FAST)
     assert table.fingerprint["target"] == "torch" and table.dense_ms() > 0
     assert all(ms > 0 for points in table.points.values() for ms in points.values())
+
+
+# --- the cache: nothing trusted blindly, nothing lost (#13 kind 7) ------------------------------
+
+_BAD_VALUES = {"text": "fast", "NaN": float("nan"), "infinity": float("inf"), "negative": -1.5, "null": None,
+               "bool": True, "list": [1.0]}
+
+
+def _copy_cache(cache: Path, destination: Path) -> list[Path]:
+    files = []
+    for source in sorted(cache.rglob("*.json")):
+        copy = destination / source.relative_to(cache)
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        copy.write_text(source.read_text())
+        files.append(copy)
+    return files
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(damage=st.one_of(st.tuples(st.just("value"), st.sampled_from(sorted(_BAD_VALUES))),
+                        st.tuples(st.just("document"), st.sampled_from(["list", "values list", "values text",
+                                                                         "half"]))),
+       which=st.integers(0, 100))
+def test_a_damaged_cache_entry_is_ignored_with_a_warning_naming_the_file_and_measured_again(
+        twin, profiled, tmp_path_factory, damage, which):
+    table, _, cache = profiled
+    files = _copy_cache(cache, tmp_path_factory.mktemp("damaged"))
+    layer_files = [f for f in files if f.name.startswith("layer-")]
+    damaged = layer_files[which % len(layer_files)]
+    document = json.loads(damaged.read_text())
+    kind, how = damage
+    lost = set(document["values"])  # what has to be measured again
+    if kind == "value":
+        key = sorted(document["values"])[which % len(document["values"])]
+        document["values"][key] = _BAD_VALUES[how]
+        lost = {key}
+        damaged.write_text(json.dumps(document))
+    elif how == "half":
+        damaged.write_text(json.dumps(document)[:40])
+    else:
+        damaged.write_text(json.dumps({"list": [document], "values list": {**document, "values": [1.0]},
+                                       "values text": {**document, "values": "x"}}[how]))
+    again = CountingORT()
+    with pytest.warns(UserWarning, match=f"latency cache .*{damaged.name}"):
+        second = profile(*twin, again, step=8, cache_dir=damaged.parents[1], **FAST)
+    signature = document["key"]
+    assert {(s, f"{i},{o}") for s, i, o in again.layer_calls} == {(signature, k) for k in lost}
+    assert again.model_calls == 0  # only the lost points are timed again; no whole model (calibration) is
+    assert all(np.isfinite(v) and v >= 0 for pts in second.points.values() for v in pts.values())
+    repaired = json.loads(damaged.read_text())["values"]
+    assert set(repaired) >= lost and all(isinstance(v, float) and v >= 0 for v in repaired.values())
+
+
+class StopsAfter(CountingORT):
+    """A target killed (Ctrl-C) when asked to time more points after ``limit`` were timed (points are
+    timed interleaved in chunks, so the kill lands between two chunks)."""
+
+    def __init__(self, limit: int):
+        super().__init__()
+        self.limit = limit
+
+    def measure_layers(self, *args, **kwargs):
+        if len(self.layer_calls) >= self.limit:
+            raise KeyboardInterrupt
+        return super().measure_layers(*args, **kwargs)
+
+
+def test_a_killed_profile_keeps_every_point_it_measured(twin, profiled, tmp_path):
+    table, _, _ = profiled
+    needed = {(e.signature, *p) for e in table.layers.values() for p in e.points()}
+    killed = StopsAfter(7)
+    with pytest.raises(KeyboardInterrupt):
+        profile(*twin, killed, step=8, cache_dir=tmp_path, **FAST)
+    assert 7 <= len(killed.layer_calls) < len(needed)
+    resumed = CountingORT()
+    profile(*twin, resumed, step=8, cache_dir=tmp_path, **FAST)
+    assert set(resumed.layer_calls) == needed - set(killed.layer_calls)  # what was measured is not measured again
+
+
+def test_a_cache_path_that_is_a_file_is_refused_before_anything_is_measured(twin, tmp_path, monkeypatch,
+                                                                              spruce_main, capsys):
+    blocker = tmp_path / "cache-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("SPRUCE_CACHE", str(blocker))
+    target = CountingORT()
+    with pytest.raises(ProfileError, match=f"latency cache folder {blocker} \\(\\$SPRUCE_CACHE\\) cannot be used"):
+        profile(*twin, target, step=8, **FAST)
+    assert target.layer_calls == [] and target.model_calls == 0
+    out = tmp_path / "table.json"
+    assert spruce_main(["profile", _model_file(tmp_path), "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("spruce: error:") and str(blocker) in err and "Traceback" not in err
+    assert not out.exists()
+
+
+_WRITER = """
+import sys
+from spruce.runtime.profile import _Cache
+cache = _Cache(__import__("pathlib").Path(sys.argv[1]), {"target": "t"})
+for k in range(int(sys.argv[3])):
+    cache.write("layer", "sig", {f"{sys.argv[2]}{k}": float(k)})
+"""
+
+
+def test_concurrent_writers_of_one_cache_file_lose_no_point(tmp_path):
+    import subprocess
+    import sys
+
+    writers = [subprocess.Popen([sys.executable, "-c", _WRITER, str(tmp_path), name, "60"]) for name in "abc"]
+    assert [w.wait(timeout=300) for w in writers] == [0, 0, 0]
+    (path,) = tmp_path.rglob("layer-*.json")
+    values = json.loads(path.read_text())["values"]
+    assert set(values) == {f"{name}{k}" for name in "abc" for k in range(60)}
+    assert [p.name for p in path.parent.iterdir() if p.name.startswith(".")] == []
+
+
+# --- every layer kind that channel pruning shrinks is timed (#13) --------------------------------
+
+
+class Decoder(nn.Module):
+    """An encoder-decoder whose upsampling is a ConvTranspose2d (its weight is (in, out, k, k))."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = nn.Conv2d(3, 32, 3, stride=2, padding=1)
+        self.up = nn.ConvTranspose2d(32, 24, 3, stride=2, padding=1, output_padding=1)
+        self.up1d = nn.ConvTranspose1d(24, 16, 1)
+        self.head = nn.Conv1d(16, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.up(torch.relu(self.down(x))))
+        return self.head(torch.relu(self.up1d(y.flatten(2))))
+
+
+def test_transposed_convolutions_are_profiled_at_their_pruned_widths(tmp_path):
+    torch.manual_seed(0)
+    model, x = Decoder().eval(), (torch.randn(1, 3, 16, 16),)
+    target = CountingORT()
+    table = profile(model, x, target, step=8, cache_dir=tmp_path, **FAST)
+    up, up1d = table.layers["up"], table.layers["up1d"]
+    assert (up.in_channels, up.out_channels, up.in_varies, up.out_varies) == (32, 24, True, True)
+    assert (up1d.in_channels, up1d.out_channels, up1d.in_varies, up1d.out_varies) == (24, 16, True, True)
+    assert "op=[1, 1]" in up.signature  # output_padding changes the output size, so the cost
+    timed = {(sig, i, o) for sig, i, o in target.layer_calls if sig == up.signature}
+    assert {(8, 24), (32, 8), (32, 24)} <= {(i, o) for _, i, o in timed}
+    analysis = analyze_model(model, x)
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        compact = compact_at_widths(analysis, model, random_group_widths(analysis.groups, rng, step=8))
+        widths = table.widths_of(compact)
+        assert widths["up"] == (compact.up.in_channels, compact.up.out_channels)
+        assert table.layer_ms("up", *widths["up"]) > 0
+        assert table.predict_model(compact) == pytest.approx(table.predict(widths))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ast
 import os
+import signal
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -11,6 +13,8 @@ from pathlib import Path
 import pytest
 import spruce
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from spruce.compiler.cli import main
 from spruce.targets import files
 from spruce.targets.base import get_target
@@ -192,3 +196,177 @@ def test_every_file_a_real_run_leaves_was_written_through_the_files_module(tmp_p
                      "compiled/model.pt", "compiled/widths.png"):
         assert (tmp_path / expected).resolve() in written, expected
     assert any(p.is_relative_to((tmp_path / "cache").resolve()) for p in written)  # the latency cache
+
+
+# --- modes, crashed writers, full disks (#13 kind 7) ---------------------------------------------
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.sampled_from([0o022, 0o002, 0o077, 0o027, 0o000, 0o007]))
+def test_files_and_folders_follow_the_umask(tmp_path_factory, umask):
+    folder = tmp_path_factory.mktemp("modes")
+    previous = os.umask(umask)
+    try:
+        atomic_write_text(folder / "a.txt", "x")
+        with atomic_path(folder / "b.bin") as temp:
+            temp.write_bytes(b"y")
+        with staged_dir(folder / "new" / "out") as stage:
+            atomic_write_text(stage / "c.json", "{}")
+    finally:
+        os.umask(previous)
+    for path in (folder / "a.txt", folder / "b.bin", folder / "new" / "out" / "c.json"):
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path
+    for path in (folder / "new", folder / "new" / "out"):
+        assert path.stat().st_mode & 0o777 == 0o777 & ~umask, path
+
+
+def _hold_stage(out: Path, then: str) -> subprocess.Popen:
+    """A process that stages ``out``, writes into it, says "staged" and then sleeps (to be killed)."""
+    code = textwrap.dedent(f"""
+        import sys, time
+        from pathlib import Path
+        from spruce.targets.files import atomic_write_text, staged_dir
+        out = Path({str(out)!r})
+        with staged_dir(out) as stage:
+            atomic_write_text(stage / "half.txt", "half")
+            {then}
+            print("staged", flush=True)
+            time.sleep(600)
+        """)
+    process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert process.stdout.readline().strip() == "staged"
+    return process
+
+
+def _leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+def test_a_killed_run_s_staging_folder_is_removed_by_the_next_run_a_live_one_is_not(tmp_path):
+    out = tmp_path / "out"
+    killed = _hold_stage(out, "pass")
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    (stale,) = _leftovers(tmp_path)  # what a killed run leaves
+    assert stale.startswith(".out.tmp-p") and (tmp_path / stale / "half.txt").is_file()
+    live = _hold_stage(out, "pass")
+    try:
+        (mine,) = set(_leftovers(tmp_path)) - {stale} or {None}  # the live run staged too ...
+        assert mine is not None
+        assert stale not in _leftovers(tmp_path)  # ... and removed the dead run's folder
+        with staged_dir(out) as stage:  # a third run leaves the live run's folder alone
+            atomic_write_text(stage / "x", "1")
+        assert _leftovers(tmp_path) == [mine] and (tmp_path / mine / "half.txt").is_file()
+    finally:
+        live.send_signal(signal.SIGKILL)
+        live.wait()
+    assert [p.name for p in out.iterdir()] == ["x"]
+
+
+def test_a_run_killed_between_its_two_renames_leaves_the_previous_output_which_comes_back(tmp_path):
+    out = tmp_path / "out"
+    with staged_dir(out) as stage:
+        atomic_write_text(stage / "old.txt", "previous run")
+    # a run killed after moving the previous output aside, before renaming its stage into place
+    code = textwrap.dedent(f"""
+        import os, time
+        from spruce.targets.files import atomic_write_text, staged_dir
+        real_rename = os.rename
+        def rename(src, dst):
+            if str(dst) == {str(out)!r}:
+                print("between", flush=True)
+                time.sleep(600)
+            real_rename(src, dst)
+        os.rename = rename
+        with staged_dir({str(out)!r}) as stage:
+            atomic_write_text(stage / "new.txt", "new run")
+        """)
+    process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert process.stdout.readline().strip() == "between"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not out.exists() and len(_leftovers(tmp_path)) == 2  # the stage and the backup
+    with staged_dir(tmp_path / "other") as stage:  # another output in the same folder: not its business
+        atomic_write_text(stage / "y", "1")
+    assert not out.exists()
+    with pytest.raises(RuntimeError), staged_dir(out):  # the next run of this output puts it back first
+        assert (out / "old.txt").read_text() == "previous run"
+        raise RuntimeError("this run fails too")
+    assert [p.name for p in out.iterdir()] == ["old.txt"]
+    assert _leftovers(tmp_path) == []
+
+
+def test_a_killed_writer_s_temporary_file_is_removed_by_the_next_write_of_that_file(tmp_path):
+    code = textwrap.dedent(f"""
+        import time
+        from spruce.targets.files import atomic_path
+        with atomic_path({str(tmp_path / 'table.json')!r}) as temp:
+            temp.write_text("half")
+            print("writing", flush=True)
+            time.sleep(600)
+        """)
+    process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert process.stdout.readline().strip() == "writing"
+    (live,) = _leftovers(tmp_path)
+    atomic_write_text(tmp_path / "table.json", "1")  # the writer is alive: its file stays
+    assert _leftovers(tmp_path) == [live]
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    atomic_write_text(tmp_path / "other.json", "2")  # another file's writes do not look
+    assert _leftovers(tmp_path) == [live]
+    atomic_write_text(tmp_path / "table.json", "3")
+    assert _leftovers(tmp_path) == []
+    assert (tmp_path / "table.json").read_text() == "3"
+
+
+def test_a_full_disk_is_an_output_error_naming_the_file_and_changes_nothing(tmp_path, monkeypatch):
+    atomic_write_text(tmp_path / "a.txt", "old")
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(files, "_fsync", full)
+    with pytest.raises(OutputError, match=r"cannot write .*a.txt: No space left on device"):
+        atomic_write_text(tmp_path / "a.txt", "new")
+    assert (tmp_path / "a.txt").read_text() == "old" and _leftovers(tmp_path) == []
+    with pytest.raises(OutputError, match=r"cannot write .*/out/b.txt: No space left on device"), \
+            staged_dir(tmp_path / "out") as stage:
+        atomic_write_text(stage / "b.txt", "x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]
+
+
+def _tiny_source(folder: Path) -> Path:
+    source = folder / "tiny_model.py"
+    source.write_text(textwrap.dedent("""
+        import torch
+        from torch import nn
+        def make():
+            torch.manual_seed(0)
+            return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))
+        """))
+    return source
+
+
+def _limited(limit: int):
+    def apply() -> None:  # every write past `limit` bytes fails with EFBIG, as a full disk fails with ENOSPC
+        import resource
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+@pytest.mark.parametrize("limit", [0, 3000, 20000])
+def test_prune_on_a_disk_that_fills_up_exits_2_with_one_line_and_leaves_nothing(tmp_path, limit):
+    source = _tiny_source(tmp_path)
+    out = tmp_path / "runs" / "out"
+    done = subprocess.run([sys.executable, "-m", "spruce.compiler.cli", "prune", f"{source}:make", "--input-shape",
+                           "1,3,8,8", "--ratio", "0.5", "--out", str(out)], capture_output=True, text=True,
+                          timeout=600, preexec_fn=_limited(limit), env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+    assert "Traceback" not in done.stderr, done.stderr
+    if done.returncode == 0:
+        assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "model.pt", "report.json"]
+        return
+    assert done.returncode == 2, done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith("spruce: error: cannot write ") and "File too large" in line, line
+    assert not (tmp_path / "runs").exists()  # the parent made for it is gone too
