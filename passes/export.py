@@ -15,7 +15,7 @@ import torch
 from spruce.passes.analysis import ChannelAnalysis, SizeRead, Space, TensorDims
 from torch import fx, nn
 
-__all__ = ["MODULE_FIXERS", "ModeSwitch", "mask_channels", "remove_channels"]
+__all__ = ["MODULE_FIXERS", "CompactPiece", "ModeSwitch", "install_graphs", "mask_channels", "remove_channels"]
 
 Kept = dict[int, np.ndarray]
 
@@ -144,6 +144,14 @@ def _fix_norm(new: nn.Module, old: nn.Module) -> None:
             return
 
 
+@module_fixer(nn.GroupNorm)
+def _fix_group_norm(new: nn.Module, old: nn.Module) -> None:
+    if new.weight is not None:  # whole groups are removed (the rule pins channels within a group)
+        per_group = old.num_channels // old.num_groups
+        new.num_channels = new.weight.shape[0]
+        new.num_groups = new.num_channels // per_group
+
+
 @module_fixer(nn.Embedding)
 def _fix_embedding(new: nn.Module, old: nn.Module) -> None:
     new.embedding_dim = new.weight.shape[1]
@@ -178,87 +186,59 @@ def _stale(value: object, sizes: _Sizes) -> bool:
     return isinstance(value, SizeRead) and any(sizes.changed(s) for s in value.spaces)
 
 
-def _shape_args(node: fx.Node) -> tuple[list, Callable[[list], None]] | None:
-    """The size arguments of a reshape-like node and a setter for new ones."""
-    if node.op == "call_method" and node.target in ("view", "reshape", "expand"):
-        rest = list(node.args[1:])
-        if len(rest) == 1 and isinstance(rest[0], (tuple, list)):
-            return list(rest[0]), lambda new: setattr(node, "args", (node.args[0], tuple(new)))
-        if "size" in node.kwargs or "shape" in node.kwargs:
-            key = "size" if "size" in node.kwargs else "shape"
-            return list(node.kwargs[key]), lambda new: node.update_kwarg(key, tuple(new))
-        return rest, lambda new: setattr(node, "args", (node.args[0], *new))
-    if node.op == "call_function" and node.target is torch.reshape:
-        shape = node.args[1] if len(node.args) > 1 else node.kwargs["shape"]
-        return list(shape), lambda new: setattr(node, "args", (node.args[0], tuple(new)))
-    return None
+class _Resize:
+    """What an operator's size rewrite (``spruce.passes.oprules.REWRITES``) sees of one node."""
 
+    def __init__(self, analysis: ChannelAnalysis, gi: int, sizes: _Sizes, old_of: dict[fx.Node, fx.Node]):
+        self.values = analysis.analyzer.values
+        self.extras = analysis.analyzer.extras
+        self.gi, self.sizes, self.old_of = gi, sizes, old_of
+        self.old: fx.Node | None = None
+        self.out: object = None
 
-def _rewrite_shape(node: fx.Node, old: fx.Node, analysis: ChannelAnalysis, gi: int, sizes: _Sizes,
-                   old_of: dict[fx.Node, fx.Node]) -> None:
-    found = _shape_args(node)
-    if found is None:
-        return
-    args, setter = found
-    out = analysis.analyzer.values.get((gi, old))
-    if not isinstance(out, TensorDims) or len(out) != len(args):
-        return
-    values = analysis.analyzer.values
-    changed = False
-    new_args = []
-    for arg, space in zip(args, out):
-        stale = isinstance(arg, fx.Node) and _stale(values.get((gi, old_of.get(arg, arg))), sizes)
-        if isinstance(arg, int) and arg == -1:
-            new_args.append(arg)
-        elif sizes.changed(space) or stale:
-            new_args.append(sizes.size(space))
-            changed = True
-        else:
-            new_args.append(arg)
-    if changed:
-        setter(new_args)
+    def bind(self, old: fx.Node) -> _Resize:
+        self.old = old
+        self.out = self.values.get((self.gi, old))
+        return self
 
+    def size(self, space: Space) -> int:
+        return self.sizes.size(space)
 
-def _rewrite_split(node: fx.Node, old: fx.Node, analysis: ChannelAnalysis, gi: int, sizes: _Sizes) -> None:
-    is_split = node.op in ("call_method", "call_function") and getattr(
-        node.target, "__name__", node.target
-    ) in ("split", "chunk", "split_with_sizes")
-    if not is_split:
-        return
-    outs = analysis.analyzer.values.get((gi, old))
-    if not isinstance(outs, tuple) or not outs:
-        return
-    x = analysis.analyzer.values.get((gi, old.args[0])) if isinstance(old.args[0], fx.Node) else None
-    if not isinstance(x, TensorDims):
-        return
-    dims = [d for d in range(len(x)) if outs[0][d] is not x[d]]
-    if not dims:
-        return
-    d = dims[0]
-    if not any(sizes.changed(o[d]) for o in outs):
-        return
-    new_sizes = [sizes.size(o[d]) for o in outs]
-    node.args = (node.args[0], new_sizes, d)
-    node.kwargs = {}
-    if node.op == "call_method":
-        node.target = "split"
-    else:
-        node.target = torch.split
+    def changed(self, space: Space) -> bool:
+        return self.sizes.changed(space)
+
+    def value(self, arg: object) -> object:
+        if not isinstance(arg, fx.Node):
+            return None
+        return self.values.get((self.gi, self.old_of.get(arg, arg)))
+
+    def stale(self, arg: object) -> bool:
+        return isinstance(arg, fx.Node) and _stale(self.value(arg), self.sizes)
+
+    def extra(self, name: str) -> object:
+        return self.extras.get((self.gi, self.old), {}).get(name)
 
 
 def _rebuild_graph(analysis: ChannelAnalysis, gi: int, source: fx.GraphModule, root: nn.Module,
-                   sizes: _Sizes) -> fx.GraphModule:
+                   sizes: _Sizes) -> fx.Graph:
+    """A copy of ``source``'s graph with every size-carrying argument rewritten for the kept
+    channels (and ``nn.Unflatten`` modules of ``root`` given their new sizes)."""
+    from spruce.passes.oprules import REWRITES
+
     graph = fx.Graph()
+    graph._codegen = copy.deepcopy(source.graph._codegen)  # the pytree input/output structure
     mapping: dict[fx.Node, fx.Node] = {}
     out = graph.graph_copy(source.graph, mapping)
     graph.output(out)
     old_of = {new: old for old, new in mapping.items()}
-    for node in graph.nodes:
+    resize = _Resize(analysis, gi, sizes, old_of)
+    for node in list(graph.nodes):
         old = old_of.get(node)
-        if old is None:
+        if old is None or node.op not in ("call_function", "call_method"):
             continue
-        _rewrite_shape(node, old, analysis, gi, sizes, old_of)
-        _rewrite_split(node, old, analysis, gi, sizes)
+        rewrite = REWRITES.get(node.target)
+        if rewrite is not None:
+            rewrite(node, resize.bind(old))
     for node in graph.nodes:
         if node.op == "call_module":
             module = root.get_submodule(node.target)
@@ -270,9 +250,68 @@ def _rebuild_graph(analysis: ChannelAnalysis, gi: int, source: fx.GraphModule, r
                         sizes.size(s) for s in value[d : d + len(module.unflattened_size)]
                     )
     graph.lint()
-    gm = fx.GraphModule(root, graph, source.__class__.__name__)
+    return graph
+
+
+def _compact_graph_module(analysis: ChannelAnalysis, gi: int, source: fx.GraphModule, memo: dict,
+                          sizes: _Sizes) -> fx.GraphModule:
+    """``source`` with its kept channels: a deep copy sharing ``memo`` (shrunk tensors, and the
+    modules and parameters other graphs of the same model already copied)."""
+    root = copy.deepcopy(source, memo)
+    _fix_modules(source, root)
+    gm = fx.GraphModule(root, _rebuild_graph(analysis, gi, source, root, sizes), source.__class__.__name__)
     gm.recompile()
     return gm
+
+
+class CompactPiece:
+    """Mixed into the class of a captured piece of a compact model (a model captured in
+    pieces): its forward runs its compact graph for the mode (eval, or train when the
+    module's code differs in training mode); every other method of the user's class (a
+    head's ``compute_loss``) stays. Pickles as the user's class plus this state."""
+
+    def forward(self, *args, **kwargs):
+        graphs = self.__dict__["_spruce_graphs"]
+        graph = graphs[1] if self.training and len(graphs) > 1 else graphs[0]
+        return graph(*args, **kwargs)
+
+    def _apply(self, fn, *args, **kwargs):
+        result = super()._apply(fn, *args, **kwargs)
+        for graph in self.__dict__["_spruce_graphs"]:
+            graph._apply(fn, *args, **kwargs)  # constants and tensors the graph holds itself
+        return result
+
+    def __reduce_ex__(self, protocol):
+        return _rebuild_piece, (self._spruce_base, self.__dict__)
+
+
+_COMPACT_CLASSES: dict[type, type] = {}
+
+
+def _compact_class(cls: type) -> type:
+    if cls not in _COMPACT_CLASSES:
+        _COMPACT_CLASSES[cls] = type(f"Compact{cls.__name__}", (CompactPiece, cls),
+                                     {"_spruce_base": cls, "__module__": cls.__module__})
+    return _COMPACT_CLASSES[cls]
+
+
+def _rebuild_piece(cls: type, state: dict) -> nn.Module:
+    obj = _compact_class(cls).__new__(_compact_class(cls))
+    obj.__dict__.update(state)
+    return obj
+
+
+def install_graphs(module: nn.Module, graphs: list[fx.GraphModule]) -> None:
+    """Make ``module`` run ``graphs`` (eval, and train when given) as its forward. The graphs
+    reach ``module``'s own submodules (so ``.train()`` and buffer updates act on what the
+    module holds); tensors the graphs hold themselves follow ``.to()``."""
+    for gm in graphs:
+        for name, child in module.named_children():
+            if name in gm._modules:
+                gm._modules[name] = child
+    module.__dict__["_spruce_graphs"] = tuple(graphs)
+    if not isinstance(module, CompactPiece):
+        module.__class__ = _compact_class(type(module))
 
 
 def remove_channels(analysis: ChannelAnalysis, model: nn.Module, kept: Kept) -> nn.Module:
@@ -280,19 +319,28 @@ def remove_channels(analysis: ChannelAnalysis, model: nn.Module, kept: Kept) -> 
 
     Invariant: on any input the compact model computes what
     ``mask_channels(analysis, model, kept)`` computes. ``model`` is not modified.
-    Returns a GraphModule, or a :class:`ModeSwitch` of two when the model's code
-    differs in training mode."""
+    A model captured whole becomes a GraphModule, or a :class:`ModeSwitch` of two when its
+    code differs in training mode. A model captured in pieces stays a copy of the user's
+    model (its eager code, its methods) whose captured pieces run their compact graphs."""
     sizes = _Sizes(analysis.alive_mask(kept))
     shrunk = _shrunk_tensors(analysis, sizes, model)
-    # deepcopy takes the shrunk tensors from the memo instead of copying the originals
-    new_model = copy.deepcopy(model, memo=dict(shrunk))
+    memo = dict(shrunk)  # deepcopy takes the shrunk tensors instead of copying the originals
+    captured = analysis.captured
+    if captured.whole:
+        piece = captured.pieces[0]
+        graphs = [_compact_graph_module(analysis, gi, gm, memo, sizes) for gi, gm in enumerate(piece.graphs)]
+        result: nn.Module = graphs[0] if len(graphs) == 1 else ModeSwitch(graphs[0], graphs[1])
+        return result.train(model.training)
+    new_model = copy.deepcopy(model, memo)
     _fix_modules(model, new_model)
-    graphs = [_rebuild_graph(analysis, gi, gm, new_model, sizes) for gi, gm in enumerate(analysis.captured.graphs)]
-    if len(graphs) == 1:
-        result: nn.Module = graphs[0]
-    else:
-        result = ModeSwitch(graphs[0], graphs[1])
-    return result.train(model.training)
+    gi = 0
+    for piece in captured.pieces:
+        graphs = []
+        for gm in piece.graphs:
+            graphs.append(_compact_graph_module(analysis, gi, gm, memo, sizes))
+            gi += 1
+        install_graphs(new_model.get_submodule(piece.path), graphs)
+    return new_model.train(model.training)
 
 
 def mask_channels(analysis: ChannelAnalysis, model: nn.Module, kept: Kept) -> nn.Module:

@@ -15,6 +15,7 @@ import math
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +23,7 @@ from spruce.passes.analysis import Analyzer, ShapeOf, SizeRead, Space, TensorDim
 from torch import fx, nn
 from torch.fx.passes.shape_prop import TensorMetadata
 
-__all__ = ["FUNCTION_RULES", "METHOD_RULES", "MODULE_RULES", "SHAPE_CONSUMERS", "apply_rules"]
+__all__ = ["FUNCTION_RULES", "METHOD_RULES", "MODULE_RULES", "REWRITES", "SHAPE_CONSUMERS", "apply_rules"]
 
 
 @dataclass
@@ -48,10 +49,28 @@ class Call:
 
 Rule = Callable[[Analyzer, Call], object]
 MODULE_RULES: dict[type, Rule] = {}
-FUNCTION_RULES: dict[object, Rule] = {}
+FUNCTION_RULES: dict[object, Rule] = {}  # call_function targets: torch, F, operator, torch.ops.aten...
 METHOD_RULES: dict[str, Rule] = {}
 # ops whose size-valued arguments the export pass rewrites: reading a size for them is safe
 SHAPE_CONSUMERS: set[object] = set()
+
+
+class Resize(Protocol):
+    """What a size rewrite sees (built by :func:`spruce.passes.export.remove_channels`)."""
+
+    out: object  # the analysis value of the node in the original graph
+
+    def size(self, space: Space) -> int: ...  # the space's size once channels are removed
+    def changed(self, space: Space) -> bool: ...
+    def value(self, arg: object) -> object: ...  # the analysis value of an argument node
+    def stale(self, arg: object) -> bool: ...  # a size read whose spaces change
+    def extra(self, name: str) -> object: ...  # what the rule noted (Analyzer.note)
+
+
+Rewrite = Callable[[fx.Node, Resize], None]
+# how an op's size-carrying arguments (view sizes, split sizes, group counts) change when
+# channels are removed; keyed like the rule tables (function / method name / aten op)
+REWRITES: dict[object, Rewrite] = {}
 
 
 def module_rule(*types: type):
@@ -63,26 +82,128 @@ def module_rule(*types: type):
     return register
 
 
-def function_rule(*fns: object, shape_args: bool = False):
+def function_rule(*fns: object, shape_args: bool = False, rewrite: Rewrite | None = None):
     def register(rule: Rule) -> Rule:
         for fn in fns:
             FUNCTION_RULES[fn] = rule
             if shape_args:
                 SHAPE_CONSUMERS.add(fn)
+            if rewrite is not None:
+                REWRITES[fn] = rewrite
         return rule
 
     return register
 
 
-def method_rule(*names: str, shape_args: bool = False):
+def method_rule(*names: str, shape_args: bool = False, rewrite: Rewrite | None = None):
     def register(rule: Rule) -> Rule:
         for name in names:
             METHOD_RULES[name] = rule
             if shape_args:
                 SHAPE_CONSUMERS.add(name)
+            if rewrite is not None:
+                REWRITES[name] = rewrite
         return rule
 
     return register
+
+
+# ---------------------------------------------------------------------------
+# size rewrites shared by fx and aten rules
+# ---------------------------------------------------------------------------
+
+
+def rewrite_size_list(sizes: list, out: object, ctx: Resize) -> list | None:
+    """New sizes for a view/reshape/expand whose output dims are ``out``; None if unchanged.
+    A literal -1 stays; a size read from a tensor whose dim changes becomes the new literal."""
+    if not isinstance(out, TensorDims) or len(out) != len(sizes):
+        return None
+    changed = False
+    new = []
+    for arg, space in zip(sizes, out):
+        if isinstance(arg, int) and arg == -1:
+            new.append(arg)
+        elif ctx.changed(space) or ctx.stale(arg):
+            new.append(ctx.size(space))
+            changed = True
+        else:
+            new.append(arg)
+    return new if changed else None
+
+
+def rewrite_fx_shape(node: fx.Node, ctx: Resize) -> None:
+    """view/reshape/expand methods and torch.reshape in an fx graph."""
+    if node.op == "call_method":
+        rest = list(node.args[1:])
+        if len(rest) == 1 and isinstance(rest[0], (tuple, list)):
+            new = rewrite_size_list(list(rest[0]), ctx.out, ctx)
+            if new is not None:
+                node.args = (node.args[0], tuple(new))
+        elif "size" in node.kwargs or "shape" in node.kwargs:
+            key = "size" if "size" in node.kwargs else "shape"
+            new = rewrite_size_list(list(node.kwargs[key]), ctx.out, ctx)
+            if new is not None:
+                node.update_kwarg(key, tuple(new))
+        else:
+            new = rewrite_size_list(rest, ctx.out, ctx)
+            if new is not None:
+                node.args = (node.args[0], *new)
+    elif node.op == "call_function":
+        shape = node.args[1] if len(node.args) > 1 else node.kwargs["shape"]
+        new = rewrite_size_list(list(shape), ctx.out, ctx)
+        if new is not None:
+            node.args = (node.args[0], tuple(new))
+            node.kwargs = {k: v for k, v in node.kwargs.items() if k != "shape"}
+
+
+def split_sizes(x: object, outs: object, ctx: Resize) -> tuple[int, list[int]] | None:
+    """(dim, new piece sizes) of a split whose input is ``x`` and pieces ``outs``; None if
+    no piece changes size."""
+    if not isinstance(x, TensorDims) or not isinstance(outs, tuple) or not outs:
+        return None
+    dims = [d for d in range(len(x)) if isinstance(outs[0], TensorDims) and outs[0][d] is not x[d]]
+    if not dims:
+        return None
+    d = dims[0]
+    if not any(ctx.changed(o[d]) for o in outs):
+        return None
+    return d, [ctx.size(o[d]) for o in outs]
+
+
+def rewrite_fx_split(node: fx.Node, ctx: Resize) -> None:
+    """split/chunk in an fx graph become a split with the new piece sizes."""
+    x = ctx.value(node.args[0])
+    found = split_sizes(x, ctx.out, ctx)
+    if found is None:
+        return
+    d, sizes = found
+    node.args = (node.args[0], sizes, d)
+    node.kwargs = {}
+    if node.op == "call_method":
+        node.target = "split"
+    else:
+        node.target = torch.split
+
+
+def set_arg(node: fx.Node, position: int, name: str, value: object) -> None:
+    """Set argument ``name`` (at ``position`` when given positionally) of a call node."""
+    if position < len(node.args):
+        args = list(node.args)
+        args[position] = value
+        node.args = tuple(args)
+    else:
+        node.update_kwarg(name, value)
+
+
+def rewrite_groups(position: int, name: str = "groups") -> Rewrite:
+    """A literal group count (``F.conv2d(..., groups=self.channels)``, ``group_norm``'s
+    num_groups) follows the group space its rule noted."""
+    def rewrite(node: fx.Node, ctx: Resize) -> None:
+        groups = ctx.extra("groups")
+        if isinstance(groups, Space) and ctx.changed(groups):
+            set_arg(node, position, name, ctx.size(groups))
+
+    return rewrite
 
 
 def _tensors(values) -> list[TensorDims]:
@@ -278,8 +399,10 @@ def reshape_to(an: Analyzer, x: TensorDims, shape: tuple[int, ...], label: str) 
 
 
 # (unflatten has no rule: its size argument is not rewritten, so it pins what it touches)
-@function_rule(torch.reshape, torch.flatten, torch.squeeze, torch.unsqueeze, shape_args=True)
-@method_rule("view", "reshape", "flatten", "squeeze", "unsqueeze", "view_as", "reshape_as", shape_args=True)
+@function_rule(torch.flatten, torch.squeeze, torch.unsqueeze, shape_args=True)
+@function_rule(torch.reshape, shape_args=True, rewrite=rewrite_fx_shape)
+@method_rule("flatten", "squeeze", "unsqueeze", "view_as", "reshape_as", shape_args=True)
+@method_rule("view", "reshape", shape_args=True, rewrite=rewrite_fx_shape)
 def reshape(an: Analyzer, call: Call) -> object:
     x = call.args[0]
     if not isinstance(x, TensorDims) or not isinstance(call.meta, TensorMetadata):
@@ -363,8 +486,10 @@ def stack(an: Analyzer, call: Call) -> object:
     return TensorDims(dims)
 
 
-@function_rule(torch.split, torch.chunk, torch.tensor_split, torch.unbind, shape_args=True)
-@method_rule("split", "chunk", "tensor_split", "unbind", "split_with_sizes", shape_args=True)
+@function_rule(torch.tensor_split, torch.unbind, shape_args=True)
+@function_rule(torch.split, torch.chunk, shape_args=True, rewrite=rewrite_fx_split)
+@method_rule("tensor_split", "unbind", shape_args=True)
+@method_rule("split", "chunk", "split_with_sizes", shape_args=True, rewrite=rewrite_fx_split)
 def split(an: Analyzer, call: Call) -> object:
     x = call.args[0]
     name = call.node.target if isinstance(call.node.target, str) else call.node.target.__name__
@@ -502,7 +627,7 @@ def assertion(an: Analyzer, call: Call) -> object:
     return None
 
 
-@method_rule("expand", shape_args=True)
+@method_rule("expand", shape_args=True, rewrite=rewrite_fx_shape)
 def expand(an: Analyzer, call: Call) -> object:
     x = call.args[0]
     shape = call.out_shape
@@ -695,23 +820,52 @@ def layer_norm_fn(an: Analyzer, call: Call) -> object:
     return x
 
 
-@module_rule(nn.GroupNorm, nn.LocalResponseNorm, nn.CrossMapLRN2d)
-def group_norm_module(an: Analyzer, call: Call) -> object:
-    x = call.args[0]
-    pin_dims(an, x, [1], f"{type(call.module).__name__} mixes channels")
-    for t in (getattr(call.module, "weight", None), getattr(call.module, "bias", None)):
-        if t is not None:
-            an.same(an.tensor_dims(t)[0], x[1])
+def group_norm(an: Analyzer, call: Call, x: TensorDims, num_groups: int, weight: object, bias: object) -> object:
+    """Group normalisation removes whole groups: the channel dim is (group, channel within
+    group) with the latter pinned, so a group's statistics never change; the group count
+    is rewritten (noted as "groups"). Batch rows are independent; every other dim is
+    normalised over (pinned)."""
+    c = x[1]
+    groups = an.new_space(num_groups, f"{call.node.name}.groups")
+    per_group = pin_new(an, an.new_space(c.size // num_groups, f"{call.node.name}.per_group"),
+                        "channels within a group of a group norm")
+    an.product(c, [groups, per_group])
+    pin_dims(an, x, range(2, len(x)), "group norm normalises over this dim")
+    for t in (weight, bias):
+        if isinstance(t, TensorDims):
+            an.same(t[0], c)
+    an.note("groups", groups)
     return x
 
 
-@function_rule(F.group_norm, F.local_response_norm)
-def group_norm_fn(an: Analyzer, call: Call) -> object:
+@module_rule(nn.GroupNorm)
+def group_norm_module(an: Analyzer, call: Call) -> object:
+    m = call.module
     x = call.args[0]
-    pin_dims(an, x, [1], "group normalisation mixes channels")
-    for t in (call.arg(2, "weight"), call.arg(3, "bias")):
-        if isinstance(t, TensorDims):
-            an.same(t[0], x[1])
+    if not m.affine:  # the module's group count is rewritten from its weight: nothing to read it from
+        pin_dims(an, x, [1], "GroupNorm without affine parameters keeps its groups")
+        pin_dims(an, x, range(2, len(x)), "group norm normalises over this dim")
+        return x
+    return group_norm(an, call, x, m.num_groups, an.tensor_dims(m.weight), an.tensor_dims(m.bias))
+
+
+@function_rule(F.group_norm, rewrite=rewrite_groups(1, "num_groups"))
+def group_norm_fn(an: Analyzer, call: Call) -> object:
+    return group_norm(an, call, call.args[0], int(call.arg(1, "num_groups")), call.arg(2, "weight"),
+                      call.arg(3, "bias"))
+
+
+@module_rule(nn.LocalResponseNorm, nn.CrossMapLRN2d)
+def local_response_norm_module(an: Analyzer, call: Call) -> object:
+    x = call.args[0]
+    pin_dims(an, x, [1], f"{type(call.module).__name__} mixes channels")
+    return x
+
+
+@function_rule(F.local_response_norm)
+def local_response_norm_fn(an: Analyzer, call: Call) -> object:
+    x = call.args[0]
+    pin_dims(an, x, [1], "local response normalisation mixes channels")
     return x
 
 
@@ -885,6 +1039,7 @@ def conv(an: Analyzer, call: Call, x: TensorDims, w: TensorDims, b: TensorDims |
                 an.pin(out_per, f"depthwise channel multiplier at node '{call.node.name}'")
         else:
             an.pin(g, f"group count of a grouped convolution at node '{call.node.name}'")
+        an.note("groups", g)
     if b is not None:
         an.same(b[0], out_ch)
     out = [x[0]] if batched else []
@@ -905,7 +1060,8 @@ def conv_module(an: Analyzer, call: Call) -> object:
     return conv(an, call, call.args[0], w, b, m.groups, transposed)
 
 
-@function_rule(F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)
+@function_rule(F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
+               rewrite=rewrite_groups(6))
 def conv_fn(an: Analyzer, call: Call) -> object:
     name = call.node.target.__name__
     transposed = "transpose" in name
@@ -1102,20 +1258,28 @@ def _shape_consumer(node: fx.Node) -> bool:
     return node.target in SHAPE_CONSUMERS if node.op in ("call_function", "call_method") else False
 
 
-def apply_rules(an: Analyzer, gm: fx.GraphModule) -> None:
-    """Relate every node's spaces in ``gm`` through the rule tables."""
+def apply_rules(an: Analyzer, gm: fx.GraphModule) -> tuple[list, object]:
+    """Relate every node's spaces in ``gm`` through the rule tables.
+
+    Returns the values of the graph's placeholders (in order) and of its output; the
+    caller decides what the boundary pins (:func:`spruce.passes.analysis.analyze`)."""
     modules = dict(gm.named_modules())
+    inputs: list = []
+    output: object = None
     for node in gm.graph.nodes:
         an.current = node
         key = (an.graph_index, node)
         meta = node.meta.get("tensor_meta")
         if node.op == "placeholder":
             value = an.fresh(meta, node.name)
-            an.pin_value(value, f"graph input '{node.name}'")
+            inputs.append(value)
+            an.values[key] = value
+            an.input_space_ids.update(s.id for s in iter_spaces(value))
+            continue  # related by its users, by links between pieces, or pinned as a graph input
         elif node.op == "get_attr":
             value = _get_attr(an, gm, node)
         elif node.op == "output":
-            an.pin_value(_resolve(an, node.args), "reaches a graph output")
+            output = _resolve(an, node.args[0])
             continue
         else:
             module = modules.get(node.target) if node.op == "call_module" else None
@@ -1136,12 +1300,14 @@ def apply_rules(an: Analyzer, gm: fx.GraphModule) -> None:
         an.values[key] = value
         _pin_untouched(an, value)
     an.current = None
+    return inputs, output
 
 
 def _pin_untouched(an: Analyzer, value: object) -> None:
     for space in iter_spaces(value):
         if (an.graph.degree(space.id) == 0 and space.id not in an.pinned_space_ids
-                and space.id not in an.param_space_ids):  # parameters get related by their users
+                and space.id not in an.param_space_ids  # parameters get related by their users
+                and space.id not in an.input_space_ids):  # graph inputs by the boundary or links
             an.pin(space, f"new dimension from node '{an.current.name}'")
 
 
@@ -1172,3 +1338,6 @@ def _flatten(value):
         yield from _flatten((value.start, value.stop, value.step))
     else:
         yield value
+
+
+from spruce.passes import atenrules  # noqa: E402, F401  (registers the ATen operator rules)
