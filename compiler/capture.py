@@ -39,6 +39,7 @@ import contextlib
 import inspect
 import io
 import logging
+import operator
 import os
 import re
 import traceback
@@ -472,10 +473,44 @@ def _export_graph(module: nn.Module, args: tuple, kwargs: dict, dynamic_shapes: 
     for node in list(graph.nodes):
         if node.op == "call_module" and node.target == "_guards_fn":
             graph.erase_node(node)
+    _split_dynamic_chunks(graph)
     gm = fx.GraphModule(unlifted, graph, type(module).__name__)
     gm.graph.lint()
     gm.recompile()
     return gm
+
+
+def _split_dynamic_chunks(graph: fx.Graph) -> None:
+    """``chunk`` along a dynamic dim becomes ``split_with_sizes`` with sizes computed from the
+    dim's size (the same pieces: ceil(size / chunks) each, the rest last). torch.export
+    cannot prove chunk's piece count constant in a symbolic size and would pin the batch
+    when the compact model is exported again (RAFT chunks its two images' features)."""
+    aten = torch.ops.aten
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not aten.chunk.default:
+            continue
+        x = node.args[0]
+        chunks = node.args[1]
+        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+        val = x.meta.get("val") if isinstance(x, fx.Node) else None
+        outs = node.meta.get("val")
+        if not isinstance(val, torch.Tensor) or not isinstance(outs, (list, tuple)):
+            continue
+        dim = dim % val.dim()
+        if not isinstance(val.shape[dim], torch.SymInt):
+            continue
+        n = len(outs)
+        with graph.inserting_before(node):
+            size = graph.call_function(aten.sym_size.int, (x, dim))
+            plus = graph.call_function(operator.add, (size, chunks - 1))
+            each = graph.call_function(operator.floordiv, (plus, chunks))
+            used = graph.call_function(operator.mul, (each, n - 1))
+            last = graph.call_function(operator.sub, (size, used))
+            split = graph.call_function(aten.split_with_sizes.default, (x, [each] * (n - 1) + [last], dim))
+        split.meta = dict(node.meta)
+        split.meta["spruce_chunks"] = chunks  # TorchScript export turns it back into a chunk
+        node.replace_all_uses_with(split)
+        graph.erase_node(node)
 
 
 def _classify(exc: BaseException) -> str:

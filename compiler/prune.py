@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 from spruce.compiler.api import analyze_model
+from spruce.compiler.capture import _failing_node, preserved_state
 from spruce.passes.analysis import ChannelAnalysis, ChannelGroup
 from spruce.passes.export import mask_channels, remove_channels
+from spruce.passes.graph import CapturedGraph
 from spruce.passes.importance import IMPORTANCE, importance_scores, param_table
 from torch import nn
+from torch.utils import _pytree as pytree
 
 __all__ = ["PruneResult", "prune", "select_channels"]
 
@@ -117,14 +122,58 @@ def prune(
     ignore: Iterable[object] = (),
     leaf_modules: Iterable[object] = (),
     seed: int = 0,
+    dynamic_shapes: object = None,
 ) -> PruneResult:
     """Remove ``ratio`` of the channels of every prunable group, least important first.
 
-    Channels reaching a graph output are never removed. Raises ``ValueError`` for a
+    ``example_inputs`` is a tensor, a tuple of positional arguments or a dict of keyword
+    arguments; the batch stays dynamic, other dims where ``dynamic_shapes`` (torch.export's
+    format) declares them. Channels reaching a graph output or eager code are never removed.
+    The compact model is checked to run at a second batch size. Raises ``ValueError`` for a
     ratio outside [0, 1) or an unknown importance (listing the valid ones), and
-    :class:`spruce.TraceError` for a model that cannot be traced."""
+    :class:`spruce.TraceError` for a model that cannot be captured."""
     _validate(ratio, importance, round_to)
-    analysis = analyze_model(model, example_inputs, leaf_modules)
+    analysis = analyze_model(model, example_inputs, leaf_modules, dynamic_shapes=dynamic_shapes)
     kept = select_channels(model, analysis.groups, ratio, importance, round_to, ignore, seed)
     compact = remove_channels(analysis, model, kept)
+    check_second_batch(compact, analysis.captured)
     return PruneResult(compact, analysis.groups, kept, analysis, source=model)
+
+
+def check_second_batch(compact: nn.Module, captured: CapturedGraph) -> None:
+    """Run ``compact`` at the captured second batch size, shapes only where possible (meta
+    tensors: no compute), else for real. Raises ``RuntimeError`` naming the node that
+    fails: a size baked into the graph that should have followed the batch."""
+    if captured.second_inputs is None:
+        return
+    args, kwargs = captured.second_inputs
+    was_training = compact.training
+    compact.eval()
+    try:
+        if captured.whole and _runs_on_meta(compact, args, kwargs):  # eager glue may cache what it computes
+            return
+        with torch.no_grad(), preserved_state(compact):
+            compact(*args, **kwargs)
+    except Exception as exc:
+        where = f" at node '{_failing_node(exc)}'" if _failing_node(exc) else ""
+        raise RuntimeError(f"the compact model does not run at a second batch size{where}: "
+                           f"{type(exc).__name__}: {exc}") from exc
+    finally:
+        compact.train(was_training)
+
+
+def _runs_on_meta(compact: nn.Module, args: tuple, kwargs: dict) -> bool:
+    from torch.nn.utils.stateless import _reparametrize_module
+
+    named = list(compact.named_parameters(remove_duplicate=False)) + list(compact.named_buffers(remove_duplicate=False))
+    state = {name: torch.empty_like(t, device="meta") for name, t in named}
+    meta_args, meta_kwargs = pytree.tree_map(lambda v: v.to("meta") if isinstance(v, torch.Tensor) else v,
+                                             (args, kwargs))
+    try:
+        with torch.no_grad(), preserved_state(compact), _reparametrize_module(compact, state), \
+                warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            compact(*meta_args, **meta_kwargs)
+        return True
+    except Exception:  # noqa: BLE001 - an op without a meta kernel: run for real
+        return False

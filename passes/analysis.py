@@ -178,6 +178,7 @@ class Analyzer:
         self.input_space_ids: set[int] = set()
         self.pinned_space_ids: set[int] = set()
         self.graph_index = 0
+        self.training = False  # is the graph being analysed the training-mode graph?
         self.current: fx.Node | None = None
         # per node: spaces a rule names for the rewrite of its size arguments ("groups")
         self.extras: dict[tuple[int, fx.Node], dict[str, object]] = {}
@@ -541,6 +542,7 @@ def analyze(captured: CapturedGraph, pin_boundary: bool = True) -> ChannelAnalys
                 io[(pi, True)] = io[(pi, False)]
                 continue
             an.graph_index = gi
+            an.training = training
             gi += 1
             inputs, output = apply_rules(an, gm)
             io[(pi, training)] = (leaves(inputs), leaves(output))

@@ -192,7 +192,7 @@ def reduce_all(an: Analyzer, call: Call) -> object:
 @aten_rule("sum.dim_IntList", "mean.dim", "prod.dim_int", "all.dim", "all.dims", "any.dim", "any.dims",
            "max.dim", "min.dim", "std.correction", "var.correction", "std_mean.correction",
            "var_mean.correction", "logsumexp", "norm.ScalarOpt_dim", "linalg_vector_norm", "argmax", "argmin",
-           "count_nonzero.dim_IntList", "median.dim", "mode", "nansum")
+           "count_nonzero.dim_IntList", "median.dim", "mode", "nansum", "kthvalue")
 def reduce_dims(an: Analyzer, call: Call) -> object:
     """Reductions over the ``dim`` argument (all dims when None or empty)."""
     a = schema_args(call)
@@ -200,7 +200,7 @@ def reduce_dims(an: Analyzer, call: Call) -> object:
 
 
 @aten_rule("softmax.int", "log_softmax.int", "_softmax", "_log_softmax", "cumsum", "cumprod", "logcumsumexp",
-           "cummax", "cummin", "sort", "argsort", "topk", "kthvalue")
+           "cummax", "cummin", "sort", "argsort", "topk")
 def along(an: Analyzer, call: Call) -> object:
     """Ops mixing values along ``dim`` (normalisation, scans, sorting): that dim is pinned."""
     a = schema_args(call)

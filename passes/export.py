@@ -344,14 +344,17 @@ def remove_channels(analysis: ChannelAnalysis, model: nn.Module, kept: Kept) -> 
 
 
 def mask_channels(analysis: ChannelAnalysis, model: nn.Module, kept: Kept) -> nn.Module:
-    """A copy of ``model`` (same architecture) whose parameters are zero on every
-    removed channel. Buffers (running statistics) are left as they are."""
+    """A copy of ``model`` (same architecture) whose parameters and buffers are zero on every
+    removed channel (a zeroed BatchNorm channel outputs zero whatever its statistics; a
+    fixed filter or projection held in a buffer must not carry a removed channel)."""
     sizes = _Sizes(analysis.alive_mask(kept))
     masked = copy.deepcopy(model)
     new_params = dict(masked.named_parameters(remove_duplicate=False))
+    new_params.update(masked.named_buffers(remove_duplicate=False))
     done: set[int] = set()
+    named = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
     with torch.no_grad():
-        for name, tensor in model.named_parameters(remove_duplicate=False):
+        for name, tensor in named:
             if id(tensor) in done:
                 continue
             done.add(id(tensor))

@@ -357,6 +357,7 @@ def reshape_to(an: Analyzer, x: TensorDims, shape: tuple[int, ...], label: str) 
     i = j = 0
     while i < len(in_sizes) or j < len(shape):
         if i < len(in_sizes) and in_sizes[i] == 1:
+            an.pin(x[i], f"size-1 dim at {an.where()}")  # dropped or moved: its one element is all of x
             i += 1
             continue
         if j < len(shape) and shape[j] == 1:
@@ -778,21 +779,34 @@ def batch_norm_module(an: Analyzer, call: Call) -> object:
     """Per-channel normalisation: weight, bias and running statistics follow the channel."""
     m = call.module
     x = call.args[0]
-    unbatched = isinstance(m, nn.modules.instancenorm._InstanceNorm) and len(x) == m._get_no_batch_dim()
+    instance = isinstance(m, nn.modules.instancenorm._InstanceNorm)
+    unbatched = instance and len(x) == m._get_no_batch_dim()
     channel = x[0] if unbatched else x[1]
     for t in (m.weight, m.bias, m.running_mean, m.running_var):
         if t is not None:
             an.same(an.tensor_dims(t)[0], channel)
+    c = 0 if unbatched else 1
+    if instance and (m.track_running_stats is False or an.training):  # statistics over each sample's positions
+        pin_dims(an, x, range(c + 1, len(x)), "normalised over this dim (instance statistics)")
+    elif not instance and (an.training or m.running_mean is None):  # batch statistics
+        pin_dims(an, x, [d for d in range(len(x)) if d != c], "normalised over this dim (batch statistics)")
     return x
 
 
 @function_rule(F.batch_norm, F.instance_norm)
 def batch_norm_fn(an: Analyzer, call: Call) -> object:
     x = call.args[0]
-    stats = [call.arg(1, "running_mean"), call.arg(2, "running_var"), call.arg(3, "weight"), call.arg(4, "bias")]
+    instance = call.node.target is F.instance_norm
+    stats = ([call.arg(1, "running_mean"), call.arg(2, "running_var"), call.arg(3, "weight"), call.arg(4, "bias")]
+             if not instance else [call.kwargs.get(k, call.arg(i, k)) for i, k in
+                                   ((1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias"))])
     for t in stats:
         if isinstance(t, TensorDims):
             an.same(t[0], x[1])
+    if instance:  # per-sample statistics over the positions (use_input_stats defaults to True)
+        pin_dims(an, x, range(2, len(x)), "normalised over this dim (instance statistics)")
+    elif call.arg(5, "training", False) or not isinstance(stats[0], TensorDims):  # batch statistics
+        pin_dims(an, x, [d for d in range(len(x)) if d != 1], "normalised over this dim (batch statistics)")
     return x
 
 
@@ -886,6 +900,8 @@ def spatial(an: Analyzer, call: Call, n_spatial: int | None = None) -> object:
             out.append(x[k])
             an.pin(x[k], f"spatial dim at node '{call.node.name}'")
         else:
+            if k < len(x):  # pooled or resampled: its elements mix
+                an.pin(x[k], f"spatial dim at node '{call.node.name}'")
             out.append(pin_new(an, an.new_space(shape[k], f"{call.node.name}[{k}]"), "spatial dim"))
     return TensorDims(out)
 
@@ -1020,7 +1036,7 @@ def conv(an: Analyzer, call: Call, x: TensorDims, w: TensorDims, b: TensorDims |
     out_ch = an.new_space(shape[c], f"{call.node.name}[{c}]")
     w_in, w_out = (w[0], w[1]) if transposed else (w[1], w[0])
     if groups == 1:
-        an.same(x[c], w_in)
+        contract(an, call, x[c], w_in)
         an.same(out_ch, w_out)
     else:
         g = an.new_space(groups, f"{call.node.name}.groups")
@@ -1029,10 +1045,10 @@ def conv(an: Analyzer, call: Call, x: TensorDims, w: TensorDims, b: TensorDims |
         an.product(x[c], [g, in_per])
         an.product(out_ch, [g, out_per])
         if transposed:
-            an.same(w[0], x[c])
+            contract(an, call, x[c], w[0])
             an.same(w[1], out_per)
         else:
-            an.same(w[1], in_per)
+            contract(an, call, in_per, w[1])
             an.same(w[0], out_ch)
         if in_per.size == 1:
             if out_per.size > 1:
@@ -1044,6 +1060,8 @@ def conv(an: Analyzer, call: Call, x: TensorDims, w: TensorDims, b: TensorDims |
         an.same(b[0], out_ch)
     out = [x[0]] if batched else []
     out.append(out_ch)
+    for space in x[c + 1 :]:  # the kernel mixes neighbouring positions
+        an.pin(space, f"spatial dim at node '{call.node.name}'")
     for k in range(c + 1, len(shape)):
         out.append(pin_new(an, an.new_space(shape[k], f"{call.node.name}[{k}]"), "spatial dim"))
     return TensorDims(out)
@@ -1073,8 +1091,19 @@ def conv_fn(an: Analyzer, call: Call) -> object:
     return conv(an, call, call.args[0], w, b if isinstance(b, TensorDims) else None, groups, transposed)
 
 
+def contract(an: Analyzer, call: Call, a: Space, b: Space) -> None:
+    """``a`` and ``b`` are summed over together (a layer's input channels and its weight's).
+    Removing a channel is exact when one side is a model tensor, zero in the masked model;
+    between two computed values (a weight computed in the graph) the dim is pinned."""
+    if _is_parameter_space(an, a) or _is_parameter_space(an, b):
+        an.same(a, b)
+    else:
+        an.pin(a, f"contraction between activations at node '{call.node.name}'")
+        an.pin(b, f"contraction between activations at node '{call.node.name}'")
+
+
 def linear(an: Analyzer, call: Call, x: TensorDims, w: TensorDims, b: TensorDims | None) -> TensorDims:
-    an.same(x[-1], w[1])
+    contract(an, call, x[-1], w[1])
     out_f = an.new_space(w[0].size, f"{call.node.name}[-1]")
     an.same(out_f, w[0])
     if b is not None:
@@ -1168,6 +1197,17 @@ def sdpa(an: Analyzer, call: Call) -> object:
     return TensorDims(list(reversed(lead)) + [q[-2], v[-1]])
 
 
+def _weights_used(node: fx.Node) -> bool:
+    """Is the second output (attention weights) of a multi-output node read?"""
+    for user in node.users:
+        if user.op == "call_function" and user.target is operator.getitem:
+            if user.args[1] != 0 and user.users:
+                return True
+        else:
+            return True
+    return False
+
+
 @module_rule(nn.MultiheadAttention)
 def multihead_attention(an: Analyzer, call: Call) -> object:
     """Whole heads are the unit. nn.MultiheadAttention requires embed_dim == heads x
@@ -1205,9 +1245,20 @@ def multihead_attention(an: Analyzer, call: Call) -> object:
     seq_k = 0 if not m.batch_first and len(k) == 3 else len(k) - 2
     an.pin(k[seq_k], f"attention keys at node '{call.node.name}'")
     an.same(k[seq_k], v[seq_k])
+    if len(q) == 3:  # batch rows attend only within themselves
+        batch = 0 if m.batch_first else 1
+        an.same(q[batch], k[batch])
+        an.same(q[batch], v[batch])
     out = TensorDims(list(q))
     weights = an.fresh(call.meta[1], call.node.name + ".weights") if _is_multi(call.meta) else None
     an.pin_value(weights, f"attention weights at node '{call.node.name}'")
+    if weights is not None and _weights_used(call.node):  # averaged over heads: every head counts
+        an.pin(heads, f"attention weights averaged over heads are used at node '{call.node.name}'")
+    if isinstance(weights, TensorDims) and len(q) == 3 and weights[0].size == q[batch].size:
+        an.same(weights[0], q[batch])  # (batch, [heads,] queries, keys): a batch row's own weights
+        seq_q = 1 if m.batch_first else 0
+        if weights[-2].size == q[seq_q].size:
+            an.same(weights[-2], q[seq_q])  # each query's row
     return (out, weights)
 
 
