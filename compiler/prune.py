@@ -10,10 +10,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from spruce.compiler.api import analyze_model
-from spruce.compiler.capture import _failing_node, preserved_state
+from spruce.compiler.capture import _failing_node, adapter_for, preserved_state
 from spruce.passes.analysis import ChannelAnalysis, ChannelGroup
-from spruce.passes.export import mask_channels, remove_channels
-from spruce.passes.graph import CapturedGraph
+from spruce.passes.export import batch_literals, mask_channels, remove_channels
 from spruce.passes.importance import IMPORTANCE, importance_scores, param_table
 from torch import nn
 from torch.utils import _pytree as pytree
@@ -136,15 +135,25 @@ def prune(
     analysis = analyze_model(model, example_inputs, leaf_modules, dynamic_shapes=dynamic_shapes)
     kept = select_channels(model, analysis.groups, ratio, importance, round_to, ignore, seed)
     compact = remove_channels(analysis, model, kept)
-    check_second_batch(compact, analysis.captured)
+    check_second_batch(compact, analysis)
     return PruneResult(compact, analysis.groups, kept, analysis, source=model)
 
 
-def check_second_batch(compact: nn.Module, captured: CapturedGraph) -> None:
-    """Run ``compact`` at the captured second batch size, shapes only where possible (meta
-    tensors: no compute), else for real. Raises ``RuntimeError`` naming the node that
-    fails: a size baked into the graph that should have followed the batch."""
+def check_second_batch(compact: nn.Module, analysis: ChannelAnalysis) -> None:
+    """Check that ``compact`` runs at the captured second batch size. A plain-fx graph is
+    symbolic in every size its code reads, so only a literal batch size in a size argument
+    can fix it: that is read from the analysis (no run). Graphs from torch.export, and
+    models captured in pieces, run at the second batch size (shapes only, on meta
+    tensors, where possible). Raises ``RuntimeError`` naming the node at fault."""
+    captured = analysis.captured
     if captured.second_inputs is None:
+        return
+    if captured.method == "fx":
+        batch = adapter_for(captured.root).batch_size(captured.example_inputs, captured.example_kwargs)
+        baked = batch_literals(analysis, batch) if batch else []
+        if baked:
+            raise RuntimeError(f"the compact model does not run at a second batch size: node '{baked[0]}' writes "
+                               f"the example's batch size {batch} into its size argument")
         return
     args, kwargs = captured.second_inputs
     was_training = compact.training
@@ -165,12 +174,12 @@ def check_second_batch(compact: nn.Module, captured: CapturedGraph) -> None:
 def _runs_on_meta(compact: nn.Module, args: tuple, kwargs: dict) -> bool:
     from torch.nn.utils.stateless import _reparametrize_module
 
-    named = list(compact.named_parameters(remove_duplicate=False)) + list(compact.named_buffers(remove_duplicate=False))
+    named = list(compact.named_parameters()) + list(compact.named_buffers())  # tied tensors once: tie_weights
     state = {name: torch.empty_like(t, device="meta") for name, t in named}
     meta_args, meta_kwargs = pytree.tree_map(lambda v: v.to("meta") if isinstance(v, torch.Tensor) else v,
                                              (args, kwargs))
     try:
-        with torch.no_grad(), preserved_state(compact), _reparametrize_module(compact, state), \
+        with torch.no_grad(), preserved_state(compact), _reparametrize_module(compact, state, tie_weights=True), \
                 warnings.catch_warnings():
             warnings.simplefilter("ignore")
             compact(*meta_args, **meta_kwargs)

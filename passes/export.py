@@ -15,7 +15,8 @@ import torch
 from spruce.passes.analysis import ChannelAnalysis, SizeRead, Space, TensorDims
 from torch import fx, nn
 
-__all__ = ["MODULE_FIXERS", "CompactPiece", "ModeSwitch", "install_graphs", "mask_channels", "remove_channels"]
+__all__ = ["MODULE_FIXERS", "CompactPiece", "ModeSwitch", "batch_literals", "install_graphs", "mask_channels",
+           "remove_channels"]
 
 Kept = dict[int, np.ndarray]
 
@@ -341,6 +342,51 @@ def remove_channels(analysis: ChannelAnalysis, model: nn.Module, kept: Kept) -> 
             gi += 1
         install_graphs(new_model.get_submodule(piece.path), graphs)
     return new_model.train(model.training)
+
+
+_SIZE_LIST_OPS = {"view", "reshape", "expand", torch.reshape, torch.ops.aten.view.default,
+                  torch.ops.aten._unsafe_view.default, torch.ops.aten.reshape.default, torch.ops.aten.expand.default}
+
+
+def batch_literals(analysis: ChannelAnalysis, batch: int) -> list[str]:
+    """Nodes of a model captured whole that write the example's batch size into a size
+    argument as a literal (``x.reshape(2, -1)``): such a graph runs at no other batch
+    size. Read from the analysis alone (no run): a literal whose dim carries the elements
+    of an input's batch dim."""
+    an = analysis.analyzer
+    labels = analysis.labels
+    found: list[str] = []
+    for gi, gm in enumerate(analysis.captured.graphs):
+        batch_labels: set[int] = set()
+        for node in gm.graph.nodes:
+            value = an.values.get((gi, node)) if node.op == "placeholder" else None
+            for dims in _tensor_dims(value):
+                if dims and dims[0].size == batch:
+                    batch_labels.update(labels[dims[0].start : dims[0].start + dims[0].size].tolist())
+        for node in gm.graph.nodes:
+            if node.op not in ("call_method", "call_function") or node.target not in _SIZE_LIST_OPS:
+                continue
+            out = an.values.get((gi, node))
+            sizes = node.args[1:] if node.op == "call_method" else node.args[1:2]
+            if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
+                sizes = sizes[0]
+            if not isinstance(out, TensorDims) or len(sizes) != len(out):
+                continue
+            for arg, space in zip(sizes, out):
+                if isinstance(arg, int) and arg == batch and batch_labels.intersection(
+                        labels[space.start : space.start + space.size].tolist()):
+                    found.append(node.name)
+    return found
+
+
+def _tensor_dims(value: object) -> list[TensorDims]:
+    if isinstance(value, TensorDims):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [d for v in value for d in _tensor_dims(v)]
+    if isinstance(value, dict):
+        return [d for v in value.values() for d in _tensor_dims(v)]
+    return []
 
 
 def mask_channels(analysis: ChannelAnalysis, model: nn.Module, kept: Kept) -> nn.Module:
