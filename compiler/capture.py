@@ -334,16 +334,17 @@ def _to_meta(value: object) -> object:
     return value.to("meta") if isinstance(value, torch.Tensor) else value
 
 
-def propagate(gm: fx.GraphModule, inputs: Sequence[object]) -> None:
+def propagate(gm: fx.GraphModule, inputs: Sequence[object], known: fx.GraphModule | None = None) -> None:
     """Shape/dtype meta (``meta["tensor_meta"]``) on every node, for the placeholder values
-    ``inputs``. Tries, cheapest first: meta tensors (no compute, no copy of the weights),
-    fake tensors, then a real run for ops neither supports. Raises :class:`TraceError`
-    naming the node where the inputs stop fitting the model."""
+    ``inputs``. Tries, cheapest first: meta tensors (no compute, no copy of the weights;
+    ``known``, another graph of the same module, lends the meta of nodes it shares), fake
+    tensors, then a real run for ops neither supports (buffers restored after it). Raises
+    :class:`TraceError` naming the node where the inputs stop fitting the model."""
     from torch.nn.utils.stateless import _reparametrize_module
 
     try:
         with torch.no_grad(), _reparametrize_module(gm, _meta_state(gm)), _quiet(), _no_stderr():
-            ShapeProp(gm).propagate(*[_to_meta(x) for x in inputs])
+            _MetaShapeProp(gm).run(*[_to_meta(x) for x in inputs], initial_env=_shared_meta(gm, known))
         return
     except Exception:  # noqa: BLE001, S110 - any meta-tensor limitation: try the next way
         pass
@@ -356,7 +357,7 @@ def propagate(gm: fx.GraphModule, inputs: Sequence[object]) -> None:
     except Exception:  # noqa: BLE001, S110 - any fake-tensor limitation: fall back to a real run
         pass
     try:
-        with torch.no_grad():
+        with torch.no_grad(), preserved_state(gm):
             ShapeProp(gm).propagate(*inputs)
     except Exception as exc:
         node = _failing_node(exc)
@@ -366,6 +367,67 @@ def propagate(gm: fx.GraphModule, inputs: Sequence[object]) -> None:
             module_path=node,
             operation=str(exc),
         ) from exc
+
+
+def _shared_meta(gm: fx.GraphModule, known: fx.GraphModule | None) -> dict:
+    """Meta tensors for the nodes of ``gm`` that ``known`` computes the same way (same name,
+    operation, target and arguments), from ``known``'s shape meta: the training-mode graph
+    of a model differs from its eval graph in a few nodes only."""
+    if known is None:
+        return {}
+    from torch.fx.passes.shape_prop import TensorMetadata
+
+    theirs = {n.name: n for n in known.graph.nodes}
+    env: dict = {}
+    for node in gm.graph.nodes:
+        other = theirs.get(node.name)
+        meta = other.meta.get("tensor_meta") if other is not None else None
+        if (other is None or node.op in ("placeholder", "output") or other.op != node.op
+                or other.target != node.target or not isinstance(meta, TensorMetadata)
+                or str(other.args) != str(node.args) or str(other.kwargs) != str(node.kwargs)
+                or any(a.op != "placeholder" and a not in env for a in node.all_input_nodes)):
+            continue
+        env[node] = torch.empty(meta.shape, dtype=meta.dtype, device="meta")
+        node.meta["tensor_meta"] = meta
+    return env
+
+
+def _shape_keeping() -> tuple[set, set, set]:
+    """Modules, functions and methods whose output is their first input's shape and dtype:
+    on meta tensors their kernels (BatchNorm's is a Python decomposition) cost far more
+    than knowing that."""
+    modules = {nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish,
+               nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.ELU, nn.Mish, nn.Identity, nn.Dropout,
+               nn.Dropout2d, nn.LayerNorm, nn.GroupNorm}
+    import torch.nn.functional as F
+
+    functions = {F.relu, F.relu6, F.silu, F.gelu, F.hardswish, F.hardsigmoid, F.sigmoid, F.dropout, torch.relu,
+                 torch.sigmoid, torch.tanh}
+    methods = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "contiguous", "clone", "detach"}
+    return modules, functions, methods
+
+
+class _MetaShapeProp(ShapeProp):
+    """ShapeProp on meta tensors that skips the kernels of shape-keeping operators."""
+
+    _modules, _functions, _methods = _shape_keeping()
+
+    def run_node(self, n: fx.Node):
+        first = self.env.get(n.args[0]) if n.args and isinstance(n.args[0], fx.Node) else None
+        if isinstance(first, torch.Tensor) and not n.kwargs.get("inplace", False) and (
+                (n.op == "call_module" and type(self.fetch_attr(n.target)) in self._modules)
+                or (n.op == "call_function" and n.target in self._functions)
+                or (n.op == "call_method" and n.target in self._methods)):
+            n.meta["tensor_meta"] = _extract_metadata(first)
+            n.meta["type"] = torch.Tensor
+            return first
+        return super().run_node(n)
+
+
+def _extract_metadata(t: torch.Tensor):
+    from torch.fx.passes.shape_prop import TensorMetadata
+
+    return TensorMetadata(t.shape, t.dtype, t.requires_grad, t.stride(), None, False, {})
 
 
 def _failing_node(exc: BaseException) -> str | None:
@@ -713,9 +775,10 @@ def _graphs_fx(module: nn.Module, args: tuple, kwargs: dict, leaf_modules, prefi
         module.eval()
         eval_gm = _fx_trace(module, leaf_modules, prefix)
         values = placeholder_values(eval_gm, module, args, kwargs)
-        with preserved_state(module):
-            eval_gm.eval()
-            propagate(eval_gm, values)
+        eval_gm.eval()
+        propagate(eval_gm, values)
+        if not _may_branch_on_training(module, leaf_modules):
+            return eval_gm, None
         module.train()
         try:
             train_gm = _fx_trace(module, leaf_modules, prefix)
@@ -726,15 +789,35 @@ def _graphs_fx(module: nn.Module, args: tuple, kwargs: dict, leaf_modules, prefi
         if train_gm.code == eval_gm.code:
             return eval_gm, None
         train_gm.train()
-        with preserved_state(module):
-            try:  # BatchNorm in training mode needs more than one value per channel
-                doubled = [torch.cat([v, v]) if isinstance(v, torch.Tensor) and v.dim() > 0 else v for v in values]
-                propagate(train_gm, doubled)
-            except TraceError:
-                propagate(train_gm, values)
+        propagate(train_gm, values, known=eval_gm)
         return eval_gm, train_gm
     finally:
         module.train(was_training)
+
+
+_SOURCE_MENTIONS_TRAINING: dict[type, bool] = {}
+
+
+def _may_branch_on_training(model: nn.Module, leaf_modules) -> bool:
+    """Can the code fx traces through differ in training mode? Only Python code can: the
+    module classes whose forward is traced (not leaves) that mention ``training`` in their
+    source (``if self.training``, ``dropout(x, p, self.training)``). A class whose source
+    cannot be read counts as one that may."""
+    import inspect as _inspect
+
+    tracer = _SpruceTracer(leaf_modules)
+    for name, m in model.named_modules():
+        if name and tracer.is_leaf_module(m, name):
+            continue
+        cls = type(m)
+        if cls not in _SOURCE_MENTIONS_TRAINING:
+            try:
+                _SOURCE_MENTIONS_TRAINING[cls] = "training" in _inspect.getsource(cls)
+            except (OSError, TypeError):
+                _SOURCE_MENTIONS_TRAINING[cls] = True
+        if _SOURCE_MENTIONS_TRAINING[cls]:
+            return True
+    return False
 
 
 def _graphs_export(module: nn.Module, trace_args: tuple, trace_kwargs: dict, dynamic_shapes: object,

@@ -227,7 +227,7 @@ def _rebuild_graph(analysis: ChannelAnalysis, gi: int, source: fx.GraphModule, r
     from spruce.passes.oprules import REWRITES
 
     graph = fx.Graph()
-    graph._codegen = copy.deepcopy(source.graph._codegen)  # the pytree input/output structure
+    graph._codegen = copy.copy(source.graph._codegen)  # the pytree input/output structure
     mapping: dict[fx.Node, fx.Node] = {}
     out = graph.graph_copy(source.graph, mapping)
     graph.output(out)
@@ -258,11 +258,31 @@ def _compact_graph_module(analysis: ChannelAnalysis, gi: int, source: fx.GraphMo
                           sizes: _Sizes) -> fx.GraphModule:
     """``source`` with its kept channels: a deep copy sharing ``memo`` (shrunk tensors, and the
     modules and parameters other graphs of the same model already copied)."""
-    root = copy.deepcopy(source, memo)
-    _fix_modules(source, root)
-    gm = fx.GraphModule(root, _rebuild_graph(analysis, gi, source, root, sizes), source.__class__.__name__)
-    gm.recompile()
+    targets = {n.target for n in source.graph.nodes if n.op in ("get_attr", "call_module")}
+    root = {target: copy.deepcopy(_resolve_target(source, target), memo) for target in targets}
+    gm = fx.GraphModule(root, _rebuild_graph(analysis, gi, source, _Targets(root), sizes), source.__class__.__name__)
+    _fix_modules(source, gm)
+    for attr in ("_in_spec", "_out_spec"):  # the pytree codegen's specs (graph structure, kept as is)
+        if hasattr(source, attr):
+            setattr(gm, attr, getattr(source, attr))
     return gm
+
+
+def _resolve_target(gm: fx.GraphModule, target: str) -> object:
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+class _Targets:
+    """The copied modules and tensors of a graph, looked up by their qualified name."""
+
+    def __init__(self, objects: dict[str, object]):
+        self.objects = objects
+
+    def get_submodule(self, target: str) -> nn.Module:
+        return self.objects[target]
 
 
 class CompactPiece:
@@ -367,14 +387,17 @@ def batch_literals(analysis: ChannelAnalysis, batch: int) -> list[str]:
             if node.op not in ("call_method", "call_function") or node.target not in _SIZE_LIST_OPS:
                 continue
             out = an.values.get((gi, node))
+            source = an.values.get((gi, node.args[0])) if isinstance(node.args[0], fx.Node) else None
             sizes = node.args[1:] if node.op == "call_method" else node.args[1:2]
             if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
                 sizes = sizes[0]
-            if not isinstance(out, TensorDims) or len(sizes) != len(out):
+            if not isinstance(out, TensorDims) or not isinstance(source, TensorDims) or len(sizes) != len(out):
                 continue
             for arg, space in zip(sizes, out):
-                if isinstance(arg, int) and arg == batch and batch_labels.intersection(
-                        labels[space.start : space.start + space.size].tolist()):
+                # the literal sizes a dim the input carries through (not a new size-1 axis that
+                # broadcasting happens to align with a batch of one)
+                if (isinstance(arg, int) and arg == batch and any(space is s for s in source)
+                        and batch_labels.intersection(labels[space.start : space.start + space.size].tolist())):
                     found.append(node.name)
     return found
 
