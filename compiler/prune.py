@@ -6,18 +6,23 @@ import math
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 import torch
-from spruce.compiler.api import analyze_model
-from spruce.compiler.capture import _failing_node, adapter_for, preserved_state
-from spruce.passes.analysis import ChannelAnalysis, ChannelGroup
-from spruce.passes.export import batch_literals, mask_channels, remove_channels
-from spruce.passes.importance import IMPORTANCE, importance_scores, param_table
+from pydantic import Field, field_validator
 from torch import nn
 from torch.utils import _pytree as pytree
 
-__all__ = ["PruneResult", "prune", "select_channels"]
+from ..passes.analysis import ChannelAnalysis, ChannelGroup
+from ..passes.config import Config
+from ..passes.export import batch_literals, check_runs, mask_channels, remove_channels
+from ..passes.graph import split_inputs
+from ..passes.importance import IMPORTANCE, importance_scores, param_table
+from .api import analyze_model
+from .capture import adapter_for, failing_node, preserved_state
+
+__all__ = ["PruneConfig", "PruneResult", "prune", "select_channels"]
 
 
 @dataclass
@@ -42,13 +47,30 @@ class PruneResult:
         return self._masked
 
 
+class PruneConfig(Config):
+    """The options of :func:`prune` and ``spruce prune``: the fraction of each group's channels
+    removed, the channel criterion (:data:`~spruce.passes.importance.IMPORTANCE`), and the
+    multiple kept counts are rounded up to."""
+
+    owner: ClassVar[str] = "prune"
+
+    ratio: float = Field(0.5, ge=0, lt=1)
+    importance: str = "l1"
+    round_to: int | None = Field(None, ge=1)
+
+    @field_validator("importance")
+    @classmethod
+    def _registered(cls, value: str) -> str:
+        if value not in IMPORTANCE:
+            raise ValueError(f"unknown importance {value!r}; valid: {', '.join(sorted(IMPORTANCE))}")
+        return value
+
+
+_DEFAULTS = PruneConfig()
+
+
 def _validate(ratio: float, importance: str, round_to: int | None) -> None:
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio < 1.0:
-        raise ValueError(f"ratio must be a number in [0, 1), got {ratio!r}")
-    if importance not in IMPORTANCE:
-        raise ValueError(f"unknown importance {importance!r}; valid: {', '.join(sorted(IMPORTANCE))}")
-    if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
-        raise ValueError(f"round_to must be a positive integer or None, got {round_to!r}")
+    PruneConfig(ratio=ratio, importance=importance, round_to=round_to)
 
 
 def _ignored_members(model: nn.Module, ignore: Iterable[object]) -> set[tuple[str, int]]:
@@ -86,38 +108,47 @@ def select_channels(
     model: nn.Module,
     groups: list[ChannelGroup],
     ratio: float,
-    importance: str = "l1",
-    round_to: int | None = None,
+    importance: str = _DEFAULTS.importance,
+    round_to: int | None = _DEFAULTS.round_to,
     ignore: Iterable[object] = (),
     seed: int = 0,
 ) -> dict[int, np.ndarray]:
     """Kept channel indices per prunable group: the top ``1 - ratio`` by importance
-    (at least one channel; rounded up to a multiple of ``round_to``)."""
+    (at least one channel; rounded up to a multiple of ``round_to``). Groups that the
+    rounding alone leaves whole (too few channels for ``round_to``) are named in a warning."""
     _validate(ratio, importance, round_to)
     ignored = _ignored_members(model, ignore)
     params = param_table(model)
     rng = np.random.default_rng(seed)
     kept: dict[int, np.ndarray] = {}
+    rounded_whole: list[str] = []
     for group in groups:
         if not group.prunable or any((m.name, m.dim) in ignored for m in group.members):
             continue
         n_keep = max(1, math.ceil(round((1.0 - ratio) * group.size, 6)))
-        if round_to:
+        if round_to and n_keep < group.size:
             n_keep = min(group.size, math.ceil(n_keep / round_to) * round_to)
+            if n_keep >= group.size:
+                named = next((m for m in group.members if m.name.endswith("weight")), group.members[0])
+                rounded_whole.append(f"group {group.id} ({named.name} dim {named.dim}, {group.size} channels)")
         if n_keep >= group.size:
             continue
         scores = importance_scores(importance, group, params, rng)
         order = np.argsort(-scores, kind="stable")
         kept[group.id] = np.sort(order[:n_keep])
+    if rounded_whole:
+        warnings.warn(f"round_to={round_to} leaves {len(rounded_whole)} group(s) unpruned: keeping "
+                      f"{1.0 - ratio:g} of their channels rounds up to all of them: {', '.join(rounded_whole)}",
+                      stacklevel=2)
     return kept
 
 
 def prune(
     model: nn.Module,
     example_inputs: object,
-    ratio: float = 0.5,
-    importance: str = "l1",
-    round_to: int | None = None,
+    ratio: float = _DEFAULTS.ratio,
+    importance: str = _DEFAULTS.importance,
+    round_to: int | None = _DEFAULTS.round_to,
     ignore: Iterable[object] = (),
     leaf_modules: Iterable[object] = (),
     seed: int = 0,
@@ -128,13 +159,17 @@ def prune(
     ``example_inputs`` is a tensor, a tuple of positional arguments or a dict of keyword
     arguments; the batch stays dynamic, other dims where ``dynamic_shapes`` (torch.export's
     format) declares them. Channels reaching a graph output or eager code are never removed.
-    The compact model is checked to run at a second batch size. Raises ``ValueError`` for a
-    ratio outside [0, 1) or an unknown importance (listing the valid ones), and
-    :class:`spruce.TraceError` for a model that cannot be captured."""
+    The compact model is run once on ``example_inputs`` and checked to run at a second batch
+    size before it is returned. Raises ``ValueError`` for a ratio outside [0, 1) or an unknown
+    importance (listing the valid ones), :class:`spruce.TraceError` for a model that cannot be
+    captured, and :class:`~spruce.passes.export.CompactModelError` naming the node when the
+    compact model cannot run on the example input."""
     _validate(ratio, importance, round_to)
     analysis = analyze_model(model, example_inputs, leaf_modules, dynamic_shapes=dynamic_shapes)
     kept = select_channels(model, analysis.groups, ratio, importance, round_to, ignore, seed)
     compact = remove_channels(analysis, model, kept)
+    args, kwargs = split_inputs(example_inputs)
+    check_runs(compact, args, model, "pruned model", kwargs)
     check_second_batch(compact, analysis)
     return PruneResult(compact, analysis.groups, kept, analysis, source=model)
 
@@ -164,7 +199,7 @@ def check_second_batch(compact: nn.Module, analysis: ChannelAnalysis) -> None:
         with torch.no_grad(), preserved_state(compact):
             compact(*args, **kwargs)
     except Exception as exc:
-        where = f" at node '{_failing_node(exc)}'" if _failing_node(exc) else ""
+        where = f" at node '{failing_node(exc)}'" if failing_node(exc) else ""
         raise RuntimeError(f"the compact model does not run at a second batch size{where}: "
                            f"{type(exc).__name__}: {exc}") from exc
     finally:

@@ -27,9 +27,10 @@ from dataclasses import dataclass, field
 import networkx as nx
 import numpy as np
 import torch
-from spruce.passes.graph import CapturedGraph
 from torch import fx
 from torch.fx.passes.shape_prop import TensorMetadata
+
+from .graph import CapturedGraph
 
 __all__ = [
     "Analyzer",
@@ -531,7 +532,7 @@ def analyze(captured: CapturedGraph, pin_boundary: bool = True) -> ChannelAnalys
     interface), except where a :class:`~spruce.passes.graph.Link` couples a piece's output
     with another piece's input. ``pin_boundary=False`` pins nothing at the boundary (the
     soundness tests of single operators use it)."""
-    from spruce.passes.oprules import apply_rules
+    from .oprules import apply_rules
 
     an = Analyzer(captured.root)
     io: dict[tuple[int, bool], tuple[list, list]] = {}

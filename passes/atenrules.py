@@ -16,12 +16,13 @@ import operator
 from collections.abc import Callable
 
 import torch
-from spruce.passes.analysis import Analyzer, ShapeOf, SizeRead, TensorDims
-from spruce.passes.oprules import (
+from torch import fx
+
+from .analysis import Analyzer, ShapeOf, SizeRead, TensorDims
+from .oprules import (
     Call,
     Resize,
     Rewrite,
-    _scalar_of,
     along_dim,
     broadcast,
     cat,
@@ -41,6 +42,7 @@ from spruce.passes.oprules import (
     rewrite_groups,
     rewrite_size_list,
     same_shape,
+    scalar_of,
     sdpa,
     set_arg,
     spatial,
@@ -48,8 +50,7 @@ from spruce.passes.oprules import (
     stack,
     unknown,
 )
-from spruce.passes.oprules import group_norm as group_norm_rule
-from torch import fx
+from .oprules import group_norm as group_norm_rule
 
 __all__ = ["ATEN_OPS", "schema_args"]
 
@@ -688,7 +689,7 @@ def item(an: Analyzer, call: Call) -> object:
 
 def _scalar(an: Analyzer, call: Call) -> object:
     """Arithmetic on Python numbers (sizes read from tensors stay size reads)."""
-    return _scalar_of(call.args, call.kwargs)
+    return scalar_of(call.args, call.kwargs)
 
 
 _SYM_FUNCTIONS = [getattr(torch, n) for n in ("sym_min", "sym_max", "sym_float", "sym_int", "sym_not", "sym_ite",

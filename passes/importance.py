@@ -12,7 +12,8 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 import torch
-from spruce.passes.analysis import ChannelGroup, Member
+
+from .analysis import ChannelGroup, Member
 
 __all__ = ["IMPORTANCE", "importance_scores", "register_importance"]
 

@@ -19,9 +19,10 @@ from typing import Protocol
 
 import torch
 import torch.nn.functional as F
-from spruce.passes.analysis import Analyzer, ShapeOf, SizeRead, Space, TensorDims, iter_spaces
 from torch import fx, nn
 from torch.fx.passes.shape_prop import TensorMetadata
+
+from .analysis import Analyzer, ShapeOf, SizeRead, Space, TensorDims, iter_spaces
 
 __all__ = ["FUNCTION_RULES", "METHOD_RULES", "MODULE_RULES", "REWRITES", "SHAPE_CONSUMERS", "apply_rules"]
 
@@ -246,11 +247,11 @@ def unknown(an: Analyzer, call: Call, reason: str | None = None) -> object:
     out = an.fresh(call.meta, call.node.name)
     an.pin_value(out, reason)
     if out is None and call.meta is None:
-        return _scalar_of(call.args, call.kwargs)
+        return scalar_of(call.args, call.kwargs)
     return out
 
 
-def _scalar_of(args, kwargs) -> object:
+def scalar_of(args, kwargs) -> object:
     spaces = frozenset(iter_spaces((args, kwargs)))
     return SizeRead(spaces) if spaces else None
 
@@ -266,7 +267,7 @@ def broadcast(an: Analyzer, call: Call) -> object:
     if not isinstance(call.meta, TensorMetadata):
         if operands:
             return unknown(an, call)
-        return _scalar_of(call.args, call.kwargs)  # arithmetic on sizes
+        return scalar_of(call.args, call.kwargs)  # arithmetic on sizes
     shape = call.out_shape
     out = []
     for pos in range(1, len(shape) + 1):
@@ -314,7 +315,10 @@ def reduction(an: Analyzer, call: Call, dim_name: str = "dim") -> object:
     if not isinstance(x, TensorDims):
         return unknown(an, call)
     dims = _dims_arg(call.arg(1, dim_name), len(x))
-    keepdim = bool(call.arg(2, "keepdim", False))
+    out_meta = call.meta[0] if _is_multi(call.meta) else call.meta
+    # read from the result: positional arguments differ between overloads (std(x, dim, unbiased, keepdim))
+    keepdim = (len(out_meta.shape) == len(x) if isinstance(out_meta, TensorMetadata)
+               else bool(call.arg(2, "keepdim", False)))
     if dims is None or isinstance(call.arg(1, dim_name), TensorDims):
         if isinstance(call.arg(1, dim_name), TensorDims):  # torch.max(x, y) is elementwise
             return broadcast(an, call)
@@ -795,6 +799,8 @@ def batch_norm_module(an: Analyzer, call: Call) -> object:
 
 @function_rule(F.batch_norm, F.instance_norm)
 def batch_norm_fn(an: Analyzer, call: Call) -> object:
+    """Per-channel (dim 1) normalisation whose statistics average over every other dim
+    (weight standardisation applies it to a reshaped conv weight): those dims are pinned."""
     x = call.args[0]
     instance = call.node.target is F.instance_norm
     stats = ([call.arg(1, "running_mean"), call.arg(2, "running_var"), call.arg(3, "weight"), call.arg(4, "bias")]
@@ -895,13 +901,12 @@ def spatial(an: Analyzer, call: Call, n_spatial: int | None = None) -> object:
     n_spatial = len(shape) - 2 if n_spatial is None else n_spatial
     keep = len(shape) - n_spatial
     out = list(x[:keep])
+    for k in range(keep, len(x)):  # pooling/interpolation windows mix along these dims
+        an.pin(x[k], f"spatial dim at node '{call.node.name}'")
     for k in range(keep, len(shape)):
         if k < len(x) and x[k].size == shape[k] and call.node.target not in (F.interpolate,):
             out.append(x[k])
-            an.pin(x[k], f"spatial dim at node '{call.node.name}'")
         else:
-            if k < len(x):  # pooled or resampled: its elements mix
-                an.pin(x[k], f"spatial dim at node '{call.node.name}'")
             out.append(pin_new(an, an.new_space(shape[k], f"{call.node.name}[{k}]"), "spatial dim"))
     return TensorDims(out)
 
@@ -1391,4 +1396,4 @@ def _flatten(value):
         yield value
 
 
-from spruce.passes import atenrules  # noqa: E402, F401  (registers the ATen operator rules)
+from . import atenrules  # noqa: E402, F401  (registers the ATen operator rules)
