@@ -244,7 +244,7 @@ def batch_norm(an: Analyzer, call: Call) -> object:
         a.get("running_mean"), TensorDims)
     if stats_from_input:
         reduced = range(2, len(x)) if "use_input_stats" in a else [d for d in range(len(x)) if d != 1]
-        pin_dims(an, x, reduced, "normalised over this dim (batch statistics)")
+        pin_dims(an, x, reduced, "batch_norm averages over this dim (batch or instance statistics)")
     if isinstance(call.meta, (tuple, list)) and not hasattr(call.meta, "shape"):
         return (x,) + tuple(an.fresh(m, f"{call.node.name}.{i}") for i, m in enumerate(call.meta[1:], 1))
     return x

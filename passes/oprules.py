@@ -780,20 +780,22 @@ def prelu(an: Analyzer, call: Call) -> object:
 @module_rule(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.InstanceNorm1d,
              nn.InstanceNorm2d, nn.InstanceNorm3d)
 def batch_norm_module(an: Analyzer, call: Call) -> object:
-    """Per-channel normalisation: weight, bias and running statistics follow the channel."""
+    """Per-channel normalisation: weight, bias and running statistics follow the channel.
+    In training mode the statistics come from the input (a module's graph is the same in
+    both modes, and a compact model must train like its masked model): every dim they
+    average over is pinned, the batch and positions for BatchNorm, each sample's positions
+    for InstanceNorm."""
     m = call.module
     x = call.args[0]
     instance = isinstance(m, nn.modules.instancenorm._InstanceNorm)
     unbatched = instance and len(x) == m._get_no_batch_dim()
-    channel = x[0] if unbatched else x[1]
+    c = 0 if unbatched else 1
     for t in (m.weight, m.bias, m.running_mean, m.running_var):
         if t is not None:
-            an.same(an.tensor_dims(t)[0], channel)
-    c = 0 if unbatched else 1
-    if instance and (m.track_running_stats is False or an.training):  # statistics over each sample's positions
-        pin_dims(an, x, range(c + 1, len(x)), "normalised over this dim (instance statistics)")
-    elif not instance and (an.training or m.running_mean is None):  # batch statistics
-        pin_dims(an, x, [d for d in range(len(x)) if d != c], "normalised over this dim (batch statistics)")
+            an.same(an.tensor_dims(t)[0], x[c])
+    averaged = range(c + 1, len(x)) if instance else [d for d in range(len(x)) if d != c]
+    kind = "instance" if instance else "batch"
+    pin_dims(an, x, averaged, f"{type(m).__name__} averages over this dim ({kind} statistics)")
     return x
 
 
@@ -810,9 +812,9 @@ def batch_norm_fn(an: Analyzer, call: Call) -> object:
         if isinstance(t, TensorDims):
             an.same(t[0], x[1])
     if instance:  # per-sample statistics over the positions (use_input_stats defaults to True)
-        pin_dims(an, x, range(2, len(x)), "normalised over this dim (instance statistics)")
+        pin_dims(an, x, range(2, len(x)), "instance_norm averages over this dim (instance statistics)")
     elif call.arg(5, "training", False) or not isinstance(stats[0], TensorDims):  # batch statistics
-        pin_dims(an, x, [d for d in range(len(x)) if d != 1], "normalised over this dim (batch statistics)")
+        pin_dims(an, x, [d for d in range(len(x)) if d != 1], "batch_norm averages over this dim (batch statistics)")
     return x
 
 
