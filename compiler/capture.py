@@ -36,6 +36,7 @@ change.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import io
 import logging
@@ -796,27 +797,25 @@ def _graphs_fx(module: nn.Module, args: tuple, kwargs: dict, leaf_modules, prefi
         module.train(was_training)
 
 
-_SOURCE_MENTIONS_TRAINING: dict[type, bool] = {}
-
-
 def _may_branch_on_training(model: nn.Module, leaf_modules) -> bool:
     """Can the code fx traces through differ in training mode? Only Python code can: the
     module classes whose forward is traced (not leaves) that mention ``training`` in their
-    source (``if self.training``, ``dropout(x, p, self.training)``). A class whose source
-    cannot be read counts as one that may."""
-    import inspect as _inspect
-
+    source or their base classes' (``if self.training``, ``dropout(x, p, self.training)``).
+    A class whose source cannot be read counts as one that may."""
     tracer = _SpruceTracer(leaf_modules)
-    for name, m in model.named_modules():
-        if name and tracer.is_leaf_module(m, name):
+    return any(_class_mentions_training(type(m)) for name, m in model.named_modules()
+               if not (name and tracer.is_leaf_module(m, name)))
+
+
+@functools.cache
+def _class_mentions_training(cls: type) -> bool:
+    for klass in cls.__mro__:
+        if klass in (nn.Module, object):
             continue
-        cls = type(m)
-        if cls not in _SOURCE_MENTIONS_TRAINING:
-            try:
-                _SOURCE_MENTIONS_TRAINING[cls] = "training" in _inspect.getsource(cls)
-            except (OSError, TypeError):
-                _SOURCE_MENTIONS_TRAINING[cls] = True
-        if _SOURCE_MENTIONS_TRAINING[cls]:
+        try:
+            if "training" in inspect.getsource(klass):
+                return True
+        except (OSError, TypeError):
             return True
     return False
 
