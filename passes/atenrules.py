@@ -28,6 +28,7 @@ from .oprules import (
     cat,
     conv,
     expand,
+    expand_as,
     function_rule,
     index_tensor,
     layer_norm_fn,
@@ -401,16 +402,7 @@ def expand_op(an: Analyzer, call: Call) -> object:
     return expand(an, call)
 
 
-@aten_rule("expand_as")
-def expand_as(an: Analyzer, call: Call) -> object:
-    x, other = call.args[0], call.args[1]
-    out = list(other)
-    for pos in range(1, len(x) + 1):
-        if x[-pos].size == other[-pos].size:
-            an.same(x[-pos], other[-pos])
-        else:
-            an.pin(x[-pos], f"expanded dim at node '{call.node.name}'")
-    return TensorDims(out)
+aten_rule("expand_as")(expand_as)
 
 
 aten_rule("repeat")(repeat)
