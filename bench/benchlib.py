@@ -85,39 +85,14 @@ def make_nondegenerate(model: Any, shape: Sequence[int], seed: int = 0) -> None:
     zero-initialised, and eval-mode BatchNorm with unit running stats lets
     activations shrink to 1e-16 through EfficientNet/MobileNet. An equivalence check
     scaled by ``max(1, max|output|)`` then passes whatever the pruned model computes.
-    This fills all-zero weight tensors (not biases) with N(0, 0.02) and re-estimates
-    BatchNorm running statistics from two train-mode passes on random batches of 4.
+    The shared helper of the tests and benchmarks does it
+    (``spruce.compiler.checks.make_nondegenerate``: all-zero weights drawn, tiny layer
+    scales raised, BatchNorm statistics re-estimated at a random batch of 4 of ``shape``).
     Leaves ``model`` in eval mode.
     """
-    import torch
-    from torch import nn
+    from spruce.compiler.checks import make_nondegenerate as shared
 
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if parameter.dim() > 1 and not parameter.any():
-                parameter.copy_(0.02 * torch.randn(parameter.shape, generator=generator))
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if norms:
-        _calibrate_batchnorm(model, norms, (4, *shape[1:]), seed)
-    model.eval()
-
-
-def _calibrate_batchnorm(model: Any, norms: list[Any], batch_shape: Sequence[int],
-                         seed: int) -> None:
-    """Replace BatchNorm running stats by their cumulative average over two random batches."""
-    import torch
-
-    momenta = [norm.momentum for norm in norms]
-    for norm in norms:
-        norm.reset_running_stats()
-        norm.momentum = None  # cumulative moving average
-    model.train()
-    with torch.no_grad():
-        for step in range(2):
-            model(random_input(batch_shape, seed=seed + 100 + step))
-    for norm, momentum in zip(norms, momenta):
-        norm.momentum = momentum
+    shared(model, random_input((4, *shape[1:]), seed=seed + 100), seed=seed)
 
 
 def random_input(shape: Sequence[int], seed: int) -> Any:

@@ -2,9 +2,14 @@
 
 Two parts:
 
-- repeated (default): for resnet50 and a handful of other models, each tool runs
-  in its own fresh subprocess, does one warm-up analysis+prune, then ``--repeats``
-  timed analyses and prunes (each on a fresh copy of the model); medians reported.
+- repeated (default): for resnet50, mobilenet_v2, efficientnet_b0, vit_b_16,
+  densenet121, convnext_tiny and regnet_y_1_6gf, ``--rounds`` rounds interleave the
+  tools: each round runs spruce then Torch-Pruning, each in a fresh subprocess doing one
+  warm-up analysis+prune then ``--repeats`` timed analyses and prunes (each on a fresh copy
+  of the model); medians over every timed run, peak memory the largest of the rounds.
+  Verdict per model: spruce's prune (analysis included) within ``--max-ratio`` of
+  Torch-Pruning's median and its peak memory above the child's base no more than
+  Torch-Pruning's; a model whose Torch-Pruning result does not run is a spruce win.
 - ``--zoo``: every torchvision classifier, one cold analysis+prune per tool, each in
   its own subprocess with ``--zoo-timeout`` and an address-space cap (Torch-Pruning's
   swin/maxvit builds run past 120 s and use 14-20 GB).
@@ -34,7 +39,8 @@ from typing import Any
 
 import benchlib
 
-DEFAULT_MODELS = "resnet50,resnet18,mobilenet_v2,densenet121,efficientnet_b0,vit_b_16"
+DEFAULT_MODELS = "resnet50,mobilenet_v2,efficientnet_b0,vit_b_16,densenet121,convnext_tiny,regnet_y_1_6gf"
+MAX_RATIO = 1.1
 DEFAULT_OUT = benchlib.RESULTS_DIR / "speed.md"
 RATIO = 0.5
 
@@ -170,15 +176,47 @@ def _median(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
 
 
-def run_part(models: list[str], plan: RunPlan, label: str) -> list[dict[str, Any]]:
-    """Both tools on every model, spruce then Torch-Pruning, one child each."""
+def run_part(models: list[str], plan: RunPlan, label: str, rounds: int = 1,
+             progress: Callable[[list[dict[str, Any]]], None] | None = None) -> list[dict[str, Any]]:
+    """Both tools on every model, interleaved: ``rounds`` times spruce then Torch-Pruning,
+    one child each; the timings of all rounds pooled. ``progress`` gets the rows so far
+    after each model (the report is rewritten, so an interrupted run keeps its figures)."""
     rows = []
     for index, model in enumerate(models, 1):
-        pair = {tool: run_tool(model, tool, plan) for tool in TOOLS}
+        runs: dict[str, list[dict[str, Any]]] = {tool: [] for tool in TOOLS}
+        for _ in range(rounds):
+            for tool in TOOLS:
+                runs[tool].append(run_tool(model, tool, plan))
+        pair = {tool: _pooled(records) for tool, records in runs.items()}
         rows.append({"model": model, **pair})
         print(f"[{label} {index}/{len(models)}] {model}: "
               + ", ".join(f"{t} {_status(pair[t])}" for t in TOOLS), flush=True)
+        if progress is not None:
+            progress(rows)
     return rows
+
+
+def _pooled(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """One record from the rounds of a tool: timings pooled, the worst peak memory."""
+    if len(records) == 1:
+        return records[0]
+    pooled = dict(records[-1])
+    for key in ("analysis_s", "prune_s"):
+        pooled[key] = [v for r in records for v in r.get(key, [])]
+    pooled["analysis_med_s"] = _median(pooled["analysis_s"])
+    pooled["prune_med_s"] = _median(pooled["prune_s"]) if all(r["ok"] for r in records) else None
+    for key in ("peak_rss_mb", "rss_base_mb"):
+        values = [r[key] for r in records if key in r]
+        if values:
+            pooled[key] = max(values) if key == "peak_rss_mb" else min(values)
+    deltas = [r["peak_rss_mb"] - r["rss_base_mb"] for r in records if "peak_rss_mb" in r and "rss_base_mb" in r]
+    pooled["peak_over_base_mb"] = max(deltas) if deltas else None
+    errors = [r["error"] for r in records if "error" in r]
+    if errors:
+        pooled["error"] = errors[0]
+    pooled["ok"] = all(r["ok"] for r in records)
+    pooled["rounds"] = len(records)
+    return pooled
 
 
 def _status(record: dict[str, Any]) -> str:
@@ -203,6 +241,8 @@ def _kept(record: dict[str, Any]) -> str:
 
 
 def _delta_mb(record: dict[str, Any]) -> float | None:
+    if record.get("peak_over_base_mb") is not None:
+        return record["peak_over_base_mb"]
     if "peak_rss_mb" in record and "rss_base_mb" in record:
         return record["peak_rss_mb"] - record["rss_base_mb"]
     return None
@@ -211,8 +251,27 @@ def _delta_mb(record: dict[str, Any]) -> float | None:
 HEADERS = [
     "model", "spruce analysis s", "TP analysis s", "ratio", "spruce prune s", "TP prune s",
     "ratio", "spruce peak MB (+over base)", "TP peak MB (+over base)", "params kept spruce",
-    "params kept TP", "spruce", "TP",
+    "params kept TP", "spruce", "TP", "verdict",
 ]
+
+
+def verdict(row: dict[str, Any]) -> str:
+    """Does spruce meet the bar on this model: prune time within MAX_RATIO of TP's and peak
+    memory above base no more than TP's (a model TP's result does not run is a spruce win)."""
+    ours, theirs = row["spruce"], row["tp"]
+    if not ours["ok"]:
+        return "spruce fails"
+    if not theirs["ok"]:
+        return "spruce wins: Torch-Pruning's result does not run" if "pruned model" in str(
+            theirs.get("error", "")) else "spruce wins: Torch-Pruning fails"
+    ratio = _ratio(row, "prune_med_s")
+    mine, their = _delta_mb(ours), _delta_mb(theirs)
+    slow = ratio is not None and ratio > MAX_RATIO
+    heavy = mine is not None and their is not None and mine > their
+    if not slow and not heavy:
+        return "ok"
+    return ", ".join(x for x in (f"time {ratio:.2f}x" if slow else "", f"memory {mine / their:.2f}x"
+                                 if heavy else "") if x)
 
 
 def table_row(row: dict[str, Any]) -> list[str]:
@@ -232,6 +291,7 @@ def table_row(row: dict[str, Any]) -> list[str]:
         peak(ours), peak(theirs), _kept(ours), _kept(theirs),
         "ok" if ours["ok"] else ours.get("error", "incomplete"),
         "ok" if theirs["ok"] else theirs.get("error", "incomplete"),
+        verdict(row),
     ]
 
 
@@ -241,6 +301,9 @@ def summary_lines(rows: list[dict[str, Any]]) -> list[str]:
     lines = [
         (f"- models: {len(rows)}; spruce ok {sum(r['spruce']['ok'] for r in rows)}, "
          f"Torch-Pruning ok {sum(r['tp']['ok'] for r in rows)}, both ok {len(both)}"),
+        (f"- verdict (prune <= {MAX_RATIO}x Torch-Pruning's median and peak memory over base <= "
+         f"Torch-Pruning's, or Torch-Pruning's result does not run): "
+         f"{sum(verdict(r) == 'ok' or verdict(r).startswith('spruce wins') for r in rows)}/{len(rows)}"),
     ]
     for key, label in (("analysis_med_s", "analysis"), ("prune_med_s", "prune")):
         ratio = benchlib.median_or_none(_ratio(row, key) for row in both)
@@ -283,7 +346,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Command-line options (``--child``/``--tool`` are the internal per-run mode)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=DEFAULT_MODELS, help="models for the repeated part")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per child")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved spruce/TP children per model")
     parser.add_argument("--timeout", type=float, default=900.0,
                         help="seconds per child in the repeated part")
     parser.add_argument("--zoo", action="store_true", help="also sweep every torchvision model")
@@ -312,9 +376,11 @@ def main(argv: list[str] | None = None) -> int:
     info["run"] = f"{args.threads} torch threads per child, address-space cap {mem_gb} GiB"
     parts = []
     repeated = RunPlan(args.repeats, True, args.timeout, mem_gb, args.threads)
-    rows = run_part(args.models.split(","), repeated, "repeated")
-    note = (f"In-process in one child per tool and model: one warm-up analysis+prune, then "
-            f"median of {args.repeats} timed runs of each.")
+    note = (f"{args.rounds} interleaved rounds per model (spruce child, then Torch-Pruning child), each child "
+            f"one warm-up analysis+prune then {args.repeats} timed runs of each: medians over the "
+            f"{args.rounds * args.repeats} timed runs, peak memory the largest of the rounds.")
+    rows = run_part(args.models.split(","), repeated, "repeated", args.rounds,
+                    lambda done: benchlib.write_atomic(args.out, render(info, [("Repeated runs", note, done)])))
     parts.append(("Repeated runs", note, rows))
     benchlib.write_atomic(args.out, render(info, parts))
     if args.zoo:

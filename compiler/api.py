@@ -24,19 +24,22 @@ from .trace import capture, trace
 __all__ = ["analyze_model", "channel_groups", "profile", "sparsify"]
 
 
-def analyze_model(model: nn.Module, example_inputs: object, leaf_modules: Iterable[object] = ()) -> ChannelAnalysis:
-    """Capture ``model`` (eval and, where it differs, training mode) and analyse its channels.
+def analyze_model(model: nn.Module, example_inputs: object, leaf_modules: Iterable[object] = (),
+                  dynamic_shapes: object = None) -> ChannelAnalysis:
+    """Capture ``model`` (eval and, where it differs, training mode; see
+    :func:`spruce.compiler.capture.capture`) and analyse its channels.
 
     Raises :class:`spruce.TraceError` when the model cannot be captured."""
-    return analyze(capture(model, example_inputs, leaf_modules))
+    return analyze(capture(model, example_inputs, leaf_modules, dynamic_shapes))
 
 
-def channel_groups(model: nn.Module, example_inputs: object, leaf_modules: Iterable[object] = ()) -> list[ChannelGroup]:
+def channel_groups(model: nn.Module, example_inputs: object, leaf_modules: Iterable[object] = (),
+                   dynamic_shapes: object = None) -> list[ChannelGroup]:
     """Every set of coupled channels of ``model``.
 
     Each :class:`ChannelGroup` lists the parameter/buffer dimensions (with index
     mapping) that must lose the same channels; unprunable groups say why."""
-    return analyze_model(model, example_inputs, leaf_modules).groups
+    return analyze_model(model, example_inputs, leaf_modules, dynamic_shapes).groups
 
 
 def sparsify(

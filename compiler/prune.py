@@ -9,15 +9,18 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 import numpy as np
+import torch
 from pydantic import Field, field_validator
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from ..passes.analysis import ChannelAnalysis, ChannelGroup
 from ..passes.config import Config
-from ..passes.export import check_runs, mask_channels, remove_channels
-from ..passes.graph import as_input_tuple, require_data
+from ..passes.export import batch_literals, check_runs, mask_channels, remove_channels
+from ..passes.graph import require_data, split_inputs
 from ..passes.importance import IMPORTANCE, importance_scores, param_table
 from .api import analyze_model
+from .capture import adapter_for, failing_node, preserved_state
 
 __all__ = ["PruneConfig", "PruneResult", "prune", "select_channels"]
 
@@ -149,18 +152,73 @@ def prune(
     ignore: Iterable[object] = (),
     leaf_modules: Iterable[object] = (),
     seed: int = 0,
+    dynamic_shapes: object = None,
 ) -> PruneResult:
     """Remove ``ratio`` of the channels of every prunable group, least important first.
 
-    Channels reaching a graph output are never removed. The compact model is run once on
-    ``example_inputs`` before it is returned. Raises ``ValueError`` for a ratio outside
-    [0, 1) or an unknown importance (listing the valid ones), :class:`spruce.TraceError` for
-    a model that cannot be traced, and :class:`~spruce.passes.export.CompactModelError`
-    naming the node when the compact model cannot run on the example input."""
+    ``example_inputs`` is a tensor, a tuple of positional arguments or a dict of keyword
+    arguments; the batch stays dynamic, other dims where ``dynamic_shapes`` (torch.export's
+    format) declares them. Channels reaching a graph output or eager code are never removed.
+    The compact model is run once on ``example_inputs`` and checked to run at a second batch
+    size before it is returned. Raises ``ValueError`` for a ratio outside [0, 1) or an unknown
+    importance (listing the valid ones), :class:`spruce.TraceError` for a model that cannot be
+    captured, and :class:`~spruce.passes.export.CompactModelError` naming the node when the
+    compact model cannot run on the example input."""
     _validate(ratio, importance, round_to)
     require_data(model, example_inputs, "prune")
-    analysis = analyze_model(model, example_inputs, leaf_modules)
+    analysis = analyze_model(model, example_inputs, leaf_modules, dynamic_shapes=dynamic_shapes)
     kept = select_channels(model, analysis.groups, ratio, importance, round_to, ignore, seed)
     compact = remove_channels(analysis, model, kept)
-    check_runs(compact, as_input_tuple(example_inputs), model, "pruned model")
+    args, kwargs = split_inputs(example_inputs)
+    check_runs(compact, args, model, "pruned model", kwargs)
+    check_second_batch(compact, analysis)
     return PruneResult(compact, analysis.groups, kept, analysis, source=model)
+
+
+def check_second_batch(compact: nn.Module, analysis: ChannelAnalysis) -> None:
+    """Check that ``compact`` runs at the captured second batch size. A plain-fx graph is
+    symbolic in every size its code reads, so only a literal batch size in a size argument
+    can fix it: that is read from the analysis (no run). Graphs from torch.export, and
+    models captured in pieces, run at the second batch size (shapes only, on meta
+    tensors, where possible). Raises ``RuntimeError`` naming the node at fault."""
+    captured = analysis.captured
+    if captured.second_inputs is None:
+        return
+    if captured.method == "fx":
+        batch = adapter_for(captured.root).batch_size(captured.example_inputs, captured.example_kwargs)
+        baked = batch_literals(analysis, batch) if batch else []
+        if baked:
+            raise RuntimeError(f"the compact model does not run at a second batch size: node '{baked[0]}' writes "
+                               f"the example's batch size {batch} into its size argument")
+        return
+    args, kwargs = captured.second_inputs
+    was_training = compact.training
+    compact.eval()
+    try:
+        if captured.whole and _runs_on_meta(compact, args, kwargs):  # eager glue may cache what it computes
+            return
+        with torch.no_grad(), preserved_state(compact):
+            compact(*args, **kwargs)
+    except Exception as exc:
+        where = f" at node '{failing_node(exc)}'" if failing_node(exc) else ""
+        raise RuntimeError(f"the compact model does not run at a second batch size{where}: "
+                           f"{type(exc).__name__}: {exc}") from exc
+    finally:
+        compact.train(was_training)
+
+
+def _runs_on_meta(compact: nn.Module, args: tuple, kwargs: dict) -> bool:
+    from torch.nn.utils.stateless import _reparametrize_module
+
+    named = list(compact.named_parameters()) + list(compact.named_buffers())  # tied tensors once: tie_weights
+    state = {name: torch.empty_like(t, device="meta") for name, t in named}
+    meta_args, meta_kwargs = pytree.tree_map(lambda v: v.to("meta") if isinstance(v, torch.Tensor) else v,
+                                             (args, kwargs))
+    try:
+        with torch.no_grad(), preserved_state(compact), _reparametrize_module(compact, state, tie_weights=True), \
+                warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            compact(*meta_args, **meta_kwargs)
+        return True
+    except Exception:  # noqa: BLE001 - an op without a meta kernel: run for real
+        return False

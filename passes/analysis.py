@@ -176,9 +176,13 @@ class Analyzer:
             self.tensor_names.setdefault(id(t), name)
             self.tensors[id(t)] = t
         self.param_space_ids: set[int] = set()
+        self.input_space_ids: set[int] = set()
         self.pinned_space_ids: set[int] = set()
         self.graph_index = 0
+        self.training = False  # is the graph being analysed the training-mode graph?
         self.current: fx.Node | None = None
+        # per node: spaces a rule names for the rewrite of its size arguments ("groups")
+        self.extras: dict[tuple[int, fx.Node], dict[str, object]] = {}
 
     # ---- spaces -------------------------------------------------------------
     def new_space(self, size: int, label: str) -> Space:
@@ -224,6 +228,11 @@ class Analyzer:
             rid = self._reason_ids[reason] = len(self.reasons)
             self.reasons.append(reason)
         return rid
+
+    def note(self, name: str, value: object) -> None:
+        """Remember ``value`` (a space) under ``name`` for the current node: what the rewrite
+        of its size arguments reads (the group count of a convolution, of a group norm)."""
+        self.extras.setdefault((self.graph_index, self.current), {})[name] = value
 
     def where(self) -> str:
         return f"node '{self.current.name}'" if self.current is not None else "model"
@@ -483,17 +492,99 @@ def _signatures(lab, mem, starts, ends, pinned, n_members) -> dict[tuple, np.nda
     return {key: np.concatenate(parts) for key, parts in out.items()}
 
 
-def analyze(captured: CapturedGraph) -> ChannelAnalysis:
+def leaves(value: object) -> list[TensorDims | None]:
+    """The tensor leaves of an analysis value in the graph contract's order
+    (:func:`spruce.passes.graph.tensor_leaves`): one entry per tensor."""
+    out: list = []
+
+    def walk(v):
+        if isinstance(v, TensorDims):
+            out.append(v)
+        elif isinstance(v, (tuple, list)):
+            for x in v:
+                walk(x)
+        elif isinstance(v, dict):
+            for x in v.values():
+                walk(x)
+
+    walk(value)
+    return out
+
+
+def _relate_leaves(an: Analyzer, a: TensorDims, b: TensorDims, reason: str) -> None:
+    if len(a) != len(b):
+        an.pin_value((a, b), reason)
+        return
+    for sa, sb in zip(a, b):
+        if sa.size == sb.size:
+            an.same(sa, sb)
+        else:  # a dim that varies between calls (spatial size per level, batch)
+            an.pin(sa, reason)
+            an.pin(sb, reason)
+
+
+def analyze(captured: CapturedGraph, pin_boundary: bool = True) -> ChannelAnalysis:
     """Run the operator rules over every graph of ``captured`` and solve.
 
     Returns the :class:`ChannelAnalysis`: every set of coupled channels of
-    ``captured.root`` as :class:`ChannelGroup`s (unprunable groups say why)."""
+    ``captured.root`` as :class:`ChannelGroup`\\ s (unprunable groups say why). Graph
+    inputs and outputs keep their channels (they cross eager code or the model's
+    interface), except where a :class:`~spruce.passes.graph.Link` couples a piece's output
+    with another piece's input. ``pin_boundary=False`` pins nothing at the boundary (the
+    soundness tests of single operators use it)."""
     from .oprules import apply_rules
 
     an = Analyzer(captured.root)
-    for gi, gm in enumerate(captured.graphs):
-        an.graph_index = gi
-        apply_rules(an, gm)
+    io: dict[tuple[int, bool], tuple[list, list]] = {}
+    gi = 0
+    for pi, piece in enumerate(captured.pieces):
+        for training, gm in ((False, piece.eval), (True, piece.train)):
+            if gm is None:
+                io[(pi, True)] = io[(pi, False)]
+                continue
+            an.graph_index = gi
+            an.training = training
+            gi += 1
+            inputs, output = apply_rules(an, gm)
+            io[(pi, training)] = (leaves(inputs), leaves(output))
+    if pin_boundary:
+        _pin_boundary(an, captured, io)
     result = an.solve()
     result.captured = captured
     return result
+
+
+def _pin_boundary(an: Analyzer, captured: CapturedGraph, io: dict) -> None:
+    linked_in = {(link.dst, link.in_leaf) for link in captured.links}
+    linked_out = {(link.src, link.out_leaf) for link in captured.links}
+    whole = captured.whole
+    for pi, piece in enumerate(captured.pieces):
+        names = [n.name for n in piece.eval.graph.nodes if n.op == "placeholder"]
+        for training in (False, True):
+            if training and piece.train is None:
+                continue
+            inputs, outputs = io[(pi, training)]
+            for leaf, dims in enumerate(inputs):
+                reason = piece.pinned_inputs.get(leaf)
+                if reason is None and (pi, leaf) in linked_in:
+                    continue
+                what = f"graph input '{names[leaf]}'" if whole and leaf < len(names) else (
+                    reason or f"input of '{piece.path}' computed by eager code")
+                an.pin_value(dims, what)
+            for leaf, dims in enumerate(outputs):
+                pinned = piece.pinned_outputs.get(leaf)
+                if whole or (pinned is None and (pi, leaf) not in linked_out):
+                    an.pin_value(dims, "reaches a graph output" if whole else
+                                 f"output of '{piece.path}' reaches eager code")
+                elif pinned is not None:
+                    reason, which = pinned
+                    for d in range(len(dims)) if which is None else which:
+                        if d < len(dims):
+                            an.pin(dims[d], reason)
+    for link in captured.links:
+        for training in (False, True):
+            src_out = io[(link.src, training)][1]
+            dst_in = io[(link.dst, training)][0]
+            if link.out_leaf < len(src_out) and link.in_leaf < len(dst_in):
+                _relate_leaves(an, src_out[link.out_leaf], dst_in[link.in_leaf],
+                               f"dim varies between calls of '{captured.pieces[link.dst].path}'")

@@ -15,8 +15,10 @@ import torch
 from torch import fx, nn
 
 from .analysis import ChannelAnalysis, SizeRead, Space, TensorDims
+from .graph import empty_graph_like
 
-__all__ = ["MODULE_FIXERS", "CompactModelError", "ModeSwitch", "check_runs", "mask_channels", "remove_channels"]
+__all__ = ["MODULE_FIXERS", "CompactModelError", "CompactPiece", "ModeSwitch", "batch_literals", "check_runs",
+           "install_graphs", "mask_channels", "remove_channels"]
 
 Kept = dict[int, np.ndarray]
 
@@ -145,6 +147,14 @@ def _fix_norm(new: nn.Module, old: nn.Module) -> None:
             return
 
 
+@module_fixer(nn.GroupNorm)
+def _fix_group_norm(new: nn.Module, old: nn.Module) -> None:
+    if new.weight is not None:  # whole groups are removed (the rule pins channels within a group)
+        per_group = old.num_channels // old.num_groups
+        new.num_channels = new.weight.shape[0]
+        new.num_groups = new.num_channels // per_group
+
+
 @module_fixer(nn.Embedding)
 def _fix_embedding(new: nn.Module, old: nn.Module) -> None:
     new.embedding_dim = new.weight.shape[1]
@@ -179,87 +189,58 @@ def _stale(value: object, sizes: _Sizes) -> bool:
     return isinstance(value, SizeRead) and any(sizes.changed(s) for s in value.spaces)
 
 
-def _shape_args(node: fx.Node) -> tuple[list, Callable[[list], None]] | None:
-    """The size arguments of a reshape-like node and a setter for new ones."""
-    if node.op == "call_method" and node.target in ("view", "reshape", "expand"):
-        rest = list(node.args[1:])
-        if len(rest) == 1 and isinstance(rest[0], (tuple, list)):
-            return list(rest[0]), lambda new: setattr(node, "args", (node.args[0], tuple(new)))
-        if "size" in node.kwargs or "shape" in node.kwargs:
-            key = "size" if "size" in node.kwargs else "shape"
-            return list(node.kwargs[key]), lambda new: node.update_kwarg(key, tuple(new))
-        return rest, lambda new: setattr(node, "args", (node.args[0], *new))
-    if node.op == "call_function" and node.target is torch.reshape:
-        shape = node.args[1] if len(node.args) > 1 else node.kwargs["shape"]
-        return list(shape), lambda new: setattr(node, "args", (node.args[0], tuple(new)))
-    return None
+class _Resize:
+    """What an operator's size rewrite (``spruce.passes.oprules.REWRITES``) sees of one node."""
 
+    def __init__(self, analysis: ChannelAnalysis, gi: int, sizes: _Sizes, old_of: dict[fx.Node, fx.Node]):
+        self.values = analysis.analyzer.values
+        self.extras = analysis.analyzer.extras
+        self.gi, self.sizes, self.old_of = gi, sizes, old_of
+        self.old: fx.Node | None = None
+        self.out: object = None
 
-def _rewrite_shape(node: fx.Node, old: fx.Node, analysis: ChannelAnalysis, gi: int, sizes: _Sizes,
-                   old_of: dict[fx.Node, fx.Node]) -> None:
-    found = _shape_args(node)
-    if found is None:
-        return
-    args, setter = found
-    out = analysis.analyzer.values.get((gi, old))
-    if not isinstance(out, TensorDims) or len(out) != len(args):
-        return
-    values = analysis.analyzer.values
-    changed = False
-    new_args = []
-    for arg, space in zip(args, out):
-        stale = isinstance(arg, fx.Node) and _stale(values.get((gi, old_of.get(arg, arg))), sizes)
-        if isinstance(arg, int) and arg == -1:
-            new_args.append(arg)
-        elif sizes.changed(space) or stale:
-            new_args.append(sizes.size(space))
-            changed = True
-        else:
-            new_args.append(arg)
-    if changed:
-        setter(new_args)
+    def bind(self, old: fx.Node) -> _Resize:
+        self.old = old
+        self.out = self.values.get((self.gi, old))
+        return self
 
+    def size(self, space: Space) -> int:
+        return self.sizes.size(space)
 
-def _rewrite_split(node: fx.Node, old: fx.Node, analysis: ChannelAnalysis, gi: int, sizes: _Sizes) -> None:
-    is_split = node.op in ("call_method", "call_function") and getattr(
-        node.target, "__name__", node.target
-    ) in ("split", "chunk", "split_with_sizes")
-    if not is_split:
-        return
-    outs = analysis.analyzer.values.get((gi, old))
-    if not isinstance(outs, tuple) or not outs:
-        return
-    x = analysis.analyzer.values.get((gi, old.args[0])) if isinstance(old.args[0], fx.Node) else None
-    if not isinstance(x, TensorDims):
-        return
-    dims = [d for d in range(len(x)) if outs[0][d] is not x[d]]
-    if not dims:
-        return
-    d = dims[0]
-    if not any(sizes.changed(o[d]) for o in outs):
-        return
-    new_sizes = [sizes.size(o[d]) for o in outs]
-    node.args = (node.args[0], new_sizes, d)
-    node.kwargs = {}
-    if node.op == "call_method":
-        node.target = "split"
-    else:
-        node.target = torch.split
+    def changed(self, space: Space) -> bool:
+        return self.sizes.changed(space)
+
+    def value(self, arg: object) -> object:
+        if not isinstance(arg, fx.Node):
+            return None
+        return self.values.get((self.gi, self.old_of.get(arg, arg)))
+
+    def stale(self, arg: object) -> bool:
+        return isinstance(arg, fx.Node) and _stale(self.value(arg), self.sizes)
+
+    def extra(self, name: str) -> object:
+        return self.extras.get((self.gi, self.old), {}).get(name)
 
 
 def _rebuild_graph(analysis: ChannelAnalysis, gi: int, source: fx.GraphModule, root: nn.Module,
-                   sizes: _Sizes) -> fx.GraphModule:
-    graph = fx.Graph()
+                   sizes: _Sizes) -> fx.Graph:
+    """A copy of ``source``'s graph with every size-carrying argument rewritten for the kept
+    channels (and ``nn.Unflatten`` modules of ``root`` given their new sizes)."""
+    from .oprules import REWRITES
+
+    graph = empty_graph_like(source.graph)  # the pytree input/output structure
     mapping: dict[fx.Node, fx.Node] = {}
     out = graph.graph_copy(source.graph, mapping)
     graph.output(out)
     old_of = {new: old for old, new in mapping.items()}
-    for node in graph.nodes:
+    resize = _Resize(analysis, gi, sizes, old_of)
+    for node in list(graph.nodes):
         old = old_of.get(node)
-        if old is None:
+        if old is None or node.op not in ("call_function", "call_method"):
             continue
-        _rewrite_shape(node, old, analysis, gi, sizes, old_of)
-        _rewrite_split(node, old, analysis, gi, sizes)
+        rewrite = REWRITES.get(node.target)
+        if rewrite is not None:
+            rewrite(node, resize.bind(old))
     for node in graph.nodes:
         if node.op == "call_module":
             module = root.get_submodule(node.target)
@@ -271,9 +252,88 @@ def _rebuild_graph(analysis: ChannelAnalysis, gi: int, source: fx.GraphModule, r
                         sizes.size(s) for s in value[d : d + len(module.unflattened_size)]
                     )
     graph.lint()
-    gm = fx.GraphModule(root, graph, source.__class__.__name__)
-    gm.recompile()
+    return graph
+
+
+def _compact_graph_module(analysis: ChannelAnalysis, gi: int, source: fx.GraphModule, memo: dict,
+                          sizes: _Sizes) -> fx.GraphModule:
+    """``source`` with its kept channels: a deep copy sharing ``memo`` (shrunk tensors, and the
+    modules and parameters other graphs of the same model already copied)."""
+    targets = {n.target for n in source.graph.nodes if n.op in ("get_attr", "call_module")}
+    root = {target: copy.deepcopy(_resolve_target(source, target), memo) for target in targets}
+    gm = fx.GraphModule(root, _rebuild_graph(analysis, gi, source, _Targets(root), sizes), source.__class__.__name__)
+    _fix_modules(source, gm)
+    for attr in ("_in_spec", "_out_spec"):  # the pytree codegen's specs (graph structure, kept as is)
+        if hasattr(source, attr):
+            setattr(gm, attr, getattr(source, attr))
     return gm
+
+
+def _resolve_target(gm: fx.GraphModule, target: str) -> object:
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+class _Targets:
+    """The copied modules and tensors of a graph, looked up by their qualified name."""
+
+    def __init__(self, objects: dict[str, object]):
+        self.objects = objects
+
+    def get_submodule(self, target: str) -> nn.Module:
+        return self.objects[target]
+
+
+class CompactPiece:
+    """Mixed into the class of a captured piece of a compact model (a model captured in
+    pieces): its forward runs its compact graph for the mode (eval, or train when the
+    module's code differs in training mode); every other method of the user's class (a
+    head's ``compute_loss``) stays. Pickles as the user's class plus this state."""
+
+    def forward(self, *args, **kwargs):
+        graphs = self.__dict__["_spruce_graphs"]
+        graph = graphs[1] if self.training and len(graphs) > 1 else graphs[0]
+        return graph(*args, **kwargs)
+
+    def _apply(self, fn, *args, **kwargs):
+        result = super()._apply(fn, *args, **kwargs)
+        for graph in self.__dict__["_spruce_graphs"]:
+            graph._apply(fn, *args, **kwargs)  # constants and tensors the graph holds itself
+        return result
+
+    def __reduce_ex__(self, protocol):
+        return _rebuild_piece, (self._spruce_base, self.__dict__)
+
+
+_COMPACT_CLASSES: dict[type, type] = {}
+
+
+def _compact_class(cls: type) -> type:
+    if cls not in _COMPACT_CLASSES:
+        _COMPACT_CLASSES[cls] = type(f"Compact{cls.__name__}", (CompactPiece, cls),
+                                     {"_spruce_base": cls, "__module__": cls.__module__})
+    return _COMPACT_CLASSES[cls]
+
+
+def _rebuild_piece(cls: type, state: dict) -> nn.Module:
+    obj = _compact_class(cls).__new__(_compact_class(cls))
+    obj.__dict__.update(state)
+    return obj
+
+
+def install_graphs(module: nn.Module, graphs: list[fx.GraphModule]) -> None:
+    """Make ``module`` run ``graphs`` (eval, and train when given) as its forward. The graphs
+    reach ``module``'s own submodules (so ``.train()`` and buffer updates act on what the
+    module holds); tensors the graphs hold themselves follow ``.to()``."""
+    for gm in graphs:
+        for name, child in module.named_children():
+            if name in gm._modules:
+                gm._modules[name] = child
+    module.__dict__["_spruce_graphs"] = tuple(graphs)
+    if not isinstance(module, CompactPiece):
+        module.__class__ = _compact_class(type(module))
 
 
 def remove_channels(analysis: ChannelAnalysis, model: nn.Module, kept: Kept) -> nn.Module:
@@ -281,30 +341,90 @@ def remove_channels(analysis: ChannelAnalysis, model: nn.Module, kept: Kept) -> 
 
     Invariant: on any input the compact model computes what
     ``mask_channels(analysis, model, kept)`` computes. ``model`` is not modified.
-    Returns a GraphModule, or a :class:`ModeSwitch` of two when the model's code
-    differs in training mode."""
+    A model captured whole becomes a GraphModule, or a :class:`ModeSwitch` of two when its
+    code differs in training mode. A model captured in pieces stays a copy of the user's
+    model (its eager code, its methods) whose captured pieces run their compact graphs."""
     sizes = _Sizes(analysis.alive_mask(kept))
     shrunk = _shrunk_tensors(analysis, sizes, model)
-    # deepcopy takes the shrunk tensors from the memo instead of copying the originals
-    new_model = copy.deepcopy(model, memo=dict(shrunk))
+    memo = dict(shrunk)  # deepcopy takes the shrunk tensors instead of copying the originals
+    captured = analysis.captured
+    if captured.whole:
+        piece = captured.pieces[0]
+        graphs = [_compact_graph_module(analysis, gi, gm, memo, sizes) for gi, gm in enumerate(piece.graphs)]
+        result: nn.Module = graphs[0] if len(graphs) == 1 else ModeSwitch(graphs[0], graphs[1])
+        return result.train(model.training)
+    new_model = copy.deepcopy(model, memo)
     _fix_modules(model, new_model)
-    graphs = [_rebuild_graph(analysis, gi, gm, new_model, sizes) for gi, gm in enumerate(analysis.captured.graphs)]
-    if len(graphs) == 1:
-        result: nn.Module = graphs[0]
-    else:
-        result = ModeSwitch(graphs[0], graphs[1])
-    return result.train(model.training)
+    gi = 0
+    for piece in captured.pieces:
+        graphs = []
+        for gm in piece.graphs:
+            graphs.append(_compact_graph_module(analysis, gi, gm, memo, sizes))
+            gi += 1
+        install_graphs(new_model.get_submodule(piece.path), graphs)
+    return new_model.train(model.training)
+
+
+_SIZE_LIST_OPS = {"view", "reshape", "expand", torch.reshape, torch.ops.aten.view.default,
+                  torch.ops.aten._unsafe_view.default, torch.ops.aten.reshape.default, torch.ops.aten.expand.default}
+
+
+def batch_literals(analysis: ChannelAnalysis, batch: int) -> list[str]:
+    """Nodes of a model captured whole that write the example's batch size into a size
+    argument as a literal (``x.reshape(2, -1)``): such a graph runs at no other batch
+    size. Read from the analysis alone (no run): a literal whose dim carries the elements
+    of an input's batch dim."""
+    an = analysis.analyzer
+    labels = analysis.labels
+    found: list[str] = []
+    for gi, gm in enumerate(analysis.captured.graphs):
+        batch_labels: set[int] = set()
+        for node in gm.graph.nodes:
+            value = an.values.get((gi, node)) if node.op == "placeholder" else None
+            for dims in _tensor_dims(value):
+                if dims and dims[0].size == batch:
+                    batch_labels.update(labels[dims[0].start : dims[0].start + dims[0].size].tolist())
+        for node in gm.graph.nodes:
+            if node.op not in ("call_method", "call_function") or node.target not in _SIZE_LIST_OPS:
+                continue
+            out = an.values.get((gi, node))
+            source = an.values.get((gi, node.args[0])) if isinstance(node.args[0], fx.Node) else None
+            sizes = node.args[1:] if node.op == "call_method" else node.args[1:2]
+            if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
+                sizes = sizes[0]
+            if not isinstance(out, TensorDims) or not isinstance(source, TensorDims) or len(sizes) != len(out):
+                continue
+            for arg, space in zip(sizes, out):
+                # the literal sizes a dim the input carries through (not a new size-1 axis that
+                # broadcasting happens to align with a batch of one)
+                if (isinstance(arg, int) and arg == batch and any(space is s for s in source)
+                        and batch_labels.intersection(labels[space.start : space.start + space.size].tolist())):
+                    found.append(node.name)
+    return found
+
+
+def _tensor_dims(value: object) -> list[TensorDims]:
+    if isinstance(value, TensorDims):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [d for v in value for d in _tensor_dims(v)]
+    if isinstance(value, dict):
+        return [d for v in value.values() for d in _tensor_dims(v)]
+    return []
 
 
 def mask_channels(analysis: ChannelAnalysis, model: nn.Module, kept: Kept) -> nn.Module:
-    """A copy of ``model`` (same architecture) whose parameters are zero on every
-    removed channel. Buffers (running statistics) are left as they are."""
+    """A copy of ``model`` (same architecture) whose parameters and buffers are zero on every
+    removed channel (a zeroed BatchNorm channel outputs zero whatever its statistics; a
+    fixed filter or projection held in a buffer must not carry a removed channel)."""
     sizes = _Sizes(analysis.alive_mask(kept))
     masked = copy.deepcopy(model)
     new_params = dict(masked.named_parameters(remove_duplicate=False))
+    new_params.update(masked.named_buffers(remove_duplicate=False))
     done: set[int] = set()
+    named = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
     with torch.no_grad():
-        for name, tensor in model.named_parameters(remove_duplicate=False):
+        for name, tensor in named:
             if id(tensor) in done:
                 continue
             done.add(id(tensor))
@@ -366,18 +486,40 @@ def _on_device(inputs: tuple, model: nn.Module) -> tuple:
     return tuple(x.to(first.device) if isinstance(x, torch.Tensor) else x for x in inputs)
 
 
-def _runs(model: nn.Module, inputs: tuple, mode: str) -> tuple[BaseException, fx.Node | None] | None:
+def _runs_on_meta(graph: fx.GraphModule, inputs: tuple) -> bool:
+    """Does ``graph`` run on meta tensors (shapes and dtypes only, no compute)? What channel
+    removal can break (a size, group count or split that no longer fits) fails there as it
+    does for real; an operator without a meta kernel, or code that reads values, gives False
+    and the caller runs the graph for real."""
+    from torch.nn.utils.stateless import _reparametrize_module
+
+    named = list(graph.named_parameters(remove_duplicate=False)) + list(graph.named_buffers(remove_duplicate=False))
+    state = {name: torch.empty_like(t, device="meta") for name, t in named}
+    meta_inputs = tuple(x.to("meta") if isinstance(x, torch.Tensor) else x for x in inputs)
+    try:
+        with _reparametrize_module(graph, state):
+            graph(*meta_inputs)
+    except Exception:  # noqa: BLE001 - any failure here is settled by the real run
+        return False
+    return True
+
+
+def _runs(model: nn.Module, inputs: tuple, mode: str, kwargs: dict | None = None
+          ) -> tuple[BaseException, fx.Node | None] | None:
     """Run ``model`` once in ``mode``; None when it runs, else the error and the failing node.
-    Graphs run node by node (which also spares the user fx's printed traceback)."""
+    Graphs run node by node (which also spares the user fx's printed traceback); a call with
+    keyword arguments goes through the model's own forward."""
     model.train(mode == "train")
-    graph = _graph_in_mode(model, mode)
+    graph = None if kwargs else _graph_in_mode(model, mode)
     if graph is None:
         try:
-            model(*inputs)
+            model(*inputs, **(kwargs or {}))
         except Exception as exc:  # noqa: BLE001 - any failure of the model is reported by the caller
             return exc, None
         return None
     graph.train(mode == "train")
+    if _runs_on_meta(graph, inputs):
+        return None
     locating = _Locating(graph)
     try:
         locating.run(*inputs)
@@ -386,8 +528,10 @@ def _runs(model: nn.Module, inputs: tuple, mode: str) -> tuple[BaseException, fx
     return None
 
 
-def check_runs(compact: nn.Module, example_inputs: tuple, reference: nn.Module, what: str = "compact model") -> None:
-    """Run ``compact`` once on ``example_inputs`` (positional arguments), in eval mode and,
+def check_runs(compact: nn.Module, example_inputs: tuple, reference: nn.Module, what: str = "compact model",
+               example_kwargs: dict | None = None) -> None:
+    """Run ``compact`` once on ``example_inputs`` (positional arguments, plus keyword arguments
+    ``example_kwargs``), in eval mode and,
     for a :class:`ModeSwitch`, in training mode too; wherever ``reference`` (the model it was
     made from) runs on the same input, ``compact`` must run as well.
 
@@ -404,8 +548,8 @@ def check_runs(compact: nn.Module, example_inputs: tuple, reference: nn.Module, 
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
             for mode in modes:
-                failure = _runs(compact, inputs, mode)
-                if failure is None or _runs(reference, inputs, mode) is not None:
+                failure = _runs(compact, inputs, mode, example_kwargs)
+                if failure is None or _runs(reference, inputs, mode, example_kwargs) is not None:
                     continue  # runs, or the input does not fit the reference either: nothing to blame
                 exc, node = failure
                 where = f"node '{node.name}' ({_describe(node)})" if node is not None else "its forward"

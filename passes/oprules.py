@@ -15,6 +15,7 @@ import math
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +24,7 @@ from torch.fx.passes.shape_prop import TensorMetadata
 
 from .analysis import Analyzer, ShapeOf, SizeRead, Space, TensorDims, iter_spaces
 
-__all__ = ["FUNCTION_RULES", "METHOD_RULES", "MODULE_RULES", "SHAPE_CONSUMERS", "apply_rules"]
+__all__ = ["FUNCTION_RULES", "METHOD_RULES", "MODULE_RULES", "REWRITES", "SHAPE_CONSUMERS", "apply_rules"]
 
 
 @dataclass
@@ -49,10 +50,28 @@ class Call:
 
 Rule = Callable[[Analyzer, Call], object]
 MODULE_RULES: dict[type, Rule] = {}
-FUNCTION_RULES: dict[object, Rule] = {}
+FUNCTION_RULES: dict[object, Rule] = {}  # call_function targets: torch, F, operator, torch.ops.aten...
 METHOD_RULES: dict[str, Rule] = {}
 # ops whose size-valued arguments the export pass rewrites: reading a size for them is safe
 SHAPE_CONSUMERS: set[object] = set()
+
+
+class Resize(Protocol):
+    """What a size rewrite sees (built by :func:`spruce.passes.export.remove_channels`)."""
+
+    out: object  # the analysis value of the node in the original graph
+
+    def size(self, space: Space) -> int: ...  # the space's size once channels are removed
+    def changed(self, space: Space) -> bool: ...
+    def value(self, arg: object) -> object: ...  # the analysis value of an argument node
+    def stale(self, arg: object) -> bool: ...  # a size read whose spaces change
+    def extra(self, name: str) -> object: ...  # what the rule noted (Analyzer.note)
+
+
+Rewrite = Callable[[fx.Node, Resize], None]
+# how an op's size-carrying arguments (view sizes, split sizes, group counts) change when
+# channels are removed; keyed like the rule tables (function / method name / aten op)
+REWRITES: dict[object, Rewrite] = {}
 
 
 def module_rule(*types: type):
@@ -64,26 +83,128 @@ def module_rule(*types: type):
     return register
 
 
-def function_rule(*fns: object, shape_args: bool = False):
+def function_rule(*fns: object, shape_args: bool = False, rewrite: Rewrite | None = None):
     def register(rule: Rule) -> Rule:
         for fn in fns:
             FUNCTION_RULES[fn] = rule
             if shape_args:
                 SHAPE_CONSUMERS.add(fn)
+            if rewrite is not None:
+                REWRITES[fn] = rewrite
         return rule
 
     return register
 
 
-def method_rule(*names: str, shape_args: bool = False):
+def method_rule(*names: str, shape_args: bool = False, rewrite: Rewrite | None = None):
     def register(rule: Rule) -> Rule:
         for name in names:
             METHOD_RULES[name] = rule
             if shape_args:
                 SHAPE_CONSUMERS.add(name)
+            if rewrite is not None:
+                REWRITES[name] = rewrite
         return rule
 
     return register
+
+
+# ---------------------------------------------------------------------------
+# size rewrites shared by fx and aten rules
+# ---------------------------------------------------------------------------
+
+
+def rewrite_size_list(sizes: list, out: object, ctx: Resize) -> list | None:
+    """New sizes for a view/reshape/expand whose output dims are ``out``; None if unchanged.
+    A literal -1 stays; a size read from a tensor whose dim changes becomes the new literal."""
+    if not isinstance(out, TensorDims) or len(out) != len(sizes):
+        return None
+    changed = False
+    new = []
+    for arg, space in zip(sizes, out):
+        if isinstance(arg, int) and arg == -1:
+            new.append(arg)
+        elif ctx.changed(space) or ctx.stale(arg):
+            new.append(ctx.size(space))
+            changed = True
+        else:
+            new.append(arg)
+    return new if changed else None
+
+
+def rewrite_fx_shape(node: fx.Node, ctx: Resize) -> None:
+    """view/reshape/expand methods and torch.reshape in an fx graph."""
+    if node.op == "call_method":
+        rest = list(node.args[1:])
+        if len(rest) == 1 and isinstance(rest[0], (tuple, list)):
+            new = rewrite_size_list(list(rest[0]), ctx.out, ctx)
+            if new is not None:
+                node.args = (node.args[0], tuple(new))
+        elif "size" in node.kwargs or "shape" in node.kwargs:
+            key = "size" if "size" in node.kwargs else "shape"
+            new = rewrite_size_list(list(node.kwargs[key]), ctx.out, ctx)
+            if new is not None:
+                node.update_kwarg(key, tuple(new))
+        else:
+            new = rewrite_size_list(rest, ctx.out, ctx)
+            if new is not None:
+                node.args = (node.args[0], *new)
+    elif node.op == "call_function":
+        shape = node.args[1] if len(node.args) > 1 else node.kwargs["shape"]
+        new = rewrite_size_list(list(shape), ctx.out, ctx)
+        if new is not None:
+            node.args = (node.args[0], tuple(new))
+            node.kwargs = {k: v for k, v in node.kwargs.items() if k != "shape"}
+
+
+def split_sizes(x: object, outs: object, ctx: Resize) -> tuple[int, list[int]] | None:
+    """(dim, new piece sizes) of a split whose input is ``x`` and pieces ``outs``; None if
+    no piece changes size."""
+    if not isinstance(x, TensorDims) or not isinstance(outs, tuple) or not outs:
+        return None
+    dims = [d for d in range(len(x)) if isinstance(outs[0], TensorDims) and outs[0][d] is not x[d]]
+    if not dims:
+        return None
+    d = dims[0]
+    if not any(ctx.changed(o[d]) for o in outs):
+        return None
+    return d, [ctx.size(o[d]) for o in outs]
+
+
+def rewrite_fx_split(node: fx.Node, ctx: Resize) -> None:
+    """split/chunk in an fx graph become a split with the new piece sizes."""
+    x = ctx.value(node.args[0])
+    found = split_sizes(x, ctx.out, ctx)
+    if found is None:
+        return
+    d, sizes = found
+    node.args = (node.args[0], sizes, d)
+    node.kwargs = {}
+    if node.op == "call_method":
+        node.target = "split"
+    else:
+        node.target = torch.split
+
+
+def set_arg(node: fx.Node, position: int, name: str, value: object) -> None:
+    """Set argument ``name`` (at ``position`` when given positionally) of a call node."""
+    if position < len(node.args):
+        args = list(node.args)
+        args[position] = value
+        node.args = tuple(args)
+    else:
+        node.update_kwarg(name, value)
+
+
+def rewrite_groups(position: int, name: str = "groups") -> Rewrite:
+    """A literal group count (``F.conv2d(..., groups=self.channels)``, ``group_norm``'s
+    num_groups) follows the group space its rule noted."""
+    def rewrite(node: fx.Node, ctx: Resize) -> None:
+        groups = ctx.extra("groups")
+        if isinstance(groups, Space) and ctx.changed(groups):
+            set_arg(node, position, name, ctx.size(groups))
+
+    return rewrite
 
 
 def _tensors(values) -> list[TensorDims]:
@@ -126,11 +247,11 @@ def unknown(an: Analyzer, call: Call, reason: str | None = None) -> object:
     out = an.fresh(call.meta, call.node.name)
     an.pin_value(out, reason)
     if out is None and call.meta is None:
-        return _scalar_of(call.args, call.kwargs)
+        return scalar_of(call.args, call.kwargs)
     return out
 
 
-def _scalar_of(args, kwargs) -> object:
+def scalar_of(args, kwargs) -> object:
     spaces = frozenset(iter_spaces((args, kwargs)))
     return SizeRead(spaces) if spaces else None
 
@@ -146,7 +267,7 @@ def broadcast(an: Analyzer, call: Call) -> object:
     if not isinstance(call.meta, TensorMetadata):
         if operands:
             return unknown(an, call)
-        return _scalar_of(call.args, call.kwargs)  # arithmetic on sizes
+        return scalar_of(call.args, call.kwargs)  # arithmetic on sizes
     shape = call.out_shape
     out = []
     for pos in range(1, len(shape) + 1):
@@ -240,6 +361,7 @@ def reshape_to(an: Analyzer, x: TensorDims, shape: tuple[int, ...], label: str) 
     i = j = 0
     while i < len(in_sizes) or j < len(shape):
         if i < len(in_sizes) and in_sizes[i] == 1:
+            an.pin(x[i], f"size-1 dim at {an.where()}")  # dropped or moved: its one element is all of x
             i += 1
             continue
         if j < len(shape) and shape[j] == 1:
@@ -282,8 +404,10 @@ def reshape_to(an: Analyzer, x: TensorDims, shape: tuple[int, ...], label: str) 
 
 
 # (unflatten has no rule: its size argument is not rewritten, so it pins what it touches)
-@function_rule(torch.reshape, torch.flatten, torch.squeeze, torch.unsqueeze, shape_args=True)
-@method_rule("view", "reshape", "flatten", "squeeze", "unsqueeze", "view_as", "reshape_as", shape_args=True)
+@function_rule(torch.flatten, torch.squeeze, torch.unsqueeze, shape_args=True)
+@function_rule(torch.reshape, shape_args=True, rewrite=rewrite_fx_shape)
+@method_rule("flatten", "squeeze", "unsqueeze", "view_as", "reshape_as", shape_args=True)
+@method_rule("view", "reshape", shape_args=True, rewrite=rewrite_fx_shape)
 def reshape(an: Analyzer, call: Call) -> object:
     x = call.args[0]
     if not isinstance(x, TensorDims) or not isinstance(call.meta, TensorMetadata):
@@ -367,8 +491,10 @@ def stack(an: Analyzer, call: Call) -> object:
     return TensorDims(dims)
 
 
-@function_rule(torch.split, torch.chunk, torch.tensor_split, torch.unbind, shape_args=True)
-@method_rule("split", "chunk", "tensor_split", "unbind", "split_with_sizes", shape_args=True)
+@function_rule(torch.tensor_split, torch.unbind, shape_args=True)
+@function_rule(torch.split, torch.chunk, shape_args=True, rewrite=rewrite_fx_split)
+@method_rule("tensor_split", "unbind", shape_args=True)
+@method_rule("split", "chunk", "split_with_sizes", shape_args=True, rewrite=rewrite_fx_split)
 def split(an: Analyzer, call: Call) -> object:
     x = call.args[0]
     name = call.node.target if isinstance(call.node.target, str) else call.node.target.__name__
@@ -506,7 +632,7 @@ def assertion(an: Analyzer, call: Call) -> object:
     return None
 
 
-@method_rule("expand", shape_args=True)
+@method_rule("expand", shape_args=True, rewrite=rewrite_fx_shape)
 def expand(an: Analyzer, call: Call) -> object:
     x = call.args[0]
     shape = call.out_shape
@@ -654,16 +780,22 @@ def prelu(an: Analyzer, call: Call) -> object:
 @module_rule(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.InstanceNorm1d,
              nn.InstanceNorm2d, nn.InstanceNorm3d)
 def batch_norm_module(an: Analyzer, call: Call) -> object:
-    """Per-channel normalisation: weight, bias and running statistics follow the channel."""
+    """Per-channel normalisation: weight, bias and running statistics follow the channel.
+    In training mode the statistics come from the input (a module's graph is the same in
+    both modes, and a compact model must train like its masked model): every dim they
+    average over is pinned, the batch and positions for BatchNorm, each sample's positions
+    for InstanceNorm."""
     m = call.module
     x = call.args[0]
-    unbatched = isinstance(m, nn.modules.instancenorm._InstanceNorm) and len(x) == m._get_no_batch_dim()
+    instance = isinstance(m, nn.modules.instancenorm._InstanceNorm)
+    unbatched = instance and len(x) == m._get_no_batch_dim()
     c = 0 if unbatched else 1
-    # statistics are averaged over every other dim (batch and spatial in training mode): pinned
-    pin_dims(an, x, [d for d in range(len(x)) if d != c], f"{type(m).__name__} averages over this dim")
     for t in (m.weight, m.bias, m.running_mean, m.running_var):
         if t is not None:
             an.same(an.tensor_dims(t)[0], x[c])
+    averaged = range(c + 1, len(x)) if instance else [d for d in range(len(x)) if d != c]
+    kind = "instance" if instance else "batch"
+    pin_dims(an, x, averaged, f"{type(m).__name__} averages over this dim ({kind} statistics)")
     return x
 
 
@@ -672,11 +804,17 @@ def batch_norm_fn(an: Analyzer, call: Call) -> object:
     """Per-channel (dim 1) normalisation whose statistics average over every other dim
     (weight standardisation applies it to a reshaped conv weight): those dims are pinned."""
     x = call.args[0]
-    pin_dims(an, x, [d for d in range(len(x)) if d != 1], f"{call.node.target.__name__} averages over this dim")
-    stats = [call.arg(1, "running_mean"), call.arg(2, "running_var"), call.arg(3, "weight"), call.arg(4, "bias")]
+    instance = call.node.target is F.instance_norm
+    stats = ([call.arg(1, "running_mean"), call.arg(2, "running_var"), call.arg(3, "weight"), call.arg(4, "bias")]
+             if not instance else [call.kwargs.get(k, call.arg(i, k)) for i, k in
+                                   ((1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias"))])
     for t in stats:
         if isinstance(t, TensorDims):
             an.same(t[0], x[1])
+    if instance:  # per-sample statistics over the positions (use_input_stats defaults to True)
+        pin_dims(an, x, range(2, len(x)), "instance_norm averages over this dim (instance statistics)")
+    elif call.arg(5, "training", False) or not isinstance(stats[0], TensorDims):  # batch statistics
+        pin_dims(an, x, [d for d in range(len(x)) if d != 1], "batch_norm averages over this dim (batch statistics)")
     return x
 
 
@@ -704,26 +842,52 @@ def layer_norm_fn(an: Analyzer, call: Call) -> object:
     return x
 
 
-@module_rule(nn.GroupNorm, nn.LocalResponseNorm, nn.CrossMapLRN2d)
-def group_norm_module(an: Analyzer, call: Call) -> object:
-    """GroupNorm averages over channels and spatial dims (pinned); LRN mixes channels only."""
-    x = call.args[0]
-    mixed = range(1, len(x)) if isinstance(call.module, nn.GroupNorm) else [1]
-    pin_dims(an, x, mixed, f"{type(call.module).__name__} mixes this dim")
-    for t in (getattr(call.module, "weight", None), getattr(call.module, "bias", None)):
-        if t is not None:
-            an.same(an.tensor_dims(t)[0], x[1])
+def group_norm(an: Analyzer, call: Call, x: TensorDims, num_groups: int, weight: object, bias: object) -> object:
+    """Group normalisation removes whole groups: the channel dim is (group, channel within
+    group) with the latter pinned, so a group's statistics never change; the group count
+    is rewritten (noted as "groups"). Batch rows are independent; every other dim is
+    normalised over (pinned)."""
+    c = x[1]
+    groups = an.new_space(num_groups, f"{call.node.name}.groups")
+    per_group = pin_new(an, an.new_space(c.size // num_groups, f"{call.node.name}.per_group"),
+                        "channels within a group of a group norm")
+    an.product(c, [groups, per_group])
+    pin_dims(an, x, range(2, len(x)), "group norm normalises over this dim")
+    for t in (weight, bias):
+        if isinstance(t, TensorDims):
+            an.same(t[0], c)
+    an.note("groups", groups)
     return x
 
 
-@function_rule(F.group_norm, F.local_response_norm)
-def group_norm_fn(an: Analyzer, call: Call) -> object:
+@module_rule(nn.GroupNorm)
+def group_norm_module(an: Analyzer, call: Call) -> object:
+    m = call.module
     x = call.args[0]
-    mixed = range(1, len(x)) if call.node.target is F.group_norm else [1]
-    pin_dims(an, x, mixed, f"{call.node.target.__name__} mixes this dim")
-    for t in (call.arg(2, "weight"), call.arg(3, "bias")):
-        if isinstance(t, TensorDims):
-            an.same(t[0], x[1])
+    if not m.affine:  # the module's group count is rewritten from its weight: nothing to read it from
+        pin_dims(an, x, [1], "GroupNorm without affine parameters keeps its groups")
+        pin_dims(an, x, range(2, len(x)), "group norm normalises over this dim")
+        return x
+    return group_norm(an, call, x, m.num_groups, an.tensor_dims(m.weight), an.tensor_dims(m.bias))
+
+
+@function_rule(F.group_norm, rewrite=rewrite_groups(1, "num_groups"))
+def group_norm_fn(an: Analyzer, call: Call) -> object:
+    return group_norm(an, call, call.args[0], int(call.arg(1, "num_groups")), call.arg(2, "weight"),
+                      call.arg(3, "bias"))
+
+
+@module_rule(nn.LocalResponseNorm, nn.CrossMapLRN2d)
+def local_response_norm_module(an: Analyzer, call: Call) -> object:
+    x = call.args[0]
+    pin_dims(an, x, [1], f"{type(call.module).__name__} mixes channels")
+    return x
+
+
+@function_rule(F.local_response_norm)
+def local_response_norm_fn(an: Analyzer, call: Call) -> object:
+    x = call.args[0]
+    pin_dims(an, x, [1], "local response normalisation mixes channels")
     return x
 
 
@@ -879,7 +1043,7 @@ def conv(an: Analyzer, call: Call, x: TensorDims, w: TensorDims, b: TensorDims |
     out_ch = an.new_space(shape[c], f"{call.node.name}[{c}]")
     w_in, w_out = (w[0], w[1]) if transposed else (w[1], w[0])
     if groups == 1:
-        an.same(x[c], w_in)
+        contract(an, call, x[c], w_in)
         an.same(out_ch, w_out)
     else:
         g = an.new_space(groups, f"{call.node.name}.groups")
@@ -888,22 +1052,23 @@ def conv(an: Analyzer, call: Call, x: TensorDims, w: TensorDims, b: TensorDims |
         an.product(x[c], [g, in_per])
         an.product(out_ch, [g, out_per])
         if transposed:
-            an.same(w[0], x[c])
+            contract(an, call, x[c], w[0])
             an.same(w[1], out_per)
         else:
-            an.same(w[1], in_per)
+            contract(an, call, in_per, w[1])
             an.same(w[0], out_ch)
         if in_per.size == 1:
             if out_per.size > 1:
                 an.pin(out_per, f"depthwise channel multiplier at node '{call.node.name}'")
         else:
             an.pin(g, f"group count of a grouped convolution at node '{call.node.name}'")
+        an.note("groups", g)
     if b is not None:
         an.same(b[0], out_ch)
-    for k in range(c + 1, len(x)):  # the kernel window sums over input positions
-        an.pin(x[k], f"convolution window at node '{call.node.name}'")
     out = [x[0]] if batched else []
     out.append(out_ch)
+    for space in x[c + 1 :]:  # the kernel mixes neighbouring positions
+        an.pin(space, f"spatial dim at node '{call.node.name}'")
     for k in range(c + 1, len(shape)):
         out.append(pin_new(an, an.new_space(shape[k], f"{call.node.name}[{k}]"), "spatial dim"))
     return TensorDims(out)
@@ -920,7 +1085,8 @@ def conv_module(an: Analyzer, call: Call) -> object:
     return conv(an, call, call.args[0], w, b, m.groups, transposed)
 
 
-@function_rule(F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)
+@function_rule(F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
+               rewrite=rewrite_groups(6))
 def conv_fn(an: Analyzer, call: Call) -> object:
     name = call.node.target.__name__
     transposed = "transpose" in name
@@ -932,8 +1098,19 @@ def conv_fn(an: Analyzer, call: Call) -> object:
     return conv(an, call, call.args[0], w, b if isinstance(b, TensorDims) else None, groups, transposed)
 
 
+def contract(an: Analyzer, call: Call, a: Space, b: Space) -> None:
+    """``a`` and ``b`` are summed over together (a layer's input channels and its weight's).
+    Removing a channel is exact when one side is a model tensor, zero in the masked model;
+    between two computed values (a weight computed in the graph) the dim is pinned."""
+    if _is_parameter_space(an, a) or _is_parameter_space(an, b):
+        an.same(a, b)
+    else:
+        an.pin(a, f"contraction between activations at node '{call.node.name}'")
+        an.pin(b, f"contraction between activations at node '{call.node.name}'")
+
+
 def linear(an: Analyzer, call: Call, x: TensorDims, w: TensorDims, b: TensorDims | None) -> TensorDims:
-    an.same(x[-1], w[1])
+    contract(an, call, x[-1], w[1])
     out_f = an.new_space(w[0].size, f"{call.node.name}[-1]")
     an.same(out_f, w[0])
     if b is not None:
@@ -1031,6 +1208,17 @@ def sdpa(an: Analyzer, call: Call) -> object:
     return TensorDims(list(reversed(lead)) + [q[-2], v[-1]])
 
 
+def _weights_used(node: fx.Node) -> bool:
+    """Is the second output (attention weights) of a multi-output node read?"""
+    for user in node.users:
+        if user.op == "call_function" and user.target is operator.getitem:
+            if user.args[1] != 0 and user.users:
+                return True
+        else:
+            return True
+    return False
+
+
 @module_rule(nn.MultiheadAttention)
 def multihead_attention(an: Analyzer, call: Call) -> object:
     """Whole heads are the unit. nn.MultiheadAttention requires embed_dim == heads x
@@ -1068,9 +1256,20 @@ def multihead_attention(an: Analyzer, call: Call) -> object:
     seq_k = 0 if not m.batch_first and len(k) == 3 else len(k) - 2
     an.pin(k[seq_k], f"attention keys at node '{call.node.name}'")
     an.same(k[seq_k], v[seq_k])
+    if len(q) == 3:  # batch rows attend only within themselves
+        batch = 0 if m.batch_first else 1
+        an.same(q[batch], k[batch])
+        an.same(q[batch], v[batch])
     out = TensorDims(list(q))
     weights = an.fresh(call.meta[1], call.node.name + ".weights") if _is_multi(call.meta) else None
     an.pin_value(weights, f"attention weights at node '{call.node.name}'")
+    if weights is not None and _weights_used(call.node):  # averaged over heads: every head counts
+        an.pin(heads, f"attention weights averaged over heads are used at node '{call.node.name}'")
+    if isinstance(weights, TensorDims) and len(q) == 3 and weights[0].size == q[batch].size:
+        an.same(weights[0], q[batch])  # (batch, [heads,] queries, keys): a batch row's own weights
+        seq_q = 1 if m.batch_first else 0
+        if weights[-2].size == q[seq_q].size:
+            an.same(weights[-2], q[seq_q])  # each query's row
     return (out, weights)
 
 
@@ -1121,20 +1320,28 @@ def _shape_consumer(node: fx.Node) -> bool:
     return node.target in SHAPE_CONSUMERS if node.op in ("call_function", "call_method") else False
 
 
-def apply_rules(an: Analyzer, gm: fx.GraphModule) -> None:
-    """Relate every node's spaces in ``gm`` through the rule tables."""
+def apply_rules(an: Analyzer, gm: fx.GraphModule) -> tuple[list, object]:
+    """Relate every node's spaces in ``gm`` through the rule tables.
+
+    Returns the values of the graph's placeholders (in order) and of its output; the
+    caller decides what the boundary pins (:func:`spruce.passes.analysis.analyze`)."""
     modules = dict(gm.named_modules())
+    inputs: list = []
+    output: object = None
     for node in gm.graph.nodes:
         an.current = node
         key = (an.graph_index, node)
         meta = node.meta.get("tensor_meta")
         if node.op == "placeholder":
             value = an.fresh(meta, node.name)
-            an.pin_value(value, f"graph input '{node.name}'")
+            inputs.append(value)
+            an.values[key] = value
+            an.input_space_ids.update(s.id for s in iter_spaces(value))
+            continue  # related by its users, by links between pieces, or pinned as a graph input
         elif node.op == "get_attr":
             value = _get_attr(an, gm, node)
         elif node.op == "output":
-            an.pin_value(_resolve(an, node.args), "reaches a graph output")
+            output = _resolve(an, node.args[0])
             continue
         else:
             module = modules.get(node.target) if node.op == "call_module" else None
@@ -1155,12 +1362,14 @@ def apply_rules(an: Analyzer, gm: fx.GraphModule) -> None:
         an.values[key] = value
         _pin_untouched(an, value)
     an.current = None
+    return inputs, output
 
 
 def _pin_untouched(an: Analyzer, value: object) -> None:
     for space in iter_spaces(value):
         if (an.graph.degree(space.id) == 0 and space.id not in an.pinned_space_ids
-                and space.id not in an.param_space_ids):  # parameters get related by their users
+                and space.id not in an.param_space_ids  # parameters get related by their users
+                and space.id not in an.input_space_ids):  # graph inputs by the boundary or links
             an.pin(space, f"new dimension from node '{an.current.name}'")
 
 
@@ -1191,3 +1400,6 @@ def _flatten(value):
         yield from _flatten((value.start, value.stop, value.step))
     else:
         yield value
+
+
+from . import atenrules  # noqa: E402, F401  (registers the ATen operator rules)

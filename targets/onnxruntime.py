@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import inspect
 import io
 import os
 import warnings
@@ -42,23 +43,31 @@ class OnnxMismatchError(OnnxExportError):
 
 
 def export_onnx(
-    model: nn.Module, example_inputs: Sequence[torch.Tensor], path: str | os.PathLike, dynamic_batch: bool = False
+    model: nn.Module, example_inputs: Sequence[torch.Tensor], path: str | os.PathLike, dynamic_batch: bool = False,
+    prefer_dynamo: bool = False,
 ) -> Path:
     """Export ``model`` traced on ``example_inputs`` to an ONNX file at ``path``.
 
     With ``dynamic_batch`` the first axis of every input (and output) is symbolic
-    (``batch``), so one file runs at any batch size. Returns the path. The file
+    (``batch``), so one file runs at any batch size: checked by running it at two more
+    than the example's batch (an exporter that baked the batch into the graph, as
+    TorchScript tracing does with sizes read through ATen ``sym_size``, is passed over for
+    the next). Returns the path. The file
     is written to a temporary name in the same folder, checked with ``onnx.checker`` and then renamed, so ``path`` never
     holds a partial or invalid model. Raises :class:`OnnxExportError` if both
-    exporters fail.
+    exporters fail. ``prefer_dynamo`` tries the torch.export-based exporter first (the
+    better one for graphs of ATen operators, as ``torch.export`` captures them).
     """
     target = Path(path)
     failures: list[str] = []
-    for exporter in (_export_torchscript, _export_dynamo):
+    exporters = (_export_dynamo, _export_torchscript) if prefer_dynamo else (_export_torchscript, _export_dynamo)
+    for exporter in exporters:
         try:
             with atomic_path(target) as temp_path:
                 exporter(model, tuple(example_inputs), temp_path, dynamic_batch)
                 onnx.checker.check_model(str(temp_path), full_check=True)
+                if dynamic_batch:
+                    _check_other_batch(temp_path, model, tuple(example_inputs))
             return target
         except OutputError:  # the destination cannot take the file: the other exporter would fail too
             raise
@@ -69,6 +78,18 @@ def export_onnx(
             failures.append(f"{exporter.__name__.removeprefix('_export_')}: "
                             f"{type(exc).__name__}: {exc}")
     raise OnnxExportError("ONNX export failed:\n  " + "\n  ".join(failures))
+
+
+def _check_other_batch(path: Path, model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+    """Raise if the ONNX file at ``path`` does not compute ``model`` at two more than the
+    example's batch size (dim 0 of every input repeated cyclically; not 2, the batch the
+    torch.export-based exporter traces a batch of one at)."""
+    bigger = tuple(t.index_select(0, torch.arange(t.shape[0] + 2) % t.shape[0]) if t.dim() and t.shape[0] else t
+                   for t in inputs)
+    error = check_onnx(path, model, bigger)
+    if not error <= 1e-3:
+        raise OnnxMismatchError(f"the exported graph does not keep the batch dynamic (relative error {error:.3g} at "
+                                f"batch {bigger[0].shape[0] if bigger and bigger[0].dim() else '?'})")
 
 
 def run_onnx(
@@ -131,6 +152,9 @@ def _export_dynamo(model: nn.Module, inputs: tuple[torch.Tensor, ...], path: Pat
     if dynamic_batch:
         batch = torch.export.Dim("batch", min=1, max=4096)
         dynamic_shapes = tuple({0: batch} for _ in inputs)
+        params = list(inspect.signature(model.forward).parameters.values())
+        if params and params[0].kind is inspect.Parameter.VAR_POSITIONAL:  # forward(*tensors)
+            dynamic_shapes = (dynamic_shapes,)
         # torch.export specialises size-1 axes: trace a batch of one as a batch of two copies.
         inputs = tuple(t.expand(2, *t.shape[1:]).contiguous() if t.dim() and t.shape[0] == 1 else t for t in inputs)
     with _quiet():

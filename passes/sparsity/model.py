@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -523,14 +524,21 @@ def sparsify_captured(
     of ``sparsity``. Every layer left dense, and every channel group kept whole because a
     dense weight reads it, is named in a warning. Every layer keeps at least one weight.
     Raises ``ValueError`` naming the option at fault (a ``uniform`` sparsity that would empty
-    a layer names the layer and the highest feasible sparsity)."""
+    a layer names the layer and the highest feasible sparsity), and for a model that was not
+    captured by plain fx (masks go on its module calls)."""
     exclude = tuple(exclude)
     config, parsed, parsed_budget = check_options(method, structure, sparsity, total_steps, method_options,
                                                   distribution, budget)
+    if captured.method != "fx":
+        raise ValueError(f"sparsify needs a model plain torch.fx can trace (masks go on its module calls); "
+                         f"{type(captured.root).__name__} was captured by {captured.method}"
+                         + (f" ({'; '.join(captured.notes)})" if captured.notes else "")
+                         + ": use spruce.prune for one-shot channel pruning of it")
     model, example_inputs = captured.root, captured.example_inputs
     # masks go into copies: the captured graphs stay what the analysis and channel removal read
     graphs = [fx.GraphModule(model, copy.deepcopy(g.graph), type(model).__name__) for g in captured.graphs]
-    traced = CapturedGraph(graphs[0], graphs[1] if len(graphs) > 1 else None, model, captured.example_inputs)
+    piece = dataclasses.replace(captured.pieces[0], eval=graphs[0], train=graphs[1] if len(graphs) > 1 else None)
+    traced = dataclasses.replace(captured, pieces=[piece])
     chosen = _select_layers(model, traced.graphs, parsed.kind, parsed.m, exclude)
     if not chosen:
         raise ValueError("sparsify: the model has no Conv/Linear layer to sparsify")

@@ -119,7 +119,7 @@ def test_compact_model_survives_save_and_load(tmp_path):
 
 
 class Blur(nn.Module):
-    """A depthwise filter whose group count is a literal in the call (issue #11 owns rewriting it)."""
+    """A depthwise filter whose group count is a literal in the call (issue #11: rewritten)."""
 
     def __init__(self, channels: int):
         super().__init__()
@@ -130,23 +130,42 @@ class Blur(nn.Module):
         return nn.functional.conv2d(x, self.filt, padding=1, groups=self.channels)
 
 
-def blur_net():
+def blur_net(width: int = 8):
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), Blur(8), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1))
+    return nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.ReLU(), Blur(8), nn.ReLU(),
+                         nn.Conv2d(8, 4, 3, padding=1))
 
 
-def test_prune_never_returns_a_model_that_cannot_run():
-    """prune() returned a compact model that crashed on its first call (groups=8, 4 channels left)."""
+def narrowed_blur_net() -> nn.Module:
+    """What a compact blur_net would be had its literal group count not been rewritten."""
+    model = blur_net(width=4)
+    model[2].filt = nn.Parameter(torch.rand(4, 1, 3, 3))
+    model[4] = nn.Conv2d(4, 4, 3, padding=1)
+    return model
+
+
+def test_a_literal_group_count_is_rewritten():
+    """prune() returned a compact model that crashed on its first call (groups=8, 4 channels
+    left, #13 kind 4); the literal is now rewritten to the kept count (#11)."""
+    result = spruce.prune(blur_net(), X, ratio=0.5)
+    assert result.kept
+    conv = next(n for n in result.model.graph.nodes if n.target is nn.functional.conv2d)
+    assert conv.kwargs["groups"] == 4
+    with torch.no_grad():
+        assert relative_error(result.masked(X), result.model(X)) < 1e-5
+
+
+def test_a_compact_model_that_cannot_run_is_an_error_naming_the_node():
+    from spruce.passes.export import check_runs
+    from torch import fx
+
     with pytest.raises(spruce.CompactModelError) as info:
-        spruce.prune(blur_net(), X, ratio=0.5)
+        check_runs(fx.symbolic_trace(narrowed_blur_net()), (X,), blur_net(), "pruned model")
     message = str(info.value)
     assert "node 'conv2d' (function conv2d(padding=1, groups=8))" in message
     assert "Given groups=8" in message and "ignore=[...]" in message
     assert info.value.node == "conv2d" and info.value.mode == "eval"
-    # the remedy works: keeping the blurred channels gives a model that runs and matches
-    result = spruce.prune(blur_net(), X, ratio=0.5, ignore=["0"])
-    with torch.no_grad():
-        assert relative_error(result.masked(X), result.model(X)) < 1e-5
+    check_runs(fx.symbolic_trace(blur_net()), (X,), blur_net())  # one that runs passes
 
 
 def test_the_run_check_changes_nothing():
@@ -183,13 +202,15 @@ def test_the_run_check_changes_nothing():
 
 def test_a_training_mode_only_failure_is_caught():
     """A ModeSwitch (code that branches on self.training) is run in both modes."""
+    from spruce.passes.export import check_runs
+    from torch import fx
 
     class Aux(nn.Module):
-        def __init__(self):
+        def __init__(self, width: int = 8):
             super().__init__()
-            self.a = nn.Conv2d(3, 8, 3, padding=1)
+            self.a = nn.Conv2d(3, width, 3, padding=1)
             self.blur = Blur(8)
-            self.b = nn.Conv2d(8, 4, 1)
+            self.b = nn.Conv2d(width, 4, 1)
 
         def forward(self, x):
             y = torch.relu(self.a(x))
@@ -198,8 +219,17 @@ def test_a_training_mode_only_failure_is_caught():
             return self.b(y)
 
     torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    result = spruce.prune(Aux().eval(), x, ratio=0.5)  # the literal is rewritten in the training graph
+    assert isinstance(result.model, ModeSwitch)
+    for mode in (False, True):
+        with torch.no_grad():
+            assert relative_error(result.masked.train(mode)(x), result.model.train(mode)(x)) < 1e-5
+    narrow = Aux(width=4)
+    narrow.blur.filt = nn.Parameter(torch.rand(4, 1, 3, 3))
+    switch = ModeSwitch(fx.symbolic_trace(narrow.eval()), fx.symbolic_trace(narrow.train()))
     with pytest.raises(spruce.CompactModelError, match="in train mode") as info:
-        spruce.prune(Aux().eval(), torch.randn(2, 3, 8, 8), ratio=0.5)
+        check_runs(switch, (x,), Aux().eval())
     assert info.value.mode == "train"
 
 

@@ -139,7 +139,10 @@ def test_weight_standardisation_through_batch_norm_is_exact():
         err = relative_error(result.masked(x), result.model(x))
     assert err < 1e-5, f"compact differs from masked by {err:.2e} (relative)"
     groups = {(m.name, m.dim): g for g in result.groups for m in g.members}
-    # the standardised weights' input channels are averaged over: pinned, with the reason
+    # the standardised weights' input channels are averaged over, and the weight the conv
+    # contracts with is computed in the graph: pinned, with a reason saying which
     assert not groups[("b.weight", 1)].prunable
-    assert "averages over this dim" in groups[("b.weight", 1)].reason
+    assert any(why in groups[("b.weight", 1)].reason for why in ("averages over this dim", "contraction between "
+                                                                 "activations at node 'conv2d_1'"))
+    assert "averages over this dim" in groups[("b.weight", 3)].reason
     assert groups[("b.weight", 0)].prunable  # each output channel is standardised on its own

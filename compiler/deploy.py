@@ -1,0 +1,284 @@
+"""Deployable graphs of a compact model: ExportedProgram ``.pt2`` files and ONNX files.
+
+A model captured whole deploys as one graph. A model captured in pieces (a detector whose
+post-processing stays eager) deploys each captured piece as its own graph, called with
+the inputs the compact model gives it: the glue between pieces (anchor generation, NMS,
+RoI pooling) is the user's Python and stays with the user's code.
+
+Every graph keeps a dynamic batch: the dims that differ between the example input and
+the second batch size (dim 0 of every input for a model captured whole; the batch and,
+for example, the number of proposals inside a detector).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import fx, nn
+from torch._ops import OpOverload
+from torch.utils import _pytree as pytree
+
+from ..passes.graph import CapturedGraph, empty_graph_like
+from ..targets.files import atomic_path
+from .capture import bound_names, preserved_state, quiet, with_dims
+
+__all__ = ["Part", "check_pt2_in_fresh_process", "export_program", "parts", "save_onnx", "save_pt2"]
+
+
+@dataclass
+class Part:
+    """One deployable graph of a compact model: ``module`` called as ``module(*args, **kwargs)``
+    at the example input (``inputs``) and at the second batch size (``second``)."""
+
+    name: str
+    module: nn.Module
+    inputs: tuple[tuple, dict]
+    second: tuple[tuple, dict] | None
+    method: str = "fx"  # how it was captured: its ONNX export prefers torch.export for "export"
+
+
+def parts(compact: nn.Module, captured: CapturedGraph) -> list[Part]:
+    """The deployable graphs of ``compact`` (the compact model of ``captured``'s model): the
+    whole model, or each captured piece with the inputs the compact model gives it at the
+    example input and at the second batch size (its first call)."""
+    if captured.whole:
+        return [Part("model", compact, (captured.example_inputs, captured.example_kwargs), captured.second_inputs,
+                     captured.method)]
+    first = _piece_calls(compact, captured, (captured.example_inputs, captured.example_kwargs))
+    second = _piece_calls(compact, captured, captured.second_inputs) if captured.second_inputs else {}
+    return [Part(piece.path, compact.get_submodule(piece.path), first[piece.path], second.get(piece.path),
+                 piece.method) for piece in captured.pieces if piece.path in first]
+
+
+def _piece_calls(model: nn.Module, captured: CapturedGraph, inputs: tuple[tuple, dict]) -> dict:
+    calls: dict[str, tuple[tuple, dict]] = {}
+    handles = []
+    for piece in captured.pieces:
+        def pre(mod, a, k, path=piece.path):
+            calls.setdefault(path, (a, dict(k)))
+
+        handles.append(model.get_submodule(piece.path).register_forward_pre_hook(pre, with_kwargs=True))
+    try:
+        model.eval()
+        with torch.no_grad(), preserved_state(model):
+            model(*inputs[0], **inputs[1])
+    finally:
+        for h in handles:
+            h.remove()
+    return calls
+
+
+def _dynamic_shapes(part: Part) -> object:
+    """Dims that differ between the part's two calls are dynamic (dim 0 without a second call)."""
+    args, kwargs = part.second if part.second is not None else part.inputs
+    names = bound_names(part.module, args, kwargs)
+    if names is None:
+        return None
+    if part.second is None:
+        def dims(t: torch.Tensor, spec: dict) -> dict:
+            if t.dim():
+                spec[0] = torch.export.Dim.AUTO
+            return spec
+
+        return {name: with_dims(value, None, dims) for name, value in names.items()}
+    ref = pytree.tree_leaves(bound_names(part.module, *part.inputs))
+    varying = {}
+    for i, leaf in enumerate(pytree.tree_leaves(names)):
+        other = ref[i] if i < len(ref) else None
+        if isinstance(leaf, torch.Tensor) and isinstance(other, torch.Tensor) and other.dim() == leaf.dim():
+            varying[id(leaf)] = {d for d in range(leaf.dim()) if leaf.shape[d] != other.shape[d]}
+
+    def vary(t: torch.Tensor, spec: dict) -> dict:
+        for d in varying.get(id(t), ()):
+            spec[d] = torch.export.Dim.AUTO
+        return spec
+
+    return {name: with_dims(value, None, vary) for name, value in names.items()}
+
+
+def export_program(part: Part) -> torch.export.ExportedProgram:
+    """``part`` as an ExportedProgram (eval mode) with its batch dims dynamic. Sizes are
+    reasoned about size-obliviously, so that a batch of one is not special: the program
+    is traced at the second batch size and also runs at the example's batch of one."""
+    import torch.fx.experimental._config as shape_config
+
+    module = part.module.eval()
+    args, kwargs = part.second if part.second is not None else part.inputs
+    with quiet(), preserved_state(module), shape_config.patch(backed_size_oblivious=True):
+        return torch.export.export(module, args, kwargs or None, dynamic_shapes=_dynamic_shapes(part), strict=False)
+
+
+def save_pt2(part: Part, path: str | os.PathLike) -> Path:
+    """Save ``part`` as an ExportedProgram ``.pt2`` (written to a temporary file, then renamed).
+    It loads with ``torch.export.load`` without the model's Python classes."""
+    program = export_program(part)
+    with atomic_path(path, suffix=".tmp.pt2") as temp:
+        torch.export.save(program, temp)
+    return Path(path)
+
+
+class FlatCall(nn.Module):
+    """``module`` taking the tensor leaves of its inputs as positional arguments and returning
+    the tensor leaves of its output: the form an ONNX graph has."""
+
+    def __init__(self, module: nn.Module, args: tuple, kwargs: dict):
+        super().__init__()
+        self.module = module
+        leaves, self.spec = pytree.tree_flatten((args, kwargs))
+        self.positions = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
+        self.constants = [None if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
+
+    def flat(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, ...]:
+        leaves = pytree.tree_leaves((args, kwargs))
+        return tuple(leaves[i] for i in self.positions)
+
+    def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        leaves = list(self.constants)
+        for i, t in zip(self.positions, tensors):
+            leaves[i] = t
+        args, kwargs = pytree.tree_unflatten(leaves, self.spec)
+        out = self.module(*args, **kwargs)
+        return tuple(t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor))
+
+
+def _size_calls(graph: fx.Graph) -> fx.Graph:
+    """A copy of ``graph`` reading sizes with ``Tensor.size`` instead of ATen ``sym_size``:
+    TorchScript tracing (the fast ONNX exporter) keeps ``size()`` calls symbolic but turns
+    the Python int ``sym_size`` returns into a constant, which would fix the batch."""
+    new = empty_graph_like(graph)
+    mapping: dict[fx.Node, fx.Node] = {}
+    out = new.graph_copy(graph, mapping)
+    new.output(out)
+    aten = torch.ops.aten
+    for node in list(new.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target is aten.sym_size.int:
+            with new.inserting_before(node):
+                size = new.call_method("size", node.args)
+            node.replace_all_uses_with(size)
+            new.erase_node(node)
+        elif node.target is aten.lift_fresh_copy.default:  # a copy of a constant: TorchScript has no symbol
+            with new.inserting_before(node):
+                copy_ = new.call_method("clone", node.args)
+            node.replace_all_uses_with(copy_)
+            new.erase_node(node)
+        elif node.target is aten.split_with_sizes.default and "spruce_chunks" in node.meta:
+            with new.inserting_before(node):  # sizes computed from a traced size would be frozen
+                chunk = new.call_function(aten.chunk.default, (node.args[0], node.meta["spruce_chunks"], node.args[2]))
+            node.replace_all_uses_with(chunk)
+            new.erase_node(node)
+        elif node.target in (aten._assert_tensor_metadata.default, aten._assert_scalar.default) and not node.users:
+            new.erase_node(node)
+    new.lint()
+    return new
+
+
+def _traceable(module: nn.Module) -> nn.Module:
+    """``module`` in eval mode as a module TorchScript tracing exports with a dynamic batch."""
+    from ..passes.export import CompactPiece, ModeSwitch
+
+    if isinstance(module, ModeSwitch):
+        module = module.eval_graph
+    if isinstance(module, CompactPiece):
+        gm = module.__dict__["_spruce_graphs"][0]
+    elif isinstance(module, fx.GraphModule):
+        gm = module
+    else:
+        return module
+    if not any(n.op == "call_function" and isinstance(n.target, OpOverload) for n in gm.graph.nodes):
+        return module
+    traced = fx.GraphModule(gm, _size_calls(gm.graph), type(gm).__name__)
+    return traced.eval()
+
+
+def save_onnx(part: Part, path: str | os.PathLike) -> tuple[Path, float]:
+    """Export ``part`` to ONNX (dynamic dim 0 on every input) and check it with ONNX Runtime at
+    the example input and at the second batch size. Returns the path and the largest
+    relative difference between torch and ONNX Runtime outputs."""
+    from ..targets.onnxruntime import export_onnx, run_onnx
+
+    module = part.module.eval()
+    flat = FlatCall(_traceable(module), *part.inputs).eval()
+    path = export_onnx(flat, flat.flat(*part.inputs), path, dynamic_batch=True)
+    worst = 0.0
+    for inputs in [part.inputs] + ([part.second] if part.second is not None else []):
+        tensors = flat.flat(*inputs)
+        with torch.no_grad():
+            want = flat(*tensors)
+        got = run_onnx(path, tensors)
+        if len(got) != len(want):
+            raise ValueError(f"{path}: ONNX Runtime gives {len(got)} outputs, torch {len(want)}")
+        for a, b in zip(want, got):
+            b = torch.as_tensor(b)
+            if a.shape != b.shape:
+                raise ValueError(f"{path}: ONNX Runtime output of shape {tuple(b.shape)}, torch {tuple(a.shape)}")
+            scale = max(1.0, float(a.abs().max())) if a.numel() else 1.0
+            if a.numel():
+                worst = max(worst, float((a.double() - b.double()).abs().max()) / scale)
+    return path, worst
+
+
+_LOADER = textwrap.dedent("""
+    import importlib.abc, sys
+
+
+    class Blocked(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in BLOCKED:
+                raise ImportError(f"{name} is not available to the loader")
+            return None
+
+
+    BLOCKED = set(sys.argv[2].split(","))
+    sys.meta_path.insert(0, Blocked())
+    import torch
+    from torch.utils import _pytree as pytree
+    for path, data in torch.load(sys.argv[1]):
+        program = torch.export.load(path).module()
+        worst = 0.0
+        for args, kwargs, want in data:
+            got = program(*args, **kwargs)
+            got = [t for t in pytree.tree_leaves(got) if isinstance(t, torch.Tensor)]
+            assert len(got) == len(want), (path, len(got), len(want))
+            for a, b in zip(want, got):
+                assert a.shape == b.shape, (path, a.shape, b.shape)
+                if a.numel():
+                    worst = max(worst, float((a.double() - b.double()).abs().max()) / max(1.0, float(a.abs().max())))
+        print(worst)
+""")
+
+
+def check_pt2_in_fresh_process(programs: list[tuple[str | os.PathLike, Part]], timeout_s: float = 900) -> list[float]:
+    """Load each ``.pt2`` in one new Python process, in which the packages of the models'
+    classes (and spruce) cannot be imported, and run it at its part's example input and at
+    the second batch size. Returns, per program, the largest relative difference from the
+    part's outputs in this process."""
+    blocked = {"spruce"}
+    manifest = []
+    for path, part in programs:
+        blocked |= {cls.__module__.split(".")[0] for cls in type(part.module).__mro__}
+        cases = []
+        for inputs in [part.inputs] + ([part.second] if part.second is not None else []):
+            with torch.no_grad():
+                out = part.module.eval()(*inputs[0], **inputs[1])
+            want = [t.detach() for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+            cases.append((inputs[0], inputs[1], want))
+        manifest.append((str(path), cases))
+    blocked -= {"torch", "builtins"}
+    with tempfile.TemporaryDirectory() as folder:
+        data = Path(folder) / "cases.pt"
+        torch.save(manifest, data)
+        env = dict(os.environ, PYTHONPATH="")
+        done = subprocess.run([sys.executable, "-c", _LOADER, str(data), ",".join(sorted(blocked))],
+                              capture_output=True, text=True, timeout=timeout_s, cwd=folder, env=env, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"a .pt2 does not load and run in a fresh process:\n{done.stderr[-2000:]}")
+    return [float(line) for line in done.stdout.strip().splitlines()[-len(programs):]]
