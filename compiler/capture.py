@@ -48,6 +48,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
+from spruce.compiler.hf import capture_settings
 from spruce.passes.graph import CapturedGraph, Link, Piece, split_inputs, tensor_leaves
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
@@ -978,6 +979,11 @@ def capture(
     leaf_modules = list(leaf_modules)
     args, kwargs = split_inputs(example_inputs)
     was_training = model.training
+    with capture_settings(model):
+        return _capture(model, args, kwargs, leaf_modules, dynamic_shapes, was_training)
+
+
+def _capture(model, args, kwargs, leaf_modules, dynamic_shapes, was_training) -> CapturedGraph:
     try:
         second = second_batch(model, args, kwargs)
         fx_failure: _Failure | None = None

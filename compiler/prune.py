@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from spruce.compiler.api import analyze_model
 from spruce.compiler.capture import _failing_node, adapter_for, preserved_state
-from spruce.passes.analysis import ChannelAnalysis, ChannelGroup
+from spruce.passes.analysis import GQA_MODES, ChannelAnalysis, ChannelGroup
 from spruce.passes.export import batch_literals, mask_channels, remove_channels
 from spruce.passes.importance import IMPORTANCE, importance_scores, param_table
 from torch import nn
@@ -122,17 +122,24 @@ def prune(
     leaf_modules: Iterable[object] = (),
     seed: int = 0,
     dynamic_shapes: object = None,
+    gqa: str = "query_heads",
 ) -> PruneResult:
     """Remove ``ratio`` of the channels of every prunable group, least important first.
 
     ``example_inputs`` is a tensor, a tuple of positional arguments or a dict of keyword
     arguments; the batch stays dynamic, other dims where ``dynamic_shapes`` (torch.export's
     format) declares them. Channels reaching a graph output or eager code are never removed.
+    Attention prunes whole heads; under grouped-query attention ``gqa="query_heads"`` removes
+    the same query heads from every key/value group, ``gqa="kv_groups"`` whole key/value
+    groups with their query heads (either way ``num_attention_heads % num_key_value_heads``
+    stays 0).
     The compact model is checked to run at a second batch size. Raises ``ValueError`` for a
     ratio outside [0, 1) or an unknown importance (listing the valid ones), and
     :class:`spruce.TraceError` for a model that cannot be captured."""
     _validate(ratio, importance, round_to)
-    analysis = analyze_model(model, example_inputs, leaf_modules, dynamic_shapes=dynamic_shapes)
+    if gqa not in GQA_MODES:
+        raise ValueError(f"gqa must be one of {', '.join(GQA_MODES)}, got {gqa!r}")
+    analysis = analyze_model(model, example_inputs, leaf_modules, dynamic_shapes=dynamic_shapes, gqa=gqa)
     kept = select_channels(model, analysis.groups, ratio, importance, round_to, ignore, seed)
     compact = remove_channels(analysis, model, kept)
     check_second_batch(compact, analysis)
