@@ -5,45 +5,71 @@ The public API is small on purpose:
 - :func:`trace` turns a model into a ``torch.fx.GraphModule`` with shape/dtype meta.
 - :func:`channel_groups` finds every set of coupled channels.
 - :func:`prune` removes channels one-shot and returns a compact model equal to its masked model.
-- :func:`sparsify` inserts mask nodes and drives prune-grow sparse training from the user's loop.
+- :func:`sparsify` inserts mask nodes and drives prune-grow sparse training from the user's loop;
+  the method is a config object (``IEEConfig(h=150)``, ``RigLConfig(delta_t=100)``, ...) or its name.
 - :func:`profile` times every prunable layer on a target into a :class:`LatencyTable` that predicts
   the latency of any channel configuration.
 - :func:`bench` times a built artifact (median/p90/p99, images/s), optionally against its dense twin.
 - :func:`compile` runs the whole pipeline (train sparse, export, build for a target, time vs dense).
 - :func:`save` / :func:`load` checkpoint a sparse model atomically, validated before anything is loaded.
+
+Names are imported on first use (PEP 562), so ``import spruce.passes`` loads the passes
+and nothing of the compiler.
 """
 
-from spruce.compiler.api import channel_groups, profile, sparsify
-from spruce.compiler.checkpoint import CheckpointError, load, save
-from spruce.compiler.pipeline import CompileReport, compile
-from spruce.compiler.prune import PruneResult, prune
-from spruce.compiler.recipes import Recipe
-from spruce.compiler.trace import TraceError, trace
-from spruce.passes.analysis import ChannelGroup, Member
-from spruce.passes.sparsity.model import SparseModel
-from spruce.runtime.bench import BenchReport, bench
-from spruce.runtime.profile import LatencyTable, LayerEntry
+from __future__ import annotations
 
-__all__ = [
-    "BenchReport",
-    "CompileReport",
-    "Recipe",
-    "bench",
-    "compile",
-    "ChannelGroup",
-    "LatencyTable",
-    "LayerEntry",
-    "CheckpointError",
-    "Member",
-    "PruneResult",
-    "SparseModel",
-    "TraceError",
-    "channel_groups",
-    "load",
-    "profile",
-    "prune",
-    "save",
-    "sparsify",
-    "trace",
-]
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
+
+# public name -> the module (relative to this package) that defines it
+_EXPORTS = {
+    "BenchReport": ".runtime.bench",
+    "bench": ".runtime.bench",
+    "LatencyTable": ".runtime.profile",
+    "LayerEntry": ".runtime.profile",
+    "ChannelGroup": ".passes.analysis",
+    "Member": ".passes.analysis",
+    "CompactModelError": ".passes.export",
+    "SparseModel": ".passes.sparsity.model",
+    "MethodConfig": ".passes.sparsity.method",
+    "StaticConfig": ".passes.sparsity.methods.baselines",
+    "GMPConfig": ".passes.sparsity.methods.baselines",
+    "RigLConfig": ".passes.sparsity.methods.baselines",
+    "SETConfig": ".passes.sparsity.methods.baselines",
+    "IEEConfig": ".passes.sparsity.methods.iee",
+    "HALPConfig": ".passes.sparsity.methods.halp",
+    "DSTEEConfig": ".passes.sparsity.methods.dst_ee",
+    "FeatherConfig": ".passes.sparsity.methods.feather",
+    "OptGConfig": ".passes.sparsity.methods.optg",
+    "channel_groups": ".compiler.api",
+    "profile": ".compiler.api",
+    "sparsify": ".compiler.api",
+    "CheckpointError": ".compiler.checkpoint",
+    "load": ".compiler.checkpoint",
+    "save": ".compiler.checkpoint",
+    "CompileReport": ".compiler.pipeline",
+    "compile": ".compiler.pipeline",
+    "PruneResult": ".compiler.prune",
+    "prune": ".compiler.prune",
+    "Recipe": ".compiler.recipes",
+    "TraceError": ".compiler.trace",
+    "trace": ".compiler.trace",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

@@ -28,7 +28,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, fields, is_dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -180,9 +180,9 @@ def method_options(method_cls: Any, steps_per_epoch: int, total_steps: int, seed
     if method_cls.name == "feather":  # the paper re-derives its threshold every iteration (delta_t = 1)
         del wanted["delta_t"]
     config = getattr(method_cls, "Config", None)
-    if config is None or not is_dataclass(config):
+    if config is None:
         return {}
-    known = {f.name for f in fields(config)}
+    known = set(config.model_fields)
     return {key: value for key, value in wanted.items() if key in known}
 
 

@@ -176,9 +176,11 @@ def _median(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
 
 
-def run_part(models: list[str], plan: RunPlan, label: str, rounds: int = 1) -> list[dict[str, Any]]:
+def run_part(models: list[str], plan: RunPlan, label: str, rounds: int = 1,
+             progress: Callable[[list[dict[str, Any]]], None] | None = None) -> list[dict[str, Any]]:
     """Both tools on every model, interleaved: ``rounds`` times spruce then Torch-Pruning,
-    one child each; the timings of all rounds pooled."""
+    one child each; the timings of all rounds pooled. ``progress`` gets the rows so far
+    after each model (the report is rewritten, so an interrupted run keeps its figures)."""
     rows = []
     for index, model in enumerate(models, 1):
         runs: dict[str, list[dict[str, Any]]] = {tool: [] for tool in TOOLS}
@@ -189,6 +191,8 @@ def run_part(models: list[str], plan: RunPlan, label: str, rounds: int = 1) -> l
         rows.append({"model": model, **pair})
         print(f"[{label} {index}/{len(models)}] {model}: "
               + ", ".join(f"{t} {_status(pair[t])}" for t in TOOLS), flush=True)
+        if progress is not None:
+            progress(rows)
     return rows
 
 
@@ -372,10 +376,11 @@ def main(argv: list[str] | None = None) -> int:
     info["run"] = f"{args.threads} torch threads per child, address-space cap {mem_gb} GiB"
     parts = []
     repeated = RunPlan(args.repeats, True, args.timeout, mem_gb, args.threads)
-    rows = run_part(args.models.split(","), repeated, "repeated", args.rounds)
     note = (f"{args.rounds} interleaved rounds per model (spruce child, then Torch-Pruning child), each child "
             f"one warm-up analysis+prune then {args.repeats} timed runs of each: medians over the "
             f"{args.rounds * args.repeats} timed runs, peak memory the largest of the rounds.")
+    rows = run_part(args.models.split(","), repeated, "repeated", args.rounds,
+                    lambda done: benchlib.write_atomic(args.out, render(info, [("Repeated runs", note, done)])))
     parts.append(("Repeated runs", note, rows))
     benchlib.write_atomic(args.out, render(info, parts))
     if args.zoo:

@@ -10,12 +10,16 @@ import warnings
 from collections.abc import Iterable
 from typing import Any
 
-from spruce.compiler.trace import capture
-from spruce.passes.analysis import ChannelAnalysis, ChannelGroup, analyze
-from spruce.passes.sparsity.model import SparseModel, check_options, sparsify_captured
-from spruce.runtime.profile import LatencyTable
-from spruce.runtime.profile import profile as profile_captured
 from torch import nn
+
+from ..passes.analysis import ChannelAnalysis, ChannelGroup, analyze
+from ..passes.graph import CapturedGraph
+from ..passes.sparsity.method import MethodConfig
+from ..passes.sparsity.model import SparseModel, check_options, sparsify_captured
+from ..passes.sparsity.registry import SPARSIFY_DEFAULT
+from ..runtime.profile import LatencyTable
+from ..runtime.profile import profile as profile_captured
+from .trace import capture, trace
 
 __all__ = ["analyze_model", "channel_groups", "profile", "sparsify"]
 
@@ -42,7 +46,7 @@ def channel_groups(model: nn.Module, example_inputs: object, leaf_modules: Itera
 def sparsify(
     model: nn.Module,
     example_inputs: object,
-    method: str = "static",
+    method: str | MethodConfig = SPARSIFY_DEFAULT,
     structure: str = "unstructured",
     sparsity: float = 0.9,
     distribution: str = "erk",
@@ -54,21 +58,37 @@ def sparsify(
 ) -> SparseModel:
     """Insert mask nodes for every Conv/Linear weight of ``model`` and set up ``method``.
 
-    The returned :class:`SparseModel` shares its parameters with ``model``: build the
-    optimizer from either. ``budget`` ({"latency": f} with ``latency_table`` from
-    ``spruce.profile``, {"flops": f} or {"params": f}; f a fraction of dense) drives the
-    channel methods (halp, iee with structure="channel") instead of ``sparsity``.
+    ``method`` is a method config (``IEEConfig(h=150, j=150, q=150)``, ``RigLConfig()``, ...:
+    the config's type selects the method) or, as a shortcut, a method name whose options
+    are the remaining keyword arguments (``method="iee", h=150``). The returned
+    :class:`SparseModel` shares its parameters with ``model``: build the optimizer from either.
+    ``budget`` ({"latency": f} with ``latency_table`` from ``spruce.profile``, {"flops": f} or
+    {"params": f}; f a fraction of dense) drives the budgeted channel methods (halp, iee with
+    structure="channel") instead of ``sparsity``.
     Raises ``ValueError`` naming the option at fault (before the model is captured) and
     :class:`spruce.TraceError` when the model cannot be captured."""
-    check_options(method, structure, sparsity, total_steps, method_options)
-    captured = capture(model, example_inputs)
-    if captured.method != "fx":
-        raise ValueError(f"sparsify needs a model plain torch.fx can trace (masks go on its module calls); "
-                         f"{type(model).__name__} was captured by {captured.method}"
-                         + (f" ({'; '.join(captured.notes)})" if captured.notes else "")
-                         + ": use spruce.prune for one-shot channel pruning of it")
+    check_options(method, structure, sparsity, total_steps, method_options, distribution, budget)
+    captured = _capture_for_training(model, example_inputs)
     return sparsify_captured(captured, method, structure, sparsity, distribution, total_steps, exclude, budget,
                              latency_table, **method_options)
+
+
+def _capture_for_training(model: nn.Module, example_inputs: object) -> CapturedGraph:
+    """:func:`capture` for a model about to be trained sparse. A model in training mode whose
+    training code cannot be traced is a TraceError (as tracing it always was); for a model in
+    eval mode the eval graph then serves both modes, with a warning."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        captured = capture(model, example_inputs)
+    for warning in caught:
+        message = str(warning.message)
+        if message.startswith("training-mode graph not traced"):
+            if model.training:
+                trace(model, example_inputs)  # raises the TraceError naming the module at fault
+            message = ("sparsify: the model's training-mode code cannot be traced, so the SparseModel runs its "
+                       "eval-mode graph in training mode too: " + message.split(": ", 1)[-1])
+        warnings.warn(message, warning.category, stacklevel=3)
+    return captured
 
 
 def profile(model: nn.Module, example_inputs: Any, target: Any = "onnxruntime", step: int = 8,

@@ -36,6 +36,7 @@ change.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import io
 import logging
@@ -48,13 +49,14 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from spruce.compiler.hf import capture_settings
-from spruce.passes.graph import CapturedGraph, Link, Piece, split_inputs, tensor_leaves
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from ..passes.graph import CapturedGraph, Link, Piece, has_pytree_io, split_inputs, tensor_leaves
+from .hf import capture_settings
 
 __all__ = ["INPUT_ADAPTERS", "InputAdapter", "TraceError", "capture", "resized_batch"]
 
@@ -201,7 +203,7 @@ _MISSING = object()
 
 
 @contextlib.contextmanager
-def _quiet():
+def quiet():
     """torch.export logs partial graphs and warnings while it tries; capture reports itself."""
     loggers = [logging.getLogger(n) for n in ("torch", "torch.fx", "torch._dynamo", "torch.export",
                                                "torch.fx.experimental.symbolic_shapes", "torch._export")]
@@ -269,8 +271,8 @@ class _Failure:
     exc: BaseException | None = field(default=None, repr=False)
 
 
-def _fx_trace(module: nn.Module, leaf_modules: Iterable[object], prefix: str = "") -> fx.GraphModule:
-    """Symbolic trace, raising a _FxFailure with the failing module path."""
+def fx_trace(module: nn.Module, leaf_modules: Iterable[object], prefix: str = "") -> fx.GraphModule:
+    """Symbolic trace, raising a FxFailure with the failing module path."""
     tracer = _SpruceTracer(leaf_modules)
     try:
         graph = tracer.trace(module)
@@ -281,11 +283,11 @@ def _fx_trace(module: nn.Module, leaf_modules: Iterable[object], prefix: str = "
             path = f"{prefix}.{path}"
         elif path == "<root>" and prefix:
             path = prefix
-        raise _FxFailure(_Failure("other", path, f"{type(exc).__name__}: {exc}".strip(), where, line, exc)) from exc
+        raise FxFailure(_Failure("other", path, f"{type(exc).__name__}: {exc}".strip(), where, line, exc)) from exc
     return fx.GraphModule(tracer.root, graph, type(module).__name__)
 
 
-class _FxFailure(Exception):
+class FxFailure(Exception):
     def __init__(self, failure: _Failure):
         super().__init__(failure.operation)
         self.failure = failure
@@ -344,7 +346,7 @@ def propagate(gm: fx.GraphModule, inputs: Sequence[object], known: fx.GraphModul
     from torch.nn.utils.stateless import _reparametrize_module
 
     try:
-        with torch.no_grad(), _reparametrize_module(gm, _meta_state(gm)), _quiet(), _no_stderr():
+        with torch.no_grad(), _reparametrize_module(gm, _meta_state(gm)), quiet(), _no_stderr():
             _MetaShapeProp(gm).run(*[_to_meta(x) for x in inputs], initial_env=_shared_meta(gm, known))
         return
     except Exception:  # noqa: BLE001, S110 - any meta-tensor limitation: try the next way
@@ -352,7 +354,7 @@ def propagate(gm: fx.GraphModule, inputs: Sequence[object], known: fx.GraphModul
     try:
         from torch._subclasses.fake_tensor import FakeTensorMode
 
-        with torch.no_grad(), _quiet(), _no_stderr():
+        with torch.no_grad(), quiet(), _no_stderr():
             ShapeProp(gm, fake_mode=FakeTensorMode(allow_non_fake_inputs=True)).propagate(*inputs)
         return
     except Exception:  # noqa: BLE001, S110 - any fake-tensor limitation: fall back to a real run
@@ -361,7 +363,7 @@ def propagate(gm: fx.GraphModule, inputs: Sequence[object], known: fx.GraphModul
         with torch.no_grad(), preserved_state(gm):
             ShapeProp(gm).propagate(*inputs)
     except Exception as exc:
-        node = _failing_node(exc)
+        node = failing_node(exc)
         where = f" at node '{node}'" if node else ""
         raise TraceError(
             f"example inputs do not fit the model{where}: {type(exc).__name__}: {exc}",
@@ -411,14 +413,14 @@ def _shape_keeping() -> tuple[set, set, set]:
 class _MetaShapeProp(ShapeProp):
     """ShapeProp on meta tensors that skips the kernels of shape-keeping operators."""
 
-    _modules, _functions, _methods = _shape_keeping()
+    _keep_modules, _keep_functions, _keep_methods = _shape_keeping()
 
     def run_node(self, n: fx.Node):
         first = self.env.get(n.args[0]) if n.args and isinstance(n.args[0], fx.Node) else None
         if isinstance(first, torch.Tensor) and not n.kwargs.get("inplace", False) and (
-                (n.op == "call_module" and type(self.fetch_attr(n.target)) in self._modules)
-                or (n.op == "call_function" and n.target in self._functions)
-                or (n.op == "call_method" and n.target in self._methods)):
+                (n.op == "call_module" and type(self.fetch_attr(n.target)) in self._keep_modules)
+                or (n.op == "call_function" and n.target in self._keep_functions)
+                or (n.op == "call_method" and n.target in self._keep_methods)):
             n.meta["tensor_meta"] = _extract_metadata(first)
             n.meta["type"] = torch.Tensor
             return first
@@ -431,7 +433,7 @@ def _extract_metadata(t: torch.Tensor):
     return TensorMetadata(t.shape, t.dtype, t.requires_grad, t.stride(), None, False, {})
 
 
-def _failing_node(exc: BaseException) -> str | None:
+def failing_node(exc: BaseException) -> str | None:
     # fx's Interpreter annotates failures with "While executing %name : ..."
     for note in getattr(exc, "__notes__", []) or []:
         if "While executing" in note:
@@ -503,7 +505,7 @@ def placeholder_values(gm: fx.GraphModule, module: nn.Module, args: tuple, kwarg
     """The values of ``gm``'s placeholders when ``module(*args, **kwargs)`` is called:
     pytree leaves for an export graph, the bound forward arguments for an fx graph."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    if isinstance(gm.graph._codegen, fx.graph._PyTreeCodeGen):
+    if has_pytree_io(gm.graph):
         leaves = pytree.tree_leaves((args, kwargs))
         if len(leaves) != len(placeholders):
             leaves = pytree.tree_leaves(args)
@@ -524,12 +526,12 @@ def placeholder_values(gm: fx.GraphModule, module: nn.Module, args: tuple, kwarg
 # ---------------------------------------------------------------------------
 
 
-def _export_graph(module: nn.Module, args: tuple, kwargs: dict, dynamic_shapes: object,
+def export_graph(module: nn.Module, args: tuple, kwargs: dict, dynamic_shapes: object,
                   training: bool) -> fx.GraphModule:
     """``module`` exported (non-strict) in the given mode, as a GraphModule reading the
     module's own parameters and buffers (lifted constants are held by the graph module)."""
     module.train(training)
-    with preserved_state(module), _quiet(), _no_stderr():  # export prints partial graphs on failure
+    with preserved_state(module), quiet(), _no_stderr():  # export prints partial graphs on failure
         ep = torch.export.export(module, args, kwargs or None, dynamic_shapes=dynamic_shapes, strict=False)
         unlifted = ep.module()
     graph = unlifted.graph
@@ -608,7 +610,7 @@ def _classify(exc: BaseException) -> str:
 # ---------------------------------------------------------------------------
 
 
-def _bound_names(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, object] | None:
+def bound_names(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, object] | None:
     try:
         bound = inspect.signature(module.forward).bind(*args, **kwargs)
     except TypeError:
@@ -626,24 +628,24 @@ def _leaf_spec(spec: object) -> dict[int, object]:
     raise TypeError(f"dynamic_shapes: a tensor's entry must be a dict {{dim: Dim}}, a tuple or None, got {spec!r}")
 
 
-def _with_dims(value: object, spec: object, extra: Callable[[torch.Tensor, dict], dict]) -> object:
+def with_dims(value: object, spec: object, extra: Callable[[torch.Tensor, dict], dict]) -> object:
     """A dynamic_shapes entry for ``value``: the user's ``spec`` plus ``extra`` dims per tensor."""
     if isinstance(value, torch.Tensor):
         return extra(value, _leaf_spec(spec)) or None
     if isinstance(value, (tuple, list)):
         specs = spec if isinstance(spec, (tuple, list)) and len(spec) == len(value) else [None] * len(value)
-        return type(value)(_with_dims(v, s, extra) for v, s in zip(value, specs)) if not hasattr(
-            value, "_fields") else tuple(_with_dims(v, s, extra) for v, s in zip(value, specs))
+        items = [with_dims(v, s, extra) for v, s in zip(value, specs)]
+        return items if isinstance(value, list) else tuple(items)  # a named tuple's spec is a plain tuple
     if isinstance(value, dict):
         specs = spec if isinstance(spec, dict) else {}
-        return {k: _with_dims(v, specs.get(k), extra) for k, v in value.items()}
+        return {k: with_dims(v, specs.get(k), extra) for k, v in value.items()}
     return None
 
 
-def _root_dynamic_shapes(module: nn.Module, args: tuple, kwargs: dict, user: object) -> object:
+def root_dynamic_shapes(module: nn.Module, args: tuple, kwargs: dict, user: object) -> object:
     """The user's ``dynamic_shapes`` (torch.export's format) with dim 0 of every input
     tensor added as a dynamic batch dim, keyed by argument name."""
-    names = _bound_names(module, args, kwargs)
+    names = bound_names(module, args, kwargs)
     if names is None:
         return None
     if user is None:
@@ -660,16 +662,16 @@ def _root_dynamic_shapes(module: nn.Module, args: tuple, kwargs: dict, user: obj
             dims[0] = torch.export.Dim.AUTO
         return dims
 
-    return {name: _with_dims(value, user_by_name.get(name), batch) for name, value in names.items()}
+    return {name: with_dims(value, user_by_name.get(name), batch) for name, value in names.items()}
 
 
 def _varying_dynamic_shapes(module: nn.Module, calls: list[tuple[tuple, dict]], chosen: int) -> object:
     """Dims that differ between the recorded calls of a piece are dynamic."""
     args, kwargs = calls[chosen]
-    names = _bound_names(module, args, kwargs)
+    names = bound_names(module, args, kwargs)
     if names is None:
         return None
-    others = [_bound_names(module, a, k) for a, k in calls]
+    others = [bound_names(module, a, k) for a, k in calls]
     leaves_per_call = [pytree.tree_leaves(o) for o in others if o is not None]
     ref_leaves = pytree.tree_leaves(names)
     varying: dict[int, set[int]] = {}
@@ -688,7 +690,7 @@ def _varying_dynamic_shapes(module: nn.Module, calls: list[tuple[tuple, dict]], 
             spec[d] = torch.export.Dim.AUTO
         return spec
 
-    return {name: _with_dims(value, None, dims) for name, value in names.items()}
+    return {name: with_dims(value, None, dims) for name, value in names.items()}
 
 
 # ---------------------------------------------------------------------------
@@ -774,7 +776,7 @@ def _graphs_fx(module: nn.Module, args: tuple, kwargs: dict, leaf_modules, prefi
     was_training = module.training
     try:
         module.eval()
-        eval_gm = _fx_trace(module, leaf_modules, prefix)
+        eval_gm = fx_trace(module, leaf_modules, prefix)
         values = placeholder_values(eval_gm, module, args, kwargs)
         eval_gm.eval()
         propagate(eval_gm, values)
@@ -782,8 +784,8 @@ def _graphs_fx(module: nn.Module, args: tuple, kwargs: dict, leaf_modules, prefi
             return eval_gm, None
         module.train()
         try:
-            train_gm = _fx_trace(module, leaf_modules, prefix)
-        except _FxFailure as exc:
+            train_gm = fx_trace(module, leaf_modules, prefix)
+        except FxFailure as exc:
             warnings.warn(f"training-mode graph not traced, the compact model will support eval mode only: "
                           f"{exc.failure.operation}", stacklevel=4)
             return eval_gm, None
@@ -796,27 +798,25 @@ def _graphs_fx(module: nn.Module, args: tuple, kwargs: dict, leaf_modules, prefi
         module.train(was_training)
 
 
-_SOURCE_MENTIONS_TRAINING: dict[type, bool] = {}
-
-
 def _may_branch_on_training(model: nn.Module, leaf_modules) -> bool:
     """Can the code fx traces through differ in training mode? Only Python code can: the
     module classes whose forward is traced (not leaves) that mention ``training`` in their
-    source (``if self.training``, ``dropout(x, p, self.training)``). A class whose source
-    cannot be read counts as one that may."""
-    import inspect as _inspect
-
+    source or their base classes' (``if self.training``, ``dropout(x, p, self.training)``).
+    A class whose source cannot be read counts as one that may."""
     tracer = _SpruceTracer(leaf_modules)
-    for name, m in model.named_modules():
-        if name and tracer.is_leaf_module(m, name):
+    return any(_class_mentions_training(type(m)) for name, m in model.named_modules()
+               if not (name and tracer.is_leaf_module(m, name)))
+
+
+@functools.cache
+def _class_mentions_training(cls: type) -> bool:
+    for klass in cls.__mro__:
+        if klass in (nn.Module, object):
             continue
-        cls = type(m)
-        if cls not in _SOURCE_MENTIONS_TRAINING:
-            try:
-                _SOURCE_MENTIONS_TRAINING[cls] = "training" in _inspect.getsource(cls)
-            except (OSError, TypeError):
-                _SOURCE_MENTIONS_TRAINING[cls] = True
-        if _SOURCE_MENTIONS_TRAINING[cls]:
+        try:
+            if "training" in inspect.getsource(klass):
+                return True
+        except (OSError, TypeError):
             return True
     return False
 
@@ -827,13 +827,13 @@ def _graphs_export(module: nn.Module, trace_args: tuple, trace_kwargs: dict, dyn
     more), shapes propagated at ``args``."""
     was_training = module.training
     try:
-        eval_gm = _export_graph(module, trace_args, trace_kwargs, dynamic_shapes, training=False)
+        eval_gm = export_graph(module, trace_args, trace_kwargs, dynamic_shapes, training=False)
         values = placeholder_values(eval_gm, module, args, kwargs)
         if not propagate_from_vals(eval_gm, values):
             with preserved_state(module):
                 propagate(eval_gm, values)
         try:
-            train_gm = _export_graph(module, trace_args, trace_kwargs, dynamic_shapes, training=True)
+            train_gm = export_graph(module, trace_args, trace_kwargs, dynamic_shapes, training=True)
         except Exception as exc:  # noqa: BLE001 - eval-only compact model, said in a warning
             warnings.warn(f"{prefix or 'model'}: training-mode graph not captured, the compact model will support "
                           f"eval mode only: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}", stacklevel=4)
@@ -892,7 +892,7 @@ def _capture_module(module: nn.Module, path: str, calls: list[_Call], leaf_modul
     try:
         eval_gm, train_gm = _graphs_fx(module, first.args, first.kwargs, leaf_modules, path)
         return Piece(path, eval_gm, train_gm, "fx", first.args, dict(first.kwargs))
-    except (_FxFailure, TraceError, TypeError):
+    except (FxFailure, TraceError, TypeError):
         pass
     if not _same_structure(calls):
         return _Failure("other", path, "its inputs change structure with the batch size (a list per image)", None)
@@ -935,7 +935,7 @@ def _hint(failure: _Failure, root_name: str) -> str:
     return "make the model's forward capturable by torch.export (see the operation above)"
 
 
-def _trace_error(failure: _Failure, model: nn.Module) -> TraceError:
+def trace_error(failure: _Failure, model: nn.Module) -> TraceError:
     path = failure.path or "<root>"
     msg = f"cannot trace module '{path}' ({type(model).__name__} root): {failure.operation}"
     if failure.where:
@@ -991,7 +991,7 @@ def _capture(model, args, kwargs, leaf_modules, dynamic_shapes, was_training) ->
             eval_gm, train_gm = _graphs_fx(model, args, kwargs, leaf_modules, "")
             return CapturedGraph([Piece("", eval_gm, train_gm, "fx", args, kwargs)], model, args, kwargs,
                                  second_inputs=second)
-        except _FxFailure as exc:
+        except FxFailure as exc:
             fx_failure = exc.failure
         except TypeError as exc:  # keyword inputs fx cannot bind
             fx_failure = _Failure("other", "<root>", str(exc), None)
@@ -1013,15 +1013,15 @@ def _capture_by_export(model, args, kwargs, second, leaf_modules, dynamic_shapes
     notes: list[str] = []
     if "" not in rec.filters and not _contains_leaf("", model, leaf_modules):
         trace_args, trace_kwargs = second if second is not None else (args, kwargs)
-        dyn = _root_dynamic_shapes(model, trace_args, trace_kwargs, dynamic_shapes)
+        dyn = root_dynamic_shapes(model, trace_args, trace_kwargs, dynamic_shapes)
         try:
             eval_gm, train_gm = _graphs_export(model, trace_args, trace_kwargs, dyn, args, kwargs, "")
         except TraceError:
             raise
         except Exception as exc:  # noqa: BLE001 - classified: an error, or capture in pieces
-            failure = _root_failure(exc, paths)
+            failure = root_failure(exc, paths)
             if failure.kind == "value" and _owns_parameters(model.get_submodule(failure.path or "")):
-                raise _trace_error(failure, model) from exc
+                raise trace_error(failure, model) from exc
             notes.append(_note(failure))
         else:
             return CapturedGraph([Piece("", eval_gm, train_gm, "export", args, kwargs)], model, args, kwargs,
@@ -1032,7 +1032,7 @@ def _capture_by_export(model, args, kwargs, second, leaf_modules, dynamic_shapes
     return _capture_in_pieces(model, args, kwargs, second, rec, leaf_modules, notes, fx_failure)
 
 
-def _root_failure(exc: BaseException, paths: dict[int, str]) -> _Failure:
+def root_failure(exc: BaseException, paths: dict[int, str]) -> _Failure:
     chain = _module_chain(exc.__traceback__, paths)
     where, line = _user_frame(exc.__traceback__)
     operation = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
@@ -1076,7 +1076,7 @@ def _capture_in_pieces(model, args, kwargs, second, rec, leaf_modules, notes, fx
                 owner = chain[-1] if chain else path
                 if _owns_parameters(model.get_submodule(owner)):
                     found.path = owner
-                    raise _trace_error(found, model) from found.exc
+                    raise trace_error(found, model) from found.exc
             notes.append(_note(found))
         for name, child in module.named_children():
             visit(f"{path}.{name}" if path else name, child)
@@ -1084,7 +1084,7 @@ def _capture_in_pieces(model, args, kwargs, second, rec, leaf_modules, notes, fx
     visit("", model)
     if not pieces:
         failure = fx_failure or _Failure("other", "<root>", "no part of the model could be captured", None)
-        raise _trace_error(failure, model)
+        raise trace_error(failure, model)
     captured = CapturedGraph(pieces, model, args, kwargs, second_inputs=second, notes=notes)
     _find_links(captured)
     return captured
@@ -1103,7 +1103,7 @@ def input_tensors(piece: Piece, gm: fx.GraphModule, module: nn.Module, args: tup
 
 def output_tensors(gm: fx.GraphModule, output: object) -> list:
     """The output leaves of a call in the contract's order (tensors only)."""
-    if isinstance(gm.graph._codegen, fx.graph._PyTreeCodeGen):
+    if has_pytree_io(gm.graph):
         leaves = pytree.tree_leaves(output)
     else:
         leaves = list(tensor_leaves(output))

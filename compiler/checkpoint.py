@@ -2,11 +2,14 @@
 
 A checkpoint is one ``torch.save`` file, written atomically (a temporary file in the same
 folder, then a rename: a crash leaves the previous checkpoint or the new one, never half
-of one). It holds a format marker and version, the ``sparsify`` recipe (method and its
-options, structure, sparsity, distribution, total steps, excluded layers, example input
-shapes), the sparse layers' names and weight shapes, the step count, the SparseModel's
-``state_dict`` (weights, bit-packed masks, method state, metrics) and optionally the
-optimizer's state and user data.
+of one). It holds a format marker and version, the ``sparsify`` recipe (the method's
+config as ``{"name": ..., option: value, ...}``, structure, sparsity, distribution, total
+steps, excluded layers, budget, example input shapes), the sparse layers' names and weight
+shapes, the step count, the SparseModel's ``state_dict`` (weights, bit-packed masks, method
+state, metrics) and optionally the optimizer's state and user data.
+
+Format versions: 2 stores the method as its config record; format-1 files (method name
+and ``options`` apart, no budget) are migrated when read.
 
 ``load`` reads with ``torch.load(weights_only=True)`` (no arbitrary code from a file),
 validates the whole checkpoint against the model and optimizer it is given, and only
@@ -18,34 +21,29 @@ are left as they were (if the copy itself fails, their previous state is restore
 from __future__ import annotations
 
 import os
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
-from spruce.compiler.api import sparsify
-from spruce.compiler.trace import trace
-from spruce.passes.sparsity.masking import SPARSE_LAYER_TYPES
-from spruce.passes.sparsity.methods import METHODS
-from spruce.passes.sparsity.model import SparseModel
-from spruce.targets.base import temp_path_next_to
+
+from ..passes.sparsity.masking import SPARSE_LAYER_TYPES
+from ..passes.sparsity.model import SparseModel
+from ..passes.sparsity.registry import method_names, resolve_method
+from ..targets.files import atomic_path
+from .api import sparsify
+from .trace import trace
 
 __all__ = ["save", "load", "read", "CheckpointError", "FORMAT", "FORMAT_VERSION"]
 
 FORMAT = "spruce.checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _REQUIRED = {"recipe": dict, "layers": list, "step_count": int, "model": dict}
-_RECIPE = {"method": str, "options": dict, "structure": str, "sparsity": float, "distribution": str,
-           "exclude": list}
+_RECIPE = {"method": dict, "structure": str, "sparsity": float, "distribution": str, "exclude": list}
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not fit the model/optimizer it is loaded into."""
-
-
-def _structure_name(sm: SparseModel) -> str:
-    return f"{sm.n}:{sm.m}" if sm.structure == "n:m" else sm.structure
 
 
 def save(sparse_model: SparseModel, path: str | os.PathLike, optimizer: torch.optim.Optimizer | None = None,
@@ -59,33 +57,23 @@ def save(sparse_model: SparseModel, path: str | os.PathLike, optimizer: torch.op
         sparse_model = sparse_model.module
     if not isinstance(sparse_model, SparseModel):
         raise TypeError(f"save() needs the SparseModel that sparsify returned, got {type(sparse_model).__name__}")
-    if sparse_model.sparsity is None:
-        raise ValueError("save(): this SparseModel was not built by sparsify (its recipe is unknown)")
+    spec = sparse_model.spec
     path = Path(path)
     checkpoint = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
-        "recipe": {"method": sparse_model.method.name, "options": asdict(sparse_model.method.config),
-                   "structure": _structure_name(sparse_model), "sparsity": sparse_model.sparsity,
-                   "distribution": sparse_model.distribution, "total_steps": sparse_model.total_steps,
-                   "exclude": list(sparse_model.exclude)},
-        "inputs": [[list(shape), dtype] for shape, dtype in sparse_model.input_spec or []] or None,
+        "recipe": {"method": spec.method.to_record(), "structure": spec.structure, "sparsity": spec.sparsity,
+                   "distribution": spec.distribution, "total_steps": spec.total_steps,
+                   "exclude": list(spec.exclude), "budget": spec.budget},
+        "inputs": [[list(shape), dtype] for shape, dtype in spec.input_spec or []] or None,
         "layers": [[layer.name, list(layer.masked.mask_shape)] for layer in sparse_model.layers],
         "step_count": sparse_model.step_count,
         "model": sparse_model.state_dict(),
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "extra": extra,
     }
-    temp = temp_path_next_to(path)
-    try:
-        with open(temp, "wb") as stream:
-            torch.save(checkpoint, stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as temp:
+        torch.save(checkpoint, temp)
     return path
 
 
@@ -110,8 +98,21 @@ def read(path: str | os.PathLike) -> dict:
         raise CheckpointError(f"checkpoint {path} has format version {version}, newer than this spruce reads "
                               f"({FORMAT_VERSION}): upgrade spruce")
     _check_fields(path, checkpoint, _REQUIRED, "")
+    if version == 1:
+        checkpoint = _migrate_from_1(path, checkpoint)
     _check_fields(path, checkpoint["recipe"], _RECIPE, "recipe.")
     return checkpoint
+
+
+def _migrate_from_1(path: Path, checkpoint: dict) -> dict:
+    """A format-1 checkpoint in format 2: the method name and its ``options`` become one
+    config record ``{"name": ..., option: value, ...}``; format 1 had no budget."""
+    recipe = checkpoint["recipe"]
+    _check_fields(path, recipe, {"method": str, "options": dict}, "recipe.")
+    migrated = {key: value for key, value in recipe.items() if key not in ("method", "options")}
+    migrated["method"] = {**recipe["options"], "name": recipe["method"]}
+    migrated.setdefault("budget", None)
+    return {**checkpoint, "version": FORMAT_VERSION, "recipe": migrated}
 
 
 def _check_fields(path: Path, mapping: dict, required: dict[str, type], prefix: str) -> None:
@@ -124,24 +125,26 @@ def _check_fields(path: Path, mapping: dict, required: dict[str, type], prefix: 
 
 
 def load(path: str | os.PathLike, model: nn.Module, example_inputs: object = None,
-         optimizer: torch.optim.Optimizer | None = None) -> SparseModel:
+         optimizer: torch.optim.Optimizer | None = None, latency_table: object = None) -> SparseModel:
     """Rebuild the SparseModel saved at ``path`` around ``model`` (same architecture as the
     saved one) and load its weights, masks and method state; load ``optimizer``'s state
     too when given (build it on ``model``'s parameters, as for training) and attach it.
 
-    ``example_inputs`` defaults to zeros of the shapes recorded at save time. The saved
+    ``example_inputs`` defaults to zeros of the shapes recorded at save time;
+    ``latency_table`` is needed for a model trained under a latency budget. The saved
     user data is on the result as ``checkpoint_extra``. Raises :class:`CheckpointError`
     (a ValueError) naming the file and the mismatch; nothing is modified then."""
     path = Path(path)
     checkpoint = read(path)
     recipe = checkpoint["recipe"]
-    if recipe["method"] not in METHODS:
-        raise CheckpointError(f"checkpoint {path}: unknown method {recipe['method']!r}; this spruce has "
-                              f"{', '.join(sorted(METHODS))}")
+    name = recipe["method"].get("name")
+    if name not in method_names():
+        raise CheckpointError(f"checkpoint {path}: unknown method {name!r}; this spruce has "
+                              f"{', '.join(method_names())}")
     try:
-        METHODS[recipe["method"]].from_options(**recipe["options"])
+        config = resolve_method(recipe["method"])
     except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint {path}: invalid options for method {recipe['method']!r}: {exc}") from exc
+        raise CheckpointError(f"checkpoint {path}: invalid options for method {name!r}: {exc}") from exc
     if example_inputs is None:
         example_inputs = _example_from_spec(path, checkpoint.get("inputs"))
     _check_layers(path, checkpoint["layers"], model)
@@ -156,9 +159,10 @@ def load(path: str | os.PathLike, model: nn.Module, example_inputs: object = Non
                                       for k, s in optimizer_backup["state"].items()},
                             "param_groups": [dict(g) for g in optimizer_backup["param_groups"]]}
     try:
-        sm = sparsify(model, example_inputs, method=recipe["method"], structure=recipe["structure"],
+        sm = sparsify(model, example_inputs, method=config, structure=recipe["structure"],
                       sparsity=recipe["sparsity"], distribution=recipe["distribution"],
-                      total_steps=recipe.get("total_steps"), exclude=recipe["exclude"], **recipe["options"])
+                      total_steps=recipe.get("total_steps"), exclude=recipe["exclude"], budget=recipe.get("budget"),
+                      latency_table=latency_table)
         sm.load_state_dict(_state_on_device(checkpoint["model"], model))
         if optimizer is not None:
             optimizer.load_state_dict(checkpoint["optimizer"])

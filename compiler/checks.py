@@ -15,11 +15,12 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
-from spruce.compiler.capture import output_tensors, preserved_state
-from spruce.passes.analysis import ChannelAnalysis
-from spruce.passes.graph import CapturedGraph, split_inputs
 from torch import nn
 from torch.utils import _pytree as pytree
+
+from ..passes.analysis import ChannelAnalysis
+from ..passes.graph import CapturedGraph, split_inputs
+from .capture import output_tensors, preserved_state
 
 __all__ = ["head_error", "make_nondegenerate", "missing_gradients", "parameter_share", "relative_error"]
 

@@ -1,49 +1,54 @@
-"""The ``spruce`` command line.
+"""The ``spruce`` command line (the console entry; no other module imports it).
 
 Each subcommand is one entry in ``SUBCOMMANDS`` (or a module in
 ``SUBCOMMAND_MODULES``): a function that adds its arguments and a function that
-runs it. ``main`` returns the exit status:
+runs it; what they share is in :mod:`spruce.compiler.cli_common`. ``main``
+returns the exit status:
 
 - 0: success;
 - 1: spruce failed to build or verify an artifact (e.g. ONNX Runtime's
   output differs from torch's);
 - 2: a user error (bad model spec, bad option, model that cannot be traced,
-  unwritable output). User errors print ``spruce: error: <message>`` and no
+  unwritable output, training that diverges). User errors print ``spruce: error: <message>`` and no
   traceback, and leave no files behind.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
+import importlib
 import json
 import os
-import shutil
 import sys
-import tempfile
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-import spruce
 import torch
-from spruce.compiler.models import DEFAULT_INPUT_SHAPE, ModelSpecError, Shape, resolve_model
-from spruce.compiler.stats import count_macs, count_params
-from spruce.passes.importance import IMPORTANCE
-from spruce.targets.onnxruntime import OnnxExportError, check_onnx, export_onnx
+
+from .. import __version__
+from ..passes.analysis import ChannelGroup, Member
+from ..passes.importance import IMPORTANCE
+from ..targets.files import atomic_path, atomic_write_text, checked_out_dir, staged_dir
+from ..targets.onnxruntime import OnnxExportError, check_onnx, export_onnx
+from .api import channel_groups
+from .cli_common import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    ArtifactCheckError,
+    CliError,
+    Subcommand,
+    add_model_arguments,
+)
+from .models import ModelSpecError, resolve_model
+from .prune import PruneConfig, PruneResult, prune
+from .stats import count_macs, count_params
+from .trace import TraceError
 
 ONNX_TOLERANCE = 1e-3
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-
-
-class CliError(Exception):
-    """A user error found by the command line itself (output folder, options)."""
-
-
-class ArtifactCheckError(Exception):
-    """A built artifact does not reproduce the torch model."""
+_PRUNE_DEFAULTS = PruneConfig()
 
 
 # --- entry point -------------------------------------------------------------------
@@ -63,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # report, but stdout must not be flushed again at exit.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_FAILED
-    except (ModelSpecError, ValueError, spruce.TraceError, CliError, OSError) as exc:
+    except (ModelSpecError, ValueError, TraceError, CliError, OSError, FloatingPointError) as exc:
         return _report_error(exc, EXIT_USAGE)
     except (ArtifactCheckError, OnnxExportError) as exc:
         return _report_error(exc, EXIT_FAILED)
@@ -91,19 +96,10 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"spruce: error: {message}\n")
 
 
-@dataclass(frozen=True)
-class Subcommand:
-    """One ``spruce`` subcommand: its help line, its arguments, its handler."""
-
-    help: str
-    add_arguments: Callable[[argparse.ArgumentParser], None]
-    run: Callable[[argparse.Namespace], int]
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The ``spruce`` parser with one sub-parser per subcommand."""
     parser = _Parser(prog="spruce", description="A model-compression compiler for PyTorch.")
-    parser.add_argument("--version", action="version", version=f"spruce {spruce.__version__}")
+    parser.add_argument("--version", action="version", version=f"spruce {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, subcommand in all_subcommands().items():
         subparser = subparsers.add_parser(name, help=subcommand.help, description=subcommand.help)
@@ -112,52 +108,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_input_shapes(text: str) -> tuple[Shape, ...]:
-    """Parse ``1,3,224,224`` (one input) or ``1,3,64,64;1,10`` (several) into shapes."""
-    shapes = []
-    for part in text.split(";"):
-        try:
-            shape = tuple(int(size) for size in part.split(","))
-        except ValueError:
-            shape = ()
-        if not shape or any(size <= 0 for size in shape):
-            raise argparse.ArgumentTypeError(
-                f"bad input shape {text!r}: expected positive integers like 1,3,224,224 "
-                "(separate several inputs with ';')"
-            )
-        shapes.append(shape)
-    return tuple(shapes)
-
-
-def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments every model-taking subcommand shares."""
-    parser.add_argument(
-        "model",
-        help="torchvision:NAME, timm:NAME, FILE.py:FACTORY or FILE.pt",
-    )
-    default_shape = ",".join(map(str, DEFAULT_INPUT_SHAPE))
-    parser.add_argument(
-        "--input-shape",
-        type=parse_input_shapes,
-        default=None,
-        metavar="SHAPE",
-        help="example input shape, e.g. 1,3,224,224; ';' between several inputs "
-        f"(default: the model source's own, else {default_shape})",
-    )
-
-
 # --- analyze -----------------------------------------------------------------------
 
 
 def _add_analyze_arguments(parser: argparse.ArgumentParser) -> None:
-    _add_model_arguments(parser)
+    add_model_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON document")
 
 
 def run_analyze(args: argparse.Namespace) -> int:
     """Print the model's channel groups and a summary of what can be pruned."""
     model, example_inputs = resolve_model(args.model, args.input_shape)
-    groups = spruce.channel_groups(model, example_inputs)
+    groups = channel_groups(model, example_inputs)
     if args.json:
         document = {
             "model": args.model,
@@ -173,7 +135,7 @@ def run_analyze(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def summarize_groups(groups: Sequence[spruce.ChannelGroup]) -> dict[str, Any]:
+def summarize_groups(groups: Sequence[ChannelGroup]) -> dict[str, Any]:
     """Counts of groups, prunable groups and channels, and why the rest are not prunable."""
     prunable = [group for group in groups if group.prunable]
     reasons = Counter(group.reason or "unspecified" for group in groups if not group.prunable)
@@ -185,7 +147,7 @@ def summarize_groups(groups: Sequence[spruce.ChannelGroup]) -> dict[str, Any]:
     }
 
 
-def format_groups_table(groups: Sequence[spruce.ChannelGroup]) -> str:
+def format_groups_table(groups: Sequence[ChannelGroup]) -> str:
     """A fixed-width table: one row per group."""
     header = ("id", "size", "prunable", "members", "first member", "reason")
     rows = [
@@ -218,7 +180,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _group_record(group: spruce.ChannelGroup) -> dict[str, Any]:
+def _group_record(group: ChannelGroup) -> dict[str, Any]:
     return {
         "id": group.id,
         "size": group.size,
@@ -231,7 +193,7 @@ def _group_record(group: spruce.ChannelGroup) -> dict[str, Any]:
     }
 
 
-def _member_label(member: spruce.Member) -> str:
+def _member_label(member: Member) -> str:
     return f"{member.name}:{member.dim}"
 
 
@@ -239,13 +201,13 @@ def _member_label(member: spruce.Member) -> str:
 
 
 def _add_prune_arguments(parser: argparse.ArgumentParser) -> None:
-    _add_model_arguments(parser)
+    add_model_arguments(parser)
     parser.add_argument("--ratio", type=float, required=True,
                         help="fraction of each prunable group's channels to remove")
     parser.add_argument("--out", type=Path, required=True,
                         help="output folder for model.pt, model.onnx and report.json")
-    parser.add_argument("--importance", default="l1", choices=sorted(IMPORTANCE),
-                        help="channel importance criterion (default: l1)")
+    parser.add_argument("--importance", default=_PRUNE_DEFAULTS.importance, choices=sorted(IMPORTANCE),
+                        help=f"channel importance criterion (default: {_PRUNE_DEFAULTS.importance})")
     parser.add_argument("--round-to", type=int, default=None, metavar="N",
                         help="keep a multiple of N channels in every group")
     parser.add_argument("--ignore", action="append", default=[], metavar="NAME",
@@ -260,11 +222,12 @@ def run_prune(args: argparse.Namespace) -> int:
     The folder appears only when every file is written and ONNX Runtime
     reproduces the compact model within ``ONNX_TOLERANCE``.
     """
-    out_dir = _checked_out_dir(args.out, args.force)
+    PruneConfig(ratio=args.ratio, importance=args.importance, round_to=args.round_to)  # before any work
+    out_dir = checked_out_dir(args.out, args.force, name="--out", force_hint="--force")
     model, example_inputs = resolve_model(args.model, args.input_shape)
     params_before = count_params(model)
     macs_before = count_macs(model, example_inputs)
-    result = spruce.prune(
+    result = prune(
         model, example_inputs,
         ratio=args.ratio, importance=args.importance,
         round_to=args.round_to, ignore=tuple(args.ignore),
@@ -272,8 +235,9 @@ def run_prune(args: argparse.Namespace) -> int:
     compact = result.model
     params_after = count_params(compact)
     macs_after = count_macs(compact, example_inputs)
-    with _staged_dir(out_dir) as stage:
-        torch.save(compact, stage / "model.pt")
+    with staged_dir(out_dir) as stage:
+        with atomic_path(stage / "model.pt") as temp:
+            torch.save(compact, temp)
         export_onnx(compact, example_inputs, stage / "model.onnx")
         onnx_diff = check_onnx(stage / "model.onnx", compact, example_inputs)
         if not onnx_diff <= ONNX_TOLERANCE:
@@ -282,7 +246,7 @@ def run_prune(args: argparse.Namespace) -> int:
                 f"(relative; tolerance {ONNX_TOLERANCE:g})"
             )
         report = {
-            "spruce_version": spruce.__version__,
+            "spruce_version": __version__,
             "torch_version": torch.__version__,
             "model": args.model,
             "input_shapes": [list(t.shape) for t in example_inputs],
@@ -297,7 +261,7 @@ def run_prune(args: argparse.Namespace) -> int:
                      "tolerance": ONNX_TOLERANCE},
             "files": ["model.pt", "model.onnx", "report.json"],
         }
-        _write_json(stage / "report.json", report)
+        atomic_write_text(stage / "report.json", json.dumps(report, indent=2) + "\n")
     print(f"params  {params_before:>15,} -> {params_after:>15,}  "
           f"({report['params']['ratio']:.3f}x)")
     print(f"MACs    {macs_before:>15,} -> {macs_after:>15,}  ({report['macs']['ratio']:.3f}x)")
@@ -310,7 +274,7 @@ def _before_after(before: int, after: int) -> dict[str, float]:
     return {"before": before, "after": after, "ratio": after / before if before else 1.0}
 
 
-def _kept_records(result: spruce.PruneResult) -> list[dict[str, Any]]:
+def _kept_records(result: PruneResult) -> list[dict[str, Any]]:
     """For each group: its size and how many channels survived."""
     return [
         {
@@ -321,88 +285,6 @@ def _kept_records(result: spruce.PruneResult) -> list[dict[str, Any]]:
         }
         for group in result.groups
     ]
-
-
-def _write_json(path: Path, document: dict[str, Any]) -> None:
-    with open(path, "w", encoding="utf-8") as handle:
-        json.dump(document, handle, indent=2)
-        handle.write("\n")
-
-
-# --- output folder: appears complete or not at all ---------------------------------
-
-
-def _checked_out_dir(out_dir: Path, force: bool) -> Path:
-    """Reject an output folder that cannot be (re)placed, before any work is done."""
-    out_dir = out_dir.absolute()
-    if out_dir.exists() and not out_dir.is_dir():
-        raise CliError(f"--out {out_dir} exists and is not a directory")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
-        raise CliError(f"--out {out_dir} exists and is not empty (use --force to replace it)")
-    existing = next((p for p in (out_dir.parent, *out_dir.parent.parents) if p.exists()), None)
-    if existing is not None and not existing.is_dir():
-        raise CliError(f"--out {out_dir}: {existing} is not a directory")
-    return out_dir
-
-
-@contextlib.contextmanager
-def _staged_dir(out_dir: Path) -> Iterator[Path]:
-    """Yield a temporary folder next to ``out_dir``; on success it replaces ``out_dir``.
-
-    On any exception the temporary folder, and any parent folders made for
-    it, are removed, so nothing half-written is left.
-    """
-    made_parents = _make_parents(out_dir.parent)
-    try:
-        stage = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
-    except OSError as exc:
-        _remove_empty(made_parents)
-        raise CliError(f"cannot write --out {out_dir}: {exc.strerror or exc}") from exc
-    try:
-        yield stage
-        _replace_dir(stage, out_dir)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        _remove_empty(made_parents)
-        raise
-
-
-def _make_parents(folder: Path) -> list[Path]:
-    """Create ``folder`` and missing ancestors; return those created, deepest first."""
-    missing = []
-    for candidate in (folder, *folder.parents):
-        if candidate.exists():
-            break
-        missing.append(candidate)
-    for candidate in reversed(missing):
-        try:
-            candidate.mkdir()
-        except OSError as exc:
-            _remove_empty(missing)
-            raise CliError(f"cannot create {candidate}: {exc.strerror or exc}") from exc
-    return missing
-
-
-def _remove_empty(folders: Sequence[Path]) -> None:
-    for folder in folders:
-        with contextlib.suppress(OSError):
-            folder.rmdir()
-
-
-def _replace_dir(stage: Path, out_dir: Path) -> None:
-    """Rename ``stage`` to ``out_dir``, moving an existing ``out_dir`` aside first."""
-    if not out_dir.exists():
-        os.rename(stage, out_dir)
-        return
-    backup = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old-"))
-    os.rename(out_dir, backup / "old")
-    try:
-        os.rename(stage, out_dir)
-    except OSError:
-        os.rename(backup / "old", out_dir)
-        backup.rmdir()
-        raise
-    shutil.rmtree(backup, ignore_errors=True)
 
 
 SUBCOMMANDS: dict[str, Subcommand] = {
@@ -418,20 +300,18 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     ),
 }
 
-# Subcommands that live in their own modules, as (name, module); each module exposes
-# SUBCOMMAND and imports this one, so they are imported when the parser is built.
+# Subcommands that live in their own modules (relative to this package), as (name, module);
+# each exposes SUBCOMMAND; they are imported when the parser is built.
 SUBCOMMAND_MODULES: tuple[tuple[str, str], ...] = (
-    ("compile", "spruce.compiler.cli_pipeline"),
-    ("profile", "spruce.compiler.cli_profile"),
-    ("bench", "spruce.compiler.cli_bench"),
+    ("compile", ".cli_pipeline"),
+    ("profile", ".cli_profile"),
+    ("bench", ".cli_bench"),
 )
 
 
 def all_subcommands() -> dict[str, Subcommand]:
     """Every subcommand, in the order ``spruce --help`` lists them."""
-    import importlib
-
-    found = {name: importlib.import_module(module).SUBCOMMAND for name, module in SUBCOMMAND_MODULES}
+    found = {name: importlib.import_module(module, __package__).SUBCOMMAND for name, module in SUBCOMMAND_MODULES}
     return {"compile": found.pop("compile"), **SUBCOMMANDS, **found}
 
 

@@ -6,10 +6,9 @@ import argparse
 import json
 from pathlib import Path
 
-from spruce.compiler.cli import EXIT_OK, CliError, Subcommand
-from spruce.compiler.cli_profile import parse_target_option, usable_target
-from spruce.runtime.bench import BenchConfig, bench
-from spruce.targets.base import TargetUnavailable
+from ..runtime.bench import BenchConfig, bench
+from ..targets.base import TargetUnavailable
+from .cli_common import EXIT_OK, CliError, Subcommand, parse_target_option, usable_target
 
 
 def parse_batch_sizes(text: str) -> tuple[int, ...]:
@@ -39,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Bench the artifact (and the dense one), print a table or JSON."""
-    BenchConfig(args.batch_sizes, args.warmup, args.iters)  # bad options fail before any loading
+    BenchConfig(batch_sizes=args.batch_sizes, warmup=args.warmup, iters=args.iters)  # checked before any loading
     target = usable_target(args.target, args.target_options)
     try:
         report = bench(args.artifact, target, args.batch_sizes, args.warmup, args.iters, dense=args.dense)

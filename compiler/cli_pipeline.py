@@ -13,9 +13,11 @@ import argparse
 import json
 from pathlib import Path
 
-from spruce.compiler.cli import EXIT_OK, Subcommand, _checked_out_dir, _staged_dir, parse_input_shapes
-from spruce.compiler.cli_profile import parse_target_option, usable_target
-from spruce.compiler.recipes import Recipe, RecipeError, load_recipe, parse_budget
+from ..targets.files import checked_out_dir, staged_dir
+from .cli_common import EXIT_OK, Subcommand, parse_input_shapes, parse_target_option, usable_target
+from .recipes import Recipe, RecipeError, load_recipe, parse_budget
+
+_DEFAULTS = Recipe()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,16 +26,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recipe", type=Path, default=None, help="YAML or JSON recipe (flags override it)")
     parser.add_argument("--input-shape", type=parse_input_shapes, default=None, metavar="SHAPE",
                         help="example input shape (default: the data's)")
-    parser.add_argument("--data", default=None, help="digits (default), mnist5k or FILE.py:make_loaders")
-    parser.add_argument("--target", default=None, help="onnxruntime (default), torch, tensorrt")
+    parser.add_argument("--data", default=None, help=f"digits, mnist5k or FILE.py:make_loaders "
+                        f"(default {_DEFAULTS.data})")
+    parser.add_argument("--target", default=None, help=f"onnxruntime, torch, tensorrt (default {_DEFAULTS.target})")
     parser.add_argument("--option", type=parse_target_option, action="append", default=None, metavar="KEY=VALUE",
                         dest="target_options", help="target option, e.g. threads=2 (repeatable)")
-    parser.add_argument("--method", default=None, help="sparse-training method (default iee)")
-    parser.add_argument("--structure", default=None, help="channel (default), unstructured or N:M")
+    parser.add_argument("--method", default=None, help=f"sparse-training method (default {_DEFAULTS.method.name})")
+    parser.add_argument("--method-option", type=parse_target_option, action="append", default=None,
+                        metavar="KEY=VALUE", dest="method_options",
+                        help="method option, e.g. h=20 (repeatable; unset options scale to the run)")
+    parser.add_argument("--structure", default=None, help=f"channel, unstructured or N:M "
+                        f"(default {_DEFAULTS.structure})")
     parser.add_argument("--sparsity", type=float, default=None, help="fraction removed (instead of a budget)")
-    parser.add_argument("--budget", default=None, help="latency=F, flops=F or params=F (default latency=0.5)")
-    parser.add_argument("--distribution", default=None, help="uniform (default), erk or global")
-    parser.add_argument("--epochs", type=int, default=None, help="training epochs (default 10)")
+    parser.add_argument("--budget", default=None, help="latency=F, flops=F or params=F (default "
+                        + ",".join(f"{k}={v}" for k, v in (_DEFAULTS.budget or {}).items()) + ")")
+    parser.add_argument("--distribution", default=None, help=f"uniform, erk or global "
+                        f"(default {_DEFAULTS.distribution})")
+    parser.add_argument("--epochs", type=int, default=None, help=f"training epochs (default {_DEFAULTS.epochs})")
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--seed", type=int, default=None)
@@ -52,10 +61,15 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
         if len(args.input_shape) != 1:
             raise RecipeError("--input-shape: compile takes one input")
         shape = args.input_shape[0]
+    method = args.method
+    if args.method_options:
+        name = args.method or base.method.name
+        kept = base.method.model_dump(exclude_unset=True) if name == base.method.name else {}
+        method = {**kept, **dict(args.method_options), "name": name}
     try:
         return base.with_overrides(
             model=args.model, input_shape=shape, data=args.data, target=args.target,
-            target_options=dict(args.target_options) if args.target_options else None, method=args.method,
+            target_options=dict(args.target_options) if args.target_options else None, method=method,
             structure=args.structure, sparsity=args.sparsity,
             budget=parse_budget(args.budget) if args.budget is not None else None,
             distribution=args.distribution, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
@@ -67,12 +81,12 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
 
 def run(args: argparse.Namespace) -> int:
     """Compile, write DIR/report.json + report.md + plots + artifacts, print the comparison table."""
-    from spruce.compiler.pipeline import compile_model
+    from .pipeline import compile_model
 
     recipe = recipe_from_args(args)
-    out_dir = _checked_out_dir(args.out, args.force)
+    out_dir = checked_out_dir(args.out, args.force, name="--out", force_hint="--force")
     usable_target(recipe.target, recipe.target_options)  # before any training
-    with _staged_dir(out_dir) as stage:
+    with staged_dir(out_dir) as stage:
         report = compile_model(recipe, stage, quiet=args.quiet)
     if args.json:
         print(json.dumps(report.document, indent=2))

@@ -4,50 +4,17 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
-from spruce.compiler.cli import EXIT_OK, CliError, Subcommand, _add_model_arguments
-from spruce.compiler.models import resolve_model
-from spruce.runtime.profile import ProfileConfig, profile
-from spruce.targets.base import Target, TargetUnavailable, get_target
+from ..runtime.profile import ProfileConfig, profile
+from .cli_common import EXIT_OK, CliError, Subcommand, add_model_arguments, parse_target_option, usable_target
+from .models import resolve_model
 
 _DEFAULTS = ProfileConfig()
 
 
-def parse_target_option(text: str) -> tuple[str, Any]:
-    """``KEY=VALUE`` with VALUE read as an int, a float, true/false, or else a string."""
-    key, sep, raw = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"bad target option {text!r}: expected KEY=VALUE, e.g. threads=2")
-    value: Any = raw
-    if raw.lower() in ("true", "false"):
-        value = raw.lower() == "true"
-    else:
-        for kind in (int, float):
-            try:
-                value = kind(raw)
-                break
-            except ValueError:
-                continue
-    return key, value
-
-
-def usable_target(name: str, options: Mapping[str, Any]) -> Target:
-    """The target ``name`` built with ``options``, checked to run here; user errors as :class:`CliError`."""
-    try:
-        target = get_target(name, **dict(options))
-        target.require()
-    except TypeError as exc:
-        raise CliError(f"--option: target {name!r} does not take these options: {exc}") from exc
-    except TargetUnavailable as exc:
-        raise CliError(str(exc)) from exc
-    return target
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    _add_model_arguments(parser)
+    add_model_arguments(parser)
     parser.add_argument("--target", default="onnxruntime", help="target name (default: onnxruntime)")
     parser.add_argument("--option", type=parse_target_option, action="append", default=[], metavar="KEY=VALUE",
                         dest="target_options", help="target option, e.g. threads=2 (repeatable)")

@@ -99,13 +99,13 @@ def load_data(spec: str, seed: int = 0, batch_size: int = 64) -> Loaders:
     file_part, sep, factory_name = spec.rpartition(":")
     if not sep or not file_part.endswith(".py"):
         raise DataError(f"unknown data {spec!r}; valid: {', '.join(DATASETS)} or FILE.py:make_loaders")
-    from spruce.compiler.models import ModelSpecError, _import_file
+    from .models import ModelSpecError, import_file
 
     path = Path(file_part)
     if not path.is_file():
         raise DataError(f"data {spec!r}: no such file {path}")
     try:
-        source = _import_file(path)
+        source = import_file(path)
     except ModelSpecError as exc:
         raise DataError(f"data {spec!r}: {exc}") from None
     factory = getattr(source, factory_name, None)

@@ -12,7 +12,6 @@ for example, the number of proposals inside a detector).
 
 from __future__ import annotations
 
-import copy
 import inspect
 import os
 import subprocess
@@ -24,10 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from spruce.compiler.capture import _bound_names, _quiet, _with_dims, preserved_state
-from spruce.passes.graph import CapturedGraph
 from torch import fx, nn
+from torch._ops import OpOverload
 from torch.utils import _pytree as pytree
+
+from ..passes.graph import CapturedGraph, empty_graph_like
+from ..targets.files import atomic_path
+from .capture import bound_names, preserved_state, quiet, with_dims
 
 __all__ = ["Part", "check_pt2_in_fresh_process", "export_program", "parts", "save_onnx", "save_pt2"]
 
@@ -78,7 +80,7 @@ def _piece_calls(model: nn.Module, captured: CapturedGraph, inputs: tuple[tuple,
 def _dynamic_shapes(part: Part) -> object:
     """Dims that differ between the part's two calls are dynamic (dim 0 without a second call)."""
     args, kwargs = part.second if part.second is not None else part.inputs
-    names = _bound_names(part.module, args, kwargs)
+    names = bound_names(part.module, args, kwargs)
     if names is None:
         return None
     if part.second is None:
@@ -87,8 +89,8 @@ def _dynamic_shapes(part: Part) -> object:
                 spec[0] = torch.export.Dim.AUTO
             return spec
 
-        return {name: _with_dims(value, None, dims) for name, value in names.items()}
-    ref = pytree.tree_leaves(_bound_names(part.module, *part.inputs))
+        return {name: with_dims(value, None, dims) for name, value in names.items()}
+    ref = pytree.tree_leaves(bound_names(part.module, *part.inputs))
     varying = {}
     for i, leaf in enumerate(pytree.tree_leaves(names)):
         other = ref[i] if i < len(ref) else None
@@ -100,7 +102,7 @@ def _dynamic_shapes(part: Part) -> object:
             spec[d] = torch.export.Dim.AUTO
         return spec
 
-    return {name: _with_dims(value, None, vary) for name, value in names.items()}
+    return {name: with_dims(value, None, vary) for name, value in names.items()}
 
 
 def export_program(part: Part) -> torch.export.ExportedProgram:
@@ -111,7 +113,7 @@ def export_program(part: Part) -> torch.export.ExportedProgram:
 
     module = part.module.eval()
     args, kwargs = part.second if part.second is not None else part.inputs
-    with _quiet(), preserved_state(module), shape_config.patch(backed_size_oblivious=True):
+    with quiet(), preserved_state(module), shape_config.patch(backed_size_oblivious=True):
         return torch.export.export(PlainOutputs(module), args, kwargs or None, dynamic_shapes=_dynamic_shapes(part),
                                    strict=False)
 
@@ -122,8 +124,10 @@ def plain(value: object) -> object:
     tuples and lists, so a saved program loads without that library."""
     if isinstance(value, Mapping):
         return {k: plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
-        return type(value)(plain(v) for v in value) if type(value) in (list, tuple) else [plain(v) for v in value]
+    if isinstance(value, list):
+        return [plain(v) for v in value]
+    if isinstance(value, tuple):  # named tuples too: a plain tuple
+        return tuple(plain(v) for v in value)
     return value
 
 
@@ -142,24 +146,13 @@ class PlainOutputs(nn.Module):
         self.forward = forward
 
 
-def _replace_atomically(write, path: Path) -> Path:
-    path = Path(path)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
-    os.close(handle)
-    try:
-        write(temp)
-        os.replace(temp, path)
-    finally:
-        if os.path.exists(temp):
-            os.unlink(temp)
-    return path
-
-
 def save_pt2(part: Part, path: str | os.PathLike) -> Path:
     """Save ``part`` as an ExportedProgram ``.pt2`` (written to a temporary file, then renamed).
     It loads with ``torch.export.load`` without the model's Python classes."""
     program = export_program(part)
-    return _replace_atomically(lambda temp: torch.export.save(program, temp), Path(path))
+    with atomic_path(path, suffix=".tmp.pt2") as temp:
+        torch.export.save(program, temp)
+    return Path(path)
 
 
 class FlatCall(nn.Module):
@@ -190,8 +183,7 @@ def _size_calls(graph: fx.Graph) -> fx.Graph:
     """A copy of ``graph`` reading sizes with ``Tensor.size`` instead of ATen ``sym_size``:
     TorchScript tracing (the fast ONNX exporter) keeps ``size()`` calls symbolic but turns
     the Python int ``sym_size`` returns into a constant, which would fix the batch."""
-    new = fx.Graph()
-    new._codegen = copy.deepcopy(graph._codegen)
+    new = empty_graph_like(graph)
     mapping: dict[fx.Node, fx.Node] = {}
     out = new.graph_copy(graph, mapping)
     new.output(out)
@@ -222,7 +214,7 @@ def _size_calls(graph: fx.Graph) -> fx.Graph:
 
 def _traceable(module: nn.Module) -> nn.Module:
     """``module`` in eval mode as a module TorchScript tracing exports with a dynamic batch."""
-    from spruce.passes.export import CompactPiece, ModeSwitch
+    from ..passes.export import CompactPiece, ModeSwitch
 
     if isinstance(module, ModeSwitch):
         module = module.eval_graph
@@ -232,7 +224,7 @@ def _traceable(module: nn.Module) -> nn.Module:
         gm = module
     else:
         return module
-    if not any(n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload) for n in gm.graph.nodes):
+    if not any(n.op == "call_function" and isinstance(n.target, OpOverload) for n in gm.graph.nodes):
         return module
     traced = fx.GraphModule(gm, _size_calls(gm.graph), type(gm).__name__)
     return traced.eval()
@@ -242,7 +234,7 @@ def save_onnx(part: Part, path: str | os.PathLike) -> tuple[Path, float]:
     """Export ``part`` to ONNX (dynamic dim 0 on every input) and check it with ONNX Runtime at
     the example input and at the second batch size. Returns the path and the largest
     relative difference between torch and ONNX Runtime outputs."""
-    from spruce.targets.onnxruntime import export_onnx, run_onnx
+    from ..targets.onnxruntime import export_onnx, run_onnx
 
     module = part.module.eval()
     flat = FlatCall(_traceable(module), *part.inputs).eval()

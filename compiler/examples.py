@@ -179,7 +179,7 @@ EXAMPLES: dict[str, Callable[[], Example]] = {
 
 def build(name: str, seed: int = 0) -> Example:
     """Build example ``name`` with non-degenerate random weights (eval mode)."""
-    from spruce.compiler.checks import make_nondegenerate
+    from .checks import make_nondegenerate
 
     torch.manual_seed(seed)
     example = EXAMPLES[name]()

@@ -142,7 +142,7 @@ LLMS = ("LlamaForCausalLM", "Qwen2ForCausalLM")
 
 def build(name: str, seed: int = 0) -> HFExample:
     """Build example ``name`` with non-degenerate random weights (eval mode)."""
-    from spruce.compiler.checks import make_nondegenerate
+    from .checks import make_nondegenerate
 
     torch.manual_seed(seed)
     example = HF_EXAMPLES[name]()

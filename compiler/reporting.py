@@ -1,24 +1,118 @@
-"""The reports ``spruce compile`` writes: ``report.json``, ``report.md`` and its plots (PNG).
+"""The report of ``spruce compile``: the document built from the stage results, and the
+files it is written to (``report.json``, ``report.md`` and its plots, PNG).
 
-Plots (matplotlib, Agg backend): per-layer width (dense vs compiled) and sparsity,
-accuracy and FPS vs dense, IoU and survival of grown units over training, and the
-latency-table heatmap of the most expensive layer when a latency table was used.
+:func:`build_document` is a pure function of the stages' results (see
+:mod:`spruce.compiler.stages`); :func:`write_reports` writes it. Plots (matplotlib, Agg
+backend): per-layer width (dense vs compiled) and sparsity, accuracy and FPS vs dense, IoU
+and survival of grown units over training, and the latency-table heatmap of the most
+expensive layer when a latency table was used.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from spruce.targets.base import atomic_write_text
+import torch
 from torch import nn
 
-__all__ = ["write_reports"]
+from ..runtime.bench import BenchReport
+from ..targets.base import Artifact
+from ..targets.files import atomic_path, atomic_write_text
+from .recipes import Recipe
+from .stats import count_macs, count_params
+from .training import TrainLog
+
+__all__ = ["CompileReport", "build_document", "write_reports"]
+
+REPORT_FORMAT = "spruce-compile-report"
+REPORT_VERSION = 1
 
 
-def write_reports(document: dict[str, Any], sm, table, dense: nn.Module, compiled: nn.Module, out_dir: Path) -> None:
+@dataclass
+class CompileReport:
+    """What ``compile`` produced: the document written to ``report.json``, and the folder."""
+
+    document: dict[str, Any]
+    out_dir: Path
+
+    def format_table(self) -> str:
+        """Accuracy, latency and FPS of dense vs compiled, one row per batch size."""
+        doc = self.document
+        lines = [f"{'':10s} {'accuracy':>9s} {'params':>10s} {'MACs':>12s}",
+                 f"{'dense':10s} {doc['dense']['accuracy']:9.4f} {doc['dense']['params']:10d} "
+                 f"{doc['dense']['macs']:12d}",
+                 f"{'compiled':10s} {doc['compiled']['accuracy']:9.4f} {doc['compiled']['params']:10d} "
+                 f"{doc['compiled']['macs']:12d}", "",
+                 f"{'batch':>5s} {'dense ms':>9s} {'compiled ms':>12s} {'dense FPS':>10s} {'compiled FPS':>13s} "
+                 f"{'speed-up':>9s}"]
+        for row in doc["bench"]["by_batch"]:
+            lines.append(f"{row['batch_size']:5d} {row['dense_ms']:9.3f} {row['compiled_ms']:12.3f} "
+                         f"{row['dense_fps']:10.1f} {row['compiled_fps']:13.1f} {row['speedup']:8.2f}x")
+        return "\n".join(lines)
+
+
+def build_document(*, recipe: Recipe, data_name: str, example: torch.Tensor, dense: nn.Module, dense_log: TrainLog,
+                   compiled: nn.Module, compiled_log: TrainLog, compiled_accuracy: float, agreement: float,
+                   module_file: str | None, sparsities: Mapping[str, float], metrics: Sequence[dict],
+                   table: Any, bench: BenchReport, dense_artifact: Artifact, compiled_artifact: Artifact,
+                   timings: Mapping[str, float], wall_s: float) -> dict[str, Any]:
+    """The report document (what ``report.json`` holds) from the stages' results."""
+    by_batch = []
+    for batch_size in recipe.bench_batch_sizes:
+        d, c = bench.row("dense", batch_size), bench.row("compiled", batch_size)
+        by_batch.append({"batch_size": batch_size, "dense_ms": d.median_ms, "compiled_ms": c.median_ms,
+                         "dense_p90_ms": d.p90_ms, "compiled_p90_ms": c.p90_ms, "dense_p99_ms": d.p99_ms,
+                         "compiled_p99_ms": c.p99_ms, "dense_fps": d.images_per_s, "compiled_fps": c.images_per_s,
+                         "speedup": d.median_ms / c.median_ms})
+    return {
+        "format": REPORT_FORMAT,
+        "version": REPORT_VERSION,
+        "recipe": recipe.to_dict(),
+        "data": data_name,
+        "dense": {"accuracy": dense_log.accuracy[-1], "accuracy_per_epoch": dense_log.accuracy,
+                  "loss_per_epoch": dense_log.loss, "params": int(count_params(dense)),
+                  "macs": int(count_macs(dense, (example,))), "artifact": dense_artifact.path.name},
+        "compiled": {"accuracy": compiled_accuracy, "accuracy_per_epoch": compiled_log.accuracy,
+                     "loss_per_epoch": compiled_log.loss, "params": int(count_params(compiled)),
+                     "macs": int(count_macs(compiled, (example,))), "artifact": compiled_artifact.path.name,
+                     "max_abs_diff_vs_sparse_model": agreement, "module_file": module_file},
+        "layers": _layer_widths(dense, compiled),
+        "sparsity": dict(sparsities),
+        "metrics": _jsonable(list(metrics)),
+        "latency_table": None if table is None else {
+            "file": "latency_table.json", "dense_predicted_ms": table.dense_ms(),
+            "compiled_predicted_ms": table.predict_model(compiled)},
+        "bench": {"fingerprint": bench.fingerprint, "warmup": recipe.bench_warmup, "iters": recipe.bench_iters,
+                  "by_batch": by_batch},
+        "timings": dict(timings),
+        "wall_s": wall_s,
+    }
+
+
+def _layer_widths(dense: nn.Module, compiled: nn.Module) -> list[dict[str, Any]]:
+    kinds = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+    compiled_modules = dict(compiled.named_modules())
+    rows = []
+    for name, module in dense.named_modules():
+        if isinstance(module, kinds) and name in compiled_modules:
+            small = compiled_modules[name]
+            rows.append({"layer": name, "dense_out": int(module.weight.shape[0]),
+                         "compiled_out": int(small.weight.shape[0]), "dense_in": int(module.weight.shape[1]),
+                         "compiled_in": int(small.weight.shape[1]),
+                         "zeros": float((small.weight == 0).float().mean())})
+    return rows
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=lambda v: v.tolist() if hasattr(v, "tolist") else str(v)))
+
+
+def write_reports(document: dict[str, Any], table: Any, out_dir: Path) -> None:
     """Write report.json, the PNG plots and report.md into ``out_dir`` (each file atomically)."""
     import matplotlib
 
@@ -34,9 +128,8 @@ def write_reports(document: dict[str, Any], sm, table, dense: nn.Module, compile
     for name, figure in plots.items():
         if figure is None:
             continue
-        temp = out_dir / f".{name}.tmp.png"
-        figure.savefig(temp, dpi=110, bbox_inches="tight")
-        temp.replace(out_dir / name)
+        with atomic_path(out_dir / name, suffix=".png") as temp:
+            figure.savefig(temp, dpi=110, bbox_inches="tight")
         written.append(name)
         import matplotlib.pyplot as plt
 
@@ -96,7 +189,8 @@ def _plot_training(doc: dict[str, Any]):
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.5))
     epochs = np.arange(1, len(doc["dense"]["accuracy_per_epoch"]) + 1)
     left.plot(epochs, doc["dense"]["accuracy_per_epoch"], "o-", color="#888888", label="dense")
-    left.plot(epochs, doc["compiled"]["accuracy_per_epoch"], "o-", color="#2a7ab9", label=doc["recipe"]["method"])
+    left.plot(epochs, doc["compiled"]["accuracy_per_epoch"], "o-", color="#2a7ab9",
+              label=doc["recipe"]["method"]["name"])
     left.set_xlabel("epoch")
     left.set_ylabel("test accuracy")
     left.legend()
@@ -139,11 +233,16 @@ def _plot_table(table):
     return figure
 
 
+def _method_text(method: Mapping[str, Any]) -> str:
+    options = ", ".join(f"{k}={v}" for k, v in method.items() if k != "name")
+    return f"{method['name']}({options})" if options else method["name"]
+
+
 def _markdown(doc: dict[str, Any]) -> str:
     recipe = doc["recipe"]
     lines = ["# spruce compile report", "",
              f"Model: {recipe['model'] or 'embedded digits CNN'} on {doc['data']}; target `{recipe['target']}`; "
-             f"method `{recipe['method']}`, structure `{recipe['structure']}`, "
+             f"method `{_method_text(recipe['method'])}`, structure `{recipe['structure']}`, "
              + (f"budget {recipe['budget']}" if recipe["budget"] else f"sparsity {recipe['sparsity']}")
              + f"; {recipe['epochs']} epochs.", "",
              "| | accuracy | params | MACs | artifact |", "|---|---|---|---|---|"]

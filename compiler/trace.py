@@ -12,22 +12,23 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-from spruce.compiler.capture import (
+from torch import fx
+
+from ..passes.graph import as_input_tuple, split_inputs
+from .capture import (
+    FxFailure,
     TraceError,
-    _export_graph,
-    _fx_trace,
-    _FxFailure,
-    _root_dynamic_shapes,
-    _root_failure,
-    _trace_error,
     capture,
+    export_graph,
+    fx_trace,
     placeholder_values,
     preserved_state,
     propagate,
+    root_dynamic_shapes,
+    root_failure,
     second_batch,
+    trace_error,
 )
-from spruce.passes.graph import as_input_tuple, split_inputs
-from torch import fx
 
 __all__ = ["TraceError", "as_input_tuple", "capture", "trace"]
 
@@ -51,10 +52,10 @@ def trace(
     args, kwargs = split_inputs(example_inputs)
     was_training = model.training
     try:
-        gm = _fx_trace(model, leaf_modules)
-    except _FxFailure as fx_exc:
+        gm = fx_trace(model, leaf_modules)
+    except FxFailure as fx_exc:
         if leaf_modules:
-            raise _trace_error(fx_exc.failure, model) from fx_exc
+            raise trace_error(fx_exc.failure, model) from fx_exc
         return _trace_export(model, args, kwargs, dynamic_shapes, fx_exc)
     try:
         with preserved_state(model):
@@ -65,21 +66,21 @@ def trace(
     return gm
 
 
-def _trace_export(model, args, kwargs, dynamic_shapes, fx_exc: _FxFailure) -> fx.GraphModule:
+def _trace_export(model, args, kwargs, dynamic_shapes, fx_exc: FxFailure) -> fx.GraphModule:
     paths = {id(m): p for p, m in model.named_modules()}
     second = second_batch(model, args, kwargs)
     trace_args, trace_kwargs = second if second is not None else (args, kwargs)
     was_training = model.training
     try:
-        dyn = _root_dynamic_shapes(model, trace_args, trace_kwargs, dynamic_shapes)
-        gm = _export_graph(model, trace_args, trace_kwargs, dyn, training=was_training)
+        dyn = root_dynamic_shapes(model, trace_args, trace_kwargs, dynamic_shapes)
+        gm = export_graph(model, trace_args, trace_kwargs, dyn, training=was_training)
     except TraceError:
         raise
     except Exception as exc:  # noqa: BLE001 - reported as a TraceError
-        failure = _root_failure(exc, paths)
+        failure = root_failure(exc, paths)
         if failure.kind == "other" and fx_exc.failure.where:
             failure = fx_exc.failure  # fx's own failure names the module and line better
-        raise _trace_error(failure, model) from exc
+        raise trace_error(failure, model) from exc
     finally:
         model.train(was_training)
     with preserved_state(model):

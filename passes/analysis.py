@@ -27,9 +27,10 @@ from dataclasses import dataclass, field
 import networkx as nx
 import numpy as np
 import torch
-from spruce.passes.graph import CapturedGraph
 from torch import fx
 from torch.fx.passes.shape_prop import TensorMetadata
+
+from .graph import CapturedGraph
 
 __all__ = [
     "GQA_MODES",
@@ -557,7 +558,7 @@ def analyze(captured: CapturedGraph, pin_boundary: bool = True, gqa: str = "quer
     soundness tests of single operators use it). ``gqa`` chooses what grouped-query attention
     prunes (:data:`GQA_MODES`): ``"query_heads"`` the same query heads in every key/value
     group, ``"kv_groups"`` whole key/value groups with their query heads."""
-    from spruce.passes.oprules import apply_rules
+    from .oprules import apply_rules
 
     an = Analyzer(captured.root, gqa=gqa)
     io: dict[tuple[int, bool], tuple[list, list]] = {}

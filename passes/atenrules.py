@@ -16,18 +16,20 @@ import operator
 from collections.abc import Callable
 
 import torch
-from spruce.passes.analysis import Analyzer, ShapeOf, SizeRead, TensorDims
-from spruce.passes.oprules import (
+from torch import fx
+
+from .analysis import Analyzer, ShapeOf, SizeRead, TensorDims
+from .oprules import (
     Call,
     Resize,
     Rewrite,
-    _scalar_of,
     along_dim,
     broadcast,
     cat,
     contract,
     conv,
     expand,
+    expand_as,
     function_rule,
     index_tensor,
     layer_norm_fn,
@@ -42,6 +44,7 @@ from spruce.passes.oprules import (
     rewrite_groups,
     rewrite_size_list,
     same_shape,
+    scalar_of,
     sdpa,
     set_arg,
     spatial,
@@ -49,8 +52,7 @@ from spruce.passes.oprules import (
     stack,
     unknown,
 )
-from spruce.passes.oprules import group_norm as group_norm_rule
-from torch import fx
+from .oprules import group_norm as group_norm_rule
 
 __all__ = ["ATEN_OPS", "schema_args"]
 
@@ -244,7 +246,7 @@ def batch_norm(an: Analyzer, call: Call) -> object:
         a.get("running_mean"), TensorDims)
     if stats_from_input:
         reduced = range(2, len(x)) if "use_input_stats" in a else [d for d in range(len(x)) if d != 1]
-        pin_dims(an, x, reduced, "normalised over this dim (batch statistics)")
+        pin_dims(an, x, reduced, "batch_norm averages over this dim (batch or instance statistics)")
     if isinstance(call.meta, (tuple, list)) and not hasattr(call.meta, "shape"):
         return (x,) + tuple(an.fresh(m, f"{call.node.name}.{i}") for i, m in enumerate(call.meta[1:], 1))
     return x
@@ -424,16 +426,7 @@ def expand_op(an: Analyzer, call: Call) -> object:
     return expand(an, call)
 
 
-@aten_rule("expand_as")
-def expand_as(an: Analyzer, call: Call) -> object:
-    x, other = call.args[0], call.args[1]
-    out = list(other)
-    for pos in range(1, len(x) + 1):
-        if x[-pos].size == other[-pos].size:
-            an.same(x[-pos], other[-pos])
-        else:
-            an.pin(x[-pos], f"expanded dim at node '{call.node.name}'")
-    return TensorDims(out)
+aten_rule("expand_as")(expand_as)
 
 
 aten_rule("repeat")(repeat)
@@ -712,7 +705,7 @@ def item(an: Analyzer, call: Call) -> object:
 
 def _scalar(an: Analyzer, call: Call) -> object:
     """Arithmetic on Python numbers (sizes read from tensors stay size reads)."""
-    return _scalar_of(call.args, call.kwargs)
+    return scalar_of(call.args, call.kwargs)
 
 
 _SYM_FUNCTIONS = [getattr(torch, n) for n in ("sym_min", "sym_max", "sym_float", "sym_int", "sym_not", "sym_ite",

@@ -12,11 +12,13 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from spruce.passes.analysis import ChannelAnalysis, SizeRead, Space, TensorDims
 from torch import fx, nn
 
-__all__ = ["MODULE_FIXERS", "CompactPiece", "ModeSwitch", "batch_literals", "install_graphs", "mask_channels",
-           "remove_channels"]
+from .analysis import ChannelAnalysis, SizeRead, Space, TensorDims
+from .graph import empty_graph_like
+
+__all__ = ["MODULE_FIXERS", "CompactModelError", "CompactPiece", "ModeSwitch", "batch_literals", "check_runs",
+           "install_graphs", "mask_channels", "remove_channels"]
 
 Kept = dict[int, np.ndarray]
 
@@ -224,10 +226,9 @@ def _rebuild_graph(analysis: ChannelAnalysis, gi: int, source: fx.GraphModule, r
                    sizes: _Sizes) -> fx.Graph:
     """A copy of ``source``'s graph with every size-carrying argument rewritten for the kept
     channels (and ``nn.Unflatten`` modules of ``root`` given their new sizes)."""
-    from spruce.passes.oprules import REWRITES
+    from .oprules import REWRITES
 
-    graph = fx.Graph()
-    graph._codegen = copy.copy(source.graph._codegen)  # the pytree input/output structure
+    graph = empty_graph_like(source.graph)  # the pytree input/output structure
     mapping: dict[fx.Node, fx.Node] = {}
     out = graph.graph_copy(source.graph, mapping)
     graph.output(out)
@@ -435,3 +436,115 @@ def mask_channels(analysis: ChannelAnalysis, model: nn.Module, kept: Kept) -> nn
                 dead = np.flatnonzero(~sizes.alive[space.start : space.start + space.size])
                 target.index_fill_(d, torch.as_tensor(dead, device=target.device), 0.0)
     return masked
+
+
+# ---- the compact model must run ---------------------------------------------------------
+
+
+class CompactModelError(ValueError):
+    """A compact model fails on the example input its source model runs on (a limitation
+    of the channel analysis for this model, with a remedy: keep those channels). ``node`` is
+    the name of the graph node that failed (None outside an fx graph), ``mode`` is
+    ``"eval"`` or ``"train"``."""
+
+    def __init__(self, message: str, node: str | None = None, mode: str = "eval"):
+        super().__init__(message)
+        self.node = node
+        self.mode = mode
+
+
+class _Locating(fx.Interpreter):
+    """Runs a graph node by node, remembering the node being run."""
+
+    node: fx.Node | None = None
+
+    def run_node(self, n: fx.Node):
+        self.node = n
+        return super().run_node(n)
+
+
+def _describe(node: fx.Node) -> str:
+    if node.op == "call_module":
+        return f"module '{node.target}'"
+    if node.op == "call_method":
+        return f"method .{node.target}()"
+    target = getattr(node.target, "__name__", str(node.target))
+    args = ", ".join(f"{k}={v!r}" for k, v in node.kwargs.items() if not isinstance(v, fx.Node))
+    return f"function {target}({args})" if args else f"function {target}"
+
+
+def _graph_in_mode(model: nn.Module, mode: str) -> fx.GraphModule | None:
+    if isinstance(model, ModeSwitch):
+        return model.train_graph if mode == "train" else model.eval_graph
+    return model if isinstance(model, fx.GraphModule) else None
+
+
+def _on_device(inputs: tuple, model: nn.Module) -> tuple:
+    first = next(iter(model.parameters()), None)
+    if first is None:
+        return inputs
+    return tuple(x.to(first.device) if isinstance(x, torch.Tensor) else x for x in inputs)
+
+
+def _runs(model: nn.Module, inputs: tuple, mode: str, kwargs: dict | None = None
+          ) -> tuple[BaseException, fx.Node | None] | None:
+    """Run ``model`` once in ``mode``; None when it runs, else the error and the failing node.
+    Graphs run node by node (which also spares the user fx's printed traceback); a call with
+    keyword arguments goes through the model's own forward."""
+    model.train(mode == "train")
+    graph = None if kwargs else _graph_in_mode(model, mode)
+    if graph is None:
+        try:
+            model(*inputs, **(kwargs or {}))
+        except Exception as exc:  # noqa: BLE001 - any failure of the model is reported by the caller
+            return exc, None
+        return None
+    graph.train(mode == "train")
+    locating = _Locating(graph)
+    try:
+        locating.run(*inputs)
+    except Exception as exc:  # noqa: BLE001 - any failure of the model is reported by the caller
+        return exc, locating.node
+    return None
+
+
+def check_runs(compact: nn.Module, example_inputs: tuple, reference: nn.Module, what: str = "compact model",
+               example_kwargs: dict | None = None) -> None:
+    """Run ``compact`` once on ``example_inputs`` (positional arguments, plus keyword arguments
+    ``example_kwargs``), in eval mode and,
+    for a :class:`ModeSwitch`, in training mode too; wherever ``reference`` (the model it was
+    made from) runs on the same input, ``compact`` must run as well.
+
+    Nothing changes: no gradient is recorded, both models keep their mode, buffers
+    (BatchNorm statistics) and the global RNG state. Raises :class:`CompactModelError`
+    naming the failing node and the error it raised."""
+    inputs = _on_device(tuple(example_inputs), compact)
+    modes = ["eval", "train"] if isinstance(compact, ModeSwitch) else ["eval"]
+    models = (compact, reference)
+    # modes per submodule: a SparseModel in eval mode shares its layers with a source whose root
+    # still says training, and ``source.train(flag)`` would overwrite them all
+    saved = [([(sub, sub.training) for sub in m.modules()], {k: b.detach().clone() for k, b in m.named_buffers()})
+             for m in models]
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            for mode in modes:
+                failure = _runs(compact, inputs, mode, example_kwargs)
+                if failure is None or _runs(reference, inputs, mode, example_kwargs) is not None:
+                    continue  # runs, or the input does not fit the reference either: nothing to blame
+                exc, node = failure
+                where = f"node '{node.name}' ({_describe(node)})" if node is not None else "its forward"
+                message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                raise CompactModelError(
+                    f"the {what} cannot run on the example input in {mode} mode: {where} raised "
+                    f"{type(exc).__name__}: {message}. Channels were removed that this operation still "
+                    "counts on (a channel count written as a literal in the model's code, such as groups=, is "
+                    "the usual cause); keep them with ignore=[...] (prune) or exclude=[...] (sparsify)",
+                    node=None if node is None else node.name, mode=mode) from exc
+    finally:
+        with torch.no_grad():
+            for model, (modes, buffers) in zip(models, saved):
+                for sub, training in modes:
+                    sub.training = training
+                for key, buffer in model.named_buffers():
+                    if key in buffers:
+                        buffer.copy_(buffers[key])

@@ -44,13 +44,15 @@ placeholders in order for inputs and over the output node's argument for outputs
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 from torch import fx, nn
 
-__all__ = ["CapturedGraph", "Link", "Piece", "as_input_tuple", "split_inputs", "tensor_leaves"]
+__all__ = ["CapturedGraph", "Link", "Piece", "as_input_tuple", "empty_graph_like", "has_pytree_io", "split_inputs",
+           "tensor_leaves"]
 
 
 @dataclass(frozen=True)
@@ -186,3 +188,17 @@ def _is_leaf_tuple(value: object) -> bool:
     from torch.fx.passes.shape_prop import TensorMetadata
 
     return isinstance(value, (torch.Size, TensorMetadata))
+
+
+def has_pytree_io(graph: fx.Graph) -> bool:
+    """Whether ``graph`` takes and returns pytrees (an export graph: its placeholders are the
+    flattened input leaves and its output is unflattened into the module's structure)."""
+    return isinstance(graph._codegen, fx.graph._PyTreeCodeGen)
+
+
+def empty_graph_like(graph: fx.Graph) -> fx.Graph:
+    """A new, empty graph with ``graph``'s input/output structure (its pytree codegen), for a
+    rewritten copy of ``graph`` to be built in."""
+    new = fx.Graph()
+    new._codegen = copy.copy(graph._codegen)  # the specs are shared, never mutated
+    return new

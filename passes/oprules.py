@@ -19,9 +19,10 @@ from typing import Protocol
 
 import torch
 import torch.nn.functional as F
-from spruce.passes.analysis import Analyzer, ShapeOf, SizeRead, Space, TensorDims, iter_spaces
 from torch import fx, nn
 from torch.fx.passes.shape_prop import TensorMetadata
+
+from .analysis import Analyzer, ShapeOf, SizeRead, Space, TensorDims, iter_spaces
 
 __all__ = ["FUNCTION_RULES", "METHOD_RULES", "MODULE_RULES", "REWRITES", "SHAPE_CONSUMERS", "apply_rules"]
 
@@ -246,11 +247,11 @@ def unknown(an: Analyzer, call: Call, reason: str | None = None) -> object:
     out = an.fresh(call.meta, call.node.name)
     an.pin_value(out, reason)
     if out is None and call.meta is None:
-        return _scalar_of(call.args, call.kwargs)
+        return scalar_of(call.args, call.kwargs)
     return out
 
 
-def _scalar_of(args, kwargs) -> object:
+def scalar_of(args, kwargs) -> object:
     spaces = frozenset(iter_spaces((args, kwargs)))
     return SizeRead(spaces) if spaces else None
 
@@ -266,7 +267,7 @@ def broadcast(an: Analyzer, call: Call) -> object:
     if not isinstance(call.meta, TensorMetadata):
         if operands:
             return unknown(an, call)
-        return _scalar_of(call.args, call.kwargs)  # arithmetic on sizes
+        return scalar_of(call.args, call.kwargs)  # arithmetic on sizes
     shape = call.out_shape
     out = []
     for pos in range(1, len(shape) + 1):
@@ -314,7 +315,10 @@ def reduction(an: Analyzer, call: Call, dim_name: str = "dim") -> object:
     if not isinstance(x, TensorDims):
         return unknown(an, call)
     dims = _dims_arg(call.arg(1, dim_name), len(x))
-    keepdim = bool(call.arg(2, "keepdim", False))
+    out_meta = call.meta[0] if _is_multi(call.meta) else call.meta
+    # read from the result: positional arguments differ between overloads (std(x, dim, unbiased, keepdim))
+    keepdim = (len(out_meta.shape) == len(x) if isinstance(out_meta, TensorMetadata)
+               else bool(call.arg(2, "keepdim", False)))
     if dims is None or isinstance(call.arg(1, dim_name), TensorDims):
         if isinstance(call.arg(1, dim_name), TensorDims):  # torch.max(x, y) is elementwise
             return broadcast(an, call)
@@ -776,25 +780,29 @@ def prelu(an: Analyzer, call: Call) -> object:
 @module_rule(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.InstanceNorm1d,
              nn.InstanceNorm2d, nn.InstanceNorm3d)
 def batch_norm_module(an: Analyzer, call: Call) -> object:
-    """Per-channel normalisation: weight, bias and running statistics follow the channel."""
+    """Per-channel normalisation: weight, bias and running statistics follow the channel.
+    In training mode the statistics come from the input (a module's graph is the same in
+    both modes, and a compact model must train like its masked model): every dim they
+    average over is pinned, the batch and positions for BatchNorm, each sample's positions
+    for InstanceNorm."""
     m = call.module
     x = call.args[0]
     instance = isinstance(m, nn.modules.instancenorm._InstanceNorm)
     unbatched = instance and len(x) == m._get_no_batch_dim()
-    channel = x[0] if unbatched else x[1]
+    c = 0 if unbatched else 1
     for t in (m.weight, m.bias, m.running_mean, m.running_var):
         if t is not None:
-            an.same(an.tensor_dims(t)[0], channel)
-    c = 0 if unbatched else 1
-    if instance and (m.track_running_stats is False or an.training):  # statistics over each sample's positions
-        pin_dims(an, x, range(c + 1, len(x)), "normalised over this dim (instance statistics)")
-    elif not instance and (an.training or m.running_mean is None):  # batch statistics
-        pin_dims(an, x, [d for d in range(len(x)) if d != c], "normalised over this dim (batch statistics)")
+            an.same(an.tensor_dims(t)[0], x[c])
+    averaged = range(c + 1, len(x)) if instance else [d for d in range(len(x)) if d != c]
+    kind = "instance" if instance else "batch"
+    pin_dims(an, x, averaged, f"{type(m).__name__} averages over this dim ({kind} statistics)")
     return x
 
 
 @function_rule(F.batch_norm, F.instance_norm)
 def batch_norm_fn(an: Analyzer, call: Call) -> object:
+    """Per-channel (dim 1) normalisation whose statistics average over every other dim
+    (weight standardisation applies it to a reshaped conv weight): those dims are pinned."""
     x = call.args[0]
     instance = call.node.target is F.instance_norm
     stats = ([call.arg(1, "running_mean"), call.arg(2, "running_var"), call.arg(3, "weight"), call.arg(4, "bias")]
@@ -804,9 +812,9 @@ def batch_norm_fn(an: Analyzer, call: Call) -> object:
         if isinstance(t, TensorDims):
             an.same(t[0], x[1])
     if instance:  # per-sample statistics over the positions (use_input_stats defaults to True)
-        pin_dims(an, x, range(2, len(x)), "normalised over this dim (instance statistics)")
+        pin_dims(an, x, range(2, len(x)), "instance_norm averages over this dim (instance statistics)")
     elif call.arg(5, "training", False) or not isinstance(stats[0], TensorDims):  # batch statistics
-        pin_dims(an, x, [d for d in range(len(x)) if d != 1], "normalised over this dim (batch statistics)")
+        pin_dims(an, x, [d for d in range(len(x)) if d != 1], "batch_norm averages over this dim (batch statistics)")
     return x
 
 
@@ -895,13 +903,12 @@ def spatial(an: Analyzer, call: Call, n_spatial: int | None = None) -> object:
     n_spatial = len(shape) - 2 if n_spatial is None else n_spatial
     keep = len(shape) - n_spatial
     out = list(x[:keep])
+    for k in range(keep, len(x)):  # pooling/interpolation windows mix along these dims
+        an.pin(x[k], f"spatial dim at node '{call.node.name}'")
     for k in range(keep, len(shape)):
         if k < len(x) and x[k].size == shape[k] and call.node.target not in (F.interpolate,):
             out.append(x[k])
-            an.pin(x[k], f"spatial dim at node '{call.node.name}'")
         else:
-            if k < len(x):  # pooled or resampled: its elements mix
-                an.pin(x[k], f"spatial dim at node '{call.node.name}'")
             out.append(pin_new(an, an.new_space(shape[k], f"{call.node.name}[{k}]"), "spatial dim"))
     return TensorDims(out)
 
@@ -1410,4 +1417,4 @@ def _flatten(value):
         yield value
 
 
-from spruce.passes import atenrules  # noqa: E402, F401  (registers the ATen operator rules)
+from . import atenrules  # noqa: E402, F401  (registers the ATen operator rules)

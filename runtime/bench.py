@@ -12,32 +12,30 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Annotated, Any, ClassVar
 
 import numpy as np
 import torch
-from spruce.targets.base import Artifact, Target, get_target, read_artifact
+from pydantic import Field
+
+from ..passes.config import Config
+from ..targets.base import Artifact, Target, get_target, read_artifact
 
 __all__ = ["BenchConfig", "BenchReport", "BenchRow", "bench"]
 
 
-@dataclass(frozen=True)
-class BenchConfig:
-    """How to time: batch sizes, untimed warm-up calls and timed calls per batch size."""
+class BenchConfig(Config):
+    """How to time: batch sizes, untimed warm-up calls and timed calls per batch size (the
+    defaults of :func:`bench` and ``spruce bench``)."""
 
-    batch_sizes: tuple[int, ...] = (1, 8)
-    warmup: int = 10
-    iters: int = 50
+    owner: ClassVar[str] = "bench"
 
-    def __post_init__(self) -> None:
-        sizes = tuple(self.batch_sizes)
-        if not sizes or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in sizes):
-            raise ValueError(f"bench: batch_sizes must be positive integers, got {self.batch_sizes!r}")
-        object.__setattr__(self, "batch_sizes", sizes)
-        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
-            raise ValueError(f"bench: warmup must be a non-negative integer, got {self.warmup!r}")
-        if isinstance(self.iters, bool) or not isinstance(self.iters, int) or self.iters < 1:
-            raise ValueError(f"bench: iters must be a positive integer, got {self.iters!r}")
+    batch_sizes: Annotated[tuple[Annotated[int, Field(ge=1)], ...], Field(min_length=1, strict=False)] = (1, 8)
+    warmup: int = Field(10, ge=0)
+    iters: int = Field(50, ge=1)
+
+
+_DEFAULTS = BenchConfig()
 
 
 @dataclass(frozen=True)
@@ -85,8 +83,9 @@ class BenchReport:
         return "\n".join(lines)
 
 
-def bench(artifact: Artifact | str | os.PathLike, target: str | Target, batch_sizes: Sequence[int] = (1, 8),
-          warmup: int = 10, iters: int = 50, dense: Artifact | str | os.PathLike | None = None) -> BenchReport:
+def bench(artifact: Artifact | str | os.PathLike, target: str | Target,
+          batch_sizes: Sequence[int] = _DEFAULTS.batch_sizes, warmup: int = _DEFAULTS.warmup,
+          iters: int = _DEFAULTS.iters, dense: Artifact | str | os.PathLike | None = None) -> BenchReport:
     """Time ``artifact`` (and ``dense`` when given) on ``target`` at each batch size.
 
     Raises ``ArtifactError`` when a file is missing, has no valid manifest or was built for
@@ -94,7 +93,7 @@ def bench(artifact: Artifact | str | os.PathLike, target: str | Target, batch_si
     an unknown target or bad options. Inputs are random normal tensors of the artifact's input
     shapes with the batch axis set to each batch size (the artifact must accept it).
     """
-    config = BenchConfig(tuple(batch_sizes), warmup, iters)
+    config = BenchConfig(batch_sizes=batch_sizes, warmup=warmup, iters=iters)
     target = get_target(target) if isinstance(target, str) else target
     artifacts = {"compiled": _artifact(artifact, target)}
     if dense is not None:

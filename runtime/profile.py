@@ -42,13 +42,17 @@ import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from spruce.targets.base import Target, atomic_write_text, get_target
+from pydantic import Field
 from torch import nn
 from tqdm.auto import tqdm
+
+from ..passes.config import Config, ConfigError
+from ..targets.base import Target, get_target
+from ..targets.files import atomic_write_text
 
 __all__ = [
     "Calibration",
@@ -73,7 +77,7 @@ OUTLIER_TOLERANCE = 0.15
 OUTLIER_RETRIES = 2
 
 
-class ProfileError(ValueError):
+class ProfileError(ConfigError):
     """A model, option or table file that profiling cannot use."""
 
 
@@ -525,7 +529,7 @@ def _rounded_width(size: int, fraction: float, step: int) -> int:
 def compact_at_widths(analysis: Any, model: nn.Module, group_widths: Mapping[int, int]) -> nn.Module:
     """A compact copy of ``model`` whose groups keep their first ``group_widths[id]``
     channels (groups absent keep all). For latency only the counts matter."""
-    from spruce.passes.export import remove_channels
+    from ..passes.export import remove_channels
 
     kept = {gid: np.arange(width) for gid, width in group_widths.items()}
     return remove_channels(analysis, model, kept)
@@ -588,45 +592,43 @@ def _point_key(active_in: int, active_out: int) -> str:
 # --- profiling ---------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class ProfileConfig:
-    """Options of :func:`profile` (validated here so the CLI shares them)."""
+class ProfileConfig(Config):
+    """Options of :func:`profile` and ``spruce profile`` (the one place they are validated and defaulted)."""
 
-    step: int = 8
-    coarse: int = 6
+    owner: ClassVar[str] = "profile"
+    error_type: ClassVar[type[ConfigError]] = ProfileError
+
+    step: int = Field(8, ge=1)
+    coarse: int = Field(6, ge=2)
     edges: bool = True
-    warmup: int = 5
-    repeats: int = 20
-    calibration_random: int = 4
-    retries: int = OUTLIER_RETRIES
-    model_warmup: int = 3
-    model_repeats: int = 10
-    seed: int = 0
+    warmup: int = Field(5, ge=0)
+    repeats: int = Field(20, ge=1)
+    calibration_random: int = Field(4, ge=0)
+    retries: int = Field(OUTLIER_RETRIES, ge=0)
+    model_warmup: int = Field(3, ge=0)
+    model_repeats: int = Field(10, ge=1)
+    seed: int = Field(0, ge=0)
 
-    def __post_init__(self) -> None:
-        for label, minimum in (("step", 1), ("coarse", 2), ("warmup", 0), ("repeats", 1),
-                               ("calibration_random", 0), ("retries", 0), ("model_warmup", 0), ("model_repeats", 1)):
-            value = getattr(self, label)
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ProfileError(f"profile: {label} must be an integer >= {minimum}, got {value!r}")
+
+_DEFAULTS = ProfileConfig()
 
 
 def profile(
     model: nn.Module,
     example_inputs: Sequence[torch.Tensor] | torch.Tensor,
     target: str | Target = "onnxruntime",
-    step: int = 8,
+    step: int = _DEFAULTS.step,
     *,
     cache_dir: str | os.PathLike | None = None,
     use_cache: bool = True,
     progress: bool = True,
-    warmup: int = 5,
-    repeats: int = 20,
-    coarse: int = 6,
-    edges: bool = True,
-    calibration_random: int = 4,
-    retries: int = OUTLIER_RETRIES,
-    seed: int = 0,
+    warmup: int = _DEFAULTS.warmup,
+    repeats: int = _DEFAULTS.repeats,
+    coarse: int = _DEFAULTS.coarse,
+    edges: bool = _DEFAULTS.edges,
+    calibration_random: int = _DEFAULTS.calibration_random,
+    retries: int = _DEFAULTS.retries,
+    seed: int = _DEFAULTS.seed,
     analysis: Any = None,
 ) -> LatencyTable:
     """Profile every prunable layer of ``model`` on ``target`` and return a :class:`LatencyTable`.

@@ -4,7 +4,8 @@ A target turns a folded or compact torch model into an *artifact* (a file it
 can run: an ``.onnx`` model, a TensorRT engine, an exported torch program),
 runs it, and times it. Profiling (per-layer latency tables) and ``spruce
 bench`` only talk to targets through this interface, so adding a target is
-adding one class and one ``@register_target`` line.
+adding one module to this package with one class and its ``@register_target``
+line: :func:`get_target` imports every module of the package.
 
 Every artifact file has a manifest next to it (``<artifact>.spruce.json``)
 naming the target that built it, so an artifact is never run by the wrong
@@ -13,20 +14,27 @@ target.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
+import pkgutil
 import platform
+import sys
 import tempfile
 import time
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch import nn
+
+from .files import atomic_write_text
 
 __all__ = [
     "Artifact",
@@ -219,28 +227,23 @@ def get_target(name: str, **options: Any) -> Target:
 
 
 def _load_target_modules() -> None:
-    # Each module registers its targets on import; imported lazily so that `spruce.targets.base`
-    # stays importable without the heavier runtimes.
-    from spruce.targets import target_modules  # noqa: F401
+    """Import every module of this package (each registers its targets with ``@register_target``),
+    and the modules other packages declare as ``spruce.targets`` entry points; lazily, so that
+    ``spruce.targets.base`` stays importable without the heavier runtimes, and no module may
+    import an optional runtime (tensorrt) at import time."""
+    package = sys.modules[__package__]
+    for module in pkgutil.iter_modules(package.__path__):
+        if module.name not in _NOT_TARGETS:
+            importlib.import_module(f"{__package__}.{module.name}")
+    for entry in entry_points(group="spruce.targets"):
+        try:
+            entry.load()
+        except Exception as exc:  # a broken plugin must not break the built-in targets
+            warnings.warn(f"spruce: the target entry point {entry.name} = {entry.value} failed to import: "
+                          f"{type(exc).__name__}: {exc}", stacklevel=3)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-
-
-def temp_path_next_to(path: Path, suffix: str = ".tmp") -> Path:
-    """A fresh temporary file name in ``path``'s folder, so a later rename is atomic."""
-    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
-    os.close(handle)
-    return Path(name)
+_NOT_TARGETS = ("base", "files")
 
 
 def resized_layer(layer: nn.Module, active_in: int, active_out: int) -> nn.Module:

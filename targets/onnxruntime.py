@@ -12,7 +12,6 @@ import contextlib
 import inspect
 import io
 import os
-import tempfile
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -22,8 +21,10 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
-from spruce.targets.base import Artifact, ArtifactError, Runner, Target, register_target
 from torch import nn
+
+from .base import Artifact, ArtifactError, Runner, Target, register_target
+from .files import atomic_path, scratch_path
 
 OPSET = 17
 # The torch.export-based exporter's lowest supported opset.
@@ -58,19 +59,16 @@ def export_onnx(
     failures: list[str] = []
     exporters = (_export_dynamo, _export_torchscript) if prefer_dynamo else (_export_torchscript, _export_dynamo)
     for exporter in exporters:
-        temp_path = _temp_path_next_to(target)
         try:
-            exporter(model, tuple(example_inputs), temp_path, dynamic_batch)
-            onnx.checker.check_model(str(temp_path), full_check=True)
-            if dynamic_batch:
-                _check_other_batch(temp_path, model, tuple(example_inputs))
-            os.replace(temp_path, target)
+            with atomic_path(target) as temp_path:
+                exporter(model, tuple(example_inputs), temp_path, dynamic_batch)
+                onnx.checker.check_model(str(temp_path), full_check=True)
+                if dynamic_batch:
+                    _check_other_batch(temp_path, model, tuple(example_inputs))
             return target
         except Exception as exc:
             failures.append(f"{exporter.__name__.removeprefix('_export_')}: "
                             f"{type(exc).__name__}: {exc}")
-        finally:
-            temp_path.unlink(missing_ok=True)
     raise OnnxExportError("ONNX export failed:\n  " + "\n  ".join(failures))
 
 
@@ -170,13 +168,6 @@ def _input_names(count: int) -> list[str]:
     return [f"input_{i}" for i in range(count)]
 
 
-def _temp_path_next_to(target: Path) -> Path:
-    """A fresh, empty temporary file in ``target``'s folder (so the rename is atomic)."""
-    handle, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(handle)
-    return Path(name)
-
-
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
     """Hide the progress lines and warnings the dynamo exporter prints."""
@@ -253,23 +244,19 @@ class OnnxRuntimeCPU(Target):
         """
         path = Path(path)
         model = model.eval()
-        temp = _temp_path_next_to(path)
-        optimized = _temp_path_next_to(path)
-        try:
-            export_onnx(model, example_inputs, temp, dynamic_batch=self.dynamic_batch)
-            if self.save_optimized:
-                options = self._options()
-                options.optimized_model_filepath = str(optimized)
-                ort.InferenceSession(str(temp), sess_options=options, providers=["CPUExecutionProvider"])
-                os.replace(optimized, temp)
+        with atomic_path(path) as temp:
+            if self.save_optimized:  # ORT writes its optimised graph of the exported file into temp
+                with scratch_path(path) as exported:
+                    export_onnx(model, example_inputs, exported, dynamic_batch=self.dynamic_batch)
+                    options = self._options()
+                    options.optimized_model_filepath = str(temp)
+                    ort.InferenceSession(str(exported), sess_options=options, providers=["CPUExecutionProvider"])
+            else:
+                export_onnx(model, example_inputs, temp, dynamic_batch=self.dynamic_batch)
             error = check_onnx(temp, model, example_inputs)
             if not error <= self.tolerance:
                 raise OnnxMismatchError(f"{path.name}: ONNX Runtime output differs from torch by {error:.3g} "
                                         f"(relative), above the tolerance {self.tolerance:g}")
-            os.replace(temp, path)
-        finally:
-            temp.unlink(missing_ok=True)
-            optimized.unlink(missing_ok=True)
         shapes = tuple(tuple(t.shape) for t in example_inputs)
         artifact = Artifact(path=path, target=self.name, input_shapes=shapes,
                             input_dtype=str(example_inputs[0].dtype).removeprefix("torch."),

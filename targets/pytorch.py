@@ -22,8 +22,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from spruce.targets.base import Artifact, ArtifactError, Runner, Target, register_target, temp_path_next_to
 from torch import nn
+
+from .base import Artifact, ArtifactError, Runner, Target, register_target
+from .files import atomic_path
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -72,12 +74,8 @@ class TorchTarget(Target):
         path = Path(path)
         model = model.eval()
         program = _export_dynamic_batch(model, tuple(example_inputs))
-        temp = temp_path_next_to(path, suffix=".tmp.pt2")
-        try:
+        with atomic_path(path, suffix=".tmp.pt2") as temp:
             torch.export.save(program, temp)
-            os.replace(temp, path)
-        finally:
-            temp.unlink(missing_ok=True)
         info: dict[str, Any] = {"device": self.device, "dtype": self.dtype, "compile": self.compile,
                                 "semi_structured": self.semi_structured}
         if self.semi_structured:

@@ -33,18 +33,11 @@ import numpy as np
 import onnx
 import torch
 from onnx import numpy_helper
-from spruce.targets.base import (
-    Artifact,
-    ArtifactError,
-    Runner,
-    Target,
-    TargetUnavailable,
-    atomic_write_text,
-    register_target,
-    temp_path_next_to,
-)
-from spruce.targets.onnxruntime import export_onnx
 from torch import nn
+
+from .base import Artifact, ArtifactError, Runner, Target, TargetUnavailable, register_target
+from .files import atomic_path, atomic_write_bytes, atomic_write_text, scratch_path
+from .onnxruntime import export_onnx
 
 _PRECISIONS = ("fp16", "fp32")
 _WEIGHT_OPS = ("Conv", "Gemm", "MatMul")
@@ -211,9 +204,7 @@ class TensorRTTarget(Target):
         """ONNX export, 2:4 check, engine build; the engine file and manifest appear only on success."""
         trt = self._trt()
         path = Path(path)
-        onnx_path = temp_path_next_to(path, suffix=".onnx")
-        engine_temp = temp_path_next_to(path, suffix=".engine.tmp")
-        try:
+        with scratch_path(path, suffix=".onnx") as onnx_path, atomic_path(path, suffix=".engine.tmp") as engine_temp:
             prepare_onnx(model, example_inputs, onnx_path, dynamic_batch=True)
             checks = check_2_4(onnx_path)
             logger = trt.Logger(trt.Logger.WARNING)
@@ -246,14 +237,8 @@ class TensorRTTarget(Target):
             engine_temp.write_bytes(bytes(serialized))
             if self.timing_cache is not None:
                 self.timing_cache.parent.mkdir(parents=True, exist_ok=True)
-                cache_temp = temp_path_next_to(self.timing_cache)
-                cache_temp.write_bytes(bytes(config.get_timing_cache().serialize()))
-                os.replace(cache_temp, self.timing_cache)
+                atomic_write_bytes(self.timing_cache, bytes(config.get_timing_cache().serialize()))
             sparse_layers = self._sparse_layers(trt, logger, bytes(serialized))
-            os.replace(engine_temp, path)
-        finally:
-            onnx_path.unlink(missing_ok=True)
-            engine_temp.unlink(missing_ok=True)
         artifact = Artifact(path=path, target=self.name, input_shapes=tuple(tuple(t.shape) for t in example_inputs),
                             input_dtype="float32",
                             info={"precision": self.precision, "sparse_weights": self.sparse,

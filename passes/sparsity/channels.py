@@ -10,15 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from spruce.passes.analysis import ChannelAnalysis, ChannelGroup, Member
-from spruce.passes.importance import importance_scores, param_table, register_importance
+from torch import nn
 
-if TYPE_CHECKING:
-    from spruce.passes.sparsity.model import SparseLayer, SparseModel
+from ..analysis import ChannelAnalysis, ChannelGroup, Member
+from ..importance import importance_scores, param_table, register_importance
+from .layers import SparseLayer
 
 __all__ = ["ChannelUnit", "channel_units", "expand_channel_masks", "channel_scores", "taylor", "taylor_bn"]
 
@@ -40,17 +39,41 @@ class ChannelUnit:
         return max(1, int(round((self.density if density is None else density) * self.group.size)))
 
 
-def channel_units(analysis: ChannelAnalysis, layers: list[SparseLayer], density: float) -> list[ChannelUnit]:
-    """One unit per prunable group that touches at least one sparse layer's weight."""
+def channel_units(analysis: ChannelAnalysis, layers: list[SparseLayer],
+                  density: float) -> tuple[list[ChannelUnit], list[str]]:
+    """One unit per prunable group that touches at least one sparse layer's weight, and the
+    groups left out with why.
+
+    A group is left out when one of its members is weight-like (see :func:`_weight_like`)
+    but not a sparse layer's weight (a layer excluded, frozen or of an unsupported type, a
+    parameter the model's code uses directly): no mask would reach it, so a masked channel
+    would still flow through it while the compact model removes the channel. Invariant:
+    every weight-like member of a unit is masked, so the model with the unit's channels
+    masked computes what the compact model computes."""
     by_weight = {f"{layer.name}.weight": layer for layer in layers}
-    units = []
+    tensors = {name: analysis.analyzer.tensors[key] for key, name in analysis.analyzer.tensor_names.items()}
+    units, left_out = [], []
     for group in analysis.groups:
         if not group.prunable:
             continue
         targets = [(by_weight[m.name], m) for m in group.members if m.name in by_weight]
-        if targets:
-            units.append(ChannelUnit(group, torch.ones(group.size, dtype=torch.bool), density, targets))
-    return units
+        if not targets:
+            continue
+        unmasked = sorted({m.name for m in group.members if m.name not in by_weight and _weight_like(m, tensors)})
+        if unmasked:
+            left_out.append(f"group{group.id} ({group.size} channels; no mask reaches {', '.join(unmasked)})")
+            continue
+        units.append(ChannelUnit(group, torch.ones(group.size, dtype=torch.bool), density, targets))
+    return units, left_out
+
+
+def _weight_like(member: Member, tensors: Mapping[str, torch.Tensor]) -> bool:
+    """Can the member mix a channel into others (a weight)? Tensors of 2+ dims, and 1-D ones
+    giving a channel several entries (a vector viewed as a matrix). Biases, BatchNorm affine
+    and statistics, PReLU slopes are per channel: what they do to a masked channel stays in
+    it, and the next masked weight drops it."""
+    tensor = tensors.get(member.name)
+    return tensor is not None and (tensor.dim() >= 2 or member.index.shape[1] > 1)
 
 
 @torch.no_grad()
@@ -68,11 +91,11 @@ def expand_channel_masks(units: list[ChannelUnit], layers: list[SparseLayer]) ->
         layer.masked.set_mask(masks[layer.name])
 
 
-def channel_scores(sm: SparseModel, unit: ChannelUnit, criterion: str = "l1",
+def channel_scores(model: nn.Module, unit: ChannelUnit, criterion: str = "l1",
                    rng: np.random.Generator | None = None) -> torch.Tensor:
-    """Importance of each channel of ``unit`` (the channel criteria registry,
+    """Importance of each channel of ``unit`` in ``model`` (the channel criteria registry,
     :data:`spruce.passes.importance.IMPORTANCE`; ``taylor``/``taylor_bn`` read gradients)."""
-    params = param_table(sm._source[0])
+    params = param_table(model)
     return torch.as_tensor(importance_scores(criterion, unit.group, params, rng or np.random.default_rng(0)))
 
 

@@ -7,16 +7,15 @@ method asked for one, else the weight's own gradient."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import torch
 
-if TYPE_CHECKING:
-    from spruce.passes.sparsity.model import SparseLayer
+from .layers import SparseLayer
+from .masking import output_channel_index
 
 __all__ = ["CRITERIA", "register_criterion", "importance"]
 
-Criterion = Callable[["SparseLayer"], torch.Tensor]
+Criterion = Callable[[SparseLayer], torch.Tensor]
 CRITERIA: dict[str, Criterion] = {}
 
 
@@ -61,9 +60,7 @@ def taylor_bn(layer: SparseLayer) -> torch.Tensor:
     if bn is None or bn.weight is None or bn.weight.grad is None:
         raise ValueError(f"taylor_bn needs a BatchNorm with gradients after layer {layer.name}")
     score = (bn.weight.grad * bn.weight + bn.bias.grad * bn.bias).detach().abs().float()
-    shape = [1] * layer.module.weight.dim()
-    shape[0] = -1
-    return score.view(shape).expand_as(layer.module.weight).clone()
+    return score[output_channel_index(layer.module)].expand_as(layer.module.weight).clone()
 
 
 def importance(criterion: str, layer: SparseLayer) -> torch.Tensor:

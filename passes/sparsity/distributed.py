@@ -20,13 +20,13 @@ Every function here is a collective: all ranks must call it in the same order.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-if TYPE_CHECKING:
-    from spruce.passes.sparsity.model import SparseLayer, SparseModel
+from .layers import TRACKED, SparseLayer
 
 __all__ = ["is_distributed", "average_captured_grads", "sync_from_rank0", "CAPTURED_GRADS"]
 
@@ -83,7 +83,7 @@ def _captured_zero(layer: SparseLayer, name: str) -> torch.Tensor:
     return torch.zeros(layer.masked.mask_shape, dtype=dtype, device=layer.module.weight.device)
 
 
-def average_captured_grads(layers: list[SparseLayer]) -> None:
+def average_captured_grads(layers: Sequence[SparseLayer]) -> None:
     """Replace every captured gradient (:data:`CAPTURED_GRADS`) by its mean over ranks.
 
     Which gradients exist is agreed first (a max over ranks), so a rank whose backward
@@ -164,24 +164,25 @@ def _strip_slots(value: Any, found: list[_Slot]) -> None:
             _strip_slots(item, found)
 
 
-def sync_from_rank0(sm: SparseModel, changed: bool = True) -> bool:
-    """Make every rank's masks, sparse weights, channel masks, method state and per-layer
-    metric records rank 0's; returns rank 0's ``changed`` (whether the update changed masks)."""
+def sync_from_rank0(layers: Sequence[SparseLayer], units: Sequence[Any], method: Any, changed: bool = True) -> bool:
+    """Make every rank's masks, sparse weights, channel masks (``units``' ``mask``), ``method``
+    state (its ``state_dict``) and per-layer metric records rank 0's; returns rank 0's
+    ``changed`` (whether the update changed masks)."""
     if not is_distributed():
         return changed
     flag = torch.tensor([int(changed)], dtype=torch.int32)
     _broadcast_(flag)
-    for layer in sm.layers:
+    for layer in layers:
         for _, buffer in sorted(layer.masked.named_buffers(recurse=False)):
             _broadcast_(buffer)
         _broadcast_(layer.module.weight.data)
-    for unit in sm.units:
+    for unit in units:
         _broadcast_(unit.mask)
-    tracked = [{key: getattr(layer, key) for key in type(layer)._TRACKED} for layer in sm.layers]
-    state = broadcast_state({"method": sm.method.state_dict(), "tracked": tracked})
+    tracked = [{key: getattr(layer, key) for key in TRACKED} for layer in layers]
+    state = broadcast_state({"method": method.state_dict(), "tracked": tracked})
     if torch.distributed.get_rank() != 0:
-        sm.method.load_state_dict(state["method"])
-        for layer, values in zip(sm.layers, state["tracked"]):
+        method.load_state_dict(state["method"])
+        for layer, values in zip(layers, state["tracked"]):
             for key, value in values.items():
                 setattr(layer, key, value)
     return bool(flag.item())

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 from numpy.lib.stride_tricks import sliding_window_view
-from torch import nn
+from torch import fx, nn
 
 __all__ = [
     "COST_MODELS",
@@ -178,15 +178,24 @@ class _Context:
         return tuple(Width(int(size), tuple(parts.get(d, ()))) for d, size in enumerate(shape))
 
     def layer_calls(self) -> list[tuple[str, nn.Module, tuple[int, ...]]]:
-        """(module name, module, output shape) of every Conv/Linear call in the eval graph."""
+        """(module name, module, positions) of every Conv/Linear call in the eval graph:
+        ``positions`` is the number of times the whole weight is applied (output positions;
+        input positions for a transposed convolution, which scatters each input)."""
         gm = self.analysis.captured.eval
         calls = []
         for node in gm.graph.nodes:
             if node.op != "call_module":
                 continue
             module = gm.get_submodule(node.target)
-            if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) and "tensor_meta" in node.meta:
-                calls.append((str(node.target), module, tuple(node.meta["tensor_meta"].shape)))
+            if not isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) or "tensor_meta" not in node.meta:
+                continue
+            shape = tuple(node.meta["tensor_meta"].shape)
+            source = node.args[0] if node.args else None
+            if isinstance(module, nn.modules.conv._ConvTransposeNd) and isinstance(source, fx.Node) \
+                    and "tensor_meta" in source.meta:
+                shape = tuple(source.meta["tensor_meta"].shape)
+            channels = shape[-1] if isinstance(module, nn.Linear) else shape[1] if len(shape) > 1 else shape[0]
+            calls.append((str(node.target), module, math.prod(shape) // max(channels, 1)))
         return calls
 
 
@@ -212,9 +221,7 @@ def _params_model(ctx: _Context) -> CostModel:
 def _flops_model(ctx: _Context) -> CostModel:
     """Multiply-accumulates of every Conv/Linear call: output positions x active weights."""
     terms = []
-    for name, module, out_shape in ctx.layer_calls():
-        channels = out_shape[-1] if isinstance(module, nn.Linear) else out_shape[1]
-        positions = math.prod(out_shape) // max(channels, 1)
+    for name, module, positions in ctx.layer_calls():
         terms.append(Term(name, ctx.dims_of(f"{name}.weight", module.weight.shape), _product(float(positions))))
     return CostModel("flops", "MACs", terms, {g.id: g.size for g in ctx.groups})
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 import spruce
@@ -90,14 +91,16 @@ def test_save_load_resume_equals_uninterrupted(tmp_path, method):
 
 
 def test_checkpoint_records_the_recipe(tmp_path):
-    sm = spruce.sparsify(cnn(), (X[:2],), method="rigl", structure="2:4", sparsity=0.5, distribution="uniform",
-                         total_steps=50, exclude=["0"], delta_t=7, alpha=0.2)
+    sm = spruce.sparsify(cnn(), (X[:2],), method="gmp", structure="2:4", sparsity=0.5, distribution="uniform",
+                         total_steps=50, exclude=["0"], delta_t=7, end_fraction=0.2)
     checkpoint = read(save(sm, tmp_path / "c.pt"))
-    assert checkpoint["version"] == FORMAT_VERSION
+    assert checkpoint["version"] == FORMAT_VERSION == 2
     recipe = checkpoint["recipe"]
-    assert (recipe["method"], recipe["structure"], recipe["sparsity"], recipe["distribution"],
-            recipe["total_steps"], recipe["exclude"]) == ("rigl", "2:4", 0.5, "uniform", 50, ["0"])
-    assert recipe["options"]["delta_t"] == 7 and recipe["options"]["alpha"] == 0.2
+    assert (recipe["structure"], recipe["sparsity"], recipe["distribution"], recipe["total_steps"],
+            recipe["exclude"], recipe["budget"]) == ("2:4", 0.5, "uniform", 50, ["0"], None)
+    # the method's config, every option recorded
+    assert recipe["method"] == {"name": "gmp", "seed": 0, "delta_t": 7, "start_fraction": 0.0,
+                                "end_fraction": 0.2, "initial_sparsity": 0.0}
     assert [name for name, _ in checkpoint["layers"]] == [layer.name for layer in sm.layers]
     masks = {k: v for k, v in checkpoint["model"].items() if k.endswith(".mask")}
     assert masks and all(v.dtype == torch.uint8 for v in masks.values())  # bit-packed
@@ -153,6 +156,36 @@ def test_newer_format_version_is_refused(saved, tmp_path):
     checkpoint["version"] = FORMAT_VERSION
     torch.save(checkpoint, newer)
     refused(newer, cnn(), "recipe.method")
+
+
+V1 = Path(__file__).resolve().parents[1] / "data" / "checkpoint_v1_rigl.pt"  # written by spruce at a5751ab
+
+
+def test_a_format_1_checkpoint_is_migrated_when_read():
+    old = torch.load(V1, weights_only=True)
+    assert old["version"] == 1 and old["recipe"]["method"] == "rigl" and "options" in old["recipe"]
+    checkpoint = read(V1)
+    assert checkpoint["version"] == FORMAT_VERSION == 2
+    assert checkpoint["recipe"]["method"] == {"name": "rigl", **old["recipe"]["options"]}
+    assert checkpoint["recipe"]["budget"] is None
+    sm = load(V1, _golden_cnn())  # the resumed run is checked bitwise in test_golden.py
+    assert sm.method.config == spruce.RigLConfig(**old["recipe"]["options"]) and sm.step_count == 10
+
+
+def test_a_bad_format_1_checkpoint_is_refused_clearly(tmp_path):
+    old = torch.load(V1, weights_only=True)
+    bad = tmp_path / "bad_v1.pt"
+    torch.save({**old, "recipe": {**old["recipe"], "options": {**old["recipe"]["options"], "delta_t": 0}}}, bad)
+    refused(bad, _golden_cnn(), r"invalid options for method 'rigl'.*delta_t must be >= 1")
+    del old["recipe"]["options"]
+    torch.save(old, bad)
+    refused(bad, _golden_cnn(), "recipe.options is missing")
+
+
+def _golden_cnn() -> nn.Module:
+    import golden_methods
+
+    return golden_methods._cnn()
 
 
 def test_other_architecture_is_refused_untouched(saved):

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from spruce.compiler.cli import main
 from spruce.compiler.recipes import Recipe, RecipeError, load_recipe
 
-KEYS = [f.name for f in Recipe.__dataclass_fields__.values()] + ["nonsense", "Epochs", ""]
+KEYS = list(Recipe.model_fields) + ["nonsense", "Epochs", ""]
 
 hostile_values = st.one_of(
     st.none(), st.booleans(), st.integers(min_value=-10**12, max_value=10**12),

@@ -25,7 +25,7 @@ def compiled(tmp_path_factory) -> tuple[Path, dict]:
 def test_compile_default_writes_a_complete_report(compiled):
     out, report = compiled
     assert report["format"] == "spruce-compile-report"
-    assert report["recipe"]["method"] == "iee" and report["recipe"]["budget"] == {"latency": 0.5}
+    assert report["recipe"]["method"] == {"name": "iee"} and report["recipe"]["budget"] == {"latency": 0.5}
     for which in ("dense", "compiled"):
         assert 0.0 <= report[which]["accuracy"] <= 1.0
         artifact = read_artifact(out / report[which]["artifact"], expected_target="onnxruntime")
@@ -79,10 +79,12 @@ def test_bench_refuses_an_artifact_for_another_target(compiled, capsys):
     (["--target", "tensorrt"], "tensorrt"),
     (["--budget", "latency=1.5"], "budget latency must be a fraction"),
     (["--budget", "speed=0.5"], "budget kind must be one of"),
-    (["--sparsity", "1.0", "--method", "static"], "sparsity must be in [0, 1)"),
+    (["--sparsity", "1.0", "--method", "static"], "sparsity must be < 1"),
     (["--method", "nosuch"], "unknown method 'nosuch'"),
     (["--data", "nosuch"], "unknown data 'nosuch'"),
-    (["--epochs", "0"], "epochs must be an integer >= 1"),
+    (["--epochs", "0"], "epochs must be >= 1"),
+    (["--method", "iee", "--method-option", "h=0"], "iee: h must be >= 1"),
+    (["--method", "rigl"], "method 'rigl' does not support structure='channel'"),
 ])
 def test_bad_options_exit_2_and_write_nothing(tmp_path, capsys, argv, message):
     out = tmp_path / "out"
@@ -106,6 +108,6 @@ def test_recipe_file_stands_for_the_options(tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["compile", "--recipe", str(recipe), "--out", str(out), "--quiet", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["recipe"]["method"] == "halp" and report["recipe"]["budget"] == {"flops": 0.5}
+    assert report["recipe"]["method"] == {"name": "halp"} and report["recipe"]["budget"] == {"flops": 0.5}
     assert report["compiled"]["macs"] <= 0.5 * report["dense"]["macs"]
     assert [r["batch_size"] for r in report["bench"]["by_batch"]] == [2]

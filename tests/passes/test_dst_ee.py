@@ -33,15 +33,15 @@ def test_scores_counters_sparsity_and_growth_follow_the_paper():
         opt.zero_grad()
         loss.backward()
         opt.step()
-        if method.is_update(sm, step):
+        if method.is_update(step):
             updates += 1
             before = {layer.name: layer.masked.mask.clone() for layer in sm.layers}
             counts = {name: c.clone() for name, c in method.counters.items()}
             grads = {layer.name: layer.masked.dense_grad.clone() for layer in sm.layers}
             weights = {layer.name: layer.module.weight.detach().clone() for layer in sm.layers}
-            fraction = method.drop_fraction(sm, step)
+            fraction = method.drop_fraction(step)
         sm.step()
-        if not method.is_update(sm, step):
+        if not method.is_update(step):
             continue
         for layer in sm.layers:
             name, mask = layer.name, layer.masked.mask
@@ -87,10 +87,10 @@ def test_exploration_coefficient_raises_coverage():
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"c": -1.0}, "c must be >= 0"),
-    ({"eps": 0.0}, "eps must be > 0"),
-    ({"c": float("nan")}, "c must be a finite number"),
-    ({"delta_t": 0}, "delta_t must be a positive integer"),
+    ({"c": -1.0}, "dst_ee: c must be >= 0"),
+    ({"eps": 0.0}, "dst_ee: eps must be > 0"),
+    ({"c": float("nan")}, "dst_ee: c must be a finite number"),
+    ({"delta_t": 0}, "dst_ee: delta_t must be >= 1"),
 ])
 def test_bad_options(options, message):
     with pytest.raises(ValueError, match=message):

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from helpers import digits_tensors as digits
 from helpers import small_digits_cnn as make_model
 from spruce import sparsify
-from spruce.passes.sparsity.feather import feather_threshold, theta_for
 from spruce.passes.sparsity.masking import nm_counts
+from spruce.passes.sparsity.methods.feather import feather_threshold, theta_for
 from torch import nn
 
 STEPS = 40
@@ -128,10 +128,12 @@ def test_two_four_keeps_exactly_two_per_group_with_group_thresholds():
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"p": 0.5}, "p must be a finite number >= 1"),
-    ({"theta": 1.5}, "theta must be in"),
-    ({"end_fraction": 0.0}, "end_fraction must be in"),
-    ({"delta_t": 0}, "delta_t must be a positive integer"),
+    ({"p": 0.5}, "feather: p must be >= 1"),
+    ({"p": float("inf")}, "feather: p must be a finite number"),
+    ({"theta": 1.5}, "feather: theta must be <= 1"),
+    ({"end_fraction": 0.0}, "feather: end_fraction must be > 0"),
+    ({"delta_t": 0}, "feather: delta_t must be >= 1"),
+    ({"delta_t": 1.5}, "feather: delta_t must be an integer"),
 ])
 def test_bad_options(options, message):
     with pytest.raises(ValueError, match=message):

@@ -52,7 +52,7 @@ def test_halp_prunes_along_the_budget_schedule_and_never_regrows(kind):
     previous = {u.group.id: u.mask.clone() for u in sm.units}
 
     def check(sm):
-        cost = halp.costs.current(sm)
+        cost = halp.costs.current(sm.context)
         assert cost <= halp.budget_after(halp.prunes_done) * (1 + 1e-9)
         for unit in sm.units:  # pruned channels never come back
             assert not bool((unit.mask & ~previous[unit.group.id]).any())
@@ -62,8 +62,8 @@ def test_halp_prunes_along_the_budget_schedule_and_never_regrows(kind):
 
     train(sm, 40, check)
     assert halp.prunes_done == 6 and len(halp.history) == 6
-    assert halp.costs.current(sm) <= 0.4 * halp.costs.dense
-    assert halp.costs.current(sm) >= 0.3 * halp.costs.dense  # the budget is used
+    assert halp.costs.current(sm.context) <= 0.4 * halp.costs.dense
+    assert halp.costs.current(sm.context) >= 0.3 * halp.costs.dense  # the budget is used
     sm.eval()
     compact = sm.compact().eval()
     x = torch.randn(4, 3, 12, 12)
@@ -96,7 +96,7 @@ def test_halp_importance_is_taylor_on_batchnorm():
     sm = sparsify(cnn(), X, method="halp", structure="channel", budget={"flops": 0.5}, total_steps=20,
                   interval=10)
     train(sm, 1)
-    model = sm._source[0]
+    model = sm.context.source
     bn = model[1]
     unit = next(u for u in sm.units if any(m.name == "1.weight" for m in u.group.members))
     expected = (bn.weight.grad * bn.weight + bn.bias.grad * bn.bias).abs()
@@ -126,3 +126,15 @@ def test_bad_budgets_get_clear_errors():
                  budget={"flops": 0.5})
     with pytest.raises(ValueError, match="schedule"):
         sparsify(cnn(), X, budget={"flops": 0.5}, schedule="cubic", **base)
+
+
+def test_round_to_not_below_a_group_size_is_named_in_a_warning():
+    """#13 kind 5: kept counts are multiples of round_to or the whole group, so round_to=24
+    keeps the 24-channel group whole; say so rather than prune less than asked silently."""
+    with pytest.warns(UserWarning, match=r"halp: round_to=24 is not below the size of 1 channel group\(s\), which "
+                                         r"therefore keep all their channels: group\d+ \(24 channels\)"):
+        sm = sparsify(cnn(), X, method="halp", structure="channel", budget={"flops": 0.9}, total_steps=10,
+                      interval=5, round_to=24)
+    small = next(u for u in sm.units if u.group.size == 24)
+    train(sm, 10)
+    assert bool(small.mask.all())

@@ -47,7 +47,7 @@ def test_stage_boundaries_follow_algorithm_1():
     stages = {}
     loop = Loop(sm)
     for _ in range(70):
-        stage = iee.stage(sm, sm.step_count + 1)  # what step() is about to do after this batch
+        stage = iee.stage(sm.step_count + 1)  # what step() is about to do after this batch
         loop.step()
         if stage:
             stages[sm.step_count] = stage
@@ -63,11 +63,11 @@ def test_stage_boundaries_follow_algorithm_1():
 def test_omega_starts_at_0_3_and_decays():
     sm = make(total=700)
     iee = sm.method
-    assert iee.omega(sm) == pytest.approx(0.3)
+    assert iee.omega() == pytest.approx(0.3)
     values = []
-    for t in range(iee.n_cycles(sm)):
+    for t in range(iee.n_cycles()):
         iee.cycle = t
-        values.append(iee.omega(sm))
+        values.append(iee.omega())
     assert all(a >= b for a, b in zip(values, values[1:]))
     assert values[-1] < 0.01
 
@@ -108,7 +108,7 @@ def test_reactivate_explore_freezes_k_and_restores_mru_and_grow_takes_topk():
     nn.functional.cross_entropy(sm(x), y).backward()
     loop.opt.step()
     loop.opt.zero_grad()
-    sm.method.on_step(sm, 6)  # the weights the grow step will score
+    sm.method.on_step(6)  # the weights the grow step will score
     scores = {layer.name: layer.module.weight.detach().abs().clone() for layer in sm.layers}
     sm.step_count = 5
     sm.step()

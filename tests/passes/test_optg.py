@@ -146,10 +146,10 @@ def test_global_sparsity_follows_the_sigmoid_schedule_and_reaches_p():
     total, per_epoch, tau = 80, 2, 40
     sm = make(total, per_epoch, sparsity=0.8)
     method = sm.method
-    assert method.n_epochs(sm) == tau
-    assert method.sparsity_at(sm, 20) == pytest.approx(0.4)  # Eq. 16 at k = tau / 2
-    assert method.sparsity_at(sm, 1) == pytest.approx(0.8 / (1 + math.exp(9.5)))
-    assert method.sparsity_at(sm, 30) == pytest.approx(0.8 / (1 + math.exp(-5)))
+    assert method.n_epochs() == tau
+    assert method.sparsity_at(20) == pytest.approx(0.4)  # Eq. 16 at k = tau / 2
+    assert method.sparsity_at(1) == pytest.approx(0.8 / (1 + math.exp(9.5)))
+    assert method.sparsity_at(30) == pytest.approx(0.8 / (1 + math.exp(-5)))
     n = n_weights(sm)
     loop = Loop(sm, seed=2)
     per_epoch_sparsity = {1: n_pruned(sm)}
@@ -184,14 +184,14 @@ def test_mask_lr_is_the_weight_lr_of_each_group_times_the_sigmoid():
         k = (step - 1) // per_epoch + 1
         weight_lr = [opt.param_groups[0]["lr"]] + [opt.param_groups[1]["lr"]] * (len(sm.layers) - 1)
         eta = [lr / (1 + math.exp(-0.5 * (k - 0.5 * tau))) for lr in weight_lr]  # Eq. 17
-        assert sm.method.mask_lrs(sm, step) == pytest.approx(eta, rel=1e-12)
+        assert sm.method.mask_lrs(step) == pytest.approx(eta, rel=1e-12)
         sm.step()
         for layer, b, g, e in zip(sm.layers, before, grads, eta):
             torch.testing.assert_close(layer.masked.scores, b - g * e, rtol=1e-6, atol=1e-12)
         sched.step()
     # at k = tau / 2 the mask lr is half the weight lr; at k = 1 it is e^{-2} / (1 + e^{-2}) of it
-    assert sm.method.schedule_factor(sm, 5) == pytest.approx(0.5)
-    assert sm.method.schedule_factor(sm, 1) == pytest.approx(math.exp(-2) / (1 + math.exp(-2)))
+    assert sm.method.schedule_factor(5) == pytest.approx(0.5)
+    assert sm.method.schedule_factor(1) == pytest.approx(math.exp(-2) / (1 + math.exp(-2)))
 
 
 def test_resume_equals_uninterrupted_training_bitwise(tmp_path):

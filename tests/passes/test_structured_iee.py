@@ -59,7 +59,7 @@ def test_channel_stages_follow_algorithm_1_within_the_budget(kind):
     loop = Loop(sm)
     stages = {}
     for _ in range(70):
-        stage = iee.stage(sm, sm.step_count + 1)
+        stage = iee.stage(sm.step_count + 1)
         before = masks(sm)
         active_before = {g: m.clone() for g, m in engine.active.items()}
         loop.step()
@@ -92,15 +92,15 @@ def test_theta_k_is_frozen_bitwise_and_theta_p_restarts_from_its_mru_values():
     sm = make()
     iee, engine = sm.method, sm.method.channels
     loop = Loop(sm)
-    model = sm._source[0]
+    model = sm.context.source
     conv = model[3]  # consumes group of layer 0, produces the next group
-    while iee.stage(sm, sm.step_count + 1) != "prune":
+    while iee.stage(sm.step_count + 1) != "prune":
         loop.step()
     before_prune = conv.weight.detach().clone()
     loop.step()  # prune
     pruned_entries = ~sm.layers[1].masked.mask & (before_prune != 0)
     assert pruned_entries.any()
-    while iee.stage(sm, sm.step_count + 1) != "explore":
+    while iee.stage(sm.step_count + 1) != "explore":
         loop.step()
     mru = {name: value.clone() for name, value in engine.mru.items()}
     loop.step()  # explore: Theta_P back with its most recently used values
@@ -109,7 +109,7 @@ def test_theta_k_is_frozen_bitwise_and_theta_p_restarts_from_its_mru_values():
     entries = engine.frozen_entries
     assert any(name.endswith("bias") for name in entries)  # BatchNorm beta of Theta_K too
     changed_p = False
-    while iee.stage(sm, sm.step_count + 1) != "grow":
+    while iee.stage(sm.step_count + 1) != "grow":
         loop.step()
         params = dict(model.named_parameters())
         for name, alive in entries.items():
@@ -128,7 +128,7 @@ def test_compact_model_equals_the_masked_model_after_training():
     x = torch.randn(4, 3, 12, 12)
     with torch.no_grad():
         assert torch.allclose(compact(x), sm(x), atol=1e-5, rtol=1e-5)
-    assert sm.method.channels.costs.current(sm) <= 0.4 * sm.method.channels.costs.dense
+    assert sm.method.channels.costs.current(sm.context) <= 0.4 * sm.method.channels.costs.dense
 
 
 def test_round_to_and_bad_options():

@@ -332,7 +332,7 @@ def test_cli_writes_a_table(spruce_main, tmp_path, capsys):
 
 @pytest.mark.parametrize(("extra", "message"), [
     (["--target", "tpu"], "unknown target 'tpu'"),
-    (["--step", "0"], "step must be an integer >= 1"),
+    (["--step", "0"], "profile: step must be >= 1"),
     (["--option", "cores=3"], "does not take these options"),
     (["--option", "threads"], "expected KEY=VALUE"),
 ])

@@ -19,53 +19,40 @@ about 5e-3, the size of typical gradient magnitudes of small CNNs.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import ClassVar
 
 import torch
-from spruce.passes.sparsity.methods import RigL, RigLConfig, register_method
+from pydantic import Field
 
-if TYPE_CHECKING:
-    from spruce.passes.sparsity.model import SparseLayer, SparseModel
+from ..layers import SparseLayer
+from ..method import register_method
+from .baselines import RigL, RigLConfig
 
 __all__ = ["DSTEEConfig", "DSTEE"]
 
 
-@dataclass(frozen=True)
 class DSTEEConfig(RigLConfig):
-    """RigL's schedule options plus the exploration coefficient ``c`` and ``eps`` of Eq. 1."""
+    """RigL's schedule options plus the exploration coefficient ``c`` and ``eps`` of Eq. 1
+    (``eps`` > 0 keeps 1 / (N + eps) finite)."""
 
-    c: float = 1e-3
-    eps: float = 1.0
+    name: ClassVar[str] = "dst_ee"
 
-    def __post_init__(self):
-        super().__post_init__()
-        for name in ("c", "eps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"dst_ee: {name} must be a finite number, got {value!r}")
-        if self.c < 0:
-            raise ValueError(f"dst_ee: c must be >= 0, got {self.c!r}")
-        if self.eps <= 0:
-            raise ValueError(f"dst_ee: eps must be > 0 (it keeps 1 / (N + eps) finite), got {self.eps!r}")
+    c: float = Field(1e-3, ge=0)
+    eps: float = Field(1.0, gt=0)
 
 
-@register_method("dst_ee")
+@register_method(DSTEEConfig)
 class DSTEE(RigL):
     """Drop the smallest magnitudes, grow by |gradient| + c·ln t/(N + ε) (Eq. 1, Alg. 1)."""
-
-    Config = DSTEEConfig
 
     def __init__(self, config: DSTEEConfig):
         super().__init__(config)
         self.counters: dict[str, torch.Tensor] = {}
 
-    def initialize(self, sm: SparseModel) -> None:
-        if sm.structure != "unstructured":
-            raise ValueError(f"dst_ee: structure={sm.structure!r} is not supported; DST-EE is unstructured")
-        super().initialize(sm)
+    def set_initial_masks(self) -> None:
+        super().set_initial_masks()
         # N ← M (Alg. 1): counts of mask updates at which each weight was active
-        self.counters = {layer.name: layer.masked.mask.to(torch.int32) for layer in sm.layers}
+        self.counters = {layer.name: layer.masked.mask.to(torch.int32) for layer in self.ctx.layers}
 
     def scores(self, layer: SparseLayer, step: int) -> torch.Tensor:
         """Eq. 1 for ``layer`` at step ``t = step``."""
@@ -75,12 +62,12 @@ class DSTEE(RigL):
         counts = self.counters[layer.name].to(grad.device, torch.float32)
         return grad.abs().float() + self.config.c * math.log(step) / (counts + self.config.eps)
 
-    def grow_scores(self, sm: SparseModel, layer: SparseLayer) -> torch.Tensor:
-        return self.scores(layer, sm.step_count)
+    def grow_scores(self, layer: SparseLayer, step: int) -> torch.Tensor:
+        return self.scores(layer, step)
 
-    def update(self, sm: SparseModel, step: int) -> bool:
-        changed = super().update(sm, step)
-        for layer in sm.layers:  # N ← N + M after the update (Alg. 1)
+    def update(self, step: int) -> bool:
+        changed = super().update(step)
+        for layer in self.ctx.layers:  # N ← N + M after the update (Alg. 1)
             self.counters[layer.name] += layer.masked.mask.to(torch.int32)
         return changed
 

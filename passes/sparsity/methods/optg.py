@@ -28,15 +28,14 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
+from typing import ClassVar
 
 import torch
-from spruce.passes.sparsity.masking import WEIGHT_FNS, MaskedWeight
-from spruce.passes.sparsity.methods import Method, _check_positive_int, register_method
+from pydantic import Field
 
-if TYPE_CHECKING:
-    from spruce.passes.sparsity.model import SparseLayer, SparseModel
+from ..layers import SparseLayer
+from ..masking import WEIGHT_FNS, MaskedWeight, global_topk_masks
+from ..method import Method, MethodConfig, RunLength, register_method
 
 __all__ = ["OptGConfig", "OptG"]
 
@@ -71,27 +70,34 @@ def _sigmoid(z: float) -> float:
     return e / (1.0 + e)
 
 
-@dataclass(frozen=True)
-class OptGConfig:
-    """``steps_per_epoch``: optimizer steps in one epoch (required: the mask is re-derived once
-    per epoch and τ = ceil(total_steps / steps_per_epoch)). ``alpha``: the slope α of the
+class OptGConfig(MethodConfig):
+    """``steps_per_epoch``: optimizer steps in one epoch (a schedule input the method needs:
+    the mask is re-derived once per epoch and τ = ceil(total_steps / steps_per_epoch); under
+    ``spruce compile`` it is the training loader's length). ``alpha``: the slope α of the
     sigmoid in Eq. 16-17 (0.5 in all the paper's experiments). ``seed``: breaks ties among
     equal scores (all scores are 0 when the first mask is derived)."""
 
-    steps_per_epoch: int | None = None
-    alpha: float = 0.5
-    seed: int = 0
+    name: ClassVar[str] = "optg"
+    structures: ClassVar[tuple[str, ...]] = ("unstructured",)
+    needs: ClassVar[tuple[str, ...]] = ("total_steps", "steps_per_epoch")
 
-    def __post_init__(self):
+    steps_per_epoch: int | None = Field(None, ge=1)
+    alpha: float = Field(0.5, gt=0)
+    seed: int = Field(0, ge=0)
+
+    def for_run(self, run: RunLength) -> MethodConfig:
+        return self.with_defaults({"steps_per_epoch": run.steps_per_epoch}) if run.steps_per_epoch else self
+
+    def check_run(self, total_steps: int | None) -> None:
         if self.steps_per_epoch is None:
             raise ValueError("optg: steps_per_epoch is required (optimizer steps in one epoch, e.g. len(loader))")
-        _check_positive_int("optg: steps_per_epoch", self.steps_per_epoch)
-        if (isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha)
-                or self.alpha <= 0):
-            raise ValueError(f"optg: alpha must be a positive finite number, got {self.alpha!r}")
+        super().check_run(total_steps)
+        if self.steps_per_epoch > total_steps:
+            raise ValueError(f"optg: steps_per_epoch ({self.steps_per_epoch}) exceeds total_steps "
+                             f"({total_steps}): training must span at least one epoch")
 
 
-@register_method("optg")
+@register_method(OptGConfig)
 class OptG(Method):
     """OptG (Zhang et al. 2022): supermask scores trained by STE every step, one global sort
     per epoch, sigmoid sparsity (Eq. 16) and mask learning rate (Eq. 17) schedules.
@@ -103,105 +109,105 @@ class OptG(Method):
     layer, with its own final sparsity, for fixed budgets), and the mask changes only at
     epoch boundaries."""
 
-    Config = OptGConfig
-    scheduled = True
     keeps_pruned_weights = True
 
     def __init__(self, config: OptGConfig):
         super().__init__(config)
         self.epoch = 1  # k of Algorithm 1: the epoch the current mask belongs to
+        self.optimizer: torch.optim.Optimizer | None = None
+
+    def attach(self, optimizer: torch.optim.Optimizer | None) -> None:
+        self.optimizer = optimizer  # Eq. 17: the mask learning rate follows the weights'
 
     # ---- schedules -----------------------------------------------------------------
-    def n_epochs(self, sm: SparseModel) -> int:
+    def n_epochs(self) -> int:
         """τ: epochs in training (the last one may be partial)."""
-        return math.ceil(sm.total_steps / self.config.steps_per_epoch)
+        return math.ceil(self.ctx.total_steps / self.config.steps_per_epoch)
 
     def epoch_of(self, step: int) -> int:
         """The epoch k (1-based) that optimizer step ``step`` (1-based) belongs to."""
         return (step - 1) // self.config.steps_per_epoch + 1
 
-    def schedule_factor(self, sm: SparseModel, epoch: int) -> float:
+    def schedule_factor(self, epoch: int) -> float:
         """1 / (1 + e^{−α(k − 0.5τ)}), the factor shared by Eq. 16 and Eq. 17."""
-        return _sigmoid(self.config.alpha * (epoch - 0.5 * self.n_epochs(sm)))
+        return _sigmoid(self.config.alpha * (epoch - 0.5 * self.n_epochs()))
 
-    def sparsity_at(self, sm: SparseModel, epoch: int) -> float:
+    def sparsity_at(self, epoch: int) -> float:
         """P_k of Eq. 16: the global sparsity during epoch ``epoch``."""
-        return target_sparsity(sm) * self.schedule_factor(sm, epoch)
+        return target_sparsity(self.ctx.layers) * self.schedule_factor(epoch)
 
-    def weight_lrs(self, sm: SparseModel) -> list[float]:
+    def weight_lrs(self) -> list[float]:
         """η_w per layer: the lr of the attached optimizer's param group holding its weight."""
-        optimizer = sm._optimizer
+        optimizer = self.optimizer
         if optimizer is None:
             raise RuntimeError("optg: the mask learning rate follows the weights' (Eq. 17): "
                                "attach the optimizer with sm.attach(optimizer) before training")
         lr_of = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
         lrs = []
-        for layer in sm.layers:
+        for layer in self.ctx.layers:
             lr = lr_of.get(id(layer.module.weight))
             if lr is None:
                 raise RuntimeError(f"optg: the weight of layer {layer.name} is not in the attached optimizer")
             lrs.append(float(lr))
         return lrs
 
-    def mask_lrs(self, sm: SparseModel, step: int) -> list[float]:
+    def mask_lrs(self, step: int) -> list[float]:
         """η_m̂,k of Eq. 17 per layer for optimizer step ``step``."""
-        factor = self.schedule_factor(sm, self.epoch_of(step))
-        return [lr * factor for lr in self.weight_lrs(sm)]
+        factor = self.schedule_factor(self.epoch_of(step))
+        return [lr * factor for lr in self.weight_lrs()]
 
     # ---- the method ------------------------------------------------------------------
-    def initialize(self, sm: SparseModel) -> None:
-        if sm.structure != "unstructured":
-            raise ValueError(f"optg: structure={sm.structure!r} is not supported; OptG is unstructured")
-        if self.config.steps_per_epoch > sm.total_steps:
-            raise ValueError(f"optg: steps_per_epoch ({self.config.steps_per_epoch}) exceeds total_steps "
-                             f"({sm.total_steps}): training must span at least one epoch")
-        for layer in sm.layers:
+    def set_initial_masks(self) -> None:
+        ctx = self.ctx
+        for layer in ctx.layers:
             weight = layer.module.weight
             layer.masked.register_buffer("scores", torch.zeros(weight.shape, dtype=torch.float32,
                                                                device=weight.device))  # m̂ <- 0 (Alg. 1 line 1)
             layer.masked.score_grad = None
             layer.masked.kind = "optg"
-        tau = self.n_epochs(sm)
-        final = self.sparsity_at(sm, tau)
-        if final < 0.99 * target_sparsity(sm):
+        tau = self.n_epochs()
+        final = self.sparsity_at(tau)
+        target = target_sparsity(ctx.layers)
+        if final < 0.99 * target:
             warnings.warn(f"optg: with alpha={self.config.alpha} over {tau} epochs the last epoch's sparsity "
-                          f"(Eq. 16) is {final:.4f}, below the target {target_sparsity(sm):.4f}; "
-                          f"train longer or raise alpha", stacklevel=3)
+                          f"(Eq. 16) is {final:.4f}, below the target {target:.4f}; "
+                          f"train longer or raise alpha", stacklevel=5)
         self.epoch = 1
-        self._derive_masks(sm, 1)
+        self._derive_masks(1)
 
-    def on_step(self, sm: SparseModel, step: int) -> None:
+    def on_step(self, step: int) -> None:
         """Eq. 10 after every optimizer step: m̂ <- m̂ − η_m̂,k · ∂L/∂m̂ (Alg. 1 line 8)."""
-        grads = [layer.masked.score_grad for layer in sm.layers]
+        grads = [layer.masked.score_grad for layer in self.ctx.layers]
         if all(g is None for g in grads):
             raise RuntimeError("optg: no mask gradient reached the scores: call loss.backward() "
                                "before sm.step()")
         with torch.no_grad():
-            for layer, grad, lr in zip(sm.layers, grads, self.mask_lrs(sm, step)):
+            for layer, grad, lr in zip(self.ctx.layers, grads, self.mask_lrs(step)):
                 if grad is not None:  # a layer the loss does not reach has a zero mask gradient
                     layer.masked.scores.sub_(grad.to(layer.masked.scores.device) * lr)
                 layer.masked.score_grad = None
 
-    def is_update(self, sm: SparseModel, step: int) -> bool:
+    def is_update(self, step: int) -> bool:
         """True after the last step of every epoch but the last: the next epoch starts."""
-        return step % self.config.steps_per_epoch == 0 and step < sm.total_steps
+        return step % self.config.steps_per_epoch == 0 and step < self.ctx.total_steps
 
-    def update(self, sm: SparseModel, step: int) -> bool:
+    def update(self, step: int) -> bool:
         self.epoch = step // self.config.steps_per_epoch + 1
-        return self._derive_masks(sm, self.epoch)
+        return self._derive_masks(self.epoch)
 
     @torch.no_grad()
-    def _derive_masks(self, sm: SparseModel, epoch: int) -> bool:
+    def _derive_masks(self, epoch: int) -> bool:
         """Eq. 6 at the start of ``epoch``: one sort over all layers (``global``), else one per
         layer. True when some mask changed."""
-        for layer in sm.layers:
+        ctx = self.ctx
+        for layer in ctx.layers:
             if not torch.isfinite(layer.masked.scores).all():
                 raise ValueError(f"optg: mask scores are NaN/inf in layer {layer.name}: the model diverged")
-        factor = self.schedule_factor(sm, epoch)
-        if sm.distribution == "global":
-            groups = [(sm.layers, target_sparsity(sm) * factor)]
+        factor = self.schedule_factor(epoch)
+        if ctx.distribution == "global":
+            groups = [(ctx.layers, target_sparsity(ctx.layers) * factor)]
         else:
-            groups = [([layer], (1.0 - layer.density) * factor) for layer in sm.layers]
+            groups = [([layer], (1.0 - layer.density) * factor) for layer in ctx.layers]
         changed = False
         for layers, sparsity in groups:
             keep = self._keep_largest([layer.masked.scores.flatten() for layer in layers], sparsity)
@@ -212,22 +218,23 @@ class OptG(Method):
                 offset += old.numel()
                 _note_moves(layer, old, new)
                 if not torch.equal(old, new):
-                    sm.set_mask(layer, new)
+                    ctx.set_mask(layer, new)
                     changed = True
         return changed
 
     def _keep_largest(self, scores: list[torch.Tensor], sparsity: float) -> torch.Tensor:
         """Flat bool mask over the concatenated ``scores`` pruning the round(sparsity · n)
-        smallest; ties (all scores are 0 for the first mask) broken at random by the seeded
-        generator."""
+        smallest, each tensor keeping at least its largest; ties (all scores are 0 for the
+        first mask) broken at random by the seeded generator."""
         flat = torch.cat(scores)
         n_total = flat.numel()
-        n_keep = n_total - int(round(sparsity * n_total))
+        n_keep = max(len(scores), n_total - int(round(sparsity * n_total)))
         order = torch.randperm(n_total, generator=self.generator).to(flat.device)
         ranked = torch.sort(flat[order], descending=True, stable=True).indices
-        keep = torch.zeros(n_total, dtype=torch.bool, device=flat.device)
-        keep[order[ranked[:n_keep]]] = True
-        return keep
+        rank_score = torch.empty(n_total, dtype=torch.float64, device=flat.device)
+        rank_score[order[ranked]] = -torch.arange(n_total, dtype=torch.float64, device=flat.device)
+        chunks = rank_score.split([s.numel() for s in scores])
+        return torch.cat([m.reshape(-1) for m in global_topk_masks(list(chunks), n_keep)])
 
     # ---- state ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -236,18 +243,17 @@ class OptG(Method):
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        saved = state["config"]
-        if saved != asdict(self.config):
-            raise ValueError(f"optg: the checkpoint was made with options {saved}, this model has "
-                             f"{asdict(self.config)}")
+        saved, own = state["config"], self.config.model_dump()
+        if saved != own:
+            raise ValueError(f"optg: the checkpoint was made with options {saved}, this model has {own}")
         super().load_state_dict(state)
         self.epoch = state["epoch"]
 
 
-def target_sparsity(sm: SparseModel) -> float:
+def target_sparsity(layers: tuple[SparseLayer, ...]) -> float:
     """P: the final global sparsity (fraction of all sparse weights pruned)."""
-    sizes = [layer.masked.mask.numel() for layer in sm.layers]
-    return 1.0 - sum(layer.density * n for layer, n in zip(sm.layers, sizes)) / sum(sizes)
+    sizes = [layer.masked.mask.numel() for layer in layers]
+    return 1.0 - sum(layer.density * n for layer, n in zip(layers, sizes)) / sum(sizes)
 
 
 def _note_moves(layer: SparseLayer, old: torch.Tensor, new: torch.Tensor) -> None:

@@ -26,16 +26,14 @@ to ties.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import Annotated, ClassVar
 
 import torch
-from spruce.passes.sparsity.masking import WEIGHT_FNS, _from_groups, _to_groups, nm_mask, topk_mask
-from spruce.passes.sparsity.methods import Method, _check_fraction, _check_positive_int, register_method
+from pydantic import Field
 
-if TYPE_CHECKING:
-    from spruce.passes.sparsity.model import SparseLayer, SparseModel
+from ..layers import SparseLayer
+from ..masking import WEIGHT_FNS, global_topk_masks, nm_group_max, nm_mask, topk_mask
+from ..method import Method, MethodConfig, register_method
 
 __all__ = ["FeatherConfig", "Feather", "feather_threshold", "theta_for"]
 
@@ -73,8 +71,7 @@ class _FeatherSTE(torch.autograd.Function):
 WEIGHT_FNS["feather"] = lambda mod, w: _FeatherSTE.apply(w, mod.mask, mod.threshold, mod.feather_p, mod.feather_theta)
 
 
-@dataclass(frozen=True)
-class FeatherConfig:
+class FeatherConfig(MethodConfig):
     """``p``: the operator's power (3 in the paper); ``theta``: gradient scale of pruned
     weights (None: the paper's rule from the final sparsity); ``end_fraction``: the target
     sparsity is reached at this fraction of training (0.5 in the paper); ``delta_t``: steps
@@ -83,30 +80,20 @@ class FeatherConfig:
     small models); ``record_every``: the metrics (IoU,
     survival, exploration) are recorded every this many threshold updates."""
 
-    p: float = 3.0
-    theta: float | None = None
-    end_fraction: float = 0.5
-    delta_t: int = 1
-    record_every: int = 100
-    seed: int = 0
+    name: ClassVar[str] = "feather"
 
-    def __post_init__(self):
-        if isinstance(self.p, bool) or not isinstance(self.p, (int, float)) or not math.isfinite(self.p) \
-                or self.p < 1:
-            raise ValueError(f"feather: p must be a finite number >= 1, got {self.p!r}")
-        if self.theta is not None:
-            _check_fraction("theta", self.theta)
-        _check_fraction("end_fraction", self.end_fraction, low_open=True)
-        _check_positive_int("delta_t", self.delta_t)
-        _check_positive_int("record_every", self.record_every)
+    p: float = Field(3.0, ge=1)
+    theta: Annotated[float, Field(ge=0, le=1)] | None = None
+    end_fraction: float = Field(0.5, gt=0, le=1)
+    delta_t: int = Field(1, ge=1)
+    record_every: int = Field(100, ge=1)
+    seed: int = Field(0, ge=0)
 
 
-@register_method("feather")
+@register_method(FeatherConfig)
 class Feather(Method):
     """STE training with Feather's thresholding operator and gradient scaling."""
 
-    Config = FeatherConfig
-    scheduled = True
     keeps_pruned_weights = True
     resets_optimizer_state: ClassVar[bool] = False
 
@@ -115,55 +102,55 @@ class Feather(Method):
         self.updates = 0
 
     # ---- schedule ---------------------------------------------------------------------
-    def sparsity_at(self, sm: SparseModel, step: int, final: float) -> float:
+    def sparsity_at(self, step: int, final: float) -> float:
         """Cubic schedule (Zhu & Gupta) from 0 at step 0 to ``final`` at ``end_fraction``."""
-        end = max(self.config.end_fraction * sm.total_steps, 1.0)
+        end = max(self.config.end_fraction * self.ctx.total_steps, 1.0)
         progress = min(1.0, step / end)
         return final * (1.0 - (1.0 - progress) ** 3)
 
-    def theta(self, sm: SparseModel) -> float:
-        return self.config.theta if self.config.theta is not None else theta_for(float(sm.sparsity))
+    def theta(self) -> float:
+        return self.config.theta if self.config.theta is not None else theta_for(float(self.ctx.sparsity))
 
     # ---- the method -------------------------------------------------------------------
-    def initialize(self, sm: SparseModel) -> None:
-        if sm.structure == "channel":
-            raise ValueError("feather: structure='channel' is not supported (Feather prunes weights)")
-        theta = self.theta(sm)
-        for layer in sm.layers:
+    def set_initial_masks(self) -> None:
+        ctx = self.ctx
+        theta = self.theta()
+        for layer in ctx.layers:
             weight = layer.module.weight
             layer.masked.register_buffer("threshold", torch.zeros(
-                weight.shape if sm.structure == "n:m" else (), dtype=torch.float32, device=weight.device))
+                weight.shape if ctx.structure.kind == "n:m" else (), dtype=torch.float32, device=weight.device))
             layer.masked.feather_p = float(self.config.p)
             layer.masked.feather_theta = float(theta)
             layer.masked.kind = "feather"
-        self._derive(sm, 0)
+        self._derive(0)
 
-    def is_update(self, sm: SparseModel, step: int) -> bool:
+    def is_update(self, step: int) -> bool:
         return step % self.config.delta_t == 0
 
-    def completes_update(self, sm: SparseModel, step: int) -> bool:
+    def completes_update(self, step: int) -> bool:
         return (step // self.config.delta_t) % self.config.record_every == 0
 
-    def update(self, sm: SparseModel, step: int) -> bool:
+    def update(self, step: int) -> bool:
         self.updates += 1
-        return self._derive(sm, step)
+        return self._derive(step)
 
     @torch.no_grad()
-    def _derive(self, sm: SparseModel, step: int) -> bool:
+    def _derive(self, step: int) -> bool:
         """Masks and thresholds for ``step``'s scheduled sparsity; True when a mask changed."""
-        old = [layer.masked.mask for layer in sm.layers]
-        if sm.structure == "n:m":
-            for layer in sm.layers:
-                self._set_nm(sm, layer)
-        elif sm.distribution == "global":
-            self._set_global(sm, step)
+        ctx = self.ctx
+        old = [layer.masked.mask for layer in ctx.layers]
+        if ctx.structure.kind == "n:m":
+            for layer in ctx.layers:
+                self._set_nm(layer)
+        elif ctx.distribution == "global":
+            self._set_global(step)
         else:
-            for layer in sm.layers:
+            for layer in ctx.layers:
                 magnitude = layer.module.weight.detach().abs().float()
-                keep = self._kept_count(layer.masked.mask.numel(), self.sparsity_at(sm, step, 1.0 - layer.density))
-                self._set_layer(sm, layer, topk_mask(magnitude, keep), magnitude)
+                keep = self._kept_count(layer.masked.mask.numel(), self.sparsity_at(step, 1.0 - layer.density))
+                self._set_layer(layer, topk_mask(magnitude, keep), magnitude)
         changed = False
-        for layer, before in zip(sm.layers, old):
+        for layer, before in zip(ctx.layers, old):
             new = layer.masked.mask
             layer.after_prune, layer.grown = before & new, new & ~before
             changed |= not torch.equal(before, new)
@@ -173,29 +160,36 @@ class Feather(Method):
     def _kept_count(total: int, sparsity: float) -> int:
         return total - int(round(sparsity * total))
 
-    def _set_layer(self, sm: SparseModel, layer: SparseLayer, mask: torch.Tensor, magnitude: torch.Tensor) -> None:
+    def _set_layer(self, layer: SparseLayer, mask: torch.Tensor, magnitude: torch.Tensor) -> None:
         pruned = magnitude[~mask]
         layer.masked.threshold.fill_(float(pruned.max()) if pruned.numel() else 0.0)
-        sm.set_mask(layer, mask)
+        self.ctx.set_mask(layer, mask)
 
-    def _set_global(self, sm: SparseModel, step: int) -> None:
-        sizes = [layer.masked.mask.numel() for layer in sm.layers]
-        final = 1.0 - sum(layer.density * n for layer, n in zip(sm.layers, sizes)) / sum(sizes)
-        magnitudes = [layer.module.weight.detach().abs().float().reshape(-1) for layer in sm.layers]
-        flat = torch.cat(magnitudes)
-        keep = topk_mask(flat, self._kept_count(flat.numel(), self.sparsity_at(sm, step, final)))
-        threshold = float(flat[~keep].max()) if bool((~keep).any()) else 0.0
-        for layer, chunk in zip(sm.layers, keep.split(sizes)):
-            layer.masked.threshold.fill_(threshold)
-            sm.set_mask(layer, chunk.reshape(layer.masked.mask_shape))
+    def _set_global(self, step: int) -> None:
+        layers = self.ctx.layers
+        sizes = [layer.masked.mask.numel() for layer in layers]
+        final = 1.0 - sum(layer.density * n for layer, n in zip(layers, sizes)) / sum(sizes)
+        magnitudes = [layer.module.weight.detach().abs().float() for layer in layers]
+        kept = max(len(sizes), self._kept_count(sum(sizes), self.sparsity_at(step, final)))
+        masks = global_topk_masks(magnitudes, kept)  # every layer keeps at least its largest weight
+        pruned = [m[~k] for m, k in zip(magnitudes, masks)]
+        threshold = max((float(p.max()) for p in pruned if p.numel()), default=0.0)
+        for layer, mask, magnitude, below in zip(layers, masks, magnitudes, pruned):
+            # a layer kept alive by its largest weight alone gets its own T, so that weight passes |w| > T
+            own = threshold
+            if not bool((magnitude[mask] > threshold).all()):
+                own = float(below.max()) if below.numel() else 0.0
+            layer.masked.threshold.fill_(own)
+            self.ctx.set_mask(layer, mask)
 
-    def _set_nm(self, sm: SparseModel, layer: SparseLayer) -> None:
+    def _set_nm(self, layer: SparseLayer) -> None:
+        structure = self.ctx.structure
         magnitude = layer.module.weight.detach().abs().float()
-        mask = nm_mask(magnitude, sm.n, sm.m)
-        groups = _to_groups(torch.where(mask, torch.zeros_like(magnitude), magnitude), sm.m)
-        per_group = groups.max(dim=1, keepdim=True).values.expand_as(groups)
-        layer.masked.threshold.copy_(_from_groups(per_group.contiguous(), tuple(magnitude.shape)))
-        sm.set_mask(layer, mask)
+        mask = nm_mask(magnitude, structure.n, structure.m, layer.in_dim)
+        # T per group: the largest pruned magnitude of its group of M
+        pruned = torch.where(mask, torch.zeros_like(magnitude), magnitude)
+        layer.masked.threshold.copy_(nm_group_max(pruned, structure.m, layer.in_dim))
+        self.ctx.set_mask(layer, mask)
 
     # ---- state --------------------------------------------------------------------------
     def state_dict(self) -> dict:

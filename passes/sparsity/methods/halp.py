@@ -1,0 +1,125 @@
+"""HALP (Shen et al.): iterative latency-constrained channel pruning with a knapsack.
+
+Start dense; every ``interval`` steps prune, among the still-active channels, to a budget
+that decreases from dense to the target (exponentially by default), so the last pruning
+step meets the target. Channels are scored with Taylor importance on BatchNorm,
+``|g_gamma * gamma + g_beta * beta|`` (appendix §4 of papers/iee-enhanced-saliency.md),
+averaged over the steps between updates. Pruned channels never come back. Export the
+result with :meth:`SparseModel.compact` (physical channel removal).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import torch
+from pydantic import Field, field_validator
+
+from ..channel_budget import ChannelBudget, ImportanceMeter, check_channel_criterion
+from ..method import Method, MethodConfig, RunLength, register_method
+
+__all__ = ["HALP", "HALPConfig"]
+
+# Under `spruce compile`: 20 pruning intervals per run, kept counts multiples of 8
+INTERVALS_PER_RUN = 20
+COMPILE_ROUND_TO = 8
+
+
+class HALPConfig(MethodConfig):
+    """``interval``: steps between pruning steps (importance averaged over them);
+    ``end_fraction``: pruning ends by this fraction of training; ``schedule``: how the
+    budget falls from dense to the target over the pruning steps (``exponential`` or
+    ``linear``); ``round_to``: kept channel counts are multiples of it; ``bins``: knapsack
+    cost resolution."""
+
+    name: ClassVar[str] = "halp"
+    structures: ClassVar[tuple[str, ...]] = ("channel",)
+    budgeted: ClassVar[bool] = True
+
+    interval: int = Field(100, ge=1)
+    end_fraction: float = Field(0.5, gt=0, le=1)
+    schedule: Literal["exponential", "linear"] = "exponential"
+    criterion: str = "taylor_bn"
+    round_to: int = Field(1, ge=1)
+    bins: int = Field(1024, ge=16)
+    seed: int = Field(0, ge=0)
+
+    @field_validator("criterion")
+    @classmethod
+    def _channel_criterion(cls, value: str) -> str:
+        return check_channel_criterion("halp", value)
+
+    def for_run(self, run: RunLength) -> MethodConfig:
+        defaults: dict[str, Any] = {"interval": max(1, run.total_steps // INTERVALS_PER_RUN)}
+        if run.structure == "channel":
+            defaults["round_to"] = COMPILE_ROUND_TO
+        return self.with_defaults(defaults)
+
+
+@register_method(HALPConfig)
+class HALP(Method):
+    """HALP: iterative latency-constrained channel pruning with a knapsack (see module doc).
+
+    Invariant: after the ``s``-th pruning step the predicted cost is at most
+    :meth:`budget_after` ``(s)``; the last one is the target Psi."""
+
+    def __init__(self, config: HALPConfig):
+        super().__init__(config)
+        self.meter = ImportanceMeter(config.criterion, config.seed)
+        self.prunes_done = 0
+        self.n_prunes = 0
+        self.history: list[dict[str, Any]] = []
+
+    def set_initial_masks(self) -> None:
+        ctx = self.ctx
+        self.costs = ChannelBudget(ctx, "halp", self.config.round_to, self.config.bins)
+        self.n_prunes = int(self.config.end_fraction * ctx.total_steps) // self.config.interval
+        if self.n_prunes < 1:
+            raise ValueError(f"halp: no pruning step fits: interval={self.config.interval} is longer than "
+                             f"end_fraction x total_steps = {self.config.end_fraction * ctx.total_steps:g}")
+        for unit in ctx.units:
+            unit.mask.fill_(True)
+        ChannelBudget.apply(ctx, {u.group.id: np.arange(u.group.size) for u in ctx.units})
+
+    def budget_after(self, prunes: int) -> float:
+        """The cost budget once ``prunes`` pruning steps are done (dense at 0)."""
+        fraction = self.costs.budget.fraction
+        s = min(max(prunes, 0), self.n_prunes) / self.n_prunes
+        if self.config.schedule == "linear":
+            return self.costs.dense * (1.0 - (1.0 - fraction) * s)
+        return self.costs.dense * fraction ** s
+
+    def on_step(self, step: int) -> None:
+        if self.prunes_done < self.n_prunes:
+            self.meter.add(self.ctx)
+
+    def is_update(self, step: int) -> bool:
+        return step % self.config.interval == 0 and step // self.config.interval <= self.n_prunes
+
+    @torch.no_grad()
+    def update(self, step: int) -> bool:
+        ctx = self.ctx
+        budget = self.budget_after(self.prunes_done + 1)
+        if self.prunes_done + 1 == self.n_prunes:
+            budget = self.costs.target  # the last step lands on Psi exactly, not a rounding of it
+        active = {u.group.id: u.mask.numpy().copy() for u in ctx.units}
+        selection = self.costs.select(ctx, self.meter.mean(ctx), budget, candidates=active)
+        for layer in ctx.layers:
+            layer.after_prune = None
+        ChannelBudget.apply(ctx, selection.kept)
+        self.meter.reset()
+        self.prunes_done += 1
+        self.history.append({"step": step, "budget": budget, "cost": selection.cost})
+        return True
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state.update(meter=self.meter.state_dict(), prunes_done=self.prunes_done, history=list(self.history))
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.meter.load_state_dict(state["meter"])
+        self.prunes_done = state["prunes_done"]
+        self.history = list(state["history"])

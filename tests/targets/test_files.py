@@ -1,0 +1,194 @@
+"""Every file spruce writes goes through ``spruce.targets.files``: atomic files, staged folders."""
+
+from __future__ import annotations
+
+import ast
+import os
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import spruce
+import torch
+from spruce.compiler.cli import main
+from spruce.targets import files
+from spruce.targets.base import get_target
+from spruce.targets.files import OutputError, atomic_path, atomic_write_text, checked_out_dir, staged_dir
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[2]
+FILES_SOURCE = ROOT / "targets" / "files.py"  # the checkout's copy, read by the AST check
+FILES_MODULE = Path(files.__file__).resolve()  # the imported copy (installed, under CI), seen by the spy
+
+
+def test_atomic_path_replaces_only_on_success(tmp_path):
+    target = tmp_path / "a.txt"
+    atomic_write_text(target, "old")
+    with pytest.raises(RuntimeError), atomic_path(target) as temp:
+        temp.write_text("half")
+        raise RuntimeError("writer died")
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["a.txt"]
+    with atomic_path(target) as temp:
+        temp.write_text("new")
+        assert target.read_text() == "old"  # nothing visible before the block ends
+    assert target.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["a.txt"]
+
+
+def test_staged_dir_appears_whole_or_not_at_all(tmp_path):
+    out = tmp_path / "deep" / "out"
+    with pytest.raises(KeyError), staged_dir(out) as stage:
+        atomic_write_text(stage / "x", "1")
+        raise KeyError("stage failed")
+    assert list(tmp_path.iterdir()) == []  # parents made for it are gone too
+    with staged_dir(out) as stage:
+        atomic_write_text(stage / "x", "1")
+    assert [p.name for p in out.iterdir()] == ["x"] and sorted(p.name for p in out.parent.iterdir()) == ["out"]
+
+
+def test_output_errors_are_value_errors_that_name_the_option(tmp_path):
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep").write_text("mine")
+    with pytest.raises(OutputError, match=r"out .*full exists and is not empty \(use force=True"):
+        checked_out_dir(tmp_path / "full", force=False)
+    with pytest.raises(ValueError, match="--force"):
+        checked_out_dir(tmp_path / "full", force=False, name="--out", force_hint="--force")
+    # the library's compile: an OutputError about force=True, never the CLI's error about --force
+    with pytest.raises(OutputError) as info:
+        spruce.compile(out=tmp_path / "full", epochs=1)
+    assert "force=True" in str(info.value) and "--force" not in str(info.value)
+    assert [p.name for p in (tmp_path / "full").iterdir()] == ["keep"]
+
+
+# --- no file is written any other way ------------------------------------------------------------
+
+# calls that put bytes at a final path (or move them there) without the files module
+_FORBIDDEN = {("os", "replace"), ("os", "rename"), ("shutil", "move"), ("tempfile", "mkstemp"),
+              ("tempfile", "mkdtemp")}
+_WRITING_METHODS = {"write_text", "write_bytes"}
+
+
+def _package_files() -> list[Path]:
+    return [ROOT / "__init__.py", *(p for d in ("compiler", "passes", "runtime", "targets")
+                                    for p in sorted((ROOT / d).rglob("*.py")))]
+
+
+def _atomic_names(tree: ast.AST) -> set[str]:
+    """Names bound by ``with atomic_path(...) as NAME`` / ``scratch_path``: temporary files a
+    writer may fill directly."""
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.With, ast.AsyncWith)):
+            for item in node.items:
+                call = item.context_expr
+                called = getattr(getattr(call, "func", None), "id", None) if isinstance(call, ast.Call) else None
+                if called in ("atomic_path", "scratch_path") and isinstance(item.optional_vars, ast.Name):
+                    names.add(item.optional_vars.id)
+    return names
+
+
+def test_no_module_but_the_files_module_renames_or_writes_files_directly():
+    problems = []
+    for path in _package_files():
+        if path == FILES_SOURCE:
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        temporary = _atomic_names(tree)
+        where = f"{path.relative_to(ROOT)}"
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Call):
+                continue
+            func = node.func
+            if isinstance(func, ast.Name) and func.id == "open":
+                mode = node.args[1] if len(node.args) > 1 else next(
+                    (k.value for k in node.keywords if k.arg == "mode"), None)
+                target = node.args[0] if node.args else None
+                if (isinstance(mode, ast.Constant) and set(str(mode.value)) & set("wax+")
+                        and not (isinstance(target, ast.Name) and target.id in temporary)):
+                    problems.append(f"{where}:{node.lineno} open(..., {mode.value!r})")
+            elif isinstance(func, ast.Attribute):
+                owner = func.value
+                if isinstance(owner, ast.Name) and (owner.id, func.attr) in _FORBIDDEN:
+                    problems.append(f"{where}:{node.lineno} {owner.id}.{func.attr}")
+                elif func.attr in _WRITING_METHODS and not (isinstance(owner, ast.Name) and owner.id in temporary):
+                    problems.append(f"{where}:{node.lineno} .{func.attr}(...)")
+    assert problems == []
+
+
+class _Spy:
+    """Records the renames done by the files module (commits) and by anyone else (violations)."""
+
+    def __init__(self):
+        self.committed: set[Path] = set()
+        self.staged: dict[Path, Path] = {}
+        self.elsewhere: list[str] = []
+
+    def wrap(self, real, kind: str):
+        def spy(src, dst, *args, **kwargs):
+            caller = Path(sys._getframe(1).f_code.co_filename).resolve()
+            result = real(src, dst, *args, **kwargs)
+            if caller != FILES_MODULE:
+                self.elsewhere.append(f"{kind}({src}, {dst}) from {caller}")
+            elif Path(dst).is_dir():
+                self.staged[Path(src).resolve()] = Path(dst).resolve()
+            else:
+                self.committed.add(Path(dst).resolve())
+            return result
+        return spy
+
+    def final_paths(self) -> set[Path]:
+        """Committed files at the place they ended up (a staged folder's files under its final name)."""
+        found = set()
+        for path in self.committed:
+            for stage, final in self.staged.items():
+                if path.is_relative_to(stage):
+                    path = final / path.relative_to(stage)
+            found.add(path)
+        return found
+
+
+def _tiny() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(8 * 8 * 8, 4))
+
+
+def test_every_file_a_real_run_leaves_was_written_through_the_files_module(tmp_path, monkeypatch, capsys):
+    spy = _Spy()
+    monkeypatch.setattr(os, "replace", spy.wrap(os.replace, "os.replace"))
+    monkeypatch.setattr(os, "rename", spy.wrap(os.rename, "os.rename"))
+    x = torch.randn(1, 1, 8, 8)
+    # a checkpoint
+    sm = spruce.sparsify(_tiny(), x, "rigl", sparsity=0.5, total_steps=4, delta_t=2)
+    spruce.save(sm, tmp_path / "ckpt.pt")
+    # a latency table, its disk cache, and artifacts with their manifests from two targets
+    table = spruce.profile(_tiny().eval(), x, "onnxruntime", step=4, cache_dir=tmp_path / "cache", progress=False,
+                           warmup=0, repeats=1, coarse=2, calibration_random=0)
+    table.save(tmp_path / "table.json")
+    for name in ("onnxruntime", "torch"):
+        target = get_target(name)
+        target.build(_tiny().eval(), (x,), tmp_path / f"tiny{target.suffix}")
+    # the CLI's prune folder and a whole (shortened) compile folder
+    source = tmp_path / "tiny_model.py"
+    source.write_text(textwrap.dedent("""
+        import torch
+        from torch import nn
+        def make():
+            torch.manual_seed(0)
+            return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))
+        """))
+    assert main(["prune", f"{source}:make", "--input-shape", "1,3,8,8", "--ratio", "0.5",
+                 "--out", str(tmp_path / "pruned")]) == 0
+    spruce.compile(out=tmp_path / "compiled", quiet=True, epochs=1, budget={"flops": 0.5}, bench_iters=1,
+                   bench_warmup=0, bench_batch_sizes=(1,))
+    capsys.readouterr()
+
+    written = {p.resolve() for p in tmp_path.rglob("*") if p.is_file()} - {source.resolve()}
+    assert spy.elsewhere == []
+    assert written - spy.final_paths() == set()
+    for expected in ("ckpt.pt", "table.json", "tiny.onnx", "tiny.onnx.spruce.json", "tiny.pt2",
+                     "pruned/model.pt", "pruned/model.onnx", "pruned/report.json", "compiled/report.json",
+                     "compiled/report.md", "compiled/model.onnx", "compiled/dense.onnx.spruce.json",
+                     "compiled/model.pt", "compiled/widths.png"):
+        assert (tmp_path / expected).resolve() in written, expected
+    assert any(p.is_relative_to((tmp_path / "cache").resolve()) for p in written)  # the latency cache
