@@ -188,3 +188,12 @@ def test_taylor_head_importance_drops_a_dead_head():
     assert all(p.grad is None for p in model.parameters())  # the calibration left no gradients behind
     with pytest.raises(ValueError, match="calibration"):
         spruce.prune(model, example.example, ratio=0.5, importance="taylor", calibration=[])
+
+
+def test_tied_embeddings_stay_tied():
+    """GPT-2's input embedding and output projection are one tensor before and after."""
+    example, result = pruned("GPT2LMHeadModel")
+    assert example.model.lm_head.weight is example.model.transformer.wte.weight
+    params = dict(result.model.named_parameters(remove_duplicate=False))
+    tied = [t for name, t in params.items() if name.endswith(("lm_head.weight", "transformer.wte.weight"))]
+    assert len(tied) >= 2 and len({id(t) for t in tied}) == 1
