@@ -25,12 +25,13 @@ __all__ = ["analyze_model", "channel_groups", "profile", "sparsify"]
 
 
 def analyze_model(model: nn.Module, example_inputs: object, leaf_modules: Iterable[object] = (),
-                  dynamic_shapes: object = None) -> ChannelAnalysis:
+                  dynamic_shapes: object = None, gqa: str = "query_heads") -> ChannelAnalysis:
     """Capture ``model`` (eval and, where it differs, training mode; see
-    :func:`spruce.compiler.capture.capture`) and analyse its channels.
+    :func:`spruce.compiler.capture.capture`) and analyse its channels (``gqa``: see
+    :func:`spruce.passes.analysis.analyze`).
 
     Raises :class:`spruce.TraceError` when the model cannot be captured."""
-    return analyze(capture(model, example_inputs, leaf_modules, dynamic_shapes))
+    return analyze(capture(model, example_inputs, leaf_modules, dynamic_shapes), gqa=gqa)
 
 
 def channel_groups(model: nn.Module, example_inputs: object, leaf_modules: Iterable[object] = (),

@@ -58,6 +58,7 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..passes.graph import CapturedGraph, Link, Piece, has_pytree_io, split_inputs, tensor_leaves
+from .hf import capture_settings
 
 __all__ = ["INPUT_ADAPTERS", "InputAdapter", "TraceError", "capture", "resized_batch"]
 
@@ -1018,6 +1019,11 @@ def capture(
     leaf_modules = list(leaf_modules)
     args, kwargs = split_inputs(example_inputs)
     was_training = model.training
+    with capture_settings(model):
+        return _capture(model, args, kwargs, leaf_modules, dynamic_shapes, was_training)
+
+
+def _capture(model, args, kwargs, leaf_modules, dynamic_shapes, was_training) -> CapturedGraph:
     try:
         second = second_batch(model, args, kwargs)
         fx_failure: _Failure | None = None

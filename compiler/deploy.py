@@ -12,11 +12,13 @@ for example, the number of proposals inside a detector).
 
 from __future__ import annotations
 
+import inspect
 import os
 import subprocess
 import sys
 import tempfile
 import textwrap
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,7 +114,36 @@ def export_program(part: Part) -> torch.export.ExportedProgram:
     module = part.module.eval()
     args, kwargs = part.second if part.second is not None else part.inputs
     with quiet(), preserved_state(module), shape_config.patch(backed_size_oblivious=True):
-        return torch.export.export(module, args, kwargs or None, dynamic_shapes=_dynamic_shapes(part), strict=False)
+        return torch.export.export(PlainOutputs(module), args, kwargs or None, dynamic_shapes=_dynamic_shapes(part),
+                                   strict=False)
+
+
+def plain(value: object) -> object:
+    """``value`` with the output classes of the model's library (a transformers
+    ``ModelOutput``: a dict subclass registered with pytree) turned into plain dicts,
+    tuples and lists, so a saved program loads without that library."""
+    if isinstance(value, Mapping):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [plain(v) for v in value]
+    if isinstance(value, tuple):  # named tuples too: a plain tuple
+        return tuple(plain(v) for v in value)
+    return value
+
+
+class PlainOutputs(nn.Module):
+    """``module`` returning :func:`plain` outputs: same parameters, and a ``forward`` with
+    ``module.forward``'s signature (export binds keyword inputs and dynamic shapes by it)."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+        def forward(*args, **kwargs):
+            return plain(module(*args, **kwargs))
+
+        forward.__signature__ = inspect.signature(module.forward)
+        self.forward = forward
 
 
 def save_pt2(part: Part, path: str | os.PathLike) -> Path:

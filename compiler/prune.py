@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -14,11 +15,11 @@ from pydantic import Field, field_validator
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from ..passes.analysis import ChannelAnalysis, ChannelGroup
+from ..passes.analysis import GQA_MODES, ChannelAnalysis, ChannelGroup
 from ..passes.config import Config
 from ..passes.export import batch_literals, check_runs, mask_channels, remove_channels
 from ..passes.graph import require_data, split_inputs
-from ..passes.importance import IMPORTANCE, importance_scores, param_table
+from ..passes.importance import GRADIENT_CRITERIA, IMPORTANCE, importance_scores, param_table
 from .api import analyze_model
 from .capture import adapter_for, failing_node, preserved_state
 
@@ -50,13 +51,15 @@ class PruneResult:
 class PruneConfig(Config):
     """The options of :func:`prune` and ``spruce prune``: the fraction of each group's channels
     removed, the channel criterion (:data:`~spruce.passes.importance.IMPORTANCE`), and the
-    multiple kept counts are rounded up to."""
+    multiple kept counts are rounded up to, and what grouped-query attention prunes
+    (:data:`~spruce.passes.analysis.GQA_MODES`)."""
 
     owner: ClassVar[str] = "prune"
 
     ratio: float = Field(0.5, ge=0, lt=1)
     importance: str = "l1"
     round_to: int | None = Field(None, ge=1)
+    gqa: str = "query_heads"
 
     @field_validator("importance")
     @classmethod
@@ -65,12 +68,19 @@ class PruneConfig(Config):
             raise ValueError(f"unknown importance {value!r}; valid: {', '.join(sorted(IMPORTANCE))}")
         return value
 
+    @field_validator("gqa")
+    @classmethod
+    def _gqa_mode(cls, value: str) -> str:
+        if value not in GQA_MODES:
+            raise ValueError(f"unknown gqa {value!r}; valid: {', '.join(GQA_MODES)}")
+        return value
+
 
 _DEFAULTS = PruneConfig()
 
 
-def _validate(ratio: float, importance: str, round_to: int | None) -> None:
-    PruneConfig(ratio=ratio, importance=importance, round_to=round_to)
+def _validate(ratio: float, importance: str, round_to: int | None, gqa: str = _DEFAULTS.gqa) -> None:
+    PruneConfig(ratio=ratio, importance=importance, round_to=round_to, gqa=gqa)
 
 
 def _ignored_members(model: nn.Module, ignore: Iterable[object]) -> set[tuple[str, int]]:
@@ -112,35 +122,78 @@ def select_channels(
     round_to: int | None = _DEFAULTS.round_to,
     ignore: Iterable[object] = (),
     seed: int = 0,
+    calibration: Iterable[object] | None = None,
 ) -> dict[int, np.ndarray]:
     """Kept channel indices per prunable group: the top ``1 - ratio`` by importance
     (at least one channel; rounded up to a multiple of ``round_to``). Groups that the
-    rounding alone leaves whole (too few channels for ``round_to``) are named in a warning."""
+    rounding alone leaves whole (too few channels for ``round_to``) are named in a warning.
+    Gradient criteria (``taylor``, ``taylor_bn``) read gradients over ``calibration`` (a
+    list of inputs in ``prune``'s formats; see :func:`calibration_gradients`) where given,
+    else the ``.grad`` the parameters already hold."""
     _validate(ratio, importance, round_to)
     ignored = _ignored_members(model, ignore)
     params = param_table(model)
+    grads = contextlib.nullcontext()  # without calibration, gradient criteria read the .grad already there
+    if importance in GRADIENT_CRITERIA and calibration is not None:
+        grads = calibration_gradients(model, list(calibration))
     rng = np.random.default_rng(seed)
     kept: dict[int, np.ndarray] = {}
     rounded_whole: list[str] = []
-    for group in groups:
-        if not group.prunable or any((m.name, m.dim) in ignored for m in group.members):
-            continue
-        n_keep = max(1, math.ceil(round((1.0 - ratio) * group.size, 6)))
-        if round_to and n_keep < group.size:
-            n_keep = min(group.size, math.ceil(n_keep / round_to) * round_to)
+    with grads:
+        for group in groups:
+            if not group.prunable or any((m.name, m.dim) in ignored for m in group.members):
+                continue
+            n_keep = max(1, math.ceil(round((1.0 - ratio) * group.size, 6)))
+            if round_to and n_keep < group.size:
+                n_keep = min(group.size, math.ceil(n_keep / round_to) * round_to)
+                if n_keep >= group.size:
+                    named = next((m for m in group.members if m.name.endswith("weight")), group.members[0])
+                    rounded_whole.append(f"group {group.id} ({named.name} dim {named.dim}, {group.size} channels)")
             if n_keep >= group.size:
-                named = next((m for m in group.members if m.name.endswith("weight")), group.members[0])
-                rounded_whole.append(f"group {group.id} ({named.name} dim {named.dim}, {group.size} channels)")
-        if n_keep >= group.size:
-            continue
-        scores = importance_scores(importance, group, params, rng)
-        order = np.argsort(-scores, kind="stable")
-        kept[group.id] = np.sort(order[:n_keep])
+                continue
+            scores = importance_scores(importance, group, params, rng)
+            order = np.argsort(-scores, kind="stable")
+            kept[group.id] = np.sort(order[:n_keep])
     if rounded_whole:
         warnings.warn(f"round_to={round_to} leaves {len(rounded_whole)} group(s) unpruned: keeping "
                       f"{1.0 - ratio:g} of their channels rounds up to all of them: {', '.join(rounded_whole)}",
                       stacklevel=2)
     return kept
+
+
+@contextlib.contextmanager
+def calibration_gradients(model: nn.Module, batches: list[object]) -> Iterator[None]:
+    """While open, every parameter's ``.grad`` is the gradient of the loss summed over
+    ``batches`` (eval mode): the model's own ``loss`` output where it returns one (a
+    transformers model given ``labels``), else half the mean squared output. The
+    parameters' previous ``.grad`` and the model's mode are restored on exit."""
+    if not batches:
+        raise ValueError("a gradient criterion needs calibration inputs (at least one batch)")
+    params = [p for _, p in model.named_parameters()]
+    saved = [p.grad for p in params]
+    was_training = model.training
+    model.eval()
+    try:
+        for p in params:
+            p.grad = None
+        with torch.enable_grad():
+            for batch in batches:
+                args, kwargs = split_inputs(batch)
+                out = model(*args, **kwargs)
+                loss = out.get("loss") if isinstance(out, dict) else getattr(out, "loss", None)
+                if not isinstance(loss, torch.Tensor):
+                    leaves = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+                    loss = sum(0.5 * t.float().pow(2).mean() for t in leaves if t.is_floating_point())
+                loss.backward()
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        model.train(was_training)
+        yield
+    finally:
+        for p, grad in zip(params, saved):
+            p.grad = grad
+        model.train(was_training)
 
 
 def prune(
@@ -153,21 +206,31 @@ def prune(
     leaf_modules: Iterable[object] = (),
     seed: int = 0,
     dynamic_shapes: object = None,
+    gqa: str = _DEFAULTS.gqa,
+    calibration: Iterable[object] | None = None,
 ) -> PruneResult:
     """Remove ``ratio`` of the channels of every prunable group, least important first.
 
     ``example_inputs`` is a tensor, a tuple of positional arguments or a dict of keyword
     arguments; the batch stays dynamic, other dims where ``dynamic_shapes`` (torch.export's
     format) declares them. Channels reaching a graph output or eager code are never removed.
+    Attention prunes whole heads; under grouped-query attention ``gqa="query_heads"`` removes
+    the same query heads from every key/value group, ``gqa="kv_groups"`` whole key/value
+    groups with their query heads (either way ``num_attention_heads % num_key_value_heads``
+    stays 0). ``importance="taylor"`` scores channels (whole heads: their query, key, value
+    and output entries together) by |sum w * dL/dw| over ``calibration`` inputs (default: the
+    example; give a transformers model ``labels`` there for its own loss).
     The compact model is run once on ``example_inputs`` and checked to run at a second batch
     size before it is returned. Raises ``ValueError`` for a ratio outside [0, 1) or an unknown
     importance (listing the valid ones), :class:`spruce.TraceError` for a model that cannot be
     captured, and :class:`~spruce.passes.export.CompactModelError` naming the node when the
     compact model cannot run on the example input."""
-    _validate(ratio, importance, round_to)
-    require_data(model, example_inputs, "prune")
-    analysis = analyze_model(model, example_inputs, leaf_modules, dynamic_shapes=dynamic_shapes)
-    kept = select_channels(model, analysis.groups, ratio, importance, round_to, ignore, seed)
+    _validate(ratio, importance, round_to, gqa)
+    calibration = [example_inputs] if calibration is None else list(calibration)
+    if importance in GRADIENT_CRITERIA and not calibration:
+        raise ValueError(f"importance {importance!r} needs calibration inputs (at least one batch)")
+    analysis = analyze_model(model, example_inputs, leaf_modules, dynamic_shapes=dynamic_shapes, gqa=gqa)
+    kept = select_channels(model, analysis.groups, ratio, importance, round_to, ignore, seed, calibration)
     compact = remove_channels(analysis, model, kept)
     args, kwargs = split_inputs(example_inputs)
     check_runs(compact, args, model, "pruned model", kwargs)

@@ -33,6 +33,7 @@ from torch.fx.passes.shape_prop import TensorMetadata
 from .graph import CapturedGraph
 
 __all__ = [
+    "GQA_MODES",
     "Analyzer",
     "ChannelAnalysis",
     "ChannelGroup",
@@ -43,6 +44,9 @@ __all__ = [
     "TensorDims",
     "analyze",
 ]
+
+
+GQA_MODES = ("query_heads", "kv_groups")
 
 
 class Space:
@@ -156,7 +160,11 @@ class Analyzer:
     Operator rules call the relation methods (:meth:`same`, :meth:`slice_same`,
     :meth:`product`, :meth:`pin`); :meth:`solve` turns them into groups."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, gqa: str = "query_heads"):
+        if gqa not in GQA_MODES:
+            raise ValueError(f"gqa must be one of {', '.join(GQA_MODES)}, got {gqa!r}")
+        self.gqa = gqa
+        self.copy_space_ids: set[int] = set()
         self.spaces: list[Space] = []
         self.n_elements = 0
         self._edges_u: list[np.ndarray] = []
@@ -190,6 +198,20 @@ class Analyzer:
         self.spaces.append(space)
         self.n_elements += space.size
         self.graph.add_node(space.id, label=label, size=space.size)
+        return space
+
+    def copies(self, size: int, label: str) -> Space:
+        """A dim of ``size`` identical copies (an ``expand`` of a size-1 or new dim).
+
+        Removing copies is exact, so the dim is free where ``gqa="query_heads"``: grouped-
+        query attention's ``repeat_kv`` (key/value heads expanded to their query heads, then
+        reshaped) then prunes the same query heads in every key/value group; a product with
+        a copies factor keeps that factor free. ``gqa="kv_groups"`` pins copies, so whole
+        key/value groups (with their query heads) are what prunes."""
+        space = self.new_space(size, label)
+        self.copy_space_ids.add(space.id)
+        if self.gqa == "kv_groups" and size != 1:
+            self.pin(space, f"expanded dim at {self.where()}")
         return space
 
     def new_dims(self, shape: Sequence[int], label: str) -> TensorDims:
@@ -323,7 +345,9 @@ class Analyzer:
                 if comps & touched:
                     continue
                 touched |= comps
-                keep = max(reversed(free), key=lambda f: f.size)  # ties: the innermost factor
+                # copies (GQA's query heads per key/value group) first, then the largest; ties:
+                # the innermost factor
+                keep = max(reversed(free), key=lambda f: (f.id in self.copy_space_ids, f.size))
                 for f in free:
                     if f is not keep:
                         self.pin(f, f"split of a dimension into several prunable factors at {prod.where}")
@@ -523,7 +547,7 @@ def _relate_leaves(an: Analyzer, a: TensorDims, b: TensorDims, reason: str) -> N
             an.pin(sb, reason)
 
 
-def analyze(captured: CapturedGraph, pin_boundary: bool = True) -> ChannelAnalysis:
+def analyze(captured: CapturedGraph, pin_boundary: bool = True, gqa: str = "query_heads") -> ChannelAnalysis:
     """Run the operator rules over every graph of ``captured`` and solve.
 
     Returns the :class:`ChannelAnalysis`: every set of coupled channels of
@@ -531,10 +555,12 @@ def analyze(captured: CapturedGraph, pin_boundary: bool = True) -> ChannelAnalys
     inputs and outputs keep their channels (they cross eager code or the model's
     interface), except where a :class:`~spruce.passes.graph.Link` couples a piece's output
     with another piece's input. ``pin_boundary=False`` pins nothing at the boundary (the
-    soundness tests of single operators use it)."""
+    soundness tests of single operators use it). ``gqa`` chooses what grouped-query attention
+    prunes (:data:`GQA_MODES`): ``"query_heads"`` the same query heads in every key/value
+    group, ``"kv_groups"`` whole key/value groups with their query heads."""
     from .oprules import apply_rules
 
-    an = Analyzer(captured.root)
+    an = Analyzer(captured.root, gqa=gqa)
     io: dict[tuple[int, bool], tuple[list, list]] = {}
     gi = 0
     for pi, piece in enumerate(captured.pieces):

@@ -26,6 +26,7 @@ from .oprules import (
     along_dim,
     broadcast,
     cat,
+    contract,
     conv,
     expand,
     expand_as,
@@ -304,6 +305,29 @@ def linear_op(an: Analyzer, call: Call) -> object:
 
 
 aten_rule("matmul", "mm", "bmm")(matmul)
+
+
+@aten_rule("addmm")
+def addmm(an: Analyzer, call: Call) -> object:
+    """``bias + x @ w`` with ``w`` stored (in, out): transformers' ``Conv1D`` (GPT-2)."""
+    a = schema_args(call)
+    bias, x, w = a["self"], a["mat1"], a["mat2"]
+    if not all(isinstance(v, TensorDims) for v in (bias, x, w)) or len(x) != 2 or len(w) != 2:
+        return unknown(an, call)
+    contract(an, call, x[1], w[0])
+    out_f = an.new_space(w[1].size, f"{call.node.name}[-1]")
+    an.same(out_f, w[1])
+    rows = x[0]
+    if bias[-1].size == out_f.size:
+        an.same(bias[-1], out_f)
+    else:
+        an.pin(bias[-1], f"broadcast bias at node '{call.node.name}'")
+    if len(bias) == 2:
+        if bias[0].size == rows.size:
+            an.same(bias[0], rows)
+        else:
+            an.pin(bias[0], f"broadcast bias at node '{call.node.name}'")
+    return TensorDims([rows, out_f])
 
 
 @aten_rule("embedding")

@@ -15,7 +15,10 @@ import torch
 
 from .analysis import ChannelGroup, Member
 
-__all__ = ["IMPORTANCE", "importance_scores", "register_importance"]
+__all__ = ["GRADIENT_CRITERIA", "IMPORTANCE", "importance_scores", "register_importance"]
+
+# criteria that read the parameters' gradients (registered in spruce.passes.sparsity.channels)
+GRADIENT_CRITERIA = frozenset({"taylor", "taylor_bn"})
 
 Criterion = Callable[[ChannelGroup, Mapping[str, torch.Tensor], np.random.Generator], np.ndarray]
 IMPORTANCE: dict[str, Criterion] = {}

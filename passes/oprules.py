@@ -643,7 +643,7 @@ def expand(an: Analyzer, call: Call) -> object:
         else:
             if pos <= len(x):
                 an.pin(x[-pos], f"expanded dim at node '{call.node.name}'")
-            out.append(pin_new(an, an.new_space(shape[-pos], f"{call.node.name}[{len(shape) - pos}]"), "expanded dim"))
+            out.append(an.copies(shape[-pos], f"{call.node.name}[{len(shape) - pos}]"))
     return TensorDims(reversed(out))
 
 
@@ -1184,18 +1184,20 @@ def matmul(an: Analyzer, call: Call) -> object:
 
 @function_rule(F.scaled_dot_product_attention)
 def sdpa(an: Analyzer, call: Call) -> object:
-    """Heads (leading dims) are independent units; the q/k feature dim is contracted and
-    sets the default scale, so it is pinned; v's feature dim flows to the output. With
-    ``is_causal`` query row i reads keys 0..i by position, so the query rows are pinned too
-    (removing one would shift every later row's mask)."""
+    """Heads (leading dims) are the independent units, pruned whole: the q/k feature dim is
+    contracted and sets the default scale (and rotary embeddings act on it), so it is
+    pinned; v's feature dim is pinned too, so that a head keeps its width and head counts
+    (``num_attention_heads``, the head reshapes) are what changes. With ``is_causal`` query row
+    i reads keys 0..i by position, so the query rows are pinned too (removing one would shift
+    every later row's mask)."""
     q, k, v = call.args[0], call.args[1], call.args[2]
     mask = call.arg(3, "attn_mask")
-    an.pin_value(mask, f"attention mask at node '{call.node.name}'")
     if call.arg(5, "is_causal", False) is not False:  # True, or a value only known at run time
         an.pin(q[-2], f"causal attention query rows (positions) at node '{call.node.name}'")
     reason = f"attention query/key feature dim at node '{call.node.name}'"
     an.pin(q[-1], reason)
     an.pin(k[-1], reason)
+    an.pin(v[-1], f"attention head dim (whole heads are pruned) at node '{call.node.name}'")
     an.pin(k[-2], f"attention keys at node '{call.node.name}'")
     an.same(k[-2], v[-2])
     shape = call.out_shape
@@ -1205,7 +1207,23 @@ def sdpa(an: Analyzer, call: Call) -> object:
         for other in cands[1:]:
             an.same(cands[0], other)
         lead.append(cands[0] if cands else pin_new(an, an.new_space(shape[-pos], "sdpa"), "broadcast dim"))
+    _attention_mask(an, call, mask, lead)
     return TensorDims(list(reversed(lead)) + [q[-2], v[-1]])
+
+
+def _attention_mask(an: Analyzer, call: Call, mask: object, lead: list[Space]) -> None:
+    """An additive mask or bias with a dim per head (T5's relative position bias) loses the
+    heads its attention loses; its other dims (queries, keys, broadcast dims) are pinned."""
+    where = f"attention mask at node '{call.node.name}'"
+    if not isinstance(mask, TensorDims):
+        an.pin_value(mask, where)
+        return
+    for pos in range(1, len(mask) + 1):
+        space = mask[-pos]
+        if pos >= 3 and pos - 3 < len(lead) and space.size == lead[pos - 3].size and space.size != 1:
+            an.same(space, lead[pos - 3])
+        else:
+            an.pin(space, where)
 
 
 def _weights_used(node: fx.Node) -> bool:
@@ -1369,6 +1387,7 @@ def _pin_untouched(an: Analyzer, value: object) -> None:
     for space in iter_spaces(value):
         if (an.graph.degree(space.id) == 0 and space.id not in an.pinned_space_ids
                 and space.id not in an.param_space_ids  # parameters get related by their users
+                and space.id not in an.copy_space_ids  # copies: related by their users (GQA heads)
                 and space.id not in an.input_space_ids):  # graph inputs by the boundary or links
             an.pin(space, f"new dimension from node '{an.current.name}'")
 

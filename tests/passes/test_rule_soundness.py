@@ -505,6 +505,7 @@ ATEN = {
     "_convolution.default": with_params(lambda x, w: aten._convolution.default(
         x, w, None, [1, 1], [0, 0], [1, 1], True, [0, 0], 1, False, False, True, True), t(*X4), t(6, 4, 3, 3)),
     "linear.default": with_params(lambda x, w, b: aten.linear.default(x, w, b), t(*X4), t(5, 4, seed=1), t(5, seed=2)),
+    "addmm.default": with_params(lambda x, w, b: aten.addmm.default(b, x, w), t(6, 4), t(4, 5, seed=1), t(5, seed=2)),
     "embedding.default": (lambda w, i: aten.embedding.default(w, i), (t(10, 6), torch.tensor([[1, 2], [3, 9]]))),
     "batch_norm.default": (lambda x, w, b, m, v: aten.batch_norm.default(x, w, b, m, v, False, 0.1, 1e-5, False),
                            (t(*X4), t(6, seed=1), t(6, seed=2), t(6, seed=3), t(6, seed=4, low="positive"))),
