@@ -226,6 +226,7 @@ def prune(
     captured, and :class:`~spruce.passes.export.CompactModelError` naming the node when the
     compact model cannot run on the example input."""
     _validate(ratio, importance, round_to, gqa)
+    require_data(model, example_inputs, "prune")
     calibration = [example_inputs] if calibration is None else list(calibration)
     if importance in GRADIENT_CRITERIA and not calibration:
         raise ValueError(f"importance {importance!r} needs calibration inputs (at least one batch)")
