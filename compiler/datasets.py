@@ -226,7 +226,9 @@ def _read_image(path: Path, spec: str) -> np.ndarray:
     try:
         with Image.open(path) as opened:
             return np.asarray(opened.convert("RGB"))
-    except (OSError, UnidentifiedImageError, ValueError) as exc:
+    except (OSError, UnidentifiedImageError, ValueError, ImportError) as exc:
+        # ImportError: packages that patch Image.open (ultralytics) try to import a decoder
+        # plugin for a file Pillow cannot identify, and that plugin may not be installed
         raise DataError(f"data {short_repr(spec)}: cannot read {path} as an image "
                         f"({type(exc).__name__}: {exc})") from None
 

@@ -108,7 +108,7 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     try:
         with Image.open(path) as opened:
             return as_rgb(np.asarray(opened.convert("RGB")))
-    except (OSError, UnidentifiedImageError) as exc:
+    except (OSError, UnidentifiedImageError, ImportError) as exc:  # ImportError: see spruce's datasets
         raise ValueError(f"cannot read image {path}: {exc}") from exc
 
 

@@ -252,6 +252,7 @@ def test_a_raising_loss_or_evaluate_is_named(tmp_path, monkeypatch, image_dir, t
 
 
 def test_empty_or_unreadable_image_folders_are_refused(tmp_path, monkeypatch, trained):
+    import ultralytics  # noqa: F401 - patches PIL.Image.open (a plugin import on unknown files)
     empty = tmp_path / "empty"
     empty.mkdir()
     _bad_input(tmp_path, monkeypatch, trained, f"images:{empty}", "is empty")

@@ -97,6 +97,7 @@ def test_data_script_writes_disjoint_sets_atomically(tmp_path, capsys):
 
 
 def test_unreadable_and_empty_folders(tmp_path):
+    import ultralytics  # noqa: F401 - patches PIL.Image.open to import a plugin it may not have; still a clear error
     with pytest.raises(ValueError, match="holds no images"):
         craft.image_files(tmp_path)
     (tmp_path / "broken.png").write_bytes(b"not a png")
