@@ -219,6 +219,7 @@ class Recovered:
 
     log: TrainLog
     recovery: RecoveryLog | None = None
+    before: Fidelity | None = None  # the selected model's fidelity to dense before recovery (same held-out inputs)
 
 
 @dataclass(frozen=True)
@@ -339,13 +340,16 @@ def recover(setup: Setup, reference: Reference, captured: Captured, sparsified: 
     loss_fn = None
     if setup.mode == "loss":
         loss_fn = setup.loss.function if setup.loss is not None else cross_entropy_loss
+    held_out = [inputs_of(batch) for batch in setup.data.test]
+    selected = sparsified.sparse if sparsified.sparse is not None else student
+    before = fidelity(selected, reference.model, held_out, setup.plan) if setup.plan is not None else None
     if setup.mode != "none":
         workspace.say(f"recovering ({setup.loss_text}) ...")
     log = recover_model(student, reference.model, setup.data.train, setup.mode, setup.plan, epochs=recipe.epochs,
                         lr=recipe.recover_lr, loss_fn=loss_fn, sparse=sparsified.sparse, quiet=workspace.quiet)
     accuracy = _accuracy(setup, sparsified.sparse if sparsified.sparse is not None else student)
     return Recovered(TrainLog(list(log.loss), [accuracy] * len(log.loss) if accuracy is not None else [],
-                              log.seconds), log)
+                              log.seconds), log, before)
 
 
 def export(setup: Setup, reference: Reference, sparsified: Sparsified, workspace: Workspace) -> Exported:
@@ -659,5 +663,7 @@ def _recovery_record(setup: Setup, sparsified: Sparsified, recovered: Recovered)
                            "updates during recovery")
     if sparsified.sparse is None:
         record["mask_updates"] = 0
+    # what recovery bought: the selected model against dense on the same held-out inputs, before it
+    record["fidelity_before_recovery"] = recovered.before.record() if recovered.before is not None else None
     return record
 

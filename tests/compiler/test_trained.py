@@ -183,11 +183,16 @@ def test_the_report_states_fidelity_per_output_and_the_loss_used(runs, mode):
     assert document["dense"]["accuracy"] is None  # no labels
 
 
-def test_distillation_brings_the_maps_closer_to_dense_than_one_shot(runs):
-    def error(mode):
-        return runs[mode].document["evaluation"]["fidelity"]["per_output"]["output[0]"]["relative_l2"]
-
-    assert error("distill") < error("none")
+def test_distillation_brings_the_maps_closer_to_dense_than_the_selection_it_started_from(runs):
+    """Judged within one run (the same selected channels): the two runs' measured selections can
+    differ with machine load, so comparing distill's error with one-shot's would not isolate it."""
+    document = runs["distill"].document
+    after = document["evaluation"]["fidelity"]["per_output"]
+    before = document["recovery"]["fidelity_before_recovery"]["per_output"]
+    name = "output[0]"  # the edge map (distilled with MSE)
+    assert after[name]["relative_l2"] < before[name]["relative_l2"], (before[name], after[name])
+    one_shot = runs["none"].document["recovery"]["fidelity_before_recovery"]
+    assert one_shot is not None and set(one_shot["per_output"]) == set(after)
 
 
 def test_the_artifact_computes_the_compiled_model(runs):
