@@ -52,6 +52,7 @@ import torch
 import torchvision
 from spruce.compiler.api import analyze_model, profile, sparsify
 from spruce.compiler.prune import prune
+from spruce.compiler.training import cosine_schedule, train_step
 from spruce.passes.export import remove_channels
 from spruce.passes.importance import importance_scores, param_table
 from spruce.passes.sparsity.knapsack import build_cost_model, select_channels, select_measured
@@ -209,21 +210,14 @@ def train(model: nn.Module, data: tuple, epochs: int, seed: int, batch: int = 64
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4, nesterov=True)
     if sparse is not None:
         sparse.attach(opt)
-    steps = epochs * math.ceil(len(y_train) / batch)
-    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+    schedule = cosine_schedule(opt, epochs * math.ceil(len(y_train) / batch))
     order = torch.Generator().manual_seed(1000 + seed)
     model.train()
     for _ in range(epochs):
         permutation = torch.randperm(len(y_train), generator=order)
         for start in range(0, len(y_train), batch):
             idx = permutation[start:start + batch]
-            loss = functional.cross_entropy(model(x_train[idx]), y_train[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if sparse is not None:
-                sparse.step()
-            schedule.step()
+            train_step(functional.cross_entropy(model(x_train[idx]), y_train[idx]), opt, schedule, sparse)
 
 
 def accuracy(model: nn.Module, data: tuple) -> float:

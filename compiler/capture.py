@@ -823,19 +823,34 @@ def _graphs_fx(module: nn.Module, args: tuple, kwargs: dict, leaf_modules, prefi
         if not _may_branch_on_training(module, leaf_modules):
             return eval_gm, None
         module.train()
-        try:
-            train_gm = fx_trace(module, leaf_modules, prefix)
-        except FxFailure as exc:
-            warnings.warn(f"training-mode graph not traced, the compact model will support eval mode only: "
-                          f"{exc.failure.operation}", stacklevel=4)
-            return eval_gm, None
-        if train_gm.code == eval_gm.code:
-            return eval_gm, None
-        train_gm.train()
-        propagate(train_gm, values, known=eval_gm)
+        train_gm = _train_graph(
+            eval_gm, lambda: fx_trace(module, leaf_modules, prefix),
+            lambda gm: propagate(gm, values, known=eval_gm), FxFailure,
+            lambda exc: f"training-mode graph not traced, {_EVAL_ONLY}: {exc.failure.operation}")
         return eval_gm, train_gm
     finally:
         module.train(was_training)
+
+
+_EVAL_ONLY = "the compact model will support eval mode only"
+
+
+def _train_graph(eval_gm: fx.GraphModule, capture_train, propagate_train, failure: type[Exception] | tuple,
+                 say) -> fx.GraphModule | None:
+    """The training-mode graph (``capture_train()``, shapes propagated by ``propagate_train``)
+    when its code differs from ``eval_gm``'s; None when it is the same code, or when capturing
+    it raised ``failure`` (then the compact model supports eval mode only, and a warning says
+    ``say(exc)``)."""
+    try:
+        train_gm = capture_train()
+    except failure as exc:
+        warnings.warn(say(exc), stacklevel=5)
+        return None
+    if train_gm.code == eval_gm.code:
+        return None
+    train_gm.train()
+    propagate_train(train_gm)
+    return train_gm
 
 
 def _may_branch_on_training(model: nn.Module, leaf_modules) -> bool:
@@ -872,18 +887,18 @@ def _graphs_export(module: nn.Module, trace_args: tuple, trace_kwargs: dict, dyn
         if not propagate_from_vals(eval_gm, values):
             with preserved_state(module):
                 propagate(eval_gm, values)
-        try:
-            train_gm = export_graph(module, trace_args, trace_kwargs, dynamic_shapes, training=True)
-        except Exception as exc:  # noqa: BLE001 - eval-only compact model, said in a warning
-            warnings.warn(f"{prefix or 'model'}: training-mode graph not captured, the compact model will support "
-                          f"eval mode only: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}", stacklevel=4)
-            return eval_gm, None
-        if train_gm.code == eval_gm.code:
-            return eval_gm, None
-        train_gm.train()
-        if not propagate_from_vals(train_gm, placeholder_values(train_gm, module, args, kwargs)):
-            with preserved_state(module):
-                propagate(train_gm, placeholder_values(train_gm, module, trace_args, trace_kwargs))
+
+        def propagate_train(train_gm: fx.GraphModule) -> None:
+            if not propagate_from_vals(train_gm, placeholder_values(train_gm, module, args, kwargs)):
+                with preserved_state(module):
+                    propagate(train_gm, placeholder_values(train_gm, module, trace_args, trace_kwargs))
+
+        # any exception: an eval-only compact model, said in a warning
+        train_gm = _train_graph(
+            eval_gm, lambda: export_graph(module, trace_args, trace_kwargs, dynamic_shapes, training=True),
+            propagate_train, Exception,
+            lambda exc: f"{prefix or 'model'}: training-mode graph not captured, {_EVAL_ONLY}: "
+                        f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
         return eval_gm, train_gm
     finally:
         module.train(was_training)

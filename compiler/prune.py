@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from ..passes.analysis import GQA_MODES, ChannelAnalysis, ChannelGroup
-from ..passes.config import Config
+from ..passes.config import Config, check_choice
 from ..passes.export import batch_literals, check_runs, mask_channels, remove_channels
 from ..passes.graph import require_data, split_inputs
 from ..passes.importance import GRADIENT_CRITERIA, IMPORTANCE, importance_scores, param_table
@@ -61,19 +61,8 @@ class PruneConfig(Config):
     round_to: int | None = Field(None, ge=1)
     gqa: str = "query_heads"
 
-    @field_validator("importance")
-    @classmethod
-    def _registered(cls, value: str) -> str:
-        if value not in IMPORTANCE:
-            raise ValueError(f"unknown importance {value!r}; valid: {', '.join(sorted(IMPORTANCE))}")
-        return value
-
-    @field_validator("gqa")
-    @classmethod
-    def _gqa_mode(cls, value: str) -> str:
-        if value not in GQA_MODES:
-            raise ValueError(f"unknown gqa {value!r}; valid: {', '.join(GQA_MODES)}")
-        return value
+    _importance = field_validator("importance")(lambda value: check_choice("importance", value, IMPORTANCE))
+    _gqa = field_validator("gqa")(lambda value: check_choice("gqa", value, GQA_MODES))
 
 
 _DEFAULTS = PruneConfig()

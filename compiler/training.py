@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-__all__ = ["OPTIMIZERS", "TrainLog", "evaluate", "make_optimizer", "train"]
+__all__ = ["OPTIMIZERS", "TrainLog", "cosine_schedule", "evaluate", "make_optimizer", "train", "train_step"]
 
 
 def _sgd(params, lr: float) -> torch.optim.Optimizer:
@@ -60,6 +60,26 @@ def evaluate(model: nn.Module, loader: Iterable) -> float:
     return correct / max(total, 1)
 
 
+def cosine_schedule(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The learning rate decays from the optimizer's to zero along a half cosine over
+    ``steps`` optimizer steps (and stays at zero after them)."""
+    steps = max(1, steps)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+
+
+def train_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, schedule, sparse=None) -> None:
+    """One step of the loop a user writes: gradients of ``loss``, ``optimizer.step()``, then
+    the SparseModel's ``step()`` (its method's mask update, when ``sparse`` is given), then
+    the learning-rate ``schedule``."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    if sparse is not None:
+        sparse.step()
+    schedule.step()
+
+
 def train(model: nn.Module, train_loader: Iterable, test_loader: Iterable, epochs: int, lr: float,
           optimizer: str = "sgd", sparse=None, desc: str = "train", quiet: bool = False) -> TrainLog:
     """Train ``model`` (``sparse``: the :class:`SparseModel` wrapping it, stepped after each
@@ -70,8 +90,7 @@ def train(model: nn.Module, train_loader: Iterable, test_loader: Iterable, epoch
     opt = make_optimizer(optimizer, runner, lr)
     if sparse is not None:
         sparse.attach(opt)
-    steps = epochs * len(train_loader)
-    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    schedule = cosine_schedule(opt, epochs * len(train_loader))
     log = TrainLog()
     start = time.perf_counter()
     disable = quiet or not sys.stderr.isatty()
@@ -82,12 +101,7 @@ def train(model: nn.Module, train_loader: Iterable, test_loader: Iterable, epoch
             loss = F.cross_entropy(runner(inputs), labels)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"{desc}: the loss became {loss.item()} at epoch {epoch + 1}; lower --lr")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if sparse is not None:
-                sparse.step()
-            schedule.step()
+            train_step(loss, opt, schedule, sparse)
             total += loss.item() * len(labels)
             count += len(labels)
         log.loss.append(total / max(count, 1))

@@ -48,6 +48,7 @@ from .oprules import (
     sdpa,
     set_arg,
     spatial,
+    split_pieces,
     split_sizes,
     stack,
     unknown,
@@ -266,33 +267,32 @@ def group_norm(an: Analyzer, call: Call) -> object:
 # ---------------------------------------------------------------------------
 
 
-@aten_rule("conv1d", "conv2d", "conv3d", "conv1d.padding", "conv2d.padding", "conv3d.padding",
-           rewrite=rewrite_groups(6))
-def convolution_nd(an: Analyzer, call: Call) -> object:
+def _conv_call(an: Analyzer, call: Call, transposed: bool | None) -> object:
+    """Any ATen convolution overload: its schema's weight, bias and groups to the shared conv
+    rule; ``transposed`` None reads the schema's ``transposed`` argument."""
     a = schema_args(call)
     w, b, groups = a["weight"], a.get("bias"), a.get("groups", 1)
     if not isinstance(w, TensorDims) or not isinstance(groups, int):
         return unknown(an, call)
-    return conv(an, call, a["input"], w, b if isinstance(b, TensorDims) else None, groups, transposed=False)
+    if transposed is None:
+        transposed = bool(a.get("transposed"))
+    return conv(an, call, a["input"], w, b if isinstance(b, TensorDims) else None, groups, transposed=transposed)
+
+
+@aten_rule("conv1d", "conv2d", "conv3d", "conv1d.padding", "conv2d.padding", "conv3d.padding",
+           rewrite=rewrite_groups(6))
+def convolution_nd(an: Analyzer, call: Call) -> object:
+    return _conv_call(an, call, transposed=False)
 
 
 @aten_rule("conv_transpose1d", "conv_transpose2d.input", "conv_transpose3d.input", rewrite=rewrite_groups(6))
 def convolution_transpose(an: Analyzer, call: Call) -> object:
-    a = schema_args(call)
-    w, b, groups = a["weight"], a.get("bias"), a.get("groups", 1)
-    if not isinstance(w, TensorDims) or not isinstance(groups, int):
-        return unknown(an, call)
-    return conv(an, call, a["input"], w, b if isinstance(b, TensorDims) else None, groups, transposed=True)
+    return _conv_call(an, call, transposed=True)
 
 
 @aten_rule("convolution", "_convolution", rewrite=rewrite_groups(8))
 def convolution(an: Analyzer, call: Call) -> object:
-    a = schema_args(call)
-    w, b, groups = a["weight"], a.get("bias"), a.get("groups", 1)
-    if not isinstance(w, TensorDims) or not isinstance(groups, int):
-        return unknown(an, call)
-    return conv(an, call, a["input"], w, b if isinstance(b, TensorDims) else None, groups,
-                transposed=bool(a.get("transposed")))
+    return _conv_call(an, call, transposed=None)
 
 
 @aten_rule("linear")
@@ -493,17 +493,7 @@ def split(an: Analyzer, call: Call) -> object:
     """Pieces along ``dim`` are consecutive sub-ranges of it."""
     x = call.args[0]
     d = int(schema_args(call).get("dim", 0)) % len(x)
-    outs = []
-    offset = 0
-    for i, part in enumerate(call.meta):
-        size = tuple(part.shape)[d]
-        piece = an.new_space(size, f"{call.node.name}.{i}[{d}]")
-        an.slice_same(x[d], offset, piece, 0, size)
-        if size == 0:
-            an.pin(piece, "empty split")
-        offset += size
-        outs.append(TensorDims(piece if k == d else s for k, s in enumerate(x)))
-    return tuple(outs)
+    return split_pieces(an, call, x, d, list(call.meta))
 
 
 @aten_rule("unbind.int")

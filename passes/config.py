@@ -14,7 +14,7 @@ from typing import Any, ClassVar, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-__all__ = ["Config", "ConfigError", "describe_errors", "short_list", "short_repr"]
+__all__ = ["Config", "ConfigError", "check_choice", "describe_errors", "short_list", "short_repr"]
 
 C = TypeVar("C", bound="Config")
 
@@ -60,6 +60,18 @@ def short_list(values: Any, limit: int = _ECHO_LIMIT) -> str:
         if length > limit:
             break
     return _cut(", ".join(shown), limit)
+
+
+def check_choice(kind: str, value: Any, choices: Any, *, error: type[Exception] = ValueError,
+                 prefix: str = "") -> Any:
+    """``value`` when it is one of ``choices`` (a registry's keys, or a sequence); otherwise
+    raises ``error``: ``{prefix}unknown {kind} {value!r}; valid: {choices}``. A registry's
+    (mapping's) names are listed sorted, a sequence's in its own order. The one check behind
+    every "a name from a registry" option (importance, criterion, distribution, cost model...)."""
+    if isinstance(value, str) and value in choices:
+        return value
+    names = sorted(choices) if isinstance(choices, Mapping) else list(choices)
+    raise error(f"{prefix}unknown {kind} {short_repr(value)}; valid: {', '.join(names)}")
 
 
 def _cut(text: str, limit: int) -> str:

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from .analysis import ChannelGroup, Member
+from .config import check_choice
 
 __all__ = ["GRADIENT_CRITERIA", "IMPORTANCE", "importance_scores", "register_importance"]
 
@@ -120,8 +121,7 @@ def importance_scores(
 ) -> np.ndarray:
     """Scores of ``group``'s channels under ``criterion``; a NaN/inf score is an error
     naming the group's first member (never a silently wrong choice)."""
-    if criterion not in IMPORTANCE:
-        raise ValueError(f"unknown importance {criterion!r}; valid: {', '.join(sorted(IMPORTANCE))}")
+    check_choice("importance", criterion, IMPORTANCE)
     scores = np.asarray(IMPORTANCE[criterion](group, params, rng), dtype=np.float64)
     if scores.shape != (group.size,):
         raise ValueError(f"importance {criterion!r} returned shape {scores.shape} for a group of {group.size}")

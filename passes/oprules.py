@@ -74,39 +74,32 @@ Rewrite = Callable[[fx.Node, Resize], None]
 REWRITES: dict[object, Rewrite] = {}
 
 
-def module_rule(*types: type):
+def _registrar(table: dict, keys: tuple, shape_args: bool = False, rewrite: Rewrite | None = None):
+    """A decorator registering a rule in ``table`` under every key (a module type, function,
+    method name), noting keys whose size arguments are read (``shape_args``) and their size
+    ``rewrite``."""
     def register(rule: Rule) -> Rule:
-        for t in types:
-            MODULE_RULES[t] = rule
+        for key in keys:
+            table[key] = rule
+            if shape_args:
+                SHAPE_CONSUMERS.add(key)
+            if rewrite is not None:
+                REWRITES[key] = rewrite
         return rule
 
     return register
+
+
+def module_rule(*types: type):
+    return _registrar(MODULE_RULES, types)
 
 
 def function_rule(*fns: object, shape_args: bool = False, rewrite: Rewrite | None = None):
-    def register(rule: Rule) -> Rule:
-        for fn in fns:
-            FUNCTION_RULES[fn] = rule
-            if shape_args:
-                SHAPE_CONSUMERS.add(fn)
-            if rewrite is not None:
-                REWRITES[fn] = rewrite
-        return rule
-
-    return register
+    return _registrar(FUNCTION_RULES, fns, shape_args, rewrite)
 
 
 def method_rule(*names: str, shape_args: bool = False, rewrite: Rewrite | None = None):
-    def register(rule: Rule) -> Rule:
-        for name in names:
-            METHOD_RULES[name] = rule
-            if shape_args:
-                SHAPE_CONSUMERS.add(name)
-            if rewrite is not None:
-                REWRITES[name] = rewrite
-        return rule
-
-    return register
+    return _registrar(METHOD_RULES, names, shape_args, rewrite)
 
 
 # ---------------------------------------------------------------------------
@@ -502,15 +495,22 @@ def split(an: Analyzer, call: Call) -> object:
     d = call.arg(2, "dim", default_dim) if name != "unbind" else call.arg(1, "dim", 0)
     d = _dim(int(d), len(x))
     parts = list(call.meta)
-    outs = []
     if name == "unbind":
         an.pin(x[d], f"unbind over this dim at node '{call.node.name}'")
         return tuple(TensorDims(s for k, s in enumerate(x) if k != d) for _ in parts)
     if name == "tensor_split":
         an.pin(x[d], f"tensor_split at node '{call.node.name}'")
+    return split_pieces(an, call, x, d, parts)
+
+
+def split_pieces(an: Analyzer, call: Call, x: TensorDims, d: int, parts: list) -> tuple[TensorDims, ...]:
+    """The dims of the pieces ``parts`` (their metadata, in order) that split ``x`` along
+    ``d``: each piece's dim ``d`` is the next consecutive sub-range of ``x[d]``; an empty piece
+    is pinned."""
+    outs = []
     offset = 0
-    for i, p in enumerate(parts):
-        size = tuple(p.shape)[d]
+    for i, part in enumerate(parts):
+        size = tuple(part.shape)[d]
         piece = an.new_space(size, f"{call.node.name}.{i}[{d}]")
         an.slice_same(x[d], offset, piece, 0, size)
         if size == 0:

@@ -54,3 +54,32 @@ def small_digits_cnn(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     return nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
                          nn.Flatten(), nn.Linear(16 * 64, 10))
+
+
+class SGDLoop:
+    """A real SGD training loop around a SparseModel ``sm``: the optimizer given, or SGD (lr
+    0.05, momentum 0.9, ``weight_decay``). Each step draws a batch of ``shape`` with labels in
+    ``[0, classes)`` from ``gen`` or a generator seeded with ``seed`` (two loops with one seed
+    see the same batches); ``step`` = backward, optimizer step, then ``sm.step()``."""
+
+    def __init__(self, sm, shape: tuple[int, ...], classes: int, seed: int = 0, opt=None, train: bool = False,
+                 weight_decay: float = 1e-3, gen: torch.Generator | None = None):
+        self.sm, self.shape, self.classes = sm, shape, classes
+        self.gen = gen if gen is not None else torch.Generator().manual_seed(seed)
+        self.opt = opt if opt is not None else torch.optim.SGD(sm.parameters(), lr=0.05, momentum=0.9,
+                                                               weight_decay=weight_decay)
+        sm.attach(self.opt)
+        if train:
+            sm.train()
+
+    def backward(self) -> None:
+        x = torch.randn(*self.shape, generator=self.gen)
+        y = torch.randint(0, self.classes, (self.shape[0],), generator=self.gen)
+        loss = nn.functional.cross_entropy(self.sm(x), y)
+        self.opt.zero_grad()
+        loss.backward()
+
+    def step(self) -> None:
+        self.backward()
+        self.opt.step()
+        self.sm.step()

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ..config import check_choice
+
 __all__ = ["DISTRIBUTIONS", "layer_densities"]
 
 DISTRIBUTIONS = ("uniform", "erk", "global")
@@ -54,8 +56,7 @@ def layer_densities(shapes: Sequence[tuple[int, ...]], sparsity: float, distribu
     exactly one per layer, with a warning giving the sparsity that reaches. ``global`` returns
     uniform densities adjusted by that rule: the layer split is decided later by one
     threshold over all layers (see the methods that use it)."""
-    if distribution not in DISTRIBUTIONS:
-        raise ValueError(f"unknown distribution {distribution!r}; valid: {', '.join(DISTRIBUTIONS)}")
+    check_choice("distribution", distribution, DISTRIBUTIONS)
     names = list(names) if names is not None else [f"#{i}" for i in range(len(shapes))]
     sizes = np.array([float(np.prod(s)) for s in shapes])
     density = 1.0 - sparsity

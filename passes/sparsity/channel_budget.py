@@ -13,6 +13,7 @@ import warnings
 import numpy as np
 import torch
 
+from ..config import check_choice
 from ..importance import IMPORTANCE, importance_scores, param_table
 from .channels import expand_channel_masks
 from .context import MethodContext
@@ -115,6 +116,4 @@ class ImportanceMeter:
 
 def check_channel_criterion(method: str, criterion: str) -> str:
     """``criterion`` when it names a channel criterion (:data:`~spruce.passes.importance.IMPORTANCE`)."""
-    if criterion not in IMPORTANCE:
-        raise ValueError(f"{method}: unknown channel criterion {criterion!r}; valid: {', '.join(sorted(IMPORTANCE))}")
-    return criterion
+    return check_choice("channel criterion", criterion, IMPORTANCE, prefix=f"{method}: ")

@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import torch
 
+from ..config import check_choice
 from .layers import SparseLayer
 from .masking import output_channel_index
 
@@ -65,8 +66,7 @@ def taylor_bn(layer: SparseLayer) -> torch.Tensor:
 
 def importance(criterion: str, layer: SparseLayer) -> torch.Tensor:
     """Scores of ``layer``'s weights; NaN/inf is an error naming the layer."""
-    if criterion not in CRITERIA:
-        raise ValueError(f"unknown importance {criterion!r}; valid: {', '.join(sorted(CRITERIA))}")
+    check_choice("importance", criterion, CRITERIA)
     scores = CRITERIA[criterion](layer)
     if not torch.isfinite(scores).all():
         raise ValueError(f"importance {criterion!r} is NaN/inf in layer {layer.name}: check its weights and gradients")

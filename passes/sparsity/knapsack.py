@@ -32,7 +32,7 @@ import torch
 from numpy.lib.stride_tricks import sliding_window_view
 from torch import fx, nn
 
-from ..config import short_repr
+from ..config import check_choice, short_repr
 
 __all__ = [
     "COST_MODELS",
@@ -65,8 +65,7 @@ class Budget:
     fraction: float
 
     def __post_init__(self) -> None:
-        if self.kind not in COST_MODELS:
-            raise ValueError(f"unknown budget kind {short_repr(self.kind)}; valid: {', '.join(sorted(COST_MODELS))}")
+        check_choice("budget kind", self.kind, COST_MODELS)
         f = self.fraction
         if isinstance(f, bool) or not isinstance(f, (int, float)) or not math.isfinite(f) or not 0.0 < f <= 1.0:
             raise ValueError(f"budget {short_repr(self.kind)} must be a fraction of dense in (0, 1], "
@@ -276,8 +275,7 @@ def build_cost_model(kind: str, model: nn.Module, analysis: Any, group_ids: Sequ
                      latency_table: Any = None) -> CostModel:
     """The ``kind`` cost model of ``model`` whose variable channel groups are ``group_ids``
     (default: every prunable group of ``analysis``, from ``spruce.passes.analysis.analyze``)."""
-    if kind not in COST_MODELS:
-        raise ValueError(f"unknown cost model {kind!r}; valid: {', '.join(sorted(COST_MODELS))}")
+    check_choice("cost model", kind, COST_MODELS)
     wanted = None if group_ids is None else set(group_ids)
     groups = [g for g in analysis.groups if g.prunable and (wanted is None or g.id in wanted)]
     return COST_MODELS[kind](_Context(model, groups, analysis, latency_table))

@@ -16,7 +16,7 @@ from torch import fx
 from torch.nn.utils.parametrize import ParametrizationList
 
 from ..analysis import ChannelAnalysis, analyze
-from ..config import short_repr
+from ..config import check_choice, short_repr
 from ..export import check_runs, remove_channels
 from ..graph import CapturedGraph
 from .budget import DISTRIBUTIONS, layer_densities
@@ -468,8 +468,7 @@ def check_combination(config: MethodConfig, structure: str, sparsity: float, dis
     if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be a number in [0, 1), got {short_repr(sparsity)}")
     parsed = Structure.parse(structure)
-    if distribution not in DISTRIBUTIONS:
-        raise ValueError(f"unknown distribution {short_repr(distribution)}; valid: {', '.join(DISTRIBUTIONS)}")
+    check_choice("distribution", distribution, DISTRIBUTIONS)
     if parsed.kind not in config.structures:
         valid = [name for name, cls in _configs().items() if parsed.kind in cls.structures]
         raise ValueError(f"method {config.name!r} does not support structure={str(parsed)!r}; use structure="

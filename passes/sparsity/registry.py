@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from importlib.metadata import entry_points
 from typing import Any
 
-from ..config import ConfigError, short_list, short_repr
+from ..config import ConfigError, check_choice, short_list
 from . import methods as _builtin  # noqa: F401  (registers every built-in method)
 from .method import METHODS, MethodConfig
 
@@ -53,8 +53,7 @@ def config_class(name: str) -> type[MethodConfig]:
     """The config class of the method called ``name``; ``ConfigError`` listing the valid ones."""
     if isinstance(name, str) and name not in METHODS:
         load_entry_points()
-    if not isinstance(name, str) or name not in METHODS:
-        raise ConfigError(f"unknown method {short_repr(name)}; valid: {', '.join(method_names())}")
+    check_choice("method", name, method_names(), error=ConfigError)
     return METHODS[name].Config
 
 

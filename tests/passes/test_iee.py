@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn as nn
+from helpers import SGDLoop
 from spruce.compiler.api import sparsify
 
 
@@ -22,23 +23,9 @@ def make(total=70, **kw):
     return sparsify(cnn(), X, method="iee", sparsity=0.9, total_steps=total, h=H, j=J, q=Q, **kw)
 
 
-class Loop:
-    """A real SGD loop with momentum and weight decay, observing the model around each step."""
-
-    def __init__(self, sm, seed=0):
-        self.sm = sm
-        self.gen = torch.Generator().manual_seed(seed)
-        self.opt = torch.optim.SGD(sm.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
-        sm.attach(self.opt)
-
-    def step(self):
-        x = torch.randn(4, 4, 8, 8, generator=self.gen)
-        y = torch.randint(0, 8, (4,), generator=self.gen)
-        loss = nn.functional.cross_entropy(self.sm(x), y)
-        self.opt.zero_grad()
-        loss.backward()
-        self.opt.step()
-        self.sm.step()
+def Loop(sm, seed=0):  # noqa: N802 - reads as the class it builds
+    """A real SGD loop on random batches of (4, 4, 8, 8) with 8 classes (tests/helpers.py)."""
+    return SGDLoop(sm, (4, 4, 8, 8), 8, seed)
 
 
 def test_stage_boundaries_follow_algorithm_1():

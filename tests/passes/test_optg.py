@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from helpers import SGDLoop
 from spruce.compiler.api import sparsify
 
 
@@ -30,25 +31,9 @@ def sgd(params, lr=0.05):
     return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=1e-3)
 
 
-class Loop:
-    """A real SGD loop; ``step`` returns after backward + optimizer step + ``sm.step()``."""
-
-    def __init__(self, sm, opt=None, seed=0):
-        self.sm = sm
-        self.gen = torch.Generator().manual_seed(seed)
-        self.opt = opt if opt is not None else sgd(sm.parameters())
-        sm.attach(self.opt)
-
-    def backward(self):
-        x = torch.randn(4, 4, 8, 8, generator=self.gen)
-        y = torch.randint(0, 8, (4,), generator=self.gen)
-        self.opt.zero_grad()
-        F.cross_entropy(self.sm(x), y).backward()
-
-    def step(self):
-        self.backward()
-        self.opt.step()
-        self.sm.step()
+def Loop(sm, seed=0, opt=None):  # noqa: N802 - reads as the class it builds
+    """A real SGD loop on random batches of (4, 4, 8, 8) with 8 classes (tests/helpers.py)."""
+    return SGDLoop(sm, (4, 4, 8, 8), 8, seed, opt)
 
 
 def sigmoid(z):

@@ -7,6 +7,7 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
+from helpers import SGDLoop
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from spruce.compiler.api import sparsify
@@ -28,20 +29,12 @@ X = torch.randn(2, 4, 8, 8)
 
 
 def train(sm, steps, seed=0, check=None):
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.SGD(sm.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
-    sm.attach(opt)
+    loop = SGDLoop(sm, (4, 4, 8, 8), 8, seed, weight_decay=1e-4)
     for _ in range(steps):
-        x = torch.randn(4, 4, 8, 8, generator=gen)
-        y = torch.randint(0, 8, (4,), generator=gen)
-        loss = nn.functional.cross_entropy(sm(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sm.step()
+        loop.step()
         if check:
             check(sm)
-    return opt
+    return loop.opt
 
 
 def active_counts(sm):
@@ -190,15 +183,9 @@ def _sgd(sm):
 
 
 def _run(sm, opt, steps, gen):
-    sm.attach(opt)
+    loop = SGDLoop(sm, (4, 4, 8, 8), 8, opt=opt, gen=gen)
     for _ in range(steps):
-        x = torch.randn(4, 4, 8, 8, generator=gen)
-        y = torch.randint(0, 8, (4,), generator=gen)
-        loss = nn.functional.cross_entropy(sm(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sm.step()
+        loop.step()
 
 
 @pytest.mark.parametrize("method", ["rigl", "set", "gmp"])

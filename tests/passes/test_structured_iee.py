@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import SGDLoop
 from spruce.compiler.api import sparsify
 from torch import nn
 
@@ -29,22 +30,9 @@ def make(kind="flops", fraction=0.5, total=70, **kw):
                     **phases)
 
 
-class Loop:
-    def __init__(self, sm, seed=0):
-        self.sm = sm
-        self.gen = torch.Generator().manual_seed(seed)
-        self.opt = torch.optim.SGD(sm.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
-        sm.attach(self.opt)
-        sm.train()
-
-    def step(self):
-        x = torch.randn(8, 3, 12, 12, generator=self.gen)
-        y = torch.randint(0, 10, (8,), generator=self.gen)
-        loss = nn.functional.cross_entropy(self.sm(x), y)
-        self.opt.zero_grad()
-        loss.backward()
-        self.opt.step()
-        self.sm.step()
+def Loop(sm, seed=0):  # noqa: N802 - reads as the class it builds
+    """A real SGD loop on random batches of (8, 3, 12, 12) with 10 classes (tests/helpers.py)."""
+    return SGDLoop(sm, (8, 3, 12, 12), 10, seed, train=True)
 
 
 def masks(sm):

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from pydantic import Field, field_validator
 
+from ...config import check_choice
 from ...importance import importance_scores, param_table
 from ..channel_budget import ChannelBudget, ImportanceMeter, check_channel_criterion
 from ..context import MethodContext
@@ -62,12 +63,7 @@ class IEEConfig(MethodConfig):
     init: Literal["magnitude", "random"] = "magnitude"
     bins: int = Field(1024, ge=16)
 
-    @field_validator("criterion")
-    @classmethod
-    def _weight_criterion(cls, value: str) -> str:
-        if value not in CRITERIA:
-            raise ValueError(f"unknown criterion {value!r}; valid: {', '.join(sorted(CRITERIA))}")
-        return value
+    _criterion = field_validator("criterion")(lambda value: check_choice("criterion", value, CRITERIA))
 
     @field_validator("channel_criterion")
     @classmethod
