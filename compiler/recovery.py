@@ -90,9 +90,12 @@ def cross_entropy_loss(outputs: Any, batch: Any) -> torch.Tensor:
 
 def recover(student: nn.Module, teacher: nn.Module, loader: Iterable, mode: str, plan: OutputPlan, *,
             epochs: int, lr: float, loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
-            sparse: Any = None, quiet: bool = False) -> RecoveryLog:
+            sparse: Any = None, quiet: bool = False,
+            after_step: Callable[[int], None] | None = None) -> RecoveryLog:
     """Recover ``student`` (a compact model, or the module a SparseModel ``sparse`` wraps) in
-    ``mode``; returns the log. ``teacher`` is the dense model (never changed)."""
+    ``mode``; returns the log. ``teacher`` is the dense model (never changed). ``after_step``
+    is called after every optimizer step (and the SparseModel's step) with the number of
+    steps done; the model is back in training mode after it."""
     if mode not in RECOVER_MODES:
         raise ValueError(f"recover must be one of {', '.join(RECOVER_MODES)}, got {mode!r}")
     runner = sparse if sparse is not None else student
@@ -135,6 +138,9 @@ def recover(student: nn.Module, teacher: nn.Module, loader: Iterable, mode: str,
                 sparse.step()
             schedule.step()
             log.steps += 1
+            if after_step is not None:
+                after_step(log.steps)
+                runner.train()
             total += loss.item() * len(inputs)
             count += len(inputs)
         log.loss.append(total / max(count, 1))
