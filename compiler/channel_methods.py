@@ -47,7 +47,7 @@ from torch import nn
 from ..passes.graph import CapturedGraph
 from ..passes.importance import GRADIENT_FALLBACK, importance_scores, param_table
 from ..passes.sparsity.channel_budget import ChannelBudget
-from ..passes.sparsity.knapsack import build_cost_model
+from ..passes.sparsity.knapsack import InfeasibleBudget, build_cost_model
 from ..passes.sparsity.method import MethodConfig, RunLength
 from ..passes.sparsity.model import SparseModel, StaleOptimizerWarning, sparsify_captured
 from ..runtime.budget import BAND_HIGH, BAND_LOW, MeasuredSelection, meet_latency_budget
@@ -187,9 +187,14 @@ def check_final(sparse: SparseModel, drive: MethodDrive, dense: nn.Module, targe
     cost = build_cost_model("latency", ctx.source, ctx.analysis, groups, latency_table)
     # first aim: the method's selection's predicted cost scaled by what its measurement says is missing
     now = cost.cost({gid: int(mask.sum()) for gid, mask in kept_now.items()})
-    chosen = meet_latency_budget(ctx.analysis, ctx.source, latency_table, target, budget, importance, inputs,
-                                 batch_size=batch_size, round_to=round_to, candidates=kept_now, cost_model=cost,
-                                 first_aim=now * budget / ratio)
+    try:
+        chosen = meet_latency_budget(ctx.analysis, ctx.source, latency_table, target, budget, importance, inputs,
+                                     batch_size=batch_size, round_to=round_to, candidates=kept_now, cost_model=cost,
+                                     first_aim=now * budget / ratio)
+    except InfeasibleBudget as exc:
+        raise InfeasibleBudget(f"method {drive.method}'s final channels measure {ratio:.3f} of dense, above the "
+                               f"latency budget {budget:g}, and no subset of them reaches it: {exc}",
+                               exc.minimum) from None
     full = {u.group.id: np.arange(u.group.size) for u in ctx.units}
     ChannelBudget.apply(ctx, {**full, **{g: np.asarray(k) for g, k in chosen.kept.items() if g in full}})
     sparse.apply_masks()

@@ -16,6 +16,7 @@ from spruce.compiler import channel_methods, stages
 from spruce.compiler.api import sparsify
 from spruce.compiler.recipes import Recipe
 from spruce.passes.importance import importance_scores, param_table
+from spruce.passes.sparsity.knapsack import InfeasibleBudget
 from spruce.passes.sparsity.methods.halp import HALP
 from torch import nn
 
@@ -208,3 +209,20 @@ def test_a_gradient_signal_is_used_as_is():
         sm.step()
     activity = sm.method.activity()
     assert activity["selections"] == 2 and activity["importance_fallbacks"] == 0 and activity["cycles"] == 1
+
+
+def test_a_final_selection_that_cannot_reach_the_budget_fails_clearly(trained, image_dir, tmp_path, monkeypatch):
+    """HALP never prunes (the dense model reaches the check) and the re-aim is asked for 2 % of
+    dense, which no subset of the channels measures: InfeasibleBudget names the method and the
+    smallest reachable latency, and no output is left."""
+    monkeypatch.setattr(HALP, "is_update", lambda self, step: False)
+    real = channel_methods.meet_latency_budget
+
+    def unreachable(analysis, model, table, target, budget, *args, **kwargs):
+        return real(analysis, model, table, target, 0.02, *args, **kwargs)
+
+    monkeypatch.setattr(channel_methods, "meet_latency_budget", unreachable)
+    out = tmp_path / "out"
+    with pytest.raises(InfeasibleBudget, match=r"method halp's final channels measure .* smallest reachable latency"):
+        _compile(trained, image_dir, out, recover="distill", method="halp")
+    assert not out.exists()
