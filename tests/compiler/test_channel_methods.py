@@ -68,6 +68,8 @@ def test_the_named_method_runs_mask_updates_during_recovery(driven, name):
     assert recovery["mask_updates"] >= 1 and recovery["selections"] >= 1, recovery
     assert recovery["method"]["criterion"] == "taylor_bn" and recovery["method"]["zero_gradient_fallback"] == "bn_scale"
     assert f"re-selected during recovery by method {name}" in recovery["selection"]
+    report_md = (driven[name][0].out_dir / "report.md").read_text()
+    assert f"channels re-selected by method {name} (taylor_bn; {recovery['selections']} knapsack" in report_md
 
 
 @pytest.mark.parametrize("name", METHODS)
