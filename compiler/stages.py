@@ -22,9 +22,13 @@ trained on the bundled digits with a fixed seed, and that trained model is then 
 - ``sparsify``: for ``channel``: channels chosen one-shot from the trained weights' magnitude
   (gradient importance is exactly zero when the student equals its teacher), a latency
   budget met as *measured* on the target (:func:`spruce.runtime.budget.meet_latency_budget`,
-  :class:`InfeasibleBudget` before any recovery), the compact model; for ``unstructured`` /
-  ``N:M``: the method's SparseModel, its initial masks by magnitude (never random);
-- ``recover``: ``none`` (BatchNorm re-estimation), ``distill`` or ``loss``;
+  :class:`InfeasibleBudget` before any recovery), the compact model; with a budgeted method
+  named and recovery ``distill`` / ``loss``, that selection calibrates the budget of the
+  method's channel SparseModel instead (:mod:`spruce.compiler.channel_methods`); for
+  ``unstructured`` / ``N:M``: the method's SparseModel, its initial masks by magnitude (never random);
+- ``recover``: ``none`` (BatchNorm re-estimation), ``distill`` or ``loss``; a method
+  re-selecting channels has its final channels measured against the budget (re-aimed if
+  above it) once it has no update left;
 - ``export``: the compiled model; its fidelity to the dense one on held-out inputs, accuracy
   where labels exist, the user's metrics;
 - ``build``: dense and compiled artifacts for the target; ``bench``: both timed;
