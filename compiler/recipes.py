@@ -15,7 +15,9 @@ fails before any training. :func:`recipe_schema` is its JSON schema. All keys op
 ``target_options``        mapping passed to the target, e.g. ``{threads: 2}``
 ``method``                a registered sparse-training method: its name (``iee``) or a
                           mapping of its name and options, e.g. ``{name: iee, h: 20}``;
-                          options not given scale to the run (see ``MethodConfig.for_run``)
+                          options not given scale to the run (see ``MethodConfig.for_run``);
+                          for ``channel`` with a budget, a method *named* here (``halp``,
+                          ``iee``) re-selects channels during ``distill``/``loss`` recovery
 ``structure``             ``channel``, ``unstructured`` or ``N:M`` (e.g. ``2:4``)
 ``sparsity``              fraction of weights/channels removed (when no ``budget``)
 ``budget``                ``{latency: f}``, ``{flops: f}`` or ``{params: f}``: fraction of dense
@@ -211,6 +213,14 @@ class Recipe(Config):
             changes["method"] = self.method
         fields = {name: getattr(self, name) for name in self.model_fields_set}
         return Recipe(**{**fields, **changes})
+
+    @property
+    def method_named(self) -> bool:
+        """Was the method named (recipe file, command line, ``compile`` option) rather than left
+        at the default? With ``structure: channel``, a budget and recovery ``distill`` or
+        ``loss``, a named budgeted method (halp, iee) re-selects channels during recovery
+        (:mod:`spruce.compiler.channel_methods`); unnamed, channels are chosen once."""
+        return "method" in self.model_fields_set
 
     def to_dict(self) -> dict[str, Any]:
         """The recipe as a recipe-file mapping (JSON-ready; loading it gives this recipe)."""

@@ -17,7 +17,6 @@ steps: a trained model is fine-tuned, not trained from scratch.
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -31,6 +30,7 @@ from tqdm.auto import tqdm
 
 from .datasets import inputs_of
 from .outputs import OutputPlan, distill_loss, flatten_outputs
+from .training import cosine_schedule, train_step
 
 __all__ = ["RECOVER_MODES", "RecoveryLog", "cross_entropy_loss", "recover", "reestimate_batchnorm"]
 
@@ -90,9 +90,12 @@ def cross_entropy_loss(outputs: Any, batch: Any) -> torch.Tensor:
 
 def recover(student: nn.Module, teacher: nn.Module, loader: Iterable, mode: str, plan: OutputPlan, *,
             epochs: int, lr: float, loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
-            sparse: Any = None, quiet: bool = False) -> RecoveryLog:
+            sparse: Any = None, quiet: bool = False,
+            after_step: Callable[[int], None] | None = None) -> RecoveryLog:
     """Recover ``student`` (a compact model, or the module a SparseModel ``sparse`` wraps) in
-    ``mode``; returns the log. ``teacher`` is the dense model (never changed)."""
+    ``mode``; returns the log. ``teacher`` is the dense model (never changed). ``after_step``
+    is called after every optimizer step (and the SparseModel's step) with the number of
+    steps done; the model is back in training mode after it."""
     if mode not in RECOVER_MODES:
         raise ValueError(f"recover must be one of {', '.join(RECOVER_MODES)}, got {mode!r}")
     runner = sparse if sparse is not None else student
@@ -108,9 +111,7 @@ def recover(student: nn.Module, teacher: nn.Module, loader: Iterable, mode: str,
     optimizer = torch.optim.AdamW([p for p in runner.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     if sparse is not None:
         sparse.attach(optimizer)
-    steps = max(1, epochs * len(loader))  # type: ignore[arg-type]
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    schedule = cosine_schedule(optimizer, epochs * len(loader))  # type: ignore[arg-type]
     updates_before = len(getattr(sparse, "metrics", ())) if sparse is not None else 0
     disable = quiet or not sys.stderr.isatty()
     for epoch in range(epochs):
@@ -128,13 +129,11 @@ def recover(student: nn.Module, teacher: nn.Module, loader: Iterable, mode: str,
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"recover ({mode}): the loss became {loss.item()} at epoch {epoch + 1}; "
                                          "lower the recovery learning rate")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if sparse is not None:
-                sparse.step()
-            schedule.step()
+            train_step(loss, optimizer, schedule, sparse)
             log.steps += 1
+            if after_step is not None:
+                after_step(log.steps)
+                runner.train()
             total += loss.item() * len(inputs)
             count += len(inputs)
         log.loss.append(total / max(count, 1))

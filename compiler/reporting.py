@@ -146,6 +146,16 @@ def _summary_lines(doc: dict[str, Any]) -> list[str]:
     if recovery:
         lines += ["", f"recovery: {recovery['mode']} ({recovery['loss']}), {recovery.get('steps', 0)} steps, "
                   f"{recovery.get('mask_updates', 0)} mask updates"]
+        if isinstance(recovery.get("method"), Mapping):  # a method re-selected channels during recovery
+            method, final = recovery["method"], recovery.get("final_check") or {}
+            text = (f"channels re-selected by method {method['method']} ({method['criterion']}; "
+                    f"{recovery.get('selections', 0)} knapsack selections, "
+                    f"{recovery.get('importance_fallbacks', 0)} scored by the zero-gradient fallback "
+                    f"{method['zero_gradient_fallback']})")
+            if final.get("method_ratio") is not None:
+                text += (f"; its final channels {final['kind']} {final['method_ratio']:.3f} of dense"
+                         + (f", re-aimed to {final['ratio']:.3f}" if final.get("re_aimed") else ""))
+            lines.append(text)
     return lines
 
 

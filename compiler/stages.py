@@ -22,9 +22,13 @@ trained on the bundled digits with a fixed seed, and that trained model is then 
 - ``sparsify``: for ``channel``: channels chosen one-shot from the trained weights' magnitude
   (gradient importance is exactly zero when the student equals its teacher), a latency
   budget met as *measured* on the target (:func:`spruce.runtime.budget.meet_latency_budget`,
-  :class:`InfeasibleBudget` before any recovery), the compact model; for ``unstructured`` /
-  ``N:M``: the method's SparseModel, its initial masks by magnitude (never random);
-- ``recover``: ``none`` (BatchNorm re-estimation), ``distill`` or ``loss``;
+  :class:`InfeasibleBudget` before any recovery), the compact model; with a budgeted method
+  named and recovery ``distill`` / ``loss``, that selection calibrates the budget of the
+  method's channel SparseModel instead (:mod:`spruce.compiler.channel_methods`); for
+  ``unstructured`` / ``N:M``: the method's SparseModel, its initial masks by magnitude (never random);
+- ``recover``: ``none`` (BatchNorm re-estimation), ``distill`` or ``loss``; a method
+  re-selecting channels has its final channels measured against the budget (re-aimed if
+  above it) once it has no update left;
 - ``export``: the compiled model; its fidelity to the dense one on held-out inputs, accuracy
   where labels exist, the user's metrics;
 - ``build``: dense and compiled artifacts for the target; ``bench``: both timed;
@@ -61,6 +65,15 @@ from ..runtime.profile import LatencyTable
 from ..runtime.profile import profile as profile_layers
 from ..targets.base import Artifact, Target, get_target
 from ..targets.files import OutputError, atomic_path
+from .channel_methods import (
+    FinalCheck,
+    MethodDrive,
+    check_final,
+    drives_channels,
+    method_activity,
+    sparsify_with_method,
+    updates_left,
+)
 from .datasets import DataError, Loaders, check_disjoint, default_model, inputs_of, load_data, loaders_from
 from .outputs import Fidelity, OutputPlan, fidelity, flatten_outputs, plan_outputs
 from .recipes import Recipe
@@ -211,6 +224,7 @@ class Sparsified:
     kept: dict[int, np.ndarray] | None = None
     selection: MeasuredSelection | None = None
     importance: str = "magnitude"
+    drive: MethodDrive | None = None  # channel: the method re-selecting channels during recovery (sparse set)
 
 
 @dataclass(frozen=True)
@@ -220,6 +234,7 @@ class Recovered:
     log: TrainLog
     recovery: RecoveryLog | None = None
     before: Fidelity | None = None  # the selected model's fidelity to dense before recovery (same held-out inputs)
+    final: FinalCheck | None = None  # a method-driven channel selection judged against the budget after recovery
 
 
 @dataclass(frozen=True)
@@ -323,7 +338,10 @@ def sparsify(setup: Setup, captured: Captured, profiled: Profiled, workspace: Wo
     total_steps = setup.total_steps
     method = recipe.method.for_run(RunLength(total_steps, len(setup.data.train), recipe.structure))
     if recipe.structure == "channel":
-        return _select_channels(setup, captured, profiled, method, total_steps, workspace)
+        chosen = _select_channels(setup, captured, profiled, method, total_steps, workspace)
+        if drives_channels(recipe.structure, setup.mode, recipe.method, recipe.method_named, recipe.budget):
+            return _method_channels(setup, captured, profiled, chosen, workspace)
+        return chosen
     trained = {id(p): p.detach().clone() for p in captured.graph.eval.parameters()}  # before any mask zeroes them
     sparse = sparsify_captured(captured.graph, method, structure=recipe.structure,
                                sparsity=recipe.sparsity if recipe.sparsity is not None else 0.0,
@@ -332,9 +350,10 @@ def sparsify(setup: Setup, captured: Captured, profiled: Profiled, workspace: Wo
     return Sparsified(method, sparse, total_steps)
 
 
-def recover(setup: Setup, reference: Reference, captured: Captured, sparsified: Sparsified,
+def recover(setup: Setup, reference: Reference, captured: Captured, profiled: Profiled, sparsified: Sparsified,
             workspace: Workspace) -> Recovered:
-    """Recover the student: BatchNorm re-estimation (``none``), distillation or the loss."""
+    """Recover the student: BatchNorm re-estimation (``none``), distillation or the loss; a
+    method re-selecting channels meanwhile has its final selection checked against the budget."""
     recipe = setup.recipe
     student = sparsified.compact if sparsified.compact is not None else captured.student
     loss_fn = None
@@ -345,11 +364,24 @@ def recover(setup: Setup, reference: Reference, captured: Captured, sparsified: 
     before = fidelity(selected, reference.model, held_out, setup.plan) if setup.plan is not None else None
     if setup.mode != "none":
         workspace.say(f"recovering ({setup.loss_text}) ...")
+    checks: list[FinalCheck] = []
+
+    def check(step: int) -> None:  # the method's last selection judged as measured, once no update is left
+        if not checks and not updates_left(sparsified.sparse, step, sparsified.total_steps):
+            workspace.say(f"checking the method's final channels against the budget on the target (step {step}) ...")
+            checks.append(check_final(sparsified.sparse, sparsified.drive, reference.model, setup.target,
+                                      setup.example, batch_size=recipe.budget_batch_size, round_to=recipe.round_to,
+                                      latency_table=profiled.table, calibration=setup.data.train, step=step))
+
     log = recover_model(student, reference.model, setup.data.train, setup.mode, setup.plan, epochs=recipe.epochs,
-                        lr=recipe.recover_lr, loss_fn=loss_fn, sparse=sparsified.sparse, quiet=workspace.quiet)
+                        lr=recipe.recover_lr, loss_fn=loss_fn, sparse=sparsified.sparse, quiet=workspace.quiet,
+                        after_step=check if sparsified.drive is not None else None)
+    if sparsified.drive is not None and not checks:  # updates still due when recovery stopped
+        check(sparsified.total_steps)
+    final = checks[0] if checks else None
     accuracy = _accuracy(setup, sparsified.sparse if sparsified.sparse is not None else student)
     return Recovered(TrainLog(list(log.loss), [accuracy] * len(log.loss) if accuracy is not None else [],
-                              log.seconds), log, before)
+                              log.seconds), log, before, final)
 
 
 def export(setup: Setup, reference: Reference, sparsified: Sparsified, workspace: Workspace) -> Exported:
@@ -409,7 +441,7 @@ def report(setup: Setup, reference: Reference, profiled: Profiled, sparsified: S
         timings=dict(timings.seconds), wall_s=time.perf_counter() - timings.started,
         dense_accuracy=reference.accuracy if reference.accuracy is not None else "log",
         evaluation=_evaluation_record(setup, reference, exported),
-        budget=_budget_record(setup, reference, sparsified, profiled, exported, benched),
+        budget=_budget_record(setup, reference, sparsified, profiled, exported, benched, recovered.final),
         recovery=_recovery_record(setup, sparsified, recovered))
     write_reports(document, profiled.table, workspace.out_dir)
     return CompileReport(document, workspace.out_dir)
@@ -615,6 +647,21 @@ def _magnitude_masks(sparse: SparseModel, trained: dict[int, torch.Tensor], dist
     sparse.apply_masks()
 
 
+def _method_channels(setup: Setup, captured: Captured, profiled: Profiled, chosen: Sparsified,
+                     workspace: Workspace) -> Sparsified:
+    """The one-shot selection ``chosen`` (its measured calibration, InfeasibleBudget already
+    raised where due) handed over to the named method: the student becomes the method's
+    channel SparseModel, which re-selects channels during recovery
+    (:mod:`spruce.compiler.channel_methods`)."""
+    recipe = setup.recipe
+    workspace.say(f"method {recipe.method.name} re-selects channels under the budget during recovery ...")
+    run = RunLength(chosen.total_steps, len(setup.data.train), recipe.structure)
+    sparse, drive = sparsify_with_method(captured.graph, recipe.method, run, dict(recipe.budget), chosen.selection,
+                                         profiled.table)
+    return Sparsified(sparse.method.config, sparse, chosen.total_steps, selection=chosen.selection,
+                      importance=f"{drive.criterion} (method {drive.method})", drive=drive)
+
+
 def _evaluation_record(setup: Setup, reference: Reference, exported: Exported) -> dict[str, Any]:
     return {"held_out_inputs": exported.held_out, "held_out_disjoint_from_recovery": True,
             "outputs": setup.plan.record() if setup.plan else [],
@@ -624,7 +671,7 @@ def _evaluation_record(setup: Setup, reference: Reference, exported: Exported) -
 
 
 def _budget_record(setup: Setup, reference: Reference, sparsified: Sparsified, profiled: Profiled,
-                   exported: Exported, benched: Benched) -> dict[str, Any] | None:
+                   exported: Exported, benched: Benched, final: FinalCheck | None = None) -> dict[str, Any] | None:
     recipe = setup.recipe
     if not recipe.budget:
         return None
@@ -649,12 +696,28 @@ def _budget_record(setup: Setup, reference: Reference, sparsified: Sparsified, p
                       dense_measured_ms=selection["measured_dense_ms"],
                       compiled_measured_ms=selection["measured_ms"], attempts=selection["attempts"],
                       band=[0.9 * fraction, 1.05 * fraction])
+    if final is not None:  # a method re-selected during recovery: what ships is its final selection, measured
+        record.update(measured_ratio=final.ratio, in_band=final.in_band, dense_measured_ms=final.measured_dense_ms,
+                      compiled_measured_ms=final.measured_ms, final_check=final.record(),
+                      selection_before_recovery_ratio=record.get("measured_ratio"))
     return record
 
 
 def _recovery_record(setup: Setup, sparsified: Sparsified, recovered: Recovered) -> dict[str, Any]:
     log = recovered.recovery
     record = {"mode": setup.mode, "loss": setup.loss_text, **(log.record() if log else {})}
+    if sparsified.drive is not None:
+        drive = sparsified.drive
+        record["selection"] = (
+            f"channels re-selected during recovery by method {drive.method} under the budget (its knapsack given "
+            f"{drive.aim:.4g} of the predicted dense cost), importance {drive.criterion} from the trained weights"
+            + (f"; where every gradient is exactly zero (the student still equals its teacher) the channels are "
+               f"scored by {drive.fallback} instead" if drive.fallback else "")
+            + "; the final selection checked against the budget as measured")
+        record.update(method=drive.record(), **method_activity(sparsified.sparse),
+                      final_check=recovered.final.record() if recovered.final is not None else None)
+        record["fidelity_before_recovery"] = recovered.before.record() if recovered.before is not None else None
+        return record
     record["selection"] = (f"channels chosen once from the trained weights by {sparsified.importance}; gradient "
                            "importance is exactly zero when the student equals its teacher, so magnitude is the "
                            "criterion; the method does not re-select channels during recovery"

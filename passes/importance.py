@@ -16,10 +16,16 @@ import torch
 from .analysis import ChannelGroup, Member
 from .config import check_choice
 
-__all__ = ["GRADIENT_CRITERIA", "IMPORTANCE", "importance_scores", "register_importance"]
+__all__ = ["GRADIENT_CRITERIA", "GRADIENT_FALLBACK", "IMPORTANCE", "importance_scores", "register_importance"]
 
 # criteria that read the parameters' gradients (registered in spruce.passes.sparsity.channels)
 GRADIENT_CRITERIA = frozenset({"taylor", "taylor_bn"})
+# What a gradient criterion falls back to when every gradient it read is exactly zero (no signal:
+# at the start of distillation the student equals its teacher, so the loss and its gradient are
+# zero): the weights' own size, BatchNorm |gamma| for Taylor-on-BatchNorm (network slimming; a group
+# without a BatchNorm uses l1), L1 magnitude for plain Taylor. Never random: an all-zero score would
+# leave the knapsack's choice to ties. Used by spruce.passes.sparsity.channel_budget.ImportanceMeter.
+GRADIENT_FALLBACK = {"taylor": "l1", "taylor_bn": "bn_scale"}
 
 Criterion = Callable[[ChannelGroup, Mapping[str, torch.Tensor], np.random.Generator], np.ndarray]
 IMPORTANCE: dict[str, Criterion] = {}

@@ -128,6 +128,7 @@ def meet_latency_budget(
     timing_rounds: int = 15,
     candidates: Mapping[int, np.ndarray] | None = None,
     cost_model: CostModel | None = None,
+    first_aim: float | None = None,
 ) -> MeasuredSelection:
     """Channels of ``model`` whose compact model measures within the latency ``budget``.
 
@@ -140,7 +141,9 @@ def meet_latency_budget(
     (the example inputs' batch dim is replaced; the target must accept it): compact and dense
     interleaved in one run, ``timing_rounds`` rounds after ``warmup`` calls each. At most
     ``rounds`` selections are made; kept counts are multiples of ``round_to`` (or a whole
-    group); ``candidates`` as for ``select_channels``.
+    group); ``candidates`` as for ``select_channels``. The first selection aims at
+    ``first_aim`` (cost units; default ``budget`` x the predicted dense cost), e.g. an aim
+    already calibrated by an earlier measurement.
 
     Returns the first selection measured within [0.9, 1.05] x ``budget`` of dense; when the
     rounds run out, the slowest selection measured at most 1.05 x ``budget`` (``in_band``
@@ -199,7 +202,7 @@ def meet_latency_budget(
                                  measured_dense_ms=attempt.measured_dense_ms, in_band=in_band,
                                  cost_unit=cost.unit, attempts=list(attempts))
 
-    aim = budget * dense_predicted
+    aim = budget * dense_predicted if first_aim is None else float(np.clip(first_aim, floor_predicted, dense_predicted))
     for _ in range(rounds):
         selection, attempt = try_aim(aim)
         if low <= attempt.ratio <= high:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..config import check_choice
-from ..importance import IMPORTANCE, importance_scores, param_table
+from ..importance import GRADIENT_FALLBACK, IMPORTANCE, importance_scores, param_table
 from .channels import expand_channel_masks
 from .context import MethodContext
 from .knapsack import InfeasibleBudget, Selection, build_cost_model, minimum_cost, select_channels
@@ -79,13 +79,23 @@ class ChannelBudget:
 
 
 class ImportanceMeter:
-    """Channel importance of every unit summed over steps (HALP averages it between updates)."""
+    """Channel importance of every unit summed over steps (HALP averages it between updates).
+
+    A gradient criterion (``taylor``, ``taylor_bn``) whose summed scores are exactly zero in
+    every unit carries no signal: the loss had no gradient, as at the start of distillation,
+    where the student equals its teacher. :meth:`mean` then scores the channels by the
+    criterion's fallback (:data:`~spruce.passes.importance.GRADIENT_FALLBACK`: BatchNorm
+    ``|gamma|`` for ``taylor_bn``, L1 magnitude for ``taylor``), computed from the weights as
+    they are then, and counts it in ``fallbacks``; otherwise the knapsack would choose among
+    ties. A signal in any unit is used as is (zero scores elsewhere are a real signal)."""
 
     def __init__(self, criterion: str, seed: int = 0):
         self.criterion = criterion
+        self.fallback = GRADIENT_FALLBACK.get(criterion)
         self.rng = np.random.default_rng(seed)
         self.total: dict[int, np.ndarray] = {}
         self.steps = 0
+        self.fallbacks = 0  # selections scored by the fallback (no gradient signal)
 
     def add(self, ctx: MethodContext) -> None:
         params = param_table(ctx.source)
@@ -96,22 +106,29 @@ class ImportanceMeter:
         self.steps += 1
 
     def mean(self, ctx: MethodContext) -> dict[int, np.ndarray]:
-        """Average importance since the last :meth:`reset` (scored now if no step was seen)."""
+        """Average importance since the last :meth:`reset` (scored now if no step was seen),
+        or the fallback's scores when a gradient criterion saw no gradient at all."""
         if self.steps == 0:
             self.add(ctx)
-        return {gid: total / self.steps for gid, total in self.total.items()}
+        scores = {gid: total / self.steps for gid, total in self.total.items()}
+        if self.fallback is not None and scores and not any(np.any(s != 0) for s in scores.values()):
+            self.fallbacks += 1
+            params = param_table(ctx.source)
+            return {u.group.id: importance_scores(self.fallback, u.group, params, self.rng) for u in ctx.units}
+        return scores
 
     def reset(self) -> None:
         self.total, self.steps = {}, 0
 
     def state_dict(self) -> dict:
         return {"total": {k: v.copy() for k, v in self.total.items()}, "steps": self.steps,
-                "rng": self.rng.bit_generator.state}
+                "rng": self.rng.bit_generator.state, "fallbacks": self.fallbacks}
 
     def load_state_dict(self, state: dict) -> None:
         self.total = {int(k): np.asarray(v) for k, v in state["total"].items()}
         self.steps = state["steps"]
         self.rng.bit_generator.state = state["rng"]
+        self.fallbacks = state.get("fallbacks", 0)  # checkpoints from before the fallback
 
 
 def check_channel_criterion(method: str, criterion: str) -> str:

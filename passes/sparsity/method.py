@@ -41,6 +41,9 @@ class RunLength:
     total_steps: int
     steps_per_epoch: int | None = None
     structure: str = "unstructured"
+    # the run exists for the method's mask updates (``spruce compile``'s recovery with a method
+    # re-selecting channels): defaults that would leave no update in a run this short are raised
+    updates_required: bool = False
 
 
 class MethodConfig(Config):
@@ -165,6 +168,12 @@ class Method:
 
     def on_step(self, step: int) -> None:
         """Called after every optimizer step, before any mask update."""
+
+    def activity(self) -> dict[str, int]:
+        """Counts of what the method did so far, for reports (a channel method: its knapsack
+        ``selections`` after the initial one and its ``importance_fallbacks``, selections
+        scored without a gradient signal); empty by default."""
+        return {}
 
     def state_dict(self) -> dict:
         return {"config": self.config.model_dump(), "generator": self.generator.get_state()}

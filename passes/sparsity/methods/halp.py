@@ -113,6 +113,10 @@ class HALP(Method):
         self.history.append({"step": step, "budget": budget, "cost": selection.cost})
         return True
 
+    def activity(self) -> dict[str, int]:
+        """Pruning steps run (each a knapsack selection) and those scored by the fallback."""
+        return {"selections": len(self.history), "importance_fallbacks": self.meter.fallbacks}
+
     def state_dict(self) -> dict:
         state = super().state_dict()
         state.update(meter=self.meter.state_dict(), prunes_done=self.prunes_done, history=list(self.history))

@@ -30,6 +30,8 @@ STRUCTURED_END_FRACTION = 5 / 130
 # cycles `spruce compile` fits in the update horizon: H = J = Q = horizon / (3 * 3) (a twelfth of the
 # run for the 3/4 horizon, as before issue 15)
 CYCLES_PER_HORIZON = 3
+# the shortest phase (H = J = Q) with which a cycle can start when a run must see one (RunLength.updates_required)
+MIN_PHASE = 2
 
 
 class IEEConfig(MethodConfig):
@@ -81,6 +83,10 @@ class IEEConfig(MethodConfig):
         kind = "channel" if run.structure == "channel" else "unstructured"
         horizon = int(self.horizon_fraction(kind) * run.total_steps)
         phase = max(1, horizon // (3 * CYCLES_PER_HORIZON))
+        if run.updates_required and run.total_steps >= 3 * MIN_PHASE:
+            # the first prune comes before batch h + 1: h = 1 would put it before the first batch, where
+            # no update runs, and a run this short would see no cycle at all
+            phase = max(phase, MIN_PHASE)
         defaults: dict[str, Any] = {"h": phase, "j": phase, "q": phase}
         if run.structure == "channel":
             defaults["round_to"] = COMPILE_ROUND_TO
@@ -250,6 +256,15 @@ class IEE(Method):
             active = self.active[layer.name]
             weight = layer.module.weight
             weight.copy_(torch.where(active, self.frozen[layer.name], weight))
+
+    def activity(self) -> dict[str, int]:
+        """Channel path: knapsack selections after the initial one (prunes and grows) and those
+        scored by the zero-gradient fallback; unstructured and N:M: completed cycles."""
+        if self.channels is None:
+            return {"cycles": self.cycle}
+        selections = [h for h in self.channels.history if h["stage"] in ("prune", "grow")]
+        return {"selections": len(selections), "importance_fallbacks": self.channels.meter.fallbacks,
+                "cycles": self.cycle}
 
     def state_dict(self) -> dict:
         state = super().state_dict()
