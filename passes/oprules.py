@@ -818,28 +818,58 @@ def batch_norm_fn(an: Analyzer, call: Call) -> object:
     return x
 
 
+def normalised(an: Analyzer, x: TensorDims, k: int, weight: object, bias: object, what: str) -> TensorDims:
+    """LayerNorm / RMSNorm over the last ``k`` dims of ``x``: weight and bias follow them.
+    The normalised dims are pinned (a channel's output depends on every channel's value),
+    except under ``normalised_widths`` for a norm over one dim with a weight: that dim is
+    free, the masked model computing the norm over the kept channels only (its weight
+    identifies it there: :mod:`spruce.passes.maskednorm`), so the compact model's smaller
+    norm is exact. The normalised space is noted (``"normalised"``) for the rewrite of a
+    literal ``normalized_shape``."""
+    tail = x[len(x) - k :]
+    for t in (weight, bias):
+        if isinstance(t, TensorDims):
+            for a, b in zip(t, tail):
+                an.same(a, b)
+    if an.normalised_widths and k == 1 and isinstance(weight, TensorDims) and len(weight) == 1:
+        an.norm_spaces.add(weight[0].id)
+        an.note("normalised", tail[0])
+        return x
+    reason = f"{what} normalises over this dim"
+    if an.normalised_widths:
+        reason += " (normalised_widths frees only a norm over one dim with a weight)"
+    pin_dims(an, x, range(len(x) - k, len(x)), reason)
+    return x
+
+
+def rewrite_normalized_shape(position: int) -> Rewrite:
+    """A literal ``normalized_shape`` follows the normalised space its rule noted."""
+    def rewrite(node: fx.Node, ctx: Resize) -> None:
+        space = ctx.extra("normalised")
+        if isinstance(space, Space) and ctx.changed(space):
+            set_arg(node, position, "normalized_shape", [ctx.size(space)])
+
+    return rewrite
+
+
 @module_rule(nn.LayerNorm, nn.RMSNorm)
 def layer_norm_module(an: Analyzer, call: Call) -> object:
-    x = call.args[0]
-    k = len(call.module.normalized_shape)
-    pin_dims(an, x, range(len(x) - k, len(x)), f"{type(call.module).__name__} normalises over this dim")
-    for t in (call.module.weight, getattr(call.module, "bias", None)):
-        if t is not None:
-            for a, b in zip(an.tensor_dims(t), x[len(x) - k :]):
-                an.same(a, b)
-    return x
+    m = call.module
+    weight = an.tensor_dims(m.weight) if getattr(m, "weight", None) is not None else None
+    bias = an.tensor_dims(m.bias) if getattr(m, "bias", None) is not None else None
+    return normalised(an, call.args[0], len(m.normalized_shape), weight, bias, type(m).__name__)
 
 
-@function_rule(F.layer_norm, F.rms_norm)
+@function_rule(F.layer_norm, rewrite=rewrite_normalized_shape(1))
 def layer_norm_fn(an: Analyzer, call: Call) -> object:
-    x = call.args[0]
-    k = len(call.arg(1, "normalized_shape"))
-    pin_dims(an, x, range(len(x) - k, len(x)), "layer_norm normalises over this dim")
-    for t in (call.arg(2, "weight"), call.arg(3, "bias")):
-        if isinstance(t, TensorDims):
-            for a, b in zip(t, x[len(x) - k :]):
-                an.same(a, b)
-    return x
+    return normalised(an, call.args[0], len(call.arg(1, "normalized_shape")), call.arg(2, "weight"),
+                      call.arg(3, "bias"), "layer_norm")
+
+
+@function_rule(F.rms_norm, rewrite=rewrite_normalized_shape(1))
+def rms_norm_fn(an: Analyzer, call: Call) -> object:
+    return normalised(an, call.args[0], len(call.arg(1, "normalized_shape")), call.arg(2, "weight"), None,
+                      "rms_norm")
 
 
 def group_norm(an: Analyzer, call: Call, x: TensorDims, num_groups: int, weight: object, bias: object) -> object:
