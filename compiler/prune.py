@@ -86,7 +86,7 @@ class PruneConfig(Config):
     importance: str = "l1"
     round_to: int | None = Field(None, ge=1)
     gqa: str = "query_heads"
-    normalised_widths: bool = False
+    normalised_widths: bool = Field(False, strict=True)
 
     @field_validator("importance")
     @classmethod

@@ -254,8 +254,8 @@ def batch_norm(an: Analyzer, call: Call) -> object:
     return x
 
 
-aten_rule("layer_norm", rewrite=rewrite_normalized_shape(1))(layer_norm_fn)
-aten_rule("rms_norm", rewrite=rewrite_normalized_shape(1))(rms_norm_fn)
+aten_rule("layer_norm", shape_args=True, rewrite=rewrite_normalized_shape(1))(layer_norm_fn)
+aten_rule("rms_norm", shape_args=True, rewrite=rewrite_normalized_shape(1))(rms_norm_fn)
 
 
 @aten_rule("group_norm", rewrite=rewrite_groups(1, "num_groups"))

@@ -860,13 +860,13 @@ def layer_norm_module(an: Analyzer, call: Call) -> object:
     return normalised(an, call.args[0], len(m.normalized_shape), weight, bias, type(m).__name__)
 
 
-@function_rule(F.layer_norm, rewrite=rewrite_normalized_shape(1))
+@function_rule(F.layer_norm, shape_args=True, rewrite=rewrite_normalized_shape(1))
 def layer_norm_fn(an: Analyzer, call: Call) -> object:
     return normalised(an, call.args[0], len(call.arg(1, "normalized_shape")), call.arg(2, "weight"),
                       call.arg(3, "bias"), "layer_norm")
 
 
-@function_rule(F.rms_norm, rewrite=rewrite_normalized_shape(1))
+@function_rule(F.rms_norm, shape_args=True, rewrite=rewrite_normalized_shape(1))
 def rms_norm_fn(an: Analyzer, call: Call) -> object:
     return normalised(an, call.args[0], len(call.arg(1, "normalized_shape")), call.arg(2, "weight"), None,
                       "rms_norm")
