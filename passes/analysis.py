@@ -160,7 +160,8 @@ class Analyzer:
     Operator rules call the relation methods (:meth:`same`, :meth:`slice_same`,
     :meth:`product`, :meth:`pin`); :meth:`solve` turns them into groups."""
 
-    def __init__(self, model: torch.nn.Module, gqa: str = "query_heads", normalised_widths: bool = False):
+    def __init__(self, model: torch.nn.Module, gqa: str = "query_heads", normalised_widths: bool = False,
+                 hand_written_norms: bool = True):
         if gqa not in GQA_MODES:
             raise ValueError(f"gqa must be one of {', '.join(GQA_MODES)}, got {gqa!r}")
         self.gqa = gqa
@@ -168,6 +169,11 @@ class Analyzer:
         self.normalised_widths = bool(normalised_widths)
         # space ids of the weights (dim 0) of the norms whose normalised dim is left free
         self.norm_spaces: set[int] = set()
+        # RMSNorms computed by hand (x.pow(2).mean(-1)) count too, where the masked model can
+        # run hooks on their modules (prune); their weights' spaces
+        self.hand_written_norms = bool(hand_written_norms)
+        self.hand_norm_spaces: set[int] = set()
+        self.model = model
         self.copy_space_ids: set[int] = set()
         self.spaces: list[Space] = []
         self.n_elements = 0
@@ -419,6 +425,12 @@ class ChannelAnalysis:
         return {an.tensor_names[key]: space.size for (key, d), space in an.param_spaces.items()
                 if d == 0 and space.id in an.norm_spaces and an.tensors[key].dim() == 1}
 
+    def hand_written_norms(self) -> set[str]:
+        """Names of the weights of the RMSNorms computed by hand among :meth:`norm_weights`."""
+        an = self.analyzer
+        return {an.tensor_names[key] for (key, d), space in an.param_spaces.items()
+                if d == 0 and space.id in an.hand_norm_spaces and an.tensors[key].dim() == 1}
+
     def norm_keeps(self, kept: dict[int, np.ndarray]) -> dict[str, np.ndarray]:
         """For every LayerNorm / RMSNorm weight (by parameter name) whose normalised channels
         shrink when each group keeps ``kept[group.id]`` (only under ``normalised_widths``): a
@@ -577,7 +589,7 @@ def _relate_leaves(an: Analyzer, a: TensorDims, b: TensorDims, reason: str) -> N
 
 
 def analyze(captured: CapturedGraph, pin_boundary: bool = True, gqa: str = "query_heads",
-            normalised_widths: bool = False) -> ChannelAnalysis:
+            normalised_widths: bool = False, hand_written_norms: bool = True) -> ChannelAnalysis:
     """Run the operator rules over every graph of ``captured`` and solve.
 
     Returns the :class:`ChannelAnalysis`: every set of coupled channels of
@@ -591,10 +603,13 @@ def analyze(captured: CapturedGraph, pin_boundary: bool = True, gqa: str = "quer
     ``normalised_widths`` leaves the dim a LayerNorm / RMSNorm with a weight normalises over
     free (else pinned): the masked model then computes the norm's statistics over the kept
     channels only (:mod:`spruce.passes.maskednorm`), which is what the compact model's
-    smaller norm computes."""
+    smaller norm computes. RMSNorm modules computed by hand (``x.pow(2).mean(-1)``, as Llama's)
+    count too unless ``hand_written_norms=False`` (their masked mean runs as a hook on the
+    module: a model run as one graph, like sparsify's, cannot)."""
     from .oprules import apply_rules
 
-    an = Analyzer(captured.root, gqa=gqa, normalised_widths=normalised_widths)
+    an = Analyzer(captured.root, gqa=gqa, normalised_widths=normalised_widths,
+                  hand_written_norms=hand_written_norms)
     io: dict[tuple[int, bool], tuple[list, list]] = {}
     gi = 0
     for pi, piece in enumerate(captured.pieces):

@@ -444,7 +444,7 @@ def mask_channels(analysis: ChannelAnalysis, model: nn.Module, kept: Kept) -> nn
                     continue
                 dead = np.flatnonzero(~sizes.alive[space.start : space.start + space.size])
                 target.index_fill_(d, torch.as_tensor(dead, device=target.device), 0.0)
-    return install_masked_norms(masked, analysis.norm_keeps(kept))
+    return install_masked_norms(masked, analysis.norm_keeps(kept), analysis.hand_written_norms())
 
 
 # ---- the compact model must run ---------------------------------------------------------

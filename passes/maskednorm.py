@@ -11,14 +11,16 @@ A norm is found in the masked model by its weight (the parameter object it is ca
 with), so one mechanism covers ``nn.LayerNorm``, ``nn.RMSNorm``, their subclasses and
 ``F.layer_norm`` / ``F.rms_norm`` or their ATen ops called by a model's code or a captured
 graph: a :class:`torch.overrides.TorchFunctionMode` active while the model runs replaces
-those calls. This changes the function the model computes (statistics over fewer
-channels): the compact model equals the masked model, not the unpruned one.
+those calls. An RMSNorm computed by hand (``x.pow(2).mean(-1, keepdim=True)`` in a norm
+module, as Llama's, Qwen2's and T5's) is found by its module instead: while that module
+runs, a mean over its last dim counts the kept channels only. This changes the function
+the model computes (statistics over fewer channels): the compact model equals the masked model, not the unpruned one.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -108,6 +110,60 @@ def masked_norms(module: nn.Module, keeps: Mapping[str, torch.Tensor]) -> Iterat
         yield
 
 
+_MEANS = {torch.mean, torch.Tensor.mean}
+
+
+def _last_dim(dim: object, ndim: int) -> bool:
+    if isinstance(dim, (list, tuple)):
+        if len(dim) != 1:
+            return False
+        dim = dim[0]
+    return isinstance(dim, int) and dim % ndim == ndim - 1
+
+
+class _MaskedMeanMode(TorchFunctionMode):
+    """Replaces a mean over the last dim of a tensor as wide as ``keep`` by the mean over
+    the kept channels."""
+
+    def __init__(self, keep: torch.Tensor):
+        super().__init__()
+        self.keep = keep
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _MEANS and args and isinstance(args[0], torch.Tensor):
+            x = args[0]
+            dim = _arg(args, kwargs, 1, "dim")
+            if x.dim() > 0 and x.shape[-1] == self.keep.numel() and _last_dim(dim, x.dim()) \
+                    and kwargs.get("dtype") is None:
+                m = self.keep.to(device=x.device, dtype=x.dtype)
+                return (x * m).sum(-1, keepdim=bool(_arg(args, kwargs, 2, "keepdim", False))) / m.sum()
+        return func(*args, **kwargs)
+
+
+class _MaskedMeanHook:
+    """Forward pre-hook and hook pair opening :class:`_MaskedMeanMode` around a hand-written
+    norm module's forward."""
+
+    def __init__(self, keep: torch.Tensor):
+        self.keep = torch.as_tensor(keep, dtype=torch.bool)
+        self._open: list[TorchFunctionMode] = []
+
+    def enter(self, module: nn.Module, args: tuple) -> None:
+        mode = _MaskedMeanMode(self.keep)
+        mode.__enter__()
+        self._open.append(mode)
+
+    def exit(self, module: nn.Module, args: tuple, output: object) -> None:
+        if self._open:
+            self._open.pop().__exit__(None, None, None)
+
+    def __deepcopy__(self, memo: dict) -> _MaskedMeanHook:
+        copied = _MaskedMeanHook(self.keep.clone())
+        memo[id(self)] = copied
+        return copied
+
+
 class _MaskedNormHook:
     """Forward pre-hook and hook pair of :func:`install_masked_norms`: opens
     :func:`masked_norms` around every forward of the module (closed even when it raises).
@@ -132,11 +188,13 @@ class _MaskedNormHook:
         return copied
 
 
-def install_masked_norms(module: nn.Module, keeps: Mapping[str, object]) -> nn.Module:
+def install_masked_norms(module: nn.Module, keeps: Mapping[str, object], by_hand: Iterable[str] = ()) -> nn.Module:
     """Make ``module`` compute the masked norm (:func:`masked_layer_norm`,
     :func:`masked_rms_norm`) for every norm whose weight is named in ``keeps`` (parameter
-    name -> bool per channel, True where kept), on every call. Returns ``module``; nothing
-    is installed when ``keeps`` is empty. Raises ``KeyError`` for a name that is not a
+    name -> bool per channel, True where kept), on every call; the norms whose weights are
+    named in ``by_hand`` compute ``x.pow(2).mean(-1)`` by hand in their module, whose mean
+    over the last dim then counts the kept channels only. Returns ``module``; nothing is
+    installed when ``keeps`` is empty. Raises ``KeyError`` for a name that is not a
     parameter of ``module``."""
     if not keeps:
         return module
@@ -144,6 +202,11 @@ def install_masked_norms(module: nn.Module, keeps: Mapping[str, object]) -> nn.M
     for name in keeps:
         if name not in params:
             raise KeyError(f"install_masked_norms: {name!r} is not a parameter of {type(module).__name__}")
+    for name in set(by_hand) & set(keeps):
+        owner = module.get_submodule(name.rpartition(".")[0])
+        mean_hook = _MaskedMeanHook(keeps[name])
+        owner.register_forward_pre_hook(mean_hook.enter)
+        owner.register_forward_hook(mean_hook.exit, always_call=True)
     hook = _MaskedNormHook(keeps)
     module.register_forward_pre_hook(hook.enter)
     module.register_forward_hook(hook.exit, always_call=True)

@@ -599,7 +599,7 @@ def sparsify_captured(
                    for (name, mod), d in zip(chosen, densities))
     analysis, units = None, ()
     if parsed.kind == "channel":
-        analysis = analyze(captured, normalised_widths=normalised_widths)
+        analysis = analyze(captured, normalised_widths=normalised_widths, hand_written_norms=False)
         found, left_out = channel_units(analysis, list(layers), 1.0 - sparsity)
         units = tuple(found)
         if left_out:

@@ -137,7 +137,7 @@ def test_channel_sparsify_trains_with_masked_norms():
                          sparsity=0.5, total_steps=12, normalised_widths=True)
     opt = torch.optim.SGD(sm.parameters(), lr=0.01)
     sm.attach(opt)
-    for step in range(12):
+    for _ in range(12):
         loss = sm(torch.randn(4, 6, 8)).pow(2).mean()
         opt.zero_grad()
         loss.backward()
