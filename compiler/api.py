@@ -30,11 +30,13 @@ def analyze_model(model: nn.Module, example_inputs: object, leaf_modules: Iterab
                   normalised_widths: bool = False) -> ChannelAnalysis:
     """Capture ``model`` (eval and, where it differs, training mode; see
     :func:`spruce.compiler.capture.capture`) and analyse its channels (``gqa``,
-    ``normalised_widths``: see :func:`spruce.passes.analysis.analyze`).
+    ``normalised_widths``: see :func:`spruce.passes.analysis.analyze`; with it, a model whose
+    fx graph keeps an ``fx.wrap``-ed function opaque is captured by torch.export, which sees
+    the widths through it).
 
     Raises :class:`spruce.TraceError` when the model cannot be captured."""
-    return analyze(capture(model, example_inputs, leaf_modules, dynamic_shapes), gqa=gqa,
-                   normalised_widths=normalised_widths)
+    captured = capture(model, example_inputs, leaf_modules, dynamic_shapes, see_through_wrapped=normalised_widths)
+    return analyze(captured, gqa=gqa, normalised_widths=normalised_widths)
 
 
 def channel_groups(model: nn.Module, example_inputs: object, leaf_modules: Iterable[object] = (),
