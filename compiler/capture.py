@@ -1028,11 +1028,15 @@ def capture(
 
 
 def _fx_wrapped_calls(gm: fx.GraphModule) -> list[str]:
-    """Nodes of ``gm`` calling a function that ``torch.fx.wrap`` keeps opaque to fx."""
+    """Nodes of ``gm`` calling a function that ``torch.fx.wrap`` keeps opaque to fx and that
+    has no channel rule (torchvision's ``stochastic_depth`` has one)."""
     from torch.fx._symbolic_trace import _wrapped_fns_to_patch
 
+    from ..passes.oprules import FUNCTION_RULES
+
     wrapped = {id(scope[name]) for (_, name), scope in _wrapped_fns_to_patch.items() if name in scope}
-    return [n.name for n in gm.graph.nodes if n.op == "call_function" and id(n.target) in wrapped]
+    return [n.name for n in gm.graph.nodes
+            if n.op == "call_function" and id(n.target) in wrapped and n.target not in FUNCTION_RULES]
 
 
 def _capture(model, args, kwargs, leaf_modules, dynamic_shapes, was_training,

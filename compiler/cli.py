@@ -283,6 +283,8 @@ def run_prune(args: argparse.Namespace) -> int:
           f"({report['params']['ratio']:.3f}x)")
     print(f"MACs    {macs_before:>15,} -> {macs_after:>15,}  ({report['macs']['ratio']:.3f}x)")
     print(f"ONNX Runtime max relative diff {onnx_diff:.2e} (tolerance {ONNX_TOLERANCE:g})")
+    print(f"compact vs masked model {report['errors']['masked']:.2e}, vs unpruned model "
+          f"{report['errors']['dense']:.2e} (relative)")
     print(f"wrote {out_dir}")
     return EXIT_OK
 
