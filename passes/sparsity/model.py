@@ -169,9 +169,11 @@ class SparseModel(nn.Module):
         computes those norms over the kept channels (:mod:`spruce.passes.maskednorm`), as
         the compact model does. Empty otherwise."""
         analysis = self.context.analysis
-        if analysis is None or not self.units:
+        if analysis is None or not self.units or not analysis.analyzer.norm_spaces:
             return {}
-        names = analysis.norm_weights()
+        names = self.__dict__.get("_norm_weights")
+        if names is None:  # the analysis does not change: read once
+            names = self.__dict__["_norm_weights"] = analysis.norm_weights()
         keeps: dict[str, torch.Tensor] = {}
         for unit in self.units:
             dead = ~unit.mask.numpy()
