@@ -78,7 +78,7 @@ class PruneConfig(Config):
     multiple kept counts are rounded up to, what grouped-query attention prunes
     (:data:`~spruce.passes.analysis.GQA_MODES`), and whether the widths LayerNorm / RMSNorm
     normalise over prune (``normalised_widths``; the masked model then computes those norms
-    over the kept channels, which changes the function: :attr:`PruneResult.dense_error`)."""
+    over the kept channels, which changes the function: :meth:`PruneResult.errors`)."""
 
     owner: ClassVar[str] = "prune"
 
@@ -253,7 +253,7 @@ def prune(
     ``normalised_widths=True`` prunes the widths LayerNorm / RMSNorm normalise over (the
     residual width of a transformer, with its embeddings), else pinned: the masked model
     computes those norms over the kept channels, so the compact model equals it but no
-    longer the unpruned model (:attr:`PruneResult.dense_error` measures how far).
+    longer the unpruned model (:meth:`PruneResult.errors` measures how far).
     The compact model is run once on ``example_inputs`` and checked to run at a second batch
     size before it is returned. Raises ``ValueError`` for a ratio outside [0, 1) or an unknown
     importance (listing the valid ones), :class:`spruce.TraceError` for a model that cannot be
