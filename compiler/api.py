@@ -14,8 +14,9 @@ from torch import nn
 
 from ..passes.analysis import ChannelAnalysis, ChannelGroup, analyze
 from ..passes.graph import CapturedGraph, require_data
+from ..passes.sparsity.context import Structure
 from ..passes.sparsity.method import MethodConfig
-from ..passes.sparsity.model import SparseModel, check_options, sparsify_captured
+from ..passes.sparsity.model import SparseModel, check_normalised_widths, check_options, sparsify_captured
 from ..passes.sparsity.registry import SPARSIFY_DEFAULT
 from ..runtime.profile import LatencyTable
 from ..runtime.profile import profile as profile_captured
@@ -25,13 +26,17 @@ __all__ = ["analyze_model", "channel_groups", "profile", "sparsify"]
 
 
 def analyze_model(model: nn.Module, example_inputs: object, leaf_modules: Iterable[object] = (),
-                  dynamic_shapes: object = None, gqa: str = "query_heads") -> ChannelAnalysis:
+                  dynamic_shapes: object = None, gqa: str = "query_heads",
+                  normalised_widths: bool = False) -> ChannelAnalysis:
     """Capture ``model`` (eval and, where it differs, training mode; see
-    :func:`spruce.compiler.capture.capture`) and analyse its channels (``gqa``: see
-    :func:`spruce.passes.analysis.analyze`).
+    :func:`spruce.compiler.capture.capture`) and analyse its channels (``gqa``,
+    ``normalised_widths``: see :func:`spruce.passes.analysis.analyze`; with it, a model whose
+    fx graph keeps an ``fx.wrap``-ed function opaque is captured by torch.export, which sees
+    the widths through it).
 
     Raises :class:`spruce.TraceError` when the model cannot be captured."""
-    return analyze(capture(model, example_inputs, leaf_modules, dynamic_shapes), gqa=gqa)
+    captured = capture(model, example_inputs, leaf_modules, dynamic_shapes, see_through_wrapped=normalised_widths)
+    return analyze(captured, gqa=gqa, normalised_widths=normalised_widths)
 
 
 def channel_groups(model: nn.Module, example_inputs: object, leaf_modules: Iterable[object] = (),
@@ -54,6 +59,7 @@ def sparsify(
     exclude: Iterable[str] = (),
     budget: dict[str, float] | None = None,
     latency_table: object = None,
+    normalised_widths: bool = False,
     **method_options,
 ) -> SparseModel:
     """Insert mask nodes for every Conv/Linear weight of ``model`` and set up ``method``.
@@ -64,14 +70,17 @@ def sparsify(
     :class:`SparseModel` shares its parameters with ``model``: build the optimizer from either.
     ``budget`` ({"latency": f} with ``latency_table`` from ``spruce.profile``, {"flops": f} or
     {"params": f}; f a fraction of dense) drives the budgeted channel methods (halp, iee with
-    structure="channel") instead of ``sparsity``.
+    structure="channel") instead of ``sparsity``. ``normalised_widths=True`` (structure="channel")
+    prunes the widths LayerNorm / RMSNorm normalise over, training with masked norms
+    (statistics over the kept channels, what the compact model computes).
     Raises ``ValueError`` naming the option at fault (before the model is captured) and
     :class:`spruce.TraceError` when the model cannot be captured."""
     check_options(method, structure, sparsity, total_steps, method_options, distribution, budget)
+    check_normalised_widths(normalised_widths, Structure.parse(structure))
     require_data(model, example_inputs, "sparsify")
     captured = _capture_for_training(model, example_inputs)
     return sparsify_captured(captured, method, structure, sparsity, distribution, total_steps, exclude, budget,
-                             latency_table, **method_options)
+                             latency_table, normalised_widths, **method_options)
 
 
 def _capture_for_training(model: nn.Module, example_inputs: object) -> CapturedGraph:

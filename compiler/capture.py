@@ -1025,27 +1025,54 @@ def capture(
     example_inputs: object,
     leaf_modules: Iterable[object] = (),
     dynamic_shapes: object = None,
+    see_through_wrapped: bool = False,
 ) -> CapturedGraph:
     """Capture ``model`` at ``example_inputs`` (a tensor, a tuple of positional arguments, or
     a dict of keyword arguments) into the graphs passes take (see the module docstring and
     :mod:`spruce.passes.graph`). ``dynamic_shapes`` declares dims other than the batch as
-    dynamic, in ``torch.export``'s format. Raises :class:`TraceError` for data-dependent
-    control flow and for inputs that do not fit the model."""
+    dynamic, in ``torch.export``'s format. ``see_through_wrapped``: where plain fx keeps a
+    function registered with ``torch.fx.wrap`` opaque (torchvision's Swin attention and patch
+    merging), capture the whole model by torch.export instead, which traces through it (the
+    fx graph stays where export cannot take the model whole). Raises :class:`TraceError`
+    for data-dependent control flow and for inputs that do not fit the model."""
     leaf_modules = list(leaf_modules)
     args, kwargs = split_inputs(example_inputs)
     was_training = model.training
     with capture_settings(model):
-        return _capture(model, args, kwargs, leaf_modules, dynamic_shapes, was_training)
+        return _capture(model, args, kwargs, leaf_modules, dynamic_shapes, was_training, see_through_wrapped)
 
 
-def _capture(model, args, kwargs, leaf_modules, dynamic_shapes, was_training) -> CapturedGraph:
+def _fx_wrapped_calls(gm: fx.GraphModule) -> list[str]:
+    """Nodes of ``gm`` calling a function that ``torch.fx.wrap`` keeps opaque to fx and that
+    has no channel rule (torchvision's ``stochastic_depth`` has one)."""
+    from torch.fx._symbolic_trace import _wrapped_fns_to_patch
+
+    from ..passes.oprules import FUNCTION_RULES
+
+    wrapped = {id(scope[name]) for (_, name), scope in _wrapped_fns_to_patch.items() if name in scope}
+    return [n.name for n in gm.graph.nodes
+            if n.op == "call_function" and id(n.target) in wrapped and n.target not in FUNCTION_RULES]
+
+
+def _capture(model, args, kwargs, leaf_modules, dynamic_shapes, was_training,
+             see_through_wrapped: bool = False) -> CapturedGraph:
     try:
         second = second_batch(model, args, kwargs)
         fx_failure: _Failure | None = None
         try:
             eval_gm, train_gm = _graphs_fx(model, args, kwargs, leaf_modules, "")
-            return CapturedGraph([Piece("", eval_gm, train_gm, "fx", args, kwargs)], model, args, kwargs,
-                                 second_inputs=second)
+            captured = CapturedGraph([Piece("", eval_gm, train_gm, "fx", args, kwargs)], model, args, kwargs,
+                                     second_inputs=second)
+            if see_through_wrapped and _fx_wrapped_calls(eval_gm):
+                try:
+                    exported = _capture_by_export(model, args, kwargs, second, leaf_modules, dynamic_shapes, None)
+                except Exception:  # noqa: BLE001 - the fx graph stays
+                    exported = None
+                finally:
+                    model.train(was_training)
+                if exported is not None and exported.whole:
+                    return exported
+            return captured
         except FxFailure as exc:
             fx_failure = exc.failure
         except TypeError as exc:  # keyword inputs fx cannot bind

@@ -72,7 +72,8 @@ def save(sparse_model: SparseModel, path: str | os.PathLike, optimizer: torch.op
         "version": FORMAT_VERSION,
         "recipe": {"method": spec.method.to_record(), "structure": spec.structure, "sparsity": spec.sparsity,
                    "distribution": spec.distribution, "total_steps": spec.total_steps,
-                   "exclude": list(spec.exclude), "budget": spec.budget},
+                   "exclude": list(spec.exclude), "budget": spec.budget,
+                   "normalised_widths": spec.normalised_widths},
         "inputs": [[list(shape), dtype] for shape, dtype in spec.input_spec or []] or None,
         "layers": [[layer.name, list(layer.masked.mask_shape)] for layer in sparse_model.layers],
         "step_count": sparse_model.step_count,
@@ -195,7 +196,7 @@ def load(path: str | os.PathLike, model: nn.Module, example_inputs: object = Non
         sm = sparsify(model, example_inputs, method=config, structure=recipe["structure"],
                       sparsity=recipe["sparsity"], distribution=recipe["distribution"],
                       total_steps=recipe.get("total_steps"), exclude=recipe["exclude"], budget=recipe.get("budget"),
-                      latency_table=latency_table)
+                      latency_table=latency_table, normalised_widths=recipe.get("normalised_widths", False))
         sm.load_state_dict(_state_on_device(checkpoint["model"], model))
         if optimizer is not None:
             optimizer.load_state_dict(checkpoint["optimizer"])

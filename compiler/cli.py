@@ -223,6 +223,9 @@ def _add_prune_arguments(parser: argparse.ArgumentParser) -> None:
                         help="keep a multiple of N channels in every group")
     parser.add_argument("--ignore", action="append", default=[], metavar="NAME",
                         help="passed to spruce.prune(ignore=...); repeatable")
+    parser.add_argument("--normalised-widths", action="store_true",
+                        help="prune the widths LayerNorm/RMSNorm normalise over (masked norm; changes the "
+                             "function: report.json's errors.dense says by how much)")
     parser.add_argument("--force", action="store_true",
                         help="replace --out if it exists and is not empty")
 
@@ -233,7 +236,8 @@ def run_prune(args: argparse.Namespace) -> int:
     The folder appears only when every file is written and ONNX Runtime
     reproduces the compact model within ``ONNX_TOLERANCE``.
     """
-    PruneConfig(ratio=args.ratio, importance=args.importance, round_to=args.round_to)  # before any work
+    PruneConfig(ratio=args.ratio, importance=args.importance, round_to=args.round_to,
+                normalised_widths=args.normalised_widths)  # before any work
     out_dir = checked_out_dir(args.out, args.force, name="--out", force_hint="--force")
     model, example_inputs = load_model(args.model, args.input_shape)
     params_before = count_params(model)
@@ -241,7 +245,7 @@ def run_prune(args: argparse.Namespace) -> int:
     result = prune(
         model, example_inputs,
         ratio=args.ratio, importance=args.importance,
-        round_to=args.round_to, ignore=tuple(args.ignore),
+        round_to=args.round_to, ignore=tuple(args.ignore), normalised_widths=args.normalised_widths,
     )
     compact = result.model
     params_after = count_params(compact)
@@ -265,6 +269,8 @@ def run_prune(args: argparse.Namespace) -> int:
             "importance": args.importance,
             "round_to": args.round_to,
             "ignore": list(args.ignore),
+            "normalised_widths": args.normalised_widths,
+            "errors": result.errors(),
             "params": _before_after(params_before, params_after),
             "macs": _before_after(macs_before, macs_after),
             "groups": _kept_records(result),
@@ -277,6 +283,8 @@ def run_prune(args: argparse.Namespace) -> int:
           f"({report['params']['ratio']:.3f}x)")
     print(f"MACs    {macs_before:>15,} -> {macs_after:>15,}  ({report['macs']['ratio']:.3f}x)")
     print(f"ONNX Runtime max relative diff {onnx_diff:.2e} (tolerance {ONNX_TOLERANCE:g})")
+    print(f"compact vs masked model {report['errors']['masked']:.2e}, vs unpruned model "
+          f"{report['errors']['dense']:.2e} (relative)")
     print(f"wrote {out_dir}")
     return EXIT_OK
 

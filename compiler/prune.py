@@ -32,7 +32,10 @@ class PruneResult:
     channels zeroed (built on first access, from the model as it is then); the two
     compute the same function.
     ``kept[group.id]`` lists the kept channel indices of each pruned group (groups absent
-    keep everything)."""
+    keep everything). Under ``normalised_widths`` the masked model computes a pruned
+    LayerNorm / RMSNorm over the kept channels, so it (and the compact model) no longer
+    computes the unpruned function even where no weight removed mattered:
+    :meth:`errors` measures both distances."""
 
     model: nn.Module
     groups: list[ChannelGroup]
@@ -40,6 +43,7 @@ class PruneResult:
     analysis: ChannelAnalysis
     source: nn.Module = field(repr=False)
     _masked: nn.Module | None = field(default=None, repr=False)
+    example_inputs: object = field(default=None, repr=False)
 
     @property
     def masked(self) -> nn.Module:
@@ -47,12 +51,34 @@ class PruneResult:
             self._masked = mask_channels(self.analysis, self.source, self.kept)
         return self._masked
 
+    def errors(self, inputs: object = None) -> dict[str, float]:
+        """The compact model's largest relative error (max |a - b| over the reference's
+        scale, at least 1; see :func:`spruce.compiler.checks.head_error`) on ``inputs``
+        (default: the example ``prune`` was given), all models in eval mode: ``"masked"``
+        against the masked model (float rounding only: the exactness invariant) and
+        ``"dense"`` against the unpruned model (what pruning changed). Models keep their mode."""
+        from .checks import head_error
+
+        inputs = self.example_inputs if inputs is None else inputs
+        if inputs is None:
+            raise ValueError("errors: no inputs given and no example recorded")
+        models = (self.model, self.masked, self.source)
+        modes = [m.training for m in models]
+        try:
+            return {"masked": head_error(self.masked, self.model, self.analysis.captured, inputs),
+                    "dense": head_error(self.source, self.model, self.analysis.captured, inputs)}
+        finally:
+            for m, mode in zip(models, modes):
+                m.train(mode)
+
 
 class PruneConfig(Config):
     """The options of :func:`prune` and ``spruce prune``: the fraction of each group's channels
     removed, the channel criterion (:data:`~spruce.passes.importance.IMPORTANCE`), and the
-    multiple kept counts are rounded up to, and what grouped-query attention prunes
-    (:data:`~spruce.passes.analysis.GQA_MODES`)."""
+    multiple kept counts are rounded up to, what grouped-query attention prunes
+    (:data:`~spruce.passes.analysis.GQA_MODES`), and whether the widths LayerNorm / RMSNorm
+    normalise over prune (``normalised_widths``; the masked model then computes those norms
+    over the kept channels, which changes the function: :meth:`PruneResult.errors`)."""
 
     owner: ClassVar[str] = "prune"
 
@@ -60,6 +86,7 @@ class PruneConfig(Config):
     importance: str = "l1"
     round_to: int | None = Field(None, ge=1)
     gqa: str = "query_heads"
+    normalised_widths: bool = Field(False, strict=True)
 
     _importance = field_validator("importance")(lambda value: check_choice("importance", value, IMPORTANCE))
     _gqa = field_validator("gqa")(lambda value: check_choice("gqa", value, GQA_MODES))
@@ -68,8 +95,10 @@ class PruneConfig(Config):
 _DEFAULTS = PruneConfig()
 
 
-def _validate(ratio: float, importance: str, round_to: int | None, gqa: str = _DEFAULTS.gqa) -> None:
-    PruneConfig(ratio=ratio, importance=importance, round_to=round_to, gqa=gqa)
+def _validate(ratio: float, importance: str, round_to: int | None, gqa: str = _DEFAULTS.gqa,
+              normalised_widths: bool = _DEFAULTS.normalised_widths) -> None:
+    PruneConfig(ratio=ratio, importance=importance, round_to=round_to, gqa=gqa,
+                normalised_widths=normalised_widths)
 
 
 def _ignored_members(model: nn.Module, ignore: Iterable[object]) -> set[tuple[str, int]]:
@@ -197,6 +226,7 @@ def prune(
     dynamic_shapes: object = None,
     gqa: str = _DEFAULTS.gqa,
     calibration: Iterable[object] | None = None,
+    normalised_widths: bool = _DEFAULTS.normalised_widths,
 ) -> PruneResult:
     """Remove ``ratio`` of the channels of every prunable group, least important first.
 
@@ -209,23 +239,28 @@ def prune(
     stays 0). ``importance="taylor"`` scores channels (whole heads: their query, key, value
     and output entries together) by |sum w * dL/dw| over ``calibration`` inputs (default: the
     example; give a transformers model ``labels`` there for its own loss).
+    ``normalised_widths=True`` prunes the widths LayerNorm / RMSNorm normalise over (the
+    residual width of a transformer, with its embeddings), else pinned: the masked model
+    computes those norms over the kept channels, so the compact model equals it but no
+    longer the unpruned model (:meth:`PruneResult.errors` measures how far).
     The compact model is run once on ``example_inputs`` and checked to run at a second batch
     size before it is returned. Raises ``ValueError`` for a ratio outside [0, 1) or an unknown
     importance (listing the valid ones), :class:`spruce.TraceError` for a model that cannot be
     captured, and :class:`~spruce.passes.export.CompactModelError` naming the node when the
     compact model cannot run on the example input."""
-    _validate(ratio, importance, round_to, gqa)
+    _validate(ratio, importance, round_to, gqa, normalised_widths)
     require_data(model, example_inputs, "prune")
     calibration = [example_inputs] if calibration is None else list(calibration)
     if importance in GRADIENT_CRITERIA and not calibration:
         raise ValueError(f"importance {importance!r} needs calibration inputs (at least one batch)")
-    analysis = analyze_model(model, example_inputs, leaf_modules, dynamic_shapes=dynamic_shapes, gqa=gqa)
+    analysis = analyze_model(model, example_inputs, leaf_modules, dynamic_shapes=dynamic_shapes, gqa=gqa,
+                             normalised_widths=normalised_widths)
     kept = select_channels(model, analysis.groups, ratio, importance, round_to, ignore, seed, calibration)
     compact = remove_channels(analysis, model, kept)
     args, kwargs = split_inputs(example_inputs)
     check_runs(compact, args, model, "pruned model", kwargs)
     check_second_batch(compact, analysis)
-    return PruneResult(compact, analysis.groups, kept, analysis, source=model)
+    return PruneResult(compact, analysis.groups, kept, analysis, source=model, example_inputs=example_inputs)
 
 
 def check_second_batch(compact: nn.Module, analysis: ChannelAnalysis) -> None:

@@ -160,10 +160,20 @@ class Analyzer:
     Operator rules call the relation methods (:meth:`same`, :meth:`slice_same`,
     :meth:`product`, :meth:`pin`); :meth:`solve` turns them into groups."""
 
-    def __init__(self, model: torch.nn.Module, gqa: str = "query_heads"):
+    def __init__(self, model: torch.nn.Module, gqa: str = "query_heads", normalised_widths: bool = False,
+                 hand_written_norms: bool = True):
         if gqa not in GQA_MODES:
             raise ValueError(f"gqa must be one of {', '.join(GQA_MODES)}, got {gqa!r}")
         self.gqa = gqa
+        # LayerNorm / RMSNorm widths prune (a masked norm: statistics over the kept channels)
+        self.normalised_widths = bool(normalised_widths)
+        # space ids of the weights (dim 0) of the norms whose normalised dim is left free
+        self.norm_spaces: set[int] = set()
+        # RMSNorms computed by hand (x.pow(2).mean(-1)) count too, where the masked model can
+        # run hooks on their modules (prune); their weights' spaces
+        self.hand_written_norms = bool(hand_written_norms)
+        self.hand_norm_spaces: set[int] = set()
+        self.model = model
         self.copy_space_ids: set[int] = set()
         self.spaces: list[Space] = []
         self.n_elements = 0
@@ -408,6 +418,37 @@ class ChannelAnalysis:
             dead_labels[group.atoms[~keep]] = True
         return ~dead_labels[self.labels]
 
+    def norm_weights(self) -> dict[str, int]:
+        """Name -> channel count of the LayerNorm / RMSNorm weights whose normalised dim is
+        left free (``normalised_widths``)."""
+        an = self.analyzer
+        return {an.tensor_names[key]: space.size for (key, d), space in an.param_spaces.items()
+                if d == 0 and space.id in an.norm_spaces and an.tensors[key].dim() == 1}
+
+    def hand_written_norms(self) -> set[str]:
+        """Names of the weights of the RMSNorms computed by hand among :meth:`norm_weights`."""
+        an = self.analyzer
+        return {an.tensor_names[key] for (key, d), space in an.param_spaces.items()
+                if d == 0 and space.id in an.hand_norm_spaces and an.tensors[key].dim() == 1}
+
+    def norm_keeps(self, kept: dict[int, np.ndarray]) -> dict[str, np.ndarray]:
+        """For every LayerNorm / RMSNorm weight (by parameter name) whose normalised channels
+        shrink when each group keeps ``kept[group.id]`` (only under ``normalised_widths``): a
+        bool per channel, True where it is kept. The masked model computes those norms over
+        the kept channels (:func:`spruce.passes.maskednorm.install_masked_norms`)."""
+        an = self.analyzer
+        if not an.norm_spaces:
+            return {}
+        alive = self.alive_mask(kept)
+        keeps: dict[str, np.ndarray] = {}
+        for (key, d), space in an.param_spaces.items():
+            if d != 0 or space.id not in an.norm_spaces or an.tensors[key].dim() != 1:
+                continue
+            keep = alive[space.start : space.start + space.size]
+            if not keep.all():
+                keeps[an.tensor_names[key]] = keep.copy()
+        return keeps
+
 
 def _build_groups(an: Analyzer, labels: np.ndarray, pinned: np.ndarray) -> ChannelAnalysis:
     is_param = np.zeros(an.n_elements, dtype=bool)
@@ -547,7 +588,8 @@ def _relate_leaves(an: Analyzer, a: TensorDims, b: TensorDims, reason: str) -> N
             an.pin(sb, reason)
 
 
-def analyze(captured: CapturedGraph, pin_boundary: bool = True, gqa: str = "query_heads") -> ChannelAnalysis:
+def analyze(captured: CapturedGraph, pin_boundary: bool = True, gqa: str = "query_heads",
+            normalised_widths: bool = False, hand_written_norms: bool = True) -> ChannelAnalysis:
     """Run the operator rules over every graph of ``captured`` and solve.
 
     Returns the :class:`ChannelAnalysis`: every set of coupled channels of
@@ -557,10 +599,17 @@ def analyze(captured: CapturedGraph, pin_boundary: bool = True, gqa: str = "quer
     with another piece's input. ``pin_boundary=False`` pins nothing at the boundary (the
     soundness tests of single operators use it). ``gqa`` chooses what grouped-query attention
     prunes (:data:`GQA_MODES`): ``"query_heads"`` the same query heads in every key/value
-    group, ``"kv_groups"`` whole key/value groups with their query heads."""
+    group, ``"kv_groups"`` whole key/value groups with their query heads.
+    ``normalised_widths`` leaves the dim a LayerNorm / RMSNorm with a weight normalises over
+    free (else pinned): the masked model then computes the norm's statistics over the kept
+    channels only (:mod:`spruce.passes.maskednorm`), which is what the compact model's
+    smaller norm computes. RMSNorm modules computed by hand (``x.pow(2).mean(-1)``, as Llama's)
+    count too unless ``hand_written_norms=False`` (their masked mean runs as a hook on the
+    module: a model run as one graph, like sparsify's, cannot)."""
     from .oprules import apply_rules
 
-    an = Analyzer(captured.root, gqa=gqa)
+    an = Analyzer(captured.root, gqa=gqa, normalised_widths=normalised_widths,
+                  hand_written_norms=hand_written_norms)
     io: dict[tuple[int, bool], tuple[list, list]] = {}
     gi = 0
     for pi, piece in enumerate(captured.pieces):

@@ -42,7 +42,9 @@ from .oprules import (
     repeat,
     reshape_to,
     rewrite_groups,
+    rewrite_normalized_shape,
     rewrite_size_list,
+    rms_norm_fn,
     same_shape,
     scalar_of,
     sdpa,
@@ -253,7 +255,8 @@ def batch_norm(an: Analyzer, call: Call) -> object:
     return x
 
 
-aten_rule("layer_norm", "rms_norm")(layer_norm_fn)
+aten_rule("layer_norm", shape_args=True, rewrite=rewrite_normalized_shape(1))(layer_norm_fn)
+aten_rule("rms_norm", shape_args=True, rewrite=rewrite_normalized_shape(1))(rms_norm_fn)
 
 
 @aten_rule("group_norm", rewrite=rewrite_groups(1, "num_groups"))

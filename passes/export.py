@@ -16,6 +16,7 @@ from torch import fx, nn
 
 from .analysis import ChannelAnalysis, SizeRead, Space, TensorDims
 from .graph import empty_graph_like
+from .maskednorm import install_masked_norms
 
 __all__ = ["MODULE_FIXERS", "CompactModelError", "CompactPiece", "ModeSwitch", "batch_literals", "check_runs",
            "install_graphs", "mask_channels", "remove_channels"]
@@ -153,6 +154,12 @@ def _fix_group_norm(new: nn.Module, old: nn.Module) -> None:
         per_group = old.num_channels // old.num_groups
         new.num_channels = new.weight.shape[0]
         new.num_groups = new.num_channels // per_group
+
+
+@module_fixer(nn.LayerNorm, nn.RMSNorm)
+def _fix_layer_norm(new: nn.Module, old: nn.Module) -> None:
+    if new.weight is not None:  # a norm over one dim whose width shrank (normalised_widths)
+        new.normalized_shape = tuple(new.weight.shape)
 
 
 @module_fixer(nn.Embedding)
@@ -416,7 +423,9 @@ def _tensor_dims(value: object) -> list[TensorDims]:
 def mask_channels(analysis: ChannelAnalysis, model: nn.Module, kept: Kept) -> nn.Module:
     """A copy of ``model`` (same architecture) whose parameters and buffers are zero on every
     removed channel (a zeroed BatchNorm channel outputs zero whatever its statistics; a
-    fixed filter or projection held in a buffer must not carry a removed channel)."""
+    fixed filter or projection held in a buffer must not carry a removed channel). A
+    LayerNorm / RMSNorm whose normalised width shrinks (``normalised_widths``) computes its
+    statistics over the kept channels (:mod:`spruce.passes.maskednorm`)."""
     sizes = _Sizes(analysis.alive_mask(kept))
     masked = copy.deepcopy(model)
     new_params = dict(masked.named_parameters(remove_duplicate=False))
@@ -435,7 +444,7 @@ def mask_channels(analysis: ChannelAnalysis, model: nn.Module, kept: Kept) -> nn
                     continue
                 dead = np.flatnonzero(~sizes.alive[space.start : space.start + space.size])
                 target.index_fill_(d, torch.as_tensor(dead, device=target.device), 0.0)
-    return masked
+    return install_masked_norms(masked, analysis.norm_keeps(kept), analysis.hand_written_norms())
 
 
 # ---- the compact model must run ---------------------------------------------------------

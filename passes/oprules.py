@@ -302,12 +302,56 @@ def _dims_arg(value, ndim: int) -> list[int] | None:
     return [_dim(int(d), ndim) for d in value]
 
 
+_MEANS = {torch.mean, "mean", torch.ops.aten.mean.dim}
+_POWS = {torch.pow, "pow", operator.pow, torch.ops.aten.pow.Tensor_Scalar}
+
+
+def _hand_written_rms_norm(an: Analyzer, call: Call, x: TensorDims, dims: list[int] | None) -> torch.Tensor | None:
+    """The weight of the RMSNorm module this node computes by hand, or None: under
+    ``normalised_widths``, ``x.pow(2).mean(-1, keepdim=True)`` inside a module whose class
+    name says ``Norm`` and whose only parameter is a 1-D ``weight`` as wide as the last dim
+    (Llama's, Qwen2's, T5's RMSNorm). The masked model then takes that mean over the kept
+    channels (:func:`spruce.passes.maskednorm.install_masked_norms`)."""
+    node = call.node
+    if not (an.normalised_widths and an.hand_written_norms) or node.target not in _MEANS:
+        return None
+    if dims != [len(x) - 1] or not isinstance(call.meta, TensorMetadata) or len(call.meta.shape) != len(x):
+        return None  # the last dim, kept (keepdim=True)
+    source = node.args[0] if node.args else None
+    if not isinstance(source, fx.Node) or source.target not in _POWS or len(source.args) < 2 or source.args[1] != 2:
+        return None
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return None
+    path, kind = list(stack.values())[-1]
+    name = getattr(kind, "__name__", str(kind)).rsplit(".", 1)[-1]
+    try:
+        module = an.model.get_submodule(str(path))
+    except (AttributeError, TypeError):
+        return None
+    params = dict(module.named_parameters(recurse=False))
+    weight = params.get("weight")
+    if "Norm" not in name or list(params) != ["weight"] or weight.dim() != 1 or weight.numel() != x[-1].size:
+        return None
+    return weight
+
+
 def reduction(an: Analyzer, call: Call, dim_name: str = "dim") -> object:
-    """Reduction over some dims: those dims lose their channels' identity (pinned)."""
+    """Reduction over some dims: those dims lose their channels' identity (pinned), except
+    the mean of squares of an RMSNorm computed by hand under ``normalised_widths``
+    (:func:`_hand_written_rms_norm`)."""
     x = call.args[0]
     if not isinstance(x, TensorDims):
         return unknown(an, call)
     dims = _dims_arg(call.arg(1, dim_name), len(x))
+    weight = _hand_written_rms_norm(an, call, x, dims) if not isinstance(call.arg(1, dim_name), TensorDims) else None
+    if weight is not None:
+        w = an.tensor_dims(weight)[0]
+        an.same(w, x[-1])
+        an.norm_spaces.add(w.id)
+        an.hand_norm_spaces.add(w.id)
+        return TensorDims(list(x[:-1]) + [pin_new(an, an.new_space(1, f"{call.node.name}[{len(x) - 1}]"),
+                                                  "reduced dim")])
     out_meta = call.meta[0] if _is_multi(call.meta) else call.meta
     # read from the result: positional arguments differ between overloads (std(x, dim, unbiased, keepdim))
     keepdim = (len(out_meta.shape) == len(x) if isinstance(out_meta, TensorMetadata)
@@ -818,28 +862,58 @@ def batch_norm_fn(an: Analyzer, call: Call) -> object:
     return x
 
 
+def normalised(an: Analyzer, x: TensorDims, k: int, weight: object, bias: object, what: str) -> TensorDims:
+    """LayerNorm / RMSNorm over the last ``k`` dims of ``x``: weight and bias follow them.
+    The normalised dims are pinned (a channel's output depends on every channel's value),
+    except under ``normalised_widths`` for a norm over one dim with a weight: that dim is
+    free, the masked model computing the norm over the kept channels only (its weight
+    identifies it there: :mod:`spruce.passes.maskednorm`), so the compact model's smaller
+    norm is exact. The normalised space is noted (``"normalised"``) for the rewrite of a
+    literal ``normalized_shape``."""
+    tail = x[len(x) - k :]
+    for t in (weight, bias):
+        if isinstance(t, TensorDims):
+            for a, b in zip(t, tail):
+                an.same(a, b)
+    if an.normalised_widths and k == 1 and isinstance(weight, TensorDims) and len(weight) == 1:
+        an.norm_spaces.add(weight[0].id)
+        an.note("normalised", tail[0])
+        return x
+    reason = f"{what} normalises over this dim"
+    if an.normalised_widths:
+        reason += " (normalised_widths frees only a norm over one dim with a weight)"
+    pin_dims(an, x, range(len(x) - k, len(x)), reason)
+    return x
+
+
+def rewrite_normalized_shape(position: int) -> Rewrite:
+    """A literal ``normalized_shape`` follows the normalised space its rule noted."""
+    def rewrite(node: fx.Node, ctx: Resize) -> None:
+        space = ctx.extra("normalised")
+        if isinstance(space, Space) and ctx.changed(space):
+            set_arg(node, position, "normalized_shape", [ctx.size(space)])
+
+    return rewrite
+
+
 @module_rule(nn.LayerNorm, nn.RMSNorm)
 def layer_norm_module(an: Analyzer, call: Call) -> object:
-    x = call.args[0]
-    k = len(call.module.normalized_shape)
-    pin_dims(an, x, range(len(x) - k, len(x)), f"{type(call.module).__name__} normalises over this dim")
-    for t in (call.module.weight, getattr(call.module, "bias", None)):
-        if t is not None:
-            for a, b in zip(an.tensor_dims(t), x[len(x) - k :]):
-                an.same(a, b)
-    return x
+    m = call.module
+    weight = an.tensor_dims(m.weight) if getattr(m, "weight", None) is not None else None
+    bias = an.tensor_dims(m.bias) if getattr(m, "bias", None) is not None else None
+    return normalised(an, call.args[0], len(m.normalized_shape), weight, bias, type(m).__name__)
 
 
-@function_rule(F.layer_norm, F.rms_norm)
+@function_rule(F.layer_norm, shape_args=True, rewrite=rewrite_normalized_shape(1))
 def layer_norm_fn(an: Analyzer, call: Call) -> object:
-    x = call.args[0]
-    k = len(call.arg(1, "normalized_shape"))
-    pin_dims(an, x, range(len(x) - k, len(x)), "layer_norm normalises over this dim")
-    for t in (call.arg(2, "weight"), call.arg(3, "bias")):
-        if isinstance(t, TensorDims):
-            for a, b in zip(t, x[len(x) - k :]):
-                an.same(a, b)
-    return x
+    return normalised(an, call.args[0], len(call.arg(1, "normalized_shape")), call.arg(2, "weight"),
+                      call.arg(3, "bias"), "layer_norm")
+
+
+@function_rule(F.rms_norm, shape_args=True, rewrite=rewrite_normalized_shape(1))
+def rms_norm_fn(an: Analyzer, call: Call) -> object:
+    return normalised(an, call.args[0], len(call.arg(1, "normalized_shape")), call.arg(2, "weight"), None,
+                      "rms_norm")
 
 
 def group_norm(an: Analyzer, call: Call, x: TensorDims, num_groups: int, weight: object, bias: object) -> object:

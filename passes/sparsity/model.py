@@ -19,6 +19,7 @@ from ..analysis import ChannelAnalysis, analyze
 from ..config import check_choice, short_repr
 from ..export import check_runs, remove_channels
 from ..graph import CapturedGraph
+from ..maskednorm import install_masked_norms, masked_norms
 from .budget import DISTRIBUTIONS, layer_densities
 from .channels import ChannelUnit, channel_units
 from .context import MethodContext, Structure
@@ -64,6 +65,7 @@ class SparsifySpec:
     exclude: tuple[str, ...] = ()
     budget: dict[str, float] | None = None
     input_spec: list[tuple[tuple[int, ...], str]] | None = None
+    normalised_widths: bool = False
 
 
 class SparseModel(nn.Module):
@@ -158,7 +160,30 @@ class SparseModel(nn.Module):
         for layer in self.layers:
             layer.masked.capture_dense_grad = capture
         graph = self.graph if self._mode_graphs is None else self._mode_graphs[int(self.training)]
-        return graph(*args, **kwargs)
+        with masked_norms(graph, self.norm_keeps()):
+            return graph(*args, **kwargs)
+
+    def norm_keeps(self) -> dict[str, torch.Tensor]:
+        """structure="channel" with ``normalised_widths``: for every LayerNorm / RMSNorm weight
+        (by name) a channel unit masks, a bool per channel, True where kept; the forward
+        computes those norms over the kept channels (:mod:`spruce.passes.maskednorm`), as
+        the compact model does. Empty otherwise."""
+        analysis = self.context.analysis
+        if analysis is None or not self.units or not analysis.analyzer.norm_spaces:
+            return {}
+        names = self.__dict__.get("_norm_weights")
+        if names is None:  # the analysis does not change: read once
+            names = self.__dict__["_norm_weights"] = analysis.norm_weights()
+        keeps: dict[str, torch.Tensor] = {}
+        for unit in self.units:
+            dead = ~unit.mask.numpy()
+            if not names or not dead.any():
+                continue
+            for member in unit.group.members:
+                if member.name in names:
+                    keep = keeps.setdefault(member.name, torch.ones(names[member.name], dtype=torch.bool))
+                    keep[torch.as_tensor(member.index[dead].reshape(-1))] = False
+        return keeps
 
     def attach(self, optimizer: torch.optim.Optimizer, steps_per_epoch: int | None = None) -> SparseModel:
         """Reset the optimizer state of weights that are pruned or regrown at each update.
@@ -320,6 +345,7 @@ class SparseModel(nn.Module):
         with torch.no_grad():
             for layer in self.layers:
                 modules[layer.name].weight.copy_(layer.masked(layer.module.weight) * layer.masked.mask)
+        install_masked_norms(folded, self.norm_keeps())
         self._warn_if_optimizer_stale(folded, "fold")
         return folded
 
@@ -460,6 +486,16 @@ def check_options(method: str | MethodConfig | Mapping[str, Any], structure: str
     return config, parsed, parsed_budget
 
 
+def check_normalised_widths(value: object, structure: Structure) -> None:
+    """``normalised_widths`` is a bool, and True only with structure="channel" (norm widths are
+    channels). Raises ``ValueError`` naming the option."""
+    if not isinstance(value, bool):
+        raise ValueError(f"normalised_widths must be True or False, got {short_repr(value)}")
+    if value and structure.kind != "channel":
+        raise ValueError(f"normalised_widths=True prunes norm widths: it needs structure='channel', "
+                         f"got {str(structure)!r}")
+
+
 def check_combination(config: MethodConfig, structure: str, sparsity: float, distribution: str = "erk",
                       budget: Mapping[str, float] | None = None) -> tuple[Structure, Budget | None]:
     """Check that ``config``'s method supports ``structure`` and ``budget`` (its declared
@@ -509,11 +545,16 @@ def sparsify_captured(
     exclude: Iterable[str] = (),
     budget: dict[str, float] | None = None,
     latency_table: object = None,
+    normalised_widths: bool = False,
     **method_options,
 ) -> SparseModel:
     """Insert mask nodes for every Conv1d/2d/3d, ConvTranspose1d/2d/3d and Linear weight of
     ``captured.root`` and set up ``method`` (see ``spruce.sparsify``, which captures the model
     and calls this).
+
+    ``normalised_widths`` (structure="channel" only) lets the widths LayerNorm / RMSNorm
+    normalise over prune: the model then trains with masked norms (statistics over the kept
+    channels; :meth:`SparseModel.norm_keeps`), which is what :meth:`SparseModel.compact` computes.
 
     ``method`` is a method config (``IEEConfig(h=150)``), or a method name with its options
     as keyword arguments. The returned :class:`SparseModel` shares its parameters with
@@ -528,6 +569,7 @@ def sparsify_captured(
     exclude = tuple(exclude)
     config, parsed, parsed_budget = check_options(method, structure, sparsity, total_steps, method_options,
                                                   distribution, budget)
+    check_normalised_widths(normalised_widths, parsed)
     if captured.method != "fx":
         raise ValueError(f"sparsify needs a model plain torch.fx can trace (masks go on its module calls); "
                          f"{type(captured.root).__name__} was captured by {captured.method}"
@@ -558,7 +600,7 @@ def sparsify_captured(
                    for (name, mod), d in zip(chosen, densities))
     analysis, units = None, ()
     if parsed.kind == "channel":
-        analysis = analyze(captured)
+        analysis = analyze(captured, normalised_widths=normalised_widths, hand_written_norms=False)
         found, left_out = channel_units(analysis, list(layers), 1.0 - sparsity)
         units = tuple(found)
         if left_out:
@@ -572,7 +614,7 @@ def sparsify_captured(
                             budget=parsed_budget, latency_table=latency_table)
     spec = SparsifySpec(method=config, structure=str(parsed), sparsity=float(sparsity), distribution=distribution,
                         total_steps=total_steps, exclude=exclude, budget=None if budget is None else dict(budget),
-                        input_spec=_input_spec(example_inputs))
+                        input_spec=_input_spec(example_inputs), normalised_widths=normalised_widths)
     handler = config.build()
     sm = SparseModel(context, handler, spec,
                      mode_graphs=None if traced.train is None else (traced.eval, traced.train),

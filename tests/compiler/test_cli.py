@@ -70,6 +70,8 @@ def test_report_records_a_smaller_model(pruned_resnet: Path) -> None:
         report["params"]["after"] / report["params"]["before"]
     )
     assert 0 <= report["onnx"]["max_rel_diff"] <= 1e-3
+    assert report["normalised_widths"] is False
+    assert report["errors"]["masked"] <= 1e-4 < report["errors"]["dense"]  # pruning changed the function
     pruned_groups = [g for g in report["groups"] if g["kept"] < g["size"]]
     assert pruned_groups and all(g["prunable"] for g in pruned_groups)
 

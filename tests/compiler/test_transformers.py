@@ -36,6 +36,26 @@ def pruned(name: str, gqa: str = "query_heads"):
     return example, result
 
 
+# with normalised_widths the residual width (and the embedding widths) of these shrink
+# (Llama's and Qwen2's RMSNorm computed by hand included); DistilBertModel returns its hidden
+# states and T5ForConditionalGeneration its encoder's last hidden state (one residual width
+# with the decoder's through the shared embedding): that width reaches the model's output
+# and stays; they still prune heads and MLP widths exactly
+NORMALISED = {"BertForSequenceClassification": "bert.embeddings.word_embeddings.weight",
+              "GPT2LMHeadModel": "transformer.wte.weight",
+              "ViTForImageClassification": "vit.embeddings.position_embeddings",
+              "LlamaForCausalLM": "model.embed_tokens.weight",
+              "Qwen2ForCausalLM": "model.embed_tokens.weight"}
+
+
+@functools.cache
+def pruned_normalised(name: str):
+    example = hf_examples.build(name)
+    result = spruce.prune(example.model, example.example, ratio=0.5, dynamic_shapes=example.dynamic_shapes,
+                          normalised_widths=True)
+    return example, result
+
+
 def heads(example: hf_examples.HFExample, model: torch.nn.Module) -> list[tuple[int, int]]:
     """(query heads, key/value heads) per layer, read from the model's parameters."""
     state = {k.removeprefix("eval_graph."): v for k, v in model.state_dict().items()}  # a ModeSwitch's eval graph
@@ -197,3 +217,65 @@ def test_tied_embeddings_stay_tied():
     params = dict(result.model.named_parameters(remove_duplicate=False))
     tied = [t for name, t in params.items() if name.endswith(("lm_head.weight", "transformer.wte.weight"))]
     assert len(tied) >= 2 and len({id(t) for t in tied}) == 1
+
+
+def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k.removeprefix("eval_graph."): v for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_normalised_widths_prune_exactly_and_train(name):
+    """normalised_widths: heads divide, embedding widths shrink where the residual width is
+    free, compact == masked at two batch sizes and two sequence lengths, forward + backward."""
+    example, result = pruned_normalised(name)
+    for (q0, _), (q1, k1) in zip(heads(example, example.model), heads(example, result.model)):
+        assert 1 <= q1 < q0 and q1 % k1 == 0
+    captured = result.analysis.captured
+    for batch in (1, 3):
+        for seq in (5, 11):
+            assert checks.head_error(result.masked, result.model, captured, example.inputs(batch, seq)) <= 1e-4
+    if name in NORMALISED:
+        embedding = NORMALISED[name]
+        before, after = _state(example.model)[embedding], _state(result.model)[embedding]
+        assert after.shape[-1] < before.shape[-1], (embedding, tuple(after.shape))
+        assert result.analysis.norm_keeps(result.kept)  # masked norms in the masked model
+        _, plain = pruned(name)
+        assert sum(p.numel() for p in result.model.parameters()) < sum(p.numel() for p in plain.model.parameters())
+    else:
+        assert not result.analysis.norm_keeps(result.kept)
+    compact = result.model.train()
+    compact.zero_grad()
+    out = compact(**example.inputs(2, 6))
+    loss = sum(t.float().mean() for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)
+               and t.is_floating_point())
+    loss.backward()
+    assert torch.isfinite(loss) and checks.missing_gradients(compact, captured) == []
+    compact.eval()
+
+
+@pytest.mark.parametrize("name", sorted(NORMALISED))
+def test_normalised_widths_deploy(name, tmp_path):
+    """ONNX matches ONNX Runtime, and the .pt2 reloads in a fresh process."""
+    _, result = pruned_normalised(name)
+    programs = []
+    for part in deploy.parts(result.model, result.analysis.captured):
+        path, error = deploy.save_onnx(part, tmp_path / f"{part.name}.onnx")
+        assert path.exists() and error <= 1e-4, (part.name, error)
+        programs.append((deploy.save_pt2(part, tmp_path / f"{part.name}.pt2"), part))
+    errors = deploy.check_pt2_in_fresh_process(programs)
+    assert len(errors) == len(programs) and max(errors) <= 1e-5, errors
+
+
+@pytest.mark.parametrize("name", hf_examples.LLMS)
+def test_normalised_widths_llm_greedy_tokens_match(name):
+    example, result = pruned_normalised(name)
+    prompt = example.inputs(2, 5)["input_ids"]
+    assert torch.equal(greedy(result.model, prompt, 8), greedy(result.masked, prompt, 8))
+
+
+def test_normalised_widths_keep_gpt2_embeddings_tied():
+    example, result = pruned_normalised("GPT2LMHeadModel")
+    params = dict(result.model.named_parameters(remove_duplicate=False))
+    tied = [t for name, t in params.items() if name.endswith(("lm_head.weight", "transformer.wte.weight"))]
+    assert len(tied) >= 2 and len({id(t) for t in tied}) == 1
+    assert tied[0].shape[1] < example.model.transformer.wte.weight.shape[1]

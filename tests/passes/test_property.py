@@ -103,6 +103,18 @@ class ChannelsLast:
 
 
 @dataclass(frozen=True)
+class NormResidual:
+    """Channels-last pre-norm residual (a transformer's MLP block): permute to NHWC,
+    y + fc2(act(fc1(norm(y)))), permute back; ``norm`` is an nn.LayerNorm ("layer"), an
+    nn.RMSNorm ("rms") or F.layer_norm ("functional"). Under ``normalised_widths`` the
+    residual width it normalises over prunes (a masked norm in the masked model)."""
+
+    hidden: int
+    norm: str = "layer"
+    act: str = "gelu"
+
+
+@dataclass(frozen=True)
 class Shuffle:
     """ShuffleNet channel shuffle: view/transpose/view, or nn.ChannelShuffle."""
 
@@ -239,6 +251,25 @@ class ChannelsLastBlock(nn.Module):
         return y.permute(0, 3, 1, 2)
 
 
+class NormResidualBlock(nn.Module):
+    def __init__(self, c_in: int, spec: NormResidual):
+        super().__init__()
+        self.kind = spec.norm
+        self.norm = {"layer": nn.LayerNorm, "rms": nn.RMSNorm, "functional": nn.LayerNorm}[spec.norm](c_in)
+        self.fc1 = nn.Linear(c_in, spec.hidden)
+        self.act = ACTIVATIONS[spec.act]()
+        self.fc2 = nn.Linear(spec.hidden, c_in)
+
+    def forward(self, x):
+        y = x.permute(0, 2, 3, 1)
+        if self.kind == "functional":
+            z = F.layer_norm(y, (y.shape[-1],), self.norm.weight, self.norm.bias, 1e-5)
+        else:
+            z = self.norm(y)
+        y = y + self.fc2(self.act(self.fc1(z)))
+        return y.permute(0, 3, 1, 2)
+
+
 class ShuffleBlock(nn.Module):
     def __init__(self, c_in: int, spec: Shuffle):
         super().__init__()
@@ -263,6 +294,7 @@ BLOCKS = {
     GroupConv: GroupConvBlock,
     SqueezeExcite: SqueezeExciteBlock,
     ChannelsLast: ChannelsLastBlock,
+    NormResidual: NormResidualBlock,
     Shuffle: ShuffleBlock,
 }
 
@@ -274,7 +306,7 @@ def out_width(c_in: int, spec: object) -> int:
     if isinstance(spec, Split):
         first = c_in // 2 if spec.first is None else spec.first
         return spec.out + c_in - first
-    if isinstance(spec, (Depthwise, SqueezeExcite, Shuffle)):
+    if isinstance(spec, (Depthwise, SqueezeExcite, Shuffle, NormResidual)):
         return c_in
     return spec.out
 
@@ -318,7 +350,7 @@ activations = st.sampled_from(sorted(ACTIVATIONS))
 
 @st.composite
 def block_specs(draw, c_in: int, downsample_left: bool):
-    kinds = ["conv", "residual", "concat", "depthwise", "se", "channels_last", "split"]
+    kinds = ["conv", "residual", "concat", "depthwise", "se", "channels_last", "split", "norm_residual"]
     if c_in % 2 == 0:  # widths can turn odd after a split block
         kinds += ["group", "shuffle"]
     kind = draw(st.sampled_from(kinds))
@@ -336,6 +368,8 @@ def block_specs(draw, c_in: int, downsample_left: bool):
         return Split(first, draw(widths), draw(st.booleans()))
     if kind == "depthwise":
         return Depthwise(draw(activations))
+    if kind == "norm_residual":
+        return NormResidual(draw(widths), draw(st.sampled_from(["layer", "rms", "functional"])), draw(activations))
     if kind == "se":
         return SqueezeExcite(draw(st.sampled_from([2, 4, 8])))
     if kind == "channels_last":
@@ -447,6 +481,7 @@ COVERAGE = [
          "flat", 2),
     Arch(6, (Concat(4, 8, "silu"), Shuffle(4), Depthwise("hardswish"), Conv(16, 1, 2, False))),
     Arch(16, (ChannelsLast(8), Residual(8), GroupConv(12, groups=2), Shuffle(2)), "gap", 4, 3, 2),
+    Arch(8, (NormResidual(16, "layer"), NormResidual(8, "rms", "silu"), NormResidual(12, "functional"))),
 ]
 
 
@@ -456,16 +491,19 @@ COVERAGE = [
 @example(arch=COVERAGE[1], ratio=0.75, importance="l2", seed=1)
 @example(arch=COVERAGE[2], ratio=0.25, importance="random", seed=2)
 @example(arch=COVERAGE[3], ratio=0.5, importance="l2", seed=3)
+@example(arch=COVERAGE[4], ratio=0.5, importance="l1", seed=4)
 def test_compact_equals_masked(arch: Arch, ratio: float, importance: str, seed: int) -> None:
     with _one_thread():
         _check_compact_equals_masked(arch, ratio, importance, seed)
 
 
-def _check_compact_equals_masked(arch: Arch, ratio: float, importance: str, seed: int) -> None:
+def _check_compact_equals_masked(arch: Arch, ratio: float, importance: str, seed: int,
+                                 normalised_widths: bool = False) -> None:
     model = build(arch, seed)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     example = _inputs(arch, seed)
-    result = spruce.prune(model, (example,), ratio=ratio, importance=importance, seed=seed)
+    result = spruce.prune(model, (example,), ratio=ratio, importance=importance, seed=seed,
+                          normalised_widths=normalised_widths)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), f"prune modified the original model's {k}"
     _check_groups(model, result)
@@ -491,6 +529,26 @@ def _check_compact_equals_masked(arch: Arch, ratio: float, importance: str, seed
     # this example is dead anyway): such examples are discarded, not failed.
     original = _run(model, example)
     assume(relative_error(original, _run(masked, example)) > 1e-6)
+
+
+@st.composite
+def norm_archs(draw, max_blocks: int = 3):
+    """Architectures with at least one LayerNorm'd / RMSNorm'd residual block."""
+    arch = draw(archs(max_blocks))
+    at = draw(st.integers(0, len(arch.blocks)))
+    norm = NormResidual(draw(widths), draw(st.sampled_from(["layer", "rms", "functional"])), draw(activations))
+    return Arch(arch.stem, arch.blocks[:at] + (norm,) + arch.blocks[at:], arch.head, arch.flat_side, arch.classes,
+                arch.batch)
+
+
+@settings(max_examples=30, **SETTINGS)
+@given(arch=norm_archs(), ratio=ratios, importance=importances, seed=st.integers(0, 2**16))
+@example(arch=COVERAGE[4], ratio=0.5, importance="l1", seed=0)
+def test_compact_equals_masked_with_normalised_widths(arch: Arch, ratio: float, importance: str, seed: int) -> None:
+    """Under normalised_widths the norms' widths prune and the masked model computes masked
+    norms: the compact model still equals it."""
+    with _one_thread():
+        _check_compact_equals_masked(arch, ratio, importance, seed, normalised_widths=True)
 
 
 @settings(max_examples=20, **SETTINGS)
