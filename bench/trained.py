@@ -57,6 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--reuse", action="store_true",
                         help="evaluate finished outputs (WORK/craft_MODE with its timing.json) without compiling")
     parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads for the F1 evaluation")
+    parser.add_argument("--notes", type=Path, default=None,
+                        help="a markdown file appended as the report's Notes section (what was tried, by hand)")
     parser.add_argument("--out", type=Path, default=benchlib.RESULTS_DIR / "trained.md")
     return parser.parse_args(argv)
 
@@ -174,6 +176,8 @@ def report(args: argparse.Namespace, info: dict[str, str], dense_boxes: dict[str
                   "image: " + ", ".join(f"{k} {v['f1']:.3f} ({v['matched']}/{v['predicted']} vs {v['reference']})"
                                         for k, v in run["per_image"].items()), ""]
     lines += ["## Recipe (`examples/craft.yaml`)", "", "```yaml", recipe_text, "```", ""]
+    if args.notes is not None:
+        lines += ["## Notes (written by hand, not measured by this script)", "", args.notes.read_text().strip(), ""]
     return "\n".join(lines)
 
 
