@@ -40,7 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="prepare(image, (H, W)) -> tensor for images:DIR (default: resize to cover, crop)")
     parser.add_argument("--distill-loss", type=parse_target_option, action="append", default=None,
                         metavar="OUTPUT=LOSS", dest="distill_losses",
-                        help="distillation loss of an output (kl, mse, l1), e.g. 'output[0]=l1' (repeatable)")
+                        help="distillation loss of an output (kl, mse, l1, weighted_mse), e.g. 'output[0]=l1' "
+                        "(repeatable)")
     parser.add_argument("--recover-lr", type=float, default=None,
                         help=f"recovery learning rate (default {_DEFAULTS.recover_lr})")
     parser.add_argument("--target", default=None, help=f"onnxruntime, torch, tensorrt (default {_DEFAULTS.target})")

@@ -13,7 +13,10 @@
   prepared by a function of the user's (``prepare(image: HxWx3 uint8 array, (H, W)) ->
   CxHxW tensor``, e.g. easyocr's resize-and-pad with ImageNet normalisation). With
   ``DIR/recover/`` and ``DIR/heldout/`` sub-folders those are the two sets; otherwise every
-  fifth image (after a seeded shuffle, at least one) is held out.
+  fifth image (after a seeded shuffle, at least one) is held out. With ``augment``
+  (:class:`~spruce.compiler.augment.Augment`) the recovery samples are drawn afresh each
+  epoch by :class:`~spruce.compiler.augment.AugmentedImages` (scale, crop, photometric,
+  paste, rendered words; optionally smaller than the example); the held-out images never are.
 
 The split of the bundled sets (80 % train / 20 % test) is fixed by the seed, stratified per
 class. The held-out inputs are checked to be disjoint from the recovery inputs (by content).
@@ -34,6 +37,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from ..passes.config import short_repr
+from .augment import Augment, AugmentedImages
 
 __all__ = ["Loaders", "DataError", "IMAGE_SUFFIXES", "check_data_spec", "load_data", "default_model", "DATASETS",
            "check_disjoint", "inputs_of", "load_images"]
@@ -124,17 +128,21 @@ def check_data_spec(spec: str) -> None:
 
 
 def load_data(spec: str, seed: int = 0, batch_size: int = 64, example: torch.Tensor | None = None,
-              prepare: Callable[..., object] | None = None) -> Loaders:
+              prepare: Callable[..., object] | None = None, augment: Augment | None = None) -> Loaders:
     """The loaders ``spec`` names (a built-in data set, ``images:DIR`` resized to ``example``'s
-    shape, or ``FILE.py:make_loaders``); held-out inputs checked disjoint from recovery ones."""
+    shape, or ``FILE.py:make_loaders``); held-out inputs checked disjoint from recovery ones.
+    ``augment`` applies to ``images:DIR`` only (a :class:`DataError` for other data)."""
     check_data_spec(spec)
+    if augment is not None and not spec.startswith("images:"):
+        raise DataError(f"data {short_repr(spec)}: augment applies to images:DIR only")
     if spec in DATASETS:
         return DATASETS[spec](seed, batch_size)
     if spec.startswith("images:"):
         if example is None:
             raise DataError(f"data {short_repr(spec)}: images need the model's example input to size them")
-        loaders = load_images(spec, example, seed, batch_size, prepare)
-        check_disjoint(loaders, spec)
+        loaders = load_images(spec, example, seed, batch_size, prepare, augment)
+        if augment is None:  # augmented samples are checked in load_images, before augmentation
+            check_disjoint(loaders, spec)
         return loaders
     file_part, _, factory_name = spec.rpartition(":")
     from .models import load_function
@@ -254,8 +262,8 @@ def _cover_crop(image: np.ndarray, size: tuple[int, int], channels: int) -> torc
 
 
 def _prepared(image: np.ndarray, example: torch.Tensor, prepare: Callable[..., object] | None,
-              path: Path, spec: str) -> torch.Tensor:
-    size = (int(example.shape[-2]), int(example.shape[-1]))
+              path: Path | str, spec: str, size: tuple[int, int] | None = None) -> torch.Tensor:
+    size = size or (int(example.shape[-2]), int(example.shape[-1]))
     if prepare is None:
         return _cover_crop(image, size, int(example.shape[1]))
     try:
@@ -263,19 +271,21 @@ def _prepared(image: np.ndarray, example: torch.Tensor, prepare: Callable[..., o
     except Exception as exc:
         raise DataError(f"data {short_repr(spec)}: prepare() raised {type(exc).__name__} on {path}: {exc}") from None
     tensor = made[0] if isinstance(made, tuple) else made
-    if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != tuple(example.shape[1:]):
-        raise DataError(f"data {short_repr(spec)}: prepare() must return a tensor of shape {tuple(example.shape[1:])} "
-                        f"(the example input's), got "
+    wanted = (int(example.shape[1]), *size)
+    if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != wanted:
+        raise DataError(f"data {short_repr(spec)}: prepare() must return a tensor of shape {wanted} "
+                        f"(the example input's channels at {size[0]} x {size[1]}), got "
                         f"{tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__}")
     return tensor.to(example.dtype)
 
 
 def load_images(spec: str, example: torch.Tensor, seed: int = 0, batch_size: int = 8,
-                prepare: Callable[..., object] | None = None) -> Loaders:
+                prepare: Callable[..., object] | None = None, augment: Augment | None = None) -> Loaders:
     """Unlabeled recovery and held-out loaders from the folder ``images:DIR`` names, each
-    image prepared to ``example``'s shape (see the module docstring). Raises
-    :class:`DataError` for a missing or empty folder, a file that is not an image, or too
-    few images to hold one out."""
+    image prepared to ``example``'s shape (see the module docstring); with ``augment`` the
+    recovery samples are augmented afresh each epoch. Raises :class:`DataError` for a
+    missing or empty folder, a file that is not an image, too few images to hold one out,
+    held-out images equal to recovery ones, or ``augment`` options that do not fit."""
     if example.ndim != 4:
         raise DataError(f"data {short_repr(spec)}: images need a 4-D example input (N, C, H, W), "
                         f"got {tuple(example.shape)}")
@@ -292,13 +302,23 @@ def load_images(spec: str, example: torch.Tensor, seed: int = 0, batch_size: int
         held_files = [files[i] for i in sorted(order[:held])]
         recover_files = [files[i] for i in sorted(order[held:])]
 
-    def stack(paths: list[Path]) -> torch.Tensor:
-        return torch.stack([_prepared(_read_image(p, spec), example, prepare, p, spec) for p in paths])
-
-    recover, held_out = stack(recover_files), stack(held_files)
+    recover_images = [_read_image(p, spec) for p in recover_files]
+    recover = torch.stack([_prepared(image, example, prepare, p, spec)
+                           for image, p in zip(recover_images, recover_files)])
+    held_out = torch.stack([_prepared(_read_image(p, spec), example, prepare, p, spec) for p in held_files])
     generator = torch.Generator().manual_seed(seed)
+    train: torch.utils.data.Dataset = _Inputs(recover)
+    if augment is not None:
+        check_disjoint(Loaders([recover], [held_out], example[:1], 0, spec, False), spec)
+        size = tuple(augment.size) if augment.size is not None else (int(example.shape[-2]), int(example.shape[-1]))
+        try:
+            train = AugmentedImages(
+                recover_images, [p.name for p in recover_files], augment,
+                lambda image, hw: _prepared(image, example, prepare, "an augmented image", spec, hw), size, seed)
+        except ValueError as exc:
+            raise DataError(f"data {short_repr(spec)}: {exc}") from None
     return Loaders(
-        train=DataLoader(_Inputs(recover), batch_size=min(batch_size, len(recover)), shuffle=True,
+        train=DataLoader(train, batch_size=min(batch_size, len(train)), shuffle=True,
                          generator=generator, drop_last=True),
         test=DataLoader(_Inputs(held_out), batch_size=batch_size),
         example=example[:1].clone(), num_classes=0,

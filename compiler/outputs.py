@@ -12,7 +12,12 @@ Each tensor is one of two kinds, decided from the dense model's output at the ex
 
 Its distillation loss (:data:`DISTILL_LOSSES`) defaults by kind: ``kl`` (KL divergence of
 the softened class distributions, temperature 1) for scores, ``mse`` for maps, the latter
-divided by the teacher's mean square so heads of different scales weigh alike. A shape
+divided by the teacher's mean square so heads of different scales weigh alike. For sparse
+score maps (a detector's heat maps, mostly background) ``weighted_mse`` weighs each element's
+squared error by ``1 + WEIGHTED_MSE_ALPHA * max(teacher, 0)`` (10: an element where the
+teacher says 1 counts 11 times a background one), so the loss is not dominated by the
+background the pruned model reproduces easily; it is divided by the teacher's weighted mean
+square. A shape
 rule can guess wrong (CRAFT's maps end in a dimension of 2 and look like per-pixel logits
 but are heat maps in [0, 1]; they come out as maps here because they are 4-D), so every
 output's loss can be overridden by its exact path or a glob (``{"output[0]": "l1"}``,
@@ -74,9 +79,19 @@ def _l1(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     return F.l1_loss(student.float(), teacher.float()) / teacher.float().abs().mean().clamp_min(1e-8)
 
 
+WEIGHTED_MSE_ALPHA = 10.0  # weight of the teacher's value in ``weighted_mse``
+
+
+def _weighted_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """sum(w (s - t)^2) / sum(w t^2) with w = 1 + alpha * max(t, 0), per element."""
+    student, teacher = student.float(), teacher.float()
+    weight = 1.0 + WEIGHTED_MSE_ALPHA * teacher.clamp_min(0.0)
+    return (weight * (student - teacher).pow(2)).sum() / (weight * teacher.pow(2)).sum().clamp_min(1e-8)
+
+
 # name -> loss(student output, teacher output); one entry per loss
 DISTILL_LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
-    "kl": _kl, "mse": _mse, "l1": _l1}
+    "kl": _kl, "mse": _mse, "l1": _l1, "weighted_mse": _weighted_mse}
 DEFAULT_LOSS = {"scores": "kl", "map": "mse"}
 
 

@@ -36,11 +36,27 @@ fails before any training. :func:`recipe_schema` is its JSON schema. All keys op
 ``loss``                  ``FILE.py:loss_fn``, called ``loss_fn(outputs, batch)``
 ``evaluate``              ``FILE.py:evaluate``, called ``evaluate(model, loader) -> {name: value}``
 ``prepare``               ``FILE.py:prepare`` for ``images:DIR`` (default: cover-resize, crop)
-``distill_losses``        per-output distillation loss, e.g. ``{"output[0]": l1}`` (globs)
+``augment``               augmentation of the ``images:DIR`` recovery samples, a mapping of
+                          ``spruce.compiler.augment.Augment``'s options (``copies``, ``scale``,
+                          ``photometric``, ``grey``, ``blur``, ``paste``, ``paste_from``,
+                          ``text``, ``size``); default none
+``distill_losses``        per-output distillation loss (``kl``, ``mse``, ``l1``, ``weighted_mse``;
+                          see ``spruce.compiler.outputs``), e.g. ``{"output[0]": l1}`` (globs)
 ``recover_lr``            peak learning rate of recovery (AdamW, cosine decay)
 ``budget_batch_size``     batch size at which a latency budget is measured
 ``round_to``              kept channel counts are multiples of it (default 8: CPU kernels
                           work in blocks of 8 channels, so other counts time erratically)
+``importance_norm``       ``group_mean`` (default): channel importance divided by its group's
+                          mean before the knapsack compares groups (raw weight magnitude
+                          grows with a layer's fan-in, so early high-resolution layers would
+                          be emptied first); ``none``: raw scores
+``selection_cost``        what steers the knapsack under a latency budget: ``latency`` (the
+                          target's profiled latency table; default) or ``flops`` (MACs, no
+                          profiling: for models whose profiling costs more than the run can
+                          spend); either way the selection is re-aimed until it *measures*
+                          within the budget
+``min_keep``              every channel group keeps at least this fraction of its channels,
+                          its most important ones (default 0.25; 0 leaves the knapsack free)
 ========================  ==========================================================
 
 A format-1 recipe's ``method: NAME`` with ``method_options: {...}`` still loads (the two
@@ -63,6 +79,7 @@ from ..passes.sparsity.method import MethodConfig
 from ..passes.sparsity.model import check_combination
 from ..passes.sparsity.registry import COMPILE_DEFAULT, config_class, method_names, resolve_method
 from ..targets.base import check_target_options
+from .augment import Augment
 from .datasets import check_data_spec
 from .models import check_input_sizes, check_model_spec
 
@@ -118,10 +135,14 @@ class Recipe(Config):
     loss: Name | None = None
     evaluate: Name | None = None
     prepare: Name | None = None
-    distill_losses: dict[str, Literal["kl", "mse", "l1"]] = Field(default_factory=dict)
+    distill_losses: dict[str, Literal["kl", "mse", "l1", "weighted_mse"]] = Field(default_factory=dict)
     recover_lr: float = Field(1e-3, gt=0)
     budget_batch_size: int = Field(1, ge=1, le=_MAX_SIZE)
     round_to: int = Field(8, ge=1)
+    importance_norm: Literal["none", "group_mean"] = "group_mean"
+    augment: Augment | None = None
+    selection_cost: Literal["latency", "flops"] = "latency"
+    min_keep: float = Field(0.25, ge=0, le=1)
 
     @model_validator(mode="before")
     @classmethod

@@ -18,7 +18,8 @@ trained on the bundled digits with a fixed seed, and that trained model is then 
   non-classification output);
 - ``reference``: the dense model (the embedded default trained first) and its evaluation;
 - ``capture``: the student (a copy of the trained model) captured as a graph, the only capture;
-- ``profile``: the target's latency table when the budget is a latency (else none);
+- ``profile``: the target's latency table when the budget is a latency (else none, and none
+  when ``selection_cost`` is ``flops``: the measured loop then steers by MACs);
 - ``sparsify``: for ``channel``: channels chosen one-shot from the trained weights' magnitude
   (gradient importance is exactly zero when the student equals its teacher), a latency
   budget met as *measured* on the target (:func:`spruce.runtime.budget.meet_latency_budget`,
@@ -55,7 +56,7 @@ from ..passes.analysis import analyze
 from ..passes.export import check_runs, remove_channels
 from ..passes.graph import CapturedGraph, require_data
 from ..passes.importance import importance_scores, param_table
-from ..passes.sparsity.knapsack import build_cost_model, select_channels
+from ..passes.sparsity.knapsack import build_cost_model, minimum_kept, normalise_importance, select_channels
 from ..passes.sparsity.method import MethodConfig, RunLength
 from ..passes.sparsity.model import SparseModel, StaleOptimizerWarning, sparsify_captured
 from ..runtime.bench import BenchReport
@@ -319,9 +320,13 @@ def capture(setup: Setup, reference: Reference) -> Captured:
 
 
 def profile(setup: Setup, captured: Captured, workspace: Workspace) -> Profiled:
-    """The latency table of the student on the target when the budget is a latency."""
+    """The latency table of the student on the target when the budget is a latency (steering
+    the selection, or a method re-selecting channels during recovery, which needs it even when
+    ``selection_cost`` is ``flops``)."""
     recipe = setup.recipe
-    if not (recipe.budget and "latency" in recipe.budget):
+    method_needs = drives_channels(recipe.structure, setup.mode, recipe.method, recipe.method_named, recipe.budget)
+    if not (recipe.budget and "latency" in recipe.budget) or (recipe.selection_cost != "latency"
+                                                               and not method_needs):
         return Profiled(None)
     workspace.say("profiling per-layer latency on the target ...")
     table = profile_layers(captured.student.eval(), (setup.example,), setup.target, recipe.profile_step,
@@ -505,13 +510,14 @@ def _data(recipe: Recipe, given: Given, example: torch.Tensor | None, prepare: U
     if given.data is not None:
         if isinstance(given.data, str):
             return load_data(given.data, recipe.seed, min(recipe.batch_size, 8) if given.data.startswith("images:")
-                             else recipe.batch_size, example, prepare.function if prepare is not None else None)
+                             else recipe.batch_size, example, prepare.function if prepare is not None else None,
+                             recipe.augment)
         if not (isinstance(given.data, tuple) and len(given.data) == 2):
             raise DataError("data must be a spec string, Loaders, or a (recovery_loader, held_out_loader) tuple")
         return loaders_from(given.data[0], given.data[1], "data", "the given loaders")
     return load_data(recipe.data, recipe.seed, recipe.batch_size if example is None else min(recipe.batch_size, 8)
                      if recipe.data.startswith("images:") else recipe.batch_size, example,
-                     prepare.function if prepare is not None else None)
+                     prepare.function if prepare is not None else None, recipe.augment)
 
 
 def _recovery_mode(recipe: Recipe, data: Loaders, plan: OutputPlan, loss: UserFunction | None, name: str) -> str:
@@ -607,17 +613,22 @@ def _select_channels(setup: Setup, captured: Captured, profiled: Profiled, metho
     importance = {g.id: importance_scores(CHANNEL_IMPORTANCE, g, params, rng) for g in analysis.groups if g.prunable}
     if not importance:
         raise ValueError(f"{setup.model_name} has no prunable channel group; try structure unstructured or 2:4")
+    importance = normalise_importance(importance, recipe.importance_norm)
+    required = minimum_kept(importance, recipe.min_keep, recipe.round_to) if recipe.min_keep > 0 else None
     selection = None
     if recipe.budget and "latency" in recipe.budget:
         workspace.say("choosing channels to meet the latency budget as measured on the target ...")
+        steer = None if recipe.selection_cost == "latency" else build_cost_model(recipe.selection_cost, student,
+                                                                                 analysis)
         selection = meet_latency_budget(analysis, student, profiled.table, setup.target, recipe.budget["latency"],
                                         importance, (example,), batch_size=recipe.budget_batch_size,
-                                        round_to=recipe.round_to)
+                                        round_to=recipe.round_to, required=required, cost_model=steer)
         kept, compact = selection.kept, selection.compact
     elif recipe.budget:
         ((kind, fraction),) = recipe.budget.items()
         cost = build_cost_model(kind, student, analysis)
-        kept = dict(select_channels(cost, importance, fraction * cost.dense(), round_to=recipe.round_to).kept)
+        kept = dict(select_channels(cost, importance, fraction * cost.dense(), round_to=recipe.round_to,
+                                    required=required).kept)
         compact = remove_channels(analysis, student, kept)
     else:
         from .prune import select_channels as top_fraction
@@ -626,7 +637,10 @@ def _select_channels(setup: Setup, captured: Captured, profiled: Profiled, metho
                             round_to=recipe.round_to, seed=recipe.seed)
         compact = remove_channels(analysis, student, kept)
     check_runs(compact, (example,), student, "compact model")
-    return Sparsified(method, None, total_steps, compact, kept, selection, f"{CHANNEL_IMPORTANCE} (weight magnitude)")
+    norm = "" if recipe.importance_norm == "none" else f", divided by its group's mean ({recipe.importance_norm})"
+    floor = f"; every group keeps at least {recipe.min_keep:g} of its channels" if required is not None else ""
+    return Sparsified(method, None, total_steps, compact, kept, selection,
+                      f"{CHANNEL_IMPORTANCE} (weight magnitude{norm}){floor}")
 
 
 @torch.no_grad()

@@ -127,6 +127,7 @@ def meet_latency_budget(
     warmup: int = 3,
     timing_rounds: int = 15,
     candidates: Mapping[int, np.ndarray] | None = None,
+    required: Mapping[int, np.ndarray] | None = None,
     cost_model: CostModel | None = None,
     first_aim: float | None = None,
 ) -> MeasuredSelection:
@@ -141,9 +142,10 @@ def meet_latency_budget(
     (the example inputs' batch dim is replaced; the target must accept it): compact and dense
     interleaved in one run, ``timing_rounds`` rounds after ``warmup`` calls each. At most
     ``rounds`` selections are made; kept counts are multiples of ``round_to`` (or a whole
-    group); ``candidates`` as for ``select_channels``. The first selection aims at
-    ``first_aim`` (cost units; default ``budget`` x the predicted dense cost), e.g. an aim
-    already calibrated by an earlier measurement.
+    group); ``candidates`` and ``required`` (channels every selection keeps, e.g.
+    :func:`~spruce.passes.sparsity.knapsack.minimum_kept`) as for ``select_channels``. The
+    first selection aims at ``first_aim`` (cost units; default ``budget`` x the predicted dense
+    cost), e.g. an aim already calibrated by an earlier measurement.
 
     Returns the first selection measured within [0.9, 1.05] x ``budget`` of dense; when the
     rounds run out, the slowest selection measured at most 1.05 x ``budget`` (``in_band``
@@ -167,9 +169,9 @@ def meet_latency_budget(
                                                                       latency_table=table)
     sample = table.step if cost.kind == "latency" and table is not None else 1
     dense_predicted = cost.dense()
-    floor_predicted = minimum_cost(cost, round_to=round_to, sample=sample)
+    floor_predicted = minimum_cost(cost, round_to=round_to, sample=sample, required=required)
     low, high = BAND_LOW * budget, BAND_HIGH * budget
-    options = dict(round_to=round_to, sample=sample, candidates=candidates)
+    options = dict(round_to=round_to, sample=sample, candidates=candidates, required=required)
 
     measured: dict[tuple, tuple[Any, Attempt, nn.Module]] = {}  # kept counts -> (selection, attempt, compact)
     attempts: list[Attempt] = []

@@ -40,6 +40,8 @@ __all__ = [
     "CostModel",
     "InfeasibleBudget",
     "minimum_cost",
+    "minimum_kept",
+    "normalise_importance",
     "Selection",
     "build_cost_model",
     "register_cost_model",
@@ -417,11 +419,54 @@ def _cheapest(cost: CostModel, options: Mapping[int, _Options], sample: int) -> 
     return min(((lowest, cost.cost(lowest)), (mix, cost.cost(mix))), key=lambda pair: pair[1])
 
 
-def minimum_cost(cost: CostModel, round_to: int = 1, sample: int = 1) -> float:
-    """The smallest predicted cost reachable by channel selection with ``round_to``."""
-    options = {g: _options(size, np.zeros(size), np.ones(size, bool), np.zeros(size, bool), round_to)
+def minimum_cost(cost: CostModel, round_to: int = 1, sample: int = 1,
+                 required: Mapping[int, np.ndarray] | None = None) -> float:
+    """The smallest predicted cost reachable by channel selection with ``round_to``, keeping
+    at least the ``required[g]`` channels (bool per channel) of each group given."""
+    options = {g: _options(size, np.zeros(size), np.ones(size, bool),
+                           np.asarray(required[g], bool) if required and g in required else np.zeros(size, bool),
+                           round_to)
                for g, size in cost.sizes.items()}
     return _cheapest(cost, options, sample)[1]
+
+
+NORMALISATIONS = ("none", "group_mean")
+
+
+def normalise_importance(importance: Mapping[int, np.ndarray], how: str = "group_mean") -> dict[int, np.ndarray]:
+    """Channel importance made comparable across groups. ``group_mean`` divides each
+    group's scores by their mean (a group of all-zero scores stays zero): a weight-magnitude
+    score sums |w| over the channel's fan-in and fan-out, so raw scores of a 3 x 3 x 64-input
+    layer and of a 3 x 3 x 512-input one differ by their fan-in alone, and a knapsack on raw
+    scores empties the small-fan-in (early, high-resolution) layers first. ``none`` returns the
+    scores as they are. Raises ``ValueError`` for another ``how``."""
+    if how not in NORMALISATIONS:
+        raise ValueError(f"unknown importance normalisation {short_repr(how)}; valid: {', '.join(NORMALISATIONS)}")
+    out = {}
+    for gid, scores in importance.items():
+        scores = np.asarray(scores.detach().cpu() if isinstance(scores, torch.Tensor) else scores, dtype=np.float64)
+        mean = float(np.mean(np.abs(scores))) if scores.size else 0.0
+        out[gid] = scores / mean if how == "group_mean" and mean > 0 else scores
+    return out
+
+
+def minimum_kept(importance: Mapping[int, np.ndarray], fraction: float, round_to: int = 1) -> dict[int, np.ndarray]:
+    """Per group, the channels that must be kept so that every group keeps at least
+    ``fraction`` of its channels (rounded up to a multiple of ``round_to``, at most the
+    group): its most important ones, as a bool mask per channel (``required`` of
+    :func:`select_channels`). ``fraction`` 0 requires nothing. Raises ``ValueError`` unless
+    0 <= ``fraction`` <= 1."""
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"minimum kept fraction must be in [0, 1], got {short_repr(fraction)}")
+    required = {}
+    for gid, scores in importance.items():
+        scores = np.asarray(scores.detach().cpu() if isinstance(scores, torch.Tensor) else scores, dtype=np.float64)
+        size = scores.shape[0]
+        count = min(size, int(math.ceil(fraction * size / round_to - 1e-9)) * round_to) if fraction > 0 else 0
+        mask = np.zeros(size, bool)
+        mask[np.argsort(-scores, kind="stable")[:count]] = True
+        required[gid] = mask
+    return required
 
 
 def select_channels(cost: CostModel, importance: Mapping[int, np.ndarray | torch.Tensor], budget: float, *,

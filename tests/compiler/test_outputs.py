@@ -8,7 +8,14 @@ from collections import namedtuple
 
 import pytest
 import torch
-from spruce.compiler.outputs import OutputError, distill_loss, fidelity, flatten_outputs, plan_outputs
+from spruce.compiler.outputs import (
+    WEIGHTED_MSE_ALPHA,
+    OutputError,
+    distill_loss,
+    fidelity,
+    flatten_outputs,
+    plan_outputs,
+)
 from spruce.compiler.recovery import reestimate_batchnorm
 from torch import nn
 
@@ -52,6 +59,23 @@ def test_distillation_is_zero_only_at_the_teacher():
     assert float(distill_loss(student, teacher, plan)) > 1e-3
     student = (teacher[0], teacher[1] * 1.1)
     assert float(distill_loss(student, teacher, plan)) == pytest.approx(0.01, rel=1e-4)  # MSE / teacher's mean square
+
+
+def test_weighted_mse_weighs_the_teachers_text_above_its_background():
+    teacher = torch.zeros(1, 8, 8, 2)
+    teacher[0, 2, 3, 0] = 1.0  # one confident element in a background of zeros
+    plan = plan_outputs((teacher,), {"output[0]": "weighted_mse"})
+    assert plan.outputs[0].loss == "weighted_mse" and plan.record()[0]["loss_from"] == "override"
+    assert float(distill_loss((teacher,), (teacher,), plan)) == pytest.approx(0.0, abs=1e-7)
+    on_text, on_background = teacher.clone(), teacher.clone()
+    on_text[0, 2, 3, 0] -= 0.5  # the same error where the teacher says 1 ...
+    on_background[0, 5, 5, 1] += 0.5  # ... and where it says 0
+    weighted = [float(distill_loss((s,), (teacher,), plan)) for s in (on_text, on_background)]
+    assert weighted[0] == pytest.approx((1 + WEIGHTED_MSE_ALPHA) * weighted[1])
+    plain = plan_outputs((teacher,))
+    assert float(distill_loss((on_text,), (teacher,), plain)) == pytest.approx(
+        float(distill_loss((on_background,), (teacher,), plain)))  # plain MSE cannot tell them apart
+    assert float(distill_loss((teacher * 0.9,), (teacher,), plan)) == pytest.approx(0.01, rel=1e-4)  # scale-free
 
 
 def test_fidelity_per_output():
