@@ -6,8 +6,10 @@ these functions are where a model becomes a graph.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from torch import nn
@@ -21,7 +23,23 @@ from ..runtime.profile import LatencyTable
 from ..runtime.profile import profile as profile_captured
 from .trace import capture, trace
 
-__all__ = ["analyze_model", "channel_groups", "profile", "sparsify"]
+__all__ = ["analyze_model", "channel_groups", "gc_paused", "profile", "sparsify"]
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off for the block (as it was, after it). Capturing and
+    rewriting graphs allocates hundreds of thousands of small objects, which set off full
+    collections of the whole process (a second each with torch and a model loaded, measured)
+    in the middle of the pass; paused, they come later, once, when the process allocates next.
+    Reference counting still frees everything that is not in a cycle."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def analyze_model(model: nn.Module, example_inputs: object, leaf_modules: Iterable[object] = (),
@@ -31,7 +49,8 @@ def analyze_model(model: nn.Module, example_inputs: object, leaf_modules: Iterab
     :func:`spruce.passes.analysis.analyze`).
 
     Raises :class:`spruce.TraceError` when the model cannot be captured."""
-    return analyze(capture(model, example_inputs, leaf_modules, dynamic_shapes), gqa=gqa)
+    with gc_paused():
+        return analyze(capture(model, example_inputs, leaf_modules, dynamic_shapes), gqa=gqa)
 
 
 def channel_groups(model: nn.Module, example_inputs: object, leaf_modules: Iterable[object] = (),
