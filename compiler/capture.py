@@ -59,6 +59,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..passes.graph import CapturedGraph, Link, Piece, has_pytree_io, split_inputs, tensor_leaves
 from ..passes.metarun import MetaRules
+from ..passes.oprules import MODULE_RULES
 from .hf import capture_settings
 
 __all__ = ["INPUT_ADAPTERS", "InputAdapter", "TraceError", "capture", "resized_batch"]
@@ -254,6 +255,8 @@ class _SpruceTracer(fx.Tracer):
             # its weight is computed in forward (weight_norm, spectral_norm, ...): trace through it, so
             # the graph computes the weight from the parameters instead of holding a snapshot of it
             return False
+        if type(m) in MODULE_RULES:  # a rule says how channels flow through it: one call
+            return True
         return super().is_leaf_module(m, module_qualified_name)
 
     def call_module(self, m, forward, args, kwargs):
