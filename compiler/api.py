@@ -6,8 +6,10 @@ these functions are where a model becomes a graph.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from torch import nn
@@ -22,7 +24,23 @@ from ..runtime.profile import LatencyTable
 from ..runtime.profile import profile as profile_captured
 from .trace import capture, trace
 
-__all__ = ["analyze_model", "channel_groups", "profile", "sparsify"]
+__all__ = ["analyze_model", "channel_groups", "gc_paused", "profile", "sparsify"]
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off for the block (as it was, after it). Capturing and
+    rewriting graphs allocates hundreds of thousands of small objects, which set off full
+    collections of the whole process (a second each with torch and a model loaded, measured)
+    in the middle of the pass; paused, they come later, once, when the process allocates next.
+    Reference counting still frees everything that is not in a cycle."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def analyze_model(model: nn.Module, example_inputs: object, leaf_modules: Iterable[object] = (),
@@ -35,8 +53,9 @@ def analyze_model(model: nn.Module, example_inputs: object, leaf_modules: Iterab
     the widths through it).
 
     Raises :class:`spruce.TraceError` when the model cannot be captured."""
-    captured = capture(model, example_inputs, leaf_modules, dynamic_shapes, see_through_wrapped=normalised_widths)
-    return analyze(captured, gqa=gqa, normalised_widths=normalised_widths)
+    with gc_paused():
+        captured = capture(model, example_inputs, leaf_modules, dynamic_shapes, see_through_wrapped=normalised_widths)
+        return analyze(captured, gqa=gqa, normalised_widths=normalised_widths)
 
 
 def channel_groups(model: nn.Module, example_inputs: object, leaf_modules: Iterable[object] = (),

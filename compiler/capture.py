@@ -58,6 +58,8 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..passes.graph import CapturedGraph, Link, Piece, has_pytree_io, split_inputs, tensor_leaves
+from ..passes.metarun import MetaRules
+from ..passes.oprules import MODULE_RULES
 from .hf import capture_settings
 
 __all__ = ["INPUT_ADAPTERS", "InputAdapter", "TraceError", "capture", "resized_batch"]
@@ -253,6 +255,8 @@ class _SpruceTracer(fx.Tracer):
             # its weight is computed in forward (weight_norm, spectral_norm, ...): trace through it, so
             # the graph computes the weight from the parameters instead of holding a snapshot of it
             return False
+        if type(m) in MODULE_RULES:  # a rule says how channels flow through it: one call
+            return True
         return super().is_leaf_module(m, module_qualified_name)
 
     def call_module(self, m, forward, args, kwargs):
@@ -435,42 +439,9 @@ def _shared_meta(gm: fx.GraphModule, known: fx.GraphModule | None) -> dict:
     return env
 
 
-def _shape_keeping() -> tuple[set, set, set]:
-    """Modules, functions and methods whose output is their first input's shape and dtype:
-    on meta tensors their kernels (BatchNorm's is a Python decomposition) cost far more
-    than knowing that."""
-    modules = {nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish,
-               nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.ELU, nn.Mish, nn.Identity, nn.Dropout,
-               nn.Dropout2d, nn.LayerNorm, nn.GroupNorm}
-    import torch.nn.functional as F
-
-    functions = {F.relu, F.relu6, F.silu, F.gelu, F.hardswish, F.hardsigmoid, F.sigmoid, F.dropout, torch.relu,
-                 torch.sigmoid, torch.tanh}
-    methods = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "contiguous", "clone", "detach"}
-    return modules, functions, methods
-
-
-class _MetaShapeProp(ShapeProp):
-    """ShapeProp on meta tensors that skips the kernels of shape-keeping operators."""
-
-    _keep_modules, _keep_functions, _keep_methods = _shape_keeping()
-
-    def run_node(self, n: fx.Node):
-        first = self.env.get(n.args[0]) if n.args and isinstance(n.args[0], fx.Node) else None
-        if isinstance(first, torch.Tensor) and not n.kwargs.get("inplace", False) and (
-                (n.op == "call_module" and type(self.fetch_attr(n.target)) in self._keep_modules)
-                or (n.op == "call_function" and n.target in self._keep_functions)
-                or (n.op == "call_method" and n.target in self._keep_methods)):
-            n.meta["tensor_meta"] = _extract_metadata(first)
-            n.meta["type"] = torch.Tensor
-            return first
-        return super().run_node(n)
-
-
-def _extract_metadata(t: torch.Tensor):
-    from torch.fx.passes.shape_prop import TensorMetadata
-
-    return TensorMetadata(t.shape, t.dtype, t.requires_grad, t.stride(), None, False, {})
+class _MetaShapeProp(MetaRules, ShapeProp):
+    """ShapeProp on meta tensors that takes the outputs of the commonest operators from
+    :mod:`spruce.passes.metarun`'s rules instead of their (slow) meta kernels."""
 
 
 def failing_node(exc: BaseException) -> str | None:

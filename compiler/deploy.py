@@ -179,10 +179,13 @@ class FlatCall(nn.Module):
         return tuple(t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor))
 
 
-def _size_calls(graph: fx.Graph) -> fx.Graph:
+def _size_calls(graph: fx.Graph, chunks: bool = True) -> fx.Graph:
     """A copy of ``graph`` reading sizes with ``Tensor.size`` instead of ATen ``sym_size``:
     TorchScript tracing (the fast ONNX exporter) keeps ``size()`` calls symbolic but turns
-    the Python int ``sym_size`` returns into a constant, which would fix the batch."""
+    the Python int ``sym_size`` returns into a constant, which would fix the batch. With
+    ``chunks``, splits that were chunks become chunks again (for TorchScript; the
+    torch.export-based exporter keeps the computed split sizes symbolic, and a chunk of a
+    dynamic dim makes it specialise the batch)."""
     new = empty_graph_like(graph)
     mapping: dict[fx.Node, fx.Node] = {}
     out = new.graph_copy(graph, mapping)
@@ -201,19 +204,44 @@ def _size_calls(graph: fx.Graph) -> fx.Graph:
                 copy_ = new.call_method("clone", node.args)
             node.replace_all_uses_with(copy_)
             new.erase_node(node)
-        elif node.target is aten.split_with_sizes.default and "spruce_chunks" in node.meta:
+        elif chunks and node.target is aten.split_with_sizes.default and "spruce_chunks" in node.meta:
             with new.inserting_before(node):  # sizes computed from a traced size would be frozen
                 chunk = new.call_function(aten.chunk.default, (node.args[0], node.meta["spruce_chunks"], node.args[2]))
             node.replace_all_uses_with(chunk)
             new.erase_node(node)
         elif node.target in (aten._assert_tensor_metadata.default, aten._assert_scalar.default) and not node.users:
             new.erase_node(node)
+        elif node.target in _VIEWS:
+            _infer_computed_size(node)
     new.lint()
     return new
 
 
-def _traceable(module: nn.Module) -> nn.Module:
-    """``module`` in eval mode as a module TorchScript tracing exports with a dynamic batch."""
+_VIEWS = (torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten._unsafe_view.default)
+
+
+def _infer_computed_size(node: fx.Node) -> None:
+    """A view whose sizes hold one the graph computes (``(b1 + b2 + 1) // 2``, the batch after
+    splitting a concatenated pair, as RAFT reads it) gets -1 there: the element count fixes
+    that size, and TorchScript tracing would freeze the Python arithmetic that computes it
+    at the example's batch. Only where every other size is a positive literal (then -1 is
+    exactly the computed size)."""
+    sizes = list(node.args[1]) if len(node.args) > 1 and isinstance(node.args[1], (list, tuple)) else None
+    if sizes is None:
+        return
+    computed = [i for i, s in enumerate(sizes) if isinstance(s, fx.Node)]
+    if len(computed) != 1 or not all(isinstance(s, int) and s > 0 for i, s in enumerate(sizes) if i != computed[0]):
+        return
+    size = sizes[computed[0]]
+    if size.op == "call_function" and size.target is torch.ops.aten.sym_size.int:
+        return  # a size read straight off a tensor: TorchScript keeps it symbolic
+    sizes[computed[0]] = -1
+    node.args = (node.args[0], sizes, *node.args[2:])
+
+
+def _traceable(module: nn.Module, chunks: bool = True) -> nn.Module:
+    """``module`` in eval mode as a module the ONNX exporters export with a dynamic batch
+    (``chunks``: see :func:`_size_calls`)."""
     from ..passes.export import CompactPiece, ModeSwitch
 
     if isinstance(module, ModeSwitch):
@@ -226,7 +254,7 @@ def _traceable(module: nn.Module) -> nn.Module:
         return module
     if not any(n.op == "call_function" and isinstance(n.target, OpOverload) for n in gm.graph.nodes):
         return module
-    traced = fx.GraphModule(gm, _size_calls(gm.graph), type(gm).__name__)
+    traced = fx.GraphModule(gm, _size_calls(gm.graph, chunks), type(gm).__name__)
     return traced.eval()
 
 
@@ -238,7 +266,8 @@ def save_onnx(part: Part, path: str | os.PathLike) -> tuple[Path, float]:
 
     module = part.module.eval()
     flat = FlatCall(_traceable(module), *part.inputs).eval()
-    path = export_onnx(flat, flat.flat(*part.inputs), path, dynamic_batch=True)
+    for_dynamo = FlatCall(_traceable(module, chunks=False), *part.inputs).eval()
+    path = export_onnx(flat, flat.flat(*part.inputs), path, dynamic_batch=True, dynamo_model=for_dynamo)
     worst = 0.0
     for inputs in [part.inputs] + ([part.second] if part.second is not None else []):
         tensors = flat.flat(*inputs)

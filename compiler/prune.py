@@ -20,7 +20,7 @@ from ..passes.config import Config, check_choice
 from ..passes.export import batch_literals, check_runs, mask_channels, remove_channels
 from ..passes.graph import require_data, split_inputs
 from ..passes.importance import GRADIENT_CRITERIA, IMPORTANCE, importance_scores, param_table
-from .api import analyze_model
+from .api import analyze_model, gc_paused
 from .capture import adapter_for, failing_node, preserved_state
 
 __all__ = ["PruneConfig", "PruneResult", "prune", "select_channels"]
@@ -253,13 +253,14 @@ def prune(
     calibration = [example_inputs] if calibration is None else list(calibration)
     if importance in GRADIENT_CRITERIA and not calibration:
         raise ValueError(f"importance {importance!r} needs calibration inputs (at least one batch)")
-    analysis = analyze_model(model, example_inputs, leaf_modules, dynamic_shapes=dynamic_shapes, gqa=gqa,
-                             normalised_widths=normalised_widths)
-    kept = select_channels(model, analysis.groups, ratio, importance, round_to, ignore, seed, calibration)
-    compact = remove_channels(analysis, model, kept)
-    args, kwargs = split_inputs(example_inputs)
-    check_runs(compact, args, model, "pruned model", kwargs)
-    check_second_batch(compact, analysis)
+    with gc_paused():
+        analysis = analyze_model(model, example_inputs, leaf_modules, dynamic_shapes=dynamic_shapes, gqa=gqa,
+                                 normalised_widths=normalised_widths)
+        kept = select_channels(model, analysis.groups, ratio, importance, round_to, ignore, seed, calibration)
+        compact = remove_channels(analysis, model, kept)
+        args, kwargs = split_inputs(example_inputs)
+        check_runs(compact, args, model, "pruned model", kwargs)
+        check_second_batch(compact, analysis)
     return PruneResult(compact, analysis.groups, kept, analysis, source=model, example_inputs=example_inputs)
 
 

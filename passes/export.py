@@ -17,6 +17,7 @@ from torch import fx, nn
 from .analysis import ChannelAnalysis, SizeRead, Space, TensorDims
 from .graph import empty_graph_like
 from .maskednorm import install_masked_norms
+from .metarun import runs_on_meta
 
 __all__ = ["MODULE_FIXERS", "CompactModelError", "CompactPiece", "ModeSwitch", "batch_literals", "check_runs",
            "install_graphs", "mask_channels", "remove_channels"]
@@ -495,24 +496,6 @@ def _on_device(inputs: tuple, model: nn.Module) -> tuple:
     return tuple(x.to(first.device) if isinstance(x, torch.Tensor) else x for x in inputs)
 
 
-def _runs_on_meta(graph: fx.GraphModule, inputs: tuple) -> bool:
-    """Does ``graph`` run on meta tensors (shapes and dtypes only, no compute)? What channel
-    removal can break (a size, group count or split that no longer fits) fails there as it
-    does for real; an operator without a meta kernel, or code that reads values, gives False
-    and the caller runs the graph for real."""
-    from torch.nn.utils.stateless import _reparametrize_module
-
-    named = list(graph.named_parameters(remove_duplicate=False)) + list(graph.named_buffers(remove_duplicate=False))
-    state = {name: torch.empty_like(t, device="meta") for name, t in named}
-    meta_inputs = tuple(x.to("meta") if isinstance(x, torch.Tensor) else x for x in inputs)
-    try:
-        with _reparametrize_module(graph, state):
-            graph(*meta_inputs)
-    except Exception:  # noqa: BLE001 - any failure here is settled by the real run
-        return False
-    return True
-
-
 def _runs(model: nn.Module, inputs: tuple, mode: str, kwargs: dict | None = None
           ) -> tuple[BaseException, fx.Node | None] | None:
     """Run ``model`` once in ``mode``; None when it runs, else the error and the failing node.
@@ -527,7 +510,7 @@ def _runs(model: nn.Module, inputs: tuple, mode: str, kwargs: dict | None = None
             return exc, None
         return None
     graph.train(mode == "train")
-    if _runs_on_meta(graph, inputs):
+    if runs_on_meta(graph, inputs):
         return None
     locating = _Locating(graph)
     try:

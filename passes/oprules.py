@@ -1378,6 +1378,9 @@ def _register_torchvision() -> None:
     except ImportError:  # torchvision is optional
         return
     FUNCTION_RULES[sd_mod.stochastic_depth] = same_shape
+    # the module too: captured as one call (a type with a module rule is a leaf), it reads
+    # ``self.training`` when it runs, so a model's eval and training graphs stay one graph
+    MODULE_RULES[sd_mod.StochasticDepth] = same_shape
 
 
 _register_torchvision()

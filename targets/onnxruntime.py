@@ -44,7 +44,7 @@ class OnnxMismatchError(OnnxExportError):
 
 def export_onnx(
     model: nn.Module, example_inputs: Sequence[torch.Tensor], path: str | os.PathLike, dynamic_batch: bool = False,
-    prefer_dynamo: bool = False,
+    prefer_dynamo: bool = False, dynamo_model: nn.Module | None = None,
 ) -> Path:
     """Export ``model`` traced on ``example_inputs`` to an ONNX file at ``path``.
 
@@ -56,7 +56,9 @@ def export_onnx(
     is written to a temporary name in the same folder, checked with ``onnx.checker`` and then renamed, so ``path`` never
     holds a partial or invalid model. Raises :class:`OnnxExportError` if both
     exporters fail. ``prefer_dynamo`` tries the torch.export-based exporter first (the
-    better one for graphs of ATen operators, as ``torch.export`` captures them).
+    better one for graphs of ATen operators, as ``torch.export`` captures them);
+    ``dynamo_model``, computing what ``model`` computes, is what that exporter exports
+    instead of ``model`` (a graph written for TorchScript tracing can make it specialise).
     """
     target = Path(path)
     failures: list[str] = []
@@ -64,10 +66,11 @@ def export_onnx(
     for exporter in exporters:
         try:
             with atomic_path(target) as temp_path:
-                exporter(model, tuple(example_inputs), temp_path, dynamic_batch)
+                exported = dynamo_model if exporter is _export_dynamo and dynamo_model is not None else model
+                exporter(exported, tuple(example_inputs), temp_path, dynamic_batch)
                 onnx.checker.check_model(str(temp_path), full_check=True)
                 if dynamic_batch:
-                    _check_other_batch(temp_path, model, tuple(example_inputs))
+                    _check_other_batch(temp_path, exported, tuple(example_inputs))
             return target
         except OutputError:  # the destination cannot take the file: the other exporter would fail too
             raise

@@ -232,3 +232,35 @@ def test_post_processing_stays_eager_around_captured_pieces():
     for batch in (1, 3):
         assert exact(result, torch.randn(batch, 3, 8, 8)) <= 1e-5
     assert isinstance(result.model, ToyDetector)  # the user's own class, its eager code around compact graphs
+
+
+def test_a_module_type_with_a_rule_is_one_call_so_stochastic_depth_keeps_one_graph():
+    """torchvision's StochasticDepth has a module rule, so fx captures it as one call that reads
+    ``self.training`` when it runs: the eval and training graphs are one graph (no second trace
+    and compaction), and the compact model still drops residual rows in training mode only."""
+    from spruce.passes.export import ModeSwitch
+    from torchvision.ops import StochasticDepth
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(8, 16, 3, padding=1)
+            self.back = nn.Conv2d(16, 8, 1)
+            self.drop = StochasticDepth(0.5, "row")
+
+        def forward(self, x):
+            return x + self.drop(self.back(self.conv(x).relu()))
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), Block(), Block()).eval()
+    x = torch.randn(2, 3, 8, 8)
+    captured = capture(model, x)
+    assert captured.method == "fx" and captured.pieces[0].train is None
+    assert {n.target for n in captured.graphs[0].graph.nodes if n.op == "call_module"} >= {"1.drop", "2.drop"}
+    result = spruce.prune(model, x, ratio=0.5)
+    assert result.kept and not isinstance(result.model, ModeSwitch)
+    assert exact(result, torch.randn(3, 3, 8, 8)) <= 1e-5
+    compact = result.model.train()
+    with torch.no_grad():
+        draws = {tuple(compact(torch.ones(16, 3, 8, 8)).flatten(1).sum(1).round(decimals=3).tolist()) for _ in range(4)}
+    assert len(draws) > 1  # rows dropped at random in training mode

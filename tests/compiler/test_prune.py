@@ -245,3 +245,28 @@ def test_round_to_that_leaves_groups_whole_is_named_in_a_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert spruce.prune(small_cnn(), X, ratio=0.5, round_to=8).kept  # 8 fits both: no warning
+
+
+def test_prune_pauses_the_garbage_collector_and_restores_it():
+    """The collector is off while the graphs are built and checked (the compact model's check
+    runs this module's forward), and as it was afterwards, whichever way it was."""
+    import gc
+
+    seen = []
+
+    class Spy(nn.Module):
+        def forward(self, x):
+            seen.append(gc.isenabled())
+            return x
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), Spy(), nn.Conv2d(8, 4, 3)).eval()
+    x = torch.randn(1, 3, 8, 8)
+    assert gc.isenabled()
+    spruce.prune(model, x, ratio=0.5)
+    assert gc.isenabled() and seen and not any(seen)
+    gc.disable()
+    try:
+        spruce.prune(model, x, ratio=0.5)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

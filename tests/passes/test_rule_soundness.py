@@ -251,9 +251,24 @@ def _materialised(m, x):
     return m
 
 
+def _torchvision_modules():
+    try:
+        from torchvision.ops import StochasticDepth
+    except ImportError:
+        return {}
+
+    class Training(StochasticDepth):  # the probe runs in eval mode, where the module is the identity
+        def train(self, mode=True):
+            return super().train(True)
+
+    return {StochasticDepth: lambda: (Training(0.5, "row"), (t(*X4),))}
+
+
 def module_sample(cls):
     if cls in MODULES:
         return MODULES[cls]()
+    if cls in _torchvision_modules():
+        return _torchvision_modules()[cls]()
     name = cls.__name__
     x3 = t(2, 6, 8)
     x5 = t(2, 6, 4, 4, 4)
