@@ -82,6 +82,7 @@ from ..targets.base import check_target_options
 from .augment import Augment
 from .datasets import check_data_spec
 from .models import check_input_sizes, check_model_spec
+from .outputs import DISTILL_LOSSES
 
 __all__ = ["Recipe", "RecipeError", "load_recipe", "parse_budget", "recipe_schema"]
 
@@ -135,7 +136,7 @@ class Recipe(Config):
     loss: Name | None = None
     evaluate: Name | None = None
     prepare: Name | None = None
-    distill_losses: dict[str, Literal["kl", "mse", "l1", "weighted_mse"]] = Field(default_factory=dict)
+    distill_losses: dict[str, Literal[tuple(DISTILL_LOSSES)]] = Field(default_factory=dict)  # type: ignore[valid-type]
     recover_lr: float = Field(1e-3, gt=0)
     budget_batch_size: int = Field(1, ge=1, le=_MAX_SIZE)
     round_to: int = Field(8, ge=1)
