@@ -21,7 +21,9 @@ The transformers set of ``spruce.compiler.hf_examples`` (BERT, DistilBERT, GPT-2
 Llama and Qwen2 with grouped-query attention; tiny configs) is measured the same way, with
 the sequence length declared dynamic and the equivalence checked at batch 1 and 3 and at two
 sequence lengths (5 and 11 tokens); the kept-share bound of the capture set does not apply
-to it (the residual width stays: LayerNorm/RMSNorm normalise over it).
+to it (by default the residual width stays: LayerNorm/RMSNorm normalise over it); each is
+pruned a second time with ``normalised_widths=True`` (residual and embedding widths too),
+recording its kept share and compact-vs-masked error.
 
 Writes ``bench/results/coverage.md`` (and ``.json``); a run over some ``--models`` replaces
 their rows and keeps the others.
@@ -44,7 +46,7 @@ TOLERANCE = 1e-4
 MAX_SHARE = 0.6
 HEADERS = ["model", "status", "captured as", "capture s", "prune s", "params reached", "kept share",
            "err @ batch 1", "err @ batch 3", "train", "graphs", "ONNX vs ORT", "ONNX s", ".pt2 reload", ".pt2 s",
-           "notes"]
+           "kept share, normalised widths", "err, normalised widths", "notes"]
 
 
 def child_main(name: str, threads: int) -> None:
@@ -125,6 +127,15 @@ def child_main(name: str, threads: int) -> None:
             errors, seconds = benchlib.timed(lambda: deploy.check_pt2_in_fresh_process(programs))
             record["pt2_s"] += seconds
             record["pt2_err"] = max(errors)
+        if transformer:  # the residual and embedding widths too (issue 12's normalised-widths option)
+            stage = "normalised widths"
+            del result, compact, captured
+            wide = spruce.prune(example.model, example.example, ratio=0.5, dynamic_shapes=dynamic,
+                                normalised_widths=True)
+            reach, kept = checks.parameter_share(wide.analysis, wide.kept)
+            record["nw_kept_share"] = kept / reach
+            record["nw_err"] = max(checks.head_error(wide.masked, wide.model, wide.analysis.captured, inputs)
+                                   for batch in (1, 3) for inputs in example.inputs(batch))
         stage = "done"
     except Exception as exc:  # noqa: BLE001 - every failure is a result here
         record["error"] = f"{stage}: {benchlib.short_error(exc)}"
@@ -137,7 +148,8 @@ def passes(record: dict[str, Any]) -> bool:
     return ("error" not in record and (max_share is None or record.get("kept_share", 1.0) <= max_share)
             and record.get("err_batch1", 1.0) <= TOLERANCE and record.get("err_batch3", 1.0) <= TOLERANCE
             and record.get("train") == "ok" and record.get("onnx_err", 1.0) <= TOLERANCE
-            and record.get("pt2_err", 1.0) <= TOLERANCE)
+            and record.get("pt2_err", 1.0) <= TOLERANCE
+            and (record.get("nw_kept_share") is None or record.get("nw_err", 1.0) <= TOLERANCE))
 
 
 def _e(value: float | None) -> str:
@@ -154,6 +166,7 @@ def table_row(record: dict[str, Any]) -> list[str]:
         _e(record.get("err_batch1")), _e(record.get("err_batch3")), record.get("train", "-"),
         str(record.get("graphs", "-")), _e(record.get("onnx_err")), benchlib.fmt(record.get("onnx_s"), 1),
         _e(record.get("pt2_err")), benchlib.fmt(record.get("pt2_s"), 1),
+        "-" if record.get("nw_kept_share") is None else f"{record['nw_kept_share']:.2f}", _e(record.get("nw_err")),
         "; ".join(x for x in (record.get("error", ""), record.get("notes", "")) if x),
     ]
 
@@ -177,6 +190,9 @@ def render(records: list[dict[str, Any]], planned: list[str], info: dict[str, st
         "reloaded from .pt2 in a fresh process (model packages blocked) within the same tolerance",
         "- params reached: parameters the captured graphs read; detectors captured in pieces leave their "
         "post-processing eager",
+        "- normalised widths (transformers only): prune(ratio=0.5, normalised_widths=True), which also removes "
+        "LayerNorm/RMSNorm-normalised residual and embedding widths (masked norms), its kept share of reached "
+        "parameters and compact vs masked at batch 1 and 3 and both sequence lengths (within the tolerance to pass)",
         "", "## Summary", "", f"- passed: **{passed}/{len(planned)}**",
     ]
     lines += ["", "## Models", ""]
