@@ -140,18 +140,6 @@ def test_required_and_candidate_channels():
     assert pruned.kept[0].tolist() == [1, 2]
 
 
-@pytest.fixture(scope="module")
-def resnet18():
-    torch.manual_seed(0)
-    model = torchvision.models.resnet18(num_classes=10).eval()
-    x = torch.randn(1, 3, 32, 32)
-    analysis = analyze_model(model, x)
-    params = param_table(model)
-    importance = {g.id: importance_scores("l1", g, params, np.random.default_rng(0))
-                  for g in analysis.groups if g.prunable}
-    return model, x, analysis, importance
-
-
 @pytest.mark.parametrize("kind", ["flops", "params"])
 @pytest.mark.parametrize("fraction", [0.3, 0.6])
 def test_resnet18_selection_meets_the_budget_after_physical_removal(resnet18, kind, fraction):

@@ -6,11 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
-import torchvision
-from spruce.compiler.api import analyze_model
 from spruce.passes.export import remove_channels
-from spruce.passes.importance import importance_scores, param_table
 from spruce.passes.sparsity.knapsack import (
     build_cost_model,
     minimum_cost,
@@ -18,18 +14,6 @@ from spruce.passes.sparsity.knapsack import (
     normalise_importance,
     select_channels,
 )
-
-
-@pytest.fixture(scope="module")
-def resnet18():
-    torch.manual_seed(0)
-    model = torchvision.models.resnet18(num_classes=10).eval()
-    x = torch.randn(1, 3, 32, 32)
-    analysis = analyze_model(model, x)
-    params = param_table(model)
-    importance = {g.id: importance_scores("l1", g, params, np.random.default_rng(0))
-                  for g in analysis.groups if g.prunable}
-    return model, x, analysis, importance
 
 
 def test_group_mean_normalisation_makes_every_group_average_one():
