@@ -141,22 +141,36 @@ class _MaskedMeanMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-class _MaskedMeanHook:
-    """Forward pre-hook and hook pair opening :class:`_MaskedMeanMode` around a hand-written
-    norm module's forward."""
+class _ContextHook:
+    """A forward pre-hook (``enter``) and hook (``exit``) pair that holds ``context(module)``
+    open around each forward of the module (a stack, so nested calls close in order)."""
 
-    def __init__(self, keep: torch.Tensor):
-        self.keep = torch.as_tensor(keep, dtype=torch.bool)
-        self._open: list[TorchFunctionMode] = []
+    def __init__(self) -> None:
+        self._open: list[contextlib.AbstractContextManager] = []
+
+    def context(self, module: nn.Module) -> contextlib.AbstractContextManager:
+        raise NotImplementedError
 
     def enter(self, module: nn.Module, args: tuple) -> None:
-        mode = _MaskedMeanMode(self.keep)
-        mode.__enter__()
-        self._open.append(mode)
+        context = self.context(module)
+        context.__enter__()
+        self._open.append(context)
 
     def exit(self, module: nn.Module, args: tuple, output: object) -> None:
         if self._open:
             self._open.pop().__exit__(None, None, None)
+
+
+class _MaskedMeanHook(_ContextHook):
+    """Forward pre-hook and hook pair opening :class:`_MaskedMeanMode` around a hand-written
+    norm module's forward."""
+
+    def __init__(self, keep: torch.Tensor):
+        super().__init__()
+        self.keep = torch.as_tensor(keep, dtype=torch.bool)
+
+    def context(self, module: nn.Module) -> TorchFunctionMode:
+        return _MaskedMeanMode(self.keep)
 
     def __deepcopy__(self, memo: dict) -> _MaskedMeanHook:
         copied = _MaskedMeanHook(self.keep.clone())
@@ -164,23 +178,17 @@ class _MaskedMeanHook:
         return copied
 
 
-class _MaskedNormHook:
+class _MaskedNormHook(_ContextHook):
     """Forward pre-hook and hook pair of :func:`install_masked_norms`: opens
     :func:`masked_norms` around every forward of the module (closed even when it raises).
     Holds names and masks only, so a deep copy of the module keeps working."""
 
     def __init__(self, keeps: Mapping[str, torch.Tensor]):
+        super().__init__()
         self.keeps = {name: torch.as_tensor(keep, dtype=torch.bool) for name, keep in keeps.items()}
-        self._open: list[contextlib.AbstractContextManager] = []
 
-    def enter(self, module: nn.Module, args: tuple) -> None:
-        context = masked_norms(module, self.keeps)
-        context.__enter__()
-        self._open.append(context)
-
-    def exit(self, module: nn.Module, args: tuple, output: object) -> None:
-        if self._open:
-            self._open.pop().__exit__(None, None, None)
+    def context(self, module: nn.Module) -> contextlib.AbstractContextManager:
+        return masked_norms(module, self.keeps)
 
     def __deepcopy__(self, memo: dict) -> _MaskedNormHook:
         copied = _MaskedNormHook({name: keep.clone() for name, keep in self.keeps.items()})
