@@ -29,7 +29,7 @@ from torch.utils import _pytree as pytree
 
 from ..passes.graph import CapturedGraph, empty_graph_like
 from ..targets.files import atomic_path
-from .capture import bound_names, preserved_state, quiet, with_dims
+from .capture import preserved_state, quiet, with_dims
 
 __all__ = ["Part", "check_pt2_in_fresh_process", "export_program", "parts", "save_onnx", "save_pt2"]
 
@@ -77,10 +77,43 @@ def _piece_calls(model: nn.Module, captured: CapturedGraph, inputs: tuple[tuple,
     return calls
 
 
+_VARIADIC = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+
+
+def call_signature(module: nn.Module, args: tuple, kwargs: dict) -> inspect.Signature | None:
+    """The signature a program exported from ``module`` called as ``module(*args, **kwargs)``
+    is bound by: ``module.forward``'s own, or, where that takes ``*args`` / ``**kwargs`` (a
+    compact model that switches graphs forwards its call), one naming each input of this
+    call: a positional-only parameter per positional input (named after the parameter it
+    fills, ``args_0``, ``args_1``, ... for ``*args``) and a keyword-only parameter per keyword.
+    Then the shape guards torch.export records name the inputs as the saved program takes
+    them (``L['input_ids']``), not as ``L['kwargs']['input_ids']``, which the program's
+    guard function cannot resolve on reload. None where the call does not bind."""
+    signature = inspect.signature(module.forward)
+    try:
+        signature.bind(*args, **kwargs)
+    except TypeError:
+        return None
+    if not any(p.kind in _VARIADIC for p in signature.parameters.values()):
+        return signature
+    fixed = [p for p in signature.parameters.values() if p.kind not in _VARIADIC and p.kind != p.KEYWORD_ONLY]
+    star = next((p.name for p in signature.parameters.values() if p.kind == p.VAR_POSITIONAL), "args")
+    names = [fixed[i].name if i < len(fixed) else f"{star}_{i - len(fixed)}" for i in range(len(args))]
+    params = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_ONLY) for n in names]
+    params += [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY) for k in kwargs]
+    return inspect.Signature(params)
+
+
+def _bound(signature: inspect.Signature | None, args: tuple, kwargs: dict) -> dict[str, object] | None:
+    return None if signature is None else dict(signature.bind(*args, **kwargs).arguments)
+
+
 def _dynamic_shapes(part: Part) -> object:
-    """Dims that differ between the part's two calls are dynamic (dim 0 without a second call)."""
+    """Dims that differ between the part's two calls are dynamic (dim 0 without a second call),
+    keyed by :func:`call_signature`'s names."""
     args, kwargs = part.second if part.second is not None else part.inputs
-    names = bound_names(part.module, args, kwargs)
+    signature = call_signature(part.module, args, kwargs)
+    names = _bound(signature, args, kwargs)
     if names is None:
         return None
     if part.second is None:
@@ -90,7 +123,10 @@ def _dynamic_shapes(part: Part) -> object:
             return spec
 
         return {name: with_dims(value, None, dims) for name, value in names.items()}
-    ref = pytree.tree_leaves(bound_names(part.module, *part.inputs))
+    try:
+        ref = pytree.tree_leaves(_bound(signature, *part.inputs))
+    except TypeError:  # the example call binds differently: no dim is known to vary
+        ref = []
     varying = {}
     for i, leaf in enumerate(pytree.tree_leaves(names)):
         other = ref[i] if i < len(ref) else None
@@ -114,8 +150,8 @@ def export_program(part: Part) -> torch.export.ExportedProgram:
     module = part.module.eval()
     args, kwargs = part.second if part.second is not None else part.inputs
     with quiet(), preserved_state(module), shape_config.patch(backed_size_oblivious=True):
-        return torch.export.export(PlainOutputs(module), args, kwargs or None, dynamic_shapes=_dynamic_shapes(part),
-                                   strict=False)
+        return torch.export.export(PlainOutputs(module, call_signature(module, args, kwargs)), args, kwargs or None,
+                                   dynamic_shapes=_dynamic_shapes(part), strict=False)
 
 
 def plain(value: object) -> object:
@@ -133,16 +169,17 @@ def plain(value: object) -> object:
 
 class PlainOutputs(nn.Module):
     """``module`` returning :func:`plain` outputs: same parameters, and a ``forward`` with
-    ``module.forward``'s signature (export binds keyword inputs and dynamic shapes by it)."""
+    ``signature`` (``module.forward``'s by default; export binds inputs, dynamic shapes and
+    the names in its shape guards by it)."""
 
-    def __init__(self, module: nn.Module):
+    def __init__(self, module: nn.Module, signature: inspect.Signature | None = None):
         super().__init__()
         self.module = module
 
         def forward(*args, **kwargs):
             return plain(module(*args, **kwargs))
 
-        forward.__signature__ = inspect.signature(module.forward)
+        forward.__signature__ = signature or inspect.signature(module.forward)
         self.forward = forward
 
 
@@ -182,7 +219,14 @@ class FlatCall(nn.Module):
 def _size_calls(graph: fx.Graph, chunks: bool = True) -> fx.Graph:
     """A copy of ``graph`` reading sizes with ``Tensor.size`` instead of ATen ``sym_size``:
     TorchScript tracing (the fast ONNX exporter) keeps ``size()`` calls symbolic but turns
-    the Python int ``sym_size`` returns into a constant, which would fix the batch. With
+    the Python int ``sym_size`` returns into a constant, which would fix the batch. A
+    traced size is a 0-dim tensor there, which an ATen overload's ``Scalar`` argument
+    refuses: an ``arange`` over a size the graph reads (a mask built per batch row) calls
+    ``torch.arange``, which records it. ``contiguous`` becomes a contiguous ``clone`` and
+    every ``view`` a ``reshape`` (the same tensor wherever the view is valid): whether
+    ``contiguous`` copies, and whether a later view is valid, depends on strides, and an
+    exporter that re-derives strides (the torch.export-based one, after decomposing
+    attention) can see other strides than the trace did and find a view invalid. With
     ``chunks``, splits that were chunks become chunks again (for TorchScript; the
     torch.export-based exporter keeps the computed split sizes symbolic, and a chunk of a
     dynamic dim makes it specialise the batch)."""
@@ -211,13 +255,21 @@ def _size_calls(graph: fx.Graph, chunks: bool = True) -> fx.Graph:
             new.erase_node(node)
         elif node.target in (aten._assert_tensor_metadata.default, aten._assert_scalar.default) and not node.users:
             new.erase_node(node)
+        elif node.target in _ARANGES and any(isinstance(a, fx.Node) for a in node.args):
+            node.target = torch.arange
+        elif node.target is aten.contiguous.default and len(node.args) == 1:
+            node.target = aten.clone.default
+            node.kwargs = {"memory_format": torch.contiguous_format}
         elif node.target in _VIEWS:
             _infer_computed_size(node)
+            if node.target is aten.view.default:
+                node.target = aten.reshape.default
     new.lint()
     return new
 
 
 _VIEWS = (torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten._unsafe_view.default)
+_ARANGES = (torch.ops.aten.arange.default, torch.ops.aten.arange.start, torch.ops.aten.arange.start_step)
 
 
 def _infer_computed_size(node: fx.Node) -> None:

@@ -23,10 +23,6 @@ from torch.utils import _pytree as pytree
 pytest.importorskip("transformers")
 
 NAMES = list(hf_examples.HF_EXAMPLES)
-# T5's compact graph does not deploy yet: ONNX export (TorchScript: a traced size reaches
-# aten.arange; dynamo: a view of a transposed tensor) and its .pt2 (a guard naming 'L' on
-# reload) fail; it prunes exactly and trains
-DEPLOYABLE = [n for n in NAMES if n != "T5ForConditionalGeneration"]
 
 
 @functools.cache
@@ -121,7 +117,7 @@ def test_compact_model_trains(name):
     compact.eval()
 
 
-@pytest.mark.parametrize("name", DEPLOYABLE)
+@pytest.mark.parametrize("name", NAMES)
 def test_compact_model_exports_to_onnx(name, tmp_path):
     _, result = pruned(name)
     for part in deploy.parts(result.model, result.analysis.captured):
@@ -131,7 +127,7 @@ def test_compact_model_exports_to_onnx(name, tmp_path):
 
 def test_compact_models_reload_from_pt2_in_a_fresh_process(tmp_path):
     programs = []
-    for name in DEPLOYABLE:
+    for name in NAMES:
         _, result = pruned(name)
         for part in deploy.parts(result.model, result.analysis.captured):
             programs.append((deploy.save_pt2(part, tmp_path / f"{name}.{part.name}.pt2"), part))
