@@ -335,6 +335,8 @@ def render(info: dict[str, str], parts: list[tuple[str, str, list[dict[str, Any]
         "- ratio = spruce / Torch-Pruning (below 1: spruce is faster)",
         ("- peak MB = ru_maxrss of the child over the warm-up and timed runs (its mark reset "
          "after imports and model build); +over base = above the resident size then"),
+        ("- a transformers model (a 2-layer Llama, hidden size 256): analysis time against "
+         "Torch-Pruning's graph build in [speed_llama.md](speed_llama.md) (`bench/speed_llama.py`)"),
         "",
     ]
     for title, note, rows in parts:
