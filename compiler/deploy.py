@@ -229,7 +229,8 @@ def _size_calls(graph: fx.Graph, chunks: bool = True) -> fx.Graph:
     attention) can see other strides than the trace did and find a view invalid. With
     ``chunks``, splits that were chunks become chunks again (for TorchScript; the
     torch.export-based exporter keeps the computed split sizes symbolic, and a chunk of a
-    dynamic dim makes it specialise the batch)."""
+    dynamic dim makes it specialise the batch), and reshapes and expands to sizes the graph
+    reads call the Tensor methods (:func:`_size_method`)."""
     new = empty_graph_like(graph)
     mapping: dict[fx.Node, fx.Node] = {}
     out = new.graph_copy(graph, mapping)
@@ -264,8 +265,25 @@ def _size_calls(graph: fx.Graph, chunks: bool = True) -> fx.Graph:
             _infer_computed_size(node)
             if node.target is aten.view.default:
                 node.target = aten.reshape.default
+            if chunks:
+                _size_method(new, node, "reshape")
+        elif chunks and node.target is aten.expand.default:
+            _size_method(new, node, "expand")
     new.lint()
     return new
+
+
+def _size_method(graph: fx.Graph, node: fx.Node, method: str) -> None:
+    """Call ``Tensor.<method>`` instead of the ATen overload where ``node``'s sizes hold a size
+    the graph reads: TorchScript tracing freezes the traced sizes an ATen overload's ``SymInt[]``
+    argument gets into constants (the example's batch), and records those a Tensor method gets."""
+    sizes = node.args[1] if len(node.args) > 1 else None
+    if not isinstance(sizes, (list, tuple)) or not any(isinstance(s, fx.Node) for s in sizes):
+        return
+    with graph.inserting_before(node):
+        call = graph.call_method(method, (node.args[0], list(sizes)))
+    node.replace_all_uses_with(call)
+    graph.erase_node(node)
 
 
 _VIEWS = (torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten._unsafe_view.default)
