@@ -20,6 +20,12 @@ report ``--out`` is rewritten from all of them):
   ``1 + --alpha * max(teacher region, teacher affinity)`` (``--alpha 0``: plain MSE), plus
   ``--beta`` x the MSE on the decoder feature (the model's second output) over its variance;
   Adam at ``--lr`` with cosine decay; box F1 on the held-out images every ``--eval-every`` steps.
+  ``--loss batch|data`` uses compile's ``weighted_mse`` instead (per element, divided by the
+  batch's own or by a data-set-level weighted teacher square measured on 8 batches first),
+  ``--aug product`` draws the batches from compile's own ``images:DIR`` loader with
+  ``examples/craft.yaml``'s ``augment``, ``--freeze-bn`` keeps BatchNorm in eval mode, and
+  ``--min-keep`` makes the one-shot selection compile's (importance divided by its group's
+  mean, every group keeping at least that fraction).
 
 Recovery data: ``DIR/recover`` from ``examples/craft_data.py`` (made in ``--work`` when
 ``--data`` is not given), augmented on the fly: page crops (the only text-bearing recovery
@@ -79,6 +85,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--beta", type=float, default=1.0,
                         help="weight of the feature loss (MSE on the 32-channel decoder feature / its variance)")
     parser.add_argument("--eval-every", type=int, default=25)
+    parser.add_argument("--min-keep", type=float, default=0.0,
+                        help="one-shot: every group keeps at least this fraction (importance divided by the "
+                             "group mean when > 0, as compile's recipe does)")
+    parser.add_argument("--aug", choices=("proto", "product"), default="proto",
+                        help="distill: this script's augmenter, or compile's (examples/craft.yaml's augment)")
+    parser.add_argument("--loss", choices=("proto", "batch", "data"), default="proto",
+                        help="map loss: proto = weighted mean of squared errors (divided by the weights' sum); "
+                             "batch = compile's weighted_mse (divided by the batch's weighted teacher square); "
+                             "data = the same divided by a data-set-level weighted teacher square")
+    parser.add_argument("--freeze-bn", action="store_true", help="distill with BatchNorm in eval mode")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=benchlib.RESULTS_DIR / "craft_prototype.md")
     return parser.parse_args(argv)
@@ -237,6 +253,35 @@ def map_loss(student_maps: torch.Tensor, teacher_maps: torch.Tensor, alpha: floa
     return (weight * (student_maps - teacher_maps) ** 2).sum() / weight.expand_as(teacher_maps).sum()
 
 
+def weighted_square(teacher_maps: torch.Tensor, alpha: float = 10.0) -> float:
+    """mean(w t^2), w = 1 + alpha max(t, 0): compile's weighted_mse denominator (per element)."""
+    t = teacher_maps.float()
+    return float(((1.0 + alpha * t.clamp_min(0)) * t ** 2).mean().clamp_min(1e-8))
+
+
+def product_batches(data: Path, batch: int, crop: tuple[int, int] | None):
+    """Batches from compile's own ``images:DIR`` loader with examples/craft.yaml's augment."""
+    import yaml
+    from spruce.compiler.augment import Augment
+    from spruce.compiler.datasets import load_images
+
+    options = dict(yaml.safe_load((ROOT / "examples" / "craft.yaml").read_text())["augment"])
+    options["size"] = list(crop) if crop is not None else None
+    _, (x,) = craft.make()
+    loaders = load_images(f"images:{data}", x, seed=0, batch_size=batch,
+                          prepare=lambda image, size=craft.INPUT_HW: craft.prepare(image, size)[0],
+                          augment=Augment(**options))
+    state = {"it": iter(loaders.train)}
+
+    def next_batch() -> torch.Tensor:
+        try:
+            return next(state["it"])
+        except StopIteration:
+            state["it"] = iter(loaders.train)
+            return next(state["it"])
+    return next_batch
+
+
 def reestimate_batchnorm(model: torch.nn.Module, augment: Augmenter, batches: int, size: int) -> None:
     norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     for norm in norms:
@@ -317,6 +362,12 @@ def phase_oneshot(args: argparse.Namespace, data: Path) -> dict[str, Any]:
     params = param_table(model)
     rng = np.random.default_rng(args.seed)
     importance = {g.id: importance_scores("l1", g, params, rng) for g in prunable}
+    required = None
+    if args.min_keep > 0:
+        from spruce.passes.sparsity.knapsack import minimum_kept, normalise_importance
+
+        importance = normalise_importance(importance, "group_mean")
+        required = minimum_kept(importance, args.min_keep, args.round_to)
     target = OnnxRuntimeCPU(threads=args.threads)
     table, profile_s, cost_model = None, 0.0, None
     if args.cost == "latency":
@@ -327,7 +378,8 @@ def phase_oneshot(args: argparse.Namespace, data: Path) -> dict[str, Any]:
         cost_model = build_cost_model("flops", model, analysis)
     clock = time.perf_counter()
     result = meet_latency_budget(analysis, model, table, target, args.budget, importance, (x,),
-                                 round_to=args.round_to, timing_rounds=8, cost_model=cost_model)
+                                 round_to=args.round_to, timing_rounds=8, cost_model=cost_model,
+                                 required=required)
     select_s = time.perf_counter() - clock
     print(f"one-shot selection: measured {result.measured_ms:.1f} ms = {result.ratio:.3f} of dense "
           f"{result.measured_dense_ms:.1f} ms after {len(result.attempts)} selection(s), {select_s:.0f} s", flush=True)
@@ -355,6 +407,17 @@ def phase_distill(args: argparse.Namespace, data: Path) -> dict[str, Any]:
     optimizer = torch.optim.Adam(student.parameters(), lr=args.lr)
     budget_s = 60 * args.minutes
     crop = None if args.train_crop == "full" else tuple(int(v) for v in args.train_crop.split(","))
+    def next_batch() -> torch.Tensor:
+        return augment.batch(args.batch, crop)
+
+    if args.aug == "product":
+        next_batch = product_batches(data, args.batch, crop)
+    scale = None
+    if args.loss == "data":
+        with torch.no_grad():
+            squares = [weighted_square(teacher(next_batch())[0]) for _ in range(8)]
+        scale = float(np.mean(squares))
+        print(f"data-set weighted teacher square: {scale:.4g} (batches {np.round(squares, 4)})", flush=True)
     curve = [{"step": 0, "wall_s": 0.0, **f1_report(student, images, names, reference)}]
     step, losses = 0, []
     clock = time.perf_counter()
@@ -362,12 +425,21 @@ def phase_distill(args: argparse.Namespace, data: Path) -> dict[str, Any]:
         progress = min(1.0, (time.perf_counter() - clock) / budget_s)
         for group in optimizer.param_groups:
             group["lr"] = args.lr * 0.5 * (1 + math.cos(math.pi * progress))
-        inputs = augment.batch(args.batch, crop)
+        inputs = next_batch()
         with torch.no_grad():
             target_maps, target_feature = teacher(inputs)
         student.train()
+        if args.freeze_bn:
+            for module in student.modules():
+                if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                    module.eval()
         maps, feature = student(inputs)
-        loss = map_loss(maps, target_maps, args.alpha)
+        if args.loss == "proto":
+            loss = map_loss(maps, target_maps, args.alpha)
+        else:
+            denominator = weighted_square(target_maps) if scale is None else scale
+            weight = 1.0 + args.alpha * target_maps.clamp_min(0)
+            loss = (weight * (maps - target_maps) ** 2).mean() / denominator
         if args.beta:
             spread = target_feature.var().clamp_min(1e-6)
             loss = loss + args.beta * functional.mse_loss(feature, target_feature) / spread
@@ -388,7 +460,7 @@ def phase_distill(args: argparse.Namespace, data: Path) -> dict[str, Any]:
                       **f1_report(student, images, names, reference)})
     torch.save(student, args.work / "distilled.pt")
     return {"steps": step, "batch": args.batch, "crop": args.train_crop, "lr": args.lr, "alpha": args.alpha,
-            "beta": args.beta,
+            "beta": args.beta, "aug": args.aug, "loss": args.loss, "freeze_bn": args.freeze_bn,
             "minutes": args.minutes,
             "curve": curve, "wall_s": time.perf_counter() - started, "load": benchlib.load_average()}
 

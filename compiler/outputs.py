@@ -17,12 +17,13 @@ score maps (a detector's heat maps, mostly background) ``weighted_mse`` weighs e
 squared error by ``1 + WEIGHTED_MSE_ALPHA * max(teacher, 0)`` (10: an element where the
 teacher says 1 counts 11 times a background one), so the loss is not dominated by the
 background the pruned model reproduces easily; it is divided by the teacher's weighted mean
-square. A shape
-rule can guess wrong (CRAFT's maps end in a dimension of 2 and look like per-pixel logits
-but are heat maps in [0, 1]; they come out as maps here because they are 4-D), so every
-output's loss can be overridden by its exact path or a glob (``{"output[0]": "l1"}``,
-``{"*feature*": "l1"}``); the plan records
-which loss each output used, and the report shows it.
+square. Each divisor is measured once on the recovery data before recovery
+(:func:`calibrate_scales`), so every batch weighs by its error, not by how much text it
+holds (:class:`DistillLoss`). A shape rule can guess wrong (CRAFT's maps end in a dimension
+of 2 and look like per-pixel logits but are heat maps in [0, 1]; they come out as maps here
+because they are 4-D), so every output's loss can be overridden by its exact path or a glob
+(``{"output[0]": "l1"}``, ``{"*feature*": "l1"}``); the plan records which loss each output
+used, and the report shows it.
 """
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["DISTILL_LOSSES", "OutputError", "OutputPlan", "OutputSpec", "Fidelity", "distill_loss",
-           "fidelity", "flatten_outputs", "plan_outputs"]
+__all__ = ["DISTILL_LOSSES", "DistillLoss", "OutputError", "OutputPlan", "OutputSpec", "Fidelity",
+           "calibrate_scales", "distill_loss", "fidelity", "flatten_outputs", "plan_outputs"]
 
 
 class OutputError(ValueError):
@@ -71,27 +72,48 @@ def _kl(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
                     reduction="batchmean", log_target=True)
 
 
-def _mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    return F.mse_loss(student.float(), teacher.float()) / teacher.float().pow(2).mean().clamp_min(1e-8)
-
-
-def _l1(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    return F.l1_loss(student.float(), teacher.float()) / teacher.float().abs().mean().clamp_min(1e-8)
-
-
 WEIGHTED_MSE_ALPHA = 10.0  # weight of the teacher's value in ``weighted_mse``
 
 
-def _weighted_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """sum(w (s - t)^2) / sum(w t^2) with w = 1 + alpha * max(t, 0), per element."""
-    student, teacher = student.float(), teacher.float()
-    weight = 1.0 + WEIGHTED_MSE_ALPHA * teacher.clamp_min(0.0)
-    return (weight * (student - teacher).pow(2)).sum() / (weight * teacher.pow(2)).sum().clamp_min(1e-8)
+def _score_weight(teacher: torch.Tensor) -> torch.Tensor:
+    return 1.0 + WEIGHTED_MSE_ALPHA * teacher.clamp_min(0.0)
 
 
-# name -> loss(student output, teacher output); one entry per loss
-DISTILL_LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
-    "kl": _kl, "mse": _mse, "l1": _l1, "weighted_mse": _weighted_mse}
+@dataclass(frozen=True)
+class DistillLoss:
+    """One distillation loss: ``error(student, teacher)``, a mean over elements, divided by
+    the teacher's own ``scale`` (the same mean with the student at zero) so that outputs of
+    different magnitudes weigh alike; ``scale`` None: the error is used as it is (``kl``).
+
+    The divisor is the data set's scale when one was measured before recovery
+    (:func:`calibrate_scales`, ``OutputSpec.scale``); otherwise the batch's own. A batch's own
+    scale makes a batch whose teacher output is near zero (a photograph without text for a
+    text detector's heat maps: 1e-3 of a text batch's) weigh that much more; a scale fixed
+    per data set gives every batch the weight of its error."""
+
+    error: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    scale: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def __call__(self, student: torch.Tensor, teacher: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+        """The loss of ``student`` against ``teacher`` (same shape), a scalar tensor; ``scale``:
+        the data set's teacher scale (None: the batch's own)."""
+        error = self.error(student.float(), teacher.float())
+        if self.scale is None:
+            return error
+        divisor = self.scale(teacher.float()) if scale is None else torch.tensor(scale)
+        return error / divisor.clamp_min(1e-8)
+
+
+# name -> loss; one entry per loss. mse: mean (s - t)^2 / mean t^2; l1: mean |s - t| / mean |t|;
+# weighted_mse: mean w (s - t)^2 / mean w t^2 with w = 1 + alpha * max(t, 0) per element.
+DISTILL_LOSSES: dict[str, DistillLoss] = {
+    "kl": DistillLoss(_kl),
+    "mse": DistillLoss(lambda s, t: (s - t).pow(2).mean(), lambda t: t.pow(2).mean()),
+    "l1": DistillLoss(lambda s, t: (s - t).abs().mean(), lambda t: t.abs().mean()),
+    "weighted_mse": DistillLoss(lambda s, t: (_score_weight(t) * (s - t).pow(2)).mean(),
+                                lambda t: (_score_weight(t) * t.pow(2)).mean()),
+}
+SCALE_BATCHES = 16  # recovery batches the data set's teacher scales are measured on (at most)
 DEFAULT_LOSS = {"scores": "kl", "map": "mse"}
 
 
@@ -104,6 +126,7 @@ class OutputSpec:
     kind: str
     loss: str
     overridden: bool = False
+    scale: float | None = None  # the data set's teacher scale for the loss (calibrate_scales); None: per batch
 
 
 @dataclass(frozen=True)
@@ -119,7 +142,8 @@ class OutputPlan:
     def record(self) -> list[dict[str, Any]]:
         """JSON-ready: which loss each output used, and why."""
         return [{"output": s.name, "shape": list(s.shape), "kind": s.kind, "distill_loss": s.loss,
-                 "loss_from": "override" if s.overridden else f"default for {s.kind}"} for s in self.outputs]
+                 "loss_from": "override" if s.overridden else f"default for {s.kind}",
+                 "teacher_scale": s.scale} for s in self.outputs]
 
 
 def _kind(tensor: torch.Tensor) -> str:
@@ -164,8 +188,36 @@ def distill_loss(student_outputs: Any, teacher_outputs: Any, plan: OutputPlan) -
     teacher = flatten_outputs(teacher_outputs)
     total = student[0][1].new_zeros((), dtype=torch.float32)
     for spec, (_, s), (_, t) in zip(plan.outputs, student, teacher, strict=True):
-        total = total + DISTILL_LOSSES[spec.loss](s, t.detach())
+        total = total + DISTILL_LOSSES[spec.loss](s, t.detach(), spec.scale)
     return total
+
+
+@torch.no_grad()
+def calibrate_scales(plan: OutputPlan, teacher: nn.Module, batches: Iterable[torch.Tensor],
+                     max_batches: int = SCALE_BATCHES) -> OutputPlan:
+    """``plan`` with each output's data-set teacher scale (:class:`DistillLoss`): the loss's
+    scale pooled over every element of the teacher's outputs on the first ``max_batches`` of
+    ``batches`` (input tensors), measured once before recovery. Outputs whose loss needs no
+    scale keep None. Raises :class:`OutputError` when ``batches`` is empty."""
+    sums = {spec.name: 0.0 for spec in plan.outputs}
+    counts = dict.fromkeys(sums, 0)
+    was_training = teacher.training
+    teacher.eval()
+    try:
+        for index, inputs in enumerate(batches):
+            if index >= max_batches:
+                break
+            for spec, (_, t) in zip(plan.outputs, flatten_outputs(teacher(inputs)), strict=True):
+                scale = DISTILL_LOSSES[spec.loss].scale
+                if scale is not None:
+                    sums[spec.name] += float(scale(t.float())) * t.numel()
+                    counts[spec.name] += t.numel()
+    finally:
+        teacher.train(was_training)
+    if not any(counts.values()) and any(DISTILL_LOSSES[s.loss].scale is not None for s in plan.outputs):
+        raise OutputError("calibrate_scales: no batch to measure the teacher's output scales on")
+    return OutputPlan(tuple(dataclasses.replace(spec, scale=sums[spec.name] / counts[spec.name])
+                            if counts[spec.name] else spec for spec in plan.outputs))
 
 
 @dataclass(frozen=True)

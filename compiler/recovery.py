@@ -5,7 +5,9 @@ dense model, or the user's loss.
   BatchNorm layer recomputed from calibration batches (a cumulative average, the model in
   training mode under ``no_grad``), so they describe the activations of the pruned network.
 - ``distill``: the student learns the dense model's outputs on the user's (unlabeled)
-  inputs, one loss per output tensor (:mod:`spruce.compiler.outputs`).
+  inputs, one loss per output tensor (:mod:`spruce.compiler.outputs`), each divided by the
+  teacher's scale measured once on the first recovery batches
+  (:func:`~spruce.compiler.outputs.calibrate_scales`), not per batch.
 - ``loss``: the user's ``loss_fn(outputs, batch) -> scalar tensor`` (``batch`` as the loader
   gives it); with labels and class-score outputs only, the built-in cross-entropy.
 
@@ -29,7 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .datasets import inputs_of
-from .outputs import OutputPlan, distill_loss, flatten_outputs
+from .outputs import OutputPlan, calibrate_scales, distill_loss, flatten_outputs
 from .training import cosine_schedule, train_step
 
 __all__ = ["RECOVER_MODES", "RecoveryLog", "cross_entropy_loss", "recover", "reestimate_batchnorm"]
@@ -49,11 +51,12 @@ class RecoveryLog:
     mask_updates: int = 0
     batchnorm_reestimated: int = 0
     seconds: float = 0.0
+    teacher_scales: dict[str, float] = field(default_factory=dict)  # per output, distill only
 
     def record(self) -> dict[str, Any]:
         return {"mode": self.mode, "loss_per_epoch": self.loss, "steps": self.steps,
                 "mask_updates": self.mask_updates, "batchnorm_reestimated": self.batchnorm_reestimated,
-                "seconds": self.seconds}
+                "seconds": self.seconds, "teacher_scales": self.teacher_scales}
 
 
 @torch.no_grad()
@@ -108,6 +111,9 @@ def recover(student: nn.Module, teacher: nn.Module, loader: Iterable, mode: str,
         log.seconds = time.perf_counter() - start
         return log
     teacher.eval()
+    if mode == "distill":
+        plan = calibrate_scales(plan, teacher, (inputs_of(batch) for batch in loader))
+        log.teacher_scales = {spec.name: spec.scale for spec in plan.outputs if spec.scale is not None}
     optimizer = torch.optim.AdamW([p for p in runner.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     if sparse is not None:
         sparse.attach(optimizer)

@@ -11,12 +11,13 @@ import torch
 from spruce.compiler.outputs import (
     WEIGHTED_MSE_ALPHA,
     OutputError,
+    calibrate_scales,
     distill_loss,
     fidelity,
     flatten_outputs,
     plan_outputs,
 )
-from spruce.compiler.recovery import reestimate_batchnorm
+from spruce.compiler.recovery import recover, reestimate_batchnorm
 from torch import nn
 
 Heads = namedtuple("Heads", "boxes scores")
@@ -42,7 +43,7 @@ def test_kinds_default_losses_and_overrides():
     plan = plan_outputs(outputs, {"output[1]": "l1", "output[[]2]": "l1"})  # exact path, then a glob
     assert [s.loss for s in plan.outputs] == ["kl", "l1", "l1"]
     assert plan.record()[1] == {"output": "output[1]", "shape": [2, 8, 8, 2], "kind": "map", "distill_loss": "l1",
-                                "loss_from": "override"}
+                                "loss_from": "override", "teacher_scale": None}
     with pytest.raises(OutputError, match="names no output"):
         plan_outputs(outputs, {"output[7]": "l1"})
     with pytest.raises(OutputError, match="unknown loss 'huber'"):
@@ -76,6 +77,50 @@ def test_weighted_mse_weighs_the_teachers_text_above_its_background():
     assert float(distill_loss((on_text,), (teacher,), plain)) == pytest.approx(
         float(distill_loss((on_background,), (teacher,), plain)))  # plain MSE cannot tell them apart
     assert float(distill_loss((teacher * 0.9,), (teacher,), plan)) == pytest.approx(0.01, rel=1e-4)  # scale-free
+
+
+def _heat_maps(text: bool) -> torch.Tensor:
+    """A batch of 2 heat maps (N, H, W, 2) in [0, 1]: a few confident elements, or none."""
+    maps = torch.full((2, 8, 8, 2), 0.001)
+    if text:
+        maps[:, 2:4, 3:6, :] = 0.9
+    return maps
+
+
+def test_a_data_set_scale_gives_a_batch_without_text_the_weight_of_its_error():
+    text, plain = _heat_maps(True), _heat_maps(False)
+    plan = plan_outputs((text,), {"output[0]": "weighted_mse"})
+    # the same error of 0.1 on every element: the batch's own scale weighs the text-free batch ~10^4 times more
+    per_batch = [float(distill_loss((t + 0.1,), (t,), plan)) for t in (text, plain)]
+    assert per_batch[1] > 1000 * per_batch[0]
+    identity = nn.Identity()
+    calibrated = calibrate_scales(plan, identity, [text, plain, text, plain], max_batches=3)
+    scale = calibrated.outputs[0].scale
+    weight = 1 + WEIGHTED_MSE_ALPHA * torch.cat([text, plain, text])
+    assert scale == pytest.approx(float((weight * torch.cat([text, plain, text]) ** 2).mean()), rel=1e-5)
+    assert calibrated.record()[0]["teacher_scale"] == scale and plan.outputs[0].scale is None
+    fixed = [float(distill_loss((t + 0.1,), (t,), calibrated)) for t in (text, plain)]
+    for teacher, loss in zip((text, plain), fixed):
+        error = float((1 + WEIGHTED_MSE_ALPHA * teacher).mul(0.01).mean())
+        assert loss == pytest.approx(error / scale, rel=1e-5)
+    assert fixed[0] > fixed[1]  # the text batch's error is weighted more, not less
+    kl = calibrate_scales(plan_outputs(torch.randn(2, 5)), identity, [torch.randn(2, 5)])
+    assert kl.outputs[0].scale is None  # kl needs no scale
+    with pytest.raises(OutputError, match="no batch"):
+        calibrate_scales(plan, identity, [])
+
+
+def test_distillation_divides_by_the_teacher_scale_measured_before_recovery():
+    torch.manual_seed(0)
+    teacher = nn.Conv2d(3, 2, 3, padding=1)
+    student = nn.Conv2d(3, 2, 3, padding=1)
+    batches = [torch.randn(2, 3, 6, 6) for _ in range(3)]
+    plan = plan_outputs(teacher(batches[0]).detach())
+    log = recover(student, teacher, batches, "distill", plan, epochs=1, lr=1e-3, quiet=True)
+    with torch.no_grad():
+        expected = torch.cat([teacher(x) for x in batches]).pow(2).mean()
+    assert log.teacher_scales == {"output": pytest.approx(float(expected), rel=1e-5)}
+    assert log.record()["teacher_scales"] == log.teacher_scales
 
 
 def test_fidelity_per_output():
