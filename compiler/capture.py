@@ -1010,7 +1010,9 @@ def capture(
     args, kwargs = split_inputs(example_inputs)
     was_training = model.training
     with capture_settings(model):
-        return _capture(model, args, kwargs, leaf_modules, dynamic_shapes, was_training, see_through_wrapped)
+        captured = _capture(model, args, kwargs, leaf_modules, dynamic_shapes, was_training, see_through_wrapped)
+    captured.dynamic_shapes = dynamic_shapes
+    return captured
 
 
 def _fx_wrapped_calls(gm: fx.GraphModule) -> list[str]:

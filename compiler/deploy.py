@@ -7,7 +7,12 @@ RoI pooling) is the user's Python and stays with the user's code.
 
 Every graph keeps a dynamic batch: the dims that differ between the example input and
 the second batch size (dim 0 of every input for a model captured whole; the batch and,
-for example, the number of proposals inside a detector).
+for example, the number of proposals inside a detector). A model captured whole also keeps
+the dims the user declared dynamic (``dynamic_shapes`` given to ``spruce.prune``; a
+transformer's sequence length, an image's height and width), in the ``.pt2`` and in the
+ONNX file. A piece of a model captured in pieces takes the inputs the model's eager code
+gives it, not the user's: which of its dims follow a declared one is not known, so only
+the dims that differ between the two batch sizes stay dynamic there.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from torch.utils import _pytree as pytree
 
 from ..passes.graph import CapturedGraph, empty_graph_like
 from ..targets.files import atomic_path
-from .capture import preserved_state, quiet, with_dims
+from .capture import bound_names, preserved_state, quiet, with_dims
 
 __all__ = ["Part", "check_pt2_in_fresh_process", "export_program", "parts", "save_onnx", "save_pt2"]
 
@@ -37,13 +42,24 @@ __all__ = ["Part", "check_pt2_in_fresh_process", "export_program", "parts", "sav
 @dataclass
 class Part:
     """One deployable graph of a compact model: ``module`` called as ``module(*args, **kwargs)``
-    at the example input (``inputs``) and at the second batch size (``second``)."""
+    at the example input (``inputs``) and at the second batch size (``second``).
+    ``declared``: per leaf of ``pytree.tree_leaves(inputs)``, the dims the user declared
+    dynamic ({dim: torch.export Dim}, empty for a leaf without any), or None where none
+    are known (a piece of a model captured in pieces)."""
 
     name: str
     module: nn.Module
     inputs: tuple[tuple, dict]
     second: tuple[tuple, dict] | None
     method: str = "fx"  # how it was captured: its ONNX export prefers torch.export for "export"
+    declared: list[dict[int, object]] | None = None
+
+    def declared_dims(self, inputs: tuple[tuple, dict]) -> dict[int, dict[int, object]]:
+        """The declared dims of ``inputs`` (the part's example or second call) by tensor id."""
+        if not self.declared:
+            return {}
+        return {id(leaf): dims for leaf, dims in zip(pytree.tree_leaves(inputs), self.declared)
+                if isinstance(leaf, torch.Tensor) and dims}
 
 
 def parts(compact: nn.Module, captured: CapturedGraph) -> list[Part]:
@@ -51,12 +67,40 @@ def parts(compact: nn.Module, captured: CapturedGraph) -> list[Part]:
     whole model, or each captured piece with the inputs the compact model gives it at the
     example input and at the second batch size (its first call)."""
     if captured.whole:
-        return [Part("model", compact, (captured.example_inputs, captured.example_kwargs), captured.second_inputs,
-                     captured.method)]
+        inputs = (captured.example_inputs, captured.example_kwargs)
+        return [Part("model", compact, inputs, captured.second_inputs, captured.method,
+                     declared_dims(captured.root, inputs, captured.dynamic_shapes))]
     first = _piece_calls(compact, captured, (captured.example_inputs, captured.example_kwargs))
     second = _piece_calls(compact, captured, captured.second_inputs) if captured.second_inputs else {}
     return [Part(piece.path, compact.get_submodule(piece.path), first[piece.path], second.get(piece.path),
                  piece.method) for piece in captured.pieces if piece.path in first]
+
+
+def declared_dims(root: nn.Module, inputs: tuple[tuple, dict], user: object) -> list[dict[int, object]] | None:
+    """Per leaf of ``pytree.tree_leaves(inputs)`` (the root's example call), the dims that
+    ``user`` (torch.export's ``dynamic_shapes``: a dict keyed by ``root.forward``'s argument
+    names, or a tuple in argument order) declares dynamic. None without a declaration.
+    Raises TypeError for a declaration of another form."""
+    if user is None:
+        return None
+    names = bound_names(root, *inputs)
+    if names is None:
+        return None
+    if isinstance(user, dict) and all(isinstance(k, str) for k in user):
+        by_name = user
+    elif isinstance(user, (tuple, list)):
+        by_name = dict(zip(names, user))
+    else:
+        raise TypeError("dynamic_shapes must be a dict keyed by argument name or a tuple in argument order")
+    found: dict[int, dict[int, object]] = {}
+
+    def record(t: torch.Tensor, spec: dict) -> dict:
+        found[id(t)] = dict(spec)
+        return spec
+
+    for name, value in names.items():
+        with_dims(value, by_name.get(name), record)
+    return [found.get(id(leaf), {}) for leaf in pytree.tree_leaves(inputs)]
 
 
 def _piece_calls(model: nn.Module, captured: CapturedGraph, inputs: tuple[tuple, dict]) -> dict:
@@ -110,16 +154,19 @@ def _bound(signature: inspect.Signature | None, args: tuple, kwargs: dict) -> di
 
 def _dynamic_shapes(part: Part) -> object:
     """Dims that differ between the part's two calls are dynamic (dim 0 without a second call),
-    keyed by :func:`call_signature`'s names."""
+    and the dims the user declared (with the user's ``Dim`` objects), keyed by
+    :func:`call_signature`'s names."""
     args, kwargs = part.second if part.second is not None else part.inputs
     signature = call_signature(part.module, args, kwargs)
     names = _bound(signature, args, kwargs)
     if names is None:
         return None
+    declared = part.declared_dims((args, kwargs))
     if part.second is None:
         def dims(t: torch.Tensor, spec: dict) -> dict:
             if t.dim():
                 spec[0] = torch.export.Dim.AUTO
+            spec.update(declared.get(id(t), {}))
             return spec
 
         return {name: with_dims(value, None, dims) for name, value in names.items()}
@@ -136,6 +183,7 @@ def _dynamic_shapes(part: Part) -> object:
     def vary(t: torch.Tensor, spec: dict) -> dict:
         for d in varying.get(id(t), ()):
             spec[d] = torch.export.Dim.AUTO
+        spec.update(declared.get(id(t), {}))
         return spec
 
     return {name: with_dims(value, None, vary) for name, value in names.items()}
@@ -329,15 +377,20 @@ def _traceable(module: nn.Module, chunks: bool = True) -> nn.Module:
 
 
 def save_onnx(part: Part, path: str | os.PathLike) -> tuple[Path, float]:
-    """Export ``part`` to ONNX (dynamic dim 0 on every input) and check it with ONNX Runtime at
-    the example input and at the second batch size. Returns the path and the largest
-    relative difference between torch and ONNX Runtime outputs."""
+    """Export ``part`` to ONNX (dynamic dim 0 on every input, and the dims the user declared
+    dynamic, named after the user's ``Dim`` objects) and check it with ONNX Runtime at the example
+    input and at the second batch size (the exporter also checks it at a larger batch and
+    at larger declared dims: see :func:`spruce.targets.onnxruntime.export_onnx`). Returns the
+    path and the largest relative difference between torch and ONNX Runtime outputs."""
     from ..targets.onnxruntime import export_onnx, run_onnx
 
     module = part.module.eval()
     flat = FlatCall(_traceable(module), *part.inputs).eval()
     for_dynamo = FlatCall(_traceable(module, chunks=False), *part.inputs).eval()
-    path = export_onnx(flat, flat.flat(*part.inputs), path, dynamic_batch=True, dynamo_model=for_dynamo)
+    declared = part.declared_dims(part.inputs)
+    dims = [declared.get(id(t), {}) for t in flat.flat(*part.inputs)]
+    path = export_onnx(flat, flat.flat(*part.inputs), path, dynamic_batch=True, dynamo_model=for_dynamo,
+                       dynamic_dims=dims if any(dims) else None)
     worst = 0.0
     for inputs in [part.inputs] + ([part.second] if part.second is not None else []):
         tensors = flat.flat(*inputs)

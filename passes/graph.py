@@ -120,7 +120,10 @@ class CapturedGraph:
     ``example_inputs`` / ``example_kwargs`` are the inputs the model was captured with;
     ``second_inputs`` (args, kwargs) the same inputs at another batch size, at which
     the capture was checked and at which compact models are checked. ``notes`` say, in
-    words, which code stays eager and why (empty when the root is captured whole)."""
+    words, which code stays eager and why (empty when the root is captured whole).
+    ``dynamic_shapes`` is the user's declaration of dynamic dims other than the batch
+    (torch.export's format, keyed by the root's ``forward`` arguments), which the
+    deployed graphs keep (:mod:`spruce.compiler.deploy`)."""
 
     pieces: list[Piece]
     root: nn.Module
@@ -129,6 +132,7 @@ class CapturedGraph:
     links: list[Link] = field(default_factory=list)
     second_inputs: tuple[tuple, dict] | None = None
     notes: list[str] = field(default_factory=list)
+    dynamic_shapes: object = None
 
     @property
     def whole(self) -> bool:

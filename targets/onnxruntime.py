@@ -45,6 +45,7 @@ class OnnxMismatchError(OnnxExportError):
 def export_onnx(
     model: nn.Module, example_inputs: Sequence[torch.Tensor], path: str | os.PathLike, dynamic_batch: bool = False,
     prefer_dynamo: bool = False, dynamo_model: nn.Module | None = None,
+    dynamic_dims: Sequence[Mapping[int, object]] | None = None,
 ) -> Path:
     """Export ``model`` traced on ``example_inputs`` to an ONNX file at ``path``.
 
@@ -59,6 +60,12 @@ def export_onnx(
     better one for graphs of ATen operators, as ``torch.export`` captures them);
     ``dynamo_model``, computing what ``model`` computes, is what that exporter exports
     instead of ``model`` (a graph written for TorchScript tracing can make it specialise).
+    ``dynamic_dims`` (with ``dynamic_batch``): per input, more dims to keep dynamic, as
+    ``{dim: torch.export Dim}`` (a named ``Dim`` names the ONNX axis, and inputs sharing one
+    ``Dim`` share the axis name); a transformer's sequence length, say. An exporter whose
+    file does not compute ``model`` with each of these dims doubled (within the ``Dim``'s
+    max; inputs repeated cyclically along them) is passed over, as for the batch; where
+    ``model`` itself does not run at the doubled sizes that check is skipped.
     """
     target = Path(path)
     failures: list[str] = []
@@ -67,10 +74,13 @@ def export_onnx(
         try:
             with atomic_path(target) as temp_path:
                 exported = dynamo_model if exporter is _export_dynamo and dynamo_model is not None else model
-                exporter(exported, tuple(example_inputs), temp_path, dynamic_batch)
+                extra = dynamic_dims if dynamic_batch else None
+                exporter(exported, tuple(example_inputs), temp_path, dynamic_batch, extra)
                 onnx.checker.check_model(str(temp_path), full_check=True)
                 if dynamic_batch:
                     _check_other_batch(temp_path, exported, tuple(example_inputs))
+                if extra:
+                    _check_other_dims(temp_path, exported, tuple(example_inputs), extra)
             return target
         except OutputError:  # the destination cannot take the file: the other exporter would fail too
             raise
@@ -93,6 +103,33 @@ def _check_other_batch(path: Path, model: nn.Module, inputs: tuple[torch.Tensor,
     if not error <= 1e-3:
         raise OnnxMismatchError(f"the exported graph does not keep the batch dynamic (relative error {error:.3g} at "
                                 f"batch {bigger[0].shape[0] if bigger and bigger[0].dim() else '?'})")
+
+
+def _check_other_dims(path: Path, model: nn.Module, inputs: tuple[torch.Tensor, ...],
+                     dims: Sequence[Mapping[int, object]]) -> None:
+    """Raise if the ONNX file at ``path`` does not compute ``model`` with every declared dim
+    of ``dims`` doubled (capped at its ``Dim``'s max; inputs repeated cyclically along it).
+    Skipped where no dim can grow or ``model`` does not run at those sizes."""
+    grown = []
+    for t, spec in zip(inputs, list(dims) + [{}] * (len(inputs) - len(dims))):
+        for d, dim in spec.items():
+            if d == 0 or d >= t.dim() or not t.shape[d]:
+                continue
+            size = min(2 * t.shape[d], getattr(dim, "max", None) or 2 * t.shape[d])
+            t = t.index_select(d, torch.arange(size) % t.shape[d])
+        grown.append(t)
+    if all(a.shape == b.shape for a, b in zip(grown, inputs)):
+        return
+    try:
+        with torch.no_grad():
+            model(*grown)
+    except Exception:  # noqa: BLE001 - the model itself does not take these sizes: nothing to check
+        return
+    error = check_onnx(path, model, grown)
+    if not error <= 1e-3:
+        shapes = ", ".join(str(tuple(t.shape)) for t in grown)
+        raise OnnxMismatchError(f"the exported graph does not keep the declared dims dynamic (relative error "
+                                f"{error:.3g} at input shapes {shapes})")
 
 
 def run_onnx(
@@ -131,10 +168,15 @@ def check_onnx(
 
 
 def _export_torchscript(model: nn.Module, inputs: tuple[torch.Tensor, ...], path: Path,
-                        dynamic_batch: bool = False) -> None:
+                        dynamic_batch: bool = False, dynamic_dims: Sequence[Mapping[int, object]] | None = None,
+                        ) -> None:
     """The TorchScript-based exporter; its deprecation and tracer warnings are expected."""
     names = _input_names(len(inputs))
-    dynamic_axes = {name: {0: "batch"} for name in names} if dynamic_batch else None
+    dynamic_axes = None
+    if dynamic_batch:
+        dynamic_axes = {name: {0: "batch"} for name in names}
+        for name, spec in zip(names, dynamic_dims or ()):
+            dynamic_axes[name].update({d: _axis_name(name, d, dim) for d, dim in spec.items() if d != 0})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
@@ -149,12 +191,15 @@ def _export_torchscript(model: nn.Module, inputs: tuple[torch.Tensor, ...], path
 
 
 def _export_dynamo(model: nn.Module, inputs: tuple[torch.Tensor, ...], path: Path,
-                   dynamic_batch: bool = False) -> None:
+                   dynamic_batch: bool = False, dynamic_dims: Sequence[Mapping[int, object]] | None = None,
+                   ) -> None:
     """The torch.export-based exporter, weights kept inside the file."""
     dynamic_shapes = None
     if dynamic_batch:
         batch = torch.export.Dim("batch", min=1, max=4096)
-        dynamic_shapes = tuple({0: batch} for _ in inputs)
+        extra = list(dynamic_dims or ()) + [{}] * (len(inputs) - len(dynamic_dims or ()))
+        dynamic_shapes = tuple({0: batch, **{d: dim for d, dim in spec.items() if d != 0}}
+                               for spec in extra[:len(inputs)])
         params = list(inspect.signature(model.forward).parameters.values())
         if params and params[0].kind is inspect.Parameter.VAR_POSITIONAL:  # forward(*tensors)
             dynamic_shapes = (dynamic_shapes,)
@@ -260,6 +305,13 @@ def _disk_full(exc: BaseException) -> OSError | None:
             return exc
         exc = exc.__cause__ or exc.__context__
     return None
+
+
+def _axis_name(input_name: str, dim: int, declared: object) -> str:
+    """The ONNX axis name of a declared dynamic dim: its named ``Dim``'s name, else
+    ``<input>_dim<k>``."""
+    name = getattr(declared, "__name__", None)
+    return name if isinstance(name, str) and name.isidentifier() else f"{input_name}_dim{dim}"
 
 
 def _input_names(count: int) -> list[str]:

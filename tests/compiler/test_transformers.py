@@ -125,6 +125,34 @@ def test_compact_model_exports_to_onnx(name, tmp_path):
         assert path.exists() and error <= 1e-4, (part.name, error)
 
 
+@pytest.mark.parametrize("name", ["BertForSequenceClassification", "LlamaForCausalLM"])
+def test_deployed_files_keep_the_declared_sequence_length_dynamic(name, tmp_path):
+    """The sequence length declared dynamic at prune time stays dynamic in the deployed
+    files: ONNX Runtime runs the ONNX file, and a fresh process the reloaded .pt2, at another
+    batch and sequence length (3 x 13, 1 x 5) than the example's (2 x 8)."""
+    import onnx
+    from spruce.targets.onnxruntime import run_onnx
+
+    example, result = pruned(name)
+    (part,) = deploy.parts(result.model, result.analysis.captured)
+    path, error = deploy.save_onnx(part, tmp_path / "model.onnx")
+    assert error <= 1e-4, error
+    axes = [[d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in onnx.load(path).graph.input]
+    assert axes == [["batch", "seq"]] * len(example.example), axes
+    compact = result.model.eval()
+    for batch, seq in [(3, 13), (1, 5)]:
+        other = example.inputs(batch, seq)
+        with torch.no_grad():
+            want = logits(compact(**other))
+        got = torch.as_tensor(run_onnx(path, deploy.FlatCall(compact, (), other).flat((), other))[0])
+        assert got.shape == want.shape, (batch, seq, got.shape)
+        assert float((got - want).abs().max()) <= 1e-4 * max(1.0, float(want.abs().max())), (batch, seq)
+    program = deploy.save_pt2(part, tmp_path / "model.pt2")
+    at_other = deploy.Part("model", compact, ((), example.inputs(3, 13)), ((), example.inputs(1, 5)))
+    errors = deploy.check_pt2_in_fresh_process([(program, at_other)])
+    assert errors[0] <= 1e-5, errors
+
+
 def test_compact_models_reload_from_pt2_in_a_fresh_process(tmp_path):
     programs = []
     for name in NAMES:

@@ -179,3 +179,35 @@ def test_timing_runner_of_a_lone_layer_computes_what_torch_does(layer, shape, tm
         np.testing.assert_allclose(runner([bigger.numpy()])[0], layer(bigger).numpy(), rtol=1e-4, atol=1e-5)
     assert layer_onnx(nn.Conv2d(3, 3, 3, padding="same"), torch.randn(1, 3, 8, 8)) is None  # exported instead
     assert layer_onnx(nn.BatchNorm2d(3), torch.randn(1, 3, 8, 8)) is None
+
+
+class Positions(nn.Module):
+    """Adds each position's index along dim 1; ``frozen`` reads the length through ``int()``,
+    which TorchScript tracing records as the example's constant."""
+
+    def __init__(self, frozen: bool) -> None:
+        super().__init__()
+        self.frozen = frozen
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        length = int(x.shape[1]) if self.frozen else x.shape[1]
+        return x + torch.arange(length, dtype=x.dtype)[:, None]
+
+
+def test_declared_dims_stay_dynamic_or_the_exporter_is_passed_over(tmp_path: Path) -> None:
+    """A TorchScript file that froze a declared dim fails the doubled-size check and the
+    torch.export-based exporter's file (of ``dynamo_model``) is kept; without the
+    declaration the frozen file is kept, and ONNX Runtime refuses another length."""
+    x = torch.randn(2, 8, 4, generator=torch.Generator().manual_seed(0))
+    longer = torch.randn(3, 13, 4, generator=torch.Generator().manual_seed(1))
+    seq = torch.export.Dim("seq", min=2, max=64)
+    kept = export_onnx(Positions(frozen=True), (x,), tmp_path / "kept.onnx", dynamic_batch=True,
+                       dynamo_model=Positions(frozen=False), dynamic_dims=[{1: seq}])
+    (graph_input,) = onnx.load(kept).graph.input
+    assert [d.dim_param or d.dim_value for d in graph_input.type.tensor_type.shape.dim] == ["batch", "seq", 4]
+    (got,) = run_onnx(kept, (longer,))
+    np.testing.assert_allclose(got, Positions(frozen=False)(longer).numpy(), rtol=1e-5, atol=1e-5)
+    frozen = export_onnx(Positions(frozen=True), (x,), tmp_path / "frozen.onnx", dynamic_batch=True,
+                         dynamo_model=Positions(frozen=False))
+    with pytest.raises(Exception):  # noqa: B017, PT011 - ONNX Runtime's own error type
+        run_onnx(frozen, (longer,))
