@@ -36,6 +36,7 @@ from ..passes.analysis import ChannelGroup, Member
 from ..passes.importance import IMPORTANCE
 from ..targets.files import atomic_path, atomic_write_text, checked_out_dir, staged_dir
 from ..targets.onnxruntime import OnnxExportError, check_onnx, export_onnx
+from . import deploy
 from .api import channel_groups
 from .cli_common import (
     EXIT_FAILED,
@@ -230,8 +231,21 @@ def _add_prune_arguments(parser: argparse.ArgumentParser) -> None:
                         help="replace --out if it exists and is not empty")
 
 
+def _write_onnx(result: PruneResult, example_inputs: Sequence[torch.Tensor], path: Path) -> float:
+    """Write the compact model to ``path`` as ONNX with a dynamic batch (and the dims a capture
+    declared dynamic); return ONNX Runtime's largest relative difference from torch. A model
+    captured whole goes through :func:`spruce.compiler.deploy.save_onnx` (its graph rewritten so
+    TorchScript tracing keeps the batch symbolic); any other through ``export_onnx``."""
+    captured = result.analysis.captured
+    if captured is not None and captured.whole:
+        (part,) = deploy.parts(result.model, captured)
+        return deploy.save_onnx(part, path)[1]
+    export_onnx(result.model, example_inputs, path, dynamic_batch=True)
+    return check_onnx(path, result.model, example_inputs)
+
+
 def run_prune(args: argparse.Namespace) -> int:
-    """Prune the model, write model.pt, model.onnx and report.json to ``--out``.
+    """Prune the model, write model.pt, model.onnx (dynamic batch) and report.json to ``--out``.
 
     The folder appears only when every file is written and ONNX Runtime
     reproduces the compact model within ``ONNX_TOLERANCE``.
@@ -253,8 +267,7 @@ def run_prune(args: argparse.Namespace) -> int:
     with staged_dir(out_dir) as stage:
         with atomic_path(stage / "model.pt") as temp, open(temp, "wb") as stream:
             torch.save(compact, stream)  # to a stream: a full disk is an OSError, not torch's RuntimeError
-        export_onnx(compact, example_inputs, stage / "model.onnx")
-        onnx_diff = check_onnx(stage / "model.onnx", compact, example_inputs)
+        onnx_diff = _write_onnx(result, example_inputs, stage / "model.onnx")
         if not onnx_diff <= ONNX_TOLERANCE:
             raise ArtifactCheckError(
                 f"ONNX Runtime output differs from torch by {onnx_diff:.3g} "

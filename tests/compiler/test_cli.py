@@ -80,13 +80,14 @@ def test_saved_model_loads_runs_and_matches_onnx(pruned_resnet: Path) -> None:
     out = pruned_resnet
     model = torch.load(out / "model.pt", weights_only=False)
     report = json.loads((out / "report.json").read_text())
-    x = torch.randn(1, 3, 64, 64)
-    with torch.no_grad():
-        logits = model(x)
-    assert logits.shape == (1, 1000)
     assert sum(p.numel() for p in model.parameters()) == report["params"]["after"]
-    (onnx_logits,) = run_onnx(out / "model.onnx", [x])
-    assert np.abs(onnx_logits - logits.numpy()).max() <= 1e-3 * max(1.0, logits.abs().max())
+    for batch in (1, 3):  # the example's batch and another: the ONNX batch is dynamic
+        x = torch.randn(batch, 3, 64, 64)
+        with torch.no_grad():
+            logits = model(x)
+        assert logits.shape == (batch, 1000)
+        (onnx_logits,) = run_onnx(out / "model.onnx", [x])
+        assert np.abs(onnx_logits - logits.numpy()).max() <= 1e-3 * max(1.0, logits.abs().max())
 
 
 def test_saved_model_is_a_valid_spec_for_analyze(
@@ -245,7 +246,7 @@ def test_console_script_prunes(tmp_path: Path) -> None:
     out = tmp_path / "out"
     completed = subprocess.run(
         [str(SPRUCE_SCRIPT), "prune", *MOBILENET, "--ratio", "0.3", "--out", str(out)],
-        capture_output=True, text=True, timeout=120, check=False,
+        capture_output=True, text=True, timeout=600, check=False,
     )
     assert completed.returncode == 0, completed.stderr
     assert "MACs" in completed.stdout
