@@ -139,7 +139,9 @@ def report(args: argparse.Namespace, info: dict[str, str], dense_boxes: dict[str
              "`page`; held out = lower half of `page` and `text`). Box F1 is against the dense model's boxes, "
              "pooled over the held-out images, axis-aligned rectangles at IoU >= 0.5; the compiled boxes come "
              "from the built ONNX artifact. Latency is the compile's measured ratio (compiled and dense timed "
-             "interleaved in one run, ONNX Runtime CPU, batch 1).", "", *benchlib.header_lines(info), "",
+             "interleaved in one run, ONNX Runtime CPU, batch 1); for the Torch-Pruning rows, that of the ratio "
+             "search's chosen candidate, timed the same way (`bench/trained_tp.py`).", "",
+             *benchlib.header_lines(info), "",
              f"Dense boxes on the held-out images: {sum(dense_boxes.values())} "
              f"({', '.join(f'{k} {v}' for k, v in dense_boxes.items())}).", "",
              f"Goals: measured latency <= {GOALS['latency']} of dense, box F1 >= {GOALS['f1']}, "
