@@ -22,7 +22,12 @@ Figures, per mode:
 - wall time of the compile command (this script times the child process), its stages, the
   recovery steps and loss, the machine and its load.
 
-Usage: ``python bench/trained.py --data DIR [--modes distill,none] [--reuse] [--work out]``.
+Modes ``tp`` and ``tp_none`` are Torch-Pruning 1.6.1's uniform L1 channel pruning matched to the
+spruce row's *measured* latency ratio, then spruce's own recovery stage (distillation, or
+BatchNorm re-estimation only) on the same data: ``bench/trained_tp.py``. With ``--reuse`` they
+are run only when their ``WORK/craft_MODE.timing.json`` is missing.
+
+Usage: ``python bench/trained.py --data DIR [--modes distill,none,tp,tp_none] [--reuse] [--work out]``.
 """
 
 from __future__ import annotations
@@ -43,14 +48,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import benchlib  # noqa: E402
 import craft  # noqa: E402
+import trained_tp  # noqa: E402
 
 GOALS = {"latency": 0.63, "f1": 0.9, "wall_min": 60.0}
+LABELS = {"distill": "spruce, `--recover distill`", "none": "spruce, `--recover none`",
+          "tp": "Torch-Pruning + spruce's distillation", "tp_none": "Torch-Pruning + BatchNorm re-estimation"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True, help="folder from examples/craft_data.py")
-    parser.add_argument("--modes", default="distill,none")
+    parser.add_argument("--modes", default="distill,none",
+                        help="distill, none (spruce compile), tp, tp_none (Torch-Pruning + spruce's recovery)")
+    parser.add_argument("--tp-goal", type=float, default=None,
+                        help="measured latency ratio the Torch-Pruning rows match (default: WORK/craft_distill's)")
     parser.add_argument("--recipe", type=Path, default=ROOT / "examples" / "craft.yaml")
     parser.add_argument("--budget", type=float, default=0.6)
     parser.add_argument("--work", type=Path, default=ROOT / "out", help="compile outputs go to WORK/craft_MODE")
@@ -128,7 +139,9 @@ def report(args: argparse.Namespace, info: dict[str, str], dense_boxes: dict[str
              "`page`; held out = lower half of `page` and `text`). Box F1 is against the dense model's boxes, "
              "pooled over the held-out images, axis-aligned rectangles at IoU >= 0.5; the compiled boxes come "
              "from the built ONNX artifact. Latency is the compile's measured ratio (compiled and dense timed "
-             "interleaved in one run, ONNX Runtime CPU, batch 1).", "", *benchlib.header_lines(info), "",
+             "interleaved in one run, ONNX Runtime CPU, batch 1); for the Torch-Pruning rows, that of the ratio "
+             "search's chosen candidate, timed the same way (`bench/trained_tp.py`).", "",
+             *benchlib.header_lines(info), "",
              f"Dense boxes on the held-out images: {sum(dense_boxes.values())} "
              f"({', '.join(f'{k} {v}' for k, v in dense_boxes.items())}).", "",
              f"Goals: measured latency <= {GOALS['latency']} of dense, box F1 >= {GOALS['f1']}, "
@@ -136,12 +149,12 @@ def report(args: argparse.Namespace, info: dict[str, str], dense_boxes: dict[str
     rows = []
     for mode, run in runs.items():
         if "error" in run:
-            rows.append([mode, run["error"]] + ["-"] * 8)
+            rows.append([LABELS.get(mode, mode), run["error"]] + ["-"] * 8)
             continue
         doc, budget = run["report"], run["report"].get("budget", {})
         predicted = (budget["compiled_predicted_ms"] / budget["dense_predicted_ms"]
                      if budget.get("dense_predicted_ms") else None)
-        rows.append([mode, _fmt_ratio(budget.get("measured_ratio")), _fmt_ratio(predicted),
+        rows.append([LABELS.get(mode, mode), _fmt_ratio(budget.get("measured_ratio")), _fmt_ratio(predicted),
                      _fmt_ratio(budget.get("bench_ratio")),
                      f"**{run['f1']:.3f}** ({run['matched']}/{run['predicted']} vs {run['reference']})",
                      ", ".join(f"{k} {v['f1']:.2f}" for k, v in run["per_image"].items()),
@@ -149,15 +162,16 @@ def report(args: argparse.Namespace, info: dict[str, str], dense_boxes: dict[str
                      "yes" if (budget.get("measured_ratio", 9) <= GOALS["latency"] and run["f1"] >= GOALS["f1"]
                                and run["timing"]["wall_s"] / 60 <= GOALS["wall_min"]) else "no"])
     lines += benchlib.markdown_table(
-        ["recover", "latency measured", "predicted", "bench ratio", "box F1 pooled (matched/pred vs dense)",
-         "F1 per image", "wall min", "recovery steps", "all goals"], rows)
+        ["selection + recovery", "latency measured", "predicted", "bench ratio",
+         "box F1 pooled (matched/pred vs dense)", "F1 per image", "wall min", "recovery steps", "all goals"], rows)
     lines.append("")
     for mode, run in runs.items():
         if "error" in run:
             continue
         doc, budget = run["report"], run["report"].get("budget", {})
         recovery = doc.get("recovery", {})
-        lines += [f"## `--recover {mode}`", "", f"- command: `{run['timing']['command']}`",
+        tp = doc.get("torch_pruning")
+        lines += [f"## {LABELS.get(mode, mode)}", "", f"- command: `{run['timing']['command']}`",
                   f"- wall {run['timing']['wall_s'] / 60:.1f} min (exit {run['timing']['returncode']}); load "
                   f"before {run['timing']['load_before']}, after {run['timing']['load_after']}",
                   "- stages (s): " + ", ".join(f"{k} {v:.0f}" for k, v in doc.get("timings", {}).items()),
@@ -166,6 +180,10 @@ def report(args: argparse.Namespace, info: dict[str, str], dense_boxes: dict[str
                   f"{_fmt_ratio(budget.get('measured_ratio'))}, in band {budget.get('in_band')}, "
                   f"{len(budget.get('attempts', []))} selection(s) measured)",
                   f"- selection: {recovery.get('selection', '-')}",
+                  *([f"- Torch-Pruning's search for spruce's measured ratio {budget['goal']:.3f} (each candidate "
+                     "timed interleaved with dense in one run): " + "; ".join(
+                         f"ratio {t['pruning_ratio']:.4f} -> {t['ratio']:.3f}" for t in budget["attempts"])
+                     + f"; params {tp['params'] / 1e6:.2f} M of {tp['dense_params'] / 1e6:.2f} M"] if tp else []),
                   f"- recovery: {recovery.get('loss', '-')}; {recovery.get('steps', 0)} steps in "
                   f"{recovery.get('seconds', 0) / 60:.1f} min, loss per epoch "
                   f"{[round(v, 4) for v in recovery.get('loss_per_epoch', [])]}",
@@ -203,7 +221,11 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, dict[str, Any]] = {}
     for mode in [m for m in args.modes.split(",") if m]:
         out = args.work / f"craft_{mode}"
-        timing = compile_once(args, mode, out)
+        tp_mode = trained_tp.tp_modes([mode]).get(mode)
+        if tp_mode is not None and not (args.reuse and (out.parent / f"{out.name}.timing.json").is_file()):
+            timing = trained_tp.run_tp(args, tp_mode, out)
+        else:
+            timing = compile_once(args, mode, out)
         if timing["returncode"] != 0 or not (out / "report.json").is_file():
             runs[mode] = {"error": f"compile exited {timing['returncode']} (log {timing['log']})", "timing": timing}
             continue
