@@ -91,13 +91,16 @@ def evaluate(out: Path, mode: str, dense: Any, images: Any, reference: list[Any]
     modules = dict(dense.named_modules())
     total = sum(p.numel() for p in dense.parameters())
     in_eligible = sum(modules[name].weight.numel() for name in eligible)
-    score = craft.f1_against(program.module(), reference, images)
+    boxes = craft.text_boxes(craft.score_maps(program.module(), images))
+    score = craft.box_f1(boxes, reference)
+    per_image = [craft.box_f1([b], [r]) for b, r in zip(boxes, reference)]
     bench = document.get("bench", {}).get("by_batch", [{}])[0]
     return {"report": document, "eligible": eligible, "weight_layers": sum(
         isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) for m in dense.modules()),
         "eligible_param_share": in_eligible / total, "exact": not problems, "problems": problems,
         "masked_by_spruce": sorted(document.get("sparsity", {})), "f1": score.f1, "matched": score.matched,
-        "predicted": score.predicted, "reference": score.reference, "bench": bench}
+        "predicted": score.predicted, "reference": score.reference, "bench": bench,
+        "per_image": [f"{v.f1:.2f} ({v.matched}/{v.predicted} vs {v.reference})" for v in per_image]}
 
 
 def report(args: argparse.Namespace, info: dict[str, str], dense_boxes: int, runs: dict[str, dict[str, Any]]) -> str:
@@ -142,7 +145,9 @@ def report(args: argparse.Namespace, info: dict[str, str], dense_boxes: int, run
                   f"- eligible layers: {', '.join(run['eligible'])}; masked by spruce: "
                   f"{'the same' if run['masked_by_spruce'] == sorted(run['eligible']) else run['masked_by_spruce']}",
                   f"- 2:4 check problems: {run['problems'] or 'none'}",
-                  f"- recovery: {recovery.get('loss', '-')}; {recovery.get('steps', 0)} steps; BatchNorm "
+                  f"- box F1 per held-out image (page_lower, text): {', '.join(run['per_image'])}",
+                  f"- recovery: {recovery.get('loss', '-')}; {recovery.get('steps', 0)} steps, "
+                  f"{recovery.get('mask_updates', 0)} mask updates; BatchNorm "
                   f"re-estimated: {recovery.get('batchnorm_reestimated', '-')}",
                   f"- fidelity to dense on held-out (relative L2 / cosine per output): before recovery "
                   f"{trained._fidelity(recovery.get('fidelity_before_recovery'))}; compiled "
