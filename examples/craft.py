@@ -16,6 +16,8 @@ What compiling and evaluating it needs, as easyocr does it:
   mean/std (``easyocr.imgproc.normalizeMeanVariance``);
 - :func:`text_boxes`: easyocr's own post-processing, ``easyocr.craft_utils.getDetBoxes``
   with its default thresholds (text 0.7, link 0.4, low text 0.4; ``easyocr.Reader.detect``);
+- :func:`nm_violations`: the 2:4 acceptance check of an artifact's weights against the
+  trained model's (exact N:M on every layer spruce finds N:M-eligible, kept by magnitude);
 - :func:`box_f1`: the acceptance metric, box F1 of a model's boxes against the dense
   model's, pooled over all images, on the axis-aligned rectangles of the quads, a match
   being a one-to-one pair at IoU >= 0.5.
@@ -230,3 +232,38 @@ def f1_against(model: nn.Module, reference_boxes: Sequence[np.ndarray], images: 
     """:func:`box_f1` of ``model``'s boxes on ``images`` against ``reference_boxes`` (the dense
     model's, from ``text_boxes(score_maps(dense, images))``)."""
     return box_f1(text_boxes(score_maps(model, images)), reference_boxes)
+
+
+def nm_violations(weights: dict[str, torch.Tensor], dense: nn.Module, n: int = 2, m: int = 4,
+                  one_shot: bool = True) -> dict[str, str]:
+    """Per N:M-eligible layer of ``dense`` (spruce's own rule: a masked layer type whose
+    input-channel count ``nm_groups`` accepts), what is wrong with its weight in ``weights``
+    (an artifact's state dict): not exactly ``n`` nonzeros in every group of ``m``
+    consecutive input channels, kept entries other than the ``n`` largest |w| of the trained
+    weight, or kept values changed (the last two only for ``one_shot`` artifacts, whose weights
+    were not trained after masking). Eligible layers missing from ``weights`` are errors too."""
+    from spruce.passes.sparsity.masking import SPARSE_LAYER_TYPES, input_channel_dim, nm_groups
+
+    problems = {}
+    for name, module in dense.named_modules():
+        if not isinstance(module, SPARSE_LAYER_TYPES):
+            continue
+        in_dim = input_channel_dim(module)
+        if nm_groups(tuple(module.weight.shape), m, in_dim) is None:
+            continue
+        weight, trained = weights.get(f"{name}.weight"), module.weight.detach()
+        if weight is None or weight.shape != trained.shape:
+            problems[name] = "missing from the artifact"
+            continue
+        kept = (weight != 0).movedim(in_dim, -1).reshape(-1, m)
+        largest = trained.abs().movedim(in_dim, -1).reshape(-1, m).topk(n, dim=1).indices
+        if not torch.equal(kept.sum(dim=1), torch.full((len(kept),), n)):
+            problems[name] = f"{int((kept.sum(dim=1) != n).sum())} of {len(kept)} groups not {n}:{m}"
+        elif not one_shot:
+            continue
+        elif not torch.equal(kept, torch.zeros_like(kept).scatter_(1, largest, True)):
+            problems[name] = "kept weights are not the largest |w| of the trained ones"
+        elif not torch.equal(weight[weight != 0], trained[weight != 0]):
+            problems[name] = "kept weights differ from the trained ones"
+    return problems
+

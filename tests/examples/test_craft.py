@@ -117,3 +117,47 @@ def test_dense_model_finds_the_held_out_text(tmp_path):
     assert craft.box_f1(boxes, boxes).f1 == 1.0
     noise = craft.text_boxes(craft.score_maps(model, torch.zeros_like(images)))
     assert craft.box_f1(noise, boxes).f1 < 0.5  # a blank input does not match
+
+
+def test_one_shot_2_4_on_torch_gives_exact_magnitude_2_4_weights(tmp_path):
+    """Issue #14 acceptance item 2 on CPU: ``--structure 2:4 --target torch --recover none`` on
+    the trained CRAFT. Every layer spruce's N:M rule finds eligible (all 27 convolutions but the
+    first, whose 3 input channels are not a multiple of 4) is exactly 2:4 in the exported
+    program, keeping the two largest trained weights of every group; the dense export is not."""
+    import spruce
+    from PIL import Image
+    from skimage import data
+    from spruce.passes.sparsity.masking import nm_mask
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name, image in (("coffee", data.coffee()), ("chelsea", data.chelsea()), ("page", data.page()[:95])):
+        Image.fromarray(craft.as_rgb(image)).save(folder / f"{name}.png")
+    with pytest.warns(UserWarning, match=r"kept dense: basenet\.slice1\.0 \(input channels 3 not divisible by 4"):
+        report = spruce.compile(f"{EXAMPLES / 'craft.py'}:make", data=f"images:{folder}", out=tmp_path / "out",
+                                structure="2:4", sparsity=0.5, method="static", target="torch", recover="none",
+                                budget=None, prepare=f"{EXAMPLES / 'craft.py'}:prepare", bench_iters=2,
+                                bench_warmup=1, bench_batch_sizes=(1,), quiet=True)
+    out, document = report.out_dir, report.document
+    dense = craft.load_craft()
+    convs = [name for name, module in dense.named_modules() if isinstance(module, torch.nn.Conv2d)]
+    assert len(convs) == 27 and not any(isinstance(m, torch.nn.Linear) for m in dense.modules())
+    exported = torch.export.load(out / document["compiled"]["artifact"]).state_dict
+    assert craft.nm_violations(exported, dense) == {}
+    assert craft.nm_violations(torch.load(out / "model.pt", weights_only=False).state_dict(), dense) == {}
+    eligible = set(document["sparsity"])
+    assert eligible == set(convs) - {"basenet.slice1.0"}  # the first conv: 3 input channels
+    assert all(value == 0.5 for value in document["sparsity"].values())
+    assert torch.equal(exported["basenet.slice1.0.weight"], dense.basenet.slice1[0].weight)  # left dense
+    # the check can fail: on the dense export, and on an exact 2:4 mask drawn at random
+    dense_export = torch.export.load(out / document["dense"]["artifact"]).state_dict
+    assert set(craft.nm_violations(dense_export, dense)) == eligible
+    trained = dense.upconv4.conv[3].weight.detach()
+    scores = torch.rand(trained.shape, generator=torch.Generator().manual_seed(0))
+    random_mask = {**exported, "upconv4.conv.3.weight": trained * nm_mask(scores, 2, 4)}
+    assert craft.nm_violations(random_mask, dense) == {"upconv4.conv.3": "kept weights are not the largest |w| of the "
+                                                                      "trained ones"}
+    # the report states the structure
+    assert document["recipe"]["structure"] == "2:4" and document["recipe"]["target"] == "torch"
+    assert "structure `2:4`" in (out / "report.md").read_text()
+    assert document["recovery"]["mode"] == "none" and document["recovery"]["steps"] == 0
