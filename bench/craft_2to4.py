@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -58,26 +56,6 @@ def command(args: argparse.Namespace, mode: str, out: Path) -> list[str]:
     return [str(Path(sys.executable).with_name("spruce")), "compile", "examples/craft.py:make", "--recipe",
             str(recipe), "--data", f"images:{args.data}", "--structure", "2:4", "--sparsity", "0.5", "--target",
             "torch", "--recover", mode, "--out", str(out), "--force"]
-
-
-def compile_once(args: argparse.Namespace, mode: str, out: Path) -> dict[str, Any]:
-    """Run the compile command; its wall time, exit status and load, kept as ``timing.json``
-    next to the output (read from there with ``--reuse`` when it exists)."""
-    timing_file = out.parent / f"{out.name}.timing.json"
-    if args.reuse and timing_file.is_file():
-        return json.loads(timing_file.read_text())
-    argv = command(args, mode, out)
-    log = out.parent / f"{out.name}.log"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    load_before = benchlib.load_average()
-    start = time.perf_counter()
-    with open(log, "w") as stream:
-        code = subprocess.run(argv, cwd=ROOT, stdout=stream, stderr=subprocess.STDOUT, check=False).returncode
-    timing = {"command": " ".join(argv[1:]).replace(str(ROOT) + "/", ""), "wall_s": time.perf_counter() - start,
-              "returncode": code, "load_before": load_before, "load_after": benchlib.load_average(),
-              "log": str(log)}
-    timing_file.write_text(json.dumps(timing, indent=1) + "\n")
-    return timing
 
 
 def evaluate(out: Path, mode: str, dense: Any, images: Any, reference: list[Any]) -> dict[str, Any]:
@@ -169,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, dict[str, Any]] = {}
     for mode in [m for m in args.modes.split(",") if m]:
         out = args.work / f"craft_2to4_{mode}"
-        timing = compile_once(args, mode, out)
+        timing = trained.compile_once(args, mode, out, build_command=command, reuse_missing=True)
         if timing["returncode"] != 0 or not (out / "report.json").is_file():
             runs[mode] = {"error": f"compile exited {timing['returncode']} (log {timing['log']})", "timing": timing}
             continue

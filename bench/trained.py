@@ -81,13 +81,15 @@ def command(args: argparse.Namespace, mode: str, out: Path) -> list[str]:
             "--recover", mode, "--out", str(out), "--force"]
 
 
-def compile_once(args: argparse.Namespace, mode: str, out: Path) -> dict[str, Any]:
-    """Run the compile command; its wall time, exit status and load, saved as ``timing.json``
-    next to the output (and read from there with ``--reuse``)."""
+def compile_once(args: argparse.Namespace, mode: str, out: Path, build_command=None,
+                 reuse_missing: bool = False) -> dict[str, Any]:
+    """Run the compile command (``build_command(args, mode, out)``, default :func:`command`);
+    its wall time, exit status and load, saved as ``timing.json`` next to the output (and read
+    from there with ``--reuse``; with ``reuse_missing`` a missing file runs the command)."""
     timing_file = out.parent / f"{out.name}.timing.json"
-    if args.reuse:
+    if args.reuse and (timing_file.is_file() or not reuse_missing):
         return json.loads(timing_file.read_text())
-    argv = command(args, mode, out)
+    argv = (build_command or command)(args, mode, out)
     log = out.parent / f"{out.name}.log"
     out.parent.mkdir(parents=True, exist_ok=True)
     load_before = benchlib.load_average()
