@@ -19,7 +19,8 @@ fails before any training. :func:`recipe_schema` is its JSON schema. All keys op
                           for ``channel`` with a budget, a method *named* here (``halp``,
                           ``iee``) re-selects channels during ``distill``/``loss`` recovery
 ``structure``             ``channel``, ``unstructured`` or ``N:M`` (e.g. ``2:4``)
-``sparsity``              fraction of weights/channels removed (when no ``budget``)
+``sparsity``              fraction of weights/channels removed (when no ``budget``); an
+                          ``N:M`` structure given neither takes ``1 - N/M`` (2:4: 0.5)
 ``budget``                ``{latency: f}``, ``{flops: f}`` or ``{params: f}``: fraction of dense
 ``distribution``          ``uniform``, ``erk`` or ``global``
 ``epochs``                training epochs (dense baseline and compressed model alike)
@@ -75,6 +76,7 @@ from pydantic import Field, WithJsonSchema, field_serializer, field_validator, m
 
 from ..passes.config import Config, ConfigError, short_repr
 from ..passes.sparsity.budget import DISTRIBUTIONS
+from ..passes.sparsity.context import Structure
 from ..passes.sparsity.method import MethodConfig
 from ..passes.sparsity.model import check_combination
 from ..passes.sparsity.registry import COMPILE_DEFAULT, config_class, method_names, resolve_method
@@ -205,6 +207,21 @@ class Recipe(Config):
         if shape is not None:
             check_input_sizes([shape])  # before any work: a shape too large to allocate
         return shape
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nm_sparsity(cls, data: Any) -> Any:
+        """An N:M structure fixes the sparsity at 1 - N/M: given neither a sparsity nor a
+        budget, it takes that instead of the default latency budget (which selects channels)."""
+        if not isinstance(data, Mapping) or "budget" in data or data.get("sparsity") is not None:
+            return data
+        try:
+            structure = Structure.parse(data.get("structure", "channel"))
+        except (ValueError, TypeError, AttributeError):
+            return data  # the field's own validation names a bad structure
+        if structure.kind != "n:m":
+            return data
+        return {**data, "sparsity": 1 - structure.n / structure.m, "budget": None}
 
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:

@@ -67,6 +67,16 @@ def test_recipes_round_trip_and_keep_which_options_were_given():
     assert Recipe(method={"name": "iee", "h": 7}).with_overrides(method="halp").method == HALPConfig()
 
 
+def test_an_nm_structure_alone_takes_its_sparsity_instead_of_the_default_budget():
+    for recipe in (Recipe(structure="2:4"), Recipe().with_overrides(structure="2:4"),
+                   Recipe.from_mapping({"structure": "2:4"})):
+        assert (recipe.sparsity, recipe.budget) == (0.5, None)
+    assert Recipe(structure="1:4").sparsity == 0.75
+    assert Recipe(structure="channel").budget == {"latency": 0.5}  # channels keep the default budget
+    with pytest.raises(RecipeError, match="a cost budget selects channels"):  # a budget asked for stays refused
+        Recipe(structure="2:4", budget={"latency": 0.5})
+
+
 def test_defaults_live_in_the_recipe_only():
     from spruce.compiler import cli_pipeline
 
