@@ -653,20 +653,26 @@ def with_dims(value: object, spec: object, extra: Callable[[torch.Tensor, dict],
     return None
 
 
+def declared_by_name(user: object, names: dict[str, object]) -> dict:
+    """torch.export's ``dynamic_shapes`` (a dict keyed by argument name, a tuple in argument
+    order, or None) as a dict keyed by the names of ``names`` (the bound call). Raises
+    TypeError for a declaration of another form."""
+    if user is None:
+        return {}
+    if isinstance(user, dict) and all(isinstance(k, str) for k in user):
+        return user
+    if isinstance(user, (tuple, list)):
+        return dict(zip(names, user))
+    raise TypeError("dynamic_shapes must be a dict keyed by argument name or a tuple in argument order")
+
+
 def root_dynamic_shapes(module: nn.Module, args: tuple, kwargs: dict, user: object) -> object:
     """The user's ``dynamic_shapes`` (torch.export's format) with dim 0 of every input
     tensor added as a dynamic batch dim, keyed by argument name."""
     names = bound_names(module, args, kwargs)
     if names is None:
         return None
-    if user is None:
-        user_by_name: dict = {}
-    elif isinstance(user, dict) and all(isinstance(k, str) for k in user):
-        user_by_name = user
-    elif isinstance(user, (tuple, list)):
-        user_by_name = dict(zip(names, user))
-    else:
-        raise TypeError("dynamic_shapes must be a dict keyed by argument name or a tuple in argument order")
+    user_by_name = declared_by_name(user, names)
 
     def batch(tensor: torch.Tensor, dims: dict) -> dict:
         if tensor.dim() > 0 and 0 not in dims:

@@ -34,7 +34,7 @@ from torch.utils import _pytree as pytree
 
 from ..passes.graph import CapturedGraph, empty_graph_like
 from ..targets.files import atomic_path
-from .capture import bound_names, preserved_state, quiet, with_dims
+from .capture import bound_names, declared_by_name, preserved_state, quiet, with_dims
 
 __all__ = ["Part", "check_pt2_in_fresh_process", "export_program", "parts", "save_onnx", "save_pt2"]
 
@@ -86,12 +86,7 @@ def declared_dims(root: nn.Module, inputs: tuple[tuple, dict], user: object) -> 
     names = bound_names(root, *inputs)
     if names is None:
         return None
-    if isinstance(user, dict) and all(isinstance(k, str) for k in user):
-        by_name = user
-    elif isinstance(user, (tuple, list)):
-        by_name = dict(zip(names, user))
-    else:
-        raise TypeError("dynamic_shapes must be a dict keyed by argument name or a tuple in argument order")
+    by_name = declared_by_name(user, names)
     found: dict[int, dict[int, object]] = {}
 
     def record(t: torch.Tensor, spec: dict) -> dict:
