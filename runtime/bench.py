@@ -1,14 +1,19 @@
 """``spruce.bench``: latency and throughput of a built artifact, optionally against its dense twin.
 
-Every batch size is timed through the target's own runner and timing loop
-(``Target.time_runner``, CUDA-synchronised on GPU targets), so the numbers are
-what a deployment would see. When a dense artifact is given, compiled and dense
-runs are interleaved per batch size (same load, same thermal state) and the
-report carries the speed-up.
+Every batch size is timed through the target's own runner (CUDA-synchronised on GPU
+targets), so the wall-clock figures are what a deployment would see. When a dense
+artifact is given, compiled and dense calls are interleaved one by one at each batch
+size (:func:`spruce.targets.timing.time_interleaved`: round-robin, the order rotating
+every round), so a change of load or clock between calls slows both alike; timing one
+artifact's calls and then the other's let a load change between the two blocks decide
+the speed-up. Each row also carries the load-robust latency (run-queue waiting of the
+calling thread excluded, outliers rejected: the statistic compile's latency budget is
+measured with), and the report a speed-up on it.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -20,6 +25,7 @@ from pydantic import Field
 
 from ..passes.config import Config
 from ..targets.base import Artifact, Target, get_target, read_artifact
+from ..targets.timing import Timings, time_interleaved
 
 __all__ = ["BenchConfig", "BenchReport", "BenchRow", "bench"]
 
@@ -40,7 +46,10 @@ _DEFAULTS = BenchConfig()
 
 @dataclass(frozen=True)
 class BenchRow:
-    """Latency statistics of one artifact (``which``: 'compiled' or 'dense') at one batch size."""
+    """Latency statistics of one artifact (``which``: 'compiled' or 'dense') at one batch size:
+    wall-clock median, 90th and 99th percentile (ms) and throughput (images/s at the median),
+    and ``robust_ms``, the load-robust latency (ms; wall time minus the calling thread's
+    run-queue waiting, outliers beyond 3 scaled MADs rejected, :meth:`Timings.robust_ms`)."""
 
     which: str
     batch_size: int
@@ -48,6 +57,7 @@ class BenchRow:
     p90_ms: float
     p99_ms: float
     images_per_s: float
+    robust_ms: float
 
 
 @dataclass(frozen=True)
@@ -57,6 +67,7 @@ class BenchReport:
     fingerprint: dict[str, str]
     rows: tuple[BenchRow, ...]
     speedup: dict[int, float] = field(default_factory=dict)  # batch size -> dense median / compiled median
+    robust_speedup: dict[int, float] = field(default_factory=dict)  # batch size -> the same on robust_ms
 
     def row(self, which: str, batch_size: int) -> BenchRow:
         """The row for ``which`` at ``batch_size`` (KeyError when it was not measured)."""
@@ -68,15 +79,17 @@ class BenchReport:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (speed-up keys as strings)."""
         return {"fingerprint": dict(self.fingerprint), "rows": [asdict(r) for r in self.rows],
-                "speedup": {str(b): s for b, s in self.speedup.items()}}
+                "speedup": {str(b): s for b, s in self.speedup.items()},
+                "robust_speedup": {str(b): s for b, s in self.robust_speedup.items()}}
 
     def format_table(self) -> str:
         """A fixed-width table: one line per artifact and batch size, speed-up on compiled lines."""
-        header = f"{'artifact':<9} {'batch':>5} {'median ms':>10} {'p90 ms':>9} {'p99 ms':>9} {'images/s':>10}"
+        header = (f"{'artifact':<9} {'batch':>5} {'median ms':>10} {'p90 ms':>9} {'p99 ms':>9} {'robust ms':>10} "
+                  f"{'images/s':>10}")
         lines = [header + ("  speedup" if self.speedup else ""), "-" * (len(header) + (9 if self.speedup else 0))]
         for row in self.rows:
             line = (f"{row.which:<9} {row.batch_size:>5} {row.median_ms:>10.3f} {row.p90_ms:>9.3f} "
-                    f"{row.p99_ms:>9.3f} {row.images_per_s:>10.1f}")
+                    f"{row.p99_ms:>9.3f} {row.robust_ms:>10.3f} {row.images_per_s:>10.1f}")
             if row.which == "compiled" and row.batch_size in self.speedup:
                 line += f"  {self.speedup[row.batch_size]:>6.2f}x"
             lines.append(line)
@@ -86,7 +99,9 @@ class BenchReport:
 def bench(artifact: Artifact | str | os.PathLike, target: str | Target,
           batch_sizes: Sequence[int] = _DEFAULTS.batch_sizes, warmup: int = _DEFAULTS.warmup,
           iters: int = _DEFAULTS.iters, dense: Artifact | str | os.PathLike | None = None) -> BenchReport:
-    """Time ``artifact`` (and ``dense`` when given) on ``target`` at each batch size.
+    """Time ``artifact`` (and ``dense`` when given) on ``target`` at each batch size:
+    ``warmup`` untimed calls each, then ``iters`` rounds of one call each, compiled and dense
+    interleaved (see the module doc). Returns a :class:`BenchReport` (latencies in ms).
 
     Raises ``ArtifactError`` when a file is missing, has no valid manifest or was built for
     another target, ``TargetUnavailable`` when the target cannot run here, ``ValueError`` for
@@ -102,17 +117,20 @@ def bench(artifact: Artifact | str | os.PathLike, target: str | Target,
     runners = {which: target.load(a) for which, a in artifacts.items()}
     rows: list[BenchRow] = []
     for batch_size in config.batch_sizes:
-        for which, art in artifacts.items():
-            inputs = target.prepare_inputs(art, _random_inputs(art, batch_size))
-            seconds = target.time_runner(runners[which], inputs, config.warmup, config.iters)
-            rows.append(_row(which, batch_size, seconds))
-    speedup = {}
-    if dense is not None:
-        for batch_size in config.batch_sizes:
-            compiled_ms = next(r.median_ms for r in rows if r.which == "compiled" and r.batch_size == batch_size)
-            dense_ms = next(r.median_ms for r in rows if r.which == "dense" and r.batch_size == batch_size)
-            speedup[batch_size] = dense_ms / compiled_ms
-    return BenchReport(fingerprint=target.fingerprint(), rows=tuple(rows), speedup=speedup)
+        calls = [functools.partial(runners[which], target.prepare_inputs(art, _random_inputs(art, batch_size)))
+                 for which, art in artifacts.items()]
+        timings = time_interleaved(calls, config.warmup, config.iters, target.synchronize)
+        rows.extend(_row(which, batch_size, timing) for which, timing in zip(artifacts, timings))
+    figures = {(row.which, row.batch_size): row for row in rows}
+
+    def speedups(statistic: str) -> dict[int, float]:  # dense / compiled, per batch size
+        if dense is None:
+            return {}
+        return {b: getattr(figures["dense", b], statistic) / getattr(figures["compiled", b], statistic)
+                for b in config.batch_sizes}
+
+    return BenchReport(fingerprint=target.fingerprint(), rows=tuple(rows), speedup=speedups("median_ms"),
+                       robust_speedup=speedups("robust_ms"))
 
 
 def _artifact(value: Artifact | str | os.PathLike, target: Target) -> Artifact:
@@ -131,8 +149,9 @@ def _random_inputs(artifact: Artifact, batch_size: int) -> list[torch.Tensor]:
     return inputs
 
 
-def _row(which: str, batch_size: int, seconds: np.ndarray) -> BenchRow:
-    ms = np.asarray(seconds, dtype=np.float64) * 1e3
+def _row(which: str, batch_size: int, timing: Timings) -> BenchRow:
+    ms = np.asarray(timing.wall_s, dtype=np.float64) * 1e3
     median = float(np.median(ms))
     return BenchRow(which=which, batch_size=batch_size, median_ms=median, p90_ms=float(np.percentile(ms, 90)),
-                    p99_ms=float(np.percentile(ms, 99)), images_per_s=batch_size * 1e3 / median)
+                    p99_ms=float(np.percentile(ms, 99)), images_per_s=batch_size * 1e3 / median,
+                    robust_ms=timing.robust_ms())

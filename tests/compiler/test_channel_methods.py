@@ -36,12 +36,16 @@ BUDGET, HW, _compile, budget_hit = _trained.BUDGET, _trained.HW, _trained._compi
 METHODS = ("halp", "iee")
 
 
+def _kept(sparse) -> dict[int, list[int]]:
+    return {u.group.id: u.mask.nonzero().flatten().tolist() for u in sparse.context.units}
+
+
 def _spy_on_final_check(seen: list):
     real = channel_methods.check_final
 
     def spy(sparse, *args, **kwargs):
         result = real(sparse, *args, **kwargs)
-        seen.append(sparse)  # the SparseModel whose compact() export ships
+        seen.append((sparse, _kept(sparse)))  # the SparseModel whose compact() export ships, and what was measured
         return result
 
     return spy
@@ -56,7 +60,8 @@ def driven(trained, image_dir, tmp_path_factory):
             seen: list = []
             patch.setattr(stages, "check_final", _spy_on_final_check(seen))
             report = _compile(trained, image_dir, root / name, recover="distill", method=name)
-            results[name] = (report, seen[0])
+            assert len(seen) == 1, f"{name}: the final check ran {len(seen)} times"
+            results[name] = (report, *seen[0])
     return results
 
 
@@ -87,7 +92,8 @@ def test_the_measured_budget_holds_after_the_methods_last_selection(driven, name
 @pytest.mark.filterwarnings("ignore::spruce.passes.sparsity.model.StaleOptimizerWarning")  # recovery's optimizer
 @pytest.mark.parametrize("name", METHODS)
 def test_the_artifact_is_the_sparse_models_compact_model(driven, name):
-    report, sparse = driven[name]
+    report, sparse, measured = driven[name]
+    assert _kept(sparse) == measured  # no update after the final check: what was measured ships
     compact = sparse.compact().eval()
     shipped = torch.load(report.out_dir / "model.pt", weights_only=False).eval()
     x = torch.rand(2, 3, *HW, generator=torch.Generator().manual_seed(1))

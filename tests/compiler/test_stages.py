@@ -80,9 +80,9 @@ def _results(tmp_path: Path):
     torch.manual_seed(0)
     dense = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 10))
     compiled = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 10))
-    rows = tuple(BenchRow(which, b, ms, ms * 1.1, ms * 1.2, b * 1e3 / ms)
+    rows = tuple(BenchRow(which, b, ms, ms * 1.1, ms * 1.2, b * 1e3 / ms, ms * 0.9)
                  for b in (1, 8) for which, ms in (("compiled", 0.5 * b), ("dense", 1.0 * b)))
-    bench = BenchReport({"target": "onnxruntime"}, rows, {1: 2.0, 8: 2.0})
+    bench = BenchReport({"target": "onnxruntime"}, rows, {1: 2.0, 8: 2.0}, {1: 2.0, 8: 2.0})
     recipe = Recipe(method={"name": "halp", "interval": 3}, budget={"flops": 0.5}, epochs=2)
     return dict(recipe=recipe, data_name="digits", example=torch.randn(1, 1, 8, 8), dense=dense,
                 dense_log=TrainLog([1.0, 0.5], [0.5, 0.9]), compiled=compiled,

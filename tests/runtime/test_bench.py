@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -45,6 +47,30 @@ def check_rows(report: BenchReport, which: tuple[str, ...], batch_sizes: tuple[i
     for row in report.rows:
         assert 0 < row.median_ms <= row.p90_ms <= row.p99_ms
         assert row.images_per_s == pytest.approx(row.batch_size * 1e3 / row.median_ms)
+        assert 0 < row.robust_ms <= row.p99_ms
+
+
+def test_a_load_change_during_the_run_slows_compiled_and_dense_alike(artifacts, monkeypatch) -> None:
+    """The same artifact as compiled and dense, under a load that grows through the run
+    (each call sleeps 0.5 ms longer than the one before): the speed-up must stay about 1.
+    Timing one artifact's calls and then the other's gave the first artifact the low end of
+    the ramp (a speed-up of about 2)."""
+    target = get_target("onnxruntime", threads=1)
+    load, calls = target.load, itertools.count()
+
+    def loaded(artifact):
+        runner = load(artifact)
+
+        def call(inputs):
+            time.sleep(5e-4 * next(calls))
+            return runner(inputs)
+
+        return call
+
+    monkeypatch.setattr(target, "load", loaded)
+    report = bench(artifacts["dense"], target, batch_sizes=(1,), warmup=3, iters=15, dense=artifacts["dense"])
+    assert next(calls) == 2 * (3 + 15) and report.row("dense", 1).median_ms > 5  # the ramp ran
+    assert 0.8 < report.speedup[1] < 1.25 and 0.8 < report.robust_speedup[1] < 1.25, report.format_table()
 
 
 def test_bench_compares_with_dense_on_onnxruntime(artifacts) -> None:
@@ -54,6 +80,8 @@ def test_bench_compares_with_dense_on_onnxruntime(artifacts) -> None:
     for batch in (1, 4):
         assert report.speedup[batch] == pytest.approx(report.row("dense", batch).median_ms
                                                       / report.row("compiled", batch).median_ms)
+        assert report.robust_speedup[batch] == pytest.approx(report.row("dense", batch).robust_ms
+                                                             / report.row("compiled", batch).robust_ms)
     assert report.speedup[4] > 1.0  # 16 channels instead of 64: 12x fewer MACs
     assert report.fingerprint["target"] == "onnxruntime"
     table = report.format_table()
