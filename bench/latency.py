@@ -26,6 +26,9 @@ runs on the machine (other users' jobs) is recorded, not stopped. For each torch
    configuration: the absolute error (predicted ms / measured ms - 1, which contains that
    drift), the plain wall-clock median (what a naive timing sees under this load) and the
    share of wall time the calling thread waited for a CPU.
+4. The check's own noise: every interleaved check times a second session of the dense model
+   (its *twin*) next to the first; |twin / dense - 1| bounds how accurate a prediction can be
+   shown to be at ``--rounds`` rounds under this load.
 
 Goal: median |relative error| <= 5 %, max <= 20 % per model, with the busy loop running.
 
@@ -102,13 +105,17 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     compacts = [compact_at_widths(analysis, model, random_group_widths(analysis.groups, rng, args.step))
                 for _ in range(args.configs)]
     dense_predicted = table.dense_ms()
-    rows = []
+    rows, noise = [], []
     for start in range(0, len(compacts), args.batch):
         batch = compacts[start:start + args.batch]
-        timings = target.measure_models([(model, inputs)] + [(m, inputs) for m in batch], warmup=2,
-                                        rounds=args.rounds)
-        dense = timings[0]
-        for offset, (compact, timing) in enumerate(zip(batch, timings[1:])):
+        # the dense model twice: its second session's disagreement with the first is the check's own noise
+        timings = target.measure_models([(model, inputs), (model, inputs)] + [(m, inputs) for m in batch],
+                                        warmup=2, rounds=args.rounds)
+        dense, twin = timings[0], timings[1]
+        noise.append(twin.robust_ms() / dense.robust_ms() - 1)
+        print(f"{name} configs {start}-{start + len(batch) - 1}: dense {dense.robust_ms():.2f} ms, its twin "
+              f"{100 * noise[-1]:+.1f} %", flush=True)
+        for offset, (compact, timing) in enumerate(zip(batch, timings[2:])):
             widths = table.widths_of(compact)
             measured, predicted = timing.robust_ms(), table.predict(widths)
             kept = sum(w[1] for w in widths.values()) / sum(e.out_channels for e in table.layers.values())
@@ -148,6 +155,8 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
         "relative_max_abs_error": float(relative_errors.max()),
         "wall_median_abs_error": float(np.median(wall_errors)), "wall_max_abs_error": float(wall_errors.max()),
         "median_waiting_share": float(np.median([r["waiting_share"] for r in rows])),
+        "twin_errors": noise, "twin_median_abs_error": float(np.median(np.abs(noise))),
+        "twin_max_abs_error": float(np.max(np.abs(noise))),
         "wall_s": time.perf_counter() - started,
         "configs": rows,
     }
@@ -165,14 +174,17 @@ def report(results: list[dict[str, Any]], info: dict[str, str], args: argparse.N
     lines += benchlib.markdown_table(
         ["model", "layers", "signatures", "points timed", "profile cold (s)", "profile cached (s)",
          "dense measured (ms)", "dense predicted (ms)", "median abs relative error", "max abs relative error",
-         "absolute error median / max", "wall-median median / max", "waiting share", "model wall (s)"],
+         "absolute error median / max", "wall-median median / max", "waiting share",
+         "dense twin median / max", "model wall (s)"],
         [[r["model"], r["layers"], r["signatures"], r["points"], benchlib.fmt(r["profile_cold_s"], 0),
           benchlib.fmt(r["profile_warm_s"], 1), benchlib.fmt(r["dense_measured_ms"]),
           benchlib.fmt(r["dense_predicted_ms"]), _pct(r["relative_median_abs_error"]),
           _pct(r["relative_max_abs_error"]),
           f"{_pct(r['median_abs_error'])} / {_pct(r['max_abs_error'])}",
           f"{_pct(r['wall_median_abs_error'])} / {_pct(r['wall_max_abs_error'])}",
-          _pct(r["median_waiting_share"]), benchlib.fmt(r["wall_s"], 0)]
+          _pct(r["median_waiting_share"]),
+          f"{_pct(r['twin_median_abs_error'])} / {_pct(r['twin_max_abs_error'])}" if "twin_errors" in r else "-",
+          benchlib.fmt(r["wall_s"], 0)]
          for r in results])
     lines += ["", f"Goals: median abs relative error <= 5 %, max <= 20 % ({args.configs} random configurations per "
               f"model, {args.busy} busy-loop process(es) running throughout). *relative error*: of the latency as a "
@@ -181,7 +193,9 @@ def report(results: list[dict[str, Any]], info: dict[str, str], args: argparse.N
               "profile and check. *measured* is the load-robust figure (inlier mean of the calls, run-queue "
               "waiting excluded); *wall-median* compares the prediction with the plain median wall time instead, "
               "which under this load mostly measures the other processes; *waiting share* is the median share "
-              "of a call's wall time the calling thread waited for a CPU.", ""]
+              "of a call's wall time the calling thread waited for a CPU; *dense twin*: a second session of the dense "
+              "model timed in each interleaved check against the first (|twin / dense - 1|), the check's own "
+              "noise: a prediction cannot be shown more accurate than this.", ""]
     for r in results:
         cal = r["calibration"]
         lines += [f"## {r['model']}", "",
