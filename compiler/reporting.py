@@ -125,8 +125,9 @@ def _summary_lines(doc: dict[str, Any]) -> list[str]:
         if "measured_ratio" in budget:
             low, high = budget["band"]
             text += (f": measured {budget['measured_ratio']:.3f} (band {low:.3f}-{high:.3f}, "
-                     f"{'met' if budget['in_band'] else 'NOT met'}); bench {budget['bench_ratio']:.3f} "
-                     f"(wall {budget['bench_wall_ratio']:.3f})")
+                     f"{'met' if budget['in_band'] else 'NOT met'}); bench {budget['bench_ratio']:.3f}")
+            if "bench_wall_ratio" in budget:  # reports written before the bench interleaved have none
+                text += f" (wall {budget['bench_wall_ratio']:.3f})"
         if budget.get("dense_predicted_ms") is not None:
             text += (f"; predicted {budget['compiled_predicted_ms']:.3f} / {budget['dense_predicted_ms']:.3f} ms, "
                      f"measured {budget.get('compiled_measured_ms', float('nan')):.3f} / "
@@ -330,7 +331,8 @@ def _markdown(doc: dict[str, Any]) -> str:
     for r in doc["bench"]["by_batch"]:
         lines.append(f"| {r['batch_size']} | {r['dense_ms']:.3f} | {r['compiled_ms']:.3f} | {r['dense_p99_ms']:.3f} | "
                      f"{r['compiled_p99_ms']:.3f} | {r['dense_fps']:.1f} | {r['compiled_fps']:.1f} | "
-                     f"{r['speedup']:.2f}x | {r['robust_speedup']:.2f}x |")
+                     f"{r['speedup']:.2f}x | "
+                     + (f"{r['robust_speedup']:.2f}x |" if "robust_speedup" in r else "- |"))
     if doc.get("latency_table"):
         lt = doc["latency_table"]
         lines += ["", f"Latency table (`{lt['file']}`): dense predicted {lt['dense_predicted_ms']:.3f} ms, compiled "

@@ -110,6 +110,21 @@ def test_the_report_document_is_built_from_stage_results(tmp_path):
     json.dumps(document)
 
 
+def test_a_report_from_before_the_interleaved_bench_still_renders():
+    """report.json files written before the bench carried robust figures (no robust_speedup,
+    no bench_wall_ratio) render to markdown and the console summary."""
+    from spruce.compiler import reporting
+
+    document = build_document(**_results(Path("/nonexistent")))
+    for row in document["bench"]["by_batch"]:
+        for key in ("dense_robust_ms", "compiled_robust_ms", "robust_speedup"):
+            del row[key]
+    document["budget"] = {"kind": "latency", "fraction": 0.5, "batch_size": 1, "bench_ratio": 0.52,
+                          "measured_ratio": 0.5, "in_band": True, "band": [0.45, 0.525]}
+    markdown = reporting._markdown(document)
+    assert "| 2.00x | - |" in markdown and "bench 0.520" in markdown and "(wall" not in markdown
+
+
 def test_the_report_stage_writes_what_it_built(tmp_path):
     results = _results(tmp_path)
     sm_like = type("Sparse", (), {"sparsities": lambda self: results["sparsities"], "metrics": results["metrics"]})()
