@@ -14,21 +14,25 @@ weights of the sparse layers. A requested method missing from the registry is re
 as "not available". The folded model must predict what the SparseModel predicts in
 eval mode; a mismatch is reported as a spruce bug.
 
-Writes ``bench/results/methods.md`` atomically after every run (a partial file says so).
+Writes ``bench/results/methods.md`` atomically after every run (a partial file says so),
+and every finished run to ``methods.json`` next to it. ``--resume`` keeps the finished runs
+of that file (those of the same plan settings; errored runs run again) and runs the rest,
+so a regeneration longer than one sitting can be done in several; the elapsed time adds up.
 
-Usage: ``python bench/methods.py [--quick] [--methods a,b] [--seeds 3] [--out PATH]``.
+Usage: ``python bench/methods.py [--quick] [--methods a,b] [--seeds 3] [--resume] [--out PATH]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import tempfile
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -637,8 +641,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup-epochs", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1: two OpenMP threads on a shared 2-core machine time badly)")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the finished runs of the .json next to --out (same plan settings), run the rest")
     parser.add_argument("--out", type=Path, default=None)
     return parser.parse_args(argv)
+
+
+def plan_settings(plan: Plan) -> dict[str, Any]:
+    """What a finished run's figures depend on besides its spec: a resumed run must match it."""
+    return {"settings": {d: asdict(s) for d, s in sorted(plan.settings.items())}, "threads": plan.threads,
+            "quick": plan.quick}
+
+
+def finished_runs(path: Path, plan: Plan) -> tuple[list[dict[str, Any]], float]:
+    """The finished (not errored) runs saved at ``path`` for ``plan``'s settings, and the
+    elapsed seconds they took; nothing when the file does not exist. Exits with a message
+    naming the file when it was written for other settings or cannot be read."""
+    if not path.exists():
+        return [], 0.0
+    try:
+        state = json.loads(path.read_text())
+        saved, records, elapsed = state["plan"], state["records"], float(state["elapsed_s"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise SystemExit(f"--resume: cannot read {path}: {exc}") from None
+    if saved != plan_settings(plan):
+        raise SystemExit(f"--resume: {path} was written for other settings ({saved}); remove it or run "
+                         "without --resume")
+    return [r for r in records if r.get("status") != "error"], elapsed
 
 
 def make_plan(args: argparse.Namespace) -> Plan:
@@ -671,16 +700,28 @@ def main(argv: list[str] | None = None) -> int:
     info = benchlib.machine_info(["spruce", "mlxtend", "scikit-learn"])
     datasets = {name: load_dataset(name, max_train=800 if plan.quick else None) for name in plan.datasets}
     specs = plan.specs()
-    records: list[dict[str, Any]] = []
-    started = time.perf_counter()
+    state_path = out.with_suffix(".json")
+    saved, elapsed_before = finished_runs(state_path, plan) if args.resume else ([], 0.0)
+    kept = {(r["dataset"], r["method"], r["sparsity"], r["seed"]): r for r in saved}
+    records = [kept[k] for spec in specs if (k := (spec.dataset, spec.method, spec.sparsity, spec.seed)) in kept]
+    if args.resume:
+        print(f"--resume: {len(records)} of {len(specs)} runs already finished in {state_path}", flush=True)
+    started = time.perf_counter() - elapsed_before
     for data in datasets.values():
         warm_up(data)
     for index, spec in enumerate(specs, 1):
+        if (spec.dataset, spec.method, spec.sparsity, spec.seed) in kept:
+            continue
         record = run_one(spec, datasets[spec.dataset], plan.settings[spec.dataset])
         records.append(record)
         print(f"[{index}/{len(specs)}] {spec.dataset} {spec.method} {spec.sparsity} seed {spec.seed}: "
               f"{record['status']} acc {benchlib.fmt(record.get('accuracy'))} "
               f"t {benchlib.fmt(record.get('train_s'), 1)} s {record.get('error', '')}", flush=True)
+        elapsed = time.perf_counter() - started
+        benchlib.write_atomic(state_path, json.dumps({"plan": plan_settings(plan), "records": records,
+                                                      "elapsed_s": elapsed}, default=float))
+        benchlib.write_atomic(out, render(records, plan, info, datasets, len(specs), elapsed))
+    if len(records) == len(kept):  # everything was resumed: the report is still written once
         benchlib.write_atomic(out, render(records, plan, info, datasets, len(specs), time.perf_counter() - started))
     print(f"wrote {out}")
     return 1 if any(r["status"] == "error" for r in records) else 0
