@@ -272,6 +272,69 @@ def train_loop(model: Any, data: Dataset, settings: TrainSettings, seed: int,
             schedule.step()
 
 
+def layer_flops(model: Any, example: Any) -> dict[str, float]:
+    """Forward FLOPs per sample (2 x multiply-accumulates) of every Conv2d and Linear of
+    ``model`` by module name, at ``example``'s input size."""
+    import torch
+
+    flops: dict[str, float] = {}
+    hooks = []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Conv2d):
+            def conv(mod, args, out, name=name):
+                per_output = mod.in_channels // mod.groups * mod.kernel_size[0] * mod.kernel_size[1]
+                flops[name] = 2.0 * out[0].numel() * per_output
+            hooks.append(module.register_forward_hook(conv))
+        elif isinstance(module, torch.nn.Linear):
+            hooks.append(module.register_forward_hook(
+                lambda mod, args, out, name=name: flops.__setitem__(name, 2.0 * mod.in_features * mod.out_features)))
+    with torch.no_grad():
+        model.eval()(example[:1])
+    for hook in hooks:
+        hook.remove()
+    return flops
+
+
+class TrainFlops:
+    """Training FLOPs of a sparse run, counted per optimizer step as the IEE paper's appendix
+    (section 3, "Training FLOPs Computation") counts them: with zeta_D the dense forward FLOPs
+    of the sparse layers and zeta_P those of the active weights (each layer's density times
+    its FLOPs), a step costs 3 zeta_P (sparse forward and backward), or 2 zeta_P + zeta_D when
+    it needs the dense weight gradient: RigL's and DST-EE's update steps (the method asks for
+    it, ``wants_dense_grad``), every step of a straight-through weight (Feather, OptG: the
+    soft-masking family, SNFS's 2 zeta_P + zeta_D) and IEE's Reactivate & Explore steps (with
+    zeta_P of the frozen active set Theta_K). GMP counts its current density (GraNet's
+    accounting); static and SET 3 zeta_P. Dense training is 3 zeta_D per step. Layers other
+    than Conv2d/Linear (BatchNorm, pooling) are left out of both."""
+
+    def __init__(self, sm: Any, flops: dict[str, float]):
+        self.sm = sm
+        self.flops = {layer.name: flops[layer.name] for layer in sm.layers}
+        self.dense = sum(self.flops.values())
+        self.total = 0.0
+        self.steps = 0
+
+    def _active_flops(self, exploring: bool) -> float:
+        method = self.sm.method
+        masks = {layer.name: (method.active[layer.name] if exploring else layer.masked.mask)
+                 for layer in self.sm.layers}
+        return sum(self.flops[name] * float(mask.float().mean()) for name, mask in masks.items())
+
+    def before_step(self) -> None:
+        """Count the step whose backward just ran (before ``sm.step()`` updates the masks)."""
+        method, step = self.sm.method, self.sm.step_count + 1
+        exploring = bool(getattr(method, "exploring", False)) and getattr(method, "channels", None) is None
+        dense_gradient = (exploring or method.wants_dense_grad(step)
+                          or any(layer.masked.kind != "mask" for layer in self.sm.layers))
+        active = self._active_flops(exploring)
+        self.total += 2 * active + self.dense if dense_gradient else 3 * active
+        self.steps += 1
+
+    def relative(self) -> float:
+        """Mean training FLOPs per step over dense training's 3 zeta_D."""
+        return self.total / (3 * self.dense * max(self.steps, 1))
+
+
 def run_dense(spec: RunSpec, data: Dataset, settings: TrainSettings) -> dict[str, Any]:
     """Train the dense CNN; return its accuracy and training wall time."""
     import torch
@@ -282,7 +345,7 @@ def run_dense(spec: RunSpec, data: Dataset, settings: TrainSettings) -> dict[str
     train_loop(model, data, settings, spec.seed, after_step=None, attach=None)
     train_s = time.perf_counter() - start
     accuracy, _ = evaluate(model, data)
-    return {"accuracy": accuracy, "train_s": train_s, "zero_fraction": None}
+    return {"accuracy": accuracy, "train_s": train_s, "train_flops": 1.0, "zero_fraction": None}
 
 
 def run_sparse(spec: RunSpec, data: Dataset, settings: TrainSettings, method_cls: Any) -> dict[str, Any]:
@@ -303,13 +366,19 @@ def run_sparse(spec: RunSpec, data: Dataset, settings: TrainSettings, method_cls
     distribution = PAPER_DISTRIBUTION.get(spec.method, "erk")
     sm = spruce.sparsify(model, (data.x_train[:2],), method=spec.method, structure="unstructured",
                          sparsity=spec.sparsity, distribution=distribution, total_steps=total_steps, **options)
-    train_loop(sm, data, settings, spec.seed, after_step=sm.step, attach=sm.attach)
+    cost = TrainFlops(sm, layer_flops(build_cnn(data.side), data.x_train[:1]))
+
+    def after_step() -> None:
+        cost.before_step()
+        sm.step()
+
+    train_loop(sm, data, settings, spec.seed, after_step=after_step, attach=sm.attach)
     train_s = time.perf_counter() - start
     folded = sm.fold()
     accuracy, folded_predictions = evaluate(folded, data)
     _, sparse_predictions = evaluate(sm, data)
     return {
-        "accuracy": accuracy, "train_s": train_s,
+        "accuracy": accuracy, "train_s": train_s, "train_flops": cost.relative(),
         "zero_fraction": zero_fraction(folded, [layer.name for layer in sm.layers]),
         "mask_sparsity": mask_sparsity(sm), "updates": len(sm.metrics),
         "exploration": final_exploration(sm),
@@ -466,14 +535,16 @@ def results_table(records: list[dict[str, Any]], dataset: str, plan: Plan) -> li
                     and (r["dataset"], r["method"], r["sparsity"]) == (dataset, method, sparsity)]
             explored = [r["exploration"] for r in runs if r.get("exploration") is not None]
             updates = [r["updates"] for r in runs if r.get("updates") is not None]
+            flops = [r["train_flops"] for r in runs if r.get("status") == "ok" and r.get("train_flops") is not None]
             rows.append([method, _pct(sparsity, 0), cell.status, f"{cell.n_ok}/{cell.n_runs}", accuracy,
                          benchlib.fmt(cell.time_mean, 1), benchlib.fmt(ratio, 2),
+                         benchlib.fmt(sum(flops) / len(flops), 3) if flops else "-",
                          _pct(cell.zero_fraction_mean, 3), _pct(cell.zero_fraction_min, 3),
                          benchlib.fmt(sum(updates) / len(updates), 0) if updates else "-",
                          benchlib.fmt(sum(explored) / len(explored), 3) if explored else "-", cell.note])
     headers = ["method", "target sparsity %", "status", "ok runs", "test acc % (mean ± std)", "train s (mean)",
-               "time vs dense", "measured sparsity % (mean)", "measured sparsity % (min)", "mask updates",
-               "exploration R", "error"]
+               "time vs dense", "train FLOPs vs dense", "measured sparsity % (mean)", "measured sparsity % (min)",
+               "mask updates", "exploration R", "error"]
     return benchlib.markdown_table(headers, rows)
 
 
@@ -582,6 +653,10 @@ def render(records: list[dict[str, Any]], plan: Plan, info: dict[str, str], data
               *options_lines(records, plan),
               "- test accuracy: of `sm.fold()` in eval mode; train s: `sparsify` + training loop "
               "(no evaluation); time vs dense: mean train s / dense mean train s on the same dataset",
+              "- train FLOPs vs dense: training FLOPs of the Conv/Linear layers per step over dense training's, "
+              "counted as the IEE paper's appendix 3 counts them (`TrainFlops`): 3 zeta_P per sparse step, "
+              "2 zeta_P + zeta_D on a step needing the dense weight gradient (RigL/DST-EE updates, Feather/OptG "
+              "straight-through every step, IEE's Reactivate & Explore), GMP at its current density",
               "- why the LR warm-up: without it (lr 0.05 from step 1) MNIST-5k at 90% seed 2 collapsed to "
               "23-31% test accuracy for static, SET, RigL and IEE (loss 3.1 -> 9.2 in the first 4 steps); a plain "
               "PyTorch loop with the same masks gives bit-identical losses, so it is the recipe, not spruce",
