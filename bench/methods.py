@@ -19,7 +19,10 @@ and every finished run to ``methods.json`` next to it. ``--resume`` keeps the fi
 of that file (those of the same plan settings; errored runs run again) and runs the rest,
 so a regeneration longer than one sitting can be done in several; the elapsed time adds up.
 
-Usage: ``python bench/methods.py [--quick] [--methods a,b] [--seeds 3] [--resume] [--out PATH]``.
+``--shard K/N`` splits the runs over N processes (one per core; each writes its own
+``OUT.shardKofN.json``); ``--resume`` without ``--shard`` then merges them into the report.
+
+Usage: ``python bench/methods.py [--quick] [--methods a,b] [--seeds 3] [--resume] [--shard K/N] [--out PATH]``.
 """
 
 from __future__ import annotations
@@ -632,7 +635,8 @@ def render(records: list[dict[str, Any]], plan: Plan, info: dict[str, str], data
              f"- load average (1/5/15 min) at writing: {benchlib.load_average()}",
              f"- progress: {done}/{planned} runs" + ("" if done == planned else " (PARTIAL: run still going or "
                                                                               "stopped)"),
-             f"- elapsed: {elapsed_s / 60:.1f} min, {plan.threads} torch thread(s), runs one after another", ""]
+             f"- elapsed: {elapsed_s / 60:.1f} min, {plan.threads} torch thread(s), runs one after another in each "
+             "process (--shard: several processes side by side)", ""]
     lines += ["## Settings", ""]
     for name, data in datasets.items():
         lines.append(f"- {name}: {data.description}; train {len(data.y_train)} / test {len(data.y_test)} "
@@ -717,9 +721,32 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1: two OpenMP threads on a shared 2-core machine time badly)")
     parser.add_argument("--resume", action="store_true",
-                        help="keep the finished runs of the .json next to --out (same plan settings), run the rest")
+                        help="keep the finished runs of the .json next to --out (same plan settings), run the rest; "
+                             "without --shard, the shards' .json files are merged in too")
+    parser.add_argument("--shard", type=parse_shard, default=(0, 1), metavar="K/N",
+                        help="run only every N-th run from the K-th (0-based), e.g. two processes 0/2 and 1/2 on "
+                             "two cores; each shard writes OUT.shardKofN.json/.md; merge with --resume")
     parser.add_argument("--out", type=Path, default=None)
     return parser.parse_args(argv)
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``K/N`` as (K, N) with 0 <= K < N."""
+    try:
+        k, n = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard takes K/N (e.g. 0/2), got {text!r}") from None
+    if not 0 <= k < n:
+        raise argparse.ArgumentTypeError(f"--shard K/N needs 0 <= K < N, got {text!r}")
+    return k, n
+
+
+def state_paths(out: Path, shard: tuple[int, int]) -> tuple[Path, Path]:
+    """(the .json of finished runs, the report) a process with ``shard`` writes."""
+    k, n = shard
+    if n == 1:
+        return out.with_suffix(".json"), out
+    return out.with_name(f"{out.stem}.shard{k}of{n}.json"), out.with_name(f"{out.stem}.shard{k}of{n}.md")
 
 
 def plan_settings(plan: Plan) -> dict[str, Any]:
@@ -775,17 +802,22 @@ def main(argv: list[str] | None = None) -> int:
     info = benchlib.machine_info(["spruce", "mlxtend", "scikit-learn"])
     datasets = {name: load_dataset(name, max_train=800 if plan.quick else None) for name in plan.datasets}
     specs = plan.specs()
-    state_path = out.with_suffix(".json")
+    state_path, report_path = state_paths(out, args.shard)
     saved, elapsed_before = finished_runs(state_path, plan) if args.resume else ([], 0.0)
+    if args.resume and args.shard[1] == 1:  # shards run side by side: their wall time is the longest one's
+        shards = [finished_runs(path, plan) for path in sorted(out.parent.glob(f"{out.stem}.shard*of*.json"))]
+        saved += [r for runs, _ in shards for r in runs]
+        elapsed_before += max((elapsed for _, elapsed in shards), default=0.0)
     kept = {(r["dataset"], r["method"], r["sparsity"], r["seed"]): r for r in saved}
     records = [kept[k] for spec in specs if (k := (spec.dataset, spec.method, spec.sparsity, spec.seed)) in kept]
     if args.resume:
-        print(f"--resume: {len(records)} of {len(specs)} runs already finished in {state_path}", flush=True)
+        print(f"--resume: {len(records)} of {len(specs)} runs already finished", flush=True)
     started = time.perf_counter() - elapsed_before
     for data in datasets.values():
         warm_up(data)
     for index, spec in enumerate(specs, 1):
-        if (spec.dataset, spec.method, spec.sparsity, spec.seed) in kept:
+        other_shard = (index - 1) % args.shard[1] != args.shard[0]
+        if other_shard or (spec.dataset, spec.method, spec.sparsity, spec.seed) in kept:
             continue
         record = run_one(spec, datasets[spec.dataset], plan.settings[spec.dataset])
         records.append(record)
@@ -795,10 +827,13 @@ def main(argv: list[str] | None = None) -> int:
         elapsed = time.perf_counter() - started
         benchlib.write_atomic(state_path, json.dumps({"plan": plan_settings(plan), "records": records,
                                                       "elapsed_s": elapsed}, default=float))
-        benchlib.write_atomic(out, render(records, plan, info, datasets, len(specs), elapsed))
-    if len(records) == len(kept):  # everything was resumed: the report is still written once
-        benchlib.write_atomic(out, render(records, plan, info, datasets, len(specs), time.perf_counter() - started))
-    print(f"wrote {out}")
+        benchlib.write_atomic(report_path, render(records, plan, info, datasets, len(specs), elapsed))
+    if len(records) == len(kept):  # nothing ran (all resumed, or merging shards): write the report once
+        elapsed = time.perf_counter() - started
+        benchlib.write_atomic(state_path, json.dumps({"plan": plan_settings(plan), "records": records,
+                                                      "elapsed_s": elapsed}, default=float))
+        benchlib.write_atomic(report_path, render(records, plan, info, datasets, len(specs), elapsed))
+    print(f"wrote {report_path}")
     return 1 if any(r["status"] == "error" for r in records) else 0
 
 
