@@ -230,7 +230,10 @@ class Recipe(Config):
         if self.sparsity is not None and self.budget is not None:
             raise ValueError("give a sparsity or a budget, not both")
         check_combination(self.method, self.structure, self.sparsity or 0.0, self.distribution, self.budget)
-        check_target_options(self.target, self.target_options)  # the target's own option model
+        try:
+            check_target_options(self.target, self.target_options)  # the target's own option model
+        except ConfigError as exc:  # named after the recipe key, as every other recipe error is
+            raise ValueError(f"target_options: {exc}") from None
         return self
 
     @classmethod

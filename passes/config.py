@@ -100,7 +100,14 @@ class _Elided:
 
 
 def _field(loc: tuple) -> str:
-    return _cut(".".join(str(part) for part in loc), _ECHO_LIMIT) or "value"
+    """The dotted name of ``loc``; quoted where a part is empty or has surrounding blanks (an
+    option named ``''`` must not read as a word); ``value`` for the whole input."""
+    if not loc:
+        return "value"
+    parts = [str(part) for part in loc]
+    if any(not part.strip() or part != part.strip() for part in parts):
+        return _cut(".".join(repr(part) for part in parts), _ECHO_LIMIT)
+    return _cut(".".join(parts), _ECHO_LIMIT)
 
 
 def _message(error: Mapping[str, Any], valid: list[str] | None = None) -> str:

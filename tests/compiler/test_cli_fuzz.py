@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from spruce.compiler.cli import main
 from spruce.compiler.recipes import Recipe, RecipeError, load_recipe
@@ -30,6 +30,7 @@ FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCh
 
 @FAST
 @given(st.dictionaries(st.sampled_from(KEYS), hostile_values, max_size=6))
+@example(document={"target_options": {"": 0.0}})  # found by CI: the message named neither key
 def test_recipe_documents_either_validate_or_name_the_key(document):
     try:
         recipe = Recipe.from_mapping(document, "fuzz.yaml")

@@ -126,8 +126,9 @@ def test_method_options_on_the_command_line_are_validated_up_front(tmp_path, cap
 
 
 @pytest.mark.parametrize("document, message", [
-    ("target_options: {threads: 0}", "target onnxruntime: threads must be >= 1, got 0"),
-    ("target_options: {thread: 2}", "unknown option thread"),
+    ("target_options: {threads: 0}", "target_options: target onnxruntime: threads must be >= 1, got 0"),
+    ("target_options: {thread: 2}", "target_options: target onnxruntime: unknown option thread"),
+    ("target_options: {'': 2}", "target_options: target onnxruntime: unknown option '', got 2"),
     ("target: torch\ntarget_options: {dtype: float64}", "target torch: dtype must be one of"),
     ("target: nowhere", "unknown target 'nowhere'"),
 ])
