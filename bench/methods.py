@@ -35,7 +35,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, astuple, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -276,26 +276,17 @@ def train_loop(model: Any, data: Dataset, settings: TrainSettings, seed: int,
 
 
 def layer_flops(model: Any, example: Any) -> dict[str, float]:
-    """Forward FLOPs per sample (2 x multiply-accumulates) of every Conv2d and Linear of
-    ``model`` by module name, at ``example``'s input size."""
+    """Forward FLOPs per sample of every submodule of ``model`` by module name, at
+    ``example``'s input size, from torch's FLOP counter (as ``spruce``'s ``count_macs``)."""
     import torch
+    from torch.utils.flop_counter import FlopCounterMode
 
-    flops: dict[str, float] = {}
-    hooks = []
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Conv2d):
-            def conv(mod, args, out, name=name):
-                per_output = mod.in_channels // mod.groups * mod.kernel_size[0] * mod.kernel_size[1]
-                flops[name] = 2.0 * out[0].numel() * per_output
-            hooks.append(module.register_forward_hook(conv))
-        elif isinstance(module, torch.nn.Linear):
-            hooks.append(module.register_forward_hook(
-                lambda mod, args, out, name=name: flops.__setitem__(name, 2.0 * mod.in_features * mod.out_features)))
-    with torch.no_grad():
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
         model.eval()(example[:1])
-    for hook in hooks:
-        hook.remove()
-    return flops
+    root = f"{type(model).__name__}."
+    return {name.removeprefix(root): float(sum(counts.values()))
+            for name, counts in counter.get_flop_counts().items() if name.startswith(root)}
 
 
 class TrainFlops:
@@ -809,30 +800,32 @@ def main(argv: list[str] | None = None) -> int:
         saved += [r for runs, _ in shards for r in runs]
         elapsed_before += max((elapsed for _, elapsed in shards), default=0.0)
     kept = {(r["dataset"], r["method"], r["sparsity"], r["seed"]): r for r in saved}
-    records = [kept[k] for spec in specs if (k := (spec.dataset, spec.method, spec.sparsity, spec.seed)) in kept]
+    records = [kept[astuple(spec)] for spec in specs if astuple(spec) in kept]
+    resumed = len(records)
     if args.resume:
         print(f"--resume: {len(records)} of {len(specs)} runs already finished", flush=True)
     started = time.perf_counter() - elapsed_before
+
+    def save() -> None:  # the finished runs, then the report on them
+        elapsed = time.perf_counter() - started
+        benchlib.write_atomic(state_path, json.dumps({"plan": plan_settings(plan), "records": records,
+                                                      "elapsed_s": elapsed}, default=float))
+        benchlib.write_atomic(report_path, render(records, plan, info, datasets, len(specs), elapsed))
+
     for data in datasets.values():
         warm_up(data)
     for index, spec in enumerate(specs, 1):
         other_shard = (index - 1) % args.shard[1] != args.shard[0]
-        if other_shard or (spec.dataset, spec.method, spec.sparsity, spec.seed) in kept:
+        if other_shard or astuple(spec) in kept:
             continue
         record = run_one(spec, datasets[spec.dataset], plan.settings[spec.dataset])
         records.append(record)
         print(f"[{index}/{len(specs)}] {spec.dataset} {spec.method} {spec.sparsity} seed {spec.seed}: "
               f"{record['status']} acc {benchlib.fmt(record.get('accuracy'))} "
               f"t {benchlib.fmt(record.get('train_s'), 1)} s {record.get('error', '')}", flush=True)
-        elapsed = time.perf_counter() - started
-        benchlib.write_atomic(state_path, json.dumps({"plan": plan_settings(plan), "records": records,
-                                                      "elapsed_s": elapsed}, default=float))
-        benchlib.write_atomic(report_path, render(records, plan, info, datasets, len(specs), elapsed))
-    if len(records) == len(kept):  # nothing ran (all resumed, or merging shards): write the report once
-        elapsed = time.perf_counter() - started
-        benchlib.write_atomic(state_path, json.dumps({"plan": plan_settings(plan), "records": records,
-                                                      "elapsed_s": elapsed}, default=float))
-        benchlib.write_atomic(report_path, render(records, plan, info, datasets, len(specs), elapsed))
+        save()
+    if len(records) == resumed:  # nothing ran (all resumed, or merging shards): write the report once
+        save()
     print(f"wrote {report_path}")
     return 1 if any(r["status"] == "error" for r in records) else 0
 
