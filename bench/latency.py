@@ -183,7 +183,7 @@ def report(results: list[dict[str, Any]], info: dict[str, str], args: argparse.N
           f"{_pct(r['median_abs_error'])} / {_pct(r['max_abs_error'])}",
           f"{_pct(r['wall_median_abs_error'])} / {_pct(r['wall_max_abs_error'])}",
           _pct(r["median_waiting_share"]),
-          f"{_pct(r['twin_median_abs_error'])} / {_pct(r['twin_max_abs_error'])}" if "twin_errors" in r else "-",
+          f"{_pct(r['twin_median_abs_error'])} / {_pct(r['twin_max_abs_error'])}",
           benchlib.fmt(r["wall_s"], 0)]
          for r in results])
     lines += ["", f"Goals: median abs relative error <= 5 %, max <= 20 % ({args.configs} random configurations per "
