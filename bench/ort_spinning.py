@@ -41,10 +41,6 @@ class NoSpinning(OnnxRuntimeCPU):
         return options
 
 
-def measure(target: OnnxRuntimeCPU, models: list, example: tuple, rounds: int) -> list[Any]:
-    return target.measure_models([(m, example) for m in models], rounds=rounds)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--copies", type=int, default=4)
@@ -63,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     for repeat in range(args.repeats):
         for name, target in targets.items():
             for label, models in ((f"{args.copies} copies interleaved", copies), ("alone", [model])):
-                timings = measure(target, models, example, args.rounds)
+                timings = target.measure_models([(m, example) for m in models], rounds=args.rounds)
                 robust = [t.robust_ms() for t in timings]
                 rows.append([repeat, name, label, " / ".join(f"{r:.2f}" for r in robust),
                              f"{max(robust) / min(robust) - 1:.1%}",

@@ -333,14 +333,14 @@ def accuracy_runs(args: argparse.Namespace, target: OnnxRuntimeCPU, cache: Path)
 
 
 def report(info: dict[str, str], parts: dict[str, dict[str, Any]], done: bool) -> str:
-    """The Markdown report of ``parts`` (name -> {"rows", "command", "date", "load"})."""
+    """The Markdown report of ``parts`` (name -> {"rows", "command", "date", "load"}), in the order of ``PARTS``."""
     hit, speed, acc = (parts.get(name, {}).get("rows", []) for name in PARTS)
     lines = ["# Latency-constrained structured sparsity (HALP knapsack, structured IEE)", "",
              "Produced by `bench/structured.py` (see its docstring for the method)." +
              ("" if done else " **Partial: the run has not finished.**"), ""]
     lines += benchlib.header_lines(info)
-    lines += [f"- part {name} ({TITLES[name]}): `{part['command']}`, finished {part['date']}, load average "
-              f"at its end {part['load']}" for name, part in parts.items() if part.get("rows")]
+    lines += [f"- part {name} ({TITLES[name]}): `{parts[name]['command']}`, finished {parts[name]['date']}, "
+              f"load average at its end {parts[name]['load']}" for name in PARTS if parts.get(name, {}).get("rows")]
     lines += [f"- load average (1/5/15 min) now: {benchlib.load_average()}", ""]
     if hit:
         lines += ["## (a) Budget hit on ONNX Runtime CPU (one-shot knapsack on L1 importance)", "",
@@ -450,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
                        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
         ordered = {n: parts[n] for n in PARTS if n in parts}
         benchlib.write_atomic(state_path, json.dumps({"cpu": info["cpu"], "parts": ordered}, default=float))
-        benchlib.write_atomic(args.out, report(info, ordered, done))
+        benchlib.write_atomic(args.out, report(info, parts, done))
 
     with tempfile.TemporaryDirectory(prefix="spruce-structured-cache-") as fresh:
         cache = args.cache or Path(fresh)
@@ -463,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
             save("speed", knapsack_speed(), False)
         if "accuracy" in wanted:
             save("accuracy", accuracy_runs(args, target, cache), False)
-    benchlib.write_atomic(args.out, report(info, {n: parts[n] for n in PARTS if n in parts}, True))
+    benchlib.write_atomic(args.out, report(info, parts, True))
     print(f"wrote {args.out} and {state_path}")
     return 0
 
