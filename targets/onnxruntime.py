@@ -362,6 +362,14 @@ class OnnxRuntimeCPU(Target):
 
     ``threads`` fixes ONNX Runtime's intra-op threads (default: torch's thread
     count, so that timings are comparable with the torch CPU target).
+
+    ``spinning`` sets ONNX Runtime's ``session.intra_op.allow_spinning``. It is off by
+    default, unlike ONNX Runtime's own default: a spinning session's worker threads keep
+    busy-waiting after each run, so when several sessions are timed interleaved (latency
+    tables, the compiled-vs-dense check) the idle ones take the cores from the one being
+    timed. Measured with ``bench/ort_spinning.py``: 4 copies of one model timed 8-11 % apart
+    and at 1.4-1.7x their lone latency with spinning on, 1.7 % apart with it off. Tables are
+    profiled and models checked with the same setting (it is part of :meth:`fingerprint`).
     """
 
     name = "onnxruntime"
@@ -374,11 +382,13 @@ class OnnxRuntimeCPU(Target):
         dynamic_batch: bool = True
         tolerance: float = Field(1e-3, gt=0)  # largest relative ORT-vs-torch difference accepted
         save_optimized: bool = False
+        spinning: bool = False  # ORT's session.intra_op.allow_spinning (ORT's own default is on)
 
     def __init__(self, threads: int | None = None, optimization: str = "all", dynamic_batch: bool = True,
-                 tolerance: float = 1e-3, save_optimized: bool = False):
+                 tolerance: float = 1e-3, save_optimized: bool = False, spinning: bool = False):
         self.Options(threads=threads, optimization=optimization, dynamic_batch=dynamic_batch, tolerance=tolerance,
-                     save_optimized=save_optimized)
+                     save_optimized=save_optimized, spinning=spinning)
+        self.spinning = bool(spinning)
         self.threads = threads or torch.get_num_threads()
         self.optimization = optimization
         self.dynamic_batch = bool(dynamic_batch)
@@ -387,7 +397,7 @@ class OnnxRuntimeCPU(Target):
 
     def fingerprint(self) -> dict[str, str]:
         return {**super().fingerprint(), "onnxruntime": ort.__version__, "threads": str(self.threads),
-                "optimization": self.optimization}
+                "optimization": self.optimization, "spinning": str(self.spinning)}
 
     def build(self, model: nn.Module, example_inputs: Sequence[torch.Tensor], path: str | os.PathLike) -> Artifact:
         """Export, check with ``onnx.checker``, optionally save ORT's optimised graph, compare with torch.
@@ -425,10 +435,12 @@ class OnnxRuntimeCPU(Target):
         options.intra_op_num_threads = self.threads
         options.inter_op_num_threads = 1
         options.graph_optimization_level = _OPT_LEVELS[self.optimization]
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spinning else "0")
         return options
 
     def session(self, path: str | os.PathLike) -> ort.InferenceSession:
-        """An ONNX Runtime CPU session on ``path`` with this target's threads and graph optimisation."""
+        """An ONNX Runtime CPU session on ``path`` with this target's threads, graph optimisation
+        and spinning setting."""
         options = self._options()
         return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
 

@@ -211,3 +211,24 @@ def test_declared_dims_stay_dynamic_or_the_exporter_is_passed_over(tmp_path: Pat
                          dynamo_model=Positions(frozen=False))
     with pytest.raises(Exception):  # noqa: B017, PT011 - ONNX Runtime's own error type
         run_onnx(frozen, (longer,))
+
+
+def _spinning_entry(target: OnnxRuntimeCPU, path: Path) -> str:
+    options = target.session(path).get_session_options()
+    return options.get_session_config_entry("session.intra_op.allow_spinning")
+
+
+def test_timing_sessions_do_not_spin_by_default_and_tables_record_the_setting(tmp_path):
+    # A spinning session's idle workers take the cores from the session being timed next to
+    # it (bench/results/ort_spinning.md: copies of one model 8-11 % apart), so every session the
+    # target opens (build checks, model_runner for profiling and measure_models, load) is
+    # non-spinning unless asked, and a table profiled one way is not used the other way.
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval()
+    example = (torch.randn(1, 3, 8, 8),)
+    quiet, spinning = OnnxRuntimeCPU(threads=1), OnnxRuntimeCPU(threads=1, spinning=True)
+    artifact = quiet.build(model, example, tmp_path / "m.onnx")
+    assert _spinning_entry(quiet, artifact.path) == "0"
+    assert _spinning_entry(spinning, artifact.path) == "1"
+    quiet.model_runner(model, example, tmp_path / "runner")
+    assert _spinning_entry(quiet, tmp_path / "runner.onnx") == "0"
+    assert quiet.fingerprint()["spinning"] == "False" and spinning.fingerprint()["spinning"] == "True"
