@@ -15,7 +15,7 @@ runs on the machine (other users' jobs) is recorded, not stopped. For each torch
    physical channel removal and timed on the same target with ``Target.measure_models``,
    ``--batch`` configurations and the dense model interleaved at a time, ``--rounds``
    rounds: a model's figure is the mean of its inlier calls with the run-queue waiting of
-   the calling thread excluded (``spruce.targets.timing``), the same statistic the profile
+   the threads that ran excluded (``spruce.targets.timing``), the same statistic the profile
    uses.
 3. Error of the latency *relative to dense*: (predicted / predicted dense) / (measured /
    measured dense) - 1, the dense model timed in the same interleaved rounds. This is what a
@@ -25,7 +25,7 @@ runs on the machine (other users' jobs) is recorded, not stopped. For each torch
    load-robust time drifted by 5-8 % within half an hour here). Also reported per
    configuration: the absolute error (predicted ms / measured ms - 1, which contains that
    drift), the plain wall-clock median (what a naive timing sees under this load) and the
-   share of wall time the calling thread waited for a CPU.
+   share of wall time the threads that ran waited for a CPU (their mean).
 4. The check's own noise: every interleaved check times a second session of the dense model
    (its *twin*) next to the first; |twin / dense - 1| bounds how accurate a prediction can be
    shown to be at ``--rounds`` rounds under this load.
@@ -64,6 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--step", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=20, help="interleaved rounds per checked model")
     parser.add_argument("--batch", type=int, default=5, help="configurations timed interleaved with dense at once")
+    parser.add_argument("--spinning", action="store_true",
+                        help="ONNX Runtime sessions spin (its own default; the target's default is off)")
     parser.add_argument("--busy", type=int, default=1, help="extra busy-loop processes during the whole run")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--cuda", action="store_true",
@@ -85,7 +87,7 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(0)
     model = torchvision.models.get_model(name, weights=None).eval()
     inputs = (torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0)),)
-    target = OnnxRuntimeCPU(threads=args.threads)
+    target = OnnxRuntimeCPU(threads=args.threads, spinning=args.spinning)
     if args.cuda:
         from spruce.targets.pytorch import TorchTarget
 
@@ -193,7 +195,8 @@ def report(results: list[dict[str, Any]], info: dict[str, str], args: argparse.N
               "profile and check. *measured* is the load-robust figure (inlier mean of the calls, run-queue "
               "waiting excluded); *wall-median* compares the prediction with the plain median wall time instead, "
               "which under this load mostly measures the other processes; *waiting share* is the median share "
-              "of a call's wall time the calling thread waited for a CPU; *dense twin*: a second session of the dense "
+              "of a call's wall time the threads that ran waited for a CPU (their mean); *dense twin*: a second "
+              "session of the dense "
               "model timed in each interleaved check against the first (|twin / dense - 1|), the check's own "
               "noise: a prediction cannot be shown more accurate than this.", ""]
     for r in results:
@@ -226,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
         info["gpu"] = torch.cuda.get_device_name()
         info["target"] = "torch, device cuda, float16, eager; CUDA-synchronised timing"
     else:
-        info["ONNX Runtime threads"] = f"intra-op {args.threads}, inter-op 1 (torch threads {args.threads})"
+        info["ONNX Runtime threads"] = (f"intra-op {args.threads}, inter-op 1 (torch threads {args.threads}), "
+                                        f"spinning {'on' if args.spinning else 'off'}")
     info["command"] = "python bench/latency.py " + " ".join(sys.argv[1:] if argv is None else argv)
     results = []
     started = time.perf_counter()

@@ -7,7 +7,7 @@ size (:func:`spruce.targets.timing.time_interleaved`: round-robin, the order rot
 every round), so a change of load or clock between calls slows both alike; timing one
 artifact's calls and then the other's let a load change between the two blocks decide
 the speed-up. Each row also carries the load-robust latency (run-queue waiting of the
-calling thread excluded, outliers rejected: the statistic compile's latency budget is
+threads that ran excluded, outliers rejected: the statistic compile's latency budget is
 measured with), and the report a speed-up on it.
 """
 
@@ -48,8 +48,8 @@ _DEFAULTS = BenchConfig()
 class BenchRow:
     """Latency statistics of one artifact (``which``: 'compiled' or 'dense') at one batch size:
     wall-clock median, 90th and 99th percentile (ms) and throughput (images/s at the median),
-    and ``robust_ms``, the load-robust latency (ms; wall time minus the calling thread's
-    run-queue waiting, outliers beyond 3 scaled MADs rejected, :meth:`Timings.robust_ms`)."""
+    and ``robust_ms``, the load-robust latency (ms; wall time minus the mean
+    run-queue waiting of the threads that ran, outliers beyond 3 scaled MADs rejected, :meth:`Timings.robust_ms`)."""
 
     which: str
     batch_size: int

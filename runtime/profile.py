@@ -38,7 +38,8 @@ calibrated ``layer_ms`` is what a knapsack should take differences of.
 
 Timing resists load (:mod:`spruce.targets.timing`): the points of a layer are timed
 interleaved with each other in rounds, the calibration models interleaved with each other;
-each call's run-queue waiting (time the scheduler gave the CPU to other processes) is
+each call's run-queue waiting (time the scheduler gave the CPU to other processes; the mean
+over the threads of the process that ran during the call, the runtime's workers included) is
 excluded, and a series' value is the mean of its inliers (median +- 3 scaled MADs).
 """
 
@@ -86,7 +87,9 @@ TABLE_VERSION = 2
 READABLE_TABLE_VERSIONS = (1, 2)  # version 1 lacks kernel, fixed_ms and ms_per_mweight (read as 1, {}, 0)
 # Version 2: points and model timings are load-robust (run-queue waiting excluded, inlier mean);
 # version-1 files (wall-clock medians) are not mixed with them.
-CACHE_VERSION = 2
+# Version 3: the waiting excluded is the mean run-queue delay of the threads that ran during a call
+# (``ThreadsClock``), no longer the calling thread's alone.
+CACHE_VERSION = 3
 PROFILED_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
                   nn.Linear)
 # Uniform widths (fractions of every prunable group) timed whole to calibrate the table.
@@ -781,7 +784,7 @@ def _profile(model: nn.Module, inputs: tuple[torch.Tensor, ...], target: Target,
 def _table_info(model: nn.Module, inputs: tuple[torch.Tensor, ...], config: ProfileConfig) -> dict[str, Any]:
     return {"model": type(model).__name__, "input_shapes": [list(t.shape) for t in inputs],
             "coarse": config.coarse, "edges": config.edges, "warmup": config.warmup, "repeats": config.repeats,
-            "timing": "interleaved rounds, run-queue waiting excluded, inlier mean", "host": platform.node()}
+            "timing": "interleaved rounds, threads' run-queue waiting excluded, inlier mean", "host": platform.node()}
 
 
 def _measure_points(target: Target, entries: Mapping[str, LayerEntry], prototypes: Mapping[str, tuple],

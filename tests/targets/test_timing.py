@@ -5,13 +5,21 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from spruce.targets.timing import RunQueueClock, Timings, inlier_mask, robust_center, time_interleaved
+from spruce.targets.timing import (
+    RunQueueClock,
+    ThreadsClock,
+    Timings,
+    inlier_mask,
+    robust_center,
+    time_interleaved,
+)
 
 
 def test_robust_center_ignores_load_bursts_and_accounting_artifacts():
@@ -69,6 +77,57 @@ def test_run_queue_clock_reads_this_thread():
         sum(range(200_000))
         assert clock.waiting_ns() >= first >= 0
     assert clock.waiting_ns() == 0 and not clock.available  # closed: falls back to 0
+
+
+def test_threads_clock_averages_the_threads_that_ran():
+    """The rule: the mean delay of the threads that ran for a tenth of the span, the creating
+    thread always included; a thread that did not run (blocked, idle) or barely ran (finishing
+    an earlier job) is left out; delays are clipped to the span, and the result leaves at least
+    the longest run time of a counted thread."""
+    with ThreadsClock() as clock:
+        me = str(threading.get_native_id())
+        before = {me: (100, 10), "worker": (500, 40), "idle": (7, 3), "brief": (0, 0), "gone": (1, 1)}
+        after = {me: (100, 30), "worker": (900, 100), "idle": (7, 500), "brief": (50, 900), "new": (50, 50)}
+        assert clock.waiting_ns(before, after, wall_ns=1000) == pytest.approx((20 + 60) / 2)
+        after["worker"] = (600, 5040)  # a delay booked from before the span: clipped to the span
+        assert clock.waiting_ns(before, after, wall_ns=1000) == pytest.approx((20 + 1000) / 2)
+        after["worker"] = (1400, 5040)  # it ran 900 of the 1000 ns: at most 100 ns were waiting
+        assert clock.waiting_ns(before, after, wall_ns=1000) == pytest.approx(100)
+        assert clock.waiting_ns({}, {}, wall_ns=1000) == 0.0
+
+
+def test_threads_clock_sees_a_worker_thread():
+    """A thread doing the work while the caller waits for it (a runtime's intra-op pool) is
+    in the snapshots and counts as having run; before it works, it does not."""
+    with ThreadsClock() as clock:
+        if not clock.available:
+            pytest.skip("/proc/self/task/*/schedstat is not available on this kernel")
+        started, release, done, finish = (threading.Event() for _ in range(4))
+
+        def work():
+            started.set()
+            release.wait()
+            sum(range(2_000_000))
+            done.set()
+            finish.wait()
+
+        worker = threading.Thread(target=work)
+        worker.start()
+        try:
+            started.wait()
+            tid = str(worker.native_id)
+            idle_before = clock.snapshot()
+            time.sleep(0.05)
+            idle_after = clock.snapshot()
+            assert idle_after[tid][0] == idle_before[tid][0]  # blocked: it did not run
+            release.set()
+            done.wait()
+            busy_after = clock.snapshot()
+            assert busy_after[tid][0] > idle_after[tid][0]  # it ran: its waiting would count
+        finally:
+            release.set()
+            finish.set()
+            worker.join()
 
 
 def test_waiting_is_recorded_when_threads_compete_for_the_cpus():
