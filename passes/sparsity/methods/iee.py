@@ -304,8 +304,9 @@ class ChannelIEE:
     every step (§3.2, "the computational resource budget of the model remains constant"), so
     the grow gets Psi - R(Theta_K), which is Omega^t when the prune landed exactly at
     Psi - Omega^t and more by the prune's slack when channel counts come in steps (a grow of
-    only Omega^t loses that slack at every cycle: 19 % below the budget after 8 epochs on
-    ``bench/structured.py``'s CNN, HALP 10 %)."""
+    only Omega^t loses that slack at every cycle: on ``bench/structured.py``'s CNN, IEE's final
+    channels predicted 0.81 of the budget that way, HALP's 0.90; with this rule IEE lands at
+    0.88-0.98 and HALP at 0.99)."""
 
     def __init__(self, iee: IEE, ctx: MethodContext):
         config = iee.config
