@@ -49,17 +49,17 @@ CASES: dict[str, dict] = {
     "rigl_erk": dict(method="rigl", sparsity=0.8, distribution="erk", delta_t=4, total_steps=STEPS),
     "rigl_constant": dict(method="rigl", sparsity=0.7, distribution="uniform", delta_t=3, decay="constant",
                           total_steps=STEPS),
-    # since issue 15 IEE's Reactivate & Explore freezes the whole active structure and channel IEE's
-    # cycles end at 5/130 of training; freeze="weights" (and end_fraction=0.75 for channels) is the rule
-    # of a5751ab, which must reproduce it bitwise
+    # since issue 15 IEE's Reactivate & Explore freezes the whole active structure, channel IEE's
+    # cycles end at 5/130 of training and its grow fills back to Psi; freeze="weights" (and
+    # end_fraction=0.75, grow="omega" for channels) is the rule of a5751ab, which must reproduce it bitwise
     "iee_unstructured": dict(method="iee", sparsity=0.8, distribution="erk", h=3, j=2, q=2, total_steps=STEPS,
                              freeze="weights"),
     "iee_2_4": dict(method="iee", structure="2:4", h=3, j=2, q=2, total_steps=STEPS, freeze="weights"),
     "iee_channel_flops": dict(method="iee", structure="channel", budget={"flops": 0.5}, h=3, j=2, q=2,
-                              total_steps=STEPS, freeze="weights", end_fraction=0.75),
+                              total_steps=STEPS, freeze="weights", end_fraction=0.75, grow="omega"),
     "iee_channel_params_random": dict(method="iee", structure="channel", budget={"params": 0.6}, h=3, j=2, q=2,
                                       init="random", round_to=2, total_steps=STEPS, freeze="weights",
-                                      end_fraction=0.75),
+                                      end_fraction=0.75, grow="omega"),
     "halp_flops": dict(method="halp", structure="channel", budget={"flops": 0.5}, interval=3, total_steps=STEPS),
     "halp_params_linear": dict(method="halp", structure="channel", budget={"params": 0.6}, interval=4,
                                schedule="linear", round_to=2, total_steps=STEPS),
@@ -121,7 +121,8 @@ _SHORT = dict(bench_iters=2, bench_warmup=1, bench_batch_sizes=(1,))
 COMPILES: dict[str, dict] = {
     # the default method (structured IEE) with the rules of a5751ab (see CASES)
     "default_flops": dict(epochs=2, budget={"flops": 0.5}, method={"name": "iee", "freeze": "weights",
-                                                                   "end_fraction": 0.75}, **_SHORT),
+                                                                   "end_fraction": 0.75, "grow": "omega"},
+                          **_SHORT),
     "rigl_unstructured": dict(epochs=1, method="rigl", structure="unstructured", sparsity=0.8, distribution="erk",
                               **_SHORT),
 }

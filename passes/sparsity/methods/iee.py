@@ -45,7 +45,9 @@ class IEEConfig(MethodConfig):
     ``criterion``: weight importance.
     With ``structure="channel"`` and a budget: ``channel_criterion``, kept counts a multiple of
     ``round_to``, the initial selection ``init`` (``magnitude``: L1 of the channels' weights, or
-    ``random``) and the knapsack's cost resolution ``bins``."""
+    ``random``), the knapsack's cost resolution ``bins`` and the grow's budget ``grow``
+    (``psi``: back up to the budget Psi, the paper's R(Theta_K) = Psi after every step; ``omega``:
+    Omega^t on top of what the prune kept, the rule before issue 15, see :class:`ChannelIEE`)."""
 
     name: ClassVar[str] = "iee"
     structures: ClassVar[tuple[str, ...]] = ("unstructured", "n:m", "channel")
@@ -64,6 +66,7 @@ class IEEConfig(MethodConfig):
     round_to: int = Field(1, ge=1)
     init: Literal["magnitude", "random"] = "magnitude"
     bins: int = Field(1024, ge=16)
+    grow: Literal["psi", "omega"] = "psi"
 
     _criterion = field_validator("criterion")(lambda value: check_choice("criterion", value, CRITERIA))
 
@@ -401,7 +404,7 @@ class ChannelIEE:
             # Knapsack(I(Theta_P), R, Omega^t) on top of Theta_K is this budget when the prune's knapsack
             # landed exactly at Psi - Omega^t; where channel counts come in steps it lands below, and
             # growing only Omega^t back would lose that slack again at every cycle.
-            budget = psi
+            budget = psi if iee.config.grow == "psi" else min(psi, self.active_cost() + iee.omega_cost)
             required = {gid: mask.numpy().copy() for gid, mask in self.active.items()}
             start = {gid: int(mask.sum()) for gid, mask in self.active.items()}
             selection = self.costs.select(ctx, self.meter.mean(ctx), budget, required=required, start=start)
