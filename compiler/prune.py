@@ -264,12 +264,18 @@ def prune(
     return PruneResult(compact, analysis.groups, kept, analysis, source=model, example_inputs=example_inputs)
 
 
+class SecondBatchError(RuntimeError):
+    """The compact model does not run when the example's batch size changes (a user error:
+    a batch size written into the model's code, or an example input whose dim 0 is no batch)."""
+
+
 def check_second_batch(compact: nn.Module, analysis: ChannelAnalysis) -> None:
-    """Check that ``compact`` runs at the captured second batch size. A plain-fx graph is
-    symbolic in every size its code reads, so only a literal batch size in a size argument
-    can fix it: that is read from the analysis (no run). Graphs from torch.export, and
-    models captured in pieces, run at the second batch size (shapes only, on meta
-    tensors, where possible). Raises ``RuntimeError`` naming the node at fault."""
+    """Check that ``compact`` runs at the captured second batch size (dim 0 of every input
+    changed). A plain-fx graph is symbolic in every size its code reads, so a literal batch
+    size in a size argument is read from the analysis first (no run) and named. Every graph
+    then runs at the second batch size (shapes only, on meta tensors, where possible): an
+    unbatched example input, whose dim 0 is a feature size, fails here.
+    Raises :class:`SecondBatchError` (a ``RuntimeError``) naming the node at fault."""
     captured = analysis.captured
     if captured.second_inputs is None:
         return
@@ -277,9 +283,8 @@ def check_second_batch(compact: nn.Module, analysis: ChannelAnalysis) -> None:
         batch = adapter_for(captured.root).batch_size(captured.example_inputs, captured.example_kwargs)
         baked = batch_literals(analysis, batch) if batch else []
         if baked:
-            raise RuntimeError(f"the compact model does not run at a second batch size: node '{baked[0]}' writes "
-                               f"the example's batch size {batch} into its size argument")
-        return
+            raise SecondBatchError(f"the compact model does not run at a second batch size: node '{baked[0]}' "
+                                   f"writes the example's batch size {batch} into its size argument")
     args, kwargs = captured.second_inputs
     was_training = compact.training
     compact.eval()
@@ -290,8 +295,8 @@ def check_second_batch(compact: nn.Module, analysis: ChannelAnalysis) -> None:
             compact(*args, **kwargs)
     except Exception as exc:
         where = f" at node '{failing_node(exc)}'" if failing_node(exc) else ""
-        raise RuntimeError(f"the compact model does not run at a second batch size{where}: "
-                           f"{type(exc).__name__}: {exc}") from exc
+        raise SecondBatchError(f"the compact model does not run at a second batch size{where} (is dim 0 of the "
+                               f"example input its batch?): {type(exc).__name__}: {exc}") from exc
     finally:
         compact.train(was_training)
 
@@ -299,12 +304,20 @@ def check_second_batch(compact: nn.Module, analysis: ChannelAnalysis) -> None:
 def _runs_on_meta(compact: nn.Module, args: tuple, kwargs: dict) -> bool:
     from torch.nn.utils.stateless import _reparametrize_module
 
-    named = list(compact.named_parameters()) + list(compact.named_buffers())  # tied tensors once: tie_weights
-    state = {name: torch.empty_like(t, device="meta") for name, t in named}
+    # one name per (module, attribute), shared modules (a ModeSwitch's two graphs) once: torch
+    # restores a module reached under two names from whichever name it swapped last, the meta
+    # tensor. A tensor tied between two modules gets one meta tensor under both names.
+    metas: dict[int, torch.Tensor] = {}
+    state = {}
+    for prefix, module in compact.named_modules():
+        for name, t in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            if t is not None:
+                meta = metas.setdefault(id(t), torch.empty_like(t, device="meta"))
+                state[f"{prefix}.{name}" if prefix else name] = meta
     meta_args, meta_kwargs = pytree.tree_map(lambda v: v.to("meta") if isinstance(v, torch.Tensor) else v,
                                              (args, kwargs))
     try:
-        with torch.no_grad(), preserved_state(compact), _reparametrize_module(compact, state, tie_weights=True), \
+        with torch.no_grad(), preserved_state(compact), _reparametrize_module(compact, state), \
                 warnings.catch_warnings():
             warnings.simplefilter("ignore")
             compact(*meta_args, **meta_kwargs)

@@ -441,7 +441,8 @@ class _Found:
 def find_layers(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> dict[str, _Found]:
     """Every Conv1d/2d/3d, ConvTranspose1d/2d/3d and Linear module a forward on ``example_inputs`` calls, with its
     input/output shapes and call count, in call order. Raises :class:`ProfileError` when a
-    shared module is called with different input shapes."""
+    shared module is called with different input shapes, or a layer unbatched (a Conv input
+    without its batch dimension, a 1-D Linear input)."""
     names = {module: name for name, module in model.named_modules(remove_duplicate=True)}
     found: dict[str, _Found] = {}
 
@@ -450,6 +451,11 @@ def find_layers(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> dic
         x = args[0]
         if not isinstance(x, torch.Tensor) or not isinstance(output, torch.Tensor):
             return
+        batched_rank = 2 if isinstance(module, nn.Linear) else len(module.kernel_size) + 2
+        if x.dim() < batched_rank:
+            raise ProfileError(f"layer {name!r} ({type(module).__name__}) is called unbatched, with input shape "
+                               f"{tuple(x.shape)}: a profiled layer is timed at a batch size, so give the example "
+                               f"input a batch dimension first")
         if name in found:
             if tuple(x.shape) != found[name].input_shape:
                 raise ProfileError(f"layer {name!r} is called with input shapes {found[name].input_shape} and "

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import spruce
 import torch
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 from spruce.compiler.cli import main
 from spruce.compiler.recipes import Recipe, RecipeError, load_recipe
@@ -114,6 +114,18 @@ def test_a_huge_input_shape_is_refused_before_anything_is_allocated(tmp_path, ca
         Recipe(input_shape=(1, 3, 100000, 100000))
 
 
+@pytest.mark.parametrize("command", ["prune", "profile", "compile"])
+def test_an_unbatched_input_shape_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, tiny, command):
+    # (C, H, W): torch runs a Conv2d model on it, but dim 0 is no batch, so the model cannot run at
+    # another batch size (prune's check, the ONNX export) and its layers cannot be timed at one (profile)
+    extra = {"prune": ["--ratio", "0.5", "--out", str(tmp_path / "o")],
+             "profile": ["--out", str(tmp_path / "t.json")], "compile": ["--out", str(tmp_path / "o")]}[command]
+    code, _, err = run(capsys, command, f"{tiny}:make", "--input-shape", "3,8,5", *extra)
+    assert_one_line_user_error(code, err)
+    assert any(text in err for text in ("second batch size", "unbatched", "(1, 8, 5)")), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 shape_lists = st.lists(st.lists(st.one_of(st.integers(-3, 12), st.sampled_from([0, 3, 2**14, 2**31, 10**12])),
                                 min_size=0, max_size=6), min_size=1, max_size=3)
 
@@ -134,6 +146,7 @@ def test_any_input_shape_either_analyzes_or_is_one_line_exit_2(capsys, tiny, sha
 
 @fuzz(8)
 @given(st.lists(st.integers(1, 9), min_size=1, max_size=5))
+@example([3, 8, 5])  # unbatched (C, H, W): dim 0 is no batch, so no second batch size runs
 def test_prune_on_any_small_shape_writes_everything_or_nothing(tmp_path_factory, capsys, tiny, shape):
     folder = tmp_path_factory.mktemp("prune")
     code, _, err = run(capsys, "prune", f"{tiny}:make", "--input-shape", ",".join(map(str, shape)), "--ratio", "0.5",
