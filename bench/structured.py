@@ -339,8 +339,10 @@ def aimed_run(method: str, trained: nn.Module, data: tuple, example: tuple, seed
 def next_aim(runs: list[list[float]], budget: float) -> float:
     """The next knapsack budget of :func:`aimed_run`, from its runs' [aim, measured fraction]:
     between the closest aims that measured below and above ``budget`` (linear interpolation)
-    once there are both; before that, the closest run's aim scaled by budget / measured.
-    A method's landing moves in channel steps, so scaling alone can jump over the budget."""
+    once there are both; before that, the largest aim that measured below scaled up by
+    budget / measured (at least 2 %), or the smallest that measured above scaled down (at
+    least 2 %). A method's landing moves in channel steps, so scaling alone can jump over the
+    budget, and the same aim twice lands the same."""
     below = [r for r in runs if r[1] < budget]
     above = [r for r in runs if r[1] > budget]
     if below and above:
