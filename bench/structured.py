@@ -379,12 +379,11 @@ def accuracy_runs(args: argparse.Namespace, target: OnnxRuntimeCPU, cache: Path)
         train(trained, data, args.epochs, seed)
         dense_s = time.perf_counter() - start
         dense_params = sum(p.numel() for p in trained.parameters())
-        row_extra: dict[str, list] = {}
         for method in ("dense", "iee", "halp", "uniform-l1"):
             torch.manual_seed(seed)
             model = copy.deepcopy(trained)  # every method starts from the same trained dense model
             common = dict(structure="channel", total_steps=steps, round_to=args.round_to)
-            start = time.perf_counter()
+            start, runs = time.perf_counter(), []
             if method == "dense":
                 exported = model
             elif method == "uniform-l1":  # prune every group by the same ratio (L1), fine-tune the small model
@@ -399,8 +398,6 @@ def accuracy_runs(args: argparse.Namespace, target: OnnxRuntimeCPU, cache: Path)
             else:  # the method's run, re-aimed until it measures at the budget (see aimed_run)
                 exported, runs = aimed_run(method, trained, data, example, seed, steps, finetune, budget, table,
                                            target, args, iee_config, common)
-                row_extra[method] = runs
-            runs = row_extra.get(method, [])
             train_s = dense_s if method == "dense" else \
                 statistics.median(r[2] for r in runs) if runs else time.perf_counter() - start
             rows.append({"method": method, "seed": seed, "accuracy": accuracy(exported, data),
