@@ -8,13 +8,16 @@ runs on the machine (other users' jobs) is recorded, not stopped. For each torch
 1. ``spruce.runtime.profile.profile`` on ONNX Runtime CPU with ``--threads`` intra-op
    threads, step ``--step``, into a fresh cache folder (cold: everything timed), then
    again on the same cache (warm: nothing should be timed). Both wall times are reported.
+   The timed sessions' threads are pinned one per CPU (``OnnxRuntimeCPU(pin_threads=True)``,
+   the default; ``--no-pin`` for the unpinned figures), and every chunk of points is scaled
+   to the profile's reference layer (``spruce.runtime.profile``).
 2. ``--configs`` random channel configurations (seed ``--seed``; disjoint from the
    profile's own calibration draws): each prunable channel group keeps a random width,
    a multiple of ``--step`` (one base fraction in [0.2, 1] per configuration, each group
    jittered by +-30 %; see ``random_group_widths``). The compact models are built by
    physical channel removal and timed on the same target with ``Target.measure_models``,
    ``--batch`` configurations and the dense model interleaved at a time, ``--rounds``
-   rounds: a model's figure is the mean of its inlier calls with the run-queue waiting of
+   rounds (default 100): a model's figure is the mean of its inlier calls with the run-queue waiting of
    the threads that ran excluded (``spruce.targets.timing``), the same statistic the profile
    uses.
 3. Error of the latency *relative to dense*: (predicted / predicted dense) / (measured /
@@ -62,10 +65,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--configs", type=int, default=20, help="random configurations per model")
     parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads")
     parser.add_argument("--step", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=20, help="interleaved rounds per checked model")
+    parser.add_argument("--rounds", type=int, default=100, help="interleaved rounds per checked model")
     parser.add_argument("--batch", type=int, default=5, help="configurations timed interleaved with dense at once")
     parser.add_argument("--spinning", action="store_true",
                         help="ONNX Runtime sessions spin (its own default; the target's default is off)")
+    parser.add_argument("--no-pin", action="store_true",
+                        help="do not pin the timed sessions' threads (OnnxRuntimeCPU(pin_threads=False))")
     parser.add_argument("--busy", type=int, default=1, help="extra busy-loop processes during the whole run")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--cuda", action="store_true",
@@ -87,7 +92,7 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(0)
     model = torchvision.models.get_model(name, weights=None).eval()
     inputs = (torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0)),)
-    target = OnnxRuntimeCPU(threads=args.threads, spinning=args.spinning)
+    target = OnnxRuntimeCPU(threads=args.threads, spinning=args.spinning, pin_threads=not args.no_pin)
     if args.cuda:
         from spruce.targets.pytorch import TorchTarget
 
@@ -229,8 +234,13 @@ def main(argv: list[str] | None = None) -> int:
         info["gpu"] = torch.cuda.get_device_name()
         info["target"] = "torch, device cuda, float16, eager; CUDA-synchronised timing"
     else:
+        from spruce.targets.onnxruntime import timing_cpus
+
+        pinned = None if args.no_pin else timing_cpus(args.threads)
         info["ONNX Runtime threads"] = (f"intra-op {args.threads}, inter-op 1 (torch threads {args.threads}), "
-                                        f"spinning {'on' if args.spinning else 'off'}")
+                                        f"spinning {'on' if args.spinning else 'off'}, timed threads "
+                                        + (f"pinned to CPUs {pinned} (the timing thread on the first)" if pinned
+                                           else "not pinned"))
     info["command"] = "python bench/latency.py " + " ".join(sys.argv[1:] if argv is None else argv)
     results = []
     started = time.perf_counter()

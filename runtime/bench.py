@@ -114,12 +114,12 @@ def bench(artifact: Artifact | str | os.PathLike, target: str | Target,
     if dense is not None:
         artifacts["dense"] = _artifact(dense, target)
     target.require()
-    runners = {which: target.load(a) for which, a in artifacts.items()}
+    runners = {which: target.timing_runner(a) for which, a in artifacts.items()}
     rows: list[BenchRow] = []
     for batch_size in config.batch_sizes:
         calls = [functools.partial(runners[which], target.prepare_inputs(art, _random_inputs(art, batch_size)))
                  for which, art in artifacts.items()]
-        timings = time_interleaved(calls, config.warmup, config.iters, target.synchronize)
+        timings = time_interleaved(calls, config.warmup, config.iters, target.synchronize, target.caller_cpu())
         rows.extend(_row(which, batch_size, timing) for which, timing in zip(artifacts, timings))
     figures = {(row.which, row.batch_size): row for row in rows}
 

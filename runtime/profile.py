@@ -64,7 +64,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..passes.config import Config, ConfigError
-from ..targets.base import Target, get_target
+from ..targets.base import Target, get_target, layer_case
 from ..targets.files import atomic_write_text, locked
 
 __all__ = [
@@ -89,7 +89,9 @@ READABLE_TABLE_VERSIONS = (1, 2)  # version 1 lacks kernel, fixed_ms and ms_per_
 # version-1 files (wall-clock medians) are not mixed with them.
 # Version 3: the waiting excluded is the mean run-queue delay of the threads that ran during a call
 # (``ThreadsClock``), no longer the calling thread's alone.
-CACHE_VERSION = 3
+# Version 4: every chunk of points and the calibration models are scaled to the reference
+# layer's level (``_Reference``), which the cache keeps.
+CACHE_VERSION = 4
 PROFILED_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
                   nn.Linear)
 # Uniform widths (fractions of every prunable group) timed whole to calibrate the table.
@@ -407,13 +409,13 @@ def model_widths(model: nn.Module, layers: Mapping[str, LayerEntry]) -> dict[str
 
 
 def check_fingerprint(found: Mapping[str, str], expected: Mapping[str, str], what: str) -> None:
-    """Raise :class:`ProfileError` naming the first difference when two fingerprints differ."""
+    """Raise :class:`ProfileError` naming every difference when two fingerprints differ."""
     if dict(found) == dict(expected):
         return
     keys = sorted(set(found) | set(expected))
-    diff = next(k for k in keys if found.get(k) != expected.get(k))
-    raise ProfileError(f"{what} was profiled on another target/machine: {diff} is {found.get(diff)!r} there, "
-                       f"{expected.get(diff)!r} here")
+    diffs = "; ".join(f"{k} is {found.get(k)!r} there, {expected.get(k)!r} here"
+                      for k in keys if found.get(k) != expected.get(k))
+    raise ProfileError(f"{what} was profiled on another target/machine: {diffs}")
 
 
 def _unknown_layer_message(name: str, layers: Iterable[str]) -> str:
@@ -702,7 +704,7 @@ class ProfileConfig(Config):
     calibration_random: int = Field(6, ge=0)
     retries: int = Field(OUTLIER_RETRIES, ge=0)
     model_warmup: int = Field(2, ge=0)
-    model_repeats: int = Field(12, ge=1)
+    model_repeats: int = Field(30, ge=1)
     seed: int = Field(0, ge=0)
     batch_points: int = Field(POINTS_PER_BATCH, ge=1)
 
@@ -779,12 +781,48 @@ def _profile(model: nn.Module, inputs: tuple[torch.Tensor, ...], target: Target,
     prototypes = {}
     for name, entry in entries.items():
         prototypes.setdefault(entry.signature, (found[name].module, found[name].input_shape))
-    points = _measure_points(target, entries, prototypes, cache, config, progress)
+    reference = _Reference.of(entries, prototypes, cache)
+    points = _measure_points(target, entries, prototypes, cache, config, progress, reference)
     table = LatencyTable(entries, points, fingerprint, step=config.step,
                          info=_table_info(model, inputs, config))
-    samples = _calibration_samples(target, model, inputs, analysis, table, cache, config, progress)
+    samples = _calibration_samples(target, model, inputs, analysis, table, cache, config, progress, reference)
     calibration = fit_calibration(table, samples)
-    return LatencyTable(entries, points, fingerprint, calibration, config.step, table.info)
+    info = {**table.info, "reference": {"signature": reference.signature, "point": list(reference.point),
+                                        "ms": reference.level}}
+    return LatencyTable(entries, points, fingerprint, calibration, config.step, info)
+
+
+class _Reference:
+    """The reference layer: timed interleaved with every chunk of points and with the
+    calibration models, whose figures are then scaled by ``level / the reference's figure in
+    that run``. The machine's speed drifts while a profile runs (noisy neighbours, frequency:
+    the dense mobilenet_v2 measured 5.5 ms and, minutes later, 7.9 ms, with run-queue waiting
+    excluded); without the reference, signatures timed minutes apart carry different speeds
+    into one table. The level is the reference's first figure under this cache's fingerprint,
+    kept in the cache, so points cached by an earlier run stay on the same scale. The
+    reference is the full-width point of the signature with the most multiply-accumulates
+    (the steadiest figure)."""
+
+    def __init__(self, signature: str, layer: nn.Module, input_shape: tuple[int, ...], point: tuple[int, int],
+                 cache: _Cache):
+        self.signature, self.point, self.cache = signature, point, cache
+        self.case = (layer, input_shape, point)
+        self._key = f"{signature}@{_point_key(*point)}"
+        self.level: float | None = cache.read("reference", self._key).get("ms")
+
+    @classmethod
+    def of(cls, entries: Mapping[str, LayerEntry], prototypes: Mapping[str, tuple], cache: _Cache) -> _Reference:
+        entry = max(entries.values(), key=lambda e: (e.weight_elements(e.in_channels, e.out_channels)
+                                                    * e.out_elements, e.signature))
+        layer, input_shape = prototypes[entry.signature]
+        return cls(entry.signature, layer, tuple(input_shape), (entry.in_channels, entry.out_channels), cache)
+
+    def factor(self, measured_ms: float) -> float:
+        """``level / measured_ms`` for the reference's figure in one run (the first one sets the level)."""
+        if self.level is None:
+            self.level = measured_ms
+            self.cache.write("reference", self._key, {"ms": measured_ms})
+        return self.level / measured_ms if measured_ms > 0 else 1.0
 
 
 def _table_info(model: nn.Module, inputs: tuple[torch.Tensor, ...], config: ProfileConfig) -> dict[str, Any]:
@@ -794,7 +832,8 @@ def _table_info(model: nn.Module, inputs: tuple[torch.Tensor, ...], config: Prof
 
 
 def _measure_points(target: Target, entries: Mapping[str, LayerEntry], prototypes: Mapping[str, tuple],
-                    cache: _Cache, config: ProfileConfig, progress: bool) -> dict[str, dict[tuple[int, int], float]]:
+                    cache: _Cache, config: ProfileConfig, progress: bool,
+                    reference: _Reference) -> dict[str, dict[tuple[int, int], float]]:
     """Load-robust isolated ms of every point the entries need, each (signature, point) timed once."""
     wanted: dict[str, set[tuple[int, int]]] = {}
     for entry in entries.values():
@@ -815,7 +854,7 @@ def _measure_points(target: Target, entries: Mapping[str, LayerEntry], prototype
         for signature, batch in todo.items():
             for start in range(0, len(batch), config.batch_points):
                 chunk = batch[start:start + config.batch_points]
-                measured = _time_points(target, prototypes[signature], chunk, config)
+                measured = _time_points(target, prototypes[signature], chunk, config, reference)
                 points[signature].update(measured)
                 # persisted as measured: a killed run keeps every chunk it finished
                 cache.write("layer", signature, {_point_key(*point): ms for point, ms in measured.items()})
@@ -831,7 +870,7 @@ def _measure_points(target: Target, entries: Mapping[str, LayerEntry], prototype
                 if point in fresh:
                     suspects.setdefault(entry.signature, set()).add(point)
         for signature, again in suspects.items():
-            retimed = _time_points(target, prototypes[signature], sorted(again), config)
+            retimed = _time_points(target, prototypes[signature], sorted(again), config, reference)
             for point, ms in retimed.items():
                 points[signature][point] = min(points[signature][point], ms)
     for signature, done in todo.items():
@@ -840,11 +879,14 @@ def _measure_points(target: Target, entries: Mapping[str, LayerEntry], prototype
 
 
 def _time_points(target: Target, prototype: tuple, chunk: Sequence[tuple[int, int]],
-                 config: ProfileConfig) -> dict[tuple[int, int], float]:
-    """Load-robust ms of the ``chunk`` points of one signature, timed interleaved."""
+                 config: ProfileConfig, reference: _Reference) -> dict[tuple[int, int], float]:
+    """Load-robust ms of the ``chunk`` points of one signature, timed interleaved with the
+    reference layer and scaled to its level."""
     layer, input_shape = prototype
-    timings = target.measure_layers(layer, input_shape, list(chunk), warmup=config.warmup, rounds=config.repeats)
-    return {tuple(point): timing.robust_ms() for point, timing in zip(chunk, timings)}
+    timings = target.measure_layers(layer, input_shape, list(chunk), warmup=config.warmup, rounds=config.repeats,
+                                    reference=reference.case)
+    factor = reference.factor(timings[-1].robust_ms())
+    return {tuple(point): factor * timing.robust_ms() for point, timing in zip(chunk, timings)}
 
 
 def _non_monotonic(wanted: Sequence[tuple[int, int]], measured: Mapping[tuple[int, int], float],
@@ -870,9 +912,9 @@ def _model_key(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> str:
 
 def _calibration_samples(target: Target, model: nn.Module, inputs: tuple[torch.Tensor, ...], analysis: Any,
                          table: LatencyTable, cache: _Cache, config: ProfileConfig,
-                         progress: bool) -> list[dict[str, Any]]:
+                         progress: bool, reference: _Reference) -> list[dict[str, Any]]:
     """Load-robust whole-model ms at the calibration configurations (timed interleaved with
-    each other), with their widths."""
+    each other and the reference layer, scaled to its level), with their widths."""
     configs: list[dict[int, int]] = [{}]
     if analysis is not None:
         groups = analysis.groups
@@ -887,9 +929,12 @@ def _calibration_samples(target: Target, model: nn.Module, inputs: tuple[torch.T
     if missing:
         if progress:
             print(f"profile: timing {len(missing)} whole models for the calibration", flush=True)
-        timings = target.measure_models([(compacts[k], inputs) for k in missing], warmup=config.model_warmup,
-                                        rounds=config.model_repeats)
-        fresh = {keys[k]: timing.robust_ms() for k, timing in zip(missing, timings)}
+        ref_layer, ref_shape, (ref_in, ref_out) = reference.case
+        ref_model, ref_example = layer_case(ref_layer, ref_shape, ref_in, ref_out)
+        timings = target.measure_models([(compacts[k], inputs) for k in missing] + [(ref_model, (ref_example,))],
+                                        warmup=config.model_warmup, rounds=config.model_repeats)
+        factor = reference.factor(timings[-1].robust_ms())
+        fresh = {keys[k]: factor * timing.robust_ms() for k, timing in zip(missing, timings)}
         cache.write("model", model_key, fresh)
         cached.update(fresh)
     return [{"widths": {n: list(w) for n, w in table.widths_of(compact).items()}, "ms": cached[key]}

@@ -215,6 +215,17 @@ class Target(ABC):
     def synchronize(self) -> None:  # noqa: B027 (a hook with a no-op default)
         """Wait for queued device work (CUDA targets); a no-op on the CPU."""
 
+    def caller_cpu(self) -> int | None:
+        """The CPU the timing thread is pinned to while it times this target's runners, for a
+        target whose runtime pins its worker threads to the other CPUs (see
+        :func:`~spruce.targets.timing.time_interleaved`); None (the default): nothing pinned."""
+        return None
+
+    def timing_runner(self, artifact: Artifact) -> Runner:
+        """A runner for ``artifact`` set up for timing (:meth:`load` unless the target pins
+        its threads while timing, :meth:`caller_cpu`)."""
+        return self.load(artifact)
+
     def time_runner(self, runner: Runner, inputs: Sequence[Any], warmup: int = 10, repeats: int = 50) -> np.ndarray:
         """Seconds per call of ``runner(inputs)``: ``warmup`` untimed calls, then ``repeats`` timed ones."""
         for _ in range(warmup):
@@ -263,7 +274,7 @@ class Target(ABC):
                     runner, inputs = self.model_runner(model.eval(), tuple(example_inputs),
                                                        Path(folder) / f"model{k}")
                     calls.append(functools.partial(runner, inputs))
-                return time_interleaved(calls, warmup, rounds, self.synchronize)
+                return time_interleaved(calls, warmup, rounds, self.synchronize, self.caller_cpu())
         finally:
             for (model, _), training in zip(cases, modes):
                 model.train(training)  # timed in eval mode; the caller's models keep their mode
@@ -287,12 +298,19 @@ class Target(ABC):
         return self.time_model(resized, (example,), warmup, repeats)
 
     def measure_layers(self, layer: nn.Module, input_shape: Sequence[int], points: Sequence[tuple[int, int]],
-                       batch_size: int | None = None, warmup: int = 3, rounds: int = 20) -> list[Timings]:
+                       batch_size: int | None = None, warmup: int = 3, rounds: int = 20,
+                       reference: tuple[nn.Module, Sequence[int], tuple[int, int]] | None = None) -> list[Timings]:
         """Load-robust timings of ``layer`` at several (active in, active out) ``points``, timed
-        interleaved with each other (:meth:`measure_models`); arguments as for :meth:`time_layer`."""
+        interleaved with each other (:meth:`measure_models`); arguments as for :meth:`time_layer`.
+        ``reference`` (a layer, its input shape and one point) is timed interleaved with them and
+        its :class:`Timings` appended last."""
         cases = []
         for active_in, active_out in points:
             resized, example = layer_case(layer, input_shape, active_in, active_out, batch_size)
+            cases.append((resized, (example,)))
+        if reference is not None:
+            ref_layer, ref_shape, (ref_in, ref_out) = reference
+            resized, example = layer_case(ref_layer, ref_shape, ref_in, ref_out, batch_size)
             cases.append((resized, (example,)))
         return self.measure_models(cases, warmup, rounds)
 

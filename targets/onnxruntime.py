@@ -356,6 +356,16 @@ def _relative_error(expected: np.ndarray, actual: np.ndarray) -> float:
 # --- the target ----------------------------------------------------------------------
 
 
+def timing_cpus(threads: int) -> tuple[int, ...] | None:
+    """The CPUs a timed session's ``threads`` threads are pinned to, one each: the first
+    ``threads`` CPUs this process may use (``os.sched_getaffinity``), the timing thread on the
+    first. None where the OS cannot set affinities or the process may use fewer CPUs."""
+    if not hasattr(os, "sched_setaffinity"):
+        return None
+    cpus = sorted(os.sched_getaffinity(0))
+    return tuple(cpus[:threads]) if len(cpus) >= threads else None
+
+
 @register_target
 class OnnxRuntimeCPU(Target):
     """ONNX Runtime on the CPU: artifact = a checked ``.onnx`` file.
@@ -370,6 +380,16 @@ class OnnxRuntimeCPU(Target):
     timed. Measured with ``bench/ort_spinning.py``: 4 copies of one model timed 8-11 % apart
     and at 1.4-1.7x their lone latency with spinning on, 1.7 % apart with it off. Tables are
     profiled and models checked with the same setting (it is part of :meth:`fingerprint`).
+
+    ``pin_threads`` (default on) pins the threads of the sessions it times (latency tables,
+    budget checks, :func:`spruce.bench`), one per CPU: the timing thread to the first CPU
+    this process may use, each intra-op worker to one of the next ``threads - 1``
+    (``session.intra_op_thread_affinities``). A busy process on the machine then always
+    shares a core with the same thread, whose run-queue delay is the run's delay, and the
+    timing subtracts it (:mod:`spruce.targets.timing`). Measured next to a busy loop on 2
+    cores: a model and a second session of it timed 0.7-1.4 % apart pinned, up to 27.5 %
+    apart unpinned. Sessions for anything else (:meth:`load`) are not pinned. Pinning is off
+    where the process may use fewer CPUs than ``threads`` or cannot set affinities.
     """
 
     name = "onnxruntime"
@@ -383,21 +403,28 @@ class OnnxRuntimeCPU(Target):
         tolerance: float = Field(1e-3, gt=0)  # largest relative ORT-vs-torch difference accepted
         save_optimized: bool = False
         spinning: bool = False  # ORT's session.intra_op.allow_spinning (ORT's own default is on)
+        pin_threads: bool = True  # timed sessions: one thread per CPU (see the class docstring)
 
     def __init__(self, threads: int | None = None, optimization: str = "all", dynamic_batch: bool = True,
-                 tolerance: float = 1e-3, save_optimized: bool = False, spinning: bool = False):
+                 tolerance: float = 1e-3, save_optimized: bool = False, spinning: bool = False,
+                 pin_threads: bool = True):
         self.Options(threads=threads, optimization=optimization, dynamic_batch=dynamic_batch, tolerance=tolerance,
-                     save_optimized=save_optimized, spinning=spinning)
+                     save_optimized=save_optimized, spinning=spinning, pin_threads=pin_threads)
         self.spinning = bool(spinning)
         self.threads = threads or torch.get_num_threads()
         self.optimization = optimization
         self.dynamic_batch = bool(dynamic_batch)
         self.tolerance = float(tolerance)
         self.save_optimized = bool(save_optimized)
+        self.pinned_cpus = timing_cpus(self.threads) if pin_threads else None
 
     def fingerprint(self) -> dict[str, str]:
+        pinned = ",".join(map(str, self.pinned_cpus)) if self.pinned_cpus else "off"
         return {**super().fingerprint(), "onnxruntime": ort.__version__, "threads": str(self.threads),
-                "optimization": self.optimization, "spinning": str(self.spinning)}
+                "optimization": self.optimization, "spinning": str(self.spinning), "pinned cpus": pinned}
+
+    def caller_cpu(self) -> int | None:
+        return self.pinned_cpus[0] if self.pinned_cpus else None
 
     def build(self, model: nn.Module, example_inputs: Sequence[torch.Tensor], path: str | os.PathLike) -> Artifact:
         """Export, check with ``onnx.checker``, optionally save ORT's optimised graph, compare with torch.
@@ -430,18 +457,21 @@ class OnnxRuntimeCPU(Target):
         artifact.write_manifest()
         return artifact
 
-    def _options(self) -> ort.SessionOptions:
+    def _options(self, timing: bool = False) -> ort.SessionOptions:
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.threads
         options.inter_op_num_threads = 1
         options.graph_optimization_level = _OPT_LEVELS[self.optimization]
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spinning else "0")
+        if timing and self.pinned_cpus and len(self.pinned_cpus) > 1:  # ORT numbers processors from 1
+            options.add_session_config_entry("session.intra_op_thread_affinities",
+                                             ";".join(str(cpu + 1) for cpu in self.pinned_cpus[1:]))
         return options
 
-    def session(self, path: str | os.PathLike) -> ort.InferenceSession:
+    def session(self, path: str | os.PathLike, timing: bool = False) -> ort.InferenceSession:
         """An ONNX Runtime CPU session on ``path`` with this target's threads, graph optimisation
-        and spinning setting."""
-        options = self._options()
+        and spinning setting; ``timing``: its workers pinned (see the class docstring)."""
+        options = self._options(timing)
         return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
 
     def model_runner(self, model: nn.Module, example_inputs: Sequence[torch.Tensor],
@@ -456,7 +486,7 @@ class OnnxRuntimeCPU(Target):
             onnx.save(single, str(path))
         else:
             export_onnx(model.eval(), tuple(example_inputs), path, dynamic_batch=self.dynamic_batch)
-        session = self.session(path)
+        session = self.session(path, timing=True)
         names = [i.name for i in session.get_inputs()]
         feed = {n: _as_numpy(v) for n, v in zip(names, example_inputs)}
 
@@ -466,6 +496,12 @@ class OnnxRuntimeCPU(Target):
         return run, [feed[n] for n in names]
 
     def load(self, artifact: Artifact) -> Runner:
+        return self._load(artifact, timing=False)
+
+    def timing_runner(self, artifact: Artifact) -> Runner:
+        return self._load(artifact, timing=True)
+
+    def _load(self, artifact: Artifact, timing: bool) -> Runner:
         if artifact.target != self.name:
             raise ArtifactError(f"artifact {artifact.path} was built for target {artifact.target!r}, not {self.name!r}")
         unpinned = sorted(set(external_data_files(artifact.path)) - set(artifact.data_files))
@@ -473,7 +509,7 @@ class OnnxRuntimeCPU(Target):
             raise ArtifactError(f"artifact {artifact.path} reads external data {unpinned} that its manifest does "
                                 f"not pin: rebuild it")
         try:
-            session = self.session(artifact.path)
+            session = self.session(artifact.path, timing)
         except Exception as exc:  # noqa: BLE001 - ORT's own error types for a file it cannot parse
             raise ArtifactError(f"artifact {artifact.path} cannot be loaded by ONNX Runtime: "
                                 f"{_first_line(exc)}") from exc

@@ -9,19 +9,36 @@ much. Three measures make a timing stable:
 
 - **waiting excluded**: on Linux ``/proc/<pid>/task/<tid>/schedstat`` reports, per thread,
   the nanoseconds it ran and the nanoseconds it spent waiting on a run queue. Each call's
-  *active* time is its wall time minus the mean run-queue delay, during the call, of the
-  threads of this process that ran during it (the calling thread always counts; where the
-  kernel does not report it, the delay is taken as 0 and the wall time is used as it is).
-  The workers of a parallel runtime (ONNX Runtime's intra-op pool, torch's) wait on the run
-  queue as the caller does, and the caller waits for them at every parallel section, so the
-  caller's own delay alone left most of the load in the figure. The mean over the threads
-  that ran is an empirical choice: next to a busy loop on 2 cores, four identical resnet18
-  ONNX Runtime sessions (2 threads, spinning off) timed interleaved for 20 rounds disagreed
-  by 0.7-5.9 % with it, 11-19 % with the caller's delay alone, and it gave 29-33 ms against
-  27-28 ms measured on the quiet machine (the maximum over threads gave 24-28 ms: it removes
-  delays the caller spent working). Time a thread spends blocked or spinning still counts,
-  so runtimes whose idle threads spin between calls (ONNX Runtime's default) should not
-  spin while timed (``OnnxRuntimeCPU(spinning=False)``, its default).
+  *active* time is its wall time minus the run-queue delay, during the call, of the threads
+  of this process that ran during it (the calling thread always counts; where the kernel
+  does not report it, the delay is taken as 0 and the wall time is used as it is). Which
+  delay depends on where the threads may run:
+
+  - **pinned** (``caller_cpu``; ONNX Runtime's default, ``OnnxRuntimeCPU(pin_threads=True)``):
+    the calling thread and each worker of the runtime's intra-op pool sit on CPUs of their
+    own, so a busy process always shares a core with the same thread. Subtracted: the calling
+    thread's own delay, plus the part of its idle time (blocked, waiting for the workers at a
+    parallel section) that the longest delay of a worker that ran explains
+    (:meth:`ThreadsClock.waiting_ns`). A worker that queued while the calling thread did the
+    work itself (ONNX Runtime takes back work a worker has not started) delayed nothing.
+    The calling thread's run time is read from its own CPU clock: the kernel books a running
+    thread's run time at scheduler ticks, and read from ``schedstat`` it snapped the figures
+    to multiples of the 4 ms tick. Next to a pure-Python busy loop on 2 cores, 2 threads,
+    100 interleaved rounds: a dense model and a second session of it (its twin) agreed within
+    0-1.5 % (resnet18, mobilenet_v2), and the fractions of dense of 15 mobilenet_v2 compact
+    models stayed within 10 % of a table profiled earlier whether the dense model measured
+    7.8 ms (the busy loop on the worker's core) or 5.7 ms (``bench/results/latency.md``).
+  - **unpinned**: the **mean** delay of the threads that ran. Unpinned, the scheduler moves
+    the threads and the busy process between the cores, and a session's threads can keep a
+    placement that shares a core with the busy process for as long as it lives: under the
+    same load the twins disagreed by 2.4 % (resnet18) and 27.5 % (mobilenet_v2), and
+    mobilenet_v2 compact models measured 0.79-1.16 of dense where 0.90 was measured without
+    the load. The mean gave the closest figures of the rules tried there (the maximum removes
+    delays the caller spent working).
+
+  Time a thread spends blocked or spinning still counts, so runtimes whose idle threads spin
+  between calls (ONNX Runtime's default) should not spin while timed
+  (``OnnxRuntimeCPU(spinning=False)``, its default).
 - **interleaving**: things compared (the points of a latency grid, the models a calibration
   fits, a compiled model and its dense twin) are timed round-robin, one call each per round,
   the order rotating every round, so a change of load affects them all alike.
@@ -33,10 +50,11 @@ All functions return seconds.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,6 +66,7 @@ __all__ = [
     "ThreadsClock",
     "Timings",
     "inlier_mask",
+    "pinned_to",
     "robust_center",
     "time_interleaved",
 ]
@@ -129,13 +148,16 @@ class ThreadsClock:
 
     :meth:`snapshot` reads ``/proc/self/task/<tid>/schedstat`` (ran ns, waited ns) of every
     thread; :meth:`waiting_ns` of two snapshots is the mean waiting, between them, of the
-    threads that ran between them, the thread that created the clock always included.
+    threads that ran between them, the thread that created the clock always included, or
+    their largest waiting with ``critical=True`` (for threads pinned to CPUs of their own; see
+    the module docstring).
     ``available`` is False where the files do not exist (not Linux, no ``CONFIG_SCHED_INFO``);
     snapshots are then empty and the waiting 0, so timings fall back to wall time."""
 
     ROOT = "/proc/self/task"
 
-    def __init__(self) -> None:
+    def __init__(self, critical: bool = False) -> None:
+        self.critical = bool(critical)
         self._fds: dict[str, int] = {}
         self._me = str(threading.get_native_id())
         self.available = self._me in self.snapshot()
@@ -156,6 +178,10 @@ class ThreadsClock:
                     fd = self._fds[tid] = os.open(f"{self.ROOT}/{tid}/schedstat", os.O_RDONLY)
                 ran, waited = os.pread(fd, 128, 0).split()[:2]
                 counters[tid] = (int(ran), int(waited))
+                if tid == self._me and threading.get_native_id() == int(tid):
+                    # the kernel books a running thread's run time at scheduler ticks (4 ms apart
+                    # here), so read by the thread itself it lags; its CPU clock does not
+                    counters[tid] = (time.thread_time_ns(), int(waited))
             except (OSError, ValueError):  # exited meanwhile, or no schedstat here
                 fd = self._fds.pop(tid, None)
                 if fd is not None:
@@ -165,19 +191,33 @@ class ThreadsClock:
     def waiting_ns(self, before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]],
                    wall_ns: float) -> float:
         """Run-queue delay (ns) of a span of ``wall_ns`` between snapshots ``before`` and
-        ``after``: the mean delay of the threads that ran for at least a tenth of the span
-        (the creating thread always counts; a thread that only finished an earlier job is
-        left out), each clipped to the span (a delay is booked when the thread gets a CPU
-        back, so it can reach back before the span). At most ``wall_ns`` minus the longest
-        run time of those threads: the span lasted at least as long as any of them ran in
-        it. 0 without counters."""
-        counted = [tid for tid in after if tid in before
-                   and (tid == self._me or after[tid][0] - before[tid][0] >= 0.1 * wall_ns)]
-        if not counted:
+        ``after``, each thread's delay clipped to the span (a delay is booked when the thread
+        gets a CPU back, so it can reach back before the span). 0 without counters.
+
+        - default: the mean delay of the threads that ran for at least a tenth of the span
+          (the creating thread always counts; a thread that only finished an earlier job is
+          left out), at most ``wall_ns`` minus the longest run time of those threads (the span
+          lasted at least as long as any of them ran in it);
+        - ``critical`` (threads pinned one per CPU): the creating thread's own delay, plus the
+          part of its idle time (the span less its run time and delay: blocked, waiting for the
+          workers) that the longest delay of the other threads that ran at all explains. A
+          worker that queued while the creating thread did the work itself (runtimes take back
+          work a worker has not started) delayed nothing; one that queued while the creating
+          thread waited for it delayed the span by that much."""
+        me = self._me
+        if me not in before or me not in after:
             return 0.0
-        delay = float(np.mean([min(after[t][1] - before[t][1], wall_ns) for t in counted]))
-        longest_run = max(after[t][0] - before[t][0] for t in counted)
-        return max(min(delay, wall_ns - longest_run), 0.0)
+        threshold = 1 if self.critical else 0.1 * wall_ns  # ns a thread must have run in the span
+        counted = [tid for tid in after if tid in before
+                   and (tid == me or after[tid][0] - before[tid][0] >= threshold)]
+        delays = {t: min(after[t][1] - before[t][1], wall_ns) for t in counted}
+        runs = {t: after[t][0] - before[t][0] for t in counted}
+        if self.critical:
+            idle = max(wall_ns - runs[me] - delays[me], 0.0)
+            others = max((delays[t] for t in counted if t != me), default=0.0)
+            return float(min(delays[me] + min(idle, others), wall_ns))
+        delay = float(np.mean(list(delays.values())))
+        return max(min(delay, wall_ns - max(runs.values())), 0.0)
 
     def close(self) -> None:
         for fd in self._fds.values():
@@ -223,14 +263,38 @@ class Timings:
         return float(self.waiting_s.sum()) / total if total > 0 else 0.0
 
 
+@contextlib.contextmanager
+def pinned_to(cpu: int | None) -> Iterator[bool]:
+    """Pin the calling thread to CPU ``cpu`` (an index of ``os.sched_getaffinity``) for the
+    block, restoring its affinity afterwards; yields whether it is pinned. A no-op yielding
+    False for ``None``, where the OS cannot set affinities (not Linux) or where the thread
+    may not run on ``cpu``."""
+    setter = getattr(os, "sched_setaffinity", None)
+    if cpu is None or setter is None:
+        yield False
+        return
+    previous = os.sched_getaffinity(0)
+    if cpu not in previous:
+        yield False
+        return
+    setter(0, {cpu})
+    try:
+        yield True
+    finally:
+        setter(0, previous)
+
+
 def time_interleaved(calls: Sequence[Callable[[], Any]], warmup: int = 3, rounds: int = 20,
-                     synchronize: Callable[[], None] | None = None) -> list[Timings]:
+                     synchronize: Callable[[], None] | None = None, caller_cpu: int | None = None) -> list[Timings]:
     """Time each of ``calls`` ``rounds`` times, round-robin (one call each per round, the
     starting call rotating every round), after ``warmup`` untimed calls each.
 
     ``synchronize`` (e.g. a CUDA synchronise) runs after every call, inside the timed span.
-    Returns one :class:`Timings` per call, in the order given. Raises ``ValueError`` for no
-    calls, ``warmup`` < 0 or ``rounds`` < 1."""
+    ``caller_cpu``: the CPU the calling thread is pinned to while it times (:func:`pinned_to`),
+    for runtimes whose worker threads are pinned to the other CPUs; a call's waiting is then
+    the largest delay of its threads, else their mean (see the module docstring). Returns one
+    :class:`Timings` per call, in the order given. Raises ``ValueError`` for no calls,
+    ``warmup`` < 0 or ``rounds`` < 1."""
     if not calls:
         raise ValueError("time_interleaved: nothing to time")
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
@@ -238,6 +302,12 @@ def time_interleaved(calls: Sequence[Callable[[], Any]], warmup: int = 3, rounds
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise ValueError(f"time_interleaved: rounds must be a positive integer, got {rounds!r}")
     sync = synchronize or (lambda: None)
+    with pinned_to(caller_cpu) as pinned:
+        return _time_rounds(calls, warmup, rounds, sync, critical=pinned)
+
+
+def _time_rounds(calls: Sequence[Callable[[], Any]], warmup: int, rounds: int, sync: Callable[[], None],
+                 critical: bool) -> list[Timings]:
     for call in calls:
         for _ in range(warmup):
             call()
@@ -245,7 +315,7 @@ def time_interleaved(calls: Sequence[Callable[[], Any]], warmup: int = 3, rounds
     count = len(calls)
     wall = np.empty((count, rounds))
     waiting = np.empty((count, rounds))
-    with ThreadsClock() as clock:
+    with ThreadsClock(critical) as clock:
         for r in range(rounds):
             for offset in range(count):
                 k = (r + offset) % count

@@ -56,7 +56,7 @@ def test_a_load_change_during_the_run_slows_compiled_and_dense_alike(artifacts, 
     Timing one artifact's calls and then the other's gave the first artifact the low end of
     the ramp (a speed-up of about 2)."""
     target = get_target("onnxruntime", threads=1)
-    load, calls = target.load, itertools.count()
+    load, calls = target.timing_runner, itertools.count()
 
     def loaded(artifact):
         runner = load(artifact)
@@ -67,7 +67,7 @@ def test_a_load_change_during_the_run_slows_compiled_and_dense_alike(artifacts, 
 
         return call
 
-    monkeypatch.setattr(target, "load", loaded)
+    monkeypatch.setattr(target, "timing_runner", loaded)
     report = bench(artifacts["dense"], target, batch_sizes=(1,), warmup=3, iters=15, dense=artifacts["dense"])
     assert next(calls) == 2 * (3 + 15) and report.row("dense", 1).median_ms > 5  # the ramp ran
     assert 0.8 < report.speedup[1] < 1.25 and 0.8 < report.robust_speedup[1] < 1.25, report.format_table()

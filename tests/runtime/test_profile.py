@@ -29,6 +29,7 @@ from spruce.runtime.profile import (
 )
 from spruce.targets.base import resized_layer
 from spruce.targets.onnxruntime import OnnxRuntimeCPU
+from spruce.targets.timing import Timings
 from torch import nn
 
 FAST = {"warmup": 1, "repeats": 3, "coarse": 3, "calibration_random": 1, "retries": 0, "progress": False}
@@ -43,12 +44,12 @@ class CountingORT(OnnxRuntimeCPU):
         self.model_calls = 0
         self._in_layers = False
 
-    def measure_layers(self, layer, input_shape, points, batch_size=None, warmup=3, rounds=20):
+    def measure_layers(self, layer, input_shape, points, batch_size=None, warmup=3, rounds=20, reference=None):
         signature = layer_signature(layer, input_shape, torch.float32)
         self.layer_calls.extend((signature, active_in, active_out) for active_in, active_out in points)
         self._in_layers = True
         try:
-            return super().measure_layers(layer, input_shape, points, batch_size, warmup, rounds)
+            return super().measure_layers(layer, input_shape, points, batch_size, warmup, rounds, reference)
         finally:
             self._in_layers = False
 
@@ -90,6 +91,57 @@ def profiled(twin, tmp_path_factory):
     target = CountingORT()
     table = profile(*twin, target, step=8, cache_dir=cache, **FAST)
     return table, target, cache
+
+
+class Drifting(CountingORT):
+    """The real ONNX Runtime target on a machine whose speed changes between runs of timings:
+    every second ``measure_models`` call comes back 3x slower (all its figures alike, as a
+    noisy neighbour or a frequency change would make them). ``raw`` keeps each call's figures
+    as measured, before the slow-down."""
+
+    def __init__(self):
+        super().__init__()
+        self.raw: list[list[float]] = []
+        self.chunks: list[tuple[str, list[tuple[int, int]]]] = []  # (signature, points) per measure_layers
+
+    def measure_layers(self, layer, input_shape, points, batch_size=None, warmup=3, rounds=20, reference=None):
+        self.chunks.append((layer_signature(layer, input_shape, torch.float32), [tuple(p) for p in points]))
+        return super().measure_layers(layer, input_shape, points, batch_size, warmup, rounds, reference)
+
+    def measure_models(self, cases, warmup=3, rounds=20):
+        timings = super().measure_models(cases, warmup, rounds)
+        factor = 3.0 if len(self.raw) % 2 else 1.0
+        self.raw.append([t.robust_ms() for t in timings])
+        return [Timings(t.wall_s * factor, t.waiting_s * factor) for t in timings]
+
+
+def test_the_reference_layer_cancels_a_change_of_machine_speed_between_chunks(twin, tmp_path):
+    """Each chunk of points (and the calibration models) is timed with the reference layer and
+    scaled to its level, so a chunk timed while the machine ran 3x slower lands on the same
+    scale as the others: every point equals level x its figure / the reference's figure in
+    its own run, whatever the slow-down. The reference is the full-width point of the
+    signature with the most multiply-accumulates, and its level is cached with the points."""
+    target = Drifting()
+    table = profile(*twin, target, step=8, cache_dir=tmp_path, **{**FAST, "coarse": 2})
+    reference = table.info["reference"]
+    entries = list(table.layers.values())
+    heaviest = max(entries, key=lambda e: e.weight_elements(e.in_channels, e.out_channels) * e.out_elements)
+    assert reference["signature"] == heaviest.signature
+    assert reference["point"] == [heaviest.in_channels, heaviest.out_channels]
+    level = reference["ms"]
+    assert level == pytest.approx(target.raw[0][-1])  # the first run's reference figure, not slowed down
+    assert len(target.raw) >= 3  # chunks timed at both speeds
+    chunks = iter(target.raw)
+    for signature, points in target.chunks:
+        raw = next(chunks)
+        for point, figure in zip(points, raw):
+            assert table.points[signature][point] == pytest.approx(level * figure / raw[-1], rel=1e-9)
+    calibration = next(chunks)  # the last run: the calibration models and the reference
+    expected = [level * figure / calibration[-1] for figure in calibration[:-1]]
+    for sample in table.calibration.samples:  # (widths that round alike are timed twice, the last kept)
+        assert any(sample["ms"] == pytest.approx(e, rel=1e-9) for e in expected), (sample["ms"], expected)
+    again = profile(*twin, CountingORT(), step=8, cache_dir=tmp_path, **{**FAST, "coarse": 2})
+    assert again.info["reference"]["ms"] == level and again.points == table.points  # all from the cache
 
 
 # --- interpolation ----------------------------------------------------------------------

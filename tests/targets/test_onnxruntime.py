@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -232,3 +234,49 @@ def test_timing_sessions_do_not_spin_by_default_and_tables_record_the_setting(tm
     quiet.model_runner(model, example, tmp_path / "runner")
     assert _spinning_entry(quiet, tmp_path / "runner.onnx") == "0"
     assert quiet.fingerprint()["spinning"] == "False" and spinning.fingerprint()["spinning"] == "True"
+
+
+def _new_threads_cpus(before: set[str]) -> list[str]:
+    """Cpus_allowed_list of the threads of this process that are not in ``before`` (a moment
+    after: an ONNX Runtime worker pins itself once it is scheduled)."""
+    time.sleep(0.2)
+    found = []
+    for tid in set(os.listdir("/proc/self/task")) - before:
+        with open(f"/proc/self/task/{tid}/status") as status:
+            found += [line.split(":")[1].strip() for line in status if line.startswith("Cpus_allowed_list")]
+    return found
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs thread affinities and two CPUs")
+def test_timed_sessions_pin_their_worker_and_the_timing_thread_one_per_cpu(tmp_path):
+    """Pinned, a busy process shares a core with the same thread every call (see
+    spruce.targets.timing); only timed sessions are pinned, the fingerprint says so, and
+    ``pin_threads=False`` or too few CPUs pins nothing."""
+    cpus = sorted(os.sched_getaffinity(0))
+    model = nn.Sequential(nn.Conv2d(3, 32, 3), nn.ReLU()).eval()  # large enough to run in parallel:
+    example = (torch.randn(1, 3, 64, 64),)  # ONNX Runtime pins a worker when it first runs a task
+    target = OnnxRuntimeCPU(threads=2)
+    assert target.pinned_cpus == tuple(cpus[:2]) and target.caller_cpu() == cpus[0]
+    assert target.fingerprint()["pinned cpus"] == f"{cpus[0]},{cpus[1]}"
+    before = set(os.listdir("/proc/self/task"))
+    runner, inputs = target.model_runner(model, example, tmp_path / "timed")
+    for _ in range(3):
+        runner(inputs)
+    assert str(cpus[1]) in _new_threads_cpus(before)  # the one intra-op worker, on the second CPU
+    artifact = target.build(model, example, tmp_path / "m.onnx")
+    before = set(os.listdir("/proc/self/task"))
+    deployed = target.load(artifact)  # held: a dropped session's worker exits
+    for _ in range(3):
+        deployed(inputs)
+    found = _new_threads_cpus(before)
+    assert found and str(cpus[1]) not in found  # deployment: its worker is not pinned
+    before = set(os.listdir("/proc/self/task"))
+    timed = target.timing_runner(artifact)
+    for _ in range(3):
+        timed(inputs)
+    assert str(cpus[1]) in _new_threads_cpus(before)
+    unpinned = OnnxRuntimeCPU(threads=2, pin_threads=False)
+    assert unpinned.pinned_cpus is None and unpinned.caller_cpu() is None
+    assert unpinned.fingerprint()["pinned cpus"] == "off"
+    assert OnnxRuntimeCPU(threads=len(cpus) + 1).pinned_cpus is None  # more threads than CPUs

@@ -17,6 +17,7 @@ from spruce.targets.timing import (
     ThreadsClock,
     Timings,
     inlier_mask,
+    pinned_to,
     robust_center,
     time_interleaved,
 )
@@ -96,6 +97,83 @@ def test_threads_clock_averages_the_threads_that_ran():
         assert clock.waiting_ns({}, {}, wall_ns=1000) == 0.0
 
 
+def test_a_critical_threads_clock_subtracts_what_delayed_the_calling_thread():
+    """Pinned threads (one per CPU): the calling thread's own queueing, plus the part of its
+    idle time that the longest queueing of a worker that ran explains. A worker that queued
+    while the caller did the work itself delayed nothing; a thread that did not run is left
+    out; delays are clipped to the span."""
+    with ThreadsClock(critical=True) as clock:
+        me = str(threading.get_native_id())
+        before = {me: (1000, 10), "worker": (500, 40), "idle": (7, 3)}
+        # the caller ran 300 and queued 20 ns, and was blocked 680 ns waiting for the worker,
+        # which queued 500 ns before it ran its 400: 20 + 500
+        after = {me: (1300, 30), "worker": (900, 540), "idle": (7, 903)}
+        assert clock.waiting_ns(before, after, wall_ns=1000) == pytest.approx(520)
+        # the worker queued 500 ns and ran briefly; the caller took its work and ran 900 ns, so
+        # only its idle 80 ns can have been spent waiting for the worker: 20 + 80
+        after = {me: (1900, 30), "worker": (550, 540), "idle": (7, 903)}
+        assert clock.waiting_ns(before, after, wall_ns=1000) == pytest.approx(100)
+        # a thread that queued but never ran in the span (the idle one) is not what it waited for
+        after = {me: (1300, 30), "worker": (500, 40), "idle": (7, 903)}
+        assert clock.waiting_ns(before, after, wall_ns=1000) == pytest.approx(20)
+        after = {me: (1000, 30), "worker": (600, 5040)}  # booked from before the span: clipped
+        assert clock.waiting_ns(before, after, wall_ns=1000) == pytest.approx(1000)
+        assert clock.waiting_ns({}, {}, wall_ns=1000) == 0.0
+
+
+def test_the_calling_threads_run_time_comes_from_its_own_cpu_clock():
+    """The kernel books a running thread's run time at scheduler ticks, so the calling thread's
+    schedstat lags while it runs; the clock reads its CPU clock instead (within the work done)."""
+    with ThreadsClock() as clock:
+        if not clock.available:
+            pytest.skip("/proc/self/task/*/schedstat is not available on this kernel")
+        me = str(threading.get_native_id())
+        start = time.thread_time_ns()
+        before = clock.snapshot()[me][0]
+        sum(range(20_000))  # well under a tick: a lagging counter would mostly read 0 here
+        after = clock.snapshot()[me][0]
+        spent = time.thread_time_ns() - start
+        assert 0 < after - before <= spent
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="the OS cannot set thread affinities")
+def test_pinned_to_pins_only_the_calling_thread_only_for_the_block():
+    allowed = os.sched_getaffinity(0)
+    cpu = max(allowed)
+    seen, look, looked = {}, threading.Event(), threading.Event()
+
+    def other():  # a thread that exists before the block (threads started inside inherit the pin)
+        look.wait()
+        seen["other"] = os.sched_getaffinity(0)
+        looked.set()
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    with pinned_to(cpu) as pinned:
+        assert pinned and os.sched_getaffinity(0) == {cpu}
+        look.set()
+        looked.wait()
+    thread.join()
+    assert os.sched_getaffinity(0) == allowed and seen["other"] == allowed
+    with pytest.raises(RuntimeError), pinned_to(cpu):  # restored on an error too
+        raise RuntimeError
+    assert os.sched_getaffinity(0) == allowed
+    for nothing in (None, max(allowed) + 1):  # no CPU, or one this process may not use: a no-op
+        with pinned_to(nothing) as pinned:
+            assert not pinned and os.sched_getaffinity(0) == allowed
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="the OS cannot set thread affinities")
+def test_time_interleaved_pins_the_timing_thread_while_it_times():
+    allowed = os.sched_getaffinity(0)
+    cpu = min(allowed)
+    during = []
+    timings = time_interleaved([lambda: during.append(os.sched_getaffinity(0))], warmup=1, rounds=3,
+                               caller_cpu=cpu)
+    assert during == [{cpu}] * 4 and os.sched_getaffinity(0) == allowed
+    assert timings[0].wall_s.shape == (3,) and (timings[0].active_s >= 0).all()
+
+
 def test_threads_clock_sees_a_worker_thread():
     """A thread doing the work while the caller waits for it (a runtime's intra-op pool) is
     in the snapshots and counts as having run; before it works, it does not."""
@@ -116,6 +194,7 @@ def test_threads_clock_sees_a_worker_thread():
         try:
             started.wait()
             tid = str(worker.native_id)
+            time.sleep(0.05)  # let it reach release.wait() (it runs a little after started.set())
             idle_before = clock.snapshot()
             time.sleep(0.05)
             idle_after = clock.snapshot()
