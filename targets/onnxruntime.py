@@ -387,8 +387,8 @@ class OnnxRuntimeCPU(Target):
     (``session.intra_op_thread_affinities``). A busy process on the machine then always
     shares a core with the same thread, whose run-queue delay is the run's delay, and the
     timing subtracts it (:mod:`spruce.targets.timing`). Measured next to a busy loop on 2
-    cores: a model and a second session of it timed 0.7-1.4 % apart pinned, up to 27.5 %
-    apart unpinned. Sessions for anything else (:meth:`load`) are not pinned. Pinning is off
+    cores: a model and a second session of it timed within 1.8 % pinned
+    (``bench/results/latency.md``), up to 27.5 % apart unpinned. Sessions for anything else (:meth:`load`) are not pinned. Pinning is off
     where the process may use fewer CPUs than ``threads`` or cannot set affinities.
     """
 

@@ -24,10 +24,10 @@ much. Three measures make a timing stable:
     The calling thread's run time is read from its own CPU clock: the kernel books a running
     thread's run time at scheduler ticks, and read from ``schedstat`` it snapped the figures
     to multiples of the 4 ms tick. Next to a pure-Python busy loop on 2 cores, 2 threads,
-    100 interleaved rounds: a dense model and a second session of it (its twin) agreed within
-    0-1.5 % (resnet18, mobilenet_v2), and the fractions of dense of 15 mobilenet_v2 compact
-    models stayed within 10 % of a table profiled earlier whether the dense model measured
-    7.8 ms (the busy loop on the worker's core) or 5.7 ms (``bench/results/latency.md``).
+    100 interleaved rounds (``bench/results/latency.md``): a dense model and a second session
+    of it (its twin) agreed within 1.8 % (resnet18, resnet50, mobilenet_v2), and mobilenet_v2
+    compact models' fractions of dense matched a table profiled minutes earlier within 11 %
+    whether the dense model measured 8.2 ms or, in another state of the machine, 6.0 ms.
   - **unpinned**: the **mean** delay of the threads that ran. Unpinned, the scheduler moves
     the threads and the busy process between the cores, and a session's threads can keep a
     placement that shares a core with the busy process for as long as it lives: under the
