@@ -385,11 +385,11 @@ class OnnxRuntimeCPU(Target):
     budget checks, :func:`spruce.bench`), one per CPU: the timing thread to the first CPU
     this process may use, each intra-op worker to one of the next ``threads - 1``
     (``session.intra_op_thread_affinities``). A busy process on the machine then always
-    shares a core with the same thread, whose run-queue delay is the run's delay, and the
-    timing subtracts it (:mod:`spruce.targets.timing`). Measured next to a busy loop on 2
-    cores: a model and a second session of it timed within 1.8 % pinned
-    (``bench/results/latency.md``), up to 27.5 % apart unpinned. Sessions for anything else (:meth:`load`) are not pinned. Pinning is off
-    where the process may use fewer CPUs than ``threads`` or cannot set affinities.
+    shares a core with the same thread, and the timing subtracts the delay that caused
+    (:mod:`spruce.targets.timing`). Measured next to a busy loop on 2 cores: a model and a
+    second session of it timed within 1.8 % pinned (``bench/results/latency.md``), up to
+    27.5 % apart unpinned. Sessions for anything else (:meth:`load`) are not pinned. Pinning
+    is off where the process may use fewer CPUs than ``threads`` or cannot set affinities.
     """
 
     name = "onnxruntime"
