@@ -148,9 +148,9 @@ class ThreadsClock:
 
     :meth:`snapshot` reads ``/proc/self/task/<tid>/schedstat`` (ran ns, waited ns) of every
     thread; :meth:`waiting_ns` of two snapshots is the mean waiting, between them, of the
-    threads that ran between them, the thread that created the clock always included, or
-    their largest waiting with ``critical=True`` (for threads pinned to CPUs of their own; see
-    the module docstring).
+    threads that ran between them, the thread that created the clock always included, or with
+    ``critical=True`` (threads pinned to CPUs of their own) the delay the creating thread
+    waited for (:meth:`waiting_ns`; see the module docstring).
     ``available`` is False where the files do not exist (not Linux, no ``CONFIG_SCHED_INFO``);
     snapshots are then empty and the waiting 0, so timings fall back to wall time."""
 
@@ -292,7 +292,8 @@ def time_interleaved(calls: Sequence[Callable[[], Any]], warmup: int = 3, rounds
     ``synchronize`` (e.g. a CUDA synchronise) runs after every call, inside the timed span.
     ``caller_cpu``: the CPU the calling thread is pinned to while it times (:func:`pinned_to`),
     for runtimes whose worker threads are pinned to the other CPUs; a call's waiting is then
-    the largest delay of its threads, else their mean (see the module docstring). Returns one
+    what delayed the calling thread (``ThreadsClock(critical=True)``), else the threads' mean
+    delay (see the module docstring). Returns one
     :class:`Timings` per call, in the order given. Raises ``ValueError`` for no calls,
     ``warmup`` < 0 or ``rounds`` < 1."""
     if not calls:
