@@ -171,6 +171,7 @@ class ThreadsClock:
         for gone in set(self._fds) - set(tids):  # threads that exited: their files are stale
             os.close(self._fds.pop(gone))
         counters = {}
+        own_clock = str(threading.get_native_id()) == self._me  # read by the thread that created the clock
         for tid in tids:
             try:
                 fd = self._fds.get(tid)
@@ -178,7 +179,7 @@ class ThreadsClock:
                     fd = self._fds[tid] = os.open(f"{self.ROOT}/{tid}/schedstat", os.O_RDONLY)
                 ran, waited = os.pread(fd, 128, 0).split()[:2]
                 counters[tid] = (int(ran), int(waited))
-                if tid == self._me and threading.get_native_id() == int(tid):
+                if own_clock and tid == self._me:
                     # the kernel books a running thread's run time at scheduler ticks (4 ms apart
                     # here), so read by the thread itself it lags; its CPU clock does not
                     counters[tid] = (time.thread_time_ns(), int(waited))
