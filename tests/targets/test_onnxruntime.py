@@ -236,10 +236,19 @@ def test_timing_sessions_do_not_spin_by_default_and_tables_record_the_setting(tm
     assert quiet.fingerprint()["spinning"] == "False" and spinning.fingerprint()["spinning"] == "True"
 
 
-def _new_threads_cpus(before: set[str]) -> list[str]:
-    """Cpus_allowed_list of the threads of this process that are not in ``before`` (a moment
-    after: an ONNX Runtime worker pins itself once it is scheduled)."""
-    time.sleep(0.2)
+def _new_threads_cpus(before: set[str], wanted: str | None = None) -> list[str]:
+    """Cpus_allowed_list of the threads of this process that are not in ``before``. An ONNX
+    Runtime worker pins itself once it is scheduled, so with ``wanted`` this waits (up to 10 s,
+    however busy the machine) for a thread allowed exactly ``wanted``."""
+    for _ in range(100):
+        time.sleep(0.1)
+        found = _threads_cpus(before)
+        if wanted is None or wanted in found:
+            break
+    return found
+
+
+def _threads_cpus(before: set[str]) -> list[str]:
     found = []
     for tid in set(os.listdir("/proc/self/task")) - before:
         with open(f"/proc/self/task/{tid}/status") as status:
@@ -263,7 +272,7 @@ def test_timed_sessions_pin_their_worker_and_the_timing_thread_one_per_cpu(tmp_p
     runner, inputs = target.model_runner(model, example, tmp_path / "timed")
     for _ in range(3):
         runner(inputs)
-    assert str(cpus[1]) in _new_threads_cpus(before)  # the one intra-op worker, on the second CPU
+    assert str(cpus[1]) in _new_threads_cpus(before, str(cpus[1]))  # the intra-op worker, on the second CPU
     artifact = target.build(model, example, tmp_path / "m.onnx")
     before = set(os.listdir("/proc/self/task"))
     deployed = target.load(artifact)  # held: a dropped session's worker exits
@@ -275,7 +284,7 @@ def test_timed_sessions_pin_their_worker_and_the_timing_thread_one_per_cpu(tmp_p
     timed = target.timing_runner(artifact)
     for _ in range(3):
         timed(inputs)
-    assert str(cpus[1]) in _new_threads_cpus(before)
+    assert str(cpus[1]) in _new_threads_cpus(before, str(cpus[1]))
     unpinned = OnnxRuntimeCPU(threads=2, pin_threads=False)
     assert unpinned.pinned_cpus is None and unpinned.caller_cpu() is None
     assert unpinned.fingerprint()["pinned cpus"] == "off"
