@@ -86,11 +86,11 @@ def make_nondegenerate(model: Any, shape: Sequence[int], seed: int = 0) -> None:
     activations shrink to 1e-16 through EfficientNet/MobileNet. An equivalence check
     scaled by ``max(1, max|output|)`` then passes whatever the pruned model computes.
     The shared helper of the tests and benchmarks does it
-    (``spruce.compiler.checks.make_nondegenerate``: all-zero weights drawn, tiny layer
+    (``spruce.api.checks.make_nondegenerate``: all-zero weights drawn, tiny layer
     scales raised, BatchNorm statistics re-estimated at a random batch of 4 of ``shape``).
     Leaves ``model`` in eval mode.
     """
-    from spruce.compiler.checks import make_nondegenerate as shared
+    from spruce.api.checks import make_nondegenerate as shared
 
     shared(model, random_input((4, *shape[1:]), seed=seed + 100), seed=seed)
 
@@ -152,7 +152,7 @@ def model_run_error(model: Any, example_inputs: Sequence[Any],
 def count_params(model: Any) -> int:
     """Parameter elements of ``model`` (spruce's counter when it exists)."""
     try:
-        from spruce.compiler.stats import count_params as spruce_count_params
+        from spruce.api.stats import count_params as spruce_count_params
     except ImportError:
         return sum(p.numel() for p in model.parameters())
     return int(spruce_count_params(model))
@@ -164,7 +164,7 @@ def count_macs(model: Any, example_inputs: Sequence[Any]) -> int:
     The fallback uses torch's FlopCounterMode; one MAC is two FLOPs.
     """
     try:
-        from spruce.compiler.stats import count_macs as spruce_count_macs
+        from spruce.api.stats import count_macs as spruce_count_macs
     except ImportError:
         import torch
         from torch.utils.flop_counter import FlopCounterMode

@@ -1,10 +1,10 @@
 """Capture coverage: the public acceptance set of architectures users bring.
 
-For each model of ``spruce.compiler.examples`` (ultralytics YOLOv8n from yolov8n.yaml,
+For each model of ``spruce.zoo.architectures`` (ultralytics YOLOv8n from yolov8n.yaml,
 torchvision fasterrcnn_mobilenet_v3_large_fpn, retinanet_resnet50_fpn,
 ssdlite320_mobilenet_v3_large and raft_small, a timm-style block branching on x.shape,
 a module calling F.conv2d(..., groups=self.channels)), with random non-degenerate
-weights (``spruce.compiler.checks.make_nondegenerate``) and no download, one fresh
+weights (``spruce.api.checks.make_nondegenerate``) and no download, one fresh
 subprocess records:
 
 - how it was captured (fx, export, or pieces) and in how long, and the prune time;
@@ -17,7 +17,7 @@ subprocess records:
   at two batch sizes, and saved as ``.pt2`` and reloaded in a fresh process that cannot
   import the model's packages.
 
-The transformers set of ``spruce.compiler.hf_examples`` (BERT, DistilBERT, GPT-2, ViT, T5,
+The transformers set of ``spruce.zoo.transformers`` (BERT, DistilBERT, GPT-2, ViT, T5,
 Llama and Qwen2 with grouped-query attention; tiny configs) is measured the same way, with
 the sequence length declared dynamic and the equivalence checked at batch 1 and 3 and at two
 sequence lengths (5 and 11 tokens); the kept-share bound of the capture set does not apply
@@ -57,8 +57,10 @@ def child_main(name: str, threads: int) -> None:
         benchlib.set_threads(threads)
         import spruce
         import torch
-        from spruce.compiler import checks, deploy, examples, hf_examples
-        from spruce.compiler.capture import capture
+        from spruce.api import checks, deploy
+        from spruce.capture.capture import capture
+        from spruce.zoo import architectures as examples
+        from spruce.zoo import transformers as hf_examples
         from torch.utils import _pytree as pytree
 
         stage = "build"
@@ -179,7 +181,7 @@ def render(records: list[dict[str, Any]], planned: list[str], info: dict[str, st
     lines += benchlib.header_lines(info)
     lines.append(f"- load average (1/5/15 min) at writing: {benchlib.load_average()}")
     lines += [
-        "- weights: random init, then spruce.compiler.checks.make_nondegenerate (all-zero weights drawn, tiny "
+        "- weights: random init, then spruce.api.checks.make_nondegenerate (all-zero weights drawn, tiny "
         "layer scales raised, BatchNorm statistics re-estimated at the example input); nothing downloaded",
         f"- settings: prune(ratio=0.5, importance l1), one subprocess per model, timeout {timeout_s:.0f} s",
         f"- pass = kept share of reached parameters <= {MAX_SHARE} (not for the transformers set), compact vs "
@@ -214,8 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         child_main(args.child, threads)
         return 0
-    from spruce.compiler.examples import EXAMPLES
-    from spruce.compiler.hf_examples import HF_EXAMPLES
+    from spruce.zoo.architectures import EXAMPLES
+    from spruce.zoo.transformers import HF_EXAMPLES
 
     names = args.models.split(",") if args.models else list(EXAMPLES) + list(HF_EXAMPLES)
     info = benchlib.machine_info(["spruce", "ultralytics", "onnxruntime", "transformers"])

@@ -345,7 +345,7 @@ def phase_dense(args: argparse.Namespace, data: Path) -> dict[str, Any]:
 
 
 def phase_oneshot(args: argparse.Namespace, data: Path) -> dict[str, Any]:
-    from spruce.compiler.api import analyze_model, profile
+    from spruce.api.verbs import analyze_model, profile
     from spruce.passes.importance import importance_scores, param_table
     from spruce.passes.sparsity.knapsack import build_cost_model
     from spruce.runtime.budget import meet_latency_budget

@@ -110,7 +110,7 @@ def pruned_variants(model: Any, x: Any, args: argparse.Namespace) -> dict[str, A
 def build_variants(name: str, args: argparse.Namespace, folder: Path) -> dict[str, dict[str, Any]]:
     """Dense and pruned models of ``name``: their artifact, MACs and parameter count."""
     import torch
-    from spruce.compiler.stats import count_macs, count_params
+    from spruce.api.stats import count_macs, count_params
     from spruce.targets.base import get_target
 
     model, _ = benchlib.build_model(name)

@@ -84,7 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     import torch
     import torchvision
-    from spruce.compiler.api import analyze_model, profile
+    from spruce.api.verbs import analyze_model, profile
     from spruce.runtime.profile import compact_at_widths, random_group_widths
     from spruce.targets.onnxruntime import OnnxRuntimeCPU
 

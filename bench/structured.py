@@ -66,8 +66,8 @@ import benchlib
 import numpy as np
 import torch
 import torchvision
-from spruce.compiler.api import analyze_model, profile, sparsify
-from spruce.compiler.prune import prune
+from spruce.api.prune import prune
+from spruce.api.verbs import analyze_model, profile, sparsify
 from spruce.compiler.training import cosine_schedule, train_step
 from spruce.passes.export import remove_channels
 from spruce.passes.importance import importance_scores, param_table

@@ -367,7 +367,7 @@ def _init_note(raw_init: bool) -> str:
     """How the random weights were prepared."""
     if raw_init:
         return "- weights: torchvision's random init as built (outputs may be ~0)"
-    return ("- weights: torchvision's random init, then spruce.compiler.checks.make_nondegenerate (the helper the "
+    return ("- weights: torchvision's random init, then spruce.api.checks.make_nondegenerate (the helper the "
             "tests and the coverage bench use): all-zero weights drawn N(0, 1/fan_in), tiny layer scales raised, "
             "BatchNorm running stats re-estimated on a random batch of 4, so outputs are of order one and the "
             "equivalence check is not vacuous")

@@ -164,7 +164,7 @@ def check_final(sparse: SparseModel, drive: MethodDrive, dense: nn.Module, targe
     :class:`InfeasibleBudget` when no subset of the kept channels reaches it."""
     sparse.eval()
     if drive.kind != "latency":
-        from .stats import count_macs, count_params
+        from ..api.stats import count_macs, count_params
 
         count = count_params if drive.kind == "params" else (lambda m: count_macs(m, (example,)))
         ratio = count(_compact(sparse)) / max(count(dense), 1)

@@ -20,11 +20,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..api.stats import count_macs, count_params
 from ..runtime.bench import BenchReport
 from ..targets.base import Artifact
 from ..targets.files import atomic_path, atomic_write_text
 from .recipes import Recipe
-from .stats import count_macs, count_params
 from .training import TrainLog
 
 __all__ = ["CompileReport", "build_document", "write_reports"]

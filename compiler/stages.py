@@ -52,6 +52,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..capture.trace import capture as capture_model
 from ..passes.analysis import analyze
 from ..passes.export import check_runs, remove_channels
 from ..passes.graph import CapturedGraph, require_data
@@ -81,7 +82,6 @@ from .recipes import Recipe
 from .recovery import RecoveryLog, cross_entropy_loss
 from .recovery import recover as recover_model
 from .reporting import CompileReport, build_document, write_reports
-from .trace import capture as capture_model
 from .training import TrainLog, train
 
 __all__ = [
@@ -631,7 +631,7 @@ def _select_channels(setup: Setup, captured: Captured, profiled: Profiled, metho
                                     required=required).kept)
         compact = remove_channels(analysis, student, kept)
     else:
-        from .prune import select_channels as top_fraction
+        from ..api.prune import select_channels as top_fraction
 
         kept = top_fraction(student, analysis.groups, recipe.sparsity or 0.0, CHANNEL_IMPORTANCE,
                             round_to=recipe.round_to, seed=recipe.seed)
@@ -692,7 +692,7 @@ def _budget_record(setup: Setup, reference: Reference, sparsified: Sparsified, p
     ((kind, fraction),) = recipe.budget.items()
     record: dict[str, Any] = {"kind": kind, "fraction": fraction}
     if kind != "latency":
-        from .stats import count_macs, count_params
+        from ..api.stats import count_macs, count_params
 
         count = count_params if kind == "params" else lambda m: count_macs(m, (setup.example,))
         record["ratio"] = count(exported.model) / max(count(reference.model), 1)

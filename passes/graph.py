@@ -1,6 +1,6 @@
 """The graph contract every pass takes: a model captured at its example input.
 
-Only ``spruce.compiler`` captures models (``spruce.compiler.capture``); passes
+Only ``spruce.compiler`` captures models (``spruce.capture.capture``); passes
 (analysis, masking, channel removal, latency profiling) receive a
 :class:`CapturedGraph` and never trace anything themselves.
 
@@ -123,7 +123,7 @@ class CapturedGraph:
     words, which code stays eager and why (empty when the root is captured whole).
     ``dynamic_shapes`` is the user's declaration of dynamic dims other than the batch
     (torch.export's format, keyed by the root's ``forward`` arguments), which the
-    deployed graphs keep (:mod:`spruce.compiler.deploy`)."""
+    deployed graphs keep (:mod:`spruce.api.deploy`)."""
 
     pieces: list[Piece]
     root: nn.Module

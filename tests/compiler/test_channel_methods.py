@@ -12,8 +12,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from spruce.api.verbs import sparsify
 from spruce.compiler import channel_methods, stages
-from spruce.compiler.api import sparsify
 from spruce.compiler.recipes import Recipe
 from spruce.passes.importance import importance_scores, param_table
 from spruce.passes.sparsity.knapsack import InfeasibleBudget

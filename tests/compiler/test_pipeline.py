@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from spruce.compiler.cli import main
+from spruce.cli.main import main
 from spruce.targets.base import read_artifact
 from spruce.targets.onnxruntime import run_onnx
 

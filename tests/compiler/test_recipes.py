@@ -12,8 +12,8 @@ import pytest
 import spruce
 import yaml
 from spruce import HALPConfig, IEEConfig
+from spruce.cli.main import main
 from spruce.compiler import stages
-from spruce.compiler.cli import main
 from spruce.compiler.recipes import Recipe, RecipeError, load_recipe, recipe_schema
 
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -78,7 +78,7 @@ def test_an_nm_structure_alone_takes_its_sparsity_instead_of_the_default_budget(
 
 
 def test_defaults_live_in_the_recipe_only():
-    from spruce.compiler import cli_pipeline
+    from spruce.cli import compile as cli_pipeline
 
     parser = __import__("argparse").ArgumentParser()
     cli_pipeline.add_arguments(parser)

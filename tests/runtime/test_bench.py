@@ -11,8 +11,8 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from spruce.compiler import cli
-from spruce.compiler.cli_bench import SUBCOMMAND
+from spruce.cli import main as cli
+from spruce.cli.bench import SUBCOMMAND
 from spruce.runtime.bench import BenchReport, bench
 from spruce.targets.base import ArtifactError, get_target
 from torch import nn

@@ -12,8 +12,9 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from spruce.compiler import cli, cli_profile
-from spruce.compiler.api import analyze_model, profile
+from spruce.api.verbs import analyze_model, profile
+from spruce.cli import main as cli
+from spruce.cli import profile as cli_profile
 from spruce.runtime.profile import (
     Calibration,
     LatencyTable,

@@ -15,7 +15,7 @@ import spruce
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from spruce.compiler.cli import main
+from spruce.cli.main import main
 from spruce.targets import files
 from spruce.targets.base import get_target
 from spruce.targets.files import OutputError, atomic_path, atomic_write_text, checked_out_dir, staged_dir
@@ -359,7 +359,7 @@ def _limited(limit: int):
 def test_prune_on_a_disk_that_fills_up_exits_2_with_one_line_and_leaves_nothing(tmp_path, limit):
     source = _tiny_source(tmp_path)
     out = tmp_path / "runs" / "out"
-    done = subprocess.run([sys.executable, "-m", "spruce.compiler.cli", "prune", f"{source}:make", "--input-shape",
+    done = subprocess.run([sys.executable, "-m", "spruce.cli.main", "prune", f"{source}:make", "--input-shape",
                            "1,3,8,8", "--ratio", "0.5", "--out", str(out)], capture_output=True, text=True,
                           timeout=600, preexec_fn=_limited(limit), env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
     assert "Traceback" not in done.stderr, done.stderr
