@@ -216,7 +216,9 @@ class ThreadsClock:
         if self.critical:
             idle = max(wall_ns - runs[me] - delays[me], 0.0)
             others = max((delays[t] for t in counted if t != me), default=0.0)
-            return float(min(delays[me] + min(idle, others), wall_ns))
+            # the span lasted at least as long as the creating thread ran in it: under heavy load the
+            # delay and run counters (read at different instants) can add up to more than the span
+            return float(max(min(delays[me] + min(idle, others), wall_ns - runs[me]), 0.0))
         delay = float(np.mean(list(delays.values())))
         return max(min(delay, wall_ns - max(runs.values())), 0.0)
 

@@ -118,6 +118,11 @@ def test_a_critical_threads_clock_subtracts_what_delayed_the_calling_thread():
         assert clock.waiting_ns(before, after, wall_ns=1000) == pytest.approx(20)
         after = {me: (1000, 30), "worker": (600, 5040)}  # booked from before the span: clipped
         assert clock.waiting_ns(before, after, wall_ns=1000) == pytest.approx(1000)
+        # under heavy load the counters, read at different instants, can book more run + queueing
+        # than the span lasted; the caller ran 600 ns in it, so at most 400 were waiting (a
+        # waiting of the whole span made a latency of 0 and a division by zero in spruce bench)
+        after = {me: (1600, 710), "worker": (900, 1040)}
+        assert clock.waiting_ns(before, after, wall_ns=1000) == pytest.approx(400)
         assert clock.waiting_ns({}, {}, wall_ns=1000) == 0.0
 
 
