@@ -85,7 +85,7 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     import torch
     import torchvision
     from spruce.api.verbs import analyze_model, profile
-    from spruce.runtime.profile import compact_at_widths, random_group_widths
+    from spruce.runtime.calibration import compact_at_widths, random_group_widths
     from spruce.targets.onnxruntime import OnnxRuntimeCPU
 
     started = time.perf_counter()

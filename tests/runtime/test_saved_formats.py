@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from spruce.runtime.profile import LatencyTable, profile
+from spruce.runtime.profile import profile
+from spruce.runtime.table import LatencyTable
 from spruce.targets.onnxruntime import OnnxRuntimeCPU
 from torch import nn
 
