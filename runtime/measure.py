@@ -37,7 +37,6 @@ OUTLIER_TOLERANCE = 0.15
 OUTLIER_RETRIES = 2
 
 
-
 def resized_layer(layer: nn.Module, active_in: int, active_out: int) -> nn.Module:
     """A fresh layer like ``layer`` (same kind and hyper-parameters) with the given channel counts.
 
@@ -131,6 +130,8 @@ class Reference:
 
     @classmethod
     def of(cls, entries: Mapping[str, LayerEntry], prototypes: Mapping[str, tuple], cache: LatencyCache) -> Reference:
+        """The reference of a profile: the full-width point of the entry with the most multiply-accumulates
+        (ties broken by signature); ``prototypes[signature]`` is a (layer, input shape) of that signature."""
         entry = max(entries.values(), key=lambda e: (e.weight_elements(e.in_channels, e.out_channels)
                                                     * e.out_elements, e.signature))
         layer, input_shape = prototypes[entry.signature]

@@ -148,11 +148,13 @@ def profile(
 
 def _profile(model: nn.Module, inputs: tuple[torch.Tensor, ...], target: Target, config: ProfileConfig,
              cache_dir: str | os.PathLike | None, use_cache: bool, progress: bool, analysis: Any) -> LatencyTable:
+    """The steps of :func:`profile`, in order, on checked options and inputs."""
     fingerprint = target.fingerprint()
     cache = LatencyCache(Path(cache_dir) if cache_dir is not None else default_cache_dir(), fingerprint) \
         if use_cache else LatencyCache(None, fingerprint)
     cache.check()
 
+    # the layers and the channel counts each is timed at
     found = find_layers(model, inputs)
     if not found:
         raise ProfileError(f"profile: {type(model).__name__} has no Conv, ConvTranspose or Linear layer to profile")
@@ -160,6 +162,7 @@ def _profile(model: nn.Module, inputs: tuple[torch.Tensor, ...], target: Target,
     entries = {name: make_entry(name, f, config.step, config.coarse, config.edges, *varying[name])
                for name, f in found.items()}
 
+    # their isolated timings, from the cache or measured against the reference layer
     prototypes = {}
     for name, entry in entries.items():
         prototypes.setdefault(entry.signature, (found[name].module, found[name].input_shape))
@@ -168,6 +171,7 @@ def _profile(model: nn.Module, inputs: tuple[torch.Tensor, ...], target: Target,
                             warmup=config.warmup, rounds=config.repeats, retries=config.retries, progress=progress)
     table = LatencyTable(entries, points, fingerprint, step=config.step,
                          info=_table_info(model, inputs, config))
+    # the whole-model correction
     samples = calibration_samples(target, model, inputs, analysis, table, cache, reference, step=config.step,
                                   seed=config.seed, random_count=config.calibration_random,
                                   warmup=config.model_warmup, rounds=config.model_repeats, progress=progress)

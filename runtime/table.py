@@ -40,13 +40,13 @@ __all__ = [
 TABLE_FORMAT = "spruce-latency-table"
 TABLE_VERSION = 2
 READABLE_TABLE_VERSIONS = (1, 2)  # version 1 lacks kernel, fixed_ms and ms_per_mweight (read as 1, {}, 0)
+# The layer kinds profiled: what find_layers times and what a table reads widths of.
 PROFILED_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
                   nn.Linear)
 
 
 class ProfileError(ConfigError):
     """A model, option or table file that profiling cannot use."""
-
 
 
 @dataclass(frozen=True)
