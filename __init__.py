@@ -28,8 +28,8 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "BenchReport": ".runtime.bench",
     "bench": ".runtime.bench",
-    "LatencyTable": ".runtime.profile",
-    "LayerEntry": ".runtime.profile",
+    "LatencyTable": ".runtime.table",
+    "LayerEntry": ".runtime.table",
     "ChannelGroup": ".passes.analysis",
     "Member": ".passes.analysis",
     "CompactModelError": ".passes.export",

@@ -21,8 +21,8 @@ from ..passes.sparsity.context import Structure
 from ..passes.sparsity.method import MethodConfig
 from ..passes.sparsity.model import SparseModel, check_normalised_widths, check_options, sparsify_captured
 from ..passes.sparsity.registry import SPARSIFY_DEFAULT
-from ..runtime.profile import LatencyTable
 from ..runtime.profile import profile as profile_captured
+from ..runtime.table import LatencyTable
 
 __all__ = ["analyze_model", "channel_groups", "gc_paused", "profile", "sparsify"]
 

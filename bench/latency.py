@@ -10,7 +10,7 @@ runs on the machine (other users' jobs) is recorded, not stopped. For each torch
    again on the same cache (warm: nothing should be timed). Both wall times are reported.
    The timed sessions' threads are pinned one per CPU (``OnnxRuntimeCPU(pin_threads=True)``,
    the default; ``--no-pin`` for the unpinned figures), and every chunk of points is scaled
-   to the profile's reference layer (``spruce.runtime.profile``).
+   to the profile's reference layer (``spruce.runtime.measure.Reference``).
 2. ``--configs`` random channel configurations (seed ``--seed``; disjoint from the
    profile's own calibration draws): each prunable channel group keeps a random width,
    a multiple of ``--step`` (one base fraction in [0.2, 1] per configuration, each group
@@ -85,7 +85,7 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     import torch
     import torchvision
     from spruce.api.verbs import analyze_model, profile
-    from spruce.runtime.profile import compact_at_widths, random_group_widths
+    from spruce.runtime.calibration import compact_at_widths, random_group_widths
     from spruce.targets.onnxruntime import OnnxRuntimeCPU
 
     started = time.perf_counter()

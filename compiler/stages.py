@@ -63,8 +63,8 @@ from ..passes.sparsity.model import SparseModel, StaleOptimizerWarning, sparsify
 from ..runtime.bench import BenchReport
 from ..runtime.bench import bench as bench_artifacts
 from ..runtime.budget import MeasuredSelection, meet_latency_budget
-from ..runtime.profile import LatencyTable
 from ..runtime.profile import profile as profile_layers
+from ..runtime.table import LatencyTable
 from ..targets.base import Artifact, Target, get_target
 from ..targets.files import OutputError, atomic_path
 from .channel_methods import (

@@ -134,7 +134,7 @@ def meet_latency_budget(
     """Channels of ``model`` whose compact model measures within the latency ``budget``.
 
     ``analysis`` is the model's :class:`~spruce.passes.analysis.ChannelAnalysis`, ``table``
-    its :class:`~spruce.runtime.profile.LatencyTable` on ``target`` (or None when
+    its :class:`~spruce.runtime.table.LatencyTable` on ``target`` (or None when
     ``cost_model``, e.g. ``build_cost_model("flops", ...)``, steers the knapsack instead; a
     given ``cost_model`` is used even with a table), ``budget`` a fraction of
     the dense model's measured latency in (0, 1], ``importance[group id]`` one score per

@@ -29,7 +29,7 @@ import time
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, ClassVar
@@ -51,7 +51,6 @@ __all__ = [
     "TargetUnavailable",
     "Timings",
     "get_target",
-    "layer_case",
     "read_artifact",
     "register_target",
 ]
@@ -178,7 +177,14 @@ class TargetOptions(Config):
 
 
 class Target(ABC):
-    """A place models run: builds artifacts, runs them, times them."""
+    """A place models run: builds artifacts, runs them, times them.
+
+    Profiling (:mod:`spruce.runtime.measure`) times a layer as a one-layer model: it builds the
+    layer at each channel count and hands the cases to :meth:`measure_models`, which builds and
+    loads each through :meth:`model_runner`. That is the hook for a target that builds or runs a
+    lone layer its own way (the ONNX Runtime target writes a lone Conv or Linear straight to ONNX,
+    without a trace); a target that times differently overrides :meth:`measure_models`.
+    """
 
     name: ClassVar[str]
     suffix: ClassVar[str]  # the artifact file's suffix, e.g. ".onnx"
@@ -283,57 +289,6 @@ class Target(ABC):
         """Inputs in the form this target's runner takes (numpy on the CPU by default)."""
         return [t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t) for t in example_inputs]
 
-    def time_layer(self, layer: nn.Module, input_shape: Sequence[int], active_in: int, active_out: int,
-                   batch_size: int | None = None, warmup: int = 10, repeats: int = 50) -> np.ndarray:
-        """Seconds per forward of one layer shaped like ``layer`` with ``active_in``/``active_out`` channels.
-
-        ``layer`` (a Conv1d/2d/3d or ConvTranspose1d/2d/3d, grouped or depthwise, or a Linear) gives the kind and the
-        hyper-parameters (kernel, stride, padding, dilation, groups, bias, dtype); ``input_shape`` is
-        its full input shape (channels at dim 1 for a convolution, last for a linear layer), whose
-        batch dim is replaced by ``batch_size`` when given. The layer is built fresh with random
-        weights and timed through :meth:`time_model`, so a target's own timing path applies.
-        Raises ``ValueError`` for channel counts the layer cannot take (see :func:`resized_layer`).
-        """
-        resized, example = layer_case(layer, input_shape, active_in, active_out, batch_size)
-        return self.time_model(resized, (example,), warmup, repeats)
-
-    def measure_layers(self, layer: nn.Module, input_shape: Sequence[int], points: Sequence[tuple[int, int]],
-                       batch_size: int | None = None, warmup: int = 3, rounds: int = 20,
-                       reference: tuple[nn.Module, Sequence[int], tuple[int, int]] | None = None) -> list[Timings]:
-        """Load-robust timings of ``layer`` at several (active in, active out) ``points``, timed
-        interleaved with each other (:meth:`measure_models`); arguments as for :meth:`time_layer`.
-        ``reference`` (a layer, its input shape and one point) is timed interleaved with them and
-        its :class:`Timings` appended last."""
-        cases = []
-        for active_in, active_out in points:
-            resized, example = layer_case(layer, input_shape, active_in, active_out, batch_size)
-            cases.append((resized, (example,)))
-        if reference is not None:
-            ref_layer, ref_shape, (ref_in, ref_out) = reference
-            resized, example = layer_case(ref_layer, ref_shape, ref_in, ref_out, batch_size)
-            cases.append((resized, (example,)))
-        return self.measure_models(cases, warmup, rounds)
-
-
-def layer_case(layer: nn.Module, input_shape: Sequence[int], active_in: int, active_out: int,
-               batch_size: int | None = None) -> tuple[nn.Module, torch.Tensor]:
-    """A fresh eval-mode layer like ``layer`` with the given channel counts (:func:`resized_layer`)
-    and a seeded random input for it (``input_shape`` with its channel dim set to ``active_in``
-    and, when given, its batch dim to ``batch_size``)."""
-    resized = resized_layer(layer, active_in, active_out)
-    shape = list(input_shape)
-    if not shape:
-        raise ValueError("time_layer: input_shape is empty")
-    channel_dim = -1 if isinstance(layer, nn.Linear) else 1
-    shape[channel_dim] = active_in
-    if batch_size is not None:
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"time_layer: batch_size must be a positive integer, got {batch_size!r}")
-        shape[0] = batch_size
-    dtype = next(resized.parameters()).dtype
-    example = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(dtype)
-    return resized.eval(), example
-
 
 TARGETS: dict[str, type[Target]] = {}
 
@@ -387,40 +342,6 @@ def _load_target_modules() -> None:
 _NOT_TARGETS = ("base", "files")
 
 
-def resized_layer(layer: nn.Module, active_in: int, active_out: int) -> nn.Module:
-    """A fresh layer like ``layer`` (same kind and hyper-parameters) with the given channel counts.
-
-    A depthwise convolution (one input channel per group) keeps its channel multiplier, so its
-    group count follows ``active_in`` and ``active_out`` must be ``active_in`` times the multiplier;
-    any other grouped convolution keeps its group count, so both counts must be multiples of it.
-    Weights are random (their values do not matter for dense kernels' latency).
-    """
-    for label, count in (("active_in", active_in), ("active_out", active_out)):
-        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-            raise ValueError(f"{label} must be a positive integer, got {count!r}")
-    factory = {"dtype": layer.weight.dtype} if isinstance(getattr(layer, "weight", None), torch.Tensor) else {}
-    if isinstance(layer, nn.Linear):
-        return nn.Linear(active_in, active_out, bias=layer.bias is not None, **factory)
-    if type(layer) not in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
-                           nn.ConvTranspose3d):
-        raise ValueError(f"cannot time a layer of type {type(layer).__name__}: "
-                         "expected Conv1d/2d/3d, ConvTranspose1d/2d/3d or Linear")
-    groups = layer.groups
-    if groups > 1 and layer.in_channels == groups:  # depthwise: groups follow the channels
-        multiplier = layer.out_channels // groups
-        if active_out != active_in * multiplier:
-            raise ValueError(f"depthwise convolution with channel multiplier {multiplier}: active_out must be "
-                             f"{multiplier} x active_in = {active_in * multiplier}, got {active_out}")
-        groups = active_in
-    elif active_in % groups or active_out % groups:
-        raise ValueError(f"grouped convolution with {groups} groups: active_in ({active_in}) and active_out "
-                         f"({active_out}) must be multiples of {groups}")
-    extra = {"output_padding": layer.output_padding} if layer.transposed else {}
-    return type(layer)(active_in, active_out, layer.kernel_size, stride=layer.stride, padding=layer.padding,
-                       dilation=layer.dilation, groups=groups, bias=layer.bias is not None,
-                       padding_mode=layer.padding_mode, **extra, **factory)
-
-
 def _cpu_name() -> str:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as info:
@@ -430,10 +351,3 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
-
-
-def artifact_dict(artifact: Artifact) -> dict[str, Any]:
-    """The artifact as a JSON-ready dict (for reports)."""
-    record = asdict(artifact)
-    record["path"] = str(artifact.path)
-    return record

@@ -15,25 +15,33 @@ from hypothesis import strategies as st
 from spruce.api.verbs import analyze_model, profile
 from spruce.cli import main as cli
 from spruce.cli import profile as cli_profile
-from spruce.runtime.profile import (
-    Calibration,
-    LatencyTable,
-    LayerEntry,
-    ProfileError,
+from spruce.runtime.calibration import (
     compact_at_widths,
-    find_layers,
     fit_calibration,
     fixed_costs,
-    layer_signature,
     nonnegative_least_squares,
     random_group_widths,
 )
-from spruce.targets.base import resized_layer
+from spruce.runtime.layers import find_layers, layer_signature
+from spruce.runtime.measure import resized_layer, time_layer
+from spruce.runtime.table import PROFILED_TYPES, Calibration, LatencyTable, LayerEntry, ProfileError
 from spruce.targets.onnxruntime import OnnxRuntimeCPU
 from spruce.targets.timing import Timings
 from torch import nn
 
 FAST = {"warmup": 1, "repeats": 3, "coarse": 3, "calibration_random": 1, "retries": 0, "progress": False}
+
+
+def layer_chunk(cases) -> tuple[str, list[tuple[int, int]]] | None:
+    """(signature, [(in, out), ...]) of a chunk of layer points as profiling hands it to
+    ``Target.measure_models`` (one lone layer per point, the reference layer last), or None for
+    the calibration's whole models."""
+    if not all(isinstance(model, PROFILED_TYPES) for model, _ in cases):
+        return None
+    (layer, (example,)), *_ = cases
+    points = [(m.in_features, m.out_features) if isinstance(m, nn.Linear) else (m.in_channels, m.out_channels)
+              for m, _ in cases[:-1]]
+    return layer_signature(layer, example.shape, example.dtype), points
 
 
 class CountingORT(OnnxRuntimeCPU):
@@ -43,20 +51,14 @@ class CountingORT(OnnxRuntimeCPU):
         super().__init__(threads=threads)
         self.layer_calls: list[tuple] = []
         self.model_calls = 0
-        self._in_layers = False
-
-    def measure_layers(self, layer, input_shape, points, batch_size=None, warmup=3, rounds=20, reference=None):
-        signature = layer_signature(layer, input_shape, torch.float32)
-        self.layer_calls.extend((signature, active_in, active_out) for active_in, active_out in points)
-        self._in_layers = True
-        try:
-            return super().measure_layers(layer, input_shape, points, batch_size, warmup, rounds, reference)
-        finally:
-            self._in_layers = False
 
     def measure_models(self, cases, warmup=3, rounds=20):
-        if not self._in_layers:
+        chunk = layer_chunk(cases)
+        if chunk is None:
             self.model_calls += 1
+        else:
+            signature, points = chunk
+            self.layer_calls.extend((signature, active_in, active_out) for active_in, active_out in points)
         return super().measure_models(cases, warmup, rounds)
 
 
@@ -103,13 +105,12 @@ class Drifting(CountingORT):
     def __init__(self):
         super().__init__()
         self.raw: list[list[float]] = []
-        self.chunks: list[tuple[str, list[tuple[int, int]]]] = []  # (signature, points) per measure_layers
-
-    def measure_layers(self, layer, input_shape, points, batch_size=None, warmup=3, rounds=20, reference=None):
-        self.chunks.append((layer_signature(layer, input_shape, torch.float32), [tuple(p) for p in points]))
-        return super().measure_layers(layer, input_shape, points, batch_size, warmup, rounds, reference)
+        self.chunks: list[tuple[str, list[tuple[int, int]]]] = []  # (signature, points) per chunk of points
 
     def measure_models(self, cases, warmup=3, rounds=20):
+        chunk = layer_chunk(cases)
+        if chunk is not None:
+            self.chunks.append(chunk)
         timings = super().measure_models(cases, warmup, rounds)
         factor = 3.0 if len(self.raw) % 2 else 1.0
         self.raw.append([t.robust_ms() for t in timings])
@@ -335,9 +336,9 @@ def test_other_fingerprint_never_uses_cache(twin, profiled, tmp_path):
 
 
 def _folder_for(target) -> str:
-    from spruce.runtime.profile import _digest
+    from spruce.runtime.cache import key_digest
 
-    return _digest(dict(target.fingerprint()))
+    return key_digest(dict(target.fingerprint()))
 
 
 def test_save_load_round_trip_and_predict_model(twin, profiled, tmp_path):
@@ -422,8 +423,8 @@ def test_resized_layer_keeps_hyperparameters_and_groups():
 
 
 def test_time_layer_runs_a_real_session():
-    seconds = OnnxRuntimeCPU(threads=1).time_layer(nn.Linear(32, 16), (4, 32), 8, 8, batch_size=2,
-                                                   warmup=1, repeats=3)
+    seconds = time_layer(OnnxRuntimeCPU(threads=1), nn.Linear(32, 16), (4, 32), 8, 8, batch_size=2, warmup=1,
+                         repeats=3)
     assert seconds.shape == (3,) and (seconds > 0).all()
 
 
@@ -593,10 +594,10 @@ class StopsAfter(CountingORT):
         super().__init__()
         self.limit = limit
 
-    def measure_layers(self, *args, **kwargs):
-        if len(self.layer_calls) >= self.limit:
+    def measure_models(self, cases, warmup=3, rounds=20):
+        if layer_chunk(cases) is not None and len(self.layer_calls) >= self.limit:
             raise KeyboardInterrupt
-        return super().measure_layers(*args, **kwargs)
+        return super().measure_models(cases, warmup, rounds)
 
 
 def test_a_killed_profile_keeps_every_point_it_measured(twin, profiled, tmp_path):
@@ -629,8 +630,8 @@ def test_a_cache_path_that_is_a_file_is_refused_before_anything_is_measured(twin
 
 _WRITER = """
 import sys
-from spruce.runtime.profile import _Cache
-cache = _Cache(__import__("pathlib").Path(sys.argv[1]), {"target": "t"})
+from spruce.runtime.cache import LatencyCache
+cache = LatencyCache(__import__("pathlib").Path(sys.argv[1]), {"target": "t"})
 for k in range(int(sys.argv[3])):
     cache.write("layer", "sig", {f"{sys.argv[2]}{k}": float(k)})
 """
