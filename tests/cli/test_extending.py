@@ -1,4 +1,4 @@
-"""The README's Extending section, followed to the letter: a toy method in one new module
+"""The docs' "write a method" how-to, followed to the letter: a toy method in one new module
 works by string, by config object, in a recipe file, on the CLI and through checkpoints."""
 
 from __future__ import annotations
@@ -20,20 +20,19 @@ from spruce.compiler.recipes import load_recipe
 from spruce.passes.sparsity.method import METHODS, RunLength
 from spruce.passes.sparsity.registry import method_names
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+EXTEND_PAGE = Path(__file__).resolve().parents[2] / "docs" / "howto" / "extend.md"
 X = torch.randn(2, 1, 8, 8)
 
 
 def toy_source() -> str:
-    """The toy method module exactly as the README's Extending section shows it."""
-    section = README.read_text(encoding="utf-8").split("## Extending", 1)[1]
-    block = re.search(r"```python\n(\s*# toy_method\.py.*?)```", section, re.S).group(1)
-    return "\n".join(line[2:] if line.startswith("  ") else line for line in block.splitlines()) + "\n"
+    """The toy method module exactly as the docs' "A sparse-training method" section shows it."""
+    section = EXTEND_PAGE.read_text(encoding="utf-8").split("## A sparse-training method", 1)[1]
+    return re.search(r"```python\n(# toy_method\.py.*?)```", section, re.S).group(1)
 
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
-    """Import the README's module (one new file) the way a user's code would."""
+    """Import the docs' module (one new file) the way a user's code would."""
     folder = tmp_path_factory.mktemp("toy")
     (folder / "toy_method.py").write_text(toy_source())
     spec = importlib.util.spec_from_file_location("toy_method", folder / "toy_method.py")

@@ -16,12 +16,12 @@ from spruce.cli.main import main
 from spruce.compiler import stages
 from spruce.compiler.recipes import Recipe, RecipeError, load_recipe, recipe_schema
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+RECIPE_PAGE = Path(__file__).resolve().parents[2] / "docs" / "howto" / "compile.md"
 
 
 def readme_recipe() -> str:
-    """The example recipe of the README's "Recipe files" section (its first yaml block)."""
-    section = README.read_text(encoding="utf-8").split("### Recipe files", 1)[1]
+    """The example recipe of the docs' "Recipe files" section (its first yaml block)."""
+    section = RECIPE_PAGE.read_text(encoding="utf-8").split("## Recipe files", 1)[1]
     return re.search(r"```yaml\n(.*?)```", section, re.S).group(1)
 
 
