@@ -19,6 +19,7 @@ from typing import Any
 
 from torch import nn
 
+from ..moved import moved_name
 from ..targets.files import checked_out_dir, staged_dir
 from .loading import load_setup
 from .recipes import Recipe, load_recipe
@@ -100,3 +101,6 @@ def _resolve(model: str | nn.Module | None, example_inputs: Any, recipe: Recipe 
         raise ValueError(f"model must be an nn.Module, a spec string or None, got {type(model).__name__}")
     return resolved, given
 
+
+def __getattr__(name: str) -> Any:
+    raise moved_name(__name__, name)  # STAGES, run_stages, compile_model: an ImportError naming spruce.compile
