@@ -16,6 +16,7 @@ from torch import nn
 
 from ..api.stats import count_macs, count_params
 from ..targets.files import atomic_write_text
+from .bench_rows import latency_ms, speedup
 from .channel_methods import FinalCheck, method_activity
 from .plots import write_plots
 from .results import Benched, Built, Exported, Profiled, Recovered, Reference, Setup, Sparsified, Timings, Workspace
@@ -23,7 +24,7 @@ from .results import Benched, Built, Exported, Profiled, Recovered, Reference, S
 __all__ = ["CompileReport", "report_document", "write_report"]
 
 REPORT_FORMAT = "spruce-compile-report"
-REPORT_VERSION = 1
+REPORT_VERSION = 2  # 2: by_batch's speedup is the load-robust one (median_speedup the wall-clock median's)
 
 
 @dataclass
@@ -34,7 +35,8 @@ class CompileReport:
     out_dir: Path
 
     def format_table(self) -> str:
-        """Accuracy, latency and FPS of dense vs compiled, one row per batch size."""
+        """Accuracy, latency and FPS of dense vs compiled, one row per batch size (one
+        speed-up each, the load-robust one; the wall-clock medians' in a footnote)."""
         doc = self.document
         lines = [f"{'':10s} {'accuracy':>9s} {'params':>10s} {'MACs':>12s}",
                  f"{'dense':10s} {_number(doc['dense']['accuracy']):>9s} {doc['dense']['params']:10d} "
@@ -44,8 +46,11 @@ class CompileReport:
                  f"{'batch':>5s} {'dense ms':>9s} {'compiled ms':>12s} {'dense FPS':>10s} {'compiled FPS':>13s} "
                  f"{'speed-up':>9s}"]
         for row in doc["bench"]["by_batch"]:
-            lines.append(f"{row['batch_size']:5d} {row['dense_ms']:9.3f} {row['compiled_ms']:12.3f} "
-                         f"{row['dense_fps']:10.1f} {row['compiled_fps']:13.1f} {row['speedup']:8.2f}x")
+            dense_ms, compiled_ms = latency_ms(row, "dense"), latency_ms(row, "compiled")
+            lines.append(f"{row['batch_size']:5d} {dense_ms:9.3f} {compiled_ms:12.3f} "
+                         f"{row['batch_size'] * 1e3 / dense_ms:10.1f} {row['batch_size'] * 1e3 / compiled_ms:13.1f} "
+                         f"{speedup(row):8.2f}x")
+        lines += _bench_footnote(doc["bench"]["by_batch"])
         lines += _summary_lines(doc)
         return "\n".join(lines)
 
@@ -82,8 +87,8 @@ def report_document(setup: Setup, reference: Reference, profiled: Profiled, spar
         by_batch.append({"batch_size": batch_size, "dense_ms": d.median_ms, "compiled_ms": c.median_ms,
                          "dense_p90_ms": d.p90_ms, "compiled_p90_ms": c.p90_ms, "dense_p99_ms": d.p99_ms,
                          "compiled_p99_ms": c.p99_ms, "dense_fps": d.images_per_s, "compiled_fps": c.images_per_s,
-                         "speedup": d.median_ms / c.median_ms, "dense_robust_ms": d.robust_ms,
-                         "compiled_robust_ms": c.robust_ms, "robust_speedup": d.robust_ms / c.robust_ms})
+                         "dense_robust_ms": d.robust_ms, "compiled_robust_ms": c.robust_ms,
+                         "speedup": d.robust_ms / c.robust_ms, "median_speedup": d.median_ms / c.median_ms})
     return {
         "format": REPORT_FORMAT,
         "version": REPORT_VERSION,
@@ -111,6 +116,29 @@ def report_document(setup: Setup, reference: Reference, profiled: Profiled, spar
                                                                      exported, benched, recovered.final)) else {}),
         "recovery": _jsonable(_recovery_record(setup, sparsified, recovered)),
     }
+
+
+def _median_speedup(row: Mapping[str, Any]) -> float | None:
+    if "median_speedup" in row:
+        return row["median_speedup"]
+    return row["speedup"] if "robust_speedup" in row else None
+
+
+def _bench_footnote(rows: list[Mapping[str, Any]]) -> list[str]:
+    """The footnote under a bench table: what the speed-up is, and the wall-clock medians'."""
+    if not rows or "dense_robust_ms" not in rows[0]:
+        return ["", "speed-up: wall-clock medians (this report predates the load-robust figure)"]
+    medians = ", ".join(f"{_median_speedup(r):.2f}x at batch {r['batch_size']}" for r in rows
+                        if _median_speedup(r) is not None)
+    return ["", "ms, FPS and speed-up: load-robust latency (run-queue waiting excluded, outliers rejected); "
+            f"p99 on wall-clock time; the wall-clock medians' speed-up: {medians}"]
+
+
+def method_ran(doc: Mapping[str, Any]) -> bool:
+    """Did the recipe's method run (update masks or channels during recovery)? A report
+    without a recovery record (older ones) is taken to say it did."""
+    recovery = doc.get("recovery")
+    return recovery is None or recovery.get("mask_updates", 0) > 0
 
 
 def _number(value: float | None) -> str:
@@ -141,11 +169,13 @@ def _summary_lines(doc: dict[str, Any]) -> list[str]:
     evaluation = doc.get("evaluation")
     if evaluation and evaluation.get("fidelity"):
         lines += ["", f"fidelity to dense on {evaluation['fidelity']['samples']} held-out inputs:"]
-        losses = {o["output"]: o["distill_loss"] for o in evaluation["outputs"]}
+        # the per-output distillation loss only where recovery distilled (else the recovery line names the loss)
+        distilled = (doc.get("recovery") or {}).get("mode", "distill") == "distill"
+        losses = {o["output"]: o.get("distill_loss") for o in evaluation["outputs"]}
         for name, row in evaluation["fidelity"]["per_output"].items():
             extra = f", top-1 agreement {row['top1_agreement']:.4f}" if "top1_agreement" in row else ""
-            lines.append(f"  {name}: relative L2 {row['relative_l2']:.4f}, cosine {row['cosine']:.4f}{extra} "
-                         f"(distill loss {losses.get(name)})")
+            lines.append(f"  {name}: relative L2 {row['relative_l2']:.4f}, cosine {row['cosine']:.4f}{extra}"
+                         + (f" (distill loss {losses.get(name)})" if distilled and losses.get(name) else ""))
         for which in ("dense", "compiled"):
             if evaluation.get(f"{which}_metrics"):
                 lines.append(f"  {which} metrics: " + ", ".join(f"{k} {v:.4f}"
@@ -194,7 +224,9 @@ def _markdown(doc: dict[str, Any]) -> str:
     recipe = doc["recipe"]
     lines = ["# spruce compile report", "",
              f"Model: {recipe['model'] or 'embedded digits CNN'} on {doc['data']}; target `{recipe['target']}`; "
-             f"method `{_method_text(recipe['method'])}`, structure `{recipe['structure']}`, "
+             + (f"method `{_method_text(recipe['method'])}`" if method_ran(doc)
+                else "selection one-shot by weight magnitude (no method ran)")
+             + f", structure `{recipe['structure']}`, "
              + (f"budget {recipe['budget']}" if recipe["budget"] else f"sparsity {recipe['sparsity']}")
              + f"; {recipe['epochs']} epochs.", "",
              "| | accuracy | params | MACs | artifact |", "|---|---|---|---|---|"]
@@ -202,17 +234,17 @@ def _markdown(doc: dict[str, Any]) -> str:
         part = doc[which]
         lines.append(f"| {which} | {_number(part['accuracy'])} | {part['params']:,} | {part['macs']:,} | "
                      f"`{part['artifact']}` |")
-    lines += ["", f"Latency on `{recipe['target']}` (median of {doc['bench']['iters']} runs after "
-              f"{doc['bench']['warmup']} warm-ups, dense and compiled calls interleaved; robust: run-queue waiting "
-              "excluded, outliers rejected):", "",
-              "| batch | dense ms | compiled ms | dense p99 ms | compiled p99 ms | dense FPS | compiled FPS "
-              "| speed-up | robust speed-up |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", f"Latency on `{recipe['target']}` ({doc['bench']['iters']} runs after {doc['bench']['warmup']} "
+              "warm-ups, dense and compiled calls interleaved):", "",
+              "| batch | dense ms | compiled ms | speed-up | dense FPS | compiled FPS | dense p99 ms "
+              "| compiled p99 ms |",
+              "|---|---|---|---|---|---|---|---|"]
     for r in doc["bench"]["by_batch"]:
-        lines.append(f"| {r['batch_size']} | {r['dense_ms']:.3f} | {r['compiled_ms']:.3f} | {r['dense_p99_ms']:.3f} | "
-                     f"{r['compiled_p99_ms']:.3f} | {r['dense_fps']:.1f} | {r['compiled_fps']:.1f} | "
-                     f"{r['speedup']:.2f}x | "
-                     + (f"{r['robust_speedup']:.2f}x |" if "robust_speedup" in r else "- |"))
+        dense_ms, compiled_ms = latency_ms(r, "dense"), latency_ms(r, "compiled")
+        lines.append(f"| {r['batch_size']} | {dense_ms:.3f} | {compiled_ms:.3f} | {speedup(r):.2f}x | "
+                     f"{r['batch_size'] * 1e3 / dense_ms:.1f} | {r['batch_size'] * 1e3 / compiled_ms:.1f} | "
+                     f"{r['dense_p99_ms']:.3f} | {r['compiled_p99_ms']:.3f} |")
+    lines += _bench_footnote(doc["bench"]["by_batch"])
     if doc.get("latency_table"):
         lt = doc["latency_table"]
         lines += ["", f"Latency table (`{lt['file']}`): dense predicted {lt['dense_predicted_ms']:.3f} ms, compiled "

@@ -19,6 +19,7 @@ import spruce
 import torch
 from spruce.compiler import pipeline
 from spruce.compiler.recipes import Recipe
+from spruce.compiler.recovery import RecoveryLog
 from spruce.compiler.reporting import CompileReport, report_document, write_report
 from spruce.compiler.results import (
     Benched,
@@ -145,7 +146,7 @@ def _results(tmp_path: Path) -> dict:
         reference=Reference(dense, TrainLog([1.0, 0.5], [0.5, 0.9])),
         profiled=Profiled(None),
         sparsified=Sparsified(recipe.method, sparse_like, 10),
-        recovered=Recovered(TrainLog([1.2, 0.6], [0.4, 0.85])),
+        recovered=Recovered(TrainLog([1.2, 0.6], [0.4, 0.85]), RecoveryLog("distill", [1.2, 0.6], 20, 3)),
         exported=Exported(compiled, 0.85, 1e-6, "model.pt"),
         built=Built(Artifact(tmp_path / "dense.onnx", "onnxruntime", ((1, 1, 8, 8),)),
                     Artifact(tmp_path / "model.onnx", "onnxruntime", ((1, 1, 8, 8),))),
@@ -177,18 +178,23 @@ def test_the_report_document_is_assembled_from_stage_results(tmp_path):
 
 
 def test_a_report_from_before_the_interleaved_bench_still_renders():
-    """report.json files written before the bench carried robust figures (no robust_speedup,
-    no bench_wall_ratio) render to markdown and the console summary."""
+    """report.json files written before the bench carried robust figures (version 1: speedup
+    the medians', no robust figures, no bench_wall_ratio) render to markdown and the console
+    summary, with their one figure said to be the medians'."""
     from spruce.compiler import reporting
 
     document = report_document(**_results(Path("/nonexistent")))
+    document["version"] = 1
     for row in document["bench"]["by_batch"]:
-        for key in ("dense_robust_ms", "compiled_robust_ms", "robust_speedup"):
+        row["speedup"] = row.pop("median_speedup")
+        for key in ("dense_robust_ms", "compiled_robust_ms"):
             del row[key]
     document["budget"] = {"kind": "latency", "fraction": 0.5, "batch_size": 1, "bench_ratio": 0.52,
                           "measured_ratio": 0.5, "in_band": True, "band": [0.45, 0.525]}
     markdown = reporting._markdown(document)
-    assert "| 2.00x | - |" in markdown and "bench 0.520" in markdown and "(wall" not in markdown
+    assert "| 1 | 1.000 | 0.500 | 2.00x |" in markdown and "bench 0.520" in markdown and "(wall" not in markdown
+    assert "wall-clock medians (this report predates the load-robust figure)" in markdown
+    assert "2.00x" in CompileReport(document, Path("/nonexistent")).format_table()
 
 
 def test_the_report_stage_writes_what_it_built(tmp_path):
@@ -202,3 +208,115 @@ def test_the_report_stage_writes_what_it_built(tmp_path):
     assert {"report.md", "widths.png", "accuracy_fps.png", "training.png"} <= {p.name for p in tmp_path.iterdir()}
     assert set(written["plots"]) <= {p.name for p in tmp_path.iterdir()}
     assert "halp(interval=3)" in (tmp_path / "report.md").read_text()
+
+
+# --- the report does not contradict itself (one speed-up, the method and loss as run, no empty panel) ---
+
+
+def _loaded_bench() -> BenchReport:
+    """Batch 8 on a loaded machine: the wall-clock medians say 5.17x, the load-robust latency 2.23x."""
+    rows = (BenchRow("compiled", 1, 1.0, 1.1, 1.2, 1e3, 1.0), BenchRow("dense", 1, 1.5, 1.6, 1.7, 667.0, 1.5),
+            BenchRow("compiled", 8, 1.0, 1.1, 1.2, 8e3, 1.0), BenchRow("dense", 8, 5.17, 5.5, 6.0, 1547.0, 2.23))
+    return BenchReport({"target": "onnxruntime"}, rows, {1: 1.5, 8: 5.17}, {1: 1.5, 8: 2.23})
+
+
+def test_the_report_gives_one_speedup_per_batch_size_the_load_robust_one(tmp_path):
+    results = {**_results(tmp_path), "benched": Benched(_loaded_bench())}
+    document = report_document(**results)
+    (_, at_8) = document["bench"]["by_batch"]
+    assert at_8["speedup"] == pytest.approx(2.23) and at_8["median_speedup"] == pytest.approx(5.17)
+    from spruce.compiler import reporting
+
+    for text in (reporting._markdown(document), CompileReport(document, tmp_path).format_table()):
+        lines = text.splitlines()
+        (row_8,) = [line for line in lines if line.lstrip("| ").startswith("8 ")]
+        assert "2.23x" in row_8 and "5.17" not in row_8 and row_8.count("x") == 1, row_8
+        (footnote,) = [line for line in lines if "5.17" in line]  # the median: once, in the footnote
+        assert footnote.startswith("ms, FPS and speed-up: load-robust") and "5.17x at batch 8" in footnote
+        assert text.count("2.23x") == 1
+
+
+def test_the_header_names_the_method_only_when_it_ran(tmp_path):
+    from spruce.compiler import reporting
+
+    results = _results(tmp_path)
+    ran = reporting._markdown(report_document(**results))
+    assert "method `halp(interval=3)`" in ran.splitlines()[2]
+    idle = {**results, "recovered": Recovered(results["recovered"].log, RecoveryLog("loss", [1.0], 20, 0))}
+    header = reporting._markdown(report_document(**idle)).splitlines()[2]
+    assert "halp" not in header and "no method ran" in header
+
+
+def test_the_recovery_loss_is_named_as_used(tmp_path):
+    """A cross-entropy recovery is not reported as distilled with KL; a distillation is."""
+    from spruce.compiler import reporting
+    from spruce.compiler.outputs import plan_outputs
+
+    results = _results(tmp_path)
+    dense, example = results["reference"].model, results["setup"].example
+    plan = plan_outputs(dense(example), None, "model")
+    document = report_document(**results)
+    document["evaluation"]["outputs"] = plan.record()
+    document["evaluation"]["fidelity"] = {"samples": 4, "per_output": {
+        o["output"]: {"relative_l2": 0.1, "cosine": 0.99, "top1_agreement": 0.95} for o in plan.record()}}
+    loss_used = {"mode": "loss", "loss": "cross-entropy on the labels (built in)", "steps": 20, "mask_updates": 3}
+    for mode, recovery in (("loss", loss_used), ("distill", {**loss_used, "mode": "distill"})):
+        document["recovery"] = recovery
+        summary = "\n".join(reporting._summary_lines(document))
+        assert ("distill loss" in summary) == (mode == "distill"), summary
+        assert f"recovery: {mode} (" in summary
+
+
+def test_no_plot_has_an_empty_panel(tmp_path):
+    """One-shot channels (no sparsity, no prune-grow metrics) and no labels: the panels that
+    would be empty are left out; every panel drawn has data."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    from spruce.compiler import plots
+
+    results = _results(tmp_path)
+    empty = {**results, "sparsified": Sparsified(results["setup"].recipe.method, None, 10),
+             "reference": Reference(results["reference"].model, TrainLog()),
+             "recovered": Recovered(TrainLog([1.2, 0.6], []), RecoveryLog("loss", [1.2, 0.6], 20, 0)),
+             "exported": Exported(results["exported"].model, None, None, "model.pt")}
+    document = report_document(**empty)
+    assert document["sparsity"] == {} and document["metrics"] == []
+    panels = {}
+    for name, plot in (("widths", plots._plot_widths), ("accuracy_fps", plots._plot_accuracy_fps),
+                       ("training", plots._plot_training)):
+        figure = plot(document)
+        if figure is not None:
+            axes = [axis for axis in figure.axes if axis.get_label() != "<colorbar>"]
+            assert all(axis.has_data() for axis in axes), name
+            panels[name] = len(axes)
+    assert panels == {"widths": 1, "accuracy_fps": 1, "training": 1}  # widths, FPS, recovery loss
+    full = report_document(**results)  # with sparsities, accuracies and curves: both panels each
+    assert [len(plot(full).axes) for plot in (plots._plot_widths, plots._plot_accuracy_fps)] == [2, 2]
+    written = write_report(**empty, workspace=Workspace(tmp_path, quiet=True)).document["plots"]
+    assert set(written) == {"widths.png", "accuracy_fps.png", "training.png"}
+
+
+def test_the_latency_heat_map_shows_a_pruned_layer(tmp_path):
+    """The heat map shows the most expensive *pruned* profiled layer, not the most expensive
+    layer; with no pruned layer it is left out."""
+    from spruce.compiler import plots
+
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 16, 1), nn.ReLU(),
+                          nn.Conv2d(16, 8, 1)).eval()
+    table = spruce.profile(dense, torch.randn(1, 3, 32, 32), "onnxruntime", step=8)
+    assert {"0", "2", "4"} <= set(table.layers)
+    most = max(table.layers, key=lambda n: table.isolated_ms(n, table.layers[n].in_channels,
+                                                             table.layers[n].out_channels))
+    pruned = next(name for name in ("2", "4") if name != most)
+    document = {"layers": [
+        {"layer": name, "dense_in": table.layers[name].in_channels, "dense_out": table.layers[name].out_channels,
+         "compiled_in": table.layers[name].in_channels,
+         "compiled_out": table.layers[name].out_channels // (2 if name == pruned else 1)} for name in table.layers]}
+    assert plots.pruned_layer(table, document) == pruned
+    figure = plots._plot_table(table, document)
+    assert figure.axes[0].get_title().startswith(f"latency table: {pruned} (")
+    for row in document["layers"]:
+        row["compiled_out"] = row["dense_out"]
+    assert plots.pruned_layer(table, document) is None and plots._plot_table(table, document) is None
