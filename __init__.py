@@ -9,8 +9,11 @@ The public API is small on purpose:
   the method is a config object (``IEEConfig(h=150)``, ``RigLConfig(delta_t=100)``, ...) or its name.
 - :func:`profile` times every prunable layer on a target into a :class:`LatencyTable` that predicts
   the latency of any channel configuration.
+- :func:`build` builds a model into a deployable artifact for a target (ONNX Runtime, torch,
+  TensorRT) with the manifest that pins its bytes.
 - :func:`bench` times a built artifact (median/p90/p99, images/s), optionally against its dense twin.
 - :func:`compile` compiles a trained model (measured budget, recovery, build, time and evaluate vs dense).
+- :func:`to_transformers` writes a pruned transformers model back as the user's own class.
 - :func:`save` / :func:`load` checkpoint a sparse model atomically, validated before anything is loaded.
 
 Names are imported on first use (PEP 562), so ``import spruce.passes`` loads the passes
@@ -22,12 +25,18 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from .moved import install as _install_moved_paths
+
 __version__ = "0.1.0"
+
+_install_moved_paths()  # an old module path (spruce.compiler.hf, ...) raises an ImportError naming its new place
 
 # public name -> the module (relative to this package) that defines it
 _EXPORTS = {
     "BenchReport": ".runtime.bench",
     "bench": ".runtime.bench",
+    "build": ".api.build",
+    "to_transformers": ".api.transformers",
     "LatencyTable": ".runtime.table",
     "LayerEntry": ".runtime.table",
     "ChannelGroup": ".passes.analysis",

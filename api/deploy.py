@@ -34,6 +34,7 @@ from torch.utils import _pytree as pytree
 
 from ..capture.capture import bound_names, declared_by_name, preserved_state, quiet, with_dims
 from ..passes.graph import CapturedGraph, empty_graph_like
+from ..targets.base import Artifact
 from ..targets.files import atomic_path
 
 __all__ = ["Part", "check_pt2_in_fresh_process", "export_program", "parts", "save_onnx", "save_pt2"]
@@ -376,8 +377,12 @@ def save_onnx(part: Part, path: str | os.PathLike) -> tuple[Path, float]:
     dynamic, named after the user's ``Dim`` objects) and check it with ONNX Runtime at the example
     input and at the second batch size (the exporter also checks it at a larger batch and
     at larger declared dims: see :func:`spruce.targets.onnxruntime.export_onnx`). Returns the
-    path and the largest relative difference between torch and ONNX Runtime outputs."""
-    from ..targets.onnxruntime import export_onnx, run_onnx
+    path and the largest relative difference between torch and ONNX Runtime outputs.
+
+    The file gets its manifest (``<path>.spruce.json``, target ``onnxruntime``: the bytes
+    pinned, the flattened inputs' shapes at the example), so ``spruce.bench`` can time it; a
+    model captured whole is built more simply with :func:`spruce.build`."""
+    from ..targets.onnxruntime import OPSET, export_onnx, external_data_files, run_onnx
 
     module = part.module.eval()
     flat = FlatCall(_traceable(module), *part.inputs).eval()
@@ -401,6 +406,11 @@ def save_onnx(part: Part, path: str | os.PathLike) -> tuple[Path, float]:
             scale = max(1.0, float(a.abs().max())) if a.numel() else 1.0
             if a.numel():
                 worst = max(worst, float((a.double() - b.double()).abs().max()) / scale)
+    example = flat.flat(*part.inputs)
+    Artifact(path=Path(path), target="onnxruntime", input_shapes=tuple(tuple(t.shape) for t in example),
+             input_dtype=str(example[0].dtype).removeprefix("torch.") if example else "float32",
+             info={"opset": OPSET, "dynamic_batch": True, "max_relative_error": worst, "built_by": "save_onnx"},
+             data_files=external_data_files(path)).write_manifest()
     return path, worst
 
 

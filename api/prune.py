@@ -23,7 +23,7 @@ from ..passes.graph import require_data, split_inputs
 from ..passes.importance import GRADIENT_CRITERIA, IMPORTANCE, importance_scores, param_table
 from .verbs import analyze_model, gc_paused
 
-__all__ = ["PruneConfig", "PruneResult", "prune", "select_channels"]
+__all__ = ["PruneConfig", "PruneResult", "keep_top_channels", "prune"]
 
 
 @dataclass
@@ -132,7 +132,7 @@ def _ignored_members(model: nn.Module, ignore: Iterable[object]) -> set[tuple[st
     return pinned
 
 
-def select_channels(
+def keep_top_channels(
     model: nn.Module,
     groups: list[ChannelGroup],
     ratio: float,
@@ -256,7 +256,7 @@ def prune(
     with gc_paused():
         analysis = analyze_model(model, example_inputs, leaf_modules, dynamic_shapes=dynamic_shapes, gqa=gqa,
                                  normalised_widths=normalised_widths)
-        kept = select_channels(model, analysis.groups, ratio, importance, round_to, ignore, seed, calibration)
+        kept = keep_top_channels(model, analysis.groups, ratio, importance, round_to, ignore, seed, calibration)
         compact = remove_channels(analysis, model, kept)
         args, kwargs = split_inputs(example_inputs)
         check_runs(compact, args, model, "pruned model", kwargs)

@@ -4,7 +4,7 @@ measured latency, then recovered by spruce's own recovery stage.
 What runs, in order (the same stages ``spruce compile`` runs, with Torch-Pruning's selection
 in place of spruce's):
 
-1. ``compiler.stages.load`` and ``reference`` on the same recipe as the spruce rows
+1. ``compiler.loading.load_setup`` and ``compiler.stages.dense_reference`` on the same recipe as the spruce rows
    (``examples/craft.yaml`` with ``--data images:DIR --target onnxruntime --budget
    latency=B --recover distill``): the same target, loader, augmentation, output plan and
    distillation losses.
@@ -18,7 +18,7 @@ in place of spruce's):
    target's ``measure_models`` (what spruce's budget loop uses, with its warmup 3 and 15
    rounds); the next ratio is interpolated between the nearest candidates on either side of
    the goal (or extrapolated with latency ~ (1 - ratio)^2 before there are both).
-3. ``compiler.stages.recover`` on the pruned model (``distill``: the same teacher-scale
+3. ``compiler.stages.recover_student`` on the pruned model (``distill``: the same teacher-scale
    calibration, losses, AdamW, cosine schedule, epochs and learning rate; ``none``: the
    same BatchNorm re-estimation), then ``export`` (fidelity to dense on the held-out
    inputs) and the target's ``build`` of the compiled ONNX artifact.
@@ -147,15 +147,17 @@ def run_tp(args: Any, mode: str, out: Path) -> dict[str, Any]:
     (``bench/trained.py``'s ``compile_once`` form)."""
     import benchlib
     from spruce.compiler import stages
+    from spruce.compiler.loading import load_setup
+    from spruce.compiler.results import Captured, Given, Profiled, Sparsified, Workspace
 
     os.chdir(ROOT)  # the recipe's FILE.py specs are relative to the repository root
-    workspace = stages.Workspace(out, quiet=False, progress=False)
+    workspace = Workspace(out, quiet=False, progress=False)
     out.mkdir(parents=True, exist_ok=True)
     load_before = benchlib.load_average()
     seconds: dict[str, float] = {}
     start = time.perf_counter()
-    setup = stages.load(_recipe(args, mode), workspace, stages.Given())
-    reference = stages.reference(setup, workspace)
+    setup = load_setup(_recipe(args, mode), workspace, Given())
+    reference = stages.dense_reference(setup, workspace)
     seconds["load_s"] = time.perf_counter() - start
     chosen = _selection(args, setup, reference, workspace.say)
     seconds["select_s"] = chosen["seconds"]  # the search (shared by the modes when cached)
@@ -163,15 +165,15 @@ def run_tp(args: Any, mode: str, out: Path) -> dict[str, Any]:
     settings = (f"Torch-Pruning {_tp_version()} MetaPruner, MagnitudeImportance(p=1) (L1, group mean, "
                 f"mean-normalised), uniform pruning_ratio {chosen['pruning_ratio']:.4f} per layer, round_to "
                 f"{ROUND_TO}, ignored layers upconv4.conv[3] (the feature output) and conv_cls[-1] (the maps)")
-    sparsified = stages.Sparsified(method=None, sparse=None, total_steps=setup.total_steps, compact=student,
+    sparsified = Sparsified(method=None, sparse=None, total_steps=setup.total_steps, compact=student,
                                    importance=settings)
-    captured = stages.Captured(student, None)
+    captured = Captured(student, None)
     tick = time.perf_counter()
-    recovered = stages.recover(setup, reference, captured, stages.Profiled(None), sparsified, workspace)
+    recovered = stages.recover_student(setup, reference, captured, Profiled(None), sparsified, workspace)
     seconds["recover_s"] = time.perf_counter() - tick
     torch.save(student, out / "recovered.pt")  # before export: a failure after this is resumable by hand
     tick = time.perf_counter()
-    exported = stages.export(setup, reference, sparsified, workspace)
+    exported = stages.export_compiled(setup, reference, sparsified, workspace)
     seconds["export_s"] = time.perf_counter() - tick
     tick = time.perf_counter()
     artifact = setup.target.build(exported.model, (setup.example,), out / f"model{setup.target.suffix}")

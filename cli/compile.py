@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 
 from ..compiler.recipes import Recipe, RecipeError, load_recipe, parse_budget
-from ..targets.files import checked_out_dir, staged_dir
+from ..targets.files import checked_out_dir
 from .common import EXIT_OK, Subcommand, parse_input_shapes, parse_target_option, usable_target
 
 _DEFAULTS = Recipe()
@@ -99,13 +99,12 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
 
 def run(args: argparse.Namespace) -> int:
     """Compile, write DIR/report.json + report.md + plots + artifacts, print the comparison table."""
-    from ..compiler.pipeline import compile_model
+    from ..compiler.pipeline import compile
 
     recipe = recipe_from_args(args)
     out_dir = checked_out_dir(args.out, args.force, name="--out", force_hint="--force")
     usable_target(recipe.target, recipe.target_options)  # before any training
-    with staged_dir(out_dir) as stage:
-        report = compile_model(recipe, stage, quiet=args.quiet)
+    report = compile(recipe=recipe, out=out_dir, force=args.force, quiet=args.quiet)
     if args.json:
         print(json.dumps(report.document, indent=2))
     else:

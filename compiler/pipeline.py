@@ -1,34 +1,42 @@
-"""``spruce.compile``: the stages of :mod:`spruce.compiler.stages`, run in order.
+"""``spruce.compile``: its stages called by name, in order, in one function.
 
+    load_setup -> dense_reference -> capture_student -> profile_student -> sparsify_student
+    -> recover_student -> export_compiled -> build_artifacts -> bench_artifacts -> write_report
+
+Each stage takes the results of earlier ones and returns one typed value
+(:mod:`spruce.compiler.results`); :mod:`spruce.compiler.stages` says what each does.
 The trained model given is the dense reference: evaluated, built and timed as given,
 never re-trained; both models are built for the target and timed in the same run.
-Everything is written into a staged folder that replaces ``out`` only when the
-whole pipeline succeeded.
+Everything is written into a staged folder that replaces ``out`` only when the whole
+compile succeeded.
 """
 
 from __future__ import annotations
 
-import inspect
-import time
-import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
+from ..moved import moved_name
 from ..targets.files import checked_out_dir, staged_dir
-from . import stages
+from .loading import load_setup
 from .recipes import Recipe, load_recipe
-from .reporting import CompileReport
-
-__all__ = ["CompileReport", "STAGES", "compile", "compile_model", "run_stages", "stage_inputs"]
-
-# compile, stage by stage: each takes the results its parameters' annotations name
-STAGES: tuple[Callable[..., Any], ...] = (
-    stages.load, stages.reference, stages.capture, stages.profile, stages.sparsify, stages.recover,
-    stages.export, stages.build, stages.bench, stages.report,
+from .reporting import CompileReport, write_report
+from .results import Given, Timings, Workspace
+from .selection import sparsify_student
+from .stages import (
+    bench_artifacts,
+    build_artifacts,
+    capture_student,
+    dense_reference,
+    export_compiled,
+    profile_student,
+    recover_student,
 )
+
+__all__ = ["CompileReport", "compile"]
 
 
 def compile(model: str | nn.Module | None = None, example_inputs: Any = None, *, out: str | Path,
@@ -48,60 +56,51 @@ def compile(model: str | nn.Module | None = None, example_inputs: Any = None, *,
     with ``options`` (Recipe fields, e.g. ``recover="none"``, ``budget={"latency": 0.6}``)
     on top. ``out`` appears complete or not at all; a non-empty ``out`` is replaced only with
     ``force=True``. Bad input raises ``ValueError`` before any training or profiling."""
+    resolved, given = _resolve(model, example_inputs, recipe, data, loss_fn, evaluate, prepare, options)
+    out_dir = checked_out_dir(out, force, name="out", force_hint="force=True")
+    timings = Timings()
+    with staged_dir(out_dir) as staged:
+        workspace = Workspace(staged, quiet)
+        with timings.stage("load"):
+            setup = load_setup(resolved, workspace, given)
+        with timings.stage("reference"):
+            reference = dense_reference(setup, workspace)
+        with timings.stage("capture"):
+            captured = capture_student(setup, reference)
+        with timings.stage("profile"):
+            profiled = profile_student(setup, captured, workspace)
+        with timings.stage("sparsify"):
+            sparsified = sparsify_student(setup, captured, profiled, workspace)
+        with timings.stage("recover"):
+            recovered = recover_student(setup, reference, captured, profiled, sparsified, workspace)
+        with timings.stage("export"):
+            exported = export_compiled(setup, reference, sparsified, workspace)
+        with timings.stage("build"):
+            built = build_artifacts(setup, reference, exported, workspace)
+        with timings.stage("bench"):
+            benched = bench_artifacts(setup, built, workspace)
+        report = write_report(setup, reference, profiled, sparsified, recovered, exported, built, benched, timings,
+                              workspace)
+    report.out_dir = out_dir
+    return report
+
+
+def _resolve(model: str | nn.Module | None, example_inputs: Any, recipe: Recipe | str | Path | None, data: Any,
+             loss_fn: Any, evaluate: Any, prepare: Any, options: dict[str, Any]) -> tuple[Recipe, Given]:
+    """The recipe with the spec strings and ``options`` on top (validated), and the live
+    objects given; ``ValueError`` / ``RecipeError`` before any work."""
     base = recipe if isinstance(recipe, Recipe) else load_recipe(recipe) if recipe is not None else Recipe()
     spec = model if isinstance(model, str) else None
     strings = {k: v for k, v in (("data", data), ("loss", loss_fn), ("evaluate", evaluate), ("prepare", prepare))
                if isinstance(v, str)}
     resolved = base.with_overrides(model=spec, **strings, **options)
-    given = stages.Given(model if isinstance(model, nn.Module) else None, example_inputs,
-                         None if isinstance(data, str) else data,
-                         *(None if isinstance(f, str) else f for f in (loss_fn, evaluate, prepare)))
+    given = Given(model if isinstance(model, nn.Module) else None, example_inputs,
+                  None if isinstance(data, str) else data,
+                  *(None if isinstance(f, str) else f for f in (loss_fn, evaluate, prepare)))
     if model is not None and not isinstance(model, (str, nn.Module)):
         raise ValueError(f"model must be an nn.Module, a spec string or None, got {type(model).__name__}")
-    out_dir = checked_out_dir(out, force, name="out", force_hint="force=True")
-    with staged_dir(out_dir) as stage:
-        report = compile_model(resolved, stage, quiet=quiet, given=given)
-    report.out_dir = out_dir
-    return report
+    return resolved, given
 
 
-def compile_model(recipe: Recipe, out_dir: Path, quiet: bool = False, progress: bool = True,
-                  given: stages.Given | None = None) -> CompileReport:
-    """Run every stage of :data:`STAGES` for ``recipe`` into ``out_dir`` (a staged, empty folder)."""
-    report = run_stages(STAGES, recipe, stages.Workspace(Path(out_dir), quiet, progress), given)
-    if not isinstance(report, CompileReport):
-        raise TypeError(f"the last stage returned {type(report).__name__}, not a CompileReport")
-    return report
-
-
-def stage_inputs(stage: Callable[..., Any]) -> dict[str, type]:
-    """A stage's parameters and the result types they take, from its annotations."""
-    hints = typing.get_type_hints(stage)
-    return {name: hints[name] for name in inspect.signature(stage).parameters}
-
-
-def stage_output(stage: Callable[..., Any]) -> type:
-    """The result type a stage returns, from its annotation."""
-    return typing.get_type_hints(stage)["return"]
-
-
-def run_stages(chain: Sequence[Callable[..., Any]], recipe: Recipe, workspace: stages.Workspace,
-               given: stages.Given | None = None) -> Any:
-    """Call each stage of ``chain`` in order with the results its parameters ask for (by
-    type: the recipe, the workspace, the timings, the live objects given, or an earlier
-    stage's result); returns the last stage's result. Each stage's wall time lands in
-    ``Timings`` as ``<stage>_s``."""
-    timings = stages.Timings()
-    results: dict[type, Any] = {Recipe: recipe, stages.Workspace: workspace, stages.Timings: timings,
-                                stages.Given: given if given is not None else stages.Given()}
-    last: Any = None
-    for stage in chain:
-        wanted = stage_inputs(stage)
-        missing = [f"{name}: {kind.__name__}" for name, kind in wanted.items() if kind not in results]
-        if missing:
-            raise TypeError(f"stage {stage.__name__} needs {', '.join(missing)}, which no earlier stage produced")
-        clock = time.perf_counter()
-        last = stage(**{name: results[kind] for name, kind in wanted.items()})
-        timings.seconds[f"{stage.__name__}_s"] = time.perf_counter() - clock
-        results[stage_output(stage)] = last
-    return last
+def __getattr__(name: str) -> Any:
+    raise moved_name(__name__, name)  # STAGES, run_stages, compile_model: an ImportError naming spruce.compile

@@ -1,36 +1,30 @@
-"""The report of ``spruce compile``: the document built from the stage results, and the
-files it is written to (``report.json``, ``report.md`` and its plots, PNG).
-
-:func:`build_document` is a pure function of the stages' results (see
-:mod:`spruce.compiler.stages`); :func:`write_reports` writes it. Plots (matplotlib, Agg
-backend): per-layer width (dense vs compiled) and sparsity, accuracy and FPS vs dense, IoU
-and survival of grown units over training, and the latency-table heatmap of the most
-expensive layer when a latency table was used.
+"""The report of ``spruce compile``, its last stage :func:`write_report`: the document
+assembled from the stage results (:func:`report_document`) and the files it is written to
+(``report.json``, ``report.md`` and the plots of :mod:`spruce.compiler.plots`).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
 from torch import nn
 
 from ..api.stats import count_macs, count_params
-from ..runtime.bench import BenchReport
-from ..targets.base import Artifact
-from ..targets.files import atomic_path, atomic_write_text
-from .recipes import Recipe
-from .training import TrainLog
+from ..targets.files import atomic_write_text
+from .bench_rows import latency_ms, speedup
+from .channel_methods import FinalCheck, method_activity
+from .plots import write_plots
+from .results import Benched, Built, Exported, Profiled, Recovered, Reference, Setup, Sparsified, Timings, Workspace
 
-__all__ = ["CompileReport", "build_document", "write_reports"]
+__all__ = ["CompileReport", "report_document", "write_report"]
 
 REPORT_FORMAT = "spruce-compile-report"
-REPORT_VERSION = 1
+REPORT_VERSION = 2  # 2: by_batch's speedup is the load-robust one (median_speedup the wall-clock median's)
 
 
 @dataclass
@@ -41,7 +35,8 @@ class CompileReport:
     out_dir: Path
 
     def format_table(self) -> str:
-        """Accuracy, latency and FPS of dense vs compiled, one row per batch size."""
+        """Accuracy, latency and FPS of dense vs compiled, one row per batch size (one
+        speed-up each, the load-robust one; the wall-clock medians' in a footnote)."""
         doc = self.document
         lines = [f"{'':10s} {'accuracy':>9s} {'params':>10s} {'MACs':>12s}",
                  f"{'dense':10s} {_number(doc['dense']['accuracy']):>9s} {doc['dense']['params']:10d} "
@@ -51,61 +46,99 @@ class CompileReport:
                  f"{'batch':>5s} {'dense ms':>9s} {'compiled ms':>12s} {'dense FPS':>10s} {'compiled FPS':>13s} "
                  f"{'speed-up':>9s}"]
         for row in doc["bench"]["by_batch"]:
-            lines.append(f"{row['batch_size']:5d} {row['dense_ms']:9.3f} {row['compiled_ms']:12.3f} "
-                         f"{row['dense_fps']:10.1f} {row['compiled_fps']:13.1f} {row['speedup']:8.2f}x")
+            dense_ms, compiled_ms = latency_ms(row, "dense"), latency_ms(row, "compiled")
+            lines.append(f"{row['batch_size']:5d} {dense_ms:9.3f} {compiled_ms:12.3f} "
+                         f"{row['batch_size'] * 1e3 / dense_ms:10.1f} {row['batch_size'] * 1e3 / compiled_ms:13.1f} "
+                         f"{speedup(row):8.2f}x")
+        lines += _bench_footnote(doc["bench"]["by_batch"])
         lines += _summary_lines(doc)
         return "\n".join(lines)
 
 
-def build_document(*, recipe: Recipe, data_name: str, example: torch.Tensor, dense: nn.Module, dense_log: TrainLog,
-                   compiled: nn.Module, compiled_log: TrainLog, compiled_accuracy: float, agreement: float,
-                   module_file: str | None, sparsities: Mapping[str, float], metrics: Sequence[dict],
-                   table: Any, bench: BenchReport, dense_artifact: Artifact, compiled_artifact: Artifact,
-                   timings: Mapping[str, float], wall_s: float, dense_accuracy: float | None | str = "log",
-                   evaluation: Mapping[str, Any] | None = None, budget: Mapping[str, Any] | None = None,
-                   recovery: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The report document (what ``report.json`` holds) from the stages' results.
+def write_report(setup: Setup, reference: Reference, profiled: Profiled, sparsified: Sparsified,
+                 recovered: Recovered, exported: Exported, built: Built, benched: Benched, timings: Timings,
+                 workspace: Workspace) -> CompileReport:
+    """The last stage: the report document assembled from the stage results
+    (:func:`report_document`), written as report.json, report.md and its plots into the
+    workspace's folder (each file atomically)."""
+    document = report_document(setup, reference, profiled, sparsified, recovered, exported, built, benched, timings)
+    document["plots"] = write_plots(document, profiled.table, workspace.out_dir)
+    atomic_write_text(workspace.out_dir / "report.json", json.dumps(document, indent=2) + "\n")
+    atomic_write_text(workspace.out_dir / "report.md", _markdown(document))
+    return CompileReport(document, workspace.out_dir)
 
-    ``dense_accuracy`` (None without labels; by default the last of ``dense_log``),
-    ``evaluation`` (outputs and their losses, fidelity on held-out inputs, user metrics),
-    ``budget`` (predicted and measured latency of both models, the measured ratio) and
-    ``recovery`` (mode, loss, steps, mask updates) come from compile's stages."""
-    if dense_accuracy == "log":
-        dense_accuracy = dense_log.accuracy[-1] if dense_log.accuracy else None
+
+def report_document(setup: Setup, reference: Reference, profiled: Profiled, sparsified: Sparsified,
+                    recovered: Recovered, exported: Exported, built: Built, benched: Benched,
+                    timings: Timings) -> dict[str, Any]:
+    """The report document (what ``report.json`` holds, JSON-ready) from the stage results:
+    recipe and data, dense and compiled models (accuracy, per-epoch curves, params, MACs,
+    artifacts), per-layer widths and sparsities, the latency table's predictions, the bench
+    per batch size (ms, FPS), the stage timings (seconds), and the evaluation, budget and
+    recovery records."""
+    recipe, example, bench, table = setup.recipe, setup.example, benched.report, profiled.table
+    dense, compiled, sparse = reference.model, exported.model, sparsified.sparse
+    dense_accuracy = reference.accuracy  # without held-out labels: the last epoch of spruce's own training, if any
+    if dense_accuracy is None and reference.log.accuracy:
+        dense_accuracy = reference.log.accuracy[-1]
     by_batch = []
     for batch_size in recipe.bench_batch_sizes:
         d, c = bench.row("dense", batch_size), bench.row("compiled", batch_size)
         by_batch.append({"batch_size": batch_size, "dense_ms": d.median_ms, "compiled_ms": c.median_ms,
                          "dense_p90_ms": d.p90_ms, "compiled_p90_ms": c.p90_ms, "dense_p99_ms": d.p99_ms,
                          "compiled_p99_ms": c.p99_ms, "dense_fps": d.images_per_s, "compiled_fps": c.images_per_s,
-                         "speedup": d.median_ms / c.median_ms, "dense_robust_ms": d.robust_ms,
-                         "compiled_robust_ms": c.robust_ms, "robust_speedup": d.robust_ms / c.robust_ms})
+                         "dense_robust_ms": d.robust_ms, "compiled_robust_ms": c.robust_ms,
+                         "speedup": d.robust_ms / c.robust_ms, "median_speedup": d.median_ms / c.median_ms})
     return {
         "format": REPORT_FORMAT,
         "version": REPORT_VERSION,
         "recipe": recipe.to_dict(),
-        "data": data_name,
-        "dense": {"accuracy": dense_accuracy, "accuracy_per_epoch": dense_log.accuracy,
-                  "loss_per_epoch": dense_log.loss, "params": int(count_params(dense)),
-                  "macs": int(count_macs(dense, (example,))), "artifact": dense_artifact.path.name},
-        "compiled": {"accuracy": compiled_accuracy, "accuracy_per_epoch": compiled_log.accuracy,
-                     "loss_per_epoch": compiled_log.loss, "params": int(count_params(compiled)),
-                     "macs": int(count_macs(compiled, (example,))), "artifact": compiled_artifact.path.name,
-                     "max_abs_diff_vs_sparse_model": agreement, "module_file": module_file},
+        "data": setup.data.name,
+        "dense": {"accuracy": dense_accuracy, "accuracy_per_epoch": reference.log.accuracy,
+                  "loss_per_epoch": reference.log.loss, "params": int(count_params(dense)),
+                  "macs": int(count_macs(dense, (example,))), "artifact": built.dense.path.name},
+        "compiled": {"accuracy": exported.accuracy, "accuracy_per_epoch": recovered.log.accuracy,
+                     "loss_per_epoch": recovered.log.loss, "params": int(count_params(compiled)),
+                     "macs": int(count_macs(compiled, (example,))), "artifact": built.compiled.path.name,
+                     "max_abs_diff_vs_sparse_model": exported.agreement, "module_file": exported.module_file},
         "layers": _layer_widths(dense, compiled),
-        "sparsity": dict(sparsities),
-        "metrics": _jsonable(list(metrics)),
+        "sparsity": dict(sparse.sparsities()) if sparse is not None else {},
+        "metrics": _jsonable(list(sparse.metrics)) if sparse is not None else [],
         "latency_table": None if table is None else {
             "file": "latency_table.json", "dense_predicted_ms": table.dense_ms(),
             "compiled_predicted_ms": table.predict_model(compiled)},
         "bench": {"fingerprint": bench.fingerprint, "warmup": recipe.bench_warmup, "iters": recipe.bench_iters,
                   "by_batch": by_batch},
-        "timings": dict(timings),
-        "wall_s": wall_s,
-        **({"evaluation": _jsonable(dict(evaluation))} if evaluation is not None else {}),
-        **({"budget": _jsonable(dict(budget))} if budget is not None else {}),
-        **({"recovery": _jsonable(dict(recovery))} if recovery is not None else {}),
+        "timings": dict(timings.seconds),
+        "wall_s": time.perf_counter() - timings.started,
+        "evaluation": _jsonable(_evaluation_record(setup, reference, exported)),
+        **({"budget": _jsonable(budget)} if (budget := _budget_record(setup, reference, sparsified, profiled,
+                                                                     exported, benched, recovered.final)) else {}),
+        "recovery": _jsonable(_recovery_record(setup, sparsified, recovered)),
     }
+
+
+def _median_speedup(row: Mapping[str, Any]) -> float | None:
+    if "median_speedup" in row:
+        return row["median_speedup"]
+    return row["speedup"] if "robust_speedup" in row else None
+
+
+def _bench_footnote(rows: list[Mapping[str, Any]]) -> list[str]:
+    """The footnote under a bench table: what the speed-up is, and the wall-clock medians'."""
+    if not rows or "dense_robust_ms" not in rows[0]:
+        return ["", "speed-up: wall-clock medians (this report predates the load-robust figure)"]
+    medians = ", ".join(f"{_median_speedup(r):.2f}x at batch {r['batch_size']}" for r in rows
+                        if _median_speedup(r) is not None)
+    return ["", "ms, FPS and speed-up: load-robust latency (run-queue waiting excluded, outliers rejected); "
+            f"p99 on wall-clock time; the wall-clock medians' speed-up: {medians}"]
+
+
+def method_ran(doc: Mapping[str, Any]) -> bool:
+    """Did the recipe's method run (update masks or channels during recovery)? A report
+    without a recovery record (older ones) is taken to say it did."""
+    recovery = doc.get("recovery")
+    return recovery is None or recovery.get("mask_updates", 0) > 0
 
 
 def _number(value: float | None) -> str:
@@ -136,11 +169,13 @@ def _summary_lines(doc: dict[str, Any]) -> list[str]:
     evaluation = doc.get("evaluation")
     if evaluation and evaluation.get("fidelity"):
         lines += ["", f"fidelity to dense on {evaluation['fidelity']['samples']} held-out inputs:"]
-        losses = {o["output"]: o["distill_loss"] for o in evaluation["outputs"]}
+        # the per-output distillation loss only where recovery distilled (else the recovery line names the loss)
+        distilled = (doc.get("recovery") or {}).get("mode", "distill") == "distill"
+        losses = {o["output"]: o.get("distill_loss") for o in evaluation["outputs"]}
         for name, row in evaluation["fidelity"]["per_output"].items():
             extra = f", top-1 agreement {row['top1_agreement']:.4f}" if "top1_agreement" in row else ""
-            lines.append(f"  {name}: relative L2 {row['relative_l2']:.4f}, cosine {row['cosine']:.4f}{extra} "
-                         f"(distill loss {losses.get(name)})")
+            lines.append(f"  {name}: relative L2 {row['relative_l2']:.4f}, cosine {row['cosine']:.4f}{extra}"
+                         + (f" (distill loss {losses.get(name)})" if distilled and losses.get(name) else ""))
         for which in ("dense", "compiled"):
             if evaluation.get(f"{which}_metrics"):
                 lines.append(f"  {which} metrics: " + ", ".join(f"{k} {v:.4f}"
@@ -180,131 +215,6 @@ def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=lambda v: v.tolist() if hasattr(v, "tolist") else str(v)))
 
 
-def write_reports(document: dict[str, Any], table: Any, out_dir: Path) -> None:
-    """Write report.json, the PNG plots and report.md into ``out_dir`` (each file atomically)."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    plots = {
-        "widths.png": _plot_widths(document),
-        "accuracy_fps.png": _plot_accuracy_fps(document),
-        "training.png": _plot_training(document),
-    }
-    if table is not None:
-        plots["latency_table.png"] = _plot_table(table)
-    written = []
-    for name, figure in plots.items():
-        if figure is None:
-            continue
-        with atomic_path(out_dir / name, suffix=".png") as temp:
-            figure.savefig(temp, dpi=110, bbox_inches="tight")
-        written.append(name)
-        import matplotlib.pyplot as plt
-
-        plt.close(figure)
-    document["plots"] = written
-    atomic_write_text(out_dir / "report.json", json.dumps(document, indent=2) + "\n")
-    atomic_write_text(out_dir / "report.md", _markdown(document))
-
-
-def _plot_widths(doc: dict[str, Any]):
-    import matplotlib.pyplot as plt
-
-    layers = doc["layers"]
-    if not layers:
-        return None
-    names = [row["layer"] for row in layers]
-    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 0.35 * len(names) + 2))
-    y = np.arange(len(names))
-    left.barh(y, [row["dense_out"] for row in layers], color="#c8c8c8", label="dense")
-    left.barh(y, [row["compiled_out"] for row in layers], color="#2a7ab9", label="compiled")
-    left.set_yticks(y, names)
-    left.invert_yaxis()
-    left.set_xlabel("output channels")
-    left.legend()
-    sparsity = doc["sparsity"]
-    right.barh(np.arange(len(sparsity)), list(sparsity.values()), color="#d9822b")
-    right.set_yticks(np.arange(len(sparsity)), list(sparsity.keys()))
-    right.invert_yaxis()
-    right.set_xlim(0, 1)
-    right.set_xlabel("fraction of weights pruned (masked model)")
-    figure.suptitle("Per-layer width and sparsity")
-    return figure
-
-
-def _plot_accuracy_fps(doc: dict[str, Any]):
-    import matplotlib.pyplot as plt
-
-    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.5))
-    left.bar(["dense", "compiled"], [doc["dense"]["accuracy"] or 0.0, doc["compiled"]["accuracy"] or 0.0],
-             color=["#c8c8c8", "#2a7ab9"])
-    left.set_ylim(0, 1)
-    left.set_ylabel("test accuracy")
-    rows = doc["bench"]["by_batch"]
-    x = np.arange(len(rows))
-    right.bar(x - 0.2, [r["dense_fps"] for r in rows], 0.4, color="#c8c8c8", label="dense")
-    right.bar(x + 0.2, [r["compiled_fps"] for r in rows], 0.4, color="#2a7ab9", label="compiled")
-    right.set_xticks(x, [f"batch {r['batch_size']}\n{r['speedup']:.2f}x" for r in rows])
-    right.set_ylabel("images / s (median)")
-    right.legend()
-    figure.suptitle(f"Accuracy and FPS on {doc['recipe']['target']}")
-    return figure
-
-
-def _plot_training(doc: dict[str, Any]):
-    import matplotlib.pyplot as plt
-
-    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.5))
-    with_accuracy = bool(doc["compiled"]["accuracy_per_epoch"])
-    key, ylabel = ("accuracy_per_epoch", "test accuracy") if with_accuracy else ("loss_per_epoch", "recovery loss")
-    for which, color, label in (("dense", "#888888", "dense (spruce-trained default)"),
-                                ("compiled", "#2a7ab9", "compiled (recovery)")):
-        values = doc[which][key]
-        if values:
-            left.plot(np.arange(1, len(values) + 1), values, "o-", color=color, label=label)
-    left.set_xlabel("epoch")
-    left.set_ylabel(ylabel)
-    if left.lines:
-        left.legend()
-    metrics = doc["metrics"]
-    steps = [m["step"] for m in metrics]
-    for key, label in (("iou_prune", "IoU after prune"), ("iou_grow", "IoU after grow"),
-                       ("survival", "survival of grown")):
-        values = [float(np.mean(list(m[key].values()))) if m.get(key) else np.nan for m in metrics]
-        if steps and not all(np.isnan(values)):
-            right.plot(steps, values, ".-", label=label)
-    right.set_xlabel("step")
-    right.set_ylim(0, 1.05)
-    right.set_title("active-set IoU and survival (mean over layers)")
-    if right.lines:
-        right.legend()
-    else:
-        right.text(0.5, 0.5, "no prune-grow updates recorded", ha="center", va="center")
-    return figure
-
-
-def _plot_table(table):
-    import matplotlib.pyplot as plt
-
-    name = max(table.layers, key=lambda n: table.isolated_ms(n, table.layers[n].in_channels,
-                                                             table.layers[n].out_channels))
-    entry = table.layers[name]
-    ins = np.unique(np.linspace(1, entry.in_channels, min(entry.in_channels, 24)).round().astype(int))
-    outs = np.unique(np.linspace(1, entry.out_channels, min(entry.out_channels, 24)).round().astype(int))
-    if entry.depthwise:
-        outs = ins
-    grid = np.array([[table.isolated_ms(name, i, i * getattr(entry, "multiplier", 1) if entry.depthwise else o)
-                      for i in ins] for o in outs])
-    figure, axis = plt.subplots(figsize=(6, 4.5))
-    image = axis.imshow(grid, origin="lower", aspect="auto", cmap="viridis",
-                        extent=(ins[0], ins[-1], outs[0], outs[-1]))
-    figure.colorbar(image, label="ms (isolated layer)")
-    axis.set_xlabel("active input channels")
-    axis.set_ylabel("active output channels")
-    axis.set_title(f"latency table: {name}")
-    return figure
-
-
 def _method_text(method: Mapping[str, Any]) -> str:
     options = ", ".join(f"{k}={v}" for k, v in method.items() if k != "name")
     return f"{method['name']}({options})" if options else method["name"]
@@ -314,7 +224,9 @@ def _markdown(doc: dict[str, Any]) -> str:
     recipe = doc["recipe"]
     lines = ["# spruce compile report", "",
              f"Model: {recipe['model'] or 'embedded digits CNN'} on {doc['data']}; target `{recipe['target']}`; "
-             f"method `{_method_text(recipe['method'])}`, structure `{recipe['structure']}`, "
+             + (f"method `{_method_text(recipe['method'])}`" if method_ran(doc)
+                else "selection one-shot by weight magnitude (no method ran)")
+             + f", structure `{recipe['structure']}`, "
              + (f"budget {recipe['budget']}" if recipe["budget"] else f"sparsity {recipe['sparsity']}")
              + f"; {recipe['epochs']} epochs.", "",
              "| | accuracy | params | MACs | artifact |", "|---|---|---|---|---|"]
@@ -322,17 +234,17 @@ def _markdown(doc: dict[str, Any]) -> str:
         part = doc[which]
         lines.append(f"| {which} | {_number(part['accuracy'])} | {part['params']:,} | {part['macs']:,} | "
                      f"`{part['artifact']}` |")
-    lines += ["", f"Latency on `{recipe['target']}` (median of {doc['bench']['iters']} runs after "
-              f"{doc['bench']['warmup']} warm-ups, dense and compiled calls interleaved; robust: run-queue waiting "
-              "excluded, outliers rejected):", "",
-              "| batch | dense ms | compiled ms | dense p99 ms | compiled p99 ms | dense FPS | compiled FPS "
-              "| speed-up | robust speed-up |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", f"Latency on `{recipe['target']}` ({doc['bench']['iters']} runs after {doc['bench']['warmup']} "
+              "warm-ups, dense and compiled calls interleaved):", "",
+              "| batch | dense ms | compiled ms | speed-up | dense FPS | compiled FPS | dense p99 ms "
+              "| compiled p99 ms |",
+              "|---|---|---|---|---|---|---|---|"]
     for r in doc["bench"]["by_batch"]:
-        lines.append(f"| {r['batch_size']} | {r['dense_ms']:.3f} | {r['compiled_ms']:.3f} | {r['dense_p99_ms']:.3f} | "
-                     f"{r['compiled_p99_ms']:.3f} | {r['dense_fps']:.1f} | {r['compiled_fps']:.1f} | "
-                     f"{r['speedup']:.2f}x | "
-                     + (f"{r['robust_speedup']:.2f}x |" if "robust_speedup" in r else "- |"))
+        dense_ms, compiled_ms = latency_ms(r, "dense"), latency_ms(r, "compiled")
+        lines.append(f"| {r['batch_size']} | {dense_ms:.3f} | {compiled_ms:.3f} | {speedup(r):.2f}x | "
+                     f"{r['batch_size'] * 1e3 / dense_ms:.1f} | {r['batch_size'] * 1e3 / compiled_ms:.1f} | "
+                     f"{r['dense_p99_ms']:.3f} | {r['compiled_p99_ms']:.3f} |")
+    lines += _bench_footnote(doc["bench"]["by_batch"])
     if doc.get("latency_table"):
         lt = doc["latency_table"]
         lines += ["", f"Latency table (`{lt['file']}`): dense predicted {lt['dense_predicted_ms']:.3f} ms, compiled "
@@ -344,3 +256,76 @@ def _markdown(doc: dict[str, Any]) -> str:
     lines += ["", *[f"![{name}]({name})" for name in doc.get("plots", [])], "",
               "Machine: " + ", ".join(f"{k} {v}" for k, v in doc["bench"]["fingerprint"].items()), ""]
     return "\n".join(lines)
+
+
+def _evaluation_record(setup: Setup, reference: Reference, exported: Exported) -> dict[str, Any]:
+    return {"held_out_inputs": exported.held_out, "held_out_disjoint_from_recovery": True,
+            "outputs": setup.plan.record() if setup.plan else [],
+            "fidelity": exported.fidelity.record() if exported.fidelity else None,
+            "dense_metrics": reference.metrics, "compiled_metrics": exported.metrics,
+            "evaluate": setup.evaluate.where if setup.evaluate else None}
+
+
+def _budget_record(setup: Setup, reference: Reference, sparsified: Sparsified, profiled: Profiled,
+                   exported: Exported, benched: Benched, final: FinalCheck | None = None) -> dict[str, Any] | None:
+    recipe = setup.recipe
+    if not recipe.budget:
+        return None
+    ((kind, fraction),) = recipe.budget.items()
+    record: dict[str, Any] = {"kind": kind, "fraction": fraction}
+    if kind != "latency":
+        from ..api.stats import count_macs, count_params
+
+        count = count_params if kind == "params" else lambda m: count_macs(m, (setup.example,))
+        record["ratio"] = count(exported.model) / max(count(reference.model), 1)
+        return record
+    record["batch_size"] = recipe.budget_batch_size
+    dense_row = benched.report.row("dense", recipe.budget_batch_size)
+    compiled_row = benched.report.row("compiled", recipe.budget_batch_size)
+    # the built artifacts timed again, interleaved: on the budget's statistic (run-queue waiting
+    # excluded, as every latency measurement of compile) and on plain wall-clock medians
+    record["bench_ratio"] = compiled_row.robust_ms / dense_row.robust_ms
+    record["bench_wall_ratio"] = compiled_row.median_ms / dense_row.median_ms
+    if profiled.table is not None:
+        record["dense_predicted_ms"] = profiled.table.dense_ms()
+        record["compiled_predicted_ms"] = profiled.table.predict_model(exported.model)
+    if sparsified.selection is not None:
+        selection = sparsified.selection.summary()
+        record.update(measured_ratio=selection["ratio"], in_band=selection["in_band"],
+                      dense_measured_ms=selection["measured_dense_ms"],
+                      compiled_measured_ms=selection["measured_ms"], attempts=selection["attempts"],
+                      band=[0.9 * fraction, 1.05 * fraction])
+    if final is not None:  # a method re-selected during recovery: what ships is its final selection, measured
+        record.update(measured_ratio=final.ratio, in_band=final.in_band, dense_measured_ms=final.measured_dense_ms,
+                      compiled_measured_ms=final.measured_ms, final_check=final.record(),
+                      selection_before_recovery_ratio=record.get("measured_ratio"))
+    return record
+
+
+def _recovery_record(setup: Setup, sparsified: Sparsified, recovered: Recovered) -> dict[str, Any]:
+    log = recovered.recovery
+    record = {"mode": setup.mode, "loss": setup.loss_text, **(log.record() if log else {})}
+    if sparsified.drive is not None:
+        drive = sparsified.drive
+        record["selection"] = (
+            f"channels re-selected during recovery by method {drive.method} under the budget (its knapsack given "
+            f"{drive.aim:.4g} of the predicted dense cost), importance {drive.criterion} from the trained weights"
+            + (f"; where every gradient is exactly zero (the student still equals its teacher) the channels are "
+               f"scored by {drive.fallback} instead" if drive.fallback else "")
+            + "; the final selection checked against the budget as measured")
+        record.update(method=drive.record(), **method_activity(sparsified.sparse),
+                      final_check=recovered.final.record() if recovered.final is not None else None)
+        record["fidelity_before_recovery"] = recovered.before.record() if recovered.before is not None else None
+        return record
+    record["selection"] = (f"channels chosen once from the trained weights by {sparsified.importance}; gradient "
+                           "importance is exactly zero when the student equals its teacher, so magnitude is the "
+                           "criterion; the method does not re-select channels during recovery"
+                           if sparsified.sparse is None else
+                           f"masks initialised by weight magnitude, then method {sparsified.method.name}'s "
+                           "updates during recovery")
+    if sparsified.sparse is None:
+        record["mask_updates"] = 0
+    # what recovery bought: the selected model against dense on the same held-out inputs, before it
+    record["fidelity_before_recovery"] = recovered.before.record() if recovered.before is not None else None
+    return record
+

@@ -17,7 +17,7 @@ import pytest
 import spruce
 import torch
 from spruce.api import checks, deploy
-from spruce.capture.transformers import to_transformers
+from spruce.api.transformers import to_transformers
 from spruce.zoo import transformers as hf_examples
 from torch.utils import _pytree as pytree
 

@@ -240,15 +240,15 @@ flag_pairs = st.sampled_from(sorted(FLAG_VALUES)).flatmap(
 @fuzz(60)
 @given(st.lists(flag_pairs, min_size=1, max_size=4))
 def test_compile_flags_are_all_checked_before_any_training(tmp_path_factory, capsys, monkeypatch, pairs):
-    """The first stage (load: target, data, model) runs for real; a stand-in for the training stage
-    then checks that nothing a later stage validates can still fail."""
-    from spruce.compiler import pipeline, stages
+    """The first stage (load_setup: target, data, model) runs for real; a stand-in for the training
+    stage then checks that nothing a later stage validates can still fail."""
+    from spruce.compiler import pipeline
     from spruce.passes.sparsity.method import RunLength
     from spruce.passes.sparsity.model import check_options
 
     reached = []
 
-    def training_stand_in(setup):
+    def training_stand_in(setup, workspace):
         recipe = setup.recipe
         method = recipe.method.for_run(RunLength(setup.total_steps, len(setup.data.train), recipe.structure))
         check_options(method, recipe.structure, recipe.sparsity or 0.0, setup.total_steps, None,
@@ -256,8 +256,7 @@ def test_compile_flags_are_all_checked_before_any_training(tmp_path_factory, cap
         reached.append(recipe)
         raise KeyboardInterrupt  # stop here: exit 130
 
-    training_stand_in.__annotations__ = {"setup": stages.Setup, "return": stages.Reference}
-    monkeypatch.setattr(pipeline, "STAGES", (stages.load, training_stand_in))
+    monkeypatch.setattr(pipeline, "dense_reference", training_stand_in)
     folder = tmp_path_factory.mktemp("flags")
     argv = ["compile", "--out", str(folder / "out"), "--quiet", "--epochs", "1"]
     for flag, value in pairs:
@@ -284,7 +283,7 @@ def test_compile_flags_are_all_checked_before_any_training(tmp_path_factory, cap
 def test_the_library_compile_checks_options_before_any_work(tmp_path, monkeypatch, options, expected):
     from spruce.compiler import pipeline
 
-    monkeypatch.setattr(pipeline, "compile_model", lambda *a, **k: pytest.fail("work started"))
+    monkeypatch.setattr(pipeline, "load_setup", lambda *a, **k: pytest.fail("work started"))
     with pytest.raises(RecipeError, match=expected):
         spruce.compile(out=tmp_path / "out", **options)
     assert list(tmp_path.iterdir()) == []

@@ -53,6 +53,9 @@ def test_compile_default_writes_a_complete_report(compiled):
     for name in ("report.md", "widths.png", "accuracy_fps.png", "training.png", "latency_table.png", "model.pt"):
         assert (out / name).stat().st_size > 0, name
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no staging leftovers
+    # every stage before the report timed under its name
+    assert set(report["timings"]) == {f"{stage}_s" for stage in ("load", "reference", "capture", "profile",
+                                                                  "sparsify", "recover", "export", "build", "bench")}
 
 
 def test_compiled_onnx_equals_the_compiled_torch_model(compiled):

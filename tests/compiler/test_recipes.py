@@ -13,7 +13,7 @@ import spruce
 import yaml
 from spruce import HALPConfig, IEEConfig
 from spruce.cli.main import main
-from spruce.compiler import stages
+from spruce.compiler import loading, stages
 from spruce.compiler.recipes import Recipe, RecipeError, load_recipe, recipe_schema
 
 RECIPE_PAGE = Path(__file__).resolve().parents[2] / "docs" / "howto" / "compile.md"
@@ -94,7 +94,7 @@ def no_work(monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("compile did work before validating the recipe")
 
-    monkeypatch.setattr(stages, "load_data", boom)
+    monkeypatch.setattr(loading, "load_data", boom)
     monkeypatch.setattr(stages, "train", boom)
 
 

@@ -1,81 +1,136 @@
-"""``spruce compile`` is a list of stages with typed inputs and outputs; the report is built
-from their results."""
+"""``spruce compile`` calls its stages by name, in order, in one function; each stage has typed
+inputs and a typed result; the report is assembled from their results."""
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import functools
+import inspect
 import json
+import textwrap
+import time
 import typing
 from pathlib import Path
 
 import numpy as np
 import pytest
+import spruce
 import torch
-from spruce.compiler import stages
-from spruce.compiler.pipeline import STAGES, run_stages, stage_inputs, stage_output
+from spruce.compiler import pipeline
 from spruce.compiler.recipes import Recipe
-from spruce.compiler.reporting import CompileReport, build_document
+from spruce.compiler.recovery import RecoveryLog
+from spruce.compiler.reporting import CompileReport, report_document, write_report
+from spruce.compiler.results import (
+    Benched,
+    Built,
+    Exported,
+    Given,
+    Profiled,
+    Recovered,
+    Reference,
+    Setup,
+    Sparsified,
+    Timings,
+    Workspace,
+)
 from spruce.compiler.training import TrainLog
 from spruce.runtime.bench import BenchReport, BenchRow
 from spruce.targets.base import Artifact
 from torch import nn
 
-PROVIDED = {Recipe, stages.Workspace, stages.Timings, stages.Given}  # what the runner hands every stage
+# the stages of DESIGN.md's data flow, in its order (load and the dense reference first)
+DOCUMENTED_ORDER = ["load_setup", "dense_reference", "capture_student", "profile_student", "sparsify_student",
+                    "recover_student", "export_compiled", "build_artifacts", "bench_artifacts", "write_report"]
+CONTEXT = {"resolved": Recipe, "workspace": Workspace, "given": Given,
+           "timings": Timings}  # what compile itself makes before the first stage
 
 
-def test_compile_is_the_list_of_stages_of_the_design():
-    assert [stage.__name__ for stage in STAGES] == ["load", "reference", "capture", "profile", "sparsify",
-                                                    "recover", "export", "build", "bench", "report"]
+@functools.cache
+def _compile_body() -> ast.FunctionDef:
+    (function,) = ast.parse(textwrap.dedent(inspect.getsource(spruce.compile))).body
+    assert isinstance(function, ast.FunctionDef) and function.name == "compile"
+    return function
 
 
-@pytest.mark.parametrize("stage", STAGES, ids=lambda s: s.__name__)
-def test_every_stage_has_typed_inputs_and_a_typed_result(stage):
+def _stage_calls() -> list[ast.Call]:
+    """The calls in ``spruce.compile``'s body of spruce.compiler functions (not classes), in source order."""
+    calls = [node for node in ast.walk(_compile_body()) if isinstance(node, ast.Call)
+             and isinstance(node.func, ast.Name) and node.func.id in vars(pipeline)
+             and inspect.isfunction(vars(pipeline)[node.func.id])
+             and vars(pipeline)[node.func.id].__module__.startswith("spruce.compiler.")
+             and node.func.id != "_resolve"]
+    return sorted(calls, key=lambda node: (node.lineno, node.col_offset))
+
+
+def test_compile_calls_the_stages_of_the_design_by_name_in_order():
+    assert spruce.compile is pipeline.compile
+    assert [call.func.id for call in _stage_calls()] == DOCUMENTED_ORDER
+
+
+def test_the_order_test_sees_a_swapped_stage():
+    """The check above reads the source: two stages swapped in the body are found."""
+    source = inspect.getsource(pipeline.compile)
+    swapped = source.replace("build_artifacts(", "TMP(").replace("bench_artifacts(", "build_artifacts(") \
+        .replace("TMP(", "bench_artifacts(")
+    names = [n.func.id for n in ast.walk(ast.parse(textwrap.dedent(swapped)))
+             if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id in DOCUMENTED_ORDER]
+    assert names != DOCUMENTED_ORDER
+
+
+@pytest.mark.parametrize("name", DOCUMENTED_ORDER)
+def test_every_stage_has_typed_inputs_and_a_typed_result(name):
+    stage = vars(pipeline)[name]
     hints = typing.get_type_hints(stage)
-    assert set(hints) == {*stage_inputs(stage), "return"}, "every parameter and the result are annotated"
-    result = stage_output(stage)
+    parameters = inspect.signature(stage).parameters
+    assert set(hints) == {*parameters, "return"}, "every parameter and the result are annotated"
+    result = hints["return"]
     assert dataclasses.is_dataclass(result)
     if result is not CompileReport:
         assert result.__dataclass_params__.frozen, f"{result.__name__} is a frozen value"
-    for name, kind in stage_inputs(stage).items():
-        assert isinstance(kind, type) and (kind in PROVIDED or dataclasses.is_dataclass(kind)), (name, kind)
+    for parameter in parameters:
+        kind = hints[parameter]
+        assert isinstance(kind, type) and (kind in CONTEXT.values() or dataclasses.is_dataclass(kind)), (name, kind)
 
 
-def test_each_stage_takes_only_what_earlier_stages_produce():
-    available = set(PROVIDED)
-    for stage in STAGES:
-        missing = set(stage_inputs(stage).values()) - available
-        assert not missing, (stage.__name__, missing)
-        result = stage_output(stage)
-        assert result not in available, f"{stage.__name__} would shadow an earlier {result.__name__}"
-        available.add(result)
-    assert stage_output(STAGES[-1]) is CompileReport
+def test_each_stage_takes_only_what_earlier_stages_produced():
+    """In compile's body every stage is called with the run's context or the results of
+    earlier stages, each bound to a name of its type; no stage result shadows another."""
+    available = dict(CONTEXT)
+    for call in _stage_calls():
+        stage = vars(pipeline)[call.func.id]
+        hints = typing.get_type_hints(stage)
+        parameters = list(inspect.signature(stage).parameters)
+        assert not call.keywords and len(call.args) == len(parameters), call.func.id
+        for parameter, argument in zip(parameters, call.args):
+            assert isinstance(argument, ast.Name) and argument.id in available, (call.func.id, parameter)
+            assert available[argument.id] is hints[parameter], (call.func.id, parameter, argument.id)
+        result = hints["return"]
+        assert result not in available.values(), f"{call.func.id} would shadow an earlier {result.__name__}"
+        available[_bound_name(call)] = result
+    assert typing.get_type_hints(vars(pipeline)[DOCUMENTED_ORDER[-1]])["return"] is CompileReport
 
 
-def test_the_runner_hands_each_stage_the_results_its_annotations_name(tmp_path):
-    @dataclasses.dataclass(frozen=True)
-    class First:
-        value: int
-
-    @dataclasses.dataclass(frozen=True)
-    class Second:
-        total: int
-
-    def first(recipe: Recipe) -> First:
-        return First(recipe.epochs)
-
-    def second(first: First, timings: stages.Timings) -> Second:
-        assert "first_s" in timings.seconds  # earlier stages are timed
-        return Second(first.value + 1)
-
-    for fn in (first, second):  # annotations resolved in this test's namespace
-        fn.__globals__.update(First=First, Second=Second)
-    workspace = stages.Workspace(tmp_path, quiet=True)
-    assert run_stages([first, second], Recipe(epochs=3), workspace) == Second(4)
-    with pytest.raises(TypeError, match="stage second needs first: First"):
-        run_stages([second], Recipe(), workspace)
+def _bound_name(call: ast.Call) -> str:
+    for node in ast.walk(_compile_body()):
+        if isinstance(node, ast.Assign) and node.value is call:
+            (target,) = node.targets
+            return target.id
+    raise AssertionError(f"the result of {call.func.id} is not bound to a name")
 
 
-def _results(tmp_path: Path):
+def test_each_stage_is_timed_under_its_name():
+    timings = Timings()
+    with timings.stage("capture"):
+        time.sleep(0.01)
+    assert set(timings.seconds) == {"capture_s"} and timings.seconds["capture_s"] >= 0.01
+    timed = [node.items[0].context_expr.args[0].value for node in ast.walk(_compile_body())
+             if isinstance(node, ast.With) and isinstance(node.items[0].context_expr, ast.Call)
+             and getattr(node.items[0].context_expr.func, "attr", None) == "stage"]
+    assert timed == ["load", "reference", "capture", "profile", "sparsify", "recover", "export", "build", "bench"]
+
+
+def _results(tmp_path: Path) -> dict:
     """Stage results made by hand (no pipeline ran): a dense and a compact model, logs, bench rows."""
     torch.manual_seed(0)
     dense = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 10))
@@ -84,67 +139,184 @@ def _results(tmp_path: Path):
                  for b in (1, 8) for which, ms in (("compiled", 0.5 * b), ("dense", 1.0 * b)))
     bench = BenchReport({"target": "onnxruntime"}, rows, {1: 2.0, 8: 2.0}, {1: 2.0, 8: 2.0})
     recipe = Recipe(method={"name": "halp", "interval": 3}, budget={"flops": 0.5}, epochs=2)
-    return dict(recipe=recipe, data_name="digits", example=torch.randn(1, 1, 8, 8), dense=dense,
-                dense_log=TrainLog([1.0, 0.5], [0.5, 0.9]), compiled=compiled,
-                compiled_log=TrainLog([1.2, 0.6], [0.4, 0.85]), compiled_accuracy=0.85, agreement=1e-6,
-                module_file="model.pt", sparsities={"0": 0.5, "3": 0.5},
-                metrics=[{"step": 3, "iou": np.float64(0.5)}], table=None, bench=bench,
-                dense_artifact=Artifact(tmp_path / "dense.onnx", "onnxruntime", ((1, 1, 8, 8),)),
-                compiled_artifact=Artifact(tmp_path / "model.onnx", "onnxruntime", ((1, 1, 8, 8),)),
-                timings={"recover_s": 1.5}, wall_s=3.0)
+    sparsities, metrics = {"0": 0.5, "3": 0.5}, [{"step": 3, "iou": np.float64(0.5)}]
+    sparse_like = type("Sparse", (), {"sparsities": lambda self: sparsities, "metrics": metrics})()
+    return dict(
+        setup=Setup(recipe, None, type("Data", (), {"name": "digits"})(), dense, torch.randn(1, 1, 8, 8), {}),
+        reference=Reference(dense, TrainLog([1.0, 0.5], [0.5, 0.9])),
+        profiled=Profiled(None),
+        sparsified=Sparsified(recipe.method, sparse_like, 10),
+        recovered=Recovered(TrainLog([1.2, 0.6], [0.4, 0.85]), RecoveryLog("distill", [1.2, 0.6], 20, 3)),
+        exported=Exported(compiled, 0.85, 1e-6, "model.pt"),
+        built=Built(Artifact(tmp_path / "dense.onnx", "onnxruntime", ((1, 1, 8, 8),)),
+                    Artifact(tmp_path / "model.onnx", "onnxruntime", ((1, 1, 8, 8),))),
+        benched=Benched(bench),
+        timings=Timings(seconds={"recover_s": 1.5}))
 
 
-def test_the_report_document_is_built_from_stage_results(tmp_path):
+def test_the_report_document_is_assembled_from_stage_results(tmp_path):
     results = _results(tmp_path)
-    document = build_document(**results)
+    document = report_document(**results)
     assert document["format"] == "spruce-compile-report"
     assert document["recipe"]["method"] == {"name": "halp", "interval": 3}  # options as given
+    assert document["data"] == "digits"
+    # no held-out accuracy for the dense model: the last epoch of spruce's own training stands in
     assert document["dense"]["accuracy"] == 0.9 and document["compiled"]["accuracy"] == 0.85
-    assert document["dense"]["params"] == sum(p.numel() for p in results["dense"].parameters())
+    assert document["dense"]["params"] == sum(p.numel() for p in results["reference"].model.parameters())
     assert document["compiled"]["macs"] < document["dense"]["macs"]
+    assert document["dense"]["artifact"] == "dense.onnx" and document["compiled"]["artifact"] == "model.onnx"
     assert document["layers"][0] == {"layer": "0", "dense_out": 8, "compiled_out": 4, "dense_in": 1,
                                      "compiled_in": 1, "zeros": 0.0}
     assert [row["speedup"] for row in document["bench"]["by_batch"]] == [2.0, 2.0]
+    assert document["sparsity"] == {"0": 0.5, "3": 0.5}
     assert document["metrics"] == [{"step": 3, "iou": 0.5}]  # JSON-ready
     assert document["timings"] == {"recover_s": 1.5} and document["latency_table"] is None
+    assert document["budget"] == {"kind": "flops", "fraction": 0.5,
+                                  "ratio": document["compiled"]["macs"] / document["dense"]["macs"]}
+    assert document["recovery"]["mode"] == "distill" and document["evaluation"]["fidelity"] is None
     json.dumps(document)
 
 
 def test_a_report_from_before_the_interleaved_bench_still_renders():
-    """report.json files written before the bench carried robust figures (no robust_speedup,
-    no bench_wall_ratio) render to markdown and the console summary."""
+    """report.json files written before the bench carried robust figures (version 1: speedup
+    the medians', no robust figures, no bench_wall_ratio) render to markdown and the console
+    summary, with their one figure said to be the medians'."""
     from spruce.compiler import reporting
 
-    document = build_document(**_results(Path("/nonexistent")))
+    document = report_document(**_results(Path("/nonexistent")))
+    document["version"] = 1
     for row in document["bench"]["by_batch"]:
-        for key in ("dense_robust_ms", "compiled_robust_ms", "robust_speedup"):
+        row["speedup"] = row.pop("median_speedup")
+        for key in ("dense_robust_ms", "compiled_robust_ms"):
             del row[key]
     document["budget"] = {"kind": "latency", "fraction": 0.5, "batch_size": 1, "bench_ratio": 0.52,
                           "measured_ratio": 0.5, "in_band": True, "band": [0.45, 0.525]}
     markdown = reporting._markdown(document)
-    assert "| 2.00x | - |" in markdown and "bench 0.520" in markdown and "(wall" not in markdown
+    assert "| 1 | 1.000 | 0.500 | 2.00x |" in markdown and "bench 0.520" in markdown and "(wall" not in markdown
+    assert "wall-clock medians (this report predates the load-robust figure)" in markdown
+    assert "2.00x" in CompileReport(document, Path("/nonexistent")).format_table()
 
 
 def test_the_report_stage_writes_what_it_built(tmp_path):
     results = _results(tmp_path)
-    sm_like = type("Sparse", (), {"sparsities": lambda self: results["sparsities"], "metrics": results["metrics"]})()
-    report = stages.report(
-        setup=stages.Setup(results["recipe"], None, type("Data", (), {"name": "digits"})(), results["dense"],
-                           results["example"], {}),
-        reference=stages.Reference(results["dense"], results["dense_log"]),
-        profiled=stages.Profiled(None),
-        sparsified=stages.Sparsified(results["recipe"].method, sm_like, 10),
-        recovered=stages.Recovered(results["compiled_log"]),
-        exported=stages.Exported(results["compiled"], 0.85, 1e-6, "model.pt"),
-        built=stages.Built(results["dense_artifact"], results["compiled_artifact"]),
-        benched=stages.Benched(results["bench"]), timings=stages.Timings(seconds={"recover_s": 1.5}),
-        workspace=stages.Workspace(tmp_path, quiet=True))
+    report = write_report(**results, workspace=Workspace(tmp_path, quiet=True))
     written = json.loads((tmp_path / "report.json").read_text())
     assert written == report.document
-    expected = build_document(**{**results, "wall_s": written["wall_s"]})
-    assert {k: v for k, v in written.items() if k not in ("plots", "evaluation", "budget", "recovery")} == expected
-    assert written["budget"] == {"kind": "flops", "fraction": 0.5,
-                                 "ratio": written["compiled"]["macs"] / written["dense"]["macs"]}
-    assert written["recovery"]["mode"] == "distill" and written["evaluation"]["fidelity"] is None
+    expected = report_document(**results)
+    assert {k: v for k, v in written.items() if k not in ("plots", "wall_s")} == \
+        {k: v for k, v in expected.items() if k != "wall_s"}
     assert {"report.md", "widths.png", "accuracy_fps.png", "training.png"} <= {p.name for p in tmp_path.iterdir()}
+    assert set(written["plots"]) <= {p.name for p in tmp_path.iterdir()}
     assert "halp(interval=3)" in (tmp_path / "report.md").read_text()
+
+
+# --- the report does not contradict itself (one speed-up, the method and loss as run, no empty panel) ---
+
+
+def _loaded_bench() -> BenchReport:
+    """Batch 8 on a loaded machine: the wall-clock medians say 5.17x, the load-robust latency 2.23x."""
+    rows = (BenchRow("compiled", 1, 1.0, 1.1, 1.2, 1e3, 1.0), BenchRow("dense", 1, 1.5, 1.6, 1.7, 667.0, 1.5),
+            BenchRow("compiled", 8, 1.0, 1.1, 1.2, 8e3, 1.0), BenchRow("dense", 8, 5.17, 5.5, 6.0, 1547.0, 2.23))
+    return BenchReport({"target": "onnxruntime"}, rows, {1: 1.5, 8: 5.17}, {1: 1.5, 8: 2.23})
+
+
+def test_the_report_gives_one_speedup_per_batch_size_the_load_robust_one(tmp_path):
+    results = {**_results(tmp_path), "benched": Benched(_loaded_bench())}
+    document = report_document(**results)
+    (_, at_8) = document["bench"]["by_batch"]
+    assert at_8["speedup"] == pytest.approx(2.23) and at_8["median_speedup"] == pytest.approx(5.17)
+    from spruce.compiler import reporting
+
+    for text in (reporting._markdown(document), CompileReport(document, tmp_path).format_table()):
+        lines = text.splitlines()
+        (row_8,) = [line for line in lines if line.lstrip("| ").startswith("8 ")]
+        assert "2.23x" in row_8 and "5.17" not in row_8 and row_8.count("x") == 1, row_8
+        (footnote,) = [line for line in lines if "5.17" in line]  # the median: once, in the footnote
+        assert footnote.startswith("ms, FPS and speed-up: load-robust") and "5.17x at batch 8" in footnote
+        assert text.count("2.23x") == 1
+
+
+def test_the_header_names_the_method_only_when_it_ran(tmp_path):
+    from spruce.compiler import reporting
+
+    results = _results(tmp_path)
+    ran = reporting._markdown(report_document(**results))
+    assert "method `halp(interval=3)`" in ran.splitlines()[2]
+    idle = {**results, "recovered": Recovered(results["recovered"].log, RecoveryLog("loss", [1.0], 20, 0))}
+    header = reporting._markdown(report_document(**idle)).splitlines()[2]
+    assert "halp" not in header and "no method ran" in header
+
+
+def test_the_recovery_loss_is_named_as_used(tmp_path):
+    """A cross-entropy recovery is not reported as distilled with KL; a distillation is."""
+    from spruce.compiler import reporting
+    from spruce.compiler.outputs import plan_outputs
+
+    results = _results(tmp_path)
+    dense, example = results["reference"].model, results["setup"].example
+    plan = plan_outputs(dense(example), None, "model")
+    document = report_document(**results)
+    document["evaluation"]["outputs"] = plan.record()
+    document["evaluation"]["fidelity"] = {"samples": 4, "per_output": {
+        o["output"]: {"relative_l2": 0.1, "cosine": 0.99, "top1_agreement": 0.95} for o in plan.record()}}
+    loss_used = {"mode": "loss", "loss": "cross-entropy on the labels (built in)", "steps": 20, "mask_updates": 3}
+    for mode, recovery in (("loss", loss_used), ("distill", {**loss_used, "mode": "distill"})):
+        document["recovery"] = recovery
+        summary = "\n".join(reporting._summary_lines(document))
+        assert ("distill loss" in summary) == (mode == "distill"), summary
+        assert f"recovery: {mode} (" in summary
+
+
+def test_no_plot_has_an_empty_panel(tmp_path):
+    """One-shot channels (no sparsity, no prune-grow metrics) and no labels: the panels that
+    would be empty are left out; every panel drawn has data."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    from spruce.compiler import plots
+
+    results = _results(tmp_path)
+    empty = {**results, "sparsified": Sparsified(results["setup"].recipe.method, None, 10),
+             "reference": Reference(results["reference"].model, TrainLog()),
+             "recovered": Recovered(TrainLog([1.2, 0.6], []), RecoveryLog("loss", [1.2, 0.6], 20, 0)),
+             "exported": Exported(results["exported"].model, None, None, "model.pt")}
+    document = report_document(**empty)
+    assert document["sparsity"] == {} and document["metrics"] == []
+    panels = {}
+    for name, plot in (("widths", plots._plot_widths), ("accuracy_fps", plots._plot_accuracy_fps),
+                       ("training", plots._plot_training)):
+        figure = plot(document)
+        if figure is not None:
+            axes = [axis for axis in figure.axes if axis.get_label() != "<colorbar>"]
+            assert all(axis.has_data() for axis in axes), name
+            panels[name] = len(axes)
+    assert panels == {"widths": 1, "accuracy_fps": 1, "training": 1}  # widths, FPS, recovery loss
+    full = report_document(**results)  # with sparsities, accuracies and curves: both panels each
+    assert [len(plot(full).axes) for plot in (plots._plot_widths, plots._plot_accuracy_fps)] == [2, 2]
+    written = write_report(**empty, workspace=Workspace(tmp_path, quiet=True)).document["plots"]
+    assert set(written) == {"widths.png", "accuracy_fps.png", "training.png"}
+
+
+def test_the_latency_heat_map_shows_a_pruned_layer(tmp_path):
+    """The heat map shows the most expensive *pruned* profiled layer, not the most expensive
+    layer; with no pruned layer it is left out."""
+    from spruce.compiler import plots
+
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 16, 1), nn.ReLU(),
+                          nn.Conv2d(16, 8, 1)).eval()
+    table = spruce.profile(dense, torch.randn(1, 3, 32, 32), "onnxruntime", step=8)
+    assert {"0", "2", "4"} <= set(table.layers)
+    most = max(table.layers, key=lambda n: table.isolated_ms(n, table.layers[n].in_channels,
+                                                             table.layers[n].out_channels))
+    pruned = next(name for name in ("2", "4") if name != most)
+    document = {"layers": [
+        {"layer": name, "dense_in": table.layers[name].in_channels, "dense_out": table.layers[name].out_channels,
+         "compiled_in": table.layers[name].in_channels,
+         "compiled_out": table.layers[name].out_channels // (2 if name == pruned else 1)} for name in table.layers]}
+    assert plots.pruned_layer(table, document) == pruned
+    figure = plots._plot_table(table, document)
+    assert figure.axes[0].get_title().startswith(f"latency table: {pruned} (")
+    for row in document["layers"]:
+        row["compiled_out"] = row["dense_out"]
+    assert plots.pruned_layer(table, document) is None and plots._plot_table(table, document) is None

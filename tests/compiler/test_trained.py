@@ -14,7 +14,7 @@ import pytest
 import spruce
 import torch
 import torch.nn.functional as F
-from spruce.compiler import stages
+from spruce.compiler import selection, stages
 from spruce.passes.sparsity.knapsack import InfeasibleBudget
 from torch import nn
 
@@ -151,12 +151,12 @@ def test_the_measured_budget_is_hit(runs, mode):
 def test_the_budget_check_fails_when_the_budget_is_ignored(trained, image_dir, tmp_path, monkeypatch):
     """Mutation: the selection trusts the table once with the budget ignored (a dense model
     ships); the check above must reject it."""
-    real = stages.meet_latency_budget
+    real = selection.meet_latency_budget
 
     def ignoring_budget(analysis, model, table, target, budget, *args, **kwargs):
         return real(analysis, model, table, target, 1.0, *args, **kwargs)
 
-    monkeypatch.setattr(stages, "meet_latency_budget", ignoring_budget)
+    monkeypatch.setattr(selection, "meet_latency_budget", ignoring_budget)
     report = _compile(trained, image_dir, tmp_path / "out", recover="none")
     assert not budget_hit(report.document)
 
@@ -234,7 +234,7 @@ def _bad_input(tmp_path, monkeypatch, model, data, match, **options):
     def no_profiling(*args, **kwargs):
         raise AssertionError("profiled before the input was checked")
 
-    monkeypatch.setattr(stages, "profile_layers", no_profiling)
+    monkeypatch.setattr(stages, "profile", no_profiling)
     out = tmp_path / "out"
     with pytest.raises(ValueError, match=match):
         spruce.compile(model, torch.rand(1, 3, *HW), data=data, out=out, quiet=True, **options)
@@ -284,7 +284,7 @@ def test_an_unreachable_budget_stops_before_recovery(tmp_path, trained, image_di
     def no_recovery(*args, **kwargs):
         raise AssertionError("recovery ran")
 
-    monkeypatch.setattr(stages, "recover_model", no_recovery)
+    monkeypatch.setattr(stages, "recover", no_recovery)
     out = tmp_path / "out"
     with pytest.raises(InfeasibleBudget, match="smallest reachable latency"):
         _compile(trained, image_dir, out, budget={"latency": 0.02})

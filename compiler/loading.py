@@ -1,0 +1,188 @@
+"""The first stage of ``spruce compile``, :func:`load_setup`: the recipe made concrete
+(target, model and example, data, the user's functions, the output plan), every check that
+can fail on the user's input run before any training or profiling; and the held-out
+evaluations later stages share (:func:`held_out_accuracy`, :func:`user_metrics`).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..passes.graph import require_data
+from ..targets.base import get_target
+from .datasets import DataError, Loaders, check_disjoint, default_model, inputs_of, load_data, loaders_from
+from .outputs import OutputPlan, flatten_outputs, plan_outputs
+from .recipes import Recipe
+from .results import Given, Setup, UserFunction, Workspace
+
+__all__ = ["held_out_accuracy", "load_setup", "user_metrics"]
+
+
+def load_setup(recipe: Recipe, workspace: Workspace, given: Given) -> Setup:
+    """Target, model and example, data, the user's functions and the output plan; every
+    check that can fail on the user's input runs here, before any training or profiling."""
+    target = get_target(recipe.target, **recipe.target_options)
+    target.require()  # a target that cannot run here is a user error now, not after training
+    prepare = UserFunction.of(given.prepare if given.prepare is not None else recipe.prepare, "prepare")
+    model, example, data, name, is_default = _model_example_data(recipe, given, prepare)
+    loss = UserFunction.of(given.loss_fn if given.loss_fn is not None else recipe.loss, "loss_fn")
+    evaluate_fn = UserFunction.of(given.evaluate if given.evaluate is not None else recipe.evaluate, "evaluate")
+    with torch.no_grad():
+        try:
+            outputs = model.eval()(example)
+        except Exception as exc:
+            raise ValueError(f"{name} does not run on the example input of shape {tuple(example.shape)}: "
+                             f"{type(exc).__name__}: {exc}") from None
+    plan = plan_outputs(outputs, recipe.distill_losses, name)
+    check_disjoint(data, recipe.data)
+    mode = _recovery_mode(recipe, data, plan, loss, name)
+    if loss is not None and mode == "loss":
+        _check_loss(loss, model, data)
+    if evaluate_fn is not None:
+        _check_evaluate(evaluate_fn, model, data)
+    workspace.say(f"spruce compile: {name} on {data.name}, target {recipe.target}, structure {recipe.structure}, "
+                  + (f"budget {recipe.budget}" if recipe.budget else f"sparsity {recipe.sparsity}")
+                  + f", recover {mode}")
+    return Setup(recipe, target, data, model, example, copy.deepcopy(model.state_dict()), plan, mode, loss,
+                 evaluate_fn, name, is_default)
+
+
+
+def _single_input(inputs: Any, where: str) -> torch.Tensor:
+    if isinstance(inputs, torch.Tensor):
+        return inputs
+    if isinstance(inputs, (tuple, list)) and len(inputs) == 1 and isinstance(inputs[0], torch.Tensor):
+        return inputs[0]
+    raise ValueError(f"{where}: compile takes models with one input tensor; the example inputs are "
+                     f"{type(inputs).__name__} of {len(inputs) if isinstance(inputs, (tuple, list)) else 1}")
+
+
+def _model_example_data(recipe: Recipe, given: Given, prepare: UserFunction | None
+                        ) -> tuple[nn.Module, torch.Tensor, Loaders, str, bool]:
+    """The model, its example input (batch 1), the data, a name for messages, and whether it
+    is the embedded default (trained by ``dense_reference``)."""
+    if given.model is None and recipe.model is None:
+        data = _data(recipe, given, None, prepare)
+        if recipe.input_shape is not None:
+            raise ValueError("input_shape: the embedded default takes the data's input shape")
+        return default_model(data, recipe.seed), data.example, data, "the embedded digits CNN", True
+    if given.model is not None:
+        if given.example is None:
+            raise ValueError("compile(model, example_inputs): a live model needs its example inputs")
+        model, example, name = given.model, _single_input(given.example, "example_inputs"), type(given.model).__name__
+    else:
+        from .models import resolve_model
+
+        torch.manual_seed(recipe.seed)
+        model, inputs = resolve_model(recipe.model, [tuple(recipe.input_shape)] if recipe.input_shape else None)
+        example, name = _single_input(inputs, f"model {recipe.model}"), f"model {recipe.model}"
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"{name} is a {type(model).__name__}, not a torch.nn.Module")
+    require_data(model, (example,), f"compile {name}")  # a meta-device model is refused by name
+    example = example[:1]
+    data = _data(recipe, given, example, prepare)
+    return model, example, data, name, False
+
+
+def _data(recipe: Recipe, given: Given, example: torch.Tensor | None, prepare: UserFunction | None) -> Loaders:
+    if isinstance(given.data, Loaders):
+        return given.data
+    if given.data is not None:
+        if isinstance(given.data, str):
+            return load_data(given.data, recipe.seed, min(recipe.batch_size, 8) if given.data.startswith("images:")
+                             else recipe.batch_size, example, prepare.function if prepare is not None else None,
+                             recipe.augment)
+        if not (isinstance(given.data, tuple) and len(given.data) == 2):
+            raise DataError("data must be a spec string, Loaders, or a (recovery_loader, held_out_loader) tuple")
+        return loaders_from(given.data[0], given.data[1], "data", "the given loaders")
+    return load_data(recipe.data, recipe.seed, recipe.batch_size if example is None else min(recipe.batch_size, 8)
+                     if recipe.data.startswith("images:") else recipe.batch_size, example,
+                     prepare.function if prepare is not None else None, recipe.augment)
+
+
+def _recovery_mode(recipe: Recipe, data: Loaders, plan: OutputPlan, loss: UserFunction | None, name: str) -> str:
+    labels_usable = data.labeled and plan.all_scores and len(plan.outputs) == 1 and data.num_classes > 0
+    if recipe.recover == "loss" or (recipe.recover is None and data.labeled and loss is None):
+        if loss is None and not labels_usable:
+            non_scores = [s.name for s in plan.outputs if s.kind != "scores"] or [s.name for s in plan.outputs]
+            raise ValueError(
+                f"{name}: the data carries labels but no loss_fn was given, and output(s) "
+                f"{', '.join(non_scores)} are not class scores, so the built-in cross-entropy does not apply; "
+                "give loss=FILE.py:loss_fn (loss_fn(outputs, batch)), or recover=distill to ignore the labels")
+        return "loss"
+    if recipe.recover is None:
+        return "loss" if loss is not None else "distill"
+    return recipe.recover
+
+
+def _check_loss(loss: UserFunction, model: nn.Module, data: Loaders) -> None:
+    """Call the loss once on the dense model's outputs for the first recovery batch."""
+    batch = next(iter(data.train))
+    try:
+        value = loss.function(model.eval()(inputs_of(batch)), batch)
+    except Exception as exc:
+        raise ValueError(f"loss_fn {loss.where} raised {type(exc).__name__}: {exc} (called as "
+                         "loss_fn(outputs, batch) on the first recovery batch)") from None
+    if not (isinstance(value, torch.Tensor) and value.numel() == 1 and value.is_floating_point()):
+        raise ValueError(f"loss_fn {loss.where} must return a scalar float tensor, got "
+                         f"{tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__}")
+    if not value.requires_grad:
+        raise ValueError(f"loss_fn {loss.where} returned a tensor that does not depend on the outputs "
+                         "(no gradient would reach the model)")
+
+
+def _check_evaluate(evaluate_fn: UserFunction, model: nn.Module, data: Loaders) -> None:
+    """Call ``evaluate`` once on the dense model with the first held-out batch."""
+    try:
+        with torch.no_grad():
+            value = evaluate_fn.function(model.eval(), [next(iter(data.test))])
+    except Exception as exc:
+        raise ValueError(f"evaluate {evaluate_fn.where} raised {type(exc).__name__}: {exc} (called as "
+                         "evaluate(model, loader) on the first held-out batch)") from None
+    _metrics(value, evaluate_fn)
+
+
+def _metrics(value: Any, evaluate_fn: UserFunction) -> dict[str, float]:
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+        raise ValueError(f"evaluate {evaluate_fn.where} must return {{name: number}}, got {type(value).__name__}")
+    try:
+        return {k: float(v) for k, v in value.items()}
+    except (TypeError, ValueError):
+        raise ValueError(f"evaluate {evaluate_fn.where} must return {{name: number}}, got {value!r}") from None
+
+
+def user_metrics(setup: Setup, model: nn.Module) -> dict[str, float]:
+    """The user's ``evaluate(model, held_out_loader)`` metrics ({} without ``evaluate``), in eval mode."""
+    if setup.evaluate is None:
+        return {}
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return _metrics(setup.evaluate.function(model, setup.data.test), setup.evaluate)
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def held_out_accuracy(setup: Setup, model: nn.Module) -> float | None:
+    """Top-1 accuracy on the held-out data where labels exist and the output is class scores."""
+    data = setup.data
+    if not (data.labeled and setup.plan is not None and setup.plan.all_scores and len(setup.plan.outputs) == 1):
+        return None
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    for batch in data.test:
+        inputs, labels = batch
+        predicted = flatten_outputs(model(inputs))[0][1].argmax(dim=1)
+        correct += int((predicted == labels).sum())
+        total += int(labels.numel())
+    model.train(was_training)
+    return correct / max(total, 1)
+

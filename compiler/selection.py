@@ -1,0 +1,120 @@
+"""The ``sparsify`` stage of ``spruce compile``, :func:`sparsify_student`: what to remove
+from the trained weights. Channels by magnitude under the budget (a latency budget met as
+measured on the target), handed to a named method that re-selects them during recovery
+where the recipe asks for one; or, for ``unstructured`` / ``N:M``, the method's SparseModel
+with its initial masks by magnitude (never random).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..api.prune import keep_top_channels
+from ..passes.analysis import analyze
+from ..passes.export import check_runs, remove_channels
+from ..passes.importance import importance_scores, param_table
+from ..passes.sparsity.knapsack import build_cost_model, minimum_kept, normalise_importance, select_channels
+from ..passes.sparsity.method import MethodConfig, RunLength
+from ..passes.sparsity.model import SparseModel, sparsify_captured
+from ..runtime.budget import meet_latency_budget
+from .channel_methods import drives_channels, sparsify_with_method
+from .results import Captured, Profiled, Setup, Sparsified, Workspace
+
+__all__ = ["CHANNEL_IMPORTANCE", "channels_by_magnitude", "sparsify_student"]
+
+CHANNEL_IMPORTANCE = "l1"  # one-shot channel choice on a trained model: the weights' magnitude
+
+
+def sparsify_student(setup: Setup, captured: Captured, profiled: Profiled, workspace: Workspace) -> Sparsified:
+    """Choose what to remove from the trained weights: channels by magnitude under the budget
+    (a latency budget met as measured), or the method's masks initialised by magnitude."""
+    recipe = setup.recipe
+    total_steps = setup.total_steps
+    method = recipe.method.for_run(RunLength(total_steps, len(setup.data.train), recipe.structure))
+    if recipe.structure == "channel":
+        chosen = channels_by_magnitude(setup, captured, profiled, method, total_steps, workspace)
+        if drives_channels(recipe.structure, setup.mode, recipe.method, recipe.method_named, recipe.budget):
+            return _method_channels(setup, captured, profiled, chosen, workspace)
+        return chosen
+    trained = {id(p): p.detach().clone() for p in captured.graph.eval.parameters()}  # before any mask zeroes them
+    sparse = sparsify_captured(captured.graph, method, structure=recipe.structure,
+                               sparsity=recipe.sparsity if recipe.sparsity is not None else 0.0,
+                               distribution=recipe.distribution, total_steps=total_steps)
+    _magnitude_masks(sparse, trained, recipe.distribution)
+    return Sparsified(method, sparse, total_steps)
+
+
+
+def channels_by_magnitude(setup: Setup, captured: Captured, profiled: Profiled, method: MethodConfig, total_steps: int,
+                     workspace: Workspace) -> Sparsified:
+    """Channels kept by magnitude: under a latency budget, the measured closed loop; under a
+    FLOPs/params budget, the knapsack; under a sparsity, the top fraction of each group."""
+    recipe = setup.recipe
+    student, example = captured.student.eval(), setup.example
+    analysis = analyze(captured.graph)
+    params = param_table(student)
+    rng = np.random.default_rng(recipe.seed)
+    importance = {g.id: importance_scores(CHANNEL_IMPORTANCE, g, params, rng) for g in analysis.groups if g.prunable}
+    if not importance:
+        raise ValueError(f"{setup.model_name} has no prunable channel group; try structure unstructured or 2:4")
+    importance = normalise_importance(importance, recipe.importance_norm)
+    required = minimum_kept(importance, recipe.min_keep, recipe.round_to) if recipe.min_keep > 0 else None
+    selection = None
+    if recipe.budget and "latency" in recipe.budget:
+        workspace.say("choosing channels to meet the latency budget as measured on the target ...")
+        steer = None if recipe.selection_cost == "latency" else build_cost_model(recipe.selection_cost, student,
+                                                                                 analysis)
+        selection = meet_latency_budget(analysis, student, profiled.table, setup.target, recipe.budget["latency"],
+                                        importance, (example,), batch_size=recipe.budget_batch_size,
+                                        round_to=recipe.round_to, required=required, cost_model=steer)
+        kept, compact = selection.kept, selection.compact
+    elif recipe.budget:
+        ((kind, fraction),) = recipe.budget.items()
+        cost = build_cost_model(kind, student, analysis)
+        kept = dict(select_channels(cost, importance, fraction * cost.dense(), round_to=recipe.round_to,
+                                    required=required).kept)
+        compact = remove_channels(analysis, student, kept)
+    else:
+        kept = keep_top_channels(student, analysis.groups, recipe.sparsity or 0.0, CHANNEL_IMPORTANCE,
+                            round_to=recipe.round_to, seed=recipe.seed)
+        compact = remove_channels(analysis, student, kept)
+    check_runs(compact, (example,), student, "compact model")
+    norm = "" if recipe.importance_norm == "none" else f", divided by its group's mean ({recipe.importance_norm})"
+    floor = f"; every group keeps at least {recipe.min_keep:g} of its channels" if required is not None else ""
+    return Sparsified(method, None, total_steps, compact, kept, selection,
+                      f"{CHANNEL_IMPORTANCE} (weight magnitude{norm}){floor}")
+
+
+@torch.no_grad()
+def _magnitude_masks(sparse: SparseModel, trained: dict[int, torch.Tensor], distribution: str) -> None:
+    """The initial masks of a trained model's SparseModel: the largest trained weights (per
+    layer at its density, one global threshold for ``global``, N of each M for N:M), never
+    random. The method's own initial masks already zeroed weights, so the trained weights
+    are put back first."""
+    ctx = sparse.context
+    for layer in ctx.layers:
+        layer.module.weight.copy_(trained[id(layer.module.weight)])
+    if distribution == "global" and sparse.structure == "unstructured":
+        for layer, mask in zip(ctx.layers, ctx.global_magnitude_masks(ctx.mean_density())):
+            ctx.set_mask(layer, mask)
+    else:
+        for layer in ctx.layers:
+            ctx.set_mask(layer, ctx.magnitude_mask(layer, layer.density))
+    sparse.apply_masks()
+
+
+def _method_channels(setup: Setup, captured: Captured, profiled: Profiled, chosen: Sparsified,
+                     workspace: Workspace) -> Sparsified:
+    """The one-shot selection ``chosen`` (its measured calibration, InfeasibleBudget already
+    raised where due) handed over to the named method: the student becomes the method's
+    channel SparseModel, which re-selects channels during recovery
+    (:mod:`spruce.compiler.channel_methods`)."""
+    recipe = setup.recipe
+    workspace.say(f"method {recipe.method.name} re-selects channels under the budget during recovery ...")
+    run = RunLength(chosen.total_steps, len(setup.data.train), recipe.structure)
+    sparse, drive = sparsify_with_method(captured.graph, recipe.method, run, dict(recipe.budget), chosen.selection,
+                                         profiled.table)
+    return Sparsified(sparse.method.config, sparse, chosen.total_steps, selection=chosen.selection,
+                      importance=f"{drive.criterion} (method {drive.method})", drive=drive)
+
