@@ -14,10 +14,11 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from .analysis import ChannelAnalysis, SizeRead, Space, TensorDims
+from .analysis import ChannelAnalysis
 from .graph import empty_graph_like
 from .maskednorm import install_masked_norms
-from .metarun import runs_on_meta
+from .rules.meta import runs_on_meta
+from .spaces import SizeRead, Space, TensorDims
 
 __all__ = ["MODULE_FIXERS", "CompactModelError", "CompactPiece", "ModeSwitch", "batch_literals", "check_runs",
            "install_graphs", "mask_channels", "remove_channels"]
@@ -198,7 +199,7 @@ def _stale(value: object, sizes: _Sizes) -> bool:
 
 
 class _Resize:
-    """What an operator's size rewrite (``spruce.passes.oprules.REWRITES``) sees of one node."""
+    """What an operator's size rewrite (``spruce.passes.rules.registry.REWRITES``) sees of one node."""
 
     def __init__(self, analysis: ChannelAnalysis, gi: int, sizes: _Sizes, old_of: dict[fx.Node, fx.Node]):
         self.values = analysis.analyzer.values
@@ -234,7 +235,7 @@ def _rebuild_graph(analysis: ChannelAnalysis, gi: int, source: fx.GraphModule, r
                    sizes: _Sizes) -> fx.Graph:
     """A copy of ``source``'s graph with every size-carrying argument rewritten for the kept
     channels (and ``nn.Unflatten`` modules of ``root`` given their new sizes)."""
-    from .oprules import REWRITES
+    from .rules.registry import REWRITES
 
     graph = empty_graph_like(source.graph)  # the pytree input/output structure
     mapping: dict[fx.Node, fx.Node] = {}

@@ -1,5 +1,5 @@
 """Every registered operator rule is sound: for each rule (module type, function, method name
-or ATen operator in spruce.passes.oprules' registries), one call of the operator is
+or ATen operator in spruce.passes.rules.registry's tables), one call of the operator is
 analysed on its own (nothing pinned at the graph boundary), and for every channel the
 analysis leaves free, the outputs outside that channel must not change when the
 channel's elements (of the inputs and parameters) go from zero to arbitrary values.
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from spruce.capture.capture import propagate
 from spruce.passes.analysis import TensorDims, analyze, leaves
 from spruce.passes.graph import CapturedGraph, Piece
-from spruce.passes.oprules import FUNCTION_RULES, METHOD_RULES, MODULE_RULES
+from spruce.passes.rules.registry import FUNCTION_RULES, METHOD_RULES, MODULE_RULES
 from torch import fx, nn
 
 aten = torch.ops.aten
@@ -749,7 +749,7 @@ def aten_sample(op):
         if packet.startswith("lp_pool"):
             return (lambda x: op(x.abs() + 0.1, 2.0, [2, 2])), (x,)
         return (lambda x: op(x, [2] * n)), (x,)
-    if rule == "creation":
+    if rule == "creation_op":
         return (lambda x: x + 0 * _created(op, x)), (t(*X4),)
     if rule == "roi":
         boxes = torch.tensor([[0, 0.0, 0.0, 3.0, 3.0], [1, 1.0, 1.0, 4.0, 3.0]])
