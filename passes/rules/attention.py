@@ -10,7 +10,7 @@ from torch import fx, nn
 
 from ..spaces import Analyzer, Space, TensorDims
 from .common import is_multi, pin_new, unknown
-from .registry import Call, aten_rule, function_rule, module_rule
+from .registry import Call, aten_rule, function_rule, module_fixer, module_rule
 
 __all__ = ["sdpa"]
 
@@ -135,3 +135,16 @@ def multihead_attention(an: Analyzer, call: Call) -> object:
 
 
 aten_rule("scaled_dot_product_attention")(sdpa)
+
+
+# ---------------------------------------------------------------------------
+# module rewrites (attributes after the tensors shrank)
+# ---------------------------------------------------------------------------
+
+
+@module_fixer(nn.MultiheadAttention)
+def _fix_mha(new: nn.Module, old: nn.Module) -> None:
+    embed = new.in_proj_weight.shape[1]
+    new.embed_dim = new.kdim = new.vdim = embed
+    new.num_heads = embed // old.head_dim
+    new.out_proj.in_features = new.out_proj.out_features = embed

@@ -9,7 +9,7 @@ from torch import nn
 
 from ..spaces import Analyzer, TensorDims
 from .common import contract, pin_new, rewrite_groups, schema_args, unknown
-from .registry import Call, aten_rule, function_rule, module_rule
+from .registry import Call, aten_rule, function_rule, module_fixer, module_rule
 
 __all__ = ["conv"]
 
@@ -116,3 +116,27 @@ def convolution_transpose(an: Analyzer, call: Call) -> object:
 @aten_rule("convolution", "_convolution", rewrite=rewrite_groups(8))
 def convolution(an: Analyzer, call: Call) -> object:
     return _conv_call(an, call, transposed=None)
+
+
+# ---------------------------------------------------------------------------
+# module rewrites (attributes after the tensors shrank)
+# ---------------------------------------------------------------------------
+
+
+@module_fixer(nn.Conv1d, nn.Conv2d, nn.Conv3d)
+def _fix_conv(new: nn.Module, old: nn.Module) -> None:
+    in_per_group = old.in_channels // old.groups
+    out_per_group = old.out_channels // old.groups
+    new.out_channels = new.weight.shape[0]
+    if in_per_group == 1 and old.groups > 1:  # depthwise: the group count follows the channels
+        new.groups = new.out_channels // out_per_group
+    new.in_channels = new.weight.shape[1] * new.groups
+
+
+@module_fixer(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+def _fix_conv_transpose(new: nn.Module, old: nn.Module) -> None:
+    in_per_group = old.in_channels // old.groups
+    new.in_channels = new.weight.shape[0]
+    if in_per_group == 1 and old.groups > 1:
+        new.groups = new.in_channels
+    new.out_channels = new.weight.shape[1] * new.groups

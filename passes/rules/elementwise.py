@@ -22,6 +22,7 @@ from .registry import (
     function_rule,
     function_shape,
     method_rule,
+    module_fixer,
     module_rule,
     module_shape,
 )
@@ -262,3 +263,13 @@ def _true_divide(args: tuple, kwargs: dict) -> torch.Tensor | None:
     if not (dtype.is_floating_point or dtype.is_complex):
         dtype = torch.get_default_dtype()
     return torch.empty(shape, dtype=dtype, device="meta")
+
+
+# ---------------------------------------------------------------------------
+# module rewrites (attributes after the tensors shrank)
+# ---------------------------------------------------------------------------
+
+
+@module_fixer(nn.PReLU)
+def _fix_prelu(new: nn.Module, old: nn.Module) -> None:
+    new.num_parameters = new.weight.shape[0]

@@ -11,7 +11,7 @@ from torch import nn
 
 from ..spaces import Analyzer, TensorDims
 from .common import broadcast_dims, check_numel, contract, schema_args, unknown
-from .registry import Call, aten_rule, function_rule, method_rule, module_rule, module_shape
+from .registry import Call, aten_rule, function_rule, method_rule, module_fixer, module_rule, module_shape
 
 __all__ = ["embedding", "linear", "matmul"]
 
@@ -138,3 +138,18 @@ def _linear_meta(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         raise RuntimeError(f"Linear: input dtype {x.dtype}, weight dtype {module.weight.dtype}")
     check_numel(module, ("bias",), out_features, "output features")
     return torch.empty((*x.shape[:-1], out_features), dtype=x.dtype, device="meta")
+
+
+# ---------------------------------------------------------------------------
+# module rewrites (attributes after the tensors shrank)
+# ---------------------------------------------------------------------------
+
+
+@module_fixer(nn.Linear)
+def _fix_linear(new: nn.Module, old: nn.Module) -> None:
+    new.out_features, new.in_features = new.weight.shape
+
+
+@module_fixer(nn.Embedding)
+def _fix_embedding(new: nn.Module, old: nn.Module) -> None:
+    new.embedding_dim = new.weight.shape[1]

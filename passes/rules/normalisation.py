@@ -10,7 +10,17 @@ from torch import fx, nn
 
 from ..spaces import Analyzer, Space, TensorDims
 from .common import check_numel, meta_like, pin_dims, pin_new, rewrite_groups, schema_args, set_arg
-from .registry import Call, Resize, Rewrite, aten_rule, function_rule, function_shape, module_rule, module_shape
+from .registry import (
+    Call,
+    Resize,
+    Rewrite,
+    aten_rule,
+    function_rule,
+    function_shape,
+    module_fixer,
+    module_rule,
+    module_shape,
+)
 
 __all__ = ["group_norm", "normalised", "rewrite_normalized_shape"]
 
@@ -249,3 +259,31 @@ def _layer_norm_function(args: tuple, kwargs: dict) -> torch.Tensor | None:
         return None
     _check_layer_norm(x, tuple(shape), bound.get("weight"), bound.get("bias"))
     return meta_like(x)
+
+
+# ---------------------------------------------------------------------------
+# module rewrites (attributes after the tensors shrank)
+# ---------------------------------------------------------------------------
+
+
+@module_fixer(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
+              nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+def _fix_norm(new: nn.Module, old: nn.Module) -> None:
+    for t in (new.weight, new.running_mean):
+        if t is not None:
+            new.num_features = t.shape[0]
+            return
+
+
+@module_fixer(nn.GroupNorm)
+def _fix_group_norm(new: nn.Module, old: nn.Module) -> None:
+    if new.weight is not None:  # whole groups are removed (the rule pins channels within a group)
+        per_group = old.num_channels // old.num_groups
+        new.num_channels = new.weight.shape[0]
+        new.num_groups = new.num_channels // per_group
+
+
+@module_fixer(nn.LayerNorm, nn.RMSNorm)
+def _fix_layer_norm(new: nn.Module, old: nn.Module) -> None:
+    if new.weight is not None:  # a norm over one dim whose width shrank (normalised_widths)
+        new.normalized_shape = tuple(new.weight.shape)

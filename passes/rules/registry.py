@@ -5,7 +5,8 @@
   :data:`ATEN_OPS`) and :data:`METHOD_RULES` (by method name): the channel rule of each op
   (how channels flow through it), called with the :class:`~spruce.passes.spaces.Analyzer` and
   the node's :class:`Call`;
-- :data:`REWRITES`: how an op's size-carrying arguments change when channels are removed, and
+- :data:`REWRITES`: how an op's size-carrying arguments change when channels are removed
+  (:data:`MODULE_FIXERS`: how a module's attributes do), and
   :data:`SHAPE_CONSUMERS`, the ops whose size arguments are rewritten (reading a size for them
   is safe);
 - :data:`MODULE_SHAPES` and :data:`FUNCTION_SHAPES`: output shapes of common ops on meta
@@ -32,12 +33,14 @@ __all__ = [
     "FUNCTION_RULES",
     "FUNCTION_SHAPES",
     "METHOD_RULES",
+    "MODULE_FIXERS",
     "MODULE_RULES",
     "MODULE_SHAPES",
     "REWRITES",
     "SHAPE_CONSUMERS",
     "Call",
     "FunctionShape",
+    "ModuleFixer",
     "ModuleShape",
     "Resize",
     "Rewrite",
@@ -46,6 +49,7 @@ __all__ = [
     "function_rule",
     "function_shape",
     "method_rule",
+    "module_fixer",
     "module_rule",
     "module_shape",
 ]
@@ -110,6 +114,23 @@ def _registrar(table: dict, keys: tuple, shape_args: bool = False, rewrite: Rewr
             if rewrite is not None:
                 REWRITES[key] = rewrite
         return rule
+
+    return register
+
+
+ModuleFixer = Callable[[nn.Module, nn.Module], None]
+# how a module's attributes (channel counts, group counts, head counts) follow its tensors once
+# channels are removed: fixer(new, old), new the compact copy of old, by module type (along the MRO)
+MODULE_FIXERS: dict[type, ModuleFixer] = {}
+
+
+def module_fixer(*types: type):
+    """Register the attribute rewrite of modules of ``types`` (and their subclasses without
+    their own): ``fixer(new, old)`` sets ``new``'s attributes from its shrunk tensors."""
+    def register(fn: ModuleFixer) -> ModuleFixer:
+        for t in types:
+            MODULE_FIXERS[t] = fn
+        return fn
 
     return register
 
