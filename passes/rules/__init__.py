@@ -1,7 +1,7 @@
 """Per-operator knowledge: how channels flow through each op, one module per op family.
 
 Each family module (:mod:`.convolution`, :mod:`.linear`, :mod:`.attention`,
-:mod:`.normalisation`, :mod:`.elementwise`, :mod:`.reductions`, :mod:`.reshape`,
+:mod:`.normalisation`, :mod:`.recurrent`, :mod:`.elementwise`, :mod:`.reductions`, :mod:`.reshape`,
 :mod:`.indexing`, :mod:`.shuffle`, :mod:`.spatial`, :mod:`.sizes`) holds its ops' torch-level
 (fx) rules, their ATen rules (``torch.export`` graphs), the rewrites of their size arguments
 and their meta-tensor shapes, registered in the tables of :mod:`.registry` (one table per
@@ -21,6 +21,7 @@ from . import (  # noqa: F401  (each family registers its rules on import)
     indexing,
     linear,
     normalisation,
+    recurrent,
     reductions,
     reshape,
     shuffle,
