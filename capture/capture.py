@@ -58,8 +58,8 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..passes.graph import CapturedGraph, Link, Piece, has_pytree_io, split_inputs, tensor_leaves
-from ..passes.metarun import MetaRules
-from ..passes.oprules import MODULE_RULES
+from ..passes.rules.meta import MetaRules
+from ..passes.rules.registry import MODULE_RULES
 from .transformers import capture_settings
 
 __all__ = ["INPUT_ADAPTERS", "InputAdapter", "TraceError", "capture", "resized_batch"]
@@ -441,7 +441,7 @@ def _shared_meta(gm: fx.GraphModule, known: fx.GraphModule | None) -> dict:
 
 class _MetaShapeProp(MetaRules, ShapeProp):
     """ShapeProp on meta tensors that takes the outputs of the commonest operators from
-    :mod:`spruce.passes.metarun`'s rules instead of their (slow) meta kernels."""
+    :mod:`spruce.passes.rules.meta`'s rules instead of their (slow) meta kernels."""
 
 
 def failing_node(exc: BaseException) -> str | None:
@@ -1026,7 +1026,7 @@ def _fx_wrapped_calls(gm: fx.GraphModule) -> list[str]:
     has no channel rule (torchvision's ``stochastic_depth`` has one)."""
     from torch.fx._symbolic_trace import _wrapped_fns_to_patch
 
-    from ..passes.oprules import FUNCTION_RULES
+    from ..passes.rules.registry import FUNCTION_RULES
 
     wrapped = {id(scope[name]) for (_, name), scope in _wrapped_fns_to_patch.items() if name in scope}
     return [n.name for n in gm.graph.nodes

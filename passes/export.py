@@ -8,18 +8,19 @@ what ``mask_channels`` computes with the original architecture.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
 
 import numpy as np
 import torch
 from torch import fx, nn
 
-from .analysis import ChannelAnalysis, SizeRead, Space, TensorDims
+from .analysis import ChannelAnalysis
 from .graph import empty_graph_like
 from .maskednorm import install_masked_norms
-from .metarun import runs_on_meta
+from .rules.meta import runs_on_meta
+from .rules.registry import MODULE_FIXERS
+from .spaces import SizeRead, Space, TensorDims
 
-__all__ = ["MODULE_FIXERS", "CompactModelError", "CompactPiece", "ModeSwitch", "batch_literals", "check_runs",
+__all__ = ["CompactModelError", "CompactPiece", "ModeSwitch", "batch_literals", "check_runs",
            "install_graphs", "mask_channels", "remove_channels"]
 
 Kept = dict[int, np.ndarray]
@@ -103,83 +104,6 @@ def _shrunk_tensors(analysis: ChannelAnalysis, sizes: _Sizes, model: nn.Module) 
 
 # ---- module attributes after their tensors shrank -----------------------------
 
-ModuleFixer = Callable[[nn.Module, nn.Module], None]
-MODULE_FIXERS: dict[type, ModuleFixer] = {}
-
-
-def module_fixer(*types: type):
-    def register(fn: ModuleFixer) -> ModuleFixer:
-        for t in types:
-            MODULE_FIXERS[t] = fn
-        return fn
-
-    return register
-
-
-@module_fixer(nn.Conv1d, nn.Conv2d, nn.Conv3d)
-def _fix_conv(new: nn.Module, old: nn.Module) -> None:
-    in_per_group = old.in_channels // old.groups
-    out_per_group = old.out_channels // old.groups
-    new.out_channels = new.weight.shape[0]
-    if in_per_group == 1 and old.groups > 1:  # depthwise: the group count follows the channels
-        new.groups = new.out_channels // out_per_group
-    new.in_channels = new.weight.shape[1] * new.groups
-
-
-@module_fixer(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-def _fix_conv_transpose(new: nn.Module, old: nn.Module) -> None:
-    in_per_group = old.in_channels // old.groups
-    new.in_channels = new.weight.shape[0]
-    if in_per_group == 1 and old.groups > 1:
-        new.groups = new.in_channels
-    new.out_channels = new.weight.shape[1] * new.groups
-
-
-@module_fixer(nn.Linear)
-def _fix_linear(new: nn.Module, old: nn.Module) -> None:
-    new.out_features, new.in_features = new.weight.shape
-
-
-@module_fixer(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
-              nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
-def _fix_norm(new: nn.Module, old: nn.Module) -> None:
-    for t in (new.weight, new.running_mean):
-        if t is not None:
-            new.num_features = t.shape[0]
-            return
-
-
-@module_fixer(nn.GroupNorm)
-def _fix_group_norm(new: nn.Module, old: nn.Module) -> None:
-    if new.weight is not None:  # whole groups are removed (the rule pins channels within a group)
-        per_group = old.num_channels // old.num_groups
-        new.num_channels = new.weight.shape[0]
-        new.num_groups = new.num_channels // per_group
-
-
-@module_fixer(nn.LayerNorm, nn.RMSNorm)
-def _fix_layer_norm(new: nn.Module, old: nn.Module) -> None:
-    if new.weight is not None:  # a norm over one dim whose width shrank (normalised_widths)
-        new.normalized_shape = tuple(new.weight.shape)
-
-
-@module_fixer(nn.Embedding)
-def _fix_embedding(new: nn.Module, old: nn.Module) -> None:
-    new.embedding_dim = new.weight.shape[1]
-
-
-@module_fixer(nn.PReLU)
-def _fix_prelu(new: nn.Module, old: nn.Module) -> None:
-    new.num_parameters = new.weight.shape[0]
-
-
-@module_fixer(nn.MultiheadAttention)
-def _fix_mha(new: nn.Module, old: nn.Module) -> None:
-    embed = new.in_proj_weight.shape[1]
-    new.embed_dim = new.kdim = new.vdim = embed
-    new.num_heads = embed // old.head_dim
-    new.out_proj.in_features = new.out_proj.out_features = embed
-
 
 def _fix_modules(old: nn.Module, new: nn.Module) -> None:
     new_modules = dict(new.named_modules(remove_duplicate=False))
@@ -198,7 +122,7 @@ def _stale(value: object, sizes: _Sizes) -> bool:
 
 
 class _Resize:
-    """What an operator's size rewrite (``spruce.passes.oprules.REWRITES``) sees of one node."""
+    """What an operator's size rewrite (``spruce.passes.rules.registry.REWRITES``) sees of one node."""
 
     def __init__(self, analysis: ChannelAnalysis, gi: int, sizes: _Sizes, old_of: dict[fx.Node, fx.Node]):
         self.values = analysis.analyzer.values
@@ -234,7 +158,7 @@ def _rebuild_graph(analysis: ChannelAnalysis, gi: int, source: fx.GraphModule, r
                    sizes: _Sizes) -> fx.Graph:
     """A copy of ``source``'s graph with every size-carrying argument rewritten for the kept
     channels (and ``nn.Unflatten`` modules of ``root`` given their new sizes)."""
-    from .oprules import REWRITES
+    from .rules.registry import REWRITES
 
     graph = empty_graph_like(source.graph)  # the pytree input/output structure
     mapping: dict[fx.Node, fx.Node] = {}

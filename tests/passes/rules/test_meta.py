@@ -1,4 +1,4 @@
-"""The shape rules that stand in for slow meta kernels (spruce.passes.metarun) agree with the
+"""The shape rules that stand in for slow meta kernels (spruce.passes.rules.meta) agree with the
 real kernels: on an input that fits, the same output shape and dtype; on one that does not
 (a module or operand that lost channels), both raise. Every registered rule has a case here:
 adding a rule means adding a case."""
@@ -10,7 +10,8 @@ import operator
 import pytest
 import torch
 import torch.nn.functional as F
-from spruce.passes.metarun import FUNCTION_SHAPES, MODULE_SHAPES, MetaRun, runs_on_meta
+from spruce.passes.rules.meta import MetaRun, runs_on_meta
+from spruce.passes.rules.registry import FUNCTION_SHAPES, MODULE_SHAPES
 from torch import fx, nn
 
 C = 6
