@@ -71,6 +71,13 @@ MOVED: tuple[Moved, ...] = (
     Moved("spruce.compiler.cli_pipeline", "spruce.cli.compile", f"{_LAYOUT}; one subcommand per file"),
     Moved("spruce.compiler.cli_profile", "spruce.cli.profile", f"{_LAYOUT}; one subcommand per file"),
     Moved("spruce.compiler.cli_bench", "spruce.cli.bench", f"{_LAYOUT}; one subcommand per file"),
+    Moved("spruce.passes.oprules", "spruce.passes.rules",
+          "per-operator knowledge: one module per op family in passes/rules/ (fx rule, ATen rule, rewrite and "
+          "meta shape together); the tables are in spruce.passes.rules.registry"),
+    Moved("spruce.passes.atenrules", "spruce.passes.rules",
+          "the ATen rules live beside their fx rules, one module per op family in passes/rules/"),
+    Moved("spruce.passes.metarun", "spruce.passes.rules.meta",
+          "running a graph on meta tensors is part of passes/rules/ (spruce.passes.rules.meta)"),
     Moved("spruce.compiler.pipeline:STAGES", "spruce.compile",
           "compile calls its stages by name, in order, in one function (its source is the list)"),
     Moved("spruce.compiler.pipeline:run_stages", "spruce.compile",

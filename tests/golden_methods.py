@@ -209,6 +209,21 @@ def resume_checkpoint(path: str) -> dict:
             "step_count": sm.step_count, "extra": sm.checkpoint_extra}
 
 
+def kernel_canary() -> str:
+    """A digest of how this machine's CPU kernels round: the golden CNN trained 3 dense SGD steps
+    (one thread) on the golden batches. Equal digests mean the method cases' weights can be
+    compared bitwise with a record made on that machine; masks and metrics do not depend on it."""
+    torch.set_num_threads(1)
+    model = _cnn()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+    for inputs, labels in _batches(2, 3):
+        loss = nn.functional.cross_entropy(model(inputs), labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return _digest(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+
+
 def main(path: str) -> None:
     record = {"commit": "a5751ab", "steps": STEPS, "cases": {name: run_case(name) for name in CASES},
               "compile": {name: run_compile(name) for name in COMPILES}, "scaled_defaults": old_scaled_defaults()}

@@ -24,10 +24,17 @@ GOLDEN = json.loads((DATA / "golden_a5751ab.json").read_text())
 # bitwise (2026-11-30) at the same code; the cases run in a fresh process limited to AVX2, the
 # ISA of the record (both variables are read when torch starts; a no-op on an AVX2 machine).
 RECORDED_ISA = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+# An Intel Xeon with AVX-512 (2026-12-07) still rounded differently from the record when limited
+# to AVX2 (and with MKL_CBWR=AVX2): masks, metrics and step counts equal, every final weight digest
+# different, at unchanged code. Such machines' weights are recorded beside the record, keyed by a
+# digest of how the machine's kernels round (golden_methods.kernel_canary), as the last code that
+# reproduced the record made them there; a machine with an unknown digest compares with the record.
+BY_KERNELS = json.loads((DATA / "golden_by_kernels.json").read_text())["records"]
 _RUN_ALL = """
 import json, sys
 import golden_methods
-record = {"cases": {name: golden_methods.run_case(name) for name in golden_methods.CASES},
+record = {"canary": golden_methods.kernel_canary(),
+          "cases": {name: golden_methods.run_case(name) for name in golden_methods.CASES},
           "checkpoints": {name: golden_methods.resume_checkpoint(sys.argv[1] + f"/checkpoint_v1_{name}.pt")
                           for name in golden_methods.CHECKPOINTS}}
 print(json.dumps(record))
@@ -64,7 +71,7 @@ def test_method_is_bitwise_equal_to_a5751ab(case, runs):
     expected = GOLDEN["cases"][case]
     assert got["step_masks"] == expected["step_masks"]
     assert got["masks"] == expected["masks"]
-    assert got["weights"] == expected["weights"]
+    assert got["weights"] == _kernels_record(runs).get("weights", {}).get(case, expected["weights"])
     assert got["metrics"] == expected["metrics"]
 
 
@@ -106,4 +113,10 @@ def test_compile_scales_method_defaults_as_a5751ab_did():
 def test_a_format_1_checkpoint_resumes_as_it_did_at_a5751ab(name, runs):
     resumed = runs["checkpoints"][name]
     expected = json.loads((DATA / "checkpoint_v1_resumed.json").read_text())[name]
-    assert resumed == expected
+    assert resumed == _kernels_record(runs).get("checkpoints", {}).get(name, expected)
+
+
+def _kernels_record(runs: dict) -> dict:
+    """This machine's record of weights (golden_by_kernels.json), or {} where its kernels round
+    as the a5751ab record's machine did (or unknown: the record then decides)."""
+    return BY_KERNELS.get(runs["canary"], {})
