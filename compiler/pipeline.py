@@ -19,10 +19,11 @@ from torch import nn
 
 from ..targets.files import checked_out_dir, staged_dir
 from . import stages
+from .floors import FidelityFloorError, raise_if_missed
 from .recipes import Recipe, load_recipe
 from .reporting import CompileReport
 
-__all__ = ["CompileReport", "STAGES", "compile", "compile_model", "run_stages", "stage_inputs"]
+__all__ = ["CompileReport", "FidelityFloorError", "STAGES", "compile", "compile_model", "run_stages", "stage_inputs"]
 
 # compile, stage by stage: each takes the results its parameters' annotations name
 STAGES: tuple[Callable[..., Any], ...] = (
@@ -47,7 +48,9 @@ def compile(model: str | nn.Module | None = None, example_inputs: Any = None, *,
     ``FILE.py:NAME`` specs. The recipe (a :class:`Recipe`, a recipe file, or the defaults)
     with ``options`` (Recipe fields, e.g. ``recover="none"``, ``budget={"latency": 0.6}``)
     on top. ``out`` appears complete or not at all; a non-empty ``out`` is replaced only with
-    ``force=True``. Bad input raises ``ValueError`` before any training or profiling."""
+    ``force=True``. Bad input raises ``ValueError`` before any training or profiling. A
+    compiled model that misses its fidelity floor (:mod:`spruce.compiler.floors`) raises
+    :class:`FidelityFloorError` once ``out`` is written (its report says so; ``.report``)."""
     base = recipe if isinstance(recipe, Recipe) else load_recipe(recipe) if recipe is not None else Recipe()
     spec = model if isinstance(model, str) else None
     strings = {k: v for k, v in (("data", data), ("loss", loss_fn), ("evaluate", evaluate), ("prepare", prepare))
@@ -62,6 +65,7 @@ def compile(model: str | nn.Module | None = None, example_inputs: Any = None, *,
     with staged_dir(out_dir) as stage:
         report = compile_model(resolved, stage, quiet=quiet, given=given)
     report.out_dir = out_dir
+    raise_if_missed(report)
     return report
 
 

@@ -24,6 +24,7 @@ from ..api.stats import count_macs, count_params
 from ..runtime.bench import BenchReport
 from ..targets.base import Artifact
 from ..targets.files import atomic_path, atomic_write_text
+from .floors import floor_line, report_lines
 from .recipes import Recipe
 from .training import TrainLog
 
@@ -63,13 +64,14 @@ def build_document(*, recipe: Recipe, data_name: str, example: torch.Tensor, den
                    table: Any, bench: BenchReport, dense_artifact: Artifact, compiled_artifact: Artifact,
                    timings: Mapping[str, float], wall_s: float, dense_accuracy: float | None | str = "log",
                    evaluation: Mapping[str, Any] | None = None, budget: Mapping[str, Any] | None = None,
-                   recovery: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                   recovery: Mapping[str, Any] | None = None, floor: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The report document (what ``report.json`` holds) from the stages' results.
 
     ``dense_accuracy`` (None without labels; by default the last of ``dense_log``),
     ``evaluation`` (outputs and their losses, fidelity on held-out inputs, user metrics),
     ``budget`` (predicted and measured latency of both models, the measured ratio) and
-    ``recovery`` (mode, loss, steps, mask updates) come from compile's stages."""
+    ``recovery`` (mode, loss, steps, mask updates) and ``floor`` (the fidelity floor's checks,
+    :mod:`spruce.compiler.floors`) come from compile's stages."""
     if dense_accuracy == "log":
         dense_accuracy = dense_log.accuracy[-1] if dense_log.accuracy else None
     by_batch = []
@@ -105,6 +107,7 @@ def build_document(*, recipe: Recipe, data_name: str, example: torch.Tensor, den
         **({"evaluation": _jsonable(dict(evaluation))} if evaluation is not None else {}),
         **({"budget": _jsonable(dict(budget))} if budget is not None else {}),
         **({"recovery": _jsonable(dict(recovery))} if recovery is not None else {}),
+        **({"floor": _jsonable(dict(floor))} if floor is not None else {}),
     }
 
 
@@ -133,18 +136,7 @@ def _summary_lines(doc: dict[str, Any]) -> list[str]:
                      f"measured {budget.get('compiled_measured_ms', float('nan')):.3f} / "
                      f"{budget.get('dense_measured_ms', float('nan')):.3f} ms (compiled / dense)")
         lines += ["", text]
-    evaluation = doc.get("evaluation")
-    if evaluation and evaluation.get("fidelity"):
-        lines += ["", f"fidelity to dense on {evaluation['fidelity']['samples']} held-out inputs:"]
-        losses = {o["output"]: o["distill_loss"] for o in evaluation["outputs"]}
-        for name, row in evaluation["fidelity"]["per_output"].items():
-            extra = f", top-1 agreement {row['top1_agreement']:.4f}" if "top1_agreement" in row else ""
-            lines.append(f"  {name}: relative L2 {row['relative_l2']:.4f}, cosine {row['cosine']:.4f}{extra} "
-                         f"(distill loss {losses.get(name)})")
-        for which in ("dense", "compiled"):
-            if evaluation.get(f"{which}_metrics"):
-                lines.append(f"  {which} metrics: " + ", ".join(f"{k} {v:.4f}"
-                                                                 for k, v in evaluation[f"{which}_metrics"].items()))
+    lines += report_lines(doc.get("evaluation"), doc.get("floor"))
     recovery = doc.get("recovery")
     if recovery:
         lines += ["", f"recovery: {recovery['mode']} ({recovery['loss']}), {recovery.get('steps', 0)} steps, "
@@ -312,7 +304,9 @@ def _method_text(method: Mapping[str, Any]) -> str:
 
 def _markdown(doc: dict[str, Any]) -> str:
     recipe = doc["recipe"]
-    lines = ["# spruce compile report", "",
+    missed = floor_line(doc.get("floor"))
+    lines = [*([f"**FAILED: {missed}** (the artifacts are kept for inspection)", ""] if missed else []),
+             "# spruce compile report", "",
              f"Model: {recipe['model'] or 'embedded digits CNN'} on {doc['data']}; target `{recipe['target']}`; "
              f"method `{_method_text(recipe['method'])}`, structure `{recipe['structure']}`, "
              + (f"budget {recipe['budget']}" if recipe["budget"] else f"sparsity {recipe['sparsity']}")

@@ -77,7 +77,9 @@ from .channel_methods import (
     updates_left,
 )
 from .datasets import DataError, Loaders, check_disjoint, default_model, inputs_of, load_data, loaders_from
-from .outputs import Fidelity, OutputPlan, fidelity, flatten_outputs, plan_outputs
+from .fidelity import Fidelity, fidelity
+from .floors import check_floor_names, check_floors, mark_manifest
+from .outputs import OutputPlan, batch_dims, flatten_outputs, plan_outputs
 from .recipes import Recipe
 from .recovery import RecoveryLog, cross_entropy_loss
 from .recovery import recover as recover_model
@@ -286,16 +288,18 @@ def load(recipe: Recipe, workspace: Workspace, given: Given) -> Setup:
         except Exception as exc:
             raise ValueError(f"{name} does not run on the example input of shape {tuple(example.shape)}: "
                              f"{type(exc).__name__}: {exc}") from None
-    plan = plan_outputs(outputs, recipe.distill_losses, name)
+    plan = plan_outputs(outputs, recipe.distill_losses, name, recipe.outputs, batch_dims(model, example, outputs))
     check_disjoint(data, recipe.data)
     mode = _recovery_mode(recipe, data, plan, loss, name)
     if loss is not None and mode == "loss":
         _check_loss(loss, model, data)
-    if evaluate_fn is not None:
-        _check_evaluate(evaluate_fn, model, data)
+    metric_names = list(_check_evaluate(evaluate_fn, model, data)) if evaluate_fn is not None else None
+    check_floor_names(recipe.floor, plan, metric_names)
     workspace.say(f"spruce compile: {name} on {data.name}, target {recipe.target}, structure {recipe.structure}, "
                   + (f"budget {recipe.budget}" if recipe.budget else f"sparsity {recipe.sparsity}")
                   + f", recover {mode}")
+    for warning in plan.warnings():
+        workspace.say(f"warning: {warning}")
     return Setup(recipe, target, data, model, example, copy.deepcopy(model.state_dict()), plan, mode, loss,
                  evaluate_fn, name, is_default)
 
@@ -436,6 +440,10 @@ def report(setup: Setup, reference: Reference, profiled: Profiled, sparsified: S
            workspace: Workspace) -> CompileReport:
     """The report document built from the stage results; report.json, report.md and plots."""
     sparse = sparsified.sparse
+    floor = check_floors(setup.recipe.floor, setup.plan, exported.fidelity.per_output if exported.fidelity else {},
+                         exported.metrics).record() if setup.plan is not None else None
+    if floor is not None:
+        mark_manifest(built.compiled.manifest_path, floor)
     document = build_document(
         recipe=setup.recipe, data_name=setup.data.name, example=setup.example, dense=reference.model,
         dense_log=reference.log, compiled=exported.model, compiled_log=recovered.log,
@@ -447,7 +455,7 @@ def report(setup: Setup, reference: Reference, profiled: Profiled, sparsified: S
         dense_accuracy=reference.accuracy if reference.accuracy is not None else "log",
         evaluation=_evaluation_record(setup, reference, exported),
         budget=_budget_record(setup, reference, sparsified, profiled, exported, benched, recovered.final),
-        recovery=_recovery_record(setup, sparsified, recovered))
+        recovery=_recovery_record(setup, sparsified, recovered), floor=floor)
     write_reports(document, profiled.table, workspace.out_dir)
     return CompileReport(document, workspace.out_dir)
 
@@ -551,7 +559,7 @@ def _check_loss(loss: UserFunction, model: nn.Module, data: Loaders) -> None:
                          "(no gradient would reach the model)")
 
 
-def _check_evaluate(evaluate_fn: UserFunction, model: nn.Module, data: Loaders) -> None:
+def _check_evaluate(evaluate_fn: UserFunction, model: nn.Module, data: Loaders) -> dict[str, float]:
     """Call ``evaluate`` once on the dense model with the first held-out batch."""
     try:
         with torch.no_grad():
@@ -559,7 +567,7 @@ def _check_evaluate(evaluate_fn: UserFunction, model: nn.Module, data: Loaders) 
     except Exception as exc:
         raise ValueError(f"evaluate {evaluate_fn.where} raised {type(exc).__name__}: {exc} (called as "
                          "evaluate(model, loader) on the first held-out batch)") from None
-    _metrics(value, evaluate_fn)
+    return _metrics(value, evaluate_fn)
 
 
 def _metrics(value: Any, evaluate_fn: UserFunction) -> dict[str, float]:
