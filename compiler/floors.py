@@ -154,9 +154,11 @@ def mark_manifest(manifest: Path, record: Mapping[str, Any]) -> None:
     atomic_write_text(Path(manifest), json.dumps(document, indent=2) + "\n")
 
 
-def report_lines(evaluation: Mapping[str, Any] | None, floor: Mapping[str, Any] | None) -> list[str]:
+def report_lines(evaluation: Mapping[str, Any] | None, floor: Mapping[str, Any] | None,
+                 distilled: bool = True) -> list[str]:
     """The report's lines on outputs (their kinds, a warning for each guessed one), fidelity
-    and user metrics, and the floor (for the console table and ``report.md``)."""
+    and user metrics, and the floor (for the console table and ``report.md``); each output's
+    distillation loss is named only when recovery ``distilled``."""
     lines: list[str] = []
     outputs = {o["output"]: o for o in (evaluation or {}).get("outputs", [])}
     if evaluation and evaluation.get("fidelity"):
@@ -167,7 +169,8 @@ def report_lines(evaluation: Mapping[str, Any] | None, floor: Mapping[str, Any] 
             if "kind_from" in spec:
                 kind += " (declared)" if spec["kind_from"] == "declared" else " (guessed)"
             values = ", ".join(f"{measure.replace('_', ' ')} {value:.4f}" for measure, value in row.items())
-            lines.append(f"  {name}: {kind}: {values} (distill loss {spec.get('distill_loss')})")
+            loss = f" (distill loss {spec.get('distill_loss')})" if distilled else ""
+            lines.append(f"  {name}: {kind}: {values}{loss}")
         for which in ("dense", "compiled"):
             if evaluation.get(f"{which}_metrics"):
                 lines.append(f"  {which} metrics: " + ", ".join(f"{k} {v:.4f}"

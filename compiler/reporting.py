@@ -136,7 +136,8 @@ def _summary_lines(doc: dict[str, Any]) -> list[str]:
                      f"measured {budget.get('compiled_measured_ms', float('nan')):.3f} / "
                      f"{budget.get('dense_measured_ms', float('nan')):.3f} ms (compiled / dense)")
         lines += ["", text]
-    lines += report_lines(doc.get("evaluation"), doc.get("floor"))
+    lines += report_lines(doc.get("evaluation"), doc.get("floor"),
+                          distilled=(doc.get("recovery") or {}).get("mode", "distill") == "distill")
     recovery = doc.get("recovery")
     if recovery:
         lines += ["", f"recovery: {recovery['mode']} ({recovery['loss']}), {recovery.get('steps', 0)} steps, "

@@ -12,7 +12,9 @@ given, never re-trained (the embedded default is the one exception: its small CN
 trained on the bundled digits with a fixed seed, and that trained model is then compiled).
 
 - ``load``: target (checked to run here), model and example input, data, the user's
-  ``loss_fn`` / ``evaluate`` / ``prepare``, the output plan; every bad input fails here,
+  ``loss_fn`` / ``evaluate`` / ``prepare``, the output plan (each output's kind, declared or
+  guessed with its batch dim measured: :mod:`spruce.compiler.outputs`) and the floor's names
+  (:mod:`spruce.compiler.floors`); every bad input fails here,
   before any training or profiling (a model whose outputs hold no tensor, a ``loss_fn`` or
   ``evaluate`` that raises, an empty or unreadable image folder, labels with no loss for a
   non-classification output);
@@ -33,7 +35,8 @@ trained on the bundled digits with a fixed seed, and that trained model is then 
 - ``export``: the compiled model; its fidelity to the dense one on held-out inputs, accuracy
   where labels exist, the user's metrics;
 - ``build``: dense and compiled artifacts for the target; ``bench``: both timed;
-- ``report``: the report document built from all results, written with its plots.
+- ``report``: the fidelity floor judged (recorded in the compiled artifact's manifest too), the
+  report document built from all results, written with its plots.
 """
 
 from __future__ import annotations
