@@ -176,3 +176,22 @@ def test_floors_parse_resolve_and_judge():
                                    (("logits:cosine>=0.5",), None, "no output 'logits'")):
         with pytest.raises(ValueError, match=message):
             check_floor_names(floors, plan, names)
+
+
+def test_the_recipe_and_the_command_line_declare_kinds_and_floors():
+    from spruce.cli.compile import recipe_from_args
+    from spruce.cli.main import build_parser
+    from spruce.compiler.recipes import Recipe, RecipeError
+
+    args = build_parser().parse_args(["compile", "--out", "x", "--output", "output=ctc,class_dim=-1,blank=0",
+                                      "--floor", "cer<=0.1", "--floor", "word_acc>=0.95"])
+    recipe = recipe_from_args(args)
+    assert recipe.outputs["output"].record() == {"kind": "ctc", "class_dim": -1, "blank": 0}
+    assert recipe.floor == ("cer<=0.1", "word_acc>=0.95")
+    assert recipe_from_args(build_parser().parse_args(["compile", "--out", "x", "--floor", "none"])).floor == ()
+    assert Recipe.from_mapping(recipe.to_dict()) == recipe
+    for document, message in (({"outputs": {"output": {"kind": "logits"}}}, "unknown output kind 'logits'"),
+                              ({"outputs": {"output": {"kind": "map", "blank": 0}}}, "no blank index"),
+                              ({"floor": ["cosine>0.5"]}, "a floor must look like")):
+        with pytest.raises(RecipeError, match=message):
+            Recipe.from_mapping(document)

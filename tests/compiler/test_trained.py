@@ -333,8 +333,11 @@ def test_the_users_loss_and_metric_on_labeled_loaders(trained, tmp_path):
     held_out = [(photos[12:], edges[12:])]
     report = spruce.compile(trained, photos[:1], data=(recovery, held_out), loss_fn=_edge_loss, evaluate=_edge_error,
                             out=tmp_path / "out", budget={"flops": 0.6}, epochs=2, bench_iters=5,
-                            bench_batch_sizes=(1,), quiet=True)
+                            bench_batch_sizes=(1,), quiet=True, floor="edge_mse<=1e6")
     document = report.document
+    # the floor is the user's metric, judged on the compiled model (two epochs miss the default floors here)
+    (check,) = document["floor"]["checks"]
+    assert check["measure"] == "edge_mse" and check["actual"] == document["evaluation"]["compiled_metrics"]["edge_mse"]
     assert document["recovery"]["mode"] == "loss" and "test_trained.py:_edge_loss" in document["recovery"]["loss"]
     assert document["recovery"]["steps"] == 6
     evaluation = document["evaluation"]
