@@ -60,6 +60,7 @@ _EXPORTS = {
     "load": ".api.checkpoint",
     "save": ".api.checkpoint",
     "CompileReport": ".compiler.pipeline",
+    "FidelityFloorError": ".compiler.pipeline",
     "compile": ".compiler.pipeline",
     "PruneResult": ".api.prune",
     "prune": ".api.prune",

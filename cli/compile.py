@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
+from typing import Any
 
+from ..compiler.floors import floor_line
 from ..compiler.recipes import Recipe, RecipeError, load_recipe, parse_budget
 from ..targets.files import checked_out_dir
-from .common import EXIT_OK, Subcommand, parse_input_shapes, parse_target_option, usable_target
+from .common import EXIT_FAILED, EXIT_OK, Subcommand, parse_input_shapes, parse_target_option, usable_target
 
 _DEFAULTS = Recipe()
 
@@ -42,6 +45,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         metavar="OUTPUT=LOSS", dest="distill_losses",
                         help="distillation loss of an output (kl, mse, l1, weighted_mse), e.g. 'output[0]=l1' "
                         "(repeatable)")
+    parser.add_argument("--output", type=_parse_output, action="append", default=None, metavar="OUTPUT=KIND[,K=V]",
+                        dest="outputs", help="declare an output's kind (scores, pixel_scores, ctc, map, regression), "
+                        "e.g. 'output=ctc,class_dim=-1,blank=0' (repeatable; undeclared kinds are guessed)")
+    parser.add_argument("--floor", action="append", default=None, metavar="MEASURE>=VALUE",
+                        help="fidelity floor replacing the output kinds' defaults, e.g. 'sequence_agreement>=0.95' or "
+                        "an --evaluate metric 'word_acc>=0.95'; 'none': no floor (repeatable). Missing it fails "
+                        "the compile (exit 1), the artifacts kept")
     parser.add_argument("--recover-lr", type=float, default=None,
                         help=f"recovery learning rate (default {_DEFAULTS.recover_lr})")
     parser.add_argument("--target", default=None, help=f"onnxruntime, torch, tensorrt (default {_DEFAULTS.target})")
@@ -69,6 +79,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print report.json instead of the table")
 
 
+def _parse_output(text: str) -> tuple[str, dict[str, Any]]:
+    """``OUTPUT=KIND[,KEY=VALUE...]`` -> (output path, declaration mapping)."""
+    head, *rest = text.split(",")
+    name, sep, kind = head.rpartition("=")
+    if not sep or not name or not kind:
+        raise argparse.ArgumentTypeError(f"bad --output {text!r}: expected OUTPUT=KIND[,KEY=VALUE...], "
+                                         "e.g. output=ctc,class_dim=-1,blank=0")
+    return name.strip(), {"kind": kind.strip(), **dict(parse_target_option(item.strip()) for item in rest)}
+
+
 def recipe_from_args(args: argparse.Namespace) -> Recipe:
     """The recipe file (or the defaults) with the command line's options on top."""
     base = load_recipe(args.recipe) if args.recipe is not None else Recipe()
@@ -91,7 +111,11 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
             distribution=args.distribution, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
             seed=args.seed, bench_iters=args.bench_iters, recover=args.recover, loss=args.loss,
             evaluate=args.evaluate, prepare=args.prepare, recover_lr=args.recover_lr,
-            distill_losses={str(k): str(v) for k, v in args.distill_losses} if args.distill_losses else None)
+            distill_losses={str(k): str(v) for k, v in args.distill_losses} if args.distill_losses else None,
+            outputs={**{k: v.model_dump(exclude_unset=True) for k, v in base.outputs.items()}, **dict(args.outputs)}
+            if args.outputs else None,
+            floor=(() if [f.strip().lower() for f in args.floor] == ["none"] else tuple(args.floor))
+            if args.floor else None)
     except RecipeError as exc:
         raise RecipeError(f"{exc} (from the command line{' and ' + str(args.recipe) if args.recipe else ''})") \
             from None
@@ -99,12 +123,16 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
 
 def run(args: argparse.Namespace) -> int:
     """Compile, write DIR/report.json + report.md + plots + artifacts, print the comparison table."""
-    from ..compiler.pipeline import compile
+    from ..compiler.pipeline import FidelityFloorError, compile
 
     recipe = recipe_from_args(args)
     out_dir = checked_out_dir(args.out, args.force, name="--out", force_hint="--force")
     usable_target(recipe.target, recipe.target_options)  # before any training
-    report = compile(recipe=recipe, out=out_dir, force=args.force, quiet=args.quiet)
+    missed = None
+    try:
+        report = compile(recipe=recipe, out=out_dir, force=args.force, quiet=args.quiet)
+    except FidelityFloorError as exc:  # out is written, the artifacts kept and marked
+        report, missed = exc.report, floor_line(exc.report.document.get("floor"))
     if args.json:
         print(json.dumps(report.document, indent=2))
     else:
@@ -114,6 +142,9 @@ def run(args: argparse.Namespace) -> int:
         if report.document["compiled"].get("module_file") == "model.pt":
             files.append("model.pt")
         print(f"\nwrote {out_dir}/ ({', '.join(files)})")
+    if missed is not None:
+        print(f"spruce: error: {missed} (artifacts kept in {out_dir}, marked in report.json)", file=sys.stderr)
+        return EXIT_FAILED
     return EXIT_OK
 
 

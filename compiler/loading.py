@@ -16,7 +16,8 @@ from torch import nn
 from ..passes.graph import require_data
 from ..targets.base import get_target
 from .datasets import DataError, Loaders, check_disjoint, default_model, inputs_of, load_data, loaders_from
-from .outputs import OutputPlan, flatten_outputs, plan_outputs
+from .floors import check_floor_names
+from .outputs import OutputPlan, batch_dims, flatten_outputs, plan_outputs
 from .recipes import Recipe
 from .results import Given, Setup, UserFunction, Workspace
 
@@ -38,16 +39,18 @@ def load_setup(recipe: Recipe, workspace: Workspace, given: Given) -> Setup:
         except Exception as exc:
             raise ValueError(f"{name} does not run on the example input of shape {tuple(example.shape)}: "
                              f"{type(exc).__name__}: {exc}") from None
-    plan = plan_outputs(outputs, recipe.distill_losses, name)
+    plan = plan_outputs(outputs, recipe.distill_losses, name, recipe.outputs, batch_dims(model, example, outputs))
     check_disjoint(data, recipe.data)
     mode = _recovery_mode(recipe, data, plan, loss, name)
     if loss is not None and mode == "loss":
         _check_loss(loss, model, data)
-    if evaluate_fn is not None:
-        _check_evaluate(evaluate_fn, model, data)
+    metric_names = list(_check_evaluate(evaluate_fn, model, data)) if evaluate_fn is not None else None
+    check_floor_names(recipe.floor, plan, metric_names)
     workspace.say(f"spruce compile: {name} on {data.name}, target {recipe.target}, structure {recipe.structure}, "
                   + (f"budget {recipe.budget}" if recipe.budget else f"sparsity {recipe.sparsity}")
                   + f", recover {mode}")
+    for warning in plan.warnings():
+        workspace.say(f"warning: {warning}")
     return Setup(recipe, target, data, model, example, copy.deepcopy(model.state_dict()), plan, mode, loss,
                  evaluate_fn, name, is_default)
 
@@ -136,7 +139,7 @@ def _check_loss(loss: UserFunction, model: nn.Module, data: Loaders) -> None:
                          "(no gradient would reach the model)")
 
 
-def _check_evaluate(evaluate_fn: UserFunction, model: nn.Module, data: Loaders) -> None:
+def _check_evaluate(evaluate_fn: UserFunction, model: nn.Module, data: Loaders) -> dict[str, float]:
     """Call ``evaluate`` once on the dense model with the first held-out batch."""
     try:
         with torch.no_grad():
@@ -144,7 +147,7 @@ def _check_evaluate(evaluate_fn: UserFunction, model: nn.Module, data: Loaders) 
     except Exception as exc:
         raise ValueError(f"evaluate {evaluate_fn.where} raised {type(exc).__name__}: {exc} (called as "
                          "evaluate(model, loader) on the first held-out batch)") from None
-    _metrics(value, evaluate_fn)
+    return _metrics(value, evaluate_fn)
 
 
 def _metrics(value: Any, evaluate_fn: UserFunction) -> dict[str, float]:

@@ -1,29 +1,31 @@
-"""A trained model's outputs, whatever their structure: named tensors, how each is
-distilled, and how close a compiled model stays to the dense one.
+"""A trained model's outputs, whatever their structure: named tensors, what kind each is,
+and how each is distilled.
 
 ``compile`` takes models of any task, so their outputs may be a tensor, a tuple or list,
 a dict, a dataclass or a named tuple, nested. :func:`flatten_outputs` names every tensor
 inside by its path (``output``, ``output[0]``, ``output.logits``, ``output['boxes']``).
 
-Each tensor is one of two kinds, decided from the dense model's output at the example:
+Each tensor has a kind (:mod:`spruce.compiler.kinds`: ``scores``, ``pixel_scores``, ``ctc``,
+``map``, ``regression``), declared (the recipe's ``outputs``, by exact path or glob) or
+guessed from its layout at the example: its shape and its batch dim, which is measured
+(:func:`batch_dims`: the model run at the capture's second batch size, the dim that follows
+the batch), never guessed from sizes. The kind gives the distillation loss, the fidelity
+measures (:mod:`spruce.compiler.fidelity`) and the default floor.
 
-- ``scores``: shape (batch, classes >= 2), floating: class scores (logits);
-- ``map``: anything else (dense maps, regressions, features).
-
-Its distillation loss (:data:`DISTILL_LOSSES`) defaults by kind: ``kl`` (KL divergence of
-the softened class distributions, temperature 1) for scores, ``mse`` for maps, the latter
-divided by the teacher's mean square so heads of different scales weigh alike. For sparse
-score maps (a detector's heat maps, mostly background) ``weighted_mse`` weighs each element's
-squared error by ``1 + WEIGHTED_MSE_ALPHA * max(teacher, 0)`` (10: an element where the
-teacher says 1 counts 11 times a background one), so the loss is not dominated by the
-background the pruned model reproduces easily; it is divided by the teacher's weighted mean
-square. Each divisor is measured once on the recovery data before recovery
-(:func:`calibrate_scales`), so every batch weighs by its error, not by how much text it
-holds (:class:`DistillLoss`). A shape rule can guess wrong (CRAFT's maps end in a dimension
-of 2 and look like per-pixel logits but are heat maps in [0, 1]; they come out as maps here
-because they are 4-D), so every output's loss can be overridden by its exact path or a glob
-(``{"output[0]": "l1"}``, ``{"*feature*": "l1"}``); the plan records which loss each output
-used, and the report shows it.
+Distillation losses (:data:`DISTILL_LOSSES`): ``kl``, the KL divergence of the softened class
+distributions over the output's class dim at every position (temperature T, multiplied by
+T squared; summed over classes, averaged over every other position, so (N, C) scores give
+the batch mean), for every class-score kind (``scores``, ``pixel_scores``, ``ctc``); ``mse``
+for maps and regressions, divided by the teacher's mean square so heads of different scales
+weigh alike. For sparse score maps (a detector's heat maps, mostly background)
+``weighted_mse`` weighs each element's squared error by ``1 + WEIGHTED_MSE_ALPHA *
+max(teacher, 0)`` (10: an element where the teacher says 1 counts 11 times a background one),
+so the loss is not dominated by the background the pruned model reproduces easily; it is
+divided by the teacher's weighted mean square. Each divisor is measured once on the recovery
+data before recovery (:func:`calibrate_scales`), so every batch weighs by its error, not by
+how much text it holds (:class:`DistillLoss`). Every output's loss can be overridden by its
+exact path or a glob (``{"output[0]": "l1"}``, ``{"*feature*": "l1"}``); the plan records
+which kind and loss each output has, and why, and the report shows it.
 """
 
 from __future__ import annotations
@@ -38,12 +40,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["DISTILL_LOSSES", "DistillLoss", "OutputError", "OutputPlan", "OutputSpec", "Fidelity",
-           "calibrate_scales", "distill_loss", "fidelity", "flatten_outputs", "plan_outputs"]
+from .kinds import KINDS, Layout, OutputDeclaration, infer_kind
+
+__all__ = ["DISTILL_LOSSES", "DistillLoss", "OutputError", "OutputPlan", "OutputSpec", "batch_dims",
+           "calibrate_scales", "distill_loss", "flatten_outputs", "plan_outputs"]
 
 
 class OutputError(ValueError):
-    """A model's outputs cannot be compiled (no tensor in them, a bad loss override)."""
+    """A model's outputs cannot be compiled (no tensor in them, a bad loss override or declaration)."""
 
 
 def flatten_outputs(value: Any, path: str = "output") -> list[tuple[str, torch.Tensor]]:
@@ -67,9 +71,13 @@ def flatten_outputs(value: Any, path: str = "output") -> list[tuple[str, torch.T
     return found
 
 
-def _kl(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    return F.kl_div(F.log_softmax(student.float(), dim=1), F.log_softmax(teacher.float(), dim=1),
-                    reduction="batchmean", log_target=True)
+def _kl(student: torch.Tensor, teacher: torch.Tensor, class_dim: int = 1, temperature: float = 1.0) -> torch.Tensor:
+    """KL(teacher || student) of the class distributions over ``class_dim`` at every position,
+    at ``temperature`` (times its square), summed over classes and averaged over positions."""
+    log_student = F.log_softmax(student / temperature, dim=class_dim)
+    log_teacher = F.log_softmax(teacher / temperature, dim=class_dim)
+    per_position = (log_teacher.exp() * (log_teacher - log_student)).sum(class_dim)
+    return per_position.mean() * temperature ** 2
 
 
 WEIGHTED_MSE_ALPHA = 10.0  # weight of the teacher's value in ``weighted_mse``
@@ -84,6 +92,8 @@ class DistillLoss:
     """One distillation loss: ``error(student, teacher)``, a mean over elements, divided by
     the teacher's own ``scale`` (the same mean with the student at zero) so that outputs of
     different magnitudes weigh alike; ``scale`` None: the error is used as it is (``kl``).
+    ``per_class``: the error is taken over the output's class dim, at its temperature
+    (``error(student, teacher, class_dim, temperature)``).
 
     The divisor is the data set's scale when one was measured before recovery
     (:func:`calibrate_scales`, ``OutputSpec.scale``); otherwise the batch's own. A batch's own
@@ -91,42 +101,71 @@ class DistillLoss:
     text detector's heat maps: 1e-3 of a text batch's) weigh that much more; a scale fixed
     per data set gives every batch the weight of its error."""
 
-    error: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    error: Callable[..., torch.Tensor]
     scale: Callable[[torch.Tensor], torch.Tensor] | None = None
+    per_class: bool = False
 
-    def __call__(self, student: torch.Tensor, teacher: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    def __call__(self, student: torch.Tensor, teacher: torch.Tensor, scale: float | None = None,
+                 class_dim: int = 1, temperature: float = 1.0) -> torch.Tensor:
         """The loss of ``student`` against ``teacher`` (same shape), a scalar tensor; ``scale``:
-        the data set's teacher scale (None: the batch's own)."""
-        error = self.error(student.float(), teacher.float())
+        the data set's teacher scale (None: the batch's own); ``class_dim``, ``temperature``:
+        for a ``per_class`` loss."""
+        student, teacher = student.float(), teacher.float()
+        error = self.error(student, teacher, class_dim, temperature) if self.per_class else self.error(student, teacher)
         if self.scale is None:
             return error
-        divisor = self.scale(teacher.float()) if scale is None else torch.tensor(scale)
+        divisor = self.scale(teacher) if scale is None else torch.tensor(scale)
         return error / divisor.clamp_min(1e-8)
 
 
-# name -> loss; one entry per loss. mse: mean (s - t)^2 / mean t^2; l1: mean |s - t| / mean |t|;
-# weighted_mse: mean w (s - t)^2 / mean w t^2 with w = 1 + alpha * max(t, 0) per element.
+# name -> loss; one entry per loss. kl: per-position KL over the class dim; mse: mean (s - t)^2 / mean t^2;
+# l1: mean |s - t| / mean |t|; weighted_mse: mean w (s - t)^2 / mean w t^2 with w = 1 + alpha * max(t, 0).
 DISTILL_LOSSES: dict[str, DistillLoss] = {
-    "kl": DistillLoss(_kl),
+    "kl": DistillLoss(_kl, per_class=True),
     "mse": DistillLoss(lambda s, t: (s - t).pow(2).mean(), lambda t: t.pow(2).mean()),
     "l1": DistillLoss(lambda s, t: (s - t).abs().mean(), lambda t: t.abs().mean()),
     "weighted_mse": DistillLoss(lambda s, t: (_score_weight(t) * (s - t).pow(2)).mean(),
                                 lambda t: (_score_weight(t) * t.pow(2)).mean()),
 }
 SCALE_BATCHES = 16  # recovery batches the data set's teacher scales are measured on (at most)
-DEFAULT_LOSS = {"scores": "kl", "map": "mse"}
 
 
 @dataclass(frozen=True)
 class OutputSpec:
-    """One output tensor: its path, shape at the example, kind, and distillation loss."""
+    """One output tensor: its path, shape at the example, kind, batch and class dims
+    (non-negative, None where it has none), blank index (CTC), distillation loss and
+    temperature; whether the kind was declared and why it was chosen; whether the loss was
+    overridden; the data set's teacher scale for the loss (None: per batch)."""
 
     name: str
     shape: tuple[int, ...]
     kind: str
     loss: str
     overridden: bool = False
-    scale: float | None = None  # the data set's teacher scale for the loss (calibrate_scales); None: per batch
+    scale: float | None = None
+    batch_dim: int | None = None
+    class_dim: int | None = None
+    blank: int | None = None
+    temperature: float = 1.0
+    declared: bool = False
+    reason: str = ""
+
+    @property
+    def measures(self) -> tuple[str, ...]:
+        """The fidelity measures of this output's kind."""
+        return KINDS[self.kind].measures
+
+    @property
+    def classifies(self) -> bool:
+        """(N, C) class scores: what labels and the built-in cross-entropy apply to."""
+        return self.kind == "scores" and len(self.shape) == 2 and self.batch_dim == 0 and self.class_dim == 1
+
+    def warning(self) -> str | None:
+        """The report's warning for a guessed kind (None when declared)."""
+        if self.declared:
+            return None
+        return (f"output {self.name} {list(self.shape)}: kind {self.kind} guessed ({self.reason}); declare it "
+                f"(outputs: {{{self.name!r}: {{kind: ...}}}}) if it is something else")
 
 
 @dataclass(frozen=True)
@@ -137,17 +176,27 @@ class OutputPlan:
 
     @property
     def all_scores(self) -> bool:
-        return all(spec.kind == "scores" for spec in self.outputs)
+        """Every output is (N, C) class scores."""
+        return all(spec.classifies for spec in self.outputs)
+
+    def warnings(self) -> list[str]:
+        """One line per output whose kind was guessed."""
+        return [w for w in (spec.warning() for spec in self.outputs) if w is not None]
 
     def record(self) -> list[dict[str, Any]]:
-        """JSON-ready: which loss each output used, and why."""
-        return [{"output": s.name, "shape": list(s.shape), "kind": s.kind, "distill_loss": s.loss,
-                 "loss_from": "override" if s.overridden else f"default for {s.kind}",
-                 "teacher_scale": s.scale} for s in self.outputs]
-
-
-def _kind(tensor: torch.Tensor) -> str:
-    return "scores" if tensor.is_floating_point() and tensor.ndim == 2 and tensor.shape[1] >= 2 else "map"
+        """JSON-ready: the kind and loss of each output, and why."""
+        rows = []
+        for s in self.outputs:
+            row = {"output": s.name, "shape": list(s.shape), "kind": s.kind,
+                   "kind_from": "declared" if s.declared else f"guessed: {s.reason}",
+                   "batch_dim": s.batch_dim, "class_dim": s.class_dim, "distill_loss": s.loss,
+                   "loss_from": "override" if s.overridden else f"default for {s.kind}", "teacher_scale": s.scale}
+            if s.blank is not None:
+                row["blank"] = s.blank
+            if s.temperature != 1.0:
+                row["temperature"] = s.temperature
+            rows.append(row)
+        return rows
 
 
 def _matches(name: str, pattern: str) -> bool:
@@ -155,30 +204,110 @@ def _matches(name: str, pattern: str) -> bool:
     return name == pattern or fnmatch.fnmatchcase(name, pattern)
 
 
-def plan_outputs(outputs: Any, overrides: Mapping[str, str] | None = None, model_name: str = "model") -> OutputPlan:
-    """The plan for a model whose output at the example is ``outputs``. ``overrides`` maps an
-    output path or glob to a loss name. Raises :class:`OutputError` when the outputs hold no
-    tensor, or an override names no output or an unknown loss."""
+@torch.no_grad()
+def batch_dims(model: nn.Module, example: torch.Tensor, outputs: Any) -> dict[str, int | None]:
+    """Per output path of ``outputs`` (``model``'s outputs at ``example``), the dim that
+    follows the batch: ``model`` is run at the capture's second batch size (the example
+    resized as capture resizes it to mark the batch dynamic) and the one dim whose size
+    changed is the batch dim (None: no dim or several changed, or the example has no batch)."""
+    from ..capture.capture import second_batch
+
+    second = second_batch(model, (example,), {})
+    if second is None:
+        return {name: None for name, _ in flatten_outputs(outputs)}
+    args, kwargs = second
+    was_training = model.training
+    try:
+        resized = flatten_outputs(model.eval()(*args, **kwargs))
+    finally:
+        model.train(was_training)
+    found: dict[str, int | None] = {}
+    at_second = dict(resized)
+    for name, tensor in flatten_outputs(outputs):
+        other = at_second.get(name)
+        changed = [] if other is None or other.ndim != tensor.ndim else [
+            dim for dim, (a, b) in enumerate(zip(tensor.shape, other.shape)) if a != b]
+        found[name] = changed[0] if len(changed) == 1 else None
+    return found
+
+
+def _dim(dim: int, ndim: int, name: str, what: str) -> int:
+    if not -ndim <= dim < ndim:
+        raise OutputError(f"{what} for {name}: dim {dim} is out of range for its {ndim} dims")
+    return dim % ndim
+
+
+def _declared_spec(name: str, tensor: torch.Tensor, batch_dim: int | None, declaration: OutputDeclaration,
+                   pattern: str) -> OutputSpec:
+    kind = KINDS[declaration.kind]
+    what = f"outputs[{pattern!r}] (kind {kind.name})"
+    if tensor.ndim < kind.min_rank or (kind.max_rank is not None and tensor.ndim > kind.max_rank):
+        raise OutputError(f"{what}: {name} has shape {tuple(tensor.shape)}; kind {kind.name} needs "
+                          + (f"{kind.min_rank} dims" if kind.min_rank == kind.max_rank else
+                             f"at least {kind.min_rank} dims"))
+    class_dim = None
+    if kind.class_dim is not None:
+        class_dim = _dim(declaration.class_dim if declaration.class_dim is not None else kind.class_dim,
+                         tensor.ndim, name, what)
+        if kind.min_rank > 1 and batch_dim is None:
+            raise OutputError(f"{what}: {name} does not follow the batch (its batch dim could not be measured), "
+                              f"which kind {kind.name} needs")
+        if class_dim == batch_dim:
+            raise OutputError(f"{what}: the class dim of {name} is its batch dim {batch_dim}")
+    blank = None
+    if kind.blank:
+        blank = declaration.blank if declaration.blank is not None else 0
+        if blank >= tensor.shape[class_dim]:
+            raise OutputError(f"{what}: blank {blank} is not a class of {name} ({tensor.shape[class_dim]} classes)")
+    return OutputSpec(name, tuple(tensor.shape), kind.name, kind.loss, batch_dim=batch_dim, class_dim=class_dim,
+                      blank=blank, temperature=declaration.temperature, declared=True, reason="declared")
+
+
+def plan_outputs(outputs: Any, overrides: Mapping[str, str] | None = None, model_name: str = "model",
+                 declarations: Mapping[str, OutputDeclaration | Mapping[str, Any]] | None = None,
+                 batch: Mapping[str, int | None] | None = None) -> OutputPlan:
+    """The plan for a model whose output at the example is ``outputs``. ``declarations``
+    maps an output path or glob to its declared kind (:class:`~spruce.compiler.kinds.OutputDeclaration`);
+    the others are guessed from their layout. ``batch`` maps a path to its measured batch dim
+    (:func:`batch_dims`; a path not in it has none, and is a map unless declared).
+    ``overrides`` maps an output path or glob to a loss name. Raises :class:`OutputError`
+    when the outputs hold no tensor, an override or declaration names no output or an
+    unknown loss, or a declaration does not fit its output (rank, class dim, blank)."""
     named = flatten_outputs(outputs)
     if not named:
         raise OutputError(f"{model_name}'s outputs hold no tensor (it returned {type(outputs).__name__}); "
                           "compile needs at least one output tensor to distil and compare")
     overrides = dict(overrides or {})
+    declared = {pattern: d if isinstance(d, OutputDeclaration) else OutputDeclaration(**d)
+                for pattern, d in (declarations or {}).items()}
+    batch = dict(batch or {})
     for pattern, loss in overrides.items():
         if loss not in DISTILL_LOSSES:
             raise OutputError(f"distill loss for {pattern!r}: unknown loss {loss!r}; valid: "
                               f"{', '.join(DISTILL_LOSSES)}")
-        if not any(_matches(name, pattern) for name, _ in named):
-            raise OutputError(f"distill loss override {pattern!r} names no output; outputs are "
-                              f"{', '.join(name for name, _ in named)}")
+    for what, patterns in (("distill loss override", overrides), ("output declaration", declared)):
+        for pattern in patterns:
+            if not any(_matches(name, pattern) for name, _ in named):
+                raise OutputError(f"{what} {pattern!r} names no output; outputs are "
+                                  f"{', '.join(name for name, _ in named)}")
     specs = []
     for name, tensor in named:
-        kind = _kind(tensor)
-        chosen = next((loss for pattern, loss in overrides.items() if _matches(name, pattern)), None)
-        if chosen == "kl" and tensor.ndim < 2:
-            raise OutputError(f"distill loss 'kl' for {name}: needs a class dim 1, the output has shape "
-                              f"{tuple(tensor.shape)}")
-        specs.append(OutputSpec(name, tuple(tensor.shape), kind, chosen or DEFAULT_LOSS[kind], chosen is not None))
+        pattern = next((p for p in declared if _matches(name, p)), None)
+        if pattern is not None:
+            spec = _declared_spec(name, tensor, batch.get(name), declared[pattern], pattern)
+        else:
+            kind, found = infer_kind(Layout(tuple(tensor.shape), batch.get(name), tensor.is_floating_point()))
+            spec = OutputSpec(name, tuple(tensor.shape), kind, KINDS[kind].loss, batch_dim=batch.get(name),
+                              class_dim=found.class_dim, reason=found.reason)
+        chosen = next((loss for p, loss in overrides.items() if _matches(name, p)), None)
+        if chosen is not None:
+            if DISTILL_LOSSES[chosen].per_class and spec.class_dim is None:
+                if tensor.ndim < 2:
+                    raise OutputError(f"distill loss {chosen!r} for {name}: needs a class dim, the output has "
+                                      f"shape {tuple(tensor.shape)}")
+                spec = dataclasses.replace(spec, class_dim=1)  # a map distilled as scores over dim 1
+            spec = dataclasses.replace(spec, loss=chosen, overridden=True)
+        specs.append(spec)
     return OutputPlan(tuple(specs))
 
 
@@ -188,7 +317,9 @@ def distill_loss(student_outputs: Any, teacher_outputs: Any, plan: OutputPlan) -
     teacher = flatten_outputs(teacher_outputs)
     total = student[0][1].new_zeros((), dtype=torch.float32)
     for spec, (_, s), (_, t) in zip(plan.outputs, student, teacher, strict=True):
-        total = total + DISTILL_LOSSES[spec.loss](s, t.detach(), spec.scale)
+        total = total + DISTILL_LOSSES[spec.loss](s, t.detach(), spec.scale,
+                                                  spec.class_dim if spec.class_dim is not None else 1,
+                                                  spec.temperature)
     return total
 
 
@@ -218,50 +349,3 @@ def calibrate_scales(plan: OutputPlan, teacher: nn.Module, batches: Iterable[tor
         raise OutputError("calibrate_scales: no batch to measure the teacher's output scales on")
     return OutputPlan(tuple(dataclasses.replace(spec, scale=sums[spec.name] / counts[spec.name])
                             if counts[spec.name] else spec for spec in plan.outputs))
-
-
-@dataclass(frozen=True)
-class Fidelity:
-    """Per output: relative L2 error ||compiled - dense|| / ||dense|| over all held-out
-    inputs, mean cosine similarity per sample, and top-1 agreement for class scores."""
-
-    per_output: dict[str, dict[str, float]]
-    samples: int
-
-    def record(self) -> dict[str, Any]:
-        return {"samples": self.samples, "per_output": self.per_output}
-
-
-@torch.no_grad()
-def fidelity(compiled: nn.Module, dense: nn.Module, batches: Iterable[torch.Tensor], plan: OutputPlan) -> Fidelity:
-    """How close ``compiled`` stays to ``dense`` on ``batches`` (input tensors), per output."""
-    sums: dict[str, dict[str, float]] = {s.name: {"diff2": 0.0, "ref2": 0.0, "cos": 0.0, "agree": 0.0}
-                                         for s in plan.outputs}
-    samples = 0
-    modes = compiled.training, dense.training
-    compiled.eval(), dense.eval()
-    try:
-        for inputs in batches:
-            got = flatten_outputs(compiled(inputs))
-            want = flatten_outputs(dense(inputs))
-            for spec, (_, c), (_, d) in zip(plan.outputs, got, want, strict=True):
-                c, d = c.float(), d.float()
-                acc = sums[spec.name]
-                acc["diff2"] += float((c - d).pow(2).sum())
-                acc["ref2"] += float(d.pow(2).sum())
-                flat_c, flat_d = c.reshape(c.shape[0], -1), d.reshape(d.shape[0], -1)
-                acc["cos"] += float(F.cosine_similarity(flat_c, flat_d, dim=1, eps=1e-12).sum())
-                if spec.kind == "scores":
-                    acc["agree"] += float((c.argmax(1) == d.argmax(1)).float().sum())
-            samples += int(inputs.shape[0])
-    finally:
-        compiled.train(modes[0]), dense.train(modes[1])
-    per_output = {}
-    for spec in plan.outputs:
-        acc = sums[spec.name]
-        row = {"relative_l2": (acc["diff2"] ** 0.5) / max(acc["ref2"] ** 0.5, 1e-12),
-               "cosine": acc["cos"] / max(samples, 1)}
-        if spec.kind == "scores":
-            row["top1_agreement"] = acc["agree"] / max(samples, 1)
-        per_output[spec.name] = row
-    return Fidelity(per_output, samples)

@@ -21,6 +21,7 @@ from torch import nn
 
 from ..moved import moved_name
 from ..targets.files import checked_out_dir, staged_dir
+from .floors import FidelityFloorError, raise_if_missed
 from .loading import load_setup
 from .recipes import Recipe, load_recipe
 from .reporting import CompileReport, write_report
@@ -36,7 +37,7 @@ from .stages import (
     recover_student,
 )
 
-__all__ = ["CompileReport", "compile"]
+__all__ = ["CompileReport", "FidelityFloorError", "compile"]
 
 
 def compile(model: str | nn.Module | None = None, example_inputs: Any = None, *, out: str | Path,
@@ -55,7 +56,9 @@ def compile(model: str | nn.Module | None = None, example_inputs: Any = None, *,
     ``FILE.py:NAME`` specs. The recipe (a :class:`Recipe`, a recipe file, or the defaults)
     with ``options`` (Recipe fields, e.g. ``recover="none"``, ``budget={"latency": 0.6}``)
     on top. ``out`` appears complete or not at all; a non-empty ``out`` is replaced only with
-    ``force=True``. Bad input raises ``ValueError`` before any training or profiling."""
+    ``force=True``. Bad input raises ``ValueError`` before any training or profiling. A
+    compiled model that misses its fidelity floor (:mod:`spruce.compiler.floors`) raises
+    :class:`FidelityFloorError` once ``out`` is written (its report says so; ``.report``)."""
     resolved, given = _resolve(model, example_inputs, recipe, data, loss_fn, evaluate, prepare, options)
     out_dir = checked_out_dir(out, force, name="out", force_hint="force=True")
     timings = Timings()
@@ -82,6 +85,7 @@ def compile(model: str | nn.Module | None = None, example_inputs: Any = None, *,
         report = write_report(setup, reference, profiled, sparsified, recovered, exported, built, benched, timings,
                               workspace)
     report.out_dir = out_dir
+    raise_if_missed(report)
     return report
 
 

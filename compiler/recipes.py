@@ -43,6 +43,14 @@ fails before any training. :func:`recipe_schema` is its JSON schema. All keys op
                           ``text``, ``size``); default none
 ``distill_losses``        per-output distillation loss (``kl``, ``mse``, ``l1``, ``weighted_mse``;
                           see ``spruce.compiler.outputs``), e.g. ``{"output[0]": l1}`` (globs)
+``outputs``               per-output kind declarations by path or glob, e.g.
+                          ``{"output": {kind: ctc, class_dim: -1, blank: 0}}`` (kinds:
+                          ``spruce.compiler.kinds``); undeclared outputs' kinds are guessed,
+                          with a warning in the report
+``floor``                 fidelity checks replacing each output kind's default floor, e.g.
+                          ``["sequence_agreement>=0.95"]``, ``["output[0]:cosine>=0.8"]`` or
+                          ``["word_acc>=0.95"]`` (an ``evaluate`` metric); ``[]`` or ``none``: none.
+                          A compile that misses its floor fails (``spruce.compiler.floors``)
 ``recover_lr``            peak learning rate of recovery (AdamW, cosine decay)
 ``budget_batch_size``     batch size at which a latency budget is measured
 ``round_to``              kept channel counts are multiples of it (default 8: CPU kernels
@@ -83,6 +91,7 @@ from ..passes.sparsity.registry import COMPILE_DEFAULT, config_class, method_nam
 from ..targets.base import check_target_options
 from .augment import Augment
 from .datasets import check_data_spec
+from .kinds import OutputDeclaration, parse_floor
 from .models import check_input_sizes, check_model_spec
 from .outputs import DISTILL_LOSSES
 
@@ -139,6 +148,8 @@ class Recipe(Config):
     evaluate: Name | None = None
     prepare: Name | None = None
     distill_losses: dict[str, Literal[tuple(DISTILL_LOSSES)]] = Field(default_factory=dict)  # type: ignore[valid-type]
+    outputs: dict[str, OutputDeclaration] = Field(default_factory=dict)
+    floor: Annotated[tuple[str, ...], Field(strict=False)] | None = None
     recover_lr: float = Field(1e-3, gt=0)
     budget_batch_size: int = Field(1, ge=1, le=_MAX_SIZE)
     round_to: int = Field(8, ge=1)
@@ -187,6 +198,20 @@ class Recipe(Config):
         if not 0.0 < fraction <= 1.0:
             raise ValueError(f"budget {kind} must be a fraction of dense in (0, 1], got {fraction!r}")
         return budget
+
+    @field_validator("floor", mode="before")
+    @classmethod
+    def _one_floor(cls, floor: Any) -> Any:
+        if isinstance(floor, str):  # one check, or "none": no check at all
+            return () if floor.strip().lower() == "none" else (floor,)
+        return floor
+
+    @field_validator("floor", mode="after")
+    @classmethod
+    def _floor(cls, floor: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        for text in floor or ():
+            parse_floor(text)  # the form; the names are checked against the model's outputs when it loads
+        return floor
 
     @field_validator("model", mode="after")
     @classmethod

@@ -5,11 +5,12 @@ dense model, or the user's loss.
   BatchNorm layer recomputed from calibration batches (a cumulative average, the model in
   training mode under ``no_grad``), so they describe the activations of the pruned network.
 - ``distill``: the student learns the dense model's outputs on the user's (unlabeled)
-  inputs, one loss per output tensor (:mod:`spruce.compiler.outputs`), each divided by the
+  inputs, one loss per output tensor by its kind (:mod:`spruce.compiler.outputs`: per-position
+  KL over the class dim for class scores and CTC heads, MSE for maps), each divided by the
   teacher's scale measured once on the first recovery batches
   (:func:`~spruce.compiler.outputs.calibrate_scales`), not per batch.
 - ``loss``: the user's ``loss_fn(outputs, batch) -> scalar tensor`` (``batch`` as the loader
-  gives it); with labels and class-score outputs only, the built-in cross-entropy.
+  gives it); with labels and one (N, C) class-score output, the built-in cross-entropy.
 
 The loop is the one a user would write: forward, loss, backward, ``optimizer.step()``, then
 ``SparseModel.step()`` when the student is a SparseModel (its method's mask updates run

@@ -18,6 +18,7 @@ from ..api.stats import count_macs, count_params
 from ..targets.files import atomic_write_text
 from .bench_rows import latency_ms, speedup
 from .channel_methods import FinalCheck, method_activity
+from .floors import check_floors, floor_line, mark_manifest, report_lines
 from .plots import write_plots
 from .results import Benched, Built, Exported, Profiled, Recovered, Reference, Setup, Sparsified, Timings, Workspace
 
@@ -115,7 +116,19 @@ def report_document(setup: Setup, reference: Reference, profiled: Profiled, spar
         **({"budget": _jsonable(budget)} if (budget := _budget_record(setup, reference, sparsified, profiled,
                                                                      exported, benched, recovered.final)) else {}),
         "recovery": _jsonable(_recovery_record(setup, sparsified, recovered)),
+        **({"floor": _jsonable(floor)} if (floor := _floor_record(setup, exported, built)) is not None else {}),
     }
+
+
+def _floor_record(setup: Setup, exported: Exported, built: Built) -> dict[str, Any] | None:
+    """The fidelity floor judged on the compiled model (:mod:`spruce.compiler.floors`), also
+    recorded in the compiled artifact's manifest; None without an output plan."""
+    if setup.plan is None:
+        return None
+    per_output = exported.fidelity.per_output if exported.fidelity else {}
+    floor = check_floors(setup.recipe.floor, setup.plan, per_output, exported.metrics).record()
+    mark_manifest(built.compiled.manifest_path, floor)
+    return floor
 
 
 def _median_speedup(row: Mapping[str, Any]) -> float | None:
@@ -166,20 +179,8 @@ def _summary_lines(doc: dict[str, Any]) -> list[str]:
                      f"measured {budget.get('compiled_measured_ms', float('nan')):.3f} / "
                      f"{budget.get('dense_measured_ms', float('nan')):.3f} ms (compiled / dense)")
         lines += ["", text]
-    evaluation = doc.get("evaluation")
-    if evaluation and evaluation.get("fidelity"):
-        lines += ["", f"fidelity to dense on {evaluation['fidelity']['samples']} held-out inputs:"]
-        # the per-output distillation loss only where recovery distilled (else the recovery line names the loss)
-        distilled = (doc.get("recovery") or {}).get("mode", "distill") == "distill"
-        losses = {o["output"]: o.get("distill_loss") for o in evaluation["outputs"]}
-        for name, row in evaluation["fidelity"]["per_output"].items():
-            extra = f", top-1 agreement {row['top1_agreement']:.4f}" if "top1_agreement" in row else ""
-            lines.append(f"  {name}: relative L2 {row['relative_l2']:.4f}, cosine {row['cosine']:.4f}{extra}"
-                         + (f" (distill loss {losses.get(name)})" if distilled and losses.get(name) else ""))
-        for which in ("dense", "compiled"):
-            if evaluation.get(f"{which}_metrics"):
-                lines.append(f"  {which} metrics: " + ", ".join(f"{k} {v:.4f}"
-                                                                 for k, v in evaluation[f"{which}_metrics"].items()))
+    lines += report_lines(doc.get("evaluation"), doc.get("floor"),
+                          distilled=(doc.get("recovery") or {}).get("mode", "distill") == "distill")
     recovery = doc.get("recovery")
     if recovery:
         lines += ["", f"recovery: {recovery['mode']} ({recovery['loss']}), {recovery.get('steps', 0)} steps, "
@@ -222,7 +223,9 @@ def _method_text(method: Mapping[str, Any]) -> str:
 
 def _markdown(doc: dict[str, Any]) -> str:
     recipe = doc["recipe"]
-    lines = ["# spruce compile report", "",
+    missed = floor_line(doc.get("floor"))
+    lines = [*([f"**FAILED: {missed}** (the artifacts are kept for inspection)", ""] if missed else []),
+             "# spruce compile report", "",
              f"Model: {recipe['model'] or 'embedded digits CNN'} on {doc['data']}; target `{recipe['target']}`; "
              + (f"method `{_method_text(recipe['method'])}`" if method_ran(doc)
                 else "selection one-shot by weight magnitude (no method ran)")

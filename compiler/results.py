@@ -29,7 +29,8 @@ from ..runtime.table import LatencyTable
 from ..targets.base import Artifact, Target
 from .channel_methods import FinalCheck, MethodDrive
 from .datasets import Loaders
-from .outputs import Fidelity, OutputPlan
+from .fidelity import Fidelity
+from .outputs import OutputPlan
 from .recipes import Recipe
 from .recovery import RecoveryLog
 from .training import TrainLog

@@ -56,8 +56,9 @@ from ..runtime.profile import profile
 from ..targets.files import OutputError, atomic_path
 from .channel_methods import FinalCheck, check_final, drives_channels, updates_left
 from .datasets import inputs_of
+from .fidelity import fidelity
 from .loading import held_out_accuracy, user_metrics
-from .outputs import fidelity, flatten_outputs
+from .outputs import flatten_outputs
 from .recovery import cross_entropy_loss, recover
 from .results import (
     Benched,

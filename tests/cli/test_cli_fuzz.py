@@ -72,7 +72,7 @@ COMPILE_OPTIONS = ["--epochs", "--batch-size", "--lr", "--sparsity", "--budget",
 def test_compile_with_hostile_options_fails_cleanly(tmp_path_factory, capsys, pairs):
     folder = tmp_path_factory.mktemp("fuzz")
     out = folder / "out"
-    argv = ["compile", "--out", str(out), "--quiet", "--epochs", "1"]
+    argv = ["compile", "--out", str(out), "--quiet", "--epochs", "1", "--floor", "none"]  # 1 epoch: below any floor
     for option, value in pairs:
         argv += [option, value]
     # keep a run that happens to be valid short: the last --epochs wins, so the hostile one is checked

@@ -94,7 +94,7 @@ def test_the_toy_method_trains_by_string_and_by_config_object(toy, by):
 def test_the_toy_method_in_a_recipe_file_and_on_the_cli(toy, tmp_path, capsys):
     recipe = tmp_path / "toy.yaml"
     recipe.write_text("method: {name: toy, every: 4}\nstructure: unstructured\nsparsity: 0.5\nbudget: null\n"
-                      "epochs: 1\nbench_iters: 1\nbench_warmup: 0\nbench_batch_sizes: [1]\n")
+                      "epochs: 1\nbench_iters: 1\nbench_warmup: 0\nbench_batch_sizes: [1]\nfloor: none\n")
     assert load_recipe(recipe).method == toy.ToyConfig(every=4)
     out = tmp_path / "out"
     code = main(["compile", "--recipe", str(recipe), "--method-option", "every=3", "--out", str(out), "--quiet",

@@ -8,12 +8,12 @@ from collections import namedtuple
 
 import pytest
 import torch
+from spruce.compiler.fidelity import fidelity
 from spruce.compiler.outputs import (
     WEIGHTED_MSE_ALPHA,
     OutputError,
     calibrate_scales,
     distill_loss,
-    fidelity,
     flatten_outputs,
     plan_outputs,
 )
@@ -29,6 +29,11 @@ class Detection:
     label: str = "x"
 
 
+def _leading(outputs) -> dict[str, int]:
+    """Every output's batch dim at dim 0 (as compile measures it for these layouts)."""
+    return {name: 0 for name, _ in flatten_outputs(outputs)}
+
+
 def test_every_tensor_of_any_structure_is_named_by_its_path():
     value = {"det": Detection(torch.ones(1, 2, 4, 4)), "heads": Heads(torch.ones(1, 4), [torch.ones(1, 3), None, 7])}
     assert [name for name, _ in flatten_outputs(value)] == [
@@ -38,12 +43,15 @@ def test_every_tensor_of_any_structure_is_named_by_its_path():
 
 def test_kinds_default_losses_and_overrides():
     outputs = (torch.randn(2, 10), torch.randn(2, 8, 8, 2), torch.randn(2))
-    plan = plan_outputs(outputs)
+    plan = plan_outputs(outputs, batch=_leading(outputs))
     assert [(s.kind, s.loss) for s in plan.outputs] == [("scores", "kl"), ("map", "mse"), ("map", "mse")]
-    plan = plan_outputs(outputs, {"output[1]": "l1", "output[[]2]": "l1"})  # exact path, then a glob
+    # exact path, then a glob
+    plan = plan_outputs(outputs, {"output[1]": "l1", "output[[]2]": "l1"}, batch=_leading(outputs))
     assert [s.loss for s in plan.outputs] == ["kl", "l1", "l1"]
-    assert plan.record()[1] == {"output": "output[1]", "shape": [2, 8, 8, 2], "kind": "map", "distill_loss": "l1",
-                                "loss_from": "override", "teacher_scale": None}
+    assert plan.record()[1] == {"output": "output[1]", "shape": [2, 8, 8, 2], "kind": "map",
+                                "kind_from": "guessed: 4-D outputs are maps unless declared", "batch_dim": 0,
+                                "class_dim": None, "distill_loss": "l1", "loss_from": "override",
+                                "teacher_scale": None}
     with pytest.raises(OutputError, match="names no output"):
         plan_outputs(outputs, {"output[7]": "l1"})
     with pytest.raises(OutputError, match="unknown loss 'huber'"):
@@ -54,7 +62,7 @@ def test_kinds_default_losses_and_overrides():
 
 def test_distillation_is_zero_only_at_the_teacher():
     teacher = (torch.randn(4, 10), torch.randn(4, 2, 8, 8))
-    plan = plan_outputs(teacher)
+    plan = plan_outputs(teacher, batch=_leading(teacher))
     assert float(distill_loss(teacher, teacher, plan)) == pytest.approx(0.0, abs=1e-6)
     student = (teacher[0] + torch.randn(4, 10), teacher[1])
     assert float(distill_loss(student, teacher, plan)) > 1e-3
@@ -104,7 +112,7 @@ def test_a_data_set_scale_gives_a_batch_without_text_the_weight_of_its_error():
         error = float((1 + WEIGHTED_MSE_ALPHA * teacher).mul(0.01).mean())
         assert loss == pytest.approx(error / scale, rel=1e-5)
     assert fixed[0] > fixed[1]  # the text batch's error is weighted more, not less
-    kl = calibrate_scales(plan_outputs(torch.randn(2, 5)), identity, [torch.randn(2, 5)])
+    kl = calibrate_scales(plan_outputs(torch.randn(2, 5), batch={"output": 0}), identity, [torch.randn(2, 5)])
     assert kl.outputs[0].scale is None  # kl needs no scale
     with pytest.raises(OutputError, match="no batch"):
         calibrate_scales(plan, identity, [])
@@ -126,11 +134,12 @@ def test_distillation_divides_by_the_teacher_scale_measured_before_recovery():
 def test_fidelity_per_output():
     torch.manual_seed(0)
     dense = nn.Linear(6, 5)
-    same = fidelity(dense, dense, [torch.randn(8, 6)], plan_outputs(torch.randn(1, 5)))
+    same = fidelity(dense, dense, [torch.randn(8, 6)], plan_outputs(torch.randn(1, 5), batch={"output": 0}))
     assert same.per_output["output"] == {"relative_l2": 0.0, "cosine": pytest.approx(1.0),
                                          "top1_agreement": 1.0}
     other = nn.Linear(6, 5)
-    far = fidelity(other, dense, [torch.randn(8, 6), torch.randn(4, 6)], plan_outputs(torch.randn(1, 5)))
+    plan = plan_outputs(torch.randn(1, 5), batch={"output": 0})
+    far = fidelity(other, dense, [torch.randn(8, 6), torch.randn(4, 6)], plan)
     assert far.samples == 12 and far.per_output["output"]["relative_l2"] > 0.3
 
 

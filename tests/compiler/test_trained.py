@@ -112,8 +112,10 @@ def trained() -> EdgeNet:
 
 def _compile(model, folder, out, **options):
     example = torch.rand(1, 3, *HW, generator=torch.Generator().manual_seed(0))
+    # no fidelity floor: these runs check budgets and reports (a one-shot run may miss the floor;
+    # test_floor.py checks that a missed floor fails the compile)
     settings = dict(budget={"latency": BUDGET}, epochs=3, bench_iters=30, bench_batch_sizes=(1,), profile_step=16,
-                    quiet=True)
+                    quiet=True, floor="none")
     return spruce.compile(model, example, data=f"images:{folder}", out=out, **{**settings, **options})
 
 
@@ -331,8 +333,11 @@ def test_the_users_loss_and_metric_on_labeled_loaders(trained, tmp_path):
     held_out = [(photos[12:], edges[12:])]
     report = spruce.compile(trained, photos[:1], data=(recovery, held_out), loss_fn=_edge_loss, evaluate=_edge_error,
                             out=tmp_path / "out", budget={"flops": 0.6}, epochs=2, bench_iters=5,
-                            bench_batch_sizes=(1,), quiet=True)
+                            bench_batch_sizes=(1,), quiet=True, floor="edge_mse<=1e6")
     document = report.document
+    # the floor is the user's metric, judged on the compiled model (two epochs miss the default floors here)
+    (check,) = document["floor"]["checks"]
+    assert check["measure"] == "edge_mse" and check["actual"] == document["evaluation"]["compiled_metrics"]["edge_mse"]
     assert document["recovery"]["mode"] == "loss" and "test_trained.py:_edge_loss" in document["recovery"]["loss"]
     assert document["recovery"]["steps"] == 6
     evaluation = document["evaluation"]

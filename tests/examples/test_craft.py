@@ -137,8 +137,11 @@ def test_one_shot_2_4_on_torch_gives_exact_magnitude_2_4_weights(tmp_path):
         report = spruce.compile(f"{EXAMPLES / 'craft.py'}:make", data=f"images:{folder}", out=tmp_path / "out",
                                 structure="2:4", sparsity=0.5, method="static", target="torch", recover="none",
                                 budget=None, prepare=f"{EXAMPLES / 'craft.py'}:prepare", bench_iters=2,
-                                bench_warmup=1, bench_batch_sizes=(1,), quiet=True)
+                                bench_warmup=1, bench_batch_sizes=(1,), quiet=True, floor="none")
     out, document = report.out_dir, report.document
+    # its outputs get map kinds by the rule (4-D: maps unless declared), distilled as maps, not class scores
+    assert [(o["kind"], o["batch_dim"], o["kind_from"].startswith("guessed")) for o in
+            document["evaluation"]["outputs"]] == [("map", 0, True), ("map", 0, True)]
     dense = craft.load_craft()
     convs = [name for name, module in dense.named_modules() if isinstance(module, torch.nn.Conv2d)]
     assert len(convs) == 27 and not any(isinstance(m, torch.nn.Linear) for m in dense.modules())
