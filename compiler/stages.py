@@ -77,12 +77,13 @@ from .channel_methods import (
     updates_left,
 )
 from .datasets import DataError, Loaders, check_disjoint, default_model, inputs_of, load_data, loaders_from
+from .default_cache import trained_default
 from .outputs import Fidelity, OutputPlan, fidelity, flatten_outputs, plan_outputs
 from .recipes import Recipe
 from .recovery import RecoveryLog, cross_entropy_loss
 from .recovery import recover as recover_model
 from .reporting import CompileReport, build_document, write_reports
-from .training import TrainLog, train
+from .training import TrainLog
 
 __all__ = [
     "Benched", "Built", "Captured", "Exported", "Given", "Profiled", "Recovered", "Reference", "Setup", "Sparsified",
@@ -305,10 +306,9 @@ def reference(setup: Setup, workspace: Workspace) -> Reference:
     on the held-out data."""
     recipe = setup.recipe
     log = TrainLog()
-    if setup.default_model:
-        torch.manual_seed(recipe.seed)
-        log = train(setup.model, setup.data.train, setup.data.test, recipe.epochs, recipe.lr, recipe.optimizer,
-                    desc="dense (the embedded default's training)", quiet=workspace.quiet)
+    if setup.default_model:  # trained once per machine: the weights are cached (default_cache)
+        log, _ = trained_default(setup.model, setup.data, recipe.seed, recipe.epochs, recipe.lr, recipe.optimizer,
+                                 quiet=workspace.quiet)
     setup.model.eval()
     return Reference(setup.model, log, _accuracy(setup, setup.model), _user_metrics(setup, setup.model))
 
