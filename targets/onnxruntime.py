@@ -93,7 +93,7 @@ def export_onnx(
             if full is not None:  # an exporter that wrapped the OSError of a full disk in its own error
                 raise OutputError(f"cannot write {target}: {full.strerror or full}") from exc
             failures.append(f"{_exporter_name(exporter)}: {type(exc).__name__}: {_first_line(exc, 300)}")
-            if index + 1 < len(exporters):
+            if index + 1 < len(exporters) and printed.lines:  # its dump, summarised (a silent failure stays so)
                 print(_fallback_line(exporter, exporters[index + 1], exc, printed), file=sys.stderr)
     raise OnnxExportError("ONNX export failed:\n  " + "\n  ".join(failures))
 
@@ -106,17 +106,17 @@ def _first_line(exc: BaseException, limit: int) -> str:
     """The first non-empty line of ``exc``'s message, at most ``limit`` characters (an exporter's
     message can hold a whole graph)."""
     line = next((text.strip() for text in str(exc).splitlines() if text.strip()), "")
+    line = line.removeprefix(f"{type(exc).__name__}: ")  # some exporters' messages repeat their type
     return line if len(line) <= limit else line[:limit - 3] + "..."
 
 
 def _fallback_line(failed: Callable[..., None], following: Callable[..., None], exc: BaseException,
                    printed: CapturedOutput) -> str:
-    """One line for an exporter that failed while another follows: which, why (the first line of
-    its error, shortened), and how much of its output was held back."""
+    """One line for an exporter that failed, printing, while another follows: which, why (the
+    first line of its error, shortened), and how much of its output was held back."""
     reason = _first_line(exc, 160)
-    held = f"; {printed.lines} lines of its output hidden" if printed.lines else ""
-    return (f"spruce: ONNX export: the {_exporter_name(failed)} exporter failed ({type(exc).__name__}: {reason})"
-            f"{held}; trying the {_exporter_name(following)} exporter")
+    return (f"spruce: ONNX export: the {_exporter_name(failed)} exporter failed ({type(exc).__name__}: {reason}); "
+            f"{printed.lines} lines of its output hidden; trying the {_exporter_name(following)} exporter")
 
 
 def _check_other_batch(path: Path, model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
