@@ -30,6 +30,7 @@ from ..compiler.specs import (
 )
 from ..passes.config import short_repr
 from ..targets.files import atomic_write_text
+from .exits import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 
 if TYPE_CHECKING:
     from torch import nn
@@ -42,8 +43,6 @@ __all__ = ["EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "MODEL_HE
            "is_user_error", "load_model", "parse_input_shapes", "parse_target_option", "report_bug",
            "show_library_default", "usable_target"]
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a command stopped by Ctrl-C
 
 
 class CliError(Exception):

@@ -26,23 +26,26 @@ import sys
 from collections.abc import Collection, Sequence
 from typing import NoReturn
 
-from .. import __version__
-from .common import (
-    EXIT_FAILED,
-    EXIT_INTERRUPTED,
-    EXIT_OK,
-    EXIT_USAGE,
-    ArtifactCheckError,
-    is_user_error,
-    report_bug,
-)
-from .registry import SUBCOMMANDS, subcommand
+from .exits import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
+
+# Only the standard library and the exit codes above: the console script imports this module
+# before ``main`` can catch a Ctrl-C, so everything else is imported inside ``main``.
 
 # --- entry point -------------------------------------------------------------------
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``spruce`` command with ``argv`` (default ``sys.argv[1:]``); return the exit status."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # at any point, imports included
+        print("spruce: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    from .common import is_user_error, report_bug
+
     try:
         argv = list(sys.argv[1:] if argv is None else argv)
         parser = build_parser(_named_commands(argv))
@@ -52,9 +55,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _exit_code(exit_request.code)
         args.check(args)
         return args.run(args)
-    except KeyboardInterrupt:
-        print("spruce: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
     except BrokenPipeError:
         # The reader of stdout went away (e.g. `spruce analyze ... | head`): not an error to
         # report, but stdout must not be flushed again at exit.
@@ -72,6 +72,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _is_artifact_failure(exc: BaseException) -> bool:
     """An artifact spruce built does not reproduce the model, or could not be exported (exit 1).
     The exporter's error type is looked up only if its module was imported (it imports torch)."""
+    from .common import ArtifactCheckError
+
     onnxruntime = sys.modules.get("spruce.targets.onnxruntime")
     failures = (ArtifactCheckError,) + ((onnxruntime.OnnxExportError,) if onnxruntime is not None else ())
     return isinstance(exc, failures)
@@ -90,6 +92,8 @@ def _exit_code(code: object) -> int:
 
 def _named_commands(argv: Sequence[str]) -> tuple[str, ...]:
     """The subcommand ``argv`` names (its first word that is not an option), if registered."""
+    from .registry import SUBCOMMANDS
+
     first = next((word for word in argv if not word.startswith("-")), None)
     return (first,) if first in SUBCOMMANDS else ()
 
@@ -108,6 +112,9 @@ class _Parser(argparse.ArgumentParser):
 def build_parser(commands: Collection[str] | None = None) -> argparse.ArgumentParser:
     """The ``spruce`` parser with one sub-parser per registered subcommand; only the arguments of
     ``commands`` (of every one when None) are added, so a run builds no other subcommand's options."""
+    from .. import __version__
+    from .registry import SUBCOMMANDS, subcommand
+
     parser = _Parser(prog="spruce", description="A model-compression compiler for PyTorch.")
     parser.add_argument("--version", action="version", version=f"spruce {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
