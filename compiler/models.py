@@ -31,7 +31,7 @@ from torch import nn
 from ..passes.config import short_repr
 from .specs import (
     DEFAULT_INPUT_SHAPE,
-    FACTORY_CONTRACT,
+    FACTORY_RESULT,
     MAX_INPUT_ELEMENTS,
     ModelSpecError,
     Shape,
@@ -233,7 +233,7 @@ def import_file(path: Path) -> ModuleType:
 def _module_and_inputs(
     produced: Any, source: ModuleType, where: str
 ) -> tuple[nn.Module, ExampleInputs]:
-    """Split a factory's result into a module and example inputs (:data:`FACTORY_CONTRACT`);
+    """Split a factory's result into a module and example inputs (``FACTORY_CONTRACT`` in specs);
     :class:`ModelSpecError` saying what was returned and what is expected otherwise."""
     inputs: Any = None
     module = produced
@@ -250,11 +250,12 @@ def _module_and_inputs(
 
 def _contract_message(where: str, produced: Any) -> str:
     """A factory returned something else than its contract: say what, and what is expected."""
-    none_inside = isinstance(produced, tuple) and len(produced) == 2 and isinstance(produced[1], (tuple, list)) \
-        and any(item is None for item in produced[1])
+    rest = list(produced[1:]) if isinstance(produced, tuple) else []
+    none_inside = any(item is None or (isinstance(item, (tuple, list)) and any(x is None for x in item))
+                      for item in rest)
     hint = ("; an optional input given as None is not an example input: leave it out, or give a tensor"
             if none_inside else "")
-    return f"{where} returned {describe_value(produced)}; expected (model, example_inputs): {FACTORY_CONTRACT}{hint}"
+    return f"{where} returned {describe_value(produced)}; expected {FACTORY_RESULT}{hint}"
 
 
 def describe_value(value: Any, depth: int = 0) -> str:

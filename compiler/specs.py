@@ -18,8 +18,8 @@ from typing import Literal
 
 from ..passes.config import ConfigError, short_repr
 
-__all__ = ["BUDGET_KINDS", "DATASET_NAMES", "DEFAULT_INPUT_SHAPE", "FACTORY_CONTRACT", "MAX_INPUT_ELEMENTS",
-           "MODEL_SCHEMES", "DataError", "ModelSpecError", "RecipeError", "Shape", "check_budget",
+__all__ = ["BUDGET_KINDS", "DATASET_NAMES", "DEFAULT_INPUT_SHAPE", "FACTORY_CONTRACT", "FACTORY_RESULT",
+           "MAX_INPUT_ELEMENTS", "MODEL_SCHEMES", "DataError", "ModelSpecError", "RecipeError", "Shape", "check_budget",
            "check_data_source", "check_data_spec", "check_function_spec", "check_input_sizes",
            "check_model_source", "check_model_spec", "check_readable_file", "model_spec_kind", "parse_budget"]
 
@@ -37,9 +37,10 @@ MODEL_SCHEMES = ("torchvision", "timm")
 ModelKind = Literal["torchvision", "timm", "python", "saved"]
 
 # What ``FILE.py:FACTORY`` must return (quoted by --help and by the error for anything else).
-FACTORY_CONTRACT = ("FACTORY() returns (model, example_inputs): a torch.nn.Module and a tensor or a tuple of "
-                    "tensors, one per positional input of forward (a bare module takes the file's "
-                    "EXAMPLE_INPUTS / example_inputs(), else a 1,3,224,224 input)")
+FACTORY_RESULT = ("(model, example_inputs): a torch.nn.Module and a tensor or a tuple of tensors, one per "
+                  "positional input of forward (a bare module takes the file's EXAMPLE_INPUTS / example_inputs(), "
+                  "else a 1,3,224,224 input)")
+FACTORY_CONTRACT = f"FACTORY() returns {FACTORY_RESULT}"
 
 # The built-in data sets; each has a loader in :data:`spruce.compiler.datasets.DATASETS`.
 DATASET_NAMES = ("digits", "mnist5k")
