@@ -6,10 +6,9 @@ import argparse
 import json
 from pathlib import Path
 
+from ..compiler.specs import check_readable_file
 from ..passes.config import short_repr
-from ..runtime.bench import BenchConfig, bench
-from ..targets.base import TargetUnavailable
-from .common import EXIT_OK, CliError, Subcommand, parse_target_option, usable_target
+from .common import EXIT_OK, CliError, Subcommand, given, parse_target_option, show_library_default, usable_target
 
 
 def parse_batch_sizes(text: str) -> tuple[int, ...]:
@@ -23,26 +22,45 @@ def parse_batch_sizes(text: str) -> tuple[int, ...]:
     return sizes
 
 
+def _bench_default(name: str) -> object:
+    from ..runtime.bench import BenchConfig
+
+    value = getattr(BenchConfig(), name)
+    return ",".join(map(str, value)) if isinstance(value, tuple) else value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    defaults = BenchConfig()
     parser.add_argument("artifact", type=Path, help="artifact file built by spruce (with its .spruce.json manifest)")
     parser.add_argument("--target", required=True, help="target that built it, e.g. onnxruntime, torch, tensorrt")
     parser.add_argument("--option", type=parse_target_option, action="append", default=[], metavar="KEY=VALUE",
                         dest="target_options", help="target option, e.g. threads=2 (repeatable)")
     parser.add_argument("--dense", type=Path, default=None, help="dense artifact to compare with in the same run")
-    parser.add_argument("--batch-sizes", type=parse_batch_sizes, default=defaults.batch_sizes,
-                        help="comma-separated batch sizes (default: 1,8)")
-    parser.add_argument("--warmup", type=int, default=defaults.warmup, help="untimed runs per batch size")
-    parser.add_argument("--iters", type=int, default=defaults.iters, help="timed runs per batch size")
+    for flag, kind, text in (("--batch-sizes", parse_batch_sizes, "comma-separated batch sizes"),
+                             ("--warmup", int, "untimed runs per batch size"),
+                             ("--iters", int, "timed runs per batch size")):
+        name = flag.removeprefix("--").replace("-", "_")
+        show_library_default(parser.add_argument(flag, type=kind, default=None,
+                                                 help=f"{text} (default: %(library_default)s)"),
+                             lambda name=name: _bench_default(name))
     parser.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
+
+
+def check(args: argparse.Namespace) -> None:
+    """The artifact (and --dense) readable files (before torch is imported)."""
+    check_readable_file(args.artifact, "artifact", CliError)
+    if args.dense is not None:
+        check_readable_file(args.dense, "--dense artifact", CliError)
 
 
 def run(args: argparse.Namespace) -> int:
     """Bench the artifact (and the dense one), print a table or JSON."""
-    BenchConfig(batch_sizes=args.batch_sizes, warmup=args.warmup, iters=args.iters)  # checked before any loading
+    from ..runtime.bench import BenchConfig, bench
+    from ..targets.base import TargetUnavailable
+
+    options = BenchConfig(**given(args, "batch_sizes", "warmup", "iters"))  # checked before any loading
     target = usable_target(args.target, args.target_options)
     try:
-        report = bench(args.artifact, target, args.batch_sizes, args.warmup, args.iters, dense=args.dense)
+        report = bench(args.artifact, target, options.batch_sizes, options.warmup, options.iters, dense=args.dense)
     except TargetUnavailable as exc:
         raise CliError(str(exc)) from exc
     if args.json:
@@ -53,4 +71,4 @@ def run(args: argparse.Namespace) -> int:
 
 
 SUBCOMMAND = Subcommand(help="time a built artifact (median/p90/p99 latency, images/s), optionally vs dense",
-                        add_arguments=add_arguments, run=run)
+                        add_arguments=add_arguments, check=check, run=run)

@@ -2,8 +2,8 @@
 bugs), the subcommand record and the parsers of common arguments (model spec and input shapes,
 target options).
 
-The console entry :mod:`spruce.cli.main` imports the subcommand modules
-(``cli_pipeline``, ``cli_profile``, ``cli_bench``); they import this module, never the entry.
+Nothing here imports torch at module level: the console checks its arguments first
+(:mod:`spruce.compiler.specs`), and a subcommand imports what needs torch inside its ``run``.
 """
 
 from __future__ import annotations
@@ -17,30 +17,32 @@ import traceback
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from .. import __version__
-from ..compiler.models import (
+from ..compiler.specs import (
     DEFAULT_INPUT_SHAPE,
-    ExampleInputs,
+    FACTORY_CONTRACT,
     ModelSpecError,
     Shape,
     check_input_sizes,
-    check_model_runs,
-    resolve_model,
+    check_model_source,
 )
 from ..passes.config import short_repr
-from ..targets.base import Target, TargetUnavailable, get_target
 from ..targets.files import atomic_write_text
+from .exits import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 
-__all__ = ["EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "ArtifactCheckError", "CliError",
-           "Subcommand", "add_model_arguments", "is_user_error", "load_model", "parse_input_shapes",
-           "parse_target_option", "report_bug", "usable_target"]
+if TYPE_CHECKING:
+    from torch import nn
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a command stopped by Ctrl-C
+    from ..compiler.models import ExampleInputs
+    from ..targets.base import Target
+
+__all__ = ["EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "MODEL_HELP", "ArtifactCheckError",
+           "CliError", "LibraryDefault", "Subcommand", "add_model_arguments", "check_model_arguments", "given",
+           "is_user_error", "load_model", "parse_input_shapes", "parse_target_option", "report_bug",
+           "show_library_default", "usable_target"]
+
 
 
 class CliError(Exception):
@@ -94,18 +96,50 @@ def report_bug(exc: BaseException) -> str:
     return f"spruce: internal error ({summary}); this is a bug, please report it: {where}"
 
 
+def _no_checks(args: argparse.Namespace) -> None:
+    """A subcommand whose arguments need no check beyond their parsers."""
+
+
 @dataclass(frozen=True)
 class Subcommand:
-    """One ``spruce`` subcommand: its help line, its arguments, its handler."""
+    """One ``spruce`` subcommand: its help line, its arguments, the checks of its arguments that
+    need no model (paths, spec forms; they run before torch is imported and raise user errors),
+    and its handler (which imports what it needs)."""
 
     help: str
     add_arguments: Callable[[argparse.ArgumentParser], None]
     run: Callable[[argparse.Namespace], int]
+    check: Callable[[argparse.Namespace], None] = _no_checks
+
+
+class LibraryDefault:
+    """A default that ``--help`` shows and the library owns (a config object's field): read only
+    when the help is printed, since the config's module imports torch. Give an option
+    ``help="... %(library_default)s"`` and set the action's ``library_default`` to one of these
+    (:func:`show_library_default`); the option's own default stays None, which the handler
+    passes on as "the library's default"."""
+
+    def __init__(self, read: Callable[[], object]) -> None:
+        self.read = read
+
+    def __str__(self) -> str:
+        return str(self.read())
+
+
+def show_library_default(action: argparse.Action, read: Callable[[], object]) -> argparse.Action:
+    """Let ``action``'s help show the value ``read()`` returns, as ``%(library_default)s``."""
+    action.library_default = LibraryDefault(read)  # type: ignore[attr-defined]
+    return action
+
+
+def given(args: argparse.Namespace, *names: str) -> dict[str, Any]:
+    """The options among ``names`` given on the command line (not None), as keyword arguments."""
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 
 def parse_input_shapes(text: str) -> tuple[Shape, ...]:
     """Parse ``1,3,224,224`` (one input) or ``1,3,64,64;1,10`` (several) into shapes, refusing
-    shapes too large to allocate (:func:`~spruce.compiler.models.check_input_sizes`) up front."""
+    shapes too large to allocate (:func:`~spruce.compiler.specs.check_input_sizes`) up front."""
     shapes = []
     for part in text.split(";"):
         try:
@@ -128,17 +162,24 @@ def parse_input_shapes(text: str) -> tuple[Shape, ...]:
 def load_model(spec: str, input_shapes: Sequence[Shape] | None) -> tuple[nn.Module, ExampleInputs]:
     """The model ``spec`` names with its example inputs (``--input-shape`` when given), checked
     to run on them once before any work: a user error naming the shapes if it does not."""
+    from ..compiler.models import check_model_runs, resolve_model
+
     model, example_inputs = resolve_model(spec, input_shapes)
     check_model_runs(model, example_inputs, spec, "--input-shape" if input_shapes is not None else None)
     return model, example_inputs
 
 
+MODEL_HELP = f"torchvision:NAME, timm:NAME, FILE.py:FACTORY or FILE.pt; {FACTORY_CONTRACT}"
+
+
+def check_model_arguments(args: argparse.Namespace) -> None:
+    """The model spec's form, and its file readable (before torch is imported; a user error)."""
+    check_model_source(args.model)
+
+
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments every model-taking subcommand shares."""
-    parser.add_argument(
-        "model",
-        help="torchvision:NAME, timm:NAME, FILE.py:FACTORY or FILE.pt",
-    )
+    parser.add_argument("model", help=MODEL_HELP)
     default_shape = ",".join(map(str, DEFAULT_INPUT_SHAPE))
     parser.add_argument(
         "--input-shape",
@@ -170,6 +211,8 @@ def parse_target_option(text: str) -> tuple[str, Any]:
 
 def usable_target(name: str, options: Mapping[str, Any]) -> Target:
     """The target ``name`` built with ``options``, checked to run here; user errors as :class:`CliError`."""
+    from ..targets.base import TargetUnavailable, get_target
+
     try:
         target = get_target(name, **dict(options))
         target.require()

@@ -15,24 +15,57 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..compiler.floors import floor_line
-from ..compiler.recipes import Recipe, RecipeError, load_recipe, parse_budget
+from ..compiler.specs import (
+    FACTORY_CONTRACT,
+    RecipeError,
+    check_data_source,
+    check_function_spec,
+    check_model_source,
+    check_readable_file,
+    parse_budget,
+)
 from ..targets.files import checked_out_dir
-from .common import EXIT_FAILED, EXIT_OK, Subcommand, parse_input_shapes, parse_target_option, usable_target
+from .common import (
+    EXIT_FAILED,
+    EXIT_OK,
+    Subcommand,
+    parse_input_shapes,
+    parse_target_option,
+    show_library_default,
+    usable_target,
+)
 
-_DEFAULTS = Recipe()
+if TYPE_CHECKING:
+    from ..compiler.recipes import Recipe
+
+
+def _recipe_default(name: str) -> object:
+    """The recipe's default of field ``name`` as --help shows it (the method by name, a budget as KIND=F)."""
+    from ..compiler.recipes import Recipe
+
+    value = getattr(Recipe(), name)
+    if name == "method":
+        return value.name
+    if name == "budget":
+        return ",".join(f"{kind}={fraction}" for kind, fraction in (value or {}).items())
+    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    def with_default(field: str, flag: str, text: str, **options: object) -> None:
+        """An option whose default is the recipe's ``field`` (shown in --help, read only then)."""
+        action = parser.add_argument(flag, default=None, help=f"{text} (default %(library_default)s)", **options)
+        show_library_default(action, lambda: _recipe_default(field))
+
     parser.add_argument("model", nargs="?", default=None,
-                        help="torchvision:NAME, FILE.py:FACTORY or FILE.pt (default: the embedded digits CNN)")
+                        help="torchvision:NAME, FILE.py:FACTORY or FILE.pt (default: the embedded digits CNN); "
+                        + FACTORY_CONTRACT)
     parser.add_argument("--recipe", type=Path, default=None, help="YAML or JSON recipe (flags override it)")
     parser.add_argument("--input-shape", type=parse_input_shapes, default=None, metavar="SHAPE",
                         help="example input shape (default: the data's)")
-    parser.add_argument("--data", default=None, help=f"digits, mnist5k, images:DIR or FILE.py:make_loaders "
-                        f"(default {_DEFAULTS.data})")
+    with_default("data", "--data", "digits, mnist5k, images:DIR or FILE.py:make_loaders")
     parser.add_argument("--recover", default=None, choices=("none", "distill", "loss"),
                         help="none: one-shot + BatchNorm re-estimation; distill: learn the dense outputs; "
                         "loss: --loss (default: loss when one exists, else distill)")
@@ -52,23 +85,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fidelity floor replacing the output kinds' defaults, e.g. 'sequence_agreement>=0.95' or "
                         "an --evaluate metric 'word_acc>=0.95'; 'none': no floor (repeatable). Missing it fails "
                         "the compile (exit 1), the artifacts kept")
-    parser.add_argument("--recover-lr", type=float, default=None,
-                        help=f"recovery learning rate (default {_DEFAULTS.recover_lr})")
-    parser.add_argument("--target", default=None, help=f"onnxruntime, torch, tensorrt (default {_DEFAULTS.target})")
+    with_default("recover_lr", "--recover-lr", "recovery learning rate", type=float)
+    with_default("target", "--target", "onnxruntime, torch, tensorrt")
     parser.add_argument("--option", type=parse_target_option, action="append", default=None, metavar="KEY=VALUE",
                         dest="target_options", help="target option, e.g. threads=2 (repeatable)")
-    parser.add_argument("--method", default=None, help=f"sparse-training method (default {_DEFAULTS.method.name})")
+    with_default("method", "--method", "sparse-training method")
     parser.add_argument("--method-option", type=parse_target_option, action="append", default=None,
                         metavar="KEY=VALUE", dest="method_options",
                         help="method option, e.g. h=20 (repeatable; unset options scale to the run)")
-    parser.add_argument("--structure", default=None, help=f"channel, unstructured or N:M "
-                        f"(default {_DEFAULTS.structure})")
+    with_default("structure", "--structure", "channel, unstructured or N:M")
     parser.add_argument("--sparsity", type=float, default=None, help="fraction removed (instead of a budget)")
-    parser.add_argument("--budget", default=None, help="latency=F, flops=F or params=F (default "
-                        + ",".join(f"{k}={v}" for k, v in (_DEFAULTS.budget or {}).items()) + ")")
-    parser.add_argument("--distribution", default=None, help=f"uniform, erk or global "
-                        f"(default {_DEFAULTS.distribution})")
-    parser.add_argument("--epochs", type=int, default=None, help=f"training epochs (default {_DEFAULTS.epochs})")
+    with_default("budget", "--budget", "latency=F, flops=F or params=F")
+    with_default("distribution", "--distribution", "uniform, erk or global")
+    with_default("epochs", "--epochs", "training epochs", type=int)
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--seed", type=int, default=None)
@@ -89,8 +118,30 @@ def _parse_output(text: str) -> tuple[str, dict[str, Any]]:
     return name.strip(), {"kind": kind.strip(), **dict(parse_target_option(item.strip()) for item in rest)}
 
 
+def check(args: argparse.Namespace) -> None:
+    """What the command line names, checked before torch is imported: the model spec and its
+    file, the recipe file, the data spec and its folder or file, the budget, the user functions'
+    files, one input shape, and --out."""
+    if args.model is not None:
+        check_model_source(args.model)
+    if args.recipe is not None:
+        check_readable_file(args.recipe, "recipe", RecipeError)
+    if args.data is not None:
+        check_data_source(args.data)
+    if args.budget is not None:
+        parse_budget(args.budget)
+    for role, spec in (("loss", args.loss), ("evaluate", args.evaluate), ("prepare", args.prepare)):
+        if spec is not None:
+            check_function_spec(spec, role, RecipeError)
+    if args.input_shape is not None and len(args.input_shape) != 1:
+        raise RecipeError("--input-shape: compile takes one input")
+    checked_out_dir(args.out, args.force, name="--out", force_hint="--force")
+
+
 def recipe_from_args(args: argparse.Namespace) -> Recipe:
     """The recipe file (or the defaults) with the command line's options on top."""
+    from ..compiler.recipes import Recipe, load_recipe
+
     base = load_recipe(args.recipe) if args.recipe is not None else Recipe()
     shape = None
     if args.input_shape is not None:
@@ -123,6 +174,7 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
 
 def run(args: argparse.Namespace) -> int:
     """Compile, write DIR/report.json + report.md + plots + artifacts, print the comparison table."""
+    from ..compiler.floors import floor_line
     from ..compiler.pipeline import FidelityFloorError, compile
 
     recipe = recipe_from_args(args)
@@ -152,5 +204,6 @@ SUBCOMMAND = Subcommand(
     help="compile a trained model to a deployable artifact under a measured budget (select, recover, export, "
          "build, time and evaluate vs dense)",
     add_arguments=add_arguments,
+    check=check,
     run=run,
 )

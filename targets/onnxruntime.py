@@ -13,8 +13,9 @@ import errno
 import inspect
 import io
 import os
+import sys
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,6 +28,7 @@ from pydantic import Field
 from torch import nn
 
 from .base import Artifact, ArtifactError, Runner, Target, TargetOptions, register_target
+from .console import CapturedOutput, captured_output
 from .files import OutputError, atomic_path, scratch_path
 
 OPSET = 17
@@ -70,9 +72,11 @@ def export_onnx(
     target = Path(path)
     failures: list[str] = []
     exporters = (_export_dynamo, _export_torchscript) if prefer_dynamo else (_export_torchscript, _export_dynamo)
-    for exporter in exporters:
+    for index, exporter in enumerate(exporters):
+        printed = CapturedOutput()
         try:
-            with atomic_path(target) as temp_path:
+            # what the exporters print (graph dumps on a failure, progress lines) stays off the console
+            with atomic_path(target) as temp_path, captured_output() as printed:
                 exported = dynamo_model if exporter is _export_dynamo and dynamo_model is not None else model
                 extra = dynamic_dims if dynamic_batch else None
                 exporter(exported, tuple(example_inputs), temp_path, dynamic_batch, extra)
@@ -88,9 +92,31 @@ def export_onnx(
             full = _disk_full(exc)
             if full is not None:  # an exporter that wrapped the OSError of a full disk in its own error
                 raise OutputError(f"cannot write {target}: {full.strerror or full}") from exc
-            failures.append(f"{exporter.__name__.removeprefix('_export_')}: "
-                            f"{type(exc).__name__}: {exc}")
+            failures.append(f"{_exporter_name(exporter)}: {type(exc).__name__}: {_first_line(exc, 300)}")
+            if index + 1 < len(exporters) and printed.lines:  # its dump, summarised (a silent failure stays so)
+                print(_fallback_line(exporter, exporters[index + 1], exc, printed), file=sys.stderr)
     raise OnnxExportError("ONNX export failed:\n  " + "\n  ".join(failures))
+
+
+def _exporter_name(exporter: Callable[..., None]) -> str:
+    return exporter.__name__.removeprefix("_export_")
+
+
+def _first_line(exc: BaseException, limit: int) -> str:
+    """The first non-empty line of ``exc``'s message, at most ``limit`` characters (an exporter's
+    message can hold a whole graph)."""
+    line = next((text.strip() for text in str(exc).splitlines() if text.strip()), "")
+    line = line.removeprefix(f"{type(exc).__name__}: ")  # some exporters' messages repeat their type
+    return line if len(line) <= limit else line[:limit - 3] + "..."
+
+
+def _fallback_line(failed: Callable[..., None], following: Callable[..., None], exc: BaseException,
+                   printed: CapturedOutput) -> str:
+    """One line for an exporter that failed, printing, while another follows: which, why (the
+    first line of its error, shortened), and how much of its output was held back."""
+    reason = _first_line(exc, 160)
+    return (f"spruce: ONNX export: the {_exporter_name(failed)} exporter failed ({type(exc).__name__}: {reason}); "
+            f"{printed.lines} lines of its output hidden; trying the {_exporter_name(following)} exporter")
 
 
 def _check_other_batch(path: Path, model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from spruce.cli import main as cli
+from spruce.cli import prune as cli_prune
 from spruce.cli.main import main
 from spruce.targets.onnxruntime import run_onnx
 
@@ -189,7 +189,7 @@ def test_untraceable_model_is_a_user_error(
 def test_failed_onnx_check_exits_1_and_writes_nothing(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(cli, "ONNX_TOLERANCE", -1.0)  # no real difference can pass this
+    monkeypatch.setattr(cli_prune, "ONNX_TOLERANCE", -1.0)  # no real difference can pass this
     out = tmp_path / "out"
     code, _, err = run(capsys, "prune", *MOBILENET, "--ratio", "0.2", "--out", str(out))
     assert code == 1

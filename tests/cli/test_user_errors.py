@@ -387,12 +387,12 @@ def test_a_bug_exits_1_with_one_line_and_its_traceback_in_a_file(tmp_path, capsy
     from spruce.cli import common as cli_common
 
     monkeypatch.setattr(cli_common.tempfile, "gettempdir", lambda: str(tmp_path))
-    from spruce.cli import main as cli
+    from spruce.api import verbs
 
     def broken(*args, **kwargs):
         return {}["no such key"]  # a KeyError inside spruce
 
-    monkeypatch.setattr(cli, "channel_groups", broken)
+    monkeypatch.setattr(verbs, "channel_groups", broken)
     code, out, err = run(capsys, "analyze", f"{tiny}:make", "--input-shape", "1,3,8,8")
     assert code == 1 and out == ""
     assert len(err.splitlines()) == 1 and "Traceback" not in err
@@ -412,12 +412,12 @@ def test_the_catch_all_never_turns_a_bug_into_a_user_error(tmp_path, capsys, mon
     from spruce.cli import common as cli_common
 
     monkeypatch.setattr(cli_common.tempfile, "gettempdir", lambda: str(tmp_path))
-    from spruce.cli import main as cli
+    from spruce.api import verbs
 
     def broken(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr(cli, "channel_groups", broken)
+    monkeypatch.setattr(verbs, "channel_groups", broken)
     code, _, err = run(capsys, "analyze", f"{tiny}:make", "--input-shape", "1,3,8,8")
     assert code == 1 and "this is a bug" in err and "spruce: error:" not in err
 
@@ -426,9 +426,9 @@ def test_a_value_error_from_a_library_is_a_bug_one_from_spruce_a_user_error(tmp_
     from spruce.cli import common as cli_common
 
     monkeypatch.setattr(cli_common.tempfile, "gettempdir", lambda: str(tmp_path))
-    from spruce.cli import main as cli
+    from spruce.api import verbs
 
-    monkeypatch.setattr(cli, "channel_groups", lambda *a, **k: np.zeros(-1))  # numpy's ValueError: a bug
+    monkeypatch.setattr(verbs, "channel_groups", lambda *a, **k: np.zeros(-1))  # numpy's ValueError: a bug
     code, _, err = run(capsys, "analyze", f"{tiny}:make", "--input-shape", "1,3,8,8")
     assert code == 1 and "internal error (ValueError: negative dimensions" in err
     assert not cli_common.is_user_error(KeyError("x"))
@@ -441,12 +441,12 @@ def test_a_value_error_from_a_library_is_a_bug_one_from_spruce_a_user_error(tmp_
 
 
 def test_ctrl_c_exits_130_with_one_line(tmp_path, capsys, monkeypatch, tiny):
-    from spruce.cli import main as cli
+    from spruce.api import verbs
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "channel_groups", interrupted)
+    monkeypatch.setattr(verbs, "channel_groups", interrupted)
     code, _, err = run(capsys, "analyze", f"{tiny}:make", "--input-shape", "1,3,8,8")
     assert code == 130 and err == "spruce: interrupted\n"
 

@@ -12,7 +12,6 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from spruce.cli import main as cli
-from spruce.cli.bench import SUBCOMMAND
 from spruce.runtime.bench import BenchReport, bench
 from spruce.targets.base import ArtifactError, get_target
 from torch import nn
@@ -37,8 +36,7 @@ def artifacts(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture
-def spruce_main(monkeypatch):
-    monkeypatch.setitem(cli.SUBCOMMANDS, "bench", SUBCOMMAND)
+def spruce_main():
     return cli.main
 
 

@@ -14,7 +14,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from spruce.api.verbs import analyze_model, profile
 from spruce.cli import main as cli
-from spruce.cli import profile as cli_profile
 from spruce.runtime.calibration import (
     compact_at_widths,
     fit_calibration,
@@ -477,8 +476,7 @@ def test_bad_table_files(tmp_path, profiled):
 
 
 @pytest.fixture
-def spruce_main(monkeypatch):
-    monkeypatch.setitem(cli.SUBCOMMANDS, "profile", cli_profile.SUBCOMMAND)
+def spruce_main():
     return cli.main
 
 
