@@ -59,7 +59,7 @@ def _stage_calls() -> list[ast.Call]:
              and isinstance(node.func, ast.Name) and node.func.id in vars(pipeline)
              and inspect.isfunction(vars(pipeline)[node.func.id])
              and vars(pipeline)[node.func.id].__module__.startswith("spruce.compiler.")
-             and node.func.id != "_resolve"]
+             and node.func.id not in ("_resolve", "raise_if_missed")]  # before the first / after the last stage
     return sorted(calls, key=lambda node: (node.lineno, node.col_offset))
 
 
