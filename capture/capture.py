@@ -29,15 +29,17 @@ Only truly data-dependent control flow (a Python branch on a tensor *value*) fai
 ``torch.where``, a leaf module, or leaving post-processing out of the model). Data-
 dependent *shapes* (filtering) are post-processing and stay eager.
 
-Neither the model's mode, its buffers, its Python attributes nor the global RNG state
-change.
+Each module is captured in eval mode; its train-mode graph is traced too only where training
+mode changes it (BatchNorm, dropout with p > 0, a branch on ``self.training``: see
+:mod:`.modes`), so a model without such modules is exported once. Neither the model's mode,
+its buffers, its Python attributes nor the global RNG state change.
 
 This module orchestrates; its steps live beside it: :mod:`.fxtrace` (plain fx),
 :mod:`.torch_export` and :mod:`.dynamic` (torch.export and its dynamic dims), :mod:`.shapes`
 (shape propagation), :mod:`.record` (eager recording), :mod:`.graphs` (one module's eval and
-train graphs), :mod:`.links` (links between pieces), :mod:`.batch` (input adapters),
-:mod:`.preserve` (running the model without changing it) and :mod:`.errors` (what the user
-is told).
+train graphs; :mod:`.modes` says when a train graph is needed), :mod:`.links` (links between
+pieces), :mod:`.batch` (input adapters), :mod:`.preserve` (running the model without changing
+it) and :mod:`.errors` (what the user is told).
 """
 
 from __future__ import annotations

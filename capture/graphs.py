@@ -4,8 +4,6 @@ model captured in pieces is checked against its recorded calls."""
 
 from __future__ import annotations
 
-import functools
-import inspect
 import warnings
 
 import torch
@@ -13,9 +11,11 @@ from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from ..passes.graph import Piece
+from .batch import adapter_for, resized_batch
 from .dynamic import varying_dynamic_shapes
 from .errors import Failure, FxFailure, TraceError, classify, user_frame
-from .fxtrace import SpruceTracer, fx_trace
+from .fxtrace import fx_trace
+from .modes import may_branch_on_training, train_mode_changes_ops
 from .preserve import preserved_state
 from .record import RecordedCall
 from .shapes import placeholder_values, propagate, propagate_from_vals
@@ -33,12 +33,12 @@ def graphs_fx(module: nn.Module, args: tuple, kwargs: dict, leaf_modules, prefix
         values = placeholder_values(eval_gm, module, args, kwargs)
         eval_gm.eval()
         propagate(eval_gm, values)
-        if not _may_branch_on_training(module, leaf_modules):
+        if not may_branch_on_training(module, leaf_modules):
             return eval_gm, None
         module.train()
         train_gm = _train_graph(
             eval_gm, lambda: fx_trace(module, leaf_modules, prefix),
-            lambda gm: propagate(gm, values, known=eval_gm), FxFailure,
+            lambda gm: _propagate_train_fx(gm, eval_gm, module, args, kwargs, values), FxFailure,
             lambda exc: f"training-mode graph not traced, {_EVAL_ONLY}: {exc.failure.operation}")
         return eval_gm, train_gm
     finally:
@@ -46,6 +46,21 @@ def graphs_fx(module: nn.Module, args: tuple, kwargs: dict, leaf_modules, prefix
 
 
 _EVAL_ONLY = "the compact model will support eval mode only"
+
+
+def _propagate_train_fx(train_gm: fx.GraphModule, eval_gm: fx.GraphModule, module: nn.Module, args: tuple,
+                        kwargs: dict, values: list) -> None:
+    """Shapes of an fx train-mode graph at the call (``values``), nodes it shares with
+    ``eval_gm`` taken from there; at a batch of two where a batch of one does not run in
+    training mode (BatchNorm after global pooling sees one value per channel: shapes that need
+    a real run would fail there, and the user would be told the example does not fit)."""
+    try:
+        propagate(train_gm, values, known=eval_gm)
+    except TraceError:
+        if adapter_for(module).batch_size(args, kwargs) != 1:
+            raise
+        args2, kwargs2 = resized_batch(module, args, kwargs, 2)
+        propagate(train_gm, placeholder_values(train_gm, module, args2, kwargs2))
 
 
 def _train_graph(eval_gm: fx.GraphModule, capture_train, propagate_train, failure: type[Exception] | tuple,
@@ -66,33 +81,12 @@ def _train_graph(eval_gm: fx.GraphModule, capture_train, propagate_train, failur
     return train_gm
 
 
-def _may_branch_on_training(model: nn.Module, leaf_modules) -> bool:
-    """Can the code fx traces through differ in training mode? Only Python code can: the
-    module classes whose forward is traced (not leaves) that mention ``training`` in their
-    source or their base classes' (``if self.training``, ``dropout(x, p, self.training)``).
-    A class whose source cannot be read counts as one that may."""
-    tracer = SpruceTracer(leaf_modules)
-    return any(_class_mentions_training(type(m)) for name, m in model.named_modules()
-               if not (name and tracer.is_leaf_module(m, name)))
-
-
-@functools.cache
-def _class_mentions_training(cls: type) -> bool:
-    for klass in cls.__mro__:
-        if klass in (nn.Module, object):
-            continue
-        try:
-            if "training" in inspect.getsource(klass):
-                return True
-        except (OSError, TypeError):
-            return True
-    return False
-
-
 def graphs_export(module: nn.Module, trace_args: tuple, trace_kwargs: dict, dynamic_shapes: object,
                    args: tuple, kwargs: dict, prefix: str):
     """(eval graph, train graph or None) by torch.export at ``trace_args`` (a batch of two or
-    more), shapes propagated at ``args``."""
+    more), shapes propagated at ``args``. The train-mode graph is exported only where training
+    mode runs other operators (:func:`~spruce.capture.modes.train_mode_changes_ops` at
+    ``trace_args``), and kept where its code differs."""
     was_training = module.training
     try:
         eval_gm = export_graph(module, trace_args, trace_kwargs, dynamic_shapes, training=False)
@@ -106,6 +100,8 @@ def graphs_export(module: nn.Module, trace_args: tuple, trace_kwargs: dict, dyna
                 with preserved_state(module):
                     propagate(train_gm, placeholder_values(train_gm, module, trace_args, trace_kwargs))
 
+        if not train_mode_changes_ops(module, trace_args, trace_kwargs):
+            return eval_gm, None  # one export: training mode runs the same operators
         # any exception: an eval-only compact model, said in a warning
         train_gm = _train_graph(
             eval_gm, lambda: export_graph(module, trace_args, trace_kwargs, dynamic_shapes, training=True),
