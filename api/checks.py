@@ -18,7 +18,8 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from ..capture.capture import output_tensors, preserved_state
+from ..capture.links import output_tensors
+from ..capture.preserve import preserved_state
 from ..passes.analysis import ChannelAnalysis
 from ..passes.graph import CapturedGraph, split_inputs
 

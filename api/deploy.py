@@ -32,7 +32,8 @@ from torch import fx, nn
 from torch._ops import OpOverload
 from torch.utils import _pytree as pytree
 
-from ..capture.capture import bound_names, declared_by_name, preserved_state, quiet, with_dims
+from ..capture.dynamic import bound_names, declared_by_name, with_dims
+from ..capture.preserve import preserved_state, quiet
 from ..passes.graph import CapturedGraph, empty_graph_like
 from ..targets.base import Artifact
 from ..targets.files import atomic_path

@@ -15,7 +15,9 @@ from pydantic import Field, field_validator
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from ..capture.capture import adapter_for, failing_node, preserved_state
+from ..capture.batch import adapter_for
+from ..capture.preserve import preserved_state
+from ..capture.shapes import failing_node
 from ..passes.analysis import GQA_MODES, ChannelAnalysis, ChannelGroup
 from ..passes.config import Config, check_choice
 from ..passes.export import batch_literals, check_runs, mask_channels, remove_channels

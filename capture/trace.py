@@ -5,6 +5,7 @@
 ``torch.export`` graph. ``capture`` returns the
 :class:`~spruce.passes.graph.CapturedGraph` that passes take (see
 :mod:`spruce.capture.capture` for how a model is captured, possibly in pieces).
+:class:`TraceError` is what both raise when a model cannot be captured.
 """
 
 from __future__ import annotations
@@ -14,23 +15,17 @@ from collections.abc import Iterable
 import torch
 from torch import fx
 
-from ..passes.graph import as_input_tuple, split_inputs
-from .capture import (
-    FxFailure,
-    TraceError,
-    capture,
-    export_graph,
-    fx_trace,
-    placeholder_values,
-    preserved_state,
-    propagate,
-    root_dynamic_shapes,
-    root_failure,
-    second_batch,
-    trace_error,
-)
+from ..passes.graph import split_inputs
+from .batch import second_batch
+from .capture import capture
+from .dynamic import root_dynamic_shapes
+from .errors import FxFailure, TraceError, root_failure, trace_error
+from .fxtrace import fx_trace
+from .preserve import preserved_state
+from .shapes import placeholder_values, propagate
+from .torch_export import export_graph
 
-__all__ = ["TraceError", "as_input_tuple", "capture", "trace"]
+__all__ = ["TraceError", "capture", "trace"]
 
 
 def trace(

@@ -17,7 +17,7 @@ import operator
 import pytest
 import torch
 import torch.nn.functional as F
-from spruce.capture.capture import propagate
+from spruce.capture.shapes import propagate
 from spruce.passes.analysis import TensorDims, analyze, leaves
 from spruce.passes.graph import CapturedGraph, Piece
 from spruce.passes.rules.registry import FUNCTION_RULES, METHOD_RULES, MODULE_RULES
