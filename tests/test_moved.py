@@ -22,6 +22,8 @@ MOVED_MODULES = {
     "spruce.compiler.hf_examples": "spruce.zoo.transformers", "spruce.compiler.cli": "spruce.cli.main",
     "spruce.compiler.cli_common": "spruce.cli.common", "spruce.compiler.cli_pipeline": "spruce.cli.compile",
     "spruce.compiler.cli_profile": "spruce.cli.profile", "spruce.compiler.cli_bench": "spruce.cli.bench",
+    "spruce.passes.oprules": "spruce.passes.rules", "spruce.passes.atenrules": "spruce.passes.rules",
+    "spruce.passes.metarun": "spruce.passes.rules.meta",
 }
 GONE_NAMES = [("spruce.compiler.pipeline", "STAGES", "spruce.compile"),
               ("spruce.compiler.pipeline", "run_stages", "spruce.compile"),

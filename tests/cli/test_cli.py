@@ -51,9 +51,9 @@ def pruned_resnet(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # --- prune -------------------------------------------------------------------------
 
 
-def test_prune_writes_exactly_the_three_files(pruned_resnet: Path) -> None:
+def test_prune_writes_exactly_its_files(pruned_resnet: Path) -> None:
     out = pruned_resnet
-    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "model.pt", "report.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "model.onnx.spruce.json", "model.pt", "report.json"]
     assert [p.name for p in out.parent.iterdir()] == ["out"]  # no temp folders left
 
 
@@ -113,7 +113,7 @@ def test_existing_output_needs_force_then_is_replaced(
     code, stdout, _ = run(capsys, *argv, "--force")
     assert code == 0
     assert "params" in stdout and "MACs" in stdout and "->" in stdout
-    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "model.pt", "report.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "model.onnx.spruce.json", "model.pt", "report.json"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
     report = json.loads((out / "report.json").read_text())
     assert report["round_to"] == 8
@@ -250,4 +250,4 @@ def test_console_script_prunes(tmp_path: Path) -> None:
     )
     assert completed.returncode == 0, completed.stderr
     assert "MACs" in completed.stdout
-    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "model.pt", "report.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "model.onnx.spruce.json", "model.pt", "report.json"]
