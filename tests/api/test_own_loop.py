@@ -129,8 +129,10 @@ def test_default_configs_are_scaled_to_the_run_as_compile_scales_them():
 
 
 def test_options_set_explicitly_are_kept_and_refused_when_they_cannot_fit():
-    sm = spruce.sparsify(tiny_cnn(), X, spruce.RigLConfig(delta_t=100), total_steps=112)
-    assert sm.method.config.delta_t == 100  # set by the user: kept (pydantic's model_fields_set)
+    sm = spruce.sparsify(tiny_cnn(), X, spruce.RigLConfig(delta_t=50), total_steps=112)
+    assert sm.method.config.delta_t == 50  # set by the user: kept (pydantic's model_fields_set)
+    with pytest.raises(ValueError, match=r"rigl: no mask update fits: delta_t=100 .* = 84; lower delta_t"):
+        spruce.sparsify(tiny_cnn(), X, spruce.RigLConfig(delta_t=100), total_steps=112)
     kept = spruce.sparsify(tiny_cnn(), X, "halp", structure="channel", budget={"flops": 0.5}, total_steps=112,
                            interval=7)
     assert kept.method.config.interval == 7
