@@ -85,7 +85,13 @@ def sparsify(
 
     ``method`` is a method config (``IEEConfig(h=150, j=150, q=150)``, ``RigLConfig()``, ...:
     the config's type selects the method) or, as a shortcut, a method name whose options
-    are the remaining keyword arguments (``method="iee", h=150``). The returned
+    are the remaining keyword arguments (``method="iee", h=150``). With ``total_steps`` every
+    option the user did not set (pydantic's ``model_fields_set``: the config's keyword
+    arguments, the shortcut's options) takes the default scaled to the run that ``spruce
+    compile`` uses (:meth:`MethodConfig.for_run`; kept channel counts are not rounded to
+    kernel widths here, ``round_to`` stays as set); the scaled config is ``sm.method.config``.
+    A config that cannot fit the run (``HALPConfig(interval=100)`` in 112 steps) is refused
+    here, naming the option, never halfway through training. The returned
     :class:`SparseModel` shares its parameters with ``model``: build the optimizer from either.
     ``budget`` ({"latency": f} with ``latency_table`` from ``spruce.profile``, {"flops": f} or
     {"params": f}; f a fraction of dense) drives the budgeted channel methods (halp, iee with

@@ -40,17 +40,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
+from ..api.budget import meet_budget
 from ..passes.graph import CapturedGraph
-from ..passes.importance import GRADIENT_FALLBACK, importance_scores, param_table
-from ..passes.sparsity.channel_budget import ChannelBudget
-from ..passes.sparsity.knapsack import InfeasibleBudget, build_cost_model
+from ..passes.importance import GRADIENT_FALLBACK
 from ..passes.sparsity.method import MethodConfig, RunLength
 from ..passes.sparsity.model import SparseModel, StaleOptimizerWarning, sparsify_captured
-from ..runtime.budget import BAND_HIGH, BAND_LOW, MeasuredSelection, meet_latency_budget
+from ..runtime.budget import MeasuredSelection
 from ..targets.base import Target
 from .recovery import reestimate_batchnorm
 
@@ -150,10 +148,6 @@ def _compact(sparse: SparseModel) -> nn.Module:
         return sparse.compact().eval()
 
 
-def _at_batch(example: torch.Tensor, batch_size: int) -> torch.Tensor:
-    return example if example.shape[0] == batch_size else example[:1].repeat(batch_size, *([1] * (example.dim() - 1)))
-
-
 def check_final(sparse: SparseModel, drive: MethodDrive, dense: nn.Module, target: Target, example: torch.Tensor,
                 *, batch_size: int, round_to: int, latency_table: Any, calibration: Iterable,
                 step: int | None = None) -> FinalCheck:
@@ -170,35 +164,13 @@ def check_final(sparse: SparseModel, drive: MethodDrive, dense: nn.Module, targe
         ratio = count(_compact(sparse)) / max(count(dense), 1)
         return FinalCheck(drive.kind, drive.fraction, ratio, ratio <= drive.fraction * (1 + 1e-9), ratio,
                           step=step)
-    budget = drive.fraction
-    inputs = (_at_batch(example, batch_size),)
-    dense_timing, compact_timing = target.measure_models([(dense.eval(), inputs), (_compact(sparse), inputs)],
-                                                         warmup=3, rounds=15)
-    measured, measured_dense = compact_timing.robust_ms(), dense_timing.robust_ms()
-    ratio = measured / measured_dense
-    if ratio <= BAND_HIGH * budget:
-        return FinalCheck("latency", budget, ratio, ratio >= BAND_LOW * budget, ratio, False, measured,
-                          measured_dense, step=step)
-    ctx = sparse.context
-    groups = [u.group.id for u in ctx.units]
-    params = param_table(ctx.source)
-    importance = {u.group.id: importance_scores("l1", u.group, params, np.random.default_rng(0)) for u in ctx.units}
-    kept_now = {u.group.id: u.mask.numpy().copy() for u in ctx.units}
-    cost = build_cost_model("latency", ctx.source, ctx.analysis, groups, latency_table)
-    # first aim: the method's selection's predicted cost scaled by what its measurement says is missing
-    now = cost.cost({gid: int(mask.sum()) for gid, mask in kept_now.items()})
-    try:
-        chosen = meet_latency_budget(ctx.analysis, ctx.source, latency_table, target, budget, importance, inputs,
-                                     batch_size=batch_size, round_to=round_to, candidates=kept_now, cost_model=cost,
-                                     first_aim=now * budget / ratio)
-    except InfeasibleBudget as exc:
-        raise InfeasibleBudget(f"method {drive.method}'s final channels measure {ratio:.3f} of dense, above the "
-                               f"latency budget {budget:g}, and no subset of them reaches it: {exc}",
-                               exc.minimum) from None
-    full = {u.group.id: np.arange(u.group.size) for u in ctx.units}
-    ChannelBudget.apply(ctx, {**full, **{g: np.asarray(k) for g, k in chosen.kept.items() if g in full}})
-    sparse.apply_masks()
+    check = meet_budget(sparse, (example,), target, drive.fraction, dense=dense, batch_size=batch_size,
+                        round_to=round_to, latency_table=latency_table, label=f"method {drive.method}'s final")
+    sparse.eval()
+    if not check.re_aimed:
+        return FinalCheck("latency", check.fraction, check.ratio, check.in_band, check.method_ratio, False,
+                          check.measured_ms, check.measured_dense_ms, step=step)
     reestimate_batchnorm(sparse, calibration)
     sparse.eval()
-    return FinalCheck("latency", budget, chosen.ratio, chosen.in_band, ratio, True, chosen.measured_ms,
-                      chosen.measured_dense_ms, 1 + len(chosen.attempts), step)
+    return FinalCheck("latency", check.fraction, check.ratio, check.in_band, check.method_ratio, True,
+                      check.measured_ms, check.measured_dense_ms, check.attempts, step)

@@ -49,7 +49,8 @@ class ChannelBudget:
             raise InfeasibleBudget(
                 f"{method}: no channel configuration meets the budget {self.budget.kind}={self.budget.fraction:g} "
                 f"({self.target:.6g} {self.cost.unit}): the smallest reachable {self.budget.kind} is {floor:.6g} "
-                f"{self.cost.unit} ({floor / self.dense:.1%} of dense)", floor)
+                f"{self.cost.unit} ({floor / self.dense:.1%} of dense)"
+                + (f" with kept counts multiples of round_to={round_to}" if round_to > 1 else ""), floor)
 
     @staticmethod
     def counts(ctx: MethodContext) -> dict[int, int]:

@@ -44,6 +44,10 @@ class RunLength:
     # the run exists for the method's mask updates (``spruce compile``'s recovery with a method
     # re-selecting channels): defaults that would leave no update in a run this short are raised
     updates_required: bool = False
+    # kept channel counts default to widths the target's kernels like (multiples of 8): what
+    # ``spruce compile`` does, which builds for a target; ``sparsify`` from the user's own loop
+    # scales only the step counts (False), so round_to stays 1 unless the user sets it
+    kernel_widths: bool = True
 
 
 class MethodConfig(Config):
@@ -73,9 +77,18 @@ class MethodConfig(Config):
 
     def for_run(self, run: RunLength) -> MethodConfig:
         """This config with the defaults a run of ``run.total_steps`` steps should use for
-        every option the user did not set (what ``spruce compile`` trains with); the
-        paper defaults assume far longer runs. Options set explicitly are kept."""
+        every option the user did not set; the paper defaults assume far longer runs.
+        ``spruce compile`` and ``sparsify(..., total_steps=)`` both call it. Options set
+        explicitly are kept: "set" is pydantic's ``model_fields_set``, the fields given to the
+        constructor (a config object's keyword arguments, a recipe mapping's keys, a method
+        name's keyword options); :meth:`Config.replace` keeps them set, so calling this
+        twice gives the same config."""
         return self
+
+    def check_fits(self, run: RunLength) -> None:
+        """Raise ``ValueError`` naming the option when this config (already scaled by
+        :meth:`for_run`) cannot do its work in a run of ``run.total_steps`` steps; called by
+        ``sparsify`` (and so by ``spruce compile``) before any graph work. Default: fits."""
 
     def with_defaults(self, defaults: dict[str, Any]) -> MethodConfig:
         """This config with ``defaults`` for the options that were not set explicitly."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sized
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,8 +27,11 @@ from .distributed import average_captured_grads, sync_from_rank0
 from .knapsack import Budget
 from .layers import TRACKED, SparseLayer, check_finite
 from .masking import SPARSE_LAYER_TYPES, MaskedWeight, input_channel_dim, insert_masks, nm_groups
-from .method import Method, MethodConfig
+from .method import Method, MethodConfig, RunLength
 from .registry import SPARSIFY_DEFAULT, method_names, resolve_method
+from .stale import OPTIMIZER_REMEDY as _OPTIMIZER_REMEDY
+from .stale import StaleOptimizerWarning, StaleOptimizerWatch
+from .stale import held_by as _held_by
 
 __all__ = ["SparseModel", "SparseLayer", "SparsifySpec", "STRUCTURES", "StaleOptimizerWarning", "check_combination",
            "check_options", "sparsify_captured"]
@@ -36,19 +39,12 @@ __all__ = ["SparseModel", "SparseLayer", "SparsifySpec", "STRUCTURES", "StaleOpt
 STRUCTURES = ("unstructured", "channel", "n:m")
 
 
-class StaleOptimizerWarning(UserWarning):
-    """An optimizer that does not hold the parameters it is about to be used for: one built
-    before ``sparsify`` on other tensors, or the SparseModel's optimizer after ``compact()`` /
-    ``fold()``, whose model has parameters of its own. Such an optimizer updates nothing."""
-
-
-_OPTIMIZER_REMEDY = ("build the optimizer after sparsify() on sm.parameters() (the model's own parameters, "
-                     "which the SparseModel shares, do too), and a new one on a compact or folded model's "
-                     "parameters to train that model")
-
-
-def _held_by(optimizer: torch.optim.Optimizer) -> set[int]:
-    return {id(p) for group in optimizer.param_groups for p in group["params"]}
+def _loader_length(loader: object) -> int | None:
+    """``len(loader)``, or None for a loader without a length (an iterable dataset)."""
+    try:
+        return len(loader)
+    except TypeError:
+        return None
 
 
 @dataclass(frozen=True)
@@ -98,6 +94,7 @@ class SparseModel(nn.Module):
         self.metrics: list[dict] = []
         self.checkpoint_extra: Any = None  # the user data of the checkpoint it was loaded from (spruce.load)
         self._optimizer: torch.optim.Optimizer | None = None
+        self._stale_watch = StaleOptimizerWatch()
 
     # ---- what sparsify set up (read-only) ------------------------------------------------
     @property
@@ -185,19 +182,34 @@ class SparseModel(nn.Module):
                     keep[torch.as_tensor(member.index[dead].reshape(-1))] = False
         return keeps
 
-    def attach(self, optimizer: torch.optim.Optimizer, steps_per_epoch: int | None = None) -> SparseModel:
+    def attach(self, optimizer: torch.optim.Optimizer, steps_per_epoch: int | None = None,
+               loader: Sized | None = None) -> SparseModel:
         """Reset the optimizer state of weights that are pruned or regrown at each update.
 
-        ``steps_per_epoch`` (optional): optimizer steps in one epoch (``len(loader)``), for
-        methods whose schedule counts epochs (OptG) when ``sparsify`` was not given it.
+        ``steps_per_epoch`` (optional): optimizer steps in one epoch, for methods whose
+        schedule counts epochs (OptG) when ``sparsify`` was not given it; or ``loader``, whose
+        ``len()`` is taken as that (one optimizer step per batch). Raises ``ValueError``, before
+        any training, when the method needs a value it still lacks (OptG without an epoch
+        length), or for a ``steps_per_epoch`` that is not a positive integer or disagrees.
 
         Warns (:class:`StaleOptimizerWarning`) when ``optimizer`` does not hold the weights of
         every trainable sparse layer: built on other tensors (a copy of the model, a model
         from before a compact()), it would update nothing there."""
+        if loader is not None:
+            length = _loader_length(loader)
+            if length is None:
+                if "steps_per_epoch" in self.method.config.needs and steps_per_epoch is None:
+                    raise ValueError(f"attach: the loader ({type(loader).__name__}) has no len(): pass "
+                                     "steps_per_epoch= (optimizer steps per epoch)")
+            elif steps_per_epoch is not None and steps_per_epoch != length:
+                raise ValueError(f"attach: steps_per_epoch={steps_per_epoch!r} disagrees with len(loader)={length}")
+            else:
+                steps_per_epoch = length
         if steps_per_epoch is not None:
             if isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, int) or steps_per_epoch < 1:
                 raise ValueError(f"attach: steps_per_epoch must be a positive integer, got {steps_per_epoch!r}")
             self.method.set_steps_per_epoch(steps_per_epoch)
+        self.method.attach(optimizer)
         held = _held_by(optimizer)
         missing = [layer.name for layer in self.layers
                    if layer.module.weight.requires_grad and id(layer.module.weight) not in held]
@@ -206,31 +218,25 @@ class SparseModel(nn.Module):
                 f"attach: the optimizer does not hold the weights of {len(missing)} of the {len(self.layers)} "
                 f"sparse layers ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}), so training "
                 f"updates nothing there: {_OPTIMIZER_REMEDY}"), stacklevel=2)
+        self._stale_watch.stop()
         self._optimizer = optimizer
-        self.method.attach(optimizer)
         return self
 
     def end_epoch(self) -> None:
         """Tell the method an epoch of the training loop ended (after its last ``step()``).
 
-        Optional: methods whose schedule counts epochs (OptG) learn the epoch length from the
-        first call when neither ``sparsify`` nor :meth:`attach` was given ``steps_per_epoch``;
-        other methods ignore it. Collective under torch.distributed, like :meth:`step`."""
+        Optional: a hook for methods that act at epoch ends (:meth:`Method.on_epoch_end`); the
+        built-in ones ignore it (OptG takes its epoch length at :meth:`attach`). Collective under
+        torch.distributed, like :meth:`step`."""
         step = self.step_count
         if self.method.on_epoch_end(step):
             self._update(step, due=True)
 
-    def _warn_if_optimizer_stale(self, model: nn.Module, made_by: str) -> None:
-        """Warn when an optimizer is attached and does not hold ``model``'s trainable parameters."""
-        if self._optimizer is None:
-            return
-        held = _held_by(self._optimizer)
-        new = [name for name, p in model.named_parameters() if p.requires_grad and id(p) not in held]
-        if new:
-            warnings.warn(StaleOptimizerWarning(
-                f"{made_by}() returns a model with parameters of its own ({len(new)} tensors, e.g. {new[0]}), "
-                f"which the optimizer attached to this SparseModel does not hold: it would train nothing of "
-                f"that model; {_OPTIMIZER_REMEDY}"), stacklevel=3)
+    def _watch_optimizer(self, model: nn.Module) -> None:
+        """After ``compact()`` / ``fold()``: watch the attached optimizer for being used on
+        ``model``, whose parameters it does not hold (:class:`StaleOptimizerWatch`)."""
+        if self._optimizer is not None:
+            self._stale_watch.watch(self._optimizer, model)
 
     def step(self) -> None:
         """Advance one optimizer step: run the method's update, keep pruned weights at zero.
@@ -301,7 +307,7 @@ class SparseModel(nn.Module):
         compact = remove_channels(self.analysis, self.context.source, self.kept_channels())
         if self._example_inputs is not None:
             check_runs(compact, self._example_inputs, self.context.source, "compact model")
-        self._warn_if_optimizer_stale(compact, "compact")
+        self._watch_optimizer(compact)
         return compact
 
     # ---- reporting -------------------------------------------------------------------
@@ -346,7 +352,7 @@ class SparseModel(nn.Module):
             for layer in self.layers:
                 modules[layer.name].weight.copy_(layer.masked(layer.module.weight) * layer.masked.mask)
         install_masked_norms(folded, self.norm_keeps())
-        self._warn_if_optimizer_stale(folded, "fold")
+        self._watch_optimizer(folded)
         return folded
 
     # ---- state --------------------------------------------------------------------------
@@ -478,11 +484,18 @@ def check_options(method: str | MethodConfig | Mapping[str, Any], structure: str
     """Validate the options of :func:`sparsify_captured` before any graph work.
 
     Returns the method's config (from a config object, a name with ``method_options``, or
-    a ``{"name": ...}`` mapping), the parsed structure and budget. Raises ``ValueError``
-    naming the option at fault."""
+    a ``{"name": ...}`` mapping) scaled to the run when ``total_steps`` is given (the
+    defaults of the options the user did not set, :meth:`MethodConfig.for_run`, as
+    ``spruce compile`` scales them; kept channel counts are not rounded to kernel widths
+    here), the parsed structure and budget. Raises ``ValueError`` naming the option at
+    fault, also for a config that cannot fit the run (:meth:`MethodConfig.check_fits`)."""
     config = resolve_method(method, method_options)
     parsed, parsed_budget = check_combination(config, structure, sparsity, distribution, budget)
     config.check_run(total_steps)
+    if total_steps is not None:
+        run = RunLength(total_steps, structure=parsed.kind, kernel_widths=False)
+        config = config.for_run(run)
+        config.check_fits(run)
     return config, parsed, parsed_budget
 
 

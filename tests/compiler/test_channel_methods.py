@@ -224,12 +224,14 @@ def test_a_final_selection_that_cannot_reach_the_budget_fails_clearly(trained, i
     dense, which no subset of the channels measures: InfeasibleBudget names the method and the
     smallest reachable latency, and no output is left."""
     monkeypatch.setattr(HALP, "is_update", lambda self, step: False)
-    real = channel_methods.meet_latency_budget
+    from spruce.api import budget as measured_budget  # check_final's re-aim is spruce.meet_budget's
+
+    real = measured_budget.meet_latency_budget
 
     def unreachable(analysis, model, table, target, budget, *args, **kwargs):
         return real(analysis, model, table, target, 0.02, *args, **kwargs)
 
-    monkeypatch.setattr(channel_methods, "meet_latency_budget", unreachable)
+    monkeypatch.setattr(measured_budget, "meet_latency_budget", unreachable)
     out = tmp_path / "out"
     with pytest.raises(InfeasibleBudget, match=r"method halp's final channels measure .* smallest reachable latency"):
         _compile(trained, image_dir, out, recover="distill", method="halp")

@@ -70,6 +70,17 @@ class RigLConfig(MethodConfig):
     def for_run(self, run: RunLength) -> MethodConfig:
         return self.with_defaults({"delta_t": max(1, run.total_steps // UPDATES_PER_RUN)})
 
+    def check_fits(self, run: RunLength) -> None:
+        """Updates come every ``delta_t`` steps before ``end_fraction`` of the run: one must fit,
+        or the mask would never change (a static mask by another name)."""
+        horizon = self.end_fraction * run.total_steps
+        if not self.delta_t < horizon:
+            fixes = (["lower delta_t"] if self.delta_t > 1 else []) \
+                + (["raise end_fraction"] if self.end_fraction < 1 else []) + ["train longer"]
+            advice = ", ".join(fixes[:-1]) + (" or " if len(fixes) > 1 else "") + fixes[-1]
+            raise ValueError(f"{self.name}: no mask update fits: delta_t={self.delta_t} is not below end_fraction x "
+                             f"total_steps = {self.end_fraction:g} x {run.total_steps} = {horizon:g}; {advice}")
+
 
 @register_method(RigLConfig)
 class RigL(Method):

@@ -52,9 +52,23 @@ class HALPConfig(MethodConfig):
 
     def for_run(self, run: RunLength) -> MethodConfig:
         defaults: dict[str, Any] = {"interval": max(1, run.total_steps // INTERVALS_PER_RUN)}
-        if run.structure == "channel":
+        if run.structure == "channel" and run.kernel_widths:
             defaults["round_to"] = COMPILE_ROUND_TO
         return self.with_defaults(defaults)
+
+    def n_prunes(self, total_steps: int) -> int:
+        """Pruning steps in a run of ``total_steps``: one every ``interval`` steps before
+        ``end_fraction`` of it."""
+        return int(self.end_fraction * total_steps) // self.interval
+
+    def check_fits(self, run: RunLength) -> None:
+        if self.n_prunes(run.total_steps) < 1:
+            horizon = self.end_fraction * run.total_steps
+            fixes = (["lower interval"] if self.interval > 1 else []) \
+                + (["raise end_fraction"] if self.end_fraction < 1 else []) + ["train longer"]
+            advice = ", ".join(fixes[:-1]) + (" or " if len(fixes) > 1 else "") + fixes[-1]
+            raise ValueError(f"halp: no pruning step fits: interval={self.interval} is longer than end_fraction x "
+                             f"total_steps = {self.end_fraction:g} x {run.total_steps} = {horizon:g}; {advice}")
 
 
 @register_method(HALPConfig)
@@ -74,10 +88,8 @@ class HALP(Method):
     def set_initial_masks(self) -> None:
         ctx = self.ctx
         self.costs = ChannelBudget(ctx, "halp", self.config.round_to, self.config.bins)
-        self.n_prunes = int(self.config.end_fraction * ctx.total_steps) // self.config.interval
-        if self.n_prunes < 1:
-            raise ValueError(f"halp: no pruning step fits: interval={self.config.interval} is longer than "
-                             f"end_fraction x total_steps = {self.config.end_fraction * ctx.total_steps:g}")
+        self.config.check_fits(RunLength(ctx.total_steps))  # sparsify checked it already
+        self.n_prunes = self.config.n_prunes(ctx.total_steps)
         for unit in ctx.units:
             unit.mask.fill_(True)
         ChannelBudget.apply(ctx, {u.group.id: np.arange(u.group.size) for u in ctx.units})

@@ -91,7 +91,7 @@ class IEEConfig(MethodConfig):
             # no update runs, and a run this short would see no cycle at all
             phase = max(phase, MIN_PHASE)
         defaults: dict[str, Any] = {"h": phase, "j": phase, "q": phase}
-        if run.structure == "channel":
+        if run.structure == "channel" and run.kernel_widths:
             defaults["round_to"] = COMPILE_ROUND_TO
         return self.with_defaults(defaults)
 

@@ -43,11 +43,10 @@ of a random set. ``ties="random"`` orders them at random by the seeded generator
 behaviour before issue 15).
 
 The epoch length: ``steps_per_epoch`` (a config option, ``len(loader)``; ``spruce
-compile`` sets it), or ``sm.attach(optimizer, steps_per_epoch=len(loader))``, or learned
-from the first ``sm.end_epoch()`` call. Until it is known the mask of epoch 1 keeps
-every weight and the mask scores do not move (σ_1 < 1e-5 for any τ >= 4 anyway). A run
-that reaches half of ``total_steps`` without knowing it stops with an error naming the
-three ways.
+compile`` sets it), or ``sm.attach(optimizer, steps_per_epoch=len(loader))``, or
+``sm.attach(optimizer, loader=loader)`` (its ``len``). ``attach`` refuses at once when
+none gave it, before the first step (the schedule cannot be known without it; before
+issue 30 the first ``end_epoch()`` could give it, and a run without it stopped halfway).
 """
 
 from __future__ import annotations
@@ -102,12 +101,13 @@ def _sigmoid(z: float) -> float:
 class OptGConfig(MethodConfig):
     """``steps_per_epoch``: optimizer steps in one epoch: the mask is re-derived once per epoch
     and τ = ceil(total_steps / steps_per_epoch). Under ``spruce compile`` it is the training
-    loader's length; without it, ``sm.attach(optimizer, steps_per_epoch=...)`` or the first
-    ``sm.end_epoch()`` gives it. ``alpha``: the slope α of the sigmoid in Eq. 16-17; None (the
-    default) scales it to the run, α = 50 / τ (the paper's α = 0.5 over τ = 100 epochs); the
-    factor is normalised so the last epoch is at the target. ``schedule="paper"``: Eq. 16-17
-    as printed (α = 0.5 unless given, not normalised). ``ties``: how equal scores are ordered
-    when the mask is derived, by weight magnitude (default) or at random (``seed``)."""
+    loader's length; without it, ``sm.attach(optimizer, steps_per_epoch=...)`` (or
+    ``loader=``) gives it, and ``attach`` refuses a run that has none. ``alpha``: the slope α
+    of the sigmoid in Eq. 16-17; None (the default) scales it to the run, α = 50 / τ (the
+    paper's α = 0.5 over τ = 100 epochs); the factor is normalised so the last epoch is at
+    the target. ``schedule="paper"``: Eq. 16-17 as printed (α = 0.5 unless given, not
+    normalised). ``ties``: how equal scores are ordered when the mask is derived, by weight
+    magnitude (default) or at random (``seed``)."""
 
     name: ClassVar[str] = "optg"
     structures: ClassVar[tuple[str, ...]] = ("unstructured",)
@@ -147,16 +147,25 @@ class OptG(Method):
         super().__init__(config)
         self.epoch = 1  # k of Algorithm 1: the epoch the current mask belongs to
         self.optimizer: torch.optim.Optimizer | None = None
-        self.learned_steps_per_epoch: int | None = None  # from attach or the first end_epoch
+        self.learned_steps_per_epoch: int | None = None  # from attach (steps_per_epoch= or a loader's len)
 
     def attach(self, optimizer: torch.optim.Optimizer | None) -> None:
-        self.optimizer = optimizer  # Eq. 17: the mask learning rate follows the weights'
+        """Keep the optimizer (Eq. 17: the mask learning rate follows the weights'); raises
+        ``ValueError`` when the epoch length is still unknown (no step has run yet)."""
+        self.check_epoch_length()
+        self.optimizer = optimizer
+
+    def check_epoch_length(self) -> None:
+        """``ValueError`` naming the three ways to give the epoch length when none did."""
+        if self.steps_per_epoch is None:
+            raise ValueError("optg: the epoch length is unknown, so the sparsity schedule cannot be set: pass "
+                             "steps_per_epoch=len(loader) to sparsify, or sm.attach(optimizer, "
+                             "steps_per_epoch=len(loader)), or sm.attach(optimizer, loader=loader)")
 
     # ---- the epoch length ----------------------------------------------------------------
     @property
     def steps_per_epoch(self) -> int | None:
-        """The epoch length: the option, else what attach or the first end_epoch gave (None
-        while unknown)."""
+        """The epoch length: the option, else what attach gave (None while unknown)."""
         return self.config.steps_per_epoch or self.learned_steps_per_epoch
 
     def set_steps_per_epoch(self, steps_per_epoch: int) -> None:
@@ -166,17 +175,9 @@ class OptG(Method):
         if steps_per_epoch > self.ctx.total_steps:
             raise ValueError(f"optg: steps_per_epoch ({steps_per_epoch}) exceeds total_steps "
                              f"({self.ctx.total_steps}): training must span at least one epoch")
-        self.learned_steps_per_epoch = steps_per_epoch
-
-    def on_epoch_end(self, step: int) -> bool:
-        """The first end_epoch gives the epoch length when nothing else did; True when the
-        mask of the next epoch is due now (it could not be derived at ``step``)."""
-        if self.steps_per_epoch is not None:
-            return False
-        if step < 1:
-            raise ValueError("optg: end_epoch() before any sm.step(): call it after each epoch's last step")
-        self.set_steps_per_epoch(step)
-        return self.is_update(step)
+        if given is None:  # before the first step (attach needs it): epoch 1's mask on the known schedule
+            self.learned_steps_per_epoch = steps_per_epoch
+            self._derive_masks(self.epoch)
 
     # ---- schedules -----------------------------------------------------------------
     def n_epochs(self) -> int:
@@ -251,11 +252,6 @@ class OptG(Method):
 
     def on_step(self, step: int) -> None:
         """Eq. 10 after every optimizer step: m̂ <- m̂ − η_m̂,k · ∂L/∂m̂ (Alg. 1 line 8)."""
-        if self.steps_per_epoch is None and step > self.ctx.total_steps // 2:
-            raise RuntimeError(
-                f"optg: the epoch length is still unknown after {step} of {self.ctx.total_steps} steps, so the "
-                "sparsity schedule cannot reach its target: pass steps_per_epoch=len(loader) to sparsify or to "
-                "sm.attach(optimizer, steps_per_epoch=...), or call sm.end_epoch() after every epoch")
         grads = [layer.masked.score_grad for layer in self.ctx.layers]
         if all(g is None for g in grads):
             raise RuntimeError("optg: no mask gradient reached the scores: call loss.backward() "

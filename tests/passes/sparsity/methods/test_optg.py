@@ -278,7 +278,7 @@ def test_training_errors_are_clear(tmp_path):
 
 def _five_epochs(how: str, sparsity: float = 0.9, per_epoch: int = 6):
     """A 5-epoch run whose epoch length spruce gets from ``how``: the ``sparsify`` option,
-    ``attach``, or the first ``end_epoch()``; the sparsity of every epoch's mask."""
+    ``attach(steps_per_epoch=)`` or ``attach(loader=)`` (its len); the sparsity of every epoch's mask."""
     epochs = 5
     options = {"steps_per_epoch": per_epoch} if how == "sparsify" else {}
     sm = sparsify(cnn(), X, method="optg", sparsity=sparsity, distribution="global",
@@ -286,19 +286,19 @@ def _five_epochs(how: str, sparsity: float = 0.9, per_epoch: int = 6):
     opt = sgd(sm.parameters())
     if how == "attach":
         sm.attach(opt, steps_per_epoch=per_epoch)
-    loop = Loop(sm, opt=opt, seed=6)
-    if how != "attach":
-        sm.attach(opt)
+    elif how == "loader":
+        sm.attach(opt, loader=[None] * per_epoch)
+    loop = Loop(sm, opt=opt, seed=6)  # attaches opt again: the length is known by now
     per_epoch_sparsity = []
     for _ in range(epochs):
         per_epoch_sparsity.append(n_pruned(sm) / n_weights(sm))
         for _ in range(per_epoch):
             loop.step()
-        sm.end_epoch()  # harmless when the length is known
+        sm.end_epoch()  # harmless: OptG takes the epoch length at attach
     return sm, per_epoch_sparsity
 
 
-@pytest.mark.parametrize("how", ["sparsify", "attach", "end_epoch"])
+@pytest.mark.parametrize("how", ["sparsify", "attach", "loader"])
 def test_a_5_epoch_run_reaches_the_target_and_never_ends_below_it(how):
     """Issue 15: with alpha = 0.5 unscaled a 12-epoch run ended at 85.7 % of a 90 % target; and
     without steps_per_epoch sparsify failed outright."""
@@ -329,17 +329,19 @@ def test_the_first_mask_keeps_the_largest_weights_not_a_random_set():
     assert magnitudes[kept].min() >= magnitudes[~kept].max()
 
 
-def test_the_epoch_length_comes_from_the_first_end_epoch_or_the_run_stops_clearly():
-    sm, per_epoch = _five_epochs("end_epoch", per_epoch=4)
+def test_the_epoch_length_comes_from_a_loader_or_attach_refuses_before_the_run():
+    """Issue 30: without it the run stopped halfway (after 41 of 80 steps); now attach refuses."""
+    sm, per_epoch = _five_epochs("loader", per_epoch=4)
     assert sm.method.steps_per_epoch == 4 and sm.method.n_epochs() == 5
-    assert per_epoch[0] == 0.0  # epoch 1 keeps every weight while the length is unknown
 
     never = sparsify(cnn(), X, method="optg", sparsity=0.9, distribution="global", total_steps=10)
-    loop = Loop(never)
-    for _ in range(5):
-        loop.step()
-    with pytest.raises(RuntimeError, match="epoch length is still unknown.*steps_per_epoch=len.loader.*end_epoch"):
-        loop.step()
+    with pytest.raises(ValueError, match=r"epoch length is unknown.*steps_per_epoch=len.loader.*loader=loader"):
+        never.attach(sgd(never.parameters()))
+    # given at attach before the first step, epoch 1's mask follows the known schedule (tau = 1: the target)
+    once = sparsify(cnn(), X, method="optg", sparsity=0.9, distribution="global", total_steps=3)
+    assert n_pruned(once) == 0
+    once.attach(sgd(once.parameters()), steps_per_epoch=3)
+    assert n_pruned(once) == round(0.9 * n_weights(once))
 
     sm = make(10, 2)
     with pytest.raises(ValueError, match="already 2"):

@@ -1,0 +1,128 @@
+"""``meet_budget``: a channel SparseModel's selection judged on the target's measured latency,
+and re-aimed over its kept channels when it misses (what ``spruce compile`` does after a
+method's last update; compile calls this function).
+
+The method's knapsack chose channels by a prediction (a latency table, or FLOPs); the
+budget is judged on measurement: the compact model of the current masks and the dense
+model are timed interleaved in one run on the target. Within ``1.05 x`` the budget the
+selection stands. Above it, the measured closed loop
+(:func:`spruce.runtime.budget.meet_latency_budget`) chooses again among the kept channels
+only (the least L1-magnitude ones go), first aimed at the selection's predicted cost scaled
+by budget / measured ratio, and the SparseModel's channel masks are set to what it chose.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..passes.importance import importance_scores, param_table
+from ..passes.sparsity.channel_budget import ChannelBudget
+from ..passes.sparsity.knapsack import InfeasibleBudget, build_cost_model
+from ..passes.sparsity.model import SparseModel
+from ..runtime.budget import BAND_HIGH, BAND_LOW, meet_latency_budget
+from ..targets.base import Target, get_target
+
+__all__ = ["BudgetCheck", "meet_budget"]
+
+
+@dataclass(frozen=True)
+class BudgetCheck:
+    """What :func:`meet_budget` measured: ``ratio``, the compact/dense latency of the masks it
+    leaves (``measured_ms`` / ``measured_dense_ms``, robust ms at the budget's batch size);
+    ``in_band``: ``ratio`` within [0.9, 1.05] x ``fraction``; ``method_ratio``: the selection
+    it was given, as measured; ``re_aimed``: that missed and the closed loop chose again over
+    its kept channels (``attempts`` measured selections in all; 1 when the selection held)."""
+
+    fraction: float
+    ratio: float
+    in_band: bool
+    method_ratio: float
+    re_aimed: bool
+    measured_ms: float
+    measured_dense_ms: float
+    attempts: int = 1
+
+
+def meet_budget(sparse: SparseModel, example_inputs: torch.Tensor | Sequence[torch.Tensor],
+                target: str | Target = "onnxruntime", budget: float | Mapping[str, float] = 0.5, *,
+                dense: nn.Module | None = None, batch_size: int = 1, round_to: int = 1,
+                latency_table: Any = None, label: str = "the SparseModel's") -> BudgetCheck:
+    """Meet a latency ``budget`` (a fraction of dense, or ``{"latency": f}``) as measured on
+    ``target`` (a name or a :class:`~spruce.targets.base.Target`) with the channels of the
+    ``structure="channel"`` SparseModel ``sparse``, re-aiming its selection over the kept
+    channels when it measures above ``1.05 x`` the budget (see the module doc). Call it once
+    the method has no mask update left (e.g. after training, or after ``end_fraction`` of
+    it); fine-tune, or re-estimate BatchNorm statistics, after a re-aim.
+
+    ``dense``: the model timed as dense (default: the model ``sparse`` was made from, whose
+    layers have their dense widths). ``example_inputs``: a tensor or tuple of tensors; their
+    batch dim is replaced by ``batch_size``. The cost model steering the re-aim is
+    ``latency_table`` (default: the one given to ``sparsify``), else FLOPs. ``label`` names
+    the channels in messages. The SparseModel's training mode is kept.
+
+    Raises ``ValueError`` for a SparseModel that does not select channels or a budget that
+    is not a latency fraction in (0, 1], and
+    :class:`~spruce.passes.sparsity.knapsack.InfeasibleBudget` when no subset of the kept
+    channels measures within the budget (it names the smallest reachable latency)."""
+    fraction = _latency_fraction(budget)
+    if not isinstance(sparse, SparseModel) or sparse.structure != "channel":
+        raise ValueError("meet_budget needs a SparseModel with structure='channel' (its channel masks are re-aimed)")
+    target = get_target(target) if isinstance(target, str) else target
+    table = latency_table if latency_table is not None else sparse.latency_table
+    ctx = sparse.context
+    dense = ctx.source if dense is None else dense
+    tensors = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    inputs = tuple(_at_batch(t, batch_size) for t in tensors)
+    was_training = sparse.training
+    sparse.eval()
+    try:
+        dense_timing, compact_timing = target.measure_models(
+            [(dense.eval(), inputs), (sparse.compact().eval(), inputs)], warmup=3, rounds=15)
+        measured, measured_dense = compact_timing.robust_ms(), dense_timing.robust_ms()
+        ratio = measured / measured_dense
+        if ratio <= BAND_HIGH * fraction:
+            return BudgetCheck(fraction, ratio, ratio >= BAND_LOW * fraction, ratio, False, measured, measured_dense)
+        groups = [u.group.id for u in ctx.units]
+        params = param_table(ctx.source)
+        importance = {u.group.id: importance_scores("l1", u.group, params, np.random.default_rng(0))
+                      for u in ctx.units}
+        kept_now = {u.group.id: u.mask.numpy().copy() for u in ctx.units}
+        cost = build_cost_model("latency" if table is not None else "flops", ctx.source, ctx.analysis, groups, table)
+        # first aim: the selection's predicted cost scaled by what its measurement says is missing
+        now = cost.cost({gid: int(mask.sum()) for gid, mask in kept_now.items()})
+        try:
+            chosen = meet_latency_budget(ctx.analysis, ctx.source, table, target, fraction, importance, inputs,
+                                         batch_size=batch_size, round_to=round_to, candidates=kept_now,
+                                         cost_model=cost, first_aim=now * fraction / ratio)
+        except InfeasibleBudget as exc:
+            raise InfeasibleBudget(f"{label} channels measure {ratio:.3f} of dense, above the latency budget "
+                                   f"{fraction:g}, and no subset of them reaches it: {exc}", exc.minimum) from None
+        full = {u.group.id: np.arange(u.group.size) for u in ctx.units}
+        ChannelBudget.apply(ctx, {**full, **{g: np.asarray(k) for g, k in chosen.kept.items() if g in full}})
+        sparse.apply_masks()
+        return BudgetCheck(fraction, chosen.ratio, chosen.in_band, ratio, True, chosen.measured_ms,
+                           chosen.measured_dense_ms, 1 + len(chosen.attempts))
+    finally:
+        sparse.train(was_training)
+
+
+def _latency_fraction(budget: float | Mapping[str, float]) -> float:
+    if isinstance(budget, Mapping):
+        if set(budget) != {"latency"}:
+            raise ValueError(f"meet_budget measures latency: give budget=f or {{'latency': f}}, got {dict(budget)!r} "
+                             "(FLOPs and params budgets are exact counts, which the method's knapsack meets)")
+        budget = budget["latency"]
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0.0 < budget <= 1.0:
+        raise ValueError(f"meet_budget: the latency budget must be a fraction of dense in (0, 1], got {budget!r}")
+    return float(budget)
+
+
+def _at_batch(example: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """``example`` with its batch dim ``batch_size`` (its first row repeated when it differs)."""
+    return example if example.shape[0] == batch_size else example[:1].repeat(batch_size, *([1] * (example.dim() - 1)))

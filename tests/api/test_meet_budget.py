@@ -1,0 +1,71 @@
+"""``spruce.meet_budget``: the measured latency budget from the user's own loop, the same
+implementation ``spruce compile`` calls after a method's last update (issue 30, item 4)."""
+
+from __future__ import annotations
+
+import pytest
+import spruce
+import torch
+import torch.nn as nn
+from spruce.passes.sparsity.knapsack import InfeasibleBudget
+
+
+def cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+                         nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+
+
+X = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+
+
+def channel_model(sparsity: float = 0.25):
+    return spruce.sparsify(cnn(), X, spruce.StaticConfig(init="magnitude"), structure="channel", sparsity=sparsity,
+                           distribution="uniform")
+
+
+def test_a_selection_within_the_budget_stands():
+    sm = channel_model()
+    masks = [unit.mask.clone() for unit in sm.units]
+    check = spruce.meet_budget(sm, X, "onnxruntime", budget=1.0)
+    assert not check.re_aimed and check.attempts == 1 and check.ratio <= 1.05
+    assert check.measured_ms > 0 and check.measured_dense_ms > 0
+    assert all(torch.equal(a, u.mask) for a, u in zip(masks, sm.units))  # left as it was
+    assert sm.training  # the SparseModel's mode is kept
+
+
+def test_an_unreachable_budget_is_infeasible_and_names_the_smallest_latency():
+    sm = channel_model()
+    with pytest.raises(InfeasibleBudget, match=r"the SparseModel's channels measure .* smallest reachable latency"):
+        spruce.meet_budget(sm, X, "onnxruntime", budget={"latency": 0.01})
+    assert spruce.InfeasibleBudget is InfeasibleBudget
+
+
+def test_bad_requests_are_refused_before_anything_is_timed():
+    with pytest.raises(ValueError, match="exact counts"):
+        spruce.meet_budget(channel_model(), X, budget={"flops": 0.5})
+    with pytest.raises(ValueError, match=r"in \(0, 1\]"):
+        spruce.meet_budget(channel_model(), X, budget=1.5)
+    unstructured = spruce.sparsify(cnn(), X, "static", sparsity=0.5)
+    with pytest.raises(ValueError, match="structure='channel'"):
+        spruce.meet_budget(unstructured, X, budget=0.5)
+
+
+@pytest.mark.slow
+def test_a_selection_above_the_budget_is_re_aimed_over_its_kept_channels():
+    torch.manual_seed(0)
+    wide = nn.Sequential(*[layer for k in range(3) for layer in (nn.Conv2d(3 if k == 0 else 64, 64, 3, padding=1),
+                                                                  nn.BatchNorm2d(64), nn.ReLU())],
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
+    x = torch.randn(1, 3, 48, 48)
+    sm = spruce.sparsify(wide, x, spruce.StaticConfig(init="magnitude"), structure="channel", sparsity=0.1,
+                         distribution="uniform")
+    before = [unit.mask.clone() for unit in sm.units]
+    check = spruce.meet_budget(sm, x, "onnxruntime", budget=0.5)
+    assert check.re_aimed and check.method_ratio > 0.525
+    assert check.ratio <= 1.05 * 0.5 and check.attempts >= 2
+    for old, unit in zip(before, sm.units):  # only kept channels were chosen from
+        assert not bool((unit.mask & ~old).any())
+    compact = sm.compact()
+    assert sum(p.numel() for p in compact.parameters()) < sum(p.numel() for p in wide.parameters()) / 2
