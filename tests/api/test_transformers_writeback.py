@@ -241,3 +241,20 @@ def test_per_layer_counts_are_refused_naming_the_first_field():
     uneven = remove_channels(result.analysis, source, kept)
     with pytest.raises(ValueError, match=r"num_attention_heads differs across layers \(\[4, 2\]\)"):
         to_transformers(uneven, source)
+
+
+def test_phi3_fused_qkv_reads_query_and_key_value_heads():
+    """Phi-3's qkv_proj holds query heads, then key and value heads: a compact model with 2 query
+    heads and 1 key/value head (a smaller Phi-3 with the same parameter names; head_dim 8, not
+    hidden / heads = 16, under partial rotary) comes back with those counts and its outputs."""
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}
+    source = randomise(T.Phi3ForCausalLM(_llm(T.Phi3Config, rope_parameters=rope)))
+    small = randomise(T.Phi3ForCausalLM(_llm(T.Phi3Config, rope_parameters=rope, num_attention_heads=2,
+                                             num_key_value_heads=1, head_dim=8, intermediate_size=24)), seed=1)
+    own = to_transformers(small, source)
+    config = own.config
+    assert (config.num_attention_heads, config.num_key_value_heads, config.head_dim) == (2, 1, 8)
+    assert config.intermediate_size == 24
+    ids = inputs(CASES["phi3"], 2, 6)
+    with torch.no_grad():
+        assert checks.relative_error(logits(small(**ids)), logits(own(**ids))) <= 1e-6
