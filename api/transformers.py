@@ -104,7 +104,7 @@ WRITE_BACK: dict[str, Family] = {
     "vit": Family({
         "num_attention_heads": WidthField("layers.{i}.attention.q_proj.weight", 0, per_head=True),
         "intermediate_size": WidthField("layers.{i}.mlp.fc1.weight", 0),
-    }),
+    }, hidden=WidthField("embeddings.cls_token", 2)),
 }
 
 

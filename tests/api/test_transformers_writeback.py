@@ -1,7 +1,8 @@
 """Write-back to stock transformers (spruce.to_transformers) for each family in its
 registry: Qwen3 (per-head q/k norms, head_dim != hidden / heads, tied), Gemma (embed_scale
 from hidden_size, tied), Phi-3 (fused qkv_proj / gate_up_proj, partial rotary), GPT-2
-(Conv1D, fused c_attn), BERT, ViT, and Llama and Gemma after the residual width was pruned.
+(Conv1D, fused c_attn), BERT, ViT, and Llama, Qwen3, ViT and Gemma after the residual width
+was pruned.
 
 Tiny random configs with biases N(0, 0.1) and norm weights U(0.5, 1.5), so a mishandled bias
 or norm shows. Each written-back model is the user's own class with a rewritten config;
@@ -70,6 +71,11 @@ CASES = {
         intermediate_size=64, num_labels=3)), {}, causal=False, image=True),
     "llama_hidden": Case(lambda: T.LlamaForCausalLM(_llm(T.LlamaConfig, num_attention_heads=8, attention_bias=True,
                                                          mlp_bias=True)), {"normalised_widths": True}),
+    "qwen3_hidden": Case(lambda: T.Qwen3ForCausalLM(_llm(T.Qwen3Config, head_dim=16, attention_bias=True,
+                                                         tie_word_embeddings=True)), {"normalised_widths": True}),
+    "vit_hidden": Case(lambda: T.ViTForImageClassification(T.ViTConfig(
+        image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, num_labels=3)), {"normalised_widths": True}, causal=False, image=True),
     "gemma_hidden": Case(lambda: T.GemmaForCausalLM(_llm(T.GemmaConfig, head_dim=8, attention_bias=True,
                                                          tie_word_embeddings=False)), {"normalised_widths": True}),
 }
@@ -123,7 +129,7 @@ def greedy(model: torch.nn.Module, ids: torch.Tensor, steps: int) -> torch.Tenso
     return ids
 
 
-EXACT = ["qwen3", "gemma", "phi3", "gpt2", "bert", "vit", "llama_hidden", "gemma_hidden"]
+EXACT = list(CASES)
 
 RELOAD = textwrap.dedent("""
     import json, sys, torch, transformers
@@ -194,7 +200,9 @@ def test_configs_hold_the_pruned_widths():
             "phi3": dict(num_attention_heads=4, num_key_value_heads=2, head_dim=8, intermediate_size=32),
             "gpt2": dict(n_head=4, n_inner=64),
             "vit": dict(num_attention_heads=2, head_dim=8, intermediate_size=32),
-            "llama_hidden": dict(hidden_size=16, num_attention_heads=4, num_key_value_heads=2, head_dim=4)}
+            "llama_hidden": dict(hidden_size=16, num_attention_heads=4, num_key_value_heads=2, head_dim=4),
+            "qwen3_hidden": dict(hidden_size=16, num_attention_heads=2, head_dim=16, tie_word_embeddings=True),
+            "vit_hidden": dict(hidden_size=16, num_attention_heads=2, head_dim=8, intermediate_size=32)}
     for name, fields in want.items():
         source, result = pruned(name)
         config = to_transformers(result.model, source).config
