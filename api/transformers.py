@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -26,13 +26,15 @@ class WidthField:
     layer; a name inside the base model, e.g. ``layers.{i}.mlp.up_proj.weight``) along
     ``dim``, in heads when ``per_head`` (divided by the head dim). A fused weight holding
     this field's width ``parts`` times after the width of the field ``less`` (Phi-3's
-    ``qkv_proj``: query heads, then key and value heads) names both."""
+    ``qkv_proj``: query heads, then key and value heads) names both. ``also``: more
+    parameters (same ``dim``) that must hold the same width (T5's decoder stack)."""
 
     param: str
     dim: int = 0
     per_head: bool = False
     less: str | None = None
     parts: int = 1
+    also: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -105,11 +107,17 @@ WRITE_BACK: dict[str, Family] = {
         "num_attention_heads": WidthField("layers.{i}.attention.q_proj.weight", 0, per_head=True),
         "intermediate_size": WidthField("layers.{i}.mlp.fc1.weight", 0),
     }, hidden=WidthField("embeddings.cls_token", 2)),
+    "t5": Family({  # encoder and decoder stacks alike; the relative position bias follows the heads
+        "num_attention_heads": WidthField("encoder.block.{i}.layer.0.SelfAttention.q.weight", 0, per_head=True, also=(
+            "decoder.block.{i}.layer.0.SelfAttention.q.weight", "decoder.block.{i}.layer.1.EncDecAttention.q.weight")),
+        "d_ff": WidthField("encoder.block.{i}.layer.1.DenseReluDense.wi.weight", 0,
+                           also=("decoder.block.{i}.layer.2.DenseReluDense.wi.weight",)),
+    }, head_dim="d_kv"),
 }
 
 
-def _head_dim(config) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+def _head_dim(config, family: Family) -> int:
+    return getattr(config, family.head_dim or "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def _compact_state(compact: nn.Module) -> dict[str, torch.Tensor]:
@@ -137,13 +145,15 @@ def _write_widths(config, family: Family, state, source: nn.Module, head_dim: in
     for attr, width in family.widths.items():
         counts = []
         for i in range(getattr(config, family.layers)):
-            value = _width(state, source, width, i)
-            value = value // head_dim if width.per_head else value
-            if width.less:
-                value = (value - getattr(config, width.less)) // width.parts
-            counts.append(value)
+            for param in (width.param, *width.also):
+                value = _width(state, source, replace(width, param=param), i)
+                value = value // head_dim if width.per_head else value
+                if width.less:
+                    value = (value - getattr(config, width.less)) // width.parts
+                counts.append(value)
         if len(set(counts)) != 1:
-            raise ValueError(f"to_transformers: {attr} differs across layers ({counts}); a transformers config "
+            where = "layers and stacks" if width.also else "layers"
+            raise ValueError(f"to_transformers: {attr} differs across {where} ({counts}); a transformers config "
                              f"holds one value: prune every layer alike (one ratio) or deploy the .pt2")
         setattr(config, attr, counts[0])
     if family.hidden is not None:
@@ -186,7 +196,7 @@ def to_transformers(compact: nn.Module, source: nn.Module) -> nn.Module:
         raise ValueError(f"to_transformers: no write-back for model type {config.model_type!r} "
                          f"({type(source).__name__}); supported: {', '.join(sorted(WRITE_BACK))}")
     state = _compact_state(compact)
-    head_dim = _head_dim(config)
+    head_dim = _head_dim(config, family)
     new_config = copy.deepcopy(config)
     _write_widths(new_config, family, state, source, head_dim)
     _check_heads(new_config, family, source, head_dim)

@@ -1,7 +1,7 @@
 """Write-back to stock transformers (spruce.to_transformers) for each family in its
 registry: Qwen3 (per-head q/k norms, head_dim != hidden / heads, tied), Gemma (embed_scale
 from hidden_size, tied), Phi-3 (fused qkv_proj / gate_up_proj, partial rotary), GPT-2
-(Conv1D, fused c_attn), BERT, ViT, and Llama, Qwen3, ViT and Gemma after the residual width
+(Conv1D, fused c_attn), BERT, ViT, T5 (its MLP width), and Llama, Qwen3, ViT and Gemma after the residual width
 was pruned.
 
 Tiny random configs with biases N(0, 0.1) and norm weights U(0.5, 1.5), so a mishandled bias
@@ -30,18 +30,19 @@ from spruce.api.transformers import to_transformers
 T = pytest.importorskip("transformers")
 
 VOCAB = 64
-TEXT_SEQ = torch.export.Dim("seq", min=2, max=64)
 
 
 @dataclass
 class Case:
-    """A model to prune, how (``prune`` keywords; GPT-2 and BERT keep their heads, and BERT its
-    pooler width, which their configs cannot hold pruned) and the inputs it is checked on."""
+    """A model to prune, how (``prune`` keywords; GPT-2, BERT and T5 keep their heads, and BERT
+    its pooler width, which their configs cannot hold pruned: T5's decoder cross-attention heads
+    stay whole while one num_heads serves every attention) and the inputs it is checked on."""
 
     build: object
     prune: dict
     causal: bool = True
     image: bool = False
+    decoder: bool = False  # an encoder-decoder: decoder_input_ids too
 
 
 def _llm(config_cls, **fields):
@@ -69,6 +70,11 @@ CASES = {
     "vit": Case(lambda: T.ViTForImageClassification(T.ViTConfig(
         image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
         intermediate_size=64, num_labels=3)), {}, causal=False, image=True),
+    "t5": Case(lambda: T.T5ForConditionalGeneration(T.T5Config(
+        vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, decoder_start_token_id=0)),
+        {"ignore": [f"{stack}.block.{i}.layer.{j}.{attn}.q.weight" for stack, j, attn in (
+            ("encoder", 0, "SelfAttention"), ("decoder", 0, "SelfAttention"), ("decoder", 1, "EncDecAttention"))
+            for i in range(2)]}, causal=False, decoder=True),
     "llama_hidden": Case(lambda: T.LlamaForCausalLM(_llm(T.LlamaConfig, num_attention_heads=8, attention_bias=True,
                                                          mlp_bias=True)), {"normalised_widths": True}),
     "qwen3_hidden": Case(lambda: T.Qwen3ForCausalLM(_llm(T.Qwen3Config, head_dim=16, attention_bias=True,
@@ -102,7 +108,10 @@ def inputs(case: Case, batch: int, seq: int) -> dict:
     gen = torch.Generator().manual_seed(1000 * batch + seq)
     if case.image:
         return {"pixel_values": torch.randn(batch, 3, 16, 16, generator=gen)}
-    return {"input_ids": torch.randint(0, VOCAB, (batch, seq), generator=gen)}
+    out = {"input_ids": torch.randint(0, VOCAB, (batch, seq), generator=gen)}
+    if case.decoder:
+        out["decoder_input_ids"] = torch.randint(0, VOCAB, (batch, max(2, seq - 3)), generator=gen)
+    return out
 
 
 @functools.cache
@@ -112,7 +121,7 @@ def pruned(name: str):
     model = randomise(case.build())
     options = dict(case.prune)
     example = inputs(case, 2, 8)
-    dims = None if case.image else {"input_ids": {1: TEXT_SEQ}}
+    dims = None if case.image else {name: {1: torch.export.Dim(f"seq_{name}", min=2, max=64)} for name in example}
     result = spruce.prune(model, example, ratio=0.5, dynamic_shapes=dims, **options)
     return model, result
 
@@ -202,6 +211,7 @@ def test_configs_hold_the_pruned_widths():
             "vit": dict(num_attention_heads=2, head_dim=8, intermediate_size=32),
             "llama_hidden": dict(hidden_size=16, num_attention_heads=4, num_key_value_heads=2, head_dim=4),
             "qwen3_hidden": dict(hidden_size=16, num_attention_heads=2, head_dim=16, tie_word_embeddings=True),
+            "t5": dict(num_heads=4, d_ff=32, d_kv=8),
             "vit_hidden": dict(hidden_size=16, num_attention_heads=2, head_dim=8, intermediate_size=32)}
     for name, fields in want.items():
         source, result = pruned(name)
