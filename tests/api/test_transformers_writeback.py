@@ -8,7 +8,7 @@ Tiny random configs with biases N(0, 0.1) and norm weights U(0.5, 1.5), so a mis
 or norm shows. Each written-back model is the user's own class with a rewritten config;
 ``save_pretrained`` -> ``from_pretrained`` in one fresh process that never imports spruce
 gives the compact model's logits within 1e-5, and causal LMs' cached ``generate`` gives the
-compact model's greedy tokens. Each model is pruned once per test session."""
+compact model's greedy tokens (T5's from a two-token decoder prefix). Each model is pruned once per test session."""
 
 from __future__ import annotations
 
@@ -71,7 +71,8 @@ CASES = {
         image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
         intermediate_size=64, num_labels=3)), {}, causal=False, image=True),
     "t5": Case(lambda: T.T5ForConditionalGeneration(T.T5Config(
-        vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, decoder_start_token_id=0)),
+        vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, decoder_start_token_id=0,
+        eos_token_id=None)),
         {"ignore": [f"{stack}.block.{i}.layer.{j}.{attn}.q.weight" for stack, j, attn in (
             ("encoder", 0, "SelfAttention"), ("decoder", 0, "SelfAttention"), ("decoder", 1, "EncDecAttention"))
             for i in range(2)]}, causal=False, decoder=True),
@@ -138,6 +139,15 @@ def greedy(model: torch.nn.Module, ids: torch.Tensor, steps: int) -> torch.Tenso
     return ids
 
 
+def greedy_decoder(model: torch.nn.Module, ids: torch.Tensor, decoded: torch.Tensor, steps: int) -> torch.Tensor:
+    """Greedy decoding of an encoder-decoder without a cache, from the decoder tokens ``decoded``."""
+    with torch.no_grad():
+        for _ in range(steps):
+            step = logits(model(input_ids=ids, decoder_input_ids=decoded))[:, -1].argmax(-1, keepdim=True)
+            decoded = torch.cat([decoded, step], dim=1)
+    return decoded
+
+
 EXACT = list(CASES)
 
 RELOAD = textwrap.dedent("""
@@ -150,7 +160,9 @@ RELOAD = textwrap.dedent("""
         with torch.no_grad():
             result = {"logits": model(**checks["inputs"]).logits}
             if "prompt" in checks:
-                result["tokens"] = model.generate(checks["prompt"], max_new_tokens=8, do_sample=False, use_cache=True)
+                more = {"decoder_input_ids": checks["decoder_prompt"]} if "decoder_prompt" in checks else {}
+                result["tokens"] = model.generate(checks["prompt"], max_new_tokens=8, do_sample=False, use_cache=True,
+                                                  **more)
         tied = model.get_output_embeddings()
         result["tied"] = tied is not None and tied.weight is model.get_input_embeddings().weight
         result["dtype"] = str(next(model.parameters()).dtype)
@@ -171,8 +183,12 @@ def reloaded(tmp_path_factory):
         own.save_pretrained(folder)
         case = CASES[name]
         check = {"inputs": inputs(case, 2, 7)}
-        if case.causal:
-            check["prompt"] = inputs(case, 1, 5)["input_ids"]
+        if case.causal or case.decoder:
+            prompt = inputs(case, 1, 5)
+            check["prompt"] = prompt["input_ids"]
+            if case.decoder:  # the start token, then one more: the compact decoder runs from 2 tokens on
+                check["decoder_prompt"] = torch.cat([torch.full((1, 1), source.config.decoder_start_token_id),
+                                                     prompt["decoder_input_ids"][:, :1]], dim=1)
         torch.save(check, folder / "checks.pt")
         folders.append(str(folder))
         written[name] = (result.model, own, check, folder)
@@ -194,7 +210,9 @@ def test_reload_without_spruce_equals_the_compact_model(name, reloaded):
     assert checks.relative_error(want, back["logits"]) <= 1e-5
     assert sum(p.numel() for p in own.parameters()) < sum(p.numel() for p in source.parameters())
     assert back["dtype"] == "torch.float32" and (folder / "model.safetensors").exists()
-    if "prompt" in check:
+    if "decoder_prompt" in check:
+        assert torch.equal(back["tokens"], greedy_decoder(compact, check["prompt"], check["decoder_prompt"], 8))
+    elif "prompt" in check:
         assert torch.equal(back["tokens"], greedy(compact, check["prompt"], 8))
         assert (folder / "generation_config.json").exists()
     tied = bool(getattr(source.config, "tie_word_embeddings", False)) and source.get_output_embeddings() is not None
