@@ -89,6 +89,12 @@ WRITE_BACK: dict[str, Family] = {
     "mistral": _LLAMA_LIKE,
     "qwen3": _LLAMA_LIKE,  # per-head q/k norms stay head_dim wide; head_dim is written explicitly
     "gemma": Family(_LLAMA_LIKE.widths, hidden=_EMBED, finish=_gemma_embed_scale),
+    "mixtral": Family({  # 3-D expert weights: gate_up_proj (experts, 2 * width, hidden), down_proj (.., width)
+        "num_attention_heads": _LLAMA_LIKE.widths["num_attention_heads"],
+        "num_key_value_heads": _LLAMA_LIKE.widths["num_key_value_heads"],
+        "num_local_experts": WidthField("layers.{i}.mlp.gate.weight", 0),
+        "intermediate_size": WidthField("layers.{i}.mlp.experts.down_proj", 2),
+    }, hidden=_EMBED),
     "phi3": Family({  # fused qkv_proj (query heads, then key and value heads) and gate_up_proj
         "num_attention_heads": WidthField("layers.{i}.self_attn.o_proj.weight", 1, per_head=True),
         "num_key_value_heads": WidthField("layers.{i}.self_attn.qkv_proj.weight", 0, per_head=True,

@@ -1,14 +1,15 @@
 """Write-back to stock transformers (spruce.to_transformers) for each family in its
 registry: Qwen3 (per-head q/k norms, head_dim != hidden / heads, tied), Gemma (embed_scale
-from hidden_size, tied), Phi-3 (fused qkv_proj / gate_up_proj, partial rotary), GPT-2
-(Conv1D, fused c_attn), BERT, ViT, T5 (its MLP width), and Llama, Qwen3, ViT and Gemma after the residual width
-was pruned.
+from hidden_size, tied), Mixtral (3-D expert weights; its query heads prune), Phi-3 (fused
+qkv_proj / gate_up_proj, partial rotary), GPT-2 (Conv1D, fused c_attn), BERT, ViT, T5 (its
+MLP width), and Llama, Qwen3, ViT and Gemma after the residual width was pruned.
 
 Tiny random configs with biases N(0, 0.1) and norm weights U(0.5, 1.5), so a mishandled bias
 or norm shows. Each written-back model is the user's own class with a rewritten config;
 ``save_pretrained`` -> ``from_pretrained`` in one fresh process that never imports spruce
-gives the compact model's logits within 1e-5, and causal LMs' cached ``generate`` gives the
-compact model's greedy tokens (T5's from a two-token decoder prefix). Each model is pruned once per test session."""
+gives the compact model's logits within 1e-5, and cached ``generate`` gives the compact
+model's greedy tokens (causal LMs; T5 from a two-token decoder prefix). Each model is pruned
+once per test session."""
 
 from __future__ import annotations
 
@@ -57,6 +58,8 @@ CASES = {
                                                   tie_word_embeddings=True)), {}),
     "gemma": Case(lambda: T.GemmaForCausalLM(_llm(T.GemmaConfig, head_dim=8, attention_bias=True,
                                                   tie_word_embeddings=True)), {}),
+    "mixtral": Case(lambda: T.MixtralForCausalLM(_llm(T.MixtralConfig, head_dim=8, num_local_experts=4,
+                                                      num_experts_per_tok=2)), {}),
     "phi3": Case(lambda: T.Phi3ForCausalLM(_llm(T.Phi3Config, rope_parameters={
         "rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5})), {}),
     "gpt2": Case(lambda: T.GPT2LMHeadModel(T.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4,
@@ -229,6 +232,7 @@ def test_configs_hold_the_pruned_widths():
             "vit": dict(num_attention_heads=2, head_dim=8, intermediate_size=32),
             "llama_hidden": dict(hidden_size=16, num_attention_heads=4, num_key_value_heads=2, head_dim=4),
             "qwen3_hidden": dict(hidden_size=16, num_attention_heads=2, head_dim=16, tie_word_embeddings=True),
+            "mixtral": dict(num_attention_heads=2, num_key_value_heads=2, num_local_experts=4, intermediate_size=64),
             "t5": dict(num_heads=4, d_ff=32, d_kv=8),
             "vit_hidden": dict(hidden_size=16, num_attention_heads=2, head_dim=8, intermediate_size=32)}
     for name, fields in want.items():
