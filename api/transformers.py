@@ -47,7 +47,8 @@ class Family:
     (pruned heads then cannot be written back). ``hidden``: where the residual width is
     read (``None``: a pruned residual width is refused). ``finish(model, source)`` rewrites
     what the family derives from the config on load (Gemma's ``embed_scale``) and raises
-    ``ValueError`` when a reload cannot reproduce it."""
+    ``ValueError`` when a reload cannot reproduce it. ``layers``: the config field counting
+    the layers the widths are read over."""
 
     widths: Mapping[str, WidthField]
     head_dim: str | None = "head_dim"
