@@ -1,6 +1,7 @@
 """Handing a pruned transformers model back as the user's own transformers class:
-:func:`to_transformers`, with one :data:`WRITE_BACK` entry per ``config.model_type`` (the
-config fields a pruned model changes, and where their widths are read).
+:func:`to_transformers`, with one :data:`WRITE_BACK` entry (a :class:`Family`) per
+``config.model_type``: the config fields a pruned model changes, where their widths are read,
+and the constants the family derives from them.
 
 transformers itself is never imported here: the source model's own class builds the result.
 """
@@ -8,83 +9,204 @@ transformers itself is never imported here: the source model's own class builds 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
 from ..capture.transformers import is_transformers_model
 
-__all__ = ["WRITE_BACK", "WidthField", "to_transformers"]
+__all__ = ["WRITE_BACK", "Family", "WidthField", "to_transformers"]
 
 
 @dataclass(frozen=True)
 class WidthField:
     """A config field read back from a pruned model: the width of ``param`` (``{i}`` is the
-    layer) along ``dim``, in heads when ``per_head`` (divided by the head dim)."""
+    layer; a name inside the base model, e.g. ``layers.{i}.mlp.up_proj.weight``) along
+    ``dim``, in heads when ``per_head`` (divided by the head dim). A fused weight holding
+    this field's width ``parts`` times after the width of the field ``less`` (Phi-3's
+    ``qkv_proj``: query heads, then key and value heads) names both. ``also``: more
+    parameters (same ``dim``) that must hold the same width (T5's decoder stack)."""
 
     param: str
     dim: int = 0
     per_head: bool = False
+    less: str | None = None
+    parts: int = 1
+    also: tuple[str, ...] = ()
 
 
-_LLAMA_LIKE = {
-    "num_attention_heads": WidthField("model.layers.{i}.self_attn.q_proj.weight", 0, per_head=True),
-    "num_key_value_heads": WidthField("model.layers.{i}.self_attn.k_proj.weight", 0, per_head=True),
-    "intermediate_size": WidthField("model.layers.{i}.mlp.up_proj.weight", 0),
-}
+@dataclass(frozen=True)
+class Family:
+    """What write-back knows of one ``config.model_type``.
 
-# config.model_type -> the config fields a pruned model changes (one entry per family)
-WRITE_BACK: dict[str, dict[str, WidthField]] = {
+    ``widths``: config field -> where its per-layer value is read, in order (a refusal names
+    the first field whose layers differ). ``head_dim``: the config field holding the head
+    dim, ``None`` where the family derives it as ``hidden_size // num_attention_heads``
+    (pruned heads then cannot be written back). ``hidden``: where the residual width is
+    read (``None``: a pruned residual width is refused). ``finish(model, source)`` rewrites
+    what the family derives from the config on load (Gemma's ``embed_scale``) and raises
+    ``ValueError`` when a reload cannot reproduce it. ``layers``: the config field counting
+    the layers the widths are read over."""
+
+    widths: Mapping[str, WidthField]
+    head_dim: str | None = "head_dim"
+    hidden: WidthField | None = None
+    finish: Callable[[nn.Module, nn.Module], None] | None = None
+    layers: str = "num_hidden_layers"
+
+
+_EMBED = WidthField("embed_tokens.weight", 1)
+_LLAMA_LIKE = Family({
+    "num_attention_heads": WidthField("layers.{i}.self_attn.q_proj.weight", 0, per_head=True),
+    "num_key_value_heads": WidthField("layers.{i}.self_attn.k_proj.weight", 0, per_head=True),
+    "intermediate_size": WidthField("layers.{i}.mlp.up_proj.weight", 0),
+}, hidden=_EMBED)
+
+
+def _gemma_embed_scale(model: nn.Module, source: nn.Module) -> None:
+    """Gemma multiplies its embeddings by ``sqrt(hidden_size)``, a buffer rebuilt from the
+    config on every load: a pruned residual width would change it. Untied embeddings absorb
+    the ratio of the two scales; tied ones (the same matrix is the output head) cannot."""
+    old, new = source.config.hidden_size, model.config.hidden_size
+    embed = model.get_input_embeddings()
+    if new == old:
+        return
+    if model.get_output_embeddings() is not None and getattr(model.config, "tie_word_embeddings", False):
+        raise ValueError(f"to_transformers: embed_scale: {type(source).__name__} rebuilds it as sqrt(hidden_size) "
+                         f"on load (sqrt({new}), not the sqrt({old}) the compact model computes with), and its tied "
+                         f"embeddings cannot absorb the ratio; keep the residual width or deploy the .pt2")
+    with torch.no_grad():
+        embed.weight = nn.Parameter(embed.weight * (old / new) ** 0.5, requires_grad=embed.weight.requires_grad)
+    embed.scalar_embed_scale = new**0.5
+    embed.embed_scale = torch.tensor(new**0.5, dtype=embed.embed_scale.dtype)
+
+
+# config.model_type -> what write-back knows of the family (one entry per family)
+WRITE_BACK: dict[str, Family] = {
     "llama": _LLAMA_LIKE,
     "qwen2": _LLAMA_LIKE,
     "mistral": _LLAMA_LIKE,
+    "qwen3": _LLAMA_LIKE,  # per-head q/k norms stay head_dim wide; head_dim is written explicitly
+    "gemma": Family(_LLAMA_LIKE.widths, hidden=_EMBED, finish=_gemma_embed_scale),
+    "mixtral": Family({  # 3-D expert weights: gate_up_proj (experts, 2 * width, hidden), down_proj (.., width)
+        "num_attention_heads": _LLAMA_LIKE.widths["num_attention_heads"],
+        "num_key_value_heads": _LLAMA_LIKE.widths["num_key_value_heads"],
+        "num_local_experts": WidthField("layers.{i}.mlp.gate.weight", 0),
+        "intermediate_size": WidthField("layers.{i}.mlp.experts.down_proj", 2),
+    }, hidden=_EMBED),
+    "phi3": Family({  # fused qkv_proj (query heads, then key and value heads) and gate_up_proj
+        "num_attention_heads": WidthField("layers.{i}.self_attn.o_proj.weight", 1, per_head=True),
+        "num_key_value_heads": WidthField("layers.{i}.self_attn.qkv_proj.weight", 0, per_head=True,
+                                          less="num_attention_heads", parts=2),
+        "intermediate_size": WidthField("layers.{i}.mlp.down_proj.weight", 1),
+    }, hidden=_EMBED),
+    "gpt2": Family({  # Conv1D weights are (in, out); the head dim is n_embd // n_head
+        "num_attention_heads": WidthField("h.{i}.attn.c_proj.weight", 0, per_head=True),
+        "n_inner": WidthField("h.{i}.mlp.c_fc.weight", 1),
+    }, head_dim=None),
+    "bert": Family({
+        "num_attention_heads": WidthField("encoder.layer.{i}.attention.self.query.weight", 0, per_head=True),
+        "intermediate_size": WidthField("encoder.layer.{i}.intermediate.dense.weight", 0),
+    }, head_dim=None),
+    "vit": Family({
+        "num_attention_heads": WidthField("layers.{i}.attention.q_proj.weight", 0, per_head=True),
+        "intermediate_size": WidthField("layers.{i}.mlp.fc1.weight", 0),
+    }, hidden=WidthField("embeddings.cls_token", 2)),
+    "t5": Family({  # encoder and decoder stacks alike; the relative position bias follows the heads
+        "num_attention_heads": WidthField("encoder.block.{i}.layer.0.SelfAttention.q.weight", 0, per_head=True, also=(
+            "decoder.block.{i}.layer.0.SelfAttention.q.weight", "decoder.block.{i}.layer.1.EncDecAttention.q.weight")),
+        "d_ff": WidthField("encoder.block.{i}.layer.1.DenseReluDense.wi.weight", 0,
+                           also=("decoder.block.{i}.layer.2.DenseReluDense.wi.weight",)),
+    }, head_dim="d_kv"),
 }
 
 
-def _head_dim(config) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+def _head_dim(config, family: Family) -> int:
+    return getattr(config, family.head_dim or "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def _compact_state(compact: nn.Module) -> dict[str, torch.Tensor]:
+    """The compact model's tensors under the source model's names (a compact model whose
+    training graph differs keeps both graphs over the same tensors: the eval graph's)."""
+    state = compact.state_dict()
+    prefix = "eval_graph."
+    if any(k.startswith(prefix) for k in state):
+        state = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+    return state
+
+
+def _width(state: Mapping[str, torch.Tensor], source: nn.Module, width: WidthField, layer: int) -> int:
+    name = width.param.format(i=layer)
+    base = getattr(source, "base_model_prefix", "")
+    for full in (f"{base}.{name}" if base else name, name):
+        if full in state:
+            return int(state[full].shape[width.dim])
+    raise ValueError(f"to_transformers: the compact model has no parameter {name!r}")
+
+
+def _write_widths(config, family: Family, state, source: nn.Module, head_dim: int) -> None:
+    """Set ``config``'s pruned fields from the compact model's parameters, refusing the
+    first field whose layers differ."""
+    for attr, width in family.widths.items():
+        counts = []
+        for i in range(getattr(config, family.layers)):
+            for param in (width.param, *width.also):
+                value = _width(state, source, replace(width, param=param), i)
+                value = value // head_dim if width.per_head else value
+                if width.less:
+                    value = (value - getattr(config, width.less)) // width.parts
+                counts.append(value)
+        if len(set(counts)) != 1:
+            where = "layers and stacks" if width.also else "layers"
+            raise ValueError(f"to_transformers: {attr} differs across {where} ({counts}); a transformers config "
+                             f"holds one value: prune every layer alike (one ratio) or deploy the .pt2")
+        setattr(config, attr, counts[0])
+    if family.hidden is not None:
+        config.hidden_size = _width(state, source, family.hidden, 0)
+
+
+def _check_heads(config, family: Family, source: nn.Module, head_dim: int) -> None:
+    if "num_attention_heads" not in family.widths:
+        return
+    if family.head_dim is not None:
+        setattr(config, family.head_dim, head_dim)
+    elif config.hidden_size // config.num_attention_heads != head_dim:
+        raise ValueError(f"to_transformers: num_attention_heads: {type(source).__name__} derives the head dim as "
+                         f"hidden_size // num_attention_heads, so {config.num_attention_heads} heads of "
+                         f"{head_dim} cannot be written back ({config.hidden_size} wide); prune its MLP only "
+                         f"(ignore the attention modules) or deploy the .pt2")
+    kv = getattr(config, "num_key_value_heads", None)
+    if kv and config.num_attention_heads % kv:
+        raise ValueError(f"to_transformers: {config.num_attention_heads} query heads do not divide into "
+                         f"{kv} key/value groups")
 
 
 def to_transformers(compact: nn.Module, source: nn.Module) -> nn.Module:
     """The compact model ``compact`` (``spruce.prune(source, ...).model``) written back into
-    ``source``'s own transformers class, with a config whose head counts and MLP width are
-    the pruned ones (``head_dim`` stays, written explicitly). The result is a plain
-    transformers model: ``save_pretrained`` / ``from_pretrained``, ``generate`` with the
-    key/value cache.
+    ``source``'s own transformers class, with a config whose head counts, MLP width and (for
+    families that declare it) residual width are the pruned ones (``head_dim`` stays, written
+    explicitly where the family has the field). The result is a plain transformers model:
+    ``save_pretrained`` / ``from_pretrained``, ``generate`` with the key/value cache; tied
+    weights stay tied, derived constants (Gemma's ``embed_scale``) survive a reload.
 
-    Needs widths that are the same in every layer (``prune`` with one ``ratio`` gives them)
-    and an unpruned hidden width. Raises ``ValueError`` naming the model type, the config
-    field or the parameter at fault; the ``.pt2`` of the compact graph
+    Families: the keys of :data:`WRITE_BACK`. Needs widths that are the same in every layer
+    (``prune`` with one ``ratio`` gives them). Raises ``ValueError`` naming the model type,
+    the config field or the parameter at fault; the ``.pt2`` of the compact graph
     (:func:`spruce.api.deploy.save_pt2`) stays the way to deploy other results."""
     if not is_transformers_model(source):
         raise ValueError(f"to_transformers needs a transformers model, got {type(source).__name__}")
     config = source.config
-    fields = WRITE_BACK.get(getattr(config, "model_type", None))
-    if fields is None:
+    family = WRITE_BACK.get(getattr(config, "model_type", None))
+    if family is None:
         raise ValueError(f"to_transformers: no write-back for model type {config.model_type!r} "
                          f"({type(source).__name__}); supported: {', '.join(sorted(WRITE_BACK))}")
-    state = compact.state_dict()
-    head_dim = _head_dim(config)
+    state = _compact_state(compact)
+    head_dim = _head_dim(config, family)
     new_config = copy.deepcopy(config)
-    for attr, field in fields.items():
-        widths = []
-        for i in range(config.num_hidden_layers):
-            name = field.param.format(i=i)
-            if name not in state:
-                raise ValueError(f"to_transformers: the compact model has no parameter {name!r}")
-            widths.append(int(state[name].shape[field.dim]))
-        counts = [w // head_dim if field.per_head else w for w in widths]
-        if len(set(counts)) != 1:
-            raise ValueError(f"to_transformers: {attr} differs across layers ({counts}); a transformers config "
-                             f"holds one value: prune every layer alike (one ratio) or deploy the .pt2")
-        setattr(new_config, attr, counts[0])
-    if "num_attention_heads" in fields:
-        new_config.head_dim = head_dim
-        kv = getattr(new_config, "num_key_value_heads", None)
-        if kv and new_config.num_attention_heads % kv:
-            raise ValueError(f"to_transformers: {new_config.num_attention_heads} query heads do not divide into "
-                             f"{kv} key/value groups")
+    _write_widths(new_config, family, state, source, head_dim)
+    _check_heads(new_config, family, source, head_dim)
     with torch.device("meta"):
         model = type(source)(new_config)
     expected = model.state_dict()
@@ -92,7 +214,7 @@ def to_transformers(compact: nn.Module, source: nn.Module) -> nn.Module:
         if name in state and tuple(state[name].shape) != tuple(tensor.shape):
             raise ValueError(f"to_transformers: parameter {name!r} is {tuple(state[name].shape)} in the compact "
                              f"model but {tuple(tensor.shape)} in {type(source).__name__} with the pruned config "
-                             f"(only head counts and MLP widths are written back)")
+                             f"(fields written back: {', '.join(family.widths)})")
     missing = [n for n in expected if n not in state]
     if missing:
         raise ValueError(f"to_transformers: the compact model lacks {missing[:3]}")
@@ -106,6 +228,8 @@ def to_transformers(compact: nn.Module, source: nn.Module) -> nn.Module:
     if getattr(source, "generation_config", None) is not None:
         model.generation_config = copy.deepcopy(source.generation_config)
     model.tie_weights()
+    if family.finish is not None:
+        family.finish(model, source)
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:
         raise ValueError(f"to_transformers: {type(source).__name__} has state the compact model does not "
