@@ -16,8 +16,8 @@ import sys
 from dataclasses import dataclass, field
 from importlib.abc import MetaPathFinder
 
-__all__ = ["MOVED", "ModuleMovedError", "Moved", "MovedFinder", "NameMovedError", "install", "markdown_table",
-           "moved_name"]
+__all__ = ["MOVED", "NOT_MODULES", "ModuleMovedError", "Moved", "MovedFinder", "NameMovedError", "install",
+           "markdown_table", "moved_name"]
 
 _LAYOUT = "the layout by role: one role per folder (capture/, api/, cli/, zoo/ split out of compiler/)"
 
@@ -88,6 +88,11 @@ MOVED: tuple[Moved, ...] = (
           "the write-back to a transformers model is a library verb (spruce.api.transformers)"),
 )
 
+# folders of the repository that are not part of the package: with the repository root as the
+# package (an editable install), ``import spruce.bench`` would otherwise find the folder bench/ as
+# a namespace package and put it over the function spruce.bench
+NOT_MODULES = ("bench", "build", "dist", "docs", "examples", "site", "tests")
+
 _MODULES = {entry.old: entry for entry in MOVED if entry.is_module}
 _NAMES = {tuple(entry.old.split(":")): entry for entry in MOVED if not entry.is_module}
 
@@ -108,6 +113,15 @@ class MovedFinder(MetaPathFinder):
         entry = _MODULES.get(fullname)
         if entry is not None:
             raise ModuleMovedError(entry.message(), name=fullname)
+        package, _, name = fullname.partition(".")
+        if package == "spruce" and name and "." not in name:
+            public = getattr(sys.modules.get("spruce"), "_EXPORTS", {})
+            if name in public:  # spruce.bench, spruce.build, ...: a public name, never a module
+                raise ModuleNotFoundError(f"{fullname} is not a module: spruce.{name} is a public name of the "
+                                          f"package (defined in spruce{public[name]})", name=fullname)
+            if name in NOT_MODULES:
+                raise ModuleNotFoundError(f"{fullname} is not a module of the package: {name}/ is a folder of "
+                                          "the repository beside it", name=fullname)
         return None
 
 

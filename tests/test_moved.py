@@ -89,3 +89,14 @@ def test_import_spruce_stays_light_and_raises_for_an_old_path_without_torch():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("spruce.compiler.examples moved to spruce.zoo.architectures")
+
+
+@pytest.mark.parametrize("name", ["bench", "build", "compile", "profile", "tests", "examples", "docs"])
+def test_a_public_name_or_a_repository_folder_is_never_imported_as_a_module(name):
+    """With the repository root as the package, ``import spruce.bench`` found the folder bench/ as
+    a namespace package and put it over the function ``spruce.bench`` (a later ``spruce.bench(...)``
+    raised "'module' object is not callable")."""
+    with pytest.raises(ModuleNotFoundError, match=rf"^spruce\.{name} is not a module"):
+        importlib.import_module(f"spruce.{name}")
+    assert callable(getattr(spruce, name)) if name in ("bench", "build", "compile", "profile") else True
+    assert spruce.bench.__module__ == "spruce.runtime.bench"
