@@ -202,3 +202,22 @@ def test_timing_at_int8_times_the_integer_graph(tmp_path, which):
     runner, inputs = OnnxRuntimeCPU(threads=1, precision="int8").model_runner(model, example, tmp_path / "m")
     assert runner(inputs)[0].shape == model(example[0]).shape
     assert integer_mac_share(tmp_path / "m.int8.onnx", inputs).integer_share >= MIN_INTEGER_SHARE
+
+
+def test_a_cpu_without_a_u8s8_dot_product_keeps_7_bit_weights(built, tmp_path):
+    """Without VNNI (or Arm's dot product) u8 x s8 pairs sum into int16 and can saturate: the
+    weights keep 7 bits (ONNX Runtime's ``reduce_range``), and the kernels stay integer."""
+    from spruce.targets.quantize import quantize_onnx
+
+    _, fp32, _ = built
+    samples = [(_inputs(1, k).numpy(),) for k in range(4)]
+    plain = quantize_onnx(fp32.path, tmp_path / "avx2.onnx", samples, isa_flags=("avx2", "fma"))
+    vnni = quantize_onnx(fp32.path, tmp_path / "vnni.onnx", samples, isa_flags=("avx2", "avx512_vnni"))
+    assert plain.reduce_range and not vnni.reduce_range
+
+    def largest_weight(path) -> int:
+        return max(int(np.abs(onnx.numpy_helper.to_array(t)).max()) for t in onnx.load(str(path)).graph.initializer
+                   if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 4)
+
+    assert largest_weight(tmp_path / "avx2.onnx") <= 64 < largest_weight(tmp_path / "vnni.onnx")
+    assert integer_mac_share(tmp_path / "avx2.onnx", [samples[0][0]]).integer_share >= MIN_INTEGER_SHARE
