@@ -77,7 +77,7 @@ def run_case(name: str, case: dict, folder: Path, rounds: int, repeats: int) -> 
     fp32_s = time.perf_counter() - start
     start = time.perf_counter()
     int8 = int8_target.build(case["model"], case["example"], folder / f"{name}.int8.onnx",
-                             calibration=case["calibration"])
+                             calibration_data=case["calibration"])
     int8_s = time.perf_counter() - start
     x = [case["example"][0].numpy()]
     share = integer_mac_share(int8.path, x).integer_share

@@ -405,9 +405,9 @@ class OnnxRuntimeCPU(Target):
     :mod:`spruce.targets.quantize`: static QDQ U8S8, per-channel symmetric weights, per-tensor
     activations, or dynamic for recurrent and convolution-free models) after the fp32 export,
     which must still match torch within ``tolerance``. Static quantization calibrates with
-    ``calibration`` (``minmax`` or ``percentile``) on the samples given to
-    :meth:`build`. The fingerprint names the precision and the CPU's ISA extensions (VNNI or
-    AMX decide what INT8 costs).
+    ``calibration`` (``minmax`` or ``percentile``) on the samples given to :meth:`build` as
+    ``calibration_data``. The fingerprint names the precision and the CPU's ISA extensions
+    (VNNI or AMX decide what INT8 costs).
     """
 
     name = "onnxruntime"
@@ -453,20 +453,20 @@ class OnnxRuntimeCPU(Target):
         return self.pinned_cpus[0] if self.pinned_cpus else None
 
     def build(self, model: nn.Module, example_inputs: Sequence[torch.Tensor], path: str | os.PathLike,
-              calibration: Sequence[Sequence[torch.Tensor]] | None = None) -> Artifact:
+              calibration_data: Sequence[Sequence[torch.Tensor]] | None = None) -> Artifact:
         """Export, check with ``onnx.checker``, optionally save ORT's optimised graph, compare with torch.
 
         The artifact appears at ``path`` only once its outputs match torch's within ``tolerance``
         (relative to the output scale, see :func:`check_onnx`); otherwise :class:`OnnxMismatchError`
         is raised and nothing is left behind. At ``precision="int8"`` the fp32 export is checked so,
-        then quantized (:meth:`_build_int8`); ``calibration`` holds its samples, each a tuple of the
+        then quantized (:meth:`_build_int8`); ``calibration_data`` holds its samples, each a tuple of the
         model's inputs (at least :data:`~spruce.targets.quantize.MIN_CALIBRATION_SAMPLES` rows in
         all, along dim 0; needed unless the model takes dynamic quantization).
         """
         path = Path(path)
         model = model.eval()
         if self.precision == "int8":
-            return self._build_int8(model, example_inputs, path, calibration)
+            return self._build_int8(model, example_inputs, path, calibration_data)
         with atomic_path(path) as temp:
             if self.save_optimized:  # ORT writes its optimised graph of the exported file into temp
                 with scratch_path(path) as exported:
@@ -490,17 +490,17 @@ class OnnxRuntimeCPU(Target):
         return artifact
 
     def _build_int8(self, model: nn.Module, example_inputs: Sequence[torch.Tensor], path: Path,
-                    calibration: Sequence[Sequence[torch.Tensor]] | None) -> Artifact:
+                    calibration_data: Sequence[Sequence[torch.Tensor]] | None) -> Artifact:
         """The INT8 artifact: the fp32 export (checked against torch within ``tolerance``) quantized
         by :func:`~spruce.targets.quantize.quantize_onnx`. Its manifest records the precision, how
         it was quantized and calibrated, its error against torch on ``example_inputs`` (not
         gated: fidelity is the caller's to judge) and the share of conv/matmul MACs ONNX Runtime
-        runs in integer kernels. Raises ``ValueError`` naming ``calibration`` when fewer than
+        runs in integer kernels. Raises ``ValueError`` naming ``calibration_data`` when fewer than
         :data:`~spruce.targets.quantize.MIN_CALIBRATION_SAMPLES` samples are given (before any
         export when some are given, after it when none are and the model needs them)."""
-        given = None if calibration is None else count_samples(calibration)
+        given = None if calibration_data is None else count_samples(calibration_data)
         if given is not None and given < MIN_CALIBRATION_SAMPLES:
-            raise ValueError(f"precision='int8': calibration has {given} samples, at least "
+            raise ValueError(f"precision='int8': calibration_data has {given} samples, at least "
                              f"{MIN_CALIBRATION_SAMPLES} are needed")
         with atomic_path(path) as temp, scratch_path(path, ".fp32.onnx") as exported, \
                 scratch_path(path, ".int8.onnx") as quantized:
@@ -511,8 +511,8 @@ class OnnxRuntimeCPU(Target):
                                         f"(relative), above the tolerance {self.tolerance:g}")
             if given is None and quantization_mode(onnx.load(str(exported)))[0] == "static":
                 raise ValueError(f"precision='int8': {path.name} takes static quantization, which needs "
-                                 f"calibration samples (at least {MIN_CALIBRATION_SAMPLES}); none were given")
-            record = quantize_onnx(exported, quantized, calibration, self.calibration)
+                                 f"calibration_data (at least {MIN_CALIBRATION_SAMPLES} samples); none was given")
+            record = quantize_onnx(exported, quantized, calibration_data, self.calibration)
             options = self._options()
             if self.save_optimized:  # ORT writes its optimised graph of the INT8 file into temp
                 options.optimized_model_filepath = str(temp)

@@ -68,7 +68,7 @@ def built(tmp_path_factory):
     calibration = [(x[None],) for x in _inputs(MIN_CALIBRATION_SAMPLES, 1)]
     fp32 = OnnxRuntimeCPU(threads=1).build(model, example, folder / "fp32.onnx")
     int8 = OnnxRuntimeCPU(threads=1, precision="int8").build(model, example, folder / "int8.onnx",
-                                                             calibration=calibration)
+                                                             calibration_data=calibration)
     return model, fp32, int8
 
 
@@ -181,14 +181,14 @@ def test_too_few_calibration_samples_are_refused_before_any_export(tmp_path, mon
     monkeypatch.setattr(module, "export_onnx", lambda *a, **k: pytest.fail("exported before checking"))
     target = OnnxRuntimeCPU(threads=1, precision="int8")
     few = [(_inputs(1, k),) for k in range(MIN_CALIBRATION_SAMPLES - 1)]
-    with pytest.raises(ValueError, match=f"calibration has {MIN_CALIBRATION_SAMPLES - 1} samples, at least 128"):
-        target.build(resnet_like(), (_inputs(1, 0),), tmp_path / "m.onnx", calibration=few)
+    with pytest.raises(ValueError, match=f"calibration_data has {MIN_CALIBRATION_SAMPLES - 1} samples, at least 128"):
+        target.build(resnet_like(), (_inputs(1, 0),), tmp_path / "m.onnx", calibration_data=few)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_a_static_int8_build_without_calibration_names_it_and_leaves_nothing(tmp_path):
     target = OnnxRuntimeCPU(threads=1, precision="int8")
-    with pytest.raises(ValueError, match="static quantization, which needs calibration samples"):
+    with pytest.raises(ValueError, match="static quantization, which needs calibration_data"):
         target.build(resnet_like(), (_inputs(1, 0),), tmp_path / "m.onnx")
     assert list(tmp_path.iterdir()) == []
 
