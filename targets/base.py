@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..passes.config import Config
+from ..passes.config import Config, ConfigError, short_repr
 from .files import atomic_write_text
 from .timing import Timings, time_interleaved
 
@@ -50,6 +50,7 @@ __all__ = [
     "Target",
     "TargetUnavailable",
     "Timings",
+    "check_precision",
     "get_target",
     "read_artifact",
     "register_target",
@@ -189,6 +190,8 @@ class Target(ABC):
     name: ClassVar[str]
     suffix: ClassVar[str]  # the artifact file's suffix, e.g. ".onnx"
     Options: ClassVar[type[TargetOptions]] = TargetOptions
+    # The precisions its artifacts can run at (checked by check_precision before any work).
+    precisions: ClassVar[tuple[str, ...]] = ("fp32",)
 
     def unavailable_reason(self) -> str | None:
         """Why this target cannot run here, or None when it can."""
@@ -313,6 +316,17 @@ def check_target_options(name: str, options: Mapping[str, Any]) -> TargetOptions
     naming the target, the option and the value, e.g. ``target onnxruntime: unknown option
     thread (valid: dynamic_batch, optimization, ...)``."""
     return target_class(name).Options.from_mapping(options, owner=f"target {name}")
+
+
+def check_precision(name: str, precision: str) -> None:
+    """Raise :class:`~spruce.passes.config.ConfigError` unless target ``name`` builds artifacts at
+    ``precision`` (its class's ``precisions``), e.g. ``target torch: precision 'int8' is not
+    supported (this target takes: fp32, fp16, bf16)``. Nothing is built or constructed: a command
+    calls it on its arguments before any work. ``ValueError`` for an unknown target."""
+    supported = target_class(name).precisions
+    if precision not in supported:
+        raise ConfigError(owner=f"target {name}", problems=[
+            f"precision {short_repr(precision)} is not supported (this target takes: {', '.join(supported)})"])
 
 
 def get_target(name: str, **options: Any) -> Target:

@@ -30,6 +30,16 @@ from torch import nn
 from .base import Artifact, ArtifactError, Runner, Target, TargetOptions, register_target
 from .console import CapturedOutput, captured_output
 from .files import OutputError, atomic_path, scratch_path
+from .quantize import (
+    MIN_CALIBRATION_SAMPLES,
+    Calibration,
+    Precision,
+    count_samples,
+    cpu_isa_flags,
+    integer_mac_share,
+    quantization_mode,
+    quantize_onnx,
+)
 
 OPSET = 17
 # The torch.export-based exporter's lowest supported opset.
@@ -416,6 +426,14 @@ class OnnxRuntimeCPU(Target):
     second session of it timed within 1.8 % pinned (``bench/results/latency.md``), up to
     27.5 % apart unpinned. Sessions for anything else (:meth:`load`) are not pinned. Pinning
     is off where the process may use fewer CPUs than ``threads`` or cannot set affinities.
+
+    ``precision="int8"`` builds an INT8 artifact with ``onnxruntime.quantization`` (see
+    :mod:`spruce.targets.quantize`: static QDQ U8S8, per-channel symmetric weights, per-tensor
+    activations, or dynamic for recurrent and convolution-free models) after the fp32 export,
+    which must still match torch within ``tolerance``. Static quantization calibrates with
+    ``calibration`` (``minmax`` or ``percentile``) on the samples given to :meth:`build` as
+    ``calibration_data``. The fingerprint names the precision and the CPU's ISA extensions
+    (VNNI or AMX decide what INT8 costs).
     """
 
     name = "onnxruntime"
@@ -430,12 +448,19 @@ class OnnxRuntimeCPU(Target):
         save_optimized: bool = False
         spinning: bool = False  # ORT's session.intra_op.allow_spinning (ORT's own default is on)
         pin_threads: bool = True  # timed sessions: one thread per CPU (see the class docstring)
+        precision: Precision = "fp32"  # int8: quantized with onnxruntime.quantization after the export
+        calibration: Calibration = "minmax"  # static INT8 calibration method
+
+    precisions = ("fp32", "int8")
 
     def __init__(self, threads: int | None = None, optimization: str = "all", dynamic_batch: bool = True,
                  tolerance: float = 1e-3, save_optimized: bool = False, spinning: bool = False,
-                 pin_threads: bool = True):
+                 pin_threads: bool = True, precision: str = "fp32", calibration: str = "minmax"):
         self.Options(threads=threads, optimization=optimization, dynamic_batch=dynamic_batch, tolerance=tolerance,
-                     save_optimized=save_optimized, spinning=spinning, pin_threads=pin_threads)
+                     save_optimized=save_optimized, spinning=spinning, pin_threads=pin_threads, precision=precision,
+                     calibration=calibration)
+        self.precision = precision
+        self.calibration = calibration
         self.spinning = bool(spinning)
         self.threads = threads or torch.get_num_threads()
         self.optimization = optimization
@@ -447,20 +472,27 @@ class OnnxRuntimeCPU(Target):
     def fingerprint(self) -> dict[str, str]:
         pinned = ",".join(map(str, self.pinned_cpus)) if self.pinned_cpus else "off"
         return {**super().fingerprint(), "onnxruntime": ort.__version__, "threads": str(self.threads),
-                "optimization": self.optimization, "spinning": str(self.spinning), "pinned cpus": pinned}
+                "optimization": self.optimization, "spinning": str(self.spinning), "pinned cpus": pinned,
+                "precision": self.precision, "isa": ",".join(cpu_isa_flags()) or "unknown"}
 
     def caller_cpu(self) -> int | None:
         return self.pinned_cpus[0] if self.pinned_cpus else None
 
-    def build(self, model: nn.Module, example_inputs: Sequence[torch.Tensor], path: str | os.PathLike) -> Artifact:
+    def build(self, model: nn.Module, example_inputs: Sequence[torch.Tensor], path: str | os.PathLike,
+              calibration_data: Sequence[Sequence[torch.Tensor]] | None = None) -> Artifact:
         """Export, check with ``onnx.checker``, optionally save ORT's optimised graph, compare with torch.
 
         The artifact appears at ``path`` only once its outputs match torch's within ``tolerance``
         (relative to the output scale, see :func:`check_onnx`); otherwise :class:`OnnxMismatchError`
-        is raised and nothing is left behind.
+        is raised and nothing is left behind. At ``precision="int8"`` the fp32 export is checked so,
+        then quantized (:meth:`_build_int8`); ``calibration_data`` holds its samples, each a tuple of the
+        model's inputs (at least :data:`~spruce.targets.quantize.MIN_CALIBRATION_SAMPLES` rows in
+        all, along dim 0; needed unless the model takes dynamic quantization).
         """
         path = Path(path)
         model = model.eval()
+        if self.precision == "int8":
+            return self._build_int8(model, example_inputs, path, calibration_data)
         with atomic_path(path) as temp:
             if self.save_optimized:  # ORT writes its optimised graph of the exported file into temp
                 with scratch_path(path) as exported:
@@ -479,7 +511,50 @@ class OnnxRuntimeCPU(Target):
                             input_dtype=str(example_inputs[0].dtype).removeprefix("torch."),
                             info={"opset": OPSET, "dynamic_batch": self.dynamic_batch,
                                   "optimization": self.optimization, "optimized_graph_saved": self.save_optimized,
-                                  "max_relative_error": error, "tolerance": self.tolerance})
+                                  "max_relative_error": error, "tolerance": self.tolerance, "precision": "fp32"})
+        artifact.write_manifest()
+        return artifact
+
+    def _build_int8(self, model: nn.Module, example_inputs: Sequence[torch.Tensor], path: Path,
+                    calibration_data: Sequence[Sequence[torch.Tensor]] | None) -> Artifact:
+        """The INT8 artifact: the fp32 export (checked against torch within ``tolerance``) quantized
+        by :func:`~spruce.targets.quantize.quantize_onnx`. Its manifest records the precision, how
+        it was quantized and calibrated, its error against torch on ``example_inputs`` (not
+        gated: fidelity is the caller's to judge) and the share of conv/matmul MACs ONNX Runtime
+        runs in integer kernels. Raises ``ValueError`` naming ``calibration_data`` when fewer than
+        :data:`~spruce.targets.quantize.MIN_CALIBRATION_SAMPLES` samples are given (before any
+        export when some are given, after it when none are and the model needs them)."""
+        given = None if calibration_data is None else count_samples(calibration_data)
+        if given is not None and given < MIN_CALIBRATION_SAMPLES:
+            raise ValueError(f"precision='int8': calibration_data has {given} samples, at least "
+                             f"{MIN_CALIBRATION_SAMPLES} are needed")
+        with atomic_path(path) as temp, scratch_path(path, ".fp32.onnx") as exported, \
+                scratch_path(path, ".int8.onnx") as quantized:
+            export_onnx(model, example_inputs, exported, dynamic_batch=self.dynamic_batch)
+            fp32_error = check_onnx(exported, model, example_inputs)
+            if not fp32_error <= self.tolerance:
+                raise OnnxMismatchError(f"{path.name}: ONNX Runtime output differs from torch by {fp32_error:.3g} "
+                                        f"(relative), above the tolerance {self.tolerance:g}")
+            if given is None and quantization_mode(onnx.load(str(exported)))[0] == "static":
+                raise ValueError(f"precision='int8': {path.name} takes static quantization, which needs "
+                                 f"calibration_data (at least {MIN_CALIBRATION_SAMPLES} samples); none was given")
+            record = quantize_onnx(exported, quantized, calibration_data, self.calibration)
+            options = self._options()
+            if self.save_optimized:  # ORT writes its optimised graph of the INT8 file into temp
+                options.optimized_model_filepath = str(temp)
+                ort.InferenceSession(str(quantized), sess_options=options, providers=["CPUExecutionProvider"])
+            else:
+                os.replace(quantized, temp)
+            error = check_onnx(temp, model, example_inputs)
+            macs = integer_mac_share(temp, [_as_numpy(t) for t in example_inputs], self._options())
+        shapes = tuple(tuple(t.shape) for t in example_inputs)
+        artifact = Artifact(path=path, target=self.name, input_shapes=shapes, data_files=external_data_files(path),
+                            input_dtype=str(example_inputs[0].dtype).removeprefix("torch."),
+                            info={"opset": OPSET, "dynamic_batch": self.dynamic_batch,
+                                  "optimization": self.optimization, "optimized_graph_saved": self.save_optimized,
+                                  "max_relative_error": error, "fp32_max_relative_error": fp32_error,
+                                  "tolerance": self.tolerance, "precision": "int8",
+                                  "quantization": record.to_dict(), "integer_mac_share": macs.integer_share})
         artifact.write_manifest()
         return artifact
 
@@ -512,6 +587,9 @@ class OnnxRuntimeCPU(Target):
             onnx.save(single, str(path))
         else:
             export_onnx(model.eval(), tuple(example_inputs), path, dynamic_batch=self.dynamic_batch)
+        if self.precision == "int8":  # timed as it ships; the example calibrates (scales do not change speed)
+            fp32_path, path = path, Path(str(stem) + ".int8" + self.suffix)
+            quantize_onnx(fp32_path, path, [tuple(example_inputs)], self.calibration)
         session = self.session(path, timing=True)
         names = [i.name for i in session.get_inputs()]
         feed = {n: _as_numpy(v) for n, v in zip(names, example_inputs)}

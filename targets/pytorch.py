@@ -36,6 +36,7 @@ class TorchTarget(Target):
     """torch on ``device`` ("cpu" or "cuda"), in ``dtype``, optionally through ``torch.compile``."""
 
     name = "torch"
+    precisions = ("fp32", "fp16", "bf16")  # the dtype option: float32, float16, bfloat16
     suffix = ".pt2"
 
     class Options(TargetOptions):

@@ -155,6 +155,7 @@ class TensorRTTarget(Target):
     """
 
     name = "tensorrt"
+    precisions = ("fp32", "fp16")  # the precision option
     suffix = ".engine"
 
     class Options(TargetOptions):

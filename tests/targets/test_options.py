@@ -33,7 +33,7 @@ def test_every_target_declares_options_matching_its_constructor(name):
     ("onnxruntime", {"threads": True}, "threads must be an integer"),
     ("onnxruntime", {"optimization": "max"}, "optimization must be one of"),
     ("onnxruntime", {"tolerance": -1.0}, "tolerance must be > 0"),
-    ("onnxruntime", {"cores": 3}, "unknown option cores, got 3 (valid: dynamic_batch, optimization"),
+    ("onnxruntime", {"cores": 3}, "unknown option cores, got 3 (valid: calibration, dynamic_batch, optimization"),
     ("torch", {"semi_structured": True}, "semi_structured=True needs device='cuda'"),
     ("torch", {"device": "tpu"}, "device must be one of"),
     ("tensorrt", {"batch_sizes": "1,x"}, "batch_sizes must be positive integers"),
