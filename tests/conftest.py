@@ -7,6 +7,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 from helpers import high_modules_after  # noqa: E402  (helpers lives beside this file)
+from slow import SLOW  # noqa: E402
 
 # The tests run many tiny models: one intra-op thread avoids thread hand-off costs
 # that dominate at this size on a 2-core machine.
@@ -28,3 +29,13 @@ def pytest_sessionfinish(session, exitstatus):
             reporter.write_line(f"ERROR: {message}", red=True)
         else:
             print(f"ERROR: {message}", file=sys.stderr)
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(session, config, items):
+    """Mark ``slow`` every test that tests/slow.py lists (by node id, or a prefix of one: a file, or
+    a test with all its parameters); tests/test_test_layout.py checks that every entry exists."""
+    for item in items:
+        node = item.nodeid.removeprefix("tests/")
+        if any(node == entry or node.startswith((entry + "::", entry + "[")) for entry in SLOW):
+            item.add_marker(pytest.mark.slow)

@@ -140,3 +140,21 @@ def test_the_session_check_fails_a_floor_run_that_loaded_a_high_module():
     assert high_modules_after([passes, api], loaded, TESTS) == []  # a run that includes higher tests
     assert high_modules_after([], loaded, TESTS) == []
     assert high_modules_after([passes], ["spruce", "spruce.passes.graph"], TESTS) == []
+
+
+def test_every_slow_entry_names_a_test_that_exists():
+    from slow import SLOW
+
+    missing = []
+    for entry in SLOW:
+        file, _, test = entry.partition("::")
+        path = TESTS / file
+        if not path.is_file():
+            missing.append(entry)
+            continue
+        name = test.partition("[")[0]
+        defined = {n.name for n in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+                   if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
+        if name and name not in defined:
+            missing.append(entry)
+    assert missing == []
