@@ -53,8 +53,8 @@ _WRITING_METHODS = {"write_text", "write_bytes"}
 
 
 def _package_files() -> list[Path]:
-    return [ROOT / "__init__.py", *(p for d in ("compiler", "passes", "runtime", "targets")
-                                    for p in sorted((ROOT / d).rglob("*.py")))]
+    folders = ("passes", "targets", "capture", "runtime", "api", "compiler", "cli", "zoo")
+    return [ROOT / "__init__.py", *(p for d in folders for p in sorted((ROOT / d).rglob("*.py")))]
 
 
 def _atomic_names(tree: ast.AST) -> set[str]:
