@@ -7,8 +7,6 @@ parameter); tests/conftest.py marks them ``slow``. The seconds are wall times me
 """
 
 SLOW = (
-    # compiles: spruce compile end to end, with training, recovery and timing
-    "cli/test_cli_fuzz.py::test_compile_with_hostile_options_fails_cleanly",  # 453 s
     # fresh-process reloads at scale and whole-set exports of the acceptance models
     "api/test_prune_transformers.py::test_normalised_widths_deploy",  # 146 s (5 of 7 models listed)
     "api/test_prune_transformers.py::test_compact_models_reload_from_pt2_in_a_fresh_process",  # 43 s
