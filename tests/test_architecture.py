@@ -1,11 +1,15 @@
-"""The package's shape, read from its source: import direction, the CLI's place, no import
-cycle in ``passes/sparsity``, no reads of another module's private names.
+"""The package's shape, read from its source: the floor order on every import edge, no import
+circle, no module over 800 lines, no reads of another module's private names, the CLI's place.
 
 The import graph is built from the AST of every module of the package: imports at module
 level, inside functions and under ``TYPE_CHECKING``, relative imports, and module names
 given to ``importlib.import_module`` / ``__import__`` as string constants (in a module that
 calls ``import_module``, every string constant naming one of the package's modules, such
 as the lazy top level's table of names, counts as an import).
+
+Every check is a function of a source root, so each is also run on a small deliberately bad
+package built in ``tmp_path`` (an upward import, a circle, a private import, a 900-line
+module) to show that it fails.
 """
 
 from __future__ import annotations
@@ -21,20 +25,26 @@ import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 CODE_FOLDERS = ("passes", "targets", "capture", "runtime", "api", "compiler", "cli", "zoo")
+# A module imports only from its own folder or from a lower floor; two folders on one floor
+# never import each other.
+FLOORS = {"passes": 1, "targets": 2, "capture": 2, "runtime": 3, "api": 4, "compiler": 5, "zoo": 5, "cli": 6}
+NEVER_IMPORTED = ("zoo", "cli")  # by any other folder of the library
+MAX_LINES = 800
 
 
-def module_name(path: Path) -> str:
-    parts = ["spruce", *path.relative_to(ROOT).with_suffix("").parts]
+def module_name(path: Path, root: Path = ROOT) -> str:
+    parts = ["spruce", *path.relative_to(root).with_suffix("").parts]
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
 @cache
-def modules() -> dict[str, Path]:
-    """Every module of the package (the repository root is the package ``spruce``)."""
-    found = {"spruce": ROOT / "__init__.py"}
+def modules(root: Path = ROOT) -> dict[str, Path]:
+    """Every module of the package under ``root`` (the repository root is the package ``spruce``)."""
+    found = {"spruce": root / "__init__.py"}
     for folder in CODE_FOLDERS:
-        for path in sorted((ROOT / folder).rglob("*.py")):
-            found[module_name(path)] = path
+        if (root / folder).is_dir():
+            for path in sorted((root / folder).rglob("*.py")):
+                found[module_name(path, root)] = path
     return found
 
 
@@ -53,23 +63,23 @@ def _string(node: ast.AST) -> str | None:
     return node.value if isinstance(node, ast.Constant) and isinstance(node.value, str) else None
 
 
-def _module_string(text: str, package: str) -> str | None:
+def _module_string(text: str, package: str, root: Path) -> str | None:
     """``text`` as a module name (absolute ``spruce.x``, or relative to ``package``), or None."""
     if text.startswith("."):
         level = len(text) - len(text.lstrip("."))
         text = _resolve(package, level, text.lstrip(".") or None)
-    return text if text in modules() else None
+    return text if text in modules(root) else None
 
 
-def imports_of(name: str) -> set[str]:
+def imports_of(name: str, root: Path = ROOT) -> set[str]:
     """Modules (and names below them) that module ``name`` imports, anywhere in its body."""
-    path = modules()[name]
+    path = modules(root)[name]
     package = _package_of(name, path)
     found: set[str] = set()
     tree = ast.parse(path.read_text(encoding="utf-8"))
     if any(isinstance(n, ast.Attribute) and n.attr == "import_module" for n in ast.walk(tree)):
         strings = (_string(n) for n in ast.walk(tree))
-        found.update(m for m in (_module_string(s, package) for s in strings if s) if m)
+        found.update(m for m in (_module_string(s, package, root) for s in strings if s) if m)
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
@@ -90,19 +100,53 @@ def imports_of(name: str) -> set[str]:
 
 
 @cache
-def import_graph() -> nx.DiGraph:
+def import_graph(root: Path = ROOT) -> nx.DiGraph:
     """Edges module -> module between the package's own modules."""
     graph = nx.DiGraph()
-    own = modules()
+    own = modules(root)
     graph.add_nodes_from(own)
     for name in own:
-        for target in imports_of(name):
+        for target in imports_of(name, root):
             while target and target not in own:  # `from pkg.module import name` -> pkg.module
                 target = target.rpartition(".")[0]
             if target and target != name and not (name.startswith(target + ".") and target in own and
                                                     own[target].name == "__init__.py"):
                 graph.add_edge(name, target)
     return graph
+
+
+def _folder(name: str) -> str | None:
+    """The top folder of module ``name`` (``spruce.passes.sparsity.model`` -> ``passes``), None
+    for the top level."""
+    parts = name.split(".")
+    return parts[1] if len(parts) > 1 else None
+
+
+def floor_violations(root: Path = ROOT) -> list[str]:
+    """Every import edge that breaks the floor order: an import from a higher floor, between two
+    folders of one floor, or of zoo/ or cli/ from another folder. The top level's lazy table of
+    public names is exempt (it imports nothing until a name is used)."""
+    problems = []
+    for source, target in sorted(import_graph(root).edges):
+        low, high = _folder(target), _folder(source)
+        if high is None or low is None or low == high:
+            continue
+        if low in NEVER_IMPORTED:
+            problems.append(f"{source} imports {target}: nothing in the library imports {low}/")
+        elif FLOORS[low] >= FLOORS[high]:
+            problems.append(f"{source} (floor {FLOORS[high]}) imports {target} (floor {FLOORS[low]})")
+    return problems
+
+
+def import_cycles(root: Path = ROOT) -> list[list[str]]:
+    """Every import circle among the package's modules (function-level imports included)."""
+    return sorted(sorted(cycle) for cycle in nx.simple_cycles(import_graph(root)))
+
+
+def long_modules(root: Path = ROOT, limit: int = MAX_LINES) -> list[str]:
+    """Modules of more than ``limit`` lines, with their length."""
+    lengths = {name: len(path.read_text(encoding="utf-8").splitlines()) for name, path in modules(root).items()}
+    return [f"{name}: {n} lines" for name, n in sorted(lengths.items()) if n > limit]
 
 
 def _under(name: str, package: str) -> bool:
@@ -137,16 +181,10 @@ def test_only_the_console_entry_is_the_cli_and_nothing_imports_it():
     assert users == []
 
 
-def test_passes_sparsity_has_no_import_cycle():
-    graph = import_graph()
-    sparsity = graph.subgraph([n for n in graph if _under(n, "spruce.passes.sparsity")])
-    assert list(nx.simple_cycles(sparsity)) == []
-
-
-def _private_definitions() -> dict[str, set[str]]:
+def _private_definitions(root: Path) -> dict[str, set[str]]:
     """Underscore names each module defines: module-level names, class members, self._x."""
     defined: dict[str, set[str]] = {}
-    for name, path in modules().items():
+    for name, path in modules(root).items():
         names = set()
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
@@ -163,9 +201,11 @@ def _private(name: str) -> bool:
     return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
 
 
-def test_no_module_reads_another_modules_private_names():
-    defined = _private_definitions()
-    own = modules()
+def private_reads(root: Path = ROOT) -> list[str]:
+    """Every read of another module's private name: ``from m import _x``, ``getattr(obj, "_x")``
+    and ``obj._x`` where ``_x`` is defined by another module only."""
+    defined = _private_definitions(root)
+    own = modules(root)
     problems = []
     for name, path in own.items():
         package = _package_of(name, path)
@@ -187,7 +227,94 @@ def test_no_module_reads_another_modules_private_names():
                 others = [m for m, names in defined.items() if node.attr in names and m != name]
                 if others and node.attr not in defined[name]:
                     problems.append(f"{name}: .{node.attr} (defined in {', '.join(others)})")
-    assert problems == []
+    return sorted(problems)
+
+
+def test_every_import_edge_follows_the_floor_order():
+    assert floor_violations() == []
+
+
+def test_the_library_has_no_import_circle():
+    assert import_cycles() == []
+
+
+def test_no_module_is_over_800_lines():
+    assert long_modules() == []
+
+
+def test_no_module_reads_another_modules_private_names():
+    assert private_reads() == []
+
+
+# --- each check on a deliberately bad package -------------------------------------------------
+
+def _package(root: Path, files: dict[str, str]) -> Path:
+    """A fake package at ``root``: a lazy top level, one clean module on every floor, then ``files``
+    (path relative to the package -> source) on top."""
+    sources = {"__init__.py": '_EXPORTS = {"run": ".cli.main", "model": ".zoo.models"}\n',
+               "passes/__init__.py": "", "passes/graph.py": "def lint():\n    return 1\n",
+               "targets/__init__.py": "", "targets/base.py": "from ..passes.graph import lint\n",
+               "capture/__init__.py": "", "capture/trace.py": "from ..passes import graph\n",
+               "runtime/__init__.py": "", "runtime/bench.py": "from ..targets.base import lint\n",
+               "api/__init__.py": "",
+               "api/verbs.py": "from ..capture.trace import graph\nfrom ..runtime import bench\n",
+               "compiler/__init__.py": "", "compiler/pipeline.py": "from ..api.verbs import graph\n",
+               "zoo/__init__.py": "", "zoo/models.py": "from ..api import verbs\n",
+               "cli/__init__.py": "",
+               "cli/main.py": "import importlib\n\n\ndef main():\n"
+                              "    return importlib.import_module('spruce.compiler.pipeline')\n",
+               **files}
+    for relative, text in sources.items():
+        (root / relative).parent.mkdir(parents=True, exist_ok=True)
+        (root / relative).write_text(text)
+    return root
+
+
+def test_the_checks_pass_on_a_clean_fake_package(tmp_path):
+    root = _package(tmp_path, {})
+    assert import_graph(root).has_edge("spruce.cli.main", "spruce.compiler.pipeline")
+    assert floor_violations(root) == []
+    assert import_cycles(root) == []
+    assert long_modules(root) == []
+    assert private_reads(root) == []
+
+
+def test_an_upward_import_fails_the_floor_check(tmp_path):
+    root = _package(tmp_path, {"passes/graph.py": "def lint():\n    from ..runtime.bench import lint\n"})
+    assert floor_violations(root) == ["spruce.passes.graph (floor 1) imports spruce.runtime.bench (floor 3)"]
+
+
+def test_an_import_between_folders_of_one_floor_fails_the_floor_check(tmp_path):
+    root = _package(tmp_path, {"capture/trace.py": "from ..targets.base import lint\n",
+                               "compiler/pipeline.py": "import spruce.zoo.models\n"})
+    assert floor_violations(root) == [
+        "spruce.capture.trace (floor 2) imports spruce.targets.base (floor 2)",
+        "spruce.compiler.pipeline imports spruce.zoo.models: nothing in the library imports zoo/"]
+
+
+def test_importing_the_console_fails_the_floor_check(tmp_path):
+    root = _package(tmp_path, {"zoo/models.py": "from ..cli.main import main\n"})
+    assert floor_violations(root) == ["spruce.zoo.models imports spruce.cli.main: nothing in the library imports cli/"]
+
+
+def test_an_import_circle_fails_the_circle_check(tmp_path):
+    root = _package(tmp_path, {"passes/rules.py": "from .meta import shape\n",
+                               "passes/meta.py": "def shape():\n    from .rules import rule\n"})
+    assert import_cycles(root) == [["spruce.passes.meta", "spruce.passes.rules"]]
+    assert floor_violations(root) == []
+
+
+def test_a_900_line_module_fails_the_length_check(tmp_path):
+    root = _package(tmp_path, {"runtime/profile.py": "x = 1\n" * 900, "runtime/table.py": "x = 1\n" * 800})
+    assert long_modules(root) == ["spruce.runtime.profile: 900 lines"]
+
+
+def test_a_private_import_fails_the_private_check(tmp_path):
+    root = _package(tmp_path, {"passes/graph.py": "def _lint():\n    return 1\n\n\nclass G:\n    _cache = None\n",
+                               "targets/base.py": "from ..passes.graph import _lint\n",
+                               "api/verbs.py": "from ..passes import graph\n\nx = graph.G._cache\n"})
+    assert private_reads(root) == ["spruce.api.verbs: ._cache (defined in spruce.passes.graph)",
+                                   "spruce.targets.base: from spruce.passes.graph import _lint"]
 
 
 def test_importing_passes_runtime_and_targets_loads_nothing_of_the_compiler():

@@ -1,6 +1,6 @@
 """The public acceptance set of capture: architectures users bring, built with random
 weights and no download, each with its example input and (for detectors) training
-targets. The tests (``tests/compiler/test_capture_models.py``) and the coverage bench
+targets. The tests (``tests/api/test_prune_models.py``) and the coverage bench
 (``bench/coverage.py``) use the same builders.
 
 ultralytics and torchvision are imported only by the builders that need them.

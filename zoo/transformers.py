@@ -1,7 +1,7 @@
 """The public acceptance set of transformers models: tiny configs, random weights, no
 download. Each is built with its example inputs (batch 2, sequence 8), the dynamic
 sequence length it declares, and ``inputs(batch, seq)`` for checks at other sizes. The
-tests (``tests/compiler/test_transformers.py``) and the coverage bench use the same builders.
+tests (``tests/api/test_prune_transformers.py``) and the coverage bench use the same builders.
 
 transformers is imported only when a builder runs.
 """

@@ -1,6 +1,7 @@
 import pytest
 import spruce
 import torch
+from helpers import channel_groups
 from torch import nn
 from torch.fx.passes.shape_prop import TensorMetadata
 
@@ -52,7 +53,7 @@ def test_leaf_modules_make_it_traceable_and_pin_its_channels():
     model = Net()
     gm = spruce.trace(model, torch.randn(1, 3, 8, 8), leaf_modules=[DataDependent])
     assert any(n.op == "call_module" and n.target == "block.1" for n in gm.graph.nodes)
-    groups = spruce.channel_groups(model, torch.randn(1, 3, 8, 8), leaf_modules=["block.1"])
+    groups = channel_groups(model, torch.randn(1, 3, 8, 8), leaf_modules=["block.1"])
     conv_out = next(g for g in groups if any(m.name == "conv.weight" and m.dim == 0 for m in g.members))
     assert not conv_out.prunable
     assert "block_1" in conv_out.reason and "unknown operator" in conv_out.reason
@@ -72,7 +73,7 @@ def test_trace_leaves_model_state_untouched():
     torch.manual_seed(0)
     expected = torch.rand(1)
     torch.manual_seed(0)
-    spruce.channel_groups(model, x)
+    channel_groups(model, x)
     assert torch.rand(1) == expected
     assert model.training
     for k, v in model.state_dict().items():

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from spruce.api.verbs import analyze_model
+from helpers import analyze_model
 from spruce.passes.importance import importance_scores, param_table
 
 

@@ -1,4 +1,4 @@
-"""spruce.bench and `spruce bench` on real ONNX Runtime and torch artifacts; bad input exits 2."""
+"""spruce.bench on real ONNX Runtime and torch artifacts; damaged artifacts are one clear error."""
 
 from __future__ import annotations
 
@@ -8,36 +8,16 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
+from helpers import bench_artifacts, copy_artifact
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from spruce.cli import main as cli
 from spruce.runtime.bench import BenchReport, bench
 from spruce.targets.base import ArtifactError, get_target
-from torch import nn
-
-
-def cnn(width: int) -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, width, 3, padding=1),
-                         nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 10)).eval()
 
 
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory) -> dict[str, Path]:
-    folder = tmp_path_factory.mktemp("artifacts")
-    x = (torch.randn(1, 3, 32, 32),)
-    ort = get_target("onnxruntime", threads=1)
-    return {
-        "dense": ort.build(cnn(64), x, folder / "dense.onnx").path,
-        "pruned": ort.build(cnn(16), x, folder / "pruned.onnx").path,
-        "torch": get_target("torch").build(cnn(16), x, folder / "pruned.pt2").path,
-    }
-
-
-@pytest.fixture
-def spruce_main():
-    return cli.main
+    return bench_artifacts(tmp_path_factory.mktemp("artifacts"))
 
 
 def check_rows(report: BenchReport, which: tuple[str, ...], batch_sizes: tuple[int, ...]) -> None:
@@ -102,65 +82,7 @@ def test_bench_refuses_another_targets_artifact_and_bad_options(artifacts) -> No
         bench(artifacts["pruned"], "onnxruntime", iters=0)
 
 
-def test_cli_prints_a_table_and_json(artifacts, spruce_main, capsys) -> None:
-    code = spruce_main(["bench", str(artifacts["pruned"]), "--target", "onnxruntime", "--option", "threads=1",
-                        "--dense", str(artifacts["dense"]), "--batch-sizes", "1,2", "--iters", "5", "--warmup", "1"])
-    assert code == 0
-    assert "speedup" in capsys.readouterr().out
-    assert spruce_main(["bench", str(artifacts["torch"]), "--target", "torch", "--batch-sizes", "1", "--iters", "3",
-                        "--json"]) == 0
-    document = json.loads(capsys.readouterr().out)
-    assert [r["batch_size"] for r in document["rows"]] == [1]
-
-
-@pytest.mark.parametrize("case", ["wrong target", "unknown target", "missing tensorrt", "missing file",
-                                  "corrupt manifest", "bad batch sizes", "bad option"])
-def test_cli_bad_input_exits_2_with_a_clear_message(case, artifacts, spruce_main, tmp_path, capsys) -> None:
-    artifact = str(artifacts["pruned"])
-    argv, expected = {
-        "wrong target": (["--target", "torch"], "built for target 'onnxruntime', not 'torch'"),
-        "unknown target": (["--target", "tpu9"], "unknown target 'tpu9'"),
-        "missing tensorrt": (["--target", "tensorrt"], "target 'tensorrt' is unavailable"),
-        "bad batch sizes": (["--target", "onnxruntime", "--batch-sizes", "1,x"], "bad batch sizes"),
-        "bad option": (["--target", "onnxruntime", "--option", "colour=red"], "unknown option colour"),
-        "missing file": (["--target", "onnxruntime"], "does not exist"),
-        "corrupt manifest": (["--target", "onnxruntime"], "not a valid spruce manifest"),
-    }[case]
-    if case == "missing file":
-        artifact = str(tmp_path / "nothing.onnx")
-    if case == "corrupt manifest":
-        copy = tmp_path / "copy.onnx"
-        copy.write_bytes(artifacts["pruned"].read_bytes())
-        Path(str(copy) + ".spruce.json").write_text('{"format": "spruce-artifact", "version": 1, "tar')
-        artifact = str(copy)
-    assert spruce_main(["bench", artifact, *argv]) == 2
-    captured = capsys.readouterr()
-    assert expected in captured.err and "Traceback" not in captured.err
-    assert captured.err.startswith("spruce: error:") or "usage:" in captured.err
-
-
 # --- manifests pin their artifact (#13 kind 7) ---------------------------------------------------
-
-
-def _copy_artifact(source: Path, folder: Path, name: str = "model.onnx") -> Path:
-    copy = folder / name
-    copy.write_bytes(source.read_bytes())
-    manifest = json.loads(Path(str(source) + ".spruce.json").read_text())
-    manifest["file"] = name
-    if "files" in manifest:  # a copy under a new name, pinned (manifests of a5751ab pin nothing)
-        manifest["files"] = {name: manifest["files"].pop(source.name)}
-    Path(str(copy) + ".spruce.json").write_text(json.dumps(manifest))
-    return copy
-
-
-def test_a_swapped_model_onnx_is_refused_not_timed_as_compiled(artifacts, spruce_main, tmp_path, capsys) -> None:
-    compiled = _copy_artifact(artifacts["pruned"], tmp_path)
-    dense = _copy_artifact(artifacts["dense"], tmp_path, "dense.onnx")
-    compiled.write_bytes(dense.read_bytes())  # the issue's example: the dense model put in the compiled one's place
-    assert spruce_main(["bench", str(compiled), "--dense", str(dense), "--target", "onnxruntime"]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("spruce: error:") and "Traceback" not in err
-    assert f"{compiled} has " in err and "its manifest model.onnx.spruce.json pins" in err
 
 
 _EDITS = {
@@ -180,7 +102,7 @@ _EDITS = {
                         st.tuples(st.just("edit"), st.sampled_from(sorted(_EDITS)))))
 def test_any_damaged_artifact_or_edited_manifest_is_one_clear_error(artifacts, tmp_path_factory, damage) -> None:
     folder = tmp_path_factory.mktemp("damaged")
-    copy = _copy_artifact(artifacts["pruned"], folder)
+    copy = copy_artifact(artifacts["pruned"], folder)
     kind, where = damage
     data = bytearray(copy.read_bytes())
     if kind == "truncate":
@@ -204,7 +126,7 @@ def test_the_manifest_pins_onnx_external_data(artifacts, tmp_path) -> None:
     path = tmp_path / "ext.onnx"
     onnx.save_model(onnx.load(str(artifacts["pruned"])), str(path), save_as_external_data=True,
                     all_tensors_to_one_file=True, location="ext.onnx.data", size_threshold=0)
-    original = read_artifact(_copy_artifact(artifacts["pruned"], tmp_path, "orig.onnx"))
+    original = read_artifact(copy_artifact(artifacts["pruned"], tmp_path, "orig.onnx"))
     target = get_target("onnxruntime", threads=1)
     Artifact(path=path, target="onnxruntime", input_shapes=original.input_shapes).write_manifest()
     with pytest.raises(ArtifactError, match=r"reads external data \['ext.onnx.data'\] that its manifest does not"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from spruce.api.verbs import analyze_model, profile
+from helpers import analyze_model, profile
 from spruce.passes.importance import importance_scores, param_table
 from spruce.passes.sparsity.knapsack import InfeasibleBudget, build_cost_model
 from spruce.runtime import budget as budget_module

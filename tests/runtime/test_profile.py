@@ -10,10 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import analyze_model, profile
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from spruce.api.verbs import analyze_model, profile
-from spruce.cli import main as cli
 from spruce.runtime.calibration import (
     compact_at_widths,
     fit_calibration,
@@ -475,47 +474,6 @@ def test_bad_table_files(tmp_path, profiled):
 # --- command line ----------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def spruce_main():
-    return cli.main
-
-
-def _model_file(tmp_path: Path) -> str:
-    source = tmp_path / "tiny.py"
-    source.write_text(
-        "import torch\nfrom torch import nn\n"
-        "def build():\n"
-        "    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 8, 1))\n"
-        "    return model, (torch.randn(1, 3, 12, 12),)\n"
-    )
-    return f"{source}:build"
-
-
-def test_cli_writes_a_table(spruce_main, tmp_path, capsys):
-    out = tmp_path / "table.json"
-    code = spruce_main(["profile", _model_file(tmp_path), "--target", "onnxruntime", "--option", "threads=1",
-                        "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--warmup", "1", "--repeats", "3",
-                        "--no-progress"])
-    assert code == 0, capsys.readouterr().err
-    table = LatencyTable.load(out, expected_fingerprint=OnnxRuntimeCPU(threads=1).fingerprint())
-    assert set(table.layers) == {"0", "2"} and table.dense_ms() > 0
-    assert "wrote" in capsys.readouterr().out
-
-
-@pytest.mark.parametrize(("extra", "message"), [
-    (["--target", "tpu"], "unknown target 'tpu'"),
-    (["--step", "0"], "profile: step must be >= 1"),
-    (["--option", "cores=3"], "unknown option cores"),
-    (["--option", "threads"], "expected KEY=VALUE"),
-])
-def test_cli_bad_input(spruce_main, tmp_path, capsys, extra, message):
-    out = tmp_path / "table.json"
-    code = spruce_main(["profile", _model_file(tmp_path), "--out", str(out), "--no-progress", *extra])
-    err = capsys.readouterr().err
-    assert code == 2 and "spruce: error: " in err and message in err and "Traceback" not in err
-    assert not out.exists()
-
-
 def test_flattened_linear_steps_by_whole_channels_and_training_flag_kept(tmp_path):
     model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 4 * 4, 10))
     model.train()
@@ -610,8 +568,7 @@ def test_a_killed_profile_keeps_every_point_it_measured(twin, profiled, tmp_path
     assert set(resumed.layer_calls) == needed - set(killed.layer_calls)  # what was measured is not measured again
 
 
-def test_a_cache_path_that_is_a_file_is_refused_before_anything_is_measured(twin, tmp_path, monkeypatch,
-                                                                              spruce_main, capsys):
+def test_a_cache_path_that_is_a_file_is_refused_before_anything_is_measured(twin, tmp_path, monkeypatch):
     blocker = tmp_path / "cache-file"
     blocker.write_text("not a folder")
     monkeypatch.setenv("SPRUCE_CACHE", str(blocker))
@@ -619,11 +576,6 @@ def test_a_cache_path_that_is_a_file_is_refused_before_anything_is_measured(twin
     with pytest.raises(ProfileError, match=f"latency cache folder {blocker} \\(\\$SPRUCE_CACHE\\) cannot be used"):
         profile(*twin, target, step=8, **FAST)
     assert target.layer_calls == [] and target.model_calls == 0
-    out = tmp_path / "table.json"
-    assert spruce_main(["profile", _model_file(tmp_path), "--out", str(out), "--no-progress"]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("spruce: error:") and str(blocker) in err and "Traceback" not in err
-    assert not out.exists()
 
 
 _WRITER = """

@@ -6,8 +6,8 @@ import warnings
 from pathlib import Path
 
 import pytest
-import spruce
 import torch
+from helpers import sparsify
 from spruce.targets.base import ArtifactError, read_artifact
 from spruce.targets.pytorch import (
     TorchTarget,
@@ -47,7 +47,7 @@ def test_semi_structured_plan_converts_2_4_layers_whose_shapes_fit() -> None:
     x = torch.randn(2, wide)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # sparsify names the layers it keeps dense
-        folded = spruce.sparsify(model, x, structure="2:4").fold()
+        folded = sparsify(model, x, structure="2:4").fold()
     plan = {d.name: d for d in semi_structured_plan(folded, torch.float16)}
     linears = {name: m for name, m in folded.named_modules() if isinstance(m, nn.Linear)}
     assert plan.keys() == linears.keys()
@@ -87,7 +87,7 @@ def test_cuda_fp16_artifact_converts_planned_layers(tmp_path: Path) -> None:  # 
     x = torch.randn(1, 256)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        folded = spruce.sparsify(model, x, structure="2:4").fold()
+        folded = sparsify(model, x, structure="2:4").fold()
     target = TorchTarget(device="cuda", dtype="float16")
     artifact = target.build(folded, (x,), tmp_path / "m.pt2")
     assert artifact.info["semi_structured"] and artifact.info["converted"] == ["0", "2"]

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-import spruce
 import torch
 import torchvision
+from helpers import sparsify
 from onnx import numpy_helper
 from spruce.targets.base import TargetUnavailable, get_target
 from spruce.targets.onnxruntime import run_onnx
@@ -67,7 +67,7 @@ def test_2_4_checker_accepts_a_sparsified_mlp_and_rejects_the_dense_one(tmp_path
     x = torch.randn(4, 16)
     dense = check_2_4(prepare_onnx(model, (x,), tmp_path / "dense.onnx"))
     assert len(dense) == 3 and not any(c.qualifies for c in dense)
-    folded = spruce.sparsify(model, x, structure="2:4").fold()
+    folded = sparsify(model, x, structure="2:4").fold()
     checks = check_2_4(prepare_onnx(folded, (x,), tmp_path / "sparse.onnx"))
     assert [c.shape for c in checks] == [(32, 16), (8, 32), (3, 8)]
     # Each sparsified layer with a multiple-of-4 input width qualifies; the oracle is the folded weights.
@@ -81,7 +81,7 @@ def test_2_4_checker_on_a_sparsified_resnet18_convolutions(tmp_path: Path) -> No
     model = torchvision.models.resnet18(weights=None, num_classes=10).eval()
     x = torch.randn(1, 3, 32, 32)
     with pytest.warns(UserWarning, match="conv1"):
-        folded = spruce.sparsify(model, x, structure="2:4").fold()
+        folded = sparsify(model, x, structure="2:4").fold()
     checks = check_2_4(prepare_onnx(folded, (x,), tmp_path / "r18.onnx"))
     convs = [c for c in checks if c.op_type == "Conv"]
     assert len(convs) == 20  # BatchNorm folded into the 20 convolutions by the exporter
@@ -138,7 +138,7 @@ def _tensorrt_reason() -> str | None:
 def test_engine_builds_runs_and_reports_layers(tmp_path: Path) -> None:  # pragma: no cover - GPU only
     model = mlp()
     x = torch.randn(1, 16)
-    folded = spruce.sparsify(model, x, structure="2:4").fold()
+    folded = sparsify(model, x, structure="2:4").fold()
     target = TensorRTTarget(batch_sizes=(1, 8), timing_cache=tmp_path / "cache.bin")
     artifact = target.build(folded, (x,), tmp_path / "m.engine")
     assert (tmp_path / "cache.bin").is_file() and artifact.info["two_four_layers"]

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torchvision
-from spruce.api.verbs import sparsify
+from helpers import sparsify
 
 
 def resnet():

@@ -43,10 +43,12 @@ def cnn(seed: int) -> nn.Module:
 def train(method: str, rank: int, world: int, seed: int) -> dict:
     """Train ``method`` for STEPS steps on this rank's share of each global batch; returns
     the masks after every step, the final weights and the final method state."""
-    import spruce
+    from spruce.capture.trace import capture
+    from spruce.passes.sparsity.model import sparsify_captured
 
     x, y = digits()
-    sm = spruce.sparsify(cnn(seed), (x[:2],), method=method, sparsity=0.8, total_steps=STEPS, **METHODS[method])
+    sm = sparsify_captured(capture(cnn(seed), (x[:2],)), method=method, sparsity=0.8, total_steps=STEPS,
+                           **METHODS[method])
     model = sm
     if world > 1:
         model = nn.parallel.DistributedDataParallel(sm, broadcast_buffers=False)

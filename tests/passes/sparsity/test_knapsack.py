@@ -10,10 +10,9 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from helpers import analyze_model, count_macs, count_params, profile
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from spruce.api.stats import count_macs, count_params
-from spruce.api.verbs import analyze_model, profile
 from spruce.passes.export import remove_channels
 from spruce.passes.importance import importance_scores, param_table
 from spruce.passes.sparsity.knapsack import (

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+from helpers import sparsify
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from spruce import sparsify
 from spruce.passes.sparsity.masking import MaskedWeight, pack_bits, unpack_bits
 
 

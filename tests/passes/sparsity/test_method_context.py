@@ -8,8 +8,8 @@ from typing import ClassVar
 import pytest
 import torch
 import torch.nn as nn
+from helpers import sparsify
 from spruce import IEEConfig, RigLConfig
-from spruce.api.verbs import sparsify
 from spruce.passes.sparsity.context import MethodContext, Structure
 from spruce.passes.sparsity.knapsack import Budget
 from spruce.passes.sparsity.method import METHODS, Method, MethodConfig, register_method

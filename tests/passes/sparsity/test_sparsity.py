@@ -7,10 +7,9 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
-from helpers import SGDLoop
+from helpers import SGDLoop, sparsify
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from spruce.api.verbs import sparsify
 from spruce.passes.sparsity.budget import layer_densities
 from spruce.passes.sparsity.masking import nm_counts, nm_mask
 from spruce.passes.sparsity.methods.baselines import RigLConfig, SETConfig
@@ -529,27 +528,3 @@ def test_sparse_model_follows_its_mode_where_the_code_does(mode):
     with torch.no_grad():
         assert not torch.equal(sm(x), sm(x))  # dropout is on in training mode
     assert {name for name, _ in sm.state_dict().items()} >= {"graph.a.weight", "graph.spruce_masks.a.mask"}
-
-
-class UntraceableInTraining(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a = nn.Conv2d(3, 4, 3)
-
-    def forward(self, x):
-        y = self.a(x)
-        if self.training and y.sum() > 0:  # data-dependent control flow, in training mode only
-            y = y * 2
-        return y
-
-
-def test_training_code_that_cannot_be_traced():
-    import spruce
-
-    x = torch.randn(1, 3, 6, 6)
-    with pytest.raises(spruce.TraceError, match="control flow"):
-        sparsify(UntraceableInTraining().train(), x, method="static", sparsity=0.5)
-    with pytest.warns(UserWarning, match="runs its eval-mode graph in training mode too"):
-        sm = sparsify(UntraceableInTraining().eval(), x, method="static", sparsity=0.5)
-    sm.train()
-    assert sm(x).shape == (1, 4, 4, 4)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from helpers import digits_tensors as digits
 from helpers import small_digits_cnn as make_model
-from spruce import sparsify
+from helpers import sparsify
 
 STEPS, DELTA = 60, 5
 

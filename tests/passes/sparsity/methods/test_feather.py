@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from helpers import digits_tensors as digits
 from helpers import small_digits_cnn as make_model
-from spruce import sparsify
+from helpers import sparsify
 from spruce.passes.sparsity.masking import nm_counts
 from spruce.passes.sparsity.methods.feather import feather_threshold, theta_for
 from torch import nn

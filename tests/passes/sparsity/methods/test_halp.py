@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from spruce.api.verbs import profile, sparsify
+from helpers import profile, sparsify
 from spruce.passes.sparsity.knapsack import InfeasibleBudget
 from torch import nn
 

@@ -3,8 +3,7 @@
 import pytest
 import torch
 import torch.nn as nn
-from helpers import SGDLoop
-from spruce.api.verbs import sparsify
+from helpers import SGDLoop, resume_run, save_run, sparsify
 
 
 def cnn():
@@ -130,13 +129,9 @@ def test_iee_keeps_sparsity_on_target_after_every_update_and_resumes(tmp_path):
     loop1 = Loop(first, seed=3)
     for _ in range(33):
         loop1.step()
-    torch.save({"m": first.state_dict(), "o": loop1.opt.state_dict(), "g": loop1.gen.get_state()}, tmp_path / "c.pt")
+    save_run(tmp_path / "c.pt", first, loop1)
     second = make(total=70)
-    ckpt = torch.load(tmp_path / "c.pt", weights_only=False)
-    second.load_state_dict(ckpt["m"])
-    loop2 = Loop(second)
-    loop2.opt.load_state_dict(ckpt["o"])
-    loop2.gen.set_state(ckpt["g"])
+    loop2 = resume_run(tmp_path / "c.pt", second, Loop)
     for _ in range(37):
         loop2.step()
     for a, b in zip(sm.layers, second.layers):
@@ -242,13 +237,9 @@ def test_a_run_resumed_inside_reactivate_explore_equals_the_uninterrupted_one(tm
     loop1 = Loop(first, seed=8)
     run(12, loop1, first)
     assert first.method.exploring and first.method.freezer is not None
-    torch.save({"m": first.state_dict(), "o": loop1.opt.state_dict(), "g": loop1.gen.get_state()}, tmp_path / "c.pt")
+    save_run(tmp_path / "c.pt", first, loop1)
     second = sparsify(bn_cnn(), X, method="iee", sparsity=0.9, total_steps=40, h=H, j=J, q=Q)
-    ckpt = torch.load(tmp_path / "c.pt", weights_only=False)
-    second.load_state_dict(ckpt["m"])
-    loop2 = Loop(second)
-    loop2.opt.load_state_dict(ckpt["o"])
-    loop2.gen.set_state(ckpt["g"])
+    loop2 = resume_run(tmp_path / "c.pt", second, Loop)
     run(28, loop2, second)
     tensors = [dict([*sm.method.ctx.source.named_parameters(), *sm.method.ctx.source.named_buffers()])
                for sm in (whole, second)]

@@ -7,8 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from helpers import SGDLoop
-from spruce.api.verbs import sparsify
+from helpers import SGDLoop, resume_run, save_run, sparsify
 
 
 def cnn():
@@ -195,14 +194,10 @@ def test_resume_equals_uninterrupted_training_bitwise(tmp_path):
     loop1 = Loop(first, seed=4)
     for _ in range(k):
         loop1.step()
-    torch.save({"m": first.state_dict(), "o": loop1.opt.state_dict(), "g": loop1.gen.get_state()}, tmp_path / "c.pt")
+    save_run(tmp_path / "c.pt", first, loop1)
     del first, loop1
     second = make(total, per_epoch)
-    ckpt = torch.load(tmp_path / "c.pt", weights_only=False)
-    second.load_state_dict(ckpt["m"])
-    loop2 = Loop(second)
-    loop2.opt.load_state_dict(ckpt["o"])
-    loop2.gen.set_state(ckpt["g"])
+    loop2 = resume_run(tmp_path / "c.pt", second, Loop)
     assert second.step_count == k and second.method.epoch == 3
     for _ in range(total - k):
         loop2.step()

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import SGDLoop
-from spruce.api.verbs import sparsify
+from helpers import SGDLoop, resume_run, save_run, sparsify
 from torch import nn
 
 
@@ -207,13 +206,9 @@ def test_a_run_resumed_inside_reactivate_explore_equals_the_uninterrupted_one(tm
     for _ in range(5):  # explore starts after step 4: step 5 is inside Reactivate & Explore
         loop1.step()
     assert first.method.exploring and first.method.freezer is not None
-    torch.save({"m": first.state_dict(), "o": loop1.opt.state_dict(), "g": loop1.gen.get_state()}, tmp_path / "c.pt")
+    save_run(tmp_path / "c.pt", first, loop1)
     second = make(total=30, end_fraction=0.75)
-    ckpt = torch.load(tmp_path / "c.pt", weights_only=False)
-    second.load_state_dict(ckpt["m"])
-    loop2 = Loop(second)
-    loop2.opt.load_state_dict(ckpt["o"])
-    loop2.gen.set_state(ckpt["g"])
+    loop2 = resume_run(tmp_path / "c.pt", second, Loop)
     for _ in range(25):
         loop2.step()
     expected, got = tensors(whole), tensors(second)

@@ -1,6 +1,6 @@
 """Property tests for sparse training on generated encoder-decoder architectures.
 
-The grammar covers what ``test_property.py`` (classifier CNNs) does not: Conv1d/2d/3d,
+The grammar covers what ``test_prune_property.py`` (classifier CNNs) does not: Conv1d/2d/3d,
 transposed-convolution and interpolation decoders, UNet skip concatenations, and layers
 whose normalisation or reduction runs over the dims it must pin (weight standardisation
 through ``F.batch_norm``, GroupNorm, InstanceNorm, a mean over channels). Every model gets

@@ -16,6 +16,7 @@ import functools
 import pytest
 import spruce
 import torch
+from helpers import assert_pt2_reloads_in_a_fresh_process
 from spruce.api import checks, deploy
 from spruce.api.transformers import to_transformers
 from spruce.zoo import transformers as hf_examples
@@ -155,13 +156,7 @@ def test_deployed_files_keep_the_declared_sequence_length_dynamic(name, tmp_path
 
 
 def test_compact_models_reload_from_pt2_in_a_fresh_process(tmp_path):
-    programs = []
-    for name in NAMES:
-        _, result = pruned(name)
-        for part in deploy.parts(result.model, result.analysis.captured):
-            programs.append((deploy.save_pt2(part, tmp_path / f"{name}.{part.name}.pt2"), part))
-    errors = deploy.check_pt2_in_fresh_process(programs)
-    assert len(errors) == len(programs) and max(errors) <= 1e-5, errors
+    assert_pt2_reloads_in_a_fresh_process({name: pruned(name)[1] for name in NAMES}, tmp_path)
 
 
 def greedy(model: torch.nn.Module, ids: torch.Tensor, steps: int) -> torch.Tensor:
