@@ -538,13 +538,14 @@ class OnnxRuntimeCPU(Target):
             if given is None and quantization_mode(onnx.load(str(exported)))[0] == "static":
                 raise ValueError(f"precision='int8': {path.name} takes static quantization, which needs "
                                  f"calibration_data (at least {MIN_CALIBRATION_SAMPLES} samples); none was given")
-            record = quantize_onnx(exported, quantized, calibration_data, self.calibration)
-            options = self._options()
-            if self.save_optimized:  # ORT writes its optimised graph of the INT8 file into temp
+            # the quantized file is the artifact (written into temp), or, with save_optimized, the
+            # input of the ONNX Runtime session that writes its optimised graph into temp
+            record = quantize_onnx(exported, quantized if self.save_optimized else temp, calibration_data,
+                                   self.calibration)
+            if self.save_optimized:
+                options = self._options()
                 options.optimized_model_filepath = str(temp)
                 ort.InferenceSession(str(quantized), sess_options=options, providers=["CPUExecutionProvider"])
-            else:
-                os.replace(quantized, temp)
             error = check_onnx(temp, model, example_inputs)
             macs = integer_mac_share(temp, [_as_numpy(t) for t in example_inputs], self._options())
         shapes = tuple(tuple(t.shape) for t in example_inputs)
