@@ -10,25 +10,29 @@ import torch.nn as nn
 from spruce.passes.sparsity.knapsack import InfeasibleBudget
 
 
-def cnn() -> nn.Module:
+def cnn(width: int = 32) -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-                         nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+    return nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+                         nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 10))
 
 
 X = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
 
 
-def channel_model(sparsity: float = 0.25):
-    return spruce.sparsify(cnn(), X, spruce.StaticConfig(init="magnitude"), structure="channel", sparsity=sparsity,
-                           distribution="uniform")
+def channel_model(sparsity: float = 0.25, width: int = 32, x: torch.Tensor = X):
+    return spruce.sparsify(cnn(width), x, spruce.StaticConfig(init="magnitude"), structure="channel",
+                           sparsity=sparsity, distribution="uniform")
 
 
 def test_a_selection_within_the_budget_stands():
-    sm = channel_model()
+    # half the channels of a model that runs for milliseconds: far below the dense model's latency
+    # whatever the machine's load (at 16x16 and 32 channels, 0.04 ms, the compact model once
+    # measured 1.16 of dense on a busy machine: call overhead, not the model)
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    sm = channel_model(sparsity=0.5, width=64, x=x)
     masks = [unit.mask.clone() for unit in sm.units]
-    check = spruce.meet_budget(sm, X, "onnxruntime", budget=1.0)
+    check = spruce.meet_budget(sm, x, "onnxruntime", budget=1.0)
     assert not check.re_aimed and check.attempts == 1 and check.ratio <= 1.05
     assert check.measured_ms > 0 and check.measured_dense_ms > 0
     assert all(torch.equal(a, u.mask) for a, u in zip(masks, sm.units))  # left as it was

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 from helpers import bench_artifacts, copy_artifact
 from spruce.cli import main as cli
-from spruce.cli.bench import SUBCOMMAND
 
 
 @pytest.fixture(scope="module")
@@ -17,8 +16,7 @@ def artifacts(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture
-def spruce_main(monkeypatch):
-    monkeypatch.setitem(cli.SUBCOMMANDS, "bench", SUBCOMMAND)
+def spruce_main():
     return cli.main
 
 

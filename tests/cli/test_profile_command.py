@@ -6,14 +6,12 @@ from pathlib import Path
 
 import pytest
 from spruce.cli import main as cli
-from spruce.cli import profile as cli_profile
 from spruce.runtime.profile import LatencyTable
 from spruce.targets.onnxruntime import OnnxRuntimeCPU
 
 
 @pytest.fixture
-def spruce_main(monkeypatch):
-    monkeypatch.setitem(cli.SUBCOMMANDS, "profile", cli_profile.SUBCOMMAND)
+def spruce_main():
     return cli.main
 
 
