@@ -38,7 +38,10 @@ def _library_modules() -> set[str]:
     found = {"spruce"}
     for path in ROOT.rglob("*.py"):
         relative = path.relative_to(ROOT)
-        if relative.parts[0] in NOT_PACKAGED or len(relative.parts) == 1:
+        if relative.parts[0] in NOT_PACKAGED:
+            continue
+        if len(relative.parts) == 1:  # a module at the root: the package's own (__init__, moved)
+            found.add("spruce" if relative.stem == "__init__" else f"spruce.{relative.stem}")
             continue
         parts = ["spruce", *relative.with_suffix("").parts]
         found.add(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
