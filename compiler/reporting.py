@@ -63,6 +63,8 @@ def write_report(setup: Setup, reference: Reference, profiled: Profiled, sparsif
     (:func:`report_document`), written as report.json, report.md and its plots into the
     workspace's folder (each file atomically)."""
     document = report_document(setup, reference, profiled, sparsified, recovered, exported, built, benched, timings)
+    if "floor" in document:
+        mark_manifest(built.compiled.manifest_path, document["floor"])
     document["plots"] = write_plots(document, profiled.table, workspace.out_dir)
     atomic_write_text(workspace.out_dir / "report.json", json.dumps(document, indent=2) + "\n")
     atomic_write_text(workspace.out_dir / "report.md", _markdown(document))
@@ -116,19 +118,17 @@ def report_document(setup: Setup, reference: Reference, profiled: Profiled, spar
         **({"budget": _jsonable(budget)} if (budget := _budget_record(setup, reference, sparsified, profiled,
                                                                      exported, benched, recovered.final)) else {}),
         "recovery": _jsonable(_recovery_record(setup, sparsified, recovered)),
-        **({"floor": _jsonable(floor)} if (floor := _floor_record(setup, exported, built)) is not None else {}),
+        **({"floor": _jsonable(floor)} if (floor := _floor_record(setup, exported)) is not None else {}),
     }
 
 
-def _floor_record(setup: Setup, exported: Exported, built: Built) -> dict[str, Any] | None:
-    """The fidelity floor judged on the compiled model (:mod:`spruce.compiler.floors`), also
-    recorded in the compiled artifact's manifest; None without an output plan."""
+def _floor_record(setup: Setup, exported: Exported) -> dict[str, Any] | None:
+    """The fidelity floor judged on the compiled model (:mod:`spruce.compiler.floors`); None
+    without an output plan. :func:`write_report` records it in the compiled artifact's manifest."""
     if setup.plan is None:
         return None
     per_output = exported.fidelity.per_output if exported.fidelity else {}
-    floor = check_floors(setup.recipe.floor, setup.plan, per_output, exported.metrics).record()
-    mark_manifest(built.compiled.manifest_path, floor)
-    return floor
+    return check_floors(setup.recipe.floor, setup.plan, per_output, exported.metrics).record()
 
 
 def _median_speedup(row: Mapping[str, Any]) -> float | None:
