@@ -65,7 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recipe", type=Path, default=None, help="YAML or JSON recipe (flags override it)")
     parser.add_argument("--input-shape", type=parse_input_shapes, default=None, metavar="SHAPE",
                         help="example input shape (default: the data's)")
-    with_default("data", "--data", "digits, mnist5k, images:DIR or FILE.py:make_loaders")
+    with_default("data", "--data", "digits, mnist5k, images:DIR, text:PATH or FILE.py:make_loaders")
     parser.add_argument("--recover", default=None, choices=("none", "distill", "loss"),
                         help="none: one-shot + BatchNorm re-estimation; distill: learn the dense outputs; "
                         "loss: --loss (default: loss when one exists, else distill)")

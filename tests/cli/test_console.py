@@ -95,6 +95,7 @@ def test_a_subcommand_help_without_importing_torch(name: str) -> None:
     (["compile", "--out", "out", "--budget", "speed=0.5"], "budget kind must be one of latency, flops, params"),
     (["compile", "--out", "out", "--budget", "latency=0"], "fraction of dense in (0, 1]"),
     (["compile", "--out", "out", "--data", "images:no_such_dir"], "no such folder no_such_dir"),
+    (["compile", "--out", "out", "--data", "text:no_such.txt"], "no such file or folder no_such.txt"),
     (["compile", "--out", "out", "--data", "pictures"], "unknown data 'pictures'"),
     (["compile", "--out", "out", "--recipe", "missing.yaml"], "recipe missing.yaml does not exist"),
     (["compile", "--out", "out", "--loss", "missing.py:loss_fn"], "no such file missing.py"),
