@@ -76,8 +76,11 @@ def text_path(spec: str) -> Path:
 def load_tokenizer(folder: str | Path) -> Any:
     """The transformers tokenizer saved in ``folder`` (``AutoTokenizer.from_pretrained``);
     :class:`DataError` naming the folder when none loads."""
-    from transformers import AutoTokenizer
-
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        raise DataError(f"text data needs transformers to load the tokenizer of {folder} "
+                        "(pip install transformers)") from None
     try:
         return AutoTokenizer.from_pretrained(str(folder))
     except (OSError, ValueError, TypeError) as exc:
