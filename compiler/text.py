@@ -186,7 +186,7 @@ def _tokenize(tokenizer: Any, texts: list[str], spec: str) -> list[list[int]]:
         raise DataError(f"data {short_repr(spec)}: the tokenizer failed: {type(exc).__name__}: {exc}") from None
 
 
-def _split_documents(spec: str, seed: int) -> tuple[list[tuple[str, str]], list[tuple[str, str]] | None]:
+def _split_documents(spec: str) -> tuple[list[tuple[str, str]], list[tuple[str, str]] | None]:
     """Recovery and held-out documents (held out None: split the recovery ones)."""
     path = text_path(spec)
     if path.is_dir() and (path / "recover").is_dir() and (path / "heldout").is_dir():
@@ -222,7 +222,7 @@ def load_text(spec: str, tokenizer: Any, sequence_length: int, seed: int = 0, ba
         tokenizer = load_tokenizer(tokenizer)
     if embedding_rows is not None:
         check_vocabulary(tokenizer, embedding_rows)
-    recover_docs, held_docs = _split_documents(spec, seed)
+    recover_docs, held_docs = _split_documents(spec)
     bos, eos = _special(tokenizer, "bos_token_id"), _special(tokenizer, "eos_token_id")
     pad = _special(tokenizer, "pad_token_id")
     pad = pad if pad is not None else eos if eos is not None else 0
