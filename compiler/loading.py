@@ -13,13 +13,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..capture.transformers import is_transformers_model
 from ..passes.graph import require_data
 from ..targets.base import get_target
 from .datasets import DataError, Loaders, check_disjoint, default_model, inputs_of, load_data, loaders_from
 from .floors import check_floor_names
+from .kinds import OutputDeclaration
+from .lm import causal_lm_reason, recovery_tokens
 from .outputs import OutputPlan, batch_dims, flatten_outputs, plan_outputs
 from .recipes import Recipe
 from .results import Given, Setup, UserFunction, Workspace
+from .specs import model_spec_kind
 
 __all__ = ["held_out_accuracy", "load_setup", "user_metrics"]
 
@@ -33,13 +37,22 @@ def load_setup(recipe: Recipe, workspace: Workspace, given: Given) -> Setup:
     model, example, data, name, is_default = _model_example_data(recipe, given, prepare)
     loss = UserFunction.of(given.loss_fn if given.loss_fn is not None else recipe.loss, "loss_fn")
     evaluate_fn = UserFunction.of(given.evaluate if given.evaluate is not None else recipe.evaluate, "evaluate")
+    lm_reason = causal_lm_reason(model)
+    if lm_reason is not None:
+        example = _lm_example(recipe, data, example, name)
+        _without_cache(model)
     with torch.no_grad():
         try:
             outputs = model.eval()(example)
         except Exception as exc:
             raise ValueError(f"{name} does not run on the example input of shape {tuple(example.shape)}: "
                              f"{type(exc).__name__}: {exc}") from None
-    plan = plan_outputs(outputs, recipe.distill_losses, name, recipe.outputs, batch_dims(model, example, outputs))
+    recognised = None
+    if lm_reason is not None and "logits" in getattr(outputs, "keys", lambda: ())():
+        pad = getattr(model.config, "pad_token_id", None)
+        recognised = {"output['logits']": (OutputDeclaration(kind="lm", pad=pad), lm_reason)}
+    plan = plan_outputs(outputs, recipe.distill_losses, name, recipe.outputs, batch_dims(model, example, outputs),
+                        recognised)
     check_disjoint(data, recipe.data)
     mode = _recovery_mode(recipe, data, plan, loss, name)
     if loss is not None and mode == "loss":
@@ -51,8 +64,32 @@ def load_setup(recipe: Recipe, workspace: Workspace, given: Given) -> Setup:
                   + f", recover {mode}")
     for warning in plan.warnings():
         workspace.say(f"warning: {warning}")
+    folder = recipe.model if recipe.model is not None and model_spec_kind(recipe.model) == "folder" else None
+    tokens, tokens_from = recovery_tokens(recipe.recover_tokens, folder) if lm_reason else (None, "")
+    uniform = recipe.uniform if recipe.uniform is not None else is_transformers_model(model)
     return Setup(recipe, target, data, model, example, copy.deepcopy(model.state_dict()), plan, mode, loss,
-                 evaluate_fn, name, is_default)
+                 evaluate_fn, name, is_default, model_folder=folder, uniform=uniform, recover_tokens=tokens,
+                 recover_tokens_from=tokens_from)
+
+
+def _lm_example(recipe: Recipe, data: Loaders, example: torch.Tensor, name: str) -> torch.Tensor:
+    """A causal LM's example: the data's first sequence (1, L) when the data are token ids,
+    else the model's own; cut to ``seq_len`` when given."""
+    if data.example.dtype == torch.long and data.example.ndim == 2:
+        example = data.example[:1]
+    if recipe.seq_len is not None:
+        if recipe.seq_len > example.shape[1]:
+            raise ValueError(f"seq_len {recipe.seq_len}: the data's sequences of {name} hold {example.shape[1]} tokens")
+        example = example[:, :recipe.seq_len]
+    return example
+
+
+def _without_cache(model: nn.Module) -> None:
+    """A causal LM computes every position in compile (no key/value cache in its outputs)."""
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "use_cache"):
+            config.use_cache = False
 
 
 
@@ -110,8 +147,9 @@ def _data(recipe: Recipe, given: Given, example: torch.Tensor | None, prepare: U
 
 def _recovery_mode(recipe: Recipe, data: Loaders, plan: OutputPlan, loss: UserFunction | None, name: str) -> str:
     labels_usable = data.labeled and plan.all_scores and len(plan.outputs) == 1 and data.num_classes > 0
+    lm_loss_built_in = any(spec.kind == "lm" for spec in plan.outputs)  # the next token is the label
     if recipe.recover == "loss" or (recipe.recover is None and data.labeled and loss is None):
-        if loss is None and not labels_usable:
+        if loss is None and not labels_usable and not lm_loss_built_in:
             non_scores = [s.name for s in plan.outputs if s.kind != "scores"] or [s.name for s in plan.outputs]
             raise ValueError(
                 f"{name}: the data carries labels but no loss_fn was given, and output(s) "

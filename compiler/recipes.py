@@ -55,6 +55,13 @@ fails before any training. :func:`recipe_schema` is its JSON schema. All keys op
 ``budget_batch_size``     batch size at which a latency budget is measured
 ``round_to``              kept channel counts are multiples of it (default 8: CPU kernels
                           work in blocks of 8 channels, so other counts time erratically)
+``uniform``               channel groups of the same role keep the same count in every layer
+                          (heads, MLP width: what a transformers config can hold, so the result
+                          writes back); default on for transformers models, off otherwise
+``recover_tokens``        a language model's recovery stops after this many input tokens
+                          (default: 10 % of the dense model's training tokens when its folder
+                          has ``training.json``, else the recipe's ``epochs``)
+``seq_len``               a language model's example sequence length L (default: the data's)
 ``importance_norm``       ``group_mean`` (default): channel importance divided by its group's
                           mean before the knapsack compares groups (raw weight magnitude
                           grows with a layer's fan-in, so early high-resolution layers would
@@ -159,6 +166,9 @@ class Recipe(Config):
     augment: Augment | None = None
     selection_cost: Literal["latency", "flops"] = "latency"
     min_keep: float = Field(0.25, ge=0, le=1)
+    uniform: bool | None = None
+    recover_tokens: int | None = Field(None, ge=1)
+    seq_len: int | None = Field(None, ge=2, le=_MAX_SIZE)
 
     @model_validator(mode="before")
     @classmethod

@@ -41,6 +41,7 @@ trained on the bundled digits with a fixed seed, and that trained model is then 
 from __future__ import annotations
 
 import copy
+import functools
 import sys
 import warnings
 from pathlib import Path
@@ -58,6 +59,7 @@ from .channel_methods import FinalCheck, check_final, drives_channels, updates_l
 from .datasets import inputs_of
 from .default_cache import trained_default
 from .fidelity import fidelity
+from .lm import lm_loss
 from .loading import held_out_accuracy, user_metrics
 from .outputs import flatten_outputs
 from .recovery import cross_entropy_loss, recover
@@ -122,7 +124,9 @@ def recover_student(setup: Setup, reference: Reference, captured: Captured, prof
     student = sparsified.compact if sparsified.compact is not None else captured.student
     loss_fn = None
     if setup.mode == "loss":
-        loss_fn = setup.loss.function if setup.loss is not None else cross_entropy_loss
+        lm = next((spec for spec in setup.plan.outputs if spec.kind == "lm"), None) if setup.plan else None
+        builtin = functools.partial(lm_loss, pad=lm.pad) if lm is not None else cross_entropy_loss
+        loss_fn = setup.loss.function if setup.loss is not None else builtin
     held_out = [inputs_of(batch) for batch in setup.data.test]
     selected = sparsified.sparse if sparsified.sparse is not None else student
     before = fidelity(selected, reference.model, held_out, setup.plan) if setup.plan is not None else None
@@ -139,7 +143,8 @@ def recover_student(setup: Setup, reference: Reference, captured: Captured, prof
 
     log = recover(student, reference.model, setup.data.train, setup.mode, setup.plan, epochs=recipe.epochs,
                         lr=recipe.recover_lr, loss_fn=loss_fn, sparse=sparsified.sparse, quiet=workspace.quiet,
-                        after_step=check if sparsified.drive is not None else None)
+                        after_step=check if sparsified.drive is not None else None,
+                        max_steps=setup.total_steps if setup.recover_tokens is not None else None)
     if sparsified.drive is not None and not checks:  # updates still due when recovery stopped
         check(sparsified.total_steps)
     final = checks[0] if checks else None
