@@ -25,7 +25,9 @@ from .recipes import Recipe
 from .results import Given, Setup, UserFunction, Workspace
 from .specs import model_spec_kind
 
-__all__ = ["held_out_accuracy", "load_setup", "user_metrics"]
+__all__ = ["LM_ROUND_TO", "held_out_accuracy", "load_setup", "user_metrics"]
+
+LM_ROUND_TO = 1  # a causal LM's default round_to: its head groups count whole heads (a few per group)
 
 
 def load_setup(recipe: Recipe, workspace: Workspace, given: Given) -> Setup:
@@ -41,6 +43,8 @@ def load_setup(recipe: Recipe, workspace: Workspace, given: Given) -> Setup:
     if lm_reason is not None:
         example = _lm_example(recipe, data, example, name)
         _without_cache(model)
+        if "round_to" not in recipe.model_fields_set:  # a head group's channels are whole heads
+            recipe = recipe.with_overrides(round_to=LM_ROUND_TO)
     with torch.no_grad():
         try:
             outputs = model.eval()(example)

@@ -54,7 +54,8 @@ fails before any training. :func:`recipe_schema` is its JSON schema. All keys op
 ``recover_lr``            peak learning rate of recovery (AdamW, cosine decay)
 ``budget_batch_size``     batch size at which a latency budget is measured
 ``round_to``              kept channel counts are multiples of it (default 8: CPU kernels
-                          work in blocks of 8 channels, so other counts time erratically)
+                          work in blocks of 8 channels, so other counts time erratically; 1 for
+                          a causal LM, whose head groups count whole heads)
 ``uniform``               channel groups of the same role keep the same count in every layer
                           (heads, MLP width: what a transformers config can hold, so the result
                           writes back); default on for transformers models, off otherwise

@@ -140,6 +140,11 @@ class Setup:
         return self.recipe.epochs * len(self.data.train)
 
     @property
+    def is_lm(self) -> bool:
+        """The model is a causal LM (an output of kind ``lm``)."""
+        return self.plan is not None and any(spec.kind == "lm" for spec in self.plan.outputs)
+
+    @property
     def loss_text(self) -> str:
         if self.mode == "none":
             return "none (BatchNorm re-estimation only)"
@@ -221,6 +226,7 @@ class Built:
 
     dense: Artifact
     compiled: Artifact
+    language_model: dict[str, Any] | None = None  # a causal LM's extra artifacts (compiler.lm_artifacts)
 
 
 @dataclass(frozen=True)

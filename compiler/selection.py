@@ -17,6 +17,7 @@ from ..passes.importance import importance_scores, param_table
 from ..passes.sparsity.knapsack import build_cost_model, minimum_kept, normalise_importance, select_channels
 from ..passes.sparsity.method import MethodConfig, RunLength
 from ..passes.sparsity.model import SparseModel, sparsify_captured
+from ..passes.sparsity.uniform import tie_problem, uniform_classes, untie
 from ..runtime.budget import meet_latency_budget
 from .channel_methods import drives_channels, sparsify_with_method
 from .results import Captured, Profiled, Setup, Sparsified, Workspace
@@ -49,7 +50,15 @@ def sparsify_student(setup: Setup, captured: Captured, profiled: Profiled, works
 def channels_by_magnitude(setup: Setup, captured: Captured, profiled: Profiled, method: MethodConfig, total_steps: int,
                      workspace: Workspace) -> Sparsified:
     """Channels kept by magnitude: under a latency budget, the measured closed loop; under a
-    FLOPs/params budget, the knapsack; under a sparsity, the top fraction of each group."""
+    FLOPs/params budget, the knapsack; under a sparsity, the top fraction of each group.
+    With ``uniform`` (default for transformers models), groups of one role keep one count in
+    every layer (:mod:`spruce.passes.sparsity.uniform`), so the result writes back.
+
+    Score source: the trained weights' L1 magnitude (:data:`CHANNEL_IMPORTANCE`, computed by
+    :func:`spruce.passes.importance.importance_scores` over every member of a group: a head's
+    query and output-projection rows/columns, an MLP channel's gate/up rows and down column),
+    not calibration activations or gradients (a student equal to its teacher has zero
+    distillation gradient)."""
     recipe = setup.recipe
     student, example = captured.student.eval(), setup.example
     analysis = analyze(captured.graph)
@@ -60,6 +69,7 @@ def channels_by_magnitude(setup: Setup, captured: Captured, profiled: Profiled, 
         raise ValueError(f"{setup.model_name} has no prunable channel group; try structure unstructured or 2:4")
     importance = normalise_importance(importance, recipe.importance_norm)
     required = minimum_kept(importance, recipe.min_keep, recipe.round_to) if recipe.min_keep > 0 else None
+    ties = uniform_classes(analysis.groups) if setup.uniform else None
     selection = None
     if recipe.budget and "latency" in recipe.budget:
         workspace.say("choosing channels to meet the latency budget as measured on the target ...")
@@ -67,13 +77,19 @@ def channels_by_magnitude(setup: Setup, captured: Captured, profiled: Profiled, 
                                                                                  analysis)
         selection = meet_latency_budget(analysis, student, profiled.table, setup.target, recipe.budget["latency"],
                                         importance, (example,), batch_size=recipe.budget_batch_size,
-                                        round_to=recipe.round_to, required=required, cost_model=steer)
+                                        round_to=recipe.round_to, required=required, cost_model=steer, ties=ties)
         kept, compact = selection.kept, selection.compact
     elif recipe.budget:
         ((kind, fraction),) = recipe.budget.items()
         cost = build_cost_model(kind, student, analysis)
-        kept = dict(select_channels(cost, importance, fraction * cost.dense(), round_to=recipe.round_to,
-                                    required=required).kept)
+        if ties is None:
+            kept = dict(select_channels(cost, importance, fraction * cost.dense(), round_to=recipe.round_to,
+                                        required=required).kept)
+        else:
+            tied_cost, tied_importance, tied_required = tie_problem(cost, importance, ties, required)
+            chosen = select_channels(tied_cost, tied_importance, fraction * cost.dense(), round_to=recipe.round_to,
+                                     required=tied_required)
+            kept = dict(untie(chosen, importance, ties, sorted(cost.sizes)).kept)
         compact = remove_channels(analysis, student, kept)
     else:
         kept = keep_top_channels(student, analysis.groups, recipe.sparsity or 0.0, CHANNEL_IMPORTANCE,

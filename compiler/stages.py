@@ -60,6 +60,7 @@ from .datasets import inputs_of
 from .default_cache import trained_default
 from .fidelity import fidelity
 from .lm import lm_loss
+from .lm_artifacts import lm_artifacts, sequence_dims
 from .loading import held_out_accuracy, user_metrics
 from .outputs import flatten_outputs
 from .recovery import cross_entropy_loss, recover
@@ -96,7 +97,8 @@ def dense_reference(setup: Setup, workspace: Workspace) -> Reference:
 def capture_student(setup: Setup, reference: Reference) -> Captured:
     """A copy of the trained model (the student), captured at the example."""
     student = copy.deepcopy(reference.model).eval()
-    return Captured(student, capture(student, (setup.example,)))
+    dynamic = sequence_dims(student, setup.example) if setup.is_lm else None  # a causal LM: any length
+    return Captured(student, capture(student, (setup.example,), dynamic_shapes=dynamic))
 
 
 def profile_student(setup: Setup, captured: Captured, workspace: Workspace) -> Profiled:
@@ -176,13 +178,23 @@ def export_compiled(setup: Setup, reference: Reference, sparsified: Sparsified, 
                     sum(int(x.shape[0]) for x in held_out))
 
 
-def build_artifacts(setup: Setup, reference: Reference, exported: Exported, workspace: Workspace) -> Built:
-    """Dense and compiled artifacts for the target (each checked by the target as it builds)."""
+def build_artifacts(setup: Setup, reference: Reference, captured: Captured, exported: Exported,
+                    workspace: Workspace) -> Built:
+    """Dense and compiled artifacts for the target (each checked by the target as it builds);
+    a causal LM's keep their sequence length dynamic (ONNX Runtime), and it gets its ``.pt2``
+    and transformers folder besides (:mod:`spruce.compiler.lm_artifacts`)."""
     workspace.say("building artifacts ...")
     target, example = setup.target, (setup.example,)
-    dense = target.build(reference.model, example, workspace.out_dir / f"dense{target.suffix}")
-    compiled = target.build(exported.model, example, workspace.out_dir / f"model{target.suffix}")
-    return Built(dense, compiled)
+    options = {}
+    if setup.is_lm and target.name == "onnxruntime":
+        options["dynamic_dims"] = sequence_dims(reference.model, setup.example)
+    dense = target.build(reference.model, example, workspace.out_dir / f"dense{target.suffix}", **options)
+    compiled = target.build(exported.model, example, workspace.out_dir / f"model{target.suffix}", **options)
+    extras = None
+    if setup.is_lm:
+        workspace.say("writing the .pt2 and the transformers folder ...")
+        extras = lm_artifacts(exported.model, reference.model, captured.graph, workspace.out_dir, setup.model_folder)
+    return Built(dense, compiled, extras)
 
 
 def bench_artifacts(setup: Setup, built: Built, workspace: Workspace) -> Benched:
