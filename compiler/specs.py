@@ -19,7 +19,8 @@ from typing import Literal
 from ..passes.config import ConfigError, short_repr
 
 __all__ = ["BUDGET_KINDS", "DATASET_NAMES", "DEFAULT_INPUT_SHAPE", "FACTORY_CONTRACT", "FACTORY_RESULT",
-           "MAX_INPUT_ELEMENTS", "MODEL_SCHEMES", "DataError", "ModelSpecError", "RecipeError", "Shape", "check_budget",
+           "MAX_INPUT_ELEMENTS", "MODEL_SCHEMES", "TEXT_SCHEME", "DataError", "ModelSpecError", "RecipeError", "Shape",
+           "check_budget",
            "check_data_source", "check_data_spec", "check_function_spec", "check_input_sizes",
            "check_model_source", "check_model_spec", "check_readable_file", "model_spec_kind", "parse_budget"]
 
@@ -44,6 +45,9 @@ FACTORY_CONTRACT = f"FACTORY() returns {FACTORY_RESULT}"
 
 # The built-in data sets; each has a loader in :data:`spruce.compiler.datasets.DATASETS`.
 DATASET_NAMES = ("digits", "mnist5k")
+
+# ``text:PATH``: a text file or a folder of text files, tokenized by :mod:`spruce.compiler.text`.
+TEXT_SCHEME = "text"
 
 BUDGET_KINDS = ("latency", "flops", "params")
 
@@ -175,9 +179,13 @@ def _available_memory() -> int | None:
 
 def check_data_spec(spec: str) -> None:
     """Raise :class:`DataError` unless ``spec`` has the form of a data spec: a built-in data set,
-    ``images:DIR`` or ``FILE.py:make_loaders`` (the form only: nothing is read, so recipes check
-    it when they load)."""
+    ``images:DIR``, ``text:PATH`` or ``FILE.py:make_loaders`` (the form only: nothing is read, so
+    recipes check it when they load)."""
     if spec in DATASET_NAMES:
+        return
+    if spec.startswith(f"{TEXT_SCHEME}:"):
+        if not spec.partition(":")[2]:
+            raise DataError(f"data {short_repr(spec)}: write text:PATH (a text file or a folder of text files)")
         return
     if spec.startswith("images:"):
         if not spec.partition(":")[2]:
@@ -185,15 +193,23 @@ def check_data_spec(spec: str) -> None:
         return
     file_part, sep, factory_name = spec.rpartition(":")
     if not sep or not file_part.endswith(".py") or not factory_name:
-        raise DataError(f"unknown data {short_repr(spec)}; valid: {', '.join(DATASET_NAMES)}, images:DIR or "
-                        "FILE.py:make_loaders")
+        raise DataError(f"unknown data {short_repr(spec)}; valid: {', '.join(DATASET_NAMES)}, images:DIR, "
+                        "text:PATH or FILE.py:make_loaders")
 
 
 def check_data_source(spec: str) -> None:
-    """:func:`check_data_spec`, then the folder of ``images:DIR`` or the file of
-    ``FILE.py:make_loaders`` exists and is readable (:class:`DataError`); nothing is read."""
+    """:func:`check_data_spec`, then the folder of ``images:DIR``, the file or folder of
+    ``text:PATH`` or the file of ``FILE.py:make_loaders`` exists and is readable
+    (:class:`DataError`); nothing is read."""
     check_data_spec(spec)
     if spec in DATASET_NAMES:
+        return
+    if spec.startswith(f"{TEXT_SCHEME}:"):
+        path = Path(spec.partition(":")[2])
+        if not path.exists():
+            raise DataError(f"data {short_repr(spec)}: no such file or folder {path}")
+        if not os.access(path, os.R_OK | (os.X_OK if path.is_dir() else 0)):
+            raise DataError(f"data {short_repr(spec)}: {path} is not readable (permission denied)")
         return
     if spec.startswith("images:"):
         folder = Path(spec.partition(":")[2])
