@@ -33,6 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .datasets import inputs_of
+
 __all__ = ["KL_CHUNK_POSITIONS", "RECOVERY_TOKEN_SHARE", "causal_lm_reason", "lm_kl", "lm_loss", "next_token_mask",
            "next_token_nll", "recovery_tokens"]
 
@@ -97,8 +99,9 @@ def next_token_nll(logits: torch.Tensor, tokens: torch.Tensor, pad: int | None =
 
 def lm_loss(outputs: Any, batch: Any, pad: int | None = None) -> torch.Tensor:
     """The model's own LM loss: mean cross-entropy of each position's logits against the next
-    input token, pads skipped (``batch``: the (N, L) token ids, or (ids, anything))."""
-    tokens = batch if isinstance(batch, torch.Tensor) else batch[0]
+    input token, pads skipped (``batch``: the (N, L) token ids, (ids, anything), or a token
+    batch dict with ``input_ids``)."""
+    tokens = inputs_of(batch)
     logits = outputs["logits"] if isinstance(outputs, dict) or hasattr(outputs, "keys") else outputs
     total, count = next_token_nll(logits, tokens, pad)
     return total / max(count, 1)

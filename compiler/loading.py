@@ -53,7 +53,8 @@ def load_setup(recipe: Recipe, workspace: Workspace, given: Given) -> Setup:
                              f"{type(exc).__name__}: {exc}") from None
     recognised = None
     if lm_reason is not None and "logits" in getattr(outputs, "keys", lambda: ())():
-        pad = getattr(model.config, "pad_token_id", None)
+        pad = data.text.pad_token_id if getattr(data, "text", None) is not None else \
+            getattr(model.config, "pad_token_id", None)
         recognised = {"output['logits']": (OutputDeclaration(kind="lm", pad=pad), lm_reason)}
     plan = plan_outputs(outputs, recipe.distill_losses, name, recipe.outputs, batch_dims(model, example, outputs),
                         recognised)
@@ -86,6 +87,11 @@ def _lm_example(recipe: Recipe, data: Loaders, example: torch.Tensor, name: str)
             raise ValueError(f"seq_len {recipe.seq_len}: the data's sequences of {name} hold {example.shape[1]} tokens")
         example = example[:, :recipe.seq_len]
     return example
+
+
+def _at_length(example: torch.Tensor, length: int) -> torch.Tensor:
+    """Token ids (1, L) cut or cyclically repeated to (1, ``length``)."""
+    return example.repeat(1, -(-length // example.shape[1]))[:, :length]
 
 
 def _without_cache(model: nn.Module) -> None:
@@ -129,24 +135,39 @@ def _model_example_data(recipe: Recipe, given: Given, prepare: UserFunction | No
         raise ValueError(f"{name} is a {type(model).__name__}, not a torch.nn.Module")
     require_data(model, (example,), f"compile {name}")  # a meta-device model is refused by name
     example = example[:1]
-    data = _data(recipe, given, example, prepare)
+    if causal_lm_reason(model) is not None and recipe.seq_len is not None:  # text data: windows of seq_len
+        example = _at_length(example, recipe.seq_len)
+    data = _data(recipe, given, example, prepare, model)
     return model, example, data, name, False
 
 
-def _data(recipe: Recipe, given: Given, example: torch.Tensor | None, prepare: UserFunction | None) -> Loaders:
+def _data(recipe: Recipe, given: Given, example: torch.Tensor | None, prepare: UserFunction | None,
+          model: nn.Module | None = None) -> Loaders:
+    text = _text_options(model)
     if isinstance(given.data, Loaders):
         return given.data
     if given.data is not None:
         if isinstance(given.data, str):
             return load_data(given.data, recipe.seed, min(recipe.batch_size, 8) if given.data.startswith("images:")
                              else recipe.batch_size, example, prepare.function if prepare is not None else None,
-                             recipe.augment)
+                             recipe.augment, **text)
         if not (isinstance(given.data, tuple) and len(given.data) == 2):
             raise DataError("data must be a spec string, Loaders, or a (recovery_loader, held_out_loader) tuple")
         return loaders_from(given.data[0], given.data[1], "data", "the given loaders")
     return load_data(recipe.data, recipe.seed, recipe.batch_size if example is None else min(recipe.batch_size, 8)
                      if recipe.data.startswith("images:") else recipe.batch_size, example,
-                     prepare.function if prepare is not None else None, recipe.augment)
+                     prepare.function if prepare is not None else None, recipe.augment, **text)
+
+
+def _text_options(model: nn.Module | None) -> dict[str, Any]:
+    """For ``text:PATH`` data: a causal LM's tokenizer (the folder it was loaded from) and its
+    embedding rows; nothing for other models."""
+    if model is None or causal_lm_reason(model) is None:
+        return {}
+    folder = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    return {"tokenizer": folder or None,
+            "embedding_rows": getattr(embeddings, "num_embeddings", None)}
 
 
 def _recovery_mode(recipe: Recipe, data: Loaders, plan: OutputPlan, loss: UserFunction | None, name: str) -> str:
