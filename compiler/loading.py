@@ -28,6 +28,10 @@ from .specs import model_spec_kind
 __all__ = ["LM_ROUND_TO", "held_out_accuracy", "load_setup", "user_metrics"]
 
 LM_ROUND_TO = 1  # a causal LM's default round_to: its head groups count whole heads (a few per group)
+# A causal LM's default selection_cost: MACs steer the measured budget loop (the budget is still
+# judged on measured prefill latency); profiling a per-layer latency table over every head count and
+# MLP width of every layer costs more than the loop's few measured attempts.
+LM_SELECTION_COST = "flops"
 
 
 def load_setup(recipe: Recipe, workspace: Workspace, given: Given) -> Setup:
@@ -45,6 +49,8 @@ def load_setup(recipe: Recipe, workspace: Workspace, given: Given) -> Setup:
         _without_cache(model)
         if "round_to" not in recipe.model_fields_set:  # a head group's channels are whole heads
             recipe = recipe.with_overrides(round_to=LM_ROUND_TO)
+        if "selection_cost" not in recipe.model_fields_set:  # no per-layer latency table: see LM_SELECTION_COST
+            recipe = recipe.with_overrides(selection_cost=LM_SELECTION_COST)
     with torch.no_grad():
         try:
             outputs = model.eval()(example)

@@ -70,8 +70,8 @@ fails before any training. :func:`recipe_schema` is its JSON schema. All keys op
 ``selection_cost``        what steers the knapsack under a latency budget: ``latency`` (the
                           target's profiled latency table; default) or ``flops`` (MACs, no
                           profiling: for models whose profiling costs more than the run can
-                          spend); either way the selection is re-aimed until it *measures*
-                          within the budget
+                          spend; the default for a causal LM); either way the selection is
+                          re-aimed until it *measures* within the budget
 ``min_keep``              every channel group keeps at least this fraction of its channels,
                           its most important ones (default 0.25; 0 leaves the knapsack free)
 ========================  ==========================================================

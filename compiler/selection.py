@@ -19,6 +19,7 @@ from ..passes.sparsity.method import MethodConfig, RunLength
 from ..passes.sparsity.model import SparseModel, sparsify_captured
 from ..passes.sparsity.uniform import tie_problem, uniform_classes, untie
 from ..runtime.budget import meet_latency_budget
+from .activation_importance import activation_importance
 from .channel_methods import drives_channels, sparsify_with_method
 from .results import Captured, Profiled, Setup, Sparsified, Workspace
 
@@ -54,17 +55,25 @@ def channels_by_magnitude(setup: Setup, captured: Captured, profiled: Profiled, 
     With ``uniform`` (default for transformers models), groups of one role keep one count in
     every layer (:mod:`spruce.passes.sparsity.uniform`), so the result writes back.
 
-    Score source: the trained weights' L1 magnitude (:data:`CHANNEL_IMPORTANCE`, computed by
-    :func:`spruce.passes.importance.importance_scores` over every member of a group: a head's
-    query and output-projection rows/columns, an MLP channel's gate/up rows and down column),
-    not calibration activations or gradients (a student equal to its teacher has zero
-    distillation gradient)."""
+    Score source: for a causal LM, calibration activations (the recovery data's first batches,
+    :func:`spruce.compiler.activation_importance.activation_importance`: each head's / MLP
+    channel's input activations to ``o_proj`` / ``down_proj``, RMS over tokens, times the norm of
+    the weight columns reading them; Minitron's activation importance weighed as Wanda weighs);
+    for other models the trained weights' L1 magnitude (:data:`CHANNEL_IMPORTANCE`, over every
+    member of a group). Never gradients: a student equal to its teacher has zero distillation
+    gradient."""
     recipe = setup.recipe
     student, example = captured.student.eval(), setup.example
     analysis = analyze(captured.graph)
     params = param_table(student)
     rng = np.random.default_rng(recipe.seed)
-    importance = {g.id: importance_scores(CHANNEL_IMPORTANCE, g, params, rng) for g in analysis.groups if g.prunable}
+    if setup.is_lm:
+        workspace.say("scoring heads and MLP channels from calibration activations ...")
+        importance, scored_by = activation_importance(student, analysis.groups, setup.data.train, seed=recipe.seed)
+    else:
+        importance = {g.id: importance_scores(CHANNEL_IMPORTANCE, g, params, rng) for g in analysis.groups
+                      if g.prunable}
+        scored_by = CHANNEL_IMPORTANCE
     if not importance:
         raise ValueError(f"{setup.model_name} has no prunable channel group; try structure unstructured or 2:4")
     importance = normalise_importance(importance, recipe.importance_norm)
@@ -98,8 +107,8 @@ def channels_by_magnitude(setup: Setup, captured: Captured, profiled: Profiled, 
     check_runs(compact, (example,), student, "compact model")
     norm = "" if recipe.importance_norm == "none" else f", divided by its group's mean ({recipe.importance_norm})"
     floor = f"; every group keeps at least {recipe.min_keep:g} of its channels" if required is not None else ""
-    return Sparsified(method, None, total_steps, compact, kept, selection,
-                      f"{CHANNEL_IMPORTANCE} (weight magnitude{norm}){floor}")
+    scored = f"{scored_by}{norm}" if setup.is_lm else f"{CHANNEL_IMPORTANCE} (weight magnitude{norm})"
+    return Sparsified(method, None, total_steps, compact, kept, selection, f"{scored}{floor}")
 
 
 @torch.no_grad()

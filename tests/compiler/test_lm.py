@@ -135,3 +135,37 @@ def test_uniform_counts_are_the_best_equal_counts_under_the_budget():
     assert value(chosen.counts) >= best - 1e-9
     for g, kept in chosen.kept.items():  # each group keeps its own most important channels
         assert set(kept) == set(np.argsort(-importance[g])[:chosen.counts[g]])
+
+
+def test_uneven_counts_write_no_hf_folder_and_name_the_field(tmp_path):
+    """Without uniform counts, write-back refuses naming the config field; the .pt2 stays."""
+    from spruce.capture.trace import capture
+    from spruce.compiler.lm_artifacts import lm_artifacts, sequence_dims
+    from spruce.passes.analysis import analyze
+    from spruce.passes.export import remove_channels
+
+    model = _llama()
+    example = _tokens(1, 8, 0)
+    graph = capture(model, (example,), dynamic_shapes=sequence_dims(model, example))
+    analysis = analyze(graph)
+    mlp = [g for g in analysis.groups if g.prunable and g.size == 48]
+    kept = {g.id: np.arange(8 * (i + 1)) for i, g in enumerate(mlp)}  # 8 in layer 0, 16 in layer 1
+    record = lm_artifacts(remove_channels(analysis, model, kept), model, graph, tmp_path, None)
+    assert record["hf"].startswith("not written") and "intermediate_size differs" in record["hf"]
+    assert record["pt2"] == "model.pt2" and (tmp_path / "model.pt2").is_file() and not (tmp_path / "hf").exists()
+
+
+def test_activation_importance_ranks_a_silent_channel_last():
+    """An MLP channel whose up-projection row is zero never carries an activation into
+    down_proj: its calibration score is 0 and every other channel's is positive."""
+    from spruce.compiler.activation_importance import activation_importance
+
+    model = _llama()
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[5] = 0.0
+    analysis = analyze_model(model, (_tokens(1, 8, 0),))
+    scores, line = activation_importance(model, analysis.groups, [_tokens(), _tokens(2, 9, 0)])
+    (mlp,) = [g for g in analysis.groups if g.prunable and any(m.name == "model.layers.0.mlp.down_proj.weight"
+                                                                 for m in g.members)]
+    assert scores[mlp.id][5] == 0.0 and (np.delete(scores[mlp.id], 5) > 0).all()
+    assert f"for {len(scores)} of {len(scores)} groups" in line  # heads (o_proj) and MLP widths alike
