@@ -28,10 +28,11 @@ from .specs import model_spec_kind
 __all__ = ["LM_ROUND_TO", "held_out_accuracy", "load_setup", "user_metrics"]
 
 LM_ROUND_TO = 1  # a causal LM's default round_to: its head groups count whole heads (a few per group)
-# A causal LM's default selection_cost: MACs steer the measured budget loop (the budget is still
-# judged on measured prefill latency); profiling a per-layer latency table over every head count and
-# MLP width of every layer costs more than the loop's few measured attempts.
-LM_SELECTION_COST = "flops"
+# A causal LM's default selection_cost: parameter counts steer the measured budget loop (the budget is
+# still judged on measured prefill latency); profiling a per-layer latency table over every head count
+# and MLP width of every layer costs more than the loop's few measured attempts, and the MAC count does
+# not see the linear calls of a torch.export graph.
+LM_SELECTION_COST = "params"
 
 
 def load_setup(recipe: Recipe, workspace: Workspace, given: Given) -> Setup:

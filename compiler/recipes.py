@@ -70,8 +70,11 @@ fails before any training. :func:`recipe_schema` is its JSON schema. All keys op
 ``selection_cost``        what steers the knapsack under a latency budget: ``latency`` (the
                           target's profiled latency table; default) or ``flops`` (MACs, no
                           profiling: for models whose profiling costs more than the run can
-                          spend; the default for a causal LM); either way the selection is
-                          re-aimed until it *measures* within the budget
+                          spend) or ``params`` (parameter counts: the default for a causal LM,
+                          whose prefill MACs per token follow its weights; its graph from
+                          torch.export calls linear layers as functions, which the MAC count
+                          does not see); either way the selection is re-aimed until it
+                          *measures* within the budget
 ``min_keep``              every channel group keeps at least this fraction of its channels,
                           its most important ones (default 0.25; 0 leaves the knapsack free)
 ========================  ==========================================================
@@ -165,7 +168,7 @@ class Recipe(Config):
     round_to: int = Field(8, ge=1)
     importance_norm: Literal["none", "group_mean"] = "group_mean"
     augment: Augment | None = None
-    selection_cost: Literal["latency", "flops"] = "latency"
+    selection_cost: Literal["latency", "flops", "params"] = "latency"
     min_keep: float = Field(0.25, ge=0, le=1)
     uniform: bool | None = None
     recover_tokens: int | None = Field(None, ge=1)
