@@ -102,6 +102,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--bench-iters", type=int, default=None, help="timed runs per batch size")
+    parser.add_argument("--recover-tokens", type=int, default=None, metavar="N",
+                        help="a language model's recovery stops after N tokens (default: 10%% of its training "
+                             "tokens when its folder has training.json, else --epochs)")
+    parser.add_argument("--seq-len", type=int, default=None, metavar="L",
+                        help="a language model's example sequence length (default: the data's)")
+    parser.add_argument("--uniform", action=argparse.BooleanOptionalAction, default=None,
+                        help="keep the same channel counts in every layer for groups of one role (heads, MLP "
+                             "width), so the result writes back to transformers (default: on for transformers "
+                             "models)")
     parser.add_argument("--out", type=Path, required=True, help="output folder (replaced only on success)")
     parser.add_argument("--force", action="store_true", help="replace a non-empty --out")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
@@ -161,6 +170,7 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
             budget=parse_budget(args.budget) if args.budget is not None else None,
             distribution=args.distribution, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
             seed=args.seed, bench_iters=args.bench_iters, recover=args.recover, loss=args.loss,
+            recover_tokens=args.recover_tokens, seq_len=args.seq_len, uniform=args.uniform,
             evaluate=args.evaluate, prepare=args.prepare, recover_lr=args.recover_lr,
             distill_losses={str(k): str(v) for k, v in args.distill_losses} if args.distill_losses else None,
             outputs={**{k: v.model_dump(exclude_unset=True) for k, v in base.outputs.items()}, **dict(args.outputs)}
@@ -193,6 +203,9 @@ def run(args: argparse.Namespace) -> int:
                  report.document["dense"]["artifact"]]
         if report.document["compiled"].get("module_file") == "model.pt":
             files.append("model.pt")
+        lm = report.document.get("language_model") or {}
+        files += [f"{lm[k]}/" if k == "hf" else lm[k] for k in ("pt2", "hf")
+                  if k in lm and not str(lm[k]).startswith("not written")]
         print(f"\nwrote {out_dir}/ ({', '.join(files)})")
     if missed is not None:
         print(f"spruce: error: {missed} (artifacts kept in {out_dir}, marked in report.json)", file=sys.stderr)

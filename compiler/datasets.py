@@ -203,8 +203,9 @@ def _first_batch(loader: Iterable, spec: str, which: str) -> tuple[torch.Tensor,
         raise DataError(f"data {short_repr(spec)}: the {which} loader must yield input tensors, (inputs, targets) "
                         f"or token batches (dicts with input_ids), got {type(batch).__name__}")
     inputs = inputs_of(batch)
-    if not isinstance(inputs, torch.Tensor) or not inputs.is_floating_point():
-        raise DataError(f"data {short_repr(spec)}: the {which} loader's inputs must be float tensors")
+    if not isinstance(inputs, torch.Tensor) or not (inputs.is_floating_point() or inputs.dtype == torch.long):
+        raise DataError(f"data {short_repr(spec)}: the {which} loader's inputs must be float tensors "
+                        "(or int64 token ids)")
     return inputs, labeled
 
 

@@ -15,11 +15,17 @@ fed every held-out batch, dense and compiled outputs side by side:
 - ``sequence_agreement``, ``cer`` (CTC): each sequence greedily decoded (argmax per
   position, repeats collapsed, the blank dropped); the fraction of sequences decoded as
   dense decodes them, and the summed edit distance to dense's decodes divided by their
-  summed length (at least 1).
+  summed length (at least 1);
+- ``perplexity_ratio``, ``next_token_agreement`` (causal LM logits, :mod:`spruce.compiler.lm`):
+  over every position whose next input token is not the pad, exp of (the compiled model's
+  summed next-token negative log-likelihood minus dense's) over the count, i.e. compiled
+  perplexity / dense perplexity; and the fraction of those positions whose argmax agrees.
+  Both need the input token ids: the measures are fed them with each batch.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .lm import next_token_mask, next_token_nll
 from .outputs import OutputPlan, OutputSpec, flatten_outputs
 
 __all__ = ["MEASURE_FUNCTIONS", "Fidelity", "edit_distance", "fidelity", "greedy_decode", "measure_outputs"]
@@ -122,6 +129,26 @@ def _cer(sums: _Sums, compiled: torch.Tensor, dense: torch.Tensor, spec: OutputS
         sums.denominator += len(want)
 
 
+def _perplexity(sums: _Sums, compiled: torch.Tensor, dense: torch.Tensor, spec: OutputSpec,
+                tokens: torch.Tensor) -> None:
+    got, count = next_token_nll(compiled, tokens, spec.pad)
+    want, _ = next_token_nll(dense, tokens, spec.pad)
+    sums.numerator += float(got) - float(want)
+    sums.denominator += count
+
+
+def _perplexity_ratio(sums: _Sums) -> float:
+    return math.exp(sums.numerator / max(sums.denominator, 1.0))
+
+
+def _next_token(sums: _Sums, compiled: torch.Tensor, dense: torch.Tensor, spec: OutputSpec,
+                tokens: torch.Tensor) -> None:
+    keep = next_token_mask(tokens, spec.pad)
+    same = (compiled[:, :-1].argmax(-1) == dense[:, :-1].argmax(-1)) & keep
+    sums.numerator += float(same.sum())
+    sums.denominator += float(keep.sum())
+
+
 def _ratio(floor: float) -> Callable[[_Sums], float]:
     return lambda sums: sums.numerator / max(sums.denominator, floor)
 
@@ -134,10 +161,12 @@ def _mean_iou(sums: _Sums) -> float:
 @dataclass(frozen=True)
 class MeasureFunction:
     """A measure's computation: ``update(sums, compiled, dense, spec)`` per batch (float
-    tensors of one output), ``value(sums)`` at the end."""
+    tensors of one output; ``per_token``: and the batch's input token ids after them),
+    ``value(sums)`` at the end."""
 
-    update: Callable[[_Sums, torch.Tensor, torch.Tensor, OutputSpec], None]
+    update: Callable[..., None]
     value: Callable[[_Sums], float]
+    per_token: bool = False
 
 
 def _relative_l2_value(sums: _Sums) -> float:
@@ -151,18 +180,27 @@ MEASURE_FUNCTIONS: dict[str, MeasureFunction] = {
     "miou": MeasureFunction(_miou, _mean_iou),
     "sequence_agreement": MeasureFunction(_sequence_agreement, _ratio(1.0)),
     "cer": MeasureFunction(_cer, _ratio(1.0)),
+    "perplexity_ratio": MeasureFunction(_perplexity, _perplexity_ratio, per_token=True),
+    "next_token_agreement": MeasureFunction(_next_token, _ratio(1.0), per_token=True),
 }
 
 
-def measure_outputs(pairs: Iterable[tuple[Any, Any]], plan: OutputPlan) -> dict[str, dict[str, float]]:
+def measure_outputs(pairs: Iterable[tuple[Any, ...]], plan: OutputPlan) -> dict[str, dict[str, float]]:
     """Per output of ``plan``, its kind's measures over ``pairs`` of (compiled outputs, dense
-    outputs), each in the structure the model returns."""
+    outputs), each in the structure the model returns, optionally followed by the batch's
+    input (token ids, which per-token measures need: ``ValueError`` when they are missing)."""
     sums = {spec.name: {m: _Sums() for m in spec.measures} for spec in plan.outputs}
-    for got, want in pairs:
+    for got, want, *inputs in pairs:
         for spec, (_, c), (_, d) in zip(plan.outputs, flatten_outputs(got), flatten_outputs(want), strict=True):
             c, d = c.detach().float(), d.detach().float()
             for name, running in sums[spec.name].items():
-                MEASURE_FUNCTIONS[name].update(running, c, d, spec)
+                function = MEASURE_FUNCTIONS[name]
+                if function.per_token:
+                    if not inputs:
+                        raise ValueError(f"measure {name} of output {spec.name} needs the input token ids")
+                    function.update(running, c, d, spec, inputs[0])
+                else:
+                    function.update(running, c, d, spec)
     return {spec.name: {m: MEASURE_FUNCTIONS[m].value(s) for m, s in sums[spec.name].items()}
             for spec in plan.outputs}
 
@@ -190,7 +228,7 @@ def fidelity(compiled: nn.Module, dense: nn.Module, batches: Iterable[torch.Tens
     def pairs() -> Iterable[tuple[Any, Any]]:
         for inputs in batches:
             seen[0] += int(inputs.shape[0])
-            yield compiled(inputs), dense(inputs)
+            yield compiled(inputs), dense(inputs), inputs
 
     try:
         return Fidelity(measure_outputs(pairs(), plan), seen[0])

@@ -167,7 +167,8 @@ def report_lines(evaluation: Mapping[str, Any] | None, floor: Mapping[str, Any] 
             spec = outputs.get(name, {})
             kind = spec.get("kind", "?")
             if "kind_from" in spec:
-                kind += " (declared)" if spec["kind_from"] == "declared" else " (guessed)"
+                kind += " (declared)" if spec["kind_from"] == "declared" else \
+                    " (recognised)" if str(spec["kind_from"]).startswith("recognised") else " (guessed)"
             values = ", ".join(f"{measure.replace('_', ' ')} {value:.4f}" for measure, value in row.items())
             loss = f" (distill loss {spec.get('distill_loss')})" if distilled else ""
             lines.append(f"  {name}: {kind}: {values}{loss}")

@@ -8,21 +8,32 @@ distillation loss (a name in :data:`spruce.compiler.outputs.DISTILL_LOSSES`), it
 measures (names in :data:`MEASURES`, computed in :mod:`spruce.compiler.fidelity`) and its
 default floor. The kinds registered here:
 
-==================  ==========================================  =======  ==========================
-kind                what it is (recognised from the layout)     loss     default floor
-==================  ==========================================  =======  ==========================
-``scores``          class scores over a class dim at every      ``kl``   ``top1_agreement >= 0.9``
+==================  ==========================================  =========  ============================
+kind                what it is (recognised from the layout)     loss       default floor
+==================  ==========================================  =========  ============================
+``scores``          class scores over a class dim at every      ``kl``     ``top1_agreement >= 0.9``
                     position: (N, C); (N, T, C) or time-major
                     (T, N, C), the class dim last
-``pixel_scores``    per-pixel class scores (N, C, H, W)         ``kl``   ``miou >= 0.8``
+``pixel_scores``    per-pixel class scores (N, C, H, W)         ``kl``     ``miou >= 0.8``
                     (declared only: 4-D outputs are maps
                     unless declared)
-``ctc``             per-position scores of a CTC head with a    ``kl``   ``sequence_agreement >= 0.9``
+``ctc``             per-position scores of a CTC head with a    ``kl``     ``sequence_agreement >= 0.9``
                     blank index (declared only), 3-D
-``map``             anything else: dense maps, features         ``mse``  ``cosine >= 0.7``
-``regression``      regressed values (declared only; a (N, K)   ``mse``  ``cosine >= 0.7``
+``map``             anything else: dense maps, features         ``mse``    ``cosine >= 0.7``
+``regression``      regressed values (declared only; a (N, K)   ``mse``    ``cosine >= 0.7``
                     regression is shaped like class scores)
-==================  ==========================================  =======  ==========================
+``lm``              a causal language model's next-token        ``lm_kl``  ``perplexity_ratio <= 1.25``
+                    logits (N, L, V) (recognised from the
+                    model: a transformers ``*ForCausalLM``;
+                    or declared), never generic class scores
+==================  ==========================================  =========  ============================
+
+The ``lm`` kind's logits at position t predict the token at t + 1 of the input ids; positions
+whose next token is the pad id (``pad``, the model config's ``pad_token_id``) count nowhere.
+Its measures are the perplexity ratio compiled / dense on the held-out tokens and the
+next-token top-1 agreement; its loss ``lm_kl`` is the KL divergence of the dense model's
+next-token distribution to the compiled one's at every non-pad position, computed in chunks
+of positions (:mod:`spruce.compiler.lm`).
 
 The map floor (cosine >= 0.7) is deliberately loose: a cosine cannot tell whether a map still
 does its task (the CRAFT text detector's heat maps kept box F1 0.93 at cosine 0.82 after
@@ -79,6 +90,10 @@ MEASURES: dict[str, Measure] = {m.name: m for m in (
             "fraction of sequences whose greedy CTC decode (repeats collapsed, blanks dropped) equals dense's"),
     Measure("cer", 0.0, math.inf, False,
             "edit distance of the compiled greedy decodes to dense's, divided by the dense decodes' length"),
+    Measure("perplexity_ratio", 0.0, math.inf, False,
+            "held-out perplexity of the compiled LM over the dense LM's (next tokens of the inputs, pads skipped)"),
+    Measure("next_token_agreement", 0.0, 1.0, True,
+            "fraction of non-pad positions whose argmax next token equals dense's"),
 )}
 
 
@@ -147,7 +162,8 @@ class OutputKind:
     :class:`Recognised` when an undeclared output of that layout is of this kind (None: not
     this kind; a kind without a rule is only ever declared). ``class_dim``: the class dim a
     declaration without one takes (None: the kind has no class dim). ``blank``: the kind
-    takes a blank index (default 0)."""
+    takes a blank index (default 0). ``pad``: the kind takes a pad token id (positions whose
+    next token is the pad are skipped)."""
 
     name: str
     description: str
@@ -156,6 +172,7 @@ class OutputKind:
     floor: Floor | None
     class_dim: int | None = None
     blank: bool = False
+    pad: bool = False
     recognise: Callable[[Layout], Recognised | None] | None = None
     min_rank: int = 0
     max_rank: int | None = None
@@ -212,6 +229,9 @@ register_kind(OutputKind("pixel_scores", "per-pixel class scores (N, C, H, W)", 
 register_kind(OutputKind("ctc", "per-position scores of a CTC head, with a blank index", "kl",
                          ("sequence_agreement", "cer", "top1_agreement", *_FIDELITY),
                          Floor("sequence_agreement", ">=", 0.9), class_dim=-1, blank=True, min_rank=3, max_rank=3))
+register_kind(OutputKind("lm", "a causal language model's next-token logits (N, L, V)", "lm_kl",
+                         ("perplexity_ratio", "next_token_agreement"), Floor("perplexity_ratio", "<=", 1.25),
+                         class_dim=-1, pad=True, min_rank=3, max_rank=3))
 register_kind(OutputKind("regression", "regressed values", "mse", _FIDELITY, Floor("cosine", ">=", 0.7)))
 register_kind(OutputKind(FALLBACK_KIND, "dense maps, features and anything else", "mse", _FIDELITY,
                          Floor("cosine", ">=", 0.7), recognise=_map))
@@ -233,7 +253,8 @@ class OutputDeclarationError(ConfigError):
 
 class OutputDeclaration(Config):
     """The recipe's declaration of one output (``outputs: {"output": {kind: ctc, class_dim: -1,
-    blank: 0}}``): its kind, class dim (default: the kind's), blank index (CTC) and the
+    blank: 0}}``): its kind, class dim (default: the kind's), blank index (CTC), pad token id
+    (``lm``; default the model config's ``pad_token_id``) and the
     softmax temperature of its ``kl`` distillation (the loss is multiplied by its square)."""
 
     owner: ClassVar[str] = "outputs"
@@ -242,6 +263,7 @@ class OutputDeclaration(Config):
     kind: str
     class_dim: int | None = None
     blank: int | None = Field(None, ge=0)
+    pad: int | None = Field(None, ge=0)
     temperature: float = Field(1.0, gt=0)
 
     @field_validator("kind", mode="after")
@@ -255,6 +277,9 @@ class OutputDeclaration(Config):
         if self.blank is not None and not kind.blank:
             raise ValueError(f"blank: kind {self.kind} has no blank index (only "
                              f"{', '.join(k.name for k in KINDS.values() if k.blank)})")
+        if self.pad is not None and not kind.pad:
+            raise ValueError(f"pad: kind {self.kind} has no pad token (only "
+                             f"{', '.join(k.name for k in KINDS.values() if k.pad)})")
         if self.class_dim is not None and kind.class_dim is None:
             raise ValueError(f"class_dim: kind {self.kind} has no class dim")
         return self

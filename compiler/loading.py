@@ -13,15 +13,26 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..capture.transformers import is_transformers_model
 from ..passes.graph import require_data
 from ..targets.base import get_target
 from .datasets import DataError, Loaders, check_disjoint, default_model, inputs_of, load_data, loaders_from
 from .floors import check_floor_names
+from .kinds import OutputDeclaration
+from .lm import causal_lm_reason, recovery_tokens
 from .outputs import OutputPlan, batch_dims, flatten_outputs, plan_outputs
 from .recipes import Recipe
 from .results import Given, Setup, UserFunction, Workspace
+from .specs import model_spec_kind
 
-__all__ = ["held_out_accuracy", "load_setup", "user_metrics"]
+__all__ = ["LM_ROUND_TO", "held_out_accuracy", "load_setup", "user_metrics"]
+
+LM_ROUND_TO = 1  # a causal LM's default round_to: its head groups count whole heads (a few per group)
+# A causal LM's default selection_cost: parameter counts steer the measured budget loop (the budget is
+# still judged on measured prefill latency); profiling a per-layer latency table over every head count
+# and MLP width of every layer costs more than the loop's few measured attempts, and the MAC count does
+# not see the linear calls of a torch.export graph.
+LM_SELECTION_COST = "params"
 
 
 def load_setup(recipe: Recipe, workspace: Workspace, given: Given) -> Setup:
@@ -33,13 +44,27 @@ def load_setup(recipe: Recipe, workspace: Workspace, given: Given) -> Setup:
     model, example, data, name, is_default = _model_example_data(recipe, given, prepare)
     loss = UserFunction.of(given.loss_fn if given.loss_fn is not None else recipe.loss, "loss_fn")
     evaluate_fn = UserFunction.of(given.evaluate if given.evaluate is not None else recipe.evaluate, "evaluate")
+    lm_reason = causal_lm_reason(model)
+    if lm_reason is not None:
+        example = _lm_example(recipe, data, example, name)
+        _without_cache(model)
+        if "round_to" not in recipe.model_fields_set:  # a head group's channels are whole heads
+            recipe = recipe.with_overrides(round_to=LM_ROUND_TO)
+        if "selection_cost" not in recipe.model_fields_set:  # no per-layer latency table: see LM_SELECTION_COST
+            recipe = recipe.with_overrides(selection_cost=LM_SELECTION_COST)
     with torch.no_grad():
         try:
             outputs = model.eval()(example)
         except Exception as exc:
             raise ValueError(f"{name} does not run on the example input of shape {tuple(example.shape)}: "
                              f"{type(exc).__name__}: {exc}") from None
-    plan = plan_outputs(outputs, recipe.distill_losses, name, recipe.outputs, batch_dims(model, example, outputs))
+    recognised = None
+    if lm_reason is not None and "logits" in getattr(outputs, "keys", lambda: ())():
+        pad = data.text.pad_token_id if getattr(data, "text", None) is not None else \
+            getattr(model.config, "pad_token_id", None)
+        recognised = {"output['logits']": (OutputDeclaration(kind="lm", pad=pad), lm_reason)}
+    plan = plan_outputs(outputs, recipe.distill_losses, name, recipe.outputs, batch_dims(model, example, outputs),
+                        recognised)
     check_disjoint(data, recipe.data)
     mode = _recovery_mode(recipe, data, plan, loss, name)
     if loss is not None and mode == "loss":
@@ -51,8 +76,37 @@ def load_setup(recipe: Recipe, workspace: Workspace, given: Given) -> Setup:
                   + f", recover {mode}")
     for warning in plan.warnings():
         workspace.say(f"warning: {warning}")
+    folder = recipe.model if recipe.model is not None and model_spec_kind(recipe.model) == "folder" else None
+    tokens, tokens_from = recovery_tokens(recipe.recover_tokens, folder) if lm_reason else (None, "")
+    uniform = recipe.uniform if recipe.uniform is not None else is_transformers_model(model)
     return Setup(recipe, target, data, model, example, copy.deepcopy(model.state_dict()), plan, mode, loss,
-                 evaluate_fn, name, is_default)
+                 evaluate_fn, name, is_default, model_folder=folder, uniform=uniform, recover_tokens=tokens,
+                 recover_tokens_from=tokens_from)
+
+
+def _lm_example(recipe: Recipe, data: Loaders, example: torch.Tensor, name: str) -> torch.Tensor:
+    """A causal LM's example: the data's first sequence (1, L) when the data are token ids,
+    else the model's own; cut to ``seq_len`` when given."""
+    if data.example.dtype == torch.long and data.example.ndim == 2:
+        example = data.example[:1]
+    if recipe.seq_len is not None:
+        if recipe.seq_len > example.shape[1]:
+            raise ValueError(f"seq_len {recipe.seq_len}: the data's sequences of {name} hold {example.shape[1]} tokens")
+        example = example[:, :recipe.seq_len]
+    return example
+
+
+def _at_length(example: torch.Tensor, length: int) -> torch.Tensor:
+    """Token ids (1, L) cut or cyclically repeated to (1, ``length``)."""
+    return example.repeat(1, -(-length // example.shape[1]))[:, :length]
+
+
+def _without_cache(model: nn.Module) -> None:
+    """A causal LM computes every position in compile (no key/value cache in its outputs)."""
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "use_cache"):
+            config.use_cache = False
 
 
 
@@ -88,30 +142,46 @@ def _model_example_data(recipe: Recipe, given: Given, prepare: UserFunction | No
         raise ValueError(f"{name} is a {type(model).__name__}, not a torch.nn.Module")
     require_data(model, (example,), f"compile {name}")  # a meta-device model is refused by name
     example = example[:1]
-    data = _data(recipe, given, example, prepare)
+    if causal_lm_reason(model) is not None and recipe.seq_len is not None:  # text data: windows of seq_len
+        example = _at_length(example, recipe.seq_len)
+    data = _data(recipe, given, example, prepare, model)
     return model, example, data, name, False
 
 
-def _data(recipe: Recipe, given: Given, example: torch.Tensor | None, prepare: UserFunction | None) -> Loaders:
+def _data(recipe: Recipe, given: Given, example: torch.Tensor | None, prepare: UserFunction | None,
+          model: nn.Module | None = None) -> Loaders:
+    text = _text_options(model)
     if isinstance(given.data, Loaders):
         return given.data
     if given.data is not None:
         if isinstance(given.data, str):
             return load_data(given.data, recipe.seed, min(recipe.batch_size, 8) if given.data.startswith("images:")
                              else recipe.batch_size, example, prepare.function if prepare is not None else None,
-                             recipe.augment)
+                             recipe.augment, **text)
         if not (isinstance(given.data, tuple) and len(given.data) == 2):
             raise DataError("data must be a spec string, Loaders, or a (recovery_loader, held_out_loader) tuple")
         return loaders_from(given.data[0], given.data[1], "data", "the given loaders")
     return load_data(recipe.data, recipe.seed, recipe.batch_size if example is None else min(recipe.batch_size, 8)
                      if recipe.data.startswith("images:") else recipe.batch_size, example,
-                     prepare.function if prepare is not None else None, recipe.augment)
+                     prepare.function if prepare is not None else None, recipe.augment, **text)
+
+
+def _text_options(model: nn.Module | None) -> dict[str, Any]:
+    """For ``text:PATH`` data: a causal LM's tokenizer (the folder it was loaded from) and its
+    embedding rows; nothing for other models."""
+    if model is None or causal_lm_reason(model) is None:
+        return {}
+    folder = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    return {"tokenizer": folder or None,
+            "embedding_rows": getattr(embeddings, "num_embeddings", None)}
 
 
 def _recovery_mode(recipe: Recipe, data: Loaders, plan: OutputPlan, loss: UserFunction | None, name: str) -> str:
     labels_usable = data.labeled and plan.all_scores and len(plan.outputs) == 1 and data.num_classes > 0
+    lm_loss_built_in = any(spec.kind == "lm" for spec in plan.outputs)  # the next token is the label
     if recipe.recover == "loss" or (recipe.recover is None and data.labeled and loss is None):
-        if loss is None and not labels_usable:
+        if loss is None and not labels_usable and not lm_loss_built_in:
             non_scores = [s.name for s in plan.outputs if s.kind != "scores"] or [s.name for s in plan.outputs]
             raise ValueError(
                 f"{name}: the data carries labels but no loss_fn was given, and output(s) "

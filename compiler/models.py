@@ -194,6 +194,29 @@ def _resolve_saved_module(spec: str) -> tuple[nn.Module, ExampleInputs]:
     return loaded, random_inputs([DEFAULT_INPUT_SHAPE])
 
 
+LM_DEFAULT_SEQ_LEN = 128  # a folder's example length until the data (or ``seq_len``) gives one
+
+
+def _resolve_folder(spec: str) -> tuple[nn.Module, ExampleInputs]:
+    """A transformers causal LM saved with ``save_pretrained`` (``AutoModelForCausalLM``, in
+    eval mode, no key/value cache while compiling), with example token ids (1,
+    :data:`LM_DEFAULT_SEQ_LEN`) of the pad-free range; compile replaces them by the data's
+    first sequence (or cuts them to ``seq_len``). Its tokenizer is read by the text data."""
+    try:
+        import transformers
+    except ImportError as exc:
+        raise ModelSpecError(f"model folder {spec} needs transformers, which is not installed") from exc
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(spec)
+    except Exception as exc:  # noqa: BLE001 - any reason a folder does not load
+        raise ModelSpecError(f"cannot load {spec} as a transformers causal LM (AutoModelForCausalLM): "
+                             f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}") from None
+    model.config.use_cache = False
+    vocab = int(model.config.vocab_size)
+    generator = torch.Generator().manual_seed(0)
+    return model.eval(), (torch.randint(min(3, vocab - 1), vocab, (1, LM_DEFAULT_SEQ_LEN), generator=generator),)
+
+
 # One resolver per kind of :func:`~spruce.compiler.specs.model_spec_kind` (the schemes of
 # ``MODEL_SCHEMES``, then Python files and saved modules).
 RESOLVERS: dict[str, Resolver] = {
@@ -201,6 +224,7 @@ RESOLVERS: dict[str, Resolver] = {
     "timm": _resolve_timm,
     "python": _resolve_python_file,
     "saved": _resolve_saved_module,
+    "folder": _resolve_folder,
 }
 
 

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .kinds import KINDS, Layout, OutputDeclaration, infer_kind
+from .lm import lm_kl
 
 __all__ = ["DISTILL_LOSSES", "DistillLoss", "OutputError", "OutputPlan", "OutputSpec", "batch_dims",
            "calibrate_scales", "distill_loss", "flatten_outputs", "plan_outputs"]
@@ -93,7 +94,9 @@ class DistillLoss:
     the teacher's own ``scale`` (the same mean with the student at zero) so that outputs of
     different magnitudes weigh alike; ``scale`` None: the error is used as it is (``kl``).
     ``per_class``: the error is taken over the output's class dim, at its temperature
-    (``error(student, teacher, class_dim, temperature)``).
+    (``error(student, teacher, class_dim, temperature)``). ``per_token``: the error is taken
+    over next tokens of the input ids, pads skipped (``error(student, teacher, tokens, pad,
+    temperature)``; the ``lm`` kind's ``lm_kl``).
 
     The divisor is the data set's scale when one was measured before recovery
     (:func:`calibrate_scales`, ``OutputSpec.scale``); otherwise the batch's own. A batch's own
@@ -104,12 +107,18 @@ class DistillLoss:
     error: Callable[..., torch.Tensor]
     scale: Callable[[torch.Tensor], torch.Tensor] | None = None
     per_class: bool = False
+    per_token: bool = False
 
     def __call__(self, student: torch.Tensor, teacher: torch.Tensor, scale: float | None = None,
-                 class_dim: int = 1, temperature: float = 1.0) -> torch.Tensor:
+                 class_dim: int = 1, temperature: float = 1.0, tokens: torch.Tensor | None = None,
+                 pad: int | None = None) -> torch.Tensor:
         """The loss of ``student`` against ``teacher`` (same shape), a scalar tensor; ``scale``:
         the data set's teacher scale (None: the batch's own); ``class_dim``, ``temperature``:
-        for a ``per_class`` loss."""
+        for a ``per_class`` loss; ``tokens`` (the input ids) and ``pad`` for a ``per_token`` one."""
+        if self.per_token:
+            if tokens is None:
+                raise OutputError("a per-token distillation loss (lm_kl) needs the input token ids")
+            return self.error(student, teacher, tokens, pad, temperature)
         student, teacher = student.float(), teacher.float()
         error = self.error(student, teacher, class_dim, temperature) if self.per_class else self.error(student, teacher)
         if self.scale is None:
@@ -119,9 +128,11 @@ class DistillLoss:
 
 
 # name -> loss; one entry per loss. kl: per-position KL over the class dim; mse: mean (s - t)^2 / mean t^2;
-# l1: mean |s - t| / mean |t|; weighted_mse: mean w (s - t)^2 / mean w t^2 with w = 1 + alpha * max(t, 0).
+# l1: mean |s - t| / mean |t|; weighted_mse: mean w (s - t)^2 / mean w t^2 with w = 1 + alpha * max(t, 0);
+# lm_kl: next-token KL at every non-pad position, in chunks (spruce.compiler.lm.lm_kl).
 DISTILL_LOSSES: dict[str, DistillLoss] = {
     "kl": DistillLoss(_kl, per_class=True),
+    "lm_kl": DistillLoss(lm_kl, per_class=True, per_token=True),
     "mse": DistillLoss(lambda s, t: (s - t).pow(2).mean(), lambda t: t.pow(2).mean()),
     "l1": DistillLoss(lambda s, t: (s - t).abs().mean(), lambda t: t.abs().mean()),
     "weighted_mse": DistillLoss(lambda s, t: (_score_weight(t) * (s - t).pow(2)).mean(),
@@ -135,7 +146,8 @@ class OutputSpec:
     """One output tensor: its path, shape at the example, kind, batch and class dims
     (non-negative, None where it has none), blank index (CTC), distillation loss and
     temperature; whether the kind was declared and why it was chosen; whether the loss was
-    overridden; the data set's teacher scale for the loss (None: per batch)."""
+    overridden; the data set's teacher scale for the loss (None: per batch); the pad token
+    id (``lm``); whether the kind was recognised from the model (a causal LM), not guessed."""
 
     name: str
     shape: tuple[int, ...]
@@ -149,6 +161,8 @@ class OutputSpec:
     temperature: float = 1.0
     declared: bool = False
     reason: str = ""
+    pad: int | None = None
+    recognised: bool = False
 
     @property
     def measures(self) -> tuple[str, ...]:
@@ -161,8 +175,8 @@ class OutputSpec:
         return self.kind == "scores" and len(self.shape) == 2 and self.batch_dim == 0 and self.class_dim == 1
 
     def warning(self) -> str | None:
-        """The report's warning for a guessed kind (None when declared)."""
-        if self.declared:
+        """The report's warning for a guessed kind (None when declared or recognised from the model)."""
+        if self.declared or self.recognised:
             return None
         return (f"output {self.name} {list(self.shape)}: kind {self.kind} guessed ({self.reason}); declare it "
                 f"(outputs: {{{self.name!r}: {{kind: ...}}}}) if it is something else")
@@ -188,11 +202,14 @@ class OutputPlan:
         rows = []
         for s in self.outputs:
             row = {"output": s.name, "shape": list(s.shape), "kind": s.kind,
-                   "kind_from": "declared" if s.declared else f"guessed: {s.reason}",
+                   "kind_from": "declared" if s.declared else
+                   f"recognised: {s.reason}" if s.recognised else f"guessed: {s.reason}",
                    "batch_dim": s.batch_dim, "class_dim": s.class_dim, "distill_loss": s.loss,
                    "loss_from": "override" if s.overridden else f"default for {s.kind}", "teacher_scale": s.scale}
             if s.blank is not None:
                 row["blank"] = s.blank
+            if s.pad is not None:
+                row["pad"] = s.pad
             if s.temperature != 1.0:
                 row["temperature"] = s.temperature
             rows.append(row)
@@ -259,17 +276,21 @@ def _declared_spec(name: str, tensor: torch.Tensor, batch_dim: int | None, decla
         blank = declaration.blank if declaration.blank is not None else 0
         if blank >= tensor.shape[class_dim]:
             raise OutputError(f"{what}: blank {blank} is not a class of {name} ({tensor.shape[class_dim]} classes)")
+    pad = declaration.pad if kind.pad else None
     return OutputSpec(name, tuple(tensor.shape), kind.name, kind.loss, batch_dim=batch_dim, class_dim=class_dim,
-                      blank=blank, temperature=declaration.temperature, declared=True, reason="declared")
+                      blank=blank, temperature=declaration.temperature, declared=True, reason="declared", pad=pad)
 
 
 def plan_outputs(outputs: Any, overrides: Mapping[str, str] | None = None, model_name: str = "model",
                  declarations: Mapping[str, OutputDeclaration | Mapping[str, Any]] | None = None,
-                 batch: Mapping[str, int | None] | None = None) -> OutputPlan:
+                 batch: Mapping[str, int | None] | None = None,
+                 recognised: Mapping[str, tuple[OutputDeclaration, str]] | None = None) -> OutputPlan:
     """The plan for a model whose output at the example is ``outputs``. ``declarations``
     maps an output path or glob to its declared kind (:class:`~spruce.compiler.kinds.OutputDeclaration`);
     the others are guessed from their layout. ``batch`` maps a path to its measured batch dim
     (:func:`batch_dims`; a path not in it has none, and is a map unless declared).
+    ``recognised`` maps an output path to the kind the *model* says it has and why (a causal
+    LM's ``logits``: :func:`spruce.compiler.lm.causal_lm_reason`); a declaration overrides it.
     ``overrides`` maps an output path or glob to a loss name. Raises :class:`OutputError`
     when the outputs hold no tensor, an override or declaration names no output or an
     unknown loss, or a declaration does not fit its output (rank, class dim, blank)."""
@@ -295,6 +316,10 @@ def plan_outputs(outputs: Any, overrides: Mapping[str, str] | None = None, model
         pattern = next((p for p in declared if _matches(name, p)), None)
         if pattern is not None:
             spec = _declared_spec(name, tensor, batch.get(name), declared[pattern], pattern)
+        elif recognised and name in recognised:
+            declaration, reason = recognised[name]
+            spec = dataclasses.replace(_declared_spec(name, tensor, batch.get(name), declaration, name),
+                                       declared=False, recognised=True, reason=reason)
         else:
             kind, found = infer_kind(Layout(tuple(tensor.shape), batch.get(name), tensor.is_floating_point()))
             spec = OutputSpec(name, tuple(tensor.shape), kind, KINDS[kind].loss, batch_dim=batch.get(name),
@@ -311,15 +336,17 @@ def plan_outputs(outputs: Any, overrides: Mapping[str, str] | None = None, model
     return OutputPlan(tuple(specs))
 
 
-def distill_loss(student_outputs: Any, teacher_outputs: Any, plan: OutputPlan) -> torch.Tensor:
-    """The sum over output tensors of each one's distillation loss (student vs teacher)."""
+def distill_loss(student_outputs: Any, teacher_outputs: Any, plan: OutputPlan,
+                 inputs: torch.Tensor | None = None) -> torch.Tensor:
+    """The sum over output tensors of each one's distillation loss (student vs teacher);
+    ``inputs``: the batch's input (token ids for a per-token loss)."""
     student = flatten_outputs(student_outputs)
     teacher = flatten_outputs(teacher_outputs)
     total = student[0][1].new_zeros((), dtype=torch.float32)
     for spec, (_, s), (_, t) in zip(plan.outputs, student, teacher, strict=True):
         total = total + DISTILL_LOSSES[spec.loss](s, t.detach(), spec.scale,
                                                   spec.class_dim if spec.class_dim is not None else 1,
-                                                  spec.temperature)
+                                                  spec.temperature, inputs, spec.pad)
     return total
 
 

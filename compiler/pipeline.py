@@ -79,7 +79,7 @@ def compile(model: str | nn.Module | None = None, example_inputs: Any = None, *,
         with timings.stage("export"):
             exported = export_compiled(setup, reference, sparsified, workspace)
         with timings.stage("build"):
-            built = build_artifacts(setup, reference, exported, workspace)
+            built = build_artifacts(setup, reference, captured, exported, workspace)
         with timings.stage("bench"):
             benched = bench_artifacts(setup, built, workspace)
         report = write_report(setup, reference, profiled, sparsified, recovered, exported, built, benched, timings,

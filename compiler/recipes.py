@@ -54,7 +54,15 @@ fails before any training. :func:`recipe_schema` is its JSON schema. All keys op
 ``recover_lr``            peak learning rate of recovery (AdamW, cosine decay)
 ``budget_batch_size``     batch size at which a latency budget is measured
 ``round_to``              kept channel counts are multiples of it (default 8: CPU kernels
-                          work in blocks of 8 channels, so other counts time erratically)
+                          work in blocks of 8 channels, so other counts time erratically; 1 for
+                          a causal LM, whose head groups count whole heads)
+``uniform``               channel groups of the same role keep the same count in every layer
+                          (heads, MLP width: what a transformers config can hold, so the result
+                          writes back); default on for transformers models, off otherwise
+``recover_tokens``        a language model's recovery stops after this many input tokens
+                          (default: 10 % of the dense model's training tokens when its folder
+                          has ``training.json``, else the recipe's ``epochs``)
+``seq_len``               a language model's example sequence length L (default: the data's)
 ``importance_norm``       ``group_mean`` (default): channel importance divided by its group's
                           mean before the knapsack compares groups (raw weight magnitude
                           grows with a layer's fan-in, so early high-resolution layers would
@@ -62,8 +70,11 @@ fails before any training. :func:`recipe_schema` is its JSON schema. All keys op
 ``selection_cost``        what steers the knapsack under a latency budget: ``latency`` (the
                           target's profiled latency table; default) or ``flops`` (MACs, no
                           profiling: for models whose profiling costs more than the run can
-                          spend); either way the selection is re-aimed until it *measures*
-                          within the budget
+                          spend) or ``params`` (parameter counts: the default for a causal LM,
+                          whose prefill MACs per token follow its weights; its graph from
+                          torch.export calls linear layers as functions, which the MAC count
+                          does not see); either way the selection is re-aimed until it
+                          *measures* within the budget
 ``min_keep``              every channel group keeps at least this fraction of its channels,
                           its most important ones (default 0.25; 0 leaves the knapsack free)
 ========================  ==========================================================
@@ -157,8 +168,11 @@ class Recipe(Config):
     round_to: int = Field(8, ge=1)
     importance_norm: Literal["none", "group_mean"] = "group_mean"
     augment: Augment | None = None
-    selection_cost: Literal["latency", "flops"] = "latency"
+    selection_cost: Literal["latency", "flops", "params"] = "latency"
     min_keep: float = Field(0.25, ge=0, le=1)
+    uniform: bool | None = None
+    recover_tokens: int | None = Field(None, ge=1)
+    seq_len: int | None = Field(None, ge=2, le=_MAX_SIZE)
 
     @model_validator(mode="before")
     @classmethod

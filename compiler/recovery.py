@@ -10,7 +10,13 @@ dense model, or the user's loss.
   teacher's scale measured once on the first recovery batches
   (:func:`~spruce.compiler.outputs.calibrate_scales`), not per batch.
 - ``loss``: the user's ``loss_fn(outputs, batch) -> scalar tensor`` (``batch`` as the loader
-  gives it); with labels and one (N, C) class-score output, the built-in cross-entropy.
+  gives it); with labels and one (N, C) class-score output, the built-in cross-entropy; for a
+  causal LM (``lm`` output), the model's own LM loss (:func:`spruce.compiler.lm.lm_loss`).
+
+A causal LM's distillation is the next-token KL at every non-pad position
+(:func:`spruce.compiler.lm.lm_kl`, fed the batch's token ids). ``max_steps`` bounds recovery
+(a causal LM's token budget, ``recover_tokens``, in steps): the cosine decay then spans
+``max_steps`` and recovery stops there, mid-epoch if need be.
 
 The loop is the one a user would write: forward, loss, backward, ``optimizer.step()``, then
 ``SparseModel.step()`` when the student is a SparseModel (its method's mask updates run
@@ -95,7 +101,7 @@ def cross_entropy_loss(outputs: Any, batch: Any) -> torch.Tensor:
 def recover(student: nn.Module, teacher: nn.Module, loader: Iterable, mode: str, plan: OutputPlan, *,
             epochs: int, lr: float, loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
             sparse: Any = None, quiet: bool = False,
-            after_step: Callable[[int], None] | None = None) -> RecoveryLog:
+            after_step: Callable[[int], None] | None = None, max_steps: int | None = None) -> RecoveryLog:
     """Recover ``student`` (a compact model, or the module a SparseModel ``sparse`` wraps) in
     ``mode``; returns the log. ``teacher`` is the dense model (never changed). ``after_step``
     is called after every optimizer step (and the SparseModel's step) with the number of
@@ -118,19 +124,25 @@ def recover(student: nn.Module, teacher: nn.Module, loader: Iterable, mode: str,
     optimizer = torch.optim.AdamW([p for p in runner.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     if sparse is not None:
         sparse.attach(optimizer)
-    schedule = cosine_schedule(optimizer, epochs * len(loader))  # type: ignore[arg-type]
+    steps = epochs * len(loader)  # type: ignore[arg-type]
+    if max_steps is not None:
+        epochs = -(-max_steps // len(loader))  # type: ignore[arg-type]
+        steps = max_steps
+    schedule = cosine_schedule(optimizer, steps)
     updates_before = len(getattr(sparse, "metrics", ())) if sparse is not None else 0
     disable = quiet or not sys.stderr.isatty()
     for epoch in range(epochs):
         runner.train()
         total = count = 0.0
         for batch in tqdm(loader, desc=f"recover ({mode}) {epoch + 1}/{epochs}", leave=False, disable=disable):
+            if log.steps >= steps:
+                break
             inputs = inputs_of(batch)
             outputs = runner(inputs)
             if mode == "distill":
                 with torch.no_grad():
                     target = teacher(inputs)
-                loss = distill_loss(outputs, target, plan)
+                loss = distill_loss(outputs, target, plan, inputs)
             else:
                 loss = loss_fn(outputs, batch)  # type: ignore[misc]
             if not torch.isfinite(loss):

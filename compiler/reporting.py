@@ -119,7 +119,14 @@ def report_document(setup: Setup, reference: Reference, profiled: Profiled, spar
                                                                      exported, benched, recovered.final)) else {}),
         "recovery": _jsonable(_recovery_record(setup, sparsified, recovered)),
         **({"floor": _jsonable(floor)} if (floor := _floor_record(setup, exported)) is not None else {}),
+        **({"language_model": _jsonable(_lm_record(setup, built))} if setup.is_lm else {}),
     }
+
+
+def _lm_record(setup: Setup, built: Built) -> dict[str, Any]:
+    """A causal LM's extra artifacts, its uniform counts and its recovery token budget."""
+    return {**(built.language_model or {}), "uniform": setup.uniform, "recover_tokens": setup.recover_tokens,
+            "recover_tokens_from": setup.recover_tokens_from}
 
 
 def _floor_record(setup: Setup, exported: Exported) -> dict[str, Any] | None:

@@ -28,7 +28,7 @@ from ..runtime.budget import MeasuredSelection
 from ..runtime.table import LatencyTable
 from ..targets.base import Artifact, Target
 from .channel_methods import FinalCheck, MethodDrive
-from .datasets import Loaders
+from .datasets import Loaders, inputs_of
 from .fidelity import Fidelity
 from .outputs import OutputPlan
 from .recipes import Recipe
@@ -127,10 +127,22 @@ class Setup:
     evaluate: UserFunction | None = None
     model_name: str = "model"
     default_model: bool = False
+    model_folder: str | None = None  # a transformers folder the model was loaded from
+    uniform: bool = False  # channel groups of one role keep one count in every layer
+    recover_tokens: int | None = None  # a causal LM's recovery token budget (None: epochs)
+    recover_tokens_from: str = ""
 
     @property
     def total_steps(self) -> int:
+        if self.recover_tokens is not None:
+            per_batch = max(1, int(inputs_of(next(iter(self.data.train))).numel()))  # tokens of a batch
+            return max(1, -(-self.recover_tokens // per_batch))
         return self.recipe.epochs * len(self.data.train)
+
+    @property
+    def is_lm(self) -> bool:
+        """The model is a causal LM (an output of kind ``lm``)."""
+        return self.plan is not None and any(spec.kind == "lm" for spec in self.plan.outputs)
 
     @property
     def loss_text(self) -> str:
@@ -214,6 +226,7 @@ class Built:
 
     dense: Artifact
     compiled: Artifact
+    language_model: dict[str, Any] | None = None  # a causal LM's extra artifacts (compiler.lm_artifacts)
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,9 @@ from ..passes.importance import importance_scores, param_table
 from ..passes.sparsity.knapsack import build_cost_model, minimum_kept, normalise_importance, select_channels
 from ..passes.sparsity.method import MethodConfig, RunLength
 from ..passes.sparsity.model import SparseModel, sparsify_captured
+from ..passes.sparsity.uniform import tie_problem, uniform_classes, untie
 from ..runtime.budget import meet_latency_budget
+from .activation_importance import activation_importance
 from .channel_methods import drives_channels, sparsify_with_method
 from .results import Captured, Profiled, Setup, Sparsified, Workspace
 
@@ -49,17 +51,34 @@ def sparsify_student(setup: Setup, captured: Captured, profiled: Profiled, works
 def channels_by_magnitude(setup: Setup, captured: Captured, profiled: Profiled, method: MethodConfig, total_steps: int,
                      workspace: Workspace) -> Sparsified:
     """Channels kept by magnitude: under a latency budget, the measured closed loop; under a
-    FLOPs/params budget, the knapsack; under a sparsity, the top fraction of each group."""
+    FLOPs/params budget, the knapsack; under a sparsity, the top fraction of each group.
+    With ``uniform`` (default for transformers models), groups of one role keep one count in
+    every layer (:mod:`spruce.passes.sparsity.uniform`), so the result writes back.
+
+    Score source: for a causal LM, calibration activations (the recovery data's first batches,
+    :func:`spruce.compiler.activation_importance.activation_importance`: each head's / MLP
+    channel's input activations to ``o_proj`` / ``down_proj``, RMS over tokens, times the norm of
+    the weight columns reading them; Minitron's activation importance weighed as Wanda weighs);
+    for other models the trained weights' L1 magnitude (:data:`CHANNEL_IMPORTANCE`, over every
+    member of a group). Never gradients: a student equal to its teacher has zero distillation
+    gradient."""
     recipe = setup.recipe
     student, example = captured.student.eval(), setup.example
     analysis = analyze(captured.graph)
     params = param_table(student)
     rng = np.random.default_rng(recipe.seed)
-    importance = {g.id: importance_scores(CHANNEL_IMPORTANCE, g, params, rng) for g in analysis.groups if g.prunable}
+    if setup.is_lm:
+        workspace.say("scoring heads and MLP channels from calibration activations ...")
+        importance, scored_by = activation_importance(student, analysis.groups, setup.data.train, seed=recipe.seed)
+    else:
+        importance = {g.id: importance_scores(CHANNEL_IMPORTANCE, g, params, rng) for g in analysis.groups
+                      if g.prunable}
+        scored_by = CHANNEL_IMPORTANCE
     if not importance:
         raise ValueError(f"{setup.model_name} has no prunable channel group; try structure unstructured or 2:4")
     importance = normalise_importance(importance, recipe.importance_norm)
     required = minimum_kept(importance, recipe.min_keep, recipe.round_to) if recipe.min_keep > 0 else None
+    ties = uniform_classes(analysis.groups) if setup.uniform else None
     selection = None
     if recipe.budget and "latency" in recipe.budget:
         workspace.say("choosing channels to meet the latency budget as measured on the target ...")
@@ -67,13 +86,19 @@ def channels_by_magnitude(setup: Setup, captured: Captured, profiled: Profiled, 
                                                                                  analysis)
         selection = meet_latency_budget(analysis, student, profiled.table, setup.target, recipe.budget["latency"],
                                         importance, (example,), batch_size=recipe.budget_batch_size,
-                                        round_to=recipe.round_to, required=required, cost_model=steer)
+                                        round_to=recipe.round_to, required=required, cost_model=steer, ties=ties)
         kept, compact = selection.kept, selection.compact
     elif recipe.budget:
         ((kind, fraction),) = recipe.budget.items()
         cost = build_cost_model(kind, student, analysis)
-        kept = dict(select_channels(cost, importance, fraction * cost.dense(), round_to=recipe.round_to,
-                                    required=required).kept)
+        if ties is None:
+            kept = dict(select_channels(cost, importance, fraction * cost.dense(), round_to=recipe.round_to,
+                                        required=required).kept)
+        else:
+            tied_cost, tied_importance, tied_required = tie_problem(cost, importance, ties, required)
+            chosen = select_channels(tied_cost, tied_importance, fraction * cost.dense(), round_to=recipe.round_to,
+                                     required=tied_required)
+            kept = dict(untie(chosen, importance, ties, sorted(cost.sizes)).kept)
         compact = remove_channels(analysis, student, kept)
     else:
         kept = keep_top_channels(student, analysis.groups, recipe.sparsity or 0.0, CHANNEL_IMPORTANCE,
@@ -82,8 +107,8 @@ def channels_by_magnitude(setup: Setup, captured: Captured, profiled: Profiled, 
     check_runs(compact, (example,), student, "compact model")
     norm = "" if recipe.importance_norm == "none" else f", divided by its group's mean ({recipe.importance_norm})"
     floor = f"; every group keeps at least {recipe.min_keep:g} of its channels" if required is not None else ""
-    return Sparsified(method, None, total_steps, compact, kept, selection,
-                      f"{CHANNEL_IMPORTANCE} (weight magnitude{norm}){floor}")
+    scored = f"{scored_by}{norm}" if setup.is_lm else f"{CHANNEL_IMPORTANCE} (weight magnitude{norm})"
+    return Sparsified(method, None, total_steps, compact, kept, selection, f"{scored}{floor}")
 
 
 @torch.no_grad()

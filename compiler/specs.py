@@ -35,7 +35,7 @@ MAX_INPUT_ELEMENTS = 1 << 28
 # Model sources named by a scheme prefix (``torchvision:NAME``); each has a resolver in
 # :data:`spruce.compiler.models.RESOLVERS`, keyed by the kind :func:`model_spec_kind` returns.
 MODEL_SCHEMES = ("torchvision", "timm")
-ModelKind = Literal["torchvision", "timm", "python", "saved"]
+ModelKind = Literal["torchvision", "timm", "python", "saved", "folder"]
 
 # What ``FILE.py:FACTORY`` must return (quoted by --help and by the error for anything else).
 FACTORY_RESULT = ("(model, example_inputs): a torch.nn.Module and a tensor or a tuple of tensors, one per "
@@ -69,8 +69,9 @@ class RecipeError(ConfigError):
 
 def model_spec_kind(spec: str) -> ModelKind:
     """Which source ``spec`` names: a scheme of :data:`MODEL_SCHEMES`, ``python``
-    (``FILE.py:FACTORY``) or ``saved`` (``FILE.pt`` / ``FILE.pth``); :class:`ModelSpecError` for
-    anything else (nothing is read)."""
+    (``FILE.py:FACTORY``), ``saved`` (``FILE.pt`` / ``FILE.pth``) or ``folder`` (a directory:
+    a transformers model saved with ``save_pretrained``); :class:`ModelSpecError` for anything
+    else (only whether a directory exists is looked at)."""
     if not spec:
         raise ModelSpecError("empty model spec")
     scheme, sep, _ = spec.partition(":")
@@ -81,9 +82,11 @@ def model_spec_kind(spec: str) -> ModelKind:
         return "python"
     if spec.endswith((".pt", ".pth")):
         return "saved"
+    if os.path.isdir(spec):
+        return "folder"
     known = ", ".join(f"{name}:NAME" for name in MODEL_SCHEMES)
     raise ModelSpecError(f"cannot resolve model spec {short_repr(spec)}: expected one of {known}, "
-                         "FILE.py:FACTORY, or FILE.pt")
+                         "FILE.py:FACTORY, FILE.pt, or a transformers model folder")
 
 
 def check_model_spec(spec: str) -> None:
@@ -105,6 +108,8 @@ def check_model_source(spec: str) -> None:
     if kind in ("python", "saved"):
         path = Path(spec.rpartition(":")[0] if kind == "python" else spec)
         check_readable_file(path, "model file", ModelSpecError)
+    if kind == "folder":
+        check_readable_file(Path(spec) / "config.json", "transformers model folder's config", ModelSpecError)
 
 
 def check_readable_file(path: Path, role: str, error: type[ValueError] = ValueError) -> None:

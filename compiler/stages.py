@@ -41,6 +41,7 @@ trained on the bundled digits with a fixed seed, and that trained model is then 
 from __future__ import annotations
 
 import copy
+import functools
 import sys
 import warnings
 from pathlib import Path
@@ -58,6 +59,8 @@ from .channel_methods import FinalCheck, check_final, drives_channels, updates_l
 from .datasets import inputs_of
 from .default_cache import trained_default
 from .fidelity import fidelity
+from .lm import lm_loss
+from .lm_artifacts import lm_artifacts, sequence_dims
 from .loading import held_out_accuracy, user_metrics
 from .outputs import flatten_outputs
 from .recovery import cross_entropy_loss, recover
@@ -94,7 +97,8 @@ def dense_reference(setup: Setup, workspace: Workspace) -> Reference:
 def capture_student(setup: Setup, reference: Reference) -> Captured:
     """A copy of the trained model (the student), captured at the example."""
     student = copy.deepcopy(reference.model).eval()
-    return Captured(student, capture(student, (setup.example,)))
+    dynamic = sequence_dims(student, setup.example) if setup.is_lm else None  # a causal LM: any length
+    return Captured(student, capture(student, (setup.example,), dynamic_shapes=dynamic))
 
 
 def profile_student(setup: Setup, captured: Captured, workspace: Workspace) -> Profiled:
@@ -122,7 +126,9 @@ def recover_student(setup: Setup, reference: Reference, captured: Captured, prof
     student = sparsified.compact if sparsified.compact is not None else captured.student
     loss_fn = None
     if setup.mode == "loss":
-        loss_fn = setup.loss.function if setup.loss is not None else cross_entropy_loss
+        lm = next((spec for spec in setup.plan.outputs if spec.kind == "lm"), None) if setup.plan else None
+        builtin = functools.partial(lm_loss, pad=lm.pad) if lm is not None else cross_entropy_loss
+        loss_fn = setup.loss.function if setup.loss is not None else builtin
     held_out = [inputs_of(batch) for batch in setup.data.test]
     selected = sparsified.sparse if sparsified.sparse is not None else student
     before = fidelity(selected, reference.model, held_out, setup.plan) if setup.plan is not None else None
@@ -139,7 +145,8 @@ def recover_student(setup: Setup, reference: Reference, captured: Captured, prof
 
     log = recover(student, reference.model, setup.data.train, setup.mode, setup.plan, epochs=recipe.epochs,
                         lr=recipe.recover_lr, loss_fn=loss_fn, sparse=sparsified.sparse, quiet=workspace.quiet,
-                        after_step=check if sparsified.drive is not None else None)
+                        after_step=check if sparsified.drive is not None else None,
+                        max_steps=setup.total_steps if setup.recover_tokens is not None else None)
     if sparsified.drive is not None and not checks:  # updates still due when recovery stopped
         check(sparsified.total_steps)
     final = checks[0] if checks else None
@@ -171,13 +178,23 @@ def export_compiled(setup: Setup, reference: Reference, sparsified: Sparsified, 
                     sum(int(x.shape[0]) for x in held_out))
 
 
-def build_artifacts(setup: Setup, reference: Reference, exported: Exported, workspace: Workspace) -> Built:
-    """Dense and compiled artifacts for the target (each checked by the target as it builds)."""
+def build_artifacts(setup: Setup, reference: Reference, captured: Captured, exported: Exported,
+                    workspace: Workspace) -> Built:
+    """Dense and compiled artifacts for the target (each checked by the target as it builds);
+    a causal LM's keep their sequence length dynamic (ONNX Runtime), and it gets its ``.pt2``
+    and transformers folder besides (:mod:`spruce.compiler.lm_artifacts`)."""
     workspace.say("building artifacts ...")
     target, example = setup.target, (setup.example,)
-    dense = target.build(reference.model, example, workspace.out_dir / f"dense{target.suffix}")
-    compiled = target.build(exported.model, example, workspace.out_dir / f"model{target.suffix}")
-    return Built(dense, compiled)
+    options = {}
+    if setup.is_lm and target.name == "onnxruntime":
+        options["dynamic_dims"] = sequence_dims(reference.model, setup.example)
+    dense = target.build(reference.model, example, workspace.out_dir / f"dense{target.suffix}", **options)
+    compiled = target.build(exported.model, example, workspace.out_dir / f"model{target.suffix}", **options)
+    extras = None
+    if setup.is_lm:
+        workspace.say("writing the .pt2 and the transformers folder ...")
+        extras = lm_artifacts(exported.model, reference.model, captured.graph, workspace.out_dir, setup.model_folder)
+    return Built(dense, compiled, extras)
 
 
 def bench_artifacts(setup: Setup, built: Built, workspace: Workspace) -> Benched:

@@ -37,6 +37,7 @@ from ..passes.sparsity.knapsack import (
     minimum_cost,
     select_channels,
 )
+from ..passes.sparsity.uniform import Ties, tie_problem, untie
 from ..targets.base import Target
 
 __all__ = ["BAND_HIGH", "BAND_LOW", "Attempt", "MeasuredSelection", "meet_latency_budget"]
@@ -130,6 +131,7 @@ def meet_latency_budget(
     required: Mapping[int, np.ndarray] | None = None,
     cost_model: CostModel | None = None,
     first_aim: float | None = None,
+    ties: Ties | None = None,
 ) -> MeasuredSelection:
     """Channels of ``model`` whose compact model measures within the latency ``budget``.
 
@@ -145,7 +147,9 @@ def meet_latency_budget(
     group); ``candidates`` and ``required`` (channels every selection keeps, e.g.
     :func:`~spruce.passes.sparsity.knapsack.minimum_kept`) as for ``select_channels``. The
     first selection aims at ``first_aim`` (cost units; default ``budget`` x the predicted dense
-    cost), e.g. an aim already calibrated by an earlier measurement.
+    cost), e.g. an aim already calibrated by an earlier measurement. ``ties``
+    (:func:`~spruce.passes.sparsity.uniform.uniform_classes`): the groups of each class keep
+    one count (uniform counts across layers; not with ``candidates``).
 
     Returns the first selection measured within [0.9, 1.05] x ``budget`` of dense; when the
     rounds run out, the slowest selection measured at most 1.05 x ``budget`` (``in_band``
@@ -167,6 +171,11 @@ def meet_latency_budget(
         raise ValueError("meet_latency_budget needs a latency table or a cost_model")
     cost = cost_model if cost_model is not None else build_cost_model("latency", model, analysis,
                                                                       latency_table=table)
+    group_ids, scores = sorted(cost.sizes), importance
+    if ties is not None:
+        if candidates is not None:
+            raise ValueError("meet_latency_budget: uniform counts (ties) with candidates are not supported")
+        cost, importance, required = tie_problem(cost, scores, ties, required)
     sample = table.step if cost.kind == "latency" and table is not None else 1
     dense_predicted = cost.dense()
     floor_predicted = minimum_cost(cost, round_to=round_to, sample=sample, required=required)
@@ -178,6 +187,8 @@ def meet_latency_budget(
 
     def try_aim(aim: float) -> tuple[Any, Attempt]:
         selection = select_channels(cost, importance, max(aim, floor_predicted), **options)
+        if ties is not None:
+            selection = untie(selection, scores, ties, group_ids)
         key = tuple(sorted(selection.counts.items()))
         if key not in measured:
             compact = remove_channels(analysis, model, selection.kept)

@@ -479,7 +479,8 @@ class OnnxRuntimeCPU(Target):
         return self.pinned_cpus[0] if self.pinned_cpus else None
 
     def build(self, model: nn.Module, example_inputs: Sequence[torch.Tensor], path: str | os.PathLike,
-              calibration_data: Sequence[Sequence[torch.Tensor]] | None = None) -> Artifact:
+              calibration_data: Sequence[Sequence[torch.Tensor]] | None = None,
+              dynamic_dims: Sequence[Mapping[int, object]] | None = None) -> Artifact:
         """Export, check with ``onnx.checker``, optionally save ORT's optimised graph, compare with torch.
 
         The artifact appears at ``path`` only once its outputs match torch's within ``tolerance``
@@ -487,7 +488,9 @@ class OnnxRuntimeCPU(Target):
         is raised and nothing is left behind. At ``precision="int8"`` the fp32 export is checked so,
         then quantized (:meth:`_build_int8`); ``calibration_data`` holds its samples, each a tuple of the
         model's inputs (at least :data:`~spruce.targets.quantize.MIN_CALIBRATION_SAMPLES` rows in
-        all, along dim 0; needed unless the model takes dynamic quantization).
+        all, along dim 0; needed unless the model takes dynamic quantization). ``dynamic_dims``
+        (with ``dynamic_batch``): per input, more dims kept dynamic (a language model's sequence
+        length), as :func:`export_onnx` takes them.
         """
         path = Path(path)
         model = model.eval()
@@ -496,12 +499,13 @@ class OnnxRuntimeCPU(Target):
         with atomic_path(path) as temp:
             if self.save_optimized:  # ORT writes its optimised graph of the exported file into temp
                 with scratch_path(path) as exported:
-                    export_onnx(model, example_inputs, exported, dynamic_batch=self.dynamic_batch)
+                    export_onnx(model, example_inputs, exported, dynamic_batch=self.dynamic_batch,
+                                dynamic_dims=dynamic_dims)
                     options = self._options()
                     options.optimized_model_filepath = str(temp)
                     ort.InferenceSession(str(exported), sess_options=options, providers=["CPUExecutionProvider"])
             else:
-                export_onnx(model, example_inputs, temp, dynamic_batch=self.dynamic_batch)
+                export_onnx(model, example_inputs, temp, dynamic_batch=self.dynamic_batch, dynamic_dims=dynamic_dims)
             error = check_onnx(temp, model, example_inputs)
             if not error <= self.tolerance:
                 raise OnnxMismatchError(f"{path.name}: ONNX Runtime output differs from torch by {error:.3g} "
