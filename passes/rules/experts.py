@@ -92,7 +92,7 @@ def _backward(ctx, grad):
 routed_experts.register_autograd(_backward, setup_context=_setup)
 
 
-@function_rule(torch.ops.spruce.routed_experts.default, torch.ops.spruce.routed_experts)
+@function_rule(torch.ops.spruce.routed_experts.default)
 def routed_experts_rule(an: Analyzer, call: Call) -> object:
     """Experts (the router's rows, dim 0 of ``gate_up`` and ``down``, the bias) are one dim;
     the intermediate width is ``gate_up``'s two halves and ``down``'s last dim; every hidden

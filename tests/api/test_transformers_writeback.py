@@ -211,7 +211,7 @@ def test_reload_without_spruce_equals_the_compact_model(name, reloaded):
 def test_configs_hold_the_pruned_widths():
     """Head counts, MLP widths, the residual width and head_dim as the compact model has them."""
     want = {"qwen3": dict(num_attention_heads=2, num_key_value_heads=2, head_dim=16, intermediate_size=32),
-            "phi3": dict(num_attention_heads=4, num_key_value_heads=2, head_dim=8, intermediate_size=32),
+            "phi3": dict(num_attention_heads=2, num_key_value_heads=2, head_dim=8, intermediate_size=32),
             "gpt2": dict(n_head=4, n_inner=64),
             "vit": dict(num_attention_heads=2, head_dim=8, intermediate_size=32),
             "llama_hidden": dict(hidden_size=16, num_attention_heads=4, num_key_value_heads=2, head_dim=4),
