@@ -18,6 +18,7 @@ from torch.utils import _pytree as pytree
 from ..capture.batch import adapter_for
 from ..capture.preserve import preserved_state
 from ..capture.shapes import failing_node
+from ..capture.transformers import mask_experts, moe_blocks
 from ..passes.analysis import GQA_MODES, ChannelAnalysis, ChannelGroup
 from ..passes.config import Config, check_choice
 from ..passes.export import batch_literals, check_runs, mask_channels, remove_channels
@@ -50,7 +51,10 @@ class PruneResult:
     @property
     def masked(self) -> nn.Module:
         if self._masked is None:
-            self._masked = mask_channels(self.analysis, self.source, self.kept)
+            masked = mask_channels(self.analysis, self.source, self.kept)
+            routers = [f"{name}.gate.weight" if name else "gate.weight" for name in moe_blocks(self.source)]
+            keeps = {name: self.analysis.kept_entries(self.kept, name, 0) for name in routers}
+            self._masked = mask_experts(masked, {k: v for k, v in keeps.items() if v is not None})
         return self._masked
 
     def errors(self, inputs: object = None) -> dict[str, float]:
@@ -163,7 +167,7 @@ def keep_top_channels(
         for group in groups:
             if not group.prunable or any((m.name, m.dim) in ignored for m in group.members):
                 continue
-            n_keep = max(1, math.ceil(round((1.0 - ratio) * group.size, 6)))
+            n_keep = max(group.min_keep, math.ceil(round((1.0 - ratio) * group.size, 6)))
             if round_to and n_keep < group.size:
                 n_keep = min(group.size, math.ceil(n_keep / round_to) * round_to)
                 if n_keep >= group.size:

@@ -21,6 +21,7 @@ import inspect
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -44,8 +45,8 @@ def train_mode_changes_ops(module: nn.Module, args: tuple, kwargs: dict) -> bool
     """Does ``module(*args, **kwargs)`` call other ATen operators in training mode than in
     eval mode (another operator, other non-tensor arguments, or other input shapes or
     dtypes)? False at once when no module class in ``module`` mentions ``training`` in its
-    source; else ``module`` runs once in each mode (no grad; its buffers, attributes, mode
-    and the RNG state are left as they were). True when either run raises: the caller then
+    source; else ``module`` runs once in each mode on fake tensors (no computation, no grad;
+    its buffers, attributes, mode and the RNG state are left as they were). True when either run raises: the caller then
     traces the train-mode graph and compares it. Give inputs a training-mode forward
     accepts (a batch of two or more for BatchNorm after global pooling)."""
     if not any(_class_mentions_training(type(m)) for m in module.modules()):
@@ -77,7 +78,10 @@ def _ops_in_mode(module: nn.Module, args: tuple, kwargs: dict, training: bool) -
     cuda = sorted({t.device.index or 0 for t in pytree.tree_leaves((args, kwargs, list(module.parameters())))
                    if isinstance(t, torch.Tensor) and t.is_cuda})
     try:
-        with preserved_state(module), torch.random.fork_rng(devices=cuda), torch.no_grad(), log:
+        # on fake tensors: the operators without their computation (a data-dependent one raises,
+        # and the caller traces the training graph to compare)
+        with preserved_state(module), torch.random.fork_rng(devices=cuda), torch.no_grad(), \
+                FakeTensorMode(allow_non_fake_inputs=True), log:
             module(*args, **kwargs)
     finally:
         module.train(was_training)
@@ -99,5 +103,7 @@ class _OpLog(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        self.ops.append((str(func), tuple(_argument(a) for a in pytree.tree_leaves((args, kwargs)))))
+        name = str(func)
+        if not name.startswith("prim."):  # metadata queries (a fake tensor's device), not operators
+            self.ops.append((name, tuple(_argument(a) for a in pytree.tree_leaves((args, kwargs)))))
         return func(*args, **kwargs)

@@ -144,6 +144,8 @@ def _concrete(value: object, mapping: dict) -> int:
     if isinstance(value, int):
         return value
     expr = value.node.expr.xreplace(mapping)
+    if isinstance(expr, int):  # a bare symbol replaced by a Python int
+        return expr
     if expr.free_symbols:
         raise KeyError(f"size {value} does not follow from the input sizes")
     return int(expr)

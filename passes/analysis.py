@@ -75,6 +75,7 @@ class ChannelGroup:
     prunable: bool
     reason: str | None = None
     atoms: np.ndarray = field(default=None, repr=False)  # component label of each channel
+    min_keep: int = 1  # channels that must stay at least (a router's top_k experts)
 
     def member(self, name: str, dim: int | None = None) -> Member:
         for m in self.members:
@@ -110,6 +111,15 @@ class ChannelAnalysis:
             keep[np.asarray(kept[group.id], dtype=np.int64)] = True
             dead_labels[group.atoms[~keep]] = True
         return ~dead_labels[self.labels]
+
+    def kept_entries(self, kept: dict[int, np.ndarray], name: str, dim: int) -> np.ndarray | None:
+        """A bool per entry of dim ``dim`` of the parameter/buffer ``name``: does it survive when
+        each group keeps ``kept[group.id]``? None when the analysis never saw that dim."""
+        an = self.analyzer
+        for (key, d), space in an.param_spaces.items():
+            if d == dim and an.tensor_names[key] == name:
+                return self.alive_mask(kept)[space.start : space.start + space.size].copy()
+        return None
 
     def norm_weights(self) -> dict[str, int]:
         """Name -> channel count of the LayerNorm / RMSNorm weights whose normalised dim is
@@ -213,6 +223,11 @@ def _build_groups(an: Analyzer, labels: np.ndarray, pinned: np.ndarray) -> Chann
                 atoms=atom_labels,
             )
         )
+    for space, count in an.min_keeps:
+        space_labels = labels[space.start : space.start + space.size]
+        for g in groups:
+            if np.isin(g.atoms, space_labels).any():
+                g.min_keep = max(g.min_keep, count)
     groups.sort(key=lambda g: (not g.prunable, g.members[0].name, g.members[0].dim))
     for i, g in enumerate(groups):
         g.id = i

@@ -143,6 +143,8 @@ class Analyzer:
         self.graph_index = 0
         self.training = False  # is the graph being analysed the training-mode graph?
         self.current: fx.Node | None = None
+        # (space, count): at least count of the space's channels stay (a router's top_k experts)
+        self.min_keeps: list[tuple[Space, int]] = []
         # per node: spaces a rule names for the rewrite of its size arguments ("groups")
         self.extras: dict[tuple[int, fx.Node], dict[str, object]] = {}
 
@@ -243,6 +245,14 @@ class Analyzer:
         self._products.append(_Product(whole, tuple(factors), self.where()))
         for f in factors:
             self.graph.add_edge(whole.id, f.id, kind="product")
+
+    def keep_at_least(self, space: Space, count: int, reason: str) -> None:
+        """At least ``count`` channels of ``space`` must stay (all of them when it has no more,
+        pinned with ``reason``)."""
+        if count >= space.size:
+            self.pin(space, reason)
+        elif count > 1:
+            self.min_keeps.append((space, int(count)))
 
     def pin(self, space: Space, reason: str) -> None:
         """Every element of ``space`` must be kept."""

@@ -28,6 +28,23 @@ def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
+def randomise_transformer(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Weights N(0, 0.2), biases N(0, 0.1), norm weights U(0.5, 1.5): a dropped bias or a norm
+    computed over the wrong width changes the output."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            norm = "norm" in type(module).__name__.lower()
+            for name, param in module.named_parameters(recurse=False):
+                if norm and name == "weight":
+                    param.copy_(torch.rand(param.shape, generator=gen) + 0.5)
+                elif name == "bias" or norm:
+                    param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
+                else:
+                    param.copy_(torch.randn(param.shape, generator=gen) * 0.2)
+    return model.eval()
+
+
 def first_output(value):
     """The main tensor of a model output (logits of GoogLeNet/Inception named tuples)."""
     if isinstance(value, torch.Tensor):

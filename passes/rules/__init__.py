@@ -2,7 +2,7 @@
 
 Each family module (:mod:`.convolution`, :mod:`.linear`, :mod:`.attention`,
 :mod:`.normalisation`, :mod:`.recurrent`, :mod:`.elementwise`, :mod:`.reductions`, :mod:`.reshape`,
-:mod:`.indexing`, :mod:`.shuffle`, :mod:`.spatial`, :mod:`.sizes`) holds its ops' torch-level
+:mod:`.indexing`, :mod:`.experts`, :mod:`.shuffle`, :mod:`.spatial`, :mod:`.sizes`) holds its ops' torch-level
 (fx) rules, their ATen rules (``torch.export`` graphs), the rewrites of their size arguments
 and their meta-tensor shapes, registered in the tables of :mod:`.registry` (one table per
 kind). :mod:`.dispatch` runs the rules over a graph, :mod:`.meta` runs a graph on meta
@@ -18,6 +18,7 @@ from . import (  # noqa: F401  (each family registers its rules on import)
     attention,
     convolution,
     elementwise,
+    experts,
     indexing,
     linear,
     normalisation,

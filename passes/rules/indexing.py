@@ -210,9 +210,53 @@ def select(an: Analyzer, call: Call) -> object:
     return index_tensor(an, call, x, tuple([slice(None)] * d + [0]))
 
 
-@aten_rule("slice.Tensor", "narrow")
+def _slice_range(node: fx.Node, size: int, ndim: int) -> tuple[int, int, int] | None:
+    """(dim, start, end) of an ``aten.slice.Tensor`` node with literal bounds and step 1 over a
+    dim of ``size`` (bounds clamped as slicing does); None for any other node."""
+    if node.op != "call_function" or node.target is not aten.slice.Tensor:
+        return None
+    args = list(node.args) + [None] * (5 - len(node.args))
+    d, start, end, step = (node.kwargs.get(k, v) for k, v in zip(("dim", "start", "end", "step"), args[1:5]))
+    d = 0 if d is None else d
+    start, end, step = (0 if start is None else start), (size if end is None else end), (1 if step is None else step)
+    if not all(isinstance(v, int) for v in (d, start, end, step)) or step != 1:
+        return None
+    start, end = (v + size if v < 0 else v for v in (start, end))
+    start, end = max(0, min(start, size)), max(0, min(end, size))
+    return d % ndim, start, max(start, end)
+
+
+def _tiles(node: fx.Node, d: int, size: int, ndim: int) -> bool:
+    """Do the literal slices of ``node``'s input along ``d`` (its users, ``node`` among them)
+    cover the dim exactly once (Phi-3's fused ``qkv_proj`` cut into query, key and value)?"""
+    ranges = []
+    for user in node.args[0].users:
+        found = _slice_range(user, size, ndim)
+        if found is not None and found[0] == d and found[2] > found[1]:
+            ranges.append(found[1:])
+    ranges.sort()
+    return bool(ranges) and ranges[0][0] == 0 and ranges[-1][1] == size and all(
+        a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+
+
+def _rewrite_slice(node: fx.Node, ctx: Resize) -> None:
+    """A slice among slices that tile a dim takes the kept channels of its own sub-range: it
+    starts after the kept channels before it."""
+    piece = ctx.extra("piece")
+    if piece is None:
+        return
+    before = ctx.extra("before")
+    start = ctx.size(before) if before is not None else 0
+    args = list(node.args) + [None] * (4 - len(node.args))
+    node.args = (args[0], args[1], start, start + ctx.size(piece), *node.args[4:])
+    node.kwargs = {k: v for k, v in node.kwargs.items() if k not in ("start", "end")}
+
+
+@aten_rule("slice.Tensor", "narrow", shape_args=True, rewrite=_rewrite_slice)
 def slice_op(an: Analyzer, call: Call) -> object:
-    """A full slice keeps the dim's channels; a partial one pins them."""
+    """A full slice keeps the dim's channels. Slices with literal bounds that together tile the
+    dim are consecutive sub-ranges of it, as a split's pieces (each loses the channels removed
+    in its range); any other partial slice pins them."""
     x = call.args[0]
     a = schema_args(call)
     d = int(a.get("dim", 0)) % len(x)
@@ -226,10 +270,53 @@ def slice_op(an: Analyzer, call: Call) -> object:
         full = False
     if full:
         return x
+    found = _slice_range(call.node, x[d].size, len(x))
+    if found is not None and isinstance(call.node.args[0], fx.Node) and _tiles(call.node, d, x[d].size, len(x)):
+        _, begin, stop = found
+        piece = an.new_space(stop - begin, f"{call.node.name}[{d}]")
+        an.slice_same(x[d], begin, piece, 0, stop - begin)
+        an.note("piece", piece)
+        if begin:
+            before = an.new_space(begin, f"{call.node.name}.before[{d}]")
+            an.slice_same(x[d], 0, before, 0, begin)
+            an.note("before", before)
+        return TensorDims(piece if k == d else s for k, s in enumerate(x))
     an.pin(x[d], f"partial slice at node '{call.node.name}'")
     dims = list(x)
     dims[d] = pin_new(an, an.new_space(call.out_shape[d], f"{call.node.name}[{d}]"), "partial slice")
     return TensorDims(dims)
+
+
+def _is_bool(node: object) -> bool:
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return isinstance(val, torch.Tensor) and val.dtype == torch.bool
+
+
+@aten_rule("index.Tensor")
+def index_op(an: Analyzer, call: Call) -> object:
+    """Advanced indexing by integer tensors (Swin's relative-position-bias table read at its
+    position index): the indexed dims and the index tensors are pinned, the result's
+    broadcast index dims are new pinned dims, and every dim not indexed passes through (the
+    table's heads). Boolean masks have no rule."""
+    x, indices = call.args[0], list(call.args[1])
+    nodes = list(call.node.args[1])
+    if not isinstance(x, TensorDims) or not hasattr(call.meta, "shape") or len(indices) > len(x):
+        return unknown(an, call)
+    indices += [None] * (len(x) - len(indices))
+    indexed = [k for k, it in enumerate(indices) if it is not None]
+    if not indexed or any(not isinstance(indices[k], TensorDims) or _is_bool(nodes[k]) for k in indexed):
+        return unknown(an, call)
+    where = f"node '{call.node.name}'"
+    for k in indexed:
+        an.pin(x[k], f"indexed dim at {where}")
+    an.pin_value([indices[k] for k in indexed], f"index at {where}")
+    shape = call.out_shape
+    passed = [x[k] for k in range(len(x)) if indices[k] is None]
+    at = indexed[0] if indexed == list(range(indexed[0], indexed[-1] + 1)) else 0
+    count = len(shape) - len(passed)
+    broadcast = [pin_new(an, an.new_space(shape[at + i], f"{call.node.name}[{at + i}]"), "indexed dim")
+                 for i in range(count)]
+    return TensorDims(passed[:at] + broadcast + passed[at:])
 
 
 @aten_rule("index_select")

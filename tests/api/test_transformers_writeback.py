@@ -1,6 +1,6 @@
 """Write-back to stock transformers (spruce.to_transformers) for each family in its
 registry: Qwen3 (per-head q/k norms, head_dim != hidden / heads, tied), Gemma (embed_scale
-from hidden_size, tied), Mixtral (3-D expert weights; its query heads prune), Phi-3 (fused
+from hidden_size, tied), Mixtral (3-D expert weights: its query heads, experts and expert width prune), Phi-3 (fused
 qkv_proj / gate_up_proj, partial rotary), GPT-2 (Conv1D, fused c_attn), BERT, ViT, T5 (its
 MLP width), and Llama, Qwen3, ViT and Gemma after the residual width was pruned.
 
@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 import spruce
 import torch
+from helpers import randomise_transformer as randomise
 from spruce.api import checks
 from spruce.api.prune import remove_channels
 from spruce.api.transformers import to_transformers
@@ -89,23 +90,6 @@ CASES = {
     "gemma_hidden": Case(lambda: T.GemmaForCausalLM(_llm(T.GemmaConfig, head_dim=8, attention_bias=True,
                                                          tie_word_embeddings=False)), {"normalised_widths": True}),
 }
-
-
-def randomise(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Weights N(0, 0.2), biases N(0, 0.1), norm weights U(0.5, 1.5): a dropped bias or a norm
-    computed over the wrong width changes the output."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            norm = "norm" in type(module).__name__.lower()
-            for name, param in module.named_parameters(recurse=False):
-                if norm and name == "weight":
-                    param.copy_(torch.rand(param.shape, generator=gen) + 0.5)
-                elif name == "bias" or norm:
-                    param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
-                else:
-                    param.copy_(torch.randn(param.shape, generator=gen) * 0.2)
-    return model.eval()
 
 
 def inputs(case: Case, batch: int, seq: int) -> dict:
@@ -227,12 +211,12 @@ def test_reload_without_spruce_equals_the_compact_model(name, reloaded):
 def test_configs_hold_the_pruned_widths():
     """Head counts, MLP widths, the residual width and head_dim as the compact model has them."""
     want = {"qwen3": dict(num_attention_heads=2, num_key_value_heads=2, head_dim=16, intermediate_size=32),
-            "phi3": dict(num_attention_heads=4, num_key_value_heads=2, head_dim=8, intermediate_size=32),
+            "phi3": dict(num_attention_heads=2, num_key_value_heads=2, head_dim=8, intermediate_size=32),
             "gpt2": dict(n_head=4, n_inner=64),
             "vit": dict(num_attention_heads=2, head_dim=8, intermediate_size=32),
             "llama_hidden": dict(hidden_size=16, num_attention_heads=4, num_key_value_heads=2, head_dim=4),
             "qwen3_hidden": dict(hidden_size=16, num_attention_heads=2, head_dim=16, tie_word_embeddings=True),
-            "mixtral": dict(num_attention_heads=2, num_key_value_heads=2, num_local_experts=4, intermediate_size=64),
+            "mixtral": dict(num_attention_heads=2, num_key_value_heads=2, num_local_experts=2, intermediate_size=32),
             "t5": dict(num_heads=4, d_ff=32, d_kv=8),
             "vit_hidden": dict(hidden_size=16, num_attention_heads=2, head_dim=8, intermediate_size=32)}
     for name, fields in want.items():

@@ -572,6 +572,12 @@ ATEN = {
     "slice.Tensor": (lambda x: aten.slice.Tensor(x, 1, 0, 3), (t(*X4),)),
     "narrow.default": (lambda x: aten.narrow.default(x, 2, 1, 3), (t(*X4),)),
     "index_select.default": (lambda x: aten.index_select.default(x, 1, torch.tensor([0, 2])), (t(*X4),)),
+    "index.Tensor": (lambda x: aten.index.Tensor(x, [None, torch.tensor([[0, 2], [5, 2]])]), (t(*X4),)),
+    # a mixture of experts: routed tokens (6, hidden 4), router (3 experts), gate/up and down (width 5)
+    "routed_experts.default": with_params(
+        lambda x, router, gate_up, down: torch.ops.spruce.routed_experts.default(x, router, gate_up, down, 2, True,
+                                                                                   "silu"),
+        t(6, 4), t(3, 4, seed=1), t(3, 10, 4, seed=2), t(3, 4, 5, seed=3)),
     "cat.default": (lambda x, y: aten.cat.default([x, y], 1), (t(*X4), t(2, 3, 5, 4))),
     "concat.default": (lambda x, y: aten.concat.default([x, y], 1), (t(*X4), t(2, 3, 5, 4))),
     "concatenate.default": (lambda x, y: aten.concatenate.default([x, y], 1), (t(*X4), t(2, 3, 5, 4))),
@@ -842,6 +848,17 @@ def test_rule_is_sound(entry):
         return  # arithmetic on sizes: no tensor channels
     fn, inputs = sample
     check_sound(fn, inputs, ((True, False),) if entry in ACTIVATIONS_ONLY else ((True, False), (False, True)))
+
+
+def test_slices_that_tile_a_dim_prune_as_its_pieces():
+    """Literal slices covering a dim exactly once (Phi-3's fused qkv_proj cut into query, key
+    and value) are sub-ranges of it: each keeps the channels of its own range free."""
+    def pieces(x):
+        return aten.slice.Tensor(x, 1, 0, 2), aten.slice.Tensor(x, 1, 2, 5), aten.slice.Tensor(x, 1, 5, 6)
+
+    check_sound(pieces, (t(*X4),))
+    _, _, analysis = analysed(pieces, (t(*X4),))
+    assert not any(reason.startswith("partial slice") for reason in analysis.analyzer.reasons)
 
 
 def test_batch_norm_over_a_weight_pins_what_it_averages():
