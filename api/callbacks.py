@@ -104,12 +104,13 @@ class SparseRun:
         self.sparse.attach(opt)
         self._steps = OptimizerSteps(opt)
 
-    def after_batch(self) -> int:
-        """``SparseModel.step()`` once per optimizer step taken since the last call; returns
-        how many."""
+    def after_batch(self, loss: float | torch.Tensor | None = None) -> int:
+        """``SparseModel.step()`` once per optimizer step taken since the last call (the
+        batch's training ``loss``, when the trainer gives it, feeds the SparseModel's loss
+        guard); returns how many."""
         taken = self._steps.pop() if self._steps is not None else 0
         for _ in range(taken):
-            self.sparse.step()
+            self.sparse.step(loss=loss)
         return taken
 
     def finish(self) -> nn.Module:

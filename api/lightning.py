@@ -10,8 +10,9 @@ The lifecycle, in Lightning's hooks:
   ``max_steps`` or ``max_epochs``). ``configure_optimizers`` runs after it, so an optimizer
   built on ``self.parameters()`` holds the sparse weights.
 - ``on_train_start``: the trainer's optimizer is attached (``SparseModel.attach``).
-- ``on_train_batch_end``: ``SparseModel.step()`` for each optimizer step really taken (none on
-  an accumulation micro-batch, none on a step the AMP grad scaler skipped).
+- ``on_train_batch_end``: ``SparseModel.step(loss=...)`` (the training step's loss, for the
+  loss guard) for each optimizer step really taken (none on an accumulation micro-batch, none
+  on a step the AMP grad scaler skipped).
 - ``on_train_end``: :attr:`SparseLightningCallback.result` is the compact model
   (structure="channel") or the folded one (pruned weights exact zeros); the ``LightningModule``
   keeps the SparseModel.
@@ -28,6 +29,7 @@ from __future__ import annotations
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 import torch.nn as nn
 
 from ..passes.sparsity.method import MethodConfig
@@ -83,7 +85,8 @@ class SparseLightningCallback(pl.Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        self.run.after_batch()
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        self.run.after_batch(loss if isinstance(loss, torch.Tensor) and loss.numel() == 1 else None)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.run.finish()
