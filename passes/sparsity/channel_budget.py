@@ -45,6 +45,7 @@ class ChannelBudget:
             warnings.warn(f"{method}: round_to={round_to} is not below the size of {len(whole)} channel group(s), "
                           f"which therefore keep all their channels: {', '.join(whole)}", stacklevel=3)
         floor = minimum_cost(self.cost, round_to, self.sample)
+        self.floor = floor  # the smallest reachable cost: a method's intermediate budgets stay at or above it
         if floor > self.target:
             raise InfeasibleBudget(
                 f"{method}: no channel configuration meets the budget {self.budget.kind}={self.budget.fraction:g} "
