@@ -25,7 +25,7 @@ from ..passes.sparsity.method import MethodConfig
 from ..passes.sparsity.model import SparseModel
 from .verbs import sparsify
 
-__all__ = ["OptimizerSteps", "SparseRun", "torch_optimizer"]
+__all__ = ["OptimizerSteps", "SparseRun", "SparseRunCallback", "torch_optimizer"]
 
 
 def torch_optimizer(optimizer: Any) -> torch.optim.Optimizer:
@@ -121,3 +121,18 @@ class SparseRun:
             self._steps = None
         self.result = self.sparse.compact() if self.sparse.structure == "channel" else self.sparse.fold()
         return self.result
+
+
+class SparseRunCallback:
+    """What every trainer callback exposes of its :class:`SparseRun` (``self.run``): ``sparse``,
+    the SparseModel once training began, and ``result``, the compact / folded model after it."""
+
+    run: SparseRun
+
+    @property
+    def sparse(self) -> SparseModel | None:
+        return self.run.sparse
+
+    @property
+    def result(self) -> nn.Module | None:
+        return self.run.result

@@ -42,7 +42,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from ..passes.sparsity.method import MethodConfig
 from ..passes.sparsity.model import SparseModel
-from .callbacks import SparseRun
+from .callbacks import SparseRun, SparseRunCallback
 from .checkpoint import restore, save
 
 __all__ = ["SparseTrainerCallback", "SparseSlot", "STATE_FILE"]
@@ -78,7 +78,7 @@ class SparseSlot(nn.Module):
         return (self.model if self.sparse is None else self.sparse)(*args, **kwargs)
 
 
-class SparseTrainerCallback(TrainerCallback):
+class SparseTrainerCallback(SparseRunCallback, TrainerCallback):
     """Train ``model`` sparse with ``method`` inside a transformers ``Trainer`` (see the module
     docstring). ``example_inputs``: what ``spruce.sparsify`` traces ``model`` with (the Trainer
     calls the model with the batch's keyword arguments: the traced forward's argument names);
@@ -90,14 +90,6 @@ class SparseTrainerCallback(TrainerCallback):
                  **options: Any):
         self.model = SparseSlot(model)
         self.run = SparseRun(method, example_inputs, options)
-
-    @property
-    def sparse(self) -> SparseModel | None:
-        return self.run.sparse
-
-    @property
-    def result(self) -> nn.Module | None:
-        return self.run.result
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        optimizer: Any = None, **kwargs: Any) -> None:

@@ -34,12 +34,12 @@ import torch.nn as nn
 
 from ..passes.sparsity.method import MethodConfig
 from ..passes.sparsity.model import SparseModel
-from .callbacks import SparseRun
+from .callbacks import SparseRun, SparseRunCallback
 
 __all__ = ["SparseLightningCallback"]
 
 
-class SparseLightningCallback(pl.Callback):
+class SparseLightningCallback(SparseRunCallback, pl.Callback):
     """Train ``pl_module.<attribute>`` sparse with ``method`` (see the module docstring).
 
     ``example_inputs``: what the submodule is traced with (``spruce.sparsify``'s);
@@ -55,14 +55,6 @@ class SparseLightningCallback(pl.Callback):
         super().__init__()
         self.attribute = attribute
         self.run = SparseRun(method, example_inputs, options)
-
-    @property
-    def sparse(self) -> SparseModel | None:
-        return self.run.sparse
-
-    @property
-    def result(self) -> nn.Module | None:
-        return self.run.result
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
