@@ -140,9 +140,14 @@ def run(setup: str, method: str, lr: float, seed: int, epochs: int, data, meet: 
               "accuracy": accuracy, "seconds": round(seconds, 2), "guard": guard_fired,
               "final_loss": statistics.mean(losses[-steps_per_epoch:]), "max_loss": max(losses)}
     if meet and method in STRUCTURED:
-        check = spruce.meet_budget(sm, train_x[:1], "onnxruntime", budget=0.5, batch_size=PROFILE_BATCH,
-                                   latency_table=latency_table(setup, train_x[:PROFILE_BATCH]))
-        record.update(meet_ratio=check.ratio, meet_method_ratio=check.method_ratio, meet_re_aimed=check.re_aimed)
+        try:
+            check = spruce.meet_budget(sm, train_x[:1], "onnxruntime", budget=0.5, batch_size=PROFILE_BATCH,
+                                       latency_table=latency_table(setup, train_x[:PROFILE_BATCH]))
+        except spruce.InfeasibleBudget as exc:  # measured under load, the re-aim can find no subset
+            record.update(meet_error=str(exc)[:300])
+        else:
+            record.update(meet_ratio=check.ratio, meet_method_ratio=check.method_ratio,
+                          meet_re_aimed=check.re_aimed)
     return record
 
 
@@ -195,6 +200,11 @@ def report(records: list[dict], info: dict, args, done: bool) -> str:
                                       "median gap", "worst gap", "limit", "guard warned", "median s"], rows)
     lines += ["", NOTES]
     meets = [r for r in records if "meet_ratio" in r]
+    failed = [r for r in records if "meet_error" in r]
+    if failed:
+        lines += ["", "`spruce.meet_budget` refused (InfeasibleBudget):", ""]
+        lines += [f"- set-up {r['setup']}, lr {r['lr']:g}, {r['method']}, seed {r['seed']}: {r['meet_error']}"
+                  for r in failed]
     if meets:
         lines += ["", "## Measured latency with `spruce.meet_budget` (budget 0.5, ONNX Runtime, batch 64)", ""]
         lines += benchlib.markdown_table(
