@@ -45,13 +45,17 @@ class ChannelBudget:
             warnings.warn(f"{method}: round_to={round_to} is not below the size of {len(whole)} channel group(s), "
                           f"which therefore keep all their channels: {', '.join(whole)}", stacklevel=3)
         floor = minimum_cost(self.cost, round_to, self.sample)
-        self.floor = floor  # the smallest reachable cost: a method's intermediate budgets stay at or above it
         if floor > self.target:
             raise InfeasibleBudget(
                 f"{method}: no channel configuration meets the budget {self.budget.kind}={self.budget.fraction:g} "
                 f"({self.target:.6g} {self.cost.unit}): the smallest reachable {self.budget.kind} is {floor:.6g} "
                 f"{self.cost.unit} ({floor / self.dense:.1%} of dense)"
                 + (f" with kept counts multiples of round_to={round_to}" if round_to > 1 else ""), floor)
+
+    def floor(self, candidates: dict[int, np.ndarray] | None = None) -> float:
+        """The smallest reachable cost choosing among ``candidates[g]`` (bool per channel; all
+        channels by default): a method's intermediate budgets stay at or above it."""
+        return minimum_cost(self.cost, self.round_to, self.sample, candidates=candidates)
 
     @staticmethod
     def counts(ctx: MethodContext) -> dict[int, int]:
