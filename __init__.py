@@ -43,6 +43,8 @@ _EXPORTS = {
     "Member": ".passes.analysis",
     "CompactModelError": ".passes.export",
     "SparseModel": ".passes.sparsity.model",
+    "SparseLightningCallback": ".api.lightning",
+    "SparseTrainerCallback": ".api.hf_trainer",
     "MethodConfig": ".passes.sparsity.method",
     "StaticConfig": ".passes.sparsity.methods.baselines",
     "GMPConfig": ".passes.sparsity.methods.baselines",

@@ -40,7 +40,7 @@ from ..passes.sparsity.registry import method_names, resolve_method
 from ..targets.files import atomic_path
 from .verbs import sparsify
 
-__all__ = ["save", "load", "read", "CheckpointError", "FORMAT", "FORMAT_VERSION"]
+__all__ = ["save", "load", "read", "restore", "CheckpointError", "FORMAT", "FORMAT_VERSION"]
 
 FORMAT = "spruce.checkpoint"
 FORMAT_VERSION = 2
@@ -211,6 +211,28 @@ def load(path: str | os.PathLike, model: nn.Module, example_inputs: object = Non
                               f"{type(exc).__name__}: {exc}") from exc
     sm.checkpoint_extra = checkpoint.get("extra")
     return sm
+
+
+def restore(path: str | os.PathLike, sparse_model: SparseModel) -> SparseModel:
+    """Load the checkpoint at ``path`` (written by :func:`save` from a SparseModel of the same
+    recipe) into ``sparse_model``: its weights, masks, method state, step count and metrics;
+    returns it. For a SparseModel already rebuilt around the model (a trainer callback's, on
+    resume); :func:`load` rebuilds one. Raises :class:`CheckpointError` naming the file when it
+    cannot be read or its method or layers differ (found before anything is loaded)."""
+    path = Path(path)
+    checkpoint = read(path)
+    saved = checkpoint["recipe"]["method"].get("name")
+    if saved != sparse_model.method.name:
+        raise CheckpointError(f"checkpoint {path} holds method {saved!r}, the model trains "
+                              f"{sparse_model.method.name!r}")
+    layers = [[layer.name, list(layer.masked.mask_shape)] for layer in sparse_model.layers]
+    if checkpoint["layers"] != layers:
+        raise CheckpointError(f"checkpoint {path} was saved from other sparse layers than the model's")
+    try:
+        sparse_model.load_state_dict(_state_on_device(checkpoint["model"], sparse_model))
+    except (RuntimeError, KeyError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {path} does not fit the model: {type(exc).__name__}: {exc}") from exc
+    return sparse_model
 
 
 def _state_on_device(state: dict, model: nn.Module) -> dict:

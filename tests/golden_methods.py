@@ -150,7 +150,10 @@ SCALED = [(method, structure, steps) for method in ("static", "gmp", "set", "rig
           for structure in ("channel", "unstructured") for steps in (1, 11, 12, 100, 239, 5000)]
 
 
-OLD_RULES: dict[tuple[str, str], dict] = {("iee", "channel"): {"end_fraction": 0.75}}
+OLD_RULES: dict[tuple[str, str], dict] = {("iee", "channel"): {"end_fraction": 0.75},
+                                          # issue 30: GMP's delta_t is scaled to the run (a5751ab kept 100)
+                                          ("gmp", "channel"): {"delta_t": 100},
+                                          ("gmp", "unstructured"): {"delta_t": 100}}
 
 
 def old_scaled_defaults() -> list:

@@ -52,6 +52,11 @@ class ChannelBudget:
                 f"{self.cost.unit} ({floor / self.dense:.1%} of dense)"
                 + (f" with kept counts multiples of round_to={round_to}" if round_to > 1 else ""), floor)
 
+    def floor(self, candidates: dict[int, np.ndarray] | None = None) -> float:
+        """The smallest reachable cost choosing among ``candidates[g]`` (bool per channel; all
+        channels by default): a method's intermediate budgets stay at or above it."""
+        return minimum_cost(self.cost, self.round_to, self.sample, candidates=candidates)
+
     @staticmethod
     def counts(ctx: MethodContext) -> dict[int, int]:
         return {u.group.id: int(u.mask.sum()) for u in ctx.units}

@@ -420,10 +420,14 @@ def _cheapest(cost: CostModel, options: Mapping[int, _Options], sample: int) -> 
 
 
 def minimum_cost(cost: CostModel, round_to: int = 1, sample: int = 1,
-                 required: Mapping[int, np.ndarray] | None = None) -> float:
+                 required: Mapping[int, np.ndarray] | None = None,
+                 candidates: Mapping[int, np.ndarray] | None = None) -> float:
     """The smallest predicted cost reachable by channel selection with ``round_to``, keeping
-    at least the ``required[g]`` channels (bool per channel) of each group given."""
-    options = {g: _options(size, np.zeros(size), np.ones(size, bool),
+    at least the ``required[g]`` channels (bool per channel) of each group given, and choosing
+    only among the ``candidates[g]`` of each group given (a measured latency need not fall with
+    the channel count, so a subset's cheapest configuration can cost more than the whole's)."""
+    options = {g: _options(size, np.zeros(size),
+                           np.asarray(candidates[g], bool) if candidates and g in candidates else np.ones(size, bool),
                            np.asarray(required[g], bool) if required and g in required else np.zeros(size, bool),
                            round_to)
                for g, size in cost.sizes.items()}

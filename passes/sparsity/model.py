@@ -26,6 +26,7 @@ from .context import MethodContext, Structure
 from .distributed import average_captured_grads, sync_from_rank0
 from .knapsack import Budget
 from .layers import TRACKED, SparseLayer, check_finite
+from .loss_guard import LossGuard, guard_window
 from .masking import SPARSE_LAYER_TYPES, MaskedWeight, input_channel_dim, insert_masks, nm_groups
 from .method import Method, MethodConfig, RunLength
 from .registry import SPARSIFY_DEFAULT, method_names, resolve_method
@@ -95,6 +96,7 @@ class SparseModel(nn.Module):
         self.checkpoint_extra: Any = None  # the user data of the checkpoint it was loaded from (spruce.load)
         self._optimizer: torch.optim.Optimizer | None = None
         self._stale_watch = StaleOptimizerWatch()
+        self.loss_guard = LossGuard(guard_window(context.total_steps), method.name)
 
     # ---- what sparsify set up (read-only) ------------------------------------------------
     @property
@@ -238,11 +240,18 @@ class SparseModel(nn.Module):
         if self._optimizer is not None:
             self._stale_watch.watch(self._optimizer, model)
 
-    def step(self) -> None:
+    def step(self, loss: float | torch.Tensor | None = None) -> None:
         """Advance one optimizer step: run the method's update, keep pruned weights at zero.
+
+        ``loss`` (optional): this step's training loss (a float or a one-element tensor). Given,
+        it feeds :attr:`loss_guard`, which warns (:class:`~spruce.passes.sparsity.loss_guard.
+        LossAboveStartWarning`, once) when the loss stays above its level over the run's first
+        steps for a sustained window: a diverging or collapsed run.
 
         Under torch.distributed (DDP) this is a collective: captured gradients are averaged
         over ranks first and rank 0's update is broadcast, so masks agree on every rank."""
+        if loss is not None:
+            self.loss_guard.observe(loss)
         self.step_count += 1
         step = self.step_count
         average_captured_grads(self.layers)
@@ -359,7 +368,8 @@ class SparseModel(nn.Module):
     def get_extra_state(self) -> dict:
         tracked = [{k: getattr(layer, k) for k in TRACKED} for layer in self.layers]
         return {"step_count": self.step_count, "method": self.method.state_dict(), "metrics": self.metrics,
-                "layers": tracked, "channels": [u.mask.clone() for u in self.units]}
+                "layers": tracked, "channels": [u.mask.clone() for u in self.units],
+                "loss_guard": self.loss_guard.state_dict()}
 
     def set_extra_state(self, state: dict) -> None:
         self.step_count = state["step_count"]
@@ -370,6 +380,8 @@ class SparseModel(nn.Module):
                 setattr(layer, key, value)
         for unit, mask in zip(self.units, state.get("channels", [])):
             unit.mask.copy_(mask)
+        if "loss_guard" in state:  # checkpoints from before the guard start it afresh
+            self.loss_guard.load_state_dict(state["loss_guard"])
 
 
 def _following_batchnorms(gm, names) -> dict[str, nn.Module]:

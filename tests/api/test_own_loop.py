@@ -197,3 +197,15 @@ def test_the_warning_fires_once_when_the_stale_optimizer_steps_for_the_exported_
     with warnings.catch_warnings():
         warnings.simplefilter("error", StaleOptimizerWarning)
         optimizer.step()  # once per optimizer
+
+
+# ---- 3. GMP in a short run: gradual, not one pruning step after its window -------------------------
+
+def test_gmp_prunes_gradually_in_a_short_run():
+    assert spruce.GMPConfig().for_run(RunLength(112, structure="unstructured")).delta_t == 4  # 84 steps / 20
+    assert spruce.GMPConfig(delta_t=100).for_run(RunLength(112, structure="unstructured")).delta_t == 100
+    sm = spruce.sparsify(tiny_cnn(), X, spruce.GMPConfig(), sparsity=0.9, total_steps=40)
+    train(sm, torch.optim.SGD(sm.parameters(), lr=0.05, momentum=0.9), steps=40)
+    pruned = [1.0 - sum(r["sparsity"].values()) / len(r["sparsity"]) for r in sm.metrics]
+    assert len(sm.metrics) >= 10 and pruned == sorted(pruned, reverse=True)  # many steps, density falling
+    assert all(sm.sparsities()[layer.name] == pytest.approx(1 - layer.density, abs=0.02) for layer in sm.layers)

@@ -150,6 +150,14 @@ class GMPConfig(MethodConfig):
             raise ValueError("start_fraction must be below end_fraction")
         return self
 
+    def for_run(self, run: RunLength) -> MethodConfig:
+        """``delta_t`` spreads ``UPDATES_PER_RUN`` pruning steps over the schedule's window. The
+        literature's 100 is longer than a short run's window (84 steps of issue 30's 112), where
+        the only pruning step was the one after the window: 0 to 90 % at once with a quarter of
+        the run left (measured on digits, lr 0.05: the loss jumped from 0.05 to 1.8 there)."""
+        window = (self.end_fraction - self.start_fraction) * run.total_steps
+        return self.with_defaults({"delta_t": max(1, int(window) // UPDATES_PER_RUN)})
+
 
 @register_method(GMPConfig)
 class GMP(Method):

@@ -373,10 +373,13 @@ class ChannelIEE:
         ctx, iee = self.ctx, self.iee
         psi = self.costs.target
         if stage == "prune":
-            omega = iee.omega() * psi
-            budget = psi - omega
-            before = {layer.name: layer.masked.mask.clone() for layer in ctx.layers}
+            # the prune goes to Psi - Omega^t, but never below the smallest cost reachable within Theta_K:
+            # under a tight latency budget (0.5 on an 8x8 CNN, where per-call overhead is 0.37 of dense)
+            # Psi - Omega^t fell below it and the knapsack raised InfeasibleBudget at the first prune
             candidates = {gid: mask.numpy().copy() for gid, mask in self.active.items()}
+            budget = max(psi - iee.omega() * psi, self.costs.floor(candidates))
+            omega = psi - budget
+            before = {layer.name: layer.masked.mask.clone() for layer in ctx.layers}
             selection = self.costs.select(ctx, self.meter.mean(ctx), budget, candidates=candidates)
             ChannelBudget.apply(ctx, selection.kept)
             for layer in ctx.layers:

@@ -215,3 +215,18 @@ def test_a_run_resumed_inside_reactivate_explore_equals_the_uninterrupted_one(tm
     assert expected.keys() == got.keys()
     for name, value in expected.items():
         assert torch.equal(value, got[name]), name
+
+
+def test_the_prune_stops_at_the_smallest_reachable_cost():
+    # omega0=1: Psi - Omega^t is 0, below every channel configuration; the prune used to raise
+    # InfeasibleBudget at its first step, mid-training (issue 30's latency 0.5 on an 8x8 CNN, where
+    # the smallest configuration costs 0.37 of dense, reached it with the default omega0=0.3)
+    sm = make(omega0=1.0, decay="constant", total=14, end_fraction=1.0)
+    engine = sm.method.channels
+    loop = Loop(sm)
+    for _ in range(14):
+        loop.step()
+    prunes = [r for r in engine.history if r["stage"] == "prune"]
+    assert prunes and all(r["budget"] >= engine.costs.floor() > 0 for r in prunes)
+    assert all(r["cost"] <= r["budget"] * (1 + 1e-9) for r in prunes)
+    assert engine.active_cost() <= engine.costs.target * (1 + 1e-9)

@@ -1,0 +1,261 @@
+"""Issue 30's acceptance: spruce from your own training loop, written from the docs, every method
+at its default config.
+
+Set-up A (the docs' loop, ``docs/howto/training-loop.md``): scikit-learn's 8x8 digits (split
+80/20 once, seed 0), a CNN conv 1-32-64-128 (3x3, BatchNorm, ReLU) + global average pool +
+Linear, SGD (momentum 0.9) at lr 0.05 and 0.01, batch 52, ``--epochs`` epochs. Set-up B (not used
+while fixing): Adam 1e-3 on another CNN (conv 1-24 BN ReLU, max-pool, conv 24-48 BN ReLU, flatten,
+Linear). Methods at their defaults (``sparsify(..., total_steps=)`` scales them): RigL, SET, GMP,
+DST-EE, Feather, OptG unstructured at 90 % (erk), HALP and IEE on channels under a latency budget of
+0.5 (a latency table profiled once per model on ONNX Runtime at batch 64). Each method is paired with the
+dense run of the same seed (same initial weights, same batches). Per run: test accuracy (eval
+mode), the gap to dense in points, and whether the loss guard warned. ``--meet-budget`` also runs
+``spruce.meet_budget`` on the structured methods' final masks (seed 0) and records the measured
+compact/dense latency.
+
+Every finished run goes to ``bench/results/own_loop.json`` (``--resume`` keeps them) and the
+report ``own_loop.md`` is rewritten after every run, with the machine, versions and the load
+(/proc/loadavg) at its start and at its last write.
+
+Usage: ``python bench/own_loop.py [--seeds 5] [--epochs 8] [--setups A,B] [--lrs 0.05,0.01]
+[--methods ...] [--meet-budget] [--resume]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchlib  # noqa: E402
+import spruce  # noqa: E402
+from spruce.passes.sparsity.loss_guard import LossAboveStartWarning  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+UNSTRUCTURED = ("rigl", "set", "gmp", "dst_ee", "feather", "optg")
+STRUCTURED = ("halp", "iee")
+METHODS = ("dense", *UNSTRUCTURED, *STRUCTURED)
+# GMP runs made before GMPConfig.for_run scaled delta_t (it stayed 100) are kept under this name
+GMP_BEFORE = "gmp_delta100"
+LIMITS = {"unstructured": 3.0, "channel": 2.0}  # points below dense the acceptance allows
+BATCH = 52
+# latency is profiled and measured at batch 64: at batch 1 an 8x8 CNN's ONNX Runtime latency is mostly
+# per-call overhead (its smallest channel configuration measured 0.83 of dense), so no 0.5 budget is reachable
+PROFILE_BATCH = 64
+
+
+def digits() -> tuple[torch.Tensor, ...]:
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    images = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    labels = torch.tensor(data.target)
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
+    images, labels = images[order], labels[order]
+    cut = int(0.8 * len(labels))
+    return images[:cut], labels[:cut], images[cut:], labels[cut:]
+
+
+def model_a(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    for cin, cout in ((1, 32), (32, 64), (64, 128)):
+        layers += [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU()]
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 10))
+
+
+def model_b(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(1, 24, 3, padding=1), nn.BatchNorm2d(24), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(24, 48, 3, padding=1), nn.BatchNorm2d(48), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(48 * 16, 10))
+
+
+SETUPS = {"A": (model_a, "sgd"), "B": (model_b, "adam")}
+_TABLES: dict[str, object] = {}
+
+
+def latency_table(setup: str, example: torch.Tensor):
+    if setup not in _TABLES:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _TABLES[setup] = spruce.profile(SETUPS[setup][0](0).eval(), example, target="onnxruntime")
+    return _TABLES[setup]
+
+
+def sparsify_options(method: str, setup: str, example: torch.Tensor) -> dict:
+    if method in STRUCTURED:
+        return {"structure": "channel", "budget": {"latency": 0.5}, "sparsity": 0.0, "distribution": "uniform",
+                "latency_table": latency_table(setup, example)}
+    return {"structure": "unstructured", "sparsity": 0.9, "distribution": "erk"}
+
+
+def run(setup: str, method: str, lr: float, seed: int, epochs: int, data, meet: bool = False) -> dict:
+    """One training run; returns its record."""
+    train_x, train_y, test_x, test_y = data
+    build, optimizer_kind = SETUPS[setup]
+    model = build(seed)
+    steps_per_epoch = -(-len(train_y) // BATCH)
+    total = epochs * steps_per_epoch
+    start = time.perf_counter()
+    guard_fired = False
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sm = model if method == "dense" else spruce.sparsify(
+            model, train_x[:2], method, total_steps=total, **sparsify_options(method, setup, train_x[:PROFILE_BATCH]))
+        params = sm.parameters()
+        opt = (torch.optim.SGD(params, lr=lr, momentum=0.9) if optimizer_kind == "sgd"
+               else torch.optim.Adam(params, lr=lr))
+        if method != "dense":
+            sm.attach(opt, steps_per_epoch=steps_per_epoch)
+        gen = torch.Generator().manual_seed(seed)
+        sm.train()
+        losses = []
+        for _ in range(epochs):
+            order = torch.randperm(len(train_y), generator=gen)
+            for first in range(0, len(train_y), BATCH):
+                batch = order[first:first + BATCH]
+                loss = F.cross_entropy(sm(train_x[batch]), train_y[batch])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                if method != "dense":
+                    sm.step(loss=loss.detach())
+                losses.append(float(loss.detach()))
+        guard_fired = any(issubclass(w.category, LossAboveStartWarning) for w in caught)
+    seconds = time.perf_counter() - start
+    sm.eval()
+    with torch.no_grad():
+        accuracy = float((sm(test_x).argmax(1) == test_y).float().mean())
+    record = {"setup": setup, "method": method, "lr": lr, "seed": seed, "epochs": epochs, "steps": total,
+              "accuracy": accuracy, "seconds": round(seconds, 2), "guard": guard_fired,
+              "final_loss": statistics.mean(losses[-steps_per_epoch:]), "max_loss": max(losses)}
+    if meet and method in STRUCTURED:
+        try:
+            check = spruce.meet_budget(sm, train_x[:1], "onnxruntime", budget=0.5, batch_size=PROFILE_BATCH,
+                                       latency_table=latency_table(setup, train_x[:PROFILE_BATCH]))
+        except spruce.InfeasibleBudget as exc:  # measured under load, the re-aim can find no subset
+            record.update(meet_error=str(exc)[:300])
+        else:
+            record.update(meet_ratio=check.ratio, meet_method_ratio=check.method_ratio,
+                          meet_re_aimed=check.re_aimed)
+    return record
+
+
+NOTES = """Why GMP and channel IEE failed in issue 30's loop (measured while fixing, on set-up A's data):
+
+- GMP kept the literature's `delta_t=100`, longer than its 84-step window in a 112-step run: its
+  only pruning step was the one after the window, 0 to 90 % at once with a quarter of the run left
+  (the loss jumped from 0.05 to 1.8 at step 84 on a CNN without BatchNorm; with `delta_t` scaled to
+  the run, 20 steps over the window, no jump). Fixed: `GMPConfig.for_run` scales `delta_t`. Runs
+  of GMP made before that fix are in the table as `gmp_delta100`.
+- Channel IEE under latency 0.5 (table profiled at batch 64, smallest reachable configuration
+  0.37 of dense) pruned to Psi - Omega^t = 0.35 of dense at its first prune: the knapsack raised
+  `InfeasibleBudget` mid-training. Fixed: the prune stops at the smallest reachable cost. With a
+  FLOPs budget it trained normally (0.99 at lr 0.05).
+- Not reproduced at this code: IEE ending at chance with a loss of 14.1 at lr 0.01 (the issue's
+  model is not given; on the docs' CNN with BatchNorm, and on two CNNs without it, IEE's loss
+  followed dense's)."""
+
+
+def key(record: dict) -> tuple:
+    return (record["setup"], record["method"], record["lr"], record["seed"], record["epochs"])
+
+
+def report(records: list[dict], info: dict, args, done: bool) -> str:
+    lines = ["# spruce from your own training loop: every method at its defaults (issue 30)", "",
+             "Written by `bench/own_loop.py` (its docstring has the protocol)." + ("" if done else
+             " **Partial: the run was still going (or stopped) when this was written.**"), "",
+             *benchlib.header_lines(info), f"- load average (1/5/15 min) at this write: {benchlib.load_average()}",
+             f"- epochs {args.epochs}, batch {BATCH}, seeds {args.seeds}", "",
+             "Accuracy gap = method minus dense of the same seed, in points (median over seeds, and the worst). "
+             "Limits: channel methods within 2 points, unstructured 90 % within 3.", ""]
+    dense = {(r["setup"], r["lr"], r["seed"]): r["accuracy"] for r in records if r["method"] == "dense"}
+    rows = []
+    for setup in sorted({r["setup"] for r in records}):
+        for lr in sorted({r["lr"] for r in records if r["setup"] == setup}, reverse=True):
+            for method in (*METHODS, GMP_BEFORE):
+                runs = [r for r in records if (r["setup"], r["method"], r["lr"]) == (setup, method, lr)]
+                if not runs:
+                    continue
+                accs = [r["accuracy"] for r in runs]
+                gaps = [100 * (r["accuracy"] - dense[(setup, lr, r["seed"])]) for r in runs
+                        if (setup, lr, r["seed"]) in dense]
+                limit = LIMITS["channel" if method in STRUCTURED else "unstructured"]  # gmp_delta100: unstructured
+                verdict = "" if method == "dense" or not gaps else ("pass" if min(gaps) >= -limit else "FAIL")
+                rows.append([setup, f"{lr:g}", method, len(runs), f"{statistics.median(accs):.3f}",
+                             f"{min(accs):.3f}", benchlib.fmt(statistics.median(gaps) if gaps else None, 1),
+                             benchlib.fmt(min(gaps) if gaps else None, 1), verdict,
+                             sum(r["guard"] for r in runs), f"{statistics.median(r['seconds'] for r in runs):.1f}"])
+    lines += benchlib.markdown_table(["set-up", "lr", "method", "seeds", "median acc", "worst acc",
+                                      "median gap", "worst gap", "limit", "guard warned", "median s"], rows)
+    lines += ["", NOTES]
+    meets = [r for r in records if "meet_ratio" in r]
+    failed = [r for r in records if "meet_error" in r]
+    if failed:
+        lines += ["", "`spruce.meet_budget` refused (InfeasibleBudget):", ""]
+        lines += [f"- set-up {r['setup']}, lr {r['lr']:g}, {r['method']}, seed {r['seed']}: {r['meet_error']}"
+                  for r in failed]
+    if meets:
+        lines += ["", "## Measured latency with `spruce.meet_budget` (budget 0.5, ONNX Runtime, batch 64)", ""]
+        lines += benchlib.markdown_table(
+            ["set-up", "lr", "method", "seed", "method's selection measured", "after meet_budget", "re-aimed",
+             "in 0.45-0.525"],
+            [[r["setup"], f"{r['lr']:g}", r["method"], r["seed"], f"{r['meet_method_ratio']:.3f}",
+              f"{r['meet_ratio']:.3f}", r["meet_re_aimed"], 0.45 <= r["meet_ratio"] <= 0.525] for r in meets])
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--setups", default="A,B")
+    parser.add_argument("--lrs", default="0.05,0.01", help="set-up A's SGD learning rates (B: Adam 1e-3)")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--meet-budget", action="store_true")
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--report-only", action="store_true", help="rewrite the report from the JSON's runs")
+    parser.add_argument("--out", default=str(RESULTS / "own_loop.md"))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    out = Path(args.out)
+    store = out.with_suffix(".json")
+    records = json.loads(store.read_text())["runs"] if args.resume and store.exists() else []
+    finished = {key(r) for r in records}
+    info = benchlib.machine_info(["onnxruntime", "lightning", "transformers"])
+    if args.report_only:
+        records = json.loads(store.read_text())["runs"]
+        info = json.loads(store.read_text()).get("info", info)
+        benchlib.write_atomic(out, report(records, info, args, done=False))
+        return
+    data = digits()
+    methods = args.methods.split(",")
+    plan = []  # seed by seed, so that a stopped run has whole pairs of every set-up, lr and method
+    for seed in range(args.seeds):
+        for setup in args.setups.split(","):
+            lrs = [float(x) for x in args.lrs.split(",")] if setup == "A" else [1e-3]
+            for lr in lrs:
+                plan += [(setup, method, lr, seed) for method in methods]
+    for setup, method, lr, seed in plan:
+        if (setup, method, lr, seed, args.epochs) in finished:
+            continue
+        record = run(setup, method, lr, seed, args.epochs, data, meet=args.meet_budget and seed == 0)
+        records.append(record)
+        print(json.dumps(record), flush=True)
+        benchlib.write_atomic(store, json.dumps({"info": info, "runs": records}, indent=1))
+        benchlib.write_atomic(out, report(records, info, args, done=False))
+    benchlib.write_atomic(out, report(records, info, args, done=True))
+
+
+if __name__ == "__main__":
+    main()
