@@ -316,6 +316,7 @@ import json, sys, traceback
 import torch, torch_pruning as tp
 from transformers import AutoModelForCausalLM
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()
+model.config.use_cache = sys.argv[4] == "cache"  # the model's own output, or logits and no cache object
 ratio = float(sys.argv[2])
 config = model.config
 ids = torch.randint(3, config.vocab_size, (1, int(sys.argv[3])))
@@ -357,13 +358,20 @@ def part_tp(args: argparse.Namespace, clock: Clock, record: dict[str, Any]) -> N
     tp_record = record.setdefault("tp", {})
     trained = _training_record(args.model)
     sequence_length = int(trained.get("sequence_length", 128))
-    done = subprocess.run([sys.executable, "-c", TP_SCRIPT, str(args.model), "0.5", str(sequence_length)],
-                          capture_output=True, text=True, timeout=args.tp_timeout_s, check=False)
-    try:
-        tp_record["torch_pruning"] = json.loads(done.stdout.strip().splitlines()[-1])
-    except (IndexError, ValueError):
-        tp_record["torch_pruning"] = {"ok": False, "error": (done.stderr or done.stdout)[-500:]}
-    tp_record["torch_pruning"]["version"] = benchlib.package_version("torch-pruning")
+    attempts = {}
+    for cache in ("cache", "no-cache"):  # as loaded; then with use_cache=False (its output without a cache object)
+        try:
+            done = subprocess.run([sys.executable, "-c", TP_SCRIPT, str(args.model), "0.5", str(sequence_length),
+                                   cache], capture_output=True, text=True, timeout=args.tp_timeout_s, check=False)
+            attempts[cache] = json.loads(done.stdout.strip().splitlines()[-1])
+        except subprocess.TimeoutExpired:
+            attempts[cache] = {"ok": False, "error": f"no result within {args.tp_timeout_s:.0f} s (killed)"}
+        except (IndexError, ValueError):
+            attempts[cache] = {"ok": False, "error": (done.stderr or done.stdout)[-500:]}
+        if attempts[cache].get("ok"):
+            break
+    tp_record["torch_pruning"] = {**attempts[cache], "attempts": attempts,
+                                  "version": benchlib.package_version("torch-pruning")}
     spruce_run = record.get("compile", {}).get(f"latency_distill/seed{args.seeds[0]}", {})
     aim = spruce_run.get("measured_ratio") or args.tp_aim
     tp_record["aim"] = {"ratio": aim, "from": "spruce's measured ratio" if spruce_run.get("measured_ratio")
@@ -435,6 +443,7 @@ def render(record: dict[str, Any]) -> dict[str, list[str]]:
         if record.get("reload"):
             sections[SECTIONS["compile"]] += ["", "HF folder reload in a fresh process without spruce:", ""]
             sections[SECTIONS["compile"]] += [f"- `{k}`: {json.dumps(v)[:300]}" for k, v in record["reload"].items()]
+        sections[SECTIONS["compile"]].append("")
     if "controls" in record:
         a = {k: v["a_distilled_on_recovery_tokens"].get("perplexity") for k, v in record["controls"].items()
              if isinstance(v.get("a_distilled_on_recovery_tokens"), dict)}
@@ -457,8 +466,9 @@ def render(record: dict[str, Any]) -> dict[str, list[str]]:
         tp = record["tp"]
         lines = [SECTIONS["tp"], "", *head,
                  f"Torch-Pruning {tp['torch_pruning'].get('version')} LLM recipe on the example: "
-                 + ("ran" if tp["torch_pruning"].get("ok") else f"failed: `{tp['torch_pruning'].get('error')}` "
-                    f"({tp['torch_pruning'].get('where', '')})")
+                 + "; ".join(f"{mode}: " + ("ran" if a.get("ok") else
+                                            f"failed: `{a.get('error')}` ({a.get('where', '')})")
+                             for mode, a in tp["torch_pruning"].get("attempts", {}).items())
                  + "; baseline: uniform-width L1 through `spruce.prune`, width searched on measured prefill latency "
                  f"(aim {_f(tp['aim']['ratio'])}, {tp['aim']['from']}).", ""]
         lines += benchlib.markdown_table(["removed fraction", "measured ratio", "load"],
