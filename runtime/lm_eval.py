@@ -9,6 +9,8 @@ nothing is predicted, e.g. pads), as a transformers causal LM takes them: the lo
 model that takes no ``attention_mask`` (spruce's compact twin of ``input_ids``) computes the same
 logits at every real position.
 
+A bare tensor of token ids (N, T) (or a tuple whose first element is one) is a batch without pads.
+
 A model is a transformers causal LM or any module of ``input_ids`` whose output holds the logits
 (N, T, V) (:func:`~spruce.runtime.decode.logits_of`).
 """
@@ -43,10 +45,15 @@ def _takes(model: nn.Module, argument: str) -> bool:
         return False
 
 
-def _batch(batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _batch(batch: Mapping[str, torch.Tensor] | torch.Tensor | Sequence[torch.Tensor],
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if isinstance(batch, torch.Tensor):  # bare token ids: every token real
+        batch = {"input_ids": batch}
+    elif isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+        batch = {"input_ids": batch[0]}  # (ids, anything): the ids
     if not isinstance(batch, Mapping) or "input_ids" not in batch:
-        raise ValueError(f"a token batch is a mapping with input_ids, attention_mask and labels, got "
-                         f"{type(batch).__name__}")
+        raise ValueError(f"a token batch is a mapping with input_ids, attention_mask and labels (or a tensor of "
+                         f"token ids), got {type(batch).__name__}")
     ids = torch.as_tensor(batch["input_ids"]).long()
     if ids.dim() != 2:
         raise ValueError(f"input_ids must be (N, T), got shape {tuple(ids.shape)}")

@@ -64,6 +64,7 @@ def test_perplexity_is_exp_of_the_models_own_loss_on_an_unpadded_batch(llama):
     measured = perplexity(llama, [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}])
     assert measured.tokens == 2 * 15
     assert measured.value == pytest.approx(math.exp(float(loss)), rel=1e-5)
+    assert perplexity(llama, [ids]).value == measured.value == perplexity(llama, [(ids, None)]).value  # bare ids
 
 
 def test_perplexity_skips_pads_and_weights_tokens(llama):
