@@ -26,9 +26,30 @@ from ..passes.sparsity.channel_budget import ChannelBudget
 from ..passes.sparsity.knapsack import InfeasibleBudget, build_cost_model
 from ..passes.sparsity.model import SparseModel
 from ..runtime.budget import BAND_HIGH, BAND_LOW, meet_latency_budget
+from ..runtime.decode import DecodeTimer, has_kv_cache
 from ..targets.base import Target, get_target
+from .transformers import to_transformers
 
-__all__ = ["BudgetCheck", "meet_budget"]
+__all__ = ["MEASURED_BUDGETS", "BudgetCheck", "decode_timer", "meet_budget"]
+
+# The budget kinds judged on a measurement: latency on the target, decode on a DecodeTimer.
+MEASURED_BUDGETS = ("latency", "decode")
+
+
+def decode_timer(source: nn.Module, prompt_tokens: int | None = None, new_tokens: int = 16) -> DecodeTimer:
+    """The measurement of a ``decode`` budget for the transformers decoder ``source``: per-token
+    decode latency at batch 1 with a key/value cache (:class:`~spruce.runtime.decode.DecodeTimer`),
+    given where the measured budget loop takes a target (``meet_latency_budget(..., target=timer)``,
+    :func:`meet_budget`). A model with a key/value cache (``source`` or a copy) is timed as it is; a
+    compact graph of it (``remove_channels`` / ``spruce.prune``) is first written back into
+    ``source``'s class (:func:`~spruce.api.transformers.to_transformers`, which needs the same
+    widths in every layer and raises ``ValueError`` otherwise). The prompt is the example input's
+    first row (its first ``prompt_tokens`` tokens); ``new_tokens`` are decoded per timed call."""
+
+    def as_decoder(model: nn.Module) -> nn.Module:
+        return model if has_kv_cache(model) else to_transformers(model, source).eval()
+
+    return DecodeTimer(as_decoder, prompt_tokens, new_tokens)
 
 
 @dataclass(frozen=True)
@@ -50,11 +71,12 @@ class BudgetCheck:
 
 
 def meet_budget(sparse: SparseModel, example_inputs: torch.Tensor | Sequence[torch.Tensor],
-                target: str | Target = "onnxruntime", budget: float | Mapping[str, float] = 0.5, *,
+                target: str | Target | DecodeTimer = "onnxruntime", budget: float | Mapping[str, float] = 0.5, *,
                 dense: nn.Module | None = None, batch_size: int = 1, round_to: int = 1,
                 latency_table: Any = None, label: str = "the SparseModel's") -> BudgetCheck:
     """Meet a latency ``budget`` (a fraction of dense, or ``{"latency": f}``) as measured on
-    ``target`` (a name or a :class:`~spruce.targets.base.Target`) with the channels of the
+    ``target`` (a name or a :class:`~spruce.targets.base.Target`), or a ``{"decode": f}`` budget
+    measured by ``target`` = :func:`decode_timer` (per-token decode latency), with the channels of the
     ``structure="channel"`` SparseModel ``sparse``, re-aiming its selection over the kept
     channels when it measures above ``1.05 x`` the budget (see the module doc). Call it once
     the method has no mask update left (e.g. after training, or after ``end_fraction`` of
@@ -71,6 +93,8 @@ def meet_budget(sparse: SparseModel, example_inputs: torch.Tensor | Sequence[tor
     :class:`~spruce.passes.sparsity.knapsack.InfeasibleBudget` when no subset of the kept
     channels measures within the budget (it names the smallest reachable latency)."""
     fraction = _latency_fraction(budget)
+    if isinstance(budget, Mapping) and "decode" in budget and not isinstance(target, DecodeTimer):
+        raise ValueError("meet_budget: a decode budget is measured by a DecodeTimer: pass target=decode_timer(source)")
     if not isinstance(sparse, SparseModel) or sparse.structure != "channel":
         raise ValueError("meet_budget needs a SparseModel with structure='channel' (its channel masks are re-aimed)")
     target = get_target(target) if isinstance(target, str) else target
@@ -114,10 +138,11 @@ def meet_budget(sparse: SparseModel, example_inputs: torch.Tensor | Sequence[tor
 
 def _latency_fraction(budget: float | Mapping[str, float]) -> float:
     if isinstance(budget, Mapping):
-        if set(budget) != {"latency"}:
-            raise ValueError(f"meet_budget measures latency: give budget=f or {{'latency': f}}, got {dict(budget)!r} "
-                             "(FLOPs and params budgets are exact counts, which the method's knapsack meets)")
-        budget = budget["latency"]
+        if len(budget) != 1 or next(iter(budget)) not in MEASURED_BUDGETS:
+            raise ValueError(f"meet_budget measures latency: give budget=f, {{'latency': f}} or {{'decode': f}}, got "
+                             f"{dict(budget)!r} (FLOPs and params budgets are exact counts, which the method's "
+                             "knapsack meets)")
+        budget = next(iter(budget.values()))
     if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0.0 < budget <= 1.0:
         raise ValueError(f"meet_budget: the latency budget must be a fraction of dense in (0, 1], got {budget!r}")
     return float(budget)

@@ -23,6 +23,17 @@ the masked model's. Without CUDA it prints why and exits 0 without writing anyth
 ``python bench/gpu.py render-craft --craft D.json`` replaces the CRAFT section of
 ``bench/results/gpu.md`` (keeping the others) with the table from D.json.
 
+``python bench/gpu.py lm --dense DIR --compiled DIR``: a causal LM's ``generate`` tokens/s on CUDA
+in bf16, dense (its transformers folder, e.g. ``examples/lm/model``) against compiled (the ``hf/``
+folder of its ``spruce compile`` output), loaded with stock ``transformers`` and no spruce import.
+Greedy, ``--new-tokens`` new tokens after held-out-like prompts (random token ids of
+``--prompt-tokens``, left-padded at batch 8; ``pad_token_id`` set), batch 1 and 8; the two models
+interleaved over ``--rounds`` rounds (CUDA-synchronised wall time, median). Decode tokens/s
+excludes the prefill: (time of ``new_tokens`` tokens - time of 1 token) per generated token. The
+greedy tokens of dense and compiled are compared (the fraction that agree). At most ~10 minutes
+for models of the example's size; without CUDA it prints why and exits 0 without writing anything. Writes its section of
+``bench/results/gpu.md`` (``--into``, other sections kept) and ``--json``.
+
 ``python bench/gpu.py render --mlp A.json [--craft D.json] [--default B.json] [--tables C.json]
 --out bench/results/gpu.md`` writes the results file (atomically) from the JSON the GPU runs produced.
 """
@@ -209,6 +220,97 @@ def render_craft(craft: dict[str, Any]) -> list[str]:
 
 
 CRAFT_SECTION = "## CRAFT 2:4 artifact on CUDA"
+LM_SECTION = "## Language model generate on CUDA (bf16)"
+
+
+def _generate_seconds(model: Any, ids: Any, mask: Any, new_tokens: int, pad: int) -> float:
+    """Wall seconds of one greedy ``generate`` of exactly ``new_tokens`` tokens (CUDA-synchronised)."""
+    import time
+
+    import torch
+
+    sync = torch.cuda.synchronize if ids.is_cuda else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=new_tokens,
+                   min_new_tokens=new_tokens, pad_token_id=pad)
+    sync()
+    return time.perf_counter() - start
+
+
+def run_lm(args: argparse.Namespace) -> dict[str, Any] | None:
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("bench/gpu.py lm: skipped, no CUDA device (torch.cuda.is_available() is False); nothing written",
+              flush=True)
+        return None
+    from transformers import AutoModelForCausalLM
+
+    models = {which: AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).to(args.device).eval()
+              for which, folder in (("dense", args.dense), ("compiled", args.compiled))}
+    config = models["dense"].config
+    pad = config.pad_token_id if config.pad_token_id is not None else 0
+    generator = torch.Generator().manual_seed(0)
+    rows, agreement = [], {}
+    for batch in (1, 8):
+        lengths = [max(2, args.prompt_tokens - 3 * k) for k in range(batch)]  # different lengths: left padding
+        ids = torch.full((batch, args.prompt_tokens), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for k, length in enumerate(lengths):
+            ids[k, -length:] = torch.randint(3, config.vocab_size, (length,), generator=generator)
+            mask[k, -length:] = 1
+        ids, mask = ids.to(args.device), mask.to(args.device)
+        with torch.inference_mode():
+            tokens = {which: m.generate(input_ids=ids, attention_mask=mask, do_sample=False,
+                                        max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                                        pad_token_id=pad)[:, ids.shape[1]:] for which, m in models.items()}
+            agreement[str(batch)] = float((tokens["dense"] == tokens["compiled"]).float().mean())
+            for m in models.values():  # warm-up
+                for _ in range(args.warmup):
+                    _generate_seconds(m, ids, mask, args.new_tokens, pad)
+            full = {which: [] for which in models}
+            one = {which: [] for which in models}
+            for r in range(args.rounds):  # interleaved, the order alternating
+                for which in (list(models) if r % 2 == 0 else list(models)[::-1]):
+                    full[which].append(_generate_seconds(models[which], ids, mask, args.new_tokens, pad))
+                    one[which].append(_generate_seconds(models[which], ids, mask, 1, pad))
+        for which in models:
+            total, first = statistics.median(full[which]), statistics.median(one[which])
+            decode_s = max(total - first, 1e-9) / (args.new_tokens - 1)
+            rows.append({"which": which, "batch": batch, "generate_s": total, "prefill_and_first_s": first,
+                         "generate_tokens_per_s": batch * args.new_tokens / total,
+                         "decode_ms_per_step": 1e3 * decode_s, "decode_tokens_per_s": batch / decode_s})
+    info = benchlib.machine_info(("transformers",))
+    info["gpu"] = torch.cuda.get_device_name() if args.device == "cuda" else "none (--device cpu: a dry run)"
+    info["cuda"] = str(torch.version.cuda)
+    params = {which: sum(p.numel() for p in m.parameters()) for which, m in models.items()}
+    result = {"info": info, "dense": str(args.dense), "compiled": str(args.compiled), "rows": rows,
+              "agreement": agreement, "params": params, "prompt_tokens": args.prompt_tokens,
+              "new_tokens": args.new_tokens, "rounds": args.rounds, "warmup": args.warmup}
+    print(json.dumps(rows), flush=True)
+    return result
+
+
+def render_lm(lm: dict[str, Any]) -> list[str]:
+    by = {(r["which"], r["batch"]): r for r in lm["rows"]}
+    table = []
+    for batch in sorted({r["batch"] for r in lm["rows"]}):
+        d, c = by["dense", batch], by["compiled", batch]
+        table.append([batch, benchlib.fmt(d["decode_tokens_per_s"], 1), benchlib.fmt(c["decode_tokens_per_s"], 1),
+                      f"{c['decode_tokens_per_s'] / d['decode_tokens_per_s']:.2f}x",
+                      benchlib.fmt(d["generate_tokens_per_s"], 1), benchlib.fmt(c["generate_tokens_per_s"], 1),
+                      f"{lm['agreement'][str(batch)]:.3f}"])
+    return [f"{LM_SECTION} (`bench/gpu.py lm`)", "",
+            f"Dense `{lm['dense']}` ({lm['params']['dense']:,} parameters) against compiled `{lm['compiled']}` "
+            f"({lm['params']['compiled']:,}), both loaded by stock transformers in bf16; greedy `generate` of "
+            f"{lm['new_tokens']} tokens after random prompts of up to {lm['prompt_tokens']} tokens (left-padded at "
+            f"batch 8), {lm['rounds']} interleaved rounds after {lm['warmup']} warm-ups, medians. Decode tokens/s "
+            "leaves the prefill out: (time of all tokens - time of the first) per step.", "",
+            *benchlib.header_lines(lm["info"]), "",
+            *benchlib.markdown_table(["batch", "dense decode tok/s", "compiled decode tok/s", "speed-up",
+                                      "dense generate tok/s", "compiled generate tok/s", "greedy token agreement"],
+                                     table), ""]
 
 
 def replace_section(text: str, heading: str, lines: list[str]) -> str:
@@ -272,6 +374,17 @@ def main(argv: list[str] | None = None) -> int:
     craft.add_argument("--iters", type=int, default=50)
     craft.add_argument("--rounds", type=int, default=3)
     craft.add_argument("--json", required=True)
+    lm = sub.add_parser("lm")
+    lm.add_argument("--dense", required=True, help="the dense model's transformers folder")
+    lm.add_argument("--compiled", required=True, help="the compiled model's transformers folder (OUT/hf)")
+    lm.add_argument("--prompt-tokens", type=int, default=64)
+    lm.add_argument("--new-tokens", type=int, default=64)
+    lm.add_argument("--warmup", type=int, default=2)
+    lm.add_argument("--rounds", type=int, default=5)
+    lm.add_argument("--json", default=None)
+    lm.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
+                    help="cpu: a dry run of the script on the CPU (its figures mean nothing for the GPU)")
+    lm.add_argument("--into", default=str(benchlib.RESULTS_DIR / "gpu.md"))
     into = sub.add_parser("render-craft")
     into.add_argument("--craft", required=True, help="the JSON `gpu.py craft` wrote")
     into.add_argument("--into", default=str(benchlib.RESULTS_DIR / "gpu.md"))
@@ -286,6 +399,14 @@ def main(argv: list[str] | None = None) -> int:
         path = Path(args.into)
         section = render_craft(json.loads(Path(args.craft).read_text()))
         benchlib.write_atomic(path, replace_section(path.read_text(), CRAFT_SECTION, section))
+    elif args.command == "lm":
+        result = run_lm(args)
+        if result is not None:
+            if args.json:
+                Path(args.json).write_text(json.dumps(result, indent=2))
+            path = Path(args.into)
+            text = path.read_text() if path.exists() else "# GPU measurements\n"
+            benchlib.write_atomic(path, replace_section(text, LM_SECTION, render_lm(result)))
     elif args.command == "mlp":
         result = run_mlp(args)
         Path(args.json).write_text(json.dumps(result, indent=2))

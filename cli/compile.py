@@ -95,7 +95,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="method option, e.g. h=20 (repeatable; unset options scale to the run)")
     with_default("structure", "--structure", "channel, unstructured or N:M")
     parser.add_argument("--sparsity", type=float, default=None, help="fraction removed (instead of a budget)")
-    with_default("budget", "--budget", "latency=F, flops=F or params=F")
+    with_default("budget", "--budget", "latency=F, decode=F (a causal LM), flops=F or params=F")
     with_default("distribution", "--distribution", "uniform, erk or global")
     with_default("epochs", "--epochs", "training epochs", type=int)
     parser.add_argument("--batch-size", type=int, default=None)

@@ -22,6 +22,7 @@ from torch import nn
 from ..moved import moved_name
 from ..targets.files import checked_out_dir, staged_dir
 from .floors import FidelityFloorError, raise_if_missed
+from .lm_report import evaluate_language_model
 from .loading import load_setup
 from .recipes import Recipe, load_recipe
 from .reporting import CompileReport, write_report
@@ -82,8 +83,10 @@ def compile(model: str | nn.Module | None = None, example_inputs: Any = None, *,
             built = build_artifacts(setup, reference, captured, exported, workspace)
         with timings.stage("bench"):
             benched = bench_artifacts(setup, built, workspace)
-        report = write_report(setup, reference, profiled, sparsified, recovered, exported, built, benched, timings,
-                              workspace)
+        with timings.stage("evaluate_lm"):  # a causal LM: perplexity, agreement, prefill and decode speed
+            evaluated = evaluate_language_model(setup, reference, exported, built, workspace)
+        report = write_report(setup, reference, profiled, sparsified, recovered, exported, built, benched, evaluated,
+                              timings, workspace)
     report.out_dir = out_dir
     raise_if_missed(report)
     return report

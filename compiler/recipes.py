@@ -110,6 +110,7 @@ from .specs import (
     check_data_spec,
     check_input_sizes,
     check_model_spec,
+    cost_budget,
     parse_budget,
 )
 
@@ -264,7 +265,8 @@ class Recipe(Config):
             raise ValueError("give a sparsity or a budget")
         if self.sparsity is not None and self.budget is not None:
             raise ValueError("give a sparsity or a budget, not both")
-        check_combination(self.method, self.structure, self.sparsity or 0.0, self.distribution, self.budget)
+        check_combination(self.method, self.structure, self.sparsity or 0.0, self.distribution,
+                          cost_budget(self.budget))
         try:
             check_target_options(self.target, self.target_options)  # the target's own option model
         except ConfigError as exc:  # named after the recipe key, as every other recipe error is

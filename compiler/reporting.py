@@ -19,8 +19,21 @@ from ..targets.files import atomic_write_text
 from .bench_rows import latency_ms, speedup
 from .channel_methods import FinalCheck, method_activity
 from .floors import check_floors, floor_line, mark_manifest, report_lines
+from .lm_report import lm_lines
 from .plots import write_plots
-from .results import Benched, Built, Exported, Profiled, Recovered, Reference, Setup, Sparsified, Timings, Workspace
+from .results import (
+    Benched,
+    Built,
+    Exported,
+    LMEvaluated,
+    Profiled,
+    Recovered,
+    Reference,
+    Setup,
+    Sparsified,
+    Timings,
+    Workspace,
+)
 
 __all__ = ["CompileReport", "report_document", "write_report"]
 
@@ -57,12 +70,13 @@ class CompileReport:
 
 
 def write_report(setup: Setup, reference: Reference, profiled: Profiled, sparsified: Sparsified,
-                 recovered: Recovered, exported: Exported, built: Built, benched: Benched, timings: Timings,
-                 workspace: Workspace) -> CompileReport:
+                 recovered: Recovered, exported: Exported, built: Built, benched: Benched, evaluated: LMEvaluated,
+                 timings: Timings, workspace: Workspace) -> CompileReport:
     """The last stage: the report document assembled from the stage results
     (:func:`report_document`), written as report.json, report.md and its plots into the
     workspace's folder (each file atomically)."""
-    document = report_document(setup, reference, profiled, sparsified, recovered, exported, built, benched, timings)
+    document = report_document(setup, reference, profiled, sparsified, recovered, exported, built, benched, evaluated,
+                               timings)
     if "floor" in document:
         mark_manifest(built.compiled.manifest_path, document["floor"])
     document["plots"] = write_plots(document, profiled.table, workspace.out_dir)
@@ -72,7 +86,7 @@ def write_report(setup: Setup, reference: Reference, profiled: Profiled, sparsif
 
 
 def report_document(setup: Setup, reference: Reference, profiled: Profiled, sparsified: Sparsified,
-                    recovered: Recovered, exported: Exported, built: Built, benched: Benched,
+                    recovered: Recovered, exported: Exported, built: Built, benched: Benched, evaluated: LMEvaluated,
                     timings: Timings) -> dict[str, Any]:
     """The report document (what ``report.json`` holds, JSON-ready) from the stage results:
     recipe and data, dense and compiled models (accuracy, per-epoch curves, params, MACs,
@@ -116,10 +130,12 @@ def report_document(setup: Setup, reference: Reference, profiled: Profiled, spar
         "wall_s": time.perf_counter() - timings.started,
         "evaluation": _jsonable(_evaluation_record(setup, reference, exported)),
         **({"budget": _jsonable(budget)} if (budget := _budget_record(setup, reference, sparsified, profiled,
-                                                                     exported, benched, recovered.final)) else {}),
+                                                                     exported, benched, recovered.final,
+                                                                     evaluated)) else {}),
         "recovery": _jsonable(_recovery_record(setup, sparsified, recovered)),
         **({"floor": _jsonable(floor)} if (floor := _floor_record(setup, exported)) is not None else {}),
         **({"language_model": _jsonable(_lm_record(setup, built))} if setup.is_lm else {}),
+        **({"lm_evaluation": _jsonable(evaluated.record)} if evaluated.record is not None else {}),
     }
 
 
@@ -260,6 +276,7 @@ def _markdown(doc: dict[str, Any]) -> str:
         lines += ["", f"Latency table (`{lt['file']}`): dense predicted {lt['dense_predicted_ms']:.3f} ms, compiled "
                   f"predicted {lt['compiled_predicted_ms']:.3f} ms."]
     lines += _summary_lines(doc)
+    lines += lm_lines(doc.get("lm_evaluation"))
     lines += ["", "| layer | in (dense → compiled) | out (dense → compiled) |", "|---|---|---|"]
     lines += [f"| {r['layer']} | {r['dense_in']} → {r['compiled_in']} | {r['dense_out']} → {r['compiled_out']} |"
               for r in doc["layers"]]
@@ -277,12 +294,15 @@ def _evaluation_record(setup: Setup, reference: Reference, exported: Exported) -
 
 
 def _budget_record(setup: Setup, reference: Reference, sparsified: Sparsified, profiled: Profiled,
-                   exported: Exported, benched: Benched, final: FinalCheck | None = None) -> dict[str, Any] | None:
+                   exported: Exported, benched: Benched, final: FinalCheck | None = None,
+                   evaluated: LMEvaluated | None = None) -> dict[str, Any] | None:
     recipe = setup.recipe
     if not recipe.budget:
         return None
     ((kind, fraction),) = recipe.budget.items()
     record: dict[str, Any] = {"kind": kind, "fraction": fraction}
+    if kind == "decode":  # per-token decode latency at batch 1, key/value cache (not the target's bench)
+        return _decode_budget_record(record, sparsified, evaluated)
     if kind != "latency":
         from ..api.stats import count_macs, count_params
 
@@ -309,6 +329,26 @@ def _budget_record(setup: Setup, reference: Reference, sparsified: Sparsified, p
         record.update(measured_ratio=final.ratio, in_band=final.in_band, dense_measured_ms=final.measured_dense_ms,
                       compiled_measured_ms=final.measured_ms, final_check=final.record(),
                       selection_before_recovery_ratio=record.get("measured_ratio"))
+    return record
+
+
+def _decode_budget_record(record: dict[str, Any], sparsified: Sparsified,
+                          evaluated: LMEvaluated | None) -> dict[str, Any]:
+    """A decode budget: the selection's measured per-token decode ratio and band, and the LM
+    evaluation's decode ratio at batch 1 of what ships (``bench_ratio``), dense and compiled
+    interleaved in both."""
+    fraction = record["fraction"]
+    record["batch_size"] = 1
+    if sparsified.selection is not None:
+        selection = sparsified.selection.summary()
+        record.update(measured_ratio=selection["ratio"], in_band=selection["in_band"],
+                      dense_measured_ms=selection["measured_dense_ms"], compiled_measured_ms=selection["measured_ms"],
+                      attempts=selection["attempts"], band=[0.9 * fraction, 1.05 * fraction], unit="ms per token")
+    decode_ratio = (((evaluated.record if evaluated else None) or {}).get("decode_ratio") or {}).get("1")
+    if decode_ratio is not None:
+        record["bench_ratio"] = decode_ratio
+    elif "measured_ratio" in record:
+        record["bench_ratio"] = record["measured_ratio"]
     return record
 
 

@@ -36,8 +36,8 @@ from .recovery import RecoveryLog
 from .training import TrainLog
 
 __all__ = [
-    "Benched", "Built", "Captured", "Exported", "Given", "Profiled", "Recovered", "Reference", "Setup", "Sparsified",
-    "Timings", "UserFunction", "Workspace",
+    "Benched", "Built", "Captured", "Exported", "Given", "LMEvaluated", "Profiled", "Recovered", "Reference", "Setup",
+    "Sparsified", "Timings", "UserFunction", "Workspace",
 ]
 
 
@@ -234,3 +234,11 @@ class Benched:
     """Both artifacts timed on the target."""
 
     report: BenchReport
+
+
+@dataclass(frozen=True)
+class LMEvaluated:
+    """A causal LM's evaluation and speed, dense and compiled side by side
+    (:func:`spruce.compiler.lm_report.lm_section`); ``record`` None for other models."""
+
+    record: dict[str, Any] | None = None

@@ -22,7 +22,8 @@ __all__ = ["BUDGET_KINDS", "DATASET_NAMES", "DEFAULT_INPUT_SHAPE", "FACTORY_CONT
            "MAX_INPUT_ELEMENTS", "MODEL_SCHEMES", "TEXT_SCHEME", "DataError", "ModelSpecError", "RecipeError", "Shape",
            "check_budget",
            "check_data_source", "check_data_spec", "check_function_spec", "check_input_sizes",
-           "check_model_source", "check_model_spec", "check_readable_file", "model_spec_kind", "parse_budget"]
+           "check_model_source", "check_model_spec", "check_readable_file", "cost_budget", "model_spec_kind",
+           "parse_budget"]
 
 Shape = tuple[int, ...]
 
@@ -49,7 +50,9 @@ DATASET_NAMES = ("digits", "mnist5k")
 # ``text:PATH``: a text file or a folder of text files, tokenized by :mod:`spruce.compiler.text`.
 TEXT_SCHEME = "text"
 
-BUDGET_KINDS = ("latency", "flops", "params")
+# ``decode``: the per-token decode latency of a causal language model at batch 1 with a key/value
+# cache, measured (:func:`spruce.api.budget.decode_timer`) as ``latency`` is measured on the target.
+BUDGET_KINDS = ("latency", "decode", "flops", "params")
 
 
 class ModelSpecError(ValueError):
@@ -229,7 +232,8 @@ def parse_budget(text: str) -> dict[str, float]:
     :func:`check_budget`; :class:`RecipeError` otherwise."""
     kind, sep, value = text.partition("=")
     if not sep:
-        raise RecipeError(f"--budget must look like latency=0.5 (or flops=..., params=...), got {short_repr(text)}")
+        raise RecipeError(f"--budget must look like latency=0.5 (or decode=..., flops=..., params=...), got "
+                          f"{short_repr(text)}")
     try:
         fraction = float(value)
     except ValueError:
@@ -246,9 +250,19 @@ def check_budget(budget: Mapping[str, float]) -> None:
     """Raise ``ValueError`` unless ``budget`` is one ``{kind: fraction}`` with a kind of
     :data:`BUDGET_KINDS` and a fraction of dense in (0, 1]."""
     if len(budget) != 1:
-        raise ValueError(f"must be one of {{latency: f}}, {{flops: f}}, {{params: f}}, got {short_repr(budget)}")
+        raise ValueError(f"must be one of {{latency: f}}, {{decode: f}}, {{flops: f}}, {{params: f}}, got "
+                         f"{short_repr(budget)}")
     ((kind, fraction),) = budget.items()
     if kind not in BUDGET_KINDS:
         raise ValueError(f"budget kind must be one of {', '.join(BUDGET_KINDS)}, got {short_repr(kind)}")
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"budget {kind} must be a fraction of dense in (0, 1], got {fraction!r}")
+
+
+def cost_budget(budget: Mapping[str, float] | None) -> dict[str, float] | None:
+    """``budget`` as a method's knapsack counts it: a ``decode`` budget is a latency (measured per
+    decoded token instead of per prefill), so ``{"decode": f}`` -> ``{"latency": f}``; any other
+    budget (or None) as it is."""
+    if budget is None or "decode" not in budget:
+        return None if budget is None else dict(budget)
+    return {"latency": budget["decode"]}

@@ -92,7 +92,7 @@ def test_a_subcommand_help_without_importing_torch(name: str) -> None:
     (["profile", "missing.py:make", "--out", "table.json"], "model file missing.py does not exist"),
     (["bench", "missing.onnx", "--target", "onnxruntime"], "artifact missing.onnx does not exist"),
     (["compile", "--out", "out", "--budget", "latency=fast"], "'fast' is not a number"),
-    (["compile", "--out", "out", "--budget", "speed=0.5"], "budget kind must be one of latency, flops, params"),
+    (["compile", "--out", "out", "--budget", "speed=0.5"], "budget kind must be one of latency, decode, flops, params"),
     (["compile", "--out", "out", "--budget", "latency=0"], "fraction of dense in (0, 1]"),
     (["compile", "--out", "out", "--data", "images:no_such_dir"], "no such folder no_such_dir"),
     (["compile", "--out", "out", "--data", "text:no_such.txt"], "no such file or folder no_such.txt"),

@@ -141,3 +141,14 @@ def test_target_options_are_validated_when_the_recipe_loads(tmp_path, capsys, no
     err = capsys.readouterr().err
     assert err.startswith("spruce: error:") and message in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yaml"]
+
+
+def test_a_decode_budget_parses_torch_free_and_counts_as_a_latency_for_the_method():
+    from spruce.compiler.specs import cost_budget, parse_budget
+
+    assert parse_budget("decode=0.5") == {"decode": 0.5}
+    assert cost_budget({"decode": 0.5}) == {"latency": 0.5} and cost_budget({"flops": 0.3}) == {"flops": 0.3}
+    recipe = Recipe(budget={"decode": 0.5}, method="halp")  # a budgeted method takes it as a latency
+    assert recipe.budget == {"decode": 0.5}
+    with pytest.raises(RecipeError, match="fraction of dense"):
+        parse_budget("decode=1.5")

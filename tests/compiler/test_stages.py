@@ -26,6 +26,7 @@ from spruce.compiler.results import (
     Built,
     Exported,
     Given,
+    LMEvaluated,
     Profiled,
     Recovered,
     Reference,
@@ -41,7 +42,8 @@ from torch import nn
 
 # the stages of DESIGN.md's data flow, in its order (load and the dense reference first)
 DOCUMENTED_ORDER = ["load_setup", "dense_reference", "capture_student", "profile_student", "sparsify_student",
-                    "recover_student", "export_compiled", "build_artifacts", "bench_artifacts", "write_report"]
+                    "recover_student", "export_compiled", "build_artifacts", "bench_artifacts",
+                    "evaluate_language_model", "write_report"]
 CONTEXT = {"resolved": Recipe, "workspace": Workspace, "given": Given,
            "timings": Timings}  # what compile itself makes before the first stage
 
@@ -127,7 +129,8 @@ def test_each_stage_is_timed_under_its_name():
     timed = [node.items[0].context_expr.args[0].value for node in ast.walk(_compile_body())
              if isinstance(node, ast.With) and isinstance(node.items[0].context_expr, ast.Call)
              and getattr(node.items[0].context_expr.func, "attr", None) == "stage"]
-    assert timed == ["load", "reference", "capture", "profile", "sparsify", "recover", "export", "build", "bench"]
+    assert timed == ["load", "reference", "capture", "profile", "sparsify", "recover", "export", "build", "bench",
+                     "evaluate_lm"]
 
 
 def _results(tmp_path: Path) -> dict:
@@ -151,6 +154,7 @@ def _results(tmp_path: Path) -> dict:
         built=Built(Artifact(tmp_path / "dense.onnx", "onnxruntime", ((1, 1, 8, 8),)),
                     Artifact(tmp_path / "model.onnx", "onnxruntime", ((1, 1, 8, 8),))),
         benched=Benched(bench),
+        evaluated=LMEvaluated(),
         timings=Timings(seconds={"recover_s": 1.5}))
 
 

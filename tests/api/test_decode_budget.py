@@ -1,0 +1,49 @@
+"""A decode budget in the measured budget loop: the decode timer stands where a target goes,
+turns compact graphs back into transformers decoders, and times them per decoded token."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import spruce
+import torch
+from spruce.api.budget import decode_timer, meet_budget
+from spruce.passes.importance import importance_scores, param_table
+from spruce.passes.sparsity.knapsack import build_cost_model
+from spruce.runtime.budget import meet_latency_budget
+from spruce.zoo.transformers import build
+
+
+@pytest.fixture(scope="module")
+def llama():
+    example = build("LlamaForCausalLM")
+    return example, spruce.prune(example.model.eval(), example.example, ratio=0.5,
+                                 dynamic_shapes=example.dynamic_shapes)
+
+
+def test_the_decode_timer_writes_a_compact_graph_back_and_times_it_per_token(llama):
+    example, pruned = llama
+    timer = decode_timer(example.model, new_tokens=3)
+    ids = example.example["input_ids"][:1]
+    dense, compact = timer.measure_models([(example.model, (ids,)), (pruned.model, (ids,))], warmup=1, rounds=3)
+    assert dense.robust_ms() > 0 and compact.robust_ms() > 0
+    assert timer.as_decoder(pruned.model).config.intermediate_size == 32  # written back: a cache to decode with
+
+
+def test_the_measured_loop_takes_a_decode_budget(llama):
+    example, pruned = llama
+    model, analysis = example.model, pruned.analysis
+    params = param_table(model)
+    importance = {g.id: importance_scores("l1", g, params, np.random.default_rng(0))
+                  for g in analysis.groups if g.prunable}
+    ids = example.example["input_ids"][:1]
+    # a budget of 1.0 keeps every channel: one measured attempt, dense against its written-back twin
+    chosen = meet_latency_budget(analysis, model, None, decode_timer(model, new_tokens=3), 1.0, importance, (ids,),
+                                 cost_model=build_cost_model("flops", model, analysis), timing_rounds=3, warmup=1)
+    assert chosen.attempts and chosen.measured_ms > 0 and chosen.measured_dense_ms > 0
+    assert all(chosen.counts[g.id] == g.size for g in analysis.groups if g.id in chosen.counts)
+
+
+def test_meet_budget_refuses_a_decode_budget_without_the_decode_timer():
+    with pytest.raises(ValueError, match="decode_timer"):
+        meet_budget(object(), torch.zeros(1, 4, dtype=torch.long), "onnxruntime", {"decode": 0.5})
