@@ -15,7 +15,15 @@ from torch import nn
 
 from ..moved import moved_name
 
-__all__ = ["capture_settings", "is_transformers_model"]
+__all__ = ["NEUTRAL_INPUTS", "capture_settings", "is_transformers_model"]
+
+# keyword input -> (the input it is shaped like, the expression giving the value that computes
+# what leaving it out computes): a compact model captured with it runs without it
+NEUTRAL_INPUTS: dict[str, tuple[str, str]] = {
+    "attention_mask": ("input_ids", "torch.ones_like({like}, dtype={dtype})"),
+    "decoder_attention_mask": ("decoder_input_ids", "torch.ones_like({like}, dtype={dtype})"),
+    "token_type_ids": ("input_ids", "torch.zeros_like({like}, dtype={dtype})"),
+}
 
 
 def is_transformers_model(model: nn.Module) -> bool:

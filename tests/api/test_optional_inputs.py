@@ -1,0 +1,57 @@
+"""Inputs the user's ``forward`` makes optional stay optional in the compact model: a
+transformers model pruned with an ``attention_mask`` runs without it (filled with ones: what
+leaving it out computes), a keyword the model was not captured with is accepted as ``None``
+and refused as a tensor, a captured input left out is named; a positional ``None`` (a
+recogniser's ``forward(input, text=None)``) may be left out."""
+
+from __future__ import annotations
+
+import pytest
+import spruce
+import torch
+from spruce.zoo.transformers import build
+from torch import nn
+
+pytest.importorskip("transformers")
+
+
+def test_model_pruned_with_attention_mask_runs_without_it():
+    example = build("LlamaForCausalLM")
+    ids = example.inputs(2, 8)["input_ids"]
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    seq = torch.export.Dim("seq", min=2, max=64)
+    result = spruce.prune(example.model, inputs, dynamic_shapes={"input_ids": {1: seq}, "attention_mask": {1: seq}})
+    other = example.inputs(3, 11)["input_ids"]
+    with torch.no_grad():
+        without = result.model(input_ids=other)["logits"]
+        with_ones = result.model(input_ids=other, attention_mask=torch.ones_like(other))["logits"]
+        masked = result.masked(input_ids=other).logits  # the user's model, called without a mask
+        assert torch.equal(without, with_ones)
+        assert torch.allclose(without, masked, atol=1e-5)
+        assert torch.equal(result.model(input_ids=other, position_ids=None)["logits"], without)
+        with pytest.raises(TypeError, match="captured without 'position_ids'"):
+            result.model(input_ids=other, position_ids=torch.arange(11)[None])
+        with pytest.raises(TypeError, match="captured with 'input_ids'"):
+            result.model(attention_mask=torch.ones_like(other))
+
+
+class Recogniser(nn.Module):
+    """A recogniser whose ``forward(input, text=None)`` ignores ``text`` at inference."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, input, text=None):
+        return self.head(self.conv(input).mean((2, 3)).relu())
+
+
+def test_positional_none_may_be_left_out():
+    model = Recogniser().eval()
+    x = torch.randn(2, 3, 8, 8)
+    result = spruce.prune(model, (x, None), ratio=0.5)
+    other = torch.randn(3, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(result.model(other), result.masked(other), atol=1e-5)
+        assert torch.equal(result.model(other, None), result.model(other))
