@@ -56,7 +56,9 @@ class OptionalInputs(_PyTreeCodeGen):
         for name in self.absent:
             message = (f"the compact model was captured without {name!r}: its graph does not read it; "
                        f"capture (prune) the model with {name!r} in the example inputs to use it")
-            lines += [f"    if {name} is not None:", f"        raise TypeError({message!r})"]
+            # not while fx re-traces the code (a pickled graph module is rebuilt that way)
+            lines += [f"    if {name} is not None and not isinstance({name}, torch.fx.Proxy):",
+                      f"        raise TypeError({message!r})"]
         return "\n".join(lines) + newline + body
 
     @staticmethod

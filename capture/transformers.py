@@ -15,7 +15,13 @@ from torch import nn
 
 from ..moved import moved_name
 
-__all__ = ["NEUTRAL_INPUTS", "capture_settings", "is_transformers_model"]
+__all__ = ["NEUTRAL_INPUTS", "SEQUENCE_INPUTS", "capture_settings", "is_transformers_model", "sequence_dims"]
+
+# keyword input -> the name of its sequence length (dim 1): inputs sharing a name share the length
+SEQUENCE_INPUTS: dict[str, str] = {
+    "input_ids": "seq", "attention_mask": "seq", "token_type_ids": "seq", "position_ids": "seq",
+    "labels": "seq", "decoder_input_ids": "decoder_seq", "decoder_attention_mask": "decoder_seq",
+}
 
 # keyword input -> (the input it is shaped like, the expression giving the value that computes
 # what leaving it out computes): a compact model captured with it runs without it
@@ -30,6 +36,26 @@ def is_transformers_model(model: nn.Module) -> bool:
     """Is ``model`` a transformers ``PreTrainedModel`` (without importing transformers)?"""
     return any(c.__module__.startswith("transformers.") and c.__name__ == "PreTrainedModel"
                for c in type(model).__mro__)
+
+
+def sequence_dims(model: nn.Module, example: object) -> dict | None:
+    """torch.export ``dynamic_shapes`` keeping the sequence length (dim 1 of each 2-D input of
+    :data:`SEQUENCE_INPUTS`) of a transformers model's keyword ``example`` dynamic, from 2 to the
+    model's ``max_position_embeddings`` (else 4096); ``None`` for any other model or input."""
+    if not is_transformers_model(model) or not isinstance(example, dict):
+        return None
+    import torch
+
+    longest = int(getattr(getattr(model, "config", None), "max_position_embeddings", 0) or 4096)
+    made: dict[str, object] = {}
+    dims: dict[str, dict[int, object]] = {}
+    for name, value in example.items():
+        seq = SEQUENCE_INPUTS.get(name)
+        if seq is not None and isinstance(value, torch.Tensor) and value.dim() == 2 and value.shape[1] >= 2:
+            if seq not in made:
+                made[seq] = torch.export.Dim(seq, min=2, max=max(longest, int(value.shape[1])))
+            dims[name] = {1: made[seq]}
+    return dims or None
 
 
 @contextlib.contextmanager

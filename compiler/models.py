@@ -7,6 +7,8 @@ A spec names where a model comes from; one resolver per scheme lives in
 - ``timm:NAME`` — a timm model, random weights (needs timm installed).
 - ``FILE.py:FACTORY`` — call ``FACTORY()`` from a Python file.
 - ``FILE.pt`` / ``FILE.pth`` — a whole module saved with ``torch.save(model)``.
+- ``FOLDER`` — a transformers model saved with ``save_pretrained`` (its own class, from
+  ``config.architectures``), with ``input_ids`` of one sequence of 8 tokens as the example.
 
 Every spec that cannot be resolved raises :class:`ModelSpecError`, a
 ``ValueError`` whose message says what was wrong and, where possible, what
@@ -50,7 +52,8 @@ TORCHVISION_INPUT_SHAPES: dict[str, tuple[int, ...]] = {
     "inception_v3": (1, 3, 299, 299),
 }
 
-ExampleInputs = tuple[torch.Tensor, ...]
+# positional inputs, or keyword inputs (a transformers model's input_ids, attention_mask, ...)
+ExampleInputs = tuple[torch.Tensor, ...] | dict[str, torch.Tensor]
 
 
 def resolve_model(
@@ -84,13 +87,17 @@ def check_model_runs(model: nn.Module, example_inputs: Sequence[torch.Tensor], s
     :class:`ModelSpecError` naming the spec, the input shapes (and ``shape_option``, the option
     that set them) and the error when it fails. A model whose tensors are on the ``meta`` device
     (no data) is not run: the analysis works on it, and what needs data refuses it by name."""
-    if any(t.is_meta for t in (*model.parameters(), *model.buffers(), *example_inputs)):
+    tensors = list(example_inputs.values()) if isinstance(example_inputs, dict) else list(example_inputs)
+    if any(t.is_meta for t in (*model.parameters(), *model.buffers(), *tensors)):
         return
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            model(*example_inputs)
+            if isinstance(example_inputs, dict):
+                model(**example_inputs)
+            else:
+                model(*example_inputs)
     except Exception as exc:  # noqa: BLE001 - any failure of the user's model on these inputs
-        shapes = "; ".join(",".join(map(str, t.shape)) for t in example_inputs)
+        shapes = "; ".join(",".join(map(str, t.shape)) for t in tensors)
         given = f" (from {shape_option})" if shape_option else ""
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise ModelSpecError(f"model {spec} does not run on example inputs of shape {shapes}{given}: "
@@ -194,6 +201,30 @@ def _resolve_saved_module(spec: str) -> tuple[nn.Module, ExampleInputs]:
     return loaded, random_inputs([DEFAULT_INPUT_SHAPE])
 
 
+def _resolve_folder(spec: str) -> tuple[nn.Module, ExampleInputs]:
+    """Load a transformers model saved with ``save_pretrained``: the class its config names
+    (``architectures``), with ``input_ids`` (one sequence of 8 seeded random tokens)."""
+    try:
+        import transformers
+    except ImportError:
+        raise ModelSpecError(f"model folder {spec}: loading it needs the transformers package") from None
+    try:
+        config = transformers.AutoConfig.from_pretrained(spec)
+        names = getattr(config, "architectures", None) or []
+        cls = getattr(transformers, names[0], None) if names else None
+        if cls is None:
+            raise ModelSpecError(f"model folder {spec}: its config names no transformers class "
+                                 f"(architectures: {names})")
+        model = cls.from_pretrained(spec)
+    except ModelSpecError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure to load the folder is the user's to fix
+        raise ModelSpecError(f"cannot load model folder {spec}: {type(exc).__name__}: {exc}") from None
+    vocab = int(getattr(config, "vocab_size", 2) or 2)
+    ids = torch.randint(0, vocab, (1, 8), generator=torch.Generator().manual_seed(0))
+    return model, {"input_ids": ids}
+
+
 # One resolver per kind of :func:`~spruce.compiler.specs.model_spec_kind` (the schemes of
 # ``MODEL_SCHEMES``, then Python files and saved modules).
 RESOLVERS: dict[str, Resolver] = {
@@ -201,6 +232,7 @@ RESOLVERS: dict[str, Resolver] = {
     "timm": _resolve_timm,
     "python": _resolve_python_file,
     "saved": _resolve_saved_module,
+    "folder": _resolve_folder,
 }
 
 
@@ -243,6 +275,9 @@ def _module_and_inputs(
         raise ModelSpecError(_contract_message(where, produced))
     if inputs is None:
         inputs = _example_inputs_from(source)
+    elif isinstance(inputs, dict) and inputs and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                     for k, v in inputs.items()):
+        return module, dict(inputs)  # keyword inputs
     elif not _is_tensors(inputs):
         raise ModelSpecError(_contract_message(where, produced))
     return module, _as_input_tuple(inputs, where)

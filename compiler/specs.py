@@ -20,6 +20,7 @@ from ..passes.config import ConfigError, short_repr
 
 __all__ = ["BUDGET_KINDS", "DATASET_NAMES", "DEFAULT_INPUT_SHAPE", "FACTORY_CONTRACT", "FACTORY_RESULT",
            "MAX_INPUT_ELEMENTS", "MODEL_SCHEMES", "DataError", "ModelSpecError", "RecipeError", "Shape", "check_budget",
+           "parse_dynamic_dims",
            "check_data_source", "check_data_spec", "check_function_spec", "check_input_sizes",
            "check_model_source", "check_model_spec", "check_readable_file", "model_spec_kind", "parse_budget"]
 
@@ -34,11 +35,12 @@ MAX_INPUT_ELEMENTS = 1 << 28
 # Model sources named by a scheme prefix (``torchvision:NAME``); each has a resolver in
 # :data:`spruce.compiler.models.RESOLVERS`, keyed by the kind :func:`model_spec_kind` returns.
 MODEL_SCHEMES = ("torchvision", "timm")
-ModelKind = Literal["torchvision", "timm", "python", "saved"]
+ModelKind = Literal["torchvision", "timm", "python", "saved", "folder"]
 
 # What ``FILE.py:FACTORY`` must return (quoted by --help and by the error for anything else).
 FACTORY_RESULT = ("(model, example_inputs): a torch.nn.Module and a tensor or a tuple of tensors, one per "
-                  "positional input of forward (a bare module takes the file's EXAMPLE_INPUTS / example_inputs(), "
+                  "positional input of forward, or a dict of tensors, one per keyword input (a bare module takes "
+                  "the file's EXAMPLE_INPUTS / example_inputs(), "
                   "else a 1,3,224,224 input)")
 FACTORY_CONTRACT = f"FACTORY() returns {FACTORY_RESULT}"
 
@@ -65,10 +67,13 @@ class RecipeError(ConfigError):
 
 def model_spec_kind(spec: str) -> ModelKind:
     """Which source ``spec`` names: a scheme of :data:`MODEL_SCHEMES`, ``python``
-    (``FILE.py:FACTORY``) or ``saved`` (``FILE.pt`` / ``FILE.pth``); :class:`ModelSpecError` for
+    (``FILE.py:FACTORY``), ``saved`` (``FILE.pt`` / ``FILE.pth``) or ``folder`` (a folder a
+    transformers model was saved to with ``save_pretrained``); :class:`ModelSpecError` for
     anything else (nothing is read)."""
     if not spec:
         raise ModelSpecError("empty model spec")
+    if os.path.isdir(spec):
+        return "folder"
     scheme, sep, _ = spec.partition(":")
     if sep and scheme in MODEL_SCHEMES:
         return scheme  # type: ignore[return-value]
@@ -79,7 +84,7 @@ def model_spec_kind(spec: str) -> ModelKind:
         return "saved"
     known = ", ".join(f"{name}:NAME" for name in MODEL_SCHEMES)
     raise ModelSpecError(f"cannot resolve model spec {short_repr(spec)}: expected one of {known}, "
-                         "FILE.py:FACTORY, or FILE.pt")
+                         "FILE.py:FACTORY, FILE.pt, or a saved transformers model's folder")
 
 
 def check_model_spec(spec: str) -> None:
@@ -101,6 +106,12 @@ def check_model_source(spec: str) -> None:
     if kind in ("python", "saved"):
         path = Path(spec.rpartition(":")[0] if kind == "python" else spec)
         check_readable_file(path, "model file", ModelSpecError)
+    if kind == "folder":
+        config = Path(spec) / "config.json"
+        if not config.exists():
+            raise ModelSpecError(f"model folder {spec} has no config.json: give a folder a transformers model was "
+                                 "saved to (save_pretrained)")
+        check_readable_file(config, "model config", ModelSpecError)
 
 
 def check_readable_file(path: Path, role: str, error: type[ValueError] = ValueError) -> None:
@@ -126,6 +137,31 @@ def check_function_spec(spec: str, role: str, error: type[ValueError] = ValueErr
     if not os.access(path, os.R_OK):
         raise error(f"{role} {short_repr(spec)}: {path} is not readable (permission denied)")
     return path
+
+
+# --- dynamic dims --------------------------------------------------------------------------
+
+
+def parse_dynamic_dims(texts: Sequence[str]) -> dict[str, tuple[int, ...]]:
+    """``["input_ids:1", "pixel_values:2,3"]`` (the command line's ``--dynamic NAME:DIMS``, one
+    per input) -> ``{"input_ids": (1,), "pixel_values": (2, 3)}``: the dims of each named input
+    that stay dynamic besides the batch (dim 0, always dynamic). :class:`ModelSpecError` naming
+    the value for anything else."""
+    dims: dict[str, tuple[int, ...]] = {}
+    for text in texts:
+        name, sep, listed = text.partition(":")
+        try:
+            values = tuple(int(v) for v in listed.split(",")) if sep and listed else ()
+        except ValueError:
+            values = ()
+        if not name.isidentifier() or not values or any(v < 1 for v in values):
+            raise ModelSpecError(f"--dynamic {short_repr(text)}: write INPUT:DIM[,DIM...] with the name of an input "
+                                 "of forward and dims from 1 (dim 0, the batch, is always dynamic), "
+                                 "e.g. input_ids:1")
+        if name in dims:
+            raise ModelSpecError(f"--dynamic: input {name!r} is named twice; list its dims once: {name}:1,2")
+        dims[name] = tuple(sorted(set(values)))
+    return dims
 
 
 # --- example-input shapes --------------------------------------------------------------------
