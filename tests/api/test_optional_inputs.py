@@ -36,7 +36,8 @@ def test_model_pruned_with_attention_mask_runs_without_it():
 
 
 class Recogniser(nn.Module):
-    """A recogniser whose ``forward(input, text=None)`` ignores ``text`` at inference."""
+    """A recogniser whose ``forward(input, text=None)`` branches on ``text is None``: traced as a
+    tensor, plain fx would take the other branch."""
 
     def __init__(self):
         super().__init__()
@@ -44,14 +45,20 @@ class Recogniser(nn.Module):
         self.head = nn.Linear(8, 5)
 
     def forward(self, input, text=None):
-        return self.head(self.conv(input).mean((2, 3)).relu())
+        features = self.conv(input).mean((2, 3))
+        return self.head(features.relu()) if text is None else self.head(features)
 
 
-def test_positional_none_may_be_left_out():
+@pytest.mark.parametrize("example", ["positional None", "left out"])
+def test_positional_none_is_traced_as_none_and_may_be_left_out(example):
     model = Recogniser().eval()
     x = torch.randn(2, 3, 8, 8)
-    result = spruce.prune(model, (x, None), ratio=0.5)
     other = torch.randn(3, 3, 8, 8)
+    unpruned = spruce.prune(model, (x, None) if example == "positional None" else (x,), ratio=0.01)
+    result = spruce.prune(model, (x, None) if example == "positional None" else (x,), ratio=0.5)
     with torch.no_grad():
+        assert torch.equal(unpruned.model(other), model(other))  # the branch the example runs
         assert torch.allclose(result.model(other), result.masked(other), atol=1e-5)
         assert torch.equal(result.model(other, None), result.model(other))
+        with pytest.raises(AssertionError, match="text has been specialized to have value None"):
+            result.model(other, torch.ones(3, 4))
