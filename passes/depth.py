@@ -225,6 +225,7 @@ def bypass_blocks(gm: fx.GraphModule, paths: Iterable[str]) -> fx.GraphModule:
     mapping: dict[fx.Node, fx.Node] = {}
     graph.output(graph.graph_copy(gm.graph, mapping))
     by_name = {n.name: mapping[n] for n in gm.graph.nodes if n in mapping}
+    read = {n for n in graph.nodes if n.op == "get_attr" and n.users}  # unused ones stay (a tied weight's name)
     for path in paths:
         block = found[path]
         by_name[block.output].replace_all_uses_with(by_name[block.input])
@@ -234,7 +235,7 @@ def bypass_blocks(gm: fx.GraphModule, paths: Iterable[str]) -> fx.GraphModule:
                 raise ValueError(f"remove_blocks: node {name!r} of block {path!r} is used outside it")
             graph.erase_node(node)
     for node in list(graph.nodes):
-        if node.op == "get_attr" and not node.users:
+        if node in read and not node.users:
             graph.erase_node(node)
     graph.lint()
     new = fx.GraphModule(gm, graph, gm.__class__.__name__)

@@ -208,3 +208,21 @@ def test_write_back_after_a_middle_layer_was_removed(tmp_path):
 def test_remove_blocks_refuses_a_model_in_pieces_and_unknown_blocks():
     with pytest.raises(ValueError, match="is no graph"):
         remove_blocks(torch.nn.Linear(2, 2), ["x"])
+
+
+def test_gpt2_written_back_without_a_layer_keeps_its_tied_embeddings():
+    config = T.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=3, n_head=4, n_positions=64, bos_token_id=0,
+                          eos_token_id=None)
+    torch.manual_seed(0)
+    source = randomize(T.GPT2LMHeadModel(config)).eval()
+    compact = spruce.prune_depth(source, {"input_ids": _ids(2, 8)}, ratio=0.0, dynamic_shapes=SEQ).model
+    compact = remove_blocks(compact, ["transformer.h.1"])
+    own = to_transformers(compact, source)
+    assert own.config.n_layer == 2 and [h.attn.layer_idx for h in own.transformer.h] == [0, 1]
+    assert own.lm_head.weight is own.transformer.wte.weight
+    prompt = _ids(1, 5, seed=8)
+    with torch.no_grad():
+        ids = _ids(2, 9, seed=7)
+        assert torch.allclose(own(input_ids=ids).logits, _logits(compact(input_ids=ids)), atol=1e-5)
+        tokens = own.generate(prompt, max_new_tokens=8, do_sample=False, use_cache=True)
+    assert torch.equal(tokens, _greedy(compact, prompt, 8))
