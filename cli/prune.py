@@ -154,6 +154,7 @@ def run(args: argparse.Namespace) -> int:
     from ..api.prune import PruneConfig, prune
     from ..api.stats import count_macs, count_params
     from ..capture.transformers import is_transformers_model
+    from ..compiler.models import input_shapes
 
     options = PruneConfig(ratio=args.ratio, round_to=args.round_to, normalised_widths=args.normalised_widths,
                           **given(args, "importance"))  # before any work; the library's defaults filled in
@@ -193,8 +194,7 @@ def run(args: argparse.Namespace) -> int:
             "spruce_version": __version__,
             "torch_version": torch.__version__,
             "model": args.model,
-            "input_shapes": ({name: list(t.shape) for name, t in example_inputs.items()}
-                             if isinstance(example_inputs, dict) else [list(t.shape) for t in example_inputs]),
+            "input_shapes": input_shapes(example_inputs),
             "dynamic_dims": {name: sorted(spec) for name, spec in (dynamic or {}).items()},
             "ratio": args.ratio,
             "importance": options.importance,

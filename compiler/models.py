@@ -45,7 +45,7 @@ from .specs import (
 
 __all__ = ["DEFAULT_INPUT_SHAPE", "MAX_INPUT_ELEMENTS", "RESOLVERS", "ExampleInputs", "ModelSpecError", "Shape",
            "check_input_sizes", "check_model_runs", "check_model_spec", "import_file", "load_function",
-           "random_inputs", "resolve_model"]
+           "input_shapes", "random_inputs", "resolve_model"]
 
 # torchvision classifiers whose builder or stem needs an input other than 224x224.
 TORCHVISION_INPUT_SHAPES: dict[str, tuple[int, ...]] = {
@@ -71,6 +71,13 @@ def resolve_model(
     if input_shapes is not None:
         example_inputs = random_inputs(input_shapes)
     return model.eval(), example_inputs
+
+
+def input_shapes(example_inputs: ExampleInputs) -> list[list[int]] | dict[str, list[int]]:
+    """The shapes of example inputs, for reports: a list (positional inputs) or a dict by name."""
+    if isinstance(example_inputs, dict):
+        return {name: list(t.shape) for name, t in example_inputs.items()}
+    return [list(t.shape) for t in example_inputs]
 
 
 def random_inputs(shapes: Sequence[Shape]) -> ExampleInputs:

@@ -94,6 +94,9 @@ def test_keyword_inputs_from_a_factory_and_declared_dims(tmp_path, capsys):
     report = json.loads((dynamic / "report.json").read_text())
     assert report["onnx"]["frozen_dims"] == {"signal": [1]}
     assert report["dynamic_dims"] == {"signal": [2]}
+    capsys.readouterr()
+    assert main(["analyze", f"{source}:make", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["input_shapes"] == {"signal": [2, 4, 10]}
 
 
 @pytest.mark.parametrize("value, expected", [("signal", "write INPUT:DIM"), ("signal:0", "write INPUT:DIM"),
