@@ -13,6 +13,7 @@ The public API is small on purpose:
   TensorRT) with the manifest that pins its bytes.
 - :func:`bench` times a built artifact (median/p90/p99, images/s), optionally against its dense twin.
 - :func:`compile` compiles a trained model (measured budget, recovery, build, time and evaluate vs dense).
+- :func:`prune_depth` removes whole residual blocks (decoder layers), least important first.
 - :func:`to_transformers` writes a pruned transformers model back as the user's own class.
 - :func:`save` / :func:`load` checkpoint a sparse model atomically, validated before anything is loaded.
 
@@ -69,6 +70,11 @@ _EXPORTS = {
     "meet_budget": ".api.budget",
     "PruneResult": ".api.prune",
     "prune": ".api.prune",
+    "DepthResult": ".api.depth",
+    "block_importance": ".api.depth",
+    "choose_blocks": ".api.depth",
+    "prune_depth": ".api.depth",
+    "remove_blocks": ".api.depth",
     "Recipe": ".compiler.recipes",
     "TraceError": ".capture.trace",
     "trace": ".capture.trace",

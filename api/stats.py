@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -14,8 +14,9 @@ def count_params(model: nn.Module) -> int:
     return sum(parameter.numel() for parameter in model.parameters())
 
 
-def count_macs(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> int:
-    """Multiply-accumulates of one forward pass on ``example_inputs``.
+def count_macs(model: nn.Module, example_inputs: Sequence[torch.Tensor] | Mapping[str, torch.Tensor]) -> int:
+    """Multiply-accumulates of one forward pass on ``example_inputs`` (positional, or keyword
+    inputs in a dict).
 
     Counted by torch's own FLOP counter (which knows matmul, convolution,
     attention, ...) so no per-layer formula is kept here; one MAC is two FLOPs.
@@ -23,5 +24,8 @@ def count_macs(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> int:
     """
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
-        model(*example_inputs)
+        if isinstance(example_inputs, Mapping):
+            model(**example_inputs)
+        else:
+            model(*example_inputs)
     return counter.get_total_flops() // 2

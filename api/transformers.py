@@ -48,13 +48,21 @@ class Family:
     read (``None``: a pruned residual width is refused). ``finish(model, source)`` rewrites
     what the family derives from the config on load (Gemma's ``embed_scale``) and raises
     ``ValueError`` when a reload cannot reproduce it. ``layers``: the config field counting
-    the layers the widths are read over."""
+    the layers the widths are read over. ``blocks``: where layer ``{i}`` lives inside the base
+    model (``None``: removed layers are refused); after layers were removed
+    (:func:`spruce.prune_depth`) the kept ones are renumbered, ``layers`` is rewritten, each
+    config field of ``per_layer`` (a list with one entry per layer: ``layer_types``) keeps the
+    kept layers' entries, and each field of ``first_layers`` (a count of leading layers:
+    Qwen2's ``max_window_layers``) counts the kept ones among them."""
 
     widths: Mapping[str, WidthField]
     head_dim: str | None = "head_dim"
     hidden: WidthField | None = None
     finish: Callable[[nn.Module, nn.Module], None] | None = None
     layers: str = "num_hidden_layers"
+    blocks: str | None = "layers.{i}"
+    per_layer: tuple[str, ...] = ("layer_types",)
+    first_layers: tuple[str, ...] = ("max_window_layers",)
 
 
 _EMBED = WidthField("embed_tokens.weight", 1)
@@ -105,11 +113,11 @@ WRITE_BACK: dict[str, Family] = {
     "gpt2": Family({  # Conv1D weights are (in, out); the head dim is n_embd // n_head
         "num_attention_heads": WidthField("h.{i}.attn.c_proj.weight", 0, per_head=True),
         "n_inner": WidthField("h.{i}.mlp.c_fc.weight", 1),
-    }, head_dim=None),
+    }, head_dim=None, blocks="h.{i}"),
     "bert": Family({
         "num_attention_heads": WidthField("encoder.layer.{i}.attention.self.query.weight", 0, per_head=True),
         "intermediate_size": WidthField("encoder.layer.{i}.intermediate.dense.weight", 0),
-    }, head_dim=None),
+    }, head_dim=None, blocks="encoder.layer.{i}"),
     "vit": Family({
         "num_attention_heads": WidthField("layers.{i}.attention.q_proj.weight", 0, per_head=True),
         "intermediate_size": WidthField("layers.{i}.mlp.fc1.weight", 0),
@@ -119,7 +127,7 @@ WRITE_BACK: dict[str, Family] = {
             "decoder.block.{i}.layer.0.SelfAttention.q.weight", "decoder.block.{i}.layer.1.EncDecAttention.q.weight")),
         "d_ff": WidthField("encoder.block.{i}.layer.1.DenseReluDense.wi.weight", 0,
                            also=("decoder.block.{i}.layer.2.DenseReluDense.wi.weight",)),
-    }, head_dim="d_kv"),
+    }, head_dim="d_kv", blocks=None),
 }
 
 
@@ -144,6 +152,50 @@ def _width(state: Mapping[str, torch.Tensor], source: nn.Module, width: WidthFie
         if full in state:
             return int(state[full].shape[width.dim])
     raise ValueError(f"to_transformers: the compact model has no parameter {name!r}")
+
+
+def _kept_layers(state: Mapping[str, torch.Tensor], config, family: Family, source: nn.Module
+                 ) -> Callable[[str], str | None]:
+    """Renumber the layers the compact model kept (:func:`spruce.prune_depth` removes some):
+    rewrite ``config``'s layer count and per-layer fields, and return the map from a source
+    tensor name to its name in the written-back model (``None``: in a removed layer)."""
+    count = getattr(config, family.layers)
+    if family.blocks is None:
+        return lambda name: name
+    base = getattr(source, "base_model_prefix", "")
+    prefixes = [family.blocks.format(i=i) + "." for i in range(count)]
+
+    def layer_of(name: str) -> tuple[int, str, str] | None:
+        for lead in (f"{base}." if base else "", ""):
+            if name.startswith(lead):
+                rest = name[len(lead):]
+                for i, prefix in enumerate(prefixes):
+                    if rest.startswith(prefix):
+                        return i, lead, rest[len(prefix):]
+        return None
+
+    present = sorted({found[0] for found in map(layer_of, state) if found is not None})
+    if present == list(range(count)) or not present:
+        return lambda name: name
+    new_index = {old: new for new, old in enumerate(present)}
+    setattr(config, family.layers, len(present))
+    for attr in family.per_layer:
+        value = getattr(config, attr, None)
+        if isinstance(value, (list, tuple)) and len(value) == count:
+            setattr(config, attr, type(value)(value[i] for i in present))
+    for attr in family.first_layers:
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            setattr(config, attr, sum(1 for i in present if i < value))
+
+    def rename(name: str) -> str | None:
+        found = layer_of(name)
+        if found is None:
+            return name
+        i, lead, rest = found
+        return f"{lead}{family.blocks.format(i=new_index[i])}.{rest}" if i in new_index else None
+
+    return rename
 
 
 def _write_widths(config, family: Family, state, source: nn.Module, head_dim: int) -> None:
@@ -185,8 +237,10 @@ def _check_heads(config, family: Family, source: nn.Module, head_dim: int) -> No
 
 def to_transformers(compact: nn.Module, source: nn.Module) -> nn.Module:
     """The compact model ``compact`` (``spruce.prune(source, ...).model``) written back into
-    ``source``'s own transformers class, with a config whose head counts, MLP width and (for
-    families that declare it) residual width are the pruned ones (``head_dim`` stays, written
+    ``source``'s own transformers class, with a config whose head counts, MLP width, (for
+    families that declare it) residual width and layers are the pruned ones (removed layers:
+    the kept ones renumbered, so each attention's ``layer_idx``, which the key/value cache
+    indexes by, and per-layer fields such as ``layer_types`` follow) (``head_dim`` stays, written
     explicitly where the family has the field). The result is a plain transformers model:
     ``save_pretrained`` / ``from_pretrained``, ``generate`` with the key/value cache; tied
     weights stay tied, derived constants (Gemma's ``embed_scale``) survive a reload.
@@ -202,9 +256,10 @@ def to_transformers(compact: nn.Module, source: nn.Module) -> nn.Module:
     if family is None:
         raise ValueError(f"to_transformers: no write-back for model type {config.model_type!r} "
                          f"({type(source).__name__}); supported: {', '.join(sorted(WRITE_BACK))}")
-    state = _compact_state(compact)
     head_dim = _head_dim(config, family)
     new_config = copy.deepcopy(config)
+    rename = _kept_layers(_compact_state(compact), new_config, family, source)
+    state = {rename(n): t for n, t in _compact_state(compact).items()}
     _write_widths(new_config, family, state, source, head_dim)
     _check_heads(new_config, family, source, head_dim)
     with torch.device("meta"):
@@ -219,8 +274,9 @@ def to_transformers(compact: nn.Module, source: nn.Module) -> nn.Module:
     if missing:
         raise ValueError(f"to_transformers: the compact model lacks {missing[:3]}")
     model.load_state_dict({n: state[n] for n in expected}, strict=True, assign=True)
-    for name, buf in source.named_buffers():  # non-persistent buffers (rotary inv_freq) from the source
-        if name not in expected:
+    for old_name, buf in source.named_buffers():  # non-persistent buffers (rotary inv_freq) from the source
+        name = rename(old_name)
+        if name is not None and name not in expected:
             owner, _, leaf = name.rpartition(".")
             target = model.get_submodule(owner) if owner else model
             if getattr(target, leaf, None) is not None:

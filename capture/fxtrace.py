@@ -3,6 +3,7 @@ is one call), reporting the module and user line where tracing failed."""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable
 
 from torch import fx, nn
@@ -11,7 +12,7 @@ from torch.nn.utils import parametrize
 from ..passes.rules.registry import MODULE_RULES
 from .errors import Failure, FxFailure, user_frame
 
-__all__ = ["SpruceTracer", "fx_trace"]
+__all__ = ["SpruceTracer", "fx_trace", "none_arguments"]
 
 
 class SpruceTracer(fx.Tracer):
@@ -46,11 +47,40 @@ class SpruceTracer(fx.Tracer):
             raise
 
 
-def fx_trace(module: nn.Module, leaf_modules: Iterable[object], prefix: str = "") -> fx.GraphModule:
-    """Symbolic trace, raising a FxFailure with the failing module path."""
+def none_arguments(module: nn.Module, args: tuple, kwargs: dict) -> tuple[str, ...]:
+    """The arguments of ``module.forward`` that are ``None`` in the call ``(args, kwargs)``
+    (given so, or left at a ``None`` default)."""
+    try:
+        bound = inspect.signature(module.forward).bind(*args, **kwargs)
+    except (TypeError, ValueError):
+        return ()
+    bound.apply_defaults()
+    variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    return tuple(name for name, value in bound.arguments.items()
+                 if value is None and bound.signature.parameters[name].kind not in variadic)
+
+
+def _specialise_to_none(graph: fx.Graph, none_args: tuple[str, ...]) -> None:
+    """After tracing with ``None`` concrete arguments: give the placeholders their argument's
+    name back (the forward keeps its signature: the argument may be left out or passed as
+    ``None``; fx's ``_assert_is_none`` check refuses anything else)."""
+    names = {n.target for n in graph.nodes if n.op == "placeholder"}
+    for node in graph.nodes:
+        base, _, count = node.target.rpartition("_") if node.op == "placeholder" else ("", "", "")
+        if base in none_args and count == "1" and base not in names:
+            node.target = base
+
+
+def fx_trace(module: nn.Module, leaf_modules: Iterable[object], prefix: str = "",
+             none_args: tuple[str, ...] = ()) -> fx.GraphModule:
+    """Symbolic trace, raising a FxFailure with the failing module path. Arguments of
+    ``none_args`` are traced as ``None`` (a branch ``if text is None`` takes its ``None``
+    side, as the example runs it) rather than as tensors."""
     tracer = SpruceTracer(leaf_modules)
     try:
-        graph = tracer.trace(module)
+        graph = tracer.trace(module, concrete_args=dict.fromkeys(none_args) or None)
+        if none_args:
+            _specialise_to_none(graph, none_args)
     except Exception as exc:  # any failure inside user code while tracing
         path = tracer.fault_path or "<root>"
         where, line = user_frame(exc.__traceback__)

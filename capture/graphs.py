@@ -14,7 +14,7 @@ from ..passes.graph import Piece
 from .batch import adapter_for, resized_batch
 from .dynamic import varying_dynamic_shapes
 from .errors import Failure, FxFailure, TraceError, classify, user_frame
-from .fxtrace import fx_trace
+from .fxtrace import fx_trace, none_arguments
 from .modes import may_branch_on_training, train_mode_changes_ops
 from .preserve import preserved_state
 from .record import RecordedCall
@@ -29,7 +29,8 @@ def graphs_fx(module: nn.Module, args: tuple, kwargs: dict, leaf_modules, prefix
     was_training = module.training
     try:
         module.eval()
-        eval_gm = fx_trace(module, leaf_modules, prefix)
+        nones = none_arguments(module, args, kwargs)
+        eval_gm = fx_trace(module, leaf_modules, prefix, nones)
         values = placeholder_values(eval_gm, module, args, kwargs)
         eval_gm.eval()
         propagate(eval_gm, values)
@@ -37,7 +38,7 @@ def graphs_fx(module: nn.Module, args: tuple, kwargs: dict, leaf_modules, prefix
             return eval_gm, None
         module.train()
         train_gm = _train_graph(
-            eval_gm, lambda: fx_trace(module, leaf_modules, prefix),
+            eval_gm, lambda: fx_trace(module, leaf_modules, prefix, nones),
             lambda gm: _propagate_train_fx(gm, eval_gm, module, args, kwargs, values), FxFailure,
             lambda exc: f"training-mode graph not traced, {_EVAL_ONLY}: {exc.failure.operation}")
         return eval_gm, train_gm

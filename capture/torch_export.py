@@ -8,6 +8,7 @@ import operator
 import torch
 from torch import fx, nn
 
+from .optional import keep_optional_inputs
 from .preserve import no_stderr, preserved_state, quiet
 
 __all__ = ["export_graph"]
@@ -16,7 +17,8 @@ __all__ = ["export_graph"]
 def export_graph(module: nn.Module, args: tuple, kwargs: dict, dynamic_shapes: object,
                   training: bool) -> fx.GraphModule:
     """``module`` exported (non-strict) in the given mode, as a GraphModule reading the
-    module's own parameters and buffers (lifted constants are held by the graph module)."""
+    module's own parameters and buffers (lifted constants are held by the graph module);
+    arguments ``module.forward`` makes optional stay optional (:mod:`.optional`)."""
     module.train(training)
     with preserved_state(module), quiet(), no_stderr():  # export prints partial graphs on failure
         ep = torch.export.export(module, args, kwargs or None, dynamic_shapes=dynamic_shapes, strict=False)
@@ -29,6 +31,7 @@ def export_graph(module: nn.Module, args: tuple, kwargs: dict, dynamic_shapes: o
     gm = fx.GraphModule(unlifted, graph, type(module).__name__)
     gm.graph.lint()
     gm.recompile()
+    keep_optional_inputs(gm, module, args, kwargs)
     return gm
 
 

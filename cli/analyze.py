@@ -22,13 +22,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Print the model's channel groups and a summary of what can be pruned."""
     from ..api.verbs import channel_groups
+    from ..compiler.models import input_shapes
 
     model, example_inputs = load_model(args.model, args.input_shape)
     groups = channel_groups(model, example_inputs)
     if args.json:
         document = {
             "model": args.model,
-            "input_shapes": [list(t.shape) for t in example_inputs],
+            "input_shapes": input_shapes(example_inputs),
             "groups": [_group_record(group) for group in groups],
             "summary": summarize_groups(groups),
         }

@@ -115,6 +115,8 @@ def _single_input(inputs: Any, where: str) -> torch.Tensor:
         return inputs
     if isinstance(inputs, (tuple, list)) and len(inputs) == 1 and isinstance(inputs[0], torch.Tensor):
         return inputs[0]
+    if isinstance(inputs, dict) and list(inputs) == ["input_ids"] and isinstance(inputs["input_ids"], torch.Tensor):
+        return inputs["input_ids"]  # a transformers folder's keyword example: its first positional input
     raise ValueError(f"{where}: compile takes models with one input tensor; the example inputs are "
                      f"{type(inputs).__name__} of {len(inputs) if isinstance(inputs, (tuple, list)) else 1}")
 

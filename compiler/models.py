@@ -7,6 +7,8 @@ A spec names where a model comes from; one resolver per scheme lives in
 - ``timm:NAME`` — a timm model, random weights (needs timm installed).
 - ``FILE.py:FACTORY`` — call ``FACTORY()`` from a Python file.
 - ``FILE.pt`` / ``FILE.pth`` — a whole module saved with ``torch.save(model)``.
+- ``FOLDER`` — a transformers model saved with ``save_pretrained`` (its own class, from
+  ``config.architectures``), with ``input_ids`` of one sequence of 8 tokens as the example.
 
 Every spec that cannot be resolved raises :class:`ModelSpecError`, a
 ``ValueError`` whose message says what was wrong and, where possible, what
@@ -43,14 +45,15 @@ from .specs import (
 
 __all__ = ["DEFAULT_INPUT_SHAPE", "MAX_INPUT_ELEMENTS", "RESOLVERS", "ExampleInputs", "ModelSpecError", "Shape",
            "check_input_sizes", "check_model_runs", "check_model_spec", "import_file", "load_function",
-           "random_inputs", "resolve_model"]
+           "input_shapes", "random_inputs", "resolve_model"]
 
 # torchvision classifiers whose builder or stem needs an input other than 224x224.
 TORCHVISION_INPUT_SHAPES: dict[str, tuple[int, ...]] = {
     "inception_v3": (1, 3, 299, 299),
 }
 
-ExampleInputs = tuple[torch.Tensor, ...]
+# positional inputs, or keyword inputs (a transformers model's input_ids, attention_mask, ...)
+ExampleInputs = tuple[torch.Tensor, ...] | dict[str, torch.Tensor]
 
 
 def resolve_model(
@@ -70,6 +73,13 @@ def resolve_model(
     return model.eval(), example_inputs
 
 
+def input_shapes(example_inputs: ExampleInputs) -> list[list[int]] | dict[str, list[int]]:
+    """The shapes of example inputs, for reports: a list (positional inputs) or a dict by name."""
+    if isinstance(example_inputs, dict):
+        return {name: list(t.shape) for name, t in example_inputs.items()}
+    return [list(t.shape) for t in example_inputs]
+
+
 def random_inputs(shapes: Sequence[Shape]) -> ExampleInputs:
     """Seeded standard-normal float32 tensors, one per shape (sizes checked before allocating,
     see :func:`check_input_sizes`)."""
@@ -84,13 +94,17 @@ def check_model_runs(model: nn.Module, example_inputs: Sequence[torch.Tensor], s
     :class:`ModelSpecError` naming the spec, the input shapes (and ``shape_option``, the option
     that set them) and the error when it fails. A model whose tensors are on the ``meta`` device
     (no data) is not run: the analysis works on it, and what needs data refuses it by name."""
-    if any(t.is_meta for t in (*model.parameters(), *model.buffers(), *example_inputs)):
+    tensors = list(example_inputs.values()) if isinstance(example_inputs, dict) else list(example_inputs)
+    if any(t.is_meta for t in (*model.parameters(), *model.buffers(), *tensors)):
         return
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            model(*example_inputs)
+            if isinstance(example_inputs, dict):
+                model(**example_inputs)
+            else:
+                model(*example_inputs)
     except Exception as exc:  # noqa: BLE001 - any failure of the user's model on these inputs
-        shapes = "; ".join(",".join(map(str, t.shape)) for t in example_inputs)
+        shapes = "; ".join(",".join(map(str, t.shape)) for t in tensors)
         given = f" (from {shape_option})" if shape_option else ""
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise ModelSpecError(f"model {spec} does not run on example inputs of shape {shapes}{given}: "
@@ -198,23 +212,34 @@ LM_DEFAULT_SEQ_LEN = 128  # a folder's example length until the data (or ``seq_l
 
 
 def _resolve_folder(spec: str) -> tuple[nn.Module, ExampleInputs]:
-    """A transformers causal LM saved with ``save_pretrained`` (``AutoModelForCausalLM``, in
-    eval mode, no key/value cache while compiling), with example token ids (1,
-    :data:`LM_DEFAULT_SEQ_LEN`) of the pad-free range; compile replaces them by the data's
-    first sequence (or cuts them to ``seq_len``). Its tokenizer is read by the text data."""
+    """A transformers model saved with ``save_pretrained``: the class its config names
+    (``architectures``), in eval mode, with ``input_ids`` (1, :data:`LM_DEFAULT_SEQ_LEN`) of
+    seeded random tokens above the special ids. Compile replaces them by the data's first
+    sequence (or cuts them to ``seq_len``); its tokenizer is read by the text data.
+
+    Raises:
+        ModelSpecError: transformers is missing, the config names no transformers class, or
+            the folder does not load (the loader's first line)."""
     try:
         import transformers
-    except ImportError as exc:
-        raise ModelSpecError(f"model folder {spec} needs transformers, which is not installed") from exc
+    except ImportError:
+        raise ModelSpecError(f"model folder {spec}: loading it needs the transformers package") from None
     try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(spec)
-    except Exception as exc:  # noqa: BLE001 - any reason a folder does not load
-        raise ModelSpecError(f"cannot load {spec} as a transformers causal LM (AutoModelForCausalLM): "
-                             f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}") from None
-    model.config.use_cache = False
-    vocab = int(model.config.vocab_size)
-    generator = torch.Generator().manual_seed(0)
-    return model.eval(), (torch.randint(min(3, vocab - 1), vocab, (1, LM_DEFAULT_SEQ_LEN), generator=generator),)
+        config = transformers.AutoConfig.from_pretrained(spec)
+        names = getattr(config, "architectures", None) or []
+        cls = getattr(transformers, names[0], None) if names else None
+        if cls is None:
+            raise ModelSpecError(f"model folder {spec}: its config names no transformers class "
+                                 f"(architectures: {names})")
+        model = cls.from_pretrained(spec)
+    except ModelSpecError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure to load the folder is the user's to fix
+        raise ModelSpecError(f"cannot load model folder {spec}: {type(exc).__name__}: "
+                             f"{str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}") from None
+    vocab = int(getattr(config, "vocab_size", 2) or 2)
+    ids = torch.randint(min(3, vocab - 1), vocab, (1, LM_DEFAULT_SEQ_LEN), generator=torch.Generator().manual_seed(0))
+    return model.eval(), {"input_ids": ids}
 
 
 # One resolver per kind of :func:`~spruce.compiler.specs.model_spec_kind` (the schemes of
@@ -267,6 +292,9 @@ def _module_and_inputs(
         raise ModelSpecError(_contract_message(where, produced))
     if inputs is None:
         inputs = _example_inputs_from(source)
+    elif isinstance(inputs, dict) and inputs and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                     for k, v in inputs.items()):
+        return module, dict(inputs)  # keyword inputs
     elif not _is_tensors(inputs):
         raise ModelSpecError(_contract_message(where, produced))
     return module, _as_input_tuple(inputs, where)

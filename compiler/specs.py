@@ -20,7 +20,7 @@ from ..passes.config import ConfigError, short_repr
 
 __all__ = ["BUDGET_KINDS", "DATASET_NAMES", "DEFAULT_INPUT_SHAPE", "FACTORY_CONTRACT", "FACTORY_RESULT",
            "MAX_INPUT_ELEMENTS", "MODEL_SCHEMES", "TEXT_SCHEME", "DataError", "ModelSpecError", "RecipeError", "Shape",
-           "check_budget",
+           "check_budget", "parse_dynamic_dims",
            "check_data_source", "check_data_spec", "check_function_spec", "check_input_sizes",
            "check_model_source", "check_model_spec", "check_readable_file", "cost_budget", "model_spec_kind",
            "parse_budget"]
@@ -40,7 +40,8 @@ ModelKind = Literal["torchvision", "timm", "python", "saved", "folder"]
 
 # What ``FILE.py:FACTORY`` must return (quoted by --help and by the error for anything else).
 FACTORY_RESULT = ("(model, example_inputs): a torch.nn.Module and a tensor or a tuple of tensors, one per "
-                  "positional input of forward (a bare module takes the file's EXAMPLE_INPUTS / example_inputs(), "
+                  "positional input of forward, or a dict of tensors, one per keyword input (a bare module takes "
+                  "the file's EXAMPLE_INPUTS / example_inputs(), "
                   "else a 1,3,224,224 input)")
 FACTORY_CONTRACT = f"FACTORY() returns {FACTORY_RESULT}"
 
@@ -77,6 +78,8 @@ def model_spec_kind(spec: str) -> ModelKind:
     else (only whether a directory exists is looked at)."""
     if not spec:
         raise ModelSpecError("empty model spec")
+    if os.path.isdir(spec):
+        return "folder"
     scheme, sep, _ = spec.partition(":")
     if sep and scheme in MODEL_SCHEMES:
         return scheme  # type: ignore[return-value]
@@ -85,8 +88,6 @@ def model_spec_kind(spec: str) -> ModelKind:
         return "python"
     if spec.endswith((".pt", ".pth")):
         return "saved"
-    if os.path.isdir(spec):
-        return "folder"
     known = ", ".join(f"{name}:NAME" for name in MODEL_SCHEMES)
     raise ModelSpecError(f"cannot resolve model spec {short_repr(spec)}: expected one of {known}, "
                          "FILE.py:FACTORY, FILE.pt, or a transformers model folder")
@@ -112,7 +113,11 @@ def check_model_source(spec: str) -> None:
         path = Path(spec.rpartition(":")[0] if kind == "python" else spec)
         check_readable_file(path, "model file", ModelSpecError)
     if kind == "folder":
-        check_readable_file(Path(spec) / "config.json", "transformers model folder's config", ModelSpecError)
+        config = Path(spec) / "config.json"
+        if not config.exists():
+            raise ModelSpecError(f"model folder {spec} has no config.json: give a folder a transformers model was "
+                                 "saved to (save_pretrained)")
+        check_readable_file(config, "model config", ModelSpecError)
 
 
 def check_readable_file(path: Path, role: str, error: type[ValueError] = ValueError) -> None:
@@ -138,6 +143,31 @@ def check_function_spec(spec: str, role: str, error: type[ValueError] = ValueErr
     if not os.access(path, os.R_OK):
         raise error(f"{role} {short_repr(spec)}: {path} is not readable (permission denied)")
     return path
+
+
+# --- dynamic dims --------------------------------------------------------------------------
+
+
+def parse_dynamic_dims(texts: Sequence[str]) -> dict[str, tuple[int, ...]]:
+    """``["input_ids:1", "pixel_values:2,3"]`` (the command line's ``--dynamic NAME:DIMS``, one
+    per input) -> ``{"input_ids": (1,), "pixel_values": (2, 3)}``: the dims of each named input
+    that stay dynamic besides the batch (dim 0, always dynamic). :class:`ModelSpecError` naming
+    the value for anything else."""
+    dims: dict[str, tuple[int, ...]] = {}
+    for text in texts:
+        name, sep, listed = text.partition(":")
+        try:
+            values = tuple(int(v) for v in listed.split(",")) if sep and listed else ()
+        except ValueError:
+            values = ()
+        if not name.isidentifier() or not values or any(v < 1 for v in values):
+            raise ModelSpecError(f"--dynamic {short_repr(text)}: write INPUT:DIM[,DIM...] with the name of an input "
+                                 "of forward and dims from 1 (dim 0, the batch, is always dynamic), "
+                                 "e.g. input_ids:1")
+        if name in dims:
+            raise ModelSpecError(f"--dynamic: input {name!r} is named twice; list its dims once: {name}:1,2")
+        dims[name] = tuple(sorted(set(values)))
+    return dims
 
 
 # --- example-input shapes --------------------------------------------------------------------
