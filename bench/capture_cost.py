@@ -226,24 +226,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="timed analyses per child (small models)")
     parser.add_argument("--big", action="store_true", help="the Llama-3.2-1B-shaped model, once per tool")
     parser.add_argument("--tools", nargs="+", choices=TOOLS, default=list(TOOLS))
-    parser.add_argument("--timeout", type=float, default=900.0, help="hard limit per child (seconds)")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads per child")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--child", choices=TOOLS, help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads per child")
+    parser.add_argument("--timeout", type=float, default=900.0, help="hard limit per child (seconds)")
     parser.add_argument("--model", choices=list(MODELS), help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=TOOLS, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the children and write the report."""
+    """In a child, time one tool; else run the children and write the report."""
     args = parse_args(argv)
-    if args.child:
+    if not args.child:
+        machine = benchlib.machine_info(["spruce", "torch-pruning", "transformers"])
+        write(args, machine, run(args))
+        print(f"wrote {args.out}")
+    else:
         child_main(args)
-        return 0
-    info = benchlib.machine_info(["spruce", "torch-pruning", "transformers"])
-    pooled = run(args)
-    write(args, info, pooled)
-    print(f"wrote {args.out}")
     return 0
 
 
