@@ -208,7 +208,7 @@ def _resolve_saved_module(spec: str) -> tuple[nn.Module, ExampleInputs]:
     return loaded, random_inputs([DEFAULT_INPUT_SHAPE])
 
 
-LM_DEFAULT_SEQ_LEN = 128  # a folder's example length until the data (or ``seq_len``) gives one
+LM_DEFAULT_SEQ_LEN = 8  # a folder's example length (the sequence dim stays dynamic); compile takes the data's
 
 
 def _resolve_folder(spec: str) -> tuple[nn.Module, ExampleInputs]:
