@@ -152,7 +152,8 @@ def evaluate_language_model(setup: Setup, reference: Reference, exported: Export
                             workspace: Workspace) -> LMEvaluated:
     """The compile stage after the bench: for a causal LM (an output of kind ``lm``) its
     :func:`lm_section` on the held-out split (``setup.data.test``), the built artifacts timed on
-    the target at several lengths; an empty record for other models."""
+    the target at several lengths, ``bench_iters`` interleaved rounds (at most 10); an empty record
+    for other models."""
     plan = setup.plan
     if plan is None or not any(getattr(spec, "kind", None) == "lm" for spec in plan.outputs):
         return LMEvaluated()
@@ -161,6 +162,7 @@ def evaluate_language_model(setup: Setup, reference: Reference, exported: Export
     section = lm_section(dense, exported.model.eval(), setup.data.test, sequence_length=int(setup.example.shape[-1]),
                          pad_token_id=_pad_token_id(setup, dense), target=setup.target,
                          artifacts={"dense": built.dense, "compiled": built.compiled},
+                         rounds=max(2, min(setup.recipe.bench_iters, 10)),
                          user_metrics={"dense": reference.metrics, "compiled": exported.metrics})
     return LMEvaluated(section)
 

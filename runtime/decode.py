@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..capture.transformers import is_transformers_model
 from ..targets.timing import Timings, time_interleaved
 
 __all__ = ["DecodeRow", "DecodeTimer", "LogitsOnly", "PrefillRow", "greedy_decode", "has_kv_cache",
@@ -46,9 +47,10 @@ def _cache_argument(model: nn.Module) -> str | None:
 
 
 def has_kv_cache(model: nn.Module) -> bool:
-    """Does ``model``'s forward take a key/value cache (a transformers decoder: ``cache`` or
-    ``past_key_values``)? A compact twin (a graph module of ``input_ids``) does not."""
-    return _cache_argument(model) is not None
+    """Is ``model`` a transformers model whose forward takes a key/value cache (``cache`` or
+    ``past_key_values``)? A compact twin does not, even where its graph keeps the source's
+    signature (it refuses the optional inputs it was not captured with)."""
+    return is_transformers_model(model) and _cache_argument(model) is not None
 
 
 def _cache_of(output: Any) -> Any:

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..capture.transformers import is_transformers_model
 from .decode import greedy_decode, left_pad, logits_of
 
 __all__ = ["Continuations", "Footprint", "LMEvaluation", "Perplexity", "continuation_agreement", "evaluate_lm",
@@ -68,14 +69,15 @@ def _batch(batch: Mapping[str, torch.Tensor] | torch.Tensor | Sequence[torch.Ten
 
 def lm_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """The logits (N, T, V) of ``model`` at every position, without a key/value cache; the mask
-    is given to models that take one (right padding makes it unnecessary for the others)."""
-    kwargs: dict[str, Any] = {}
-    if attention_mask is not None and _takes(model, "attention_mask"):
-        kwargs["attention_mask"] = attention_mask
-    if _takes(model, "use_cache"):
-        kwargs["use_cache"] = False
+    is given to transformers models only (right padding makes it unnecessary; a compact twin
+    refuses an input it was not captured with)."""
     with torch.inference_mode():
-        return logits_of(model(input_ids, **kwargs) if not kwargs else model(input_ids=input_ids, **kwargs))
+        if not is_transformers_model(model):
+            return logits_of(model(input_ids))
+        kwargs: dict[str, Any] = {"use_cache": False} if _takes(model, "use_cache") else {}
+        if attention_mask is not None and _takes(model, "attention_mask"):
+            kwargs["attention_mask"] = attention_mask
+        return logits_of(model(input_ids=input_ids, **kwargs))
 
 
 @dataclass(frozen=True)
