@@ -18,6 +18,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import importlib.util
+import json
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -199,9 +200,10 @@ LM_DEFAULT_SEQ_LEN = 128  # a folder's example length until the data (or ``seq_l
 
 def _resolve_folder(spec: str) -> tuple[nn.Module, ExampleInputs]:
     """A transformers causal LM saved with ``save_pretrained`` (``AutoModelForCausalLM``, in
-    eval mode, no key/value cache while compiling), with example token ids (1,
-    :data:`LM_DEFAULT_SEQ_LEN`) of the pad-free range; compile replaces them by the data's
-    first sequence (or cuts them to ``seq_len``). Its tokenizer is read by the text data."""
+    eval mode, no key/value cache while compiling), with example token ids (1, L): L the
+    ``sequence_length`` of the folder's ``training.json`` if it has one, else
+    :data:`LM_DEFAULT_SEQ_LEN`; compile replaces them by the data's first sequence (or cuts
+    them to ``seq_len``). Its tokenizer is read by the text data."""
     try:
         import transformers
     except ImportError as exc:
@@ -214,7 +216,18 @@ def _resolve_folder(spec: str) -> tuple[nn.Module, ExampleInputs]:
     model.config.use_cache = False
     vocab = int(model.config.vocab_size)
     generator = torch.Generator().manual_seed(0)
-    return model.eval(), (torch.randint(min(3, vocab - 1), vocab, (1, LM_DEFAULT_SEQ_LEN), generator=generator),)
+    length = _trained_length(Path(spec)) or LM_DEFAULT_SEQ_LEN
+    return model.eval(), (torch.randint(min(3, vocab - 1), vocab, (1, length), generator=generator),)
+
+
+def _trained_length(folder: Path) -> int | None:
+    """The sequence length the model was trained at, from the folder's ``training.json``
+    (``sequence_length``, as the example LM's training script writes it), else None."""
+    try:
+        length = json.loads((folder / "training.json").read_text(encoding="utf-8")).get("sequence_length")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return int(length) if isinstance(length, int) and length >= 2 else None
 
 
 # One resolver per kind of :func:`~spruce.compiler.specs.model_spec_kind` (the schemes of
