@@ -31,7 +31,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,28 +42,14 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from ..passes.config import short_repr
 from .augment import Augment, AugmentedImages
+from .loaders import Loaders
 from .specs import TEXT_SCHEME, DataError, check_data_spec
-from .text import TextInfo, load_text
+from .text import load_text
 
 __all__ = ["Loaders", "DataError", "IMAGE_SUFFIXES", "check_data_spec", "load_data", "default_model", "DATASETS",
            "check_disjoint", "inputs_of", "load_images"]
 
 DIGITS_SIDE = 32
-
-
-@dataclass
-class Loaders:
-    """Recovery (``train``) and held-out (``test``) loaders, one example input batch of size
-    1, the class count (0 when unlabeled) and whether batches carry labels; ``text`` describes
-    a ``text:PATH`` source (tokenizer, window length, token counts), None for other data."""
-
-    train: Iterable
-    test: Iterable
-    example: torch.Tensor
-    num_classes: int
-    name: str
-    labeled: bool = True
-    text: TextInfo | None = None
 
 
 def _split(images: np.ndarray, labels: np.ndarray, seed: int, batch_size: int, name: str) -> Loaders:

@@ -17,9 +17,10 @@ is the pad id counts nowhere.
 - :func:`next_token_nll`: summed negative log-likelihood and token count, for perplexity.
 
 Recovery's token budget (:func:`recovery_tokens`): ``recover_tokens`` when given, else 10 %
-of the dense model's training tokens when its folder has a ``training.json`` with ``tokens``
-(written by the example LM's training script), else None: recovery then runs the recipe's
-``epochs`` over the recovery data, as for any other model.
+of the dense model's training tokens when its folder has a ``training.json`` with
+``tokens_trained`` (written by the example LM's training script, examples/lm) or ``tokens``,
+else None: recovery then runs the recipe's ``epochs`` over the recovery data, as for any other
+model.
 """
 
 from __future__ import annotations
@@ -35,11 +36,12 @@ from torch.utils.checkpoint import checkpoint
 
 from .datasets import inputs_of
 
-__all__ = ["KL_CHUNK_POSITIONS", "RECOVERY_TOKEN_SHARE", "causal_lm_reason", "lm_kl", "lm_loss", "next_token_mask",
-           "next_token_nll", "recovery_tokens"]
+__all__ = ["KL_CHUNK_POSITIONS", "RECOVERY_TOKEN_SHARE", "TRAINING_TOKEN_KEYS", "causal_lm_reason", "lm_kl",
+           "lm_loss", "next_token_mask", "next_token_nll", "recovery_tokens"]
 
 KL_CHUNK_POSITIONS = 256  # positions per chunk of the KL (each chunk holds (chunk, V) floats a few times)
 RECOVERY_TOKEN_SHARE = 0.1  # default recovery tokens: this share of the dense model's training tokens
+TRAINING_TOKEN_KEYS = ("tokens_trained", "tokens")  # where training.json records them (the example LM: the first)
 _LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 
 
@@ -116,8 +118,9 @@ def recovery_tokens(given: int | None, model_folder: str | Path | None) -> tuple
     record = Path(model_folder) / "training.json" if model_folder is not None else None
     if record is not None and record.is_file():
         try:
-            tokens = int(json.loads(record.read_text(encoding="utf-8"))["tokens"])
-        except (ValueError, KeyError, TypeError) as exc:
+            document = json.loads(record.read_text(encoding="utf-8"))
+            tokens = int(document[next(k for k in TRAINING_TOKEN_KEYS if k in document)])
+        except (ValueError, KeyError, TypeError, StopIteration) as exc:
             raise ValueError(f"{record}: cannot read the dense model's training tokens ({exc}); "
                              "give recover_tokens instead") from None
         return max(1, int(tokens * RECOVERY_TOKEN_SHARE)), f"{RECOVERY_TOKEN_SHARE:.0%} of {tokens} training tokens"

@@ -173,7 +173,7 @@ def _text_options(model: nn.Module | None) -> dict[str, Any]:
     embedding rows; nothing for other models."""
     if model is None or causal_lm_reason(model) is None:
         return {}
-    folder = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
+    folder = getattr(model, "name_or_path", None)  # the folder from_pretrained read (transformers sets it)
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     return {"tokenizer": folder or None,
             "embedding_rows": getattr(embeddings, "num_embeddings", None)}

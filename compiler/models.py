@@ -20,6 +20,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import importlib.util
+import json
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -213,8 +214,9 @@ LM_DEFAULT_SEQ_LEN = 8  # a folder's example length (the sequence dim stays dyna
 
 def _resolve_folder(spec: str) -> tuple[nn.Module, ExampleInputs]:
     """A transformers model saved with ``save_pretrained``: the class its config names
-    (``architectures``), in eval mode, with ``input_ids`` (1, :data:`LM_DEFAULT_SEQ_LEN`) of
-    seeded random tokens above the special ids. Compile replaces them by the data's first
+    (``architectures``), in eval mode, with ``input_ids`` (1, L) of seeded random tokens above the special ids: L the
+    ``sequence_length`` of the folder's ``training.json`` if it has one, else
+    :data:`LM_DEFAULT_SEQ_LEN`. Compile replaces them by the data's first
     sequence (or cuts them to ``seq_len``); its tokenizer is read by the text data.
 
     Raises:
@@ -238,8 +240,19 @@ def _resolve_folder(spec: str) -> tuple[nn.Module, ExampleInputs]:
         raise ModelSpecError(f"cannot load model folder {spec}: {type(exc).__name__}: "
                              f"{str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}") from None
     vocab = int(getattr(config, "vocab_size", 2) or 2)
-    ids = torch.randint(min(3, vocab - 1), vocab, (1, LM_DEFAULT_SEQ_LEN), generator=torch.Generator().manual_seed(0))
+    length = _trained_length(Path(spec)) or LM_DEFAULT_SEQ_LEN
+    ids = torch.randint(min(3, vocab - 1), vocab, (1, length), generator=torch.Generator().manual_seed(0))
     return model.eval(), {"input_ids": ids}
+
+
+def _trained_length(folder: Path) -> int | None:
+    """The sequence length the model was trained at, from the folder's ``training.json``
+    (``sequence_length``, as the example LM's training script writes it), else None."""
+    try:
+        length = json.loads((folder / "training.json").read_text(encoding="utf-8")).get("sequence_length")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return int(length) if isinstance(length, int) and length >= 2 else None
 
 
 # One resolver per kind of :func:`~spruce.compiler.specs.model_spec_kind` (the schemes of

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +37,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..passes.config import short_repr
+from .loaders import Loaders, TextInfo
 from .specs import TEXT_SCHEME, DataError
 
 __all__ = ["HELD_OUT_EVERY", "TEXT_SCHEME", "TextInfo", "TokenWindows", "check_vocabulary", "load_text",
@@ -48,24 +48,6 @@ HELD_OUT_EVERY = 10
 
 # A file is read as text when it decodes as UTF-8 and holds no NUL byte.
 _IGNORE = -100
-
-
-@dataclass
-class TextInfo:
-    """What a text data source adds to :class:`~spruce.compiler.datasets.Loaders`: the
-    tokenizer, the window length, the special token ids, the real (non-pad) token counts and
-    document counts of each set, and the held-out documents' text (for continuation prompts)."""
-
-    tokenizer: Any
-    sequence_length: int
-    pad_token_id: int
-    bos_token_id: int | None
-    eos_token_id: int | None
-    recovery_tokens: int
-    held_out_tokens: int
-    recovery_documents: int
-    held_out_documents: int
-    held_out_texts: list[str] = field(default_factory=list, repr=False)
 
 
 def text_path(spec: str) -> Path:
@@ -213,8 +195,6 @@ def load_text(spec: str, tokenizer: Any, sequence_length: int, seed: int = 0, ba
     transformers tokenizer or a folder to load one from; ``embedding_rows`` (the model's input
     embedding rows) is checked against the tokenizer. Raises :class:`DataError` for the bad
     input listed in the module docstring, before tokenizing where the check allows."""
-    from .datasets import Loaders
-
     if sequence_length < 2:
         raise DataError(f"data {short_repr(spec)}: windows of {sequence_length} token(s) hold nothing to predict; "
                         "the example input must be (1, L) token ids with L >= 2")

@@ -90,6 +90,6 @@ def train_tiny_lm(folder: Path, *, vocab: int = 384, hidden: int = 64, layers: i
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     trained_tokens = steps * batch_size * seq_len
-    (folder / "training.json").write_text(json.dumps({"tokens": trained_tokens, "seq_len": seq_len,
+    (folder / "training.json").write_text(json.dumps({"tokens_trained": trained_tokens, "seq_len": seq_len,
                                                       "steps": steps, "seed": seed}) + "\n", encoding="utf-8")
     return TinyLM(folder, train, held_out, seq_len, int(tokenizer.pad_token_id))

@@ -101,6 +101,8 @@ def test_recovery_tokens_default_to_a_tenth_of_the_training_tokens(tmp_path):
     assert recovery_tokens(None, tmp_path)[0] is None
     (tmp_path / "training.json").write_text(json.dumps({"tokens": 50_000}))
     assert recovery_tokens(None, tmp_path)[0] == 5_000
+    (tmp_path / "training.json").write_text(json.dumps({"tokens_trained": 301_628, "steps": 149}))  # examples/lm
+    assert recovery_tokens(None, tmp_path)[0] == 30_162
     (tmp_path / "training.json").write_text("{}")
     with pytest.raises(ValueError, match="recover_tokens"):
         recovery_tokens(None, tmp_path)
