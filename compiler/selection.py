@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..api.budget import decode_timer
 from ..api.prune import keep_top_channels
 from ..passes.analysis import analyze
 from ..passes.export import check_runs, remove_channels
@@ -87,6 +88,20 @@ def channels_by_magnitude(setup: Setup, captured: Captured, profiled: Profiled, 
         selection = meet_latency_budget(analysis, student, profiled.table, setup.target, recipe.budget["latency"],
                                         importance, (example,), batch_size=recipe.budget_batch_size,
                                         round_to=recipe.round_to, required=required, cost_model=steer, ties=ties)
+        kept, compact = selection.kept, selection.compact
+    elif recipe.budget and "decode" in recipe.budget:
+        if not setup.is_lm:
+            raise ValueError(f"a decode budget needs a causal language model (a transformers *ForCausalLM); "
+                             f"{setup.model_name} is not one: use latency=F")
+        workspace.say("choosing channels to meet the decode budget as measured (per token, key/value cache) ...")
+        steer_kind = "params" if recipe.selection_cost == "latency" else recipe.selection_cost
+        # no latency table times decoding: the knapsack steers by the selection cost (parameters
+        # for a causal LM), the measured loop decides
+        selection = meet_latency_budget(analysis, student, None, decode_timer(student), recipe.budget["decode"],
+                                        importance, (example,), batch_size=1, round_to=recipe.round_to,
+                                        required=required,
+                                        cost_model=build_cost_model(steer_kind, student, analysis),
+                                        ties=ties)
         kept, compact = selection.kept, selection.compact
     elif recipe.budget:
         ((kind, fraction),) = recipe.budget.items()
