@@ -374,7 +374,7 @@ class ChannelIEE:
         psi = self.costs.target
         if stage == "prune":
             # the prune goes to Psi - Omega^t, but never below the smallest cost reachable within Theta_K:
-            # under a tight latency budget (0.5 on an 8x8 CNN, where per-call overhead is 0.37 of dense)
+            # under a tight latency budget (0.5 on an 8x8 CNN whose smallest configuration measured 0.37 of dense)
             # Psi - Omega^t fell below it and the knapsack raised InfeasibleBudget at the first prune
             candidates = {gid: mask.numpy().copy() for gid, mask in self.active.items()}
             budget = max(psi - iee.omega() * psi, self.costs.floor(candidates))
