@@ -18,6 +18,7 @@ from ..targets.base import get_target
 from .datasets import DataError, Loaders, check_disjoint, default_model, inputs_of, load_data, loaders_from
 from .floors import check_floor_names
 from .outputs import OutputPlan, batch_dims, flatten_outputs, plan_outputs
+from .precision import calibration_inputs
 from .recipes import Recipe
 from .results import Given, Setup, UserFunction, Workspace
 
@@ -27,8 +28,10 @@ __all__ = ["held_out_accuracy", "load_setup", "user_metrics"]
 def load_setup(recipe: Recipe, workspace: Workspace, given: Given) -> Setup:
     """Target, model and example, data, the user's functions and the output plan; every
     check that can fail on the user's input runs here, before any training or profiling."""
-    target = get_target(recipe.target, **recipe.target_options)
+    target = get_target(recipe.target, **recipe.target_settings())
     target.require()  # a target that cannot run here is a user error now, not after training
+    int8 = recipe.shipped_precision == "int8"
+    reference_target = get_target(recipe.target, **recipe.target_settings("fp32")) if int8 else target
     prepare = UserFunction.of(given.prepare if given.prepare is not None else recipe.prepare, "prepare")
     model, example, data, name, is_default = _model_example_data(recipe, given, prepare)
     loss = UserFunction.of(given.loss_fn if given.loss_fn is not None else recipe.loss, "loss_fn")
@@ -46,13 +49,14 @@ def load_setup(recipe: Recipe, workspace: Workspace, given: Given) -> Setup:
         _check_loss(loss, model, data)
     metric_names = list(_check_evaluate(evaluate_fn, model, data)) if evaluate_fn is not None else None
     check_floor_names(recipe.floor, plan, metric_names)
+    calibration = tuple(calibration_inputs(data.train, name=f"{recipe.data}'s recovery set")) if int8 else ()
     workspace.say(f"spruce compile: {name} on {data.name}, target {recipe.target}, structure {recipe.structure}, "
                   + (f"budget {recipe.budget}" if recipe.budget else f"sparsity {recipe.sparsity}")
-                  + f", recover {mode}")
+                  + f", recover {mode}" + (", precision int8" if int8 else ""))
     for warning in plan.warnings():
         workspace.say(f"warning: {warning}")
     return Setup(recipe, target, data, model, example, copy.deepcopy(model.state_dict()), plan, mode, loss,
-                 evaluate_fn, name, is_default)
+                 evaluate_fn, name, is_default, reference_target, calibration)
 
 
 
