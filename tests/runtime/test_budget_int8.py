@@ -1,15 +1,13 @@
 """The measured budget loop when INT8 ships: every compact model it times is the INT8 model
 ONNX Runtime runs (quantize/dequantize nodes in the file the session loads), every dense model
-the fp32 reference, interleaved in one run; and ``meet_budget`` takes the precision."""
+the fp32 reference, interleaved in one run."""
 
 from __future__ import annotations
 
 import numpy as np
 import onnx
-import pytest
 import torch
 from helpers import analyze_model
-from spruce.api.budget import meet_budget
 from spruce.passes.importance import importance_scores, param_table
 from spruce.passes.sparsity.knapsack import build_cost_model
 from spruce.runtime.budget import meet_latency_budget, time_against_reference
@@ -61,14 +59,3 @@ def test_time_against_reference_keeps_the_models_modes():
                                                            model, inputs, OnnxRuntimeCPU(threads=1), 1, 2)
     assert compact.training and not model.training
     assert dense_timing.robust_ms() > 0 and compact_timing.robust_ms() > 0
-
-
-def test_meet_budget_refuses_a_precision_its_target_does_not_build():
-    import spruce
-
-    sparse = spruce.sparsify(_cnn(), torch.randn(1, 3, 16, 16), spruce.StaticConfig(init="magnitude"),
-                             structure="channel", sparsity=0.25, distribution="uniform")
-    with pytest.raises(ValueError, match="precision='int8' but the target given builds fp32"):
-        meet_budget(sparse, torch.randn(1, 3, 16, 16), OnnxRuntimeCPU(threads=1), 0.5, precision="int8")
-    with pytest.raises(ValueError, match="precision 'int8' is not supported"):
-        meet_budget(sparse, torch.randn(1, 3, 16, 16), "torch", 0.5, precision="int8")
