@@ -9,6 +9,11 @@ selection stands. Above it, the measured closed loop
 (:func:`spruce.runtime.budget.meet_latency_budget`) chooses again among the kept channels
 only (the least L1-magnitude ones go), first aimed at the selection's predicted cost scaled
 by budget / measured ratio, and the SparseModel's channel masks are set to what it chose.
+
+With ``precision="int8"`` the compact model is timed as the INT8 artifact that ships
+(quantized by the target, e.g. ``OnnxRuntimeCPU(precision="int8")``) and the dense model at
+fp32, interleaved in the same run: the budget is a fraction of dense fp32, met by pruning and
+quantization together (:func:`spruce.runtime.budget.time_against_reference`).
 """
 
 from __future__ import annotations
@@ -25,9 +30,9 @@ from ..passes.importance import importance_scores, param_table
 from ..passes.sparsity.channel_budget import ChannelBudget
 from ..passes.sparsity.knapsack import InfeasibleBudget, build_cost_model
 from ..passes.sparsity.model import SparseModel
-from ..runtime.budget import BAND_HIGH, BAND_LOW, meet_latency_budget
+from ..runtime.budget import BAND_HIGH, BAND_LOW, meet_latency_budget, time_against_reference
 from ..runtime.decode import DecodeTimer, has_kv_cache
-from ..targets.base import Target, get_target
+from ..targets.base import Target, check_precision, get_target
 from .transformers import to_transformers
 
 __all__ = ["MEASURED_BUDGETS", "BudgetCheck", "decode_timer", "meet_budget"]
@@ -68,12 +73,14 @@ class BudgetCheck:
     measured_ms: float
     measured_dense_ms: float
     attempts: int = 1
+    precision: str = "fp32"  # the compact model's as timed (the dense model's is fp32 unless a Target said otherwise)
 
 
 def meet_budget(sparse: SparseModel, example_inputs: torch.Tensor | Sequence[torch.Tensor],
                 target: str | Target | DecodeTimer = "onnxruntime", budget: float | Mapping[str, float] = 0.5, *,
                 dense: nn.Module | None = None, batch_size: int = 1, round_to: int = 1,
-                latency_table: Any = None, label: str = "the SparseModel's") -> BudgetCheck:
+                latency_table: Any = None, label: str = "the SparseModel's", precision: str | None = None,
+                dense_target: Target | None = None) -> BudgetCheck:
     """Meet a latency ``budget`` (a fraction of dense, or ``{"latency": f}``) as measured on
     ``target`` (a name or a :class:`~spruce.targets.base.Target`), or a ``{"decode": f}`` budget
     measured by ``target`` = :func:`decode_timer` (per-token decode latency), with the channels of the
@@ -88,6 +95,12 @@ def meet_budget(sparse: SparseModel, example_inputs: torch.Tensor | Sequence[tor
     ``latency_table`` (default: the one given to ``sparsify``), else FLOPs. ``label`` names
     the channels in messages. The SparseModel's training mode is kept.
 
+    ``precision`` (``fp32``, ``int8``; default: the target's own) is the precision that ships:
+    the compact model is timed at it. Given a target *name*, the dense model is timed on the
+    same target at fp32; given a :class:`Target`, its own precision must be ``precision`` and
+    the dense model is timed on ``dense_target`` (default: that target). The latency table,
+    when given, should be profiled at ``precision`` too.
+
     Raises ``ValueError`` for a SparseModel that does not select channels or a budget that
     is not a latency fraction in (0, 1], and
     :class:`~spruce.passes.sparsity.knapsack.InfeasibleBudget` when no subset of the kept
@@ -97,21 +110,23 @@ def meet_budget(sparse: SparseModel, example_inputs: torch.Tensor | Sequence[tor
         raise ValueError("meet_budget: a decode budget is measured by a DecodeTimer: pass target=decode_timer(source)")
     if not isinstance(sparse, SparseModel) or sparse.structure != "channel":
         raise ValueError("meet_budget needs a SparseModel with structure='channel' (its channel masks are re-aimed)")
-    target = get_target(target) if isinstance(target, str) else target
+    target, dense_target = _targets(target, precision, dense_target)
     table = latency_table if latency_table is not None else sparse.latency_table
     ctx = sparse.context
     dense = ctx.source if dense is None else dense
     tensors = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     inputs = tuple(_at_batch(t, batch_size) for t in tensors)
+    shipped = str(getattr(target, "precision", "fp32"))
     was_training = sparse.training
     sparse.eval()
     try:
-        dense_timing, compact_timing = target.measure_models(
-            [(dense.eval(), inputs), (sparse.compact().eval(), inputs)], warmup=3, rounds=15)
+        dense_timing, compact_timing = time_against_reference(target, sparse.compact().eval(), dense.eval(), inputs,
+                                                              dense_target, warmup=3, rounds=15)
         measured, measured_dense = compact_timing.robust_ms(), dense_timing.robust_ms()
         ratio = measured / measured_dense
         if ratio <= BAND_HIGH * fraction:
-            return BudgetCheck(fraction, ratio, ratio >= BAND_LOW * fraction, ratio, False, measured, measured_dense)
+            return BudgetCheck(fraction, ratio, ratio >= BAND_LOW * fraction, ratio, False, measured, measured_dense,
+                               precision=shipped)
         groups = [u.group.id for u in ctx.units]
         params = param_table(ctx.source)
         importance = {u.group.id: importance_scores("l1", u.group, params, np.random.default_rng(0))
@@ -123,7 +138,8 @@ def meet_budget(sparse: SparseModel, example_inputs: torch.Tensor | Sequence[tor
         try:
             chosen = meet_latency_budget(ctx.analysis, ctx.source, table, target, fraction, importance, inputs,
                                          batch_size=batch_size, round_to=round_to, candidates=kept_now,
-                                         cost_model=cost, first_aim=now * fraction / ratio)
+                                         cost_model=cost, first_aim=now * fraction / ratio,
+                                         reference_target=dense_target)
         except InfeasibleBudget as exc:
             raise InfeasibleBudget(f"{label} channels measure {ratio:.3f} of dense, above the latency budget "
                                    f"{fraction:g}, and no subset of them reaches it: {exc}", exc.minimum) from None
@@ -131,9 +147,25 @@ def meet_budget(sparse: SparseModel, example_inputs: torch.Tensor | Sequence[tor
         ChannelBudget.apply(ctx, {**full, **{g: np.asarray(k) for g, k in chosen.kept.items() if g in full}})
         sparse.apply_masks()
         return BudgetCheck(fraction, chosen.ratio, chosen.in_band, ratio, True, chosen.measured_ms,
-                           chosen.measured_dense_ms, 1 + len(chosen.attempts))
+                           chosen.measured_dense_ms, 1 + len(chosen.attempts), shipped)
     finally:
         sparse.train(was_training)
+
+
+def _targets(target: str | Target, precision: str | None, dense_target: Target | None) -> tuple[Target, Target]:
+    """(the target timing the compact model at ``precision``, the one timing the dense model)."""
+    if isinstance(target, str):
+        if precision is None:
+            built = get_target(target)
+            return built, dense_target or built
+        check_precision(target, precision)
+        built = get_target(target, precision=precision)
+        return built, dense_target or (get_target(target, precision="fp32") if precision != "fp32" else built)
+    own = str(getattr(target, "precision", "fp32"))
+    if precision is not None and precision != own:
+        raise ValueError(f"meet_budget: precision={precision!r} but the target given builds {own} (give the target's "
+                         "name to have it built at that precision, or a target built at it)")
+    return target, dense_target or target
 
 
 def _latency_fraction(budget: float | Mapping[str, float]) -> float:

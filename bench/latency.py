@@ -73,6 +73,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="do not pin the timed sessions' threads (OnnxRuntimeCPU(pin_threads=False))")
     parser.add_argument("--busy", type=int, default=1, help="extra busy-loop processes during the whole run")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "int8"),
+                        help="ONNX Runtime target precision: int8 profiles and checks INT8 layers and models "
+                        "(each quantized by onnxruntime.quantization before it is timed)")
     parser.add_argument("--cuda", action="store_true",
                         help="profile the torch target on CUDA (fp16) instead of ONNX Runtime CPU")
     parser.add_argument("--save-tables", type=Path, default=None,
@@ -92,7 +95,8 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(0)
     model = torchvision.models.get_model(name, weights=None).eval()
     inputs = (torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0)),)
-    target = OnnxRuntimeCPU(threads=args.threads, spinning=args.spinning, pin_threads=not args.no_pin)
+    target = OnnxRuntimeCPU(threads=args.threads, spinning=args.spinning, pin_threads=not args.no_pin,
+                            precision=args.precision)
     if args.cuda:
         from spruce.targets.pytorch import TorchTarget
 
@@ -174,7 +178,7 @@ def _pct(value: float) -> str:
 
 
 def report(results: list[dict[str, Any]], info: dict[str, str], args: argparse.Namespace) -> str:
-    where = "torch CUDA (fp16)" if args.cuda else "ONNX Runtime CPU"
+    where = "torch CUDA (fp16)" if args.cuda else f"ONNX Runtime CPU ({args.precision.upper()})"
     lines = [f"# Latency tables on {where}, under load", "", "Produced by `bench/latency.py` (see its docstring "
              "for the method).", "", *benchlib.header_lines(info), ""]
     lines += ["## Summary", ""]
@@ -237,6 +241,11 @@ def main(argv: list[str] | None = None) -> int:
         from spruce.targets.onnxruntime import timing_cpus
 
         pinned = None if args.no_pin else timing_cpus(args.threads)
+        from spruce.targets.quantize import cpu_isa_flags
+
+        info["precision"] = args.precision + (" (static QDQ U8S8, per-channel weights, each layer and model "
+                                              "calibrated on its example input)" if args.precision == "int8" else "")
+        info["cpu ISA flags"] = ", ".join(cpu_isa_flags())
         info["ONNX Runtime threads"] = (f"intra-op {args.threads}, inter-op 1 (torch threads {args.threads}), "
                                         f"spinning {'on' if args.spinning else 'off'}, timed threads "
                                         + (f"pinned to CPUs {pinned} (the timing thread on the first)" if pinned

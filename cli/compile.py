@@ -18,11 +18,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..compiler.specs import (
+    DEFAULT_TARGET,
     FACTORY_CONTRACT,
     RecipeError,
     check_data_source,
     check_function_spec,
     check_model_source,
+    check_precision_spec,
     check_readable_file,
     parse_budget,
 )
@@ -87,6 +89,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "the compile (exit 1), the artifacts kept")
     with_default("recover_lr", "--recover-lr", "recovery learning rate", type=float)
     with_default("target", "--target", "onnxruntime, torch, tensorrt")
+    parser.add_argument("--precision", default=None, choices=("fp32", "int8"),
+                        help="precision of the artifact: int8 (onnxruntime) quantizes after channel removal, with "
+                        "latency table and budget timed in INT8 against dense fp32 (default: the target's)")
+    parser.add_argument("--fake-quant", action="store_true", default=None,
+                        help="with --precision int8: recover with the student fake-quantized as ONNX Runtime will "
+                        "quantize it")
     parser.add_argument("--option", type=parse_target_option, action="append", default=None, metavar="KEY=VALUE",
                         dest="target_options", help="target option, e.g. threads=2 (repeatable)")
     with_default("method", "--method", "sparse-training method")
@@ -139,6 +147,8 @@ def check(args: argparse.Namespace) -> None:
         check_data_source(args.data)
     if args.budget is not None:
         parse_budget(args.budget)
+    if args.precision is not None and (args.target is not None or args.recipe is None):
+        check_precision_spec(args.target or DEFAULT_TARGET, args.precision)  # a recipe's target: when it loads
     for role, spec in (("loss", args.loss), ("evaluate", args.evaluate), ("prepare", args.prepare)):
         if spec is not None:
             check_function_spec(spec, role, RecipeError)
@@ -166,6 +176,7 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
         return base.with_overrides(
             model=args.model, input_shape=shape, data=args.data, target=args.target,
             target_options=dict(args.target_options) if args.target_options else None, method=method,
+            precision=args.precision, fake_quant=args.fake_quant,
             structure=args.structure, sparsity=args.sparsity,
             budget=parse_budget(args.budget) if args.budget is not None else None,
             distribution=args.distribution, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
@@ -189,7 +200,7 @@ def run(args: argparse.Namespace) -> int:
 
     recipe = recipe_from_args(args)
     out_dir = checked_out_dir(args.out, args.force, name="--out", force_hint="--force")
-    usable_target(recipe.target, recipe.target_options)  # before any training
+    usable_target(recipe.target, recipe.target_settings())  # before any training
     missed = None
     try:
         report = compile(recipe=recipe, out=out_dir, force=args.force, quiet=args.quiet)
@@ -201,6 +212,8 @@ def run(args: argparse.Namespace) -> int:
         print(report.format_table())
         files = ["report.md", "report.json", report.document["compiled"]["artifact"],
                  report.document["dense"]["artifact"]]
+        if report.document.get("precision"):
+            files.append(report.document["precision"]["rows"][1]["artifact"])
         if report.document["compiled"].get("module_file") == "model.pt":
             files.append("model.pt")
         lm = report.document.get("language_model") or {}

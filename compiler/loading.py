@@ -21,6 +21,7 @@ from .floors import check_floor_names
 from .kinds import OutputDeclaration
 from .lm import causal_lm_reason, recovery_tokens
 from .outputs import OutputPlan, batch_dims, flatten_outputs, plan_outputs
+from .precision import calibration_inputs
 from .recipes import Recipe
 from .results import Given, Setup, UserFunction, Workspace
 from .specs import model_spec_kind
@@ -38,8 +39,10 @@ LM_SELECTION_COST = "params"
 def load_setup(recipe: Recipe, workspace: Workspace, given: Given) -> Setup:
     """Target, model and example, data, the user's functions and the output plan; every
     check that can fail on the user's input runs here, before any training or profiling."""
-    target = get_target(recipe.target, **recipe.target_options)
+    target = get_target(recipe.target, **recipe.target_settings())
     target.require()  # a target that cannot run here is a user error now, not after training
+    int8 = recipe.shipped_precision == "int8"
+    reference_target = get_target(recipe.target, **recipe.target_settings("fp32")) if int8 else target
     prepare = UserFunction.of(given.prepare if given.prepare is not None else recipe.prepare, "prepare")
     model, example, data, name, is_default = _model_example_data(recipe, given, prepare)
     loss = UserFunction.of(given.loss_fn if given.loss_fn is not None else recipe.loss, "loss_fn")
@@ -71,9 +74,10 @@ def load_setup(recipe: Recipe, workspace: Workspace, given: Given) -> Setup:
         _check_loss(loss, model, data)
     metric_names = list(_check_evaluate(evaluate_fn, model, data)) if evaluate_fn is not None else None
     check_floor_names(recipe.floor, plan, metric_names)
+    calibration = tuple(calibration_inputs(data.train, name=f"{recipe.data}'s recovery set")) if int8 else ()
     workspace.say(f"spruce compile: {name} on {data.name}, target {recipe.target}, structure {recipe.structure}, "
                   + (f"budget {recipe.budget}" if recipe.budget else f"sparsity {recipe.sparsity}")
-                  + f", recover {mode}")
+                  + f", recover {mode}" + (", precision int8" if int8 else ""))
     for warning in plan.warnings():
         workspace.say(f"warning: {warning}")
     folder = recipe.model if recipe.model is not None and model_spec_kind(recipe.model) == "folder" else None
@@ -81,7 +85,7 @@ def load_setup(recipe: Recipe, workspace: Workspace, given: Given) -> Setup:
     uniform = recipe.uniform if recipe.uniform is not None else is_transformers_model(model)
     return Setup(recipe, target, data, model, example, copy.deepcopy(model.state_dict()), plan, mode, loss,
                  evaluate_fn, name, is_default, model_folder=folder, uniform=uniform, recover_tokens=tokens,
-                 recover_tokens_from=tokens_from)
+                 recover_tokens_from=tokens_from, reference_target=reference_target, calibration=calibration)
 
 
 def _lm_example(recipe: Recipe, data: Loaders, example: torch.Tensor, name: str) -> torch.Tensor:

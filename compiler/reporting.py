@@ -21,12 +21,14 @@ from .channel_methods import FinalCheck, method_activity
 from .floors import check_floors, floor_line, mark_manifest, report_lines
 from .lm_report import lm_lines
 from .plots import write_plots
+from .precision import precision_lines, precision_record
 from .results import (
     Benched,
     Built,
     Exported,
     LMEvaluated,
     Profiled,
+    Quantized,
     Recovered,
     Reference,
     Setup,
@@ -34,6 +36,8 @@ from .results import (
     Timings,
     Workspace,
 )
+
+NOT_QUANTIZED = Quantized()  # fp32 ships: no INT8 artifacts to report
 
 __all__ = ["CompileReport", "report_document", "write_report"]
 
@@ -71,12 +75,12 @@ class CompileReport:
 
 def write_report(setup: Setup, reference: Reference, profiled: Profiled, sparsified: Sparsified,
                  recovered: Recovered, exported: Exported, built: Built, benched: Benched, evaluated: LMEvaluated,
-                 timings: Timings, workspace: Workspace) -> CompileReport:
+                 timings: Timings, workspace: Workspace, quantized: Quantized = NOT_QUANTIZED) -> CompileReport:
     """The last stage: the report document assembled from the stage results
     (:func:`report_document`), written as report.json, report.md and its plots into the
     workspace's folder (each file atomically)."""
     document = report_document(setup, reference, profiled, sparsified, recovered, exported, built, benched, evaluated,
-                               timings)
+                               timings, quantized)
     if "floor" in document:
         mark_manifest(built.compiled.manifest_path, document["floor"])
     document["plots"] = write_plots(document, profiled.table, workspace.out_dir)
@@ -87,12 +91,13 @@ def write_report(setup: Setup, reference: Reference, profiled: Profiled, sparsif
 
 def report_document(setup: Setup, reference: Reference, profiled: Profiled, sparsified: Sparsified,
                     recovered: Recovered, exported: Exported, built: Built, benched: Benched, evaluated: LMEvaluated,
-                    timings: Timings) -> dict[str, Any]:
+                    timings: Timings, quantized: Quantized = NOT_QUANTIZED) -> dict[str, Any]:
     """The report document (what ``report.json`` holds, JSON-ready) from the stage results:
     recipe and data, dense and compiled models (accuracy, per-epoch curves, params, MACs,
     artifacts), per-layer widths and sparsities, the latency table's predictions, the bench
     per batch size (ms, FPS), the stage timings (seconds), and the evaluation, budget and
-    recovery records."""
+    recovery records; with INT8 shipping (``quantized``), the ``precision`` record
+    (:func:`~spruce.compiler.precision.precision_record`) and the floor judged on the INT8 artifact."""
     recipe, example, bench, table = setup.recipe, setup.example, benched.report, profiled.table
     dense, compiled, sparse = reference.model, exported.model, sparsified.sparse
     dense_accuracy = reference.accuracy  # without held-out labels: the last epoch of spruce's own training, if any
@@ -133,7 +138,9 @@ def report_document(setup: Setup, reference: Reference, profiled: Profiled, spar
                                                                      exported, benched, recovered.final,
                                                                      evaluated)) else {}),
         "recovery": _jsonable(_recovery_record(setup, sparsified, recovered)),
-        **({"floor": _jsonable(floor)} if (floor := _floor_record(setup, exported)) is not None else {}),
+        **({"precision": _jsonable(record)} if (record := precision_record(setup, reference, exported, built,
+                                                                            benched, quantized)) else {}),
+        **({"floor": _jsonable(floor)} if (floor := _floor_record(setup, exported, quantized)) is not None else {}),
         **({"language_model": _jsonable(_lm_record(setup, built))} if setup.is_lm else {}),
         **({"lm_evaluation": _jsonable(evaluated.record)} if evaluated.record is not None else {}),
     }
@@ -145,13 +152,15 @@ def _lm_record(setup: Setup, built: Built) -> dict[str, Any]:
             "recover_tokens_from": setup.recover_tokens_from}
 
 
-def _floor_record(setup: Setup, exported: Exported) -> dict[str, Any] | None:
-    """The fidelity floor judged on the compiled model (:mod:`spruce.compiler.floors`); None
-    without an output plan. :func:`write_report` records it in the compiled artifact's manifest."""
+def _floor_record(setup: Setup, exported: Exported, quantized: Quantized = NOT_QUANTIZED) -> dict[str, Any] | None:
+    """The fidelity floor judged on the compiled model (:mod:`spruce.compiler.floors`), on the
+    INT8 artifact as ONNX Runtime runs it when INT8 ships; None without an output plan.
+    :func:`write_report` records it in the compiled artifact's manifest."""
     if setup.plan is None:
         return None
-    per_output = exported.fidelity.per_output if exported.fidelity else {}
-    return check_floors(setup.recipe.floor, setup.plan, per_output, exported.metrics).record()
+    judged = quantized.compiled_int8 if quantized.compiled_int8 is not None else exported
+    per_output = judged.fidelity.per_output if judged.fidelity else {}
+    return check_floors(setup.recipe.floor, setup.plan, per_output, judged.metrics).record()
 
 
 def _median_speedup(row: Mapping[str, Any]) -> float | None:
@@ -202,6 +211,7 @@ def _summary_lines(doc: dict[str, Any]) -> list[str]:
                      f"measured {budget.get('compiled_measured_ms', float('nan')):.3f} / "
                      f"{budget.get('dense_measured_ms', float('nan')):.3f} ms (compiled / dense)")
         lines += ["", text]
+    lines += precision_lines(doc.get("precision"))
     lines += report_lines(doc.get("evaluation"), doc.get("floor"),
                           distilled=(doc.get("recovery") or {}).get("mode", "distill") == "distill")
     recovery = doc.get("recovery")

@@ -36,8 +36,8 @@ from .recovery import RecoveryLog
 from .training import TrainLog
 
 __all__ = [
-    "Benched", "Built", "Captured", "Exported", "Given", "LMEvaluated", "Profiled", "Recovered", "Reference", "Setup",
-    "Sparsified", "Timings", "UserFunction", "Workspace",
+    "ArtifactEvaluation", "Benched", "Built", "Captured", "Exported", "Given", "LMEvaluated", "Profiled", "Quantized",
+    "Recovered", "Reference", "Setup", "Sparsified", "Timings", "UserFunction", "Workspace",
 ]
 
 
@@ -113,7 +113,8 @@ class Given:
 class Setup:
     """The recipe made concrete: target, data, the trained model (the embedded default's at
     its initial weights until ``dense_reference`` trains it), the example, and what
-    ``load_setup`` settled: the output plan, the recovery mode and loss, the user's functions."""
+    ``load_setup`` settled: the output plan, the recovery mode and loss, the user's functions;
+    with INT8 shipping, the fp32 target of the dense reference and the calibration samples."""
 
     recipe: Recipe
     target: Target
@@ -131,6 +132,18 @@ class Setup:
     uniform: bool = False  # channel groups of one role keep one count in every layer
     recover_tokens: int | None = None  # a causal LM's recovery token budget (None: epochs)
     recover_tokens_from: str = ""
+    reference_target: Target | None = None  # the dense fp32 model's target (``target`` itself unless INT8 ships)
+    calibration: tuple[tuple[torch.Tensor], ...] = ()  # INT8: the calibration samples of every build
+
+    @property
+    def dense_target(self) -> Target:
+        """The target the dense reference is built and timed on: fp32 (the budget's denominator)."""
+        return self.reference_target if self.reference_target is not None else self.target
+
+    @property
+    def int8(self) -> bool:
+        """Whether the compiled artifact ships INT8."""
+        return getattr(self.target, "precision", "fp32") == "int8"
 
     @property
     def total_steps(self) -> int:
@@ -203,6 +216,7 @@ class Recovered:
     recovery: RecoveryLog | None = None
     before: Fidelity | None = None  # the selected model's fidelity to dense before recovery (same held-out inputs)
     final: FinalCheck | None = None  # a method-driven channel selection judged against the budget after recovery
+    fake_quant: str | None = None  # INT8: "ran on N layers", or why it did not run; None when not asked
 
 
 @dataclass(frozen=True)
@@ -222,11 +236,43 @@ class Exported:
 
 @dataclass(frozen=True)
 class Built:
-    """The dense and compiled artifacts."""
+    """The dense and compiled artifacts (with INT8 shipping: dense fp32, compiled INT8, and
+    the dense model INT8 without pruning)."""
 
     dense: Artifact
     compiled: Artifact
     language_model: dict[str, Any] | None = None  # a causal LM's extra artifacts (compiler.lm_artifacts)
+    dense_int8: Artifact | None = None
+
+
+@dataclass(frozen=True)
+class ArtifactEvaluation:
+    """A built artifact judged as it runs on the target (not the torch model it came from):
+    its fidelity to the dense torch model on the held-out inputs, held-out accuracy (None
+    without labels), the user's metrics, and its manifest's ``info`` (precision, quantization)."""
+
+    artifact: str
+    fidelity: Fidelity | None
+    accuracy: float | None
+    metrics: dict[str, float]
+    info: dict[str, Any]
+
+    def record(self) -> dict[str, Any]:
+        return {"artifact": self.artifact, "fidelity": self.fidelity.record() if self.fidelity else None,
+                "accuracy": self.accuracy, "metrics": self.metrics, "precision": self.info.get("precision"),
+                "quantization": self.info.get("quantization"), "integer_mac_share": self.info.get("integer_mac_share"),
+                "max_relative_error_vs_torch": self.info.get("max_relative_error")}
+
+
+@dataclass(frozen=True)
+class Quantized:
+    """INT8 shipping: the dense model INT8 without pruning and the compiled INT8 artifact, each
+    evaluated as it runs (both None when fp32 ships); ``fake_quant``: whether recovery trained
+    with fake quantization (Recovered.fake_quant)."""
+
+    dense_int8: ArtifactEvaluation | None = None
+    compiled_int8: ArtifactEvaluation | None = None
+    fake_quant: str | None = None
 
 
 @dataclass(frozen=True)

@@ -87,7 +87,8 @@ def channels_by_magnitude(setup: Setup, captured: Captured, profiled: Profiled, 
                                                                                  analysis)
         selection = meet_latency_budget(analysis, student, profiled.table, setup.target, recipe.budget["latency"],
                                         importance, (example,), batch_size=recipe.budget_batch_size,
-                                        round_to=recipe.round_to, required=required, cost_model=steer, ties=ties)
+                                        round_to=recipe.round_to, required=required, cost_model=steer, ties=ties,
+                                        reference_target=setup.dense_target)
         kept, compact = selection.kept, selection.compact
     elif recipe.budget and "decode" in recipe.budget:
         if not setup.is_lm:

@@ -18,12 +18,11 @@ from typing import Literal
 
 from ..passes.config import ConfigError, short_repr
 
-__all__ = ["BUDGET_KINDS", "DATASET_NAMES", "DEFAULT_INPUT_SHAPE", "FACTORY_CONTRACT", "FACTORY_RESULT",
-           "MAX_INPUT_ELEMENTS", "MODEL_SCHEMES", "TEXT_SCHEME", "DataError", "ModelSpecError", "RecipeError", "Shape",
-           "check_budget", "parse_dynamic_dims",
-           "check_data_source", "check_data_spec", "check_function_spec", "check_input_sizes",
-           "check_model_source", "check_model_spec", "check_readable_file", "cost_budget", "model_spec_kind",
-           "parse_budget"]
+__all__ = ["BUDGET_KINDS", "DATASET_NAMES", "DEFAULT_INPUT_SHAPE", "DEFAULT_TARGET", "FACTORY_CONTRACT",
+           "FACTORY_RESULT", "MAX_INPUT_ELEMENTS", "MODEL_SCHEMES", "PRECISIONS", "TARGET_PRECISIONS", "TEXT_SCHEME",
+           "DataError", "ModelSpecError", "RecipeError", "Shape", "check_budget", "check_data_source",
+           "check_data_spec", "check_function_spec", "check_input_sizes", "check_model_source", "check_model_spec",
+           "check_precision_spec", "check_readable_file", "cost_budget", "model_spec_kind", "parse_budget", "parse_dynamic_dims"]
 
 Shape = tuple[int, ...]
 
@@ -54,6 +53,16 @@ TEXT_SCHEME = "text"
 # ``decode``: the per-token decode latency of a causal language model at batch 1 with a key/value
 # cache, measured (:func:`spruce.api.budget.decode_timer`) as ``latency`` is measured on the target.
 BUDGET_KINDS = ("latency", "decode", "flops", "params")
+
+DEFAULT_TARGET = "onnxruntime"  # the recipe's default target
+
+# What ``--precision`` (the recipe's ``precision``) takes: the precision of the artifact that ships.
+PRECISIONS = ("fp32", "int8")
+
+# The precisions each built-in target builds (each class's ``precisions``; a test keeps the two
+# equal), here so that the console refuses a precision a target cannot run before torch is
+# imported. A target from another package is checked by its class once it loads.
+TARGET_PRECISIONS = {"onnxruntime": ("fp32", "int8"), "torch": ("fp32", "fp16", "bf16"), "tensorrt": ("fp32", "fp16")}
 
 
 class ModelSpecError(ValueError):
@@ -252,6 +261,23 @@ def check_data_source(spec: str) -> None:
             raise DataError(f"data {short_repr(spec)}: folder {folder} is not readable (permission denied)")
         return
     check_function_spec(spec, "data", DataError)
+
+
+# --- precisions ------------------------------------------------------------------------------
+
+
+def check_precision_spec(target: str, precision: str) -> None:
+    """Raise :class:`RecipeError` unless ``precision`` is one of :data:`PRECISIONS` and the
+    built-in ``target`` builds it (:data:`TARGET_PRECISIONS`), e.g. ``--precision int8: target
+    torch does not build int8 artifacts (it takes fp32, fp16, bf16; int8: onnxruntime)``. A
+    target that is not built in passes (its class checks it when it loads)."""
+    if precision not in PRECISIONS:
+        raise RecipeError(f"--precision must be one of {', '.join(PRECISIONS)}, got {short_repr(precision)}")
+    supported = TARGET_PRECISIONS.get(target)
+    if supported is not None and precision not in supported:
+        others = [name for name, kinds in TARGET_PRECISIONS.items() if precision in kinds]
+        raise RecipeError(f"--precision {precision}: target {target} does not build {precision} artifacts (it takes "
+                          f"{', '.join(supported)}; {precision}: {', '.join(others)})")
 
 
 # --- budgets ---------------------------------------------------------------------------------

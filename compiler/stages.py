@@ -3,7 +3,8 @@ result (:mod:`spruce.compiler.results`), called by name, in order, by
 :func:`spruce.compiler.pipeline.compile`:
 
     load_setup -> dense_reference -> capture_student -> profile_student -> sparsify_student
-    -> recover_student -> export_compiled -> build_artifacts -> bench_artifacts -> write_report
+    -> recover_student -> export_compiled -> build_artifacts -> evaluate_quantized -> bench_artifacts
+    -> write_report
 
 ``load_setup`` is in :mod:`~spruce.compiler.loading`, ``sparsify_student`` in
 :mod:`~spruce.compiler.selection`, ``write_report`` in :mod:`~spruce.compiler.reporting`;
@@ -34,12 +35,15 @@ trained on the bundled digits with a fixed seed, and that trained model is then 
   above it) once it has no update left;
 - ``export_compiled``: the compiled model; its fidelity to the dense one on held-out inputs,
   accuracy where labels exist, the user's metrics;
-- ``build_artifacts``: dense and compiled artifacts for the target; ``bench_artifacts``: both timed;
+- ``build_artifacts``: dense and compiled artifacts for the target (with ``precision: int8``:
+  dense fp32, compiled INT8 and dense INT8); ``evaluate_quantized``: the INT8 artifacts judged as
+  ONNX Runtime runs them; ``bench_artifacts``: all timed, interleaved;
 - ``write_report``: the report document assembled from all results, written with its plots.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import sys
@@ -54,22 +58,27 @@ from ..passes.analysis import analyze
 from ..passes.sparsity.model import StaleOptimizerWarning
 from ..runtime.bench import bench
 from ..runtime.profile import profile
+from ..targets.base import Artifact
 from ..targets.files import OutputError, atomic_path
 from .channel_methods import FinalCheck, check_final, drives_channels, updates_left
 from .datasets import inputs_of
 from .default_cache import trained_default
+from .fake_quant import fake_quantized
 from .fidelity import fidelity
 from .lm import lm_loss
 from .lm_artifacts import lm_artifacts, sequence_dims
 from .loading import held_out_accuracy, user_metrics
 from .outputs import flatten_outputs
+from .precision import ArtifactModel
 from .recovery import cross_entropy_loss, recover
 from .results import (
+    ArtifactEvaluation,
     Benched,
     Built,
     Captured,
     Exported,
     Profiled,
+    Quantized,
     Recovered,
     Reference,
     Setup,
@@ -78,8 +87,8 @@ from .results import (
 )
 from .training import TrainLog
 
-__all__ = ["bench_artifacts", "build_artifacts", "capture_student", "dense_reference", "export_compiled",
-           "profile_student", "recover_student"]
+__all__ = ["bench_artifacts", "build_artifacts", "capture_student", "dense_reference", "evaluate_quantized",
+           "export_compiled", "profile_student", "recover_student"]
 
 
 def dense_reference(setup: Setup, workspace: Workspace) -> Reference:
@@ -141,18 +150,39 @@ def recover_student(setup: Setup, reference: Reference, captured: Captured, prof
             workspace.say(f"checking the method's final channels against the budget on the target (step {step}) ...")
             checks.append(check_final(sparsified.sparse, sparsified.drive, reference.model, setup.target,
                                       setup.example, batch_size=recipe.budget_batch_size, round_to=recipe.round_to,
-                                      latency_table=profiled.table, calibration=setup.data.train, step=step))
+                                      latency_table=profiled.table, calibration=setup.data.train, step=step,
+                                      dense_target=setup.dense_target))
 
-    log = recover(student, reference.model, setup.data.train, setup.mode, setup.plan, epochs=recipe.epochs,
-                        lr=recipe.recover_lr, loss_fn=loss_fn, sparse=sparsified.sparse, quiet=workspace.quiet,
-                        after_step=check if sparsified.drive is not None else None,
-                        max_steps=setup.total_steps if setup.recover_tokens is not None else None)
+    quantizing, fake_quant = _fake_quant(setup, student, sparsified)
+    with quantizing as layers:
+        if layers:
+            fake_quant = f"ran on {layers} layers (weights per channel int8, inputs per tensor uint8)"
+            workspace.say(f"recovery with fake quantization: {fake_quant}")
+        log = recover(student, reference.model, setup.data.train, setup.mode, setup.plan, epochs=recipe.epochs,
+                      lr=recipe.recover_lr, loss_fn=loss_fn, sparse=sparsified.sparse, quiet=workspace.quiet,
+                      after_step=check if sparsified.drive is not None else None,
+                      max_steps=setup.total_steps if setup.recover_tokens is not None else None)
     if sparsified.drive is not None and not checks:  # updates still due when recovery stopped
         check(sparsified.total_steps)
     final = checks[0] if checks else None
     accuracy = held_out_accuracy(setup, sparsified.sparse if sparsified.sparse is not None else student)
     return Recovered(TrainLog(list(log.loss), [accuracy] * len(log.loss) if accuracy is not None else [],
-                              log.seconds), log, before, final)
+                              log.seconds), log, before, final, fake_quant)
+
+
+def _fake_quant(setup: Setup, student: nn.Module,
+                sparsified: Sparsified) -> tuple[contextlib.AbstractContextManager[int], str | None]:
+    """The context fake-quantizing the student during recovery (yielding its layer count, 0
+    when it does not run) and, when it was asked for but cannot run, why."""
+    if not setup.recipe.fake_quant:
+        return contextlib.nullcontext(0), None
+    if not setup.int8:
+        return contextlib.nullcontext(0), "not run: the artifact is not INT8"
+    if setup.mode == "none":
+        return contextlib.nullcontext(0), "not run: recovery none does not train"
+    if sparsified.sparse is not None:
+        return contextlib.nullcontext(0), "not run: a method re-selects channels during recovery"
+    return fake_quantized(student, [sample[0] for sample in setup.calibration]), None
 
 
 def export_compiled(setup: Setup, reference: Reference, sparsified: Sparsified, workspace: Workspace) -> Exported:
@@ -180,21 +210,51 @@ def export_compiled(setup: Setup, reference: Reference, sparsified: Sparsified, 
 
 def build_artifacts(setup: Setup, reference: Reference, captured: Captured, exported: Exported,
                     workspace: Workspace) -> Built:
-    """Dense and compiled artifacts for the target (each checked by the target as it builds);
-    a causal LM's keep their sequence length dynamic (ONNX Runtime), and it gets its ``.pt2``
-    and transformers folder besides (:mod:`spruce.compiler.lm_artifacts`)."""
+    """Dense and compiled artifacts for the target (each checked by the target as it builds).
+    A causal LM's keep their sequence length dynamic (ONNX Runtime), and it gets its ``.pt2``
+    and transformers folder besides (:mod:`spruce.compiler.lm_artifacts`). With INT8 shipping:
+    the dense artifact at fp32 (the reference the budget is a fraction of), the compiled one
+    INT8 (quantized after channel removal), and the dense model INT8 too (``dense.int8``: what
+    quantization alone gives), both calibrated on the same recovery samples."""
     workspace.say("building artifacts ...")
     target, example = setup.target, (setup.example,)
     options = {}
     if setup.is_lm and target.name == "onnxruntime":
         options["dynamic_dims"] = sequence_dims(reference.model, setup.example)
-    dense = target.build(reference.model, example, workspace.out_dir / f"dense{target.suffix}", **options)
-    compiled = target.build(exported.model, example, workspace.out_dir / f"model{target.suffix}", **options)
+    dense = setup.dense_target.build(reference.model, example, workspace.out_dir / f"dense{target.suffix}", **options)
     extras = None
     if setup.is_lm:
         workspace.say("writing the .pt2 and the transformers folder ...")
         extras = lm_artifacts(exported.model, reference.model, captured.graph, workspace.out_dir, setup.model_folder)
-    return Built(dense, compiled, extras)
+    if not setup.int8:
+        compiled = target.build(exported.model, example, workspace.out_dir / f"model{target.suffix}", **options)
+        return Built(dense, compiled, extras)
+    workspace.say(f"quantizing to INT8 (calibrated on {len(setup.calibration)} batches of recovery samples) ...")
+    calibration = list(setup.calibration)
+    compiled = target.build(exported.model, example, workspace.out_dir / f"model{target.suffix}",
+                            calibration_data=calibration, **options)
+    dense_int8 = target.build(reference.model, example, workspace.out_dir / f"dense.int8{target.suffix}",
+                              calibration_data=calibration, **options)
+    return Built(dense, compiled, extras, dense_int8)
+
+def evaluate_quantized(setup: Setup, reference: Reference, built: Built, recovered: Recovered,
+                       workspace: Workspace) -> Quantized:
+    """With INT8 shipping, the dense INT8 and the compiled INT8 artifacts evaluated as ONNX
+    Runtime runs them (fidelity to the dense torch model per output, accuracy, the user's
+    metrics) on the held-out inputs; an empty :class:`Quantized` when fp32 ships."""
+    if built.dense_int8 is None:
+        return Quantized()
+    workspace.say("evaluating the INT8 artifacts on the held-out data ...")
+    held_out = [inputs_of(batch) for batch in setup.data.test]
+    reference.model.eval()
+
+    def judged(artifact: Artifact) -> ArtifactEvaluation:
+        model = ArtifactModel(setup.target.load(artifact))
+        score = fidelity(model, reference.model, held_out, setup.plan) if setup.plan is not None else None
+        return ArtifactEvaluation(artifact.path.name, score, held_out_accuracy(setup, model),
+                                  user_metrics(setup, model), dict(artifact.info))
+
+    return Quantized(judged(built.dense_int8), judged(built.compiled), recovered.fake_quant)
 
 
 def bench_artifacts(setup: Setup, built: Built, workspace: Workspace) -> Benched:
@@ -203,8 +263,9 @@ def bench_artifacts(setup: Setup, built: Built, workspace: Workspace) -> Benched
     recipe = setup.recipe
     latency_budget = bool(recipe.budget and "latency" in recipe.budget)
     sizes = tuple(dict.fromkeys((*recipe.bench_batch_sizes, *((recipe.budget_batch_size,) if latency_budget else ()))))
-    return Benched(bench(built.compiled, setup.target, sizes, recipe.bench_warmup,
-                                   recipe.bench_iters, dense=built.dense))
+    others = {"dense_int8": built.dense_int8} if built.dense_int8 is not None else None
+    return Benched(bench(built.compiled, setup.target, sizes, recipe.bench_warmup, recipe.bench_iters,
+                         dense=built.dense, others=others))
 
 
 

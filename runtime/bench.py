@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Annotated, Any, ClassVar
 
@@ -98,10 +98,13 @@ class BenchReport:
 
 def bench(artifact: Artifact | str | os.PathLike, target: str | Target,
           batch_sizes: Sequence[int] = _DEFAULTS.batch_sizes, warmup: int = _DEFAULTS.warmup,
-          iters: int = _DEFAULTS.iters, dense: Artifact | str | os.PathLike | None = None) -> BenchReport:
+          iters: int = _DEFAULTS.iters, dense: Artifact | str | os.PathLike | None = None,
+          others: Mapping[str, Artifact | str | os.PathLike] | None = None) -> BenchReport:
     """Time ``artifact`` (and ``dense`` when given) on ``target`` at each batch size:
     ``warmup`` untimed calls each, then ``iters`` rounds of one call each, compiled and dense
-    interleaved (see the module doc). Returns a :class:`BenchReport` (latencies in ms).
+    interleaved (see the module doc). ``others`` (name -> artifact, e.g. ``{"dense_int8": ...}``)
+    are timed in the same rounds, their rows named by their keys. Returns a
+    :class:`BenchReport` (latencies in ms).
 
     Raises ``ArtifactError`` when a file is missing, has no valid manifest or was built for
     another target, ``TargetUnavailable`` when the target cannot run here, ``ValueError`` for
@@ -113,6 +116,10 @@ def bench(artifact: Artifact | str | os.PathLike, target: str | Target,
     artifacts = {"compiled": _artifact(artifact, target)}
     if dense is not None:
         artifacts["dense"] = _artifact(dense, target)
+    for which, other in (others or {}).items():
+        if which in ("compiled", "dense"):
+            raise ValueError(f"bench: others may not be named {which!r}")
+        artifacts[which] = _artifact(other, target)
     target.require()
     runners = {which: target.timing_runner(a) for which, a in artifacts.items()}
     rows: list[BenchRow] = []

@@ -16,13 +16,24 @@ either side of the band, else by scaling with B / measured ratio. When no config
 reaches ``1.05 * B`` (the smallest configuration the knapsack can choose is measured too),
 :class:`~spruce.passes.sparsity.knapsack.InfeasibleBudget` is raised naming the smallest
 reachable measured latency, before anything else (recovery, export) runs.
+
+**Precision.** The compact model is timed as ``target`` builds it: on an INT8 target
+(``OnnxRuntimeCPU(precision="int8")``) each selection is quantized and timed as the INT8 model
+that ships. The dense model is timed on ``reference_target`` (default: ``target``), e.g. the
+same runtime at fp32, interleaved with the compact one in the same run
+(:func:`time_against_reference`): the budget is then a fraction of the dense *fp32* latency, the
+model the user would otherwise deploy, and a selection is judged by what INT8 and pruning
+together measure.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -39,8 +50,9 @@ from ..passes.sparsity.knapsack import (
 )
 from ..passes.sparsity.uniform import Ties, tie_problem, untie
 from ..targets.base import Target
+from ..targets.timing import Timings, time_interleaved
 
-__all__ = ["BAND_HIGH", "BAND_LOW", "Attempt", "MeasuredSelection", "meet_latency_budget"]
+__all__ = ["BAND_HIGH", "BAND_LOW", "Attempt", "MeasuredSelection", "meet_latency_budget", "time_against_reference"]
 
 # A measured compact/dense ratio within [BAND_LOW * B, BAND_HIGH * B] meets the budget B.
 BAND_LOW = 0.9
@@ -89,6 +101,8 @@ class MeasuredSelection:
     in_band: bool
     cost_unit: str = "ms"
     attempts: list[Attempt] = field(default_factory=list)
+    precision: str = "fp32"  # the compact model's, as timed
+    dense_precision: str = "fp32"  # the dense model's, as timed
 
     @property
     def ratio(self) -> float:
@@ -108,7 +122,8 @@ class MeasuredSelection:
                 "predicted_dense_ms": self.predicted_dense_ms, "measured_ms": self.measured_ms,
                 "measured_dense_ms": self.measured_dense_ms, "ratio": self.ratio,
                 "predicted_ratio": self.predicted_ratio, "in_band": self.in_band,
-                "cost_unit": self.cost_unit, "counts": {str(g): c for g, c in sorted(self.counts.items())},
+                "cost_unit": self.cost_unit, "precision": self.precision,
+                "dense_precision": self.dense_precision, "counts": {str(g): c for g, c in sorted(self.counts.items())},
                 "attempts": [{"aim": a.aim, "predicted": a.predicted, "measured_ms": a.measured_ms,
                               "measured_dense_ms": a.measured_dense_ms, "ratio": a.ratio} for a in self.attempts]}
 
@@ -132,6 +147,7 @@ def meet_latency_budget(
     cost_model: CostModel | None = None,
     first_aim: float | None = None,
     ties: Ties | None = None,
+    reference_target: Target | None = None,
 ) -> MeasuredSelection:
     """Channels of ``model`` whose compact model measures within the latency ``budget``.
 
@@ -149,7 +165,9 @@ def meet_latency_budget(
     first selection aims at ``first_aim`` (cost units; default ``budget`` x the predicted dense
     cost), e.g. an aim already calibrated by an earlier measurement. ``ties``
     (:func:`~spruce.passes.sparsity.uniform.uniform_classes`): the groups of each class keep
-    one count (uniform counts across layers; not with ``candidates``).
+    one count (uniform counts across layers; not with ``candidates``). ``reference_target``
+    (default ``target``) times the dense model, e.g. fp32 while ``target`` times INT8 (see the
+    module doc); the table, if any, is ``target``'s.
 
     Returns the first selection measured within [0.9, 1.05] x ``budget`` of dense; when the
     rounds run out, the slowest selection measured at most 1.05 x ``budget`` (``in_band``
@@ -192,8 +210,8 @@ def meet_latency_budget(
         key = tuple(sorted(selection.counts.items()))
         if key not in measured:
             compact = remove_channels(analysis, model, selection.kept)
-            dense_timing, compact_timing = target.measure_models([(model, timed_inputs), (compact, timed_inputs)],
-                                                                 warmup=warmup, rounds=timing_rounds)
+            dense_timing, compact_timing = time_against_reference(target, compact, model, timed_inputs,
+                                                                  reference_target, warmup, timing_rounds)
             attempt = Attempt(aim, selection.cost, compact_timing.robust_ms(), dense_timing.robust_ms())
             measured[key] = (selection, attempt, compact)
         selection, attempt, _ = measured[key]
@@ -213,7 +231,8 @@ def meet_latency_budget(
                                  budget=budget, batch_size=batch_size, predicted_ms=predicted_ms,
                                  predicted_dense_ms=predicted_dense_ms, measured_ms=attempt.measured_ms,
                                  measured_dense_ms=attempt.measured_dense_ms, in_band=in_band,
-                                 cost_unit=cost.unit, attempts=list(attempts))
+                                 cost_unit=cost.unit, attempts=list(attempts), precision=_precision(target),
+                                 dense_precision=_precision(reference_target or target))
 
     aim = budget * dense_predicted if first_aim is None else float(np.clip(first_aim, floor_predicted, dense_predicted))
     for _ in range(rounds):
@@ -228,13 +247,50 @@ def meet_latency_budget(
         selection, attempt = try_aim(floor_predicted)
         if attempt.ratio > high:
             raise InfeasibleBudget(
-                f"no channel configuration meets the latency budget {budget:g} of dense on target "
-                f"{target.name!r} at batch {batch_size}: the smallest reachable latency is "
-                f"{attempt.measured_ms:.4g} ms, {attempt.ratio:.3f} of dense {attempt.measured_dense_ms:.4g} ms "
+                f"no channel configuration meets the latency budget {budget:g} of dense"
+                f"{_label(target, reference_target)} on target {target.name!r} at batch {batch_size}: the smallest "
+                f"reachable latency is {attempt.measured_ms:.4g} ms, {attempt.ratio:.3f} of dense "
+                f"{attempt.measured_dense_ms:.4g} ms "
                 f"(measured; predicted {attempt.predicted:.4g} {cost.unit})", attempt.measured_ms)
         fitting = [(selection, attempt)]
     selection, attempt = max(fitting, key=lambda pair: pair[1].ratio)
     return result(selection, attempt, low <= attempt.ratio <= high)
+
+
+def time_against_reference(target: Target, compact: nn.Module, dense: nn.Module, inputs: Sequence[torch.Tensor],
+                           reference_target: Target | None = None, warmup: int = 3,
+                           rounds: int = 15) -> tuple[Timings, Timings]:
+    """``(dense timing, compact timing)``: ``dense`` built by ``reference_target`` (default
+    ``target``) and ``compact`` by ``target``, timed interleaved in one run (``warmup`` calls
+    each, then ``rounds`` rounds of one call each; see :mod:`spruce.targets.timing`). Both
+    targets must time on this host; the timing thread is placed as ``target`` places it. The
+    models are timed in eval mode and keep their modes."""
+    if reference_target is None or reference_target is target:
+        return tuple(target.measure_models([(dense, inputs), (compact, inputs)], warmup=warmup, rounds=rounds))
+    target.require()
+    reference_target.require()
+    modes = dense.training, compact.training
+    try:
+        with tempfile.TemporaryDirectory(prefix="spruce-time-") as folder:
+            dense_run, dense_inputs = reference_target.model_runner(dense.eval(), tuple(inputs), Path(folder) / "dense")
+            compact_run, compact_inputs = target.model_runner(compact.eval(), tuple(inputs), Path(folder) / "compact")
+            calls = [functools.partial(dense_run, dense_inputs), functools.partial(compact_run, compact_inputs)]
+            dense_timing, compact_timing = time_interleaved(calls, warmup, rounds, target.synchronize,
+                                                            target.caller_cpu())
+            return dense_timing, compact_timing
+    finally:
+        dense.train(modes[0])
+        compact.train(modes[1])
+
+
+def _precision(target: Target) -> str:
+    return str(getattr(target, "precision", "fp32"))
+
+
+def _label(target: Target, reference_target: Target | None) -> str:
+    """`` fp32`` where the dense model is timed at another precision than the compact one."""
+    dense = _precision(reference_target or target)
+    return f" {dense} (compact timed {_precision(target)})" if dense != _precision(target) else ""
 
 
 def _reaim(attempts: Sequence[Attempt], aim: float, budget: float, floor: float, dense: float) -> float:

@@ -432,7 +432,9 @@ class OnnxRuntimeCPU(Target):
     activations, or dynamic for recurrent and convolution-free models) after the fp32 export,
     which must still match torch within ``tolerance``. Static quantization calibrates with
     ``calibration`` (``minmax`` or ``percentile``) on the samples given to :meth:`build` as
-    ``calibration_data``. The fingerprint names the precision and the CPU's ISA extensions
+    ``calibration_data``; ``keep_fp32=k`` leaves the ``k`` layers most sensitive to quantization
+    fp32 (the sensitivity rule of :mod:`spruce.targets.quantize`; the manifest names them). The
+    fingerprint names the precision and the CPU's ISA extensions
     (VNNI or AMX decide what INT8 costs).
     """
 
@@ -450,16 +452,18 @@ class OnnxRuntimeCPU(Target):
         pin_threads: bool = True  # timed sessions: one thread per CPU (see the class docstring)
         precision: Precision = "fp32"  # int8: quantized with onnxruntime.quantization after the export
         calibration: Calibration = "minmax"  # static INT8 calibration method
+        keep_fp32: int = Field(0, ge=0)  # INT8: the most quantization-sensitive layers left fp32 (quantize.py)
 
     precisions = ("fp32", "int8")
 
     def __init__(self, threads: int | None = None, optimization: str = "all", dynamic_batch: bool = True,
                  tolerance: float = 1e-3, save_optimized: bool = False, spinning: bool = False,
-                 pin_threads: bool = True, precision: str = "fp32", calibration: str = "minmax"):
+                 pin_threads: bool = True, precision: str = "fp32", calibration: str = "minmax", keep_fp32: int = 0):
         self.Options(threads=threads, optimization=optimization, dynamic_batch=dynamic_batch, tolerance=tolerance,
                      save_optimized=save_optimized, spinning=spinning, pin_threads=pin_threads, precision=precision,
-                     calibration=calibration)
+                     calibration=calibration, keep_fp32=keep_fp32)
         self.precision = precision
+        self.keep_fp32 = int(keep_fp32)
         self.calibration = calibration
         self.spinning = bool(spinning)
         self.threads = threads or torch.get_num_threads()
@@ -545,7 +549,7 @@ class OnnxRuntimeCPU(Target):
             # the quantized file is the artifact (written into temp), or, with save_optimized, the
             # input of the ONNX Runtime session that writes its optimised graph into temp
             record = quantize_onnx(exported, quantized if self.save_optimized else temp, calibration_data,
-                                   self.calibration)
+                                   self.calibration, keep_fp32=self.keep_fp32)
             if self.save_optimized:
                 options = self._options()
                 options.optimized_model_filepath = str(temp)

@@ -59,8 +59,8 @@ def test_compile_default_writes_a_complete_report(compiled):
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no staging leftovers
     # every stage before the report timed under its name
     assert set(report["timings"]) == {f"{stage}_s" for stage in ("load", "reference", "capture", "profile",
-                                                                  "sparsify", "recover", "export", "build", "bench",
-                                                                  "evaluate_lm")}
+                                                                  "sparsify", "recover", "export", "build",
+                                                                  "evaluate_int8", "bench", "evaluate_lm")}
 
 
 def test_compiled_onnx_equals_the_compiled_torch_model(compiled):

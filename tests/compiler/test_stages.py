@@ -42,7 +42,7 @@ from torch import nn
 
 # the stages of DESIGN.md's data flow, in its order (load and the dense reference first)
 DOCUMENTED_ORDER = ["load_setup", "dense_reference", "capture_student", "profile_student", "sparsify_student",
-                    "recover_student", "export_compiled", "build_artifacts", "bench_artifacts",
+                    "recover_student", "export_compiled", "build_artifacts", "evaluate_quantized", "bench_artifacts",
                     "evaluate_language_model", "write_report"]
 CONTEXT = {"resolved": Recipe, "workspace": Workspace, "given": Given,
            "timings": Timings}  # what compile itself makes before the first stage
@@ -129,8 +129,8 @@ def test_each_stage_is_timed_under_its_name():
     timed = [node.items[0].context_expr.args[0].value for node in ast.walk(_compile_body())
              if isinstance(node, ast.With) and isinstance(node.items[0].context_expr, ast.Call)
              and getattr(node.items[0].context_expr.func, "attr", None) == "stage"]
-    assert timed == ["load", "reference", "capture", "profile", "sparsify", "recover", "export", "build", "bench",
-                     "evaluate_lm"]
+    assert timed == ["load", "reference", "capture", "profile", "sparsify", "recover", "export", "build",
+                     "evaluate_int8", "bench", "evaluate_lm"]
 
 
 def _results(tmp_path: Path) -> dict:

@@ -1,0 +1,41 @@
+"""``--precision`` and the recipe's ``precision``: the torch-free table of which built-in target
+builds which precision is the targets' own, and a recipe refuses what its target cannot build."""
+
+from __future__ import annotations
+
+import pytest
+from spruce.compiler.recipes import Recipe, RecipeError
+from spruce.compiler.specs import TARGET_PRECISIONS, check_precision_spec
+from spruce.targets.base import target_class
+
+
+def test_the_console_table_is_the_targets_own():
+    assert {name: tuple(target_class(name).precisions) for name in TARGET_PRECISIONS} == TARGET_PRECISIONS
+
+
+@pytest.mark.parametrize("target, precision, message", [
+    ("torch", "int8", "target torch does not build int8 artifacts"),
+    ("onnxruntime", "int4", "--precision must be one of fp32, int8, got 'int4'"),
+])
+def test_check_precision_spec(target, precision, message):
+    with pytest.raises(RecipeError, match=message):
+        check_precision_spec(target, precision)
+
+
+def test_the_recipe_sets_the_precision_on_the_target_that_takes_it():
+    recipe = Recipe(precision="int8")
+    assert recipe.shipped_precision == "int8" and recipe.target_settings() == {"precision": "int8"}
+    assert recipe.target_settings("fp32") == {"precision": "fp32"}  # the dense reference's target
+    assert Recipe(target_options={"precision": "int8"}).shipped_precision == "int8"
+    assert Recipe(target="torch", precision="fp32").target_settings() == {}  # torch's own option is dtype
+    assert Recipe().shipped_precision == "fp32" and Recipe().target_settings() == {}
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"precision": "int8", "target": "torch"}, "precision: target torch: precision 'int8' is not supported"),
+    ({"precision": "int8", "target_options": {"precision": "fp32"}}, "disagree"),
+    ({"precision": "fp16"}, "precision"),
+])
+def test_a_recipe_refuses_a_precision_its_target_cannot_build(fields, message):
+    with pytest.raises(RecipeError, match=message):
+        Recipe.from_mapping(fields)
