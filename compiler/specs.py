@@ -22,7 +22,8 @@ __all__ = ["BUDGET_KINDS", "DATASET_NAMES", "DEFAULT_INPUT_SHAPE", "DEFAULT_TARG
            "FACTORY_RESULT", "MAX_INPUT_ELEMENTS", "MODEL_SCHEMES", "PRECISIONS", "TARGET_PRECISIONS", "TEXT_SCHEME",
            "DataError", "ModelSpecError", "RecipeError", "Shape", "check_budget", "check_data_source",
            "check_data_spec", "check_function_spec", "check_input_sizes", "check_model_source", "check_model_spec",
-           "check_precision_spec", "check_readable_file", "cost_budget", "model_spec_kind", "parse_budget", "parse_dynamic_dims"]
+           "check_precision_spec", "check_readable_file", "cost_budget", "model_spec_kind", "parse_budget",
+           "parse_dynamic_dims"]
 
 Shape = tuple[int, ...]
 
