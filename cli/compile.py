@@ -188,7 +188,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report.document, indent=2))
     else:
-        print(report.format_table())
+        print(report.format_table(warn_guessed=args.quiet))  # not quiet: said when the model loaded
         files = ["report.md", "report.json", report.document["compiled"]["artifact"],
                  report.document["dense"]["artifact"]]
         if report.document["compiled"].get("module_file") == "model.pt":
