@@ -42,12 +42,11 @@ if TYPE_CHECKING:
 
 
 def _recipe_default(name: str) -> object:
-    """The recipe's default of field ``name`` as --help shows it (the method by name, a budget as KIND=F)."""
-    from ..compiler.recipes import Recipe
+    """The recipe's default of field ``name`` as --help shows it (the method by name, a budget as
+    KIND=F), read without importing torch."""
+    from ..compiler.defaults import RECIPE_DEFAULTS
 
-    value = getattr(Recipe(), name)
-    if name == "method":
-        return value.name
+    value = RECIPE_DEFAULTS[name]
     if name == "budget":
         return ",".join(f"{kind}={fraction}" for kind, fraction in (value or {}).items())
     return value
