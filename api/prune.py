@@ -7,11 +7,9 @@ import math
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import ClassVar
 
 import numpy as np
 import torch
-from pydantic import Field, field_validator
 from torch import nn
 from torch.utils import _pytree as pytree
 
@@ -19,11 +17,11 @@ from ..capture.batch import adapter_for
 from ..capture.preserve import preserved_state
 from ..capture.shapes import failing_node
 from ..capture.transformers import mask_experts, moe_blocks
-from ..passes.analysis import GQA_MODES, ChannelAnalysis, ChannelGroup
-from ..passes.config import Config, check_choice
+from ..passes.analysis import ChannelAnalysis, ChannelGroup
 from ..passes.export import batch_literals, check_runs, mask_channels, remove_channels
 from ..passes.graph import require_data, split_inputs
-from ..passes.importance import GRADIENT_CRITERIA, IMPORTANCE, importance_scores, param_table
+from ..passes.importance import GRADIENT_CRITERIA, importance_scores, param_table
+from .options import PruneConfig
 from .verbs import analyze_model, gc_paused
 
 __all__ = ["PruneConfig", "PruneResult", "keep_top_channels", "prune"]
@@ -76,26 +74,6 @@ class PruneResult:
         finally:
             for m, mode in zip(models, modes):
                 m.train(mode)
-
-
-class PruneConfig(Config):
-    """The options of :func:`prune` and ``spruce prune``: the fraction of each group's channels
-    removed, the channel criterion (:data:`~spruce.passes.importance.IMPORTANCE`), and the
-    multiple kept counts are rounded up to, what grouped-query attention prunes
-    (:data:`~spruce.passes.analysis.GQA_MODES`), and whether the widths LayerNorm / RMSNorm
-    normalise over prune (``normalised_widths``; the masked model then computes those norms
-    over the kept channels, which changes the function: :meth:`PruneResult.errors`)."""
-
-    owner: ClassVar[str] = "prune"
-
-    ratio: float = Field(0.5, ge=0, lt=1)
-    importance: str = "l1"
-    round_to: int | None = Field(None, ge=1)
-    gqa: str = "query_heads"
-    normalised_widths: bool = Field(False, strict=True)
-
-    _importance = field_validator("importance")(lambda value: check_choice("importance", value, IMPORTANCE))
-    _gqa = field_validator("gqa")(lambda value: check_choice("gqa", value, GQA_MODES))
 
 
 _DEFAULTS = PruneConfig()

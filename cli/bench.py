@@ -23,7 +23,7 @@ def parse_batch_sizes(text: str) -> tuple[int, ...]:
 
 
 def _bench_default(name: str) -> object:
-    from ..runtime.bench import BenchConfig
+    from ..runtime.options import BenchConfig
 
     value = getattr(BenchConfig(), name)
     return ",".join(map(str, value)) if isinstance(value, tuple) else value

@@ -44,12 +44,11 @@ if TYPE_CHECKING:
 
 
 def _recipe_default(name: str) -> object:
-    """The recipe's default of field ``name`` as --help shows it (the method by name, a budget as KIND=F)."""
-    from ..compiler.recipes import Recipe
+    """The recipe's default of field ``name`` as --help shows it (the method by name, a budget as
+    KIND=F), read without importing torch."""
+    from ..compiler.defaults import RECIPE_DEFAULTS
 
-    value = getattr(Recipe(), name)
-    if name == "method":
-        return value.name
+    value = RECIPE_DEFAULTS[name]
     if name == "budget":
         return ",".join(f"{kind}={fraction}" for kind, fraction in (value or {}).items())
     return value
@@ -209,7 +208,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report.document, indent=2))
     else:
-        print(report.format_table())
+        print(report.format_table(warn_guessed=args.quiet))  # not quiet: said when the model loaded
         files = ["report.md", "report.json", report.document["compiled"]["artifact"],
                  report.document["dense"]["artifact"]]
         if report.document.get("precision"):

@@ -21,7 +21,7 @@ from .common import (
 
 
 def _profile_default(name: str) -> object:
-    from ..runtime.profile import ProfileConfig
+    from ..runtime.options import ProfileConfig
 
     return getattr(ProfileConfig(), name)
 

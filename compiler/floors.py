@@ -155,10 +155,10 @@ def mark_manifest(manifest: Path, record: Mapping[str, Any]) -> None:
 
 
 def report_lines(evaluation: Mapping[str, Any] | None, floor: Mapping[str, Any] | None,
-                 distilled: bool = True) -> list[str]:
-    """The report's lines on outputs (their kinds, a warning for each guessed one), fidelity
-    and user metrics, and the floor (for the console table and ``report.md``); each output's
-    distillation loss is named only when recovery ``distilled``."""
+                 distilled: bool = True, warn_guessed: bool = True) -> list[str]:
+    """The report's lines on outputs (their kinds, a warning for each guessed one unless not
+    ``warn_guessed``), fidelity and user metrics, and the floor (for the console table and
+    ``report.md``); each output's distillation loss is named only when recovery ``distilled``."""
     lines: list[str] = []
     outputs = {o["output"]: o for o in (evaluation or {}).get("outputs", [])}
     if evaluation and evaluation.get("fidelity"):
@@ -176,7 +176,7 @@ def report_lines(evaluation: Mapping[str, Any] | None, floor: Mapping[str, Any] 
             if evaluation.get(f"{which}_metrics"):
                 lines.append(f"  {which} metrics: " + ", ".join(f"{k} {v:.4f}"
                                                                  for k, v in evaluation[f"{which}_metrics"].items()))
-    guessed = [o for o in outputs.values() if str(o.get("kind_from", "")).startswith("guessed")]
+    guessed = [o for o in outputs.values() if warn_guessed and str(o.get("kind_from", "")).startswith("guessed")]
     for o in guessed:
         lines.append(f"warning: output {o['output']} {o['shape']}: kind {o['kind']} {o['kind_from']}; declare it "
                      f"(outputs: {{{o['output']!r}: {{kind: ...}}}}) if it is something else")

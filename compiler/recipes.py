@@ -110,11 +110,11 @@ from ..passes.sparsity.model import check_combination
 from ..passes.sparsity.registry import COMPILE_DEFAULT, config_class, method_names, resolve_method
 from ..targets.base import check_precision, check_target_options, target_class
 from .augment import Augment
+from .defaults import RECIPE_DEFAULTS
 from .kinds import OutputDeclaration, parse_floor
 from .outputs import DISTILL_LOSSES
 from .specs import (
     BUDGET_KINDS,
-    DEFAULT_TARGET,
     RecipeError,
     check_budget,
     check_data_spec,
@@ -138,7 +138,7 @@ _BUDGET_SCHEMA = {"anyOf": [{"type": "object", "minProperties": 1, "maxPropertie
 
 
 def _default_method() -> MethodConfig:
-    return config_class(COMPILE_DEFAULT)()
+    return config_class(RECIPE_DEFAULTS["method"])()
 
 
 class Recipe(Config):
@@ -149,18 +149,18 @@ class Recipe(Config):
 
     model: Name | None = None
     input_shape: Sizes | None = None
-    data: Name = "digits"
-    target: Name = DEFAULT_TARGET
+    data: Name = RECIPE_DEFAULTS["data"]
+    target: Name = RECIPE_DEFAULTS["target"]
     target_options: dict[str, Any] = Field(default_factory=dict)
     precision: Literal["fp32", "int8"] | None = None
     fake_quant: bool = False
     method: Annotated[MethodConfig, WithJsonSchema({})] = Field(default_factory=_default_method, validate_default=False)
-    structure: Name = "channel"
+    structure: Name = RECIPE_DEFAULTS["structure"]
     sparsity: float | None = Field(None, ge=0, lt=1)
     budget: Annotated[dict[str, float] | None, WithJsonSchema(_BUDGET_SCHEMA)] = Field(
-        default_factory=lambda: {"latency": 0.5})
-    distribution: Literal[DISTRIBUTIONS] = "uniform"  # type: ignore[valid-type]
-    epochs: int = Field(10, ge=1)
+        default_factory=lambda: dict(RECIPE_DEFAULTS["budget"]))
+    distribution: Literal[DISTRIBUTIONS] = RECIPE_DEFAULTS["distribution"]  # type: ignore[valid-type]
+    epochs: int = Field(RECIPE_DEFAULTS["epochs"], ge=1)
     batch_size: int = Field(64, ge=1)
     lr: float = Field(0.05, gt=0)
     optimizer: Literal["sgd", "adamw"] = "sgd"
@@ -176,7 +176,7 @@ class Recipe(Config):
     distill_losses: dict[str, Literal[tuple(DISTILL_LOSSES)]] = Field(default_factory=dict)  # type: ignore[valid-type]
     outputs: dict[str, OutputDeclaration] = Field(default_factory=dict)
     floor: Annotated[tuple[str, ...], Field(strict=False)] | None = None
-    recover_lr: float = Field(1e-3, gt=0)
+    recover_lr: float = Field(RECIPE_DEFAULTS["recover_lr"], gt=0)
     budget_batch_size: int = Field(1, ge=1, le=_MAX_SIZE)
     round_to: int = Field(8, ge=1)
     importance_norm: Literal["none", "group_mean"] = "group_mean"

@@ -52,9 +52,11 @@ class CompileReport:
     document: dict[str, Any]
     out_dir: Path
 
-    def format_table(self) -> str:
+    def format_table(self, warn_guessed: bool = True) -> str:
         """Accuracy, latency and FPS of dense vs compiled, one row per batch size (one
-        speed-up each, the load-robust one; the wall-clock medians' in a footnote)."""
+        speed-up each, the load-robust one; the wall-clock medians' in a footnote), then the
+        summary; ``warn_guessed=False`` leaves out the guessed-kind warnings (for a console
+        that printed them when the model loaded)."""
         doc = self.document
         lines = [f"{'':10s} {'accuracy':>9s} {'params':>10s} {'MACs':>12s}",
                  f"{'dense':10s} {_number(doc['dense']['accuracy']):>9s} {doc['dense']['params']:10d} "
@@ -69,7 +71,7 @@ class CompileReport:
                          f"{row['batch_size'] * 1e3 / dense_ms:10.1f} {row['batch_size'] * 1e3 / compiled_ms:13.1f} "
                          f"{speedup(row):8.2f}x")
         lines += _bench_footnote(doc["bench"]["by_batch"])
-        lines += _summary_lines(doc)
+        lines += _summary_lines(doc, warn_guessed)
         return "\n".join(lines)
 
 
@@ -190,7 +192,7 @@ def _number(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
-def _summary_lines(doc: dict[str, Any]) -> list[str]:
+def _summary_lines(doc: dict[str, Any], warn_guessed: bool = True) -> list[str]:
     """Budget hit, fidelity and recovery, for the console table and report.md."""
     lines: list[str] = []
     budget = doc.get("budget")
@@ -213,7 +215,8 @@ def _summary_lines(doc: dict[str, Any]) -> list[str]:
         lines += ["", text]
     lines += precision_lines(doc.get("precision"))
     lines += report_lines(doc.get("evaluation"), doc.get("floor"),
-                          distilled=(doc.get("recovery") or {}).get("mode", "distill") == "distill")
+                          distilled=(doc.get("recovery") or {}).get("mode", "distill") == "distill",
+                          warn_guessed=warn_guessed)
     recovery = doc.get("recovery")
     if recovery:
         lines += ["", f"recovery: {recovery['mode']} ({recovery['loss']}), {recovery.get('steps', 0)} steps, "

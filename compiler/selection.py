@@ -7,6 +7,8 @@ with its initial masks by magnitude (never random).
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
@@ -19,12 +21,12 @@ from ..passes.sparsity.knapsack import build_cost_model, minimum_kept, normalise
 from ..passes.sparsity.method import MethodConfig, RunLength
 from ..passes.sparsity.model import SparseModel, sparsify_captured
 from ..passes.sparsity.uniform import tie_problem, uniform_classes, untie
-from ..runtime.budget import meet_latency_budget
+from ..runtime.budget import meet_latency_budget, smallest_selectable
 from .activation_importance import activation_importance
 from .channel_methods import drives_channels, sparsify_with_method
 from .results import Captured, Profiled, Setup, Sparsified, Workspace
 
-__all__ = ["CHANNEL_IMPORTANCE", "channels_by_magnitude", "sparsify_student"]
+__all__ = ["CHANNEL_IMPORTANCE", "channels_by_magnitude", "check_budget_reachable", "sparsify_student"]
 
 CHANNEL_IMPORTANCE = "l1"  # one-shot channel choice on a trained model: the weights' magnitude
 
@@ -66,19 +68,7 @@ def channels_by_magnitude(setup: Setup, captured: Captured, profiled: Profiled, 
     recipe = setup.recipe
     student, example = captured.student.eval(), setup.example
     analysis = analyze(captured.graph)
-    params = param_table(student)
-    rng = np.random.default_rng(recipe.seed)
-    if setup.is_lm:
-        workspace.say("scoring heads and MLP channels from calibration activations ...")
-        importance, scored_by = activation_importance(student, analysis.groups, setup.data.train, seed=recipe.seed)
-    else:
-        importance = {g.id: importance_scores(CHANNEL_IMPORTANCE, g, params, rng) for g in analysis.groups
-                      if g.prunable}
-        scored_by = CHANNEL_IMPORTANCE
-    if not importance:
-        raise ValueError(f"{setup.model_name} has no prunable channel group; try structure unstructured or 2:4")
-    importance = normalise_importance(importance, recipe.importance_norm)
-    required = minimum_kept(importance, recipe.min_keep, recipe.round_to) if recipe.min_keep > 0 else None
+    importance, required, scored_by = _channel_importance(setup, student, analysis, workspace)
     ties = uniform_classes(analysis.groups) if setup.uniform else None
     selection = None
     if recipe.budget and "latency" in recipe.budget:
@@ -125,6 +115,46 @@ def channels_by_magnitude(setup: Setup, captured: Captured, profiled: Profiled, 
     floor = f"; every group keeps at least {recipe.min_keep:g} of its channels" if required is not None else ""
     scored = f"{scored_by}{norm}" if setup.is_lm else f"{CHANNEL_IMPORTANCE} (weight magnitude{norm})"
     return Sparsified(method, None, total_steps, compact, kept, selection, f"{scored}{floor}")
+
+
+def check_budget_reachable(setup: Setup, captured: Captured, workspace: Workspace) -> None:
+    """Refuse a latency budget that no channel selection can reach, before a latency table is
+    profiled: the smallest selectable model (every group at its fewest channels, ``min_keep``
+    and ``round_to`` as the selection will apply them) is timed against dense on the target
+    (:func:`~spruce.runtime.budget.smallest_selectable`); raises ``InfeasibleBudget`` naming
+    its measured latency when that misses the budget."""
+    recipe = setup.recipe
+    workspace.say("checking the latency budget is reachable (timing the smallest selectable model) ...")
+    student = captured.student.eval()
+    analysis = analyze(captured.graph)
+    importance, required, _ = _channel_importance(setup, student, analysis)
+    smallest_selectable(analysis, student, setup.target, recipe.budget["latency"], importance, (setup.example,),
+                        batch_size=recipe.budget_batch_size, round_to=recipe.round_to, required=required,
+                        reference_target=setup.dense_target)
+
+
+def _channel_importance(setup: Setup, student: torch.nn.Module, analysis: Any, workspace: Workspace | None = None
+                        ) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray] | None, str]:
+    """Per prunable group, the channels' importance (normalised as the recipe says), the
+    channels every selection keeps (``min_keep``; None when 0), and what scored them: for a
+    causal LM its calibration activations, else the weights' magnitude. Raises ``ValueError``
+    for a model with no prunable group."""
+    recipe = setup.recipe
+    if setup.is_lm:
+        if workspace is not None:
+            workspace.say("scoring heads and MLP channels from calibration activations ...")
+        importance, scored_by = activation_importance(student, analysis.groups, setup.data.train, seed=recipe.seed)
+    else:
+        params = param_table(student)
+        rng = np.random.default_rng(recipe.seed)
+        importance = {g.id: importance_scores(CHANNEL_IMPORTANCE, g, params, rng) for g in analysis.groups
+                      if g.prunable}
+        scored_by = CHANNEL_IMPORTANCE
+    if not importance:
+        raise ValueError(f"{setup.model_name} has no prunable channel group; try structure unstructured or 2:4")
+    importance = normalise_importance(importance, recipe.importance_norm)
+    required = minimum_kept(importance, recipe.min_keep, recipe.round_to) if recipe.min_keep > 0 else None
+    return importance, required, scored_by
 
 
 @torch.no_grad()

@@ -22,7 +22,9 @@ trained on the bundled digits with a fixed seed, and that trained model is then 
 - ``dense_reference``: the dense model (the embedded default trained first) and its evaluation;
 - ``capture_student``: the student (a copy of the trained model) captured as a graph, the only capture;
 - ``profile_student``: the target's latency table when the budget is a latency (else none, and
-  none when ``selection_cost`` is ``flops``: the measured loop then steers by MACs);
+  none when ``selection_cost`` is ``flops``: the measured loop then steers by MACs); before the
+  table is profiled, a budget that even the smallest selectable model misses (timed against
+  dense) is refused (:class:`InfeasibleBudget`);
 - ``sparsify_student``: for ``channel``: channels chosen one-shot from the trained weights'
   magnitude (gradient importance is exactly zero when the student equals its teacher), a latency
   budget met as *measured* on the target (:func:`spruce.runtime.budget.meet_latency_budget`,
@@ -85,6 +87,7 @@ from .results import (
     Sparsified,
     Workspace,
 )
+from .selection import check_budget_reachable
 from .training import TrainLog
 
 __all__ = ["bench_artifacts", "build_artifacts", "capture_student", "dense_reference", "evaluate_quantized",
@@ -119,6 +122,8 @@ def profile_student(setup: Setup, captured: Captured, workspace: Workspace) -> P
     if not (recipe.budget and "latency" in recipe.budget) or (recipe.selection_cost != "latency"
                                                                and not method_needs):
         return Profiled(None)
+    if recipe.structure == "channel":  # a budget no selection reaches is refused before the table's cost
+        check_budget_reachable(setup, captured, workspace)
     workspace.say("profiling per-layer latency on the target ...")
     table = profile(captured.student.eval(), (setup.example,), setup.target, recipe.profile_step,
                            progress=workspace.progress and not workspace.quiet and sys.stderr.isatty(),

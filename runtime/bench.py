@@ -17,28 +17,16 @@ import functools
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Annotated, Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch
-from pydantic import Field
 
-from ..passes.config import Config
 from ..targets.base import Artifact, Target, get_target, read_artifact
 from ..targets.timing import Timings, time_interleaved
+from .options import BenchConfig
 
 __all__ = ["BenchConfig", "BenchReport", "BenchRow", "bench"]
-
-
-class BenchConfig(Config):
-    """How to time: batch sizes, untimed warm-up calls and timed calls per batch size (the
-    defaults of :func:`bench` and ``spruce bench``)."""
-
-    owner: ClassVar[str] = "bench"
-
-    batch_sizes: Annotated[tuple[Annotated[int, Field(ge=1)], ...], Field(min_length=1, strict=False)] = (1, 8)
-    warmup: int = Field(10, ge=0)
-    iters: int = Field(50, ge=1)
 
 
 _DEFAULTS = BenchConfig()

@@ -24,6 +24,9 @@ same runtime at fp32, interleaved with the compact one in the same run
 (:func:`time_against_reference`): the budget is then a fraction of the dense *fp32* latency, the
 model the user would otherwise deploy, and a selection is judged by what INT8 and pruning
 together measure.
+
+:func:`smallest_selectable` times that smallest configuration alone, without a table, so a
+compile refuses such a budget before it profiles one.
 """
 
 from __future__ import annotations
@@ -52,7 +55,8 @@ from ..passes.sparsity.uniform import Ties, tie_problem, untie
 from ..targets.base import Target
 from ..targets.timing import Timings, time_interleaved
 
-__all__ = ["BAND_HIGH", "BAND_LOW", "Attempt", "MeasuredSelection", "meet_latency_budget", "time_against_reference"]
+__all__ = ["BAND_HIGH", "BAND_LOW", "Attempt", "MeasuredSelection", "meet_latency_budget", "smallest_selectable",
+           "time_against_reference"]
 
 # A measured compact/dense ratio within [BAND_LOW * B, BAND_HIGH * B] meets the budget B.
 BAND_LOW = 0.9
@@ -246,12 +250,7 @@ def meet_latency_budget(
     if not fitting:
         selection, attempt = try_aim(floor_predicted)
         if attempt.ratio > high:
-            raise InfeasibleBudget(
-                f"no channel configuration meets the latency budget {budget:g} of dense"
-                f"{_label(target, reference_target)} on target {target.name!r} at batch {batch_size}: the smallest "
-                f"reachable latency is {attempt.measured_ms:.4g} ms, {attempt.ratio:.3f} of dense "
-                f"{attempt.measured_dense_ms:.4g} ms "
-                f"(measured; predicted {attempt.predicted:.4g} {cost.unit})", attempt.measured_ms)
+            raise _infeasible(budget, target, batch_size, attempt, cost.unit, reference_target)
         fitting = [(selection, attempt)]
     selection, attempt = max(fitting, key=lambda pair: pair[1].ratio)
     return result(selection, attempt, low <= attempt.ratio <= high)
@@ -291,6 +290,60 @@ def _label(target: Target, reference_target: Target | None) -> str:
     """`` fp32`` where the dense model is timed at another precision than the compact one."""
     dense = _precision(reference_target or target)
     return f" {dense} (compact timed {_precision(target)})" if dense != _precision(target) else ""
+
+
+def smallest_selectable(
+    analysis: Any,
+    model: nn.Module,
+    target: Target,
+    budget: float,
+    importance: Mapping[int, np.ndarray | torch.Tensor],
+    example_inputs: Sequence[torch.Tensor] | torch.Tensor,
+    *,
+    batch_size: int = 1,
+    round_to: int = 1,
+    required: Mapping[int, np.ndarray] | None = None,
+    warmup: int = 3,
+    timing_rounds: int = 15,
+    reference_target: Target | None = None,
+) -> Attempt:
+    """The smallest configuration a selection can choose (every prunable group of ``analysis``
+    at its fewest channels: the ``required`` ones, else one multiple of ``round_to``), timed
+    interleaved with the dense ``model`` on ``target`` at ``batch_size`` (as
+    :func:`meet_latency_budget` times): its :class:`Attempt` (aim and predicted: the smallest
+    MACs). Needs no latency table, so a budget no selection can reach is refused before one is
+    profiled. ``reference_target`` (default ``target``) times the dense model, as in
+    :func:`meet_latency_budget` (e.g. fp32 while the compact model is timed INT8). Raises
+    :class:`InfeasibleBudget` (as :func:`meet_latency_budget` does) when it measures above 1.05 x
+    ``budget``; ``ValueError`` for a bad budget or batch size."""
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not math.isfinite(budget) \
+            or not 0 < budget <= 1:
+        raise ValueError(f"latency budget must be a fraction of dense in (0, 1], got {budget!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    timed_inputs = tuple(_at_batch(t, batch_size) for t in inputs)
+    cost = build_cost_model("flops", model, analysis)
+    floor = minimum_cost(cost, round_to=round_to, required=required)
+    selection = select_channels(cost, importance, floor, round_to=round_to, required=required)
+    compact = remove_channels(analysis, model, selection.kept)
+    dense_timing, compact_timing = time_against_reference(target, compact, model, timed_inputs, reference_target,
+                                                          warmup, timing_rounds)
+    attempt = Attempt(floor, selection.cost, compact_timing.robust_ms(), dense_timing.robust_ms())
+    if attempt.ratio > BAND_HIGH * budget:
+        raise _infeasible(budget, target, batch_size, attempt, cost.unit, reference_target)
+    return attempt
+
+
+def _infeasible(budget: float, target: Target, batch_size: int, smallest: Attempt, unit: str,
+                reference_target: Target | None = None) -> InfeasibleBudget:
+    """The error for a budget the smallest selectable configuration, measured as ``smallest``, misses."""
+    return InfeasibleBudget(
+        f"no channel configuration meets the latency budget {budget:g} of dense"
+        f"{_label(target, reference_target)} on target "
+        f"{target.name!r} at batch {batch_size}: the smallest reachable latency is "
+        f"{smallest.measured_ms:.4g} ms, {smallest.ratio:.3f} of dense {smallest.measured_dense_ms:.4g} ms "
+        f"(measured; predicted {smallest.predicted:.4g} {unit})", smallest.measured_ms)
 
 
 def _reaim(attempts: Sequence[Attempt], aim: float, budget: float, floor: float, dense: float) -> float:

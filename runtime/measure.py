@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from ..targets.base import Target
 from .cache import LatencyCache, point_key
+from .options import OUTLIER_RETRIES, POINTS_PER_BATCH
 from .table import LayerEntry
 
 __all__ = [
@@ -30,11 +31,9 @@ __all__ = [
     "time_layer",
 ]
 
-# Points of one layer signature timed interleaved at once (bounds the sessions held in memory).
-POINTS_PER_BATCH = 16
-# A measured point slower by this fraction than one with more channels is timed again (load bursts).
+# A measured point slower by this fraction than one with more channels is timed again (load bursts);
+# POINTS_PER_BATCH and OUTLIER_RETRIES are the options' defaults (spruce.runtime.options)
 OUTLIER_TOLERANCE = 0.15
-OUTLIER_RETRIES = 2
 
 
 def resized_layer(layer: nn.Module, active_in: int, active_out: int) -> nn.Module:

@@ -55,40 +55,20 @@ import os
 import platform
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
-from pydantic import Field
 from torch import nn
 
-from ..passes.config import Config, ConfigError
 from ..targets.base import Target, get_target
 from .cache import LatencyCache, default_cache_dir
 from .calibration import calibration_samples, fit_calibration
 from .layers import find_layers, make_entry, varying_dims
-from .measure import OUTLIER_RETRIES, POINTS_PER_BATCH, Reference, measure_points
+from .measure import Reference, measure_points
+from .options import ProfileConfig
 from .table import LatencyTable, ProfileError
 
 __all__ = ["ProfileConfig", "profile"]
-
-
-class ProfileConfig(Config):
-    """Options of :func:`profile` and ``spruce profile`` (the one place they are validated and defaulted)."""
-
-    owner: ClassVar[str] = "profile"
-    error_type: ClassVar[type[ConfigError]] = ProfileError
-
-    step: int = Field(8, ge=1)
-    coarse: int = Field(6, ge=2)
-    edges: bool = True
-    warmup: int = Field(3, ge=0)
-    repeats: int = Field(12, ge=1)
-    calibration_random: int = Field(6, ge=0)
-    retries: int = Field(OUTLIER_RETRIES, ge=0)
-    model_warmup: int = Field(2, ge=0)
-    model_repeats: int = Field(30, ge=1)
-    seed: int = Field(0, ge=0)
-    batch_points: int = Field(POINTS_PER_BATCH, ge=1)
 
 
 _DEFAULTS = ProfileConfig()

@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from ..passes.config import ConfigError
 from ..targets.files import atomic_write_text
+from .options import ProfileError
 
 __all__ = [
     "Calibration",
@@ -43,10 +43,6 @@ READABLE_TABLE_VERSIONS = (1, 2)  # version 1 lacks kernel, fixed_ms and ms_per_
 # The layer kinds profiled: what find_layers times and what a table reads widths of.
 PROFILED_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
                   nn.Linear)
-
-
-class ProfileError(ConfigError):
-    """A model, option or table file that profiling cannot use."""
 
 
 @dataclass(frozen=True)

@@ -202,6 +202,25 @@ class _Context:
             calls.append((str(node.target), module, math.prod(shape) // max(channels, 1)))
         return calls
 
+    def recurrent_calls(self) -> list[tuple[str, nn.Module, int]]:
+        """(module name, module, time steps) of every recurrent layer call (``nn.LSTM``,
+        ``nn.GRU``, ``nn.RNN``) in the eval graph whose input has a known shape: each of its
+        weight matrices (every layer and direction) is applied once per time step."""
+        gm = self.analysis.captured.eval
+        calls = []
+        for node in gm.graph.nodes:
+            if node.op != "call_module":
+                continue
+            module = gm.get_submodule(node.target)
+            source = node.args[0] if node.args else None
+            if not isinstance(module, nn.RNNBase) or not isinstance(source, fx.Node) \
+                    or "tensor_meta" not in source.meta:
+                continue
+            shape = tuple(source.meta["tensor_meta"].shape)
+            steps = shape[1] if module.batch_first and len(shape) == 3 else shape[0]
+            calls.append((str(node.target), module, int(steps)))
+        return calls
+
 
 def _product(coefficient: float) -> Callable:
     def fn(widths: tuple) -> Any:
@@ -223,10 +242,17 @@ def _params_model(ctx: _Context) -> CostModel:
 
 @register_cost_model("flops")
 def _flops_model(ctx: _Context) -> CostModel:
-    """Multiply-accumulates of every Conv/Linear call: output positions x active weights."""
+    """Multiply-accumulates of every Conv/Linear call (output positions x active weights) and
+    of every recurrent layer call (time steps x the active entries of each of its weight
+    matrices: input, hidden and projection, every layer and direction)."""
     terms = []
     for name, module, positions in ctx.layer_calls():
         terms.append(Term(name, ctx.dims_of(f"{name}.weight", module.weight.shape), _product(float(positions))))
+    for name, module, steps in ctx.recurrent_calls():
+        for param, weight in module.named_parameters():
+            if param.startswith("weight_"):
+                terms.append(Term(f"{name}.{param}", ctx.dims_of(f"{name}.{param}", weight.shape),
+                                  _product(float(steps))))
     return CostModel("flops", "MACs", terms, {g.id: g.size for g in ctx.groups})
 
 

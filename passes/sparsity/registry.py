@@ -15,14 +15,11 @@ from typing import Any
 
 from ..config import ConfigError, check_choice, short_list
 from . import methods as _builtin  # noqa: F401  (registers every built-in method)
+from .defaults import COMPILE_DEFAULT, SPARSIFY_DEFAULT
 from .method import METHODS, MethodConfig
 
 __all__ = ["COMPILE_DEFAULT", "METHODS", "SPARSIFY_DEFAULT", "method_config", "method_names", "resolve_method"]
 
-# the method ``sparsify`` sets up when none is named, and the one a compile recipe defaults to
-# (the embedded example: latency-budgeted structured IEE); the compiler names no method itself
-SPARSIFY_DEFAULT = "static"
-COMPILE_DEFAULT = "iee"
 
 
 ENTRY_POINT_GROUP = "spruce.methods"

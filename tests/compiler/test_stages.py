@@ -324,3 +324,20 @@ def test_the_latency_heat_map_shows_a_pruned_layer(tmp_path):
     for row in document["layers"]:
         row["compiled_out"] = row["dense_out"]
     assert plots.pruned_layer(table, document) is None and plots._plot_table(table, document) is None
+
+
+def test_a_guessed_kind_is_warned_once_on_the_console(tmp_path):
+    """The console says a guessed kind when the model loads; its table then leaves the warning
+    out (report.md and a quiet console's table keep it)."""
+    from spruce.compiler import reporting
+    from spruce.compiler.outputs import plan_outputs
+
+    results = _results(tmp_path)
+    plan = plan_outputs(results["reference"].model(results["setup"].example), None, "model")
+    assert plan.warnings()  # the (N, C) scores' kind is guessed
+    document = report_document(**results)
+    document["evaluation"]["outputs"] = plan.record()
+    report = CompileReport(document, tmp_path)
+    warning = f"warning: output {plan.record()[0]['output']}"
+    assert report.format_table().count(warning) == 1 and reporting._markdown(document).count(warning) == 1
+    assert warning not in report.format_table(warn_guessed=False)

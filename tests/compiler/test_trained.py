@@ -282,10 +282,14 @@ def test_overlapping_held_out_data_is_refused(tmp_path, monkeypatch, trained):
     _bad_input(tmp_path, monkeypatch, trained, ([x[:6]], [x[4:]]), "also recovery inputs")
 
 
-def test_an_unreachable_budget_stops_before_recovery(tmp_path, trained, image_dir, monkeypatch):
+def test_an_unreachable_budget_stops_before_profiling(tmp_path, trained, image_dir, monkeypatch):
+    def no_profiling(*args, **kwargs):
+        raise AssertionError("profiling ran")
+
     def no_recovery(*args, **kwargs):
         raise AssertionError("recovery ran")
 
+    monkeypatch.setattr(stages, "profile", no_profiling)
     monkeypatch.setattr(stages, "recover", no_recovery)
     out = tmp_path / "out"
     with pytest.raises(InfeasibleBudget, match="smallest reachable latency"):

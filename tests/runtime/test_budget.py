@@ -9,7 +9,7 @@ from helpers import analyze_model, profile
 from spruce.passes.importance import importance_scores, param_table
 from spruce.passes.sparsity.knapsack import InfeasibleBudget, build_cost_model
 from spruce.runtime import budget as budget_module
-from spruce.runtime.budget import BAND_HIGH, MeasuredSelection, meet_latency_budget
+from spruce.runtime.budget import BAND_HIGH, MeasuredSelection, meet_latency_budget, smallest_selectable
 from spruce.targets.onnxruntime import OnnxRuntimeCPU
 from torch import nn
 
@@ -108,6 +108,18 @@ def test_unreachable_budget_names_the_smallest_measured_latency(setup):
         meet_latency_budget(analysis, model, table, target, 0.01, importance, inputs, round_to=8, rounds=3,
                             timing_rounds=6)
     assert info.value.minimum > 0
+
+
+def test_the_smallest_selectable_model_is_timed_without_a_table(setup):
+    """Every group at its fewest channels (here one multiple of 8), measured against dense: an
+    unreachable budget is refused naming it, a reachable one returns its measurement."""
+    model, inputs, target, _, analysis, importance = setup
+    with pytest.raises(InfeasibleBudget, match=r"smallest reachable latency is [0-9.]+ ms, 0\.\d+ of dense") as info:
+        smallest_selectable(analysis, model, target, 0.01, importance, inputs, round_to=8, timing_rounds=6)
+    smallest = smallest_selectable(analysis, model, target, 1.0, importance, inputs, round_to=8, timing_rounds=6)
+    assert info.value.minimum > 0 and smallest.ratio < 1.0
+    assert smallest.predicted == pytest.approx(build_cost_model("flops", model, analysis).cost(
+        {g: 8 for g in importance}))  # the MACs of every group at 8 channels
 
 
 def test_batch_size_and_bad_options(setup):

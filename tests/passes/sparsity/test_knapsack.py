@@ -261,3 +261,41 @@ def test_a_budget_a_hair_above_the_cheapest_configuration_is_solved(above):
     values = [np.array([1.0, 2.0, 3.0, 4.0]), np.array([1.0, 2.0, 3.0, 4.0])]
     chosen = solve_mckp(values, costs, -0.00788448 + above)
     assert list(chosen) == [0, 0]
+
+
+class _Recurrent(nn.Module):
+    """A conv feature map read as a sequence by a bidirectional 2-layer LSTM (a small CRNN)."""
+
+    def __init__(self, batch_first: bool) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 16, 3, padding=1)
+        self.lstm = nn.LSTM(16, 24, num_layers=2, bidirectional=True, batch_first=batch_first)
+        self.head = nn.Linear(48, 7)
+        self.batch_first = batch_first
+
+    def forward(self, x):
+        seq = self.conv(x).mean(2).permute(0, 2, 1)  # (N, T, 16)
+        if not self.batch_first:
+            seq = seq.transpose(0, 1)
+        out, _ = self.lstm(seq)
+        return self.head(out)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_flops_count_recurrent_layers_per_time_step(batch_first):
+    """MACs of an LSTM: per time step, direction and layer, 4H x (input + H); its hidden size
+    is a channel group whose width the cost follows."""
+    torch.manual_seed(0)
+    model, x = _Recurrent(batch_first).eval(), torch.randn(1, 1, 4, 10)
+    analysis = analyze_model(model, x)
+    cost = build_cost_model("flops", model, analysis)
+    steps, hidden = 10, 24
+
+    def lstm_macs(h, inp=16):
+        return steps * 2 * 4 * h * ((inp + h) + (2 * h + h))  # layer 0 then layer 1 (input 2H), both directions
+
+    others = 16 * 9 * 40 + 7 * 48 * steps  # conv (output positions x weights) and head
+    assert cost.dense() == pytest.approx(others + lstm_macs(hidden))
+    (group,) = [g for g in analysis.groups if g.prunable and g.size == hidden and any(
+        m.name.startswith("lstm.weight_hh_l0") for m in g.members)]
+    assert cost.cost({group.id: 8}) < cost.dense()
