@@ -62,7 +62,7 @@ SLOW = (
     "compiler/test_trained.py::test_the_report_states_fidelity_per_output_and_the_loss_used",
     "compiler/test_trained.py::test_distillation_brings_the_maps_closer_to_dense_than_the_selection_it_started_from",
     "compiler/test_trained.py::test_the_artifact_computes_the_compiled_model",
-    "compiler/test_trained.py::test_an_unreachable_budget_stops_before_recovery",
+    "compiler/test_trained.py::test_an_unreachable_budget_stops_before_profiling",
     "compiler/test_trained.py::test_one_shot_2_4_keeps_the_largest_weights_of_the_trained_model",
     "compiler/test_trained.py::test_the_users_loss_and_metric_on_labeled_loaders",
     "compiler/test_channel_methods.py::test_the_named_method_runs_mask_updates_during_recovery",

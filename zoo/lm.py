@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from ..targets.files import atomic_write_text
+
 __all__ = ["TinyLM", "stdlib_text", "token_batches", "train_tiny_lm"]
 
 STDLIB_FILES = ("textwrap.py", "string.py", "shlex.py", "fnmatch.py", "glob.py", "bisect.py", "heapq.py",
@@ -90,6 +92,6 @@ def train_tiny_lm(folder: Path, *, vocab: int = 384, hidden: int = 64, layers: i
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     trained_tokens = steps * batch_size * seq_len
-    (folder / "training.json").write_text(json.dumps({"tokens_trained": trained_tokens, "seq_len": seq_len,
-                                                      "steps": steps, "seed": seed}) + "\n", encoding="utf-8")
+    atomic_write_text(folder / "training.json", json.dumps({"tokens_trained": trained_tokens, "seq_len": seq_len,
+                                                            "steps": steps, "seed": seed}) + "\n")
     return TinyLM(folder, train, held_out, seq_len, int(tokenizer.pad_token_id))
