@@ -8,13 +8,14 @@ from types import MappingProxyType
 from typing import Any
 
 from ..passes.sparsity.defaults import COMPILE_DEFAULT
+from .specs import DEFAULT_TARGET
 
 __all__ = ["RECIPE_DEFAULTS"]
 
 # field -> default (the method by name; a budget as {kind: fraction of dense})
 RECIPE_DEFAULTS: MappingProxyType[str, Any] = MappingProxyType({
     "data": "digits",
-    "target": "onnxruntime",
+    "target": DEFAULT_TARGET,
     "method": COMPILE_DEFAULT,
     "structure": "channel",
     "budget": MappingProxyType({"latency": 0.5}),

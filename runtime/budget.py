@@ -180,15 +180,10 @@ def meet_latency_budget(
     configuration measures above 1.05 x ``budget``; ``ValueError`` for a bad budget, batch
     size or option, importance that does not cover the prunable groups, or neither a table nor
     a cost model."""
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not math.isfinite(budget) \
-            or not 0 < budget <= 1:
-        raise ValueError(f"latency budget must be a fraction of dense in (0, 1], got {budget!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    _check_budget_and_batch(budget, batch_size)
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise ValueError(f"rounds must be a positive integer, got {rounds!r}")
-    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
-    timed_inputs = tuple(_at_batch(t, batch_size) for t in inputs)
+    timed_inputs = _timed_inputs(example_inputs, batch_size)
     if cost_model is None and table is None:
         raise ValueError("meet_latency_budget needs a latency table or a cost_model")
     cost = cost_model if cost_model is not None else build_cost_model("latency", model, analysis,
@@ -316,13 +311,8 @@ def smallest_selectable(
     :func:`meet_latency_budget` (e.g. fp32 while the compact model is timed INT8). Raises
     :class:`InfeasibleBudget` (as :func:`meet_latency_budget` does) when it measures above 1.05 x
     ``budget``; ``ValueError`` for a bad budget or batch size."""
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not math.isfinite(budget) \
-            or not 0 < budget <= 1:
-        raise ValueError(f"latency budget must be a fraction of dense in (0, 1], got {budget!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
-    timed_inputs = tuple(_at_batch(t, batch_size) for t in inputs)
+    _check_budget_and_batch(budget, batch_size)
+    timed_inputs = _timed_inputs(example_inputs, batch_size)
     cost = build_cost_model("flops", model, analysis)
     floor = minimum_cost(cost, round_to=round_to, required=required)
     selection = select_channels(cost, importance, floor, round_to=round_to, required=required)
@@ -333,6 +323,21 @@ def smallest_selectable(
     if attempt.ratio > BAND_HIGH * budget:
         raise _infeasible(budget, target, batch_size, attempt, cost.unit, reference_target)
     return attempt
+
+
+def _check_budget_and_batch(budget: float, batch_size: int) -> None:
+    """``ValueError`` for a budget outside (0, 1] or a batch size that is not a positive integer."""
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not math.isfinite(budget) \
+            or not 0 < budget <= 1:
+        raise ValueError(f"latency budget must be a fraction of dense in (0, 1], got {budget!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+
+
+def _timed_inputs(example_inputs: Sequence[torch.Tensor] | torch.Tensor, batch_size: int) -> tuple[torch.Tensor, ...]:
+    """The example inputs at ``batch_size``, as the measured loop times them."""
+    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    return tuple(_at_batch(t, batch_size) for t in inputs)
 
 
 def _infeasible(budget: float, target: Target, batch_size: int, smallest: Attempt, unit: str,
