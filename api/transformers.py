@@ -9,6 +9,7 @@ transformers itself is never imported here: the source model's own class builds 
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
@@ -53,7 +54,12 @@ class Family:
     (:func:`spruce.prune_depth`) the kept ones are renumbered, ``layers`` is rewritten, each
     config field of ``per_layer`` (a list with one entry per layer: ``layer_types``) keeps the
     kept layers' entries, and each field of ``first_layers`` (a count of leading layers:
-    Qwen2's ``max_window_layers``) counts the kept ones among them."""
+    Qwen2's ``max_window_layers``) counts the kept ones among them. ``read(config, state, source)``:
+    for a family whose config is not one value per layer (Swin's per-stage lists and derived
+    widths), sets the pruned fields from the compact model's tensors in place of ``widths`` and
+    ``blocks``; returns the map from a tensor name to its written-back name (``None``: in a
+    removed block) and the fields it wrote, and raises ``ValueError`` naming a field that cannot
+    hold what the compact model has."""
 
     widths: Mapping[str, WidthField]
     head_dim: str | None = "head_dim"
@@ -63,6 +69,8 @@ class Family:
     blocks: str | None = "layers.{i}"
     per_layer: tuple[str, ...] = ("layer_types",)
     first_layers: tuple[str, ...] = ("max_window_layers",)
+    read: Callable[[object, Mapping[str, torch.Tensor], nn.Module],
+                   tuple[Callable[[str], str | None], tuple[str, ...]]] | None = None
 
 
 _EMBED = WidthField("embed_tokens.weight", 1)
@@ -89,6 +97,82 @@ def _gemma_embed_scale(model: nn.Module, source: nn.Module) -> None:
         embed.weight = nn.Parameter(embed.weight * (old / new) ** 0.5, requires_grad=embed.weight.requires_grad)
     embed.scalar_embed_scale = new**0.5
     embed.embed_scale = torch.tensor(new**0.5, dtype=embed.embed_scale.dtype)
+
+
+_SWIN_BLOCK = re.compile(r"(?:^|\.)encoder\.layers\.(\d+)\.blocks\.(\d+)\.")
+
+
+def _swin_kept_blocks(config, state: Mapping[str, torch.Tensor], name: str) -> Callable[[str], str | None]:
+    """Renumber the blocks each Swin stage kept (:func:`spruce.prune_depth` removes some), rewriting
+    ``depths``; returns the map from a source tensor name to its written-back name (``None``:
+    removed). A block shifts its window when its position in its stage is odd, so the kept blocks
+    must keep their positions' parity (trailing blocks or pairs removed); a stage keeps one at least."""
+    found = [(int(m[1]), int(m[2])) for m in map(_SWIN_BLOCK.search, state) if m is not None]
+    kept = [sorted({i for stage, i in found if stage == s}) for s in range(len(config.depths))]
+    for s, blocks in enumerate(kept):
+        if not blocks or any(old % 2 != new % 2 for new, old in enumerate(blocks)):
+            raise ValueError(f"to_transformers: depths: stage {s} of {name} keeps blocks {blocks} of "
+                             f"{config.depths[s]}; a block shifts its window when its position in its stage is odd, "
+                             f"so only trailing blocks or pairs can go (and a stage keeps one) to be written back; "
+                             f"deploy the .pt2")
+    new_index = {(s, old): new for s, blocks in enumerate(kept) for new, old in enumerate(blocks)}
+    config.depths = [len(blocks) for blocks in kept]
+
+    def rename(tensor: str) -> str | None:
+        m = _SWIN_BLOCK.search(tensor)
+        if m is None:
+            return tensor
+        new = new_index.get((int(m[1]), int(m[2])))
+        return None if new is None else f"{tensor[:m.start(2)]}{new}{tensor[m.end(2):]}"
+
+    return rename
+
+
+def _swin_stages(config, state: Mapping[str, torch.Tensor], source: nn.Module
+                 ) -> tuple[Callable[[str], str | None], tuple[str, ...]]:
+    """Swin's config from the compact model, stage by stage: stage ``s`` is ``embed_dim * 2**s``
+    wide, its MLP ``int(mlp_ratio * width)``, and its attention has ``num_heads[s]`` heads of
+    ``width // num_heads[s]`` (query/key/value/output project width -> width; the
+    relative-position-bias table holds a column per head). So heads write back only where the
+    stage width shrank with them (``normalised_widths`` at the heads' share), the residual width
+    only as a new ``embed_dim`` that every stage doubles, the MLP width only as one ratio, removed
+    blocks as ``depths`` (see :func:`_swin_kept_blocks`)."""
+    name = type(source).__name__
+    rename = _swin_kept_blocks(config, state, name)
+    state = {rename(n): t for n, t in state.items()}
+    stage_widths, heads, mlp = [], [], []
+    for s, depth in enumerate(config.depths):
+        block = f"encoder.layers.{s}.blocks.{{i}}."
+        for i in range(depth):
+            query = _width(state, source, WidthField(block + "attention.q_proj.weight", 0), i)
+            width = _width(state, source, WidthField(block + "layernorm_before.weight", 0), i)
+            table = _width(state, source, WidthField(
+                block + "attention.relative_position_bias.relative_position_bias_table", 1), i)
+            if query != width:
+                raise ValueError(f"to_transformers: num_heads: {name} derives the head dim as the stage width // "
+                                 f"num_heads and projects width -> width, so {table} heads of {query // table} in "
+                                 f"the {width}-wide stage {s} cannot be written back; prune the residual width "
+                                 f"alike (normalised_widths=True), ignore the attention, or deploy the .pt2")
+            fc1 = _width(state, source, WidthField(block + "mlp.fc1.weight", 0), i)
+            if i == 0:
+                stage_widths.append(width)
+                heads.append(table)
+                mlp.append(fc1)
+            elif (table, fc1) != (heads[s], mlp[s]):
+                field = "num_heads" if table != heads[s] else "mlp_ratio"
+                raise ValueError(f"to_transformers: {field} differs across the blocks of stage {s}; a {name} config "
+                                 f"holds one value per stage: prune every block alike (one ratio) or deploy the .pt2")
+    embed_dim = stage_widths[0]
+    if stage_widths != [embed_dim * 2**s for s in range(len(stage_widths))]:
+        raise ValueError(f"to_transformers: embed_dim: stage widths {stage_widths} are not embed_dim x 2**stage, "
+                         f"which {name} builds; prune every stage's residual width by one share or deploy the .pt2")
+    mlp_ratio = mlp[0] / embed_dim
+    if [int(mlp_ratio * w) for w in stage_widths] != mlp:
+        raise ValueError(f"to_transformers: mlp_ratio: MLP widths {mlp} are not int(mlp_ratio x stage width) for one "
+                         f"mlp_ratio (stage widths {stage_widths}); prune every MLP by one share or deploy the .pt2")
+    config.embed_dim, config.num_heads, config.mlp_ratio = embed_dim, heads, mlp_ratio
+    config.hidden_size = stage_widths[-1]
+    return rename, ("depths", "embed_dim", "num_heads", "mlp_ratio")
 
 
 # config.model_type -> what write-back knows of the family (one entry per family)
@@ -128,6 +212,7 @@ WRITE_BACK: dict[str, Family] = {
         "d_ff": WidthField("encoder.block.{i}.layer.1.DenseReluDense.wi.weight", 0,
                            also=("decoder.block.{i}.layer.2.DenseReluDense.wi.weight",)),
     }, head_dim="d_kv", blocks=None),
+    "swin": Family({}, head_dim=None, blocks=None, read=_swin_stages),
 }
 
 
@@ -198,9 +283,13 @@ def _kept_layers(state: Mapping[str, torch.Tensor], config, family: Family, sour
     return rename
 
 
-def _write_widths(config, family: Family, state, source: nn.Module, head_dim: int) -> None:
+def _then(first: Callable[[str], str | None], second: Callable[[str], str | None]) -> Callable[[str], str | None]:
+    return lambda name: None if first(name) is None else second(first(name))
+
+
+def _write_widths(config, family: Family, state, source: nn.Module, head_dim: int) -> tuple[str, ...]:
     """Set ``config``'s pruned fields from the compact model's parameters, refusing the
-    first field whose layers differ."""
+    first field whose layers differ; returns the fields written."""
     for attr, width in family.widths.items():
         counts = []
         for i in range(getattr(config, family.layers)):
@@ -215,8 +304,10 @@ def _write_widths(config, family: Family, state, source: nn.Module, head_dim: in
             raise ValueError(f"to_transformers: {attr} differs across {where} ({counts}); a transformers config "
                              f"holds one value: prune every layer alike (one ratio) or deploy the .pt2")
         setattr(config, attr, counts[0])
-    if family.hidden is not None:
-        config.hidden_size = _width(state, source, family.hidden, 0)
+    if family.hidden is None:
+        return tuple(family.widths)
+    config.hidden_size = _width(state, source, family.hidden, 0)
+    return (*family.widths, "hidden_size")
 
 
 def _check_heads(config, family: Family, source: nn.Module, head_dim: int) -> None:
@@ -256,12 +347,17 @@ def to_transformers(compact: nn.Module, source: nn.Module) -> nn.Module:
     if family is None:
         raise ValueError(f"to_transformers: no write-back for model type {config.model_type!r} "
                          f"({type(source).__name__}); supported: {', '.join(sorted(WRITE_BACK))}")
-    head_dim = _head_dim(config, family)
     new_config = copy.deepcopy(config)
     rename = _kept_layers(_compact_state(compact), new_config, family, source)
     state = {rename(n): t for n, t in _compact_state(compact).items()}
-    _write_widths(new_config, family, state, source, head_dim)
-    _check_heads(new_config, family, source, head_dim)
+    if family.read is not None:
+        own_rename, written = family.read(new_config, state, source)
+        state = {own_rename(n): t for n, t in state.items() if n is not None}
+        rename = _then(rename, own_rename)
+    else:
+        head_dim = _head_dim(config, family)
+        written = _write_widths(new_config, family, state, source, head_dim)
+        _check_heads(new_config, family, source, head_dim)
     with torch.device("meta"):
         model = type(source)(new_config)
     expected = model.state_dict()
@@ -269,7 +365,7 @@ def to_transformers(compact: nn.Module, source: nn.Module) -> nn.Module:
         if name in state and tuple(state[name].shape) != tuple(tensor.shape):
             raise ValueError(f"to_transformers: parameter {name!r} is {tuple(state[name].shape)} in the compact "
                              f"model but {tuple(tensor.shape)} in {type(source).__name__} with the pruned config "
-                             f"(fields written back: {', '.join(family.widths)})")
+                             f"(fields written back: {', '.join(written)})")
     missing = [n for n in expected if n not in state]
     if missing:
         raise ValueError(f"to_transformers: the compact model lacks {missing[:3]}")

@@ -2,7 +2,9 @@
 registry: Qwen3 (per-head q/k norms, head_dim != hidden / heads, tied), Gemma (embed_scale
 from hidden_size, tied), Mixtral (3-D expert weights: its query heads, experts and expert width prune), Phi-3 (fused
 qkv_proj / gate_up_proj, partial rotary), GPT-2 (Conv1D, fused c_attn), BERT, ViT, T5 (its
-MLP width), and Llama, Qwen3, ViT and Gemma after the residual width was pruned.
+MLP width), Swin (per-stage heads with the relative-position-bias table, embed_dim, mlp_ratio;
+SwinModel also without a block: depths), and Llama, Qwen3, ViT and Gemma after the residual
+width was pruned.
 
 Tiny random configs with biases N(0, 0.1) and norm weights U(0.5, 1.5), so a mishandled bias
 or norm shows. Each written-back model is the user's own class with a rewritten config;
@@ -13,6 +15,7 @@ once per test session."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import subprocess
@@ -26,6 +29,7 @@ import spruce
 import torch
 from helpers import randomise_transformer as randomise
 from spruce.api import checks
+from spruce.api.depth import remove_blocks
 from spruce.api.prune import remove_channels
 from spruce.api.transformers import to_transformers
 
@@ -36,15 +40,17 @@ VOCAB = 64
 
 @dataclass
 class Case:
-    """A model to prune, how (``prune`` keywords; GPT-2, BERT and T5 keep their heads, and BERT
-    its pooler width, which their configs cannot hold pruned: T5's decoder cross-attention heads
-    stay whole while one num_heads serves every attention) and the inputs it is checked on."""
+    """A model to prune, how (``prune`` keywords; GPT-2, BERT, T5 and SwinModel keep their heads,
+    and BERT its pooler width, which their configs cannot hold pruned: T5's decoder
+    cross-attention heads stay whole while one num_heads serves every attention) and the inputs
+    it is checked on."""
 
     build: object
     prune: dict
     causal: bool = True
-    image: bool = False
+    image: int = 0  # an image model: pixel_values this many pixels square
     decoder: bool = False  # an encoder-decoder: decoder_input_ids too
+    remove: tuple[str, ...] = ()  # blocks removed after pruning (spruce.api.depth.remove_blocks)
 
 
 def _llm(config_cls, **fields):
@@ -52,6 +58,11 @@ def _llm(config_cls, **fields):
                 num_key_value_heads=2, max_position_embeddings=64, bos_token_id=0, eos_token_id=None,
                 pad_token_id=None)
     return config_cls(**{**base, **fields})
+
+
+def _swin_config():
+    return T.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=4,
+                        num_labels=3)
 
 
 CASES = {
@@ -73,20 +84,27 @@ CASES = {
         causal=False),
     "vit": Case(lambda: T.ViTForImageClassification(T.ViTConfig(
         image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=64, num_labels=3)), {}, causal=False, image=True),
+        intermediate_size=64, num_labels=3)), {}, causal=False, image=16),
     "t5": Case(lambda: T.T5ForConditionalGeneration(T.T5Config(
         vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, decoder_start_token_id=0,
         eos_token_id=None)),
         {"ignore": [f"{stack}.block.{i}.layer.{j}.{attn}.q.weight" for stack, j, attn in (
             ("encoder", 0, "SelfAttention"), ("decoder", 0, "SelfAttention"), ("decoder", 1, "EncDecAttention"))
             for i in range(2)]}, causal=False, decoder=True),
+    # Swin derives each stage's head dim as width // heads: heads write back with the width alike.
+    # SwinModel's last stage is its output, so its widths (and with them its heads) stay
+    "swin": Case(lambda: T.SwinForImageClassification(_swin_config()), {"normalised_widths": True}, causal=False,
+                 image=32),
+    "swin_model": Case(lambda: T.SwinModel(_swin_config()), {"ignore": [
+        f"encoder.layers.{s}.blocks.{i}.attention.q_proj.weight" for s in range(2) for i in range(2)]},
+        causal=False, image=32, remove=("encoder.layers.0.blocks.1",)),
     "llama_hidden": Case(lambda: T.LlamaForCausalLM(_llm(T.LlamaConfig, num_attention_heads=8, attention_bias=True,
                                                          mlp_bias=True)), {"normalised_widths": True}),
     "qwen3_hidden": Case(lambda: T.Qwen3ForCausalLM(_llm(T.Qwen3Config, head_dim=16, attention_bias=True,
                                                          tie_word_embeddings=True)), {"normalised_widths": True}),
     "vit_hidden": Case(lambda: T.ViTForImageClassification(T.ViTConfig(
         image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=64, num_labels=3)), {"normalised_widths": True}, causal=False, image=True),
+        intermediate_size=64, num_labels=3)), {"normalised_widths": True}, causal=False, image=16),
     "gemma_hidden": Case(lambda: T.GemmaForCausalLM(_llm(T.GemmaConfig, head_dim=8, attention_bias=True,
                                                          tie_word_embeddings=False)), {"normalised_widths": True}),
 }
@@ -95,7 +113,7 @@ CASES = {
 def inputs(case: Case, batch: int, seq: int) -> dict:
     gen = torch.Generator().manual_seed(1000 * batch + seq)
     if case.image:
-        return {"pixel_values": torch.randn(batch, 3, 16, 16, generator=gen)}
+        return {"pixel_values": torch.randn(batch, 3, case.image, case.image, generator=gen)}
     out = {"input_ids": torch.randint(0, VOCAB, (batch, seq), generator=gen)}
     if case.decoder:
         out["decoder_input_ids"] = torch.randint(0, VOCAB, (batch, max(2, seq - 3)), generator=gen)
@@ -111,11 +129,19 @@ def pruned(name: str):
     example = inputs(case, 2, 8)
     dims = None if case.image else {name: {1: torch.export.Dim(f"seq_{name}", min=2, max=64)} for name in example}
     result = spruce.prune(model, example, ratio=0.5, dynamic_shapes=dims, **options)
+    if case.remove:
+        result = dataclasses.replace(result, model=remove_blocks(result.model, case.remove))
     return model, result
 
 
 def logits(output: object) -> torch.Tensor:
-    return output.logits if hasattr(output, "logits") else output["logits"]
+    """Class or token scores (a base model without a head: its last hidden state)."""
+    for name in ("logits", "last_hidden_state"):
+        if hasattr(output, name):
+            return getattr(output, name)
+        if isinstance(output, dict) and name in output:
+            return output[name]
+    raise KeyError(f"no logits in {type(output).__name__}")
 
 
 def greedy(model: torch.nn.Module, ids: torch.Tensor, steps: int) -> torch.Tensor:
@@ -145,12 +171,15 @@ RELOAD = textwrap.dedent("""
         model = getattr(transformers, config.architectures[0]).from_pretrained(folder).eval()
         checks = torch.load(folder + "/checks.pt")
         with torch.no_grad():
-            result = {"logits": model(**checks["inputs"]).logits}
+            output = model(**checks["inputs"])
+            result = {"logits": getattr(output, "logits", None)}
+            if result["logits"] is None:
+                result["logits"] = output.last_hidden_state
             if "prompt" in checks:
                 more = {"decoder_input_ids": checks["decoder_prompt"]} if "decoder_prompt" in checks else {}
                 result["tokens"] = model.generate(checks["prompt"], max_new_tokens=8, do_sample=False, use_cache=True,
                                                   **more)
-        tied = model.get_output_embeddings()
+        tied = getattr(model, "get_output_embeddings", lambda: None)()
         result["tied"] = tied is not None and tied.weight is model.get_input_embeddings().weight
         result["dtype"] = str(next(model.parameters()).dtype)
         torch.save(result, folder + "/reloaded.pt")
@@ -218,7 +247,9 @@ def test_configs_hold_the_pruned_widths():
             "qwen3_hidden": dict(hidden_size=16, num_attention_heads=2, head_dim=16, tie_word_embeddings=True),
             "mixtral": dict(num_attention_heads=2, num_key_value_heads=2, num_local_experts=2, intermediate_size=32),
             "t5": dict(num_heads=4, d_ff=32, d_kv=8),
-            "vit_hidden": dict(hidden_size=16, num_attention_heads=2, head_dim=8, intermediate_size=32)}
+            "vit_hidden": dict(hidden_size=16, num_attention_heads=2, head_dim=8, intermediate_size=32),
+            "swin": dict(embed_dim=8, num_heads=[1, 2], mlp_ratio=4.0, depths=[2, 2], hidden_size=16),
+            "swin_model": dict(embed_dim=16, num_heads=[2, 4], mlp_ratio=2.0, depths=[1, 2], hidden_size=32)}
     for name, fields in want.items():
         source, result = pruned(name)
         config = to_transformers(result.model, source).config
@@ -282,3 +313,60 @@ def test_phi3_fused_qkv_reads_query_and_key_value_heads():
     ids = inputs(CASES["phi3"], 2, 6)
     with torch.no_grad():
         assert checks.relative_error(logits(small(**ids)), logits(own(**ids))) <= 1e-6
+
+
+def _swin_edited(edit) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """An unpruned Swin and a copy whose tensors ``edit(stages)`` reshaped as a compact model
+    would hold them (write-back reads only the compact model's tensors)."""
+    source = randomise(T.SwinForImageClassification(_swin_config()))
+    compact = randomise(T.SwinForImageClassification(_swin_config()))
+    edit(compact.swin.encoder.layers)
+    return source, compact
+
+
+def _heads_alone(stages):  # stage 0: 1 head of 8 in a 16-wide stage
+    attention = stages[0].blocks[0].attention
+    attention.q_proj = torch.nn.Linear(16, 8)
+    table = attention.relative_position_bias.relative_position_bias_table
+    attention.relative_position_bias.relative_position_bias_table = torch.nn.Parameter(table[:, :1])
+
+
+def _first_block_removed(stages):  # the tensors of stage 0's block 1 alone, under its own index
+    kept = torch.nn.Module()
+    kept.add_module("1", stages[0].blocks[1])
+    stages[0].blocks = kept
+
+
+def _stage_widths_alike(stages):  # stage 1 as wide as stage 0
+    for block in stages[1].blocks:
+        block.layernorm_before = torch.nn.LayerNorm(16)
+        block.attention.q_proj = torch.nn.Linear(16, 16)
+        bias = block.attention.relative_position_bias
+        bias.relative_position_bias_table = torch.nn.Parameter(bias.relative_position_bias_table[:, :2])
+        block.mlp.fc1 = torch.nn.Linear(16, 64)
+
+
+def _mlp_ratio_per_stage(stages):  # stage 0's MLP 3 x its width, stage 1's 4 x
+    for block in stages[0].blocks:
+        block.mlp.fc1 = torch.nn.Linear(16, 48)
+
+
+def _mlp_per_block(stages):
+    stages[0].blocks[1].mlp.fc1 = torch.nn.Linear(16, 48)
+
+
+@pytest.mark.parametrize("edit, match", [
+    (_heads_alone, r"num_heads: SwinForImageClassification derives the head dim as the stage width // num_heads .*"
+                   r"1 heads of 8 in the 16-wide stage 0"),
+    (_first_block_removed, r"depths: stage 0 of SwinForImageClassification keeps blocks \[1\] of 2"),
+    (_stage_widths_alike, r"embed_dim: stage widths \[16, 16\] are not embed_dim x 2\*\*stage"),
+    (_mlp_ratio_per_stage, r"mlp_ratio: MLP widths \[48, 128\] are not int\(mlp_ratio x stage width\)"),
+    (_mlp_per_block, r"mlp_ratio differs across the blocks of stage 0"),
+])
+def test_swin_fields_it_cannot_hold_are_refused_by_name(edit, match):
+    """What a Swin config cannot hold: heads without the stage width (head_dim = width // heads),
+    a removed block whose successor's window shift would change, stage widths that are not
+    embed_dim x 2**stage, MLP widths that are not one mlp_ratio, and per-block counts."""
+    source, compact = _swin_edited(edit)
+    with pytest.raises(ValueError, match=match):
+        to_transformers(compact, source)
