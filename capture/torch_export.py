@@ -28,9 +28,8 @@ def export_graph(module: nn.Module, args: tuple, kwargs: dict, dynamic_shapes: o
         if node.op == "call_module" and node.target == "_guards_fn":
             graph.erase_node(node)
     _split_dynamic_chunks(graph)
-    gm = fx.GraphModule(unlifted, graph, type(module).__name__)
-    gm.graph.lint()
-    gm.recompile()
+    graph.lint()
+    gm = fx.GraphModule(unlifted, graph, type(module).__name__)  # generates its code
     keep_optional_inputs(gm, module, args, kwargs)
     return gm
 

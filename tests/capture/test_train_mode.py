@@ -1,12 +1,15 @@
 """One trace where training mode changes nothing: capture traces the eval-mode graph, and the
 train-mode graph only where training mode changes it (BatchNorm, dropout with p > 0, a branch on
-``self.training``). ``torch.export`` calls are counted; a batch-1 example reaches BatchNorm after
-global pooling in training mode at a batch of two instead of failing."""
+``self.training``). ``torch.export`` calls are counted, and so are the fake-tensor runs that
+compare the two modes' operators (none where each read of ``self.training`` cannot change what a
+module computes: transformers' attention dropout of 0.0); a batch-1 example reaches BatchNorm
+after global pooling in training mode at a batch of two instead of failing."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from spruce.capture import modes
 from spruce.capture.capture import capture
 from spruce.zoo.transformers import HF_EXAMPLES
 from torch import nn
@@ -24,6 +27,20 @@ def exports(monkeypatch) -> list:
 
     monkeypatch.setattr(torch.export, "export", counting)
     return calls
+
+
+@pytest.fixture
+def mode_runs(monkeypatch) -> list:
+    """The fake-tensor runs comparing the two modes' operators (one entry, the mode, per run)."""
+    runs = []
+    real = modes._ops_in_mode
+
+    def counting(module, args, kwargs, training):
+        runs.append(training)
+        return real(module, args, kwargs, training)
+
+    monkeypatch.setattr(modes, "_ops_in_mode", counting)
+    return runs
 
 
 class ShapeBranch(nn.Module):
@@ -44,12 +61,41 @@ def cnn_with_batchnorm_after_pooling() -> nn.Module:
                        nn.BatchNorm1d(8), nn.Linear(8, 4))
 
 
-def test_a_transformers_decoder_is_exported_once(exports):
+def test_a_transformers_decoder_is_exported_once(exports, mode_runs):
     example = HF_EXAMPLES["LlamaForCausalLM"]()  # reads self.training only to pick attention dropout 0.0
     captured = capture(example.model, example.example, dynamic_shapes=example.dynamic_shapes)
     assert captured.method == "export" and captured.whole
-    assert exports == ["LlamaForCausalLM"]
+    assert exports == ["LlamaForCausalLM"] and mode_runs == []  # its reads of self.training, read, not run
     assert captured.train is None and captured.graph_for(True) is captured.eval
+
+
+def test_a_transformers_decoder_with_attention_dropout_is_exported_twice(exports, mode_runs):
+    example = HF_EXAMPLES["LlamaForCausalLM"]()
+    for layer in example.model.model.layers:
+        layer.self_attn.attention_dropout = 0.1  # training mode now picks another dropout
+    captured = capture(example.model, example.example, dynamic_shapes=example.dynamic_shapes)
+    assert mode_runs == [False, True]
+    assert exports == ["LlamaForCausalLM", "LlamaForCausalLM"] and captured.train is not None
+
+
+class PicksDropout(nn.Module):
+    """Reads ``self.training`` only to pick its dropout, as transformers' attention does."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.linear, self.p = nn.Linear(6, 6), p
+
+    def forward(self, x):
+        if x.shape[-1] > 1:  # plain fx cannot trace it: capture goes through torch.export
+            x = self.linear(x)
+        return nn.functional.dropout(x, 0.0 if not self.training else self.p, True)
+
+
+@pytest.mark.parametrize("p, runs, traced", [(0.0, [], 1), (0.5, [False, True], 2)])
+def test_a_read_of_training_that_picks_equal_values_needs_no_run(exports, mode_runs, p, runs, traced):
+    captured = capture(PicksDropout(p).eval(), torch.randn(2, 6))
+    assert mode_runs == runs and len(exports) == traced
+    assert (captured.train is None) == (traced == 1)
 
 
 @pytest.mark.parametrize("dropout", [nn.Identity(), nn.Dropout(0.0)], ids=["plain", "dropout_p0"])
