@@ -1,20 +1,22 @@
 """Write-back to stock transformers (spruce.to_transformers) for each family in its
-registry: Qwen3 (per-head q/k norms, head_dim != hidden / heads, tied), Gemma (embed_scale
-from hidden_size, tied), Mixtral (3-D expert weights: its query heads, experts and expert width prune), Phi-3 (fused
-qkv_proj / gate_up_proj, partial rotary), GPT-2 (Conv1D, fused c_attn), BERT, ViT, T5 (its
-MLP width), Swin (per-stage heads with the relative-position-bias table, embed_dim, mlp_ratio;
-SwinModel also without a block: depths), and Llama, Qwen3, ViT and Gemma after the residual
-width was pruned.
+registry: Qwen2 (q/k/v biases), Mistral (sliding window), Qwen3 (per-head q/k norms, head_dim
+!= hidden / heads, tied), Gemma (embed_scale from hidden_size, tied), Mixtral (3-D expert
+weights: its query heads, experts and expert width prune), Phi-3 (fused qkv_proj / gate_up_proj,
+partial rotary), GPT-2 (Conv1D, fused c_attn), BERT, ViT, T5 (its MLP width), Swin (per-stage
+heads with the relative-position-bias table, embed_dim, mlp_ratio; SwinModel also without a
+block: depths), and Llama, Qwen3, ViT and Gemma after the residual width was pruned.
 
 Tiny random configs with biases N(0, 0.1) and norm weights U(0.5, 1.5), so a mishandled bias
-or norm shows. Each written-back model is the user's own class with a rewritten config;
-``save_pretrained`` -> ``from_pretrained`` in one fresh process that never imports spruce
-gives the compact model's logits within 1e-5, and cached ``generate`` gives the compact
-model's greedy tokens (causal LMs; T5 from a two-token decoder prefix). Each model is pruned
-once per test session."""
+or norm shows. Each family's compact model equals its masked model at two batch sizes x two
+sequence lengths, and every parameter is in a channel group or in a refusal with a reason.
+Each written-back model is the user's own class with a rewritten config; ``save_pretrained`` ->
+``from_pretrained`` in one fresh process that never imports spruce gives the compact model's
+logits within 1e-5, and cached ``generate`` gives the compact model's greedy tokens (causal
+LMs; T5 from a two-token decoder prefix). Each model is pruned once per test session."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import json
@@ -66,6 +68,8 @@ def _swin_config():
 
 
 CASES = {
+    "qwen2": Case(lambda: T.Qwen2ForCausalLM(_llm(T.Qwen2Config)), {}),  # q/k/v biases
+    "mistral": Case(lambda: T.MistralForCausalLM(_llm(T.MistralConfig, head_dim=8, sliding_window=4)), {}),
     "qwen3": Case(lambda: T.Qwen3ForCausalLM(_llm(T.Qwen3Config, head_dim=16, attention_bias=True,
                                                   tie_word_embeddings=True)), {}),
     "gemma": Case(lambda: T.GemmaForCausalLM(_llm(T.GemmaConfig, head_dim=8, attention_bias=True,
@@ -163,6 +167,32 @@ def greedy_decoder(model: torch.nn.Module, ids: torch.Tensor, decoded: torch.Ten
 
 EXACT = list(CASES)
 
+
+@pytest.mark.parametrize("name", [n for n in CASES if not CASES[n].remove])
+def test_compact_equals_masked_at_two_batch_sizes_and_lengths(name):
+    """Image models: the second length is a second draw."""
+    source, result = pruned(name)
+    for batch in (1, 3):
+        for seq in (5, 11):
+            batch_inputs = inputs(CASES[name], batch, seq)
+            with torch.no_grad():
+                want, got = logits(result.masked(**batch_inputs)), logits(result.model(**batch_inputs))
+            assert checks.relative_error(want, got) <= 1e-5, (batch, seq)
+    with torch.no_grad():  # the pruning changed what the model computes: a check that can fail
+        assert checks.relative_error(logits(source(**batch_inputs)), logits(result.masked(**batch_inputs))) > 1e-3
+
+
+@pytest.mark.parametrize("name", [n for n in CASES if not CASES[n].remove])
+def test_every_parameter_is_in_a_group_or_refused_with_a_reason(name):
+    source, result = pruned(name)
+    placed: dict[str, list] = {}
+    for group in result.groups:
+        for member in group.members:
+            placed.setdefault(member.name, []).append(group)
+    for pname, _ in source.named_parameters():
+        assert placed.get(pname), f"{pname} is in no group"
+        assert all(g.prunable or g.reason for g in placed[pname]), pname
+
 RELOAD = textwrap.dedent("""
     import json, sys, torch, transformers
     out = {}
@@ -239,7 +269,9 @@ def test_reload_without_spruce_equals_the_compact_model(name, reloaded):
 
 def test_configs_hold_the_pruned_widths():
     """Head counts, MLP widths, the residual width and head_dim as the compact model has them."""
-    want = {"qwen3": dict(num_attention_heads=2, num_key_value_heads=2, head_dim=16, intermediate_size=32),
+    want = {"qwen2": dict(num_attention_heads=2, num_key_value_heads=2, intermediate_size=32),
+            "mistral": dict(num_attention_heads=2, num_key_value_heads=2, head_dim=8, sliding_window=4),
+            "qwen3": dict(num_attention_heads=2, num_key_value_heads=2, head_dim=16, intermediate_size=32),
             "phi3": dict(num_attention_heads=2, num_key_value_heads=2, head_dim=8, intermediate_size=32),
             "gpt2": dict(n_head=4, n_inner=64),
             "vit": dict(num_attention_heads=2, head_dim=8, intermediate_size=32),
@@ -370,3 +402,16 @@ def test_swin_fields_it_cannot_hold_are_refused_by_name(edit, match):
     source, compact = _swin_edited(edit)
     with pytest.raises(ValueError, match=match):
         to_transformers(compact, source)
+
+
+def test_write_back_keeps_the_dtype(tmp_path):
+    """A bfloat16 model comes back in bfloat16 (config.json's dtype, the safetensors, the reload)."""
+    source, result = pruned("qwen2")
+    half_source = copy.deepcopy(source).to(torch.bfloat16)
+    own = to_transformers(copy.deepcopy(result.model).to(torch.bfloat16), half_source)
+    own.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config.get("dtype", config.get("torch_dtype")) == "bfloat16"
+    back = T.Qwen2ForCausalLM.from_pretrained(tmp_path)
+    assert {p.dtype for p in back.parameters()} == {torch.bfloat16}
+    assert back.config.num_attention_heads == 2
