@@ -4,7 +4,7 @@ registry: Qwen2 (q/k/v biases), Mistral (sliding window), Qwen3 (per-head q/k no
 weights: its query heads, experts and expert width prune), Phi-3 (fused qkv_proj / gate_up_proj,
 partial rotary), GPT-2 (Conv1D, fused c_attn), BERT, ViT, T5 (its MLP width), Swin (per-stage
 heads with the relative-position-bias table, embed_dim, mlp_ratio; SwinModel also without a
-block: depths), and Llama, Qwen3, ViT and Gemma after the residual width was pruned.
+block: depths), and Llama, Qwen3, Phi-3, Mixtral, ViT and Gemma after the residual width was pruned.
 
 Tiny random configs with biases N(0, 0.1) and norm weights U(0.5, 1.5), so a mishandled bias
 or norm shows. Each family's compact model equals its masked model at two batch sizes x two
@@ -106,6 +106,10 @@ CASES = {
                                                          mlp_bias=True)), {"normalised_widths": True}),
     "qwen3_hidden": Case(lambda: T.Qwen3ForCausalLM(_llm(T.Qwen3Config, head_dim=16, attention_bias=True,
                                                          tie_word_embeddings=True)), {"normalised_widths": True}),
+    "phi3_hidden": Case(lambda: T.Phi3ForCausalLM(_llm(T.Phi3Config, rope_parameters={
+        "rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5})), {"normalised_widths": True}),
+    "mixtral_hidden": Case(lambda: T.MixtralForCausalLM(_llm(T.MixtralConfig, head_dim=8, num_local_experts=4,
+                                                             num_experts_per_tok=2)), {"normalised_widths": True}),
     "vit_hidden": Case(lambda: T.ViTForImageClassification(T.ViTConfig(
         image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
         intermediate_size=64, num_labels=3)), {"normalised_widths": True}, causal=False, image=16),
@@ -280,6 +284,8 @@ def test_configs_hold_the_pruned_widths():
             "mixtral": dict(num_attention_heads=2, num_key_value_heads=2, num_local_experts=2, intermediate_size=32),
             "t5": dict(num_heads=4, d_ff=32, d_kv=8),
             "vit_hidden": dict(hidden_size=16, num_attention_heads=2, head_dim=8, intermediate_size=32),
+            "phi3_hidden": dict(hidden_size=16, num_attention_heads=2, num_key_value_heads=2, intermediate_size=32),
+            "mixtral_hidden": dict(hidden_size=16, num_local_experts=2, intermediate_size=32),
             "swin": dict(embed_dim=8, num_heads=[1, 2], mlp_ratio=4.0, depths=[2, 2], hidden_size=16),
             "swin_model": dict(embed_dim=16, num_heads=[2, 4], mlp_ratio=2.0, depths=[1, 2], hidden_size=32)}
     for name, fields in want.items():
