@@ -189,7 +189,7 @@ class Recipe(Config):
     round_to: int = Field(8, ge=1)
     importance_norm: Literal["none", "group_mean"] = "group_mean"
     augment: Augment | None = None
-    selection_cost: Literal["latency", "flops", "params"] = "latency"
+    selection_cost: Literal["latency", "flops", "params"] = RECIPE_DEFAULTS["selection_cost"]
     min_keep: float = Field(0.25, ge=0, le=1)
     uniform: bool | None = None
     recover_tokens: int | None = Field(None, ge=1)
