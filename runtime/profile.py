@@ -22,8 +22,9 @@ Isolated layers are not the model: each isolated run pays the runtime's per-run 
 layout conversions and the model has operators that are not profiled layers (pooling,
 additions, activations). (An INT8 target times a lone layer as the whole INT8 graph runs it,
 integer tensors in and out, without the quantize, dequantize and layout work of its fp32
-boundary: :meth:`~spruce.targets.onnxruntime.OnnxRuntimeCPU.model_runner`.) ``profile`` therefore times a few whole compact models (dense,
-uniform widths, random widths) and fits, in relative non-negative least squares,
+boundary: :meth:`~spruce.targets.onnxruntime.OnnxRuntimeCPU.model_runner`.) ``profile``
+therefore times a few whole compact models (dense, uniform widths, random widths) and fits,
+in relative non-negative least squares,
 
     predict(widths) = overhead_ms + sum over layers of calls * layer_ms(layer, in, out)
     layer_ms(layer, in, out) = scale * max(isolated_ms(layer, in, out) - fixed_ms[signature], 0)
