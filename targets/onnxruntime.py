@@ -474,6 +474,20 @@ class OnnxRuntimeCPU(Target):
         self.save_optimized = bool(save_optimized)
         self.pinned_cpus = timing_cpus(self.threads) if pin_threads else None
 
+    def call_cost_case(self) -> tuple[nn.Module, tuple[torch.Tensor, ...]] | None:
+        """At INT8, a 1x1 convolution of one channel on one pixel: a lone layer timed as the whole
+        graph runs it (:meth:`model_runner`) carries ONNX Runtime's per-run cost, which the
+        whole model pays once; extrapolating a signature's timings to zero channels overshoots
+        it there (clipped to the signature's fastest point, a layer's narrowest widths would
+        cost nothing). fp32 tables keep the extrapolation (None)."""
+        if self.precision != "int8":
+            return None
+        generator = torch.Generator().manual_seed(0)
+        layer = nn.Conv2d(1, 1, 1, bias=False)
+        with torch.no_grad():
+            layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator))
+        return layer, (torch.randn(1, 1, 1, 1, generator=generator),)
+
     def fingerprint(self) -> dict[str, str]:
         pinned = ",".join(map(str, self.pinned_cpus)) if self.pinned_cpus else "off"
         return {**super().fingerprint(), "onnxruntime": ort.__version__, "threads": str(self.threads),

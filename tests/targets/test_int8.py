@@ -205,6 +205,17 @@ def test_timing_at_int8_times_the_integer_graph(tmp_path, which):
     assert integer_mac_share(tmp_path / "m.int8.onnx", [example[0].numpy()]).integer_share >= MIN_INTEGER_SHARE
 
 
+def test_the_int8_call_cost_is_a_lone_integer_layer_that_does_no_work(tmp_path):
+    """An INT8 table subtracts the runtime's per-call cost measured on a no-work layer timed the same
+    way (one QLinearConv of one channel on one pixel); fp32 tables keep the zero-channel extrapolation."""
+    assert OnnxRuntimeCPU(threads=1).call_cost_case() is None
+    target = OnnxRuntimeCPU(threads=1, precision="int8")
+    layer, example = target.call_cost_case()
+    runner, inputs = target.model_runner(layer, example, tmp_path / "m")
+    assert [n.op_type for n in onnx.load(str(tmp_path / "m.int8.integer.onnx")).graph.node] == ["QLinearConv"]
+    assert runner(inputs)[0].shape == (1, 1, 1, 1) and inputs[0].dtype == np.uint8
+
+
 def test_a_lone_int8_layer_is_timed_as_the_whole_graph_runs_it(tmp_path):
     """Inside a whole INT8 model a convolution takes and gives uint8 NHWC tensors; alone, ONNX Runtime
     would also quantize its fp32 input, transpose it to NHWC and back and dequantize the output,
