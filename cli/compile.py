@@ -91,6 +91,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", default=None, choices=("fp32", "int8"),
                         help="precision of the artifact: int8 (onnxruntime) quantizes after channel removal, with "
                         "latency table and budget timed in INT8 against dense fp32 (default: the target's)")
+    parser.add_argument("--selection-precision", default=None, choices=("fp32", "int8"),
+                        help="precision of the latency table the channels are chosen on (default: --precision); "
+                        "--precision int8 --selection-precision fp32 chooses on fp32 costs, then quantizes, the "
+                        "budget still met as the INT8 artifact measures")
     parser.add_argument("--fake-quant", action="store_true", default=None,
                         help="with --precision int8: recover with the student fake-quantized as ONNX Runtime will "
                         "quantize it")
@@ -104,6 +108,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sparsity", type=float, default=None, help="fraction removed (instead of a budget)")
     with_default("budget", "--budget", "latency=F, decode=F (a causal LM), flops=F or params=F")
     with_default("distribution", "--distribution", "uniform, erk or global")
+    with_default("selection_cost", "--selection-cost",
+                 "what steers the knapsack under a latency budget: latency (the profiled table), flops or params",
+                 choices=("latency", "flops", "params"))
     with_default("epochs", "--epochs", "training epochs", type=int)
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--lr", type=float, default=None)
@@ -148,6 +155,8 @@ def check(args: argparse.Namespace) -> None:
         parse_budget(args.budget)
     if args.precision is not None and (args.target is not None or args.recipe is None):
         check_precision_spec(args.target or DEFAULT_TARGET, args.precision)  # a recipe's target: when it loads
+    if args.selection_precision is not None and (args.target is not None or args.recipe is None):
+        check_precision_spec(args.target or DEFAULT_TARGET, args.selection_precision, "--selection-precision")
     for role, spec in (("loss", args.loss), ("evaluate", args.evaluate), ("prepare", args.prepare)):
         if spec is not None:
             check_function_spec(spec, role, RecipeError)
@@ -175,10 +184,11 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
         return base.with_overrides(
             model=args.model, input_shape=shape, data=args.data, target=args.target,
             target_options=dict(args.target_options) if args.target_options else None, method=method,
-            precision=args.precision, fake_quant=args.fake_quant,
+            precision=args.precision, selection_precision=args.selection_precision, fake_quant=args.fake_quant,
             structure=args.structure, sparsity=args.sparsity,
             budget=parse_budget(args.budget) if args.budget is not None else None,
-            distribution=args.distribution, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+            distribution=args.distribution, selection_cost=args.selection_cost, epochs=args.epochs,
+            batch_size=args.batch_size, lr=args.lr,
             seed=args.seed, bench_iters=args.bench_iters, recover=args.recover, loss=args.loss,
             recover_tokens=args.recover_tokens, seq_len=args.seq_len, uniform=args.uniform,
             evaluate=args.evaluate, prepare=args.prepare, recover_lr=args.recover_lr,

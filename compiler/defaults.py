@@ -20,6 +20,7 @@ RECIPE_DEFAULTS: MappingProxyType[str, Any] = MappingProxyType({
     "structure": "channel",
     "budget": MappingProxyType({"latency": 0.5}),
     "distribution": "uniform",
+    "selection_cost": "latency",
     "epochs": 10,
     "recover_lr": 1e-3,
 })

@@ -43,6 +43,9 @@ def load_setup(recipe: Recipe, workspace: Workspace, given: Given) -> Setup:
     target.require()  # a target that cannot run here is a user error now, not after training
     int8 = recipe.shipped_precision == "int8"
     reference_target = get_target(recipe.target, **recipe.target_settings("fp32")) if int8 else target
+    selection_target = target if recipe.table_precision == recipe.shipped_precision else \
+        reference_target if recipe.table_precision == "fp32" and int8 else \
+        get_target(recipe.target, **recipe.target_settings(recipe.table_precision))
     prepare = UserFunction.of(given.prepare if given.prepare is not None else recipe.prepare, "prepare")
     model, example, data, name, is_default = _model_example_data(recipe, given, prepare)
     loss = UserFunction.of(given.loss_fn if given.loss_fn is not None else recipe.loss, "loss_fn")
@@ -77,7 +80,8 @@ def load_setup(recipe: Recipe, workspace: Workspace, given: Given) -> Setup:
     calibration = tuple(calibration_inputs(data.train, name=f"{recipe.data}'s recovery set")) if int8 else ()
     workspace.say(f"spruce compile: {name} on {data.name}, target {recipe.target}, structure {recipe.structure}, "
                   + (f"budget {recipe.budget}" if recipe.budget else f"sparsity {recipe.sparsity}")
-                  + f", recover {mode}" + (", precision int8" if int8 else ""))
+                  + f", recover {mode}" + (", precision int8" if int8 else "")
+                  + (f", latency table at {recipe.table_precision}" if selection_target is not target else ""))
     for warning in plan.warnings():
         workspace.say(f"warning: {warning}")
     folder = recipe.model if recipe.model is not None and model_spec_kind(recipe.model) == "folder" else None
@@ -85,7 +89,8 @@ def load_setup(recipe: Recipe, workspace: Workspace, given: Given) -> Setup:
     uniform = recipe.uniform if recipe.uniform is not None else is_transformers_model(model)
     return Setup(recipe, target, data, model, example, copy.deepcopy(model.state_dict()), plan, mode, loss,
                  evaluate_fn, name, is_default, model_folder=folder, uniform=uniform, recover_tokens=tokens,
-                 recover_tokens_from=tokens_from, reference_target=reference_target, calibration=calibration)
+                 recover_tokens_from=tokens_from, reference_target=reference_target, calibration=calibration,
+                 selection_target=selection_target)
 
 
 def _lm_example(recipe: Recipe, data: Loaders, example: torch.Tensor, name: str) -> torch.Tensor:

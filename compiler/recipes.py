@@ -18,6 +18,13 @@ fails before any training. :func:`recipe_schema` is its JSON schema. All keys op
                           calibrated on 128 recovery samples; latency table and budget loop
                           timed in INT8; the budget a fraction of the dense *fp32* model);
                           default: the target's own (its ``precision`` option)
+``selection_precision``   the precision the latency table is profiled at, i.e. the layer costs the
+                          channel selection sees: ``fp32`` or ``int8``; default: ``precision``.
+                          ``precision: int8`` with ``selection_precision: fp32`` is the control
+                          of choosing channels on fp32 costs, then quantizing: the budget loop
+                          still times each selection as the INT8 artifact against dense fp32
+                          and re-aims until that measures in band (latency budgets steered
+                          by the table, ``selection_cost: latency``, only)
 ``fake_quant``            with ``precision: int8`` and ``distill``/``loss`` recovery of a
                           one-shot channel selection: train the student with weights and
                           layer inputs fake-quantized as ONNX Runtime will quantize them
@@ -153,6 +160,7 @@ class Recipe(Config):
     target: Name = RECIPE_DEFAULTS["target"]
     target_options: dict[str, Any] = Field(default_factory=dict)
     precision: Literal["fp32", "int8"] | None = None
+    selection_precision: Literal["fp32", "int8"] | None = None
     fake_quant: bool = False
     method: Annotated[MethodConfig, WithJsonSchema({})] = Field(default_factory=_default_method, validate_default=False)
     structure: Name = RECIPE_DEFAULTS["structure"]
@@ -181,7 +189,7 @@ class Recipe(Config):
     round_to: int = Field(8, ge=1)
     importance_norm: Literal["none", "group_mean"] = "group_mean"
     augment: Augment | None = None
-    selection_cost: Literal["latency", "flops", "params"] = "latency"
+    selection_cost: Literal["latency", "flops", "params"] = RECIPE_DEFAULTS["selection_cost"]
     min_keep: float = Field(0.25, ge=0, le=1)
     uniform: bool | None = None
     recover_tokens: int | None = Field(None, ge=1)
@@ -292,12 +300,29 @@ class Recipe(Config):
             if given is not None and given != self.precision:
                 raise ValueError(f"precision {self.precision} and target_options precision={given} disagree "
                                  "(give one)")
+        if self.selection_precision is not None:
+            try:
+                check_precision(self.target, self.selection_precision)
+            except ConfigError as exc:
+                raise ValueError(f"selection_precision: {exc}") from None
+            if not (self.budget and "latency" in self.budget):
+                raise ValueError(f"selection_precision {self.selection_precision}: the precision of the latency "
+                                 f"table, which only a latency budget profiles (budget: {self.budget})")
+            if self.selection_cost != "latency":
+                raise ValueError(f"selection_precision {self.selection_precision}: the precision of the latency "
+                                 f"table, but selection_cost {self.selection_cost} steers the knapsack (give "
+                                 "selection_cost: latency)")
         return self
 
     @property
     def shipped_precision(self) -> str:
         """The precision of the compiled artifact: ``precision``, else the target option's, else fp32."""
         return self.precision or str(self.target_options.get("precision", "fp32"))
+
+    @property
+    def table_precision(self) -> str:
+        """The precision the latency table is profiled at: ``selection_precision``, else the shipped one."""
+        return self.selection_precision or self.shipped_precision
 
     def target_settings(self, precision: str | None = None) -> dict[str, Any]:
         """The target's options with the precision (``precision``, default

@@ -130,7 +130,8 @@ def report_document(setup: Setup, reference: Reference, profiled: Profiled, spar
         "metrics": _jsonable(list(sparse.metrics)) if sparse is not None else [],
         "latency_table": None if table is None else {
             "file": "latency_table.json", "dense_predicted_ms": table.dense_ms(),
-            "compiled_predicted_ms": table.predict_model(compiled)},
+            "compiled_predicted_ms": table.predict_model(compiled),
+            "precision": table.fingerprint.get("precision", "fp32")},
         "bench": {"fingerprint": bench.fingerprint, "warmup": recipe.bench_warmup, "iters": recipe.bench_iters,
                   "by_batch": by_batch},
         "timings": dict(timings.seconds),
@@ -286,8 +287,9 @@ def _markdown(doc: dict[str, Any]) -> str:
     lines += _bench_footnote(doc["bench"]["by_batch"])
     if doc.get("latency_table"):
         lt = doc["latency_table"]
-        lines += ["", f"Latency table (`{lt['file']}`): dense predicted {lt['dense_predicted_ms']:.3f} ms, compiled "
-                  f"predicted {lt['compiled_predicted_ms']:.3f} ms."]
+        at = f" at {lt['precision']}" if lt.get("precision", "fp32") != "fp32" or doc.get("precision") else ""
+        lines += ["", f"Latency table (`{lt['file']}`{at}): dense predicted {lt['dense_predicted_ms']:.3f} ms, "
+                  f"compiled predicted {lt['compiled_predicted_ms']:.3f} ms."]
     lines += _summary_lines(doc)
     lines += lm_lines(doc.get("lm_evaluation"))
     lines += ["", "| layer | in (dense → compiled) | out (dense → compiled) |", "|---|---|---|"]
@@ -332,12 +334,14 @@ def _budget_record(setup: Setup, reference: Reference, sparsified: Sparsified, p
     if profiled.table is not None:
         record["dense_predicted_ms"] = profiled.table.dense_ms()
         record["compiled_predicted_ms"] = profiled.table.predict_model(exported.model)
+        record["table_precision"] = profiled.table.fingerprint.get("precision", "fp32")  # the costs selection saw
     if sparsified.selection is not None:
         selection = sparsified.selection.summary()
         record.update(measured_ratio=selection["ratio"], in_band=selection["in_band"],
                       dense_measured_ms=selection["measured_dense_ms"],
                       compiled_measured_ms=selection["measured_ms"], attempts=selection["attempts"],
-                      band=[0.9 * fraction, 1.05 * fraction])
+                      band=[0.9 * fraction, 1.05 * fraction], timed_precision=selection["precision"],
+                      dense_precision=selection["dense_precision"])
     if final is not None:  # a method re-selected during recovery: what ships is its final selection, measured
         record.update(measured_ratio=final.ratio, in_band=final.in_band, dense_measured_ms=final.measured_dense_ms,
                       compiled_measured_ms=final.measured_ms, final_check=final.record(),

@@ -134,11 +134,18 @@ class Setup:
     recover_tokens_from: str = ""
     reference_target: Target | None = None  # the dense fp32 model's target (``target`` itself unless INT8 ships)
     calibration: tuple[tuple[torch.Tensor], ...] = ()  # INT8: the calibration samples of every build
+    selection_target: Target | None = None  # the latency table's target (``target`` unless selection_precision differs)
 
     @property
     def dense_target(self) -> Target:
         """The target the dense reference is built and timed on: fp32 (the budget's denominator)."""
         return self.reference_target if self.reference_target is not None else self.target
+
+    @property
+    def table_target(self) -> Target:
+        """The target the latency table is profiled on (the recipe's ``selection_precision``); the budget
+        loop times the shipped precision on :attr:`target` whatever the table's."""
+        return self.selection_target if self.selection_target is not None else self.target
 
     @property
     def int8(self) -> bool:

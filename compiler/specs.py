@@ -267,17 +267,18 @@ def check_data_source(spec: str) -> None:
 # --- precisions ------------------------------------------------------------------------------
 
 
-def check_precision_spec(target: str, precision: str) -> None:
+def check_precision_spec(target: str, precision: str, option: str = "--precision") -> None:
     """Raise :class:`RecipeError` unless ``precision`` is one of :data:`PRECISIONS` and the
     built-in ``target`` builds it (:data:`TARGET_PRECISIONS`), e.g. ``--precision int8: target
-    torch does not build int8 artifacts (it takes fp32, fp16, bf16; int8: onnxruntime)``. A
-    target that is not built in passes (its class checks it when it loads)."""
+    torch does not build int8 artifacts (it takes fp32, fp16, bf16; int8: onnxruntime)``; the
+    message names ``option`` (``--selection-precision`` for the latency table's). A target that
+    is not built in passes (its class checks it when it loads)."""
     if precision not in PRECISIONS:
-        raise RecipeError(f"--precision must be one of {', '.join(PRECISIONS)}, got {short_repr(precision)}")
+        raise RecipeError(f"{option} must be one of {', '.join(PRECISIONS)}, got {short_repr(precision)}")
     supported = TARGET_PRECISIONS.get(target)
     if supported is not None and precision not in supported:
         others = [name for name, kinds in TARGET_PRECISIONS.items() if precision in kinds]
-        raise RecipeError(f"--precision {precision}: target {target} does not build {precision} artifacts (it takes "
+        raise RecipeError(f"{option} {precision}: target {target} does not build {precision} artifacts (it takes "
                           f"{', '.join(supported)}; {precision}: {', '.join(others)})")
 
 

@@ -116,7 +116,8 @@ def capture_student(setup: Setup, reference: Reference) -> Captured:
 def profile_student(setup: Setup, captured: Captured, workspace: Workspace) -> Profiled:
     """The latency table of the student on the target when the budget is a latency (steering
     the selection, or a method re-selecting channels during recovery, which needs it even when
-    ``selection_cost`` is ``flops``)."""
+    ``selection_cost`` is ``flops``), profiled at the recipe's ``selection_precision`` (default:
+    the shipped precision; :attr:`Setup.table_target`)."""
     recipe = setup.recipe
     method_needs = drives_channels(recipe.structure, setup.mode, recipe.method, recipe.method_named, recipe.budget)
     if not (recipe.budget and "latency" in recipe.budget) or (recipe.selection_cost != "latency"
@@ -124,8 +125,11 @@ def profile_student(setup: Setup, captured: Captured, workspace: Workspace) -> P
         return Profiled(None)
     if recipe.structure == "channel":  # a budget no selection reaches is refused before the table's cost
         check_budget_reachable(setup, captured, workspace)
-    workspace.say("profiling per-layer latency on the target ...")
-    table = profile(captured.student.eval(), (setup.example,), setup.target, recipe.profile_step,
+    fp32_costs = setup.table_target is not setup.target
+    workspace.say("profiling per-layer latency on the target" + (
+        f" at {recipe.table_precision} (channels chosen on {recipe.table_precision} costs, the budget met as "
+        f"{recipe.shipped_precision} measures)" if fp32_costs else "") + " ...")
+    table = profile(captured.student.eval(), (setup.example,), setup.table_target, recipe.profile_step,
                            progress=workspace.progress and not workspace.quiet and sys.stderr.isatty(),
                            analysis=analyze(captured.graph))
     table.save(workspace.out_dir / "latency_table.json")

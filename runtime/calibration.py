@@ -19,6 +19,7 @@ from .table import Calibration, LatencyTable, ProfileError, check_finite
 __all__ = [
     "CALIBRATION_FRACTIONS",
     "calibration_samples",
+    "call_cost_ms",
     "compact_at_widths",
     "fit_calibration",
     "fixed_costs",
@@ -106,10 +107,26 @@ def calibration_samples(target: Target, model: nn.Module, inputs: tuple[torch.Te
             for compact, key in zip(compacts, keys)]
 
 
-def fixed_costs(table: LatencyTable) -> dict[str, float]:
-    """Per layer signature, the fixed cost (ms) of one isolated run: the measured points fitted
+def call_cost_ms(target: Target, cache: LatencyCache, reference: Reference, warmup: int, rounds: int) -> float | None:
+    """The target's measured per-call cost (ms) of a lone layer, or None where the target gives
+    no case for it (:meth:`~spruce.targets.base.Target.call_cost_case`): its no-work layer timed
+    like the points, interleaved with and scaled to the reference layer, cached with them."""
+    case = target.call_cost_case()
+    if case is None:
+        return None
+    cached = cache.read("model", "call cost").get("ms")
+    if cached is not None:
+        return cached
+    ms = reference.measure(target, [case], warmup, rounds)[0]
+    cache.write("model", "call cost", {"ms": ms})
+    return ms
+
+
+def fixed_costs(table: LatencyTable, call_ms: float | None = None) -> dict[str, float]:
+    """Per layer signature, the fixed cost (ms) of one isolated run: ``call_ms`` (the target's
+    measured per-call cost, :func:`call_cost_ms`) where given, else the measured points fitted
     by ``a + b in + c out + d in out`` (``a + b c`` for a depthwise layer) in least squares,
-    ``a`` clipped to [0, the signature's fastest point]."""
+    ``a``; either clipped to [0, the signature's fastest point]."""
     depthwise = {e.signature: e.depthwise for e in table.layers.values()}
     fixed = {}
     for signature, points in table.points.items():
@@ -117,6 +134,9 @@ def fixed_costs(table: LatencyTable) -> dict[str, float]:
             continue
         grid = np.array(list(points), dtype=np.float64)
         ms = np.array(list(points.values()))
+        if call_ms is not None:
+            fixed[signature] = float(np.clip(call_ms, 0.0, ms.min()))
+            continue
         if depthwise.get(signature, False) or len(points) < 4:
             design = np.c_[np.ones(len(grid)), grid[:, 0]]
         else:
@@ -126,11 +146,12 @@ def fixed_costs(table: LatencyTable) -> dict[str, float]:
     return fixed
 
 
-def fit_calibration(table: LatencyTable, samples: Sequence[Mapping[str, Any]]) -> Calibration:
+def fit_calibration(table: LatencyTable, samples: Sequence[Mapping[str, Any]],
+                    call_ms: float | None = None) -> Calibration:
     """Fit ``scale``, ``ms_per_melement``, ``ms_per_mweight`` and ``overhead_ms`` to
     whole-model measurements by non-negative least squares on relative errors (every sample
     weighs by its relative error); isolated timings enter less their signature's fixed cost
-    (:func:`fixed_costs`).
+    (:func:`fixed_costs` with ``call_ms``).
 
     Every coefficient of the result is >= 0 and ``scale`` > 0, so no configuration's
     prediction and no layer's share can be negative. Without samples the identity calibration
@@ -138,7 +159,7 @@ def fit_calibration(table: LatencyTable, samples: Sequence[Mapping[str, Any]]) -
     Raises :class:`ProfileError` for a sample with a non-positive or non-finite time."""
     if not samples:
         return Calibration()
-    base = Calibration(fixed_ms=fixed_costs(table))
+    base = Calibration(fixed_ms=fixed_costs(table, call_ms))
     features, measured = [], []
     for sample in samples:
         ms = sample["ms"]

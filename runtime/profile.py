@@ -20,16 +20,21 @@ How the grid stays cheap without losing accuracy:
 
 Isolated layers are not the model: each isolated run pays the runtime's per-run cost and
 layout conversions and the model has operators that are not profiled layers (pooling,
-additions, activations). ``profile`` therefore times a few whole compact models (dense,
-uniform widths, random widths) and fits, in relative non-negative least squares,
+additions, activations). (An INT8 target times a lone layer as the whole INT8 graph runs it,
+integer tensors in and out, without the quantize, dequantize and layout work of its fp32
+boundary: :meth:`~spruce.targets.onnxruntime.OnnxRuntimeCPU.model_runner`.) ``profile``
+therefore times a few whole compact models (dense, uniform widths, random widths) and fits,
+in relative non-negative least squares,
 
     predict(widths) = overhead_ms + sum over layers of calls * layer_ms(layer, in, out)
     layer_ms(layer, in, out) = scale * max(isolated_ms(layer, in, out) - fixed_ms[signature], 0)
                                + ms_per_element * activation_elements(in, out)
                                + ms_per_weight * weight_elements(in, out)
 
-``fixed_ms`` is each layer signature's fixed cost per isolated run (its grid extrapolated to
-zero channels: thread hand-off, allocation), which the whole model does not pay per layer;
+``fixed_ms`` is each layer signature's fixed cost per isolated run, which the whole model does
+not pay per layer: the target's measured per-call cost where it gives a no-work layer to time
+(:meth:`~spruce.targets.base.Target.call_cost_case`: the INT8 ONNX Runtime target), else the
+signature's grid extrapolated to zero channels (thread hand-off, allocation);
 ``activation_elements`` counts the layer's input and output activation elements and
 ``weight_elements`` its weights (which a whole model streams from memory while an isolated
 layer finds them in cache). ``scale``, ``ms_per_element``, ``ms_per_weight`` and
@@ -62,7 +67,7 @@ from torch import nn
 
 from ..targets.base import Target, get_target
 from .cache import LatencyCache, default_cache_dir
-from .calibration import calibration_samples, fit_calibration
+from .calibration import calibration_samples, call_cost_ms, fit_calibration
 from .layers import find_layers, make_entry, varying_dims
 from .measure import Reference, measure_points
 from .options import ProfileConfig
@@ -155,9 +160,11 @@ def _profile(model: nn.Module, inputs: tuple[torch.Tensor, ...], target: Target,
     samples = calibration_samples(target, model, inputs, analysis, table, cache, reference, step=config.step,
                                   seed=config.seed, random_count=config.calibration_random,
                                   warmup=config.model_warmup, rounds=config.model_repeats, progress=progress)
-    calibration = fit_calibration(table, samples)
+    call_ms = call_cost_ms(target, cache, reference, config.warmup, config.repeats)
+    calibration = fit_calibration(table, samples, call_ms)
     info = {**table.info, "reference": {"signature": reference.signature, "point": list(reference.point),
-                                        "ms": reference.level}}
+                                        "ms": reference.level},
+            **({"call_ms": call_ms} if call_ms is not None else {})}
     return LatencyTable(entries, points, fingerprint, calibration, config.step, info)
 
 

@@ -193,6 +193,16 @@ class Target(ABC):
     # The precisions its artifacts can run at (checked by check_precision before any work).
     precisions: ClassVar[tuple[str, ...]] = ("fp32",)
 
+    def call_cost_case(self) -> tuple[nn.Module, tuple[torch.Tensor, ...]] | None:
+        """A one-layer model that does next to no work, or None (the default).
+
+        Timed through :meth:`model_runner` like any lone layer, its figure is the cost every
+        isolated layer timing carries per call beyond the layer's work (the runtime's per-run
+        cost), which profiling then subtracts from each isolated timing instead of extrapolating
+        each layer signature's timings to zero channels
+        (:func:`~spruce.runtime.calibration.fixed_costs`)."""
+        return None
+
     def unavailable_reason(self) -> str | None:
         """Why this target cannot run here, or None when it can."""
         return None

@@ -36,6 +36,7 @@ from .quantize import (
     Precision,
     count_samples,
     cpu_isa_flags,
+    integer_layer,
     integer_mac_share,
     quantization_mode,
     quantize_onnx,
@@ -473,11 +474,26 @@ class OnnxRuntimeCPU(Target):
         self.save_optimized = bool(save_optimized)
         self.pinned_cpus = timing_cpus(self.threads) if pin_threads else None
 
+    def call_cost_case(self) -> tuple[nn.Module, tuple[torch.Tensor, ...]] | None:
+        """At INT8, a 1x1 convolution of one channel on one pixel: a lone layer timed as the whole
+        graph runs it (:meth:`model_runner`) carries ONNX Runtime's per-run cost, which the
+        whole model pays once; extrapolating a signature's timings to zero channels overshoots
+        it there (clipped to the signature's fastest point, a layer's narrowest widths would
+        cost nothing). fp32 tables keep the extrapolation (None)."""
+        if self.precision != "int8":
+            return None
+        generator = torch.Generator().manual_seed(0)
+        layer = nn.Conv2d(1, 1, 1, bias=False)
+        with torch.no_grad():
+            layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator))
+        return layer, (torch.randn(1, 1, 1, 1, generator=generator),)
+
     def fingerprint(self) -> dict[str, str]:
         pinned = ",".join(map(str, self.pinned_cpus)) if self.pinned_cpus else "off"
         return {**super().fingerprint(), "onnxruntime": ort.__version__, "threads": str(self.threads),
                 "optimization": self.optimization, "spinning": str(self.spinning), "pinned cpus": pinned,
-                "precision": self.precision, "isa": ",".join(cpu_isa_flags()) or "unknown"}
+                "precision": self.precision, "isa": ",".join(cpu_isa_flags()) or "unknown",
+                **({"int8 layers": "integer in and out"} if self.precision == "int8" else {})}
 
     def caller_cpu(self) -> int | None:
         return self.pinned_cpus[0] if self.pinned_cpus else None
@@ -589,24 +605,51 @@ class OnnxRuntimeCPU(Target):
         """A session on ``model`` exported to ``stem.onnx``, for timing only: the file is
         checked by ``onnx.checker`` but not compared with torch (that is :meth:`build`'s job
         for artifacts), which halves the cost of timing many small models (profiling). A lone
-        Conv/Linear layer is written directly (:func:`layer_onnx`), without a trace."""
+        Conv/Linear layer is written directly (:func:`layer_onnx`), without a trace. At INT8 a lone
+        layer is timed as a whole INT8 model runs it: integer tensors in and out, without the
+        quantize, dequantize and layout transposes of its fp32 boundary (:meth:`_integer_layer`);
+        the runner's input is then an integer tensor in ONNX Runtime's layout (NHWC for a
+        convolution), and so is its output."""
         path = Path(str(stem) + self.suffix)
         single = layer_onnx(model, example_inputs[0], self.dynamic_batch) if len(example_inputs) == 1 else None
         if single is not None:
             onnx.save(single, str(path))
         else:
             export_onnx(model.eval(), tuple(example_inputs), path, dynamic_batch=self.dynamic_batch)
+        feed_shape = None
         if self.precision == "int8":  # timed as it ships; the example calibrates (scales do not change speed)
             fp32_path, path = path, Path(str(stem) + ".int8" + self.suffix)
             quantize_onnx(fp32_path, path, [tuple(example_inputs)], self.calibration)
+            if single is not None:
+                path, feed_shape = self._integer_layer(path, tuple(example_inputs[0].shape))
         session = self.session(path, timing=True)
         names = [i.name for i in session.get_inputs()]
         feed = {n: _as_numpy(v) for n, v in zip(names, example_inputs)}
+        if feed_shape is not None:  # the lone layer's integer input: any values time alike
+            integer = np.random.default_rng(0).integers(0, 256, size=feed_shape)
+            feed = {names[0]: integer.astype(_NUMPY_TYPES[session.get_inputs()[0].type])}
 
         def run(inputs: Sequence[Any]) -> list[np.ndarray]:
             return session.run(None, {n: _as_numpy(v) for n, v in zip(names, inputs)})
 
         return run, [feed[n] for n in names]
+
+    def _integer_layer(self, quantized: Path, input_shape: tuple[int, ...]) -> tuple[Path, tuple[int, ...] | None]:
+        """The lone INT8 layer in ``quantized`` as a whole INT8 model runs it (integer NHWC tensors in and
+        out, :func:`~spruce.targets.quantize.integer_layer`), written next to it, and its input's shape;
+        ``(quantized, None)`` where ONNX Runtime runs no boundary to remove."""
+        optimized = quantized.with_suffix(".opt.onnx")
+        options = self._options()
+        options.optimized_model_filepath = str(optimized)
+        options.log_severity_level = 3  # ORT warns that the saved graph is for this CPU: it is, and only timed here
+        ort.InferenceSession(str(quantized), sess_options=options, providers=["CPUExecutionProvider"])
+        before = onnx.load(str(optimized))
+        stripped, shape = integer_layer(before, input_shape)
+        if len(stripped.graph.node) == len(before.graph.node):
+            return quantized, None
+        path = quantized.with_suffix(".integer.onnx")
+        onnx.save(stripped, str(path))
+        return path, shape
 
     def load(self, artifact: Artifact) -> Runner:
         return self._load(artifact, timing=False)
@@ -640,6 +683,8 @@ class OnnxRuntimeCPU(Target):
 
         return run
 
+
+_NUMPY_TYPES = {"tensor(uint8)": np.uint8, "tensor(int8)": np.int8}
 
 _OPT_LEVELS = {
     "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,

@@ -87,6 +87,7 @@ __all__ = [
     "SampleReader",
     "count_samples",
     "cpu_isa_flags",
+    "integer_layer",
     "integer_mac_share",
     "layer_sensitivity",
     "quantization_mode",
@@ -364,6 +365,76 @@ def _first_rows(samples: Sequence[Sequence[Any]], rows: int) -> list[tuple[np.nd
         if count >= rows:
             break
     return taken
+
+
+# --- a lone layer as the whole INT8 graph runs it ------------------------------------------
+
+# Nodes at a lone quantized layer's graph input / output that the whole INT8 model does not run
+# per layer: there, consecutive layers hand each other uint8 tensors in ONNX Runtime's NHWC layout.
+_BOUNDARY_IN = frozenset({"QuantizeLinear", "Transpose"})
+_BOUNDARY_OUT = frozenset({"DequantizeLinear", "Transpose"})
+
+
+def integer_layer(optimized: onnx.ModelProto, input_shape: Sequence[int]) -> tuple[onnx.ModelProto, tuple[int, ...]]:
+    """A lone quantized layer as it runs inside a whole INT8 model, and the shape its input takes.
+
+    ``optimized`` is ONNX Runtime's optimised graph (``optimized_model_filepath``) of a one-layer
+    QDQ model, ``input_shape`` the shape of its fp32 input. ONNX Runtime runs such a file as
+    ``QuantizeLinear -> Transpose (NCHW to NHWC) -> QLinearConv -> Transpose -> DequantizeLinear``,
+    while inside a whole model only the ``QLinearConv`` runs per layer (its neighbours hand it
+    uint8 NHWC tensors; measured on resnet18: one QuantizeLinear and two Transposes in the whole
+    graph). The leading ``QuantizeLinear``/``Transpose`` and trailing ``Transpose``/``DequantizeLinear``
+    nodes are removed, their inner tensors becoming the graph's input and output; the returned
+    shape is ``input_shape`` permuted as the removed transposes permute it. A graph without such
+    nodes (a dynamically quantized matrix product) comes back unchanged. Raises ``ValueError``
+    for a graph that does not have exactly one input and one output."""
+    model = onnx.ModelProto()
+    model.CopyFrom(optimized)
+    graph = model.graph
+    initializers = {t.name for t in graph.initializer}
+    inputs = [i for i in graph.input if i.name not in initializers]
+    if len(inputs) != 1 or len(graph.output) != 1:
+        raise ValueError(f"integer_layer: expected a one-input, one-output layer graph, got {len(inputs)} input(s) "
+                         f"and {len(graph.output)} output(s)")
+    shape = tuple(int(d) for d in input_shape)
+    name, elem_type = inputs[0].name, inputs[0].type.tensor_type.elem_type
+    while True:
+        consumers = [n for n in graph.node if name in n.input]
+        if len(consumers) != 1 or consumers[0].op_type not in _BOUNDARY_IN or consumers[0].input[0] != name:
+            break
+        node = consumers[0]
+        if node.op_type == "Transpose":
+            perm = next(list(a.ints) for a in node.attribute if a.name == "perm")
+            shape = tuple(shape[p] for p in perm)
+        else:
+            elem_type = _zero_point_type(graph, node)
+        name = node.output[0]
+        graph.node.remove(node)
+    output, out_type = graph.output[0].name, graph.output[0].type.tensor_type.elem_type
+    while True:
+        producer = next((n for n in graph.node if output in n.output), None)
+        if producer is None or producer.op_type not in _BOUNDARY_OUT or \
+                sum(producer.input[0] in n.input for n in graph.node) != 1:
+            break
+        if producer.op_type == "DequantizeLinear":
+            out_type = _zero_point_type(graph, producer)
+        output = producer.input[0]
+        graph.node.remove(producer)
+    graph.ClearField("input")
+    graph.input.append(onnx.helper.make_tensor_value_info(name, elem_type, None))
+    graph.ClearField("output")
+    graph.output.append(onnx.helper.make_tensor_value_info(output, out_type, None))
+    return model, shape
+
+
+def _zero_point_type(graph: onnx.GraphProto, node: onnx.NodeProto) -> int:
+    """The element type of a Quantize/DequantizeLinear node's zero point (its integer side; uint8
+    without one, as ONNX defines)."""
+    if len(node.input) > 2:
+        for tensor in graph.initializer:
+            if tensor.name == node.input[2]:
+                return tensor.data_type
+    return onnx.TensorProto.UINT8
 
 
 # --- which kernels run ------------------------------------------------------------------

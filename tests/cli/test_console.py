@@ -111,6 +111,8 @@ def test_a_subcommand_help_without_importing_torch(name: str, default: str | Non
     (["compile", "--out", "out", "--precision", "int8", "--target", "torch"],
      "--precision int8: target torch does not build int8 artifacts (it takes fp32, fp16, bf16; int8: onnxruntime)"),
     (["compile", "--out", "out", "--precision", "int8", "--target", "tensorrt"], "target tensorrt does not build int8"),
+    (["compile", "--out", "out", "--selection-precision", "int8", "--target", "torch"],
+     "--selection-precision int8: target torch does not build int8 artifacts"),
 ])
 def test_mistakes_in_the_arguments_are_refused_before_torch_is_imported(tmp_path, model_file, argv, message):
     code, out, err, torch_imported = spruce(*argv, cwd=tmp_path)

@@ -39,3 +39,16 @@ def test_the_recipe_sets_the_precision_on_the_target_that_takes_it():
 def test_a_recipe_refuses_a_precision_its_target_cannot_build(fields, message):
     with pytest.raises(RecipeError, match=message):
         Recipe.from_mapping(fields)
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"precision": "int8", "selection_precision": "fp32", "budget": {"flops": 0.5}},
+     "selection_precision fp32: the precision of the latency table, which only a latency budget profiles"),
+    ({"precision": "int8", "selection_precision": "fp32", "selection_cost": "flops"},
+     "but selection_cost flops steers the knapsack"),
+    ({"target": "torch", "selection_precision": "int8", "budget": {"latency": 0.5}},
+     "selection_precision: target torch: precision 'int8' is not supported"),
+])
+def test_a_recipe_refuses_a_selection_precision_that_cannot_apply(fields, message):
+    with pytest.raises(RecipeError, match=message):
+        Recipe.from_mapping(fields)

@@ -224,6 +224,16 @@ def test_fixed_costs_extrapolate_the_grid_to_zero_channels():
     assert fixed_costs(slow_start)["sig"] == pytest.approx(min(slow_start.points["sig"].values()))
 
 
+def test_a_measured_call_cost_replaces_the_extrapolation_never_above_the_fastest_point():
+    table, _, _ = _synthetic_table(lambda i, o: 0.07 + 0.001 * i + 0.002 * o + 0.0004 * i * o)
+    assert fixed_costs(table, call_ms=0.02) == {"sig": pytest.approx(0.02)}
+    fastest = min(table.points["sig"].values())
+    assert fixed_costs(table, call_ms=10 * fastest) == {"sig": pytest.approx(fastest)}
+    truth = lambda iso, weights: 0.3 + 1.2 * (iso - 0.02)  # noqa: E731
+    cal = fit_calibration(table, _samples(table, truth, WIDTHS), call_ms=0.02)
+    assert cal.fixed_ms == {"sig": pytest.approx(0.02)} and cal.scale == pytest.approx(1.2, rel=1e-5)
+
+
 def test_calibration_recovers_positive_coefficients():
     table, _, _ = _synthetic_table(lambda i, o: 0.1 + 0.003 * (i + o) + 0.01 * i * o / 8)
     fixed = fixed_costs(table)["sig"]
@@ -302,6 +312,16 @@ def test_layers_found_with_shapes_and_pinned_dims(twin, profiled):
     assert (head.in_channels, head.out_channels, head.out_varies) == (16, 10, False)
     assert dw.depthwise and dw.multiplier == 1
     assert stem.in_elements == 16 * 16 and head.in_elements == 1
+
+
+def test_an_int8_table_subtracts_the_measured_call_cost_and_an_fp32_one_extrapolates(twin, profiled, tmp_path):
+    table, _, _ = profiled
+    assert "call_ms" not in table.info and table.calibration.fixed_ms == fixed_costs(table)
+    int8 = profile(*twin, OnnxRuntimeCPU(threads=1, precision="int8"), step=8, cache_dir=tmp_path, **FAST)
+    call_ms = int8.info["call_ms"]
+    assert call_ms > 0
+    assert int8.calibration.fixed_ms == {s: pytest.approx(min(call_ms, min(p.values())))
+                                         for s, p in int8.points.items()}
 
 
 def test_cache_hit_times_nothing(twin, profiled):

@@ -200,8 +200,49 @@ def test_timing_at_int8_times_the_integer_graph(tmp_path, which):
     model = resnet_like() if which == "model" else nn.Conv2d(3, 16, 3, padding=1).eval()
     example = (_inputs(2, 0),)
     runner, inputs = OnnxRuntimeCPU(threads=1, precision="int8").model_runner(model, example, tmp_path / "m")
-    assert runner(inputs)[0].shape == model(example[0]).shape
-    assert integer_mac_share(tmp_path / "m.int8.onnx", inputs).integer_share >= MIN_INTEGER_SHARE
+    if which == "model":
+        assert runner(inputs)[0].shape == model(example[0]).shape
+    assert integer_mac_share(tmp_path / "m.int8.onnx", [example[0].numpy()]).integer_share >= MIN_INTEGER_SHARE
+
+
+def test_the_int8_call_cost_is_a_lone_integer_layer_that_does_no_work(tmp_path):
+    """An INT8 table subtracts the runtime's per-call cost measured on a no-work layer timed the same
+    way (one QLinearConv of one channel on one pixel); fp32 tables keep the zero-channel extrapolation."""
+    assert OnnxRuntimeCPU(threads=1).call_cost_case() is None
+    target = OnnxRuntimeCPU(threads=1, precision="int8")
+    layer, example = target.call_cost_case()
+    runner, inputs = target.model_runner(layer, example, tmp_path / "m")
+    assert [n.op_type for n in onnx.load(str(tmp_path / "m.int8.integer.onnx")).graph.node] == ["QLinearConv"]
+    assert runner(inputs)[0].shape == (1, 1, 1, 1) and inputs[0].dtype == np.uint8
+
+
+def test_a_lone_int8_layer_is_timed_as_the_whole_graph_runs_it(tmp_path):
+    """Inside a whole INT8 model a convolution takes and gives uint8 NHWC tensors; alone, ONNX Runtime
+    would also quantize its fp32 input, transpose it to NHWC and back and dequantize the output,
+    work proportional to the activations that the whole model does not do per layer. The timed
+    lone layer is the integer kernel alone, and it computes what the quantized layer computes."""
+    conv = nn.Conv2d(8, 16, 3, stride=2, padding=1).eval()
+    x = torch.rand(1, 8, 10, 12)
+    runner, inputs = OnnxRuntimeCPU(threads=1, precision="int8").model_runner(conv, (x,), tmp_path / "m")
+    assert inputs[0].dtype == np.uint8 and inputs[0].shape == (1, 10, 12, 8)
+    timed = onnx.load(str(tmp_path / "m.int8.integer.onnx"))
+    assert [n.op_type for n in timed.graph.node] == ["QLinearConv"]
+    out = runner(inputs)[0]
+    assert out.dtype == np.uint8 and out.shape == (1, 5, 6, 16)
+    # the same integers as the whole quantized layer, whose boundary nodes do the rest
+    import onnxruntime as ort
+
+    whole = ort.InferenceSession(str(tmp_path / "m.int8.onnx"), providers=["CPUExecutionProvider"])
+    graph = onnx.load(str(tmp_path / "m.int8.onnx")).graph
+    values = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
+    quantize = next(n for n in graph.node if n.input[0] == graph.input[0].name)
+    dequantize = next(n for n in graph.node if n.output[0] == graph.output[0].name)
+    scale_in, zero_in = (values[name] for name in quantize.input[1:3])
+    real = (inputs[0].transpose(0, 3, 1, 2).astype(np.float32) - zero_in) * scale_in
+    expected = whole.run(None, {whole.get_inputs()[0].name: real})[0]
+    scale_out, zero_out = (values[name] for name in dequantize.input[1:3])
+    got = (out.transpose(0, 3, 1, 2).astype(np.float32) - zero_out) * scale_out
+    np.testing.assert_allclose(got, expected, atol=1e-6)
 
 
 def test_a_cpu_without_a_u8s8_dot_product_keeps_7_bit_weights(built, tmp_path):
