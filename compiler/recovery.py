@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..api.budget import reestimate_batchnorm as reestimate_running_stats
 from .datasets import inputs_of
 from .outputs import OutputPlan, calibrate_scales, distill_loss, flatten_outputs
 from .training import cosine_schedule, train_step
@@ -66,30 +67,11 @@ class RecoveryLog:
                 "seconds": self.seconds, "teacher_scales": self.teacher_scales}
 
 
-@torch.no_grad()
 def reestimate_batchnorm(model: nn.Module, batches: Iterable, max_batches: int = BN_BATCHES) -> int:
     """Recompute every BatchNorm's running mean/var of ``model`` from ``batches`` (inputs or
     (inputs, targets)); returns how many BatchNorm layers were re-estimated. The model's
-    mode and each layer's momentum are restored."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    if not norms:
-        return 0
-    was_training = model.training
-    momenta = [m.momentum for m in norms]
-    for norm in norms:
-        norm.reset_running_stats()
-        norm.momentum = None  # cumulative moving average over the calibration batches
-    model.train()
-    try:
-        for index, batch in enumerate(batches):
-            if index >= max_batches:
-                break
-            model(inputs_of(batch))
-    finally:
-        for norm, momentum in zip(norms, momenta):
-            norm.momentum = momentum
-        model.train(was_training)
-    return len(norms)
+    mode and each layer's momentum are restored (:func:`spruce.api.budget.reestimate_batchnorm`)."""
+    return reestimate_running_stats(model, batches, max_batches, inputs_of)
 
 
 def cross_entropy_loss(outputs: Any, batch: Any) -> torch.Tensor:

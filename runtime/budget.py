@@ -11,8 +11,8 @@ measured latency; a selection is accepted when
     0.9 * B  <=  measured compact / measured dense  <=  1.05 * B.
 
 When the measured ratio falls outside that band, the knapsack's aim (a budget in predicted
-ms) is re-aimed from the measurements: by the secant between the two nearest attempts on
-either side of the band, else by scaling with B / measured ratio. When no configuration
+ms) is re-aimed from the measurements: by the secant between the predicted costs of the two
+nearest attempts on either side of the budget, else by scaling with B / measured ratio. When no configuration
 reaches ``1.05 * B`` (the smallest configuration the knapsack can choose is measured too),
 :class:`~spruce.passes.sparsity.knapsack.InfeasibleBudget` is raised naming the smallest
 reachable measured latency, before anything else (recovery, export) runs.
@@ -195,7 +195,7 @@ def meet_latency_budget(
         cost, importance, required = tie_problem(cost, scores, ties, required)
     sample = table.step if cost.kind == "latency" and table is not None else 1
     dense_predicted = cost.dense()
-    floor_predicted = minimum_cost(cost, round_to=round_to, sample=sample, required=required)
+    floor_predicted = minimum_cost(cost, round_to=round_to, sample=sample, required=required, candidates=candidates)
     low, high = BAND_LOW * budget, BAND_HIGH * budget
     options = dict(round_to=round_to, sample=sample, candidates=candidates, required=required)
 
@@ -352,18 +352,26 @@ def _infeasible(budget: float, target: Target, batch_size: int, smallest: Attemp
 
 
 def _reaim(attempts: Sequence[Attempt], aim: float, budget: float, floor: float, dense: float) -> float:
-    """The next aim (cost units): secant through the nearest attempts on either side of the
-    budget, else the last aim scaled by budget / measured ratio; within [floor, dense]."""
+    """The next aim (cost units): with attempts on both sides of the budget, the secant through
+    the nearest ones, interpolated in their *predicted* costs (the selections' costs, not the
+    aims: every aim from a selection's cost up to the next selection's gives the same
+    selection, so a secant between aims can land on an aim that selects the selection above
+    again, forever) and kept strictly inside the aims not yet known to give one of the two:
+    above the largest aim that gave the selection below, below the cost of the selection above
+    (the middle of that interval when the secant leaves it). Else the last aim scaled by budget /
+    measured ratio. Within [floor, dense]."""
     below = [a for a in attempts if a.ratio < budget]
     above = [a for a in attempts if a.ratio > budget]
     if below and above:
         lo = max(below, key=lambda a: a.ratio)
         hi = min(above, key=lambda a: a.ratio)
-        if hi.aim != lo.aim and hi.ratio != lo.ratio:
-            nxt = lo.aim + (budget - lo.ratio) * (hi.aim - lo.aim) / (hi.ratio - lo.ratio)
-            if min(lo.aim, hi.aim) < nxt < max(lo.aim, hi.aim):
-                return nxt
-        return (lo.aim + hi.aim) / 2
+        start = max([lo.predicted] + [a.aim for a in below if a.predicted == lo.predicted])
+        stop = hi.predicted
+        if hi.ratio != lo.ratio and hi.predicted != lo.predicted:
+            nxt = lo.predicted + (budget - lo.ratio) * (hi.predicted - lo.predicted) / (hi.ratio - lo.ratio)
+            if start < nxt < stop:
+                return float(np.clip(nxt, floor, dense))
+        return float(np.clip((start + stop) / 2, floor, dense))
     last = attempts[-1]
     return float(np.clip(aim * budget / last.ratio, floor, dense))
 

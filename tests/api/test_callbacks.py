@@ -91,6 +91,7 @@ def test_lightning_callback_resumes_bitwise_and_exports(tmp_path):
     assert resumed.sparse.step_count == 12
     assert all(torch.equal(a, b) for a, b in zip(masks(whole.sparse), masks(resumed.sparse)))
     assert whole.sparse.metrics == resumed.sparse.metrics
+    assert whole.sparse.loss_guard.state_dict() == resumed.sparse.loss_guard.state_dict()
     assert same_state(whole.result, resumed.result)
     exports(resumed.result, tmp_path)
 
@@ -108,16 +109,21 @@ class Pairs(torch.utils.data.Dataset):
         return {"pixel_values": self.inputs[index], "labels": self.labels[index]}
 
 
-def hf_train(folder, resume: str | None = None):
+def hf_train(folder, resume: str | None = None, max_steps: int = 12, hook_loss: bool = True, logging_steps: int = 500):
     from spruce.api.hf_trainer import SparseTrainerCallback
 
     torch.manual_seed(0)
     callback = SparseTrainerCallback(Net(), EXAMPLE, spruce.SETConfig(), sparsity=0.8)
     args = transformers.TrainingArguments(
-        str(folder), max_steps=12, save_steps=6, per_device_train_batch_size=8, gradient_accumulation_steps=2,
-        learning_rate=0.05, use_cpu=True, report_to=[], remove_unused_columns=False, disable_tqdm=True, seed=0)
+        str(folder), max_steps=max_steps, save_steps=6, per_device_train_batch_size=8, gradient_accumulation_steps=2,
+        learning_rate=0.05, use_cpu=True, report_to=[], remove_unused_columns=False, disable_tqdm=True, seed=0,
+        logging_steps=logging_steps)
+
+    def cross_entropy(outputs, labels, **_):
+        return F.cross_entropy(outputs, labels)
+
     trainer = transformers.Trainer(model=callback.model, args=args, train_dataset=Pairs(), callbacks=[callback],
-                                   compute_loss_func=lambda outputs, labels, **_: F.cross_entropy(outputs, labels))
+                                   compute_loss_func=callback.loss_func(cross_entropy) if hook_loss else cross_entropy)
     trainer.train(resume_from_checkpoint=resume)
     return callback
 
@@ -125,17 +131,45 @@ def hf_train(folder, resume: str | None = None):
 def test_hf_trainer_callback_resumes_bitwise_and_exports(tmp_path):
     whole = hf_train(tmp_path)
     assert whole.sparse.step_count == 12 and whole.sparse.total_steps == 12
+    assert whole.sparse.loss_guard.seen == 12  # the wrapped compute_loss_func fed the guard every step
     assert updated_before(whole.sparse, 6)
     checkpoint = tmp_path / "checkpoint-6"
     assert (checkpoint / "spruce-sparse.pt").is_file()
     resumed = hf_train(tmp_path, resume=str(checkpoint))
     assert all(torch.equal(a, b) for a, b in zip(masks(whole.sparse), masks(resumed.sparse)))
     assert whole.sparse.metrics == resumed.sparse.metrics
+    assert whole.sparse.loss_guard.state_dict() == resumed.sparse.loss_guard.state_dict()
     assert same_state(whole.result, resumed.result)
     exports(resumed.result, tmp_path)
     (checkpoint / "spruce-sparse.pt").unlink()
     with pytest.raises(FileNotFoundError, match="spruce-sparse.pt"):
         hf_train(tmp_path, resume=str(checkpoint))
+
+
+def test_hf_trainer_logged_loss_feeds_the_loss_guard(tmp_path):
+    # no loss in the model's outputs and no wrapped loss function: the Trainer's logged loss (every 3
+    # steps, the mean of those steps) is given to the guard once per step it covers
+    callback = hf_train(tmp_path, max_steps=6, hook_loss=False, logging_steps=3)
+    guard = callback.sparse.loss_guard
+    assert guard.seen == 6
+    assert guard.first[0] == guard.first[2] and guard.first[3] == guard.first[5] and guard.first[0] != guard.first[3]
+
+
+def test_a_loss_in_the_model_outputs_is_kept_for_the_guard():
+    from spruce.api.hf_trainer import SparseSlot
+
+    class WithLoss(nn.Module):
+        def forward(self, x):
+            return {"loss": x.mean(), "logits": x}
+
+    slot = SparseSlot(WithLoss())
+    slot.train()
+    slot(torch.ones(2, 3))
+    slot(torch.zeros(2, 3))  # two micro-batches of one optimizer step: their mean
+    assert float(slot.pop_loss()) == 0.5 and slot.pop_loss() is None
+    slot.eval()
+    slot(torch.ones(2, 3))  # evaluation losses are not training losses
+    assert slot.pop_loss() is None
 
 
 # ---- which optimizer steps count -----------------------------------------------------------------

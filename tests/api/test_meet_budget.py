@@ -32,8 +32,10 @@ def test_a_selection_within_the_budget_stands():
     x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     sm = channel_model(sparsity=0.5, width=64, x=x)
     masks = [unit.mask.clone() for unit in sm.units]
-    check = spruce.meet_budget(sm, x, "onnxruntime", budget=1.0)
+    running_mean = sm.get_submodule("graph.1").running_mean.clone()
+    check = spruce.meet_budget(sm, x, "onnxruntime", budget=1.0, calibration=[x.repeat(4, 1, 1, 1)])
     assert not check.re_aimed and check.attempts == 1 and check.ratio <= 1.05
+    assert check.batchnorm_reestimated == 0 and torch.equal(sm.get_submodule("graph.1").running_mean, running_mean)
     assert check.measured_ms > 0 and check.measured_dense_ms > 0
     assert all(torch.equal(a, u.mask) for a, u in zip(masks, sm.units))  # left as it was
     assert sm.training  # the SparseModel's mode is kept
@@ -66,10 +68,28 @@ def test_a_selection_above_the_budget_is_re_aimed_over_its_kept_channels():
     sm = spruce.sparsify(wide, x, spruce.StaticConfig(init="magnitude"), structure="channel", sparsity=0.1,
                          distribution="uniform")
     before = [unit.mask.clone() for unit in sm.units]
-    check = spruce.meet_budget(sm, x, "onnxruntime", budget=0.5)
-    assert check.re_aimed and check.method_ratio > 0.525
+    check = spruce.meet_budget(sm, x, "onnxruntime", budget=0.5, calibration=[torch.randn(4, 3, 48, 48)])
+    assert check.re_aimed and check.method_ratio > 0.525 and check.batchnorm_reestimated == 3
     assert check.ratio <= 1.05 * 0.5 and check.attempts >= 2
     for old, unit in zip(before, sm.units):  # only kept channels were chosen from
         assert not bool((unit.mask & ~old).any())
     compact = sm.compact()
     assert sum(p.numel() for p in compact.parameters()) < sum(p.numel() for p in wide.parameters()) / 2
+
+
+def test_batchnorm_is_re_estimated_over_the_calibration_batches():
+    """``reestimate_batchnorm`` (what ``meet_budget(calibration=)`` runs after a re-aim): the running
+    statistics become the plain average over the batches (tensors or tuples of inputs), with no
+    gradient step; momentum and mode are restored."""
+    from spruce.api.budget import reestimate_batchnorm
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 1, bias=False), nn.BatchNorm2d(4)).eval()
+    gen = torch.Generator().manual_seed(1)
+    batches = [torch.randn(5, 3, 6, 6, generator=gen) + k for k in range(3)]
+    weight = model[0].weight.clone()
+    assert reestimate_batchnorm(model, [batches[0], (batches[1],), batches[2]], max_batches=2) == 1
+    with torch.no_grad():
+        means = [model[0](b).mean(dim=(0, 2, 3)) for b in batches[:2]]  # the third is past max_batches
+    assert torch.allclose(model[1].running_mean, sum(means) / 2, atol=1e-5)
+    assert model[1].momentum == 0.1 and not model.training and torch.equal(model[0].weight, weight)
+    assert reestimate_batchnorm(nn.Linear(2, 2), batches) == 0

@@ -157,7 +157,8 @@ def test_optg_takes_the_epoch_length_from_the_loader_or_refuses_at_attach():
     with pytest.raises(ValueError, match="disagrees"):
         sm.attach(optimizer, steps_per_epoch=3, loader=[0] * 4)
     sm.attach(optimizer, loader=[0] * 4)  # 4 batches: 2 epochs of 4 steps
-    assert sm.method.steps_per_epoch == 4 and sm.method.n_epochs() == 2
+    # 2 epochs of 4 steps; a run this short (under MIN_PERIODS epochs) derives its mask every step
+    assert sm.method.steps_per_epoch == 4 and sm.method.period() == 1 and sm.method.n_epochs() == 8
     train(sm, optimizer)
     pruned = sum(int((~layer.masked.mask).sum()) for layer in sm.layers)
     total = sum(layer.masked.mask.numel() for layer in sm.layers)

@@ -146,3 +146,22 @@ def test_batch_size_and_bad_options(setup):
     result = meet_latency_budget(analysis, model, table, Recording(threads=1), 0.9, importance, inputs,
                                  batch_size=3, round_to=8, rounds=1, timing_rounds=3)
     assert result.batch_size == 3 and set(seen) == {(3,)}
+
+
+def test_reaim_steps_inside_the_unexplored_costs():
+    """Measured in issue 30's own loop: aims 2.186 and 2.453 gave selections costing 2.178 (ratio
+    0.446) and 2.326 (0.539); a secant between the *aims* gave 2.341, which selects the 2.326
+    selection again, and so on for every round left (0.446 returned, out of band). The next aim
+    lies strictly between the largest aim known to give the cheaper selection and the dearer
+    selection's cost, by the secant through the selections' costs."""
+    Attempt = budget_module.Attempt
+    lo = Attempt(aim=2.1861, predicted=2.1781, measured_ms=0.446, measured_dense_ms=1.0)
+    hi = Attempt(aim=2.4526, predicted=2.3258, measured_ms=0.539, measured_dense_ms=1.0)
+    again = Attempt(aim=2.3413, predicted=2.3258, measured_ms=0.539, measured_dense_ms=1.0)
+    nxt = budget_module._reaim([lo, hi, again], 2.3413, 0.5, floor=1.0, dense=4.0)
+    assert 2.1861 < nxt < 2.3258
+    assert nxt == pytest.approx(2.1781 + (0.5 - 0.446) * (2.3258 - 2.1781) / (0.539 - 0.446))
+    # an aim above the cheaper selection's cost that gave it again moves the lower end up
+    same_lo = Attempt(aim=2.30, predicted=2.1781, measured_ms=0.446, measured_dense_ms=1.0)
+    nxt = budget_module._reaim([lo, hi, same_lo], 2.30, 0.5, floor=1.0, dense=4.0)
+    assert 2.30 < nxt < 2.3258

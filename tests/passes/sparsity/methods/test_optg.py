@@ -22,6 +22,9 @@ X = torch.randn(2, 4, 8, 8)
 
 
 def make(total, per_epoch, sparsity=0.9, **kw):
+    """OptG deriving its mask once per epoch, as Algorithm 1 (these runs are far shorter than the
+    MIN_PERIODS epochs under which the default derives it more often)."""
+    kw.setdefault("mask_period", "epoch")
     return sparsify(cnn(), X, method="optg", sparsity=sparsity, distribution="global", total_steps=total,
                     steps_per_epoch=per_epoch, **kw)
 
@@ -58,7 +61,7 @@ def test_scores_after_one_step_equal_eq_7_and_10_by_hand():
     model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
     # tau = 10 epochs, alpha = 0.5: P_1 = 0.5 sigma(-2) / sigma(2.5) -> round(0.0645 * 45) = 3 pruned at epoch 1
     sm = sparsify(model, torch.randn(2, 6), method="optg", sparsity=0.5, distribution="global",
-                  total_steps=40, steps_per_epoch=4, alpha=0.5)
+                  total_steps=40, steps_per_epoch=4, alpha=0.5, mask_period="epoch")
     assert n_pruned(sm) == 3
     assert all(torch.equal(layer.masked.scores, torch.zeros_like(layer.masked.scores)) for layer in sm.layers)
     w0 = [layer.module.weight.detach().clone() for layer in sm.layers]
@@ -213,7 +216,7 @@ def test_fixed_layer_budgets_sort_each_layer_on_the_same_schedule(distribution):
     """The budget ablation of §4.4 (Tab. 5): layer sparsities fixed, scores sorted per layer."""
     total, per_epoch, tau = 16, 2, 8
     sm = sparsify(cnn(), X, method="optg", sparsity=0.9, distribution=distribution, total_steps=total,
-                  steps_per_epoch=per_epoch)
+                  steps_per_epoch=per_epoch, mask_period="epoch")
     loop = Loop(sm, seed=5)
     for step in range(1, total):
         loop.step()
@@ -277,7 +280,7 @@ def _five_epochs(how: str, sparsity: float = 0.9, per_epoch: int = 6):
     epochs = 5
     options = {"steps_per_epoch": per_epoch} if how == "sparsify" else {}
     sm = sparsify(cnn(), X, method="optg", sparsity=sparsity, distribution="global",
-                  total_steps=epochs * per_epoch, **options)
+                  total_steps=epochs * per_epoch, mask_period="epoch", **options)
     opt = sgd(sm.parameters())
     if how == "attach":
         sm.attach(opt, steps_per_epoch=per_epoch)
@@ -333,7 +336,7 @@ def test_the_epoch_length_comes_from_a_loader_or_attach_refuses_before_the_run()
     with pytest.raises(ValueError, match=r"epoch length is unknown.*steps_per_epoch=len.loader.*loader=loader"):
         never.attach(sgd(never.parameters()))
     # given at attach before the first step, epoch 1's mask follows the known schedule (tau = 1: the target)
-    once = sparsify(cnn(), X, method="optg", sparsity=0.9, distribution="global", total_steps=3)
+    once = sparsify(cnn(), X, method="optg", sparsity=0.9, distribution="global", total_steps=3, mask_period="epoch")
     assert n_pruned(once) == 0
     once.attach(sgd(once.parameters()), steps_per_epoch=3)
     assert n_pruned(once) == round(0.9 * n_weights(once))
@@ -350,3 +353,28 @@ def test_the_paper_schedule_is_eq_16_as_printed_and_warns_when_it_ends_below_p()
         sm = make(10, 2, schedule="paper")  # tau = 5: P_5 = P / (1 + e^{-1.25}) ~ 0.78 P
     assert sm.method.alpha() == 0.5
     assert sm.method.schedule_factor(5) == pytest.approx(sigmoid(1.25))
+
+
+def test_a_short_run_derives_its_mask_in_min_periods_steps_not_per_epoch():
+    """Issue 30: derived once per epoch, a 10-epoch run's sigmoid (α = 50 / τ) went from 0.6 % to
+    45 % to 89 % sparsity in two derivations. By default a run of fewer than MIN_PERIODS epochs
+    derives it every total_steps // MIN_PERIODS steps (τ counts these periods); a long run, the
+    paper's schedule and mask_period="epoch" keep the epoch; an integer period is used as given."""
+    from spruce.passes.sparsity.methods.optg import MIN_PERIODS
+
+    total, per_epoch = 10 * 20, 20  # 10 epochs of 20 steps
+    short = sparsify(cnn(), X, method="optg", sparsity=0.9, distribution="global", total_steps=total,
+                     steps_per_epoch=per_epoch)
+    period = total // MIN_PERIODS
+    assert short.method.period() == period and short.method.n_epochs() == MIN_PERIODS
+    assert [s for s in range(1, total + 1) if short.method.is_update(s)] == list(range(period, total, period))
+    steps = [short.method.sparsity_at(k + 1) - short.method.sparsity_at(k) for k in range(1, MIN_PERIODS)]
+    assert max(steps) < 0.25  # no derivation prunes more than a quarter of the weights (per epoch: 0.44)
+    assert make(total, per_epoch).method.period() == per_epoch  # mask_period="epoch"
+    assert make(total, per_epoch, schedule="paper").method.period() == per_epoch
+    assert make(total, per_epoch, mask_period=7).method.period() == 7
+    long = sparsify(cnn(), X, method="optg", sparsity=0.9, distribution="global", total_steps=MIN_PERIODS * 2,
+                    steps_per_epoch=2)
+    assert long.method.period() == 2
+    with pytest.raises(ValueError, match="mask_period"):
+        make(total, per_epoch, mask_period=0)
