@@ -121,6 +121,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "tokens when its folder has training.json, else --epochs)")
     parser.add_argument("--seq-len", type=int, default=None, metavar="L",
                         help="a language model's example sequence length (default: the data's)")
+    parser.add_argument("--depth", type=int, default=None, metavar="N",
+                        help="a causal language model's decoder layers removed besides channels, least "
+                             "influential first (default: none unless a latency budget needs them)")
     parser.add_argument("--uniform", action=argparse.BooleanOptionalAction, default=None,
                         help="keep the same channel counts in every layer for groups of one role (heads, MLP "
                              "width), so the result writes back to transformers (default: on for transformers "
@@ -190,7 +193,7 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
             distribution=args.distribution, selection_cost=args.selection_cost, epochs=args.epochs,
             batch_size=args.batch_size, lr=args.lr,
             seed=args.seed, bench_iters=args.bench_iters, recover=args.recover, loss=args.loss,
-            recover_tokens=args.recover_tokens, seq_len=args.seq_len, uniform=args.uniform,
+            recover_tokens=args.recover_tokens, seq_len=args.seq_len, depth=args.depth, uniform=args.uniform,
             evaluate=args.evaluate, prepare=args.prepare, recover_lr=args.recover_lr,
             distill_losses={str(k): str(v) for k, v in args.distill_losses} if args.distill_losses else None,
             outputs={**{k: v.model_dump(exclude_unset=True) for k, v in base.outputs.items()}, **dict(args.outputs)}

@@ -79,6 +79,10 @@ fails before any training. :func:`recipe_schema` is its JSON schema. All keys op
                           (default: 10 % of the dense model's training tokens when its folder
                           has ``training.json``, else the recipe's ``epochs``)
 ``seq_len``               a language model's example sequence length L (default: the data's)
+``depth``                 a causal language model's whole decoder layers removed besides channels,
+                          the least influential first (block influence on calibration batches,
+                          ``spruce.compiler.depth``); default: none unless a latency budget is
+                          below what channels alone reach, then the fewest that reach it
 ``importance_norm``       ``group_mean`` (default): channel importance divided by its group's
                           mean before the knapsack compares groups (raw weight magnitude
                           grows with a layer's fan-in, so early high-resolution layers would
@@ -194,6 +198,7 @@ class Recipe(Config):
     uniform: bool | None = None
     recover_tokens: int | None = Field(None, ge=1)
     seq_len: int | None = Field(None, ge=2, le=_MAX_SIZE)
+    depth: int | None = Field(None, ge=0)
 
     @model_validator(mode="before")
     @classmethod

@@ -194,9 +194,12 @@ class Captured:
 
 @dataclass(frozen=True)
 class Profiled:
-    """The target's latency table (None unless the budget is a latency)."""
+    """The target's latency table (None unless the budget is a latency and the selection is
+    steered by latency), and the whole blocks the budget's reachability check chose to remove
+    (None where no check ran: the selection takes the recipe's ``depth``)."""
 
     table: LatencyTable | None
+    blocks: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -213,6 +216,7 @@ class Sparsified:
     selection: MeasuredSelection | None = None
     importance: str = "magnitude"
     drive: MethodDrive | None = None  # channel: the method re-selecting channels during recovery (sparse set)
+    removed_blocks: tuple[str, ...] = ()  # channel: whole residual blocks removed too (module paths)
 
 
 @dataclass(frozen=True)

@@ -24,9 +24,11 @@ from ..passes.sparsity.uniform import tie_problem, uniform_classes, untie
 from ..runtime.budget import meet_latency_budget, smallest_selectable
 from .activation_importance import activation_importance
 from .channel_methods import drives_channels, sparsify_with_method
+from .depth import block_remover, blocks_for_budget, blocks_to_remove
 from .results import Captured, Profiled, Setup, Sparsified, Workspace
 
-__all__ = ["CHANNEL_IMPORTANCE", "channels_by_magnitude", "check_budget_reachable", "sparsify_student"]
+__all__ = ["CHANNEL_IMPORTANCE", "channel_analysis", "channels_by_magnitude", "check_budget_reachable",
+           "sparsify_student"]
 
 CHANNEL_IMPORTANCE = "l1"  # one-shot channel choice on a trained model: the weights' magnitude
 
@@ -51,12 +53,21 @@ def sparsify_student(setup: Setup, captured: Captured, profiled: Profiled, works
 
 
 
+def channel_analysis(setup: Setup, captured: Captured) -> Any:
+    """The channel groups compile selects from: for a causal LM the hidden width too (the
+    widths its RMSNorms normalise over, ``normalised_widths``), else the default analysis."""
+    return analyze(captured.graph, normalised_widths=setup.is_lm)
+
+
 def channels_by_magnitude(setup: Setup, captured: Captured, profiled: Profiled, method: MethodConfig, total_steps: int,
                      workspace: Workspace) -> Sparsified:
     """Channels kept by magnitude: under a latency budget, the measured closed loop; under a
     FLOPs/params budget, the knapsack; under a sparsity, the top fraction of each group.
     With ``uniform`` (default for transformers models), groups of one role keep one count in
-    every layer (:mod:`spruce.passes.sparsity.uniform`), so the result writes back.
+    every layer (:mod:`spruce.passes.sparsity.uniform`), so the result writes back. A causal
+    LM's groups include its hidden width, and whole decoder layers may go too
+    (:mod:`spruce.compiler.depth`: the blocks the reachability check chose for a latency
+    budget, else the recipe's ``depth``), removed from every timed selection.
 
     Score source: for a causal LM, calibration activations (the recovery data's first batches,
     :func:`spruce.compiler.activation_importance.activation_importance`: each head's / MLP
@@ -67,9 +78,14 @@ def channels_by_magnitude(setup: Setup, captured: Captured, profiled: Profiled, 
     gradient."""
     recipe = setup.recipe
     student, example = captured.student.eval(), setup.example
-    analysis = analyze(captured.graph)
+    analysis = channel_analysis(setup, captured)
     importance, required, scored_by = _channel_importance(setup, student, analysis, workspace)
     ties = uniform_classes(analysis.groups) if setup.uniform else None
+    blocks = profiled.blocks if profiled.blocks is not None else blocks_to_remove(setup, captured)
+    then = block_remover(blocks)
+    if blocks and drives_channels(recipe.structure, setup.mode, recipe.method, recipe.method_named, recipe.budget):
+        raise ValueError(f"method {recipe.method.name} re-selects channels of the whole model: it cannot follow "
+                         f"removed blocks ({', '.join(blocks)}); set depth 0 or leave the method out")
     selection = None
     if recipe.budget and "latency" in recipe.budget:
         workspace.say("choosing channels to meet the latency budget as measured on the target ...")
@@ -78,7 +94,7 @@ def channels_by_magnitude(setup: Setup, captured: Captured, profiled: Profiled, 
         selection = meet_latency_budget(analysis, student, profiled.table, setup.target, recipe.budget["latency"],
                                         importance, (example,), batch_size=recipe.budget_batch_size,
                                         round_to=recipe.round_to, required=required, cost_model=steer, ties=ties,
-                                        reference_target=setup.dense_target)
+                                        reference_target=setup.dense_target, then=then)
         kept, compact = selection.kept, selection.compact
     elif recipe.budget and "decode" in recipe.budget:
         if not setup.is_lm:
@@ -92,7 +108,7 @@ def channels_by_magnitude(setup: Setup, captured: Captured, profiled: Profiled, 
                                         importance, (example,), batch_size=1, round_to=recipe.round_to,
                                         required=required,
                                         cost_model=build_cost_model(steer_kind, student, analysis),
-                                        ties=ties)
+                                        ties=ties, then=then)
         kept, compact = selection.kept, selection.compact
     elif recipe.budget:
         ((kind, fraction),) = recipe.budget.items()
@@ -110,27 +126,41 @@ def channels_by_magnitude(setup: Setup, captured: Captured, profiled: Profiled, 
         kept = keep_top_channels(student, analysis.groups, recipe.sparsity or 0.0, CHANNEL_IMPORTANCE,
                             round_to=recipe.round_to, seed=recipe.seed)
         compact = remove_channels(analysis, student, kept)
+    if then is not None and selection is None:
+        compact = then(compact)
     check_runs(compact, (example,), student, "compact model")
     norm = "" if recipe.importance_norm == "none" else f", divided by its group's mean ({recipe.importance_norm})"
     floor = f"; every group keeps at least {recipe.min_keep:g} of its channels" if required is not None else ""
     scored = f"{scored_by}{norm}" if setup.is_lm else f"{CHANNEL_IMPORTANCE} (weight magnitude{norm})"
-    return Sparsified(method, None, total_steps, compact, kept, selection, f"{scored}{floor}")
+    depth = (f"; blocks removed, least influential first (ShortGPT's block influence on calibration batches): "
+             f"{', '.join(blocks)}") if blocks else ""
+    return Sparsified(method, None, total_steps, compact, kept, selection, f"{scored}{floor}{depth}",
+                      removed_blocks=tuple(blocks))
 
 
-def check_budget_reachable(setup: Setup, captured: Captured, workspace: Workspace) -> None:
+def check_budget_reachable(setup: Setup, captured: Captured, workspace: Workspace) -> tuple[str, ...]:
     """Refuse a latency budget that no channel selection can reach, before a latency table is
     profiled: the smallest selectable model (every group at its fewest channels, ``min_keep``
-    and ``round_to`` as the selection will apply them) is timed against dense on the target
-    (:func:`~spruce.runtime.budget.smallest_selectable`); raises ``InfeasibleBudget`` naming
-    its measured latency when that misses the budget."""
+    and ``round_to`` as the selection will apply them; a causal LM's hidden width among them) is
+    timed against dense on the target (:func:`~spruce.runtime.budget.smallest_selectable`);
+    raises ``InfeasibleBudget`` naming its measured latency when that misses the budget. Returns
+    the whole blocks the selection removes too (:func:`spruce.compiler.depth.blocks_for_budget`:
+    the recipe's ``depth``, or for a causal LM the fewest that make the budget reachable)."""
     recipe = setup.recipe
     workspace.say("checking the latency budget is reachable (timing the smallest selectable model) ...")
     student = captured.student.eval()
-    analysis = analyze(captured.graph)
+    analysis = channel_analysis(setup, captured)
     importance, required, _ = _channel_importance(setup, student, analysis)
-    smallest_selectable(analysis, student, setup.target, recipe.budget["latency"], importance, (setup.example,),
-                        batch_size=recipe.budget_batch_size, round_to=recipe.round_to, required=required,
-                        reference_target=setup.dense_target)
+    # the smallest selection as the selection's own cost model counts it (a causal LM's: parameters)
+    steer = None if recipe.selection_cost == "latency" else build_cost_model(recipe.selection_cost, student, analysis)
+
+    def reach(then: Any) -> object:
+        return smallest_selectable(analysis, student, setup.target, recipe.budget["latency"], importance,
+                                   (setup.example,), batch_size=recipe.budget_batch_size, round_to=recipe.round_to,
+                                   required=required, reference_target=setup.dense_target, then=then,
+                                   cost_model=steer)
+
+    return blocks_for_budget(setup, captured, reach)
 
 
 def _channel_importance(setup: Setup, student: torch.nn.Module, analysis: Any, workspace: Workspace | None = None

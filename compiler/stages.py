@@ -56,7 +56,6 @@ import torch
 from torch import nn
 
 from ..capture.trace import capture
-from ..passes.analysis import analyze
 from ..passes.sparsity.model import StaleOptimizerWarning
 from ..runtime.bench import bench
 from ..runtime.profile import profile
@@ -87,7 +86,7 @@ from .results import (
     Sparsified,
     Workspace,
 )
-from .selection import check_budget_reachable
+from .selection import channel_analysis, check_budget_reachable
 from .training import TrainLog
 
 __all__ = ["bench_artifacts", "build_artifacts", "capture_student", "dense_reference", "evaluate_quantized",
@@ -120,20 +119,24 @@ def profile_student(setup: Setup, captured: Captured, workspace: Workspace) -> P
     the shipped precision; :attr:`Setup.table_target`)."""
     recipe = setup.recipe
     method_needs = drives_channels(recipe.structure, setup.mode, recipe.method, recipe.method_named, recipe.budget)
-    if not (recipe.budget and "latency" in recipe.budget) or (recipe.selection_cost != "latency"
-                                                               and not method_needs):
-        return Profiled(None)
-    if recipe.structure == "channel":  # a budget no selection reaches is refused before the table's cost
-        check_budget_reachable(setup, captured, workspace)
+    latency_budget = bool(recipe.budget and "latency" in recipe.budget)
+    profiles = latency_budget and (recipe.selection_cost == "latency" or method_needs)
+    blocks = None
+    if latency_budget and recipe.structure == "channel" and (profiles or setup.is_lm):
+        # a budget no selection reaches is refused before the table's cost (a causal LM's measured
+        # loop, steered by parameters, would otherwise find out after its rounds)
+        blocks = check_budget_reachable(setup, captured, workspace)
+    if not profiles:
+        return Profiled(None, blocks)
     fp32_costs = setup.table_target is not setup.target
     workspace.say("profiling per-layer latency on the target" + (
         f" at {recipe.table_precision} (channels chosen on {recipe.table_precision} costs, the budget met as "
         f"{recipe.shipped_precision} measures)" if fp32_costs else "") + " ...")
     table = profile(captured.student.eval(), (setup.example,), setup.table_target, recipe.profile_step,
                            progress=workspace.progress and not workspace.quiet and sys.stderr.isatty(),
-                           analysis=analyze(captured.graph))
+                           analysis=channel_analysis(setup, captured))
     table.save(workspace.out_dir / "latency_table.json")
-    return Profiled(table)
+    return Profiled(table, blocks)
 
 
 def recover_student(setup: Setup, reference: Reference, captured: Captured, profiled: Profiled, sparsified: Sparsified,

@@ -34,7 +34,7 @@ from __future__ import annotations
 import functools
 import math
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -152,6 +152,7 @@ def meet_latency_budget(
     first_aim: float | None = None,
     ties: Ties | None = None,
     reference_target: Target | None = None,
+    then: Callable[[nn.Module], nn.Module] | None = None,
 ) -> MeasuredSelection:
     """Channels of ``model`` whose compact model measures within the latency ``budget``.
 
@@ -171,7 +172,10 @@ def meet_latency_budget(
     (:func:`~spruce.passes.sparsity.uniform.uniform_classes`): the groups of each class keep
     one count (uniform counts across layers; not with ``candidates``). ``reference_target``
     (default ``target``) times the dense model, e.g. fp32 while ``target`` times INT8 (see the
-    module doc); the table, if any, is ``target``'s.
+    module doc); the table, if any, is ``target``'s. ``then`` (a compact model -> a smaller
+    one, e.g. whole blocks removed: :func:`spruce.api.depth.remove_blocks`) is applied to every
+    selection's compact model before it is timed and returned; the knapsack's cost model does
+    not see it (the measured loop re-aims by what is timed).
 
     Returns the first selection measured within [0.9, 1.05] x ``budget`` of dense; when the
     rounds run out, the slowest selection measured at most 1.05 x ``budget`` (``in_band``
@@ -208,7 +212,7 @@ def meet_latency_budget(
             selection = untie(selection, scores, ties, group_ids)
         key = tuple(sorted(selection.counts.items()))
         if key not in measured:
-            compact = remove_channels(analysis, model, selection.kept)
+            compact = _compact(analysis, model, selection.kept, then)
             dense_timing, compact_timing = time_against_reference(target, compact, model, timed_inputs,
                                                                   reference_target, warmup, timing_rounds)
             attempt = Attempt(aim, selection.cost, compact_timing.robust_ms(), dense_timing.robust_ms())
@@ -301,6 +305,8 @@ def smallest_selectable(
     warmup: int = 3,
     timing_rounds: int = 15,
     reference_target: Target | None = None,
+    then: Callable[[nn.Module], nn.Module] | None = None,
+    cost_model: CostModel | None = None,
 ) -> Attempt:
     """The smallest configuration a selection can choose (every prunable group of ``analysis``
     at its fewest channels: the ``required`` ones, else one multiple of ``round_to``), timed
@@ -308,21 +314,35 @@ def smallest_selectable(
     :func:`meet_latency_budget` times): its :class:`Attempt` (aim and predicted: the smallest
     MACs). Needs no latency table, so a budget no selection can reach is refused before one is
     profiled. ``reference_target`` (default ``target``) times the dense model, as in
-    :func:`meet_latency_budget` (e.g. fp32 while the compact model is timed INT8). Raises
+    :func:`meet_latency_budget` (e.g. fp32 while the compact model is timed INT8); ``then``
+    as in :func:`meet_latency_budget` (e.g. blocks removed too). ``cost_model`` (default: MACs)
+    finds the fewest channels: it must give every channel a cost (MACs are 0 for a graph that
+    calls linear layers as functions, as torch.export writes a transformer: then every channel
+    is free and the "smallest" keeps all; steer such a model by ``build_cost_model("params",
+    ...)``, as its measured loop is). Raises
     :class:`InfeasibleBudget` (as :func:`meet_latency_budget` does) when it measures above 1.05 x
     ``budget``; ``ValueError`` for a bad budget or batch size."""
     _check_budget_and_batch(budget, batch_size)
     timed_inputs = _timed_inputs(example_inputs, batch_size)
-    cost = build_cost_model("flops", model, analysis)
+    cost = cost_model if cost_model is not None else build_cost_model("flops", model, analysis)
+    if cost_model is None and cost.dense() <= 0:  # no MAC seen: every channel would be free
+        cost = build_cost_model("params", model, analysis)
     floor = minimum_cost(cost, round_to=round_to, required=required)
     selection = select_channels(cost, importance, floor, round_to=round_to, required=required)
-    compact = remove_channels(analysis, model, selection.kept)
+    compact = _compact(analysis, model, selection.kept, then)
     dense_timing, compact_timing = time_against_reference(target, compact, model, timed_inputs, reference_target,
                                                           warmup, timing_rounds)
     attempt = Attempt(floor, selection.cost, compact_timing.robust_ms(), dense_timing.robust_ms())
     if attempt.ratio > BAND_HIGH * budget:
         raise _infeasible(budget, target, batch_size, attempt, cost.unit, reference_target)
     return attempt
+
+
+def _compact(analysis: Any, model: nn.Module, kept: Mapping[int, np.ndarray],
+             then: Callable[[nn.Module], nn.Module] | None) -> nn.Module:
+    """The compact model of a selection (channels removed), then ``then`` applied, if given."""
+    compact = remove_channels(analysis, model, kept)
+    return compact if then is None else then(compact)
 
 
 def _check_budget_and_batch(budget: float, batch_size: int) -> None:

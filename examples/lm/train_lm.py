@@ -137,12 +137,20 @@ def build_model(arch: dict, vocab: int, seq: int, seed: int):
     return LlamaForCausalLM(config)
 
 
-def token_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy (nats) over positions whose target is not -100, and their count."""
+def token_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token cross-entropy (nats) over positions whose target is not -100, and their
+    count (a 0-d tensor, so a compiled step does not leave the graph to read it)."""
     targets = labels[:, 1:]
     loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
                                              ignore_index=-100, reduction="sum")
-    return loss, int((targets != -100).sum())
+    return loss, (targets != -100).sum()
+
+
+def window_loss(model, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`token_sum` of a training batch, run without its attention mask: windows are
+    right-padded, so under causal attention no real token sees a pad and the losses on real tokens
+    equal the masked ones, while attention keeps its fused causal kernel (no mask tensor built)."""
+    return token_sum(model(input_ids=input_ids).logits, labels)
 
 
 @torch.no_grad()
@@ -153,7 +161,7 @@ def perplexity(model, loader) -> float:
     for batch in loader:
         loss, n = token_sum(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
                             batch["labels"])
-        total, count = total + float(loss), count + n
+        total, count = total + float(loss), count + int(n)
     model.train()
     return math.exp(total / count)
 
@@ -178,6 +186,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--tokenizer-chars", type=float, default=8e6,
                         help="characters of training text (seeded order) the tokenizer is trained on")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                        help="torch.compile the training step's forward and backward (about 2x the tokens/s on CPU)")
     parser.add_argument("--splits-only", action="store_true", help="write the text splits and stop")
     args = parser.parse_args(argv)
     started = time.time()
@@ -231,14 +241,15 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{params:,} parameters, arch {arch}, {data.text.recovery_tokens:,} training tokens available, "
           f"budget {budget:,}, ~{steps} steps", flush=True)
     model.train()
+    model.config.use_cache = False
+    training_loss = torch.compile(window_loss, dynamic=False) if args.compile else window_loss
     seen = step = 0
     tick = time.time()
     while seen < budget:
         for batch in data.train:
-            loss, count = token_sum(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
-                                    batch["labels"])
+            loss, count = training_loss(model, batch["input_ids"], batch["labels"])
             (loss / count).backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
@@ -246,7 +257,8 @@ def main(argv: list[str] | None = None) -> dict:
             step += 1
             if step % 50 == 0:
                 rate = seen / (time.time() - tick)
-                print(f"step {step} tokens {seen:,} loss {float(loss) / count:.3f} {rate:,.0f} tok/s", flush=True)
+                print(f"step {step} tokens {seen:,} loss {float(loss / count):.3f} {rate:,.0f} tok/s "
+                      f"{time.strftime('%H:%M:%S')}", flush=True)
             if seen >= budget:
                 break
     train_seconds = time.time() - tick

@@ -12,6 +12,7 @@ under a params budget with distillation.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import subprocess
@@ -78,3 +79,68 @@ def test_compile_a_trained_lm_with_distillation_and_reload_it_with_transformers(
     assert np.abs(onnx_logits - hf_logits).max() <= 1e-4 * max(1.0, float(np.abs(hf_logits).max()))
     program_logits = flatten_outputs(torch.export.load(str(out / "model.pt2")).module()(tokens))[0][1]
     assert np.abs(program_logits.detach().numpy() - hf_logits).max() <= 1e-4 * max(1.0, float(np.abs(hf_logits).max()))
+
+
+def test_a_latency_budget_below_heads_and_mlp_width_is_met_with_hidden_width_and_depth(tiny_lm, tmp_path):
+    """The compile's own stages up to the selection (no recovery, export or bench: cheap): the
+    budget is set below what heads and MLP width alone reach (their smallest selection timed
+    here, as compile used to select), the selection meets it with the hidden width and/or
+    whole decoder layers, and the result writes back to a transformers folder that a fresh
+    process without spruce loads and runs ``generate`` on, equal to the compact model."""
+    import transformers
+    from spruce.api.transformers import to_transformers
+    from spruce.compiler.loading import load_setup
+    from spruce.compiler.recipes import Recipe
+    from spruce.compiler.results import Given, Workspace
+    from spruce.compiler.selection import sparsify_student
+    from spruce.compiler.stages import capture_student, dense_reference, profile_student
+    from spruce.passes.analysis import analyze
+    from spruce.passes.sparsity.knapsack import build_cost_model
+    from spruce.runtime.budget import smallest_selectable
+
+    recipe = Recipe().with_overrides(model=str(tiny_lm.folder), budget={"latency": 0.99}, recover="none", floor=(),
+                                     min_keep=0.0)
+    workspace = Workspace(tmp_path / "work", quiet=True)
+    workspace.out_dir.mkdir()
+    setup = load_setup(recipe, workspace, Given(data=(tiny_lm.train, tiny_lm.held_out)))
+    captured = capture_student(setup, dense_reference(setup, workspace))
+    heads_and_mlp = analyze(captured.graph)  # no hidden width, no depth: what compile selected from before
+    importance = {g.id: np.ones(g.size) for g in heads_and_mlp.groups if g.prunable}
+    smallest = smallest_selectable(heads_and_mlp, captured.student, setup.target, 1.0, importance, (setup.example,),
+                                   cost_model=build_cost_model("params", captured.student, heads_and_mlp))
+    budget = round(min(0.5, 0.85 * smallest.ratio), 3)  # below 1.05 x budget: out of heads and MLP width's reach
+    setup = dataclasses.replace(setup, recipe=setup.recipe.with_overrides(budget={"latency": budget}))
+    profiled = profile_student(setup, captured, workspace)  # the reachability check chooses the blocks
+    sparsified = sparsify_student(setup, captured, profiled, workspace)
+    assert sparsified.removed_blocks == profiled.blocks
+    assert sparsified.selection.ratio <= 1.05 * budget, (sparsified.selection.summary(), budget)
+    written = to_transformers(sparsified.compact, captured.student)
+    config, dense_config = written.config, captured.student.config
+    assert config.num_hidden_layers == dense_config.num_hidden_layers - len(sparsified.removed_blocks)
+    assert config.hidden_size < dense_config.hidden_size or sparsified.removed_blocks
+    tokens = tiny_lm.held_out[0][:2, :40]
+    with torch.no_grad():
+        compact_logits = flatten_outputs(sparsified.compact.eval()(tokens))[0][1]
+        torch.testing.assert_close(written.eval()(tokens).logits, compact_logits, atol=1e-4, rtol=1e-4)
+    folder = tmp_path / "hf"
+    written.save_pretrained(folder)
+    transformers.AutoTokenizer.from_pretrained(tiny_lm.folder).save_pretrained(folder)
+    np.save(tmp_path / "tokens.npy", tokens.numpy())
+    script = textwrap.dedent(f"""
+        import json, sys
+        import numpy as np, torch, transformers
+        model = transformers.AutoModelForCausalLM.from_pretrained({str(folder)!r}).eval()
+        tokenizer = transformers.AutoTokenizer.from_pretrained({str(folder)!r})
+        prompt = tokenizer("def main(", return_tensors="pt")
+        generated = model.generate(**prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        with torch.no_grad():
+            logits = model(torch.from_numpy(np.load({str(tmp_path / "tokens.npy")!r}))).logits
+        np.save({str(tmp_path / "reloaded.npy")!r}, logits.numpy())
+        print(json.dumps({{"new": int(generated.shape[1] - prompt["input_ids"].shape[1]),
+                          "spruce": "spruce" in sys.modules}}))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["new"] == 6 and not result["spruce"]
+    np.testing.assert_allclose(np.load(tmp_path / "reloaded.npy"), compact_logits.numpy(), atol=1e-4, rtol=1e-4)

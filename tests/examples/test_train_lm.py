@@ -33,6 +33,7 @@ def test_the_script_trains_saves_and_the_folder_reloads_and_generates(tmp_path) 
     out, splits = tmp_path / "model", tmp_path / "splits"
     record = train_lm.main(["--corpus", str(corpus), "--out", str(out), "--splits", str(splits), "--vocab", "300",
                             "--seq", "32", "--batch", "4", "--tokens", "600", "--warmup", "2", "--held-out", "0.25",
+                            "--no-compile",
                             "--arch", "hidden=32,layers=1,heads=2,kv_heads=1,intermediate=64,head_dim=16"])
     assert record["corpus"]["documents"] == 12 and record["corpus"]["skipped"] == 2
     assert (record["corpus"]["train_documents"], record["corpus"]["held_out_documents"]) == (9, 3)
@@ -55,6 +56,24 @@ def test_the_script_trains_saves_and_the_folder_reloads_and_generates(tmp_path) 
     with pytest.raises(SystemExit, match="another corpus or seed"):  # splits of a different seed are not mixed in
         train_lm.main(["--corpus", str(corpus), "--splits", str(splits), "--splits-only", "--seed", "1",
                        "--held-out", "0.25"])
+
+
+def test_training_without_the_mask_gives_the_masked_losses_on_right_padded_windows() -> None:
+    arch = train_lm.parse_arch("hidden=32,layers=2,heads=2,kv_heads=1,intermediate=64,head_dim=16")
+    model = train_lm.build_model(arch, 50, 16, seed=0)
+    ids = torch.randint(3, 50, (3, 16), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, 9:], mask[2, 4:] = 0, 0
+    ids = ids.masked_fill(mask == 0, 0)  # right padding with the pad id
+    labels = ids.masked_fill(mask == 0, -100)
+    masked, count = train_lm.token_sum(model(input_ids=ids, attention_mask=mask).logits, labels)
+    unmasked, count_unmasked = train_lm.window_loss(model, ids, labels)
+    assert int(count) == int(count_unmasked) == int(mask[:, 1:].sum())
+    torch.testing.assert_close(unmasked, masked)
+    mask[1, 0] = 0  # a left pad would be seen: the equality holds for right padding only
+    labels = ids.masked_fill(mask == 0, -100)
+    masked, _ = train_lm.token_sum(model(input_ids=ids, attention_mask=mask).logits, labels)
+    assert not torch.allclose(train_lm.window_loss(model, ids, labels)[0], masked)
 
 
 @pytest.mark.skipif(not (MODEL / "training.json").is_file(), reason="the example model is not committed")
