@@ -10,7 +10,13 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["RecordedCall", "Recording", "record_calls"]
+__all__ = ["SINGLE_THREAD_MAX_PARAMS", "RecordedCall", "Recording", "record_calls"]
+
+# Models up to this many parameters are recorded on one intra-op thread. Measured on 2 shared
+# cores at load 4-7 (Llama decoders, batch 2 x 32 tokens): 2 threads took 0.4-0.85 s for 1.9-3.3 M
+# parameters and 0.7-3.9 s for 92 M, one thread 0.02-0.06 s and 0.3-0.4 s (the second thread
+# waits on other processes); above this, a quiet machine's second thread saves more than that.
+SINGLE_THREAD_MAX_PARAMS = 100_000_000
 
 
 @dataclass
@@ -56,7 +62,9 @@ class _FilterSpy(TorchDispatchMode):
 
 def record_calls(model: nn.Module, args: tuple, kwargs: dict, keep: Callable[[str, nn.Module], bool]) -> Recording:
     """Run ``model`` eagerly (no grad, its current mode), recording every call of the modules
-    ``keep`` selects and which modules filter by data."""
+    ``keep`` selects and which modules filter by data. A model of at most
+    :data:`SINGLE_THREAD_MAX_PARAMS` parameters runs on one intra-op thread (the thread count
+    is restored after)."""
     rec = Recording()
     stack: list[str] = []
     handles = []
@@ -72,10 +80,16 @@ def record_calls(model: nn.Module, args: tuple, kwargs: dict, keep: Callable[[st
 
         handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
         handles.append(module.register_forward_hook(post, with_kwargs=True))
+    threads = torch.get_num_threads()
+    small = sum(p.numel() for p in model.parameters()) <= SINGLE_THREAD_MAX_PARAMS
     try:
+        if small:
+            torch.set_num_threads(1)
         with torch.no_grad(), _FilterSpy(stack, rec.filters):
             rec.output = model(*args, **kwargs)
     finally:
+        if small:
+            torch.set_num_threads(threads)
         for h in handles:
             h.remove()
     return rec

@@ -22,11 +22,8 @@ def export_graph(module: nn.Module, args: tuple, kwargs: dict, dynamic_shapes: o
     module.train(training)
     with preserved_state(module), quiet(), no_stderr():  # export prints partial graphs on failure
         ep = torch.export.export(module, args, kwargs or None, dynamic_shapes=dynamic_shapes, strict=False)
-        unlifted = ep.module()
+        unlifted = ep.module(check_guards=False)  # no guard function: one code generation fewer
     graph = unlifted.graph
-    for node in list(graph.nodes):
-        if node.op == "call_module" and node.target == "_guards_fn":
-            graph.erase_node(node)
     _split_dynamic_chunks(graph)
     graph.lint()
     gm = fx.GraphModule(unlifted, graph, type(module).__name__)  # generates its code
