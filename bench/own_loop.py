@@ -210,9 +210,18 @@ distribution, `erk_floor`.
   OptG pass. C, held out, passes for all six (worst -2.8). The loss guard warned on every OptG
   run of B and C (and of B0): under Adam its mask derivations lift the loss above the first
   steps' level (max loss 4.4 on B seed 0) and it recovers; a false alarm, not looked into.
-- The unstructured and dense rows of B and C ran outside the heavy lock at nice 19 (accuracy
-  only, deterministic on one thread: B seed 0 reproduced the probe's figures exactly); HALP,
-  IEE and `meet_budget` (latency tables and measurements) ran under it.
+- Channel methods on C (held out): IEE passes (worst -1.4); HALP misses (seed 1: 0.950 against
+  dense 0.986, -3.6; median -1.7). Not looked into.
+- `meet_budget` (seed 0, under the heavy lock, 57 s, load 2.9 -> 1.7): A's four in the band
+  (0.471-0.521); B: HALP refused (its selection measured 0.637 and no subset of its kept channels
+  reaches 0.5), IEE 0.421, below the band (under budget, so not re-aimed); C: both in the band
+  (HALP 0.525 after a re-aim from 0.742, but its accuracy fell to 0.128, 0.186 with BatchNorm
+  re-estimated; IEE 0.518).
+- Where each row ran: the unstructured and dense rows of B and C, and HALP/IEE seeds 1-4 of B and
+  C, outside the heavy lock at nice 19 (load 3.1-3.6; accuracy only, deterministic on one thread:
+  B seed 0 reproduced the probe's figures exactly, and seed 0 of HALP/IEE gave the same accuracy
+  under the lock as outside it, though a latency table profiled under load can select
+  differently); seed 0 of HALP/IEE on A, B, C with `meet_budget` under the lock.
 
 What was measured while fixing set-up A (digits):
 
