@@ -17,6 +17,7 @@ from torch import nn
 from ..capture.trace import capture, trace
 from ..passes.analysis import ChannelAnalysis, ChannelGroup, analyze
 from ..passes.graph import CapturedGraph, require_data
+from ..passes.sparsity.budget import DEFAULT_DISTRIBUTION
 from ..passes.sparsity.context import Structure
 from ..passes.sparsity.method import MethodConfig
 from ..passes.sparsity.model import SparseModel, check_normalised_widths, check_options, sparsify_captured
@@ -73,7 +74,7 @@ def sparsify(
     method: str | MethodConfig = SPARSIFY_DEFAULT,
     structure: str = "unstructured",
     sparsity: float = 0.9,
-    distribution: str = "erk",
+    distribution: str = DEFAULT_DISTRIBUTION,
     total_steps: int | None = None,
     exclude: Iterable[str] = (),
     budget: dict[str, float] | None = None,

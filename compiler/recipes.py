@@ -38,7 +38,7 @@ fails before any training. :func:`recipe_schema` is its JSON schema. All keys op
 ``sparsity``              fraction of weights/channels removed (when no ``budget``); an
                           ``N:M`` structure given neither takes ``1 - N/M`` (2:4: 0.5)
 ``budget``                ``{latency: f}``, ``{flops: f}`` or ``{params: f}``: fraction of dense
-``distribution``          ``uniform``, ``erk`` or ``global``
+``distribution``          ``uniform``, ``erk``, ``erk_floor`` or ``global``
 ``epochs``                training epochs (dense baseline and compressed model alike)
 ``batch_size``, ``lr``    training batch size and peak learning rate (cosine decay)
 ``optimizer``             ``sgd`` (momentum 0.9, weight decay 5e-4) or ``adamw``

@@ -20,7 +20,7 @@ from ..config import check_choice, short_repr
 from ..export import check_runs, remove_channels
 from ..graph import CapturedGraph
 from ..maskednorm import install_masked_norms, masked_norms
-from .budget import DISTRIBUTIONS, layer_densities
+from .budget import DEFAULT_DISTRIBUTION, DISTRIBUTIONS, layer_densities
 from .channels import ChannelUnit, channel_units
 from .context import MethodContext, Structure
 from .distributed import average_captured_grads, sync_from_rank0
@@ -491,7 +491,7 @@ def _input_spec(example_inputs: object) -> list[tuple[tuple[int, ...], str]] | N
 
 def check_options(method: str | MethodConfig | Mapping[str, Any], structure: str, sparsity: float,
                   total_steps: int | None, method_options: Mapping[str, Any] | None = None,
-                  distribution: str = "erk", budget: Mapping[str, float] | None = None,
+                  distribution: str = DEFAULT_DISTRIBUTION, budget: Mapping[str, float] | None = None,
                   ) -> tuple[MethodConfig, Structure, Budget | None]:
     """Validate the options of :func:`sparsify_captured` before any graph work.
 
@@ -521,7 +521,7 @@ def check_normalised_widths(value: object, structure: Structure) -> None:
                          f"got {str(structure)!r}")
 
 
-def check_combination(config: MethodConfig, structure: str, sparsity: float, distribution: str = "erk",
+def check_combination(config: MethodConfig, structure: str, sparsity: float, distribution: str = DEFAULT_DISTRIBUTION,
                       budget: Mapping[str, float] | None = None) -> tuple[Structure, Budget | None]:
     """Check that ``config``'s method supports ``structure`` and ``budget`` (its declared
     capabilities) and that the numbers are in range; returns the parsed structure and
@@ -565,7 +565,7 @@ def sparsify_captured(
     method: str | MethodConfig | Mapping[str, Any] = SPARSIFY_DEFAULT,
     structure: str = "unstructured",
     sparsity: float = 0.9,
-    distribution: str = "erk",
+    distribution: str = DEFAULT_DISTRIBUTION,
     total_steps: int | None = None,
     exclude: Iterable[str] = (),
     budget: dict[str, float] | None = None,

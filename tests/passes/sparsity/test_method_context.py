@@ -76,7 +76,7 @@ def test_the_context_is_the_same_for_every_method_and_carries_the_run():
     sm = sparsify(cnn(), X, RigLConfig(delta_t=2), sparsity=0.5, total_steps=10)
     ctx = sm.method.ctx
     assert ctx.units == () and ctx.analysis is None and ctx.budget is None and ctx.latency_table is None
-    assert ctx.structure == Structure("unstructured") and ctx.distribution == "erk" and ctx.total_steps == 10
+    assert ctx.structure == Structure("unstructured") and ctx.distribution == "erk_floor" and ctx.total_steps == 10
     assert sm.spec.method == RigLConfig(delta_t=2)
 
     structured = sparsify(cnn(), X, IEEConfig(h=2, j=1, q=1), structure="channel", budget={"params": 0.6},

@@ -51,6 +51,26 @@ def test_erk_densities_match_the_global_budget():
     assert dens[0] / dens[1] == pytest.approx(raw[0] / raw[1]) or dens[0] == 1.0
 
 
+def test_erk_floor_keeps_a_minimum_per_output_channel_on_the_global_budget():
+    """Plain ERK leaves a 24->48 3x3 conv between a 1->24 conv and a 768->10 Linear at 1.55 %
+    density (3.3 weights per output channel) at 90 %; 'erk_floor' (the default) keeps
+    ERK_FLOOR_PER_CHANNEL per output channel there on the same total, and equals ERK where
+    ERK already keeps that many."""
+    from spruce.passes.sparsity.budget import DEFAULT_DISTRIBUTION, ERK_FLOOR_PER_CHANNEL
+
+    assert DEFAULT_DISTRIBUTION == "erk_floor"
+    shapes = [(24, 1, 3, 3), (48, 24, 3, 3), (10, 768)]
+    sizes = [math.prod(s) for s in shapes]
+    erk = layer_densities(shapes, 0.9, "erk")
+    floored = layer_densities(shapes, 0.9, "erk_floor")
+    assert erk[1] * sizes[1] / 48 < 4
+    assert floored[1] * sizes[1] / 48 == pytest.approx(ERK_FLOOR_PER_CHANNEL)
+    assert all(d * n / s[0] >= ERK_FLOOR_PER_CHANNEL - 1e-9 or d == 1.0 for d, n, s in zip(floored, sizes, shapes))
+    assert sum(d * n for d, n in zip(floored, sizes)) == pytest.approx(0.1 * sum(sizes))
+    wide = [(32, 1, 3, 3), (64, 32, 3, 3), (128, 64, 3, 3), (10, 128)]  # ERK keeps >= 40 per channel here
+    assert layer_densities(wide, 0.9, "erk_floor") == pytest.approx(layer_densities(wide, 0.9, "erk"), rel=1e-9)
+
+
 def test_mask_pass_puts_a_mask_node_on_every_layer_and_zeroes_pruned_weights():
     model = cnn()
     sm = sparsify(model, X, method="static", sparsity=0.8, distribution="uniform")
@@ -440,7 +460,7 @@ def big_and_small():
                          nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 3))
 
 
-@pytest.mark.parametrize("distribution", ["erk", "global"])
+@pytest.mark.parametrize("distribution", ["erk", "erk_floor", "global"])
 @pytest.mark.parametrize("method", ["static", "gmp", "feather", "optg"])
 def test_erk_and_global_redistribute_so_no_layer_ends_empty(distribution, method):
     """At 0.999 uniform would empty the 6-weight conv; ERK and global give it one weight and
@@ -475,7 +495,7 @@ def test_erk_and_global_redistribute_so_no_layer_ends_empty(distribution, method
 
 @settings(max_examples=60, deadline=None, derandomize=True, database=None)
 @given(sizes=st.lists(st.integers(1, 5000), min_size=1, max_size=6), sparsity=st.floats(0.0, 0.9999),
-       distribution=st.sampled_from(["uniform", "erk", "global"]))
+       distribution=st.sampled_from(["uniform", "erk", "erk_floor", "global"]))
 def test_layer_budgets_keep_a_weight_in_every_layer(sizes, sparsity, distribution):
     shapes = [(n,) if n < 4 else (n // 2, 2) if n % 2 == 0 else (n, 1) for n in sizes]
     numels = [math.prod(s) for s in shapes]

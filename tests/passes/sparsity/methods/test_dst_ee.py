@@ -108,7 +108,10 @@ def _explore(method: str, loss_scale: float, lr: float, steps: int = 100, **opti
     """Train the digits CNN at 90 % sparsity; return (R, the fraction of RigL's grow set, from
     the same state at every update, that ``method`` grew too)."""
     x, y = digits()
-    sm = sparsify(make_model(), x[:1], method=method, sparsity=0.9, total_steps=steps, delta_t=DELTA, **options)
+    # the distribution the 70 % bound was measured with (at the default 'erk_floor' this CNN's
+    # middle conv keeps more weights and DST-EE grew 81 % of RigL's grow set)
+    sm = sparsify(make_model(), x[:1], method=method, sparsity=0.9, distribution="erk", total_steps=steps,
+                  delta_t=DELTA, **options)
     opt = torch.optim.SGD(sm.parameters(), lr=lr, momentum=0.9)
     sm.attach(opt)
     gen = torch.Generator().manual_seed(1)
