@@ -126,8 +126,9 @@ def profile_student(setup: Setup, captured: Captured, workspace: Workspace) -> P
         check_budget_reachable(setup, captured, workspace)
     workspace.say("profiling per-layer latency on the target ...")
     table = profile(captured.student.eval(), (setup.example,), setup.target, recipe.profile_step,
-                           progress=workspace.progress and not workspace.quiet and sys.stderr.isatty(),
-                           analysis=analyze(captured.graph))
+                    coarse=recipe.profile_coarse, edges=recipe.profile_edges,
+                    progress=workspace.progress and not workspace.quiet and sys.stderr.isatty(),
+                    analysis=analyze(captured.graph))
     table.save(workspace.out_dir / "latency_table.json")
     return Profiled(table)
 
