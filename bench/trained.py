@@ -127,6 +127,11 @@ def evaluate(out: Path, names: list[str], images: np.ndarray, reference: list[np
                           for k, v in per_image.items()}}
 
 
+# The recogniser's figures live in their own hand-written file, which a rerun of this script keeps.
+RECOGNISER_NOTE = ("The easyocr recogniser `english_g2` (issue #27: CTC outputs, recurrent layers) has its own "
+                   "page, `recogniser.md` (written by hand; `bench/trained.py` does not write it).")
+
+
 def _fmt_ratio(value: Any) -> str:
     return "-" if value is None else f"{value:.3f}"
 
@@ -198,6 +203,7 @@ def report(args: argparse.Namespace, info: dict[str, str], dense_boxes: dict[str
     lines += ["## Recipe (`examples/craft.yaml`)", "", "```yaml", recipe_text, "```", ""]
     if args.notes is not None:
         lines += ["## Notes (written by hand, not measured by this script)", "", args.notes.read_text().strip(), ""]
+    lines += ["## See also", "", RECOGNISER_NOTE, ""]
     return "\n".join(lines)
 
 

@@ -46,6 +46,9 @@ fails before any training. :func:`recipe_schema` is its JSON schema. All keys op
 ``bench_batch_sizes``     batch sizes timed, e.g. ``[1, 8]``
 ``bench_iters``           timed runs per batch size (after ``bench_warmup``)
 ``profile_step``          channel step of the latency table grid
+``profile_coarse``        channel counts per axis of the grid's coarse rectangle (default 6)
+``profile_edges``         also time every step along each axis at full width (default true;
+                          false: the rectangle alone, for models whose profile costs too much)
 ``recover``               ``none`` (one-shot: select, re-estimate BatchNorm), ``distill``
                           (learn the dense model's outputs) or ``loss`` (the user's loss);
                           default: ``loss`` when a loss exists (``loss``, or labels with
@@ -181,6 +184,8 @@ class Recipe(Config):
     bench_warmup: int = Field(20, ge=0)
     bench_iters: int = Field(200, ge=1)
     profile_step: int = Field(8, ge=1)
+    profile_coarse: int = Field(6, ge=2)
+    profile_edges: bool = True
     recover: Literal["none", "distill", "loss"] | None = None
     loss: Name | None = None
     evaluate: Name | None = None

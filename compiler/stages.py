@@ -133,8 +133,9 @@ def profile_student(setup: Setup, captured: Captured, workspace: Workspace) -> P
         f" at {recipe.table_precision} (channels chosen on {recipe.table_precision} costs, the budget met as "
         f"{recipe.shipped_precision} measures)" if fp32_costs else "") + " ...")
     table = profile(captured.student.eval(), (setup.example,), setup.table_target, recipe.profile_step,
-                           progress=workspace.progress and not workspace.quiet and sys.stderr.isatty(),
-                           analysis=channel_analysis(setup, captured))
+                    coarse=recipe.profile_coarse, edges=recipe.profile_edges,
+                    progress=workspace.progress and not workspace.quiet and sys.stderr.isatty(),
+                    analysis=channel_analysis(setup, captured))
     table.save(workspace.out_dir / "latency_table.json")
     return Profiled(table, blocks)
 

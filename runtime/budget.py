@@ -61,6 +61,9 @@ __all__ = ["BAND_HIGH", "BAND_LOW", "Attempt", "MeasuredSelection", "meet_latenc
 # A measured compact/dense ratio within [BAND_LOW * B, BAND_HIGH * B] meets the budget B.
 BAND_LOW = 0.9
 BAND_HIGH = 1.05
+# Selections bisected between the lowest aim tried and the smallest configuration when every round
+# measured too slow (before the smallest configuration itself is taken)
+FALLBACK_ROUNDS = 3
 
 
 @dataclass(frozen=True)
@@ -178,9 +181,11 @@ def meet_latency_budget(
     not see it (the measured loop re-aims by what is timed).
 
     Returns the first selection measured within [0.9, 1.05] x ``budget`` of dense; when the
-    rounds run out, the slowest selection measured at most 1.05 x ``budget`` (``in_band``
-    False). Raises :class:`InfeasibleBudget` (``minimum`` = the smallest measured ms, its
-    message naming it and its fraction of dense) when even the smallest selectable
+    rounds run out with every selection too slow, up to ``FALLBACK_ROUNDS`` more are bisected
+    between the lowest aim tried and the smallest configuration's cost; then the slowest
+    selection measured at most 1.05 x ``budget`` (``in_band`` False). Raises
+    :class:`InfeasibleBudget` (``minimum`` = the smallest measured ms, its message naming it
+    and its fraction of dense) when even the smallest selectable
     configuration measures above 1.05 x ``budget``; ``ValueError`` for a bad budget, batch
     size or option, importance that does not cover the prunable groups, or neither a table nor
     a cost model."""
@@ -246,6 +251,18 @@ def meet_latency_budget(
             break  # the smallest configuration is already too slow
         aim = _reaim(attempts, aim, budget, floor_predicted, dense_predicted)
     fitting = [(s, a) for s, a, _ in measured.values() if a.ratio <= high]
+    if not fitting:  # every attempt too slow: bisect between the lowest aim and the smallest configuration
+        too_slow, fast_enough = min(a.aim for a in attempts), floor_predicted
+        for _ in range(FALLBACK_ROUNDS if too_slow > floor_predicted else 0):
+            aim = (too_slow + fast_enough) / 2
+            selection, attempt = try_aim(aim)
+            if low <= attempt.ratio <= high:
+                return result(selection, attempt, True)
+            if attempt.ratio > high:
+                too_slow = aim
+            else:
+                fast_enough = aim
+        fitting = [(s, a) for s, a, _ in measured.values() if a.ratio <= high]
     if not fitting:
         selection, attempt = try_aim(floor_predicted)
         if attempt.ratio > high:

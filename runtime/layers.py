@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .table import PROFILED_TYPES, LayerEntry, ProfileError
+from .table import PROFILED_TYPES, RECURRENT_GATES, LayerEntry, ProfileError
 
 __all__ = ["FoundLayer", "find_layers", "layer_signature", "make_entry", "varying_dims"]
 
@@ -34,8 +34,10 @@ class FoundLayer:
 
 
 def find_layers(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> dict[str, FoundLayer]:
-    """Every Conv1d/2d/3d, ConvTranspose1d/2d/3d and Linear module a forward on ``example_inputs`` calls, with its
-    input/output shapes and call count, in call order. Raises :class:`ProfileError` when a
+    """Every Conv1d/2d/3d, ConvTranspose1d/2d/3d, Linear and recurrent (LSTM, GRU, RNN; not one with
+    ``proj_size``, nor one given a packed sequence: their time stays in the calibration's overhead)
+    module a forward on ``example_inputs`` calls, with its input/output shapes (a recurrent layer's
+    output: its output sequence) and call count, in call order. Raises :class:`ProfileError` when a
     shared module is called with different input shapes, or a layer unbatched (a Conv input
     without its batch dimension, a 1-D Linear input)."""
     names = {module: name for name, module in model.named_modules(remove_duplicate=True)}
@@ -44,9 +46,14 @@ def find_layers(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> dic
     def hook(module: nn.Module, args: tuple, output: Any) -> None:
         name = names[module]
         x = args[0]
+        if isinstance(module, nn.RNNBase):
+            if getattr(module, "proj_size", 0) or not isinstance(output, tuple):
+                return
+            output = output[0]
         if not isinstance(x, torch.Tensor) or not isinstance(output, torch.Tensor):
             return
-        batched_rank = 2 if isinstance(module, nn.Linear) else len(module.kernel_size) + 2
+        batched_rank = 2 if isinstance(module, nn.Linear) else 3 if isinstance(module, nn.RNNBase) \
+            else len(module.kernel_size) + 2
         if x.dim() < batched_rank:
             raise ProfileError(f"layer {name!r} ({type(module).__name__}) is called unbatched, with input shape "
                                f"{tuple(x.shape)}: a profiled layer is timed at a batch size, so give the example "
@@ -78,6 +85,9 @@ def layer_signature(module: nn.Module, input_shape: Sequence[int], dtype: torch.
     dtype_name = str(dtype).removeprefix("torch.")
     if isinstance(module, nn.Linear):
         return f"Linear(bias={module.bias is not None})|rows={list(input_shape[1:-1])}|batch={batch}|{dtype_name}"
+    if isinstance(module, nn.RNNBase):  # the batch dim is among the rows (dim 1 unless batch_first)
+        return (f"{module.mode}(layers={module.num_layers},bidirectional={module.bidirectional},bias={module.bias},"
+                f"batch_first={module.batch_first})|rows={list(input_shape[:-1])}|{dtype_name}")
     if module.groups > 1 and module.in_channels == module.groups:
         groups = f"depthwise*{module.out_channels // module.groups}"
     else:
@@ -109,6 +119,8 @@ def make_entry(name: str, found: FoundLayer, step: int, coarse: int, edges: bool
     both full-width edges when ``edges``); ``in_unit``/``out_unit`` as from :func:`varying_dims` (0: fixed)."""
     in_varies, out_varies = in_unit > 0, out_unit > 0
     module = found.module
+    if isinstance(module, nn.RNNBase):
+        return _recurrent_entry(name, found, step, coarse, edges, in_unit, out_unit)
     linear = isinstance(module, nn.Linear)
     full_in = module.in_features if linear else module.in_channels
     full_out = module.out_features if linear else module.out_channels
@@ -131,6 +143,24 @@ def make_entry(name: str, found: FoundLayer, step: int, coarse: int, edges: bool
                       in_fine=fine_in if edges else (), out_fine=fine_out if edges else ())
 
 
+def _recurrent_entry(name: str, found: FoundLayer, step: int, coarse: int, edges: bool,
+                     in_unit: int, out_unit: int) -> LayerEntry:
+    """A recurrent layer's entry: timed over (input features, hidden units)."""
+    module = found.module
+    full_in, full_out = module.input_size, module.hidden_size
+    fine_in = _fine_axis(full_in, step * in_unit) if in_unit else (full_in,)
+    fine_out = _fine_axis(full_out, step * out_unit) if out_unit else (full_out,)
+    return LayerEntry(name=name, signature=layer_signature(module, found.input_shape, found.dtype),
+                      in_channels=full_in, out_channels=full_out,
+                      in_elements=math.prod(found.input_shape) // full_in,
+                      out_elements=math.prod(found.output_shape) // full_out, calls=found.calls,
+                      in_varies=in_unit > 0, out_varies=out_unit > 0,
+                      in_coarse=_coarse_axis(fine_in, coarse), out_coarse=_coarse_axis(fine_out, coarse),
+                      in_fine=fine_in if edges else (), out_fine=fine_out if edges else (),
+                      gates=RECURRENT_GATES[module.mode], directions=2 if module.bidirectional else 1,
+                      stacked=module.num_layers)
+
+
 def varying_dims(analysis: Any, layers: Mapping[str, FoundLayer]) -> dict[str, tuple[int, int]]:
     """Per layer and dimension (input, output): 0 when channel pruning cannot change it, else
     how many entries of that dimension one pruned channel removes (e.g. 49 for a Linear
@@ -143,8 +173,13 @@ def varying_dims(analysis: Any, layers: Mapping[str, FoundLayer]) -> dict[str, t
                 units[key] = max(units.get(key, 1), int(member.index.shape[1]))
     result = {}
     for name, found in layers.items():
-        weight = f"{name}.weight" if name else "weight"
         module = found.module
+        if isinstance(module, nn.RNNBase):  # the first layer's input matrix: (gates x hidden, input features)
+            weight = f"{name}.weight_ih_l0" if name else "weight_ih_l0"
+            gates = RECURRENT_GATES[module.mode]
+            result[name] = (units.get((weight, 1), 0), units.get((weight, 0), 0) // gates)
+            continue
+        weight = f"{name}.weight" if name else "weight"
         out_dim, in_dim = (1, 0) if getattr(module, "transposed", False) else (0, 1)  # (in, out / g, *k)
         out_unit, in_unit = units.get((weight, out_dim), 0), units.get((weight, in_dim), 0)
         if not isinstance(module, nn.Linear) and module.groups > 1 and module.in_channels == module.groups:

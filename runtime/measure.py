@@ -24,6 +24,7 @@ __all__ = [
     "OUTLIER_TOLERANCE",
     "POINTS_PER_BATCH",
     "Reference",
+    "SequenceOutput",
     "layer_case",
     "measure_layers",
     "measure_points",
@@ -34,6 +35,18 @@ __all__ = [
 # A measured point slower by this fraction than one with more channels is timed again (load bursts);
 # POINTS_PER_BATCH and OUTLIER_RETRIES are the options' defaults (spruce.runtime.options)
 OUTLIER_TOLERANCE = 0.15
+
+
+class SequenceOutput(nn.Module):
+    """A recurrent layer returning its output sequence only (what a model reads of it; the final
+    states stay out of the timed graph's outputs)."""
+
+    def __init__(self, recurrent: nn.RNNBase):
+        super().__init__()
+        self.recurrent = recurrent
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.recurrent(x)[0]
 
 
 def resized_layer(layer: nn.Module, active_in: int, active_out: int) -> nn.Module:
@@ -51,10 +64,18 @@ def resized_layer(layer: nn.Module, active_in: int, active_out: int) -> nn.Modul
     factory = {"dtype": layer.weight.dtype} if isinstance(getattr(layer, "weight", None), torch.Tensor) else {}
     if isinstance(layer, nn.Linear):
         return nn.Linear(active_in, active_out, bias=layer.bias is not None, **factory)
+    if type(layer) in (nn.LSTM, nn.GRU, nn.RNN):
+        if getattr(layer, "proj_size", 0):
+            raise ValueError(f"cannot time a {type(layer).__name__} with proj_size {layer.proj_size}")
+        extra = {"nonlinearity": layer.nonlinearity} if isinstance(layer, nn.RNN) else {}
+        factory = {"dtype": layer.weight_ih_l0.dtype}
+        return SequenceOutput(type(layer)(active_in, active_out, layer.num_layers, bias=layer.bias,
+                                          batch_first=layer.batch_first, bidirectional=layer.bidirectional,
+                                          **extra, **factory))
     if type(layer) not in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
                            nn.ConvTranspose3d):
         raise ValueError(f"cannot time a layer of type {type(layer).__name__}: "
-                         "expected Conv1d/2d/3d, ConvTranspose1d/2d/3d or Linear")
+                         "expected Conv1d/2d/3d, ConvTranspose1d/2d/3d, Linear, LSTM, GRU or RNN")
     groups = layer.groups
     if groups > 1 and layer.in_channels == groups:  # depthwise: groups follow the channels
         multiplier = layer.out_channels // groups
@@ -75,19 +96,20 @@ def layer_case(layer: nn.Module, input_shape: Sequence[int], active_in: int, act
                batch_size: int | None = None) -> tuple[nn.Module, torch.Tensor]:
     """A fresh eval-mode layer like ``layer`` with the given channel counts (:func:`resized_layer`)
     and a seeded random input for it (``input_shape`` with its channel dim, 1 for a convolution and
-    the last for a linear layer, set to ``active_in`` and, when given, its batch dim to
-    ``batch_size``). Raises ``ValueError`` for an empty shape, a bad batch size or channel counts
-    the layer cannot take."""
+    the last for a linear or recurrent layer, set to ``active_in`` and, when given, its batch dim
+    (1 for a time-major recurrent layer, else 0) to ``batch_size``). Raises ``ValueError`` for an
+    empty shape, a bad batch size or channel counts the layer cannot take."""
     resized = resized_layer(layer, active_in, active_out)
     shape = list(input_shape)
     if not shape:
         raise ValueError("time_layer: input_shape is empty")
-    channel_dim = -1 if isinstance(layer, nn.Linear) else 1
+    recurrent = isinstance(layer, nn.RNNBase)
+    channel_dim = -1 if isinstance(layer, nn.Linear) or recurrent else 1
     shape[channel_dim] = active_in
     if batch_size is not None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"time_layer: batch_size must be a positive integer, got {batch_size!r}")
-        shape[0] = batch_size
+        shape[1 if recurrent and not layer.batch_first else 0] = batch_size
     dtype = next(resized.parameters()).dtype
     example = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(dtype)
     return resized.eval(), example
@@ -98,7 +120,8 @@ def time_layer(target: Target, layer: nn.Module, input_shape: Sequence[int], act
     """Seconds per forward (shape ``(repeats,)``) of one layer shaped like ``layer`` with
     ``active_in``/``active_out`` channels on ``target``.
 
-    ``layer`` (a Conv1d/2d/3d or ConvTranspose1d/2d/3d, grouped or depthwise, or a Linear) gives the
+    ``layer`` (a Conv1d/2d/3d or ConvTranspose1d/2d/3d, grouped or depthwise, a Linear, or an
+    LSTM/GRU/RNN without ``proj_size``, timed over (input features, hidden size)) gives the
     kind and the hyper-parameters (kernel, stride, padding, dilation, groups, bias, dtype);
     ``input_shape`` is its full input shape, whose batch dim is replaced by ``batch_size`` when given
     (:func:`layer_case`). The layer is built fresh with random weights and timed through

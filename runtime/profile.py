@@ -1,7 +1,8 @@
 """Per-layer latency profiling on a target and a table that predicts whole-model latency.
 
 ``profile(model, example_inputs, target)`` times every prunable layer (Conv1d/2d/3d, ConvTranspose1d/2d/3d,
-grouped and depthwise included, and Linear) of ``model`` on the target over a grid of
+grouped and depthwise included, Linear, and recurrent layers: LSTM, GRU and RNN without ``proj_size``,
+over their input features and hidden size) of ``model`` on the target over a grid of
 (active input, active output) channel counts and returns a :class:`LatencyTable`.
 
 How the grid stays cheap without losing accuracy:

@@ -27,6 +27,7 @@ from ..targets.files import atomic_write_text
 from .options import ProfileError
 
 __all__ = [
+    "RECURRENT_GATES",
     "Calibration",
     "LatencyTable",
     "LayerEntry",
@@ -42,7 +43,9 @@ TABLE_VERSION = 2
 READABLE_TABLE_VERSIONS = (1, 2)  # version 1 lacks kernel, fixed_ms and ms_per_mweight (read as 1, {}, 0)
 # The layer kinds profiled: what find_layers times and what a table reads widths of.
 PROFILED_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
-                  nn.Linear)
+                  nn.Linear, nn.LSTM, nn.GRU, nn.RNN)
+# Recurrent layers among them: profiled over (input features, hidden size); their gate blocks per hidden unit
+RECURRENT_GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,11 @@ class LayerEntry:
     prunable channel group reaches that dimension (else only the full width was timed).
     The axes list the channel counts timed: a coarse rectangle plus, when ``edges``, the
     fine axes at the other dimension's full width.
+
+    A recurrent layer (``nn.LSTM``/``nn.GRU``/``nn.RNN``) has ``gates`` > 0 (gate blocks per
+    hidden unit), ``directions`` and ``stacked`` layers; its in/out channels are its input
+    features and hidden size (every layer and direction together), its ``out_elements`` the
+    output elements per hidden unit.
     """
 
     name: str
@@ -74,6 +82,13 @@ class LayerEntry:
     in_fine: tuple[int, ...] = ()
     out_fine: tuple[int, ...] = ()
     kernel: int = 1  # kernel elements (product of the kernel size); 1 for a linear layer
+    gates: int = 0  # recurrent layers: gate blocks per hidden unit (LSTM 4, GRU 3, RNN 1); 0 otherwise
+    directions: int = 1
+    stacked: int = 1
+
+    @property
+    def recurrent(self) -> bool:
+        return self.gates > 0
 
     @property
     def depthwise(self) -> bool:
@@ -81,6 +96,10 @@ class LayerEntry:
 
     def weight_elements(self, active_in: int, active_out: int) -> int:
         """Weights of the layer with the given active channels (biases aside)."""
+        if self.recurrent:  # every direction: input and hidden matrices, the upper layers reading both directions
+            first = active_in * active_out + active_out * active_out
+            upper = (self.stacked - 1) * (self.directions * active_out * active_out + active_out * active_out)
+            return self.gates * self.directions * (first + upper)
         if self.depthwise:
             return active_out * self.kernel
         return active_in * active_out * self.kernel // self.groups
@@ -337,6 +356,8 @@ def model_widths(model: nn.Module, layers: Mapping[str, LayerEntry]) -> dict[str
             raise ProfileError(f"model has no module {name!r} of the profiled model")
         if isinstance(module, nn.Linear):
             widths[name] = (module.in_features, module.out_features)
+        elif isinstance(module, nn.RNNBase):
+            widths[name] = (module.input_size, module.hidden_size)
         elif isinstance(module, PROFILED_TYPES):
             widths[name] = (module.in_channels, module.out_channels)
         else:

@@ -58,7 +58,7 @@ class OnnxMismatchError(OnnxExportError):
 def export_onnx(
     model: nn.Module, example_inputs: Sequence[torch.Tensor], path: str | os.PathLike, dynamic_batch: bool = False,
     prefer_dynamo: bool = False, dynamo_model: nn.Module | None = None,
-    dynamic_dims: Sequence[Mapping[int, object]] | None = None,
+    dynamic_dims: Sequence[Mapping[int, object]] | None = None, remembered: dict[tuple[str, ...], str] | None = None,
 ) -> Path:
     """Export ``model`` traced on ``example_inputs`` to an ONNX file at ``path``.
 
@@ -79,9 +79,16 @@ def export_onnx(
     file does not compute ``model`` with each of these dims doubled (within the ``Dim``'s
     max; inputs repeated cyclically along them) is passed over, as for the batch; where
     ``model`` itself does not run at the doubled sizes that check is skipped.
+    ``remembered`` (a target's, kept across its exports) maps a model's kinds of modules
+    (:func:`module_kinds`) to the exporter that succeeded after the first one failed: a model of
+    those kinds is then given to that exporter first (a compile exports its model's compact
+    variants many times; a failing exporter costs each of them a trace).
     """
     target = Path(path)
     failures: list[str] = []
+    kinds = module_kinds(model) if remembered is not None else ()
+    if remembered is not None and kinds in remembered:
+        prefer_dynamo = remembered[kinds] == _exporter_name(_export_dynamo)
     exporters = (_export_dynamo, _export_torchscript) if prefer_dynamo else (_export_torchscript, _export_dynamo)
     for index, exporter in enumerate(exporters):
         printed = CapturedOutput()
@@ -96,6 +103,8 @@ def export_onnx(
                     _check_other_batch(temp_path, exported, tuple(example_inputs))
                 if extra:
                     _check_other_dims(temp_path, exported, tuple(example_inputs), extra)
+            if remembered is not None and index > 0:
+                remembered[kinds] = _exporter_name(exporter)
             return target
         except OutputError:  # the destination cannot take the file: the other exporter would fail too
             raise
@@ -107,6 +116,12 @@ def export_onnx(
             if index + 1 < len(exporters) and printed.lines:  # its dump, summarised (a silent failure stays so)
                 print(_fallback_line(exporter, exporters[index + 1], exc, printed), file=sys.stderr)
     raise OnnxExportError("ONNX export failed:\n  " + "\n  ".join(failures))
+
+
+def module_kinds(model: nn.Module) -> tuple[str, ...]:
+    """The sorted qualified type names of ``model``'s modules: what decides which exporter handles
+    it (a model's compact variants share them)."""
+    return tuple(sorted({f"{type(m).__module__}.{type(m).__qualname__}" for m in model.modules()}))
 
 
 def _exporter_name(exporter: Callable[..., None]) -> str:
@@ -204,6 +219,51 @@ def check_onnx(
 # --- exporters ---------------------------------------------------------------------
 
 
+class _Calling(nn.Module):
+    """A module calling ``inner``: what the TorchScript exporter traces for an fx GraphModule."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *args: Any) -> Any:
+        return self.inner(*args)
+
+
+class _MeanPool(nn.Module):
+    """An adaptive average pool whose output sizes are each ``None`` (kept) or 1: a mean over
+    the dims sized 1 (what it computes, in a form the TorchScript exporter takes at any input size)."""
+
+    def __init__(self, dims: tuple[int, ...]):
+        super().__init__()
+        self.dims = dims
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=self.dims, keepdim=True)
+
+
+@contextlib.contextmanager
+def _means_for_partial_pools(model: nn.Module) -> Iterator[None]:
+    """``model``'s adaptive average pools with a ``None`` output size (``AdaptiveAvgPool2d((None,
+    1))``, a CRNN's height pool) replaced, while the context lasts, by :class:`_MeanPool` where
+    every other size is 1: the TorchScript exporter refuses them ("output_size is not constant")."""
+    swapped = []
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if not isinstance(child, (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)):
+                continue
+            rank = {nn.AdaptiveAvgPool1d: 1, nn.AdaptiveAvgPool2d: 2, nn.AdaptiveAvgPool3d: 3}[type(child)]
+            sizes = child.output_size if isinstance(child.output_size, tuple) else (child.output_size,) * rank
+            if None in sizes and all(size in (None, 1) for size in sizes):
+                swapped.append((parent, name, child))
+                setattr(parent, name, _MeanPool(tuple(d - rank for d, size in enumerate(sizes) if size == 1)))
+    try:
+        yield
+    finally:
+        for parent, name, child in swapped:
+            setattr(parent, name, child)
+
+
 def _export_torchscript(model: nn.Module, inputs: tuple[torch.Tensor, ...], path: Path,
                         dynamic_batch: bool = False, dynamic_dims: Sequence[Mapping[int, object]] | None = None,
                         ) -> None:
@@ -214,11 +274,15 @@ def _export_torchscript(model: nn.Module, inputs: tuple[torch.Tensor, ...], path
         dynamic_axes = {name: {0: "batch"} for name in names}
         for name, spec in zip(names, dynamic_dims or ()):
             dynamic_axes[name].update({d: _axis_name(name, d, dim) for d, dim in spec.items() if d != 0})
-    with warnings.catch_warnings():
+    # torch's TorchScript exporter reads ``model.graph`` as a TorchScript graph when the model has one;
+    # an fx GraphModule's is an fx graph ("'Graph' object has no attribute 'outputs'"): export a wrapper
+    traced = _Calling(model).train(model.training) if isinstance(getattr(model, "graph", None), torch.fx.Graph) \
+        else model  # (in the model's mode: the exporter restores the wrapper's mode, recursively, when done)
+    with warnings.catch_warnings(), _means_for_partial_pools(model):
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         torch.onnx.export(
-            model, inputs, str(path),
+            traced, inputs, str(path),
             dynamo=False,
             opset_version=OPSET,
             input_names=names,
@@ -473,6 +537,8 @@ class OnnxRuntimeCPU(Target):
         self.tolerance = float(tolerance)
         self.save_optimized = bool(save_optimized)
         self.pinned_cpus = timing_cpus(self.threads) if pin_threads else None
+        # model kinds -> the exporter that handled them after the other failed (export_onnx's ``remembered``)
+        self.exporters: dict[tuple[str, ...], str] = {}
 
     def call_cost_case(self) -> tuple[nn.Module, tuple[torch.Tensor, ...]] | None:
         """At INT8, a 1x1 convolution of one channel on one pixel: a lone layer timed as the whole
@@ -520,12 +586,13 @@ class OnnxRuntimeCPU(Target):
             if self.save_optimized:  # ORT writes its optimised graph of the exported file into temp
                 with scratch_path(path) as exported:
                     export_onnx(model, example_inputs, exported, dynamic_batch=self.dynamic_batch,
-                                dynamic_dims=dynamic_dims)
+                                dynamic_dims=dynamic_dims, remembered=self.exporters)
                     options = self._options()
                     options.optimized_model_filepath = str(temp)
                     ort.InferenceSession(str(exported), sess_options=options, providers=["CPUExecutionProvider"])
             else:
-                export_onnx(model, example_inputs, temp, dynamic_batch=self.dynamic_batch, dynamic_dims=dynamic_dims)
+                export_onnx(model, example_inputs, temp, dynamic_batch=self.dynamic_batch, dynamic_dims=dynamic_dims,
+                            remembered=self.exporters)
             error = check_onnx(temp, model, example_inputs)
             if not error <= self.tolerance:
                 raise OnnxMismatchError(f"{path.name}: ONNX Runtime output differs from torch by {error:.3g} "
@@ -554,7 +621,7 @@ class OnnxRuntimeCPU(Target):
                              f"{MIN_CALIBRATION_SAMPLES} are needed")
         with atomic_path(path) as temp, scratch_path(path, ".fp32.onnx") as exported, \
                 scratch_path(path, ".int8.onnx") as quantized:
-            export_onnx(model, example_inputs, exported, dynamic_batch=self.dynamic_batch)
+            export_onnx(model, example_inputs, exported, dynamic_batch=self.dynamic_batch, remembered=self.exporters)
             fp32_error = check_onnx(exported, model, example_inputs)
             if not fp32_error <= self.tolerance:
                 raise OnnxMismatchError(f"{path.name}: ONNX Runtime output differs from torch by {fp32_error:.3g} "
@@ -615,7 +682,8 @@ class OnnxRuntimeCPU(Target):
         if single is not None:
             onnx.save(single, str(path))
         else:
-            export_onnx(model.eval(), tuple(example_inputs), path, dynamic_batch=self.dynamic_batch)
+            export_onnx(model.eval(), tuple(example_inputs), path, dynamic_batch=self.dynamic_batch,
+                        remembered=self.exporters)
         feed_shape = None
         if self.precision == "int8":  # timed as it ships; the example calibrates (scales do not change speed)
             fp32_path, path = path, Path(str(stem) + ".int8" + self.suffix)

@@ -266,6 +266,9 @@ def _latency_model(ctx: _Context) -> CostModel:
     terms = []
     for name, entry in table.layers.items():
         module = modules.get(name)
+        if getattr(entry, "gates", 0) and isinstance(module, nn.RNNBase):
+            terms.append(_recurrent_latency_term(ctx, table, entry, name, module))
+            continue
         if module is None or not isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
             raise ValueError(f"latency table does not match the model: it has no Conv/Linear layer {name!r}")
         weight = module.weight
@@ -278,6 +281,32 @@ def _latency_model(ctx: _Context) -> CostModel:
     if missing:
         raise ValueError(f"latency table does not match the model: layer {missing[0]!r} was not profiled")
     return CostModel("latency", "ms", terms, {g.id: g.size for g in ctx.groups}, table.calibration.overhead_ms)
+
+
+def _recurrent_latency_term(ctx: _Context, table: Any, entry: Any, name: str, module: nn.RNNBase) -> Term:
+    """A recurrent layer's table latency over the widths of its first input matrix
+    ``weight_ih_l0`` (gates x hidden rows, input feature columns): the hidden units and input
+    features it is timed over."""
+    if (module.input_size, module.hidden_size) != (entry.in_channels, entry.out_channels):
+        raise ValueError(f"latency table does not match the model: recurrent layer {name!r} is "
+                         f"{module.input_size}->{module.hidden_size} here, "
+                         f"{entry.in_channels}->{entry.out_channels} in the table")
+    weight = module.weight_ih_l0
+    memo: dict[tuple[int, int], float] = {}
+
+    def one(rows: int, active_in: int) -> float:
+        key = (active_in, max(1, rows // entry.gates))
+        if key not in memo:
+            memo[key] = entry.calls * table.layer_ms(entry.name, *key)
+        return memo[key]
+
+    def fn(widths: tuple) -> Any:
+        rows, active_in = np.broadcast_arrays(*(np.asarray(w, dtype=np.int64) for w in widths))
+        if rows.ndim == 0:
+            return one(int(rows), int(active_in))
+        return np.array([one(int(r), int(i)) for r, i in zip(rows.ravel(), active_in.ravel())]).reshape(rows.shape)
+
+    return Term(name, ctx.dims_of(f"{name}.weight_ih_l0", weight.shape), fn)
 
 
 def _layer_latency(table: Any, entry: Any) -> Callable[[tuple[int, ...]], float]:

@@ -11,6 +11,7 @@ from spruce.passes.sparsity.knapsack import InfeasibleBudget, build_cost_model
 from spruce.runtime import budget as budget_module
 from spruce.runtime.budget import BAND_HIGH, MeasuredSelection, meet_latency_budget, smallest_selectable
 from spruce.targets.onnxruntime import OnnxRuntimeCPU
+from spruce.targets.timing import Timings
 from torch import nn
 
 # A re-measurement in another run may drift from the loop's own by load; this much is allowed.
@@ -100,6 +101,28 @@ def test_mutation_ignoring_the_budget_is_caught(setup, monkeypatch):
         meet_latency_budget(analysis, model, table, target, 0.5, importance, inputs, round_to=8, rounds=2,
                             timing_rounds=6)
     assert _recheck(target, model, model, inputs) > RECHECK_SLACK * BAND_HIGH * 0.5
+
+
+def test_rounds_that_stay_too_slow_bisect_towards_the_smallest(setup, monkeypatch):
+    """Latency that stops falling with the cost model (flat at 0.66 of dense above a third of the
+    weights, as the recogniser's convolutions at their floors did) exhausts the rounds too slow;
+    the loop then bisects towards the smallest configuration and lands in the band instead of
+    taking the smallest (about 0.3 of dense here)."""
+    model, inputs, target, _, analysis, importance = setup
+    dense_weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Conv2d))
+
+    def flat_then_falling(target, compact, dense, inputs, reference_target=None, warmup=3, rounds=15):
+        share = sum(m.weight.numel() for m in compact.modules() if isinstance(m, nn.Conv2d)) / dense_weights
+        ratio = 0.66 if share >= 0.3 else 0.3 + share
+        return tuple(Timings(np.full(4, ms / 1e3), np.zeros(4)) for ms in (10.0, 10.0 * ratio))
+
+    monkeypatch.setattr(budget_module, "time_against_reference", flat_then_falling)
+    flops = build_cost_model("flops", model, analysis)
+    result = meet_latency_budget(analysis, model, None, target, 0.6, importance, inputs, round_to=8, rounds=4,
+                                 cost_model=flops)
+    assert all(a.ratio == pytest.approx(0.66) for a in result.attempts[:4])
+    assert result.in_band and 0.9 * 0.6 <= result.ratio <= BAND_HIGH * 0.6, [a.ratio for a in result.attempts]
+    assert len(result.attempts) <= 4 + budget_module.FALLBACK_ROUNDS
 
 
 def test_unreachable_budget_names_the_smallest_measured_latency(setup):
