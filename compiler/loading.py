@@ -20,7 +20,7 @@ from .datasets import DataError, Loaders, check_disjoint, default_model, inputs_
 from .floors import check_floor_names
 from .kinds import OutputDeclaration
 from .lm import causal_lm_reason, recovery_tokens
-from .outputs import OutputPlan, batch_dims, flatten_outputs, plan_outputs
+from .outputs import OutputPlan, batch_dims, flatten_outputs, guess_ctc_blanks, plan_outputs
 from .precision import calibration_inputs
 from .recipes import Recipe
 from .results import Given, Setup, UserFunction, Workspace
@@ -34,6 +34,7 @@ LM_ROUND_TO = 1  # a causal LM's default round_to: its head groups count whole h
 # and MLP width of every layer costs more than the loop's few measured attempts, and the MAC count does
 # not see the linear calls of a torch.export graph.
 LM_SELECTION_COST = "params"
+TEXT_BATCH_SIZE = 8  # windows per batch of text:PATH data unless the recipe sets batch_size (see _batch_size)
 
 
 def load_setup(recipe: Recipe, workspace: Workspace, given: Given) -> Setup:
@@ -71,6 +72,7 @@ def load_setup(recipe: Recipe, workspace: Workspace, given: Given) -> Setup:
         recognised = {"output['logits']": (OutputDeclaration(kind="lm", pad=pad), lm_reason)}
     plan = plan_outputs(outputs, recipe.distill_losses, name, recipe.outputs, batch_dims(model, example, outputs),
                         recognised)
+    plan = guess_ctc_blanks(plan, model, (inputs_of(batch) for batch in data.train))
     check_disjoint(data, recipe.data)
     mode = _recovery_mode(recipe, data, plan, loss, name)
     if loss is not None and mode == "loss":
@@ -166,15 +168,24 @@ def _data(recipe: Recipe, given: Given, example: torch.Tensor | None, prepare: U
         return given.data
     if given.data is not None:
         if isinstance(given.data, str):
-            return load_data(given.data, recipe.seed, min(recipe.batch_size, 8) if given.data.startswith("images:")
-                             else recipe.batch_size, example, prepare.function if prepare is not None else None,
-                             recipe.augment, **text)
+            return load_data(given.data, recipe.seed, _batch_size(recipe, given.data, True), example,
+                             prepare.function if prepare is not None else None, recipe.augment, **text)
         if not (isinstance(given.data, tuple) and len(given.data) == 2):
             raise DataError("data must be a spec string, Loaders, or a (recovery_loader, held_out_loader) tuple")
         return loaders_from(given.data[0], given.data[1], "data", "the given loaders")
-    return load_data(recipe.data, recipe.seed, recipe.batch_size if example is None else min(recipe.batch_size, 8)
-                     if recipe.data.startswith("images:") else recipe.batch_size, example,
+    return load_data(recipe.data, recipe.seed, _batch_size(recipe, recipe.data, example is not None), example,
                      prepare.function if prepare is not None else None, recipe.augment, **text)
+
+
+def _batch_size(recipe: Recipe, spec: str, sized: bool) -> int:
+    """The loaders' batch size: the recipe's, at most 8 for ``images:DIR`` resized to a model's
+    example (``sized``); for ``text:PATH`` :data:`TEXT_BATCH_SIZE` unless the recipe sets one (a token budget of 10 % of a
+    small model's training tokens is a few dozen steps at 8 windows, a handful at 64)."""
+    if spec.startswith("images:") and sized:
+        return min(recipe.batch_size, 8)
+    if spec.startswith("text:") and "batch_size" not in recipe.model_fields_set:
+        return TEXT_BATCH_SIZE
+    return recipe.batch_size
 
 
 def _text_options(model: nn.Module | None) -> dict[str, Any]:

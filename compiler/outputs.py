@@ -336,6 +336,52 @@ def plan_outputs(outputs: Any, overrides: Mapping[str, str] | None = None, model
     return OutputPlan(tuple(specs))
 
 
+BLANK_SHARE = 0.5
+"""A guessed per-position class-score output (3-D) whose dense argmax is one class at this share
+of its positions or more is guessed a CTC head with that class as its blank (:func:`guess_ctc_blanks`)."""
+
+
+@torch.no_grad()
+def guess_ctc_blanks(plan: OutputPlan, model: nn.Module, batches: Iterable[torch.Tensor], max_batches: int = 4,
+                     share: float = BLANK_SHARE) -> OutputPlan:
+    """``plan`` with each *guessed* 3-D ``scores`` output ((N, T, C) or time-major (T, N, C))
+    whose argmax over its class dim, from ``model`` (the dense model, in eval mode) on the first
+    ``max_batches`` input tensors of ``batches``, is one class at >= ``share`` of the positions
+    guessed as ``ctc`` instead, that class its blank. A CTC head emits its blank at most frames
+    and a label in short spikes (Graves et al. 2006, Fig. 1), so a per-position argmax agreement
+    is dominated by blanks and cannot see a changed reading; ``ctc``'s measure (greedy decodes,
+    collapsed, agreeing per sequence) can. The guess stays a guess (the report warns; a
+    declaration overrides it). Declared and recognised outputs, and plans without a 3-D guessed
+    ``scores`` output, are returned unchanged without running ``model``."""
+    candidates = [i for i, spec in enumerate(plan.outputs)
+                  if spec.kind == "scores" and not spec.declared and not spec.recognised and len(spec.shape) == 3
+                  and spec.class_dim is not None]
+    if not candidates:
+        return plan
+    counts: dict[int, torch.Tensor] = {}
+    for n, inputs in enumerate(batches):
+        if n >= max_batches:
+            break
+        named = flatten_outputs(model(inputs))
+        for i in candidates:
+            scores = named[i][1]
+            class_dim = plan.outputs[i].class_dim
+            top = scores.argmax(dim=class_dim).flatten()
+            found = torch.bincount(top, minlength=scores.shape[class_dim])
+            counts[i] = counts[i] + found if i in counts else found
+    specs = list(plan.outputs)
+    for i, found in counts.items():
+        blank = int(found.argmax())
+        fraction = float(found[blank]) / max(float(found.sum()), 1.0)
+        if fraction >= share:
+            spec = specs[i]
+            specs[i] = dataclasses.replace(
+                spec, kind="ctc", loss=spec.loss if spec.overridden else KINDS["ctc"].loss, blank=blank,
+                reason=f"per-position class scores whose dense argmax is class {blank} at {fraction:.0%} of the "
+                       f"positions, as a CTC head's blank is")
+    return OutputPlan(tuple(specs))
+
+
 def distill_loss(student_outputs: Any, teacher_outputs: Any, plan: OutputPlan,
                  inputs: torch.Tensor | None = None) -> torch.Tensor:
     """The sum over output tensors of each one's distillation loss (student vs teacher);

@@ -154,3 +154,50 @@ def test_batchnorm_re_estimation_gives_the_calibration_statistics():
     # the cumulative average of per-batch unbiased variances
     per_batch = torch.stack([model[0](x).detach().var((0, 2, 3), unbiased=True) for x in batches])
     torch.testing.assert_close(model[1].running_var, per_batch.mean(0), rtol=1e-4, atol=1e-4)
+
+
+class _SequenceHead(nn.Module):
+    """(N, 1, H, W) images -> per-position class scores (N, W, C), or time-major (W, N, C)."""
+
+    def __init__(self, classes: int, blank_bias: float, time_major: bool):
+        super().__init__()
+        self.head = nn.Linear(4, classes)
+        self.time_major = time_major
+        with torch.no_grad():
+            self.head.bias.zero_()
+            self.head.bias[3] = blank_bias  # class 3 wins at most positions when the bias is large
+
+    def forward(self, x):
+        features = x[:, 0].transpose(1, 2)  # (N, W, H = 4)
+        scores = self.head(features)
+        return scores.transpose(0, 1) if self.time_major else scores
+
+
+@pytest.mark.parametrize("time_major", [False, True])
+def test_a_guessed_sequence_output_dominated_by_one_class_is_guessed_ctc_with_that_blank(time_major):
+    from spruce.compiler.outputs import guess_ctc_blanks, batch_dims
+    torch.manual_seed(0)
+    batches = [torch.randn(5, 1, 4, 6) for _ in range(3)]  # N = 5, W = T = 6 (T != N); T = N below
+    for blank_bias, expected in ((6.0, "ctc"), (0.0, "scores")):
+        model = _SequenceHead(11, blank_bias, time_major).eval()
+        example = torch.randn(1, 1, 4, 1)  # T = N = 1 at the example: the batch dim is measured, not guessed
+        outputs = model(example)
+        plan = plan_outputs(outputs, batch=batch_dims(model, example, outputs))
+        assert plan.outputs[0].kind == "scores"
+        guessed = guess_ctc_blanks(plan, model, batches).outputs[0]
+        assert guessed.kind == expected, (blank_bias, guessed)
+        if expected == "ctc":
+            assert guessed.blank == 3 and guessed.loss == "kl" and not guessed.declared
+            assert guessed.warning() is not None  # still a guess: the report warns
+        else:
+            assert guessed.blank is None
+
+
+def test_a_declared_sequence_output_is_never_re_guessed():
+    from spruce.compiler.kinds import OutputDeclaration
+    from spruce.compiler.outputs import guess_ctc_blanks
+    model = _SequenceHead(11, 6.0, False).eval()
+    example = torch.randn(2, 1, 4, 6)
+    plan = plan_outputs(model(example), declarations={"output": OutputDeclaration(kind="scores")},
+                        batch={"output": 0})
+    assert guess_ctc_blanks(plan, model, [example]).outputs[0].kind == "scores"
