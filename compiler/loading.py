@@ -179,8 +179,9 @@ def _data(recipe: Recipe, given: Given, example: torch.Tensor | None, prepare: U
 
 def _batch_size(recipe: Recipe, spec: str, sized: bool) -> int:
     """The loaders' batch size: the recipe's, at most 8 for ``images:DIR`` resized to a model's
-    example (``sized``); for ``text:PATH`` :data:`TEXT_BATCH_SIZE` unless the recipe sets one (a token budget of 10 % of a
-    small model's training tokens is a few dozen steps at 8 windows, a handful at 64)."""
+    example (``sized``); for ``text:PATH`` :data:`TEXT_BATCH_SIZE` unless the recipe sets one (a
+    token budget of 10 % of a small model's training tokens is a few dozen steps at 8 windows, a
+    handful at 64)."""
     if spec.startswith("images:") and sized:
         return min(recipe.batch_size, 8)
     if spec.startswith("text:") and "batch_size" not in recipe.model_fields_set:

@@ -175,7 +175,7 @@ class _SequenceHead(nn.Module):
 
 @pytest.mark.parametrize("time_major", [False, True])
 def test_a_guessed_sequence_output_dominated_by_one_class_is_guessed_ctc_with_that_blank(time_major):
-    from spruce.compiler.outputs import guess_ctc_blanks, batch_dims
+    from spruce.compiler.outputs import batch_dims, guess_ctc_blanks
     torch.manual_seed(0)
     batches = [torch.randn(5, 1, 4, 6) for _ in range(3)]  # N = 5, W = T = 6 (T != N); T = N below
     for blank_bias, expected in ((6.0, "ctc"), (0.0, "scores")):
