@@ -300,13 +300,7 @@ def _recurrent_latency_term(ctx: _Context, table: Any, entry: Any, name: str, mo
             memo[key] = entry.calls * table.layer_ms(entry.name, *key)
         return memo[key]
 
-    def fn(widths: tuple) -> Any:
-        rows, active_in = np.broadcast_arrays(*(np.asarray(w, dtype=np.int64) for w in widths))
-        if rows.ndim == 0:
-            return one(int(rows), int(active_in))
-        return np.array([one(int(r), int(i)) for r, i in zip(rows.ravel(), active_in.ravel())]).reshape(rows.shape)
-
-    return Term(name, ctx.dims_of(f"{name}.weight_ih_l0", weight.shape), fn)
+    return Term(name, ctx.dims_of(f"{name}.weight_ih_l0", weight.shape), _elementwise(one))
 
 
 def _layer_latency(table: Any, entry: Any) -> Callable[[tuple[int, ...]], float]:
@@ -319,11 +313,17 @@ def _layer_latency(table: Any, entry: Any) -> Callable[[tuple[int, ...]], float]
             memo[key] = entry.calls * table.layer_ms(entry.name, active_in, out)
         return memo[key]
 
+    return _elementwise(one)
+
+
+def _elementwise(one: Callable[[int, int], float]) -> Callable[[tuple[int, ...]], Any]:
+    """A term's cost function from ``one`` (the cost at one pair of widths): a float for scalar
+    widths, else an array of ``one`` over the two width arrays broadcast together."""
     def fn(widths: tuple) -> Any:
-        out, per_group_in = np.broadcast_arrays(*(np.asarray(w, dtype=np.int64) for w in widths))
-        if out.ndim == 0:
-            return one(int(out), int(per_group_in))
-        return np.array([one(int(o), int(i)) for o, i in zip(out.ravel(), per_group_in.ravel())]).reshape(out.shape)
+        first, second = np.broadcast_arrays(*(np.asarray(w, dtype=np.int64) for w in widths))
+        if first.ndim == 0:
+            return one(int(first), int(second))
+        return np.array([one(int(a), int(b)) for a, b in zip(first.ravel(), second.ravel())]).reshape(first.shape)
 
     return fn
 
