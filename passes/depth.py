@@ -48,12 +48,6 @@ _KEEP_ZERO = {aten.view.default, aten.reshape.default, aten._unsafe_view.default
               torch.flatten, torch.reshape, torch.transpose, torch.permute, nn.functional.dropout,
               "view", "reshape", "transpose", "permute", "contiguous", "clone", "to", "flatten", "squeeze",
               "unsqueeze", "type_as", "float", "half", "bfloat16"}
-_RELU = {torch.relu, torch.relu_, nn.functional.relu, aten.relu.default, aten.relu_.default, "relu", "relu_"}
-_MAX_POOL = {nn.functional.max_pool2d, nn.functional.max_pool1d, aten.max_pool2d.default,
-             aten.max_pool2d_with_indices.default, aten.max_pool1d.default}
-# ops that return their input unchanged where the shape and dtype stay
-_SAME = {aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten._to_copy.default, aten.alias.default,
-         aten.clone.default, aten.contiguous.default, "to", "contiguous", "clone", "float"}
 # ops whose output is zero when the parameters among their arguments are zero
 _ZERO_BY_PARAMS = {aten.linear.default, aten.addmm.default, aten.conv1d.default, aten.conv2d.default,
                    aten.conv3d.default, aten.convolution.default, aten.layer_norm.default,
