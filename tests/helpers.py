@@ -243,3 +243,15 @@ def assert_pt2_reloads_in_a_fresh_process(results: dict, folder: Path, tolerance
             programs.append((deploy.save_pt2(part, folder / f"{name}.{part.name}.pt2"), part))
     errors = deploy.check_pt2_in_fresh_process(programs)
     assert len(errors) == len(programs) and max(errors) <= tolerance, errors
+
+
+def assert_every_parameter_placed(model: nn.Module, groups) -> None:
+    """Every parameter of ``model`` is a member of some channel group of ``groups``, and each
+    group it is in is prunable or says why not (issue 28's walk over ``named_parameters()``)."""
+    placed: dict[str, list] = {}
+    for group in groups:
+        for member in group.members:
+            placed.setdefault(member.name, []).append(group)
+    for name, _ in model.named_parameters():
+        assert placed.get(name), f"{name} is in no group"
+        assert all(g.prunable or g.reason for g in placed[name]), name

@@ -16,7 +16,7 @@ import functools
 import pytest
 import spruce
 import torch
-from helpers import randomise_transformer
+from helpers import assert_every_parameter_placed, randomise_transformer
 from spruce.api import checks
 from spruce.capture.transformers import capture_settings, moe_blocks
 from spruce.passes.export import mask_channels
@@ -120,14 +120,7 @@ def test_at_least_top_k_experts_stay():
 @pytest.mark.parametrize("name", list(BUILD))
 def test_every_parameter_is_in_a_group_or_refused_with_a_reason(name):
     model, result = pruned(name)
-    placed = {}
-    for group in result.groups:
-        for member in group.members:
-            placed.setdefault(member.name, []).append(group)
-    for pname, _ in model.named_parameters():
-        groups = placed.get(pname)
-        assert groups, f"{pname} is in no group"
-        assert all(g.prunable or g.reason for g in groups), pname
+    assert_every_parameter_placed(model, result.groups)
 
 
 def test_kept_parameter_share_of_mixtral():

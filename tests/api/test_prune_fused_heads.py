@@ -15,7 +15,7 @@ import functools
 import pytest
 import spruce
 import torch
-from helpers import randomise_transformer
+from helpers import assert_every_parameter_placed, randomise_transformer
 from spruce.api import checks
 
 T = pytest.importorskip("transformers")
@@ -105,13 +105,7 @@ def test_swin_relative_position_bias_table_loses_the_heads():
 @pytest.mark.parametrize("name", ["phi3", "swin"])
 def test_every_parameter_is_in_a_group_or_refused_with_a_reason(name):
     model, result = pruned(name)
-    placed: dict[str, list] = {}
-    for group in result.groups:
-        for member in group.members:
-            placed.setdefault(member.name, []).append(group)
-    for pname, _ in model.named_parameters():
-        assert placed.get(pname), f"{pname} is in no group"
-        assert all(g.prunable or g.reason for g in placed[pname]), pname
+    assert_every_parameter_placed(model, result.groups)
 
 
 def test_phi3_comes_back_as_its_own_class():

@@ -29,6 +29,7 @@ import numpy as np
 import pytest
 import spruce
 import torch
+from helpers import assert_every_parameter_placed
 from helpers import randomise_transformer as randomise
 from spruce.api import checks
 from spruce.api.depth import remove_blocks
@@ -189,13 +190,8 @@ def test_compact_equals_masked_at_two_batch_sizes_and_lengths(name):
 @pytest.mark.parametrize("name", [n for n in CASES if not CASES[n].remove])
 def test_every_parameter_is_in_a_group_or_refused_with_a_reason(name):
     source, result = pruned(name)
-    placed: dict[str, list] = {}
-    for group in result.groups:
-        for member in group.members:
-            placed.setdefault(member.name, []).append(group)
-    for pname, _ in source.named_parameters():
-        assert placed.get(pname), f"{pname} is in no group"
-        assert all(g.prunable or g.reason for g in placed[pname]), pname
+    assert_every_parameter_placed(source, result.groups)
+
 
 RELOAD = textwrap.dedent("""
     import json, sys, torch, transformers
