@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
 from ..capture.transformers import is_transformers_model
+from ..passes.sparsity.count_rules import CountRule
 
-__all__ = ["WRITE_BACK", "Family", "WidthField", "to_transformers"]
+__all__ = ["WRITE_BACK", "Family", "WidthField", "hidden_width_rule", "to_transformers"]
 
 
 @dataclass(frozen=True)
@@ -358,6 +359,10 @@ def to_transformers(compact: nn.Module, source: nn.Module) -> nn.Module:
         head_dim = _head_dim(config, family)
         written = _write_widths(new_config, family, state, source, head_dim)
         _check_heads(new_config, family, source, head_dim)
+    refusal = _config_refusal(new_config)
+    if refusal is not None:
+        raise ValueError(f"to_transformers: {type(config).__name__} refuses the pruned config ({refusal}); "
+                         f"select widths it takes (compile does: hidden_width_rule) or deploy the .pt2")
     with torch.device("meta"):
         model = type(source)(new_config)
     expected = model.state_dict()
@@ -387,3 +392,71 @@ def to_transformers(compact: nn.Module, source: nn.Module) -> nn.Module:
         raise ValueError(f"to_transformers: {type(source).__name__} has state the compact model does not "
                          f"carry: {left[:3]}")
     return model.train(source.training)
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """A tensor's shape where write-back's readers expect a tensor (``.shape``)."""
+
+    shape: tuple[int, ...]
+
+
+def _config_refusal(config) -> str | None:
+    """Why ``config``'s own class validation (transformers' strict configs: ``validate``, which
+    ``from_pretrained`` runs) refuses it; None when it takes it."""
+    validate = getattr(config, "validate", None)
+    if not callable(validate):
+        return None
+    try:
+        validate()
+    except Exception as exc:  # the strict-dataclass errors derive from Exception, not ValueError
+        return " ".join(str(exc.__cause__ or exc).split())
+    return None
+
+
+def hidden_width_rule(source: nn.Module, groups: Sequence) -> CountRule | None:
+    """The :class:`~spruce.passes.sparsity.count_rules.CountRule` that keeps a selection over
+    ``groups`` (``ChannelGroup``s of ``source``'s analysis with ``normalised_widths``) writable
+    by :func:`to_transformers`: the residual-width group (the one holding the family's
+    ``hidden`` field, e.g. ``embed_tokens.weight`` dim 1) must keep a count at which the
+    config write-back builds (its fields read as :func:`to_transformers` reads them, from the
+    widths the kept counts give) passes the config class's own validation. A stock
+    ``LlamaConfig`` takes ``hidden_size`` only as a multiple of ``num_attention_heads``, so a
+    hidden width of 23 beside 2 kept heads moves to 22. Counts that write-back refuses for
+    another reason (widths differing across layers) are left to its own error. ``None`` for a
+    model that is no transformers model, a family without a residual-width field in
+    :data:`WRITE_BACK` (or with its own reader: Swin), or no prunable residual-width group."""
+    if not is_transformers_model(source):
+        return None
+    family = WRITE_BACK.get(getattr(source.config, "model_type", None))
+    if family is None or family.hidden is None or family.read is not None:
+        return None
+    base = getattr(source, "base_model_prefix", "")
+    field = family.hidden.param.format(i=0)
+    names = {f"{base}.{field}" if base else field, field}
+    hidden = next((g for g in groups if g.prunable and any(m.name in names and m.dim == family.hidden.dim
+                                                           for m in g.members)), None)
+    if hidden is None:
+        return None
+    dense = {name: tuple(t.shape) for name, t in (*source.named_parameters(), *source.named_buffers())}
+    cuts = [(g.id, g.size, [(m.name, m.dim, int(m.index.shape[1])) for m in g.members if m.name in dense])
+            for g in groups if g.prunable]
+    head_dim = _head_dim(source.config, family)
+
+    def holds(counts: Mapping[int, int]) -> bool:
+        shapes = {name: list(shape) for name, shape in dense.items()}
+        for gid, size, members in cuts:
+            removed = size - int(counts.get(gid, size))
+            for name, dim, per_channel in members if removed else ():
+                shapes[name][dim] -= removed * per_channel
+        config = copy.deepcopy(source.config)
+        try:
+            state = {name: _Shape(tuple(shape)) for name, shape in shapes.items()}
+            _write_widths(config, family, state, source, head_dim)
+            _check_heads(config, family, source, head_dim)
+        except ValueError:
+            return True  # write-back refuses for a reason no residual width fixes: its own error says which
+        return _config_refusal(config) is None
+
+    return CountRule(hidden.id, holds, f"{type(source.config).__name__}'s validation of hidden_size "
+                                       f"against the kept heads (write-back)")

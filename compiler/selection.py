@@ -14,9 +14,11 @@ import torch
 
 from ..api.budget import decode_timer
 from ..api.prune import keep_top_channels
+from ..api.transformers import hidden_width_rule
 from ..passes.analysis import analyze
 from ..passes.export import check_runs, remove_channels
 from ..passes.importance import importance_scores, param_table
+from ..passes.sparsity.count_rules import CountRule, fit_kept
 from ..passes.sparsity.knapsack import build_cost_model, minimum_kept, normalise_importance, select_channels
 from ..passes.sparsity.method import MethodConfig, RunLength
 from ..passes.sparsity.model import SparseModel, sparsify_captured
@@ -67,7 +69,10 @@ def channels_by_magnitude(setup: Setup, captured: Captured, profiled: Profiled, 
     every layer (:mod:`spruce.passes.sparsity.uniform`), so the result writes back. A causal
     LM's groups include its hidden width, and whole decoder layers may go too
     (:mod:`spruce.compiler.depth`: the blocks the reachability check chose for a latency
-    budget, else the recipe's ``depth``), removed from every timed selection.
+    budget, else the recipe's ``depth``), removed from every timed selection. A transformers
+    model's residual width keeps a count its config takes beside the kept heads
+    (:func:`spruce.api.transformers.hidden_width_rule`: a stock ``LlamaConfig`` wants a
+    multiple of ``num_attention_heads``), in every selection, timed or counted.
 
     Score source: for a causal LM, calibration activations (the recovery data's first batches,
     :func:`spruce.compiler.activation_importance.activation_importance`: each head's / MLP
@@ -81,6 +86,7 @@ def channels_by_magnitude(setup: Setup, captured: Captured, profiled: Profiled, 
     analysis = channel_analysis(setup, captured)
     importance, required, scored_by = _channel_importance(setup, student, analysis, workspace)
     ties = uniform_classes(analysis.groups) if setup.uniform else None
+    rule = hidden_width_rule(student, analysis.groups)
     blocks = profiled.blocks if profiled.blocks is not None else blocks_to_remove(setup, captured)
     then = block_remover(blocks)
     if blocks and drives_channels(recipe.structure, setup.mode, recipe.method, recipe.method_named, recipe.budget):
@@ -94,7 +100,7 @@ def channels_by_magnitude(setup: Setup, captured: Captured, profiled: Profiled, 
         selection = meet_latency_budget(analysis, student, profiled.table, setup.target, recipe.budget["latency"],
                                         importance, (example,), batch_size=recipe.budget_batch_size,
                                         round_to=recipe.round_to, required=required, cost_model=steer, ties=ties,
-                                        reference_target=setup.dense_target, then=then)
+                                        reference_target=setup.dense_target, then=then, rule=rule)
         kept, compact = selection.kept, selection.compact
     elif recipe.budget and "decode" in recipe.budget:
         if not setup.is_lm:
@@ -108,7 +114,7 @@ def channels_by_magnitude(setup: Setup, captured: Captured, profiled: Profiled, 
                                         importance, (example,), batch_size=1, round_to=recipe.round_to,
                                         required=required,
                                         cost_model=build_cost_model(steer_kind, student, analysis),
-                                        ties=ties, then=then)
+                                        ties=ties, then=then, rule=rule)
         kept, compact = selection.kept, selection.compact
     elif recipe.budget:
         ((kind, fraction),) = recipe.budget.items()
@@ -121,10 +127,12 @@ def channels_by_magnitude(setup: Setup, captured: Captured, profiled: Profiled, 
             chosen = select_channels(tied_cost, tied_importance, fraction * cost.dense(), round_to=recipe.round_to,
                                      required=tied_required)
             kept = dict(untie(chosen, importance, ties, sorted(cost.sizes)).kept)
+        kept = _fit_kept(kept, analysis, rule, importance, required, recipe.round_to)
         compact = remove_channels(analysis, student, kept)
     else:
         kept = keep_top_channels(student, analysis.groups, recipe.sparsity or 0.0, CHANNEL_IMPORTANCE,
                             round_to=recipe.round_to, seed=recipe.seed)
+        kept = _fit_kept(kept, analysis, rule, importance, required, recipe.round_to)
         compact = remove_channels(analysis, student, kept)
     if then is not None and selection is None:
         compact = then(compact)
@@ -154,13 +162,26 @@ def check_budget_reachable(setup: Setup, captured: Captured, workspace: Workspac
     # the smallest selection as the selection's own cost model counts it (a causal LM's: parameters)
     steer = None if recipe.selection_cost == "latency" else build_cost_model(recipe.selection_cost, student, analysis)
 
+    rule = hidden_width_rule(student, analysis.groups)
+
     def reach(then: Any) -> object:
         return smallest_selectable(analysis, student, setup.target, recipe.budget["latency"], importance,
                                    (setup.example,), batch_size=recipe.budget_batch_size, round_to=recipe.round_to,
                                    required=required, reference_target=setup.dense_target, then=then,
-                                   cost_model=steer)
+                                   cost_model=steer, rule=rule)
 
     return blocks_for_budget(setup, captured, reach)
+
+
+def _fit_kept(kept: dict[int, np.ndarray], analysis: Any, rule: CountRule | None, importance: dict[int, np.ndarray],
+              required: dict[int, np.ndarray] | None, round_to: int) -> dict[int, np.ndarray]:
+    """``kept`` with ``rule``'s group (a transformers model's residual width) moved to a count
+    its config takes (never below the channels ``required`` of it); as is without a rule."""
+    if rule is None:
+        return kept
+    sizes = {g.id: g.size for g in analysis.groups if g.prunable}
+    least = int(required[rule.group].sum()) if required is not None and rule.group in required else 1
+    return fit_kept(kept, sizes, rule, importance, least, round_to)
 
 
 def _channel_importance(setup: Setup, student: torch.nn.Module, analysis: Any, workspace: Workspace | None = None

@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from ..passes.export import remove_channels
+from ..passes.sparsity.count_rules import CountRule, fit_selection
 from ..passes.sparsity.knapsack import (
     CostModel,
     InfeasibleBudget,
@@ -156,6 +157,7 @@ def meet_latency_budget(
     ties: Ties | None = None,
     reference_target: Target | None = None,
     then: Callable[[nn.Module], nn.Module] | None = None,
+    rule: CountRule | None = None,
 ) -> MeasuredSelection:
     """Channels of ``model`` whose compact model measures within the latency ``budget``.
 
@@ -178,7 +180,10 @@ def meet_latency_budget(
     module doc); the table, if any, is ``target``'s. ``then`` (a compact model -> a smaller
     one, e.g. whole blocks removed: :func:`spruce.api.depth.remove_blocks`) is applied to every
     selection's compact model before it is timed and returned; the knapsack's cost model does
-    not see it (the measured loop re-aims by what is timed).
+    not see it (the measured loop re-aims by what is timed). ``rule``
+    (:class:`~spruce.passes.sparsity.count_rules.CountRule`, e.g. what a transformers config
+    takes as its residual width beside the kept heads) moves its group in every selection
+    before it is timed (:func:`~spruce.passes.sparsity.count_rules.fit_selection`).
 
     Returns the first selection measured within [0.9, 1.05] x ``budget`` of dense; when the
     rounds run out with every selection too slow, up to ``FALLBACK_ROUNDS`` more are bisected
@@ -197,7 +202,7 @@ def meet_latency_budget(
         raise ValueError("meet_latency_budget needs a latency table or a cost_model")
     cost = cost_model if cost_model is not None else build_cost_model("latency", model, analysis,
                                                                       latency_table=table)
-    group_ids, scores = sorted(cost.sizes), importance
+    group_ids, scores, untied_cost, untied_required = sorted(cost.sizes), importance, cost, required
     if ties is not None:
         if candidates is not None:
             raise ValueError("meet_latency_budget: uniform counts (ties) with candidates are not supported")
@@ -215,6 +220,7 @@ def meet_latency_budget(
         selection = select_channels(cost, importance, max(aim, floor_predicted), **options)
         if ties is not None:
             selection = untie(selection, scores, ties, group_ids)
+        selection = _fit(selection, rule, scores, untied_cost, untied_required, round_to)
         key = tuple(sorted(selection.counts.items()))
         if key not in measured:
             compact = _compact(analysis, model, selection.kept, then)
@@ -324,6 +330,7 @@ def smallest_selectable(
     reference_target: Target | None = None,
     then: Callable[[nn.Module], nn.Module] | None = None,
     cost_model: CostModel | None = None,
+    rule: CountRule | None = None,
 ) -> Attempt:
     """The smallest configuration a selection can choose (every prunable group of ``analysis``
     at its fewest channels: the ``required`` ones, else one multiple of ``round_to``), timed
@@ -336,7 +343,7 @@ def smallest_selectable(
     finds the fewest channels: it must give every channel a cost (MACs are 0 for a graph that
     calls linear layers as functions, as torch.export writes a transformer: then every channel
     is free and the "smallest" keeps all; steer such a model by ``build_cost_model("params",
-    ...)``, as its measured loop is). Raises
+    ...)``, as its measured loop is); ``rule`` as in :func:`meet_latency_budget`. Raises
     :class:`InfeasibleBudget` (as :func:`meet_latency_budget` does) when it measures above 1.05 x
     ``budget``; ``ValueError`` for a bad budget or batch size."""
     _check_budget_and_batch(budget, batch_size)
@@ -346,6 +353,7 @@ def smallest_selectable(
         cost = build_cost_model("params", model, analysis)
     floor = minimum_cost(cost, round_to=round_to, required=required)
     selection = select_channels(cost, importance, floor, round_to=round_to, required=required)
+    selection = _fit(selection, rule, importance, cost, required, round_to)
     compact = _compact(analysis, model, selection.kept, then)
     dense_timing, compact_timing = time_against_reference(target, compact, model, timed_inputs, reference_target,
                                                           warmup, timing_rounds)
@@ -353,6 +361,16 @@ def smallest_selectable(
     if attempt.ratio > BAND_HIGH * budget:
         raise _infeasible(budget, target, batch_size, attempt, cost.unit, reference_target)
     return attempt
+
+
+def _fit(selection: Any, rule: CountRule | None, importance: Mapping[int, np.ndarray | torch.Tensor],
+         cost: CostModel, required: Mapping[int, np.ndarray] | None, round_to: int) -> Any:
+    """``selection`` with ``rule``'s group moved to a count the rule accepts (never below the
+    channels ``required`` of it, counts multiples of ``round_to``); as is without a rule."""
+    if rule is None:
+        return selection
+    least = int(np.asarray(required[rule.group], bool).sum()) if required and rule.group in required else 1
+    return fit_selection(selection, rule, importance, cost, least, round_to)
 
 
 def _compact(analysis: Any, model: nn.Module, kept: Mapping[int, np.ndarray],

@@ -417,3 +417,34 @@ def test_write_back_keeps_the_dtype(tmp_path):
     back = T.Qwen2ForCausalLM.from_pretrained(tmp_path)
     assert {p.dtype for p in back.parameters()} == {torch.bfloat16}
     assert back.config.num_attention_heads == 2
+
+
+def test_a_residual_width_the_config_refuses_is_refused_and_the_rule_moves_it():
+    """A stock LlamaConfig takes hidden_size only as a multiple of num_attention_heads: 15 beside
+    4 kept heads is refused by name (``from_pretrained`` would refuse the saved folder), and
+    hidden_width_rule moves it to 12 (fewer first), which writes back equal to the compact model.
+    Qwen3's config takes any residual width beside its explicit head_dim: its rule moves nothing."""
+    from spruce.api.transformers import hidden_width_rule
+    from spruce.passes.sparsity.count_rules import fit_kept
+
+    source, result = pruned("llama_hidden")
+    rule = hidden_width_rule(source, result.groups)
+    hidden = next(g for g in result.groups if g.id == rule.group)
+    assert any(m.name == "model.embed_tokens.weight" and m.dim == 1 for m in hidden.members)
+    kept = {**result.kept, rule.group: np.arange(15)}
+    with pytest.raises(ValueError, match=r"LlamaConfig refuses .*hidden size \(15\) is not a multiple"):
+        to_transformers(remove_channels(result.analysis, source, kept), source)
+    importance = {g.id: -np.arange(g.size, dtype=float) for g in result.groups if g.prunable}
+    fitted = fit_kept(kept, {g.id: g.size for g in result.groups if g.prunable}, rule, importance)
+    assert fitted[rule.group].tolist() == list(range(12))
+    compact = remove_channels(result.analysis, source, fitted)
+    own = to_transformers(compact, source)
+    assert (own.config.hidden_size, own.config.num_attention_heads) == (12, 4)
+    ids = inputs(CASES["llama_hidden"], 2, 6)
+    with torch.no_grad():
+        assert checks.relative_error(logits(compact(**ids)), logits(own(**ids))) <= 1e-5
+
+    source, result = pruned("qwen3_hidden")
+    rule = hidden_width_rule(source, result.groups)
+    counts = {g.id: len(result.kept.get(g.id, range(g.size))) for g in result.groups if g.prunable}
+    assert rule.holds({**counts, rule.group: 15})
