@@ -29,6 +29,8 @@ from torch import nn
 from ..passes.importance import importance_scores, param_table
 from .datasets import inputs_of
 
+ACTIVATION_CRITERION = "activation importance (calibration activations x weight norms)"  # a report header's words
+
 __all__ = ["ACTIVATION_BATCHES", "activation_importance"]
 
 ACTIVATION_BATCHES = 8  # calibration batches (at most)

@@ -258,6 +258,18 @@ def _method_text(method: Mapping[str, Any]) -> str:
     return f"{method['name']}({options})" if options else method["name"]
 
 
+def _recovery_length(doc: Mapping[str, Any]) -> str:
+    """What bounded recovery, for the header: none ran, a causal LM's token budget (and the
+    steps it made), or the recipe's epochs."""
+    recovery, lm = doc.get("recovery") or {}, doc.get("language_model") or {}
+    if recovery.get("mode") == "none":
+        return "no recovery training (one-shot)"
+    if lm.get("recover_tokens") is not None:
+        return (f"recovery bounded by {lm['recover_tokens']:,} tokens ({lm.get('recover_tokens_from')}): "
+                f"{recovery.get('steps', 0)} steps")
+    return f"{doc['recipe']['epochs']} epochs"
+
+
 def _markdown(doc: dict[str, Any]) -> str:
     recipe = doc["recipe"]
     missed = floor_line(doc.get("floor"))
@@ -265,10 +277,11 @@ def _markdown(doc: dict[str, Any]) -> str:
              "# spruce compile report", "",
              f"Model: {recipe['model'] or 'embedded digits CNN'} on {doc['data']}; target `{recipe['target']}`; "
              + (f"method `{_method_text(recipe['method'])}`" if method_ran(doc)
-                else "selection one-shot by weight magnitude (no method ran)")
+                else f"selection one-shot by {(doc.get('recovery') or {}).get('criterion', 'weight magnitude')} "
+                     "(no method ran)")
              + f", structure `{recipe['structure']}`, "
              + (f"budget {recipe['budget']}" if recipe["budget"] else f"sparsity {recipe['sparsity']}")
-             + f"; {recipe['epochs']} epochs.", "",
+             + f"; {_recovery_length(doc)}.", "",
              "| | accuracy | params | MACs | artifact |", "|---|---|---|---|---|"]
     for which in ("dense", "compiled"):
         part = doc[which]
@@ -384,9 +397,10 @@ def _recovery_record(setup: Setup, sparsified: Sparsified, recovered: Recovered)
                       final_check=recovered.final.record() if recovered.final is not None else None)
         record["fidelity_before_recovery"] = recovered.before.record() if recovered.before is not None else None
         return record
+    record["criterion"] = sparsified.criterion
     record["selection"] = (f"channels chosen once from the trained weights by {sparsified.importance}; gradient "
-                           "importance is exactly zero when the student equals its teacher, so magnitude is the "
-                           "criterion; the method does not re-select channels during recovery"
+                           f"importance is exactly zero when the student equals its teacher, so {sparsified.criterion} "
+                           "is the criterion; the method does not re-select channels during recovery"
                            if sparsified.sparse is None else
                            f"masks initialised by weight magnitude, then method {sparsified.method.name}'s "
                            "updates during recovery")

@@ -214,9 +214,10 @@ class Sparsified:
     compact: nn.Module | None = None
     kept: dict[int, np.ndarray] | None = None
     selection: MeasuredSelection | None = None
-    importance: str = "magnitude"
+    importance: str = "magnitude"  # what scored the channels, in full (the report's recovery section)
     drive: MethodDrive | None = None  # channel: the method re-selecting channels during recovery (sparse set)
     removed_blocks: tuple[str, ...] = ()  # channel: whole residual blocks removed too (module paths)
+    criterion: str = "weight magnitude"  # what scored the channels, in a few words (the report's header)
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from ..passes.sparsity.method import MethodConfig, RunLength
 from ..passes.sparsity.model import SparseModel, sparsify_captured
 from ..passes.sparsity.uniform import tie_problem, uniform_classes, untie
 from ..runtime.budget import meet_latency_budget, smallest_selectable
-from .activation_importance import activation_importance
+from .activation_importance import ACTIVATION_CRITERION, activation_importance
 from .channel_methods import drives_channels, sparsify_with_method
 from .depth import block_remover, blocks_for_budget, blocks_to_remove
 from .results import Captured, Profiled, Setup, Sparsified, Workspace
@@ -143,7 +143,8 @@ def channels_by_magnitude(setup: Setup, captured: Captured, profiled: Profiled, 
     depth = (f"; blocks removed, least influential first (ShortGPT's block influence on calibration batches): "
              f"{', '.join(blocks)}") if blocks else ""
     return Sparsified(method, None, total_steps, compact, kept, selection, f"{scored}{floor}{depth}",
-                      removed_blocks=tuple(blocks))
+                      removed_blocks=tuple(blocks),
+                      criterion=ACTIVATION_CRITERION if setup.is_lm else "weight magnitude")
 
 
 def check_budget_reachable(setup: Setup, captured: Captured, workspace: Workspace) -> tuple[str, ...]:

@@ -48,6 +48,8 @@ def test_compile_a_trained_lm_with_distillation_and_reload_it_with_transformers(
     assert after < before, (after, before)  # distillation recovered perplexity on the same selection
     assert doc["floor"]["met"]
     assert doc["recovery"]["steps"] == math.ceil(24_000 / tiny_lm.train[0].numel())  # bounded by tokens
+    (header,) = [line for line in (out / "report.md").read_text().splitlines() if line.startswith("Model:")]
+    assert "one-shot by activation importance" in header and "bounded by 24,000 tokens" in header, header
     lm = doc["language_model"]
     assert lm["hf"] == "hf" and lm["tokenizer"] == "hf" and lm["pt2"] == "model.pt2" and lm["uniform"]
     assert lm["hf_config"]["intermediate_size"] < 192 or lm["hf_config"]["num_attention_heads"] < 4

@@ -251,6 +251,29 @@ def test_the_header_names_the_method_only_when_it_ran(tmp_path):
     assert "halp" not in header and "no method ran" in header
 
 
+def test_an_lm_header_names_activation_importance_and_the_token_bound(tmp_path):
+    """A causal LM's channels are scored from calibration activations and its recovery is bounded
+    by tokens, not epochs: the header says so (and says when no recovery ran)."""
+    from spruce.compiler import reporting
+    from spruce.compiler.activation_importance import ACTIVATION_CRITERION
+
+    results = _results(tmp_path)
+    lm = {"recover_tokens": 30_162, "recover_tokens_from": "10% of 301628 training tokens"}
+    for mode, steps, says in (("distill", 30, "recovery bounded by 30,162 tokens (10% of 301628 training tokens): "
+                                              "30 steps."),
+                              ("none", 0, "no recovery training (one-shot).")):
+        chosen = {**results, "sparsified": Sparsified(results["sparsified"].method, None, 10,
+                                                      criterion=ACTIVATION_CRITERION),
+                  "recovered": Recovered(results["recovered"].log, RecoveryLog(mode, [], steps, 0))}
+        document = {**report_document(**chosen), "language_model": lm}
+        header = reporting._markdown(document).splitlines()[2]
+        assert f"selection one-shot by {ACTIVATION_CRITERION} (no method ran)" in header, header
+        assert header.endswith(says) and "magnitude" not in header and "epochs" not in header, header
+        assert document["recovery"]["criterion"] == ACTIVATION_CRITERION
+    header = reporting._markdown(report_document(**results)).splitlines()[2]
+    assert header.endswith("; 2 epochs."), header  # not an LM: the recipe's epochs, as before
+
+
 def test_the_recovery_loss_is_named_as_used(tmp_path):
     """A cross-entropy recovery is not reported as distilled with KL; a distillation is."""
     from spruce.compiler import reporting
