@@ -21,7 +21,9 @@ from ..passes.analysis import ChannelAnalysis, ChannelGroup
 from ..passes.export import batch_literals, check_runs, mask_channels, remove_channels
 from ..passes.graph import require_data, split_inputs
 from ..passes.importance import GRADIENT_CRITERIA, importance_scores, param_table
+from ..passes.sparsity.count_rules import CountRule, fit_counts
 from .options import PruneConfig
+from .transformers import hidden_width_rule
 from .verbs import analyze_model, gc_paused
 
 __all__ = ["PruneConfig", "PruneResult", "keep_top_channels", "prune"]
@@ -125,13 +127,17 @@ def keep_top_channels(
     ignore: Iterable[object] = (),
     seed: int = 0,
     calibration: Iterable[object] | None = None,
+    rule: CountRule | None = None,
 ) -> dict[int, np.ndarray]:
     """Kept channel indices per prunable group: the top ``1 - ratio`` by importance
     (at least one channel; rounded up to a multiple of ``round_to``). Groups that the
     rounding alone leaves whole (too few channels for ``round_to``) are named in a warning.
     Gradient criteria (``taylor``, ``taylor_bn``) read gradients over ``calibration`` (a
     list of inputs in ``prune``'s formats; see :func:`calibration_gradients`) where given,
-    else the ``.grad`` the parameters already hold."""
+    else the ``.grad`` the parameters already hold. ``rule`` (a
+    :class:`~spruce.passes.sparsity.count_rules.CountRule`, e.g.
+    :func:`~spruce.api.transformers.hidden_width_rule`) then moves its group's count to the
+    nearest one it accepts (:func:`~spruce.passes.sparsity.count_rules.fit_counts`)."""
     _validate(ratio, importance, round_to)
     ignored = _ignored_members(model, ignore)
     params = param_table(model)
@@ -141,16 +147,24 @@ def keep_top_channels(
     rng = np.random.default_rng(seed)
     kept: dict[int, np.ndarray] = {}
     rounded_whole: list[str] = []
+    counts: dict[int, int] = {}
+    for group in groups:
+        if not group.prunable or any((m.name, m.dim) in ignored for m in group.members):
+            continue
+        n_keep = max(group.min_keep, math.ceil(round((1.0 - ratio) * group.size, 6)))
+        if round_to and n_keep < group.size:
+            n_keep = min(group.size, math.ceil(n_keep / round_to) * round_to)
+            if n_keep >= group.size:
+                named = next((m for m in group.members if m.name.endswith("weight")), group.members[0])
+                rounded_whole.append(f"group {group.id} ({named.name} dim {named.dim}, {group.size} channels)")
+        counts[group.id] = n_keep
+    if rule is not None and rule.group in counts:
+        moved = next(g for g in groups if g.id == rule.group)
+        every = {**{g.id: g.size for g in groups if g.prunable}, **counts}
+        counts[rule.group] = fit_counts(every, rule, moved.size, moved.min_keep, round_to or 1)[rule.group]
     with grads:
         for group in groups:
-            if not group.prunable or any((m.name, m.dim) in ignored for m in group.members):
-                continue
-            n_keep = max(group.min_keep, math.ceil(round((1.0 - ratio) * group.size, 6)))
-            if round_to and n_keep < group.size:
-                n_keep = min(group.size, math.ceil(n_keep / round_to) * round_to)
-                if n_keep >= group.size:
-                    named = next((m for m in group.members if m.name.endswith("weight")), group.members[0])
-                    rounded_whole.append(f"group {group.id} ({named.name} dim {named.dim}, {group.size} channels)")
+            n_keep = counts.get(group.id, group.size)
             if n_keep >= group.size:
                 continue
             scores = importance_scores(importance, group, params, rng)
@@ -226,7 +240,10 @@ def prune(
     ``normalised_widths=True`` prunes the widths LayerNorm / RMSNorm normalise over (the
     residual width of a transformer, with its embeddings), else pinned: the masked model
     computes those norms over the kept channels, so the compact model equals it but no
-    longer the unpruned model (:meth:`PruneResult.errors` measures how far).
+    longer the unpruned model (:meth:`PruneResult.errors` measures how far); for a transformers
+    model the residual width then keeps a count its config takes beside the kept heads
+    (:func:`~spruce.api.transformers.hidden_width_rule`: a ``LlamaConfig`` wants a multiple of
+    ``num_attention_heads``), so the result writes back (:func:`~spruce.api.transformers.to_transformers`).
     The compact model is run once on ``example_inputs`` and checked to run at a second batch
     size before it is returned. Raises ``ValueError`` for a ratio outside [0, 1) or an unknown
     importance (listing the valid ones), :class:`spruce.TraceError` for a model that cannot be
@@ -240,7 +257,8 @@ def prune(
     with gc_paused():
         analysis = analyze_model(model, example_inputs, leaf_modules, dynamic_shapes=dynamic_shapes, gqa=gqa,
                                  normalised_widths=normalised_widths)
-        kept = keep_top_channels(model, analysis.groups, ratio, importance, round_to, ignore, seed, calibration)
+        rule = hidden_width_rule(model, analysis.groups) if normalised_widths else None
+        kept = keep_top_channels(model, analysis.groups, ratio, importance, round_to, ignore, seed, calibration, rule)
         compact = remove_channels(analysis, model, kept)
         args, kwargs = split_inputs(example_inputs)
         check_runs(compact, args, model, "pruned model", kwargs)

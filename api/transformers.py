@@ -362,7 +362,7 @@ def to_transformers(compact: nn.Module, source: nn.Module) -> nn.Module:
     refusal = _config_refusal(new_config)
     if refusal is not None:
         raise ValueError(f"to_transformers: {type(config).__name__} refuses the pruned config ({refusal}); "
-                         f"select widths it takes (compile does: hidden_width_rule) or deploy the .pt2")
+                         f"select widths it takes (compile and prune do: hidden_width_rule) or deploy the .pt2")
     with torch.device("meta"):
         model = type(source)(new_config)
     expected = model.state_dict()

@@ -448,3 +448,13 @@ def test_a_residual_width_the_config_refuses_is_refused_and_the_rule_moves_it():
     rule = hidden_width_rule(source, result.groups)
     counts = {g.id: len(result.kept.get(g.id, range(g.size))) for g in result.groups if g.prunable}
     assert rule.holds({**counts, rule.group: 15})
+
+
+def test_prune_keeps_a_residual_width_the_config_takes():
+    """spruce.prune at ratio 0.3 keeps 23 of 32 residual channels and 3 of 4 query heads per
+    key-value group (6 heads): a LlamaConfig refuses 23 beside 6 heads, so the residual width
+    moves to 18 (fewer first) and the result writes back."""
+    model = randomise(T.LlamaForCausalLM(_llm(T.LlamaConfig, num_attention_heads=8)))
+    result = spruce.prune(model, {"input_ids": torch.randint(0, VOCAB, (2, 8))}, ratio=0.3, normalised_widths=True)
+    own = to_transformers(result.model, model)
+    assert (own.config.hidden_size, own.config.num_attention_heads) == (18, 6)
