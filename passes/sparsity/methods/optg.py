@@ -120,8 +120,9 @@ class OptGConfig(MethodConfig):
     of the sigmoid in Eq. 16-17; None (the default) scales it to the run, α = 12.5 / τ (the
     ramp over the middle 35 % of the run; the paper's α = 0.5 over τ = 100 epochs is 50 / τ,
     see the module doc); the factor is normalised so the last epoch is at the target.
-    ``schedule="paper"``: Eq. 16-17 as printed (α = 0.5 unless given, not normalised). ``ties``: how equal scores are ordered when the mask is derived, by weight
-    magnitude (default) or at random (``seed``). ``mask_period``: steps between mask
+    ``schedule="paper"``: Eq. 16-17 as printed (α = 0.5 unless given, not normalised). ``ties``:
+    how equal scores are ordered when the mask is derived, by weight magnitude (default) or at
+    random (``seed``). ``mask_period``: steps between mask
     derivations: ``"epoch"`` (Algorithm 1); None (the default) the epoch on a run of at least
     ``MIN_PERIODS`` (50) epochs and with ``schedule="paper"``, else ``total_steps // 50`` steps (at
     most an epoch), so a short run's mask follows the sigmoid in 50 steps as the paper's runs
