@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 from helpers import analyze_model, profile
 from spruce.passes.importance import importance_scores, param_table
-from spruce.passes.sparsity.knapsack import InfeasibleBudget, build_cost_model
+from spruce.passes.sparsity.knapsack import InfeasibleBudget, Term, Width, build_cost_model
 from spruce.runtime import budget as budget_module
 from spruce.runtime.budget import BAND_HIGH, MeasuredSelection, meet_latency_budget, smallest_selectable
 from spruce.targets.onnxruntime import OnnxRuntimeCPU
@@ -91,12 +93,16 @@ def test_mutation_ignoring_the_budget_is_caught(setup, monkeypatch):
     """If the selection ignored the budget (kept every channel), the loop could not meet it and
     says so, and the recheck tolerance above would reject the dense model too."""
     model, inputs, target, table, analysis, importance = setup
-    real = budget_module.select_channels
+    real, real_shrunk = budget_module.select_channels, budget_module.shrunk_selection
 
     def ignoring_budget(cost, importance, budget, **options):
         return real(cost, importance, cost.dense(), **options)
 
+    def shrinking_nothing(cost, importance, fraction, **options):
+        return real_shrunk(cost, importance, 1.0, **options)
+
     monkeypatch.setattr(budget_module, "select_channels", ignoring_budget)
+    monkeypatch.setattr(budget_module, "shrunk_selection", shrinking_nothing)
     with pytest.raises(InfeasibleBudget, match="smallest reachable latency"):
         meet_latency_budget(analysis, model, table, target, 0.5, importance, inputs, round_to=8, rounds=2,
                             timing_rounds=6)
@@ -123,6 +129,34 @@ def test_rounds_that_stay_too_slow_bisect_towards_the_smallest(setup, monkeypatc
     assert all(a.ratio == pytest.approx(0.66) for a in result.attempts[:4])
     assert result.in_band and 0.9 * 0.6 <= result.ratio <= BAND_HIGH * 0.6, [a.ratio for a in result.attempts]
     assert len(result.attempts) <= 4 + budget_module.FALLBACK_ROUNDS
+
+
+def test_a_cost_model_whose_cheapest_is_slow_falls_back_to_shrinking_every_group(setup, monkeypatch):
+    """Issue 30's set-up B: its latency table priced the first convolution's channels at almost
+    nothing (its grid had no point below 8 channels), so the table's cheapest configuration kept
+    them and measured 0.64 of dense, while fewer channels measured 0.16-0.5: the loop refused a
+    budget of 0.5 as unreachable. Here a cost model that pays for *removing* c1's channels and a
+    latency that follows them; the loop, every attempt too slow, shrinks every group alike by
+    measurement and lands in the band."""
+    model, inputs, target, _, analysis, importance = setup
+    flops = build_cost_model("flops", model, analysis)
+    c1 = next(g for g, size in flops.sizes.items() if size == 32)
+    misleading = Term("c1 kept is cheap", (Width(32, ((c1, 1),)),), lambda widths: 1e7 * (32 - widths[0]))
+    cost = replace(flops, terms=[*flops.terms, misleading], by_group={})
+
+    def follows_c1(target, compact, dense, inputs, reference_target=None, warmup=3, rounds=15):
+        ratio = 0.05 + 0.9 * compact.c1.out_channels / 32
+        return tuple(Timings(np.full(4, ms / 1e3), np.zeros(4)) for ms in (10.0, 10.0 * ratio))
+
+    monkeypatch.setattr(budget_module, "time_against_reference", follows_c1)
+    result = meet_latency_budget(analysis, model, None, target, 0.5, importance, inputs, round_to=8, rounds=3,
+                                 cost_model=cost)
+    assert result.in_band and 0.9 * 0.5 <= result.ratio <= BAND_HIGH * 0.5, [a.ratio for a in result.attempts]
+    assert result.counts[c1] < 32 and result.compact.c1.out_channels == result.counts[c1]
+    assert any(a.ratio > BAND_HIGH * 0.5 for a in result.attempts)  # the cost model's choices were too slow
+    with pytest.raises(InfeasibleBudget, match="smallest reachable latency"):  # below the fewest channels' 0.275
+        meet_latency_budget(analysis, model, None, target, 0.2, importance, inputs, round_to=8, rounds=2,
+                            cost_model=cost)
 
 
 def test_unreachable_budget_names_the_smallest_measured_latency(setup):
