@@ -64,13 +64,7 @@ class ChannelBudget:
         when ``min_keep`` is 0."""
         if self.min_keep <= 0:
             return None
-        ranked = {gid: np.where(candidates[gid], np.asarray(scores, dtype=np.float64), -np.inf)
-                  if candidates is not None and gid in candidates else scores for gid, scores in importance.items()}
-        required = minimum_kept(ranked, self.min_keep, self.round_to)
-        if candidates is not None:
-            required = {gid: mask & np.asarray(candidates[gid], bool) if gid in candidates else mask
-                        for gid, mask in required.items()}
-        return required
+        return minimum_kept(importance, self.min_keep, self.round_to, candidates)
 
     def floor(self, candidates: dict[int, np.ndarray] | None = None) -> float:
         """The smallest reachable cost choosing among ``candidates[g]`` (bool per channel; all

@@ -25,6 +25,7 @@ import torch
 from pydantic import Field, field_validator
 
 from ..channel_budget import ChannelBudget, ImportanceMeter, check_channel_criterion
+from ..knapsack import DEFAULT_MIN_KEEP
 from ..method import Method, MethodConfig, RunLength, register_method
 
 __all__ = ["HALP", "HALPConfig"]
@@ -32,8 +33,6 @@ __all__ = ["HALP", "HALPConfig"]
 # Under `spruce compile`: 20 pruning intervals per run, kept counts multiples of 8
 INTERVALS_PER_RUN = 20
 COMPILE_ROUND_TO = 8
-# The fraction of every channel group kept at least: compile's recipe default (``min_keep``)
-MIN_KEEP = 0.25
 
 
 class HALPConfig(MethodConfig):
@@ -55,7 +54,7 @@ class HALPConfig(MethodConfig):
     round_to: int = Field(1, ge=1)
     bins: int = Field(1024, ge=16)
     seed: int = Field(0, ge=0)
-    min_keep: float = Field(MIN_KEEP, ge=0, le=1)
+    min_keep: float = Field(DEFAULT_MIN_KEEP, ge=0, le=1)
 
     @field_validator("criterion")
     @classmethod
