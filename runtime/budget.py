@@ -188,8 +188,9 @@ def meet_latency_budget(
     Returns the first selection measured within [0.9, 1.05] x ``budget`` of dense; when the
     rounds run out with every selection too slow, up to ``FALLBACK_ROUNDS`` more are bisected
     between the lowest aim tried and the cost model's cheapest configuration, which is measured
-    too; when that is too slow as well, every group is shrunk alike (``shrunk_selection``:
-    the fewest channels, then ``FALLBACK_ROUNDS`` + 2 bisections by measurement); then the
+    too; when that is too slow as well, or when every selection that fits is below the band,
+    every group is shrunk alike (``shrunk_selection``: the fewest channels, then
+    ``FALLBACK_ROUNDS`` + 2 bisections by measurement); then the
     slowest selection measured at most 1.05 x ``budget`` (``in_band`` False). Raises
     :class:`InfeasibleBudget` (``minimum`` = the smallest measured ms, its message naming it
     and its fraction of dense) when even the fewest channels measure above 1.05 x ``budget``;
@@ -251,16 +252,20 @@ def meet_latency_budget(
                                  cost_unit=cost.unit, attempts=list(attempts), precision=_precision(target),
                                  dense_precision=_precision(reference_target or target))
 
-    def shrink_alike(cheapest: Attempt) -> MeasuredSelection | None:
-        """When the cost model's cheapest configuration (``cheapest``) measures too slow: the
-        one-dimensional family of :func:`shrunk_selection` (every group shrunk alike, down to its
-        fewest channels), steered by measurement alone, since the cost model mis-ranks. Bisects
-        between the fewest channels (when they fit) and all candidates for ``FALLBACK_ROUNDS`` + 2
-        measurements; the selection in the band, else None (the caller takes the slowest one that
-        fits). Raises :class:`InfeasibleBudget` when even the fewest channels measure too slow."""
+    def shrink_alike(cheapest: Attempt | None) -> MeasuredSelection | None:
+        """When the cost model's choices miss the band, its cheapest configuration (``cheapest``)
+        too slow or every one that fits below the band (latency that jumps at a channel count the
+        table's grid does not resolve): the one-dimensional family of :func:`shrunk_selection`
+        (every group shrunk alike, down to its fewest channels), steered by measurement alone.
+        Bisects between the fewest channels (when they fit) and all candidates for
+        ``FALLBACK_ROUNDS`` + 2 measurements; the selection in the band, else None (the caller
+        takes the slowest one that fits). Raises :class:`InfeasibleBudget` when nothing measured
+        fits (``cheapest`` given) and even the fewest channels measure too slow."""
         shrink = dict(candidates=candidates, required=required, round_to=round_to)
         fewest, smallest = measure(shrunk_selection(cost, importance, 0.0, **shrink), floor_predicted)
         if smallest.ratio > high:
+            if cheapest is None:
+                return None
             raise _infeasible(budget, target, batch_size, min((cheapest, smallest), key=lambda a: a.ratio),
                               cost.unit, reference_target)
         if low <= smallest.ratio:
@@ -305,7 +310,11 @@ def meet_latency_budget(
             shrunk = shrink_alike(attempt)
             if shrunk is not None:
                 return shrunk
-        fitting = [(s, a) for s, a, _ in measured.values() if a.ratio <= high]
+    else:  # every selection that fits is below the band (one in it was returned)
+        shrunk = shrink_alike(None)
+        if shrunk is not None:
+            return shrunk
+    fitting = [(s, a) for s, a, _ in measured.values() if a.ratio <= high]
     selection, attempt = max(fitting, key=lambda pair: pair[1].ratio)
     return result(selection, attempt, low <= attempt.ratio <= high)
 
