@@ -7,8 +7,13 @@ budget is judged on measurement: the compact model of the current masks and the 
 model are timed interleaved in one run on the target. Within ``1.05 x`` the budget the
 selection stands. Above it, the measured closed loop
 (:func:`spruce.runtime.budget.meet_latency_budget`) chooses again among the kept channels
-only (the least L1-magnitude ones go), first aimed at the selection's predicted cost scaled
+only (the least L1-magnitude ones go, the magnitude divided by its group's mean so that
+layers of small fan-in are not emptied first; every group keeps at least ``min_keep`` of its
+channels, as compile's selections do), first aimed at the selection's predicted cost scaled
 by budget / measured ratio, and the SparseModel's channel masks are set to what it chose.
+Issue 30's set-up C without either: the re-aim cut a 1-16-32-64 CNN's selection from 8, 22 and
+14 channels to 1, 1 and 14 (the raw L1 of a 1-input convolution's channels is small), test
+accuracy 0.98 -> 0.13 (0.19 with BatchNorm re-estimated).
 
 With ``precision="int8"`` the compact model is timed as the INT8 artifact that ships
 (quantized by the target, e.g. ``OnnxRuntimeCPU(precision="int8")``) and the dense model at
@@ -28,7 +33,13 @@ from torch import nn
 
 from ..passes.importance import importance_scores, param_table
 from ..passes.sparsity.channel_budget import ChannelBudget
-from ..passes.sparsity.knapsack import InfeasibleBudget, build_cost_model
+from ..passes.sparsity.knapsack import (
+    DEFAULT_MIN_KEEP,
+    InfeasibleBudget,
+    build_cost_model,
+    minimum_kept,
+    normalise_importance,
+)
 from ..passes.sparsity.model import SparseModel
 from ..runtime.budget import BAND_HIGH, BAND_LOW, meet_latency_budget, time_against_reference
 from ..runtime.decode import DecodeTimer, has_kv_cache
@@ -81,7 +92,8 @@ def meet_budget(sparse: SparseModel, example_inputs: torch.Tensor | Sequence[tor
                 target: str | Target | DecodeTimer = "onnxruntime", budget: float | Mapping[str, float] = 0.5, *,
                 dense: nn.Module | None = None, batch_size: int = 1, round_to: int = 1,
                 latency_table: Any = None, label: str = "the SparseModel's", precision: str | None = None,
-                dense_target: Target | None = None, calibration: Iterable[Any] | None = None) -> BudgetCheck:
+                dense_target: Target | None = None, calibration: Iterable[Any] | None = None,
+                min_keep: float = DEFAULT_MIN_KEEP) -> BudgetCheck:
     """Meet a latency ``budget`` (a fraction of dense, or ``{"latency": f}``) as measured on
     ``target`` (a name or a :class:`~spruce.targets.base.Target`), or a ``{"decode": f}`` budget
     measured by ``target`` = :func:`decode_timer` (per-token decode latency), with the channels of the
@@ -104,7 +116,9 @@ def meet_budget(sparse: SparseModel, example_inputs: torch.Tensor | Sequence[tor
     the compact model is timed at it. Given a target *name*, the dense model is timed on the
     same target at fp32; given a :class:`Target`, its own precision must be ``precision`` and
     the dense model is timed on ``dense_target`` (default: that target). The latency table,
-    when given, should be profiled at ``precision`` too.
+    when given, should be profiled at ``precision`` too. ``min_keep``: every group keeps at least
+    this fraction of its channels through a re-aim (its most important kept ones; all of them
+    when fewer are kept; 0 leaves the re-aim free).
 
     Raises ``ValueError`` for a SparseModel that does not select channels or a budget that
     is not a latency fraction in (0, 1], and
@@ -134,16 +148,18 @@ def meet_budget(sparse: SparseModel, example_inputs: torch.Tensor | Sequence[tor
                                precision=shipped)
         groups = [u.group.id for u in ctx.units]
         params = param_table(ctx.source)
-        importance = {u.group.id: importance_scores("l1", u.group, params, np.random.default_rng(0))
-                      for u in ctx.units}
+        importance = normalise_importance({u.group.id: importance_scores("l1", u.group, params,
+                                                                         np.random.default_rng(0))
+                                           for u in ctx.units})
         kept_now = {u.group.id: u.mask.numpy().copy() for u in ctx.units}
+        required = minimum_kept(importance, min_keep, round_to, kept_now) if min_keep > 0 else None
         cost = build_cost_model("latency" if table is not None else "flops", ctx.source, ctx.analysis, groups, table)
         # first aim: the selection's predicted cost scaled by what its measurement says is missing
         now = cost.cost({gid: int(mask.sum()) for gid, mask in kept_now.items()})
         try:
             chosen = meet_latency_budget(ctx.analysis, ctx.source, table, target, fraction, importance, inputs,
                                          batch_size=batch_size, round_to=round_to, candidates=kept_now,
-                                         cost_model=cost, first_aim=now * fraction / ratio,
+                                         required=required, cost_model=cost, first_aim=now * fraction / ratio,
                                          reference_target=dense_target)
         except InfeasibleBudget as exc:
             raise InfeasibleBudget(f"{label} channels measure {ratio:.3f} of dense, above the latency budget "

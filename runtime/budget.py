@@ -12,10 +12,14 @@ measured latency; a selection is accepted when
 
 When the measured ratio falls outside that band, the knapsack's aim (a budget in predicted
 ms) is re-aimed from the measurements: by the secant between the predicted costs of the two
-nearest attempts on either side of the budget, else by scaling with B / measured ratio. When no configuration
-reaches ``1.05 * B`` (the smallest configuration the knapsack can choose is measured too),
-:class:`~spruce.passes.sparsity.knapsack.InfeasibleBudget` is raised naming the smallest
-reachable measured latency, before anything else (recovery, export) runs.
+nearest attempts on either side of the budget, else by scaling with B / measured ratio.
+When every selection measures too slow, even the cost model's cheapest configuration, the
+cost model mis-ranks (issue 30: a latency table with no point below 8
+channels priced a first convolution's channels at almost nothing, and its cheapest configuration
+kept them): every group is then shrunk alike (:func:`~spruce.passes.sparsity.knapsack.shrunk_selection`)
+and steered by measurements alone. When no configuration reaches ``1.05 * B`` (the fewest
+channels are measured too), :class:`~spruce.passes.sparsity.knapsack.InfeasibleBudget` is raised
+naming the smallest reachable measured latency, before anything else (recovery, export) runs.
 
 **Precision.** The compact model is timed as ``target`` builds it: on an INT8 target
 (``OnnxRuntimeCPU(precision="int8")``) each selection is quantized and timed as the INT8 model
@@ -51,6 +55,7 @@ from ..passes.sparsity.knapsack import (
     build_cost_model,
     minimum_cost,
     select_channels,
+    shrunk_selection,
 )
 from ..passes.sparsity.uniform import Ties, tie_problem, untie
 from ..targets.base import Target
@@ -187,13 +192,15 @@ def meet_latency_budget(
 
     Returns the first selection measured within [0.9, 1.05] x ``budget`` of dense; when the
     rounds run out with every selection too slow, up to ``FALLBACK_ROUNDS`` more are bisected
-    between the lowest aim tried and the smallest configuration's cost; then the slowest
-    selection measured at most 1.05 x ``budget`` (``in_band`` False). Raises
+    between the lowest aim tried and the cost model's cheapest configuration, which is measured
+    too; when that is too slow as well, or when every selection that fits is below the band,
+    every group is shrunk alike (``shrunk_selection``: the fewest channels, then
+    ``FALLBACK_ROUNDS`` + 2 bisections by measurement); then the
+    slowest selection measured at most 1.05 x ``budget`` (``in_band`` False). Raises
     :class:`InfeasibleBudget` (``minimum`` = the smallest measured ms, its message naming it
-    and its fraction of dense) when even the smallest selectable
-    configuration measures above 1.05 x ``budget``; ``ValueError`` for a bad budget, batch
-    size or option, importance that does not cover the prunable groups, or neither a table nor
-    a cost model."""
+    and its fraction of dense) when even the fewest channels measure above 1.05 x ``budget``;
+    ``ValueError`` for a bad budget, batch size or option, importance that does not cover the
+    prunable groups, or neither a table nor a cost model."""
     _check_budget_and_batch(budget, batch_size)
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise ValueError(f"rounds must be a positive integer, got {rounds!r}")
@@ -218,6 +225,9 @@ def meet_latency_budget(
 
     def try_aim(aim: float) -> tuple[Any, Attempt]:
         selection = select_channels(cost, importance, max(aim, floor_predicted), **options)
+        return measure(selection, aim)
+
+    def measure(selection: Any, aim: float) -> tuple[Any, Attempt]:
         if ties is not None:
             selection = untie(selection, scores, ties, group_ids)
         selection = _fit(selection, rule, scores, untied_cost, untied_required, round_to)
@@ -248,6 +258,37 @@ def meet_latency_budget(
                                  cost_unit=cost.unit, attempts=list(attempts), precision=_precision(target),
                                  dense_precision=_precision(reference_target or target))
 
+    def shrink_alike(cheapest: Attempt | None) -> MeasuredSelection | None:
+        """When the cost model's choices miss the band, its cheapest configuration (``cheapest``)
+        too slow or every one that fits below the band (latency that jumps at a channel count the
+        table's grid does not resolve): the one-dimensional family of :func:`shrunk_selection`
+        (every group shrunk alike, down to its fewest channels), steered by measurement alone.
+        Bisects between the fewest channels (when they fit) and all candidates for
+        ``FALLBACK_ROUNDS`` + 2 measurements; the selection in the band, else None (the caller
+        takes the slowest one that fits). Raises :class:`InfeasibleBudget` when nothing measured
+        fits (``cheapest`` given) and even the fewest channels measure too slow."""
+        shrink = dict(candidates=candidates, required=required, round_to=round_to)
+        fewest, smallest = measure(shrunk_selection(cost, importance, 0.0, **shrink), floor_predicted)
+        if smallest.ratio > high:
+            if cheapest is None:
+                return None
+            raise _infeasible(budget, target, batch_size, min((cheapest, smallest), key=lambda a: a.ratio),
+                              cost.unit, reference_target)
+        if low <= smallest.ratio:
+            return result(fewest, smallest, True)
+        fits, too_slow = 0.0, 1.0
+        for _ in range(FALLBACK_ROUNDS + 2):
+            fraction = (fits + too_slow) / 2
+            selection = shrunk_selection(cost, importance, fraction, **shrink)
+            selection, attempt = measure(selection, selection.cost)
+            if low <= attempt.ratio <= high:
+                return result(selection, attempt, True)
+            if attempt.ratio > high:
+                too_slow = fraction
+            else:
+                fits = fraction
+        return None
+
     aim = budget * dense_predicted if first_aim is None else float(np.clip(first_aim, floor_predicted, dense_predicted))
     for _ in range(rounds):
         selection, attempt = try_aim(aim)
@@ -271,9 +312,15 @@ def meet_latency_budget(
         fitting = [(s, a) for s, a, _ in measured.values() if a.ratio <= high]
     if not fitting:
         selection, attempt = try_aim(floor_predicted)
-        if attempt.ratio > high:
-            raise _infeasible(budget, target, batch_size, attempt, cost.unit, reference_target)
-        fitting = [(selection, attempt)]
+        if attempt.ratio > high:  # the cost model's cheapest is too slow: shrink every group alike instead
+            shrunk = shrink_alike(attempt)
+            if shrunk is not None:
+                return shrunk
+    else:  # every selection that fits is below the band (one in it was returned)
+        shrunk = shrink_alike(None)
+        if shrunk is not None:
+            return shrunk
+    fitting = [(s, a) for s, a, _ in measured.values() if a.ratio <= high]
     selection, attempt = max(fitting, key=lambda pair: pair[1].ratio)
     return result(selection, attempt, low <= attempt.ratio <= high)
 

@@ -17,15 +17,17 @@ from ..config import check_choice
 from ..importance import GRADIENT_FALLBACK, IMPORTANCE, importance_scores, param_table
 from .channels import expand_channel_masks
 from .context import MethodContext
-from .knapsack import InfeasibleBudget, Selection, build_cost_model, minimum_cost, select_channels
+from .knapsack import InfeasibleBudget, Selection, build_cost_model, minimum_cost, minimum_kept, select_channels
 
 __all__ = ["ChannelBudget", "ImportanceMeter", "check_channel_criterion"]
 
 
 class ChannelBudget:
-    """The cost model of a channel-structured model and its budget Psi."""
+    """The cost model of a channel-structured model and its budget Psi. ``min_keep``: the
+    fraction of every group's channels each selection keeps at least (:meth:`required`)."""
 
-    def __init__(self, ctx: MethodContext, method: str, round_to: int = 1, bins: int = 1024):
+    def __init__(self, ctx: MethodContext, method: str, round_to: int = 1, bins: int = 1024,
+                 min_keep: float = 0.0):
         if ctx.structure.kind != "channel":
             raise ValueError(f"{method}: a cost budget selects channels: use structure='channel'")
         if ctx.budget is None:
@@ -39,18 +41,30 @@ class ChannelBudget:
         self.dense = self.cost.dense()
         self.target = self.budget.fraction * self.dense  # Psi, in the cost model's unit
         self.sample = int(getattr(table, "step", 1)) if self.budget.kind == "latency" else 1
-        self.round_to, self.bins = round_to, bins
+        self.round_to, self.bins, self.min_keep = round_to, bins, min_keep
         whole = [f"group{u.group.id} ({u.group.size} channels)" for u in ctx.units if u.group.size <= round_to]
         if whole:  # kept counts are multiples of round_to or the whole group: these cannot shrink
             warnings.warn(f"{method}: round_to={round_to} is not below the size of {len(whole)} channel group(s), "
                           f"which therefore keep all their channels: {', '.join(whole)}", stacklevel=3)
-        floor = minimum_cost(self.cost, round_to, self.sample)
+        sizes = {gid: np.zeros(size) for gid, size in self.cost.sizes.items()}
+        floor = minimum_cost(self.cost, round_to, self.sample, required=self.required(sizes))
         if floor > self.target:
             raise InfeasibleBudget(
                 f"{method}: no channel configuration meets the budget {self.budget.kind}={self.budget.fraction:g} "
                 f"({self.target:.6g} {self.cost.unit}): the smallest reachable {self.budget.kind} is {floor:.6g} "
                 f"{self.cost.unit} ({floor / self.dense:.1%} of dense)"
-                + (f" with kept counts multiples of round_to={round_to}" if round_to > 1 else ""), floor)
+                + (f" with kept counts multiples of round_to={round_to}" if round_to > 1 else "")
+                + (f" and every group keeping min_keep={min_keep:g} of its channels" if min_keep > 0 else ""), floor)
+
+    def required(self, importance: dict[int, np.ndarray], candidates: dict[int, np.ndarray] | None = None
+                 ) -> dict[int, np.ndarray] | None:
+        """The channels a selection must keep (``required`` of :func:`select_channels`): in every
+        group the ``min_keep`` fraction of its channels (rounded up to ``round_to``) with the
+        highest ``importance`` among its ``candidates`` (fewer when fewer are candidates); None
+        when ``min_keep`` is 0."""
+        if self.min_keep <= 0:
+            return None
+        return minimum_kept(importance, self.min_keep, self.round_to, candidates)
 
     def floor(self, candidates: dict[int, np.ndarray] | None = None) -> float:
         """The smallest reachable cost choosing among ``candidates[g]`` (bool per channel; all

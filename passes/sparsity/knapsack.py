@@ -36,6 +36,7 @@ from ..config import check_choice, short_repr
 
 __all__ = [
     "COST_MODELS",
+    "DEFAULT_MIN_KEEP",
     "Budget",
     "CostModel",
     "InfeasibleBudget",
@@ -43,12 +44,18 @@ __all__ = [
     "minimum_kept",
     "normalise_importance",
     "Selection",
+    "shrunk_selection",
     "build_cost_model",
     "register_cost_model",
     "select_channels",
     "select_measured",
     "solve_mckp",
 ]
+
+
+# The fraction of every channel group a selection keeps at least, by default (compile's recipe
+# ``min_keep``, HALP's and ``meet_budget``'s): without it a knapsack empties the groups it finds cheapest
+DEFAULT_MIN_KEEP = 0.25
 
 
 class InfeasibleBudget(ValueError):
@@ -509,12 +516,14 @@ def normalise_importance(importance: Mapping[int, np.ndarray], how: str = "group
     return out
 
 
-def minimum_kept(importance: Mapping[int, np.ndarray], fraction: float, round_to: int = 1) -> dict[int, np.ndarray]:
+def minimum_kept(importance: Mapping[int, np.ndarray], fraction: float, round_to: int = 1,
+                 candidates: Mapping[int, np.ndarray] | None = None) -> dict[int, np.ndarray]:
     """Per group, the channels that must be kept so that every group keeps at least
     ``fraction`` of its channels (rounded up to a multiple of ``round_to``, at most the
     group): its most important ones, as a bool mask per channel (``required`` of
-    :func:`select_channels`). ``fraction`` 0 requires nothing. Raises ``ValueError`` unless
-    0 <= ``fraction`` <= 1."""
+    :func:`select_channels`). With ``candidates[g]`` (bool per channel), only those may be
+    required: the most important candidates, all of them when fewer. ``fraction`` 0 requires
+    nothing. Raises ``ValueError`` unless 0 <= ``fraction`` <= 1."""
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 <= fraction <= 1.0:
         raise ValueError(f"minimum kept fraction must be in [0, 1], got {short_repr(fraction)}")
     required = {}
@@ -522,10 +531,59 @@ def minimum_kept(importance: Mapping[int, np.ndarray], fraction: float, round_to
         scores = np.asarray(scores.detach().cpu() if isinstance(scores, torch.Tensor) else scores, dtype=np.float64)
         size = scores.shape[0]
         count = min(size, int(math.ceil(fraction * size / round_to - 1e-9)) * round_to) if fraction > 0 else 0
+        allowed = np.ones(size, bool) if candidates is None or gid not in candidates \
+            else np.asarray(candidates[gid], bool)
+        order = np.argsort(-np.where(allowed, scores, -np.inf), kind="stable")
         mask = np.zeros(size, bool)
-        mask[np.argsort(-scores, kind="stable")[:count]] = True
+        mask[order[:min(count, int(allowed.sum()))]] = True
         required[gid] = mask
     return required
+
+
+def _group_options(cost: CostModel, importance: Mapping[int, np.ndarray | torch.Tensor],
+                   candidates: Mapping[int, np.ndarray] | None, required: Mapping[int, np.ndarray] | None,
+                   round_to: int, caller: str) -> dict[int, _Options]:
+    """Every group's keep order and allowed counts; ``ValueError`` (naming ``caller``) for a bad
+    ``round_to`` or importance that does not cover the groups with finite scores."""
+    if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
+        raise ValueError(f"round_to must be a positive integer, got {round_to!r}")
+    options = {}
+    for gid in sorted(cost.sizes):
+        size = cost.sizes[gid]
+        if gid not in importance:
+            raise ValueError(f"{caller}: no importance for channel group {gid}")
+        scores = np.asarray(importance[gid].detach().cpu() if isinstance(importance[gid], torch.Tensor)
+                            else importance[gid], dtype=np.float64)
+        if scores.shape != (size,) or not np.isfinite(scores).all():
+            raise ValueError(f"{caller}: importance of group {gid} must be {size} finite numbers")
+        cand = np.ones(size, bool) if candidates is None or gid not in candidates else np.asarray(candidates[gid], bool)
+        req = np.zeros(size, bool) if required is None or gid not in required else np.asarray(required[gid], bool)
+        options[gid] = _options(size, scores, cand, req, round_to)
+    return options
+
+
+def shrunk_selection(cost: CostModel, importance: Mapping[int, np.ndarray | torch.Tensor], fraction: float, *,
+                     candidates: Mapping[int, np.ndarray] | None = None,
+                     required: Mapping[int, np.ndarray] | None = None, round_to: int = 1) -> Selection:
+    """Every group shrunk alike, without the cost model's say: group ``g`` keeps the allowed count
+    nearest to ``lo + fraction * (hi - lo)`` (``lo`` its fewest allowed channels, ``hi`` all its
+    ``candidates``), its required channels and then its most important candidates. ``fraction``
+    0 is the physically smallest model the options allow, 1 keeps every candidate. What a
+    measured loop falls back on when a cost model's cheapest configuration measures slower
+    than smaller ones (a latency table that misses an operator's cost). ``cost`` only names the
+    groups and prices the result (``Selection.cost``). Raises ``ValueError`` for ``fraction``
+    outside [0, 1] and as :func:`select_channels` for bad importance or ``round_to``."""
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"shrunk_selection: fraction must be in [0, 1], got {short_repr(fraction)}")
+    options = _group_options(cost, importance, candidates, required, round_to, "shrunk_selection")
+    counts = {}
+    for gid, option in options.items():
+        allowed = option.counts
+        want = allowed[0] + fraction * (allowed[-1] - allowed[0])
+        counts[gid] = int(allowed[int(np.argmin(np.abs(allowed - want)))])
+    kept = {gid: np.sort(options[gid].order[: counts[gid]]) for gid in options}
+    value = float(sum(options[g].values()[int(np.searchsorted(options[g].counts, counts[g]))] for g in options))
+    return Selection(kept, counts, cost.cost(counts), value, 0)
 
 
 def select_channels(cost: CostModel, importance: Mapping[int, np.ndarray | torch.Tensor], budget: float, *,
@@ -544,21 +602,8 @@ def select_channels(cost: CostModel, importance: Mapping[int, np.ndarray | torch
     aim until the exact cost is within ``tolerance`` (relative) below the budget; the first
     linearisation is at ``start`` (kept counts; default the widest). Raises
     :class:`InfeasibleBudget` with the smallest reachable cost."""
-    if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
-        raise ValueError(f"round_to must be a positive integer, got {round_to!r}")
     gids = sorted(cost.sizes)
-    options = {}
-    for gid in gids:
-        size = cost.sizes[gid]
-        if gid not in importance:
-            raise ValueError(f"select_channels: no importance for channel group {gid}")
-        scores = np.asarray(importance[gid].detach().cpu() if isinstance(importance[gid], torch.Tensor)
-                            else importance[gid], dtype=np.float64)
-        if scores.shape != (size,) or not np.isfinite(scores).all():
-            raise ValueError(f"select_channels: importance of group {gid} must be {size} finite numbers")
-        cand = np.ones(size, bool) if candidates is None or gid not in candidates else np.asarray(candidates[gid], bool)
-        req = np.zeros(size, bool) if required is None or gid not in required else np.asarray(required[gid], bool)
-        options[gid] = _options(size, scores, cand, req, round_to)
+    options = _group_options(cost, importance, candidates, required, round_to, "select_channels")
     values = [options[g].values() for g in gids]
 
     def exact(choice: Mapping[int, int]) -> float:

@@ -71,8 +71,8 @@ def test_a_selection_above_the_budget_is_re_aimed_over_its_kept_channels():
     check = spruce.meet_budget(sm, x, "onnxruntime", budget=0.5, calibration=[torch.randn(4, 3, 48, 48)])
     assert check.re_aimed and check.method_ratio > 0.525 and check.batchnorm_reestimated == 3
     assert check.ratio <= 1.05 * 0.5 and check.attempts >= 2
-    for old, unit in zip(before, sm.units):  # only kept channels were chosen from
-        assert not bool((unit.mask & ~old).any())
+    for old, unit in zip(before, sm.units):  # only kept channels were chosen from, a quarter at least
+        assert not bool((unit.mask & ~old).any()) and 4 * int(unit.mask.sum()) >= unit.group.size
     compact = sm.compact()
     assert sum(p.numel() for p in compact.parameters()) < sum(p.numel() for p in wide.parameters()) / 2
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 from helpers import analyze_model, profile
 from spruce.passes.importance import importance_scores, param_table
-from spruce.passes.sparsity.knapsack import InfeasibleBudget, build_cost_model
+from spruce.passes.sparsity.knapsack import InfeasibleBudget, Term, Width, build_cost_model
 from spruce.runtime import budget as budget_module
 from spruce.runtime.budget import BAND_HIGH, MeasuredSelection, meet_latency_budget, smallest_selectable
 from spruce.targets.onnxruntime import OnnxRuntimeCPU
@@ -91,12 +93,16 @@ def test_mutation_ignoring_the_budget_is_caught(setup, monkeypatch):
     """If the selection ignored the budget (kept every channel), the loop could not meet it and
     says so, and the recheck tolerance above would reject the dense model too."""
     model, inputs, target, table, analysis, importance = setup
-    real = budget_module.select_channels
+    real, real_shrunk = budget_module.select_channels, budget_module.shrunk_selection
 
     def ignoring_budget(cost, importance, budget, **options):
         return real(cost, importance, cost.dense(), **options)
 
+    def shrinking_nothing(cost, importance, fraction, **options):
+        return real_shrunk(cost, importance, 1.0, **options)
+
     monkeypatch.setattr(budget_module, "select_channels", ignoring_budget)
+    monkeypatch.setattr(budget_module, "shrunk_selection", shrinking_nothing)
     with pytest.raises(InfeasibleBudget, match="smallest reachable latency"):
         meet_latency_budget(analysis, model, table, target, 0.5, importance, inputs, round_to=8, rounds=2,
                             timing_rounds=6)
@@ -123,6 +129,62 @@ def test_rounds_that_stay_too_slow_bisect_towards_the_smallest(setup, monkeypatc
     assert all(a.ratio == pytest.approx(0.66) for a in result.attempts[:4])
     assert result.in_band and 0.9 * 0.6 <= result.ratio <= BAND_HIGH * 0.6, [a.ratio for a in result.attempts]
     assert len(result.attempts) <= 4 + budget_module.FALLBACK_ROUNDS
+
+
+def test_a_cost_model_whose_cheapest_is_slow_falls_back_to_shrinking_every_group(setup, monkeypatch):
+    """Issue 30's set-up B: its latency table priced the first convolution's channels at almost
+    nothing (its grid had no point below 8 channels), so the table's cheapest configuration kept
+    them and measured 0.64 of dense, while fewer channels measured 0.16-0.5: the loop refused a
+    budget of 0.5 as unreachable. Here a cost model that pays for *removing* c1's channels and a
+    latency that follows them; the loop, every attempt too slow, shrinks every group alike by
+    measurement and lands in the band."""
+    model, inputs, target, _, analysis, importance = setup
+    flops = build_cost_model("flops", model, analysis)
+    c1 = next(g for g, size in flops.sizes.items() if size == 32)
+    misleading = Term("c1 kept is cheap", (Width(32, ((c1, 1),)),), lambda widths: 1e7 * (32 - widths[0]))
+    cost = replace(flops, terms=[*flops.terms, misleading], by_group={})
+
+    def follows_c1(target, compact, dense, inputs, reference_target=None, warmup=3, rounds=15):
+        ratio = 0.05 + 0.9 * compact.c1.out_channels / 32
+        return tuple(Timings(np.full(4, ms / 1e3), np.zeros(4)) for ms in (10.0, 10.0 * ratio))
+
+    monkeypatch.setattr(budget_module, "time_against_reference", follows_c1)
+    result = meet_latency_budget(analysis, model, None, target, 0.5, importance, inputs, round_to=8, rounds=3,
+                                 cost_model=cost)
+    assert result.in_band and 0.9 * 0.5 <= result.ratio <= BAND_HIGH * 0.5, [a.ratio for a in result.attempts]
+    assert result.counts[c1] < 32 and result.compact.c1.out_channels == result.counts[c1]
+    assert any(a.ratio > BAND_HIGH * 0.5 for a in result.attempts)  # the cost model's choices were too slow
+    with pytest.raises(InfeasibleBudget, match="smallest reachable latency"):  # below the fewest channels' 0.275
+        meet_latency_budget(analysis, model, None, target, 0.2, importance, inputs, round_to=8, rounds=2,
+                            cost_model=cost)
+
+
+def test_selections_on_both_sides_of_the_band_fall_back_to_shrinking_every_group(setup, monkeypatch):
+    """Issue 30's set-up A (lr 0.01): the knapsack moved one group, whose latency jumped at a
+    count the table's grid does not resolve (0.56 at 17 channels, 0.38 at 16), and the rounds ended
+    below the band. Here the knapsack can only keep everything or the fewest channels; shrinking
+    every group alike, by measurement, lands in the band."""
+    model, inputs, target, _, analysis, importance = setup
+    flops = build_cost_model("flops", model, analysis)
+    dense_weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Conv2d))
+    real = budget_module.select_channels
+
+    def all_or_fewest(cost, importance, aim, **options):
+        if aim > 0.5 * cost.dense():
+            return real(cost, importance, cost.dense(), **options)
+        return budget_module.shrunk_selection(cost, importance, 0.0, candidates=options["candidates"],
+                                              required=options["required"], round_to=options["round_to"])
+
+    def follows_weights(target, compact, dense, inputs, reference_target=None, warmup=3, rounds=15):
+        share = sum(m.weight.numel() for m in compact.modules() if isinstance(m, nn.Conv2d)) / dense_weights
+        return tuple(Timings(np.full(4, ms / 1e3), np.zeros(4)) for ms in (10.0, 10.0 * (0.1 + 0.8 * share)))
+
+    monkeypatch.setattr(budget_module, "select_channels", all_or_fewest)
+    monkeypatch.setattr(budget_module, "time_against_reference", follows_weights)
+    result = meet_latency_budget(analysis, model, None, target, 0.5, importance, inputs, rounds=3, cost_model=flops)
+    ratios = [a.ratio for a in result.attempts]
+    assert any(r > BAND_HIGH * 0.5 for r in ratios) and any(r < 0.9 * 0.5 for r in ratios), ratios
+    assert result.in_band and 0.9 * 0.5 <= result.ratio <= BAND_HIGH * 0.5, ratios
 
 
 def test_unreachable_budget_names_the_smallest_measured_latency(setup):

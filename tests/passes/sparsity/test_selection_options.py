@@ -38,6 +38,17 @@ def test_minimum_kept_requires_the_most_important_fraction_rounded_up():
             minimum_kept({0: scores}, bad)
 
 
+def test_minimum_kept_among_candidates_requires_only_candidates():
+    """A re-aim over a method's kept channels (``meet_budget``, HALP's pruning steps): the floor is
+    the most important *kept* channels, all of them when fewer than the fraction are kept."""
+    scores = np.arange(16, dtype=float)[::-1]  # channel 0 most important
+    kept = np.zeros(16, bool)
+    kept[[1, 3, 5, 7, 9, 11]] = True
+    required = minimum_kept({0: scores, 1: scores}, 0.25, candidates={0: kept, 1: kept[:16] & (np.arange(16) < 4)})
+    assert np.flatnonzero(required[0]).tolist() == [1, 3, 5, 7]  # 4 of 16, the most important kept
+    assert np.flatnonzero(required[1]).tolist() == [1, 3]  # only two kept: both
+
+
 def test_the_floor_keeps_every_group_and_the_budget_is_still_met(resnet18):
     model, x, analysis, importance = resnet18
     cost = build_cost_model("flops", model, analysis)

@@ -71,6 +71,21 @@ def test_halp_prunes_along_the_budget_schedule_and_never_regrows(kind):
         assert torch.allclose(compact(x), sm(x), atol=1e-5, rtol=1e-5)
 
 
+def test_every_group_keeps_min_keep_of_its_channels():
+    """The floor compile puts under its selections (a quarter of every group by default): without
+    it the knapsack empties the group whose channels it finds cheapest (4 or 7 of 32 here)."""
+    counts = {}
+    for min_keep in (0.0, 0.25):
+        sm = sparsify(cnn(), X, method="halp", structure="channel", budget={"flops": 0.25}, total_steps=20,
+                      interval=5, end_fraction=0.75, min_keep=min_keep)
+        train(sm, 20)
+        counts[min_keep] = [(int(u.mask.sum()), u.group.size) for u in sm.units]
+    assert all(4 * kept >= size for kept, size in counts[0.25])
+    assert any(4 * kept < size for kept, size in counts[0.0])
+    with pytest.raises(InfeasibleBudget, match="min_keep=0.25"):
+        sparsify(cnn(), X, method="halp", structure="channel", budget={"params": 0.03}, total_steps=20, interval=5)
+
+
 def test_halp_meets_a_latency_budget_on_a_real_onnxruntime_table(tmp_path):
     model = cnn(width=2).eval()  # wide enough at 32x32 that convolutions, not session overhead, dominate
     x = torch.randn(1, 3, 32, 32)

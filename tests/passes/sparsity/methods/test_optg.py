@@ -43,8 +43,8 @@ def sigmoid(z):
 
 
 def sigmoid_factor(k, tau, alpha=None):
-    """σ_k of Eq. 16-17 as spruce scales it: α = 50 / τ unless given, normalised to 1 at k = τ."""
-    alpha = 50.0 / tau if alpha is None else alpha
+    """σ_k of Eq. 16-17 as spruce scales it: α = 12.5 / τ unless given, normalised to 1 at k = τ."""
+    alpha = 12.5 / tau if alpha is None else alpha
     return sigmoid(alpha * (k - 0.5 * tau)) / sigmoid(alpha * 0.5 * tau)
 
 
@@ -136,10 +136,11 @@ def test_global_sparsity_follows_the_sigmoid_schedule_and_reaches_p():
     total, per_epoch, tau = 80, 2, 40
     sm = make(total, per_epoch, sparsity=0.8)
     method = sm.method
-    assert method.n_epochs() == tau and method.alpha() == pytest.approx(50 / 40)  # scaled to the run
-    assert method.sparsity_at(20) == pytest.approx(0.4)  # Eq. 16 at k = tau / 2
-    assert method.sparsity_at(1) == pytest.approx(0.8 * sigmoid(-1.25 * 19) / sigmoid(25))
-    assert method.sparsity_at(30) == pytest.approx(0.8 * sigmoid(12.5) / sigmoid(25))
+    assert method.n_epochs() == tau and method.alpha() == pytest.approx(12.5 / 40)  # scaled to the run
+    alpha = 12.5 / 40
+    assert method.sparsity_at(20) == pytest.approx(0.8 * 0.5 / sigmoid(alpha * 20))  # Eq. 16 at k = tau / 2
+    assert method.sparsity_at(1) == pytest.approx(0.8 * sigmoid(-alpha * 19) / sigmoid(alpha * 20))
+    assert method.sparsity_at(30) == pytest.approx(0.8 * sigmoid(alpha * 10) / sigmoid(alpha * 20))
     assert method.sparsity_at(tau) == 0.8  # normalised: the last epoch is at P
     n = n_weights(sm)
     loop = Loop(sm, seed=2)
@@ -155,7 +156,7 @@ def test_global_sparsity_follows_the_sigmoid_schedule_and_reaches_p():
     assert n_pruned(sm) / n == pytest.approx(0.8, abs=1.0 / n)  # ~P in the last epoch
     # one threshold over all layers decides the layer budgets: they are not uniform
     layer_sparsity = sorted(sm.sparsities().values())
-    assert layer_sparsity[-1] - layer_sparsity[0] > 0.05
+    assert layer_sparsity[-1] - layer_sparsity[0] > 0.02  # uniform budgets differ by rounding only
 
 
 def test_mask_lr_is_the_weight_lr_of_each_group_times_the_sigmoid():
@@ -180,9 +181,9 @@ def test_mask_lr_is_the_weight_lr_of_each_group_times_the_sigmoid():
         for layer, b, g, e in zip(sm.layers, before, grads, eta):
             torch.testing.assert_close(layer.masked.scores, b - g * e, rtol=1e-6, atol=1e-12)
         sched.step()
-    # at k = tau / 2 the mask lr is half the weight lr; at k = 1 (alpha = 5) it is sigma(-20) of it
-    assert sm.method.schedule_factor(5) == pytest.approx(0.5)
-    assert sm.method.schedule_factor(1) == pytest.approx(sigmoid(-20) / sigmoid(25))
+    # at k = tau / 2 the mask lr is half the weight lr (normalised); at k = 1 (alpha = 1.25) sigma(-5) of it
+    assert sm.method.schedule_factor(5) == pytest.approx(0.5 / sigmoid(6.25))
+    assert sm.method.schedule_factor(1) == pytest.approx(sigmoid(-5) / sigmoid(6.25))
 
 
 def test_resume_equals_uninterrupted_training_bitwise(tmp_path):
@@ -314,16 +315,17 @@ def test_the_last_epoch_is_at_the_target_on_any_run_length(tau):
     factors = [method.schedule_factor(k) for k in range(1, tau + 1)]
     assert factors[-1] == 1.0 and factors == sorted(factors) and all(0.0 <= f <= 1.0 for f in factors)
     assert method.sparsity_at(tau) == pytest.approx(0.95, abs=1e-12)
-    if tau >= 20:  # the sparsity rises between about 40 % and 60 % of training, as in the paper's run
-        assert method.schedule_factor(round(0.4 * tau)) < 0.01 < 0.99 < method.schedule_factor(round(0.6 * tau))
+    if tau >= 20:  # from 10 % to 90 % of the target over the middle 35 % of training (issue 30)
+        assert method.schedule_factor(round(0.3 * tau)) < 0.1 < 0.9 < method.schedule_factor(round(0.7 * tau))
+        assert 0.1 < method.schedule_factor(round(0.4 * tau)) < 0.9  # not within 40-60 %, the paper's alpha tau
 
 
 def test_the_first_mask_keeps_the_largest_weights_not_a_random_set():
     """Issue 15: every score is 0 when the first mask is derived; ties go by magnitude."""
-    sm = make(2, 1, sparsity=0.8)  # tau = 2: epoch 1 at P / 2
+    sm = make(2, 1, sparsity=0.8)  # tau = 2: epoch 1 at about P / 2
     magnitudes = torch.cat([layer.module.weight.detach().abs().flatten() for layer in sm.layers])
     kept = torch.cat([layer.masked.mask.flatten() for layer in sm.layers])
-    assert int((~kept).sum()) == round(0.4 * kept.numel())
+    assert int((~kept).sum()) == round(0.8 * sigmoid_factor(1, 2) * kept.numel())
     assert magnitudes[kept].min() >= magnitudes[~kept].max()
 
 
