@@ -90,6 +90,11 @@ class AugmentedImages(torch.utils.data.Dataset):
                              f"({', '.join(list(names)[:5])}{', ...' if len(names) > 5 else ''})")
         self.rng = np.random.default_rng(seed)
 
+    def reseed(self, seed: int) -> None:
+        """Restart the augmentation's random stream from ``seed`` (the draws a fresh dataset
+        seeded ``seed`` makes)."""
+        self.rng = np.random.default_rng(seed)
+
     def __len__(self) -> int:
         return self.augment.copies * len(self.images)
 

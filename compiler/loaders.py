@@ -10,8 +10,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch.utils.data import DataLoader
 
-__all__ = ["Loaders", "TextInfo"]
+__all__ = ["Loaders", "TextInfo", "restart_stream"]
 
 
 @dataclass
@@ -45,3 +46,23 @@ class Loaders:
     name: str
     labeled: bool = True
     text: TextInfo | None = None
+
+
+def restart_stream(loader: Iterable, seed: int) -> bool:
+    """Re-seed ``loader``'s own random stream from ``seed``: a ``DataLoader``'s generator (its
+    shuffle order) and its dataset's stream when the dataset has ``reseed(seed)`` (the
+    augmentation of :class:`~spruce.compiler.augment.AugmentedImages`). A loader spruce built
+    with ``seed`` then gives the batches it gave on its first pass, whatever read it since.
+    Returns whether anything was re-seeded: False for a loader drawing from torch's global
+    generator, or an iterable that is not a ``DataLoader``."""
+    if not isinstance(loader, DataLoader):
+        return False
+    restarted = False
+    if isinstance(loader.generator, torch.Generator):
+        loader.generator.manual_seed(seed)
+        restarted = True
+    reseed = getattr(loader.dataset, "reseed", None)
+    if callable(reseed):
+        reseed(seed)
+        restarted = True
+    return restarted

@@ -68,6 +68,7 @@ from .fake_quant import fake_quantized
 from .fidelity import fidelity
 from .lm import lm_loss
 from .lm_artifacts import lm_artifacts, sequence_dims
+from .loaders import restart_stream
 from .loading import held_out_accuracy, user_metrics
 from .outputs import flatten_outputs
 from .precision import ArtifactModel
@@ -167,6 +168,9 @@ def recover_student(setup: Setup, reference: Reference, captured: Captured, prof
                                       dense_target=setup.dense_target))
 
     quantizing, fake_quant = _fake_quant(setup, student, sparsified)
+    # recovery's batches (order and augmentation) start from the compile seed, whatever stage
+    # read the recovery data before (the output plan's guesses, the budget loop's calibration)
+    restart_stream(setup.data.train, recipe.seed)
     with quantizing as layers:
         if layers:
             fake_quant = f"ran on {layers} layers (weights per channel int8, inputs per tensor uint8)"

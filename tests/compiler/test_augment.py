@@ -67,3 +67,39 @@ def test_bad_augment_options_are_refused_by_name(folder):
                                                                                           paste_from="sign_*"))
     with pytest.raises(DataError, match="augment applies to images:DIR only"):
         load_data("digits", augment=Augment())
+
+
+def _recovery_batches(folder, monkeypatch, read_before: int) -> list[torch.Tensor]:
+    """The batches the recovery stage hands ``recover`` (its first pass over the loader), after
+    ``read_before`` batches were read from the same loaders by an earlier stage."""
+    from spruce.compiler import stages
+    from spruce.compiler.recovery import RecoveryLog
+    from spruce.compiler.results import Captured, Profiled, Reference, Setup, Sparsified, Workspace
+    from spruce.compiler.training import TrainLog
+    from torch import nn
+
+    recipe = Recipe(augment={"copies": 2, "paste": 0.5, "paste_from": "page_*", "text": 0.5, "size": [24, 32]},
+                    seed=3)
+    example = torch.zeros(1, 3, 48, 64)
+    data = load_data(f"images:{folder}", seed=recipe.seed, batch_size=2, example=example, augment=recipe.augment)
+    for _, _ in zip(range(read_before), data.train):  # e.g. the output plan's guess on the first batches
+        pass
+    seen: list[torch.Tensor] = []
+
+    def recover(student, teacher, loader, mode, plan, **options):
+        seen.extend(loader)
+        return RecoveryLog(mode)
+
+    monkeypatch.setattr(stages, "recover", recover)
+    model = nn.Conv2d(3, 2, 3)
+    setup = Setup(recipe, None, data, model, example, {}, plan=None, mode="distill")
+    stages.recover_student(setup, Reference(model, TrainLog()), Captured(model, None), Profiled(None),
+                           Sparsified(recipe.method, None, 0), Workspace(folder, quiet=True))
+    return seen
+
+
+def test_recovery_sees_the_same_batches_whatever_read_the_data_before(folder, monkeypatch):
+    fresh = _recovery_batches(folder, monkeypatch, read_before=0)
+    after_a_stage = _recovery_batches(folder, monkeypatch, read_before=3)  # order and augmentation both drawn
+    assert len(fresh) == len(after_a_stage) == 4
+    assert all(torch.equal(a, b) for a, b in zip(fresh, after_a_stage))

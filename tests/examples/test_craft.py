@@ -79,14 +79,22 @@ def test_data_script_writes_disjoint_sets_atomically(tmp_path, capsys):
     assert craft_data.main([str(folder), "--crops", "5"]) == 0
     recover, heldout = craft.image_files(folder / "recover"), craft.image_files(folder / "heldout")
     assert len(recover) == len(craft_data.PHOTOGRAPHS) + 5
-    assert [p.name for p in heldout] == ["page_lower.png", "text.png"]
-    assert not {p.stem for p in recover} & {"page", "text", "page_lower"}
+    assert {"page_lower.png", "text.png"} < {p.name for p in heldout}  # issue 14's two, and more
+    assert len(heldout) == 9
+    assert not {p.stem for p in recover} & {p.stem for p in heldout}
     manifest = json.loads((folder / "manifest.json").read_text())
     for entry in manifest["recover"]:
         if entry["source"] == "page":
             top, _, height, _ = entry["box_top_left_height_width"]
             assert top + height <= craft_data.PAGE_SPLIT_ROW  # never a held-out row
     assert {e["source"] for e in manifest["recover"]} <= set(craft_data.PHOTOGRAPHS) | {"page"}
+    held_sources = {e["source"] for e in manifest["heldout"]}
+    assert not held_sources & set(craft_data.PHOTOGRAPHS)  # no recovery photograph is held out
+    for entry in manifest["heldout"]:
+        if entry["source"] == "page":
+            assert entry["box_top_left_height_width"][0] >= craft_data.PAGE_SPLIT_ROW  # the lower half only
+        if entry["source"].startswith("render"):
+            assert len(entry["words"]) >= 10 and set(entry["words"]) <= set(craft_data.HELDOUT_WORDS)
     page_lower = craft.read_image(folder / "heldout" / "page_lower.png")
     assert page_lower.shape == (191 - craft_data.PAGE_SPLIT_ROW, 384, 3)
     before = sorted(p.name for p in folder.iterdir())
@@ -108,7 +116,7 @@ def test_unreadable_and_empty_folders(tmp_path):
 def test_dense_model_finds_the_held_out_text(tmp_path):
     """The acceptance reference: easyocr's post-processing of the dense maps finds the words of
     the lower half of page and a few boxes in text (23 in all at 256 x 384)."""
-    craft_data.main([str(tmp_path / "d"), "--crops", "0"])
+    craft_data.main([str(tmp_path / "d"), "--crops", "0", "--heldout", "classic"])
     model, _ = craft.make()
     images = craft.load_folder(tmp_path / "d" / "heldout")
     boxes = craft.text_boxes(craft.score_maps(model, images, batch_size=2))
