@@ -154,7 +154,8 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
         "model": name, "layers": len(table.layers), "signatures": len(table.points),
         "points": sum(map(len, table.points.values())), "profile_cold_s": cold_s, "profile_warm_s": warm_s,
         "dense_measured_ms": cal.samples[0]["ms"] if cal.samples else None, "dense_predicted_ms": dense_predicted,
-        "calibration": {"scale": cal.scale, "ms_per_melement": cal.ms_per_melement, "overhead_ms": cal.overhead_ms,
+        "calibration": {"scale": cal.scale, "family_scale": dict(cal.family_scale),
+                        "ms_per_melement": cal.ms_per_melement, "overhead_ms": cal.overhead_ms,
                         "ms_per_mweight": cal.ms_per_mweight, "fixed_ms_sum": sum(
                             e.calls * cal.fixed_ms.get(e.signature, 0.0) for e in table.layers.values()),
                         "samples": len(cal.samples),
@@ -175,6 +176,14 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
 def _pct(value: float) -> str:
     return f"{100 * value:.1f} %"
+
+
+def _family_text(family_scale: dict[str, float]) -> str:
+    """The per-family scales of an INT8 table's calibration, as a parenthesis ('' for a one-scale fit)."""
+    if not family_scale:
+        return ""
+    return (" (of the one-scale fit; the table's, per layer family: "
+            + ", ".join(f"{family} {scale:.3f}" for family, scale in family_scale.items()) + ")")
 
 
 def report(results: list[dict[str, Any]], info: dict[str, str], args: argparse.Namespace) -> str:
@@ -211,7 +220,8 @@ def report(results: list[dict[str, Any]], info: dict[str, str], args: argparse.N
     for r in results:
         cal = r["calibration"]
         lines += [f"## {r['model']}", "",
-                  f"Calibration ({cal['samples']} whole-model timings, interleaved): scale {cal['scale']:.3f}, "
+                  f"Calibration ({cal['samples']} whole-model timings, interleaved): scale {cal['scale']:.3f}"
+                  f"{_family_text(cal.get('family_scale') or {})}, "
                   f"{cal['ms_per_melement']:.4f} ms per million activation elements, "
                   f"{cal['ms_per_mweight']:.4f} ms per million weights, overhead {cal['overhead_ms']:.3f} ms; "
                   f"fixed costs of the isolated timings, summed over the layers: {cal['fixed_ms_sum']:.3f} ms; "

@@ -79,7 +79,8 @@ def load_setup(recipe: Recipe, workspace: Workspace, given: Given) -> Setup:
         _check_loss(loss, model, data)
     metric_names = list(_check_evaluate(evaluate_fn, model, data)) if evaluate_fn is not None else None
     check_floor_names(recipe.floor, plan, metric_names)
-    calibration = tuple(calibration_inputs(data.train, name=f"{recipe.data}'s recovery set")) if int8 else ()
+    calibration = tuple(calibration_inputs(data.train, name=f"{recipe.data}'s recovery set", example=example)) \
+        if int8 else ()
     workspace.say(f"spruce compile: {name} on {data.name}, target {recipe.target}, structure {recipe.structure}, "
                   + (f"budget {recipe.budget}" if recipe.budget else f"sparsity {recipe.sparsity}")
                   + f", recover {mode}" + (", precision int8" if int8 else "")

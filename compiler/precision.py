@@ -2,8 +2,9 @@
 from the recovery data, and artifacts evaluated as they run.
 
 - :func:`calibration_inputs`: the first :data:`~spruce.targets.quantize.MIN_CALIBRATION_SAMPLES`
-  (128) recovery samples, in loader order, as the INT8 builds' calibration data; a data set
-  with fewer is refused by ``load_setup``, before any training;
+  (128) recovery samples, in loader order, as the INT8 builds' calibration data, at the
+  example's size (the artifact's input shape is the example's); a data set with fewer is
+  refused by ``load_setup``, before any training;
 - :class:`ArtifactModel`: a built artifact behind the ``nn.Module`` call the fidelity
   measures, the held-out accuracy and the user's ``evaluate`` take, so an INT8 artifact is
   judged by what ONNX Runtime computes, not by the fp32 torch model it was made from;
@@ -28,21 +29,35 @@ from .results import Benched, Built, Exported, Quantized, Reference, Setup
 __all__ = ["ArtifactModel", "calibration_inputs", "precision_lines", "precision_record"]
 
 
-def calibration_inputs(batches: Iterable[Any], count: int = MIN_CALIBRATION_SAMPLES,
-                       name: str = "the recovery data") -> list[tuple[torch.Tensor]]:
+def calibration_inputs(batches: Iterable[Any], count: int = MIN_CALIBRATION_SAMPLES, name: str = "the recovery data",
+                       example: torch.Tensor | None = None) -> list[tuple[torch.Tensor]]:
     """The first ``count`` samples of ``batches`` (inputs or (inputs, targets) batches), as
-    1-tuples of input tensors whose rows add up to exactly ``count``. Raises
-    :class:`~spruce.compiler.datasets.DataError` naming ``name`` when there are fewer."""
+    1-tuples of input tensors whose rows add up to exactly ``count``. With ``example``, image
+    and volume samples (float, 4-D or 5-D, the example's channels) of another spatial size than
+    the example's (recovery windows smaller than the example: ``augment``'s ``size``) are
+    resized to it, (tri)linearly: the built artifact takes the example's shape, and a resized
+    window keeps the activation ranges a fully convolutional model sees. Other inputs are
+    taken as they are. Raises :class:`~spruce.compiler.datasets.DataError` naming ``name``
+    when there are fewer samples."""
     samples: list[tuple[torch.Tensor]] = []
     rows = 0
     for batch in batches:
         inputs = inputs_of(batch).detach().cpu()
         take = inputs[: count - rows]
+        if example is not None and _resizable(take, example):
+            mode = "bilinear" if take.dim() == 4 else "trilinear"
+            take = torch.nn.functional.interpolate(take, size=tuple(example.shape[2:]), mode=mode, align_corners=False)
         samples.append((take,))
         rows += int(take.shape[0])
         if rows >= count:
             return samples
     raise DataError(f"precision int8: static INT8 calibration takes {count} samples of {name}, it holds {rows}")
+
+
+def _resizable(samples: torch.Tensor, example: torch.Tensor) -> bool:
+    """Whether ``samples`` are images/volumes like ``example`` but of another spatial size."""
+    return (samples.dim() == example.dim() in (4, 5) and samples.is_floating_point()
+            and samples.shape[1] == example.shape[1] and samples.shape[2:] != example.shape[2:])
 
 
 class ArtifactModel(nn.Module):

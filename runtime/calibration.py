@@ -147,11 +147,22 @@ def fixed_costs(table: LatencyTable, call_ms: float | None = None) -> dict[str, 
 
 
 def fit_calibration(table: LatencyTable, samples: Sequence[Mapping[str, Any]],
-                    call_ms: float | None = None) -> Calibration:
+                    call_ms: float | None = None, by_family: bool = False) -> Calibration:
     """Fit ``scale``, ``ms_per_melement``, ``ms_per_mweight`` and ``overhead_ms`` to
     whole-model measurements by non-negative least squares on relative errors (every sample
     weighs by its relative error); isolated timings enter less their signature's fixed cost
     (:func:`fixed_costs` with ``call_ms``).
+
+    With ``by_family``, each layer family of the table (:attr:`LayerEntry.family
+    <spruce.runtime.table.LayerEntry.family>`: depthwise, pointwise, conv, linear, recurrent)
+    gets its own scale (``Calibration.family_scale``) when the table has more than one family
+    and there are at least as many samples as coefficients; ``scale`` then keeps the one-scale
+    fit's value for reference. A lone layer's timing relates to its share of the whole model
+    differently per kernel family, which one scale cannot hold: measured on ONNX Runtime's INT8
+    kernels (mobilenet_v2 at 224, its node profiler in the whole graph against the same layers
+    timed alone, three configurations), a 1x1 QLinearConv ran 0.5-0.8 of its lone time in the
+    graph, a depthwise one 0.55-0.85 (0.8-1.35 at channel counts not a multiple of 16), the
+    first 3x3 convolution 1.1-1.4.
 
     Every coefficient of the result is >= 0 and ``scale`` > 0, so no configuration's
     prediction and no layer's share can be negative. Without samples the identity calibration
@@ -160,6 +171,7 @@ def fit_calibration(table: LatencyTable, samples: Sequence[Mapping[str, Any]],
     if not samples:
         return Calibration()
     base = Calibration(fixed_ms=fixed_costs(table, call_ms))
+    families = sorted({entry.family for entry in table.layers.values()})
     features, measured = [], []
     for sample in samples:
         ms = sample["ms"]
@@ -167,18 +179,38 @@ def fit_calibration(table: LatencyTable, samples: Sequence[Mapping[str, Any]],
         if ms <= 0:
             raise ProfileError(f"calibration sample time must be a positive number of ms, got {ms!r}")
         widths = {n: tuple(w) for n, w in sample["widths"].items()}
+        by_kind = dict.fromkeys(families, 0.0)
         isolated = elements = weights = 0.0
         for name, entry in table.layers.items():
             active_in, active_out = widths.get(name, (entry.in_channels, entry.out_channels))
-            isolated += entry.calls * base.net_ms(entry.signature, table.isolated_ms(name, active_in, active_out))
+            net = entry.calls * base.net_ms(entry.signature, table.isolated_ms(name, active_in, active_out))
+            isolated += net
+            by_kind[entry.family] += net
             elements += entry.calls * (active_in * entry.in_elements + active_out * entry.out_elements) / 1e6
             weights += entry.calls * entry.weight_elements(active_in, active_out) / 1e6
-        features.append((isolated, elements, weights, 1.0))
+        features.append((isolated, elements, weights, 1.0, *by_kind.values()))
         measured.append(float(ms))
-    x = np.asarray(features)
-    a = x / np.asarray(measured)[:, None]
-    b = np.ones(len(measured))
-    columns = [0, 1, 2, 3] if len(samples) >= 4 else [0]
+    design = np.asarray(features) / np.asarray(measured)[:, None]
+    coef = _fit_one_scale(design[:, :4])
+    count = len(families)
+    per_family = np.c_[design[:, 4:], design[:, 1:4]]
+    family_scale: dict[str, float] = {}
+    if by_family and count > 1 and len(samples) >= per_family.shape[1]:
+        fitted = nonnegative_least_squares(per_family, np.ones(len(measured)))
+        if (fitted[:count] > 0).any():
+            family_scale = dict(zip(families, map(float, fitted[:count])))
+            coef = np.r_[coef[0], fitted[count:]]
+    return Calibration(scale=float(coef[0]), ms_per_melement=float(coef[1]), overhead_ms=float(coef[3]),
+                       samples=tuple(samples), fixed_ms=base.fixed_ms, ms_per_mweight=float(coef[2]),
+                       family_scale=family_scale)
+
+
+def _fit_one_scale(a: np.ndarray) -> np.ndarray:
+    """(scale, ms per M elements, ms per M weights, overhead) of the relative design ``a`` (one row per
+    sample: isolated, elements, weights, 1, each over the measured ms): all four with at least four
+    samples, else scale alone; scale alone too where the fit would ignore the layers' timings."""
+    b = np.ones(len(a))
+    columns = [0, 1, 2, 3] if len(a) >= 4 else [0]
     coef = np.zeros(4)
     coef[columns] = nonnegative_least_squares(a[:, columns], b)
     if not coef[0] > 0:  # a fit that ignores the layers' timings cannot rank configurations: scale alone
@@ -186,8 +218,7 @@ def fit_calibration(table: LatencyTable, samples: Sequence[Mapping[str, Any]],
         coef[0] = nonnegative_least_squares(a[:, [0]], b)[0]
     if not coef[0] > 0:
         coef[0] = 1.0  # every isolated timing is within its fixed cost: nothing to scale
-    return Calibration(scale=float(coef[0]), ms_per_melement=float(coef[1]), overhead_ms=float(coef[3]),
-                       samples=tuple(samples), fixed_ms=base.fixed_ms, ms_per_mweight=float(coef[2]))
+    return coef
 
 
 def nonnegative_least_squares(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -32,6 +32,10 @@ in relative non-negative least squares,
                                + ms_per_element * activation_elements(in, out)
                                + ms_per_weight * weight_elements(in, out)
 
+(at INT8, ``scale`` is one per layer family, depthwise, pointwise, conv, linear: a lone integer
+layer's timing relates to its share of the whole graph differently per kernel family;
+:func:`~spruce.runtime.calibration.fit_calibration`)
+
 ``fixed_ms`` is each layer signature's fixed cost per isolated run, which the whole model does
 not pay per layer: the target's measured per-call cost where it gives a no-work layer to time
 (:meth:`~spruce.targets.base.Target.call_cost_case`: the INT8 ONNX Runtime target), else the
@@ -162,7 +166,10 @@ def _profile(model: nn.Module, inputs: tuple[torch.Tensor, ...], target: Target,
                                   seed=config.seed, random_count=config.calibration_random,
                                   warmup=config.model_warmup, rounds=config.model_repeats, progress=progress)
     call_ms = call_cost_ms(target, cache, reference, config.warmup, config.repeats)
-    calibration = fit_calibration(table, samples, call_ms)
+    # a target that times a lone layer as the whole graph runs it (the INT8 ONNX Runtime target, which
+    # gives a per-call case) gets one scale per layer family: its kernels relate to their lone timings
+    # differently (calibration.fit_calibration)
+    calibration = fit_calibration(table, samples, call_ms, by_family=call_ms is not None)
     info = {**table.info, "reference": {"signature": reference.signature, "point": list(reference.point),
                                         "ms": reference.level},
             **({"call_ms": call_ms} if call_ms is not None else {})}

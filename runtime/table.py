@@ -39,8 +39,9 @@ __all__ = [
 ]
 
 TABLE_FORMAT = "spruce-latency-table"
-TABLE_VERSION = 2
-READABLE_TABLE_VERSIONS = (1, 2)  # version 1 lacks kernel, fixed_ms and ms_per_mweight (read as 1, {}, 0)
+TABLE_VERSION = 3
+# version 1 lacks kernel, fixed_ms and ms_per_mweight (read as 1, {}, 0); version 2 lacks family_scale (read as {})
+READABLE_TABLE_VERSIONS = (1, 2, 3)
 # The layer kinds profiled: what find_layers times and what a table reads widths of.
 PROFILED_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
                   nn.Linear, nn.LSTM, nn.GRU, nn.RNN)
@@ -94,6 +95,19 @@ class LayerEntry:
     def depthwise(self) -> bool:
         return self.multiplier > 0
 
+    @property
+    def family(self) -> str:
+        """The kind of kernel the layer runs as, which a calibration may scale on its own
+        (:attr:`Calibration.family_scale`): ``recurrent``, ``depthwise``, ``linear``, ``pointwise``
+        (a convolution with a one-element kernel) or ``conv``."""
+        if self.recurrent:
+            return "recurrent"
+        if self.depthwise:
+            return "depthwise"
+        if self.signature.startswith("Linear("):
+            return "linear"
+        return "pointwise" if self.kernel == 1 else "conv"
+
     def weight_elements(self, active_in: int, active_out: int) -> int:
         """Weights of the layer with the given active channels (biases aside)."""
         if self.recurrent:  # every direction: input and hidden matrices, the upper layers reading both directions
@@ -117,8 +131,11 @@ class LayerEntry:
 @dataclass(frozen=True)
 class Calibration:
     """The whole-model correction: ``predict = overhead_ms + sum(calls * layer_ms)`` with
-    ``layer_ms = scale * max(isolated_ms - fixed_ms[signature], 0) + ms_per_melement *
+    ``layer_ms = scale_of(family) * max(isolated_ms - fixed_ms[signature], 0) + ms_per_melement *
     activation_elements / 1e6 + ms_per_mweight * weight_elements / 1e6``.
+
+    ``family_scale`` maps a layer family (:attr:`LayerEntry.family`) to its own scale; families
+    absent from it take ``scale`` (a table fitted with one scale has it empty).
 
     ``fixed_ms`` maps a layer signature to the fixed cost every isolated timing of it carries
     (absent: 0). ``samples`` are the whole-model measurements it was fitted on: per sample the
@@ -131,15 +148,22 @@ class Calibration:
     samples: tuple[dict[str, Any], ...] = ()
     fixed_ms: Mapping[str, float] = field(default_factory=dict)
     ms_per_mweight: float = 0.0
+    family_scale: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for label in ("scale", "ms_per_melement", "overhead_ms", "ms_per_mweight"):
             check_finite(f"calibration {label}", getattr(self, label))
-        for signature, ms in self.fixed_ms.items():
-            check_finite(f"calibration fixed_ms[{signature!r}]", ms)
-            if ms < 0:
-                raise ProfileError(f"calibration fixed_ms[{signature!r}] must be >= 0, got {ms!r}")
+        for label, values in (("fixed_ms", self.fixed_ms), ("family_scale", self.family_scale)):
+            for key, value in values.items():
+                check_finite(f"calibration {label}[{key!r}]", value)
+                if value < 0:
+                    raise ProfileError(f"calibration {label}[{key!r}] must be >= 0, got {value!r}")
         object.__setattr__(self, "fixed_ms", {str(k): float(v) for k, v in self.fixed_ms.items()})
+        object.__setattr__(self, "family_scale", {str(k): float(v) for k, v in self.family_scale.items()})
+
+    def scale_of(self, family: str) -> float:
+        """The scale of a layer family's isolated timings: ``family_scale[family]``, else ``scale``."""
+        return self.family_scale.get(family, self.scale)
 
     def net_ms(self, signature: str, isolated_ms: float) -> float:
         """An isolated timing less its signature's fixed cost (never below 0)."""
@@ -188,7 +212,7 @@ class LatencyTable:
         active_in, active_out = self._checked(entry, active_in, active_out)
         cal = self.calibration
         elements = active_in * entry.in_elements + active_out * entry.out_elements
-        return (cal.scale * cal.net_ms(entry.signature, self._grids[name](active_in, active_out))
+        return (cal.scale_of(entry.family) * cal.net_ms(entry.signature, self._grids[name](active_in, active_out))
                 + cal.ms_per_melement * elements / 1e6
                 + cal.ms_per_mweight * entry.weight_elements(active_in, active_out) / 1e6)
 

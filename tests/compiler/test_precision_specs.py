@@ -4,6 +4,8 @@ builds which precision is the targets' own, and a recipe refuses what its target
 from __future__ import annotations
 
 import pytest
+import torch
+from spruce.compiler.precision import calibration_inputs
 from spruce.compiler.recipes import Recipe, RecipeError
 from spruce.compiler.specs import TARGET_PRECISIONS, check_precision_spec
 from spruce.targets.base import target_class
@@ -52,3 +54,16 @@ def test_a_recipe_refuses_a_precision_its_target_cannot_build(fields, message):
 def test_a_recipe_refuses_a_selection_precision_that_cannot_apply(fields, message):
     with pytest.raises(RecipeError, match=message):
         Recipe.from_mapping(fields)
+
+
+def test_int8_calibration_samples_take_the_examples_size_where_recovery_windows_are_smaller():
+    """Recovery windows smaller than the example (augment's ``size``) are resized to the example's
+    size, which the INT8 artifact takes; other inputs are taken as they are, 128 rows in all."""
+    example = torch.zeros(1, 3, 16, 24)
+    windows = [torch.rand(4, 3, 8, 12) for _ in range(40)]
+    samples = calibration_inputs(windows, example=example)
+    assert [tuple(s[0].shape[1:]) for s in samples] == [(3, 16, 24)] * 32 and sum(len(s[0]) for s in samples) == 128
+    flat = torch.full((4, 3, 8, 12), 0.25)
+    assert torch.allclose(calibration_inputs([flat] * 32, example=example)[0][0], torch.full((4, 3, 16, 24), 0.25))
+    tokens = [torch.randint(0, 9, (4, 7)) for _ in range(32)]  # not an image: as it is
+    assert tuple(calibration_inputs(tokens, example=torch.zeros(1, 5, dtype=torch.long))[0][0].shape) == (4, 7)

@@ -273,11 +273,41 @@ def test_calibration_rejects_bad_samples_and_validates_fields():
     assert fit_calibration(table, []).scale == 1.0
 
 
+def test_a_scale_per_layer_family_is_fitted_when_asked_and_saved_with_the_table(tmp_path):
+    """Whole models whose depthwise layers cost 1.0 x and 1x1 layers 0.4 x their isolated timings (plus
+    an overhead): ``by_family`` recovers both scales (one scale cannot), the table predicts with them,
+    and they survive a save and load; without ``by_family`` the calibration has no family scales."""
+    dw = LayerEntry("dw", "dw-sig", 64, 64, groups=64, multiplier=1, in_fine=tuple(range(8, 65, 8)))
+    pw = LayerEntry("pw", "pw-sig", 64, 32, in_coarse=(8, 32, 64), out_coarse=(8, 16, 32),
+                    in_fine=tuple(range(8, 65, 8)), out_fine=tuple(range(8, 33, 8)))
+    points = {"dw-sig": {p: 0.01 * p[0] + 0.03 * (p[0] % 16 > 0) for p in dw.points()},
+              "pw-sig": {p: 0.001 * p[0] * p[1] / 8 for p in pw.points()}}
+    table = LatencyTable({"dw": dw, "pw": pw}, points, {"target": "synthetic"})
+    assert (dw.family, pw.family) == ("depthwise", "pointwise")
+    rng = np.random.default_rng(0)
+    samples = []
+    for _ in range(8):
+        c, o = int(rng.integers(1, 9)) * 8, int(rng.integers(1, 5)) * 8
+        ms = 0.2 + table.isolated_ms("dw", c, c) + 0.4 * table.isolated_ms("pw", c, o)
+        samples.append({"widths": {"dw": [c, c], "pw": [c, o]}, "ms": ms})
+    cal = fit_calibration(table, samples, call_ms=0.0, by_family=True)  # no fixed cost to take off
+    assert cal.family_scale == {"depthwise": pytest.approx(1.0, rel=1e-6), "pointwise": pytest.approx(0.4, rel=1e-6)}
+    assert cal.overhead_ms == pytest.approx(0.2, rel=1e-6)
+    fitted = LatencyTable(table.layers, table.points, table.fingerprint, cal)
+    for sample in samples:
+        assert fitted.predict({n: tuple(w) for n, w in sample["widths"].items()}) == pytest.approx(sample["ms"])
+    assert LatencyTable.load(fitted.save(tmp_path / "t.json")).calibration.family_scale == cal.family_scale
+    assert fit_calibration(table, samples).family_scale == {}
+    assert fit_calibration(table, samples[:4], by_family=True).family_scale == {}  # fewer samples than coefficients
+    with pytest.raises(ProfileError, match="family_scale.*>= 0"):
+        Calibration(family_scale={"pointwise": -0.1})
+
+
 def test_version_1_tables_still_load(tmp_path):
     table, _, _ = _synthetic_table(lambda i, o: 0.01 * i + 0.02 * o)
     document = table.to_dict()
     document["version"] = 1
-    for key in ("fixed_ms", "ms_per_mweight"):
+    for key in ("fixed_ms", "ms_per_mweight", "family_scale"):
         del document["calibration"][key]
     for record in document["layers"]:
         del record["kernel"]
@@ -285,10 +315,10 @@ def test_version_1_tables_still_load(tmp_path):
     loaded = LatencyTable.load(tmp_path / "v1.json")
     assert loaded.calibration.fixed_ms == {} and loaded.layers["conv"].kernel == 1
     assert loaded.predict({"conv": (16, 24)}) == pytest.approx(table.predict({"conv": (16, 24)}))
-    document["version"] = 3
-    (tmp_path / "v3.json").write_text(json.dumps(document))
-    with pytest.raises(ProfileError, match="version 3"):
-        LatencyTable.load(tmp_path / "v3.json")
+    document["version"] = 4
+    (tmp_path / "v4.json").write_text(json.dumps(document))
+    with pytest.raises(ProfileError, match="version 4"):
+        LatencyTable.load(tmp_path / "v4.json")
 
 
 # --- profiling on the real target ------------------------------------------------------------
