@@ -46,6 +46,7 @@ from torch import nn
 from ..api.budget import meet_budget
 from ..passes.graph import CapturedGraph
 from ..passes.importance import GRADIENT_FALLBACK
+from ..passes.sparsity.knapsack import DEFAULT_MIN_KEEP
 from ..passes.sparsity.method import MethodConfig, RunLength
 from ..passes.sparsity.model import SparseModel, StaleOptimizerWarning, sparsify_captured
 from ..runtime.budget import MeasuredSelection
@@ -150,13 +151,15 @@ def _compact(sparse: SparseModel) -> nn.Module:
 
 def check_final(sparse: SparseModel, drive: MethodDrive, dense: nn.Module, target: Target, example: torch.Tensor,
                 *, batch_size: int, round_to: int, latency_table: Any, calibration: Iterable,
-                step: int | None = None, dense_target: Target | None = None) -> FinalCheck:
+                step: int | None = None, dense_target: Target | None = None,
+                min_keep: float = DEFAULT_MIN_KEEP) -> FinalCheck:
     """Judge the final masks of ``sparse`` against the budget of ``drive`` (see the module
     doc) once the method has no update left (after recovery step ``step``, so the steps
     after it fine-tune what ships); re-aim a latency that measures above 1.05 x the budget,
     over the kept channels, and re-estimate BatchNorm on ``calibration`` batches. Raises
     :class:`InfeasibleBudget` when no subset of the kept channels reaches it. ``dense_target``
-    times the dense model (default ``target``; fp32 while ``target`` times INT8)."""
+    times the dense model (default ``target``; fp32 while ``target`` times INT8); ``min_keep``
+    (the recipe's) is the fraction of its channels every group keeps in a re-aim."""
     sparse.eval()
     if drive.kind != "latency":
         from ..api.stats import count_macs, count_params
@@ -167,7 +170,7 @@ def check_final(sparse: SparseModel, drive: MethodDrive, dense: nn.Module, targe
                           step=step)
     check = meet_budget(sparse, (example,), target, drive.fraction, dense=dense, batch_size=batch_size,
                         round_to=round_to, latency_table=latency_table, label=f"method {drive.method}'s final",
-                        dense_target=dense_target)
+                        dense_target=dense_target, min_keep=min_keep)
     sparse.eval()
     if not check.re_aimed:
         return FinalCheck("latency", check.fraction, check.ratio, check.in_band, check.method_ratio, False,

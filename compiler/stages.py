@@ -165,7 +165,7 @@ def recover_student(setup: Setup, reference: Reference, captured: Captured, prof
             checks.append(check_final(sparsified.sparse, sparsified.drive, reference.model, setup.target,
                                       setup.example, batch_size=recipe.budget_batch_size, round_to=recipe.round_to,
                                       latency_table=profiled.table, calibration=setup.data.train, step=step,
-                                      dense_target=setup.dense_target))
+                                      dense_target=setup.dense_target, min_keep=recipe.min_keep))
 
     quantizing, fake_quant = _fake_quant(setup, student, sparsified)
     # recovery's batches (order and augmentation) start from the compile seed, whatever stage
