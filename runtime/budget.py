@@ -276,17 +276,27 @@ def meet_latency_budget(
                               cost.unit, reference_target)
         if low <= smallest.ratio:
             return result(fewest, smallest, True)
-        fits, too_slow = 0.0, 1.0
-        for _ in range(FALLBACK_ROUNDS + 2):
-            fraction = (fits + too_slow) / 2
+
+        def at_fraction(fraction: float) -> tuple[Any, Attempt]:
             selection = shrunk_selection(cost, importance, fraction, **shrink)
-            selection, attempt = measure(selection, selection.cost)
+            return measure(selection, selection.cost)
+
+        return bisect(at_fraction, 0.0, 1.0, FALLBACK_ROUNDS + 2)
+
+    def bisect(attempt_at: Callable[[float], tuple[Any, Attempt]], fits: float, too_slow: float,
+               steps: int) -> MeasuredSelection | None:
+        """Bisect a parameter whose larger values keep more (an aim, a shrink fraction) between
+        ``fits`` and ``too_slow`` for ``steps`` measurements: the first selection in the band,
+        else None."""
+        for _ in range(steps):
+            middle = (too_slow + fits) / 2
+            selection, attempt = attempt_at(middle)
             if low <= attempt.ratio <= high:
                 return result(selection, attempt, True)
             if attempt.ratio > high:
-                too_slow = fraction
+                too_slow = middle
             else:
-                fits = fraction
+                fits = middle
         return None
 
     aim = budget * dense_predicted if first_aim is None else float(np.clip(first_aim, floor_predicted, dense_predicted))
@@ -299,16 +309,10 @@ def meet_latency_budget(
         aim = _reaim(attempts, aim, budget, floor_predicted, dense_predicted)
     fitting = [(s, a) for s, a, _ in measured.values() if a.ratio <= high]
     if not fitting:  # every attempt too slow: bisect between the lowest aim and the smallest configuration
-        too_slow, fast_enough = min(a.aim for a in attempts), floor_predicted
-        for _ in range(FALLBACK_ROUNDS if too_slow > floor_predicted else 0):
-            aim = (too_slow + fast_enough) / 2
-            selection, attempt = try_aim(aim)
-            if low <= attempt.ratio <= high:
-                return result(selection, attempt, True)
-            if attempt.ratio > high:
-                too_slow = aim
-            else:
-                fast_enough = aim
+        too_slow = min(a.aim for a in attempts)
+        found = bisect(try_aim, floor_predicted, too_slow, FALLBACK_ROUNDS if too_slow > floor_predicted else 0)
+        if found is not None:
+            return found
         fitting = [(s, a) for s, a, _ in measured.values() if a.ratio <= high]
     if not fitting:
         selection, attempt = try_aim(floor_predicted)
