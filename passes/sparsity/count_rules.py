@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .knapsack import CostModel, Selection
+from .knapsack import CostModel, Selection, as_scores
 
 __all__ = ["CountRule", "fit_counts", "fit_kept", "fit_selection"]
 
@@ -55,10 +55,6 @@ def fit_counts(counts: Mapping[int, int], rule: CountRule, size: int, least: int
     return dict(counts)
 
 
-def _scores(value: np.ndarray | torch.Tensor) -> np.ndarray:
-    return np.asarray(value.detach().cpu() if isinstance(value, torch.Tensor) else value, dtype=np.float64)
-
-
 def _resized(kept: np.ndarray, count: int, scores: np.ndarray) -> np.ndarray:
     """``kept`` (channel indices) cut to its ``count`` most important, or grown by the most
     important channels it lacks; sorted."""
@@ -81,7 +77,7 @@ def fit_kept(kept: Mapping[int, np.ndarray], sizes: Mapping[int, int], rule: Cou
     gid = rule.group
     if gid in sizes and fitted[gid] != counts[gid]:
         current = kept[gid] if gid in kept else np.arange(sizes[gid])
-        resized = _resized(current, fitted[gid], _scores(importance[gid]))
+        resized = _resized(current, fitted[gid], as_scores(importance[gid]))
         if resized.size == sizes[gid]:
             out.pop(gid, None)
         else:
@@ -98,7 +94,7 @@ def fit_selection(selection: Selection, rule: CountRule, importance: Mapping[int
     fitted = fit_counts(selection.counts, rule, cost.sizes.get(gid, 0), least, round_to)
     if fitted == selection.counts:
         return selection
-    scores = _scores(importance[gid])
+    scores = as_scores(importance[gid])
     kept = dict(selection.kept)
     kept[gid] = _resized(selection.kept[gid], fitted[gid], scores)
     value = selection.value - float(scores[selection.kept[gid]].sum()) + float(scores[kept[gid]].sum())

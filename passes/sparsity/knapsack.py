@@ -44,6 +44,7 @@ __all__ = [
     "minimum_kept",
     "normalise_importance",
     "Selection",
+    "as_scores",
     "shrunk_selection",
     "build_cost_model",
     "register_cost_model",
@@ -56,6 +57,12 @@ __all__ = [
 # The fraction of every channel group a selection keeps at least, by default (compile's recipe
 # ``min_keep``, HALP's and ``meet_budget``'s): without it a knapsack empties the groups it finds cheapest
 DEFAULT_MIN_KEEP = 0.25
+
+
+def as_scores(value: np.ndarray | torch.Tensor) -> np.ndarray:
+    """One channel group's importance (a tensor or an array, one score per channel) as a float64
+    NumPy array on the CPU."""
+    return np.asarray(value.detach().cpu() if isinstance(value, torch.Tensor) else value, dtype=np.float64)
 
 
 class InfeasibleBudget(ValueError):
@@ -510,7 +517,7 @@ def normalise_importance(importance: Mapping[int, np.ndarray], how: str = "group
         raise ValueError(f"unknown importance normalisation {short_repr(how)}; valid: {', '.join(NORMALISATIONS)}")
     out = {}
     for gid, scores in importance.items():
-        scores = np.asarray(scores.detach().cpu() if isinstance(scores, torch.Tensor) else scores, dtype=np.float64)
+        scores = as_scores(scores)
         mean = float(np.mean(np.abs(scores))) if scores.size else 0.0
         out[gid] = scores / mean if how == "group_mean" and mean > 0 else scores
     return out
@@ -528,7 +535,7 @@ def minimum_kept(importance: Mapping[int, np.ndarray], fraction: float, round_to
         raise ValueError(f"minimum kept fraction must be in [0, 1], got {short_repr(fraction)}")
     required = {}
     for gid, scores in importance.items():
-        scores = np.asarray(scores.detach().cpu() if isinstance(scores, torch.Tensor) else scores, dtype=np.float64)
+        scores = as_scores(scores)
         size = scores.shape[0]
         count = min(size, int(math.ceil(fraction * size / round_to - 1e-9)) * round_to) if fraction > 0 else 0
         allowed = np.ones(size, bool) if candidates is None or gid not in candidates \
@@ -552,8 +559,7 @@ def _group_options(cost: CostModel, importance: Mapping[int, np.ndarray | torch.
         size = cost.sizes[gid]
         if gid not in importance:
             raise ValueError(f"{caller}: no importance for channel group {gid}")
-        scores = np.asarray(importance[gid].detach().cpu() if isinstance(importance[gid], torch.Tensor)
-                            else importance[gid], dtype=np.float64)
+        scores = as_scores(importance[gid])
         if scores.shape != (size,) or not np.isfinite(scores).all():
             raise ValueError(f"{caller}: importance of group {gid} must be {size} finite numbers")
         cand = np.ones(size, bool) if candidates is None or gid not in candidates else np.asarray(candidates[gid], bool)

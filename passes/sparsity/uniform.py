@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .knapsack import CostModel, Selection, Term, Width
+from .knapsack import CostModel, Selection, Term, Width, as_scores
 
 __all__ = ["Ties", "role", "tie_problem", "uniform_classes", "untie"]
 
@@ -58,10 +58,6 @@ def uniform_classes(groups: Sequence) -> Ties:
     return Ties(tuple(tuple(ids) for ids in by_role.values()))
 
 
-def _scores(value: np.ndarray | torch.Tensor) -> np.ndarray:
-    return np.asarray(value.detach().cpu() if isinstance(value, torch.Tensor) else value, dtype=np.float64)
-
-
 def tie_problem(cost: CostModel, importance: Mapping[int, np.ndarray | torch.Tensor], ties: Ties,
                 required: Mapping[int, np.ndarray] | None = None
                 ) -> tuple[CostModel, dict[int, np.ndarray], dict[int, np.ndarray] | None]:
@@ -79,7 +75,7 @@ def tie_problem(cost: CostModel, importance: Mapping[int, np.ndarray | torch.Ten
         head = rep[gid]
         if sizes.setdefault(head, size) != size:
             raise ValueError(f"uniform counts: channel groups {head} and {gid} share a role but not a size")
-        ranked = -np.sort(-_scores(importance[gid]))
+        ranked = -np.sort(-as_scores(importance[gid]))
         tied_importance[head] = tied_importance.get(head, 0.0) + ranked
         if tied_required is not None:
             count = int(np.asarray(required.get(gid, np.zeros(size, bool)), bool).sum())
@@ -109,7 +105,7 @@ def untie(selection: Selection, importance: Mapping[int, np.ndarray | torch.Tens
     kept, counts = {}, {}
     for gid in groups:
         count = selection.counts[rep.get(gid, gid)]
-        order = np.argsort(-_scores(importance[gid]), kind="stable")
+        order = np.argsort(-as_scores(importance[gid]), kind="stable")
         kept[gid] = np.sort(order[:count])
         counts[gid] = count
     return Selection(kept, counts, selection.cost, selection.value, selection.rounds)
