@@ -193,8 +193,8 @@ def meet_latency_budget(
     Returns the first selection measured within [0.9, 1.05] x ``budget`` of dense; when the
     rounds run out with every selection too slow, up to ``FALLBACK_ROUNDS`` more are bisected
     between the lowest aim tried and the cost model's cheapest configuration, which is measured
-    too; when that is too slow as well, or when every selection that fits is below the band,
-    every group is shrunk alike (``shrunk_selection``: the fewest channels, then
+    too; when that is too slow as well, or when one was too slow and every one that fits is
+    below the band, every group is shrunk alike (``shrunk_selection``: the fewest channels, then
     ``FALLBACK_ROUNDS`` + 2 bisections by measurement); then the
     slowest selection measured at most 1.05 x ``budget`` (``in_band`` False). Raises
     :class:`InfeasibleBudget` (``minimum`` = the smallest measured ms, its message naming it
@@ -260,7 +260,7 @@ def meet_latency_budget(
 
     def shrink_alike(cheapest: Attempt | None) -> MeasuredSelection | None:
         """When the cost model's choices miss the band, its cheapest configuration (``cheapest``)
-        too slow or every one that fits below the band (latency that jumps at a channel count the
+        too slow, or one too slow and every one that fits below the band (latency that jumps at a channel count the
         table's grid does not resolve): the one-dimensional family of :func:`shrunk_selection`
         (every group shrunk alike, down to its fewest channels), steered by measurement alone.
         Bisects between the fewest channels (when they fit) and all candidates for
@@ -320,7 +320,7 @@ def meet_latency_budget(
             shrunk = shrink_alike(attempt)
             if shrunk is not None:
                 return shrunk
-    else:  # every selection that fits is below the band (one in it was returned)
+    elif any(a.ratio > high for a in attempts):  # selections on both sides of the band, none in it
         shrunk = shrink_alike(None)
         if shrunk is not None:
             return shrunk
