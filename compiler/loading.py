@@ -6,8 +6,9 @@ evaluations later stages share (:func:`held_out_accuracy`, :func:`user_metrics`)
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -113,12 +114,29 @@ def _at_length(example: torch.Tensor, length: int) -> torch.Tensor:
     return example.repeat(1, -(-length // example.shape[1]))[:, :length]
 
 
+def _cache_configs(model: nn.Module) -> list[Any]:
+    """Every distinct config with ``use_cache`` in ``model`` (submodules may hold their own)."""
+    configs = {id(config): config for module in model.modules()
+               if hasattr(config := getattr(module, "config", None), "use_cache")}
+    return list(configs.values())
+
+
 def _without_cache(model: nn.Module) -> None:
     """A causal LM computes every position in compile (no key/value cache in its outputs)."""
-    for module in model.modules():
-        config = getattr(module, "config", None)
-        if config is not None and hasattr(config, "use_cache"):
-            config.use_cache = False
+    for config in _cache_configs(model):
+        config.use_cache = False
+
+
+@contextlib.contextmanager
+def cache_settings_kept(model: nn.Module | None) -> Iterator[None]:
+    """Restore a live model's ``config.use_cache`` values when compile ends, however it ends
+    (compile switches the cache off on the model it is given: :func:`load_setup`)."""
+    saved = [(config, config.use_cache) for config in _cache_configs(model)] if model is not None else []
+    try:
+        yield
+    finally:
+        for config, value in saved:
+            config.use_cache = value
 
 
 

@@ -24,7 +24,7 @@ from ..moved import moved_name
 from ..targets.files import checked_out_dir, staged_dir
 from .floors import FidelityFloorError, raise_if_missed
 from .lm_report import evaluate_language_model
-from .loading import load_setup
+from .loading import cache_settings_kept, load_setup
 from .recipes import Recipe, load_recipe
 from .reporting import CompileReport, write_report
 from .results import Given, Timings, Workspace
@@ -65,7 +65,7 @@ def compile(model: str | nn.Module | None = None, example_inputs: Any = None, *,
     resolved, given = _resolve(model, example_inputs, recipe, data, loss_fn, evaluate, prepare, options)
     out_dir = checked_out_dir(out, force, name="out", force_hint="force=True")
     timings = Timings()
-    with staged_dir(out_dir) as staged:
+    with staged_dir(out_dir) as staged, cache_settings_kept(given.model):
         workspace = Workspace(staged, quiet)
         with timings.stage("load"):
             setup = load_setup(resolved, workspace, given)

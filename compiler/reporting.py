@@ -117,6 +117,7 @@ def report_document(setup: Setup, reference: Reference, profiled: Profiled, spar
         "format": REPORT_FORMAT,
         "version": REPORT_VERSION,
         "recipe": recipe.to_dict(),
+        "model": _model_text(setup),
         "data": setup.data.name,
         "dense": {"accuracy": dense_accuracy, "accuracy_per_epoch": reference.log.accuracy,
                   "loss_per_epoch": reference.log.loss, "params": int(count_params(dense)),
@@ -270,12 +271,21 @@ def _recovery_length(doc: Mapping[str, Any]) -> str:
     return f"{doc['recipe']['epochs']} epochs"
 
 
+def _model_text(setup: Any) -> str:
+    """What the report calls the compiled model: the recipe's model spec, the embedded default,
+    or a live model's class."""
+    if setup.recipe.model is not None:
+        return setup.recipe.model
+    return "embedded digits CNN" if setup.default_model else f"live {setup.model_name}"
+
+
 def _markdown(doc: dict[str, Any]) -> str:
     recipe = doc["recipe"]
     missed = floor_line(doc.get("floor"))
     lines = [*([f"**FAILED: {missed}** (the artifacts are kept for inspection)", ""] if missed else []),
              "# spruce compile report", "",
-             f"Model: {recipe['model'] or 'embedded digits CNN'} on {doc['data']}; target `{recipe['target']}`; "
+             f"Model: {doc.get('model') or recipe['model'] or 'embedded digits CNN'} on {doc['data']}; "
+             f"target `{recipe['target']}`; "
              + (f"method `{_method_text(recipe['method'])}`" if method_ran(doc)
                 else f"selection one-shot by {(doc.get('recovery') or {}).get('criterion', 'weight magnitude')} "
                      "(no method ran)")

@@ -75,3 +75,5 @@ def test_without_a_floor_the_same_compile_succeeds(broken, tmp_path):
                             outputs={"output": {"kind": "ctc"}}, floor="none", bench_batch_sizes=(1,),
                             bench_warmup=1, bench_iters=3, quiet=True)
     assert report.document["floor"] == {"met": True, "source": "recipe", "checks": [], "missed": []}
+    assert report.document["model"] == "live Recogniser"  # not the embedded default's name
+    assert "Model: live Recogniser on " in (tmp_path / "out" / "report.md").read_text()

@@ -35,6 +35,22 @@ def tiny_lm(tmp_path_factory):
     return train_tiny_lm(tmp_path_factory.mktemp("lm") / "tiny", steps=200)
 
 
+def test_compile_leaves_a_live_models_cache_setting_as_it_was(tiny_lm, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm.folder)
+    assert model.config.use_cache is True
+
+    def broken_loss(outputs, batch):
+        assert model.config.use_cache is False  # compile switched the cache off, as it must for capture
+        raise RuntimeError("broken on purpose")
+
+    with pytest.raises(ValueError, match="broken on purpose"):  # load_setup's check of the loss fails
+        spruce.compile(model, tiny_lm.train[0][:1], data=(tiny_lm.train, tiny_lm.held_out), out=tmp_path / "out",
+                       recover="loss", loss_fn=broken_loss, quiet=True)
+    assert model.config.use_cache is True  # restored, though compile raised
+
+
 def test_compile_a_trained_lm_with_distillation_and_reload_it_with_transformers(tiny_lm, tmp_path):
     out = tmp_path / "out"
     report = spruce.compile(str(tiny_lm.folder), data=(tiny_lm.train, tiny_lm.held_out), out=out,
