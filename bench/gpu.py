@@ -34,6 +34,15 @@ greedy tokens of dense and compiled are compared (the fraction that agree). At m
 for models of the example's size; without CUDA it prints why and exits 0 without writing anything. Writes its section of
 ``bench/results/gpu.md`` (``--into``, other sections kept) and ``--json``.
 
+``python bench/gpu.py lm-gate --splits DIR --out DIR --gate-json FILE``: issue 29's capacity gate on a
+GPU, where training to ~20 tokens per parameter takes minutes (hours on 2 CPU cores). Trains the dense
+example (``--arch``, default the hidden-256 shape of ``bench/results/lm.md``) and then the gate's shape
+(``--gate-arch``, the shape ``spruce compile --budget latency=0.5`` selected on the hidden-256 model)
+from scratch by ``examples/lm/train_lm.py`` on the same ``--tokens`` tokens, order and seed
+(``--reuse-splits``: the splits written here, copied there, so the corpus is this machine's), and
+writes the dense folder to ``--out`` and both records with the ratio to ``--gate-json``. Without CUDA it
+prints why and exits 0 (``--device cpu`` runs it on the CPU, for a dry run with few tokens).
+
 ``python bench/gpu.py render --mlp A.json [--craft D.json] [--default B.json] [--tables C.json]
 --out bench/results/gpu.md`` writes the results file (atomically) from the JSON the GPU runs produced.
 """
@@ -359,6 +368,36 @@ def render(args: argparse.Namespace) -> None:
     benchlib.write_atomic(Path(args.out), "\n".join(lines) + "\n")
 
 
+# The hidden-256 example of bench/results/lm.md, and the shapes compile selected on it at latency=0.5
+LM_GATE_ARCH = "hidden=256,layers=4,heads=8,kv_heads=2,intermediate=768,head_dim=32"
+LM_GATE_SHAPE = "hidden=144,layers=4,heads=2,kv_heads=2,intermediate=767,head_dim=32"
+
+
+def run_lm_gate(args: argparse.Namespace) -> dict[str, Any] | None:
+    import tempfile
+
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("lm-gate: no CUDA device here; nothing written")
+        return None
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "lm"))
+    import train_lm
+
+    common = ["--splits", args.splits, "--reuse-splits", "--tokenizer", args.tokenizer, "--seed", str(args.seed),
+              "--tokens", str(args.tokens), "--batch", str(args.batch), "--device", args.device]
+    dense = train_lm.main([*common, "--out", args.out, "--arch", args.arch])
+    with tempfile.TemporaryDirectory() as gate_dir:  # only the gate's record is kept
+        gate = train_lm.main([*common, "--out", gate_dir, "--arch", args.gate_arch])
+    ratio = gate["held_out_perplexity"] / dense["held_out_perplexity"]
+    result = {"dense": dense, "gate": gate, "ratio": ratio, "passes": ratio >= 1.2,
+              "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu"}
+    Path(args.gate_json).write_text(json.dumps(result, indent=1))
+    print(json.dumps({"ratio": ratio, "dense_ppl": dense["held_out_perplexity"],
+                      "gate_ppl": gate["held_out_perplexity"]}))
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -385,6 +424,17 @@ def main(argv: list[str] | None = None) -> int:
     lm.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
                     help="cpu: a dry run of the script on the CPU (its figures mean nothing for the GPU)")
     lm.add_argument("--into", default=str(benchlib.RESULTS_DIR / "gpu.md"))
+    gate = sub.add_parser("lm-gate")
+    gate.add_argument("--splits", required=True, help="the text splits (train_lm.py --splits-only wrote them)")
+    gate.add_argument("--tokenizer", default=str(Path(__file__).resolve().parents[1] / "examples" / "lm" / "model"))
+    gate.add_argument("--out", required=True, help="the dense model's folder")
+    gate.add_argument("--gate-json", required=True)
+    gate.add_argument("--arch", default=LM_GATE_ARCH)
+    gate.add_argument("--gate-arch", default=LM_GATE_SHAPE)
+    gate.add_argument("--tokens", type=float, default=7e7, help="about 20 tokens per parameter of the dense model")
+    gate.add_argument("--batch", type=int, default=16)
+    gate.add_argument("--seed", type=int, default=0)
+    gate.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     into = sub.add_parser("render-craft")
     into.add_argument("--craft", required=True, help="the JSON `gpu.py craft` wrote")
     into.add_argument("--into", default=str(benchlib.RESULTS_DIR / "gpu.md"))
@@ -407,6 +457,8 @@ def main(argv: list[str] | None = None) -> int:
             path = Path(args.into)
             text = path.read_text() if path.exists() else "# GPU measurements\n"
             benchlib.write_atomic(path, replace_section(text, LM_SECTION, render_lm(result)))
+    elif args.command == "lm-gate":
+        run_lm_gate(args)
     elif args.command == "mlp":
         result = run_mlp(args)
         Path(args.json).write_text(json.dumps(result, indent=2))

@@ -27,6 +27,11 @@ holds the command as run; CPU, 2 threads; another thread count may differ in the
 (the capacity gate trains a compressed architecture from scratch on the same tokens, with
 ``--tokenizer examples/lm/model``);
 ``--splits-only`` writes the text splits and stops (seconds; what compile needs).
+
+``--device cuda`` trains on a GPU (the same script, seed and batches; not bitwise equal to a CPU
+run). ``--reuse-splits`` takes the splits already in ``SPLITS`` as they are (their ``corpus.json``
+is recorded) instead of reading this Python's standard library: on a machine with another Python the
+corpus would differ, so a GPU run trains on the splits written here (copied there).
 """
 
 from __future__ import annotations
@@ -154,11 +159,12 @@ def window_loss(model, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[t
 
 
 @torch.no_grad()
-def perplexity(model, loader) -> float:
+def perplexity(model, loader, device: torch.device | str = "cpu") -> float:
     """exp(mean next-token cross-entropy) over every real target token of ``loader``."""
     model.eval()
     total, count = 0.0, 0
     for batch in loader:
+        batch = {key: value.to(device) for key, value in batch.items()}
         loss, n = token_sum(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
                             batch["labels"])
         total, count = total + float(loss), count + int(n)
@@ -189,16 +195,26 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                         help="torch.compile the training step's forward and backward (about 2x the tokens/s on CPU)")
     parser.add_argument("--splits-only", action="store_true", help="write the text splits and stop")
+    parser.add_argument("--reuse-splits", action="store_true",
+                        help="train on the splits already in SPLITS (their corpus.json) without reading the stdlib")
+    parser.add_argument("--device", default="cpu", help="torch device to train on (cpu, cuda)")
     args = parser.parse_args(argv)
     started = time.time()
     torch.set_num_threads(args.threads)
 
-    root = args.corpus or _stdlib()
-    documents, corpus = stdlib_corpus(root)
-    train_docs, held_docs = split_documents(documents, args.held_out, args.seed)
-    corpus.update(train_documents=len(train_docs), held_out_documents=len(held_docs), split_seed=args.seed,
-                  held_out_fraction=args.held_out)
     marker = args.splits / "corpus.json"
+    if args.reuse_splits:
+        if not marker.is_file():
+            raise SystemExit(f"--reuse-splits: {marker} is missing; write the splits first (--splits-only)")
+        if args.tokenizer is None:
+            raise SystemExit("--reuse-splits needs --tokenizer (training one reads the documents)")
+        corpus, train_docs = json.loads(marker.read_text()), []
+    else:
+        root = args.corpus or _stdlib()
+        documents, corpus = stdlib_corpus(root)
+        train_docs, held_docs = split_documents(documents, args.held_out, args.seed)
+        corpus.update(train_documents=len(train_docs), held_out_documents=len(held_docs), split_seed=args.seed,
+                      held_out_fraction=args.held_out)
     if marker.is_file():
         if json.loads(marker.read_text()) != corpus:
             raise SystemExit(f"{args.splits} holds splits of another corpus or seed ({marker}); give an empty folder")
@@ -231,7 +247,8 @@ def main(argv: list[str] | None = None) -> dict:
         held = Subset(held, np.random.default_rng(args.seed).permutation(len(held))[:args.eval_windows].tolist())
     held_loader = DataLoader(held, batch_size=64)
     arch = parse_arch(args.arch)
-    model = build_model(arch, len(tokenizer), args.seq, args.seed)
+    device = torch.device(args.device)
+    model = build_model(arch, len(tokenizer), args.seq, args.seed).to(device)
     params = sum(p.numel() for p in model.parameters())
     budget = int(args.tokens)
     steps = math.ceil(budget / (args.batch * args.seq * 0.9))  # an estimate for the schedule (pads ~10 %)
@@ -247,7 +264,7 @@ def main(argv: list[str] | None = None) -> dict:
     tick = time.time()
     while seen < budget:
         for batch in data.train:
-            loss, count = training_loss(model, batch["input_ids"], batch["labels"])
+            loss, count = training_loss(model, batch["input_ids"].to(device), batch["labels"].to(device))
             (loss / count).backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
             optimizer.step()
@@ -262,7 +279,7 @@ def main(argv: list[str] | None = None) -> dict:
             if seen >= budget:
                 break
     train_seconds = time.time() - tick
-    held_ppl = perplexity(model, held_loader)
+    held_ppl = perplexity(model, held_loader, device)
     record = {"seed": args.seed, "tokens_trained": seen, "steps": step, "batch": args.batch,
               "sequence_length": args.seq, "held_out_perplexity": round(held_ppl, 4),
               "held_out_windows": len(held), "held_out_tokens": int(sum(int(held[i]["attention_mask"].sum())
@@ -270,10 +287,10 @@ def main(argv: list[str] | None = None) -> dict:
               "vocab": len(tokenizer), "tokenizer": str(args.tokenizer) if args.tokenizer else "trained",
               "arch": arch, "parameters": params, "lr": args.lr,
               "train_seconds": round(train_seconds, 1), "wall_seconds": round(time.time() - started, 1),
-              "corpus": corpus, "torch": torch.__version__,
+              "corpus": corpus, "torch": torch.__version__, "device": str(device),
               "command": "python examples/lm/train_lm.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))}
     args.out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(args.out)
+    model.to("cpu").save_pretrained(args.out)
     tokenizer.save_pretrained(args.out)
     model.generation_config.save_pretrained(args.out)
     tmp = args.out / "training.json.tmp"

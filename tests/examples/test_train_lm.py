@@ -57,6 +57,19 @@ def test_the_script_trains_saves_and_the_folder_reloads_and_generates(tmp_path) 
         train_lm.main(["--corpus", str(corpus), "--splits", str(splits), "--splits-only", "--seed", "1",
                        "--held-out", "0.25"])
 
+    # --reuse-splits (a GPU machine with another Python): the same splits, no corpus read, same tokens
+    (corpus / "mod1.py").unlink()  # the corpus changed: only the splits written above may be used
+    again = train_lm.main(["--reuse-splits", "--out", str(tmp_path / "again"), "--splits", str(splits),
+                           "--tokenizer", str(out), "--seq", "32", "--batch", "4", "--tokens", "600",
+                           "--warmup", "2", "--no-compile",
+                           "--arch", "hidden=32,layers=1,heads=2,kv_heads=1,intermediate=64,head_dim=16"])
+    assert again["corpus"] == record["corpus"] and again["device"] == "cpu"
+    assert (again["tokens_trained"], again["steps"]) == (record["tokens_trained"], record["steps"])
+    assert again["held_out_perplexity"] == pytest.approx(record["held_out_perplexity"])  # same data, seed and model
+    with pytest.raises(SystemExit, match="corpus.json is missing"):
+        train_lm.main(["--reuse-splits", "--out", str(tmp_path / "x"), "--splits", str(tmp_path / "none"),
+                       "--tokenizer", str(out)])
+
 
 def test_training_without_the_mask_gives_the_masked_losses_on_right_padded_windows() -> None:
     arch = train_lm.parse_arch("hidden=32,layers=2,heads=2,kv_heads=1,intermediate=64,head_dim=16")
