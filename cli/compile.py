@@ -77,8 +77,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="prepare(image, (H, W)) -> tensor for images:DIR (default: resize to cover, crop)")
     parser.add_argument("--distill-loss", type=parse_target_option, action="append", default=None,
                         metavar="OUTPUT=LOSS", dest="distill_losses",
-                        help="distillation loss of an output (kl, mse, l1, weighted_mse), e.g. 'output[0]=l1' "
-                        "(repeatable)")
+                        help="distillation loss of an output (kl, mse, l1, weighted_mse, hard_weighted_mse), "
+                        "e.g. 'output[0]=l1' (repeatable)")
     parser.add_argument("--output", type=_parse_output, action="append", default=None, metavar="OUTPUT=KIND[,K=V]",
                         dest="outputs", help="declare an output's kind (scores, pixel_scores, ctc, map, regression), "
                         "e.g. 'output=ctc,class_dim=-1,blank=0' (repeatable; undeclared kinds are guessed)")

@@ -18,7 +18,12 @@ images, each epoch, by :class:`AugmentedImages`:
 4. photometric jitter of strength ``photometric``: brightness and contrast by up to that
    fraction, gamma by up to that power of 2; grey with probability ``grey``; a Gaussian blur
    (radius 0.5-1.5 px) with probability ``blur``;
-5. the user's ``prepare`` (or the default cover-resize) turns it into the input tensor.
+5. ``shade`` (probability): uneven lighting at low contrast, as a photographed page shows it:
+   contrast lowered to 0.4-0.9 of itself about the mean, then the image multiplied by a
+   linear gradient in a random direction, from 1 on one side to 0.35-0.85 on the other;
+6. ``invert`` (probability): the colours negated (255 - value), so dark-on-light content
+   (a page's text) is also seen light-on-dark (captions, signs, screens);
+7. the user's ``prepare`` (or the default cover-resize) turns it into the input tensor.
 
 ``size`` (H, W): the recovery samples' height and width when smaller inputs than the
 example's are wanted (a fully convolutional model trains several times faster on 128 x 192
@@ -63,6 +68,8 @@ class Augment(Config):
     paste: Probability = 0.0
     paste_from: str = "*"
     text: Probability = 0.0
+    shade: Probability = 0.0
+    invert: Probability = 0.0
     size: Annotated[tuple[int, int] | None, Field(strict=False)] = None
 
     @model_validator(mode="after")
@@ -112,7 +119,13 @@ class AugmentedImages(torch.utils.data.Dataset):
         if rng.uniform() < options.text:
             picture = self._words(picture)
         picture = self._scale_crop(picture)
-        return self._photometric(picture)
+        array = self._photometric(picture)
+        # new options draw only when asked, so a recipe without them keeps its random stream
+        if options.shade and rng.uniform() < options.shade:
+            array = self._shade(array)
+        if options.invert and rng.uniform() < options.invert:
+            array = 255 - array
+        return array
 
     def _factor(self) -> float:
         low, high = self.augment.scale
@@ -180,3 +193,17 @@ class AugmentedImages(torch.utils.data.Dataset):
         if rng.uniform() < options.grey:
             array = np.repeat(array.mean(axis=2, keepdims=True), 3, axis=2)
         return np.ascontiguousarray(np.clip(array * 255.0 + 0.5, 0, 255).astype(np.uint8))
+
+    def _shade(self, array: np.ndarray) -> np.ndarray:
+        rng = self.rng
+        image = array.astype(np.float32)
+        mean = image.mean()
+        image = (image - mean) * rng.uniform(0.4, 0.9) + mean
+        height, width = image.shape[:2]
+        angle = rng.uniform(0, 2 * math.pi)
+        rows, cols = np.mgrid[0:height, 0:width].astype(np.float32)
+        along = rows * math.sin(angle) + cols * math.cos(angle)
+        span = max(float(along.max() - along.min()), 1.0)
+        darkest = rng.uniform(0.35, 0.85)
+        light = 1.0 - (1.0 - darkest) * (along - along.min()) / span
+        return np.ascontiguousarray(np.clip(image * light[:, :, None] + 0.5, 0, 255).astype(np.uint8))

@@ -21,7 +21,11 @@ weigh alike. For sparse score maps (a detector's heat maps, mostly background)
 ``weighted_mse`` weighs each element's squared error by ``1 + WEIGHTED_MSE_ALPHA *
 max(teacher, 0)`` (10: an element where the teacher says 1 counts 11 times a background one),
 so the loss is not dominated by the background the pruned model reproduces easily; it is
-divided by the teacher's weighted mean square. Each divisor is measured once on the recovery
+divided by the teacher's weighted mean square. ``hard_weighted_mse`` weighs by ``1 +
+WEIGHTED_MSE_ALPHA * max(teacher, student, 0)`` (the student's value without its gradient):
+where the student lights up background the teacher leaves dark (a link between two words, a
+false detection: the hard negatives a detector's own training mines) the error weighs as much
+as a miss on text, not 11 times less; same divisor as ``weighted_mse``. Each divisor is measured once on the recovery
 data before recovery (:func:`calibrate_scales`), so every batch weighs by its error, not by
 how much text it holds (:class:`DistillLoss`). Every output's loss can be overridden by its
 exact path or a glob (``{"output[0]": "l1"}``, ``{"*feature*": "l1"}``); the plan records
@@ -88,6 +92,13 @@ def _score_weight(teacher: torch.Tensor) -> torch.Tensor:
     return 1.0 + WEIGHTED_MSE_ALPHA * teacher.clamp_min(0.0)
 
 
+def _hard_weighted_error(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Mean of ``(1 + alpha * max(teacher, student, 0)) * (student - teacher)^2``, the weight
+    taken without gradient."""
+    weight = _score_weight(torch.maximum(teacher, student.detach()))
+    return (weight * (student - teacher).pow(2)).mean()
+
+
 @dataclass(frozen=True)
 class DistillLoss:
     """One distillation loss: ``error(student, teacher)``, a mean over elements, divided by
@@ -129,6 +140,7 @@ class DistillLoss:
 
 # name -> loss; one entry per loss. kl: per-position KL over the class dim; mse: mean (s - t)^2 / mean t^2;
 # l1: mean |s - t| / mean |t|; weighted_mse: mean w (s - t)^2 / mean w t^2 with w = 1 + alpha * max(t, 0);
+# hard_weighted_mse: the same with w = 1 + alpha * max(t, s, 0) in the numerator (false positives weigh as misses);
 # lm_kl: next-token KL at every non-pad position, in chunks (spruce.compiler.lm.lm_kl).
 DISTILL_LOSSES: dict[str, DistillLoss] = {
     "kl": DistillLoss(_kl, per_class=True),
@@ -137,6 +149,7 @@ DISTILL_LOSSES: dict[str, DistillLoss] = {
     "l1": DistillLoss(lambda s, t: (s - t).abs().mean(), lambda t: t.abs().mean()),
     "weighted_mse": DistillLoss(lambda s, t: (_score_weight(t) * (s - t).pow(2)).mean(),
                                 lambda t: (_score_weight(t) * t.pow(2)).mean()),
+    "hard_weighted_mse": DistillLoss(_hard_weighted_error, lambda t: (_score_weight(t) * t.pow(2)).mean()),
 }
 SCALE_BATCHES = 16  # recovery batches the data set's teacher scales are measured on (at most)
 

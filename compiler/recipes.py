@@ -59,8 +59,9 @@ fails before any training. :func:`recipe_schema` is its JSON schema. All keys op
 ``augment``               augmentation of the ``images:DIR`` recovery samples, a mapping of
                           ``spruce.compiler.augment.Augment``'s options (``copies``, ``scale``,
                           ``photometric``, ``grey``, ``blur``, ``paste``, ``paste_from``,
-                          ``text``, ``size``); default none
-``distill_losses``        per-output distillation loss (``kl``, ``mse``, ``l1``, ``weighted_mse``;
+                          ``text``, ``shade``, ``invert``, ``size``); default none
+``distill_losses``        per-output distillation loss (``kl``, ``mse``, ``l1``, ``weighted_mse``,
+                          ``hard_weighted_mse``;
                           see ``spruce.compiler.outputs``), e.g. ``{"output[0]": l1}`` (globs)
 ``outputs``               per-output kind declarations by path or glob, e.g.
                           ``{"output": {kind: ctc, class_dim: -1, blank: 0}}`` (kinds:

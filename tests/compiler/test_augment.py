@@ -103,3 +103,22 @@ def test_recovery_sees_the_same_batches_whatever_read_the_data_before(folder, mo
     after_a_stage = _recovery_batches(folder, monkeypatch, read_before=3)  # order and augmentation both drawn
     assert len(fresh) == len(after_a_stage) == 4
     assert all(torch.equal(a, b) for a, b in zip(fresh, after_a_stage))
+
+
+def test_shade_and_invert_change_lighting_and_polarity_as_documented():
+    page = np.full((60, 80, 3), 220, np.uint8)
+    page[20:40, 10:70] = 30  # a dark stroke on a light page
+    still = Augment(scale=(1.0, 1.0), photometric=0.0, grey=0.0, blur=0.0)
+    plain = AugmentedImages([page], ["p.png"], still, lambda i, s: i, (60, 80), seed=2).sample(0)
+    assert np.array_equal(plain, page)
+    inverted = AugmentedImages([page], ["p.png"], still.model_copy(update={"invert": 1.0}), lambda i, s: i, (60, 80),
+                               seed=2).sample(0)
+    assert np.array_equal(inverted, 255 - page)  # light stroke on a dark page
+    for seed in range(4):
+        shaded = AugmentedImages([page], ["p.png"], still.model_copy(update={"shade": 1.0}), lambda i, s: i,
+                                 (60, 80), seed=seed).sample(0).astype(float)
+        background = shaded[np.ones((60, 80), bool) & (page[:, :, 0] == 220)]
+        assert background.max() - background.min() > 20  # uneven lighting across the page
+        assert shaded[:, :, 0].max() <= 220  # darker, never brighter than the page
+        stroke = shaded[20:40, 10:70, 0]
+        assert (background.mean() - stroke.mean()) < 190 * 0.9  # lower contrast than the page's 190

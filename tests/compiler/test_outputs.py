@@ -201,3 +201,22 @@ def test_a_declared_sequence_output_is_never_re_guessed():
     plan = plan_outputs(model(example), declarations={"output": OutputDeclaration(kind="scores")},
                         batch={"output": 0})
     assert guess_ctc_blanks(plan, model, [example]).outputs[0].kind == "scores"
+
+
+def test_hard_weighted_mse_weighs_a_false_positive_as_a_miss():
+    teacher = torch.zeros(1, 8, 8, 2)
+    teacher[0, 2, 3, 0] = 1.0
+    hard, soft = (plan_outputs((teacher,), {"output[0]": name}) for name in ("hard_weighted_mse", "weighted_mse"))
+    assert float(distill_loss((teacher,), (teacher,), hard)) == pytest.approx(0.0, abs=1e-7)
+    missed, false_positive = teacher.clone(), teacher.clone()
+    missed[0, 2, 3, 0] = 0.0  # the student misses the teacher's text ...
+    false_positive[0, 5, 5, 1] = 1.0  # ... or lights up background the teacher leaves dark
+    losses = [float(distill_loss((s,), (teacher,), hard)) for s in (missed, false_positive)]
+    assert losses[0] == pytest.approx(losses[1])
+    soft_loss = float(distill_loss((false_positive,), (teacher,), soft))
+    assert soft_loss == pytest.approx(losses[1] / (1 + WEIGHTED_MSE_ALPHA))  # weighted_mse: 11 times less
+    student = (teacher + 0.3).requires_grad_()
+    distill_loss((student,), (teacher,), hard).backward()  # no gradient through the weight: 2 w (s - t) / N / scale
+    weight = 1 + WEIGHTED_MSE_ALPHA * torch.maximum(teacher, teacher + 0.3)
+    scale = float(((1 + WEIGHTED_MSE_ALPHA * teacher) * teacher ** 2).mean())
+    assert torch.allclose(student.grad, 2 * weight * 0.3 / teacher.numel() / scale, rtol=1e-4)
