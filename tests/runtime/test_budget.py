@@ -133,7 +133,8 @@ def test_rounds_that_stay_too_slow_bisect_towards_the_smallest(setup, monkeypatc
                                  cost_model=flops)
     assert all(a.ratio == pytest.approx(0.66) for a in result.attempts[:4])
     assert result.in_band and 0.9 * 0.6 <= result.ratio <= BAND_HIGH * 0.6, [a.ratio for a in result.attempts]
-    assert len(result.attempts) <= 4 + budget_module.FALLBACK_ROUNDS
+    # the rounds, the bisection, and at most one more timing of the near misses on each side of the band
+    assert len(result.attempts) <= 4 + budget_module.FALLBACK_ROUNDS + 2
 
 
 def test_a_cost_model_whose_cheapest_is_slow_falls_back_to_shrinking_every_group(setup, monkeypatch):
