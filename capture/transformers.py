@@ -25,7 +25,8 @@ from torch import nn
 from ..moved import moved_name
 from ..passes.rules.experts import ACTIVATIONS, routed_experts
 
-__all__ = ["MOE_BLOCKS", "NEUTRAL_INPUTS", "SEQUENCE_INPUTS", "MoeBlock", "capture_settings", "is_transformers_model",
+__all__ = ["MOE_BLOCKS", "NEUTRAL_INPUTS", "SEQUENCE_INPUTS", "MoeBlock", "cache_configs", "cache_settings_kept",
+           "capture_settings", "is_transformers_model",
            "mask_experts", "moe_blocks", "sequence_dims"]
 
 
@@ -180,25 +181,38 @@ def capture_settings(model: nn.Module) -> Iterator[None]:
         yield
 
 
+def cache_configs(model: nn.Module, config: object = None) -> list[Any]:
+    """``config`` (when it has ``use_cache``) and every other distinct config with ``use_cache``
+    among ``model``'s modules (submodules may hold their own copies: T5's decoder stack)."""
+    configs = {id(config): config} if hasattr(config, "use_cache") else {}
+    for module in model.modules():
+        sub = getattr(module, "config", None)
+        if sub is not None and hasattr(sub, "use_cache"):
+            configs.setdefault(id(sub), sub)
+    return list(configs.values())
+
+
+@contextlib.contextmanager
+def cache_settings_kept(model: nn.Module | None) -> Iterator[None]:
+    """Give every ``config.use_cache`` of ``model`` back the value it had on entry, however the
+    block ends (``spruce compile`` switches the cache off on the live model it is given)."""
+    saved = [(c, c.use_cache) for c in cache_configs(model)] if model is not None else []
+    try:
+        yield
+    finally:
+        for c, value in saved:
+            c.use_cache = value
+
+
 @contextlib.contextmanager
 def _no_cache(model: nn.Module, config: object) -> Iterator[None]:
     if not hasattr(config, "use_cache"):
         yield
         return
-    configs = {id(config): config}  # submodules may hold their own copies (T5's decoder stack)
-    for module in model.modules():
-        sub = getattr(module, "config", None)
-        if sub is not None and hasattr(sub, "use_cache"):
-            configs.setdefault(id(sub), sub)
-    configs = list(configs.values())
-    saved = [c.use_cache for c in configs]
-    try:
-        for c in configs:
+    with cache_settings_kept(model):
+        for c in cache_configs(model, config):
             c.use_cache = False
         yield
-    finally:
-        for c, value in zip(configs, saved):
-            c.use_cache = value
 
 
 def __getattr__(name: str) -> Any:

@@ -6,15 +6,14 @@ evaluations later stages share (:func:`held_out_accuracy`, :func:`user_metrics`)
 
 from __future__ import annotations
 
-import contextlib
 import copy
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..capture.transformers import is_transformers_model
+from ..capture.transformers import cache_configs, is_transformers_model
 from ..passes.graph import require_data
 from ..targets.base import get_target
 from .datasets import DataError, Loaders, check_disjoint, default_model, inputs_of, load_data, loaders_from
@@ -114,29 +113,11 @@ def _at_length(example: torch.Tensor, length: int) -> torch.Tensor:
     return example.repeat(1, -(-length // example.shape[1]))[:, :length]
 
 
-def _cache_configs(model: nn.Module) -> list[Any]:
-    """Every distinct config with ``use_cache`` in ``model`` (submodules may hold their own)."""
-    configs = {id(config): config for module in model.modules()
-               if hasattr(config := getattr(module, "config", None), "use_cache")}
-    return list(configs.values())
-
-
 def _without_cache(model: nn.Module) -> None:
-    """A causal LM computes every position in compile (no key/value cache in its outputs)."""
-    for config in _cache_configs(model):
+    """A causal LM computes every position in compile (no key/value cache in its outputs);
+    ``spruce.compile`` gives a live model its settings back when it ends (``cache_settings_kept``)."""
+    for config in cache_configs(model):
         config.use_cache = False
-
-
-@contextlib.contextmanager
-def cache_settings_kept(model: nn.Module | None) -> Iterator[None]:
-    """Restore a live model's ``config.use_cache`` values when compile ends, however it ends
-    (compile switches the cache off on the model it is given: :func:`load_setup`)."""
-    saved = [(config, config.use_cache) for config in _cache_configs(model)] if model is not None else []
-    try:
-        yield
-    finally:
-        for config, value in saved:
-            config.use_cache = value
 
 
 

@@ -20,11 +20,12 @@ from typing import Any
 
 from torch import nn
 
+from ..capture.transformers import cache_settings_kept
 from ..moved import moved_name
 from ..targets.files import checked_out_dir, staged_dir
 from .floors import FidelityFloorError, raise_if_missed
 from .lm_report import evaluate_language_model
-from .loading import cache_settings_kept, load_setup
+from .loading import load_setup
 from .recipes import Recipe, load_recipe
 from .reporting import CompileReport, write_report
 from .results import Given, Timings, Workspace
