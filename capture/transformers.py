@@ -193,10 +193,11 @@ def cache_configs(model: nn.Module, config: object = None) -> list[Any]:
 
 
 @contextlib.contextmanager
-def cache_settings_kept(model: nn.Module | None) -> Iterator[None]:
-    """Give every ``config.use_cache`` of ``model`` back the value it had on entry, however the
-    block ends (``spruce compile`` switches the cache off on the live model it is given)."""
-    saved = [(c, c.use_cache) for c in cache_configs(model)] if model is not None else []
+def cache_settings_kept(model: nn.Module | None, config: object = None) -> Iterator[None]:
+    """Give every ``config.use_cache`` of ``model`` (and ``config``'s) back the value it had on
+    entry, however the block ends (``spruce compile`` switches the cache off on the live model it
+    is given)."""
+    saved = [(c, c.use_cache) for c in cache_configs(model, config)] if model is not None else []
     try:
         yield
     finally:
@@ -209,7 +210,7 @@ def _no_cache(model: nn.Module, config: object) -> Iterator[None]:
     if not hasattr(config, "use_cache"):
         yield
         return
-    with cache_settings_kept(model):
+    with cache_settings_kept(model, config):
         for c in cache_configs(model, config):
             c.use_cache = False
         yield
