@@ -236,6 +236,12 @@ def meet_latency_budget(
     attempts: list[Attempt] = []
     timed: dict[tuple, list[tuple[float, float]]] = {}  # kept counts -> each timing's (compact ms, dense ms)
 
+    def time_once(compact: nn.Module) -> tuple[float, float]:
+        """(compact ms, dense ms) of one interleaved timing against the reference."""
+        dense_timing, compact_timing = time_against_reference(target, compact, model, timed_inputs,
+                                                              reference_target, warmup, timing_rounds)
+        return compact_timing.robust_ms(), dense_timing.robust_ms()
+
     def try_aim(aim: float) -> tuple[Any, Attempt]:
         selection = select_channels(cost, importance, max(aim, floor_predicted), **options)
         return measure(selection, aim)
@@ -247,11 +253,9 @@ def meet_latency_budget(
         key = tuple(sorted(selection.counts.items()))
         if key not in measured:
             compact = _compact(analysis, model, selection.kept, then)
-            dense_timing, compact_timing = time_against_reference(target, compact, model, timed_inputs,
-                                                                  reference_target, warmup, timing_rounds)
-            attempt = Attempt(aim, selection.cost, compact_timing.robust_ms(), dense_timing.robust_ms())
+            timed[key] = [time_once(compact)]
+            attempt = Attempt(aim, selection.cost, *timed[key][0])
             measured[key] = (selection, attempt, compact)
-            timed[key] = [(attempt.measured_ms, attempt.measured_dense_ms)]
         selection, attempt, _ = measured[key]
         attempt = Attempt(aim, attempt.predicted, attempt.measured_ms, attempt.measured_dense_ms)
         attempts.append(attempt)
@@ -289,9 +293,7 @@ def meet_latency_budget(
             if len(timed[key]) > 1:
                 continue
             selection, first, compact = measured[key]
-            dense_timing, compact_timing = time_against_reference(target, compact, model, timed_inputs,
-                                                                  reference_target, warmup, timing_rounds)
-            timed[key].append((compact_timing.robust_ms(), dense_timing.robust_ms()))
+            timed[key].append(time_once(compact))
             compact_ms, dense_ms = np.mean(timed[key], axis=0)
             attempt = Attempt(first.aim, first.predicted, float(compact_ms), float(dense_ms))
             measured[key] = (selection, attempt, compact)
