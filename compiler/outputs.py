@@ -92,6 +92,11 @@ def _score_weight(teacher: torch.Tensor) -> torch.Tensor:
     return 1.0 + WEIGHTED_MSE_ALPHA * teacher.clamp_min(0.0)
 
 
+def _weighted_scale(teacher: torch.Tensor) -> torch.Tensor:
+    """The divisor of both weighted losses: the teacher's weighted mean square."""
+    return (_score_weight(teacher) * teacher.pow(2)).mean()
+
+
 def _hard_weighted_error(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """Mean of ``(1 + alpha * max(teacher, student, 0)) * (student - teacher)^2``, the weight
     taken without gradient."""
@@ -147,9 +152,8 @@ DISTILL_LOSSES: dict[str, DistillLoss] = {
     "lm_kl": DistillLoss(lm_kl, per_class=True, per_token=True),
     "mse": DistillLoss(lambda s, t: (s - t).pow(2).mean(), lambda t: t.pow(2).mean()),
     "l1": DistillLoss(lambda s, t: (s - t).abs().mean(), lambda t: t.abs().mean()),
-    "weighted_mse": DistillLoss(lambda s, t: (_score_weight(t) * (s - t).pow(2)).mean(),
-                                lambda t: (_score_weight(t) * t.pow(2)).mean()),
-    "hard_weighted_mse": DistillLoss(_hard_weighted_error, lambda t: (_score_weight(t) * t.pow(2)).mean()),
+    "weighted_mse": DistillLoss(lambda s, t: (_score_weight(t) * (s - t).pow(2)).mean(), _weighted_scale),
+    "hard_weighted_mse": DistillLoss(_hard_weighted_error, _weighted_scale),
 }
 SCALE_BATCHES = 16  # recovery batches the data set's teacher scales are measured on (at most)
 
