@@ -181,8 +181,7 @@ def _fit_kept(kept: dict[int, np.ndarray], analysis: Any, rule: CountRule | None
     if rule is None:
         return kept
     sizes = {g.id: g.size for g in analysis.groups if g.prunable}
-    least = int(required[rule.group].sum()) if required is not None and rule.group in required else 1
-    return fit_kept(kept, sizes, rule, importance, least, round_to)
+    return fit_kept(kept, sizes, rule, importance, rule.least(required), round_to)
 
 
 def _channel_importance(setup: Setup, student: torch.nn.Module, analysis: Any, workspace: Workspace | None = None

@@ -467,8 +467,7 @@ def _fit(selection: Any, rule: CountRule | None, importance: Mapping[int, np.nda
     channels ``required`` of it, counts multiples of ``round_to``); as is without a rule."""
     if rule is None:
         return selection
-    least = int(np.asarray(required[rule.group], bool).sum()) if required and rule.group in required else 1
-    return fit_selection(selection, rule, importance, cost, least, round_to)
+    return fit_selection(selection, rule, importance, cost, rule.least(required), round_to)
 
 
 def _compact(analysis: Any, model: nn.Module, kept: Mapping[int, np.ndarray],

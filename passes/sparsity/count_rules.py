@@ -34,6 +34,13 @@ class CountRule:
     holds: Callable[[Mapping[int, int]], bool]
     reason: str
 
+    def least(self, required: Mapping[int, np.ndarray] | None) -> int:
+        """The fewest channels the rule's group may keep: the count ``required`` of it (a bool
+        mask per group), 1 when nothing is required of it."""
+        if not required or self.group not in required:
+            return 1
+        return int(np.asarray(required[self.group], bool).sum())
+
 
 def fit_counts(counts: Mapping[int, int], rule: CountRule, size: int, least: int = 1,
                round_to: int = 1) -> dict[int, int]:
