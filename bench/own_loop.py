@@ -72,28 +72,26 @@ BATCH = 52
 PROFILE_BATCH = 64
 
 
-def digits() -> tuple[torch.Tensor, ...]:
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    images = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    labels = torch.tensor(data.target)
+def split(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(train images, train labels, test images, test labels): 80/20 after one shuffle, seed 0."""
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
     images, labels = images[order], labels[order]
     cut = int(0.8 * len(labels))
     return images[:cut], labels[:cut], images[cut:], labels[cut:]
+
+
+def digits() -> tuple[torch.Tensor, ...]:
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    return split(torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0, torch.tensor(data.target))
 
 
 def mnist5k() -> tuple[torch.Tensor, ...]:
     from methods import load_mnist5k
 
     flat, target, _ = load_mnist5k()
-    images = torch.from_numpy(flat).reshape(-1, 1, 28, 28)
-    labels = torch.from_numpy(target)
-    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
-    images, labels = images[order], labels[order]
-    cut = int(0.8 * len(labels))
-    return images[:cut], labels[:cut], images[cut:], labels[cut:]
+    return split(torch.from_numpy(flat).reshape(-1, 1, 28, 28), torch.from_numpy(target))
 
 
 def model_a(seed: int) -> nn.Module:
